@@ -1,0 +1,1 @@
+//! `keyed` (in progress).

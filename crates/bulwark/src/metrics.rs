@@ -1,0 +1,1 @@
+//! Prometheus metrics from events (in progress).

@@ -1,0 +1,5 @@
+//! The bulwark gateway: a resilience reverse proxy driven by one YAML file.
+#![forbid(unsafe_code)]
+#![warn(missing_debug_implementations, unreachable_pub)]
+
+pub mod cli;
