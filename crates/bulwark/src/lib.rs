@@ -32,6 +32,7 @@ pub mod fallback;
 pub mod health;
 pub mod hedge;
 pub mod keyed;
+pub mod latency;
 #[cfg(feature = "prometheus")]
 pub mod metrics;
 pub mod pipeline;

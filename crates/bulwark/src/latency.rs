@@ -1,0 +1,129 @@
+//! A small, lock-free record of recent latencies, for policies that act on a
+//! percentile: retry's deadline check ("will another attempt fit?") and hedging
+//! ("start a second attempt when the first passes p95").
+//!
+//! It keeps the last [`LatencyWindow::capacity`] samples in a ring of atomics.
+//! Recording is one `fetch_add` and one `store`; a percentile query copies the
+//! ring and selects, so it costs about a microsecond for the default 256 samples.
+//! Queries are cached for [`REFRESH_EVERY`] new samples, so a policy can ask on
+//! every call.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Default number of samples kept: enough for a stable p99 estimate, small enough
+/// to copy on a query.
+pub const DEFAULT_CAPACITY: usize = 256;
+
+/// A cached percentile is recomputed after this many new samples.
+pub const REFRESH_EVERY: u64 = 16;
+
+/// The last N latencies of successful calls.
+#[derive(Debug)]
+pub struct LatencyWindow {
+    slots: Box<[AtomicU64]>,
+    next: AtomicU64,
+    // (sample count at computation, percentile in per-mille, value in nanos)
+    cache: Mutex<Vec<(u64, u32, u64)>>,
+}
+
+impl Default for LatencyWindow {
+    fn default() -> Self {
+        Self::new(DEFAULT_CAPACITY)
+    }
+}
+
+impl LatencyWindow {
+    /// A window that keeps the last `capacity` samples (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        let capacity = capacity.max(1);
+        LatencyWindow {
+            slots: (0..capacity).map(|_| AtomicU64::new(0)).collect(),
+            next: AtomicU64::new(0),
+            cache: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// How many samples the window keeps.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// How many samples were recorded in all (not capped by the capacity).
+    pub fn recorded(&self) -> u64 {
+        self.next.load(Ordering::Relaxed)
+    }
+
+    /// Records one latency.
+    #[inline]
+    pub fn record(&self, latency: Duration) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX).max(1);
+        self.slots[(i % self.slots.len() as u64) as usize].store(nanos, Ordering::Relaxed);
+    }
+
+    /// The `p`-th percentile (0.0..=100.0) of the samples in the window, or `None`
+    /// with fewer than `min_samples` recorded.
+    pub fn percentile(&self, p: f64, min_samples: u64) -> Option<Duration> {
+        let recorded = self.recorded();
+        if recorded == 0 || recorded < min_samples {
+            return None;
+        }
+        let key = (p.clamp(0.0, 100.0) * 10.0).round() as u32;
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = cache.iter().find(|(_, k, _)| *k == key) {
+            if recorded.saturating_sub(entry.0) < REFRESH_EVERY {
+                return Some(Duration::from_nanos(entry.2));
+            }
+        }
+        let mut samples: Vec<u64> = self
+            .slots
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .filter(|&v| v != 0)
+            .collect();
+        if samples.is_empty() {
+            return None;
+        }
+        // Nearest-rank percentile.
+        let rank = ((key as f64 / 1000.0) * samples.len() as f64).ceil() as usize;
+        let idx = rank.clamp(1, samples.len()) - 1;
+        let (_, v, _) = samples.select_nth_unstable(idx);
+        let v = *v;
+        cache.retain(|(_, k, _)| *k != key);
+        cache.push((recorded, key, v));
+        Some(Duration::from_nanos(v))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let w = LatencyWindow::new(100);
+        for ms in 1..=100 {
+            w.record(Duration::from_millis(ms));
+        }
+        assert_eq!(w.percentile(50.0, 1), Some(Duration::from_millis(50)));
+        assert_eq!(w.percentile(99.0, 1), Some(Duration::from_millis(99)));
+        assert_eq!(w.percentile(100.0, 1), Some(Duration::from_millis(100)));
+        assert_eq!(w.percentile(0.0, 1), Some(Duration::from_millis(1)));
+        assert_eq!(w.percentile(50.0, 101), None);
+    }
+
+    #[test]
+    fn old_samples_roll_out_and_cache_refreshes() {
+        let w = LatencyWindow::new(4);
+        for _ in 0..4 {
+            w.record(Duration::from_millis(10));
+        }
+        assert_eq!(w.percentile(50.0, 1), Some(Duration::from_millis(10)));
+        for _ in 0..REFRESH_EVERY {
+            w.record(Duration::from_millis(500));
+        }
+        assert_eq!(w.percentile(50.0, 1), Some(Duration::from_millis(500)));
+    }
+}
