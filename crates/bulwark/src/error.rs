@@ -138,7 +138,10 @@ impl<E: fmt::Display> fmt::Display for Error<E> {
         match self {
             Error::Inner(e) => fmt::Display::fmt(e, f),
             Error::CircuitOpen { name, retry_after } => {
-                write!(f, "circuit breaker `{name}` is open; retry after {retry_after:?}")
+                write!(
+                    f,
+                    "circuit breaker `{name}` is open; retry after {retry_after:?}"
+                )
             }
             Error::Timeout => f.write_str("timed out"),
             Error::BulkheadFull => f.write_str("bulkhead full"),

@@ -218,7 +218,9 @@ mod tests {
         let mut l = Listeners::new();
         for _ in 0..2 {
             let seen = seen.clone();
-            l.push(Arc::new(move |e: &Event| seen.lock().unwrap().push(e.clone())));
+            l.push(Arc::new(move |e: &Event| {
+                seen.lock().unwrap().push(e.clone())
+            }));
         }
         l.emit(|| Event::BulkheadRejected { name: "b".into() });
         assert_eq!(seen.lock().unwrap().len(), 2);

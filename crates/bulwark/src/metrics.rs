@@ -1,1 +1,256 @@
-//! Prometheus metrics from events (in progress).
+//! Prometheus metrics for the policies (feature `prometheus`).
+//!
+//! Metrics are fed by [events](crate::events): build one [`Metrics`], register it
+//! in a `prometheus_client` [`Registry`], and pass [`Metrics::listener`] to every
+//! policy builder. Names follow bulwark's stable set:
+//!
+//! | metric | labels | from |
+//! |---|---|---|
+//! | `bulwark_circuit_breaker_state` (gauge: 0 closed, 1 half-open, 2 open) | `upstream` | breaker transitions |
+//! | `bulwark_circuit_breaker_transitions_total` | `upstream`, `from`, `to` | breaker transitions |
+//! | `bulwark_circuit_breaker_rejected_total` | `upstream` | breaker rejections |
+//! | `bulwark_retry_attempts_total` | `route`, `reason` | retries |
+//! | `bulwark_retry_budget_exhausted_total` | `route` | retry budget |
+//! | `bulwark_timeouts_total` | `route`, `kind` | timeouts |
+//! | `bulwark_fallback_total` | `route`, `kind` | fallbacks |
+//! | `bulwark_bulkhead_rejected_total` | `upstream` | bulkhead |
+//! | `bulwark_rate_limited_total` | `name` | rate limiter |
+//! | `bulwark_hedges_total` | `route` | hedging |
+//!
+//! Label values are policy names (from configuration), never request data, so
+//! the number of series stays bounded; keyed policies report their top keys and
+//! an `other` bucket. The `upstream`/`route` label is the policy's `name`.
+//!
+//! ```
+//! use prometheus_client::registry::Registry;
+//! use bulwark::metrics::Metrics;
+//!
+//! let metrics = Metrics::new();
+//! let mut registry = Registry::default();
+//! metrics.register(&mut registry);
+//! let listener = metrics.listener();
+//! listener.on_event(&bulwark::Event::BulkheadRejected { name: "db".into() });
+//! let mut text = String::new();
+//! prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+//! assert!(text.contains(r#"bulwark_bulkhead_rejected_total{upstream="db"} 1"#));
+//! # use bulwark::Listener;
+//! ```
+
+use std::sync::Arc;
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::events::{BreakerState, Event, Listener};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// The metric families the library's events feed. Cheap to clone; clones share
+/// the same series.
+#[derive(Debug, Clone, Default)]
+pub struct Metrics {
+    /// `bulwark_circuit_breaker_state{upstream}`.
+    pub breaker_state: Family<Labels, Gauge>,
+    /// `bulwark_circuit_breaker_transitions_total{upstream,from,to}`.
+    pub breaker_transitions: Family<Labels, Counter>,
+    /// `bulwark_circuit_breaker_rejected_total{upstream}`.
+    pub breaker_rejected: Family<Labels, Counter>,
+    /// `bulwark_retry_attempts_total{route,reason}`.
+    pub retry_attempts: Family<Labels, Counter>,
+    /// `bulwark_retry_budget_exhausted_total{route}`.
+    pub retry_budget_exhausted: Family<Labels, Counter>,
+    /// `bulwark_timeouts_total{route,kind}`.
+    pub timeouts: Family<Labels, Counter>,
+    /// `bulwark_fallback_total{route,kind}`.
+    pub fallback: Family<Labels, Counter>,
+    /// `bulwark_bulkhead_rejected_total{upstream}`.
+    pub bulkhead_rejected: Family<Labels, Counter>,
+    /// `bulwark_rate_limited_total{name}`.
+    pub rate_limited: Family<Labels, Counter>,
+    /// `bulwark_hedges_total{route}`.
+    pub hedges: Family<Labels, Counter>,
+}
+
+impl Metrics {
+    /// Empty families, not yet registered.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers every family in `registry` under its stable name.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "bulwark_circuit_breaker_state",
+            "Circuit breaker state (0 closed, 1 half-open, 2 open)",
+            self.breaker_state.clone(),
+        );
+        registry.register(
+            "bulwark_circuit_breaker_transitions",
+            "Circuit breaker state transitions",
+            self.breaker_transitions.clone(),
+        );
+        registry.register(
+            "bulwark_circuit_breaker_rejected",
+            "Calls rejected by an open circuit breaker",
+            self.breaker_rejected.clone(),
+        );
+        registry.register(
+            "bulwark_retry_attempts",
+            "Retry attempts (not counting first attempts)",
+            self.retry_attempts.clone(),
+        );
+        registry.register(
+            "bulwark_retry_budget_exhausted",
+            "Retries refused because the retry budget was empty",
+            self.retry_budget_exhausted.clone(),
+        );
+        registry.register(
+            "bulwark_timeouts",
+            "Timeouts, by kind (attempt or total)",
+            self.timeouts.clone(),
+        );
+        registry.register(
+            "bulwark_fallback",
+            "Responses produced by a fallback, by trigger",
+            self.fallback.clone(),
+        );
+        registry.register(
+            "bulwark_bulkhead_rejected",
+            "Calls rejected by a full bulkhead",
+            self.bulkhead_rejected.clone(),
+        );
+        registry.register(
+            "bulwark_rate_limited",
+            "Calls rejected by a rate limiter",
+            self.rate_limited.clone(),
+        );
+        registry.register(
+            "bulwark_hedges",
+            "Hedged attempts started",
+            self.hedges.clone(),
+        );
+    }
+
+    /// Sets the state gauge of breaker `name` (use at start-up, before any
+    /// transition has been reported).
+    pub fn set_breaker_state(&self, name: &str, state: BreakerState) {
+        self.breaker_state
+            .get_or_create(&vec![("upstream", name.to_owned())])
+            .set(state.gauge_value());
+    }
+
+    /// A listener that turns events into metric updates.
+    pub fn listener(&self) -> MetricsListener {
+        MetricsListener {
+            metrics: Arc::new(self.clone()),
+        }
+    }
+
+    /// Applies one event.
+    pub fn record(&self, event: &Event) {
+        let one = |name: &str, key: &'static str| vec![(key, name.to_owned())];
+        match event {
+            Event::BreakerTransition { name, from, to } => {
+                self.breaker_state
+                    .get_or_create(&one(name, "upstream"))
+                    .set(to.gauge_value());
+                self.breaker_transitions
+                    .get_or_create(&vec![
+                        ("upstream", name.to_string()),
+                        ("from", from.as_str().to_owned()),
+                        ("to", to.as_str().to_owned()),
+                    ])
+                    .inc();
+            }
+            Event::BreakerRejected { name } => {
+                self.breaker_rejected
+                    .get_or_create(&one(name, "upstream"))
+                    .inc();
+            }
+            Event::Retry { name, .. } => {
+                self.retry_attempts
+                    .get_or_create(&vec![
+                        ("route", name.to_string()),
+                        ("reason", "failure".to_owned()),
+                    ])
+                    .inc();
+            }
+            Event::RetryBudgetExhausted { name } => {
+                self.retry_budget_exhausted
+                    .get_or_create(&one(name, "route"))
+                    .inc();
+            }
+            Event::Timeout { name, kind } => {
+                self.timeouts
+                    .get_or_create(&vec![
+                        ("route", name.to_string()),
+                        ("kind", (*kind).to_owned()),
+                    ])
+                    .inc();
+            }
+            Event::Fallback { name, kind } => {
+                self.fallback
+                    .get_or_create(&vec![
+                        ("route", name.to_string()),
+                        ("kind", (*kind).to_owned()),
+                    ])
+                    .inc();
+            }
+            Event::BulkheadRejected { name } => {
+                self.bulkhead_rejected
+                    .get_or_create(&one(name, "upstream"))
+                    .inc();
+            }
+            Event::RateLimited { name } => {
+                self.rate_limited.get_or_create(&one(name, "name")).inc();
+            }
+            Event::HedgeStarted { name, .. } => {
+                self.hedges.get_or_create(&one(name, "route")).inc();
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The [`Listener`] returned by [`Metrics::listener`].
+#[derive(Debug, Clone)]
+pub struct MetricsListener {
+    metrics: Arc<Metrics>,
+}
+
+impl Listener for MetricsListener {
+    fn on_event(&self, event: &Event) {
+        self.metrics.record(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::encoding::text::encode;
+
+    #[test]
+    fn transitions_set_gauge_and_count() {
+        let m = Metrics::new();
+        let mut reg = Registry::default();
+        m.register(&mut reg);
+        let l = m.listener();
+        l.on_event(&Event::BreakerTransition {
+            name: "primary".into(),
+            from: BreakerState::Closed,
+            to: BreakerState::Open,
+        });
+        let mut out = String::new();
+        encode(&mut out, &reg).unwrap();
+        assert!(
+            out.contains(r#"bulwark_circuit_breaker_state{upstream="primary"} 2"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"bulwark_circuit_breaker_transitions_total{upstream="primary",from="closed",to="open"} 1"#),
+            "{out}"
+        );
+    }
+}
