@@ -1,32 +1,4 @@
-//! Delays between attempts.
-//!
-//! A [`Backoff`] is a plain value: it describes a schedule, and [`Backoff::iter`]
-//! produces the delays, one per retry (the first value is the delay before the
-//! second attempt). It is usable on its own:
-//!
-//! ```
-//! use std::time::Duration;
-//! use bulwark::retry::Backoff;
-//!
-//! let ms = Duration::from_millis;
-//! let delays: Vec<_> = Backoff::exponential(ms(100)).max(ms(500)).iter().take(5).collect();
-//! assert_eq!(delays, [ms(100), ms(200), ms(400), ms(500), ms(500)]);
-//! ```
-//!
-//! Every kind is capped by [`Backoff::max`] *before* jitter is applied, as in the AWS
-//! Architecture Blog's "Exponential Backoff And Jitter":
-//!
-//! * [`Jitter::None`]: the delay `d` as computed;
-//! * [`Jitter::Full`]: uniformly random in `[0, d]`;
-//! * [`Jitter::Equal`]: `d/2` plus uniformly random in `[0, d/2]`, so in `[d/2, d]`.
-//!
-//! [`Backoff::decorrelated_jitter`] is the blog's third scheme and carries its own
-//! randomness: `sleep = min(max, random_between(base, previous_sleep * 3))`.
-//!
-//! Randomness comes from a [`fastrand::Rng`]. Without [`Backoff::seed`] every
-//! iterator gets a fresh random seed; with a seed every iterator yields the same
-//! sequence, which is what tests want (and what production must not use, since all
-//! callers would then jitter in lock-step).
+//! Delays between attempts: [`Backoff`].
 
 use std::fmt;
 use std::time::Duration;
@@ -62,7 +34,35 @@ enum Kind {
     Decorrelated(Duration),
 }
 
-/// A schedule of delays between attempts. See the [module docs](self).
+/// A schedule of delays between attempts.
+///
+/// A [`Backoff`] is a plain value: it describes a schedule, and [`Backoff::iter`]
+/// produces the delays, one per retry (the first value is the delay before the
+/// second attempt). It is usable on its own:
+///
+/// ```
+/// use std::time::Duration;
+/// use bulwark::retry::Backoff;
+///
+/// let ms = Duration::from_millis;
+/// let delays: Vec<_> = Backoff::exponential(ms(100)).max(ms(500)).iter().take(5).collect();
+/// assert_eq!(delays, [ms(100), ms(200), ms(400), ms(500), ms(500)]);
+/// ```
+///
+/// Every kind is capped by [`Backoff::max`] *before* jitter is applied, as in the AWS
+/// Architecture Blog's "Exponential Backoff And Jitter":
+///
+/// * [`Jitter::None`]: the delay `d` as computed;
+/// * [`Jitter::Full`]: uniformly random in `[0, d]`;
+/// * [`Jitter::Equal`]: `d/2` plus uniformly random in `[0, d/2]`, so in `[d/2, d]`.
+///
+/// [`Backoff::decorrelated_jitter`] is the blog's third scheme and carries its own
+/// randomness: `sleep = min(max, random_between(base, previous_sleep * 3))`.
+///
+/// Randomness comes from a [`fastrand::Rng`]. Without [`Backoff::seed`] every
+/// iterator gets a fresh random seed; with a seed every iterator yields the same
+/// sequence, which is what tests want (and what production must not use, since all
+/// callers would then jitter in lock-step).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Backoff {
     kind: Kind,
@@ -162,7 +162,7 @@ impl Backoff {
         self.jitter
     }
 
-    /// Checks the settings; [`Retry`](super::Retry)'s builder calls this.
+    /// Checks the settings; [`Retry`](crate::retry::Retry)'s builder calls this.
     ///
     /// Rejected: a base (or fixed delay) above `max`, an exponential factor that is
     /// not finite or below 1, `.factor()` on a non-exponential kind, and jitter on

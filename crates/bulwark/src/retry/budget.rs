@@ -1,25 +1,4 @@
-//! A retry budget: retries as a share of recent traffic, with a floor.
-//!
-//! Semantics follow Finagle's `RetryBudget`: every call [`deposit`](RetryBudget::deposit)s,
-//! every retry [`try_withdraw`](RetryBudget::try_withdraw)s one token. A deposit is worth
-//! `percent_can_retry` tokens, and a reserve of `min_retries_per_sec * ttl` tokens is
-//! always added, so a client with little traffic can still retry. Deposits *and*
-//! withdrawals expire after `ttl`, so the reserve refills and old traffic stops
-//! paying for new retries.
-//!
-//! At any moment: `balance = floor(min_retries_per_sec * ttl + percent_can_retry *
-//! deposits_in_window) - withdrawals_in_window`.
-//!
-//! # Implementation
-//!
-//! The window is 10 slices of `ttl / 10` each (as Finagle's windowed adder does): a
-//! deposit or withdrawal expires between `0.9 * ttl` and `ttl` after it was made.
-//! Each slice is one `AtomicU64` holding the slice's generation (upper 32 bits) and
-//! its count (lower 32 bits), so a deposit, which happens on every call, is one clock
-//! read and one compare-and-swap. A withdrawal must check the balance and take a
-//! token as one step, or a burst of concurrent failures could all see the same last
-//! token; withdrawals (one per retry, rare on a healthy path) take a short
-//! `std::sync::Mutex` for that.
+//! The retry budget: [`RetryBudget`].
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,8 +26,46 @@ const SLICES: usize = 10;
 // Fixed point for `percent_can_retry`: one token is SCALE units.
 const SCALE: i128 = 1_000_000;
 
-/// A shared retry budget. See the [module docs](self). Cheap to clone; clones share
-/// the same balance.
+/// A shared retry budget: retries as a share of recent traffic, with a floor.
+///
+/// Semantics follow Finagle's `RetryBudget`: every call [`deposit`](RetryBudget::deposit)s,
+/// every retry [`try_withdraw`](RetryBudget::try_withdraw)s one token. A deposit is worth
+/// `percent_can_retry` tokens, and a reserve of `min_retries_per_sec * ttl` tokens is
+/// always added, so a client with little traffic can still retry. Deposits *and*
+/// withdrawals expire after `ttl`, so the reserve refills and old traffic stops
+/// paying for new retries.
+///
+/// At any moment: `balance = floor(min_retries_per_sec * ttl + percent_can_retry *
+/// deposits_in_window) - withdrawals_in_window`.
+///
+/// # Implementation
+///
+/// The window is 10 slices of `ttl / 10` each (as Finagle's windowed adder does): a
+/// deposit or withdrawal expires between `0.9 * ttl` and `ttl` after it was made.
+/// Each slice is one `AtomicU64` holding the slice's generation (upper 32 bits) and
+/// its count (lower 32 bits), so a deposit, which happens on every call, is one clock
+/// read and one compare-and-swap. A withdrawal must check the balance and take a
+/// token as one step, or a burst of concurrent failures could all see the same last
+/// token; withdrawals (one per retry, rare on a healthy path) take a short
+/// `std::sync::Mutex` for that.
+///
+/// Cheap to clone; clones share the same balance.
+///
+/// ```
+/// use bulwark::retry::RetryBudget;
+///
+/// let budget = RetryBudget::builder()
+///     .min_retries_per_sec(0)
+///     .percent_can_retry(0.1)
+///     .build()
+///     .unwrap();
+/// for _ in 0..20 {
+///     budget.deposit(); // one per call
+/// }
+/// assert_eq!(budget.balance(), 2);
+/// assert!(budget.try_withdraw() && budget.try_withdraw());
+/// assert!(!budget.try_withdraw(), "a third retry would exceed 10 %");
+/// ```
 #[derive(Clone)]
 pub struct RetryBudget {
     inner: Arc<Inner>,

@@ -57,7 +57,7 @@
 //! ```
 //!
 //! [`Retry::call`] retries every `Err`. [`Retry::call_with`] takes a
-//! [`Classify`](crate::Classify), which sees `Ok` values too (an HTTP 503 that arrived
+//! [`Classify`], which sees `Ok` values too (an HTTP 503 that arrived
 //! as `Ok` can be retried) and decides per result:
 //!
 //! | outcome | what the retry does |
@@ -69,7 +69,7 @@
 //!
 //! When no further attempt is allowed the **last result is returned as it is**: an
 //! `Ok` value classified as a failure comes back as `Ok`, an error as
-//! [`Error::Inner`](crate::Error::Inner). [`Retry::call_with_report`] additionally says
+//! [`Error::Inner`]. [`Retry::call_with_report`] additionally says
 //! how many attempts were made and *why* retrying stopped ([`Stop`]).
 //!
 //! # Decisions, and why
@@ -83,7 +83,7 @@
 //!   [`DEFAULT_MAX_RETRY_AFTER`]) ends the retries with [`Stop::RetryAfterTooLong`]:
 //!   the caller is better served by the answer now, and can pass the hint on.
 //! * **Budget exhausted.** The caller gets the last result (the dependency's own
-//!   error), not [`Error::RetryBudgetExhausted`](crate::Error::RetryBudgetExhausted):
+//!   error), not [`Error::RetryBudgetExhausted`]:
 //!   that error is what a client can act on (a 503 with its headers, say), and the
 //!   budget is a local reason not to try again, not a new failure. The reason is
 //!   reported through [`Event::RetryBudgetExhausted`](crate::Event) and
@@ -99,7 +99,7 @@
 //!   successful attempts, the retry is not made and the last result is returned
 //!   ([`Stop::Deadline`] or [`Stop::MaxElapsed`]). The first attempt is always made,
 //!   except when the deadline in scope has already passed when the call starts: then
-//!   nothing can be returned but [`Error::Timeout`](crate::Error::Timeout). Until
+//!   nothing can be returned but [`Error::Timeout`]. Until
 //!   [`RetryBuilder::deadline_min_samples`] successes are recorded the prediction is
 //!   zero, i.e. only the deadline itself counts.
 //!
@@ -167,7 +167,7 @@ pub enum Stop {
     MaxElapsed,
     /// Another attempt could not finish before the [`Deadline`] in scope; or the
     /// deadline had passed before the first attempt (the result is then
-    /// [`Error::Timeout`](crate::Error::Timeout)).
+    /// [`Error::Timeout`]).
     Deadline,
     /// The [`RetryBudget`] had no token.
     BudgetExhausted,

@@ -4,7 +4,7 @@
 //!
 //! A call that never finishes holds a connection, a worker and the caller's patience
 //! forever. A [`Timeout`] bounds one call; when it fires the call's future is dropped
-//! (cancelled) and the caller gets [`Error::Timeout`](crate::Error::Timeout).
+//! (cancelled) and the caller gets [`Error::Timeout`].
 //!
 //! Timeouts alone compose badly: a 30 s request timeout around three retries, each
 //! with a 10 s per-try timeout, still lets the third try start at 29 s and be cut
