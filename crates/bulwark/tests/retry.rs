@@ -723,3 +723,18 @@ async fn max_elapsed_uses_the_latency_prediction_too() {
     assert_eq!(log.times(), [ms(0), ms(400)]);
     assert_eq!(report.stop, Stop::MaxElapsed);
 }
+
+#[test]
+fn policies_are_send_sync_and_call_futures_are_send() {
+    fn send_sync<T: Send + Sync + Clone>() {}
+    fn send<T: Send>(_: &T) {}
+    send_sync::<Retry>();
+    send_sync::<RetryBudget>();
+    send_sync::<Timeout>();
+    send_sync::<Backoff>();
+    let retry = Retry::builder().build().unwrap();
+    send(&retry.call(|| async { Ok::<_, ()>(()) }));
+    let timeout = Timeout::attempt(ms(1));
+    send(&timeout.call(|| async { Ok::<_, ()>(()) }));
+    send(&Deadline::scope(Deadline::after(ms(1)), async {}));
+}

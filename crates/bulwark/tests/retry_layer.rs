@@ -244,3 +244,15 @@ async fn budget_applies_to_the_service() {
     assert_eq!(calls.load(Ordering::SeqCst), 15);
     assert_eq!(budget.balance(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn service_futures_are_send() {
+    fn send<T: Send>(_: &T) {}
+    let mut svc = TimeoutLayer::new(Timeout::total(ms(10))).layer(
+        RetryLayer::new(retry(2, Backoff::none()))
+            .layer(service_fn(|()| async { Ok::<_, Infallible>(()) })),
+    );
+    let fut = svc.ready().await.unwrap().call(());
+    send(&fut);
+    fut.await.unwrap();
+}

@@ -307,3 +307,37 @@ impl RetryBudgetBuilder {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Real threads hammer one budget. Every deposit must count and no two
+    /// withdrawals may take the same token: successes + balance == tokens earned.
+    /// (No runtime, so the clock is real; the window is 9+ s and the test takes
+    /// milliseconds, so nothing expires.)
+    #[test]
+    fn concurrent_deposits_and_withdrawals_are_exact() {
+        let b = RetryBudget::builder()
+            .min_retries_per_sec(0)
+            .percent_can_retry(0.1)
+            .build()
+            .unwrap();
+        let taken = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    for _ in 0..10_000 {
+                        b.deposit();
+                        if b.try_withdraw() {
+                            taken.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let taken = taken.load(Ordering::Relaxed);
+        assert!(taken <= 8_000);
+        assert_eq!(taken + b.balance(), 8_000);
+    }
+}

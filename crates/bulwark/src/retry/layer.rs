@@ -14,6 +14,24 @@ use crate::{BoxError, Classify};
 /// Requests must be `Clone` (each attempt sends a clone; the last allowed attempt
 /// sends the original) and the inner service must be `Clone`. The classifier sees
 /// `Result<S::Response, S::Error>`; the default, [`AnyError`], retries every error.
+///
+/// ```
+/// use std::convert::Infallible;
+/// use bulwark::retry::{Retry, RetryLayer};
+/// use bulwark::Outcome;
+/// use tower::{service_fn, Layer, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let svc = RetryLayer::new(Retry::builder().max_attempts(2).build().unwrap())
+///     // Retry 5xx responses, which arrive as `Ok`.
+///     .classifier(|r: &Result<u16, Infallible>| match r {
+///         Ok(status) if *status >= 500 => Outcome::Failure,
+///         _ => Outcome::Success,
+///     })
+///     .layer(service_fn(|()| async { Ok::<u16, Infallible>(200) }));
+/// assert_eq!(svc.oneshot(()).await.unwrap(), 200);
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct RetryLayer<C = AnyError> {
     retry: Retry,

@@ -9,6 +9,24 @@ use super::{Deadline, ResponseFuture, Timeout};
 use crate::BoxError;
 
 /// Applies a [`Timeout`] to every request of the wrapped service.
+///
+/// ```
+/// use std::time::Duration;
+/// use bulwark::timeout::{Timeout, TimeoutLayer};
+/// use tower::{service_fn, Layer, ServiceExt};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// # tokio::time::pause();
+/// let svc = TimeoutLayer::new(Timeout::attempt(Duration::from_millis(100))).layer(service_fn(
+///     |()| async {
+///         tokio::time::sleep(Duration::from_secs(1)).await;
+///         Ok::<_, std::convert::Infallible>(())
+///     },
+/// ));
+/// let err = svc.oneshot(()).await.unwrap_err();
+/// assert!(matches!(err.downcast_ref::<bulwark::Error>(), Some(bulwark::Error::Timeout)));
+/// # }
+/// ```
 #[derive(Debug, Clone)]
 pub struct TimeoutLayer {
     timeout: Timeout,
