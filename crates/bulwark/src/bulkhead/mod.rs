@@ -57,9 +57,11 @@
 //! ```
 
 mod future;
+mod keyed;
 mod layer;
 
 pub use future::ResponseFuture;
+pub use keyed::{KeyedBulkhead, KeyedBulkheadBuilder, KeyedBulkheadPermit};
 pub use layer::{BulkheadLayer, BulkheadService};
 
 use std::convert::Infallible;
@@ -234,6 +236,23 @@ impl Bulkhead {
     /// The name used in events.
     pub fn name(&self) -> &Arc<str> {
         &self.inner.name
+    }
+
+    /// A new bulkhead with the same settings and listeners and its own permits
+    /// (keyed bulkheads make one per key from a validated prototype).
+    pub(crate) fn fresh_copy(&self) -> Bulkhead {
+        let i = &*self.inner;
+        Bulkhead {
+            inner: Arc::new(Inner {
+                name: i.name.clone(),
+                semaphore: Arc::new(Semaphore::new(i.max_concurrent)),
+                max_concurrent: i.max_concurrent,
+                max_queued: i.max_queued,
+                queue_timeout: i.queue_timeout,
+                queued: AtomicUsize::new(0),
+                listeners: i.listeners.clone(),
+            }),
+        }
     }
 
     /// Takes a queue slot now (for the tower service, which must decide in `call`

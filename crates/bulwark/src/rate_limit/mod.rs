@@ -30,7 +30,7 @@
 //!
 //! This is the algorithm the `governor` crate uses; it is written here rather than
 //! depended on because `governor` reads its own clock, which
-//! [`tokio::time::pause`] does not drive, and every bulwark policy is tested on
+//! `tokio::time::pause()` does not drive, and every bulwark policy is tested on
 //! exact paused tokio time. Time here comes only from [`tokio::time::Instant`]
 //! (or from the caller, through [`RateLimiter::check_at`]).
 //!
@@ -64,10 +64,12 @@
 
 mod error;
 mod future;
+mod keyed;
 mod layer;
 
 pub use error::InsufficientCapacity;
 pub use future::ResponseFuture;
+pub use keyed::{KeyedRateLimiter, KeyedRateLimiterBuilder};
 pub use layer::{RateLimitLayer, RateLimitService};
 
 use std::convert::Infallible;
