@@ -234,3 +234,50 @@ async fn layer_rejects_with_retry_after_and_passes_inner_errors_through() {
     advance(100 * MS).await;
     assert_eq!(svc.ready().await.unwrap().call(3).await.unwrap(), 4);
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// For any schedule of checks: (1) no window [s, e] of admitted cells holds
+        /// more than `burst + (e - s) / T` of them; (2) every `retry_after` is exact:
+        /// 1 ns earlier is still rejected, at it the check conforms.
+        #[test]
+        fn gcra_is_safe_and_retry_after_is_exact(
+            rate in 1u32..50,
+            burst in 1u32..8,
+            gaps in proptest::collection::vec(0u64..u64::MAX, 1..120),
+        ) {
+            let l = limiter(rate, burst);
+            let t = l.interval().as_nanos() as u64;
+            let t0 = Instant::now();
+            let check = |ns: u64| l.check_at(t0 + Duration::from_nanos(ns));
+            let mut now = 0u64;
+            let mut admitted: Vec<u64> = Vec::new();
+            for gap in gaps {
+                now += gap % (3 * t);
+                match check(now) {
+                    Ok(()) => admitted.push(now),
+                    Err(Error::RateLimited { retry_after }) => {
+                        let r = retry_after.as_nanos() as u64;
+                        prop_assert!(r > 0 && r <= t);
+                        prop_assert!(check(now + r - 1).is_err());
+                        now += r;
+                        prop_assert!(check(now).is_ok());
+                        admitted.push(now);
+                    }
+                    Err(e) => prop_assert!(false, "unexpected {e:?}"),
+                }
+            }
+            for i in 0..admitted.len() {
+                for j in i..admitted.len() {
+                    let cells = (j - i + 1) as u64;
+                    let window = admitted[j] - admitted[i];
+                    prop_assert!(cells <= u64::from(burst) + window / t,
+                        "{cells} cells in {window} ns");
+                }
+            }
+        }
+    }
+}
