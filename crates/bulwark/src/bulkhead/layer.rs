@@ -1,0 +1,111 @@
+//! `tower` integration: [`BulkheadLayer`] and [`BulkheadService`].
+
+use std::task::{Context, Poll};
+
+use tower_layer::Layer;
+use tower_service::Service;
+
+use super::{Bulkhead, ResponseFuture};
+use crate::BoxError;
+
+/// Applies a [`Bulkhead`] to a service.
+///
+/// Every service built by one layer shares the layer's bulkhead (clone the layer
+/// with a new bulkhead for separate limits).
+#[derive(Clone, Debug)]
+pub struct BulkheadLayer {
+    bulkhead: Bulkhead,
+}
+
+impl BulkheadLayer {
+    /// A layer sharing `bulkhead` among every service it wraps.
+    pub fn new(bulkhead: Bulkhead) -> Self {
+        BulkheadLayer { bulkhead }
+    }
+}
+
+impl<S> Layer<S> for BulkheadLayer {
+    type Service = BulkheadService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BulkheadService::new(inner, self.bulkhead.clone())
+    }
+}
+
+/// A service whose calls go through a [`Bulkhead`].
+///
+/// # `poll_ready` and where the permit is taken
+///
+/// `poll_ready` only forwards to the inner service; the permit is taken in `call`,
+/// and a rejection is the response future's error (a boxed
+/// [`Error::BulkheadFull`](crate::Error::BulkheadFull)), never a `poll_ready` error.
+///
+/// Taking the permit in `poll_ready` (as `tower::limit::ConcurrencyLimit` does) would
+/// hold a slot for a request that may never come: balancers and `Buffer` ready
+/// services speculatively, so idle clones would pin permits the bulkhead means for
+/// real calls. It would also turn rejection into back-pressure (`Pending` forever),
+/// where a bulkhead must answer "full" in bounded time; and a `poll_ready` error
+/// means "this service is dead" to tower, which a full bulkhead is not.
+///
+/// In `call`: when a permit is free the inner service is called at once (no
+/// allocation). When none is and the queue has room, the readied inner service is
+/// moved into the response future (a clone takes its place here and will be readied
+/// by the next `poll_ready`), the future waits for a permit, then calls it. Hence
+/// `S: Clone`, which is cloned only on the queued path.
+#[derive(Clone, Debug)]
+pub struct BulkheadService<S> {
+    inner: S,
+    bulkhead: Bulkhead,
+}
+
+impl<S> BulkheadService<S> {
+    /// Wraps `inner` with `bulkhead`.
+    pub fn new(inner: S, bulkhead: Bulkhead) -> Self {
+        BulkheadService { inner, bulkhead }
+    }
+
+    /// The bulkhead, for its stats.
+    pub fn bulkhead(&self) -> &Bulkhead {
+        &self.bulkhead
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Consumes `self`, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, Req> Service<Req> for BulkheadService<S>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        if let Some(permit) = self.bulkhead.try_acquire() {
+            return ResponseFuture::running(self.inner.call(req), permit);
+        }
+        // The queue slot is taken here, in arrival order, not when the response
+        // future is first polled.
+        let Some(slot) = self.bulkhead.enter_queue_owned() else {
+            let _ = self.bulkhead.inner.reject();
+            return ResponseFuture::rejected();
+        };
+        let acquire = Box::pin(Bulkhead::wait_queued(slot));
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::queued(acquire, ready, req)
+    }
+}
