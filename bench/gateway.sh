@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# End-to-end load: one upstream, then direct / nginx / HAProxy / bulwark in front of it, each
+# driven by wrk (-t2 -c64 -d${DURATION}s --latency), ROUNDS interleaved rounds, medians, ratios.
+# Writes bench/results/gateway.md. Not a test: it asserts nothing; it reports.
+#
+# Usage: bash bench/gateway.sh            (env: DURATION=10 ROUNDS=3 CONNS=64)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+CONNS=${CONNS:-64}
+work=$root/bench/work
+mkdir -p "$work" bench/results
+rm -f "$work"/*.out
+
+need=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
+command -v wrk >/dev/null || need+=(wrk)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing ${need[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+
+cargo build --release -p bulwark-gateway --bin bulwark --quiet
+BULWARK=$root/target/release/bulwark
+
+UP=127.0.0.1:18080 NGX=127.0.0.1:18081 HAP=127.0.0.1:18082 BLW=127.0.0.1:18083
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+# The upstream: nginx with one worker answering a small static body from memory.
+cat > "$work/upstream.conf" <<CONF
+worker_processes 1;
+daemon off; pid $work/upstream.pid; error_log $work/upstream.err warn;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen $UP; location / { return 200 "hello from upstream\n"; } } }
+CONF
+"$NGINX" -c "$work/upstream.conf" -p "$work" & pids+=($!)
+
+# nginx as a proxy: one worker, keep-alive pool to the upstream.
+cat > "$work/nginx.conf" <<CONF
+worker_processes 1;
+daemon off; pid $work/nginx.pid; error_log $work/nginx.err warn;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  upstream up { server $UP; keepalive 128; }
+  server { listen $NGX; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+CONF
+"$NGINX" -c "$work/nginx.conf" -p "$work" & pids+=($!)
+
+# HAProxy: one thread, connection reuse.
+cat > "$work/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 10000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend fe
+  bind $HAP
+  default_backend be
+backend be
+  server s1 $UP maxconn 1000
+CONF
+"$HAPROXY" -f "$work/haproxy.cfg" -db & pids+=($!)
+
+# bulwark: one worker thread, with breaker, retry with budget, timeouts and metrics on.
+cat > "$work/bulwark.yaml" <<CONF
+listen: $BLW
+admin: { listen: 127.0.0.1:18084 }
+upstreams:
+  up:
+    endpoints: [ { url: http://$UP } ]
+    balance: round_robin
+    circuit_breaker: { window: { kind: count, size: 100 }, minimum_calls: 20, failure_rate_threshold: 50, open_duration: 30s }
+routes:
+  - match: { path_prefix: / }
+    upstream: up
+    timeout: 30s
+    retry: { attempts: 3, per_try_timeout: 10s, backoff: { kind: exponential, base: 10ms, max: 1s }, on: [connect_failure, reset, 5xx], budget: { ratio: 0.2, min_per_second: 10 } }
+CONF
+"$BULWARK" check -c "$work/bulwark.yaml" >/dev/null
+"$BULWARK" run -c "$work/bulwark.yaml" --threads 1 2>"$work/bulwark.log" & bpid=$!; pids+=($bpid)
+
+wait_port() { for _ in $(seq 100); do curl -fsS -o /dev/null "http://$1/" 2>/dev/null && return 0; sleep 0.1; done; echo "no answer on $1" >&2; return 1; }
+for a in $UP $NGX $HAP $BLW; do wait_port "$a"; done
+
+rss_max=0
+run() { # name addr round
+  local out="$work/$1.$3.out"
+  if [ "$1" = bulwark ]; then
+    ( while kill -0 "$bpid" 2>/dev/null; do ps -o rss= -p "$bpid"; sleep 0.5; done ) > "$work/rss.$3.out" & local sampler=$!
+  fi
+  wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "http://$2/" > "$out"
+  [ "$1" = bulwark ] && kill "$sampler" 2>/dev/null || true
+}
+# warm-up
+for a in $NGX $HAP $BLW; do wrk -t1 -c8 -d1s "http://$a/" >/dev/null; done
+for r in $(seq "$ROUNDS"); do
+  run direct $UP "$r"; run nginx $NGX "$r"; run haproxy $HAP "$r"; run bulwark $BLW "$r"
+done
+
+python3 - "$work" "$ROUNDS" "$DURATION" "$CONNS" > bench/results/gateway.md <<'PY'
+import re, statistics, sys, glob, os, platform, subprocess
+work, rounds, dur, conns = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+def ms(v, unit):
+    return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+res = {}
+for name in ["direct", "nginx", "haproxy", "bulwark"]:
+    rps, p50, p99, errs = [], [], [], 0
+    for r in range(1, rounds + 1):
+        t = open(f"{work}/{name}.{r}.out").read()
+        rps.append(float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1)))
+        m = re.search(r"50%\s+([\d.]+)(us|ms|s)", t); p50.append(ms(*m.groups()))
+        m = re.search(r"99%\s+([\d.]+)(us|ms|s)", t); p99.append(ms(*m.groups()))
+        m = re.search(r"Non-2xx or 3xx responses: (\d+)", t); errs += int(m.group(1)) if m else 0
+        m = re.search(r"Socket errors: .*", t); errs += sum(map(int, re.findall(r"\d+", m.group(0)))) if m else 0
+    res[name] = dict(rps=statistics.median(rps), p50=statistics.median(p50), p99=statistics.median(p99), errs=errs, all=rps)
+rss = []
+for f in glob.glob(f"{work}/rss.*.out"):
+    rss += [int(x) for x in open(f).read().split() if x.isdigit()]
+cpu = subprocess.run(["sh", "-c", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"], capture_output=True, text=True).stdout.strip()
+print("# Gateway load test\n")
+print(f"`bash bench/gateway.sh`: wrk -t2 -c{conns} -d{dur}s --latency, {rounds} interleaved rounds, medians. "
+      f"One machine ({os.cpu_count()} cores, {cpu}), shared and noisy: read the ratios, not the absolute numbers. "
+      "Upstream: nginx, 1 worker, static 20-byte body. nginx proxy: 1 worker, keepalive pool. HAProxy: nbthread 1, "
+      "http-reuse always. bulwark: `--threads 1`, circuit breaker, retry with budget, timeouts and metrics on.\n")
+print("| target | req/s (median) | p50 ms | p99 ms | vs nginx | vs HAProxy | errors | req/s per round |")
+print("|---|---|---|---|---|---|---|---|")
+for name, label in [("direct", "direct (no proxy)"), ("nginx", "nginx"), ("haproxy", "HAProxy"), ("bulwark", "bulwark")]:
+    r = res[name]
+    print(f"| {label} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['rps']/res['nginx']['rps']:.2f}x | "
+          f"{r['rps']/res['haproxy']['rps']:.2f}x | {r['errs']} | {', '.join(f'{x:.0f}' for x in r['all'])} |")
+if rss:
+    print(f"\nbulwark RSS under load: median {statistics.median(rss)/1024:.1f} MiB, max {max(rss)/1024:.1f} MiB.")
+PY
+cat bench/results/gateway.md
