@@ -314,3 +314,19 @@ async fn layer_passes_untriggered_inner_errors_through_unchanged() {
         .expect("the io error itself");
     assert_eq!(io.kind(), std::io::ErrorKind::ConnectionReset);
 }
+
+fn assert_send<T: Send>(_: &T) {}
+fn assert_send_sync<T: Send + Sync>() {}
+
+#[tokio::test]
+async fn futures_and_policy_are_send() {
+    assert_send_sync::<Fallback>();
+    let fb = Fallback::builder().build().unwrap();
+    let fut = fb.call(|| async { Ok::<u8, Error>(1) }, |_| async { Ok(2) });
+    assert_send(&fut);
+    let layer = FallbackLayer::new(fb.clone(), |_e: Error| async { Ok::<_, BoxError>(0u8) });
+    let mut svc = layer.layer(service_fn(|x: u8| async move { Ok::<_, BoxError>(x) }));
+    let fut = tower::Service::call(&mut svc, 1);
+    assert_send(&fut);
+    assert_eq!(fut.await.unwrap(), 1);
+}

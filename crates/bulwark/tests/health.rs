@@ -414,3 +414,12 @@ async fn system_check_that_must_fail() {
     assert_eq!(r.status, HealthStatus::Degraded);
     assert!(r.detail.unwrap().contains("unreadable"));
 }
+
+#[test]
+fn types_are_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<HealthChecker>();
+    assert_send_sync::<HealthRegistry>();
+    assert_send_sync::<TcpCheck>();
+    assert_send_sync::<SystemCheck>();
+}

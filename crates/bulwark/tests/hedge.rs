@@ -527,3 +527,21 @@ async fn layer_passes_errors_through_and_classifier_applies() {
     assert!(err.downcast_ref::<std::io::Error>().is_some());
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
+
+fn assert_send<T: Send>(_: &T) {}
+fn assert_send_sync<T: Send + Sync>() {}
+
+#[tokio::test]
+async fn futures_and_policy_are_send() {
+    assert_send_sync::<Hedge>();
+    let hedge = Hedge::builder().build().unwrap();
+    let fut = hedge.call(|| async { Ok::<_, std::io::Error>(1) });
+    assert_send(&fut);
+    let svc = HedgeLayer::new(hedge.clone()).layer(tower::service_fn(|x: u8| async move {
+        Ok::<_, std::io::Error>(x)
+    }));
+    let mut svc2 = svc.clone();
+    let fut = svc2.call(1);
+    assert_send(&fut);
+    assert_eq!(fut.await.unwrap(), 1);
+}
