@@ -545,3 +545,23 @@ async fn futures_and_policy_are_send() {
     assert_send(&fut);
     assert_eq!(fut.await.unwrap(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_huge_delay_hedges_only_on_failure() {
+    let hedge = Hedge::builder().delay(Duration::MAX).build().unwrap();
+    let c = Counters::default();
+    let mut n = 0;
+    let t0 = Instant::now();
+    let r = hedge
+        .call(|| {
+            n += 1;
+            if n == 1 {
+                c.attempt(50 * MS, Err("refused"))
+            } else {
+                c.attempt(10 * MS, Ok(n))
+            }
+        })
+        .await;
+    assert_eq!(r, Ok(2));
+    assert_eq!(t0.elapsed(), 60 * MS);
+}

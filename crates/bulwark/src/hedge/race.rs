@@ -112,7 +112,7 @@ impl<M: MakeAttempt, C, O> State<M, C, O> {
         self.hedges
             .get_or_insert_with(FuturesUnordered::new)
             .push(attempt);
-        self.next_at = Instant::now() + self.delay;
+        self.next_at = after(Instant::now(), self.delay);
         true
     }
 }
@@ -144,7 +144,7 @@ where
         delay: Duration,
     ) -> Self {
         let first = Timed::new(first);
-        let next_at = first.start + delay;
+        let next_at = after(first.start, delay);
         Race {
             first: Some(first),
             sleep: None,
@@ -162,6 +162,15 @@ where
             },
         }
     }
+}
+
+/// `from + delay`, saturating: a huge delay (`Duration::MAX` to hedge only on
+/// failures) must not overflow the clock.
+fn after(from: Instant, delay: Duration) -> Instant {
+    // About 30 years: later than any call lives, early enough not to overflow.
+    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+    // (`checked_add` can only fail with the clock near its end of range.)
+    from.checked_add(delay.min(FAR)).unwrap_or(from)
 }
 
 /// What to do with one finished attempt.
