@@ -191,7 +191,7 @@ impl Model {
             })
             .min()
             .unwrap();
-        Err(earliest - self.now)
+        Err((earliest - self.now).min(SEC))
     }
 
     fn acquire(&mut self) -> Result<Admit, u64> {

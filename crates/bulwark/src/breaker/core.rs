@@ -34,8 +34,11 @@ pub(crate) const METRICS_ONLY: u8 = 6;
 const STATE_MASK: u64 = 0xff;
 const PPM: u128 = 1_000_000;
 
-/// Longest retry-after hint given to a caller rejected during the ramp.
-pub(crate) const RAMP_RETRY_AFTER: Duration = Duration::from_secs(1);
+/// Longest retry-after hint given to a caller rejected in half-open (no probe
+/// slot free) or during the ramp: probes usually report within one request's
+/// time, and a ramp admits more every moment, so "try again in a second" (or
+/// sooner, when a lease or the ramp ends first) is the useful answer.
+pub(crate) const BUSY_RETRY_AFTER: Duration = Duration::from_secs(1);
 
 #[inline]
 fn st(word: u64) -> u8 {
@@ -338,7 +341,9 @@ impl Inner {
     }
 
     /// Leases a free probe slot, first reclaiming slots whose lease ran out.
-    /// Rejected callers are told when the earliest lease ends.
+    /// Rejected callers are told to come back when the earliest lease ends, or in
+    /// [`BUSY_RETRY_AFTER`] if that is sooner. (With no free slot, at least one is
+    /// leased: a slot only stays `Done` until all are, and then the breaker moves.)
     fn lease_probe(&self, ctl: &mut Control, now_ns: u64) -> Result<Kind, u64> {
         let mut free = None;
         let mut earliest = u64::MAX;
@@ -367,8 +372,7 @@ impl Inner {
                     token,
                 })
             }
-            None if earliest == u64::MAX => Err(self.cfg.lease_nanos),
-            None => Err(earliest - now_ns),
+            None => Err((earliest - now_ns).min(nanos(BUSY_RETRY_AFTER))),
         }
     }
 
@@ -392,7 +396,7 @@ impl Inner {
             Ok(Kind::Ramp(w))
         } else {
             let left = start.saturating_add(len).saturating_sub(now_ns);
-            Err(left.min(nanos(RAMP_RETRY_AFTER)).max(1))
+            Err(left.min(nanos(BUSY_RETRY_AFTER)).max(1))
         }
     }
 

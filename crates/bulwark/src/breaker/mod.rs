@@ -39,7 +39,8 @@
 //! * **Half-open.** After `open_duration`, the next call moves the breaker to
 //!   half-open (exactly one caller does it, under the decision lock) and becomes a
 //!   probe. Exactly `half_open_calls` probes are admitted; everyone else is
-//!   rejected, told to come back when the earliest probe lease ends. When every
+//!   rejected and told to come back in a second (or when the earliest probe lease
+//!   ends, if sooner): probes normally report within one request's time. When every
 //!   probe has reported, the breaker closes if their failure and slow rates are
 //!   below the thresholds, and re-opens otherwise.
 //! * **Leases.** A probe that never reports (its permit leaked, its task hung)
@@ -55,7 +56,8 @@
 //!   at once: it moves to [`BreakerState::Ramping`] and admits a share of calls
 //!   that grows linearly from [`Builder::ramp_start_percent`] to 100 % over the
 //!   ramp, re-opening if the calls of the ramp cross a threshold (after
-//!   `minimum_calls` of them), and closing when the ramp ends. Admission is a
+//!   `minimum_calls` of them), and closing when the ramp ends. Callers the ramp
+//!   turns away are told to retry in a second (or when the ramp ends, if sooner). Admission is a
 //!   counter, not a random draw: exactly that share of any run of calls passes.
 //! * **Manual states.** [`CircuitBreaker::force_open`] rejects everything until
 //!   another manual transition; [`CircuitBreaker::disable`] admits everything and
