@@ -1,0 +1,446 @@
+//! The sliding windows the closed state records into.
+//!
+//! Both windows are lock-free and allocation-free on the recording path, and both
+//! keep one invariant that makes them safe under any interleaving: **every change
+//! to a slot or bucket is mirrored by exactly one change to the aggregate**, so once
+//! recorders are quiet the aggregate equals the sum of the slots. Races can make
+//! the aggregate briefly disagree with the slots (a reader then sees odd counts
+//! and the decision logic re-checks), or lose a sample, but never make it drift.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+
+/// Slot code bits: the call was counted, it failed, it was slow.
+pub(crate) const CALL: u8 = 0b001;
+pub(crate) const FAIL: u8 = 0b010;
+pub(crate) const SLOW: u8 = 0b100;
+
+/// Calls, failures and slow calls in a window (or among probes, or in a ramp).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub(crate) calls: u64,
+    pub(crate) failures: u64,
+    pub(crate) slow: u64,
+}
+
+impl Counts {
+    pub(crate) fn add(&mut self, code: u8) {
+        if code & CALL != 0 {
+            self.calls += 1;
+            self.failures += u64::from(code & FAIL != 0);
+            self.slow += u64::from(code & SLOW != 0);
+        }
+    }
+
+    /// False when a race left the aggregate momentarily inconsistent; the caller
+    /// then skips its decision (the next recorded call decides again).
+    pub(crate) fn is_sane(&self) -> bool {
+        self.failures <= self.calls && self.slow <= self.calls && self.calls < (1 << 62)
+    }
+}
+
+/// Pads a value to its own cache line, so the write-heavy window counters do not
+/// share a line with the read-mostly state word.
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+// ---------------------------------------------------------------------------
+// Count window
+// ---------------------------------------------------------------------------
+
+/// Field width of the packed aggregate: 21 bits each for calls, failures, slow.
+const AGG_BITS: u32 = 21;
+const AGG_MASK: u64 = (1 << AGG_BITS) - 1;
+
+/// Largest count window: the packed aggregate holds up to 2^21 - 1 per field.
+pub(crate) const MAX_COUNT_WINDOW: usize = 1_000_000;
+
+/// Packed-aggregate value of one slot code, indexed by the code.
+const PACKED: [u64; 8] = {
+    let mut t = [0u64; 8];
+    let mut c = 0;
+    while c < 8 {
+        if c & CALL as usize != 0 {
+            t[c] = 1
+                | (((c & FAIL as usize != 0) as u64) << AGG_BITS)
+                | (((c & SLOW as usize != 0) as u64) << (2 * AGG_BITS));
+        }
+        c += 1;
+    }
+    t
+};
+
+fn unpack(agg: u64) -> Counts {
+    Counts {
+        calls: agg & AGG_MASK,
+        failures: (agg >> AGG_BITS) & AGG_MASK,
+        slow: (agg >> (2 * AGG_BITS)) & AGG_MASK,
+    }
+}
+
+/// The outcomes of the last `N` calls: a ring of one-byte slots written at
+/// `fetch_add` positions, plus a packed aggregate (calls | failures | slow) that is
+/// adjusted by the difference between the new code and the swapped-out one.
+///
+/// A success replacing a success changes nothing, so a healthy steady state costs
+/// one `fetch_add` and one `swap`. The packing is linear modulo 2^64, so deltas with
+/// negative fields add up correctly whatever order they land in.
+#[derive(Debug)]
+pub(crate) struct CountWindow {
+    head: Padded<AtomicU64>,
+    agg: Padded<AtomicU64>,
+    slots: Box<[AtomicU8]>,
+}
+
+impl CountWindow {
+    pub(crate) fn new(size: usize) -> Self {
+        CountWindow {
+            head: Padded(AtomicU64::new(0)),
+            agg: Padded(AtomicU64::new(0)),
+            slots: (0..size.max(1)).map(|_| AtomicU8::new(0)).collect(),
+        }
+    }
+
+    /// Records one call; returns the counts after it, or `None` when nothing
+    /// changed that could move a rate up (a success replaced a success).
+    #[inline]
+    pub(crate) fn record(&self, code: u8) -> Option<Counts> {
+        let i = self.head.0.fetch_add(1, Relaxed);
+        let n = self.slots.len() as u64;
+        let old = self.slots[(i % n) as usize].swap(code, Relaxed);
+        let delta = PACKED[usize::from(code & 7)].wrapping_sub(PACKED[usize::from(old & 7)]);
+        if delta == 0 {
+            if code & (FAIL | SLOW) == 0 {
+                return None;
+            }
+            return Some(unpack(self.agg.0.load(Relaxed)));
+        }
+        let agg = self.agg.0.fetch_add(delta, Relaxed).wrapping_add(delta);
+        Some(unpack(agg))
+    }
+
+    pub(crate) fn counts(&self) -> Counts {
+        unpack(self.agg.0.load(Relaxed))
+    }
+
+    /// Empties every slot, subtracting what it held (never a blind store of zero,
+    /// so a recorder racing with the reset cannot leave phantom counts behind).
+    pub(crate) fn reset(&self) {
+        for slot in self.slots.iter() {
+            let old = slot.swap(0, Relaxed);
+            if old != 0 {
+                self.agg.0.fetch_sub(PACKED[usize::from(old & 7)], Relaxed);
+            }
+        }
+    }
+
+    pub(crate) fn size(&self) -> usize {
+        self.slots.len()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Time window
+// ---------------------------------------------------------------------------
+
+/// Bucket word layout: tag (10 bits, the bucket's tick modulo 1024) | slow (18) |
+/// failures (18) | calls (18).
+const B_BITS: u32 = 18;
+const B_MASK: u64 = (1 << B_BITS) - 1;
+const TAG_SHIFT: u32 = 3 * B_BITS;
+const TAG_MASK: u64 = (1 << (64 - TAG_SHIFT)) - 1;
+
+/// Most buckets a time window uses; longer windows get coarser buckets.
+pub(crate) const MAX_BUCKETS: u64 = 3600;
+/// Fewest buckets: windows shorter than this many seconds get sub-second buckets.
+pub(crate) const MIN_BUCKETS: u64 = 10;
+
+const fn tag(tick: u64) -> u64 {
+    (tick & TAG_MASK) << TAG_SHIFT
+}
+
+fn bucket_counts(w: u64) -> Counts {
+    Counts {
+        calls: w & B_MASK,
+        failures: (w >> B_BITS) & B_MASK,
+        slow: (w >> (2 * B_BITS)) & B_MASK,
+    }
+}
+
+fn bucket_delta(code: u8) -> u64 {
+    u64::from(code & CALL != 0)
+        | (u64::from(code & FAIL != 0) << B_BITS)
+        | (u64::from(code & SLOW != 0) << (2 * B_BITS))
+}
+
+/// The outcomes of the calls in the last `window`: `M` buckets of `width` each, a
+/// bucket word holding its tick's tag and its counts, and running totals.
+///
+/// Time is cut into ticks of `width` since the breaker's origin. The window at tick
+/// `t` is the buckets of ticks `t-M+1 ..= t`. A `cursor` remembers the newest tick
+/// the buckets were advanced to; whoever moves it (one `compare_exchange`) empties
+/// the buckets of the ticks it skips over, subtracting their counts from the
+/// totals. A recorder adds to its bucket with a `compare_exchange` that only
+/// succeeds while the bucket's tag is its own tick, so a sample from a delayed
+/// recorder is dropped instead of landing in a newer second.
+///
+/// A bucket saturates at 2^18 - 1 calls (262 143 per bucket width); further calls
+/// in that bucket are not recorded, which leaves the rates representative.
+#[derive(Debug)]
+pub(crate) struct TimeWindow {
+    width_nanos: u64,
+    cursor: Padded<AtomicU64>,
+    calls: Padded<AtomicU64>,
+    failures: AtomicU64,
+    slow: AtomicU64,
+    buckets: Box<[AtomicU64]>,
+}
+
+impl TimeWindow {
+    /// Buckets of one second for windows from 10 s to one hour; ten buckets for
+    /// shorter windows; 3600 buckets for longer ones.
+    pub(crate) fn new(window_nanos: u64) -> Self {
+        let secs = window_nanos.div_ceil(1_000_000_000);
+        let m = secs.clamp(MIN_BUCKETS, MAX_BUCKETS);
+        TimeWindow {
+            width_nanos: (window_nanos / m).max(1),
+            cursor: Padded(AtomicU64::new(0)),
+            calls: Padded(AtomicU64::new(0)),
+            failures: AtomicU64::new(0),
+            slow: AtomicU64::new(0),
+            buckets: (0..m).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    pub(crate) fn bucket_count(&self) -> u64 {
+        self.buckets.len() as u64
+    }
+
+    #[cfg(test)]
+    pub(crate) fn bucket_width_nanos(&self) -> u64 {
+        self.width_nanos
+    }
+
+    #[inline]
+    fn tick(&self, now_nanos: u64) -> u64 {
+        now_nanos / self.width_nanos
+    }
+
+    fn bucket(&self, tick: u64) -> &AtomicU64 {
+        &self.buckets[(tick % self.bucket_count()) as usize]
+    }
+
+    fn add_totals(&self, code: u8) {
+        self.calls.0.fetch_add(1, Relaxed);
+        if code & FAIL != 0 {
+            self.failures.fetch_add(1, Relaxed);
+        }
+        if code & SLOW != 0 {
+            self.slow.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn sub_totals(&self, c: Counts) {
+        if c.calls != 0 {
+            self.calls.0.fetch_sub(c.calls, Relaxed);
+        }
+        if c.failures != 0 {
+            self.failures.fetch_sub(c.failures, Relaxed);
+        }
+        if c.slow != 0 {
+            self.slow.fetch_sub(c.slow, Relaxed);
+        }
+    }
+
+    /// Moves the window to `tick`, emptying the buckets of the ticks passed over.
+    fn advance(&self, tick: u64) {
+        let m = self.bucket_count();
+        let mut cur = self.cursor.0.load(Relaxed);
+        while cur < tick {
+            match self
+                .cursor
+                .0
+                .compare_exchange_weak(cur, tick, Relaxed, Relaxed)
+            {
+                Ok(_) => {
+                    let first = (cur + 1).max((tick + 1).saturating_sub(m));
+                    for k in first..=tick {
+                        let old = self.bucket(k).swap(tag(k), Relaxed);
+                        self.sub_totals(bucket_counts(old));
+                    }
+                    return;
+                }
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Records one call at `now_nanos` (since the breaker's origin).
+    #[inline]
+    pub(crate) fn record(&self, code: u8, now_nanos: u64) {
+        let tick = self.tick(now_nanos);
+        self.advance(tick);
+        let bucket = self.bucket(tick);
+        let delta = bucket_delta(code);
+        let mut w = bucket.load(Relaxed);
+        loop {
+            if w & (TAG_MASK << TAG_SHIFT) != tag(tick) || w & B_MASK == B_MASK {
+                // A newer tick owns the bucket (this recorder was delayed), or the
+                // bucket is saturated: drop the sample.
+                return;
+            }
+            match bucket.compare_exchange_weak(w, w + delta, Relaxed, Relaxed) {
+                Ok(_) => break,
+                Err(actual) => w = actual,
+            }
+        }
+        self.add_totals(code);
+    }
+
+    /// The counts of the window ending at `now_nanos`.
+    pub(crate) fn counts(&self, now_nanos: u64) -> Counts {
+        self.advance(self.tick(now_nanos));
+        Counts {
+            calls: self.calls.0.load(Relaxed),
+            failures: self.failures.load(Relaxed),
+            slow: self.slow.load(Relaxed),
+        }
+    }
+
+    /// Empties every bucket, keeping its tag.
+    pub(crate) fn reset(&self) {
+        for b in self.buckets.iter() {
+            let mut w = b.load(Relaxed);
+            loop {
+                let emptied = w & (TAG_MASK << TAG_SHIFT);
+                if emptied == w {
+                    break;
+                }
+                match b.compare_exchange_weak(w, emptied, Relaxed, Relaxed) {
+                    Ok(_) => {
+                        self.sub_totals(bucket_counts(w));
+                        break;
+                    }
+                    Err(actual) => w = actual,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: u8 = CALL;
+    const F: u8 = CALL | FAIL;
+    const SL: u8 = CALL | SLOW;
+
+    #[test]
+    fn count_window_keeps_the_last_n() {
+        let w = CountWindow::new(3);
+        assert_eq!(w.record(F).map(|c| c.failures), Some(1));
+        w.record(F);
+        w.record(SL);
+        assert_eq!(
+            w.counts(),
+            Counts {
+                calls: 3,
+                failures: 2,
+                slow: 1
+            }
+        );
+        // Overwrites the first failure.
+        w.record(S);
+        assert_eq!(
+            w.counts(),
+            Counts {
+                calls: 3,
+                failures: 1,
+                slow: 1
+            }
+        );
+        w.record(S);
+        // Success over success reports nothing new.
+        w.record(S);
+        assert_eq!(w.record(S), None);
+        assert_eq!(
+            w.counts(),
+            Counts {
+                calls: 3,
+                failures: 0,
+                slow: 0
+            }
+        );
+        w.reset();
+        assert_eq!(w.counts(), Counts::default());
+    }
+
+    #[test]
+    fn count_window_aggregate_matches_slots_after_concurrent_writes() {
+        let w = std::sync::Arc::new(CountWindow::new(7));
+        let threads: Vec<_> = (0..4u8)
+            .map(|t| {
+                let w = w.clone();
+                std::thread::spawn(move || {
+                    for i in 0..10_000u32 {
+                        let code = match (i + u32::from(t)) % 3 {
+                            0 => S,
+                            1 => F,
+                            _ => SL | FAIL,
+                        };
+                        w.record(code);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let mut expect = Counts::default();
+        for s in w.slots.iter() {
+            expect.add(s.load(Relaxed));
+        }
+        assert_eq!(w.counts(), expect);
+    }
+
+    #[test]
+    fn time_window_forgets_old_buckets() {
+        let sec = 1_000_000_000;
+        let w = TimeWindow::new(10 * sec);
+        assert_eq!(w.bucket_count(), 10);
+        assert_eq!(w.bucket_width_nanos(), sec);
+        w.record(F, 0);
+        w.record(F, sec / 2);
+        w.record(S, 3 * sec);
+        assert_eq!(w.counts(3 * sec).calls, 3);
+        assert_eq!(w.counts(10 * sec - 1).failures, 2);
+        // The bucket of tick 0 leaves the window at tick 10.
+        assert_eq!(
+            w.counts(10 * sec),
+            Counts {
+                calls: 1,
+                failures: 0,
+                slow: 0
+            }
+        );
+        // A long idle gap empties everything.
+        assert_eq!(w.counts(1_000 * sec), Counts::default());
+        w.record(SL, 1_000 * sec);
+        assert_eq!(w.counts(1_000 * sec).slow, 1);
+        w.reset();
+        assert_eq!(w.counts(1_000 * sec), Counts::default());
+    }
+
+    #[test]
+    fn short_windows_get_sub_second_buckets() {
+        let w = TimeWindow::new(2_000_000_000);
+        assert_eq!(w.bucket_count(), 10);
+        assert_eq!(w.bucket_width_nanos(), 200_000_000);
+        let w = TimeWindow::new(60_000_000_000);
+        assert_eq!(
+            (w.bucket_count(), w.bucket_width_nanos()),
+            (60, 1_000_000_000)
+        );
+    }
+}
