@@ -124,6 +124,7 @@
 
 mod core;
 mod future;
+mod keyed;
 mod layer;
 mod permit;
 mod window;
@@ -141,6 +142,7 @@ use crate::events::{BreakerState, Listener, Listeners};
 use crate::{Classify, ConfigError, Error};
 
 pub use self::future::ResponseFuture;
+pub use self::keyed::{KeyedCircuitBreaker, KeyedCircuitBreakerBuilder};
 pub use self::layer::{CircuitBreakerLayer, CircuitBreakerService};
 pub use self::permit::Permit;
 

@@ -1,0 +1,251 @@
+//! [`KeyedCircuitBreaker`]: one breaker per key, with a bounded number of keys.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use super::{Builder, CircuitBreaker, Permit};
+use crate::classify::AnyError;
+use crate::events::{BreakerState, Event, Listener, Listeners};
+use crate::keyed::{Keyed, KeyedBuilder};
+use crate::{Classify, ConfigError, Error};
+
+/// A circuit breaker per key (upstream host, tenant, API key): one failing host
+/// opens its own breaker without refusing calls to the healthy ones. Keys live in a
+/// bounded [`Keyed`] map, so a flood of distinct keys cannot exhaust memory: past
+/// `max_keys`, idle keys are evicted, and when none is idle the new keys share one
+/// overflow breaker.
+///
+/// Every per-key breaker has the settings of the one [`Builder`]. Events
+/// ([`Event::BreakerTransition`], [`Event::BreakerRejected`]) are named by the key's
+/// bounded label (the key for the top keys, `other` for the rest), so metrics fed by
+/// them never get one series per key.
+///
+/// ```
+/// use bulwark::breaker::KeyedCircuitBreaker;
+/// use bulwark::events::BreakerState;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let breakers = KeyedCircuitBreaker::builder()
+///     .breaker(|b| b.count_window(4).minimum_calls(2))
+///     .max_keys(1000)
+///     .build()
+///     .unwrap();
+///
+/// for _ in 0..2 {
+///     let _ = breakers.call(&"db-1", || async { Err::<(), _>("down") }).await;
+/// }
+/// assert_eq!(breakers.state(&"db-1"), Some(BreakerState::Open));
+/// // db-2 has its own breaker, still closed.
+/// assert_eq!(breakers.call(&"db-2", || async { Ok::<_, ()>(7) }).await.unwrap(), 7);
+/// # }
+/// ```
+pub struct KeyedCircuitBreaker<K> {
+    inner: Arc<Inner<K>>,
+}
+
+struct Inner<K> {
+    keyed: Keyed<K, CircuitBreaker>,
+}
+
+impl<K> Clone for KeyedCircuitBreaker<K> {
+    fn clone(&self) -> Self {
+        KeyedCircuitBreaker {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<K: fmt::Debug> fmt::Debug for KeyedCircuitBreaker<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedCircuitBreaker")
+            .field("keys", &self.inner.keyed)
+            .finish()
+    }
+}
+
+impl KeyedCircuitBreaker<()> {
+    /// A builder with the [`CircuitBreaker`] and [`Keyed`] defaults.
+    pub fn builder() -> KeyedCircuitBreakerBuilder {
+        KeyedCircuitBreakerBuilder::default()
+    }
+}
+
+impl<K> KeyedCircuitBreaker<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + fmt::Display + 'static,
+{
+    /// A permit from `key`'s breaker; see [`CircuitBreaker::try_acquire`].
+    pub fn try_acquire(&self, key: &K) -> Result<Permit, Error<Infallible>> {
+        self.inner.keyed.get(key).try_acquire()
+    }
+
+    /// Runs `f` through `key`'s breaker, counting every `Err` as a failure.
+    pub async fn call<T, E, F, Fut>(&self, key: &K, f: F) -> Result<T, Error<E>>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.call_with(key, &AnyError, f).await
+    }
+
+    /// Runs `f` through `key`'s breaker with a classifier.
+    pub async fn call_with<T, E, C, F, Fut>(
+        &self,
+        key: &K,
+        classify: &C,
+        f: F,
+    ) -> Result<T, Error<E>>
+    where
+        C: Classify<T, E>,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let breaker = self.inner.keyed.get(key).clone();
+        breaker.call_with(classify, f).await
+    }
+
+    /// The state of `key`'s breaker, if the key has one (`None` for a key not in the
+    /// map; the overflow breaker is not reported here).
+    pub fn state(&self, key: &K) -> Option<BreakerState> {
+        self.inner.keyed.peek(key).map(|b| b.state())
+    }
+
+    /// Keys with their own breaker (never more than `max_keys`).
+    pub fn len(&self) -> usize {
+        self.inner.keyed.len()
+    }
+
+    /// True when no key has its own breaker.
+    pub fn is_empty(&self) -> bool {
+        self.inner.keyed.is_empty()
+    }
+
+    /// The top keys by calls, highest first; see [`Keyed::top_keys`].
+    pub fn top_keys(&self) -> Vec<(K, u64)> {
+        self.inner.keyed.top_keys()
+    }
+
+    /// The bounded label for `key`; see [`Keyed::label`].
+    pub fn label(&self, key: &K) -> Arc<str> {
+        self.inner.keyed.label(key)
+    }
+
+    /// Calls that went to the shared overflow breaker.
+    pub fn overflow_calls(&self) -> u64 {
+        self.inner.keyed.overflow_calls()
+    }
+}
+
+/// Builds a [`KeyedCircuitBreaker`].
+#[derive(Debug, Clone)]
+pub struct KeyedCircuitBreakerBuilder {
+    breaker: Builder,
+    keyed: KeyedBuilder,
+    listeners: Listeners,
+}
+
+impl Default for KeyedCircuitBreakerBuilder {
+    fn default() -> Self {
+        KeyedCircuitBreakerBuilder {
+            breaker: CircuitBreaker::builder(),
+            keyed: KeyedBuilder::default(),
+            listeners: Listeners::new(),
+        }
+    }
+}
+
+impl KeyedCircuitBreakerBuilder {
+    /// Per-key breaker settings, applied to a [`Builder`] with the defaults
+    /// (its name and listeners are replaced: events carry the key's label and go to
+    /// this builder's listeners).
+    pub fn breaker(mut self, f: impl FnOnce(Builder) -> Builder) -> Self {
+        self.breaker = f(self.breaker);
+        self
+    }
+
+    /// Adds a listener for the per-key breakers' events, named by the key's label.
+    pub fn listener(mut self, l: impl Listener) -> Self {
+        self.listeners.push(Arc::new(l));
+        self
+    }
+
+    /// Cap on keys with their own breaker (default
+    /// [`DEFAULT_MAX_KEYS`](crate::keyed::DEFAULT_MAX_KEYS)).
+    pub fn max_keys(mut self, n: usize) -> Self {
+        self.keyed = self.keyed.max_keys(n);
+        self
+    }
+
+    /// Idle time after which a key's breaker may be evicted (default
+    /// [`DEFAULT_IDLE_TIMEOUT`](crate::keyed::DEFAULT_IDLE_TIMEOUT)).
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        self.keyed = self.keyed.idle_timeout(d);
+        self
+    }
+
+    /// Keys that get their own label (default
+    /// [`DEFAULT_TOP_N`](crate::keyed::DEFAULT_TOP_N)).
+    pub fn top_n(mut self, n: usize) -> Self {
+        self.keyed = self.keyed.top_n(n);
+        self
+    }
+
+    /// Longest time between label recomputations (default
+    /// [`DEFAULT_LABEL_REFRESH`](crate::keyed::DEFAULT_LABEL_REFRESH)).
+    pub fn label_refresh(mut self, d: Duration) -> Self {
+        self.keyed = self.keyed.label_refresh(d);
+        self
+    }
+
+    /// Validates the settings and builds the keyed breaker.
+    pub fn build<K>(self) -> Result<KeyedCircuitBreaker<K>, ConfigError>
+    where
+        K: Hash + Eq + Clone + Send + Sync + fmt::Display + 'static,
+    {
+        // Validate once, so the factory below cannot fail.
+        self.breaker.clone().build()?;
+        // Per-key breakers relabel their events through the map, which exists only
+        // after the factory is given to it: hence a late-bound weak reference (weak,
+        // so the map does not keep itself alive through its own factory).
+        let this: Arc<OnceLock<Weak<Inner<K>>>> = Arc::new(OnceLock::new());
+        let listeners = self.listeners;
+        let template = self.breaker;
+        let late = this.clone();
+        let factory = move |key: &K| {
+            let mut b = template.clone();
+            if !listeners.is_empty() {
+                let key = key.clone();
+                let late = late.clone();
+                let listeners = listeners.clone();
+                b = b.listener(move |e: &Event| {
+                    let label: Arc<str> = match late.get().and_then(Weak::upgrade) {
+                        Some(inner) => inner.keyed.label(&key),
+                        None => Arc::from("other"),
+                    };
+                    let renamed = match e {
+                        Event::BreakerTransition { from, to, .. } => Event::BreakerTransition {
+                            name: label,
+                            from: *from,
+                            to: *to,
+                        },
+                        Event::BreakerRejected { .. } => Event::BreakerRejected { name: label },
+                        other => other.clone(),
+                    };
+                    listeners.emit(|| renamed);
+                });
+            }
+            #[allow(clippy::expect_used)]
+            b.build()
+                .expect("infallible: these settings were validated by build() above")
+        };
+        let keyed = self.keyed.build(factory)?;
+        let inner = Arc::new(Inner { keyed });
+        let _ = this.set(Arc::downgrade(&inner));
+        Ok(KeyedCircuitBreaker { inner })
+    }
+}
