@@ -4,3 +4,6 @@
 
 pub mod cli;
 pub mod config;
+pub mod policy;
+pub mod proxy;
+pub mod upstream;
