@@ -290,3 +290,70 @@ async fn malformed_request_gets_400_and_the_gateway_keeps_serving() {
     assert_eq!(r.status, 200);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn idle_keep_alive_connections_are_closed() {
+    let up = Upstream::named("u").await;
+    let gw = Gateway::start(&one_route(&up.url(), "limits: { idle_timeout: 200ms }\n")).await;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    // Nothing more is sent: the gateway closes the idle connection (read returns 0) well before 5 s.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "idle connection was not closed");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_requests() {
+    let started = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (s2, r2) = (started.clone(), release.clone());
+    let up = Upstream::start(
+        "slow",
+        Arc::new(move |_req| {
+            let (s, r) = (s2.clone(), r2.clone());
+            Box::pin(async move {
+                s.notify_one();
+                r.notified().await;
+                reply("slow", 200, "finished")
+            })
+        }),
+    )
+    .await;
+    let gw = Gateway::start(&one_route(&up.url(), "")).await;
+    let url = gw.url("/");
+    let addr = gw.addr;
+    let inflight = tokio::spawn(async move { get(&client(), &url).await });
+    started.notified().await;
+    let stopping = tokio::spawn(gw.stop());
+    // The listener closes: new connections are refused.
+    let refused = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if tokio::net::TcpStream::connect(addr).await.is_err() {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(refused.is_ok(), "listener still accepting after shutdown");
+    // The in-flight request still completes.
+    release.notify_one();
+    let r = inflight.await.unwrap();
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "finished"));
+    stopping.await.unwrap();
+}

@@ -75,8 +75,15 @@ fn content_length(parts: &Parts) -> Option<u64> {
         .ok()
 }
 
-/// Builds the request for one attempt to `up`'s endpoint `ep`.
-fn build_request(parts: &Parts, body: ReqBody, up: &Upstream, ei: usize) -> Request<ReqBody> {
+/// Builds the request for one attempt to `up`'s endpoint `ei`. With `reuse` false this is the only
+/// attempt that can be sent, so the headers are moved rather than copied.
+fn build_request(
+    parts: &mut Parts,
+    reuse: bool,
+    body: ReqBody,
+    up: &Upstream,
+    ei: usize,
+) -> Request<ReqBody> {
     let ep = &up.endpoints[ei];
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
@@ -99,7 +106,11 @@ fn build_request(parts: &Parts, body: ReqBody, up: &Upstream, ei: usize) -> Requ
     } else {
         Version::HTTP_11
     };
-    let mut h = parts.headers.clone();
+    let mut h = if reuse {
+        parts.headers.clone()
+    } else {
+        std::mem::take(&mut parts.headers)
+    };
     h.insert(http::header::HOST, ep.host_header.clone());
     *req.headers_mut() = h;
     req
@@ -109,7 +120,7 @@ fn build_request(parts: &Parts, body: ReqBody, up: &Upstream, ei: usize) -> Requ
 pub(crate) async fn forward(
     rt: &Runtime,
     route: &Route,
-    parts: Parts,
+    mut parts: Parts,
     body: Limited<Incoming>,
 ) -> Response<RespBody> {
     let deadline = Instant::now() + route.timeout;
@@ -172,7 +183,7 @@ pub(crate) async fn forward(
             };
             tried.insert(ei);
             let ep = up.endpoints[ei].clone();
-            let req = build_request(&parts, req_body, up, ei);
+            let req = build_request(&mut parts, may_replay, req_body, up, ei);
             let now = Instant::now();
             if now >= deadline {
                 return finish(Last::Failure(Failure::Timeout), sent, None, route);
