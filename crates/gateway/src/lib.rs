@@ -3,3 +3,7 @@
 #![warn(missing_debug_implementations, unreachable_pub)]
 
 pub mod cli;
+pub mod config;
+pub mod policy;
+pub mod proxy;
+pub mod upstream;

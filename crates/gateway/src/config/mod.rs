@@ -1,0 +1,146 @@
+//! The gateway's configuration: one YAML file.
+//!
+//! Loading has two phases. Parsing (serde_norway, wrapped in serde_path_to_error) checks shapes, types,
+//! units and unknown keys; validation checks what a type cannot (a route naming a missing upstream, an
+//! empty endpoint list). Both phases report `FILE:LINE:COL: key.path: what is wrong`: parse errors carry
+//! the parser's position, validation errors are placed by re-reading the source ([`locate`]).
+//!
+//! Every default is a named constant below with the reason for its value.
+
+mod locate;
+mod schema;
+mod units;
+mod validate;
+
+use std::fmt;
+use std::path::Path;
+
+pub use locate::{locate, locate_nearest, render, Seg};
+pub use schema::*;
+pub use units::{format_duration, format_size, parse_duration, parse_size, ByteSize, Dur};
+pub(crate) use validate::check_url;
+
+/// A configuration error, placed in the file: `FILE:LINE:COL: key.path: what is wrong`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file name as given (or `<config>` for in-memory sources).
+    pub file: String,
+    /// 1-based line and column, when the position is known.
+    pub position: Option<(usize, usize)>,
+    /// Key path such as `routes[0].retry.attempts` (`.` for the document root).
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.position {
+            Some((line, col)) => write!(f, "{}:{line}:{col}: ", self.file)?,
+            None => write!(f, "{}: ", self.file)?,
+        }
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads, parses and validates the config file at `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let src = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: file.clone(),
+        position: None,
+        path: ".".into(),
+        message: format!("cannot read the file: {e}"),
+    })?;
+    from_str(&src, &file)
+}
+
+/// Parses and validates a config from `src`; `file` names it in errors.
+pub fn from_str(src: &str, file: &str) -> Result<Config, ConfigError> {
+    let config = parse(src, file)?;
+    validate::validate(&config).map_err(|(path, message)| ConfigError {
+        file: file.to_owned(),
+        position: locate_nearest(src, &path),
+        path: render(&path),
+        message,
+    })?;
+    Ok(config)
+}
+
+fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
+    let de = serde_norway::Deserializer::from_str(src);
+    serde_path_to_error::deserialize::<_, Config>(de).map_err(|err| {
+        let segs = to_segs(err.path());
+        let inner = err.inner();
+        let mut message = inner.to_string();
+        // serde_norway's Display adds ` at line L column C` and its own `path: ` prefix; we print both
+        // ourselves, in the FILE:LINE:COL form.
+        if let Some(i) = message.rfind(" at line ") {
+            message.truncate(i);
+        }
+        let p2e = err.path().to_string();
+        if let Some(rest) = message.strip_prefix(&format!("{p2e}: ")) {
+            message = rest.to_owned();
+        } else if let Some((head, rest)) = message.split_once(": ") {
+            if !head.contains(' ') && !head.contains('`') {
+                message = rest.to_owned();
+            }
+        }
+        let mut path = segs;
+        let position = if let Some(key) = unknown_field(&message) {
+            // An unknown key is reported at the key itself, not at the mapping that holds it.
+            if path.last() != Some(&Seg::key(key)) {
+                path.push(Seg::key(key));
+            }
+            locate(src, &path).or_else(|| inner.location().map(|l| (l.line(), l.column())))
+        } else {
+            if let Some(name) = duplicate_name(&message) {
+                if path.last() != Some(&Seg::key(name)) {
+                    path.push(Seg::key(name));
+                }
+            }
+            inner
+                .location()
+                .map(|l| (l.line(), l.column()))
+                .or_else(|| locate_nearest(src, &path))
+        };
+        ConfigError {
+            file: file.to_owned(),
+            position,
+            path: render(&path),
+            message,
+        }
+    })
+}
+
+fn unknown_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("unknown field `")?;
+    rest.split_once('`').map(|(k, _)| k)
+}
+
+fn duplicate_name(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("duplicate name `")?;
+    rest.split_once('`').map(|(k, _)| k)
+}
+
+fn to_segs(path: &serde_path_to_error::Path) -> Vec<Seg> {
+    use serde_path_to_error::Segment;
+    path.iter()
+        .filter_map(|s| match s {
+            Segment::Seq { index } => Some(Seg::Index(*index)),
+            Segment::Map { key } => Some(Seg::key(key.clone())),
+            Segment::Enum { variant } => Some(Seg::key(variant.clone())),
+            Segment::Unknown => None,
+        })
+        .collect()
+}
+
+/// The effective config (defaults filled in) as YAML.
+pub fn to_yaml(config: &Config) -> String {
+    serde_norway::to_string(config).unwrap_or_else(|e| format!("# cannot render the config: {e}\n"))
+}
+
+#[cfg(test)]
+mod tests;

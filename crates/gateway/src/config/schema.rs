@@ -1,0 +1,942 @@
+//! The config schema: plain data, `deny_unknown_fields` everywhere, defaults as named constants.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
+
+use super::units::{ByteSize, Dur};
+
+// ---- defaults -------------------------------------------------------------------------------------
+
+/// Where the proxy listens when `listen` is not given: loopback, so a bare config exposes nothing.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Largest request head: 32 KiB is what large cookie/JWT-laden requests need, and nginx's 4 x 8 KiB.
+pub const DEFAULT_MAX_HEADER_BYTES: ByteSize = ByteSize::kib(32);
+/// Largest request body: 10 MiB covers API payloads (LLM prompts included) without inviting abuse.
+pub const DEFAULT_MAX_BODY_BYTES: ByteSize = ByteSize::mib(10);
+/// Time to receive a complete request head; short enough to shed slow-loris clients.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Dur = Dur::from_secs(10);
+/// Keep-alive idle time before a client connection is closed; above common client pool timeouts.
+pub const DEFAULT_IDLE_TIMEOUT: Dur = Dur::from_secs(60);
+/// Concurrent client connections; beyond this the listener stops accepting until one closes.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// How long a shutdown waits for in-flight requests before dropping them.
+pub const DEFAULT_DRAIN_TIMEOUT: Dur = Dur::from_secs(30);
+/// Admin listener, loopback only by default.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
+/// Embedded store file.
+pub const DEFAULT_STORE_PATH: &str = "./bulwark.db";
+/// Idle upstream connections kept per endpoint: enough for bursts at one core, bounded memory.
+pub const DEFAULT_POOL_MAX_IDLE: usize = 128;
+/// Idle upstream connections older than this are closed; below typical server keep-alive (often 60 s+)
+/// so we close first and rarely send on a connection the server is closing.
+pub const DEFAULT_POOL_IDLE_TIMEOUT: Dur = Dur::from_secs(30);
+/// TCP connect timeout to an endpoint; a connect is one round trip, so 1 s is generous on a LAN.
+pub const DEFAULT_CONNECT_TIMEOUT: Dur = Dur::from_secs(1);
+/// Whole-request timeout of a route, all attempts included.
+pub const DEFAULT_ROUTE_TIMEOUT: Dur = Dur::from_secs(30);
+/// Request bodies up to this size are kept so they can be retried; larger ones stream and are not retried.
+pub const DEFAULT_RETRY_BUFFER: ByteSize = ByteSize::kib(64);
+/// Attempts per upstream (first try included) when a `retry` section is present.
+pub const DEFAULT_RETRY_ATTEMPTS: u32 = 3;
+/// First backoff step.
+pub const DEFAULT_BACKOFF_BASE: Dur = Dur::from_millis(100);
+/// Backoff cap.
+pub const DEFAULT_BACKOFF_MAX: Dur = Dur::from_secs(5);
+/// Retry budget: retries may add at most 20% load on top of first attempts (Finagle's default).
+pub const DEFAULT_BUDGET_RATIO: f64 = 0.2;
+/// Retry budget floor, so low-traffic routes can still retry.
+pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
+/// Retry budget accounting window (Finagle's 10 s).
+pub const DEFAULT_BUDGET_WINDOW: Dur = Dur::from_secs(10);
+/// Extra hedged requests at most.
+pub const DEFAULT_MAX_HEDGES: u32 = 1;
+/// Hedge after the observed p95: only the slowest 5% get a second request.
+pub const DEFAULT_HEDGE_PERCENTILE: f64 = 95.0;
+/// Fallback status: "unavailable", the honest default for a static degraded answer.
+pub const DEFAULT_FALLBACK_STATUS: u16 = 503;
+/// Health check defaults (Envoy-like): probe every 5 s, 1 s timeout, 3 failures down, 2 successes up.
+pub const DEFAULT_HC_PATH: &str = "/health";
+/// Health check interval.
+pub const DEFAULT_HC_INTERVAL: Dur = Dur::from_secs(5);
+/// Health check timeout.
+pub const DEFAULT_HC_TIMEOUT: Dur = Dur::from_secs(1);
+/// Consecutive failed probes before an endpoint is unhealthy.
+pub const DEFAULT_HC_UNHEALTHY_THRESHOLD: u32 = 3;
+/// Consecutive good probes before it is healthy again.
+pub const DEFAULT_HC_HEALTHY_THRESHOLD: u32 = 2;
+/// Consecutive failures that eject an endpoint (Envoy's default is 5).
+pub const DEFAULT_OD_CONSECUTIVE_FAILURES: u32 = 5;
+/// Base ejection time, multiplied by the ejection count.
+pub const DEFAULT_OD_EJECTION_TIME: Dur = Dur::from_secs(30);
+/// Cap on one ejection.
+pub const DEFAULT_OD_MAX_EJECTION_TIME: Dur = Dur::from_secs(300);
+/// Never eject more than this share of an upstream's endpoints.
+pub const DEFAULT_OD_MAX_EJECTION_PERCENT: u32 = 50;
+/// Breaker: count window of the last 100 calls.
+pub const DEFAULT_CB_WINDOW_SIZE: u64 = 100;
+/// Breaker: no decision before 20 calls in the window.
+pub const DEFAULT_CB_MINIMUM_CALLS: u32 = 20;
+/// Breaker: open at 50% failures.
+pub const DEFAULT_CB_FAILURE_RATE: f64 = 50.0;
+/// Breaker: a call slower than this counts as slow.
+pub const DEFAULT_CB_SLOW_CALL_DURATION: Dur = Dur::from_secs(2);
+/// Breaker: slow calls alone open it only when all are slow.
+pub const DEFAULT_CB_SLOW_CALL_RATE: f64 = 100.0;
+/// Breaker: stay open 30 s before probing.
+pub const DEFAULT_CB_OPEN_DURATION: Dur = Dur::from_secs(30);
+/// Breaker: probes allowed in half-open.
+pub const DEFAULT_CB_HALF_OPEN_CALLS: u32 = 3;
+/// Bulkhead: concurrent calls per upstream.
+pub const DEFAULT_BH_MAX_CONCURRENT: u32 = 256;
+/// Bulkhead: waiting calls per upstream.
+pub const DEFAULT_BH_MAX_QUEUED: u32 = 1024;
+/// Bulkhead: longest wait for a slot.
+pub const DEFAULT_BH_QUEUE_TIMEOUT: Dur = Dur::from_secs(1);
+
+fn yes() -> bool {
+    true
+}
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+// ---- top level ------------------------------------------------------------------------------------
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Proxy listener address.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// TLS on the proxy listener (ALPN h2, http/1.1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+    /// Client-side limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Shutdown drain time for in-flight requests.
+    #[serde(default = "default_drain")]
+    pub drain_timeout: Dur,
+    /// Admin listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<Admin>,
+    /// Shared state store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store: Option<Store>,
+    /// Named upstreams, in file order.
+    #[serde(default)]
+    pub upstreams: NamedMap<Upstream>,
+    /// Routes, first match wins.
+    #[serde(default)]
+    pub routes: Vec<Route>,
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN
+        .parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8080)))
+}
+fn default_drain() -> Dur {
+    DEFAULT_DRAIN_TIMEOUT
+}
+
+/// `tls: { cert, key }`: PEM files.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// Certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Private key (PEM).
+    pub key: PathBuf,
+}
+
+/// `limits:` enforced on every client connection.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Request head size; over it 431.
+    pub max_header_bytes: ByteSize,
+    /// Request body size; over it 413.
+    pub max_body_bytes: ByteSize,
+    /// Time to read a request head.
+    pub header_read_timeout: Dur,
+    /// Keep-alive idle time.
+    pub idle_timeout: Dur,
+    /// Concurrent connections.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// `admin:`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Admin listener address.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+    /// Env var holding the bearer token for mutating calls.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_env: Option<String>,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    DEFAULT_ADMIN_LISTEN
+        .parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9901)))
+}
+
+/// `store:`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Store {
+    /// Embedded store file.
+    #[serde(default = "default_store_path")]
+    pub path: PathBuf,
+    /// Redis URL for shared state across gateways.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis: Option<String>,
+}
+
+fn default_store_path() -> PathBuf {
+    PathBuf::from(DEFAULT_STORE_PATH)
+}
+
+// ---- upstreams ------------------------------------------------------------------------------------
+
+/// One upstream: a set of endpoints with its policies.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upstream {
+    /// The endpoints.
+    pub endpoints: Vec<Endpoint>,
+    /// Load balancer.
+    #[serde(default)]
+    pub balance: Balance,
+    /// Speak HTTP/2 (prior knowledge) to the endpoints.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub http2: bool,
+    /// TCP connect timeout.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Connection pool per endpoint.
+    #[serde(default)]
+    pub pool: Pool,
+    /// Active health checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
+    /// Passive outlier detection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetection>,
+    /// Circuit breaker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+    /// Bulkhead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bulkhead: Option<Bulkhead>,
+    /// Rate limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+fn default_connect_timeout() -> Dur {
+    DEFAULT_CONNECT_TIMEOUT
+}
+
+/// One endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// `http://host:port`.
+    pub url: String,
+    /// Relative weight for `weighted`.
+    #[serde(default = "one")]
+    pub weight: u32,
+    /// Priority tier: 0 first; tier n+1 only when no endpoint of tier n is available.
+    #[serde(default)]
+    pub priority: u8,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// Load-balancing algorithm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Balance {
+    /// Each endpoint in turn.
+    RoundRobin,
+    /// Smooth weighted round robin (nginx).
+    Weighted,
+    /// Power of two choices on in-flight requests; the default because it adapts to load.
+    #[default]
+    LeastRequest,
+    /// Power of two choices on peak-EWMA latency x load.
+    PeakEwma,
+    /// Uniform random.
+    Random,
+}
+
+/// `pool:`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pool {
+    /// Idle connections kept per endpoint.
+    pub max_idle: usize,
+    /// Idle connections older than this are closed.
+    pub idle_timeout: Dur,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Pool {
+            max_idle: DEFAULT_POOL_MAX_IDLE,
+            idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+        }
+    }
+}
+
+/// `health_check:`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheck {
+    /// `false` turns it off.
+    pub enabled: bool,
+    /// `http` probes `path`; `tcp` only connects.
+    pub kind: HealthCheckKind,
+    /// HTTP path.
+    pub path: String,
+    /// Expected status; any 2xx when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expected_status: Option<u16>,
+    /// Probe interval.
+    pub interval: Dur,
+    /// Probe timeout.
+    pub timeout: Dur,
+    /// Consecutive failures before unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Consecutive successes before healthy.
+    pub healthy_threshold: u32,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            enabled: true,
+            kind: HealthCheckKind::Http,
+            path: DEFAULT_HC_PATH.into(),
+            expected_status: None,
+            interval: DEFAULT_HC_INTERVAL,
+            timeout: DEFAULT_HC_TIMEOUT,
+            unhealthy_threshold: DEFAULT_HC_UNHEALTHY_THRESHOLD,
+            healthy_threshold: DEFAULT_HC_HEALTHY_THRESHOLD,
+        }
+    }
+}
+
+/// Health check kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HealthCheckKind {
+    /// HTTP GET.
+    #[default]
+    Http,
+    /// TCP connect.
+    Tcp,
+}
+
+/// `outlier_detection:`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierDetection {
+    /// `false` turns it off.
+    pub enabled: bool,
+    /// Consecutive failures that eject.
+    pub consecutive_failures: u32,
+    /// Base ejection time (x ejection count).
+    pub ejection_time: Dur,
+    /// Cap on one ejection.
+    pub max_ejection_time: Dur,
+    /// Never eject more than this percent of endpoints.
+    pub max_ejection_percent: u32,
+    /// Eject an endpoint whose p99 exceeds this multiple of its peers' median (off when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_multiple: Option<f64>,
+    /// Statuses that put an endpoint in cooldown for its `Retry-After` (quota responses).
+    pub cooldown_statuses: Vec<u16>,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        OutlierDetection {
+            enabled: true,
+            consecutive_failures: DEFAULT_OD_CONSECUTIVE_FAILURES,
+            ejection_time: DEFAULT_OD_EJECTION_TIME,
+            max_ejection_time: DEFAULT_OD_MAX_EJECTION_TIME,
+            max_ejection_percent: DEFAULT_OD_MAX_EJECTION_PERCENT,
+            latency_multiple: None,
+            cooldown_statuses: vec![429],
+        }
+    }
+}
+
+/// `circuit_breaker:`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CircuitBreaker {
+    /// `false` turns it off.
+    pub enabled: bool,
+    /// Sliding window.
+    pub window: Window,
+    /// Calls needed in the window before the breaker may open.
+    pub minimum_calls: u32,
+    /// Failure percentage that opens it.
+    pub failure_rate_threshold: f64,
+    /// A call slower than this is slow.
+    pub slow_call_duration: Dur,
+    /// Slow-call percentage that opens it.
+    pub slow_call_rate_threshold: f64,
+    /// Time open before half-open.
+    pub open_duration: Dur,
+    /// Probes in half-open.
+    pub half_open_calls: u32,
+}
+
+impl Default for CircuitBreaker {
+    fn default() -> Self {
+        CircuitBreaker {
+            enabled: true,
+            window: Window::default(),
+            minimum_calls: DEFAULT_CB_MINIMUM_CALLS,
+            failure_rate_threshold: DEFAULT_CB_FAILURE_RATE,
+            slow_call_duration: DEFAULT_CB_SLOW_CALL_DURATION,
+            slow_call_rate_threshold: DEFAULT_CB_SLOW_CALL_RATE,
+            open_duration: DEFAULT_CB_OPEN_DURATION,
+            half_open_calls: DEFAULT_CB_HALF_OPEN_CALLS,
+        }
+    }
+}
+
+/// `window: { kind: count, size: 100 }` or `{ kind: time, size: 60s }`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Window {
+    /// Count or time.
+    pub kind: WindowKind,
+    /// Calls (count) or a duration (time).
+    pub size: WindowSize,
+}
+
+impl Default for Window {
+    fn default() -> Self {
+        Window {
+            kind: WindowKind::Count,
+            size: WindowSize::Calls(DEFAULT_CB_WINDOW_SIZE),
+        }
+    }
+}
+
+/// Window kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowKind {
+    /// Last N calls.
+    Count,
+    /// Last T of time.
+    Time,
+}
+
+/// Window size: a call count or a duration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WindowSize {
+    /// N calls.
+    Calls(u64),
+    /// A duration.
+    Time(Dur),
+}
+
+impl<'de> Deserialize<'de> for WindowSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = WindowSize;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a call count (`100`) or a duration (`60s`)")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<WindowSize, E> {
+                Ok(WindowSize::Calls(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<WindowSize, E> {
+                super::units::parse_duration(v)
+                    .map(|d| WindowSize::Time(Dur(d)))
+                    .map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Serialize for WindowSize {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            WindowSize::Calls(n) => s.serialize_u64(*n),
+            WindowSize::Time(d) => d.serialize(s),
+        }
+    }
+}
+
+/// `bulkhead:`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Bulkhead {
+    /// `false` turns it off.
+    pub enabled: bool,
+    /// Concurrent calls.
+    pub max_concurrent: u32,
+    /// Waiting calls.
+    pub max_queued: u32,
+    /// Longest wait.
+    pub queue_timeout: Dur,
+}
+
+impl Default for Bulkhead {
+    fn default() -> Self {
+        Bulkhead {
+            enabled: true,
+            max_concurrent: DEFAULT_BH_MAX_CONCURRENT,
+            max_queued: DEFAULT_BH_MAX_QUEUED,
+            queue_timeout: DEFAULT_BH_QUEUE_TIMEOUT,
+        }
+    }
+}
+
+/// `rate_limit:`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// `false` turns it off.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Sustained rate.
+    #[serde(default)]
+    pub per_second: f64,
+    /// Burst above the rate (defaults to one second's worth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
+// ---- routes ---------------------------------------------------------------------------------------
+
+/// One route.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    /// Name used in metrics and logs (default: `route<N>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// What the route matches.
+    #[serde(rename = "match", default)]
+    pub matcher: Match,
+    /// Primary upstream.
+    pub upstream: String,
+    /// Next upstreams, in order, when one is unavailable or exhausted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover: Vec<String>,
+    /// Whole-request timeout, all attempts included.
+    #[serde(default = "default_route_timeout")]
+    pub timeout: Dur,
+    /// Retry policy (one attempt when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
+    /// Bodies up to this size are buffered so they can be retried.
+    #[serde(default = "default_retry_buffer")]
+    pub retry_buffer: ByteSize,
+    /// Retry POST/PATCH too (otherwise only idempotent methods or requests with `Idempotency-Key`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub retry_non_idempotent: bool,
+    /// Hedged requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hedge: Option<Hedge>,
+    /// Static response when the gateway cannot get one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+}
+
+fn default_route_timeout() -> Dur {
+    DEFAULT_ROUTE_TIMEOUT
+}
+fn default_retry_buffer() -> ByteSize {
+    DEFAULT_RETRY_BUFFER
+}
+
+/// `match:`; all given conditions must hold.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Match {
+    /// Path starts with this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<String>,
+    /// Path equals this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    /// Method is one of these (any when empty).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Header equals value, for each entry.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// `retry:`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Retry {
+    /// `false` turns it off.
+    pub enabled: bool,
+    /// Attempts per upstream, the first included.
+    pub attempts: u32,
+    /// Timeout of one attempt (bounded by the route's remaining time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<Dur>,
+    /// Delay between attempts.
+    pub backoff: Backoff,
+    /// Conditions that make an attempt retryable.
+    pub on: Vec<RetryOn>,
+    /// Retry budget; without one a full outage multiplies load by `attempts`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+}
+
+impl Default for Retry {
+    fn default() -> Self {
+        Retry {
+            enabled: true,
+            attempts: DEFAULT_RETRY_ATTEMPTS,
+            per_try_timeout: None,
+            backoff: Backoff::default(),
+            on: vec![
+                RetryOn::ConnectFailure,
+                RetryOn::Reset,
+                RetryOn::Timeout,
+                RetryOn::Server5xx,
+                RetryOn::Status(429),
+            ],
+            budget: None,
+        }
+    }
+}
+
+/// `backoff:`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Backoff {
+    /// Growth.
+    pub kind: BackoffKind,
+    /// First delay.
+    pub base: Dur,
+    /// Cap.
+    pub max: Dur,
+    /// Randomisation.
+    pub jitter: Jitter,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            kind: BackoffKind::Exponential,
+            base: DEFAULT_BACKOFF_BASE,
+            max: DEFAULT_BACKOFF_MAX,
+            jitter: Jitter::Full,
+        }
+    }
+}
+
+/// Backoff growth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackoffKind {
+    /// base x 2^n.
+    Exponential,
+    /// base x (n+1).
+    Linear,
+    /// base.
+    Constant,
+}
+
+/// Backoff jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Jitter {
+    /// Exact delays.
+    None,
+    /// Uniform in [0, d].
+    Full,
+    /// Uniform in [d/2, d].
+    Equal,
+}
+
+/// One retry condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOn {
+    /// TCP connect failed (request never sent).
+    ConnectFailure,
+    /// Connection reset or closed mid-exchange.
+    Reset,
+    /// Per-try timeout.
+    Timeout,
+    /// Any 5xx status.
+    Server5xx,
+    /// This status.
+    Status(u16),
+}
+
+impl<'de> Deserialize<'de> for RetryOn {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = RetryOn;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("connect_failure, reset, timeout, 5xx or a status code")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RetryOn, E> {
+                match u16::try_from(v) {
+                    Ok(s) if (100..=599).contains(&s) => Ok(RetryOn::Status(s)),
+                    _ => Err(E::custom(format!("`{v}` is not an HTTP status code"))),
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RetryOn, E> {
+                match v {
+                    "connect_failure" => Ok(RetryOn::ConnectFailure),
+                    "reset" => Ok(RetryOn::Reset),
+                    "timeout" => Ok(RetryOn::Timeout),
+                    "5xx" => Ok(RetryOn::Server5xx),
+                    other => match other.parse::<u64>() {
+                        Ok(n) => self.visit_u64(n),
+                        Err(_) => Err(E::custom(format!(
+                            "unknown retry condition `{other}`, expected connect_failure, reset, timeout, 5xx or a status code"
+                        ))),
+                    },
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Serialize for RetryOn {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            RetryOn::ConnectFailure => s.serialize_str("connect_failure"),
+            RetryOn::Reset => s.serialize_str("reset"),
+            RetryOn::Timeout => s.serialize_str("timeout"),
+            RetryOn::Server5xx => s.serialize_str("5xx"),
+            RetryOn::Status(c) => s.serialize_u16(*c),
+        }
+    }
+}
+
+/// `budget:`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Budget {
+    /// Retries allowed per first attempt.
+    pub ratio: f64,
+    /// Retries always allowed per second.
+    pub min_per_second: u32,
+    /// Accounting window.
+    pub window: Dur,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget {
+            ratio: DEFAULT_BUDGET_RATIO,
+            min_per_second: DEFAULT_BUDGET_MIN_PER_SECOND,
+            window: DEFAULT_BUDGET_WINDOW,
+        }
+    }
+}
+
+/// `hedge:`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Hedge {
+    /// `false` turns it off.
+    pub enabled: bool,
+    /// When to send a hedge: a duration (`50ms`) or a latency percentile (`p95`).
+    pub delay: HedgeDelay,
+    /// Extra requests at most.
+    pub max_hedges: u32,
+}
+
+impl Default for Hedge {
+    fn default() -> Self {
+        Hedge {
+            enabled: true,
+            delay: HedgeDelay::Percentile(DEFAULT_HEDGE_PERCENTILE),
+            max_hedges: DEFAULT_MAX_HEDGES,
+        }
+    }
+}
+
+/// Hedge delay.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum HedgeDelay {
+    /// Fixed.
+    Fixed(Dur),
+    /// Observed latency percentile (0-100).
+    Percentile(f64),
+}
+
+impl<'de> Deserialize<'de> for HedgeDelay {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if let Some(p) = s.strip_prefix('p') {
+            return match p.parse::<f64>() {
+                Ok(v) if v > 0.0 && v < 100.0 => Ok(HedgeDelay::Percentile(v)),
+                _ => Err(de::Error::custom(format!(
+                    "invalid hedge delay `{s}`: a percentile is `p50`..`p99.9`"
+                ))),
+            };
+        }
+        super::units::parse_duration(&s)
+            .map(|d| HedgeDelay::Fixed(Dur(d)))
+            .map_err(de::Error::custom)
+    }
+}
+
+impl Serialize for HedgeDelay {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            HedgeDelay::Fixed(d) => d.serialize(s),
+            HedgeDelay::Percentile(p) => s.serialize_str(&format!("p{p}")),
+        }
+    }
+}
+
+/// `fallback:`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fallback {
+    /// Status.
+    #[serde(default = "default_fallback_status")]
+    pub status: u16,
+    /// Body.
+    #[serde(default)]
+    pub body: String,
+    /// Content type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content_type: Option<String>,
+}
+
+fn default_fallback_status() -> u16 {
+    DEFAULT_FALLBACK_STATUS
+}
+
+// ---- an ordered map that reports duplicates -------------------------------------------------------
+
+/// A YAML mapping kept in file order; a duplicate key is an error placed at the duplicate.
+#[derive(Debug, Clone)]
+pub struct NamedMap<T>(pub Vec<(String, T)>);
+
+impl<T> Default for NamedMap<T> {
+    fn default() -> Self {
+        NamedMap(Vec::new())
+    }
+}
+
+impl<T> NamedMap<T> {
+    /// Looks a name up.
+    pub fn get(&self, name: &str) -> Option<&T> {
+        self.0.iter().find(|(k, _)| k == name).map(|(_, v)| v)
+    }
+    /// Position of a name.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.0.iter().position(|(k, _)| k == name)
+    }
+    /// Entries in file order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &T)> {
+        self.0.iter().map(|(k, v)| (k.as_str(), v))
+    }
+    /// Number of entries.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    /// No entries.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for NamedMap<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = NamedMap<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a mapping of names to definitions")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<NamedMap<T>, A::Error> {
+                let mut seen = HashSet::new();
+                let mut out = Vec::new();
+                while let Some(k) = map.next_key_seed(UniqueKey(&mut seen))? {
+                    out.push((k, map.next_value()?));
+                }
+                Ok(NamedMap(out))
+            }
+        }
+        d.deserialize_map(V(PhantomData))
+    }
+}
+
+/// Reads a key and fails (inside the parser, so the error carries the key's position) on a repeat.
+struct UniqueKey<'a>(&'a mut HashSet<String>);
+
+impl<'de> DeserializeSeed<'de> for UniqueKey<'_> {
+    type Value = String;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<String, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl Visitor<'_> for UniqueKey<'_> {
+    type Value = String;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a name")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<String, E> {
+        if !self.0.insert(v.to_owned()) {
+            return Err(E::custom(format!("duplicate name `{v}`")));
+        }
+        Ok(v.to_owned())
+    }
+}
+
+impl<T: Serialize> Serialize for NamedMap<T> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            m.serialize_entry(k, v)?;
+        }
+        m.end()
+    }
+}

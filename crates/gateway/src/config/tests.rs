@@ -1,0 +1,180 @@
+//! One test per error class, asserting the exact `FILE:LINE:COL: key.path: message` shape.
+use super::*;
+
+fn err(src: &str) -> String {
+    from_str(src, "gw.yaml").unwrap_err().to_string()
+}
+
+const UP: &str = "upstreams:\n  a:\n    endpoints: [{url: 'http://127.0.0.1:1'}]\n";
+
+#[test]
+fn unknown_key_at_top_level() {
+    assert_eq!(
+        err("listen: 127.0.0.1:8080\nbogus: 1\n"),
+        "gw.yaml:2:1: bogus: unknown field `bogus`, expected one of `listen`, `tls`, `limits`, \
+         `drain_timeout`, `admin`, `store`, `upstreams`, `routes`"
+    );
+}
+
+#[test]
+fn unknown_key_nested_points_at_the_key() {
+    assert_eq!(
+        err("upstreams:\n  a:\n    endpoints:\n      - url: http://a:1\n        wieght: 2\n"),
+        "gw.yaml:5:9: upstreams.a.endpoints[0].wieght: unknown field `wieght`, expected one of `url`, `weight`, `priority`"
+    );
+    assert_eq!(
+        err("upstreams:\n  a:\n    endpoints: [{url: 'http://a:1', wieght: 2}]\n"),
+        "gw.yaml:3:37: upstreams.a.endpoints[0].wieght: unknown field `wieght`, expected one of `url`, `weight`, `priority`"
+    );
+}
+
+#[test]
+fn bad_duration_and_size() {
+    assert_eq!(
+        err("limits:\n  max_header_bytes: 32KiB\n  idle_timeout: 5x\n"),
+        "gw.yaml:3:17: limits.idle_timeout: invalid duration `5x`: unknown unit `x` (use ms, s, m or h)"
+    );
+    assert_eq!(
+        err("limits:\n  header_read_timeout: 10\n"),
+        "gw.yaml:2:24: limits.header_read_timeout: invalid duration `10`: missing unit (use ms, s, m or h, e.g. `10ms`)"
+    );
+    assert_eq!(
+        err("limits:\n  max_body_bytes: 10 parsecs\n"),
+        "gw.yaml:2:19: limits.max_body_bytes: invalid size `10 parsecs`: unknown unit `parsecs` (use B, KiB, MiB, GiB, KB, MB or GB)"
+    );
+}
+
+#[test]
+fn type_error() {
+    assert_eq!(
+        err("limits:\n  max_connections: many\n"),
+        "gw.yaml:2:20: limits.max_connections: invalid type: string \"many\", expected usize"
+    );
+    assert_eq!(
+        err(&format!("{UP}routes:\n  - match: {{path_prefix: /}}\n    upstream: a\n    retry: {{backoff: {{kind: weird}}}}\n")),
+        "gw.yaml:7:29: routes[0].retry.backoff.kind: unknown variant `weird`, expected one of `exponential`, `linear`, `constant`"
+    );
+}
+
+#[test]
+fn invalid_listen_address() {
+    assert_eq!(
+        err("listen: nope\n"),
+        "gw.yaml:1:9: listen: invalid socket address syntax"
+    );
+}
+
+#[test]
+fn missing_field() {
+    assert_eq!(
+        err(&format!("{UP}routes:\n  - match: {{path_prefix: /}}\n")),
+        "gw.yaml:5:5: routes[0]: missing field `upstream`"
+    );
+}
+
+#[test]
+fn duplicate_upstream_name() {
+    assert_eq!(
+        err("upstreams:\n  a:\n    endpoints: [{url: 'http://a:1'}]\n  a:\n    endpoints: []\n"),
+        "gw.yaml:4:3: upstreams.a: duplicate name `a`"
+    );
+}
+
+#[test]
+fn duplicate_route_name() {
+    assert_eq!(
+        err(&format!(
+            "{UP}routes:\n  - name: r\n    upstream: a\n  - name: r\n    upstream: a\n"
+        )),
+        "gw.yaml:7:5: routes[1].name: duplicate route name `r`"
+    );
+}
+
+#[test]
+fn route_names_missing_upstream() {
+    assert_eq!(
+        err(&format!(
+            "{UP}routes:\n  - match: {{path_prefix: /}}\n    upstream: b\n"
+        )),
+        "gw.yaml:6:5: routes[0].upstream: unknown upstream `b` (defined: a)"
+    );
+}
+
+#[test]
+fn failover_to_missing_upstream() {
+    assert_eq!(
+        err(&format!(
+            "{UP}routes:\n  - upstream: a\n    failover: [a2]\n"
+        )),
+        "gw.yaml:6:16: routes[0].failover[0]: unknown upstream `a2` (defined: a)"
+    );
+}
+
+#[test]
+fn empty_endpoints_and_bad_urls() {
+    assert_eq!(
+        err("upstreams:\n  a:\n    endpoints: []\n"),
+        "gw.yaml:3:5: upstreams.a.endpoints: an upstream needs at least one endpoint"
+    );
+    assert_eq!(
+        err("upstreams:\n  a:\n    endpoints:\n      - url: ftp://x\n"),
+        "gw.yaml:4:9: upstreams.a.endpoints[0].url: invalid URL `ftp://x`: unsupported scheme `ftp`"
+    );
+    assert_eq!(
+        err("upstreams:\n  a:\n    endpoints:\n      - url: http://x:1/api\n"),
+        "gw.yaml:4:9: upstreams.a.endpoints[0].url: invalid URL `http://x:1/api`: an endpoint has no path (routes forward the request path as is)"
+    );
+}
+
+#[test]
+fn syntax_error_has_a_position() {
+    assert_eq!(
+        err("routes: [\n"),
+        "gw.yaml:2:1: routes: did not find expected node content"
+    );
+}
+
+#[test]
+fn defaults_and_disabled_policies() {
+    let src = "listen: 127.0.0.1:9000
+upstreams:
+  a:
+    endpoints: [{url: 'http://127.0.0.1:1', weight: 3, priority: 1}]
+    circuit_breaker: {enabled: false}
+    rate_limit: {enabled: false}
+    bulkhead: {max_concurrent: 8}
+routes:
+  - match: {path_prefix: /v1/, methods: [GET], headers: {x-tenant: gold}}
+    upstream: a
+    retry:
+      attempts: 2
+      on: [connect_failure, 503, '429']
+      budget: {ratio: 0.1}
+";
+    let c = from_str(src, "gw.yaml").unwrap();
+    assert_eq!(c.limits.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
+    assert_eq!(c.routes[0].timeout, DEFAULT_ROUTE_TIMEOUT);
+    assert_eq!(c.routes[0].retry_buffer, DEFAULT_RETRY_BUFFER);
+    let r = c.routes[0].retry.as_ref().unwrap();
+    assert_eq!(
+        r.on,
+        vec![
+            RetryOn::ConnectFailure,
+            RetryOn::Status(503),
+            RetryOn::Status(429)
+        ]
+    );
+    assert_eq!(r.budget.as_ref().unwrap().window, DEFAULT_BUDGET_WINDOW);
+    let up = c.upstreams.get("a").unwrap();
+    assert!(!up.circuit_breaker.as_ref().unwrap().enabled);
+    assert_eq!(
+        up.bulkhead.as_ref().unwrap().max_queued,
+        DEFAULT_BH_MAX_QUEUED
+    );
+    let yaml = to_yaml(&c);
+    assert!(yaml.contains("max_header_bytes: 32KiB"), "{yaml}");
+    assert!(yaml.contains("timeout: 30s"), "{yaml}");
+    // The effective config parses back to the same thing.
+    let again = from_str(&yaml, "effective.yaml").unwrap();
+    assert_eq!(to_yaml(&again), yaml);
+}

@@ -1,0 +1,329 @@
+//! Semantic checks that types cannot express. Each failure names the key path it is about; the loader
+//! places that path in the file.
+
+use std::collections::HashSet;
+
+use super::locate::Seg;
+use super::schema::*;
+
+/// What went wrong, and where (key path).
+pub(crate) type Invalid = (Vec<Seg>, String);
+
+fn at(path: &[Seg], msg: impl Into<String>) -> Invalid {
+    (path.to_vec(), msg.into())
+}
+
+fn k(s: &str) -> Seg {
+    Seg::key(s)
+}
+
+/// Checks `config`; the first problem found is returned.
+pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
+    if config.limits.max_connections == 0 {
+        return Err(at(
+            &[k("limits"), k("max_connections")],
+            "must be at least 1",
+        ));
+    }
+    if config.limits.max_header_bytes.get() < 1024 {
+        return Err(at(
+            &[k("limits"), k("max_header_bytes")],
+            "must be at least 1KiB",
+        ));
+    }
+    for (name, up) in config.upstreams.iter() {
+        let base = [k("upstreams"), k(name)];
+        validate_upstream(&base, up)?;
+    }
+    let mut route_names = HashSet::new();
+    for (i, route) in config.routes.iter().enumerate() {
+        let base = [k("routes"), Seg::Index(i)];
+        if let Some(n) = &route.name {
+            if !route_names.insert(n.clone()) {
+                return Err(at(
+                    &[base.as_slice(), &[k("name")]].concat(),
+                    format!("duplicate route name `{n}`"),
+                ));
+            }
+        }
+        validate_route(&base, route, config)?;
+    }
+    Ok(())
+}
+
+fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
+    let p = |rest: &[Seg]| [base, rest].concat();
+    if up.endpoints.is_empty() {
+        return Err(at(
+            &p(&[k("endpoints")]),
+            "an upstream needs at least one endpoint",
+        ));
+    }
+    let mut seen = HashSet::new();
+    for (i, ep) in up.endpoints.iter().enumerate() {
+        let ep_path = p(&[k("endpoints"), Seg::Index(i), k("url")]);
+        check_url(&ep.url).map_err(|m| at(&ep_path, m))?;
+        if !seen.insert(ep.url.trim_end_matches('/')) {
+            return Err(at(&ep_path, format!("duplicate endpoint `{}`", ep.url)));
+        }
+        if ep.weight == 0 || ep.weight > 1000 {
+            return Err(at(
+                &p(&[k("endpoints"), Seg::Index(i), k("weight")]),
+                "weight must be between 1 and 1000",
+            ));
+        }
+    }
+    if up.connect_timeout.get().is_zero() {
+        return Err(at(&p(&[k("connect_timeout")]), "must be greater than 0"));
+    }
+    if let Some(hc) = &up.health_check {
+        if hc.enabled {
+            if !hc.path.starts_with('/') {
+                return Err(at(
+                    &p(&[k("health_check"), k("path")]),
+                    "must start with `/`",
+                ));
+            }
+            if hc.interval.get().is_zero() {
+                return Err(at(
+                    &p(&[k("health_check"), k("interval")]),
+                    "must be greater than 0",
+                ));
+            }
+            if hc.unhealthy_threshold == 0 || hc.healthy_threshold == 0 {
+                return Err(at(
+                    &p(&[k("health_check")]),
+                    "thresholds must be at least 1",
+                ));
+            }
+        }
+    }
+    if let Some(od) = &up.outlier_detection {
+        if od.enabled && od.max_ejection_percent > 100 {
+            return Err(at(
+                &p(&[k("outlier_detection"), k("max_ejection_percent")]),
+                "is a percentage (0-100)",
+            ));
+        }
+        if od.enabled && od.consecutive_failures == 0 {
+            return Err(at(
+                &p(&[k("outlier_detection"), k("consecutive_failures")]),
+                "must be at least 1",
+            ));
+        }
+    }
+    if let Some(cb) = &up.circuit_breaker {
+        if cb.enabled {
+            let cbp = |key: &str| p(&[k("circuit_breaker"), k(key)]);
+            match (cb.window.kind, cb.window.size) {
+                (WindowKind::Count, WindowSize::Calls(n)) if n > 0 => {}
+                (WindowKind::Count, _) => {
+                    return Err(at(
+                        &p(&[k("circuit_breaker"), k("window"), k("size")]),
+                        "a count window's size is a number of calls (e.g. `100`)",
+                    ))
+                }
+                (WindowKind::Time, WindowSize::Time(d)) if !d.get().is_zero() => {}
+                (WindowKind::Time, _) => {
+                    return Err(at(
+                        &p(&[k("circuit_breaker"), k("window"), k("size")]),
+                        "a time window's size is a duration (e.g. `60s`)",
+                    ))
+                }
+            }
+            if !(cb.failure_rate_threshold > 0.0 && cb.failure_rate_threshold <= 100.0) {
+                return Err(at(
+                    &cbp("failure_rate_threshold"),
+                    "is a percentage in (0, 100]",
+                ));
+            }
+            if !(cb.slow_call_rate_threshold > 0.0 && cb.slow_call_rate_threshold <= 100.0) {
+                return Err(at(
+                    &cbp("slow_call_rate_threshold"),
+                    "is a percentage in (0, 100]",
+                ));
+            }
+            if cb.half_open_calls == 0 {
+                return Err(at(&cbp("half_open_calls"), "must be at least 1"));
+            }
+        }
+    }
+    if let Some(bh) = &up.bulkhead {
+        if bh.enabled && bh.max_concurrent == 0 {
+            return Err(at(
+                &p(&[k("bulkhead"), k("max_concurrent")]),
+                "must be at least 1",
+            ));
+        }
+    }
+    if let Some(rl) = &up.rate_limit {
+        if rl.enabled && !(rl.per_second > 0.0 && rl.per_second.is_finite()) {
+            return Err(at(
+                &p(&[k("rate_limit"), k("per_second")]),
+                "must be greater than 0",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An endpoint URL: `http://host:port` (no path, query or credentials).
+pub(crate) fn check_url(url: &str) -> Result<http::uri::Authority, String> {
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|e| format!("invalid URL `{url}`: {e}"))?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "invalid URL `{url}`: https endpoints are not supported yet (use http://)"
+            ))
+        }
+        Some(other) => return Err(format!("invalid URL `{url}`: unsupported scheme `{other}`")),
+        None => return Err(format!("invalid URL `{url}`: expected `http://host:port`")),
+    }
+    let auth = uri
+        .authority()
+        .cloned()
+        .ok_or_else(|| format!("invalid URL `{url}`: missing host"))?;
+    if auth.as_str().contains('@') {
+        return Err(format!(
+            "invalid URL `{url}`: credentials in URLs are not supported"
+        ));
+    }
+    if auth.host().is_empty() {
+        return Err(format!("invalid URL `{url}`: missing host"));
+    }
+    if let Some(pq) = uri.path_and_query() {
+        if pq.as_str() != "/" && !pq.as_str().is_empty() {
+            return Err(format!(
+                "invalid URL `{url}`: an endpoint has no path (routes forward the request path as is)"
+            ));
+        }
+    }
+    Ok(auth)
+}
+
+fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), Invalid> {
+    let p = |rest: &[Seg]| [base, rest].concat();
+    let m = &route.matcher;
+    if m.path.is_some() && m.path_prefix.is_some() {
+        return Err(at(
+            &p(&[k("match"), k("path")]),
+            "give either `path` or `path_prefix`, not both",
+        ));
+    }
+    for (key, v) in [("path", &m.path), ("path_prefix", &m.path_prefix)] {
+        if let Some(v) = v {
+            if !v.starts_with('/') {
+                return Err(at(
+                    &p(&[k("match"), k(key)]),
+                    format!("`{v}` must start with `/`"),
+                ));
+            }
+        }
+    }
+    for (i, method) in m.methods.iter().enumerate() {
+        if http::Method::from_bytes(method.as_bytes()).is_err() || method.is_empty() {
+            return Err(at(
+                &p(&[k("match"), k("methods"), Seg::Index(i)]),
+                format!("invalid method `{method}`"),
+            ));
+        }
+    }
+    for (name, value) in &m.headers {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+            return Err(at(
+                &p(&[k("match"), k("headers"), k(name)]),
+                format!("invalid header name `{name}`"),
+            ));
+        }
+        if http::HeaderValue::from_str(value).is_err() {
+            return Err(at(
+                &p(&[k("match"), k("headers"), k(name)]),
+                "invalid header value",
+            ));
+        }
+    }
+    if config.upstreams.get(&route.upstream).is_none() {
+        return Err(at(
+            &p(&[k("upstream")]),
+            format!("unknown upstream `{}`{}", route.upstream, known(config)),
+        ));
+    }
+    let mut chain = HashSet::from([route.upstream.as_str()]);
+    for (i, f) in route.failover.iter().enumerate() {
+        let fp = p(&[k("failover"), Seg::Index(i)]);
+        if config.upstreams.get(f).is_none() {
+            return Err(at(&fp, format!("unknown upstream `{f}`{}", known(config))));
+        }
+        if !chain.insert(f.as_str()) {
+            return Err(at(
+                &fp,
+                format!("upstream `{f}` appears twice in the chain"),
+            ));
+        }
+    }
+    if route.timeout.get().is_zero() {
+        return Err(at(&p(&[k("timeout")]), "must be greater than 0"));
+    }
+    if let Some(r) = &route.retry {
+        let rp = |rest: &[Seg]| p(&[&[k("retry")], rest].concat());
+        if r.attempts == 0 || r.attempts > 10 {
+            return Err(at(&rp(&[k("attempts")]), "must be between 1 and 10"));
+        }
+        if let Some(t) = r.per_try_timeout {
+            if t.get().is_zero() {
+                return Err(at(&rp(&[k("per_try_timeout")]), "must be greater than 0"));
+            }
+        }
+        if r.backoff.base > r.backoff.max {
+            return Err(at(&rp(&[k("backoff"), k("base")]), "must not exceed `max`"));
+        }
+        if let Some(b) = &r.budget {
+            if !(b.ratio >= 0.0 && b.ratio <= 1000.0) {
+                return Err(at(
+                    &rp(&[k("budget"), k("ratio")]),
+                    "must be between 0 and 1000",
+                ));
+            }
+            if b.window.get() < std::time::Duration::from_secs(1) {
+                return Err(at(&rp(&[k("budget"), k("window")]), "must be at least 1s"));
+            }
+        }
+    }
+    if let Some(h) = &route.hedge {
+        if h.enabled && (h.max_hedges == 0 || h.max_hedges > 5) {
+            return Err(at(
+                &p(&[k("hedge"), k("max_hedges")]),
+                "must be between 1 and 5",
+            ));
+        }
+    }
+    if let Some(f) = &route.fallback {
+        if !(100..=599).contains(&f.status) {
+            return Err(at(
+                &p(&[k("fallback"), k("status")]),
+                format!("`{}` is not an HTTP status code", f.status),
+            ));
+        }
+        if let Some(ct) = &f.content_type {
+            if http::HeaderValue::from_str(ct).is_err() {
+                return Err(at(
+                    &p(&[k("fallback"), k("content_type")]),
+                    "invalid header value",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn known(config: &Config) -> String {
+    let names: Vec<&str> = config.upstreams.iter().map(|(n, _)| n).collect();
+    if names.is_empty() {
+        " (no upstreams are defined)".into()
+    } else {
+        format!(" (defined: {})", names.join(", "))
+    }
+}

@@ -1,0 +1,306 @@
+//! The attempt loop: one request, its route's deadline, retries and failover chain.
+//!
+//! Order per request: deadline starts; for each upstream of the chain (primary, then failover), ask the
+//! upstream's policies for admission, pick an endpoint (not one already tried when another is
+//! available), send with the per-try timeout; classify; retry with backoff while attempts, budget and
+//! deadline allow; then move on to the next upstream when this one was unavailable or exhausted.
+//! Every policy decision is a call on [`crate::policy`] types, so the library's policies plug in there.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::RETRY_AFTER;
+use http::request::Parts;
+use http::{Method, Request, Response, Uri, Version};
+use http_body::Body;
+use http_body_util::Limited;
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+use super::body::{self, Buffered, Lease, ReqBody, RespBody};
+use super::headers::{self, IDEMPOTENCY_KEY};
+use super::respond::{self, Failure, Local};
+use super::route::Route;
+use super::Runtime;
+use crate::policy::Reject;
+use crate::upstream::{FailKind, Tried, Upstream};
+use bulwark::Outcome;
+
+/// The request body as the loop sees it: replayable (buffered) or streamed once.
+enum BodySlot {
+    Replay(Option<Bytes>),
+    Once(Option<ReqBody>),
+}
+
+impl BodySlot {
+    fn take(&mut self) -> Option<ReqBody> {
+        match self {
+            BodySlot::Replay(b) => Some(ReqBody::Full { data: b.clone() }),
+            BodySlot::Once(b) => b.take(),
+        }
+    }
+    fn replayable(&self) -> bool {
+        matches!(self, BodySlot::Replay(_))
+    }
+}
+
+/// What the last attempt left us with.
+enum Last {
+    Response(Response<RespBody>),
+    Failure(Failure),
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+fn reject_to_failure(r: Reject) -> Failure {
+    match r {
+        Reject::CircuitOpen { retry_after } => Failure::CircuitOpen { retry_after },
+        Reject::RateLimited { retry_after } => Failure::RateLimited { retry_after },
+        Reject::BulkheadFull => Failure::BulkheadFull,
+    }
+}
+
+fn content_length(parts: &Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+/// Builds the request for one attempt to `up`'s endpoint `ei`. With `reuse` false this is the only
+/// attempt that can be sent, so the headers are moved rather than copied.
+fn build_request(
+    parts: &mut Parts,
+    reuse: bool,
+    body: ReqBody,
+    up: &Upstream,
+    ei: usize,
+) -> Request<ReqBody> {
+    let ep = &up.endpoints[ei];
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    let pq = parts.uri.path_and_query().cloned();
+    *req.uri_mut() = if up.http2 {
+        let mut b = Uri::builder()
+            .scheme("http")
+            .authority(ep.authority.clone());
+        if let Some(pq) = pq {
+            b = b.path_and_query(pq);
+        }
+        b.build().unwrap_or_default()
+    } else if parts.uri.scheme().is_none() && parts.uri.authority().is_none() {
+        parts.uri.clone()
+    } else {
+        pq.map(Uri::from).unwrap_or_else(|| Uri::from_static("/"))
+    };
+    *req.version_mut() = if up.http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    let mut h = if reuse {
+        parts.headers.clone()
+    } else {
+        std::mem::take(&mut parts.headers)
+    };
+    h.insert(http::header::HOST, ep.host_header.clone());
+    *req.headers_mut() = h;
+    req
+}
+
+/// Forwards one routed request; always returns a response (errors are mapped by [`respond`]).
+pub(crate) async fn forward(
+    rt: &Runtime,
+    route: &Route,
+    mut parts: Parts,
+    body: Limited<Incoming>,
+) -> Response<RespBody> {
+    let deadline = Instant::now() + route.timeout;
+    let retry_allowed = is_idempotent(&parts.method)
+        || route.retry_non_idempotent
+        || parts.headers.contains_key(&IDEMPOTENCY_KEY);
+    let may_replay = retry_allowed && (route.attempts > 1 || route.chain.len() > 1);
+
+    let mut slot = if body.is_end_stream() {
+        BodySlot::Replay(None)
+    } else if !may_replay || content_length(&parts).is_some_and(|n| n > route.retry_buffer as u64) {
+        BodySlot::Once(Some(ReqBody::Stream {
+            prefix: None,
+            rest: body,
+        }))
+    } else {
+        match tokio::time::timeout_at(deadline, body::buffer(body, route.retry_buffer)).await {
+            Err(_) => return respond::failure(Failure::Timeout, 0, route.fallback.as_ref()),
+            Ok(Err(e)) if body::is_too_large(&e) => return respond::local(Local::BodyTooLarge),
+            Ok(Err(_)) => return respond::local(Local::BadRequest),
+            Ok(Ok(Buffered::Full(b))) => BodySlot::Replay((!b.is_empty()).then_some(b)),
+            Ok(Ok(Buffered::Partial(prefix, rest))) => BodySlot::Once(Some(ReqBody::Stream {
+                prefix: (!prefix.is_empty()).then_some(prefix),
+                rest,
+            })),
+        }
+    };
+
+    route.policies.deposit();
+    let mut sent: u32 = 0;
+    let mut last = Last::Failure(Failure::NoHealthyEndpoint);
+
+    for (chain_pos, &ui) in route.chain.iter().enumerate() {
+        let up = &*rt.upstreams[ui];
+        if chain_pos > 0 && sent > 0 {
+            // Failing over after a request was sent is a retry: it needs a replayable body and budget.
+            if !(retry_allowed && slot.replayable()) {
+                break;
+            }
+            if !route.policies.try_withdraw() {
+                return finish(last, sent, Some(Failure::BudgetExhausted), route);
+            }
+        }
+        let mut tried = Tried::default();
+        let mut on_this: u32 = 0;
+        loop {
+            let mut admission = match up.policies.admit() {
+                Ok(a) => a,
+                Err(r) => {
+                    last = Last::Failure(reject_to_failure(r));
+                    break;
+                }
+            };
+            let Some(ei) = up.pick(tried) else {
+                last = Last::Failure(Failure::NoHealthyEndpoint);
+                break;
+            };
+            let Some(req_body) = slot.take() else {
+                return finish(last, sent, None, route);
+            };
+            tried.insert(ei);
+            let ep = up.endpoints[ei].clone();
+            let req = build_request(&mut parts, may_replay, req_body, up, ei);
+            let now = Instant::now();
+            if now >= deadline {
+                return finish(Last::Failure(Failure::Timeout), sent, None, route);
+            }
+            let try_deadline = route
+                .per_try_timeout
+                .map_or(deadline, |t| (now + t).min(deadline));
+            sent += 1;
+            on_this += 1;
+            let mut lease = Lease::new(ep.clone());
+            let result = tokio::time::timeout_at(try_deadline, ep.pool.send(req)).await;
+
+            // Classify: a response (retryable or not), or a failure kind.
+            let (retryable, retry_after) = match result {
+                Ok(Ok((resp, conn))) => {
+                    ep.observe_latency(now.elapsed());
+                    let status = resp.status().as_u16();
+                    let retryable = route.retry_on.status(status);
+                    // 5xx and 429 are failures (passed through with x-bulwark-*, replaced by a fallback) even when
+                    // the route does not retry them.
+                    let failed = retryable || status >= 500 || status == 429;
+                    let (parts_r, inner) = resp.into_parts();
+                    let mut resp = Response::from_parts(parts_r, ());
+                    headers::strip_hop_by_hop(resp.headers_mut());
+                    let ra = if failed { retry_after_hdr(&resp) } else { None };
+                    admission.record(match (failed, ra) {
+                        (false, _) => Outcome::Success,
+                        (true, Some(d)) => Outcome::FailureRetryAfter(d),
+                        (true, None) => Outcome::Failure,
+                    });
+                    lease.hold(conn, admission);
+                    let resp = resp.map(|()| RespBody::upstream(inner, lease));
+                    if !failed {
+                        return respond::success(resp, sent);
+                    }
+                    last = Last::Response(resp);
+                    if !retryable {
+                        return finish(last, sent, None, route);
+                    }
+                    (true, ra)
+                }
+                Ok(Err(e)) => {
+                    if e.kind == FailKind::ClientBody {
+                        admission.record(Outcome::Ignore);
+                        let too_large = e.source.as_ref().is_some_and(body::is_length_error);
+                        return respond::local(if too_large {
+                            Local::BodyTooLarge
+                        } else {
+                            Local::BadRequest
+                        });
+                    }
+                    admission.record(Outcome::Failure);
+                    tracing::debug!(endpoint = %ep.url, kind = ?e.kind, error = ?e.source, "attempt failed");
+                    last = Last::Failure(match e.kind {
+                        FailKind::Timeout => Failure::Timeout,
+                        _ => Failure::UpstreamError,
+                    });
+                    (route.retry_on.fail(e.kind), None)
+                }
+                Err(_elapsed) => {
+                    admission.record(Outcome::Failure);
+                    last = Last::Failure(Failure::Timeout);
+                    if Instant::now() >= deadline {
+                        return finish(last, sent, None, route);
+                    }
+                    (route.retry_on.fail(FailKind::Timeout), None)
+                }
+            };
+            if !retryable || !retry_allowed || !slot.replayable() {
+                return finish(last, sent, None, route);
+            }
+            if on_this >= route.attempts {
+                break; // exhausted: fail over
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if retry_after.is_some_and(|ra| ra >= remaining) {
+                return finish(last, sent, None, route);
+            }
+            if !route.policies.try_withdraw() {
+                return finish(last, sent, Some(Failure::BudgetExhausted), route);
+            }
+            let mut delay = route.policies.backoff(on_this);
+            if up.endpoints.len() == 1 {
+                if let Some(ra) = retry_after {
+                    delay = delay.max(ra);
+                }
+            }
+            if delay >= remaining {
+                return finish(last, sent, None, route);
+            }
+            if !delay.is_zero() {
+                // Release the failed response (and its connection) before waiting.
+                if let Last::Response(_) = last {
+                    last = Last::Failure(Failure::UpstreamError);
+                }
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+    finish(last, sent, None, route)
+}
+
+fn retry_after_hdr(resp: &Response<()>) -> Option<Duration> {
+    let v = resp.headers().get(RETRY_AFTER)?.to_str().ok()?;
+    v.trim().parse::<u64>().ok().map(Duration::from_secs)
+}
+
+/// Maps the loop's end state to the client response. `because` overrides the reason (budget).
+fn finish(last: Last, sent: u32, because: Option<Failure>, route: &Route) -> Response<RespBody> {
+    let fb = route.fallback.as_ref();
+    match last {
+        Last::Response(resp) => respond::failed_upstream_response(
+            resp,
+            sent,
+            because.unwrap_or(Failure::UpstreamError),
+            fb,
+        ),
+        Last::Failure(f) => respond::failure(because.unwrap_or(f), sent, fb),
+    }
+}

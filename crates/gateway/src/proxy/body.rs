@@ -1,0 +1,263 @@
+//! Body types on both sides of the proxy, as enums (no boxing per request).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+
+use crate::upstream::{Conn, Endpoint};
+
+/// Error type of request bodies: hyper's (client I/O) or the length limit.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pin_project! {
+    /// A request body sent upstream.
+    #[project = ReqBodyProj]
+    pub enum ReqBody {
+        /// Buffered in full (so it can be re-sent); `None` once sent.
+        Full { data: Option<Bytes> },
+        /// Streamed from the client (cannot be re-sent): an already-read prefix, then the rest.
+        Stream { prefix: Option<Bytes>, #[pin] rest: Limited<Incoming> },
+    }
+}
+
+impl ReqBody {
+    /// An empty body.
+    pub fn empty() -> Self {
+        ReqBody::Full { data: None }
+    }
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            ReqBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ReqBodyProj::Stream { prefix, rest } => {
+                if let Some(p) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(p))));
+                }
+                rest.poll_frame(cx)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Full { data } => data.is_none(),
+            ReqBody::Stream { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            ReqBody::Stream { prefix, rest } => {
+                let p = prefix.as_ref().map_or(0, |d| d.len() as u64);
+                let r = rest.size_hint();
+                let mut h = SizeHint::new();
+                h.set_lower(r.lower() + p);
+                if let Some(u) = r.upper() {
+                    h.set_upper(u + p);
+                }
+                h
+            }
+        }
+    }
+}
+
+/// What reading the client's body up to the retry buffer produced.
+#[derive(Debug)]
+pub enum Buffered {
+    /// The whole body (replayable).
+    Full(Bytes),
+    /// A prefix and the rest of the stream (not replayable).
+    Partial(Bytes, Limited<Incoming>),
+}
+
+/// Reads up to `max` bytes of `body`. Errors are the client's (body too large, or I/O).
+pub async fn buffer(mut body: Limited<Incoming>, max: usize) -> Result<Buffered, BoxError> {
+    let mut first: Option<Bytes> = None;
+    let mut acc: Vec<u8> = Vec::new();
+    loop {
+        let len = first.as_ref().map_or(0, Bytes::len) + acc.len();
+        if len > max {
+            break;
+        }
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => return Err(e),
+            Some(Ok(frame)) => {
+                // Trailers on a request to be retried are dropped; rare, and not replayable anyway.
+                if let Ok(data) = frame.into_data() {
+                    if first.is_none() && acc.is_empty() {
+                        first = Some(data);
+                    } else {
+                        if let Some(f) = first.take() {
+                            acc.extend_from_slice(&f);
+                        }
+                        acc.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+    let bytes = first.unwrap_or_else(|| Bytes::from(acc));
+    if body.is_end_stream() {
+        Ok(Buffered::Full(bytes))
+    } else {
+        Ok(Buffered::Partial(bytes, body))
+    }
+}
+
+/// Whether a hyper client error was caused by our client's request body (too large, or aborted).
+pub fn is_client_body_error(err: &hyper::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(e) = src {
+        if e.is::<LengthLimitError>() || e.is::<hyper::Error>() {
+            return true;
+        }
+        src = e.source();
+    }
+    false
+}
+
+/// Whether a hyper client error was caused by the client's body exceeding the limit.
+pub fn is_length_error(err: &hyper::Error) -> bool {
+    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
+    while let Some(e) = src {
+        if e.is::<LengthLimitError>() {
+            return true;
+        }
+        src = e.source();
+    }
+    false
+}
+
+/// Whether an error from reading a client body is the length limit.
+pub fn is_too_large(err: &BoxError) -> bool {
+    err.is::<LengthLimitError>()
+}
+
+/// Keeps an endpoint's in-flight count and connection until the response body is done; then the
+/// connection goes back to the pool (only if the body was read to its end: otherwise it is closed).
+#[derive(Debug)]
+pub struct Lease {
+    endpoint: Arc<Endpoint>,
+    conn: Option<Conn>,
+    complete: bool,
+    _admission: Option<crate::policy::Admission>,
+}
+
+impl Lease {
+    /// Counts one request in flight on `endpoint`.
+    pub fn new(endpoint: Arc<Endpoint>) -> Self {
+        endpoint.inc();
+        Lease {
+            endpoint,
+            conn: None,
+            complete: false,
+            _admission: None,
+        }
+    }
+    /// Attaches the connection and the upstream admission to release with the body.
+    pub fn hold(&mut self, conn: Conn, admission: crate::policy::Admission) {
+        self.conn = Some(conn);
+        self._admission = Some(admission);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.endpoint.dec();
+        if self.complete {
+            if let Some(c) = self.conn.take() {
+                self.endpoint.pool.put(c);
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// A response body sent to the client.
+    #[project = RespBodyProj]
+    pub enum RespBody {
+        /// Generated by the gateway.
+        Full { data: Option<Bytes> },
+        /// Streamed from the upstream, frame by frame (so server-sent events are not buffered).
+        Upstream { #[pin] inner: Incoming, lease: Lease },
+    }
+}
+
+impl RespBody {
+    /// A body of `data`.
+    pub fn full(data: impl Into<Bytes>) -> Self {
+        let b = data.into();
+        RespBody::Full {
+            data: (!b.is_empty()).then_some(b),
+        }
+    }
+    /// No body.
+    pub fn empty() -> Self {
+        RespBody::Full { data: None }
+    }
+    /// Streams `inner` from the upstream, releasing `lease` when done.
+    pub fn upstream(inner: Incoming, mut lease: Lease) -> Self {
+        if inner.is_end_stream() {
+            lease.complete = true;
+        }
+        RespBody::Upstream { inner, lease }
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.project() {
+            RespBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            RespBodyProj::Upstream { mut inner, lease } => {
+                let r = inner.as_mut().poll_frame(cx);
+                match &r {
+                    Poll::Ready(None) => lease.complete = true,
+                    // hyper stops polling once `is_end_stream` says so, so look after each frame.
+                    Poll::Ready(Some(Ok(_))) if inner.is_end_stream() => lease.complete = true,
+                    _ => {}
+                }
+                r
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RespBody::Full { data } => data.is_none(),
+            RespBody::Upstream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RespBody::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            RespBody::Upstream { inner, .. } => inner.size_hint(),
+        }
+    }
+}

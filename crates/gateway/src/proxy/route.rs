@@ -1,0 +1,166 @@
+//! Routes at runtime: matching and per-route settings.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, HeaderValue, Method, Request};
+
+use super::respond::FallbackResponse;
+use crate::config::{self, RetryOn};
+use crate::policy::RoutePolicies;
+
+/// What a route matches; all conditions must hold.
+#[derive(Debug, Clone, Default)]
+pub struct Matcher {
+    prefix: Option<Box<str>>,
+    exact: Option<Box<str>>,
+    methods: Vec<Method>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl Matcher {
+    fn new(m: &config::Match) -> Result<Self, String> {
+        let mut methods = Vec::new();
+        for name in &m.methods {
+            methods.push(Method::from_bytes(name.as_bytes()).map_err(|e| e.to_string())?);
+        }
+        let mut headers = Vec::new();
+        for (k, v) in &m.headers {
+            headers.push((
+                HeaderName::from_bytes(k.as_bytes()).map_err(|e| e.to_string())?,
+                HeaderValue::from_str(v).map_err(|e| e.to_string())?,
+            ));
+        }
+        Ok(Matcher {
+            prefix: m.path_prefix.as_deref().map(Into::into),
+            exact: m.path.as_deref().map(Into::into),
+            methods,
+            headers,
+        })
+    }
+
+    /// Whether `req` matches.
+    pub fn matches<B>(&self, req: &Request<B>) -> bool {
+        let path = req.uri().path();
+        if let Some(p) = &self.prefix {
+            if !path.starts_with(&**p) {
+                return false;
+            }
+        }
+        if let Some(e) = &self.exact {
+            if path != &**e {
+                return false;
+            }
+        }
+        if !self.methods.is_empty() && !self.methods.contains(req.method()) {
+            return false;
+        }
+        self.headers
+            .iter()
+            .all(|(k, v)| req.headers().get_all(k).iter().any(|x| x == v))
+    }
+}
+
+/// Retry conditions, as a small bit set plus listed statuses.
+#[derive(Debug, Clone, Default)]
+pub struct RetryConditions {
+    connect_failure: bool,
+    reset: bool,
+    timeout: bool,
+    any_5xx: bool,
+    statuses: Vec<u16>,
+}
+
+impl RetryConditions {
+    fn new(on: &[RetryOn]) -> Self {
+        let mut c = RetryConditions::default();
+        for o in on {
+            match o {
+                RetryOn::ConnectFailure => c.connect_failure = true,
+                RetryOn::Reset => c.reset = true,
+                RetryOn::Timeout => c.timeout = true,
+                RetryOn::Server5xx => c.any_5xx = true,
+                RetryOn::Status(s) => c.statuses.push(*s),
+            }
+        }
+        c
+    }
+    /// Whether a response with `status` is retryable.
+    pub fn status(&self, status: u16) -> bool {
+        (self.any_5xx && (500..600).contains(&status)) || self.statuses.contains(&status)
+    }
+    /// Whether a failure without response is retryable.
+    pub fn fail(&self, kind: crate::upstream::FailKind) -> bool {
+        use crate::upstream::FailKind::*;
+        match kind {
+            ConnectFailure => self.connect_failure,
+            Reset => self.reset,
+            Timeout => self.timeout,
+            ClientBody => false,
+        }
+    }
+}
+
+/// One route at runtime.
+#[derive(Debug)]
+pub struct Route {
+    /// Name (metric label).
+    pub name: Arc<str>,
+    /// Match conditions.
+    pub matcher: Matcher,
+    /// Upstream indices: primary, then failover in order.
+    pub chain: Vec<usize>,
+    /// Whole-request timeout.
+    pub timeout: Duration,
+    /// Attempts per upstream (1 = no retry).
+    pub attempts: u32,
+    /// Per-attempt timeout.
+    pub per_try_timeout: Option<Duration>,
+    /// Retry conditions.
+    pub retry_on: RetryConditions,
+    /// Largest body kept for replay.
+    pub retry_buffer: usize,
+    /// Retry non-idempotent methods too.
+    pub retry_non_idempotent: bool,
+    /// Extra requests by hedging (0 = none); used for amplification reporting until hedging is merged.
+    pub max_hedges: u32,
+    /// Static fallback.
+    pub fallback: Option<FallbackResponse>,
+    /// Budget and backoff.
+    pub policies: RoutePolicies,
+}
+
+impl Route {
+    /// Builds a route; `upstream_index` resolves names (validated before).
+    pub fn new(
+        i: usize,
+        c: &config::Route,
+        upstream_index: impl Fn(&str) -> Option<usize>,
+    ) -> Result<Self, String> {
+        let mut chain = Vec::with_capacity(1 + c.failover.len());
+        for name in std::iter::once(&c.upstream).chain(&c.failover) {
+            chain.push(upstream_index(name).ok_or_else(|| format!("unknown upstream `{name}`"))?);
+        }
+        let retry = c.retry.as_ref().filter(|r| r.enabled);
+        Ok(Route {
+            name: c.name.clone().unwrap_or_else(|| format!("route{i}")).into(),
+            matcher: Matcher::new(&c.matcher)?,
+            chain,
+            timeout: c.timeout.get(),
+            attempts: retry.map_or(1, |r| r.attempts),
+            per_try_timeout: retry.and_then(|r| r.per_try_timeout).map(|d| d.get()),
+            retry_on: retry
+                .map(|r| RetryConditions::new(&r.on))
+                .unwrap_or_default(),
+            retry_buffer: c.retry_buffer.as_usize(),
+            retry_non_idempotent: c.retry_non_idempotent,
+            max_hedges: c
+                .hedge
+                .as_ref()
+                .filter(|h| h.enabled)
+                .map_or(0, |h| h.max_hedges),
+            fallback: c.fallback.as_ref().map(FallbackResponse::new),
+            policies: RoutePolicies::new(retry),
+        })
+    }
+}

@@ -1,0 +1,136 @@
+//! Load balancers: pick one endpoint of a priority tier.
+//!
+//! All state is atomic (counters, in-flight gauges, EWMA cells), so a pick takes no lock. Smooth
+//! weighted round robin is deterministic for fixed weights, so its sequence is computed once at build
+//! time (nginx's algorithm) and a pick is a counter increment into that schedule.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::endpoint::Endpoint;
+use crate::config::Balance;
+
+/// A set of endpoint indices already tried by this request (retries prefer others).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tried(u64);
+
+impl Tried {
+    /// Marks endpoint `i` (indices of 64 and above are not tracked).
+    pub fn insert(&mut self, i: usize) {
+        if i < 64 {
+            self.0 |= 1 << i;
+        }
+    }
+    /// Whether endpoint `i` was tried.
+    pub fn contains(self, i: usize) -> bool {
+        i < 64 && self.0 & (1 << i) != 0
+    }
+}
+
+/// One priority tier: a contiguous range of the upstream's endpoints (sorted by priority).
+#[derive(Debug)]
+pub(crate) struct Tier {
+    pub(crate) start: usize,
+    pub(crate) end: usize,
+    cursor: AtomicUsize,
+    /// Smooth WRR schedule (endpoint indices), for `weighted`.
+    schedule: Vec<usize>,
+}
+
+impl Tier {
+    pub(crate) fn new(start: usize, end: usize, weights: &[u32]) -> Self {
+        Tier {
+            start,
+            end,
+            cursor: AtomicUsize::new(0),
+            schedule: smooth_wrr(start, weights),
+        }
+    }
+}
+
+/// nginx's smooth weighted round robin: each round every endpoint gains its weight, the largest current
+/// weight is chosen and loses the total. The sequence repeats after `sum(weights)` picks.
+fn smooth_wrr(start: usize, weights: &[u32]) -> Vec<usize> {
+    let total: i64 = weights.iter().map(|&w| i64::from(w)).sum();
+    let mut current = vec![0i64; weights.len()];
+    let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+    for _ in 0..total {
+        let mut best = 0;
+        for (i, w) in weights.iter().enumerate() {
+            current[i] += i64::from(*w);
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        out.push(start + best);
+    }
+    out
+}
+
+/// Picks an endpoint in `tier` for which `ok(i)` holds.
+pub(crate) fn pick(
+    balance: Balance,
+    tier: &Tier,
+    eps: &[Arc<Endpoint>],
+    ok: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let n = tier.end - tier.start;
+    if n == 0 {
+        return None;
+    }
+    let scan_from = |first: usize| {
+        (0..n)
+            .map(move |k| tier.start + (first + k) % n)
+            .find(|&i| ok(i))
+    };
+    match balance {
+        Balance::RoundRobin => scan_from(tier.cursor.fetch_add(1, Ordering::Relaxed)),
+        Balance::Weighted => {
+            let len = tier.schedule.len();
+            let c = tier.cursor.fetch_add(1, Ordering::Relaxed);
+            (0..len)
+                .map(|k| tier.schedule[(c + k) % len])
+                .find(|&i| ok(i))
+        }
+        Balance::Random => scan_from(fastrand::usize(..n)),
+        Balance::LeastRequest | Balance::PeakEwma => {
+            // Power of two choices: two random candidates, the less loaded wins.
+            let a = scan_from(fastrand::usize(..n))?;
+            let b = if n > 1 {
+                scan_from(fastrand::usize(..n))
+                    .filter(|&b| b != a)
+                    .or_else(|| (0..n).map(|k| tier.start + k).find(|&i| i != a && ok(i)))
+            } else {
+                None
+            };
+            let Some(b) = b else { return Some(a) };
+            let (ca, cb) = if balance == Balance::LeastRequest {
+                (eps[a].inflight() as f64, eps[b].inflight() as f64)
+            } else {
+                (eps[a].ewma_cost(), eps[b].ewma_cost())
+            };
+            Some(if cb < ca { b } else { a })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn smooth_wrr_matches_nginx() {
+        // nginx's documented example: weights 5,1,1 -> a a b a c a a.
+        assert_eq!(smooth_wrr(0, &[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(smooth_wrr(2, &[1, 1]), vec![2, 3]);
+    }
+
+    #[test]
+    fn tried_set() {
+        let mut t = Tried::default();
+        t.insert(3);
+        t.insert(100);
+        assert!(t.contains(3) && !t.contains(2) && !t.contains(100));
+    }
+}

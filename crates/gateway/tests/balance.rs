@@ -1,0 +1,174 @@
+//! Balancers' distributions and priority tiers.
+mod support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use support::*;
+
+async fn three() -> Vec<Upstream> {
+    vec![
+        Upstream::named("e0").await,
+        Upstream::named("e1").await,
+        Upstream::named("e2").await,
+    ]
+}
+
+async fn counts(gw: &Gateway, n: usize) -> HashMap<String, usize> {
+    let c = client();
+    let mut m = HashMap::new();
+    for _ in 0..n {
+        let r = get(&c, &gw.url("/")).await;
+        assert_eq!(r.status, 200);
+        *m.entry(r.text()).or_default() += 1;
+    }
+    m
+}
+
+#[tokio::test]
+async fn round_robin_is_exact() {
+    let ups = three().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u:\n    balance: round_robin\n    endpoints: [{{url: '{}'}}, {{url: '{}'}}, {{url: '{}'}}]\nroutes:\n  - upstream: u\n",
+        ups[0].url(), ups[1].url(), ups[2].url()
+    ))
+    .await;
+    let c = client();
+    let seq: Vec<String> = {
+        let mut v = Vec::new();
+        for _ in 0..6 {
+            v.push(get(&c, &gw.url("/")).await.text());
+        }
+        v
+    };
+    // Some rotation of e0 e1 e2, repeated.
+    assert_eq!(seq[0..3], seq[3..6]);
+    let mut first3 = seq[0..3].to_vec();
+    first3.sort();
+    assert_eq!(first3, ["e0", "e1", "e2"]);
+    let m = counts(&gw, 300).await;
+    assert_eq!(m.values().copied().collect::<Vec<_>>(), vec![100, 100, 100]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn weighted_is_exact_proportions() {
+    let ups = three().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u:\n    balance: weighted\n    endpoints: [{{url: '{}', weight: 5}}, {{url: '{}', weight: 3}}, {{url: '{}', weight: 2}}]\nroutes:\n  - upstream: u\n",
+        ups[0].url(), ups[1].url(), ups[2].url()
+    ))
+    .await;
+    let m = counts(&gw, 200).await;
+    assert_eq!((m["e0"], m["e1"], m["e2"]), (100, 60, 40));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn random_is_roughly_uniform() {
+    let ups = three().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u:\n    balance: random\n    endpoints: [{{url: '{}'}}, {{url: '{}'}}, {{url: '{}'}}]\nroutes:\n  - upstream: u\n",
+        ups[0].url(), ups[1].url(), ups[2].url()
+    ))
+    .await;
+    let m = counts(&gw, 600).await;
+    for k in ["e0", "e1", "e2"] {
+        // Expected 200 each; 6 sigma (~70) still bounds it well away from 0 and 600.
+        assert!((120..=280).contains(&m[k]), "{m:?}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn least_request_prefers_idle_endpoint() {
+    // `slow` holds every request until released; `fast` answers at once.
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let g = gate.clone();
+    let slow = Upstream::start(
+        "slow",
+        Arc::new(move |_req| {
+            let g = g.clone();
+            Box::pin(async move {
+                g.notified().await;
+                reply("slow", 200, "slow")
+            })
+        }),
+    )
+    .await;
+    let fast = Upstream::named("fast").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u:\n    balance: least_request\n    endpoints: [{{url: '{}'}}, {{url: '{}'}}]\nroutes:\n  - upstream: u\n",
+        slow.url(), fast.url()
+    ))
+    .await;
+    // Park one request on `slow` (keep sending until one lands there).
+    let url = gw.url("/");
+    let parked = tokio::spawn({
+        let url = url.clone();
+        async move {
+            let c = client();
+            loop {
+                let r = get(&c, &url).await;
+                if r.text() == "slow" {
+                    return;
+                }
+            }
+        }
+    });
+    wait_until(10, || slow.hits() >= 1).await;
+    // With one request in flight on `slow`, two-choice picks `fast` every time.
+    let m = counts(&gw, 50).await;
+    assert_eq!(m.get("fast").copied(), Some(50), "{m:?}");
+    gate.notify_waiters();
+    gate.notify_one();
+    let _ = tokio::time::timeout(Duration::from_secs(10), parked).await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn peak_ewma_serves() {
+    let ups = three().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u:\n    balance: peak_ewma\n    endpoints: [{{url: '{}'}}, {{url: '{}'}}, {{url: '{}'}}]\nroutes:\n  - upstream: u\n",
+        ups[0].url(), ups[1].url(), ups[2].url()
+    ))
+    .await;
+    let m = counts(&gw, 60).await;
+    assert_eq!(m.values().sum::<usize>(), 60);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn priority_tier_one_only_when_tier_zero_is_unavailable() {
+    let p0 = Upstream::named("p0").await;
+    let p1 = Upstream::named("p1").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    balance: round_robin
+    endpoints: [{{url: '{}', priority: 1}}, {{url: '{}', priority: 0}}]
+routes:
+  - upstream: u
+    retry: {{ attempts: 2, backoff: {{base: 1ms, max: 1ms}}, budget: {{}} }}
+",
+        p1.url(),
+        p0.url()
+    ))
+    .await;
+    let m = counts(&gw, 20).await;
+    assert_eq!(m.get("p0").copied(), Some(20), "{m:?}");
+    // Health checks mark tier 0 down: tier 1 takes the traffic; back up, tier 0 takes it again.
+    gw.set_available("u", 0, false);
+    let m = counts(&gw, 10).await;
+    assert_eq!(m.get("p1").copied(), Some(10), "{m:?}");
+    gw.set_available("u", 0, true);
+    let m = counts(&gw, 10).await;
+    assert_eq!(m.get("p0").copied(), Some(10), "{m:?}");
+    // Tier 0 dies before any health check notices: its connect failure is retried on tier 1.
+    p0.kill();
+    let m = counts(&gw, 10).await;
+    assert_eq!(m.get("p1").copied(), Some(10), "{m:?}");
+    gw.stop().await;
+}

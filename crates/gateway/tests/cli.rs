@@ -1,0 +1,91 @@
+//! `bulwark check`: effective config, amplification, warnings, and FILE:LINE:COL errors with exit 1.
+use std::process::Command;
+
+fn write(name: &str, content: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("bulwark-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, content).unwrap();
+    p
+}
+
+fn check(path: &std::path::Path) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_prints_effective_config_and_amplification() {
+    let p = write(
+        "ok.yaml",
+        "upstreams:
+  a: { endpoints: [{url: 'http://127.0.0.1:9001'}] }
+  b: { endpoints: [{url: 'http://127.0.0.1:9002'}] }
+  c: { endpoints: [{url: 'http://127.0.0.1:9003'}] }
+routes:
+  - name: safe
+    match: { path_prefix: /v1/ }
+    upstream: a
+    retry: { attempts: 3, budget: { ratio: 0.2 } }
+  - name: risky
+    upstream: a
+    failover: [b, c]
+    retry: { attempts: 3 }
+    hedge: { delay: 50ms }
+",
+    );
+    let (code, out, err) = check(&p);
+    assert_eq!(code, 0, "{err}");
+    // Defaults filled in.
+    assert!(out.contains("max_header_bytes: 32KiB"), "{out}");
+    assert!(out.contains("idle_timeout: 1m"), "{out}");
+    assert!(out.contains("balance: least_request"), "{out}");
+    // Amplification lines and warnings.
+    assert!(out.contains("route safe -> a: 3 x 1 x 1 = 3\n"), "{out}");
+    assert!(
+        out.contains("route risky -> a -> b -> c: 3 x 2 x 3 = 18\n"),
+        "{out}"
+    );
+    assert!(out.contains("warning: route risky can send up to 18 upstream requests per client request (threshold 10)"), "{out}");
+    assert!(
+        out.contains("warning: route risky retries without a budget"),
+        "{out}"
+    );
+    assert!(!out.contains("warning: route safe"), "{out}");
+}
+
+#[test]
+fn check_reports_errors_with_file_line_col_and_exits_1() {
+    let p = write(
+        "bad.yaml",
+        "upstreams:\n  a: { endpoints: [{url: 'http://127.0.0.1:9001'}] }\nroutes:\n  - upstream: a\n    timeout: 3 weeks\n",
+    );
+    let (code, out, err) = check(&p);
+    assert_eq!(code, 1);
+    assert!(out.is_empty());
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "{}:5:14: routes[0].timeout: invalid duration `3 weeks`: unknown unit `weeks` (use ms, s, m or h)",
+            p.display()
+        )
+    );
+    let p = write("missing.yaml", "upstreams:\n  a: { endpoints: [{url: 'http://127.0.0.1:9001'}] }\nroutes:\n  - upstream: nope\n");
+    let (code, _, err) = check(&p);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "{}:4:5: routes[0].upstream: unknown upstream `nope` (defined: a)",
+            p.display()
+        )
+    );
+}

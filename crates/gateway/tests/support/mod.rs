@@ -1,0 +1,276 @@
+//! Shared test support: in-process upstream servers, a real gateway on an ephemeral port, clients.
+#![allow(dead_code, unreachable_pub)]
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+pub type Body = BoxBody<Bytes, Infallible>;
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
+pub type Handler = Arc<dyn Fn(Request<Incoming>) -> HandlerFuture + Send + Sync>;
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+/// A response with `status`, body `body` and `x-upstream: name`.
+pub fn reply(name: &str, status: u16, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("x-upstream", name)
+        .body(full(body))
+        .unwrap()
+}
+
+/// A running in-process upstream.
+pub struct Upstream {
+    pub name: String,
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicUsize>,
+    kill: watch::Sender<bool>,
+}
+
+impl Upstream {
+    /// Starts an upstream answering every request with `handler`.
+    pub async fn start(name: &str, handler: Handler) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let (kill, kill_rx) = watch::channel(false);
+        let h = hits.clone();
+        tokio::spawn(async move {
+            let mut k = kill_rx.clone();
+            loop {
+                let (stream, _) = tokio::select! {
+                    _ = k.changed() => return,
+                    r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                };
+                let handler = handler.clone();
+                let hits = h.clone();
+                let mut k2 = kill_rx.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        let f = handler(req);
+                        async move { Ok::<_, Infallible>(f.await) }
+                    });
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection(TokioIo::new(stream), svc);
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = k2.changed() => {} // killed: drop the connection abruptly
+                    }
+                });
+            }
+        });
+        Upstream {
+            name: name.to_owned(),
+            addr,
+            hits,
+            kill,
+        }
+    }
+
+    /// An upstream that answers 200 with its name.
+    pub async fn named(name: &str) -> Upstream {
+        let n = name.to_owned();
+        Upstream::start(
+            name,
+            Arc::new(move |_req| {
+                let n = n.clone();
+                Box::pin(async move { reply(&n, 200, n.clone()) })
+            }),
+        )
+        .await
+    }
+
+    /// An upstream that answers with `status` and its name.
+    pub async fn status(name: &str, status: u16) -> Upstream {
+        let n = name.to_owned();
+        Upstream::start(
+            name,
+            Arc::new(move |_req| {
+                let n = n.clone();
+                Box::pin(async move { reply(&n, status, format!("{n} says {status}")) })
+            }),
+        )
+        .await
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    /// Stops listening and drops every open connection.
+    pub fn kill(&self) {
+        let _ = self.kill.send(true);
+    }
+}
+
+/// A free loopback port with nothing listening on it.
+pub async fn dead_url() -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap();
+    drop(l);
+    format!("http://{a}")
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub state: Arc<bulwark_gateway::proxy::Gateway>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gateway {
+    /// Starts a gateway from YAML (its `listen` is forced to an ephemeral loopback port).
+    pub async fn start(yaml: &str) -> Gateway {
+        let yaml = format!("listen: 127.0.0.1:0\n{yaml}");
+        let config = bulwark_gateway::config::from_str(&yaml, "test.yaml")
+            .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        let server = bulwark_gateway::proxy::Server::bind(&config).await.unwrap();
+        let addr = server.local_addr();
+        let state = server.gateway();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        Gateway {
+            addr,
+            state,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Marks endpoint `i` (in priority order) of upstream `up` (un)available, as a health check would.
+    pub fn set_available(&self, up: &str, i: usize, available: bool) {
+        self.state.runtime().upstream(up).unwrap().endpoints[i].set_available(available);
+    }
+
+    /// Signals shutdown and waits for the drain to finish.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+pub type Client = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+>;
+
+/// An HTTP/1.1 keep-alive client.
+pub fn client() -> Client {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An HTTP/2 prior-knowledge (h2c) client.
+pub fn h2c_client() -> Client {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A finished response: status, headers, body.
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    pub version: http::Version,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends `req` and reads the whole response.
+pub async fn send(c: &Client, req: Request<Full<Bytes>>) -> Got {
+    let resp = tokio::time::timeout(Duration::from_secs(20), c.request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let version = resp.version();
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body failed").to_bytes();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+        version,
+    }
+}
+
+/// GET `url`.
+pub async fn get(c: &Client, url: &str) -> Got {
+    send(c, Request::get(url).body(Full::default()).unwrap()).await
+}
+
+/// Writes raw bytes to `addr` and reads the response until the server closes or `until` is seen.
+pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => {
+                out.extend_from_slice(&buf[..n]);
+                if out.windows(4).any(|w| w == b"\r\n\r\n") && !out.starts_with(b"HTTP/1.1 100") {
+                    // Enough for a head; give the body a moment only if a length says so.
+                    let text = String::from_utf8_lossy(&out).to_string();
+                    if text.to_ascii_lowercase().contains("content-length: 0") {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Waits until `cond` holds, panicking after `secs`.
+pub async fn wait_until(secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met in {secs}s"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
