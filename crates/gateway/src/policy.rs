@@ -1,25 +1,29 @@
 //! The seam between the gateway and the `bulwark` policy library.
 //!
-//! Every policy *decision* the attempt loop makes goes through the two types here:
+//! Every policy *decision* the attempt loop makes goes through the two types here, and each is a
+//! library policy, not a re-implementation:
 //!
-//! - [`UpstreamPolicies`] (one per upstream): [`UpstreamPolicies::admit`] before each attempt (circuit
-//!   breaker, rate limit, bulkhead) returning an [`Admission`] or a [`Reject`]; the attempt's outcome is
+//! - [`UpstreamPolicies`] (one per upstream): [`UpstreamPolicies::admit`] before each attempt runs the
+//!   upstream's [`CircuitBreaker`], [`RateLimiter`] and [`Bulkhead`] in that order (the order of
+//!   `bulwark::pipeline`), returning an [`Admission`] or a [`Reject`]; the attempt's outcome is
 //!   reported with [`Admission::record`].
-//! - [`RoutePolicies`] (one per route): the retry budget ([`RoutePolicies::deposit`],
-//!   [`RoutePolicies::try_withdraw`]) and the backoff schedule ([`RoutePolicies::backoff`]).
-//!
-//! The implementations below are the simplest correct stand-ins until the library's policies are merged;
-//! each is marked with the library type that replaces it. Swapping one in changes only this file:
-//! the attempt loop sees the same methods.
+//! - [`RoutePolicies`] (one per route): the [`RetryBudget`] ([`RoutePolicies::deposit`],
+//!   [`RoutePolicies::try_withdraw`]) and the [`Backoff`] schedule ([`RoutePolicies::backoff`]).
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bulwark::Outcome;
-use tokio::time::Instant;
+use bulwark::breaker::{CircuitBreaker, Permit};
+use bulwark::bulkhead::{Bulkhead, BulkheadPermit};
+use bulwark::events::{Event, Listener};
+use bulwark::rate_limit::RateLimiter;
+use bulwark::retry::{Backoff, Jitter, RetryBudget};
+use bulwark::{Error, Outcome};
 
 use crate::config;
+
+/// Where policy events go (metrics, logs); `None` when nobody listens.
+pub type Events = Option<Arc<dyn Listener>>;
 
 /// Why an upstream refused an attempt before it was sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,117 +38,194 @@ pub enum Reject {
         /// Time until a request would be admitted.
         retry_after: Duration,
     },
-    /// The bulkhead has no free slot.
+    /// The bulkhead has no free slot (and its queue is full or the wait ran out).
     BulkheadFull,
+}
+
+fn reject(e: Error<std::convert::Infallible>) -> Reject {
+    match e {
+        Error::CircuitOpen { retry_after, .. } => Reject::CircuitOpen { retry_after },
+        Error::RateLimited { retry_after } => Reject::RateLimited { retry_after },
+        _ => Reject::BulkheadFull,
+    }
 }
 
 /// Per-upstream admission: circuit breaker, rate limit and bulkhead, checked in that order.
 #[derive(Debug)]
 pub struct UpstreamPolicies {
-    // integrates bulwark::breaker::CircuitBreaker once merged: `try_acquire() -> Result<Permit, _>`,
-    // `permit.record(Outcome)`. Until then the breaker is always closed (admits everything).
-    breaker: Option<config::CircuitBreaker>,
-    // integrates bulwark::rate_limit::RateLimiter once merged: `check() -> Err(RateLimited{retry_after})`.
-    // Until then no rate limiting is applied.
-    rate_limit: Option<config::RateLimit>,
-    // integrates bulwark::bulkhead::Bulkhead once merged (`try_acquire` / `acquire().await` permits,
-    // with its queue). Until then: a concurrency cap without a queue.
-    bulkhead: Option<Arc<ConcurrencyCap>>,
+    breaker: Option<CircuitBreaker>,
+    rate_limiter: Option<RateLimiter>,
+    bulkhead: Option<Bulkhead>,
 }
 
 /// Permission to send one attempt; report its outcome with [`Admission::record`]. Dropping it without
-/// recording counts as neither success nor failure (e.g. the client went away).
+/// recording counts as neither success nor failure (e.g. the client went away). The bulkhead slot is
+/// held until the admission is dropped (the attempt loop keeps it until the response body ends).
 #[derive(Debug)]
 pub struct Admission {
-    // the breaker permit goes here once bulwark::breaker is merged.
-    _slot: Option<Slot>,
-    started: Instant,
+    permit: Option<Permit>,
+    _slot: Option<BulkheadPermit>,
 }
 
 impl Admission {
-    /// Reports how the attempt went (to the breaker, once merged). `Outcome::Ignore` for results that say
-    /// nothing about the upstream's health.
+    /// Reports how the attempt went to the breaker (once; later calls do nothing).
+    /// `Outcome::Ignore` for results that say nothing about the upstream's health.
     pub fn record(&mut self, outcome: Outcome) {
-        // integrates bulwark::breaker: `permit.record(outcome)` with `self.started.elapsed()` for slow calls.
-        let _ = (outcome, self.started);
+        if let Some(p) = self.permit.take() {
+            p.record(outcome);
+        }
     }
+}
+
+fn listen<B>(builder: B, events: &Events, add: impl FnOnce(B, Arc<dyn Listener>) -> B) -> B {
+    match events {
+        Some(l) => add(builder, l.clone()),
+        None => builder,
+    }
+}
+
+fn forward(l: Arc<dyn Listener>) -> impl Fn(&Event) + Send + Sync + 'static {
+    move |e: &Event| l.on_event(e)
 }
 
 impl UpstreamPolicies {
-    /// Builds the policies of one upstream from its config.
-    pub fn new(up: &config::Upstream) -> Self {
-        UpstreamPolicies {
-            breaker: up.circuit_breaker.clone().filter(|c| c.enabled),
-            rate_limit: up.rate_limit.clone().filter(|r| r.enabled),
-            bulkhead: up
-                .bulkhead
-                .as_ref()
-                .filter(|b| b.enabled)
-                .map(|b| Arc::new(ConcurrencyCap::new(b.max_concurrent))),
-        }
+    /// Builds the policies of upstream `name` from its (validated) config.
+    pub fn new(name: &str, up: &config::Upstream, events: &Events) -> Result<Self, String> {
+        let breaker = match up.circuit_breaker.as_ref().filter(|c| c.enabled) {
+            Some(c) => {
+                let mut b = CircuitBreaker::builder()
+                    .name(name)
+                    .minimum_calls(c.minimum_calls)
+                    .failure_rate_threshold(c.failure_rate_threshold)
+                    .slow_call_duration(c.slow_call_duration.get())
+                    .slow_call_rate_threshold(c.slow_call_rate_threshold)
+                    .open_duration(c.open_duration.get())
+                    .half_open_calls(c.half_open_calls);
+                b = match c.window.size {
+                    config::WindowSize::Calls(n) => b.count_window(n as usize),
+                    config::WindowSize::Time(d) => b.time_window(d.get()),
+                };
+                b = listen(b, events, |b, l| b.listener(forward(l)));
+                Some(b.build().map_err(|e| format!("circuit_breaker.{e}"))?)
+            }
+            None => None,
+        };
+        let rate_limiter = match up.rate_limit.as_ref().filter(|r| r.enabled) {
+            Some(r) => {
+                // A fractional rate is expressed per minute so that 0.5/s stays exact.
+                let mut b = if r.per_second.fract() == 0.0 && r.per_second >= 1.0 {
+                    RateLimiter::builder().per_second(r.per_second as u32)
+                } else {
+                    RateLimiter::builder().per_minute((r.per_second * 60.0).round().max(1.0) as u32)
+                }
+                .name(name);
+                if let Some(burst) = r.burst {
+                    b = b.burst(burst);
+                }
+                b = listen(b, events, |b, l| b.listener(forward(l)));
+                Some(b.build().map_err(|e| format!("rate_limit.{e}"))?)
+            }
+            None => None,
+        };
+        let bulkhead = match up.bulkhead.as_ref().filter(|b| b.enabled) {
+            Some(c) => {
+                let mut b = Bulkhead::builder()
+                    .name(name)
+                    .max_concurrent(c.max_concurrent as usize)
+                    .max_queued(c.max_queued as usize)
+                    .queue_timeout(c.queue_timeout.get());
+                b = listen(b, events, |b, l| b.listener(forward(l)));
+                Some(b.build().map_err(|e| format!("bulkhead.{e}"))?)
+            }
+            None => None,
+        };
+        Ok(UpstreamPolicies {
+            breaker,
+            rate_limiter,
+            bulkhead,
+        })
     }
 
-    /// Asks to send one attempt now. Runs on every attempt; with no policy configured it is two branches.
-    pub fn admit(&self) -> Result<Admission, Reject> {
-        let _ = (&self.breaker, &self.rate_limit);
+    /// The upstream's circuit breaker, if it has one (admin API, health).
+    pub fn breaker(&self) -> Option<&CircuitBreaker> {
+        self.breaker.as_ref()
+    }
+
+    /// The upstream's bulkhead, if it has one.
+    pub fn bulkhead(&self) -> Option<&Bulkhead> {
+        self.bulkhead.as_ref()
+    }
+
+    /// Asks to send one attempt now. Runs on every attempt; with no policy configured it is three
+    /// branches. Waits only in the bulkhead's bounded queue, when one is configured and full.
+    pub async fn admit(&self) -> Result<Admission, Reject> {
+        // A rejection after the breaker admitted us drops its permit unrecorded ("ignored"), so local
+        // refusals (rate limit, bulkhead) never count against the upstream's health.
+        let permit = match &self.breaker {
+            Some(b) => Some(b.try_acquire().map_err(reject)?),
+            None => None,
+        };
+        if let Some(rl) = &self.rate_limiter {
+            rl.check().map_err(reject)?;
+        }
         let slot = match &self.bulkhead {
-            Some(cap) => Some(cap.try_acquire().ok_or(Reject::BulkheadFull)?),
+            Some(b) => match b.try_acquire() {
+                Some(p) => Some(p),
+                None => Some(b.acquire().await.map_err(reject)?),
+            },
             None => None,
         };
         Ok(Admission {
+            permit,
             _slot: slot,
-            started: Instant::now(),
         })
-    }
-}
-
-/// A counter of concurrent calls with a cap (stand-in for `bulwark::bulkhead::Bulkhead`).
-#[derive(Debug)]
-struct ConcurrencyCap {
-    max: u32,
-    used: AtomicU32,
-}
-
-#[derive(Debug)]
-struct Slot(Arc<ConcurrencyCap>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.used.fetch_sub(1, Ordering::Release);
-    }
-}
-
-impl ConcurrencyCap {
-    fn new(max: u32) -> Self {
-        ConcurrencyCap {
-            max,
-            used: AtomicU32::new(0),
-        }
-    }
-    fn try_acquire(self: &Arc<Self>) -> Option<Slot> {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| Slot(self.clone()))
     }
 }
 
 /// Per-route retry policy state: budget and backoff.
 #[derive(Debug)]
 pub struct RoutePolicies {
-    budget: Option<Budget>,
-    backoff: config::Backoff,
+    budget: Option<RetryBudget>,
+    backoff: Backoff,
+}
+
+/// The library backoff for a route's `backoff:` section.
+pub fn backoff(b: &config::Backoff) -> Backoff {
+    let (base, max) = (b.base.get(), b.max.get());
+    let schedule = match b.kind {
+        config::BackoffKind::Constant => Backoff::fixed(base),
+        config::BackoffKind::Linear => Backoff::linear(base, base),
+        config::BackoffKind::Exponential => Backoff::exponential(base),
+        config::BackoffKind::Fibonacci => Backoff::fibonacci(base),
+        config::BackoffKind::DecorrelatedJitter => Backoff::decorrelated_jitter(base, max),
+    };
+    schedule.max(max).jitter(match b.jitter {
+        config::Jitter::None => Jitter::None,
+        config::Jitter::Full => Jitter::Full,
+        config::Jitter::Equal => Jitter::Equal,
+    })
+}
+
+/// The library retry budget for a route's `budget:` section.
+pub fn budget(c: &config::Budget) -> Result<RetryBudget, String> {
+    RetryBudget::builder()
+        .ttl(c.window.get())
+        .min_retries_per_sec(c.min_per_second)
+        .percent_can_retry(c.ratio)
+        .build()
+        .map_err(|e| format!("budget.{e}"))
 }
 
 impl RoutePolicies {
     /// Builds them from the route's retry config (no retry section: no budget, default backoff).
-    pub fn new(retry: Option<&config::Retry>) -> Self {
-        RoutePolicies {
-            budget: retry.and_then(|r| r.budget.as_ref()).map(Budget::new),
-            backoff: retry.map(|r| r.backoff.clone()).unwrap_or_default(),
-        }
+    pub fn new(retry: Option<&config::Retry>) -> Result<Self, String> {
+        let budget = match retry.and_then(|r| r.budget.as_ref()) {
+            Some(b) => Some(budget(b)?),
+            None => None,
+        };
+        let backoff = backoff(&retry.map(|r| r.backoff.clone()).unwrap_or_default());
+        backoff.validate().map_err(|e| format!("backoff.{e}"))?;
+        Ok(RoutePolicies { budget, backoff })
     }
 
     /// Records a first attempt (earns retry credit).
@@ -155,78 +236,23 @@ impl RoutePolicies {
     }
 
     /// Takes the credit for one retry; `false` when the budget is exhausted. No budget: always `true`.
+    /// The attempt loop calls it *before* sleeping in backoff, so retries waiting to be sent are
+    /// already counted and a burst of failures cannot overshoot the budget.
     pub fn try_withdraw(&self) -> bool {
-        self.budget.as_ref().is_none_or(Budget::try_withdraw)
+        self.budget.as_ref().is_none_or(RetryBudget::try_withdraw)
+    }
+
+    /// The retry budget, if the route has one (hedges draw on it too).
+    pub fn budget(&self) -> Option<&RetryBudget> {
+        self.budget.as_ref()
     }
 
     /// Delay before retry number `retry` (1 for the first retry).
     pub fn backoff(&self, retry: u32) -> Duration {
-        // integrates bulwark::retry::Backoff once merged.
-        let b = &self.backoff;
-        let n = retry.saturating_sub(1);
-        let base = b.base.get();
-        let raw = match b.kind {
-            config::BackoffKind::Constant => base,
-            config::BackoffKind::Linear => base.saturating_mul(n + 1),
-            config::BackoffKind::Exponential => base.saturating_mul(1u32 << n.min(20)),
-        };
-        let d = raw.min(b.max.get());
-        match b.jitter {
-            config::Jitter::None => d,
-            config::Jitter::Full => d.mul_f64(fastrand::f64()),
-            config::Jitter::Equal => d / 2 + (d / 2).mul_f64(fastrand::f64()),
-        }
-    }
-}
-
-/// Retry budget stand-in: retries allowed in the current window are
-/// `min_per_second x window + ratio x first attempts`.
-// integrates bulwark::retry::RetryBudget once merged (`deposit()`, `try_withdraw()`), which also counts
-// retries waiting in backoff and uses a sliding rather than a fixed window.
-#[derive(Debug)]
-struct Budget {
-    ratio: f64,
-    floor: f64,
-    window: Duration,
-    epoch: Instant,
-    /// Window number (since `epoch`) the counters below belong to.
-    current: AtomicU64,
-    deposits: AtomicU64,
-    withdrawals: AtomicU64,
-}
-
-impl Budget {
-    fn new(c: &config::Budget) -> Self {
-        Budget {
-            ratio: c.ratio,
-            floor: f64::from(c.min_per_second) * c.window.get().as_secs_f64(),
-            window: c.window.get(),
-            epoch: Instant::now(),
-            current: AtomicU64::new(0),
-            deposits: AtomicU64::new(0),
-            withdrawals: AtomicU64::new(0),
-        }
-    }
-    fn roll(&self) {
-        let w = (self.epoch.elapsed().as_nanos() / self.window.as_nanos().max(1)) as u64;
-        if self.current.load(Ordering::Relaxed) != w && self.current.swap(w, Ordering::AcqRel) != w
-        {
-            self.deposits.store(0, Ordering::Relaxed);
-            self.withdrawals.store(0, Ordering::Relaxed);
-        }
-    }
-    fn deposit(&self) {
-        self.roll();
-        self.deposits.fetch_add(1, Ordering::Relaxed);
-    }
-    fn try_withdraw(&self) -> bool {
-        self.roll();
-        let allowed = self.floor + self.ratio * self.deposits.load(Ordering::Relaxed) as f64;
-        self.withdrawals
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
-                ((w as f64) < allowed).then_some(w + 1)
-            })
-            .is_ok()
+        self.backoff
+            .iter()
+            .nth(retry.saturating_sub(1) as usize)
+            .unwrap_or_default()
     }
 }
 
@@ -234,25 +260,8 @@ impl Budget {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn budget_caps_retries_per_window() {
-        let b = Budget::new(&config::Budget {
-            ratio: 0.5,
-            min_per_second: 1,
-            window: config::Dur::from_secs(2),
-        });
-        for _ in 0..4 {
-            b.deposit();
-        }
-        // floor 2 + 0.5 x 4 = 4 retries.
-        assert_eq!((0..10).filter(|_| b.try_withdraw()).count(), 4);
-        tokio::time::advance(Duration::from_secs(2)).await;
-        assert_eq!((0..10).filter(|_| b.try_withdraw()).count(), 2);
-    }
-
-    #[test]
-    fn bulkhead_cap() {
-        let p = UpstreamPolicies::new(&config::Upstream {
+    fn upstream() -> config::Upstream {
+        config::Upstream {
             endpoints: vec![],
             balance: config::Balance::RoundRobin,
             http2: false,
@@ -261,31 +270,78 @@ mod tests {
             health_check: None,
             outlier_detection: None,
             circuit_breaker: None,
-            bulkhead: Some(config::Bulkhead {
-                max_concurrent: 1,
-                ..Default::default()
-            }),
+            bulkhead: None,
             rate_limit: None,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bulkhead_cap_without_queue() {
+        let mut c = upstream();
+        c.bulkhead = Some(config::Bulkhead {
+            max_concurrent: 1,
+            max_queued: 0,
+            ..Default::default()
         });
-        let a = p.admit().unwrap();
-        assert_eq!(p.admit().unwrap_err(), Reject::BulkheadFull);
+        let p = UpstreamPolicies::new("u", &c, &None).unwrap();
+        let a = p.admit().await.unwrap();
+        assert_eq!(p.admit().await.unwrap_err(), Reject::BulkheadFull);
         drop(a);
-        assert!(p.admit().is_ok());
+        assert!(p.admit().await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn breaker_opens_and_rejects_with_retry_after() {
+        let mut c = upstream();
+        c.circuit_breaker = Some(config::CircuitBreaker {
+            window: config::Window {
+                kind: config::WindowKind::Count,
+                size: config::WindowSize::Calls(4),
+            },
+            minimum_calls: 2,
+            open_duration: config::Dur::from_secs(5),
+            ..Default::default()
+        });
+        let p = UpstreamPolicies::new("u", &c, &None).unwrap();
+        for _ in 0..2 {
+            p.admit().await.unwrap().record(Outcome::Failure);
+        }
+        assert_eq!(
+            p.admit().await.unwrap_err(),
+            Reject::CircuitOpen {
+                retry_after: Duration::from_secs(5)
+            }
+        );
     }
 
     #[test]
-    fn backoff_exponential_capped() {
-        let p = RoutePolicies::new(Some(&config::Retry {
-            backoff: config::Backoff {
-                kind: config::BackoffKind::Exponential,
-                base: config::Dur::from_millis(100),
-                max: config::Dur::from_millis(300),
-                jitter: config::Jitter::None,
-            },
-            ..Default::default()
-        }));
-        assert_eq!(p.backoff(1), Duration::from_millis(100));
-        assert_eq!(p.backoff(2), Duration::from_millis(200));
-        assert_eq!(p.backoff(3), Duration::from_millis(300));
+    fn backoff_kinds_map_to_the_library() {
+        let b = |kind| {
+            RoutePolicies::new(Some(&config::Retry {
+                backoff: config::Backoff {
+                    kind,
+                    base: config::Dur::from_millis(100),
+                    max: config::Dur::from_millis(300),
+                    jitter: config::Jitter::None,
+                },
+                ..Default::default()
+            }))
+            .unwrap()
+        };
+        let ms = Duration::from_millis;
+        let p = b(config::BackoffKind::Exponential);
+        assert_eq!(
+            (1..=3).map(|n| p.backoff(n)).collect::<Vec<_>>(),
+            [ms(100), ms(200), ms(300)]
+        );
+        let p = b(config::BackoffKind::Fibonacci);
+        assert_eq!(
+            (1..=4).map(|n| p.backoff(n)).collect::<Vec<_>>(),
+            [ms(100), ms(100), ms(200), ms(300)]
+        );
+        let p = b(config::BackoffKind::Constant);
+        assert_eq!(p.backoff(3), ms(100));
+        let p = b(config::BackoffKind::DecorrelatedJitter);
+        assert!((1..=5).all(|n| (ms(100)..=ms(300)).contains(&p.backoff(n))));
     }
 }

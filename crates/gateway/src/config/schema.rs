@@ -678,8 +678,13 @@ pub enum BackoffKind {
     Exponential,
     /// base x (n+1).
     Linear,
-    /// base.
+    /// base, every time (`fixed` is accepted too).
+    #[serde(alias = "fixed")]
     Constant,
+    /// base x fib(n): 1, 1, 2, 3, 5, ...
+    Fibonacci,
+    /// AWS decorrelated jitter: min(max, random(base, previous x 3)); carries its own randomness.
+    DecorrelatedJitter,
 }
 
 /// Backoff jitter.

@@ -52,7 +52,7 @@ fn type_error() {
     );
     assert_eq!(
         err(&format!("{UP}routes:\n  - match: {{path_prefix: /}}\n    upstream: a\n    retry: {{backoff: {{kind: weird}}}}\n")),
-        "gw.yaml:7:29: routes[0].retry.backoff.kind: unknown variant `weird`, expected one of `exponential`, `linear`, `constant`"
+        "gw.yaml:7:29: routes[0].retry.backoff.kind: unknown variant `weird`, expected one of `exponential`, `linear`, `constant`, `fixed`, `fibonacci`, `decorrelated_jitter`"
     );
 }
 

@@ -167,7 +167,7 @@ pub(crate) async fn forward(
         let mut tried = Tried::default();
         let mut on_this: u32 = 0;
         loop {
-            let mut admission = match up.policies.admit() {
+            let mut admission = match up.policies.admit().await {
                 Ok(a) => a,
                 Err(r) => {
                     last = Last::Failure(reject_to_failure(r));

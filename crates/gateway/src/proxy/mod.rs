@@ -62,9 +62,16 @@ pub struct Runtime {
 impl Runtime {
     /// Builds the runtime of a validated config.
     pub fn new(config: &Config) -> Result<Self, String> {
+        Self::with_events(config, &None)
+    }
+
+    /// Builds the runtime of a validated config; the policies report their events to `events`.
+    pub fn with_events(config: &Config, events: &crate::policy::Events) -> Result<Self, String> {
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for (name, up) in config.upstreams.iter() {
-            upstreams.push(Arc::new(Upstream::new(name, up)?));
+            upstreams.push(Arc::new(
+                Upstream::new(name, up, events).map_err(|e| format!("upstreams.{name}.{e}"))?,
+            ));
         }
         let mut routes = Vec::with_capacity(config.routes.len());
         for (i, r) in config.routes.iter().enumerate() {

@@ -160,7 +160,7 @@ impl Route {
                 .filter(|h| h.enabled)
                 .map_or(0, |h| h.max_hedges),
             fallback: c.fallback.as_ref().map(FallbackResponse::new),
-            policies: RoutePolicies::new(retry),
+            policies: RoutePolicies::new(retry)?,
         })
     }
 }

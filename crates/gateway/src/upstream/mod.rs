@@ -34,7 +34,11 @@ pub struct Upstream {
 
 impl Upstream {
     /// Builds an upstream from validated config.
-    pub fn new(name: &str, c: &config::Upstream) -> Result<Self, String> {
+    pub fn new(
+        name: &str,
+        c: &config::Upstream,
+        events: &crate::policy::Events,
+    ) -> Result<Self, String> {
         let mut eps: Vec<&config::Endpoint> = c.endpoints.iter().collect();
         eps.sort_by_key(|e| e.priority);
         let mut endpoints = Vec::with_capacity(eps.len());
@@ -71,7 +75,7 @@ impl Upstream {
             endpoints,
             balance: c.balance,
             http2: c.http2,
-            policies: UpstreamPolicies::new(c),
+            policies: UpstreamPolicies::new(name, c, events)?,
             tiers,
         })
     }
