@@ -45,6 +45,9 @@ impl BodySlot {
 }
 
 /// What the last attempt left us with.
+// `Last` lives on one request's stack and is moved a few times; boxing the response would add an
+// allocation to every failed attempt for no benefit.
+#[allow(clippy::large_enum_variant)]
 enum Last {
     Response(Response<RespBody>),
     Failure(Failure),
