@@ -3,7 +3,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bulwark::breaker::{Builder, CircuitBreaker};
+use bulwark::breaker::{CircuitBreaker, CircuitBreakerBuilder};
 use bulwark::events::BreakerState::{self, *};
 use bulwark::{Error, Event, Outcome};
 use tokio::time::{advance, sleep};
@@ -18,7 +18,7 @@ enum Kind {
 }
 
 /// A breaker with a 10-call or 10-second window, minimum 4 calls, 50 %.
-fn builder(kind: Kind) -> Builder {
+fn builder(kind: Kind) -> CircuitBreakerBuilder {
     let b = CircuitBreaker::builder()
         .name("test")
         .minimum_calls(4)
@@ -33,7 +33,7 @@ fn builder(kind: Kind) -> Builder {
 
 type Log = Arc<Mutex<Vec<Event>>>;
 
-fn with_log(b: Builder) -> (Builder, Log) {
+fn with_log(b: CircuitBreakerBuilder) -> (CircuitBreakerBuilder, Log) {
     let log: Log = Arc::default();
     let l = log.clone();
     (

@@ -70,12 +70,13 @@ async fn opens_and_rejects_with_a_downcastable_circuit_open() {
 #[tokio::test(start_paused = true)]
 async fn the_classifier_sees_ok_responses() {
     let b = breaker();
-    let layer = CircuitBreakerLayer::new(b.clone()).classify(|r: &Result<u16, Refused>| match r {
-        Ok(s) if *s >= 500 => Outcome::Failure,
-        Ok(404) => Outcome::Ignore,
-        Ok(_) => Outcome::Success,
-        Err(_) => Outcome::Failure,
-    });
+    let layer =
+        CircuitBreakerLayer::new(b.clone()).classifier(|r: &Result<u16, Refused>| match r {
+            Ok(s) if *s >= 500 => Outcome::Failure,
+            Ok(404) => Outcome::Ignore,
+            Ok(_) => Outcome::Success,
+            Err(_) => Outcome::Failure,
+        });
     let mut svc = ServiceBuilder::new()
         .layer(layer)
         .service(service_fn(upstream));

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
 
-use bulwark::breaker::{Builder, CircuitBreaker};
+use bulwark::breaker::{CircuitBreaker, CircuitBreakerBuilder};
 use bulwark::events::BreakerState::{self, *};
 use bulwark::{Error, Event};
 use tokio::sync::Semaphore;
@@ -14,7 +14,7 @@ use tokio::time::{advance, timeout, Instant};
 const MS: Duration = Duration::from_millis(1);
 const SEC: Duration = Duration::from_secs(1);
 
-fn builder() -> Builder {
+fn builder() -> CircuitBreakerBuilder {
     CircuitBreaker::builder()
         .name("recovery")
         .count_window(10)
@@ -212,7 +212,7 @@ async fn a_cancelled_probe_frees_its_slot_at_once() {
 
 type Transitions = Arc<Mutex<Vec<(BreakerState, BreakerState)>>>;
 
-fn transition_log(b: Builder) -> (Builder, Transitions) {
+fn transition_log(b: CircuitBreakerBuilder) -> (CircuitBreakerBuilder, Transitions) {
     let log = Arc::new(Mutex::new(Vec::new()));
     let l = log.clone();
     let b = b.listener(move |e: &Event| {

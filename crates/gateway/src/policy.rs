@@ -199,6 +199,10 @@ pub fn backoff(b: &config::Backoff) -> Backoff {
         config::BackoffKind::Fibonacci => Backoff::fibonacci(base),
         config::BackoffKind::DecorrelatedJitter => Backoff::decorrelated_jitter(base, max),
     };
+    if b.kind == config::BackoffKind::DecorrelatedJitter {
+        // Already random: the library rejects extra jitter on it.
+        return schedule.max(max);
+    }
     schedule.max(max).jitter(match b.jitter {
         config::Jitter::None => Jitter::None,
         config::Jitter::Full => Jitter::Full,
@@ -316,32 +320,39 @@ mod tests {
 
     #[test]
     fn backoff_kinds_map_to_the_library() {
-        let b = |kind| {
+        let b = |kind, jitter| {
             RoutePolicies::new(Some(&config::Retry {
                 backoff: config::Backoff {
                     kind,
                     base: config::Dur::from_millis(100),
                     max: config::Dur::from_millis(300),
-                    jitter: config::Jitter::None,
+                    jitter,
                 },
                 ..Default::default()
             }))
             .unwrap()
         };
         let ms = Duration::from_millis;
-        let p = b(config::BackoffKind::Exponential);
+        use config::{BackoffKind as K, Jitter as J};
+        let seq = |p: RoutePolicies, n: u32| (1..=n).map(|i| p.backoff(i)).collect::<Vec<_>>();
         assert_eq!(
-            (1..=3).map(|n| p.backoff(n)).collect::<Vec<_>>(),
+            seq(b(K::Exponential, J::None), 3),
             [ms(100), ms(200), ms(300)]
         );
-        let p = b(config::BackoffKind::Fibonacci);
         assert_eq!(
-            (1..=4).map(|n| p.backoff(n)).collect::<Vec<_>>(),
+            seq(b(K::Fibonacci, J::None), 4),
             [ms(100), ms(100), ms(200), ms(300)]
         );
-        let p = b(config::BackoffKind::Constant);
-        assert_eq!(p.backoff(3), ms(100));
-        let p = b(config::BackoffKind::DecorrelatedJitter);
+        assert_eq!(seq(b(K::Constant, J::None), 2), [ms(100), ms(100)]);
+        assert_eq!(seq(b(K::Linear, J::None), 3), [ms(100), ms(200), ms(300)]);
+        // Full jitter: each delay within [0, d].
+        let full = seq(b(K::Exponential, J::Full), 3);
+        assert!(full
+            .iter()
+            .zip([ms(100), ms(200), ms(300)])
+            .all(|(got, d)| *got <= d));
+        // Decorrelated jitter carries its own randomness: a configured jitter is not added.
+        let p = b(K::DecorrelatedJitter, J::Full);
         assert!((1..=5).all(|n| (ms(100)..=ms(300)).contains(&p.backoff(n))));
     }
 }

@@ -7,7 +7,7 @@ use std::hash::Hash;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
-use super::{Builder, CircuitBreaker, Permit};
+use super::{CircuitBreaker, CircuitBreakerBuilder, Permit};
 use crate::classify::AnyError;
 use crate::events::{BreakerState, Event, Listener, Listeners};
 use crate::keyed::{Keyed, KeyedBuilder};
@@ -19,7 +19,7 @@ use crate::{Classify, ConfigError, Error};
 /// `max_keys`, idle keys are evicted, and when none is idle the new keys share one
 /// overflow breaker.
 ///
-/// Every per-key breaker has the settings of the one [`Builder`]. Events
+/// Every per-key breaker has the settings of the one [`CircuitBreakerBuilder`]. Events
 /// ([`Event::BreakerTransition`], [`Event::BreakerRejected`]) are named by the key's
 /// bounded label (the key for the top keys, `other` for the rest), so metrics fed by
 /// them never get one series per key.
@@ -144,8 +144,9 @@ where
 /// Builds a [`KeyedCircuitBreaker`].
 #[derive(Debug, Clone)]
 pub struct KeyedCircuitBreakerBuilder {
-    breaker: Builder,
+    breaker: CircuitBreakerBuilder,
     keyed: KeyedBuilder,
+    idle_timeout: Option<Duration>,
     listeners: Listeners,
 }
 
@@ -154,16 +155,20 @@ impl Default for KeyedCircuitBreakerBuilder {
         KeyedCircuitBreakerBuilder {
             breaker: CircuitBreaker::builder(),
             keyed: KeyedBuilder::default(),
+            idle_timeout: None,
             listeners: Listeners::new(),
         }
     }
 }
 
 impl KeyedCircuitBreakerBuilder {
-    /// Per-key breaker settings, applied to a [`Builder`] with the defaults
+    /// Per-key breaker settings, applied to a [`CircuitBreakerBuilder`] with the defaults
     /// (its name and listeners are replaced: events carry the key's label and go to
     /// this builder's listeners).
-    pub fn breaker(mut self, f: impl FnOnce(Builder) -> Builder) -> Self {
+    pub fn breaker(
+        mut self,
+        f: impl FnOnce(CircuitBreakerBuilder) -> CircuitBreakerBuilder,
+    ) -> Self {
         self.breaker = f(self.breaker);
         self
     }
@@ -182,9 +187,11 @@ impl KeyedCircuitBreakerBuilder {
     }
 
     /// Idle time after which a key's breaker may be evicted (default
-    /// [`DEFAULT_IDLE_TIMEOUT`](crate::keyed::DEFAULT_IDLE_TIMEOUT)).
+    /// [`DEFAULT_IDLE_TIMEOUT`](crate::keyed::DEFAULT_IDLE_TIMEOUT), raised to the
+    /// longest open duration when that is longer). Evicting an open breaker closes
+    /// it, so it must be at least the longest open duration: shorter is an error.
     pub fn idle_timeout(mut self, d: Duration) -> Self {
-        self.keyed = self.keyed.idle_timeout(d);
+        self.idle_timeout = Some(d);
         self
     }
 
@@ -209,6 +216,23 @@ impl KeyedCircuitBreakerBuilder {
     {
         // Validate once, so the factory below cannot fail.
         self.breaker.clone().build()?;
+        // An idle open breaker must not be evicted (and so closed) before its open
+        // duration (with growth, the longest one) has run out.
+        let longest_open = match self.breaker.growth {
+            Some((_, max)) => max.max(self.breaker.open_duration),
+            None => self.breaker.open_duration,
+        };
+        let idle = match self.idle_timeout {
+            Some(d) if d < longest_open => {
+                return Err(ConfigError::new(
+                    "idle_timeout",
+                    format!("must be at least the longest open duration ({longest_open:?})"),
+                ))
+            }
+            Some(d) => d,
+            None => crate::keyed::DEFAULT_IDLE_TIMEOUT.max(longest_open),
+        };
+        let keyed_builder = self.keyed.idle_timeout(idle);
         // Per-key breakers relabel their events through the map, which exists only
         // after the factory is given to it: hence a late-bound weak reference (weak,
         // so the map does not keep itself alive through its own factory).
@@ -243,7 +267,7 @@ impl KeyedCircuitBreakerBuilder {
             b.build()
                 .expect("infallible: these settings were validated by build() above")
         };
-        let keyed = self.keyed.build(factory)?;
+        let keyed = keyed_builder.build(factory)?;
         let inner = Arc::new(Inner { keyed });
         let _ = this.set(Arc::downgrade(&inner));
         Ok(KeyedCircuitBreaker { inner })

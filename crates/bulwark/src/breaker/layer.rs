@@ -20,7 +20,7 @@ use crate::{BoxError, Classify};
 ///
 /// let breaker = CircuitBreaker::builder().name("users-db").build().unwrap();
 /// // Count a response of 500 or more as a failure, an error as a failure.
-/// let layer = CircuitBreakerLayer::new(breaker).classify(
+/// let layer = CircuitBreakerLayer::new(breaker).classifier(
 ///     |r: &Result<u16, std::io::Error>| match r {
 ///         Ok(status) if *status >= 500 => Outcome::Failure,
 ///         Ok(_) => Outcome::Success,
@@ -49,7 +49,7 @@ impl<C> CircuitBreakerLayer<C> {
     /// Uses `classify` to decide what each `Result<S::Response, S::Error>` counts
     /// as. It is cloned into every response future, so keep it small (a closure
     /// without captures, or one holding an `Arc`).
-    pub fn classify<C2>(self, classify: C2) -> CircuitBreakerLayer<C2> {
+    pub fn classifier<C2>(self, classify: C2) -> CircuitBreakerLayer<C2> {
         CircuitBreakerLayer {
             breaker: self.breaker,
             classify,

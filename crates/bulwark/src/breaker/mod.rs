@@ -25,12 +25,12 @@
 //! ```
 //!
 //! * **Windows.** Outcomes of the closed state go to a sliding window: the last N
-//!   calls ([`Builder::count_window`], the default, 100 calls) or the calls of the
-//!   last N seconds ([`Builder::time_window`], one bucket per second). The rates
-//!   are evaluated only once the window holds [`Builder::minimum_calls`] calls (for
+//!   calls ([`CircuitBreakerBuilder::count_window`], the default, 100 calls) or the calls of the
+//!   last N seconds ([`CircuitBreakerBuilder::time_window`], one bucket per second). The rates
+//!   are evaluated only once the window holds [`CircuitBreakerBuilder::minimum_calls`] calls (for
 //!   a count window, at most its size), as in resilience4j; a rate *equal to* the
 //!   threshold trips.
-//! * **Slow calls.** With [`Builder::slow_call_duration`] set, a call that takes
+//! * **Slow calls.** With [`CircuitBreakerBuilder::slow_call_duration`] set, a call that takes
 //!   longer than it counts as slow (whether it succeeded or failed), and the breaker
 //!   also trips on the slow-call rate. It is **off by default** (resilience4j's
 //!   default is 60 s): measuring a duration costs two clock reads per call, which
@@ -46,15 +46,15 @@
 //! * **Leases.** A probe that never reports (its permit leaked, its task hung)
 //!   would hold its slot forever and wedge the breaker in half-open, a failure
 //!   mode resilience4j users have hit. Every probe slot is leased for
-//!   [`Builder::probe_lease`]; after that, the next caller takes it over. A probe
+//!   [`CircuitBreakerBuilder::probe_lease`]; after that, the next caller takes it over. A probe
 //!   whose future is dropped (cancelled) frees its slot at once, and counts as
 //!   nothing.
-//! * **Growth.** With [`Builder::open_duration_growth`], each consecutive trip
+//! * **Growth.** With [`CircuitBreakerBuilder::open_duration_growth`], each consecutive trip
 //!   (half-open -> open) multiplies the open duration, up to a cap; closing resets
 //!   it.
-//! * **Ramp.** With [`Builder::ramp_up`], passing probes do not close the breaker
+//! * **Ramp.** With [`CircuitBreakerBuilder::ramp_up`], passing probes do not close the breaker
 //!   at once: it moves to [`BreakerState::Ramping`] and admits a share of calls
-//!   that grows linearly from [`Builder::ramp_start_percent`] to 100 % over the
+//!   that grows linearly from [`CircuitBreakerBuilder::ramp_start_percent`] to 100 % over the
 //!   ramp, re-opening if the calls of the ramp cross a threshold (after
 //!   `minimum_calls` of them), and closing when the ramp ends. Callers the ramp
 //!   turns away are told to retry in a second (or when the ramp ends, if sooner). Admission is a
@@ -170,7 +170,7 @@ pub const DEFAULT_SLOW_CALL_RATE_THRESHOLD: f64 = 100.0;
 /// Default slow-call duration: none, slow-call detection is off. resilience4j's
 /// default is 60 s; measuring durations costs two clock reads per closed call,
 /// and a 60 s threshold rarely fires before the caller's own timeout. Set
-/// [`Builder::slow_call_duration`] to turn it on.
+/// [`CircuitBreakerBuilder::slow_call_duration`] to turn it on.
 pub const DEFAULT_SLOW_CALL_DURATION: Option<Duration> = None;
 
 /// Default time the breaker stays open before probing. resilience4j waits 60 s,
@@ -249,11 +249,11 @@ impl Snapshot {
 
 impl CircuitBreaker {
     /// A builder with the documented defaults.
-    pub fn builder() -> Builder {
-        Builder::default()
+    pub fn builder() -> CircuitBreakerBuilder {
+        CircuitBreakerBuilder::default()
     }
 
-    /// The breaker's name (from [`Builder::name`]).
+    /// The breaker's name (from [`CircuitBreakerBuilder::name`]).
     pub fn name(&self) -> &str {
         &self.inner.name
     }
@@ -368,9 +368,9 @@ impl CircuitBreaker {
     }
 }
 
-/// Builds a [`CircuitBreaker`]; every setting is checked by [`build`](Builder::build).
+/// Builds a [`CircuitBreaker`]; every setting is checked by [`build`](CircuitBreakerBuilder::build).
 #[derive(Debug, Clone)]
-pub struct Builder {
+pub struct CircuitBreakerBuilder {
     name: Arc<str>,
     window: WindowKind,
     minimum_calls: u32,
@@ -386,9 +386,9 @@ pub struct Builder {
     listeners: Listeners,
 }
 
-impl Default for Builder {
+impl Default for CircuitBreakerBuilder {
     fn default() -> Self {
-        Builder {
+        CircuitBreakerBuilder {
             name: DEFAULT_NAME.into(),
             window: WindowKind::Count(DEFAULT_WINDOW_SIZE),
             minimum_calls: DEFAULT_MINIMUM_CALLS,
@@ -426,7 +426,7 @@ fn check_positive(field: &'static str, d: Duration) -> Result<u64, ConfigError> 
     }
 }
 
-impl Builder {
+impl CircuitBreakerBuilder {
     /// The name reported in events and [`Error::CircuitOpen`] (default `"default"`).
     pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
         self.name = name.into();
@@ -627,7 +627,7 @@ mod tests {
 
     #[test]
     fn builder_rejects_out_of_range_settings() {
-        let field = |b: Builder| b.build().unwrap_err().field();
+        let field = |b: CircuitBreakerBuilder| b.build().unwrap_err().field();
         let b = CircuitBreaker::builder;
         assert_eq!(field(b().count_window(0)), "count_window");
         assert_eq!(field(b().count_window(1_000_001)), "count_window");

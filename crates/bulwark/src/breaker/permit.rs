@@ -18,7 +18,7 @@ use crate::Outcome;
 /// recorded, and a half-open probe permit is handed back at once so another
 /// caller can probe. A permit that is leaked (`mem::forget`) or whose owner hangs
 /// forever holds a probe slot only until the probe lease runs out
-/// ([`Builder::probe_lease`](super::Builder::probe_lease)).
+/// ([`CircuitBreakerBuilder::probe_lease`](super::CircuitBreakerBuilder::probe_lease)).
 pub struct Permit {
     inner: Arc<Inner>,
     core: Core,

@@ -63,8 +63,8 @@
 //! ```
 //!
 //! [`Fallback::call_with`] also falls back on `Ok` values that a [`Classify`] calls a
-//! failure (an HTTP 503 that arrived as a response): see [`Classify`]. [`FallbackLayer`] does the same
-//! for a `tower` service.
+//! failure (an HTTP 503 that arrived as a response): see [`Classify`]. [`FallbackLayer`] brings the
+//! error-triggered fallback to a `tower` service; it does not classify `Ok` responses.
 
 mod future;
 mod layer;

@@ -24,6 +24,9 @@ pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
 /// avoid flapping, few enough to recover within two intervals.
 pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
 
+/// Longest accepted check interval (a year): longer ones would overflow the timer.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// The detail of a component that has not been checked yet.
 pub const PENDING_DETAIL: &str = "not checked yet";
 
@@ -91,6 +94,11 @@ impl HealthCheckerBuilder {
     pub fn build(self) -> Result<HealthChecker, ConfigError> {
         if self.interval.is_zero() {
             return Err(ConfigError::new("interval", "must be greater than zero"));
+        }
+        // tokio's interval adds the period to an Instant without saturating: a
+        // period near Duration::MAX would panic inside the checker's task.
+        if self.interval > MAX_INTERVAL {
+            return Err(ConfigError::new("interval", "must be at most a year"));
         }
         if self.timeout.is_zero() {
             return Err(ConfigError::new("timeout", "must be greater than zero"));

@@ -310,11 +310,16 @@ impl HealthRegistry {
     }
 }
 
-/// Runs `checks` concurrently, each within `timeout`.
+/// Runs `checks` concurrently, each within `timeout`. A check that panics is
+/// reported unhealthy instead of taking the caller (or the background checker's
+/// task) down with it, which would freeze the last report forever.
 async fn run_all(checks: &[Registered], timeout: Duration) -> Vec<CheckResult> {
+    use futures_util::FutureExt;
     futures_util::future::join_all(checks.iter().map(|c| async move {
-        match tokio::time::timeout(timeout, c.check.check()).await {
-            Ok(result) => result,
+        let guarded = std::panic::AssertUnwindSafe(c.check.check()).catch_unwind();
+        match tokio::time::timeout(timeout, guarded).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => CheckResult::unhealthy("check panicked"),
             Err(_) => CheckResult::unhealthy(format!("check timed out after {timeout:?}")),
         }
     }))

@@ -234,6 +234,8 @@ where
                 if let Poll::Ready((result, start)) = first.poll(cx) {
                     this.first.set(None);
                     if let Step::Done(out) = on_result(this.state, result, start, None) {
+                        // Cancel the hedges now, not when the caller drops this future.
+                        this.state.hedges = None;
                         return Poll::Ready(out);
                     }
                     progressed = true;
@@ -247,6 +249,9 @@ where
                         if let Step::Done(out) =
                             on_result(this.state, result, start, original_start)
                         {
+                            // Cancel the losers now, not when the caller drops this future.
+                            this.first.set(None);
+                            this.state.hedges = None;
                             return Poll::Ready(out);
                         }
                         progressed = true;

@@ -188,6 +188,12 @@ impl Backoff {
             }
             Kind::Fibonacci(d) => d,
             Kind::Decorrelated(d) => {
+                if d.is_zero() {
+                    return Err(ConfigError::new(
+                        "backoff",
+                        "decorrelated jitter needs a base above zero (it would stay at zero)",
+                    ));
+                }
                 if self.jitter != Jitter::None {
                     return Err(ConfigError::new(
                         "backoff",
