@@ -3,3 +3,4 @@
 #![warn(missing_debug_implementations, unreachable_pub)]
 
 pub mod cli;
+pub mod demo;
