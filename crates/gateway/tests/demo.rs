@@ -362,12 +362,12 @@ fn render_shows_every_field() {
         "412/s",
         "p50 14ms",
         "p99 230ms",
-        "clients saw  3 errors (0.02%)",
-        "providers returned 1,234 errors in 14,023 calls (8.8%)",
+        "clients saw  3 errors in 12,345 requests (0.02%)",
+        "providers    returned 1,234 errors in 14,023 calls (8.8%)",
         "flaky OPEN",
         "healthy closed",
         "slow ?",
-        "failovers 3,210",
+        "failovers    3,210 /api/",
         "circuit_open 40",
         "fallback 120",
     ] {
@@ -384,6 +384,26 @@ fn render_shows_every_field() {
     let plain = display::render(&sample_snapshot(None), false);
     for u in ["flaky ?", "healthy ?", "slow ?"] {
         assert!(plain.contains(u), "unreachable admin API shows ?: {plain}");
+    }
+}
+
+#[test]
+fn render_wraps_many_reasons_within_the_width() {
+    let mut snap = sample_snapshot(None);
+    snap.load.reasons = [1_234_567; load::REASONS.len()];
+    snap.load.reasons_other = 5;
+    let frame = display::render(&snap, false);
+    assert!(
+        frame
+            .lines()
+            .all(|l| l.chars().count() <= display::MAX_WIDTH),
+        "{frame}"
+    );
+    for reason in load::REASONS.iter().chain(&["other"]) {
+        assert!(
+            frame.contains(&format!("{reason} ")),
+            "{reason} in\n{frame}"
+        );
     }
 }
 

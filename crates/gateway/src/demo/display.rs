@@ -19,7 +19,7 @@ use super::{DemoSummary, Phase};
 pub const BREAKER_ORDER: [Provider; 3] = [Provider::Flaky, Provider::Healthy, Provider::Slow];
 
 /// Width of the progress bar, in characters.
-const BAR_WIDTH: usize = 24;
+const BAR_WIDTH: usize = 30;
 
 /// Client-side numbers of the last whole second.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -184,7 +184,8 @@ fn progress_bar(elapsed: Duration, total: Duration) -> String {
     format!("[{}{}]", "#".repeat(filled), ".".repeat(BAR_WIDTH - filled))
 }
 
-/// The multi-line frame for a terminal. `color` adds ANSI colours; lines stay under 100 columns.
+/// The multi-line frame for a terminal. `color` adds ANSI colours; lines stay under [`MAX_WIDTH`]
+/// visible columns, because a wrapped line would throw off the cursor-up redraw.
 pub fn render(s: &Snapshot, color: bool) -> String {
     let p = Paint(color);
     let (provider_requests, provider_errors) = s.provider_totals();
@@ -193,13 +194,17 @@ pub fn render(s: &Snapshot, color: bool) -> String {
     // Writing into a String cannot fail.
     let _ = writeln!(
         out,
-        "{} {} {} / {}   phase {}/3: {}",
+        "{} {} {} / {}",
         p.bold("bulwark demo"),
         progress_bar(s.elapsed, s.total),
         secs(s.elapsed),
         secs(s.total),
+    );
+    let _ = writeln!(
+        out,
+        "  phase {}/3    {}",
         s.phase.number(),
-        s.phase.describe(),
+        s.phase.describe()
     );
     let _ = writeln!(
         out,
@@ -210,18 +215,23 @@ pub fn render(s: &Snapshot, color: bool) -> String {
         latency(s.window.p99),
     );
     let client = format!(
-        "{} errors ({})",
+        "{} errors in {} requests ({})",
         count(client_errors),
+        count(s.load.requests),
         percent(client_errors, s.load.requests)
     );
     let _ = writeln!(
         out,
-        "  clients saw  {}   providers returned {} errors in {} calls ({})",
+        "  clients saw  {}",
         if client_errors == 0 {
             p.green(&client)
         } else {
             p.yellow(&client)
         },
+    );
+    let _ = writeln!(
+        out,
+        "  providers    returned {} errors in {} calls ({})",
         count(provider_errors),
         count(provider_requests),
         percent(provider_errors, provider_requests),
@@ -244,23 +254,51 @@ pub fn render(s: &Snapshot, color: bool) -> String {
     if s.load.served_by_unknown > 0 {
         served.push(format!("gateway {}", count(s.load.served_by_unknown)));
     }
+    let _ = writeln!(out, "  served by    {}", served.join("   "));
     let _ = writeln!(
         out,
-        "  served by    {}   failovers {}",
-        served.join("   "),
+        "  failovers    {} /api/ requests answered by healthy",
         count(s.load.failovers)
     );
-    let reasons = s.load.reasons_seen();
-    let acted = if reasons.is_empty() {
-        p.dim("nothing yet")
+    let reasons: Vec<String> = s
+        .load
+        .reasons_seen()
+        .iter()
+        .map(|(r, n)| format!("{r} {}", count(*n)))
+        .collect();
+    if reasons.is_empty() {
+        let _ = writeln!(out, "  gateway did  {}", p.dim("nothing yet"));
     } else {
-        reasons
-            .iter()
-            .map(|(r, n)| format!("{r} {}", count(*n)))
-            .collect::<Vec<_>>()
-            .join("   ")
-    };
-    let _ = writeln!(out, "  gateway did  {acted}");
+        out.push_str(&wrap("  gateway did  ", &reasons, "   "));
+    }
+    out
+}
+
+/// Widest line [`render`] produces, in visible columns: fits an 80-column terminal.
+pub const MAX_WIDTH: usize = 79;
+
+/// `items` joined by `sep` after `label`, wrapped under the label's indentation at [`MAX_WIDTH`].
+fn wrap(label: &str, items: &[String], sep: &str) -> String {
+    let indent = " ".repeat(label.chars().count());
+    let mut out = String::new();
+    let mut line = label.to_owned();
+    let mut empty = true;
+    for item in items {
+        let width = line.chars().count() + sep.len() + item.chars().count();
+        if !empty && width > MAX_WIDTH {
+            out.push_str(&line);
+            out.push('\n');
+            line = indent.clone();
+            empty = true;
+        }
+        if !empty {
+            line.push_str(sep);
+        }
+        line.push_str(item);
+        empty = false;
+    }
+    out.push_str(&line);
+    out.push('\n');
     out
 }
 

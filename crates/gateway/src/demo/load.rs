@@ -22,7 +22,7 @@ use super::providers::{Provider, PROVIDER_HEADER};
 pub const DEFAULT_CONCURRENCY: usize = 8;
 /// Share of requests sent to the `/slow/` route; the rest go to `/api/`. Small, because each slow
 /// request holds a worker for up to a second.
-pub const DEFAULT_SLOW_SHARE: f64 = 0.1;
+pub const DEFAULT_SLOW_SHARE: f64 = 0.02;
 /// A request with no answer after this long counts as a client-visible error. Far above the routes'
 /// own timeouts, so it only fires when the gateway itself hangs.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);

@@ -47,8 +47,11 @@ use load::{LoadConfig, LoadSnapshot, LoadStats};
 pub const DEFAULT_DURATION: Duration = Duration::from_secs(30);
 /// Default seed: any fixed value, so two runs behave alike.
 pub const DEFAULT_SEED: u64 = 0x5EED;
-/// How long the gateway may take to answer on both listeners after [`DemoGateway::start`].
+/// How long the gateway's listener may take to accept connections after [`DemoGateway::start`].
 pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the admin API may take to answer once the listener does. Not fatal: without it the
+/// demo runs and shows breaker states as `?`.
+pub const ADMIN_GRACE: Duration = Duration::from_secs(2);
 /// Redraw period on a terminal (about 4 frames a second).
 pub const REDRAW_INTERVAL: Duration = Duration::from_millis(250);
 /// How often the admin API is polled for breaker states.
@@ -57,8 +60,8 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// The seam between the demo and the gateway: start a gateway on a config file, stop it.
 ///
 /// [`run`] calls [`start`](DemoGateway::start) once with the path of the YAML file it wrote (see
-/// [`config_yaml`]), then waits until both the listener and the admin API answer (up to
-/// [`READY_TIMEOUT`]); at the end it calls [`shutdown`](DemoGateway::shutdown) once, also after an
+/// [`config_yaml`]), then waits until the listener accepts connections (up to [`READY_TIMEOUT`]) and
+/// the admin API answers (up to [`ADMIN_GRACE`] more; optional); at the end it calls [`shutdown`](DemoGateway::shutdown) once, also after an
 /// interruption (Ctrl-C). `start` should load and validate the config, bind, spawn the serving task(s)
 /// on the current tokio runtime and return; an invalid config or a bind failure is an `Err` with a
 /// message for the user. `shutdown` stops serving and resolves once the gateway is stopped.
@@ -184,9 +187,9 @@ impl Phase {
     /// One line for the display.
     pub fn describe(self) -> &'static str {
         match self {
-            Phase::Normal => "normal: flaky fails 30% of calls",
-            Phase::FlakyDown => "flaky is DOWN: every call fails",
-            Phase::Recovered => "flaky is back (30% failures)",
+            Phase::Normal => "normal: flaky fails 30% of calls, retries hide it",
+            Phase::FlakyDown => "flaky is DOWN: every call fails, breaker should open",
+            Phase::Recovered => "flaky is back (30% failures): breaker half-opens, closes",
         }
     }
 }
@@ -256,12 +259,10 @@ pub enum DemoError {
     Setup(io::Error),
     /// [`DemoGateway::start`] failed.
     Gateway(String),
-    /// The gateway did not answer within [`READY_TIMEOUT`].
+    /// The gateway's listener did not accept connections within [`READY_TIMEOUT`].
     NotReady {
         /// Gateway listener.
         listen: SocketAddr,
-        /// Admin listener.
-        admin: SocketAddr,
     },
 }
 
@@ -273,9 +274,9 @@ impl fmt::Display for DemoError {
             }
             DemoError::Setup(err) => write!(f, "could not prepare the demo: {err}"),
             DemoError::Gateway(msg) => write!(f, "could not start the gateway: {msg}"),
-            DemoError::NotReady { listen, admin } => write!(
+            DemoError::NotReady { listen } => write!(
                 f,
-                "the gateway did not answer on {listen} and its admin API on {admin} within {}s",
+                "the gateway did not accept connections on {listen} within {}s",
                 READY_TIMEOUT.as_secs()
             ),
         }
@@ -315,10 +316,10 @@ pub async fn run<G: DemoGateway>(
         .start(config_path.clone())
         .await
         .map_err(DemoError::Gateway)?;
-    if !wait_ready(listen, admin).await {
+    let Some(admin_up) = wait_ready(listen, admin).await else {
         gateway.shutdown().await;
-        return Err(DemoError::NotReady { listen, admin });
-    }
+        return Err(DemoError::NotReady { listen });
+    };
 
     let gateway_url = format!("http://{listen}");
     let admin_url = format!("http://{admin}");
@@ -329,6 +330,11 @@ pub async fn run<G: DemoGateway>(
         &config_path,
         opts.duration,
     ));
+    if !admin_up {
+        screen.print(&format!(
+            "  (the admin API at {admin_url} does not answer: breaker states show as ?)\n"
+        ));
+    }
 
     let summary = drive(&opts, &providers, listen, admin, &mut screen).await;
     let (breaker_transitions, from_metrics) = match metrics_transitions(admin).await {
@@ -571,17 +577,31 @@ fn listen_addrs(opts: &DemoOptions) -> io::Result<(SocketAddr, SocketAddr)> {
     ))
 }
 
-/// Wait until the gateway accepts connections and its admin API answers, up to [`READY_TIMEOUT`].
-async fn wait_ready(listen: SocketAddr, admin: SocketAddr) -> bool {
+/// Wait until the gateway accepts connections, up to [`READY_TIMEOUT`]; then give its admin API a
+/// moment too. Only the listener is required: without an admin API the demo still runs and shows `?`
+/// for breaker states. Returns whether the admin API answered.
+async fn wait_ready(listen: SocketAddr, admin: SocketAddr) -> Option<bool> {
     let deadline = Instant::now() + READY_TIMEOUT;
-    let mut poller = AdminPoller::new(admin);
-    while Instant::now() < deadline {
-        if tokio::net::TcpStream::connect(listen).await.is_ok() && poller.is_up().await {
-            return true;
+    loop {
+        if tokio::net::TcpStream::connect(listen).await.is_ok() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return None;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    false
+    let admin_deadline = Instant::now() + ADMIN_GRACE;
+    let mut poller = AdminPoller::new(admin);
+    loop {
+        if poller.is_up().await {
+            return Some(true);
+        }
+        if Instant::now() >= admin_deadline {
+            return Some(false);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// A private temporary directory for the config file and the gateway's store, removed on drop.
