@@ -12,7 +12,8 @@ use bulwark_gateway::demo::display::{self, Snapshot, Window};
 use bulwark_gateway::demo::load::{self, LoadConfig, LoadSnapshot, LoadStats};
 use bulwark_gateway::demo::providers::PROVIDER_HEADER;
 use bulwark_gateway::demo::{
-    config_yaml, DemoSummary, Phase, Provider, ProviderStats, Providers, TransitionCount,
+    config_yaml, DemoSummary, Phase, PhaseTotals, Provider, ProviderStats, Providers,
+    TransitionCount,
 };
 use hyper::StatusCode;
 use serde_norway::Value;
@@ -436,6 +437,24 @@ fn summary_shows_totals_and_transitions() {
         p50: Some(Duration::from_millis(12)),
         p99: Some(Duration::from_millis(480)),
         providers: snap.providers.clone(),
+        phases: vec![
+            PhaseTotals {
+                phase: Phase::Normal,
+                requests: 4_000,
+                client_errors: 1,
+                failovers: 10,
+                provider_calls: 5_000,
+                provider_errors: 1_500,
+            },
+            PhaseTotals {
+                phase: Phase::FlakyDown,
+                requests: 8_345,
+                client_errors: 2,
+                failovers: 3_200,
+                provider_calls: 9_023,
+                provider_errors: 2_734,
+            },
+        ],
         breaker_transitions: vec![TransitionCount {
             upstream: "flaky".into(),
             from: "closed".into(),
@@ -458,11 +477,60 @@ fn summary_shows_totals_and_transitions() {
         "flaky        5,678 calls",
         "failovers          3,210",
         "closed -> open x2",
+        "1 normal",
+        "2 flaky down",
+        "2,734 / 9,023",
         "from /metrics",
         "http://127.0.0.1:9901",
     ] {
         assert!(text.contains(expected), "missing {expected:?} in\n{text}");
     }
+}
+
+#[test]
+fn phase_totals_are_differences() {
+    let before = LoadSnapshot {
+        requests: 10,
+        ok: 8,
+        non_2xx: 1,
+        no_response: 1,
+        failovers: 2,
+        ..Default::default()
+    };
+    let after = LoadSnapshot {
+        requests: 30,
+        ok: 25,
+        non_2xx: 3,
+        no_response: 2,
+        failovers: 7,
+        ..Default::default()
+    };
+    let p = |requests, errors| {
+        vec![
+            ProviderStats {
+                provider: Provider::Flaky,
+                requests,
+                errors,
+            },
+            ProviderStats {
+                provider: Provider::Healthy,
+                requests: requests / 2,
+                errors: 0,
+            },
+        ]
+    };
+    let t = PhaseTotals::between(Phase::FlakyDown, (&before, &p(10, 3)), (&after, &p(50, 23)));
+    assert_eq!(
+        t,
+        PhaseTotals {
+            phase: Phase::FlakyDown,
+            requests: 20,
+            client_errors: 3,
+            failovers: 5,
+            provider_calls: 60,
+            provider_errors: 20,
+        }
+    );
 }
 
 #[test]

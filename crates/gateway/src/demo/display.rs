@@ -385,6 +385,24 @@ pub fn render_summary(s: &DemoSummary, color: bool) -> String {
             count(stats.errors),
         );
     }
+    if !s.phases.is_empty() {
+        let _ = writeln!(
+            out,
+            "  by phase          requests  client errors  provider errors  failovers"
+        );
+        for t in &s.phases {
+            let label = format!("{} {}", t.phase.number(), t.phase.name());
+            let provider = format!("{} / {}", count(t.provider_errors), count(t.provider_calls));
+            let _ = writeln!(
+                out,
+                "    {label:<13} {:>10} {:>14} {:>16} {:>10}",
+                count(t.requests),
+                count(t.client_errors),
+                provider,
+                count(t.failovers),
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "  failovers          {} /api/ requests answered by healthy instead of flaky",

@@ -184,12 +184,65 @@ impl Phase {
         }
     }
 
+    /// A short name: `normal`, `flaky down`, `recovered`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Normal => "normal",
+            Phase::FlakyDown => "flaky down",
+            Phase::Recovered => "recovered",
+        }
+    }
+
     /// One line for the display.
     pub fn describe(self) -> &'static str {
         match self {
             Phase::Normal => "normal: flaky fails 30% of calls, retries hide it",
             Phase::FlakyDown => "flaky is DOWN: every call fails, breaker should open",
             Phase::Recovered => "flaky is back (30% failures): breaker half-opens, closes",
+        }
+    }
+}
+
+/// What happened during one phase, client side and provider side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PhaseTotals {
+    /// Which phase.
+    pub phase: Phase,
+    /// Requests the clients finished in it.
+    pub requests: u64,
+    /// Of those, errors the clients saw.
+    pub client_errors: u64,
+    /// `/api/` requests answered by `healthy`.
+    pub failovers: u64,
+    /// Calls the providers answered in it.
+    pub provider_calls: u64,
+    /// Errors the providers returned in it.
+    pub provider_errors: u64,
+}
+
+impl PhaseTotals {
+    /// The difference between counters read when `phase` began and when it ended.
+    pub fn between(
+        phase: Phase,
+        (load_before, providers_before): (&LoadSnapshot, &[ProviderStats]),
+        (load_after, providers_after): (&LoadSnapshot, &[ProviderStats]),
+    ) -> PhaseTotals {
+        let sum = |stats: &[ProviderStats]| {
+            stats
+                .iter()
+                .fold((0u64, 0u64), |(r, e), p| (r + p.requests, e + p.errors))
+        };
+        let (calls_before, errors_before) = sum(providers_before);
+        let (calls_after, errors_after) = sum(providers_after);
+        PhaseTotals {
+            phase,
+            requests: load_after.requests.saturating_sub(load_before.requests),
+            client_errors: load_after
+                .client_errors()
+                .saturating_sub(load_before.client_errors()),
+            failovers: load_after.failovers.saturating_sub(load_before.failovers),
+            provider_calls: calls_after.saturating_sub(calls_before),
+            provider_errors: errors_after.saturating_sub(errors_before),
         }
     }
 }
@@ -222,6 +275,8 @@ pub struct DemoSummary {
     pub p99: Option<Duration>,
     /// What each provider served and how many errors it returned.
     pub providers: Vec<ProviderStats>,
+    /// The same numbers per phase, for the phases the run reached.
+    pub phases: Vec<PhaseTotals>,
     /// Breaker transitions: from the gateway's `/metrics` when it has them, else as observed by
     /// polling the admin API (which can miss a short `half_open`).
     pub breaker_transitions: Vec<TransitionCount>,
@@ -350,6 +405,7 @@ pub async fn run<G: DemoGateway>(
         p50: summary.p50,
         p99: summary.p99,
         providers: providers.stats(),
+        phases: summary.phases,
         breaker_transitions,
         transitions_from_metrics: from_metrics,
         gateway_url,
@@ -367,6 +423,7 @@ struct Driven {
     load: LoadSnapshot,
     p50: Option<Duration>,
     p99: Option<Duration>,
+    phases: Vec<PhaseTotals>,
     observed: Vec<TransitionCount>,
 }
 
@@ -397,6 +454,9 @@ async fn drive(
     let mut window = Window::default();
     let mut window_start = (started, LoadSnapshot::default());
     let mut phase = Phase::Normal;
+    // Counters read as each phase began.
+    let mut phase_start = (LoadSnapshot::default(), providers.stats());
+    let mut phases = Vec::new();
     let mut tick = tokio::time::interval(if screen.is_tty() {
         REDRAW_INTERVAL
     } else {
@@ -422,6 +482,13 @@ async fn drive(
         let elapsed = started.elapsed();
         let now_phase = Phase::at(elapsed, opts.duration);
         if now_phase != phase {
+            let now = (stats.snapshot(), providers.stats());
+            phases.push(PhaseTotals::between(
+                phase,
+                (&phase_start.0, &phase_start.1),
+                (&now.0, &now.1),
+            ));
+            phase_start = now;
             match now_phase {
                 Phase::FlakyDown => providers.take_down(Provider::Flaky),
                 Phase::Normal | Phase::Recovered => providers.bring_up(Provider::Flaky),
@@ -453,6 +520,11 @@ async fn drive(
         screen.frame(&snapshot);
     };
     poll_task.abort();
+    phases.push(PhaseTotals::between(
+        phase,
+        (&phase_start.0, &phase_start.1),
+        (&load, &providers.stats()),
+    ));
     providers.bring_up(Provider::Flaky);
     let elapsed = started.elapsed().min(opts.duration);
 
@@ -466,6 +538,7 @@ async fn drive(
         load,
         p50,
         p99,
+        phases,
         observed,
     }
 }
