@@ -65,7 +65,9 @@ pub struct LoadConfig {
     pub seed: u64,
 }
 
-/// Counters shared between the workers and whoever watches them. All monotonic.
+/// Counters shared between the workers and whoever watches them. All monotonic. Each counter is read on
+/// its own, so a snapshot taken while requests finish may be off by the few requests in between; after
+/// [`run`] returns it is exact.
 #[derive(Debug, Default)]
 pub struct LoadStats {
     requests: AtomicU64,
@@ -212,8 +214,7 @@ impl LoadStats {
                 None => self.reasons_other.fetch_add(1, Ordering::Relaxed),
             };
         }
-        // Last, so a reader that sees `requests` also sees the counters of that request.
-        self.requests.fetch_add(1, Ordering::Release);
+        self.requests.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -251,16 +252,18 @@ async fn worker(
         let started = Instant::now();
         let result = tokio::time::timeout(CLIENT_TIMEOUT, client.get(path)).await;
         let latency = started.elapsed();
-        match result {
-            Ok(Ok(resp)) => stats.record(path, latency, Some(&resp)),
-            Ok(Err(_)) | Err(_) => {
-                if result.is_err() {
-                    // Timed out mid-exchange: the connection is in an unknown state.
-                    client = HttpClient::new(target);
-                }
-                stats.record(path, latency, None);
-                tokio::time::sleep(ERROR_PAUSE).await;
+        let response = match result {
+            Ok(Ok(resp)) => Some(resp),
+            Ok(Err(_)) => None,
+            Err(_elapsed) => {
+                // Timed out mid-exchange: the connection is in an unknown state, dial a new one.
+                client = HttpClient::new(target);
+                None
             }
+        };
+        stats.record(path, latency, response.as_ref());
+        if response.is_none() {
+            tokio::time::sleep(ERROR_PAUSE).await;
         }
     }
 }
