@@ -254,10 +254,24 @@ async fn load_against_a_provider_counts_add_up_and_stop() {
     let flaky = providers.stats_of(Provider::Flaky);
     assert_eq!(flaky.requests, snap.requests);
     assert_eq!(flaky.errors, snap.non_2xx);
-    assert!(snap.non_2xx > 0 && snap.ok > 0, "{snap:?}");
     // Straight to a provider: no gateway, so no x-bulwark-reason and no failover.
     assert_eq!(snap.failovers, 0);
     assert!(snap.reasons_seen().is_empty());
+
+    // Taken down: every response is a non-2xx the clients count, and the provider agrees.
+    providers.take_down(Provider::Flaky);
+    let before = providers.stats_of(Provider::Flaky);
+    let down = run_load(
+        providers.addr(Provider::Flaky),
+        Duration::from_millis(200),
+        0.0,
+    )
+    .await;
+    assert!(down.requests > 0);
+    assert_eq!(down.non_2xx, down.requests);
+    assert_eq!(down.client_errors(), down.requests);
+    let after = providers.stats_of(Provider::Flaky);
+    assert_eq!(after.errors - before.errors, down.requests);
 }
 
 #[tokio::test]
