@@ -37,6 +37,19 @@ pub enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Start three simulated providers (healthy, flaky, slow), a gateway in front of them and a bounded
+    /// load, and show live what the gateway does.
+    Demo {
+        /// How long the load runs.
+        #[arg(long, default_value = "30s", value_parser = config::parse_duration)]
+        duration: std::time::Duration,
+        /// Seed for the providers' failures and latencies.
+        #[arg(long, default_value_t = crate::demo::DemoOptions::default().seed)]
+        seed: u64,
+        /// Concurrent client connections.
+        #[arg(long, default_value_t = crate::demo::DemoOptions::default().concurrency)]
+        concurrency: usize,
+    },
 }
 
 /// Entry point of the `bulwark` binary.
@@ -54,7 +67,46 @@ pub fn main() -> ExitCode {
             }
         },
         Command::Run { config, threads } => run(config, threads),
+        Command::Demo {
+            duration,
+            seed,
+            concurrency,
+        } => demo(crate::demo::DemoOptions {
+            duration,
+            seed,
+            concurrency,
+            ..Default::default()
+        }),
     }
+}
+
+fn demo(opts: crate::demo::DemoOptions) -> ExitCode {
+    // The live display owns stdout: logs go to stderr, warnings only.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bulwark: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        match crate::demo::run(opts, crate::demo::InProcessGateway::default()).await {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bulwark demo: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
 }
 
 fn run(path: PathBuf, threads: Option<usize>) -> ExitCode {

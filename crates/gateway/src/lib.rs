@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod policy;
 pub mod proxy;
 pub mod upstream;
