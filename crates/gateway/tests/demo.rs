@@ -178,9 +178,9 @@ async fn config_yaml_parses_and_names_the_providers() {
     }
     let cb = get(&v, &["upstreams", "flaky", "circuit_breaker"]);
     assert_eq!(str_at(cb, &["window", "kind"]), "count");
-    assert_eq!(cb["window"]["size"].as_u64(), Some(20));
-    assert_eq!(cb["minimum_calls"].as_u64(), Some(10));
-    assert_eq!(cb["failure_rate_threshold"].as_u64(), Some(50));
+    assert_eq!(cb["window"]["size"].as_u64(), Some(40));
+    assert_eq!(cb["minimum_calls"].as_u64(), Some(20));
+    assert_eq!(cb["failure_rate_threshold"].as_u64(), Some(70));
     assert_eq!(str_at(cb, &["open_duration"]), "5s");
     assert_eq!(cb["half_open_calls"].as_u64(), Some(3));
 
