@@ -256,3 +256,63 @@ async fn service_futures_are_send() {
     send(&fut);
     fut.await.unwrap();
 }
+
+/// A service that becomes ready only at `ready_at` after its first call, and always fails.
+#[derive(Clone)]
+struct SlowToReady {
+    calls: Arc<AtomicUsize>,
+    ready_at: Arc<Mutex<Option<Instant>>>,
+    gap: Duration,
+}
+
+impl Service<()> for SlowToReady {
+    type Response = ();
+    type Error = Down;
+    type Future = std::future::Ready<Result<(), Down>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Down>> {
+        let at = *self.ready_at.lock().unwrap();
+        match at {
+            Some(at) if Instant::now() < at => {
+                let waker = cx.waker().clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(at).await;
+                    waker.wake();
+                });
+                Poll::Pending
+            }
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, _: ()) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        *self.ready_at.lock().unwrap() = Some(Instant::now() + self.gap);
+        std::future::ready(Err(Down))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_attempt_starts_past_max_elapsed_even_when_readiness_is_slow() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let inner = SlowToReady {
+        calls: calls.clone(),
+        ready_at: Arc::new(Mutex::new(None)),
+        gap: ms(500),
+    };
+    let retry = Retry::builder()
+        .max_attempts(5)
+        .max_elapsed(ms(300))
+        .backoff(Backoff::fixed(ms(10)))
+        .deadline_aware(false)
+        .build()
+        .unwrap();
+    let mut svc = RetryLayer::new(retry).layer(inner);
+    let t0 = Instant::now();
+    let r = svc.ready().await.unwrap().call(()).await;
+    // The retry was decided at 0 ms (10 ms backoff < 300 ms), but the service was
+    // ready again only at 500 ms: past the limit, the first failure is returned.
+    assert!(r.unwrap_err().downcast_ref::<Down>().is_some());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(t0.elapsed(), ms(500));
+}

@@ -10,7 +10,10 @@
 //! generation, and a permit remembers the word it was admitted under: an outcome
 //! that arrives after the breaker moved on (a closed-state call finishing after
 //! the breaker opened, a ramp call finishing after it re-opened) is dropped
-//! instead of polluting the next state's window.
+//! instead of polluting the next state's window. (The check precedes the lock-free
+//! record, so a recorder preempted across a whole open -> half-open -> closed cycle
+//! can still add one sample to the fresh window: a bounded, harmless race that a
+//! lock on the hot path would be too expensive to close.)
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};

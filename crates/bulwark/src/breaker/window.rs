@@ -265,12 +265,33 @@ impl TimeWindow {
                 Ok(_) => {
                     let first = (cur + 1).max((tick + 1).saturating_sub(m));
                     for k in first..=tick {
-                        let old = self.bucket(k).swap(tag(k), Relaxed);
-                        self.sub_totals(bucket_counts(old));
+                        self.clear_for(k);
                     }
                     return;
                 }
                 Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Empties bucket `k`'s slot for tick `k`, unless it already holds tick `k` or a
+    /// newer one. A blind swap here would let an advancer that was preempted between
+    /// winning the cursor and clearing wipe a bucket a later advancer already owns
+    /// (and the samples recorded in it).
+    fn clear_for(&self, k: u64) {
+        let b = self.bucket(k);
+        let mut w = b.load(Relaxed);
+        loop {
+            let age = k.wrapping_sub(w >> TAG_SHIFT) & TAG_MASK;
+            if age == 0 || age > TAG_MASK / 2 {
+                return; // already tick k, or newer
+            }
+            match b.compare_exchange_weak(w, tag(k), Relaxed, Relaxed) {
+                Ok(_) => {
+                    self.sub_totals(bucket_counts(w));
+                    return;
+                }
+                Err(actual) => w = actual,
             }
         }
     }

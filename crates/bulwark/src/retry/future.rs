@@ -42,6 +42,9 @@ pin_project! {
         classify: C,
         attempts: Option<Attempts>,
         max_attempts: u32,
+        // The failed result a retry is waiting to replace: returned instead if the
+        // limit passes while the service is getting ready.
+        last: Option<Result<S::Response, S::Error>>,
     }
 }
 
@@ -77,6 +80,7 @@ where
             classify,
             attempts,
             max_attempts,
+            last: None,
         }
     }
 }
@@ -112,9 +116,11 @@ where
                     match attempts.decide(this.classify.classify(&result)) {
                         Next::Return(_) => return Poll::Ready(result.map_err(Into::into)),
                         Next::RetryAfter(delay) if delay.is_zero() => {
+                            *this.last = Some(result);
                             this.state.set(State::Readying);
                         }
                         Next::RetryAfter(delay) => {
+                            *this.last = Some(result);
                             this.state.set(State::Sleeping {
                                 sleep: sleep(delay),
                             });
@@ -129,6 +135,14 @@ where
                     if let Err(e) = ready!(this.service.poll_ready(cx)) {
                         return Poll::Ready(Err(e.into()));
                     }
+                    // Readiness can take arbitrarily long (a bulkhead queue, a
+                    // `Buffer`): no attempt starts past the limit, as promised.
+                    if attempts.past_limit() {
+                        if let Some(last) = this.last.take() {
+                            return Poll::Ready(last.map_err(Into::into));
+                        }
+                    }
+                    *this.last = None;
                     attempts.begin();
                     let last = attempts.attempts() >= *this.max_attempts;
                     let Some(req) = take_or_clone(this.req, last) else {

@@ -351,6 +351,11 @@ impl Attempts {
     }
 
     /// Marks the start of an attempt.
+    /// True once the binding limit (deadline or `max_elapsed`) has passed.
+    pub(crate) fn past_limit(&self) -> bool {
+        self.limit.is_some_and(|(limit, _)| Instant::now() >= limit)
+    }
+
     pub(crate) fn begin(&mut self) {
         self.attempt += 1;
         self.attempt_start = Instant::now();
