@@ -1,17 +1,24 @@
-//! Upstreams: endpoints with their connection pools, a balancer over priority tiers, and the upstream's
-//! policies (see [`crate::policy`]).
+//! Upstreams: endpoints with their connection pools, a balancer over priority tiers, the upstream's
+//! policies (see [`crate::policy`]), active health checks ([`health`]), passive outlier detection
+//! and provider-quota cooldown ([`outlier`]).
 
 mod balance;
 mod endpoint;
+pub mod health;
+mod outlier;
 mod pool;
+pub mod retry_after;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use balance::Tried;
 pub use endpoint::Endpoint;
 pub use pool::{Conn, FailKind, Pool, SendError};
 
 use balance::Tier;
+use outlier::{Cooldown, Outlier};
+use tokio::time::Instant;
 
 use crate::config::{self, Balance};
 use crate::policy::UpstreamPolicies;
@@ -30,15 +37,37 @@ pub struct Upstream {
     /// Admission policies.
     pub policies: UpstreamPolicies,
     tiers: Vec<Tier>,
+    outlier: Option<Outlier>,
+    cooldown: Option<Cooldown>,
+    /// Running health checks; dropped (and stopped) with the upstream.
+    health: Option<health::HealthTasks>,
+}
+
+/// What one attempt on an endpoint showed, for outlier detection and cooldown.
+#[derive(Debug, Clone, Copy)]
+pub enum Observed {
+    /// A response arrived (its head) after `latency`, with its `Retry-After` if any.
+    Response {
+        /// Status code.
+        status: u16,
+        /// Time to the response head.
+        latency: Duration,
+        /// `Retry-After`, when the response carried one.
+        retry_after: Option<Duration>,
+    },
+    /// No response: connect failure, reset or timeout.
+    Failed,
 }
 
 impl Upstream {
-    /// Builds an upstream from validated config.
+    /// Builds an upstream from validated config. With health checks configured this starts them,
+    /// so it must run within a Tokio runtime.
     pub fn new(
         name: &str,
         c: &config::Upstream,
         events: &crate::policy::Events,
     ) -> Result<Self, String> {
+        let od = c.outlier_detection.as_ref().filter(|o| o.enabled);
         let mut eps: Vec<&config::Endpoint> = c.endpoints.iter().collect();
         eps.sort_by_key(|e| e.priority);
         let mut endpoints = Vec::with_capacity(eps.len());
@@ -59,6 +88,7 @@ impl Upstream {
                 e.priority,
                 e.weight,
                 pool,
+                Outlier::window(od),
             )));
         }
         let mut tiers = Vec::new();
@@ -70,6 +100,10 @@ impl Upstream {
             tiers.push(Tier::new(start, end, &weights));
             start = end;
         }
+        let health = match c.health_check.as_ref().filter(|h| h.enabled) {
+            Some(h) => Some(health::start(h, &endpoints, c.http2)?),
+            None => None,
+        };
         Ok(Upstream {
             name: name.into(),
             endpoints,
@@ -77,7 +111,71 @@ impl Upstream {
             http2: c.http2,
             policies: UpstreamPolicies::new(name, c, events)?,
             tiers,
+            outlier: od.map(Outlier::new),
+            cooldown: c.cooldown.as_ref().filter(|c| c.enabled).map(Cooldown::new),
+            health,
         })
+    }
+
+    /// The running health checker, when `health_check` is configured (its report names each
+    /// endpoint by URL).
+    pub fn health_checker(&self) -> Option<&bulwark::health::HealthChecker> {
+        self.health.as_ref().map(health::HealthTasks::checker)
+    }
+
+    /// Whether a response with `status` may start a cooldown (so its `Retry-After` is worth reading).
+    pub fn cools_down_on(&self, status: u16) -> bool {
+        self.cooldown.as_ref().is_some_and(|c| c.applies(status))
+    }
+
+    /// Reports what an attempt on endpoint `i` showed: feeds outlier detection (5xx and failures
+    /// without response count as failures; other responses as successes, except those that start a
+    /// cooldown or are 429, which say nothing about the endpoint's health) and cooldown.
+    pub fn observe(&self, i: usize, what: Observed) {
+        if self.outlier.is_none() && self.cooldown.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        match what {
+            Observed::Failed => {
+                if let Some(o) = &self.outlier {
+                    o.failure(&self.endpoints, i, now);
+                }
+            }
+            Observed::Response {
+                status,
+                latency,
+                retry_after,
+            } => {
+                let quota = self.cools_down_on(status);
+                if let (true, Some(c), Some(ra)) = (quota, &self.cooldown, retry_after) {
+                    c.start(&self.endpoints[i], ra, now);
+                }
+                if let Some(o) = &self.outlier {
+                    if status >= 500 {
+                        o.failure(&self.endpoints, i, now);
+                    } else if !quota && status != 429 {
+                        o.success(&self.endpoints, i, latency, now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// When no endpoint is available only because every usable one is in cooldown: the time until
+    /// the first cooldown ends (the client's `Retry-After`).
+    pub fn cooldown_wait(&self) -> Option<Duration> {
+        self.cooldown.as_ref()?;
+        let now = Instant::now();
+        let mut wait: Option<Duration> = None;
+        for e in &self.endpoints {
+            if !e.usable_ignoring_cooldown(now) {
+                continue;
+            }
+            let r = e.cooldown_remaining()?; // a usable endpoint without cooldown: not this case
+            wait = Some(wait.map_or(r, |w| w.min(r)));
+        }
+        wait
     }
 
     /// Picks an endpoint: from the first tier that has an available endpoint this request has not tried
