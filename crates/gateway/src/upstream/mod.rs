@@ -206,3 +206,185 @@ impl Upstream {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Dur;
+
+    fn upstream(n: usize, od: Option<config::OutlierDetection>, cd: bool) -> Upstream {
+        let c = config::Upstream {
+            endpoints: (0..n)
+                .map(|i| config::Endpoint {
+                    url: format!("http://127.0.0.1:{}", 1000 + i),
+                    weight: 1,
+                    priority: 0,
+                })
+                .collect(),
+            balance: config::Balance::RoundRobin,
+            http2: false,
+            connect_timeout: config::DEFAULT_CONNECT_TIMEOUT,
+            pool: Default::default(),
+            health_check: None,
+            outlier_detection: od,
+            cooldown: cd.then(Default::default),
+            circuit_breaker: None,
+            bulkhead: None,
+            rate_limit: None,
+        };
+        Upstream::new("u", &c, &None).unwrap()
+    }
+
+    fn od() -> config::OutlierDetection {
+        config::OutlierDetection {
+            consecutive_failures: 3,
+            ejection_time: Dur::from_secs(10),
+            max_ejection_time: Dur::from_secs(25),
+            max_ejection_percent: 50,
+            ..Default::default()
+        }
+    }
+
+    fn fail(u: &Upstream, i: usize, n: usize) {
+        for _ in 0..n {
+            u.observe(i, Observed::Failed);
+        }
+    }
+
+    fn ok(u: &Upstream, i: usize, ms: u64) {
+        u.observe(
+            i,
+            Observed::Response {
+                status: 200,
+                latency: Duration::from_millis(ms),
+                retry_after: None,
+            },
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_eject_for_growing_capped_times() {
+        let u = upstream(2, Some(od()), false);
+        let e = &u.endpoints[0];
+        fail(&u, 0, 2);
+        ok(&u, 0, 1); // a success resets the run of failures
+        fail(&u, 0, 2);
+        assert!(!e.is_ejected());
+        fail(&u, 0, 1);
+        assert!(e.is_ejected() && !e.is_available());
+        assert_eq!(e.ejection_remaining(), Some(Duration::from_secs(10)));
+        assert_eq!(
+            u.pick(Tried::default()),
+            Some(1),
+            "traffic moves to the other"
+        );
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(!e.is_ejected() && e.is_available(), "ejection ends by time");
+        fail(&u, 0, 3);
+        assert_eq!(e.ejection_remaining(), Some(Duration::from_secs(20)));
+        tokio::time::advance(Duration::from_secs(20)).await;
+        fail(&u, 0, 3);
+        assert_eq!(
+            e.ejection_remaining(),
+            Some(Duration::from_secs(25)),
+            "30 s capped at max_ejection_time"
+        );
+        assert_eq!(e.ejection_count(), 3);
+        // Staying in for max_ejection_time starts a new run.
+        tokio::time::advance(Duration::from_secs(25 + 25)).await;
+        fail(&u, 0, 3);
+        assert_eq!(e.ejection_remaining(), Some(Duration::from_secs(10)));
+        assert_eq!(e.ejection_count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_ejection_percent_caps_ejections() {
+        let u = upstream(5, Some(od()), false);
+        for i in 0..5 {
+            fail(&u, i, 3);
+        }
+        let ejected = u.endpoints.iter().filter(|e| e.is_ejected()).count();
+        assert_eq!(ejected, 2, "floor(5 x 50%)");
+        // The capped ones are ejected once a slot frees.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        fail(&u, 4, 1);
+        assert!(u.endpoints[4].is_ejected());
+        // A single endpoint is never ejected.
+        let one = upstream(1, Some(od()), false);
+        fail(&one, 0, 10);
+        assert!(!one.endpoints[0].is_ejected());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn status_classes_feed_outlier_detection() {
+        let u = upstream(2, Some(od()), true);
+        let resp = |status| Observed::Response {
+            status,
+            latency: Duration::from_millis(1),
+            retry_after: None,
+        };
+        fail(&u, 0, 2);
+        u.observe(0, resp(429)); // quota: neither failure nor success
+        u.observe(0, resp(404)); // a success for the endpoint's health
+        fail(&u, 0, 2);
+        assert!(!u.endpoints[0].is_ejected());
+        u.observe(0, resp(503));
+        assert!(u.endpoints[0].is_ejected());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_outlier_is_ejected_against_peers_median() {
+        let mut c = od();
+        c.latency_multiple = Some(3.0);
+        c.latency_min_samples = 32;
+        let u = upstream(4, Some(c), false);
+        // Three peers at 10, 12, 14 ms (median p99 12 ms); endpoint 3 at 30 ms: under 3x.
+        for _ in 0..32 {
+            for (i, ms) in [(0, 10), (1, 12), (2, 14), (3, 30)] {
+                ok(&u, i, ms);
+            }
+        }
+        assert!(u.endpoints.iter().all(|e| !e.is_ejected()));
+        // Endpoint 3 slows to 40 ms: over 3 x 12 ms once its window's p99 shows it.
+        for _ in 0..REFRESH {
+            ok(&u, 3, 40);
+        }
+        assert!(u.endpoints[3].is_ejected());
+        assert_eq!(
+            u.endpoints[3].ejection_remaining(),
+            Some(Duration::from_secs(10))
+        );
+        assert!(u.endpoints[..3].iter().all(|e| !e.is_ejected()));
+    }
+    const REFRESH: u64 = bulwark::latency::REFRESH_EVERY;
+
+    #[tokio::test(start_paused = true)]
+    async fn cooldown_is_separate_and_reports_the_wait() {
+        let u = upstream(2, None, true);
+        let quota = |ra| Observed::Response {
+            status: 429,
+            latency: Duration::from_millis(1),
+            retry_after: ra,
+        };
+        u.observe(0, quota(None));
+        assert!(!u.endpoints[0].in_cooldown(), "no Retry-After, no cooldown");
+        u.observe(0, quota(Some(Duration::from_secs(3))));
+        assert!(u.endpoints[0].in_cooldown() && !u.endpoints[0].is_ejected());
+        assert_eq!(u.pick(Tried::default()), Some(1));
+        assert_eq!(u.cooldown_wait(), None, "endpoint 1 still takes traffic");
+        u.observe(1, quota(Some(Duration::from_secs(1_000))));
+        assert_eq!(
+            u.endpoints[1].cooldown_remaining(),
+            Some(config::DEFAULT_COOLDOWN_MAX.get()),
+            "capped"
+        );
+        assert_eq!(u.pick(Tried::default()), None);
+        assert_eq!(u.cooldown_wait(), Some(Duration::from_secs(3)));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(u.pick(Tried::default()), Some(0));
+        // Without a cooldown section, a 429 changes nothing.
+        let plain = upstream(1, None, false);
+        plain.observe(0, quota(Some(Duration::from_secs(3))));
+        assert!(plain.endpoints[0].is_available());
+    }
+}
