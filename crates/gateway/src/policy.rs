@@ -418,4 +418,40 @@ mod tests {
         let p = b(config::BackoffKind::DecorrelatedJitter);
         assert!((1..=5).all(|n| (ms(100)..=ms(300)).contains(&p.backoff(n))));
     }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_fits_uses_the_p90_of_recent_attempts() {
+        let p = RoutePolicies::new(None).unwrap();
+        let deadline = Instant::now() + Duration::from_millis(500);
+        // No history: only the deadline itself counts.
+        assert!(p.retry_fits(Duration::from_millis(499), deadline));
+        assert!(!p.retry_fits(Duration::from_millis(500), deadline));
+        for ms in [100, 100, 100, 100, 100, 100, 100, 100, 100, 300] {
+            p.latency().record(Duration::from_millis(ms));
+        }
+        // p90 of ten samples is the 9th smallest: 100 ms.
+        assert!(p.retry_fits(Duration::from_millis(400), deadline));
+        assert!(!p.retry_fits(Duration::from_millis(401), deadline));
+    }
+
+    #[test]
+    fn hedges_draw_on_the_route_budget() {
+        let retry = config::Retry {
+            budget: Some(config::Budget {
+                ratio: 0.0,
+                min_per_second: 0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let hedge = config::Hedge {
+            delay: config::HedgeDelay::Fixed(config::Dur::from_millis(5)),
+            ..Default::default()
+        };
+        let p = RoutePolicies::with_hedge("r", Some(&retry), Some(&hedge), &None).unwrap();
+        let h = p.hedge().unwrap();
+        assert_eq!(h.current_delay(), Duration::from_millis(5));
+        assert!(std::sync::Arc::ptr_eq(h.latency(), p.latency()));
+        assert!(!p.try_withdraw());
+    }
 }

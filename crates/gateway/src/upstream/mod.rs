@@ -1,6 +1,6 @@
 //! Upstreams: endpoints with their connection pools, a balancer over priority tiers, the upstream's
 //! policies (see [`crate::policy`]), active health checks ([`health`]), passive outlier detection
-//! and provider-quota cooldown ([`outlier`]).
+//! and provider-quota cooldown (`outlier`).
 
 mod balance;
 mod endpoint;
@@ -214,6 +214,15 @@ mod tests {
 
     fn upstream(n: usize, od: Option<config::OutlierDetection>, cd: bool) -> Upstream {
         let c = config::Upstream {
+            outlier_detection: od,
+            cooldown: cd.then(Default::default),
+            ..upstream_config(n)
+        };
+        Upstream::new("u", &c, &None).unwrap()
+    }
+
+    fn upstream_config(n: usize) -> config::Upstream {
+        config::Upstream {
             endpoints: (0..n)
                 .map(|i| config::Endpoint {
                     url: format!("http://127.0.0.1:{}", 1000 + i),
@@ -226,13 +235,12 @@ mod tests {
             connect_timeout: config::DEFAULT_CONNECT_TIMEOUT,
             pool: Default::default(),
             health_check: None,
-            outlier_detection: od,
-            cooldown: cd.then(Default::default),
+            outlier_detection: None,
+            cooldown: None,
             circuit_breaker: None,
             bulkhead: None,
             rate_limit: None,
-        };
-        Upstream::new("u", &c, &None).unwrap()
+        }
     }
 
     fn od() -> config::OutlierDetection {
@@ -357,6 +365,36 @@ mod tests {
         assert!(u.endpoints[..3].iter().all(|e| !e.is_ejected()));
     }
     const REFRESH: u64 = bulwark::latency::REFRESH_EVERY;
+
+    #[tokio::test]
+    async fn health_check_tasks_stop_when_the_upstream_is_dropped() {
+        let mut c = config::Upstream {
+            health_check: Some(config::HealthCheck {
+                interval: Dur::from_millis(10),
+                ..Default::default()
+            }),
+            ..upstream_config(1)
+        };
+        c.endpoints[0].url = "http://127.0.0.1:1".into();
+        let u = Upstream::new("u", &c, &None).unwrap();
+        let ep = u.endpoints[0].clone();
+        // Nothing listens on port 1: the first probe's failure takes the endpoint out.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ep.is_healthy() {
+            assert!(Instant::now() < deadline, "never marked unhealthy");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            Arc::strong_count(&ep) > 2,
+            "the check and its applier hold it"
+        );
+        drop(u);
+        // Both tasks are aborted: nothing but this test holds the endpoint any more.
+        while Arc::strong_count(&ep) > 1 {
+            assert!(Instant::now() < deadline, "health tasks still running");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn cooldown_is_separate_and_reports_the_wait() {
