@@ -8,7 +8,11 @@
 //!   `bulwark::pipeline`), returning an [`Admission`] or a [`Reject`]; the attempt's outcome is
 //!   reported with [`Admission::record`].
 //! - [`RoutePolicies`] (one per route): the [`RetryBudget`] ([`RoutePolicies::deposit`],
-//!   [`RoutePolicies::try_withdraw`]) and the [`Backoff`] schedule ([`RoutePolicies::backoff`]).
+//!   [`RoutePolicies::try_withdraw`]), the [`Backoff`] schedule ([`RoutePolicies::backoff`]), the
+//!   [`Hedge`] ([`RoutePolicies::hedge`], whose hedges draw on the same budget) and the route's
+//!   [`LatencyWindow`] of successful attempts, which sets a percentile hedge delay and tells the
+//!   attempt loop whether a retry can still finish before the deadline
+//!   ([`RoutePolicies::retry_fits`], the library `Retry`'s rule).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,9 +20,14 @@ use std::time::Duration;
 use bulwark::breaker::{CircuitBreaker, Permit};
 use bulwark::bulkhead::{Bulkhead, BulkheadPermit};
 use bulwark::events::{Event, Listener};
+use bulwark::hedge::Hedge;
+use bulwark::latency::LatencyWindow;
 use bulwark::rate_limit::RateLimiter;
-use bulwark::retry::{Backoff, Jitter, RetryBudget};
+use bulwark::retry::{
+    Backoff, Jitter, RetryBudget, DEFAULT_DEADLINE_MIN_SAMPLES, DEFAULT_DEADLINE_PERCENTILE,
+};
 use bulwark::{Error, Outcome};
+use tokio::time::Instant;
 
 use crate::config;
 
@@ -182,11 +191,13 @@ impl UpstreamPolicies {
     }
 }
 
-/// Per-route retry policy state: budget and backoff.
+/// Per-route retry policy state: budget, backoff, hedging and the latency record.
 #[derive(Debug)]
 pub struct RoutePolicies {
     budget: Option<RetryBudget>,
     backoff: Backoff,
+    hedge: Option<Hedge>,
+    latency: Arc<LatencyWindow>,
 }
 
 /// The library backoff for a route's `backoff:` section.
@@ -223,13 +234,75 @@ pub fn budget(c: &config::Budget) -> Result<RetryBudget, String> {
 impl RoutePolicies {
     /// Builds them from the route's retry config (no retry section: no budget, default backoff).
     pub fn new(retry: Option<&config::Retry>) -> Result<Self, String> {
+        Self::with_hedge("route", retry, None, &None)
+    }
+
+    /// Builds them from the route's retry and hedge config; `name` names the hedge in events.
+    pub fn with_hedge(
+        name: &str,
+        retry: Option<&config::Retry>,
+        hedge: Option<&config::Hedge>,
+        events: &Events,
+    ) -> Result<Self, String> {
         let budget = match retry.and_then(|r| r.budget.as_ref()) {
             Some(b) => Some(budget(b)?),
             None => None,
         };
         let backoff = backoff(&retry.map(|r| r.backoff.clone()).unwrap_or_default());
         backoff.validate().map_err(|e| format!("backoff.{e}"))?;
-        Ok(RoutePolicies { budget, backoff })
+        let latency = Arc::new(LatencyWindow::default());
+        let hedge = match hedge.filter(|h| h.enabled) {
+            Some(h) => {
+                let mut b = Hedge::builder()
+                    .name(name)
+                    .max_hedges(h.max_hedges)
+                    .latency_window(latency.clone());
+                b = match h.delay {
+                    config::HedgeDelay::Fixed(d) => b.delay(d.get()),
+                    config::HedgeDelay::Percentile(p) => b.delay_percentile(
+                        p,
+                        bulwark::hedge::DEFAULT_MIN_SAMPLES,
+                        bulwark::hedge::DEFAULT_DELAY,
+                    ),
+                };
+                // Hedges draw on the route's retry budget.
+                if let Some(budget) = budget.clone() {
+                    b = b.admit(Arc::new(move || budget.try_withdraw()));
+                }
+                b = listen(b, events, |b, l| b.listener(forward(l)));
+                Some(b.build().map_err(|e| format!("hedge.{e}"))?)
+            }
+            None => None,
+        };
+        Ok(RoutePolicies {
+            budget,
+            backoff,
+            hedge,
+            latency,
+        })
+    }
+
+    /// The route's hedging policy, if it hedges.
+    pub fn hedge(&self) -> Option<&Hedge> {
+        self.hedge.as_ref()
+    }
+
+    /// Latencies of the route's recent successful attempts (shared with the hedge).
+    pub fn latency(&self) -> &Arc<LatencyWindow> {
+        &self.latency
+    }
+
+    /// Whether a retry sent after `delay` can still finish by `deadline`, predicting its duration
+    /// as the p90 of recent successful attempts (zero until 10 are known): the rule of the
+    /// library's deadline-aware `Retry`.
+    pub fn retry_fits(&self, delay: Duration, deadline: Instant) -> bool {
+        let predicted = self
+            .latency
+            .percentile(DEFAULT_DEADLINE_PERCENTILE, DEFAULT_DEADLINE_MIN_SAMPLES)
+            .unwrap_or_default();
+        Instant::now()
+            .checked_add(delay)
+            .is_some_and(|at| at < deadline && deadline - at >= predicted)
     }
 
     /// Records a first attempt (earns retry credit).
@@ -273,6 +346,7 @@ mod tests {
             pool: Default::default(),
             health_check: None,
             outlier_detection: None,
+            cooldown: None,
             circuit_breaker: None,
             bulkhead: None,
             rate_limit: None,
@@ -354,5 +428,41 @@ mod tests {
         // Decorrelated jitter carries its own randomness: a configured jitter is not added.
         let p = b(K::DecorrelatedJitter, J::Full);
         assert!((1..=5).all(|n| (ms(100)..=ms(300)).contains(&p.backoff(n))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_fits_uses_the_p90_of_recent_attempts() {
+        let p = RoutePolicies::new(None).unwrap();
+        let deadline = Instant::now() + Duration::from_millis(500);
+        // No history: only the deadline itself counts.
+        assert!(p.retry_fits(Duration::from_millis(499), deadline));
+        assert!(!p.retry_fits(Duration::from_millis(500), deadline));
+        for ms in [100, 100, 100, 100, 100, 100, 100, 100, 100, 300] {
+            p.latency().record(Duration::from_millis(ms));
+        }
+        // p90 of ten samples is the 9th smallest: 100 ms.
+        assert!(p.retry_fits(Duration::from_millis(400), deadline));
+        assert!(!p.retry_fits(Duration::from_millis(401), deadline));
+    }
+
+    #[test]
+    fn hedges_draw_on_the_route_budget() {
+        let retry = config::Retry {
+            budget: Some(config::Budget {
+                ratio: 0.0,
+                min_per_second: 0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let hedge = config::Hedge {
+            delay: config::HedgeDelay::Fixed(config::Dur::from_millis(5)),
+            ..Default::default()
+        };
+        let p = RoutePolicies::with_hedge("r", Some(&retry), Some(&hedge), &None).unwrap();
+        let h = p.hedge().unwrap();
+        assert_eq!(h.current_delay(), Duration::from_millis(5));
+        assert!(std::sync::Arc::ptr_eq(h.latency(), p.latency()));
+        assert!(!p.try_withdraw());
     }
 }

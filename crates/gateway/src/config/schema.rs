@@ -79,6 +79,17 @@ pub const DEFAULT_OD_EJECTION_TIME: Dur = Dur::from_secs(30);
 pub const DEFAULT_OD_MAX_EJECTION_TIME: Dur = Dur::from_secs(300);
 /// Never eject more than this share of an upstream's endpoints.
 pub const DEFAULT_OD_MAX_EJECTION_PERCENT: u32 = 50;
+/// Latency samples an endpoint needs before its p99 is compared with its peers': a p99 of fewer
+/// than ~100 samples is just the slowest call seen.
+pub const DEFAULT_OD_LATENCY_MIN_SAMPLES: u64 = 100;
+/// Health check: statuses that pass when `expected_status` is not given (2xx and 3xx, as HAProxy's
+/// `http-check`): a redirect still proves the server is up.
+pub const DEFAULT_HC_EXPECTED_STATUS: StatusRange = StatusRange { from: 200, to: 399 };
+/// Statuses that put an endpoint in cooldown by default: 429 Too Many Requests.
+pub const DEFAULT_COOLDOWN_ON: &[u16] = &[429];
+/// Longest cooldown, whatever `Retry-After` asks: a provider asking for an hour is more likely
+/// misconfigured than right, and 5 minutes keeps probing it now and then.
+pub const DEFAULT_COOLDOWN_MAX: Dur = Dur::from_secs(300);
 /// Breaker: count window of the last 100 calls.
 pub const DEFAULT_CB_WINDOW_SIZE: u64 = 100;
 /// Breaker: no decision before 20 calls in the window.
@@ -246,6 +257,9 @@ pub struct Upstream {
     /// Passive outlier detection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
+    /// Provider quotas: cooldown of an endpoint on 429 (or other configured statuses) + `Retry-After`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown: Option<Cooldown>,
     /// Circuit breaker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,
@@ -325,9 +339,8 @@ pub struct HealthCheck {
     pub kind: HealthCheckKind,
     /// HTTP path.
     pub path: String,
-    /// Expected status; any 2xx when absent.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub expected_status: Option<u16>,
+    /// Statuses that pass: `200` or a range `"200-299"` (default 200-399).
+    pub expected_status: StatusRange,
     /// Probe interval.
     pub interval: Dur,
     /// Probe timeout.
@@ -344,7 +357,7 @@ impl Default for HealthCheck {
             enabled: true,
             kind: HealthCheckKind::Http,
             path: DEFAULT_HC_PATH.into(),
-            expected_status: None,
+            expected_status: DEFAULT_HC_EXPECTED_STATUS,
             interval: DEFAULT_HC_INTERVAL,
             timeout: DEFAULT_HC_TIMEOUT,
             unhealthy_threshold: DEFAULT_HC_UNHEALTHY_THRESHOLD,
@@ -378,11 +391,11 @@ pub struct OutlierDetection {
     pub max_ejection_time: Dur,
     /// Never eject more than this percent of endpoints.
     pub max_ejection_percent: u32,
-    /// Eject an endpoint whose p99 exceeds this multiple of its peers' median (off when absent).
+    /// Eject an endpoint whose p99 exceeds this multiple of its peers' median p99 (off when absent).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub latency_multiple: Option<f64>,
-    /// Statuses that put an endpoint in cooldown for its `Retry-After` (quota responses).
-    pub cooldown_statuses: Vec<u16>,
+    /// Latency samples an endpoint (and each peer counted) needs before the p99 comparison applies.
+    pub latency_min_samples: u64,
 }
 
 impl Default for OutlierDetection {
@@ -394,7 +407,94 @@ impl Default for OutlierDetection {
             max_ejection_time: DEFAULT_OD_MAX_EJECTION_TIME,
             max_ejection_percent: DEFAULT_OD_MAX_EJECTION_PERCENT,
             latency_multiple: None,
-            cooldown_statuses: vec![429],
+            latency_min_samples: DEFAULT_OD_LATENCY_MIN_SAMPLES,
+        }
+    }
+}
+
+/// `cooldown:` provider quotas. A response whose status is listed in `on` and that carries
+/// `Retry-After` (seconds or an HTTP date) takes its endpoint out of the balancer for that long
+/// (at most `max`); separate from outlier ejection, which is about failures.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cooldown {
+    /// `false` turns it off.
+    pub enabled: bool,
+    /// Statuses that start a cooldown (default `[429]`; add 402 for prepaid quotas).
+    pub on: Vec<u16>,
+    /// Longest cooldown, whatever `Retry-After` says.
+    pub max: Dur,
+}
+
+impl Default for Cooldown {
+    fn default() -> Self {
+        Cooldown {
+            enabled: true,
+            on: DEFAULT_COOLDOWN_ON.to_vec(),
+            max: DEFAULT_COOLDOWN_MAX,
+        }
+    }
+}
+
+/// An inclusive range of HTTP statuses, written `200` or `"200-399"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatusRange {
+    /// First status that matches.
+    pub from: u16,
+    /// Last status that matches.
+    pub to: u16,
+}
+
+impl StatusRange {
+    /// Whether `status` is in the range.
+    pub fn contains(&self, status: u16) -> bool {
+        (self.from..=self.to).contains(&status)
+    }
+}
+
+impl<'de> Deserialize<'de> for StatusRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Clone, Copy)]
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = StatusRange;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a status (`200`) or a range (`200-399`)")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<StatusRange, E> {
+                match u16::try_from(v) {
+                    Ok(s) if (100..=599).contains(&s) => Ok(StatusRange { from: s, to: s }),
+                    _ => Err(E::custom(format!("`{v}` is not an HTTP status code"))),
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StatusRange, E> {
+                let bad = || {
+                    E::custom(format!(
+                        "invalid status range `{v}`, expected e.g. `200-399`"
+                    ))
+                };
+                let (a, b) = v.split_once('-').unwrap_or((v, v));
+                let a = self.visit_u64::<E>(a.trim().parse().map_err(|_| bad())?)?;
+                let b = self.visit_u64::<E>(b.trim().parse().map_err(|_| bad())?)?;
+                if a.from > b.to {
+                    return Err(bad());
+                }
+                Ok(StatusRange {
+                    from: a.from,
+                    to: b.to,
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Serialize for StatusRange {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if self.from == self.to {
+            s.serialize_u16(self.from)
+        } else {
+            s.serialize_str(&format!("{}-{}", self.from, self.to))
         }
     }
 }

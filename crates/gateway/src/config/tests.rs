@@ -178,3 +178,75 @@ routes:
     let again = from_str(&yaml, "effective.yaml").unwrap();
     assert_eq!(to_yaml(&again), yaml);
 }
+
+#[test]
+fn health_outlier_cooldown_and_hedge_sections() {
+    let src = "upstreams:
+  a:
+    endpoints: [{url: 'http://127.0.0.1:1'}, {url: 'http://127.0.0.1:2'}]
+    health_check: {path: /healthz, expected_status: '200-299', interval: 2s}
+    outlier_detection: {consecutive_failures: 4, latency_multiple: 3.0}
+    cooldown: {on: [429, 402], max: 2m}
+  b:
+    endpoints: [{url: 'http://127.0.0.1:3'}]
+    health_check: {kind: tcp, expected_status: 204}
+    cooldown: {}
+routes:
+  - upstream: a
+    hedge: {delay: p99, max_hedges: 2}
+";
+    let c = from_str(src, "gw.yaml").unwrap();
+    let a = c.upstreams.get("a").unwrap();
+    let hc = a.health_check.as_ref().unwrap();
+    assert_eq!(hc.expected_status, StatusRange { from: 200, to: 299 });
+    assert_eq!(hc.timeout, DEFAULT_HC_TIMEOUT);
+    let od = a.outlier_detection.as_ref().unwrap();
+    assert_eq!(od.latency_multiple, Some(3.0));
+    assert_eq!(od.latency_min_samples, DEFAULT_OD_LATENCY_MIN_SAMPLES);
+    assert_eq!(od.max_ejection_time, DEFAULT_OD_MAX_EJECTION_TIME);
+    assert_eq!(a.cooldown.as_ref().unwrap().on, vec![429, 402]);
+    let b = c.upstreams.get("b").unwrap();
+    assert_eq!(
+        b.health_check.as_ref().unwrap().expected_status,
+        StatusRange { from: 204, to: 204 }
+    );
+    let cd = b.cooldown.as_ref().unwrap();
+    assert_eq!(
+        (cd.on.as_slice(), cd.max),
+        (DEFAULT_COOLDOWN_ON, DEFAULT_COOLDOWN_MAX)
+    );
+    let yaml = to_yaml(&c);
+    assert!(yaml.contains("expected_status: 200-299"), "{yaml}");
+    assert!(yaml.contains("expected_status: 204"), "{yaml}");
+    let again = from_str(&yaml, "effective.yaml").unwrap();
+    assert_eq!(to_yaml(&again), yaml);
+}
+
+#[test]
+fn health_outlier_cooldown_and_hedge_errors() {
+    let up = |extra: &str| {
+        format!("upstreams:\n  a:\n    endpoints: [{{url: 'http://127.0.0.1:1'}}]\n{extra}")
+    };
+    assert_eq!(
+        err(&up("    health_check: {expected_status: '300-200'}\n")),
+        "gw.yaml:4:37: upstreams.a.health_check.expected_status: invalid status range `300-200`, expected e.g. `200-399`"
+    );
+    assert_eq!(
+        err(&up("    outlier_detection: {latency_multiple: 0.5}\n")),
+        "gw.yaml:4:25: upstreams.a.outlier_detection.latency_multiple: must be a number greater than 1"
+    );
+    assert_eq!(
+        err(&up("    outlier_detection: {ejection_time: 1m, max_ejection_time: 10s}\n")),
+        "gw.yaml:4:44: upstreams.a.outlier_detection.max_ejection_time: must not be less than `ejection_time`"
+    );
+    assert_eq!(
+        err(&up("    cooldown: {on: [429, 1000]}\n")),
+        "gw.yaml:4:26: upstreams.a.cooldown.on[1]: `1000` is not an HTTP status code"
+    );
+    assert_eq!(
+        err(&format!(
+            "{UP}routes:\n  - upstream: a\n    hedge: {{max_hedges: 5}}\n"
+        )),
+        "gw.yaml:6:13: routes[0].hedge.max_hedges: must be between 1 and 4"
+    );
+}

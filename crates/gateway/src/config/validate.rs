@@ -90,11 +90,32 @@ fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
                     "must be greater than 0",
                 ));
             }
+            if hc.timeout.get().is_zero() {
+                return Err(at(
+                    &p(&[k("health_check"), k("timeout")]),
+                    "must be greater than 0",
+                ));
+            }
             if hc.unhealthy_threshold == 0 || hc.healthy_threshold == 0 {
                 return Err(at(
                     &p(&[k("health_check")]),
                     "thresholds must be at least 1",
                 ));
+            }
+        }
+    }
+    if let Some(c) = &up.cooldown {
+        if c.enabled {
+            for (i, s) in c.on.iter().enumerate() {
+                if !(100..=599).contains(s) {
+                    return Err(at(
+                        &p(&[k("cooldown"), k("on"), Seg::Index(i)]),
+                        format!("`{s}` is not an HTTP status code"),
+                    ));
+                }
+            }
+            if c.max.get().is_zero() {
+                return Err(at(&p(&[k("cooldown"), k("max")]), "must be greater than 0"));
             }
         }
     }
@@ -110,6 +131,32 @@ fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
                 &p(&[k("outlier_detection"), k("consecutive_failures")]),
                 "must be at least 1",
             ));
+        }
+        if od.enabled && od.ejection_time.get().is_zero() {
+            return Err(at(
+                &p(&[k("outlier_detection"), k("ejection_time")]),
+                "must be greater than 0",
+            ));
+        }
+        if od.enabled && od.max_ejection_time < od.ejection_time {
+            return Err(at(
+                &p(&[k("outlier_detection"), k("max_ejection_time")]),
+                "must not be less than `ejection_time`",
+            ));
+        }
+        if let Some(m) = od.latency_multiple.filter(|_| od.enabled) {
+            if !(m > 1.0 && m.is_finite()) {
+                return Err(at(
+                    &p(&[k("outlier_detection"), k("latency_multiple")]),
+                    "must be a number greater than 1",
+                ));
+            }
+            if od.latency_min_samples == 0 {
+                return Err(at(
+                    &p(&[k("outlier_detection"), k("latency_min_samples")]),
+                    "must be at least 1",
+                ));
+            }
         }
     }
     if let Some(cb) = &up.circuit_breaker {
@@ -293,10 +340,11 @@ fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), In
         }
     }
     if let Some(h) = &route.hedge {
-        if h.enabled && (h.max_hedges == 0 || h.max_hedges > 5) {
+        // The library's cap (gRPC's: at most 5 attempts in all).
+        if h.enabled && (h.max_hedges == 0 || h.max_hedges > bulwark::hedge::MAX_HEDGES) {
             return Err(at(
                 &p(&[k("hedge"), k("max_hedges")]),
-                "must be between 1 and 5",
+                format!("must be between 1 and {}", bulwark::hedge::MAX_HEDGES),
             ));
         }
     }

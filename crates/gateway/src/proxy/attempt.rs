@@ -6,10 +6,9 @@
 //! deadline allow; then move on to the next upstream when this one was unavailable or exhausted.
 //! Every policy decision is a call on [`crate::policy`] types, so the library's policies plug in there.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::header::RETRY_AFTER;
 use http::request::Parts;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body;
@@ -23,7 +22,7 @@ use super::respond::{self, Failure, Local};
 use super::route::Route;
 use super::Runtime;
 use crate::policy::Reject;
-use crate::upstream::{FailKind, Tried, Upstream};
+use crate::upstream::{retry_after, FailKind, Observed, Tried, Upstream};
 use bulwark::Outcome;
 
 /// The request body as the loop sees it: replayable (buffered) or streamed once.
@@ -119,6 +118,157 @@ fn build_request(
     req
 }
 
+/// How one attempt ended, when it was not a success.
+// Like `Last`: lives on one request's stack; boxing the response would cost every failed attempt.
+#[allow(clippy::large_enum_variant)]
+enum Miss {
+    /// The upstream's policies refused it; nothing was sent.
+    Rejected(Reject),
+    /// No endpoint could take it; nothing was sent.
+    NoEndpoint,
+    /// A failed response (5xx, 429, a configured status), kept to be passed through.
+    Response {
+        resp: Response<RespBody>,
+        retryable: bool,
+        retry_after: Option<Duration>,
+    },
+    /// No response: connect failure, reset or timeout.
+    Failed { failure: Failure, retryable: bool },
+    /// The client's request body failed: final, and not the upstream's fault.
+    Client(Local),
+}
+
+type AttemptResult = Result<Response<RespBody>, Miss>;
+
+/// How the hedge race sees an attempt: a response that is not a failure wins; a retryable failure
+/// lets the other attempts (and the next hedge) go on; anything final (a failure the route does not
+/// retry, a client body error) ends the race at once, as it ends the loop without hedging.
+fn hedge_outcome(r: &AttemptResult) -> Outcome {
+    match r {
+        Ok(_) => Outcome::Success,
+        Err(Miss::Client(_))
+        | Err(Miss::Response {
+            retryable: false, ..
+        })
+        | Err(Miss::Failed {
+            retryable: false, ..
+        }) => Outcome::Ignore,
+        Err(_) => Outcome::Failure,
+    }
+}
+
+/// One attempt on `up`'s endpoint `ei` (`None`: no endpoint was available): admission, send within
+/// the per-try timeout and the route deadline, classification, and the reports to the breaker,
+/// outlier detection, cooldown and (with `record_latency`) the route's latency window.
+async fn attempt(
+    up: &Upstream,
+    route: &Route,
+    target: Option<(usize, Request<ReqBody>)>,
+    deadline: Instant,
+    record_latency: bool,
+) -> AttemptResult {
+    let Some((ei, req)) = target else {
+        return Err(Miss::NoEndpoint);
+    };
+    let mut admission = up.policies.admit().await.map_err(Miss::Rejected)?;
+    let ep = &up.endpoints[ei];
+    let now = Instant::now();
+    if now >= deadline {
+        return Err(Miss::Failed {
+            failure: Failure::Timeout,
+            retryable: false,
+        });
+    }
+    let try_deadline = route
+        .per_try_timeout
+        .map_or(deadline, |t| (now + t).min(deadline));
+    let mut lease = Lease::new(ep.clone());
+    let result = tokio::time::timeout_at(try_deadline, ep.pool.send(req)).await;
+    match result {
+        Ok(Ok((resp, conn))) => {
+            let latency = now.elapsed();
+            ep.observe_latency(latency);
+            let status = resp.status().as_u16();
+            let retryable = route.retry_on.status(status);
+            // 5xx and 429 are failures (passed through with x-bulwark-*, replaced by a fallback) even
+            // when the route does not retry them.
+            let failed = retryable || status >= 500 || status == 429;
+            let (parts_r, inner) = resp.into_parts();
+            let mut resp = Response::from_parts(parts_r, ());
+            headers::strip_hop_by_hop(resp.headers_mut());
+            let ra = if failed || up.cools_down_on(status) {
+                retry_after::retry_after(resp.headers(), SystemTime::now())
+            } else {
+                None
+            };
+            up.observe(
+                ei,
+                Observed::Response {
+                    status,
+                    latency,
+                    retry_after: ra,
+                },
+            );
+            admission.record(match (failed, ra) {
+                (false, _) => Outcome::Success,
+                (true, Some(d)) => Outcome::FailureRetryAfter(d),
+                (true, None) => Outcome::Failure,
+            });
+            lease.hold(conn, admission);
+            let resp = resp.map(|()| RespBody::upstream(inner, lease));
+            if !failed {
+                if record_latency {
+                    route.policies.latency().record(latency);
+                }
+                return Ok(resp);
+            }
+            Err(Miss::Response {
+                resp,
+                retryable,
+                retry_after: ra,
+            })
+        }
+        Ok(Err(e)) => {
+            if e.kind == FailKind::ClientBody {
+                admission.record(Outcome::Ignore);
+                let too_large = e.source.as_ref().is_some_and(body::is_length_error);
+                return Err(Miss::Client(if too_large {
+                    Local::BodyTooLarge
+                } else {
+                    Local::BadRequest
+                }));
+            }
+            admission.record(Outcome::Failure);
+            up.observe(ei, Observed::Failed);
+            tracing::debug!(endpoint = %ep.url, kind = ?e.kind, error = ?e.source, "attempt failed");
+            Err(Miss::Failed {
+                failure: match e.kind {
+                    FailKind::Timeout => Failure::Timeout,
+                    _ => Failure::UpstreamError,
+                },
+                retryable: route.retry_on.fail(e.kind),
+            })
+        }
+        Err(_elapsed) => {
+            admission.record(Outcome::Failure);
+            up.observe(ei, Observed::Failed);
+            Err(Miss::Failed {
+                failure: Failure::Timeout,
+                retryable: Instant::now() < deadline && route.retry_on.fail(FailKind::Timeout),
+            })
+        }
+    }
+}
+
+/// What a client is told when `up` had no endpoint: when every usable endpoint is in a quota
+/// cooldown, a rate limit with the time until the first one ends; otherwise no healthy endpoint.
+fn no_endpoint(up: &Upstream) -> Failure {
+    match up.cooldown_wait() {
+        Some(retry_after) => Failure::RateLimited { retry_after },
+        None => Failure::NoHealthyEndpoint,
+    }
+}
+
 /// Forwards one routed request; always returns a response (errors are mapped by [`respond`]).
 pub(crate) async fn forward(
     rt: &Runtime,
@@ -130,7 +280,9 @@ pub(crate) async fn forward(
     let retry_allowed = is_idempotent(&parts.method)
         || route.retry_non_idempotent
         || parts.headers.contains_key(&IDEMPOTENCY_KEY);
-    let may_replay = retry_allowed && (route.attempts > 1 || route.chain.len() > 1);
+    let hedge = route.policies.hedge().filter(|_| retry_allowed);
+    let may_replay =
+        retry_allowed && (route.attempts > 1 || route.chain.len() > 1 || hedge.is_some());
 
     let mut slot = if body.is_end_stream() {
         BodySlot::Replay(None)
@@ -151,6 +303,8 @@ pub(crate) async fn forward(
             })),
         }
     };
+    // Hedging needs a body it can send twice.
+    let hedge = hedge.filter(|_| slot.replayable());
 
     route.policies.deposit();
     let mut sent: u32 = 0;
@@ -159,9 +313,13 @@ pub(crate) async fn forward(
     for (chain_pos, &ui) in route.chain.iter().enumerate() {
         let up = &*rt.upstreams[ui];
         if chain_pos > 0 && sent > 0 {
-            // Failing over after a request was sent is a retry: it needs a replayable body and budget.
+            // Failing over after a request was sent is a retry: it needs a replayable body, time
+            // for an attempt, and budget.
             if !(retry_allowed && slot.replayable()) {
                 break;
+            }
+            if !route.policies.retry_fits(Duration::ZERO, deadline) {
+                return finish(last, sent, None, route);
             }
             if !route.policies.try_withdraw() {
                 return finish(last, sent, Some(Failure::BudgetExhausted), route);
@@ -170,89 +328,72 @@ pub(crate) async fn forward(
         let mut tried = Tried::default();
         let mut on_this: u32 = 0;
         loop {
-            let mut admission = match up.policies.admit().await {
-                Ok(a) => a,
-                Err(r) => {
+            on_this += 1;
+            let result = match hedge {
+                None => {
+                    let Some(ei) = up.pick(tried) else {
+                        last = Last::Failure(no_endpoint(up));
+                        break;
+                    };
+                    let Some(req_body) = slot.take() else {
+                        return finish(last, sent, None, route);
+                    };
+                    tried.insert(ei);
+                    sent += 1;
+                    let req = build_request(&mut parts, may_replay, req_body, up, ei);
+                    attempt(up, route, Some((ei, req)), deadline, true).await
+                }
+                Some(h) => {
+                    // The library's hedge races the attempts: each call of this factory picks an
+                    // endpoint this request has not tried when one is available, and the hedge
+                    // asks the route's budget before each extra attempt.
+                    let make = || {
+                        let target = up.pick(tried).map(|ei| {
+                            tried.insert(ei);
+                            sent += 1;
+                            // Hedging is only on with a replayable body, which `take` always yields.
+                            let body = slot.take().unwrap_or_else(ReqBody::empty);
+                            (ei, build_request(&mut parts, true, body, up, ei))
+                        });
+                        attempt(up, route, target, deadline, false)
+                    };
+                    match h.call_with(&hedge_outcome, make).await {
+                        Ok(resp) => Ok(resp),
+                        Err(bulwark::Error::Inner(miss)) => Err(miss),
+                        // The hedge reports nothing of its own; this arm is never taken.
+                        Err(_) => Err(Miss::NoEndpoint),
+                    }
+                }
+            };
+
+            let (retryable, retry_after) = match result {
+                Ok(resp) => return respond::success(resp, sent),
+                Err(Miss::Client(local)) => return respond::local(local),
+                Err(Miss::Rejected(r)) => {
                     last = Last::Failure(reject_to_failure(r));
                     break;
                 }
-            };
-            let Some(ei) = up.pick(tried) else {
-                last = Last::Failure(Failure::NoHealthyEndpoint);
-                break;
-            };
-            let Some(req_body) = slot.take() else {
-                return finish(last, sent, None, route);
-            };
-            tried.insert(ei);
-            let ep = up.endpoints[ei].clone();
-            let req = build_request(&mut parts, may_replay, req_body, up, ei);
-            let now = Instant::now();
-            if now >= deadline {
-                return finish(Last::Failure(Failure::Timeout), sent, None, route);
-            }
-            let try_deadline = route
-                .per_try_timeout
-                .map_or(deadline, |t| (now + t).min(deadline));
-            sent += 1;
-            on_this += 1;
-            let mut lease = Lease::new(ep.clone());
-            let result = tokio::time::timeout_at(try_deadline, ep.pool.send(req)).await;
-
-            // Classify: a response (retryable or not), or a failure kind.
-            let (retryable, retry_after) = match result {
-                Ok(Ok((resp, conn))) => {
-                    ep.observe_latency(now.elapsed());
-                    let status = resp.status().as_u16();
-                    let retryable = route.retry_on.status(status);
-                    // 5xx and 429 are failures (passed through with x-bulwark-*, replaced by a fallback) even when
-                    // the route does not retry them.
-                    let failed = retryable || status >= 500 || status == 429;
-                    let (parts_r, inner) = resp.into_parts();
-                    let mut resp = Response::from_parts(parts_r, ());
-                    headers::strip_hop_by_hop(resp.headers_mut());
-                    let ra = if failed { retry_after_hdr(&resp) } else { None };
-                    admission.record(match (failed, ra) {
-                        (false, _) => Outcome::Success,
-                        (true, Some(d)) => Outcome::FailureRetryAfter(d),
-                        (true, None) => Outcome::Failure,
-                    });
-                    lease.hold(conn, admission);
-                    let resp = resp.map(|()| RespBody::upstream(inner, lease));
-                    if !failed {
-                        return respond::success(resp, sent);
-                    }
+                Err(Miss::NoEndpoint) => {
+                    last = Last::Failure(no_endpoint(up));
+                    break;
+                }
+                Err(Miss::Response {
+                    resp,
+                    retryable,
+                    retry_after,
+                }) => {
                     last = Last::Response(resp);
                     if !retryable {
                         return finish(last, sent, None, route);
                     }
-                    (true, ra)
+                    (true, retry_after)
                 }
-                Ok(Err(e)) => {
-                    if e.kind == FailKind::ClientBody {
-                        admission.record(Outcome::Ignore);
-                        let too_large = e.source.as_ref().is_some_and(body::is_length_error);
-                        return respond::local(if too_large {
-                            Local::BodyTooLarge
-                        } else {
-                            Local::BadRequest
-                        });
-                    }
-                    admission.record(Outcome::Failure);
-                    tracing::debug!(endpoint = %ep.url, kind = ?e.kind, error = ?e.source, "attempt failed");
-                    last = Last::Failure(match e.kind {
-                        FailKind::Timeout => Failure::Timeout,
-                        _ => Failure::UpstreamError,
-                    });
-                    (route.retry_on.fail(e.kind), None)
-                }
-                Err(_elapsed) => {
-                    admission.record(Outcome::Failure);
-                    last = Last::Failure(Failure::Timeout);
-                    if Instant::now() >= deadline {
+                Err(Miss::Failed { failure, retryable }) => {
+                    last = Last::Failure(failure);
+                    if failure == Failure::Timeout && Instant::now() >= deadline {
                         return finish(last, sent, None, route);
                     }
-                    (route.retry_on.fail(FailKind::Timeout), None)
+                    (retryable, None)
                 }
             };
             if !retryable || !retry_allowed || !slot.replayable() {
@@ -261,21 +402,20 @@ pub(crate) async fn forward(
             if on_this >= route.attempts {
                 break; // exhausted: fail over
             }
-            let remaining = deadline.saturating_duration_since(Instant::now());
-            if retry_after.is_some_and(|ra| ra >= remaining) {
-                return finish(last, sent, None, route);
-            }
-            if !route.policies.try_withdraw() {
-                return finish(last, sent, Some(Failure::BudgetExhausted), route);
-            }
+            // A single endpoint's Retry-After is a wait before asking it again; with several, the
+            // retry goes to another endpoint (cooldown takes the one that asked out of rotation).
             let mut delay = route.policies.backoff(on_this);
             if up.endpoints.len() == 1 {
                 if let Some(ra) = retry_after {
                     delay = delay.max(ra);
                 }
             }
-            if delay >= remaining {
+            // No retry starts that the deadline cannot finish (backoff plus a typical attempt).
+            if !route.policies.retry_fits(delay, deadline) {
                 return finish(last, sent, None, route);
+            }
+            if !route.policies.try_withdraw() {
+                return finish(last, sent, Some(Failure::BudgetExhausted), route);
             }
             if !delay.is_zero() {
                 // Release the failed response (and its connection) before waiting.
@@ -287,11 +427,6 @@ pub(crate) async fn forward(
         }
     }
     finish(last, sent, None, route)
-}
-
-fn retry_after_hdr(resp: &Response<()>) -> Option<Duration> {
-    let v = resp.headers().get(RETRY_AFTER)?.to_str().ok()?;
-    v.trim().parse::<u64>().ok().map(Duration::from_secs)
 }
 
 /// Maps the loop's end state to the client response. `because` overrides the reason (budget).

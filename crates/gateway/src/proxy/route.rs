@@ -122,11 +122,11 @@ pub struct Route {
     pub retry_buffer: usize,
     /// Retry non-idempotent methods too.
     pub retry_non_idempotent: bool,
-    /// Extra requests by hedging (0 = none); used for amplification reporting until hedging is merged.
+    /// Extra requests by hedging at most (0 = none); the hedge itself is in `policies`.
     pub max_hedges: u32,
     /// Static fallback.
     pub fallback: Option<FallbackResponse>,
-    /// Budget and backoff.
+    /// Budget, backoff, hedge, latency record.
     pub policies: RoutePolicies,
 }
 
@@ -137,13 +137,26 @@ impl Route {
         c: &config::Route,
         upstream_index: impl Fn(&str) -> Option<usize>,
     ) -> Result<Self, String> {
+        Self::with_events(i, c, upstream_index, &None)
+    }
+
+    /// Builds a route whose policies (the hedge) report events to `events`.
+    pub fn with_events(
+        i: usize,
+        c: &config::Route,
+        upstream_index: impl Fn(&str) -> Option<usize>,
+        events: &crate::policy::Events,
+    ) -> Result<Self, String> {
         let mut chain = Vec::with_capacity(1 + c.failover.len());
         for name in std::iter::once(&c.upstream).chain(&c.failover) {
             chain.push(upstream_index(name).ok_or_else(|| format!("unknown upstream `{name}`"))?);
         }
         let retry = c.retry.as_ref().filter(|r| r.enabled);
+        let name: Arc<str> = c.name.clone().unwrap_or_else(|| format!("route{i}")).into();
+        let policies = RoutePolicies::with_hedge(&name, retry, c.hedge.as_ref(), events)
+            .map_err(|e| format!("routes[{i}].{e}"))?;
         Ok(Route {
-            name: c.name.clone().unwrap_or_else(|| format!("route{i}")).into(),
+            name,
             matcher: Matcher::new(&c.matcher)?,
             chain,
             timeout: c.timeout.get(),
@@ -160,7 +173,7 @@ impl Route {
                 .filter(|h| h.enabled)
                 .map_or(0, |h| h.max_hedges),
             fallback: c.fallback.as_ref().map(FallbackResponse::new),
-            policies: RoutePolicies::new(retry)?,
+            policies,
         })
     }
 }

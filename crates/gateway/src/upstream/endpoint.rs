@@ -1,7 +1,14 @@
-//! One endpoint: its address, pool and live load/latency signals.
+//! One endpoint: its address, pool, live load/latency signals and availability.
+//!
+//! Availability has three independent parts, each with its own read-only accessor for the admin API:
+//! the active health check ([`Endpoint::is_healthy`]), outlier ejection ([`Endpoint::is_ejected`]) and
+//! provider-quota cooldown ([`Endpoint::in_cooldown`]). [`Endpoint::is_available`] combines them and is
+//! what the balancer asks; with no ejection or cooldown recorded it reads three atomics and no clock.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
+
+use bulwark::latency::LatencyWindow;
 
 use http::HeaderValue;
 use tokio::time::Instant;
@@ -26,8 +33,22 @@ pub struct Endpoint {
     pub weight: u32,
     /// Connection pool.
     pub pool: Pool,
-    /// Whether the endpoint may receive traffic (health checks and outlier detection clear it).
-    available: AtomicBool,
+    /// The active health check's verdict (true until a check says otherwise).
+    healthy: AtomicBool,
+    /// End of the current ejection, as [`Endpoint::stamp`] (0: not ejected); cleared lazily.
+    ejected_until: AtomicU64,
+    /// End of the last ejection (kept after it ends, for the ejection multiplier's reset).
+    last_ejection_end: AtomicU64,
+    /// Ejections in the current run (the ejection time multiplier).
+    pub(crate) ejections: AtomicU32,
+    /// End of the current cooldown, as [`Endpoint::stamp`] (0: none); cleared lazily.
+    cooldown_until: AtomicU64,
+    /// Consecutive failed attempts (outlier detection).
+    pub(crate) consecutive_failures: AtomicU32,
+    /// Recent successful-response latencies, when latency outlier detection is on.
+    pub(crate) latency: Option<LatencyWindow>,
+    /// Samples the latency window must have recorded before it is judged again.
+    pub(crate) latency_judge_at: AtomicU64,
     inflight: AtomicUsize,
     /// Peak-EWMA of response latency in nanoseconds (f64 bits) and the time of its last update.
     ewma_ns: AtomicU64,
@@ -43,6 +64,7 @@ impl Endpoint {
         priority: u8,
         weight: u32,
         pool: Pool,
+        latency: Option<LatencyWindow>,
     ) -> Self {
         let host_header = HeaderValue::from_str(authority.as_str())
             .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
@@ -53,7 +75,14 @@ impl Endpoint {
             priority,
             weight,
             pool,
-            available: AtomicBool::new(true),
+            healthy: AtomicBool::new(true),
+            ejected_until: AtomicU64::new(0),
+            last_ejection_end: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+            cooldown_until: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            latency,
+            latency_judge_at: AtomicU64::new(0),
             inflight: AtomicUsize::new(0),
             ewma_ns: AtomicU64::new(0f64.to_bits()),
             ewma_at: AtomicU64::new(0),
@@ -61,14 +90,121 @@ impl Endpoint {
         }
     }
 
-    /// Whether the endpoint may receive traffic.
+    /// Whether the endpoint may receive traffic now: healthy, not ejected, not in cooldown.
+    #[inline]
     pub fn is_available(&self) -> bool {
-        self.available.load(Ordering::Relaxed)
+        if !self.healthy.load(Ordering::Relaxed) {
+            return false;
+        }
+        let e = self.ejected_until.load(Ordering::Relaxed);
+        let c = self.cooldown_until.load(Ordering::Relaxed);
+        if e == 0 && c == 0 {
+            return true;
+        }
+        let now = Instant::now();
+        !self.is_blocked(&self.ejected_until, now) && !self.is_blocked(&self.cooldown_until, now)
     }
 
-    /// Marks the endpoint (un)available; the hook for health checks and outlier detection.
+    /// Marks the endpoint healthy or not, as the active health check does (tests use it to stand
+    /// in for one). Ejection and cooldown are separate and unaffected.
     pub fn set_available(&self, available: bool) {
-        self.available.store(available, Ordering::Relaxed);
+        self.set_healthy(available);
+    }
+
+    /// The active health check's verdict: `true` without health checks or until a check fails
+    /// `unhealthy_threshold` times in a row.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Sets the health check verdict.
+    pub fn set_healthy(&self, healthy: bool) {
+        if self.healthy.swap(healthy, Ordering::Relaxed) != healthy {
+            tracing::info!(endpoint = %self.url, healthy, "endpoint health changed");
+        }
+    }
+
+    /// Whether outlier detection has ejected the endpoint right now.
+    pub fn is_ejected(&self) -> bool {
+        self.is_blocked(&self.ejected_until, Instant::now())
+    }
+
+    /// Time left in the current ejection.
+    pub fn ejection_remaining(&self) -> Option<Duration> {
+        self.remaining(&self.ejected_until, Instant::now())
+    }
+
+    /// Ejections in the current run (the multiplier of `ejection_time`).
+    pub fn ejection_count(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
+    /// Whether the endpoint is in a provider-quota cooldown (429 + `Retry-After`) right now.
+    pub fn in_cooldown(&self) -> bool {
+        self.is_blocked(&self.cooldown_until, Instant::now())
+    }
+
+    /// Time left in the current cooldown.
+    pub fn cooldown_remaining(&self) -> Option<Duration> {
+        self.remaining(&self.cooldown_until, Instant::now())
+    }
+
+    /// `t` as a nonzero stamp (nanoseconds since this endpoint's epoch, plus one).
+    fn stamp(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_nanos())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
+    }
+
+    fn remaining(&self, cell: &AtomicU64, now: Instant) -> Option<Duration> {
+        let until = cell.load(Ordering::Relaxed);
+        let now = self.stamp(now);
+        (until > now).then(|| Duration::from_nanos(until - now))
+    }
+
+    /// Whether `cell` holds a time after `now`; an expired stamp is cleared so later reads are
+    /// clock-free again (a lost race only means one more clock read).
+    fn is_blocked(&self, cell: &AtomicU64, now: Instant) -> bool {
+        let until = cell.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if until > self.stamp(now) {
+            return true;
+        }
+        let _ = cell.compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed);
+        false
+    }
+
+    /// Ejects the endpoint until `until` (the caller holds the upstream's ejection lock).
+    pub(crate) fn eject_until(&self, until: Instant) {
+        let s = self.stamp(until);
+        self.ejected_until.store(s, Ordering::Relaxed);
+        self.last_ejection_end.store(s, Ordering::Relaxed);
+    }
+
+    /// When the last ejection ended (or ends), if there was one.
+    pub(crate) fn last_ejection_end(&self) -> Option<Instant> {
+        match self.last_ejection_end.load(Ordering::Relaxed) {
+            0 => None,
+            s => Some(self.epoch + Duration::from_nanos(s - 1)),
+        }
+    }
+
+    /// Puts the endpoint in cooldown until `until` (an existing longer cooldown is kept).
+    pub(crate) fn cool_down_until(&self, until: Instant) {
+        self.cooldown_until
+            .fetch_max(self.stamp(until), Ordering::Relaxed);
+    }
+
+    /// Whether the ejection bookkeeping sees the endpoint ejected at `now`.
+    pub(crate) fn ejected_at(&self, now: Instant) -> bool {
+        self.is_blocked(&self.ejected_until, now)
+    }
+
+    /// Whether the endpoint is healthy and not ejected, ignoring cooldown.
+    pub(crate) fn usable_ignoring_cooldown(&self, now: Instant) -> bool {
+        self.is_healthy() && !self.is_blocked(&self.ejected_until, now)
     }
 
     /// Requests currently in flight to this endpoint.

@@ -1,17 +1,24 @@
-//! Upstreams: endpoints with their connection pools, a balancer over priority tiers, and the upstream's
-//! policies (see [`crate::policy`]).
+//! Upstreams: endpoints with their connection pools, a balancer over priority tiers, the upstream's
+//! policies (see [`crate::policy`]), active health checks ([`health`]), passive outlier detection
+//! and provider-quota cooldown (`outlier`).
 
 mod balance;
 mod endpoint;
+pub mod health;
+mod outlier;
 mod pool;
+pub mod retry_after;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use balance::Tried;
 pub use endpoint::Endpoint;
 pub use pool::{Conn, FailKind, Pool, SendError};
 
 use balance::Tier;
+use outlier::{Cooldown, Outlier};
+use tokio::time::Instant;
 
 use crate::config::{self, Balance};
 use crate::policy::UpstreamPolicies;
@@ -30,15 +37,37 @@ pub struct Upstream {
     /// Admission policies.
     pub policies: UpstreamPolicies,
     tiers: Vec<Tier>,
+    outlier: Option<Outlier>,
+    cooldown: Option<Cooldown>,
+    /// Running health checks; dropped (and stopped) with the upstream.
+    health: Option<health::HealthTasks>,
+}
+
+/// What one attempt on an endpoint showed, for outlier detection and cooldown.
+#[derive(Debug, Clone, Copy)]
+pub enum Observed {
+    /// A response arrived (its head) after `latency`, with its `Retry-After` if any.
+    Response {
+        /// Status code.
+        status: u16,
+        /// Time to the response head.
+        latency: Duration,
+        /// `Retry-After`, when the response carried one.
+        retry_after: Option<Duration>,
+    },
+    /// No response: connect failure, reset or timeout.
+    Failed,
 }
 
 impl Upstream {
-    /// Builds an upstream from validated config.
+    /// Builds an upstream from validated config. With health checks configured this starts them,
+    /// so it must run within a Tokio runtime.
     pub fn new(
         name: &str,
         c: &config::Upstream,
         events: &crate::policy::Events,
     ) -> Result<Self, String> {
+        let od = c.outlier_detection.as_ref().filter(|o| o.enabled);
         let mut eps: Vec<&config::Endpoint> = c.endpoints.iter().collect();
         eps.sort_by_key(|e| e.priority);
         let mut endpoints = Vec::with_capacity(eps.len());
@@ -59,6 +88,7 @@ impl Upstream {
                 e.priority,
                 e.weight,
                 pool,
+                Outlier::window(od),
             )));
         }
         let mut tiers = Vec::new();
@@ -70,6 +100,10 @@ impl Upstream {
             tiers.push(Tier::new(start, end, &weights));
             start = end;
         }
+        let health = match c.health_check.as_ref().filter(|h| h.enabled) {
+            Some(h) => Some(health::start(h, &endpoints, c.http2)?),
+            None => None,
+        };
         Ok(Upstream {
             name: name.into(),
             endpoints,
@@ -77,7 +111,71 @@ impl Upstream {
             http2: c.http2,
             policies: UpstreamPolicies::new(name, c, events)?,
             tiers,
+            outlier: od.map(Outlier::new),
+            cooldown: c.cooldown.as_ref().filter(|c| c.enabled).map(Cooldown::new),
+            health,
         })
+    }
+
+    /// The running health checker, when `health_check` is configured (its report names each
+    /// endpoint by URL).
+    pub fn health_checker(&self) -> Option<&bulwark::health::HealthChecker> {
+        self.health.as_ref().map(health::HealthTasks::checker)
+    }
+
+    /// Whether a response with `status` may start a cooldown (so its `Retry-After` is worth reading).
+    pub fn cools_down_on(&self, status: u16) -> bool {
+        self.cooldown.as_ref().is_some_and(|c| c.applies(status))
+    }
+
+    /// Reports what an attempt on endpoint `i` showed: feeds outlier detection (5xx and failures
+    /// without response count as failures; other responses as successes, except those that start a
+    /// cooldown or are 429, which say nothing about the endpoint's health) and cooldown.
+    pub fn observe(&self, i: usize, what: Observed) {
+        if self.outlier.is_none() && self.cooldown.is_none() {
+            return;
+        }
+        let now = Instant::now();
+        match what {
+            Observed::Failed => {
+                if let Some(o) = &self.outlier {
+                    o.failure(&self.endpoints, i, now);
+                }
+            }
+            Observed::Response {
+                status,
+                latency,
+                retry_after,
+            } => {
+                let quota = self.cools_down_on(status);
+                if let (true, Some(c), Some(ra)) = (quota, &self.cooldown, retry_after) {
+                    c.start(&self.endpoints[i], ra, now);
+                }
+                if let Some(o) = &self.outlier {
+                    if status >= 500 {
+                        o.failure(&self.endpoints, i, now);
+                    } else if !quota && status != 429 {
+                        o.success(&self.endpoints, i, latency, now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// When no endpoint is available only because every usable one is in cooldown: the time until
+    /// the first cooldown ends (the client's `Retry-After`).
+    pub fn cooldown_wait(&self) -> Option<Duration> {
+        self.cooldown.as_ref()?;
+        let now = Instant::now();
+        let mut wait: Option<Duration> = None;
+        for e in &self.endpoints {
+            if !e.usable_ignoring_cooldown(now) {
+                continue;
+            }
+            let r = e.cooldown_remaining()?; // a usable endpoint without cooldown: not this case
+            wait = Some(wait.map_or(r, |w| w.min(r)));
+        }
+        wait
     }
 
     /// Picks an endpoint: from the first tier that has an available endpoint this request has not tried
@@ -106,5 +204,225 @@ impl Upstream {
         for e in &self.endpoints {
             e.pool.reap();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Dur;
+
+    fn upstream(n: usize, od: Option<config::OutlierDetection>, cd: bool) -> Upstream {
+        let c = config::Upstream {
+            outlier_detection: od,
+            cooldown: cd.then(Default::default),
+            ..upstream_config(n)
+        };
+        Upstream::new("u", &c, &None).unwrap()
+    }
+
+    fn upstream_config(n: usize) -> config::Upstream {
+        config::Upstream {
+            endpoints: (0..n)
+                .map(|i| config::Endpoint {
+                    url: format!("http://127.0.0.1:{}", 1000 + i),
+                    weight: 1,
+                    priority: 0,
+                })
+                .collect(),
+            balance: config::Balance::RoundRobin,
+            http2: false,
+            connect_timeout: config::DEFAULT_CONNECT_TIMEOUT,
+            pool: Default::default(),
+            health_check: None,
+            outlier_detection: None,
+            cooldown: None,
+            circuit_breaker: None,
+            bulkhead: None,
+            rate_limit: None,
+        }
+    }
+
+    fn od() -> config::OutlierDetection {
+        config::OutlierDetection {
+            consecutive_failures: 3,
+            ejection_time: Dur::from_secs(10),
+            max_ejection_time: Dur::from_secs(25),
+            max_ejection_percent: 50,
+            ..Default::default()
+        }
+    }
+
+    fn fail(u: &Upstream, i: usize, n: usize) {
+        for _ in 0..n {
+            u.observe(i, Observed::Failed);
+        }
+    }
+
+    fn ok(u: &Upstream, i: usize, ms: u64) {
+        u.observe(
+            i,
+            Observed::Response {
+                status: 200,
+                latency: Duration::from_millis(ms),
+                retry_after: None,
+            },
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_eject_for_growing_capped_times() {
+        let u = upstream(2, Some(od()), false);
+        let e = &u.endpoints[0];
+        fail(&u, 0, 2);
+        ok(&u, 0, 1); // a success resets the run of failures
+        fail(&u, 0, 2);
+        assert!(!e.is_ejected());
+        fail(&u, 0, 1);
+        assert!(e.is_ejected() && !e.is_available());
+        assert_eq!(e.ejection_remaining(), Some(Duration::from_secs(10)));
+        assert_eq!(
+            u.pick(Tried::default()),
+            Some(1),
+            "traffic moves to the other"
+        );
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(!e.is_ejected() && e.is_available(), "ejection ends by time");
+        fail(&u, 0, 3);
+        assert_eq!(e.ejection_remaining(), Some(Duration::from_secs(20)));
+        tokio::time::advance(Duration::from_secs(20)).await;
+        fail(&u, 0, 3);
+        assert_eq!(
+            e.ejection_remaining(),
+            Some(Duration::from_secs(25)),
+            "30 s capped at max_ejection_time"
+        );
+        assert_eq!(e.ejection_count(), 3);
+        // Staying in for max_ejection_time starts a new run.
+        tokio::time::advance(Duration::from_secs(25 + 25)).await;
+        fail(&u, 0, 3);
+        assert_eq!(e.ejection_remaining(), Some(Duration::from_secs(10)));
+        assert_eq!(e.ejection_count(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn max_ejection_percent_caps_ejections() {
+        let u = upstream(5, Some(od()), false);
+        for i in 0..5 {
+            fail(&u, i, 3);
+        }
+        let ejected = u.endpoints.iter().filter(|e| e.is_ejected()).count();
+        assert_eq!(ejected, 2, "floor(5 x 50%)");
+        // The capped ones are ejected once a slot frees.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        fail(&u, 4, 1);
+        assert!(u.endpoints[4].is_ejected());
+        // A single endpoint is never ejected.
+        let one = upstream(1, Some(od()), false);
+        fail(&one, 0, 10);
+        assert!(!one.endpoints[0].is_ejected());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn status_classes_feed_outlier_detection() {
+        let u = upstream(2, Some(od()), true);
+        let resp = |status| Observed::Response {
+            status,
+            latency: Duration::from_millis(1),
+            retry_after: None,
+        };
+        fail(&u, 0, 2);
+        u.observe(0, resp(429)); // quota: neither failure nor success
+        u.observe(0, resp(404)); // a success for the endpoint's health
+        fail(&u, 0, 2);
+        assert!(!u.endpoints[0].is_ejected());
+        u.observe(0, resp(503));
+        assert!(u.endpoints[0].is_ejected());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn latency_outlier_is_ejected_against_peers_median() {
+        let mut c = od();
+        c.latency_multiple = Some(3.0);
+        c.latency_min_samples = 32;
+        let u = upstream(4, Some(c), false);
+        // Three peers at 10, 12, 14 ms (median p99 12 ms); endpoint 3 at 30 ms: under 3x.
+        for _ in 0..32 {
+            for (i, ms) in [(0, 10), (1, 12), (2, 14), (3, 30)] {
+                ok(&u, i, ms);
+            }
+        }
+        assert!(u.endpoints.iter().all(|e| !e.is_ejected()));
+        // Endpoint 3 slows to 40 ms: over 3 x 12 ms once its window's p99 shows it.
+        for _ in 0..REFRESH {
+            ok(&u, 3, 40);
+        }
+        assert!(u.endpoints[3].is_ejected());
+        assert_eq!(
+            u.endpoints[3].ejection_remaining(),
+            Some(Duration::from_secs(10))
+        );
+        assert!(u.endpoints[..3].iter().all(|e| !e.is_ejected()));
+    }
+    const REFRESH: u64 = bulwark::latency::REFRESH_EVERY;
+
+    #[tokio::test]
+    async fn health_check_tasks_stop_when_the_upstream_is_dropped() {
+        let mut c = config::Upstream {
+            health_check: Some(config::HealthCheck {
+                interval: Dur::from_millis(10),
+                ..Default::default()
+            }),
+            ..upstream_config(1)
+        };
+        c.endpoints[0].url = "http://127.0.0.1:1".into();
+        let u = Upstream::new("u", &c, &None).unwrap();
+        let ep = u.endpoints[0].clone();
+        // Nothing listens on port 1: the first probe's failure takes the endpoint out.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ep.is_healthy() {
+            assert!(Instant::now() < deadline, "never marked unhealthy");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(
+            Arc::strong_count(&ep) > 2,
+            "the check and its applier hold it"
+        );
+        drop(u);
+        // Both tasks are aborted: nothing but this test holds the endpoint any more.
+        while Arc::strong_count(&ep) > 1 {
+            assert!(Instant::now() < deadline, "health tasks still running");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cooldown_is_separate_and_reports_the_wait() {
+        let u = upstream(2, None, true);
+        let quota = |ra| Observed::Response {
+            status: 429,
+            latency: Duration::from_millis(1),
+            retry_after: ra,
+        };
+        u.observe(0, quota(None));
+        assert!(!u.endpoints[0].in_cooldown(), "no Retry-After, no cooldown");
+        u.observe(0, quota(Some(Duration::from_secs(3))));
+        assert!(u.endpoints[0].in_cooldown() && !u.endpoints[0].is_ejected());
+        assert_eq!(u.pick(Tried::default()), Some(1));
+        assert_eq!(u.cooldown_wait(), None, "endpoint 1 still takes traffic");
+        u.observe(1, quota(Some(Duration::from_secs(1_000))));
+        assert_eq!(
+            u.endpoints[1].cooldown_remaining(),
+            Some(config::DEFAULT_COOLDOWN_MAX.get()),
+            "capped"
+        );
+        assert_eq!(u.pick(Tried::default()), None);
+        assert_eq!(u.cooldown_wait(), Some(Duration::from_secs(3)));
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(u.pick(Tried::default()), Some(0));
+        // Without a cooldown section, a 429 changes nothing.
+        let plain = upstream(1, None, false);
+        plain.observe(0, quota(Some(Duration::from_secs(3))));
+        assert!(plain.endpoints[0].is_available());
     }
 }

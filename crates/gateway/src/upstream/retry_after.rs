@@ -1,0 +1,142 @@
+//! `Retry-After` (RFC 9110 §10.2.3): delay-seconds or an HTTP-date.
+//!
+//! Providers use both forms, so both are read. For dates, the IMF-fixdate form senders must
+//! generate is accepted, and so are the two obsolete forms recipients are asked to accept
+//! (RFC 850 and asctime). A date in the past means "now" (zero).
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::header::RETRY_AFTER;
+use http::HeaderMap;
+
+/// The delay a `Retry-After` header in `headers` asks for, read at wall-clock time `now`.
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    parse(headers.get(RETRY_AFTER)?.to_str().ok()?, now)
+}
+
+/// Parses a `Retry-After` value at wall-clock time `now`.
+pub fn parse(value: &str, now: SystemTime) -> Option<Duration> {
+    let v = value.trim();
+    if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) {
+        // A huge number of seconds saturates rather than failing: it still means "much later".
+        return Some(Duration::from_secs(v.parse().unwrap_or(u64::MAX)));
+    }
+    let at = http_date(v)?;
+    Some(at.duration_since(now).unwrap_or_default())
+}
+
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+/// An HTTP-date as a wall-clock time.
+fn http_date(v: &str) -> Option<SystemTime> {
+    let (day, month, year, time) = if let Some((_, rest)) = v.split_once(", ") {
+        let parts: Vec<&str> = rest.split(' ').collect();
+        match parts.as_slice() {
+            // IMF-fixdate: Sun, 06 Nov 1994 08:49:37 GMT
+            [d, m, y, t, "GMT"] => (*d, *m, y.parse::<i64>().ok()?, *t),
+            // RFC 850: Sunday, 06-Nov-94 08:49:37 GMT
+            [dmy, t, "GMT"] => {
+                let mut it = dmy.split('-');
+                let (d, m, y) = (it.next()?, it.next()?, it.next()?);
+                let y: i64 = y.parse().ok()?;
+                // Two-digit years: RFC 9110 says to read one more than 50 years ahead as past.
+                let y = if y < 50 {
+                    2000 + y
+                } else if y < 100 {
+                    1900 + y
+                } else {
+                    y
+                };
+                (d, m, y, *t)
+            }
+            _ => return None,
+        }
+    } else {
+        // asctime: Sun Nov  6 08:49:37 1994
+        let parts: Vec<&str> = v.split_whitespace().collect();
+        match parts.as_slice() {
+            [_, m, d, t, y] => (*d, *m, y.parse::<i64>().ok()?, *t),
+            _ => return None,
+        }
+    };
+    let day: u32 = day.parse().ok()?;
+    let month = MONTHS.iter().position(|m| *m == month)? as u32 + 1;
+    let mut hms = time.split(':').map(|x| x.parse::<u64>().ok());
+    let (h, mi, s) = (hms.next()??, hms.next()??, hms.next()??);
+    if !(1..=31).contains(&day) || h > 23 || mi > 59 || s > 60 || hms.next().is_some() {
+        return None;
+    }
+    let days = days_from_civil(year, month, day);
+    let secs = u64::try_from(days).ok()? * 86_400 + h * 3600 + mi * 60 + s;
+    Some(UNIX_EPOCH + Duration::from_secs(secs))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y.rem_euclid(400);
+    let m = i64::from(m);
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn seconds() {
+        assert_eq!(parse("120", at(0)), Some(Duration::from_secs(120)));
+        assert_eq!(parse(" 0 ", at(0)), Some(Duration::ZERO));
+        assert_eq!(parse("-1", at(0)), None);
+        assert_eq!(parse("1.5", at(0)), None);
+        assert_eq!(parse("", at(0)), None);
+    }
+
+    #[test]
+    fn dates_in_all_three_forms() {
+        // 1994-11-06T08:49:37Z
+        let t = 784_111_777;
+        for v in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+        ] {
+            assert_eq!(parse(v, at(t - 30)), Some(Duration::from_secs(30)), "{v}");
+            assert_eq!(
+                parse(v, at(t + 5)),
+                Some(Duration::ZERO),
+                "{v}: past is now"
+            );
+        }
+        assert_eq!(
+            parse("Thu, 01 Jan 2026 00:00:00 GMT", at(1_767_225_600 - 2)),
+            Some(Duration::from_secs(2))
+        );
+        assert_eq!(
+            parse("Tue, 29 Feb 2000 12:00:00 GMT", at(951_825_600)),
+            Some(Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn garbage_is_none() {
+        for v in [
+            "Sun, 06 Nov 1994 08:49:37 PST",
+            "Sun, 06 Foo 1994 08:49:37 GMT",
+            "Sun, 32 Nov 1994 08:49:37 GMT",
+            "Sun, 06 Nov 1994 25:49:37 GMT",
+            "soon",
+        ] {
+            assert_eq!(parse(v, at(0)), None, "{v}");
+        }
+    }
+}
