@@ -75,7 +75,12 @@ impl Runtime {
         }
         let mut routes = Vec::with_capacity(config.routes.len());
         for (i, r) in config.routes.iter().enumerate() {
-            routes.push(Route::new(i, r, |n| config.upstreams.index_of(n))?);
+            routes.push(Route::with_events(
+                i,
+                r,
+                |n| config.upstreams.index_of(n),
+                events,
+            )?);
         }
         Ok(Runtime {
             routes,
