@@ -12,7 +12,7 @@ fn unknown_key_at_top_level() {
     assert_eq!(
         err("listen: 127.0.0.1:8080\nbogus: 1\n"),
         "gw.yaml:2:1: bogus: unknown field `bogus`, expected one of `listen`, `tls`, `limits`, \
-         `drain_timeout`, `admin`, `store`, `upstreams`, `routes`"
+         `drain_timeout`, `admin`, `logging`, `store`, `upstreams`, `routes`"
     );
 }
 
