@@ -157,7 +157,7 @@ routes:
         }
     })
     .await;
-    release.notify_waiters();
+    release.notify_one();
     let got = inflight.await.unwrap();
     assert_eq!((got.status.as_u16(), got.text()), (200, "done".to_owned()));
     tokio::time::timeout(Duration::from_secs(10), stopping)
