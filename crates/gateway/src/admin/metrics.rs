@@ -3,7 +3,7 @@
 //! Two sources feed it. The library's policies report events (breaker transitions, rejections) to
 //! [`bulwark::metrics::Metrics`] through the listener [`Telemetry::events`] hands to every policy. The
 //! proxy records each request itself, through a [`RouteStats`] per route that is resolved when the
-//! [`Runtime`](crate::proxy::Runtime) is built, so a request costs a few atomic adds and no lock or
+//! [`Runtime`] is built, so a request costs a few atomic adds and no lock or
 //! allocation: the counter for a status code is created once, the first time that code is seen, and
 //! kept in a small fixed table; the latency histogram is a set of atomics ([`LatencyHistogram`]),
 //! because `prometheus_client`'s own histogram takes a write lock per observation.

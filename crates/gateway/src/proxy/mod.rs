@@ -5,7 +5,7 @@
 //! 2. limits (head size -> 431, declared body size -> 413, streamed body size -> 413 on overflow);
 //! 3. routing (first match wins; 404 otherwise);
 //! 4. header rewriting (hop-by-hop out, `x-forwarded-*` and `x-request-id` in);
-//! 5. the attempt loop ([`attempt`]) that talks to upstreams;
+//! 5. the attempt loop (`attempt`) that talks to upstreams;
 //! 6. one mapping from outcome to response ([`respond`]).
 
 pub(crate) mod attempt;
