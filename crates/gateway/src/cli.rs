@@ -1,11 +1,20 @@
-//! Command line: `bulwark run` and `bulwark check`.
+//! Command line: `bulwark run` and `bulwark check`, and [`start`], which composes a running gateway
+//! (proxy listener, admin listener, config reloader) for the binary and for tests.
 
-use std::path::PathBuf;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::config::{self, Config};
+use crate::admin::metrics::Telemetry;
+use crate::admin::{self, AdminServer};
+use crate::config::{self, Config, LogFormat};
+use crate::proxy::{Gateway, Server, StartError};
+use crate::reload::{self, Reloader};
 
 /// Amplification above this (attempts x hedges x failover) gets a warning from `check`.
 pub const AMPLIFICATION_WARN_THRESHOLD: u32 = 10;
@@ -30,6 +39,9 @@ pub enum Command {
         /// Worker threads (default: number of cores). 1 runs everything on one thread.
         #[arg(long)]
         threads: Option<usize>,
+        /// Log format; overrides `logging.format`.
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormatArg>,
     },
     /// Validate a config, print it with defaults filled in and each route's worst-case load amplification.
     Check {
@@ -52,6 +64,24 @@ pub enum Command {
     },
 }
 
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormatArg {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl From<LogFormatArg> for LogFormat {
+    fn from(a: LogFormatArg) -> Self {
+        match a {
+            LogFormatArg::Text => LogFormat::Text,
+            LogFormatArg::Json => LogFormat::Json,
+        }
+    }
+}
+
 /// Entry point of the `bulwark` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -66,7 +96,11 @@ pub fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config, threads } => run(config, threads),
+        Command::Run {
+            config,
+            threads,
+            log_format,
+        } => run(config, threads, log_format.map(Into::into)),
         Command::Demo {
             duration,
             seed,
@@ -81,9 +115,10 @@ pub fn main() -> ExitCode {
 }
 
 fn demo(opts: crate::demo::DemoOptions) -> ExitCode {
-    // The live display owns stdout: logs go to stderr, warnings only.
+    // The live display owns the terminal: logs go to stderr, errors only (the display already shows
+    // breaker transitions, which the gateway logs as warnings).
     let filter = tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -109,8 +144,7 @@ fn demo(opts: crate::demo::DemoOptions) -> ExitCode {
     })
 }
 
-fn run(path: PathBuf, threads: Option<usize>) -> ExitCode {
-    init_tracing();
+fn run(path: PathBuf, threads: Option<usize>, log_format: Option<LogFormat>) -> ExitCode {
     let config = match config::load(&path) {
         Ok(c) => c,
         Err(e) => {
@@ -118,6 +152,7 @@ fn run(path: PathBuf, threads: Option<usize>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    init_tracing(&config.logging, log_format);
     let threads = threads
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
         .unwrap_or(1)
@@ -141,17 +176,114 @@ fn run(path: PathBuf, threads: Option<usize>) -> ExitCode {
         }
     };
     rt.block_on(async move {
-        let server = match crate::proxy::Server::bind(&config).await {
-            Ok(s) => s,
+        let running = match start(&path, &config, reload::POLL_INTERVAL).await {
+            Ok(r) => r,
             Err(e) => {
                 eprintln!("bulwark: {e}");
                 return ExitCode::FAILURE;
             }
         };
-        tracing::info!(listen = %server.local_addr(), "bulwark listening");
-        server.run(shutdown_signal()).await;
+        match running.admin_addr {
+            Some(admin) => {
+                tracing::info!(listen = %running.proxy_addr, %admin, "bulwark listening")
+            }
+            None => tracing::info!(listen = %running.proxy_addr, "bulwark listening"),
+        }
+        running.wait(shutdown_signal()).await;
         tracing::info!("bulwark stopped");
         ExitCode::SUCCESS
+    })
+}
+
+/// A gateway started by [`start`]: proxy, admin listener (when configured) and config reloader.
+#[derive(Debug)]
+pub struct Running {
+    /// The proxy's bound address.
+    pub proxy_addr: SocketAddr,
+    /// The admin listener's bound address, when `admin:` is configured.
+    pub admin_addr: Option<SocketAddr>,
+    /// The shared gateway state.
+    pub gateway: Arc<Gateway>,
+    /// The reloader watching the config file.
+    pub reloader: Arc<Reloader>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting, drains in-flight requests (up to `drain_timeout`), then stops the admin
+    /// listener (which answers `/ready` with 503 during the drain) and the reloader.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+
+    /// Runs until `shutdown` completes, then [`stop`](Self::stop)s.
+    pub async fn wait(self, shutdown: impl Future<Output = ()>) {
+        shutdown.await;
+        self.stop().await;
+    }
+}
+
+/// Starts everything `bulwark run` runs for the config `config`, loaded from `path`: the proxy
+/// listener, the admin listener (if `admin:` is set; its token read from `admin.token_env` now) and
+/// the reloader (SIGHUP, and the file checked every `poll`). One metrics registry serves all runtimes.
+pub async fn start(path: &Path, config: &Config, poll: Duration) -> Result<Running, StartError> {
+    let telemetry = Arc::new(Telemetry::new());
+    let server = Server::bind_with(config, telemetry).await?;
+    let proxy_addr = server.local_addr();
+    let gateway = server.gateway();
+    let admin = match &config.admin {
+        Some(a) => {
+            let token = admin::token_from_env(a);
+            if token.is_none() {
+                tracing::warn!(
+                    token_env = a.token_env.as_deref().unwrap_or("-"),
+                    "admin: no token configured; mutating admin calls will be refused (403)"
+                );
+            }
+            Some(AdminServer::bind(a.listen, gateway.clone(), token).await?)
+        }
+        None => None,
+    };
+    let admin_addr = admin.as_ref().map(AdminServer::local_addr);
+    let reloader = Arc::new(Reloader::new(path, gateway.clone()));
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let watcher_reloader = reloader.clone();
+    let task = tokio::spawn(async move {
+        let watcher = tokio::spawn(watcher_reloader.watch(poll));
+        let (admin_stop, admin_task) = match admin {
+            Some(a) => {
+                let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+                let task = tokio::spawn(a.run(async move {
+                    let _ = rx.await;
+                }));
+                (Some(tx), Some(task))
+            }
+            None => (None, None),
+        };
+        server
+            .run(async move {
+                let _ = stop_rx.await;
+            })
+            .await;
+        watcher.abort();
+        if let Some(tx) = admin_stop {
+            let _ = tx.send(());
+        }
+        if let Some(t) = admin_task {
+            let _ = t.await;
+        }
+    });
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        gateway,
+        reloader,
+        stop: Some(stop_tx),
+        task,
     })
 }
 
@@ -178,10 +310,26 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("BULWARK_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+/// Installs the global `tracing` subscriber: `BULWARK_LOG` (if set) or `logging.level` as the filter,
+/// `--log-format` or `logging.format` as the format. The access-log target is always let through at
+/// `info`: whether lines are produced is `logging.access_log`'s decision, which follows reloads.
+fn init_tracing(logging: &config::Logging, format: Option<LogFormat>) {
+    use tracing_subscriber::EnvFilter;
+    let spec = std::env::var("BULWARK_LOG")
+        .ok()
+        .filter(|s| !s.trim().is_empty())
+        .unwrap_or_else(|| logging.level.clone());
+    let mut filter = EnvFilter::builder()
+        .parse(&spec)
+        .unwrap_or_else(|_| EnvFilter::new(config::DEFAULT_LOG_LEVEL));
+    if let Ok(d) = "bulwark::access=info".parse() {
+        filter = filter.add_directive(d);
+    }
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match format.unwrap_or(logging.format) {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }
 
 /// Worst-case upstream requests per client request of route `i`:

@@ -2,9 +2,11 @@
 #![forbid(unsafe_code)]
 #![warn(missing_debug_implementations, unreachable_pub)]
 
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod policy;
 pub mod proxy;
+pub mod reload;
 pub mod upstream;

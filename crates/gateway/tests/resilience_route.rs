@@ -234,3 +234,50 @@ routes:
     assert_eq!(up.hits() - before, 1);
     gw.stop().await;
 }
+
+/// Failing over from an upstream whose breaker refuses the request sends nothing to it, so it is
+/// not a retry: it costs no budget, even with a budget that allows no retry at all.
+#[tokio::test]
+async fn failover_from_an_open_breaker_spends_no_budget() {
+    let broken = healable("broken", Arc::new(AtomicBool::new(false))).await;
+    let healed = Arc::new(AtomicBool::new(true));
+    let backup = healable("backup", healed).await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  broken:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker:
+      window: {{ kind: count, size: 10 }}
+      minimum_calls: 2
+      failure_rate_threshold: 50
+      open_duration: 1m
+  backup:
+    endpoints: [{{url: '{}'}}]
+routes:
+  - upstream: broken
+    failover: [backup]
+    retry:
+      attempts: 1
+      on: [5xx]
+      budget: {{ ratio: 0.0, min_per_second: 0 }}
+",
+        broken.url(),
+        backup.url()
+    ))
+    .await;
+    let c = client();
+    let url = gw.url("/");
+    // Two failures open the breaker; failing over after them would be a retry, and the budget
+    // allows none, so those two clients see the broken upstream's answer.
+    for _ in 0..2 {
+        assert_eq!(get(&c, &url).await.status, 500);
+    }
+    assert_eq!(broken.hits(), 2);
+    // Open: every request goes to the backup without touching the broken upstream or the budget.
+    for _ in 0..20 {
+        let r = get(&c, &url).await;
+        assert_eq!(r.status, 200, "reason: {:?}", r.header("x-bulwark-reason"));
+    }
+    assert_eq!(broken.hits(), 2);
+    assert_eq!(backup.hits(), 20);
+}

@@ -139,6 +139,9 @@ pub struct Config {
     /// Admin listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<Admin>,
+    /// Log format, level and access log.
+    #[serde(default)]
+    pub logging: Logging,
     /// Shared state store.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store: Option<Store>,
@@ -213,6 +216,42 @@ fn default_admin_listen() -> SocketAddr {
     DEFAULT_ADMIN_LISTEN
         .parse()
         .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 9901)))
+}
+
+/// Log level when neither `logging.level` nor `BULWARK_LOG` says otherwise.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+/// `logging:`. Format and level are read at start; `access_log` follows reloads.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Logging {
+    /// `text` (human) or `json` (one object per line).
+    pub format: LogFormat,
+    /// A `tracing` filter: a level (`info`) or directives (`info,bulwark_gateway=debug`).
+    pub level: String,
+    /// One line per request (target `bulwark::access`); off by default.
+    pub access_log: bool,
+}
+
+impl Default for Logging {
+    fn default() -> Self {
+        Logging {
+            format: LogFormat::Text,
+            level: DEFAULT_LOG_LEVEL.to_owned(),
+            access_log: false,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// `store:`.

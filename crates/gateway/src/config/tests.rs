@@ -12,7 +12,7 @@ fn unknown_key_at_top_level() {
     assert_eq!(
         err("listen: 127.0.0.1:8080\nbogus: 1\n"),
         "gw.yaml:2:1: bogus: unknown field `bogus`, expected one of `listen`, `tls`, `limits`, \
-         `drain_timeout`, `admin`, `store`, `upstreams`, `routes`"
+         `drain_timeout`, `admin`, `logging`, `store`, `upstreams`, `routes`"
     );
 }
 
@@ -249,4 +249,32 @@ fn health_outlier_cooldown_and_hedge_errors() {
         )),
         "gw.yaml:6:13: routes[0].hedge.max_hedges: must be between 1 and 4"
     );
+}
+
+#[test]
+fn logging_and_admin_sections() {
+    assert_eq!(
+        err("logging:\n  level: 'info,=x=y'\n"),
+        "gw.yaml:2:3: logging.level: invalid log filter `info,=x=y`: invalid filter directive"
+    );
+    assert_eq!(
+        err("logging:\n  format: xml\n"),
+        "gw.yaml:2:11: logging.format: unknown variant `xml`, expected `text` or `json`"
+    );
+    assert_eq!(
+        err("listen: 127.0.0.1:9000\nadmin:\n  listen: 127.0.0.1:9000\n"),
+        "gw.yaml:3:3: admin.listen: the admin listener cannot share the proxy's address 127.0.0.1:9000"
+    );
+    let c = from_str(
+        "admin: { token_env: TOKEN }\nlogging: { format: json, access_log: true }\n",
+        "gw.yaml",
+    )
+    .unwrap();
+    assert_eq!(c.logging.format, LogFormat::Json);
+    assert_eq!(c.logging.level, DEFAULT_LOG_LEVEL);
+    assert!(c.logging.access_log);
+    let admin = c.admin.unwrap();
+    assert_eq!(admin.listen.to_string(), DEFAULT_ADMIN_LISTEN);
+    assert_eq!(admin.token_env.as_deref(), Some("TOKEN"));
+    assert_eq!(from_str("", "gw.yaml").unwrap().logging, Logging::default());
 }

@@ -31,6 +31,7 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
             "must be at least 1KiB",
         ));
     }
+    validate_ops(config)?;
     for (name, up) in config.upstreams.iter() {
         let base = [k("upstreams"), k(name)];
         validate_upstream(&base, up)?;
@@ -47,6 +48,36 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
             }
         }
         validate_route(&base, route, config)?;
+    }
+    Ok(())
+}
+
+/// The operational top-level sections: `admin:` and `logging:`.
+fn validate_ops(config: &Config) -> Result<(), Invalid> {
+    if let Some(admin) = &config.admin {
+        if admin.listen == config.listen && admin.listen.port() != 0 {
+            return Err(at(
+                &[k("admin"), k("listen")],
+                format!(
+                    "the admin listener cannot share the proxy's address {}",
+                    config.listen
+                ),
+            ));
+        }
+        if let Some(var) = &admin.token_env {
+            if var.is_empty() || var.contains('=') || var.contains('\0') {
+                return Err(at(
+                    &[k("admin"), k("token_env")],
+                    "must name an environment variable",
+                ));
+            }
+        }
+    }
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&config.logging.level) {
+        return Err(at(
+            &[k("logging"), k("level")],
+            format!("invalid log filter `{}`: {e}", config.logging.level),
+        ));
     }
     Ok(())
 }

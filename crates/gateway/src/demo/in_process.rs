@@ -2,42 +2,36 @@
 
 use std::path::PathBuf;
 
+use std::time::Duration;
+
 use futures_util::future::BoxFuture;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
 use super::DemoGateway;
+use crate::cli::Running;
 
-/// Runs the gateway in this process, on the current runtime.
+/// Runs the gateway in this process, on the current runtime: proxy, admin listener and reloader,
+/// exactly as `bulwark run` starts them.
 #[derive(Debug, Default)]
 pub struct InProcessGateway {
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    running: Option<Running>,
 }
 
 impl DemoGateway for InProcessGateway {
     fn start(&mut self, config: PathBuf) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             let cfg = crate::config::load(&config).map_err(|e| e.to_string())?;
-            let server = crate::proxy::Server::bind(&cfg)
+            let running = crate::cli::start(&config, &cfg, Duration::from_secs(1))
                 .await
                 .map_err(|e| e.to_string())?;
-            let (stop, stopped) = oneshot::channel::<()>();
-            self.stop = Some(stop);
-            self.task = Some(tokio::spawn(server.run(async move {
-                let _ = stopped.await;
-            })));
+            self.running = Some(running);
             Ok(())
         })
     }
 
     fn shutdown(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            if let Some(s) = self.stop.take() {
-                let _ = s.send(());
-            }
-            if let Some(t) = self.task.take() {
-                let _ = t.await;
+            if let Some(r) = self.running.take() {
+                r.stop().await;
             }
         })
     }

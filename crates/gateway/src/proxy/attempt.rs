@@ -21,7 +21,7 @@ use super::headers::{self, IDEMPOTENCY_KEY};
 use super::respond::{self, Failure, Local};
 use super::route::Route;
 use super::Runtime;
-use crate::policy::Reject;
+use crate::policy::{Admission, Reject};
 use crate::upstream::{retry_after, FailKind, Observed, Tried, Upstream};
 use bulwark::Outcome;
 
@@ -166,11 +166,15 @@ async fn attempt(
     target: Option<(usize, Request<ReqBody>)>,
     deadline: Instant,
     record_latency: bool,
+    admitted: Option<Admission>,
 ) -> AttemptResult {
     let Some((ei, req)) = target else {
         return Err(Miss::NoEndpoint);
     };
-    let mut admission = up.policies.admit().await.map_err(Miss::Rejected)?;
+    let mut admission = match admitted {
+        Some(a) => a,
+        None => up.policies.admit().await.map_err(Miss::Rejected)?,
+    };
     let ep = &up.endpoints[ei];
     let now = Instant::now();
     if now >= deadline {
@@ -331,6 +335,15 @@ pub(crate) async fn forward(
             on_this += 1;
             let result = match hedge {
                 None => {
+                    // Admission first: a request the upstream's policies refuse was not sent (no
+                    // budget is spent failing over from it) and keeps its body for the next upstream.
+                    let admission = match up.policies.admit().await {
+                        Ok(a) => a,
+                        Err(r) => {
+                            last = Last::Failure(reject_to_failure(r));
+                            break;
+                        }
+                    };
                     let Some(ei) = up.pick(tried) else {
                         last = Last::Failure(no_endpoint(up));
                         break;
@@ -341,7 +354,7 @@ pub(crate) async fn forward(
                     tried.insert(ei);
                     sent += 1;
                     let req = build_request(&mut parts, may_replay, req_body, up, ei);
-                    attempt(up, route, Some((ei, req)), deadline, true).await
+                    attempt(up, route, Some((ei, req)), deadline, true, Some(admission)).await
                 }
                 Some(h) => {
                     // The library's hedge races the attempts: each call of this factory picks an
@@ -355,7 +368,7 @@ pub(crate) async fn forward(
                             let body = slot.take().unwrap_or_else(ReqBody::empty);
                             (ei, build_request(&mut parts, true, body, up, ei))
                         });
-                        attempt(up, route, target, deadline, false)
+                        attempt(up, route, target, deadline, false, None)
                     };
                     match h.call_with(&hedge_outcome, make).await {
                         Ok(resp) => Ok(resp),
@@ -370,6 +383,9 @@ pub(crate) async fn forward(
                 Ok(resp) => return respond::success(resp, sent),
                 Err(Miss::Client(local)) => return respond::local(local),
                 Err(Miss::Rejected(r)) => {
+                    // Only the hedge path gets here: its factory counted the attempt as sent
+                    // before the upstream's policies refused it.
+                    sent = sent.saturating_sub(1);
                     last = Last::Failure(reject_to_failure(r));
                     break;
                 }

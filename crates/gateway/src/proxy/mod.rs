@@ -5,7 +5,7 @@
 //! 2. limits (head size -> 431, declared body size -> 413, streamed body size -> 413 on overflow);
 //! 3. routing (first match wins; 404 otherwise);
 //! 4. header rewriting (hop-by-hop out, `x-forwarded-*` and `x-request-id` in);
-//! 5. the attempt loop ([`attempt`]) that talks to upstreams;
+//! 5. the attempt loop (`attempt`) that talks to upstreams;
 //! 6. one mapping from outcome to response ([`respond`]).
 
 pub(crate) mod attempt;
@@ -14,11 +14,12 @@ pub mod headers;
 pub mod respond;
 pub mod route;
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -33,7 +34,10 @@ use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
 
-use crate::config::Config;
+use bulwark::events::BreakerState;
+
+use crate::admin::metrics::{RouteStats, Telemetry};
+use crate::config::{self, Config};
 use crate::upstream::Upstream;
 use body::RespBody;
 use respond::Local;
@@ -57,21 +61,54 @@ pub struct Runtime {
     pub upstreams: Vec<Arc<Upstream>>,
     /// Request limits.
     pub limits: RequestLimits,
+    /// The config this runtime was built from (reload compares against it).
+    pub config: Arc<Config>,
+    /// Emit one access-log line per request (`logging.access_log`).
+    pub access_log: bool,
+    /// Request metrics, index-aligned with `routes`, resolved at build time.
+    stats: Vec<RouteStats>,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Runtime {
-    /// Builds the runtime of a validated config.
+    /// Builds the runtime of a validated config, with its own metrics registry.
     pub fn new(config: &Config) -> Result<Self, String> {
-        Self::with_events(config, &None)
+        Self::build(config, &Arc::new(Telemetry::new()), None)
     }
 
-    /// Builds the runtime of a validated config; the policies report their events to `events`.
+    /// Builds the runtime of a validated config; the policies report their events to `events` (and
+    /// not to the runtime's own metrics registry).
     pub fn with_events(config: &Config, events: &crate::policy::Events) -> Result<Self, String> {
+        Self::build_with(config, &Arc::new(Telemetry::new()), events, None)
+    }
+
+    /// Builds the runtime of a validated config, reporting to `telemetry`. With `previous` (a reload),
+    /// every upstream whose name and settings are unchanged is carried over as is (the same
+    /// `Arc<Upstream>`), so its live state survives: breaker window and state, endpoint health and
+    /// load, connection pools. Changed and new upstreams start fresh.
+    pub fn build(
+        config: &Config,
+        telemetry: &Arc<Telemetry>,
+        previous: Option<&Runtime>,
+    ) -> Result<Self, String> {
+        Self::build_with(config, telemetry, &telemetry.events(), previous)
+    }
+
+    fn build_with(
+        config: &Config,
+        telemetry: &Arc<Telemetry>,
+        events: &crate::policy::Events,
+        previous: Option<&Runtime>,
+    ) -> Result<Self, String> {
         let mut upstreams = Vec::with_capacity(config.upstreams.len());
         for (name, up) in config.upstreams.iter() {
-            upstreams.push(Arc::new(
-                Upstream::new(name, up, events).map_err(|e| format!("upstreams.{name}.{e}"))?,
-            ));
+            let kept = previous.and_then(|p| p.unchanged_upstream(name, up));
+            upstreams.push(match kept {
+                Some(u) => u,
+                None => Arc::new(
+                    Upstream::new(name, up, events).map_err(|e| format!("upstreams.{name}.{e}"))?,
+                ),
+            });
         }
         let mut routes = Vec::with_capacity(config.routes.len());
         for (i, r) in config.routes.iter().enumerate() {
@@ -82,6 +119,13 @@ impl Runtime {
                 events,
             )?);
         }
+        let stats = routes
+            .iter()
+            .map(|r| {
+                let primary = r.chain.first().map_or("", |&u| &*upstreams[u].name);
+                telemetry.route_stats(&r.name, primary)
+            })
+            .collect();
         Ok(Runtime {
             routes,
             upstreams,
@@ -89,35 +133,189 @@ impl Runtime {
                 max_header_bytes: config.limits.max_header_bytes.as_usize(),
                 max_body_bytes: config.limits.max_body_bytes.get(),
             },
+            config: Arc::new(config.clone()),
+            access_log: config.logging.access_log,
+            stats,
+            telemetry: telemetry.clone(),
         })
+    }
+
+    /// This runtime's upstream `name`, if its settings equal `settings`.
+    fn unchanged_upstream(&self, name: &str, settings: &config::Upstream) -> Option<Arc<Upstream>> {
+        let old = self.config.upstreams.get(name)?;
+        if !same_settings(old, settings) {
+            return None;
+        }
+        self.upstream(name).cloned()
     }
 
     /// An upstream by name.
     pub fn upstream(&self, name: &str) -> Option<&Arc<Upstream>> {
         self.upstreams.iter().find(|u| &*u.name == name)
     }
+
+    /// The metrics registry this runtime reports to.
+    pub fn telemetry(&self) -> &Arc<Telemetry> {
+        &self.telemetry
+    }
 }
 
-/// The gateway's shared state: the current runtime, swappable on reload.
+/// Whether two config sections are equal, compared through their serialized form (every config type
+/// is `Serialize`, and the serialized form is what `bulwark check` prints, defaults included).
+fn same_settings<T: serde::Serialize>(a: &T, b: &T) -> bool {
+    match (serde_json::to_value(a), serde_json::to_value(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// Where the gateway is in its life, for `GET /ready`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Built, not yet accepting.
+    Starting,
+    /// Accepting and serving.
+    Serving,
+    /// Shutting down: no longer accepting, finishing in-flight requests.
+    Draining,
+}
+
+/// A manual circuit-breaker state set through the admin API; it stays until changed, across reloads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerCommand {
+    /// Reject every call until changed.
+    ForcedOpen,
+    /// Close with an empty window and return to automatic operation (clears an override).
+    Closed,
+    /// Admit every call and record nothing.
+    Disabled,
+}
+
+impl BreakerCommand {
+    fn apply(self, b: &bulwark::breaker::CircuitBreaker) {
+        match self {
+            BreakerCommand::ForcedOpen => b.force_open(),
+            BreakerCommand::Closed => b.close(),
+            BreakerCommand::Disabled => b.disable(),
+        }
+    }
+}
+
+/// Why a manual breaker change was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerChangeError {
+    /// No upstream of that name.
+    UnknownUpstream,
+    /// The upstream has no circuit breaker (`circuit_breaker` absent or `enabled: false`).
+    NoBreaker,
+}
+
+/// The gateway's shared state: the current runtime, swappable on reload, plus what outlives one
+/// runtime (lifecycle phase, admin overrides).
 #[derive(Debug)]
 pub struct Gateway {
     runtime: ArcSwap<Runtime>,
+    phase: AtomicU8,
+    generation: AtomicU64,
+    /// Admin breaker overrides by upstream name. Also serialises swaps against admin changes, so an
+    /// override set during a reload is never lost.
+    overrides: Mutex<BTreeMap<String, BreakerCommand>>,
 }
 
 impl Gateway {
     /// A gateway serving `runtime`.
     pub fn new(runtime: Runtime) -> Self {
+        runtime.telemetry.refresh(&runtime);
         Gateway {
             runtime: ArcSwap::from_pointee(runtime),
+            phase: AtomicU8::new(Phase::Starting as u8),
+            generation: AtomicU64::new(1),
+            overrides: Mutex::new(BTreeMap::new()),
         }
     }
+
     /// The current runtime.
     pub fn runtime(&self) -> Arc<Runtime> {
         self.runtime.load_full()
     }
-    /// Swaps in a new runtime; requests in flight finish on the old one.
+
+    /// Swaps in a new runtime; requests in flight finish on the old one. Admin breaker overrides are
+    /// applied to the new runtime's breakers before any request can see it; an override whose upstream
+    /// is gone (or has no breaker any more) is dropped, with a warning.
     pub fn swap(&self, runtime: Runtime) {
+        let mut overrides = self.lock_overrides();
+        overrides.retain(|name, cmd| {
+            match runtime.upstream(name).and_then(|u| u.policies.breaker()) {
+                Some(b) => {
+                    cmd.apply(b);
+                    true
+                }
+                None => {
+                    tracing::warn!(upstream = %name, "admin breaker override dropped: the upstream or its breaker is gone");
+                    false
+                }
+            }
+        });
+        runtime.telemetry.refresh(&runtime);
         self.runtime.store(Arc::new(runtime));
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many runtimes have been installed (1 at start, +1 per reload).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// The lifecycle phase.
+    pub fn phase(&self) -> Phase {
+        match self.phase.load(Ordering::Relaxed) {
+            0 => Phase::Starting,
+            1 => Phase::Serving,
+            _ => Phase::Draining,
+        }
+    }
+
+    /// Sets the lifecycle phase (the server does this; exposed for embedders).
+    pub fn set_phase(&self, phase: Phase) {
+        self.phase.store(phase as u8, Ordering::Relaxed);
+    }
+
+    fn lock_overrides(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BreakerCommand>> {
+        // The map stays consistent even if a holder panicked (every update is a single insert/remove).
+        self.overrides.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sets upstream `name`'s breaker by hand. `ForcedOpen` and `Disabled` are kept as overrides and
+    /// re-applied after every reload; `Closed` closes the breaker and clears the override.
+    pub fn set_breaker(
+        &self,
+        name: &str,
+        cmd: BreakerCommand,
+    ) -> Result<BreakerState, BreakerChangeError> {
+        let mut overrides = self.lock_overrides();
+        let rt = self.runtime();
+        let up = rt
+            .upstream(name)
+            .ok_or(BreakerChangeError::UnknownUpstream)?;
+        let b = up.policies.breaker().ok_or(BreakerChangeError::NoBreaker)?;
+        cmd.apply(b);
+        match cmd {
+            BreakerCommand::Closed => {
+                overrides.remove(name);
+            }
+            other => {
+                overrides.insert(name.to_owned(), other);
+            }
+        }
+        tracing::warn!(upstream = %name, state = %b.state(), "circuit breaker set by the admin API");
+        rt.telemetry.refresh(&rt);
+        Ok(b.state())
+    }
+
+    /// The admin override of upstream `name`'s breaker, if any.
+    pub fn breaker_override(&self, name: &str) -> Option<BreakerCommand> {
+        self.lock_overrides().get(name).copied()
     }
 }
 
@@ -148,13 +346,36 @@ impl Drop for Active<'_> {
 async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<RespBody> {
     ctx.inflight.fetch_add(1, Ordering::Relaxed);
     let _active = Active(ctx);
+    let start = Instant::now();
     let rt = ctx.gateway.runtime();
+    // Only when the access log is on: what its line needs from the request (which is consumed below).
+    let access = rt
+        .access_log
+        .then(|| (req.method().clone(), req.uri().clone()));
+    let (resp, route) = route_and_forward(ctx, &rt, req).await;
+    let elapsed = start.elapsed();
+    // Metrics: a few atomic adds on handles resolved when the runtime was built.
+    if let Some(i) = route {
+        rt.stats[i].record(resp.status().as_u16(), elapsed);
+    }
+    if let Some((method, uri)) = access {
+        access_log(&rt, route, &method, &uri, &resp, elapsed);
+    }
+    resp
+}
+
+/// Stages 2 to 6; also returns the index of the route that took the request, if one did.
+async fn route_and_forward(
+    ctx: &ConnCtx,
+    rt: &Runtime,
+    req: Request<Incoming>,
+) -> (Response<RespBody>, Option<usize>) {
     let limits = rt.limits;
     // Stage 2: limits. hyper already refuses heads over its buffer; this makes the limit exact (and
     // covers HTTP/2, whose headers arrive decoded).
     let uri_len = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
     if headers::head_size(req.headers(), uri_len) > limits.max_header_bytes {
-        return respond::local(Local::HeadersTooLarge);
+        return (respond::local(Local::HeadersTooLarge), None);
     }
     if let Some(len) = req
         .headers()
@@ -163,13 +384,14 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<RespBody> {
         .and_then(|v| v.parse::<u64>().ok())
     {
         if len > limits.max_body_bytes {
-            return respond::local(Local::BodyTooLarge);
+            return (respond::local(Local::BodyTooLarge), None);
         }
     }
     // Stage 3: routing.
-    let Some(route) = rt.routes.iter().find(|r| r.matcher.matches(&req)) else {
-        return respond::local(Local::NoRoute);
+    let Some(ri) = rt.routes.iter().position(|r| r.matcher.matches(&req)) else {
+        return (respond::local(Local::NoRoute), None);
     };
+    let route = &rt.routes[ri];
     // Stage 4: headers.
     let (mut parts, body) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
@@ -179,7 +401,44 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<RespBody> {
         usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
     );
     // Stage 5 and 6.
-    attempt::forward(&rt, route, parts, body).await
+    (attempt::forward(rt, route, parts, body).await, Some(ri))
+}
+
+/// One access-log line (target `bulwark::access`): method, path (no query string: it may carry
+/// secrets), status, duration, route, upstream, attempts, and what acted (`x-bulwark-reason`).
+fn access_log(
+    rt: &Runtime,
+    route: Option<usize>,
+    method: &http::Method,
+    uri: &http::Uri,
+    resp: &Response<RespBody>,
+    elapsed: Duration,
+) {
+    let h = resp.headers();
+    let reason = h
+        .get(&respond::X_BULWARK_REASON)
+        .and_then(|v| v.to_str().ok());
+    // No `x-bulwark-attempts` means one attempt for a routed success, none for anything the gateway
+    // answered itself.
+    let attempts = h
+        .get(&respond::X_BULWARK_ATTEMPTS)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u32>().ok())
+        .unwrap_or(u32::from(route.is_some() && reason.is_none()));
+    let (route, upstream) = route
+        .and_then(|i| rt.stats.get(i))
+        .map_or(("-", "-"), |s| (s.route(), s.upstream()));
+    tracing::info!(
+        target: "bulwark::access",
+        method = %method,
+        path = uri.path(),
+        status = resp.status().as_u16(),
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        route,
+        upstream,
+        attempts,
+        reason = reason.unwrap_or("-"),
+    );
 }
 
 /// Listener settings taken from the config at bind time.
@@ -213,9 +472,15 @@ impl std::fmt::Debug for Server {
 pub type StartError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Server {
-    /// Builds the runtime and binds the listener of `config` (port 0 picks a free port).
+    /// Builds the runtime and binds the listener of `config` (port 0 picks a free port), with a
+    /// metrics registry of its own.
     pub async fn bind(config: &Config) -> Result<Self, StartError> {
-        let runtime = Runtime::new(config)?;
+        Self::bind_with(config, Arc::new(Telemetry::new())).await
+    }
+
+    /// Builds the runtime, reporting to `telemetry`, and binds the listener of `config`.
+    pub async fn bind_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Self, StartError> {
+        let runtime = Runtime::build(config, &telemetry, None)?;
         let tls = match &config.tls {
             Some(t) => Some(tls_acceptor(&t.cert, &t.key)?),
             None => None,
@@ -275,6 +540,7 @@ impl Server {
         let slots = Arc::new(Semaphore::new(max));
         let (stop_tx, stop_rx) = watch::channel(false);
         let reaper = tokio::spawn(reap_idle(gateway.clone()));
+        gateway.set_phase(Phase::Serving);
 
         tokio::pin!(shutdown);
         loop {
@@ -327,6 +593,7 @@ impl Server {
                 }
             });
         }
+        gateway.set_phase(Phase::Draining);
         drop(listener);
         reaper.abort();
         let _ = stop_tx.send(true);

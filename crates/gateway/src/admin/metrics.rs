@@ -1,0 +1,398 @@
+//! The gateway's metrics: one Prometheus registry per process.
+//!
+//! Two sources feed it. The library's policies report events (breaker transitions, rejections) to
+//! [`bulwark::metrics::Metrics`] through the listener [`Telemetry::events`] hands to every policy. The
+//! proxy records each request itself, through a [`RouteStats`] per route that is resolved when the
+//! [`Runtime`] is built, so a request costs a few atomic adds and no lock or
+//! allocation: the counter for a status code is created once, the first time that code is seen, and
+//! kept in a small fixed table; the latency histogram is a set of atomics ([`LatencyHistogram`]),
+//! because `prometheus_client`'s own histogram takes a write lock per observation.
+//!
+//! Gauges that mirror state (`bulwark_endpoint_healthy`, `bulwark_circuit_breaker_state`) are set from
+//! the runtime when it is installed and refreshed on every scrape ([`Telemetry::refresh`]), so they
+//! are exact whoever changed the state (a health check, the admin API, a reload) and cost nothing on
+//! the request path.
+//!
+//! Label values come from config names only (route, upstream, endpoint URL) and the status code, so
+//! the number of series is bounded by the config.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use bulwark::events::{Event, Listener};
+use bulwark::metrics::{Metrics, MetricsListener};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
+use prometheus_client::registry::Registry;
+
+use crate::proxy::Runtime;
+
+/// Labels of `bulwark_requests_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// Route name.
+    pub route: String,
+    /// The route's primary upstream.
+    pub upstream: String,
+    /// Status code sent to the client.
+    pub code: String,
+}
+
+/// Labels of `bulwark_request_duration_seconds`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// Route name.
+    pub route: String,
+    /// The route's primary upstream.
+    pub upstream: String,
+}
+
+/// Labels of `bulwark_endpoint_healthy`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct EndpointLabels {
+    /// Upstream name.
+    pub upstream: String,
+    /// Endpoint URL as written in the config.
+    pub endpoint: String,
+}
+
+/// Upper bounds (seconds) of the request-duration buckets: from sub-millisecond proxy answers to the
+/// minute-long completions of LLM providers.
+pub const DURATION_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+const fn bucket_bounds_ns() -> [u64; 16] {
+    let mut out = [0u64; 16];
+    let mut i = 0;
+    while i < 16 {
+        out[i] = (DURATION_BUCKETS[i] * 1e9) as u64;
+        i += 1;
+    }
+    out
+}
+
+const BOUNDS_NS: [u64; 16] = bucket_bounds_ns();
+
+#[derive(Debug, Default)]
+struct HistogramInner {
+    /// Per-bucket (not cumulative) counts; the last one is `+Inf`.
+    buckets: [AtomicU64; 17],
+    sum_ns: AtomicU64,
+}
+
+/// A lock-free latency histogram with the fixed [`DURATION_BUCKETS`]: one observation is two relaxed
+/// atomic adds. Cheap to clone; clones share the counts.
+#[derive(Debug, Clone, Default)]
+pub struct LatencyHistogram {
+    inner: Arc<HistogramInner>,
+}
+
+impl LatencyHistogram {
+    /// Records one duration.
+    #[inline]
+    pub fn observe(&self, d: Duration) {
+        let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let i = BOUNDS_NS.partition_point(|&b| b < ns);
+        self.inner.buckets[i].fetch_add(1, Ordering::Relaxed);
+        self.inner.sum_ns.fetch_add(ns, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.inner
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .sum()
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let mut buckets = [(0f64, 0u64); 17];
+        for (i, b) in self.inner.buckets.iter().enumerate() {
+            let bound = DURATION_BUCKETS.get(i).copied().unwrap_or(f64::MAX);
+            buckets[i] = (bound, b.load(Ordering::Relaxed));
+        }
+        // The count is the buckets' sum, so `_count` always equals the `+Inf` bucket.
+        let count = buckets.iter().map(|b| b.1).sum();
+        let sum = self.inner.sum_ns.load(Ordering::Relaxed) as f64 / 1e9;
+        encoder.encode_histogram::<Vec<(String, String)>>(sum, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
+
+/// Status classes 1xx..9xx, each a lazily allocated table of 100 counters.
+type StatusTable = [OnceLock<Box<[OnceLock<Counter>; 100]>>; 9];
+
+/// Pre-resolved request metrics of one route: what the proxy touches per request.
+#[derive(Debug)]
+pub struct RouteStats {
+    route: String,
+    upstream: String,
+    requests: Family<RequestLabels, Counter>,
+    by_status: StatusTable,
+    duration: LatencyHistogram,
+}
+
+impl RouteStats {
+    /// Records one answered request: its status code and its duration.
+    #[inline]
+    pub fn record(&self, status: u16, elapsed: Duration) {
+        self.counter(status).inc();
+        self.duration.observe(elapsed);
+    }
+
+    fn counter(&self, status: u16) -> &Counter {
+        // hyper's StatusCode is 100..=999; anything else is impossible but lands in 9xx's slot 99.
+        let (class, rest) = match status {
+            100..=999 => (usize::from(status / 100 - 1), usize::from(status % 100)),
+            _ => (8, 99),
+        };
+        let table = self.by_status[class]
+            .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
+        table[rest].get_or_init(|| {
+            self.requests
+                .get_or_create(&RequestLabels {
+                    route: self.route.clone(),
+                    upstream: self.upstream.clone(),
+                    code: status.to_string(),
+                })
+                .clone()
+        })
+    }
+
+    /// The route name.
+    pub fn route(&self) -> &str {
+        &self.route
+    }
+
+    /// The upstream label (the route's primary upstream).
+    pub fn upstream(&self) -> &str {
+        &self.upstream
+    }
+}
+
+/// The process's registry, the families it holds, and the event listener for the policies.
+pub struct Telemetry {
+    registry: Registry,
+    library: Metrics,
+    requests: Family<RequestLabels, Counter>,
+    duration: Family<RouteLabels, LatencyHistogram>,
+    endpoint_healthy: Family<EndpointLabels, Gauge>,
+    listener: Arc<dyn Listener>,
+    /// Gauge series set by the last refresh, so series of removed upstreams/endpoints can be dropped.
+    live: Mutex<LiveSeries>,
+}
+
+#[derive(Debug, Default)]
+struct LiveSeries {
+    endpoints: HashSet<EndpointLabels>,
+    breakers: HashSet<String>,
+}
+
+impl std::fmt::Debug for Telemetry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Telemetry").finish_non_exhaustive()
+    }
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Telemetry {
+    /// A fresh registry with every gateway and library family registered.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let library = Metrics::new();
+        library.register(&mut registry);
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration = Family::<RouteLabels, LatencyHistogram>::default();
+        let endpoint_healthy = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "bulwark_requests",
+            "Requests answered, by route, the route's primary upstream, and status code",
+            requests.clone(),
+        );
+        registry.register(
+            "bulwark_request_duration_seconds",
+            "Time from receiving a request to sending its response head",
+            duration.clone(),
+        );
+        registry.register(
+            "bulwark_endpoint_healthy",
+            "Whether an endpoint may receive traffic (1) or not (0)",
+            endpoint_healthy.clone(),
+        );
+        let listener: Arc<dyn Listener> = Arc::new(GatewayListener {
+            metrics: library.listener(),
+        });
+        Telemetry {
+            registry,
+            library,
+            requests,
+            duration,
+            endpoint_healthy,
+            listener,
+            live: Mutex::new(LiveSeries::default()),
+        }
+    }
+
+    /// The listener every policy reports to (metrics, and a log line per breaker transition).
+    pub fn events(&self) -> crate::policy::Events {
+        Some(self.listener.clone())
+    }
+
+    /// The library's metric families.
+    pub fn library(&self) -> &Metrics {
+        &self.library
+    }
+
+    /// Resolves the per-request handles of one route (done when a runtime is built, never per request).
+    pub fn route_stats(&self, route: &str, upstream: &str) -> RouteStats {
+        let duration = self
+            .duration
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+                upstream: upstream.to_owned(),
+            })
+            .clone();
+        RouteStats {
+            route: route.to_owned(),
+            upstream: upstream.to_owned(),
+            requests: self.requests.clone(),
+            by_status: std::array::from_fn(|_| OnceLock::new()),
+            duration,
+        }
+    }
+
+    /// Sets the state gauges (endpoint health, breaker state) from `runtime`, and drops the series of
+    /// upstreams and endpoints it no longer has. Runs when a runtime is installed and on every scrape.
+    pub fn refresh(&self, runtime: &Runtime) {
+        let mut endpoints = HashSet::new();
+        let mut breakers = HashSet::new();
+        for up in &runtime.upstreams {
+            for ep in &up.endpoints {
+                let labels = EndpointLabels {
+                    upstream: up.name.to_string(),
+                    endpoint: ep.url.clone(),
+                };
+                let health = super::health::endpoint_health(ep);
+                self.endpoint_healthy
+                    .get_or_create(&labels)
+                    .set(i64::from(health.healthy && !health.ejected));
+                endpoints.insert(labels);
+            }
+            if let Some(b) = up.policies.breaker() {
+                self.library.set_breaker_state(&up.name, b.state());
+                breakers.insert(up.name.to_string());
+            }
+        }
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        for gone in live.endpoints.difference(&endpoints) {
+            self.endpoint_healthy.remove(gone);
+        }
+        for gone in live.breakers.difference(&breakers) {
+            self.library
+                .breaker_state
+                .remove(&vec![("upstream", gone.clone())]);
+        }
+        *live = LiveSeries {
+            endpoints,
+            breakers,
+        };
+    }
+
+    /// The registry in the Prometheus/OpenMetrics text format, state gauges refreshed from `runtime`.
+    pub fn encode(&self, runtime: &Runtime) -> String {
+        self.refresh(runtime);
+        let mut out = String::with_capacity(4096);
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+            out.push_str("# encoding failed\n");
+        }
+        out
+    }
+}
+
+/// Feeds the metrics and logs the events an operator wants to see (state changes, not rejections).
+struct GatewayListener {
+    metrics: MetricsListener,
+}
+
+impl Listener for GatewayListener {
+    fn on_event(&self, event: &Event) {
+        self.metrics.on_event(event);
+        match event {
+            Event::BreakerTransition { name, from, to } => {
+                tracing::warn!(upstream = %name, from = %from, to = %to, "circuit breaker transition");
+            }
+            Event::HealthChanged { name, status } => {
+                tracing::info!(component = %name, status = %status, "health changed");
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_upper_bounds_inclusive() {
+        let h = LatencyHistogram::default();
+        h.observe(Duration::from_micros(500)); // exactly the first bound
+        h.observe(Duration::from_micros(501));
+        h.observe(Duration::from_secs(3600));
+        let b = &h.inner.buckets;
+        assert_eq!(b[0].load(Ordering::Relaxed), 1);
+        assert_eq!(b[1].load(Ordering::Relaxed), 1);
+        assert_eq!(b[16].load(Ordering::Relaxed), 1);
+        assert_eq!(h.count(), 3);
+    }
+
+    #[test]
+    fn route_stats_count_per_status_and_encode() {
+        let t = Telemetry::new();
+        let s = t.route_stats("api", "primary");
+        for _ in 0..3 {
+            s.record(200, Duration::from_millis(2));
+        }
+        s.record(503, Duration::from_millis(2));
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &t.registry).unwrap();
+        assert!(
+            out.contains(r#"bulwark_requests_total{route="api",upstream="primary",code="200"} 3"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"bulwark_requests_total{route="api",upstream="primary",code="503"} 1"#)
+        );
+        assert!(out.contains(
+            r#"bulwark_request_duration_seconds_bucket{le="0.0025",route="api",upstream="primary"} 4"#
+        ) || out.contains(
+            r#"bulwark_request_duration_seconds_bucket{route="api",upstream="primary",le="0.0025"} 4"#
+        ), "{out}");
+        assert!(out.contains(
+            r#"bulwark_request_duration_seconds_count{route="api",upstream="primary"} 4"#
+        ));
+    }
+}

@@ -1,0 +1,418 @@
+//! The admin listener: health, readiness, metrics, and manual control of circuit breakers.
+//!
+//! It is a separate listener (`admin.listen`, loopback by default) so that operations traffic never
+//! competes with proxied traffic for connection slots, and so it can stay off the public interface.
+//! It reads the runtime's state and changes it only through the gateway's own methods
+//! ([`Gateway::set_breaker`]).
+//!
+//! | method and path | answer |
+//! |---|---|
+//! | `GET /health` | [`health::HealthReport`] as JSON; 200 when healthy or degraded, 503 when unhealthy |
+//! | `GET /ready` | 200 while serving, 503 while starting or draining |
+//! | `GET /metrics` | Prometheus registry, OpenMetrics text |
+//! | `GET /api/circuit-breakers` | every upstream's breaker state, override and window |
+//! | `GET /api/circuit-breakers/{upstream}` | one of them |
+//! | `PUT /api/circuit-breakers/{upstream}` | `{"state": "forced_open" \| "closed" \| "disabled"}` |
+//!
+//! Mutating calls need `Authorization: Bearer <token>`, the token being the value of the environment
+//! variable named by `admin.token_env`, read at start. A missing or wrong token gets 401; when no
+//! token is configured (no `token_env`, or the variable is unset or empty) mutating calls get 403:
+//! the API is never open by default. Tokens are compared in constant time.
+
+pub mod health;
+pub mod metrics;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{
+    HeaderValue, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE,
+};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+
+use crate::config;
+use crate::proxy::{BreakerChangeError, BreakerCommand, Gateway, Phase, StartError};
+
+/// Largest admin request body accepted (the API's bodies are a few bytes).
+pub const MAX_ADMIN_BODY: usize = 64 * 1024;
+/// Time to read an admin request head or body.
+const ADMIN_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const BREAKERS: &str = "/api/circuit-breakers";
+const JSON: &str = "application/json";
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// The admin token from the environment variable `admin.token_env` names; `None` when no variable is
+/// named, or it is unset or empty (mutating calls are then refused).
+pub fn token_from_env(admin: &config::Admin) -> Option<String> {
+    let var = admin.token_env.as_deref()?;
+    std::env::var(var).ok().filter(|t| !t.is_empty())
+}
+
+/// A bound admin listener, ready to run.
+#[derive(Debug)]
+pub struct AdminServer {
+    listener: TcpListener,
+    state: Arc<AdminState>,
+}
+
+struct AdminState {
+    gateway: Arc<Gateway>,
+    token: Option<String>,
+}
+
+impl std::fmt::Debug for AdminState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminState")
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish_non_exhaustive()
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+impl AdminServer {
+    /// Binds `addr` (port 0 picks a free port). `token` authorises mutating calls (`None`: refused).
+    pub async fn bind(
+        addr: SocketAddr,
+        gateway: Arc<Gateway>,
+        token: Option<String>,
+    ) -> Result<Self, StartError> {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("admin: cannot listen on {addr}: {e}"))?;
+        Ok(AdminServer {
+            listener,
+            state: Arc::new(AdminState { gateway, token }),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Serves until `shutdown` completes.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(ADMIN_READ_TIMEOUT);
+        let builder = Arc::new(builder);
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, _) = tokio::select! {
+                _ = &mut shutdown => break,
+                r = self.listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        continue;
+                    }
+                },
+            };
+            let state = self.state.clone();
+            let builder = builder.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(state.serve(req).await) }
+                });
+                if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                    tracing::debug!(error = %e, "admin connection ended with an error");
+                }
+            });
+        }
+    }
+}
+
+fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r.headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Resp {
+    match serde_json::to_vec_pretty(value) {
+        Ok(mut body) => {
+            body.push(b'\n');
+            respond(status, JSON, body)
+        }
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("cannot encode: {e}"),
+        ),
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Resp {
+    let mut body = serde_json::to_vec(&serde_json::json!({ "error": message })).unwrap_or_default();
+    body.push(b'\n');
+    respond(status, JSON, body)
+}
+
+fn method_not_allowed(allow: &'static str) -> Resp {
+    let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    r.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    r
+}
+
+/// Compares a presented token with the configured one in time that depends only on the configured
+/// token's length, never on where the first difference is.
+fn constant_time_eq(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = u8::from(given.len() != expected.len());
+    for (i, e) in expected.iter().enumerate() {
+        diff |= given.get(i).copied().unwrap_or(0) ^ e;
+    }
+    std::hint::black_box(diff) == 0
+}
+
+/// `Bearer <token>` (scheme case-insensitive, RFC 7235).
+fn bearer(v: &HeaderValue) -> Option<&[u8]> {
+    let v = v.as_bytes();
+    let (scheme, rest) = v.split_at(v.iter().position(|&b| b == b' ')?);
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then(|| rest.trim_ascii())
+}
+
+/// Minimal percent-decoding of one path segment (upstream names are plain config keys).
+fn decode_segment(s: &str) -> Option<String> {
+    if !s.contains('%') {
+        return Some(s.to_owned());
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Why a mutating call was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Denied {
+    /// No token is configured: mutating calls are off (403).
+    NoTokenConfigured,
+    /// The request's token is missing or wrong (401).
+    BadToken,
+}
+
+impl Denied {
+    fn response(self) -> Resp {
+        match self {
+            Denied::NoTokenConfigured => error(
+                StatusCode::FORBIDDEN,
+                "mutating admin calls are disabled: set admin.token_env to the name of an environment variable holding a token",
+            ),
+            Denied::BadToken => {
+                let mut r = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+                r.headers_mut()
+                    .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+                r
+            }
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BreakerChange {
+    state: BreakerCommand,
+}
+
+impl AdminState {
+    async fn serve(&self, req: Request<Incoming>) -> Resp {
+        let path = req.uri().path();
+        let get = matches!(*req.method(), Method::GET | Method::HEAD);
+        match path {
+            "/health" if get => self.health(),
+            "/ready" if get => self.ready(),
+            "/metrics" if get => self.metrics(),
+            BREAKERS if get => {
+                let rt = self.gateway.runtime();
+                json(StatusCode::OK, &health::breakers(&self.gateway, &rt))
+            }
+            "/health" | "/ready" | "/metrics" | BREAKERS => method_not_allowed("GET, HEAD"),
+            _ => match path
+                .strip_prefix(BREAKERS)
+                .and_then(|p| p.strip_prefix('/'))
+            {
+                Some(name) if !name.is_empty() && !name.contains('/') => {
+                    let Some(name) = decode_segment(name) else {
+                        return error(StatusCode::NOT_FOUND, "no such upstream");
+                    };
+                    if get {
+                        self.one_breaker(&name)
+                    } else if req.method() == Method::PUT {
+                        self.set_breaker(&name, req).await
+                    } else {
+                        method_not_allowed("GET, HEAD, PUT")
+                    }
+                }
+                _ => error(StatusCode::NOT_FOUND, "not found"),
+            },
+        }
+    }
+
+    fn health(&self) -> Resp {
+        let rt = self.gateway.runtime();
+        let report = health::health(&rt, self.gateway.generation());
+        let status = if report.status == health::Status::Unhealthy {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::OK
+        };
+        json(status, &report)
+    }
+
+    fn ready(&self) -> Resp {
+        let (status, phase) = match self.gateway.phase() {
+            Phase::Serving => (StatusCode::OK, "serving"),
+            Phase::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting"),
+            Phase::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining"),
+        };
+        json(
+            status,
+            &serde_json::json!({ "ready": status == StatusCode::OK, "phase": phase }),
+        )
+    }
+
+    fn metrics(&self) -> Resp {
+        let rt = self.gateway.runtime();
+        respond(StatusCode::OK, OPENMETRICS, rt.telemetry().encode(&rt))
+    }
+
+    fn one_breaker(&self, name: &str) -> Resp {
+        let rt = self.gateway.runtime();
+        match rt.upstream(name) {
+            Some(up) => json(StatusCode::OK, &health::breaker_report(&self.gateway, up)),
+            None => error(
+                StatusCode::NOT_FOUND,
+                &format!("no upstream named `{name}`"),
+            ),
+        }
+    }
+
+    /// Checks the bearer token of a mutating call.
+    fn authorize(&self, req: &Request<Incoming>) -> Result<(), Denied> {
+        let token = self.token.as_ref().ok_or(Denied::NoTokenConfigured)?;
+        let ok = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(bearer)
+            .is_some_and(|given| constant_time_eq(given, token.as_bytes()));
+        if ok {
+            Ok(())
+        } else {
+            Err(Denied::BadToken)
+        }
+    }
+
+    async fn set_breaker(&self, name: &str, req: Request<Incoming>) -> Resp {
+        if let Err(d) = self.authorize(&req) {
+            let r = d.response();
+            tracing::warn!(upstream = %name, status = r.status().as_u16(), "admin: refused breaker change");
+            return r;
+        }
+        let body = Limited::new(req.into_body(), MAX_ADMIN_BODY).collect();
+        let body = match tokio::time::timeout(ADMIN_READ_TIMEOUT, body).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(_)) | Err(_) => {
+                return error(StatusCode::BAD_REQUEST, "cannot read the request body")
+            }
+        };
+        let change: BreakerChange = match serde_json::from_slice(&body) {
+            Ok(c) => c,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    &format!(
+                        "expected {{\"state\": \"forced_open\" | \"closed\" | \"disabled\"}}: {e}"
+                    ),
+                )
+            }
+        };
+        match self.gateway.set_breaker(name, change.state) {
+            Ok(_) => match self.gateway.runtime().upstream(name) {
+                Some(up) => json(StatusCode::OK, &health::breaker_report(&self.gateway, up)),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    &format!("no upstream named `{name}`"),
+                ),
+            },
+            Err(BreakerChangeError::UnknownUpstream) => error(
+                StatusCode::NOT_FOUND,
+                &format!("no upstream named `{name}`"),
+            ),
+            Err(BreakerChangeError::NoBreaker) => error(
+                StatusCode::CONFLICT,
+                &format!("upstream `{name}` has no circuit breaker"),
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_matches_only_equal_tokens() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cres", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cret-and-more", b"s3cret"));
+        assert!(!constant_time_eq(b"s3c", b"s3cret"));
+        assert!(!constant_time_eq(b"", b"s3cret"));
+        // A zero byte does not pass for a missing one.
+        assert!(!constant_time_eq(b"ab", b"ab\0"));
+    }
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        assert_eq!(
+            bearer(&HeaderValue::from_static("Bearer abc")),
+            Some(&b"abc"[..])
+        );
+        assert_eq!(
+            bearer(&HeaderValue::from_static("bearer  abc ")),
+            Some(&b"abc"[..])
+        );
+        assert_eq!(bearer(&HeaderValue::from_static("Basic abc")), None);
+        assert_eq!(bearer(&HeaderValue::from_static("Bearer")), None);
+    }
+
+    #[test]
+    fn segments_are_percent_decoded() {
+        assert_eq!(decode_segment("a%2Db").as_deref(), Some("a-b"));
+        assert_eq!(decode_segment("plain").as_deref(), Some("plain"));
+        assert_eq!(decode_segment("bad%zz"), None);
+        assert_eq!(decode_segment("cut%2"), None);
+    }
+}

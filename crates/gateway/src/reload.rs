@@ -1,0 +1,277 @@
+//! Hot reload: on SIGHUP, and when the config file changes.
+//!
+//! A reload reads and validates the whole file, builds a new [`Runtime`] and swaps it in with
+//! [`Gateway::swap`]. Nothing is torn down: connections stay open, requests in flight finish on the
+//! runtime they started on, and every upstream whose section is unchanged is carried over as the same
+//! object, so its breaker window and state, endpoint health, load and connection pools survive
+//! ([`Runtime::build`]). Admin breaker overrides are re-applied to the new runtime before it serves.
+//! A file that does not load is logged with its `FILE:LINE:COL: key.path: what is wrong` error and
+//! changes nothing.
+//!
+//! The file is watched by polling its modification time and length every [`POLL_INTERVAL`] rather
+//! than with inotify (the `notify` crate): one `stat` a second costs nothing, needs no dependency,
+//! and follows the path, so it also sees the file replaced by a rename or a symlink swap (how editors
+//! and Kubernetes ConfigMaps update files), which inode watches miss.
+//!
+//! Settings bound when the process starts (listen addresses, TLS, connection limits and timeouts,
+//! drain timeout, admin listener and token, log format and level) are not changed by a reload; when
+//! they differ, the reload says so in its log line.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use crate::config::{self, Config};
+use crate::proxy::{Gateway, Runtime};
+
+/// How often the config file's modification time and length are checked.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What a successful reload did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// The gateway's generation after the swap.
+    pub generation: u64,
+    /// Upstreams carried over with their live state.
+    pub kept: Vec<String>,
+    /// Upstreams whose settings changed (rebuilt, fresh state).
+    pub rebuilt: Vec<String>,
+    /// New upstreams.
+    pub added: Vec<String>,
+    /// Upstreams no longer in the config.
+    pub removed: Vec<String>,
+    /// Changed settings that only a restart applies.
+    pub restart_required: Vec<&'static str>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: m.modified().ok(),
+        len: m.len(),
+    })
+}
+
+#[derive(Debug, Default)]
+struct State {
+    stamp: Option<Stamp>,
+    last_error: Option<String>,
+}
+
+/// Reloads one gateway from one config file.
+#[derive(Debug)]
+pub struct Reloader {
+    path: PathBuf,
+    gateway: Arc<Gateway>,
+    /// Also serialises reloads (SIGHUP and the file poll may coincide).
+    state: Mutex<State>,
+}
+
+impl Reloader {
+    /// A reloader for `gateway` from `path`; the file as it is now counts as already loaded.
+    pub fn new(path: impl Into<PathBuf>, gateway: Arc<Gateway>) -> Self {
+        let path = path.into();
+        let state = State {
+            stamp: stamp(&path),
+            last_error: None,
+        };
+        Reloader {
+            path,
+            gateway,
+            state: Mutex::new(state),
+        }
+    }
+
+    /// The config file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The error of the last reload attempt, if it failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.lock().last_error.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every update of the state is a plain assignment, so it is consistent after a panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reloads now (SIGHUP does this), logging the outcome.
+    pub fn reload(&self) -> Result<Reloaded, String> {
+        let mut state = self.lock();
+        state.stamp = stamp(&self.path);
+        self.reload_locked(&mut state)
+    }
+
+    /// Reloads if the file's modification time or length changed since the last look.
+    pub fn reload_if_changed(&self) -> Option<Result<Reloaded, String>> {
+        let mut state = self.lock();
+        let now = stamp(&self.path);
+        if now == state.stamp || now.is_none() {
+            // Unchanged, or momentarily missing (being replaced): look again next time.
+            return None;
+        }
+        state.stamp = now;
+        Some(self.reload_locked(&mut state))
+    }
+
+    fn reload_locked(&self, state: &mut State) -> Result<Reloaded, String> {
+        let result = self.try_reload();
+        match &result {
+            Ok(r) => {
+                state.last_error = None;
+                tracing::info!(
+                    file = %self.path.display(),
+                    generation = r.generation,
+                    kept = ?r.kept,
+                    rebuilt = ?r.rebuilt,
+                    added = ?r.added,
+                    removed = ?r.removed,
+                    "config reloaded"
+                );
+                if !r.restart_required.is_empty() {
+                    tracing::warn!(
+                        settings = ?r.restart_required,
+                        "config reload: these settings changed but take effect only after a restart"
+                    );
+                }
+            }
+            Err(e) => {
+                state.last_error = Some(e.clone());
+                tracing::error!(error = %e, "config reload rejected; the previous config keeps serving");
+            }
+        }
+        result
+    }
+
+    fn try_reload(&self) -> Result<Reloaded, String> {
+        let config = config::load(&self.path).map_err(|e| e.to_string())?;
+        let old = self.gateway.runtime();
+        let new = Runtime::build(&config, old.telemetry(), Some(&old))
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        let mut r = Reloaded {
+            restart_required: restart_required(&old.config, &config),
+            ..Reloaded::default()
+        };
+        for up in &new.upstreams {
+            let name = up.name.to_string();
+            match old.upstream(&up.name) {
+                Some(o) if Arc::ptr_eq(o, up) => r.kept.push(name),
+                Some(_) => r.rebuilt.push(name),
+                None => r.added.push(name),
+            }
+        }
+        for up in &old.upstreams {
+            if new.upstream(&up.name).is_none() {
+                r.removed.push(up.name.to_string());
+            }
+        }
+        self.gateway.swap(new);
+        r.generation = self.gateway.generation();
+        Ok(r)
+    }
+
+    /// Reloads on SIGHUP and whenever the file changes (checked every `poll`), until dropped.
+    pub async fn watch(self: Arc<Self>, poll: Duration) {
+        let mut hup = hangup();
+        let mut tick = tokio::time::interval(poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = next_hangup(&mut hup) => {
+                    tracing::info!("SIGHUP: reloading the config");
+                    let _ = self.reload();
+                }
+                _ = tick.tick() => {
+                    let _ = self.reload_if_changed();
+                }
+            }
+        }
+    }
+}
+
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+fn hangup() -> Hangup {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; reload on file change only");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+async fn next_hangup(h: &mut Hangup) {
+    #[cfg(unix)]
+    if let Some(s) = h {
+        if s.recv().await.is_some() {
+            return;
+        }
+        *h = None;
+    }
+    #[cfg(not(unix))]
+    let _ = h;
+    std::future::pending::<()>().await
+}
+
+/// Settings that differ between `old` and `new` but are bound at start.
+fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
+    let mut out = Vec::new();
+    let mut check = |name: &'static str, changed: bool| {
+        if changed {
+            out.push(name);
+        }
+    };
+    check("listen", old.listen != new.listen);
+    check("tls", !same(&old.tls, &new.tls));
+    check(
+        "limits.header_read_timeout",
+        old.limits.header_read_timeout != new.limits.header_read_timeout,
+    );
+    check(
+        "limits.idle_timeout",
+        old.limits.idle_timeout != new.limits.idle_timeout,
+    );
+    check(
+        "limits.max_connections",
+        old.limits.max_connections != new.limits.max_connections,
+    );
+    // Lowering is applied at once; the listener's read buffer is sized at start, so raising is not.
+    check(
+        "limits.max_header_bytes",
+        new.limits.max_header_bytes.get() > old.limits.max_header_bytes.get(),
+    );
+    check("drain_timeout", old.drain_timeout != new.drain_timeout);
+    check("admin", !same(&old.admin, &new.admin));
+    check("store", !same(&old.store, &new.store));
+    check("logging.format", old.logging.format != new.logging.format);
+    check("logging.level", old.logging.level != new.logging.level);
+    out
+}
+
+fn same<T: serde::Serialize>(a: &T, b: &T) -> bool {
+    match (serde_json::to_value(a), serde_json::to_value(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
+}

@@ -1,0 +1,300 @@
+//! The admin API: /health, /ready, manual breaker control through the proxy, and authorisation.
+mod admin_support;
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use admin_support::*;
+use support::*;
+use tokio::sync::Notify;
+
+const TOKEN: &str = "let-me-in";
+
+fn two_upstreams(primary: &Upstream, secondary: &Upstream) -> String {
+    format!(
+        "upstreams:
+  primary:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{ minimum_calls: 2, open_duration: 60s }}
+  secondary:
+    endpoints: [{{url: '{}'}}]
+routes:
+  - name: api
+    upstream: primary
+    failover: [secondary]
+",
+        primary.url(),
+        secondary.url()
+    )
+}
+
+#[tokio::test]
+async fn health_reports_shape_and_aggregate_status() {
+    let (p, s) = (Upstream::named("p").await, Upstream::named("s").await);
+    let ops = Ops::start(&two_upstreams(&p, &s), Some(TOKEN)).await;
+    let c = client();
+
+    let g = ops.admin_get(&c, "/health").await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.header("content-type"), Some("application/json"));
+    let h: serde_json::Value = serde_json::from_slice(&g.body).unwrap();
+    assert_eq!(h["status"], "healthy", "{h}");
+    let primary = &h["upstreams"]["primary"];
+    assert_eq!(primary["circuit_breaker"], "closed");
+    assert_eq!(primary["endpoints"][0]["url"], p.url());
+    assert_eq!(primary["endpoints"][0]["healthy"], true);
+    assert_eq!(primary["endpoints"][0]["ejected"], false);
+    // An upstream without a breaker reports it as disabled.
+    assert_eq!(h["upstreams"]["secondary"]["circuit_breaker"], "disabled");
+    // Upstreams appear in config order.
+    let names: Vec<&String> = h["upstreams"].as_object().unwrap().keys().collect();
+    assert_eq!(names, ["primary", "secondary"]);
+
+    // The primary loses its only endpoint: the route still has its failover, so degraded (200).
+    ops.gateway()
+        .runtime()
+        .upstream("primary")
+        .unwrap()
+        .endpoints[0]
+        .set_available(false);
+    let g = ops.admin_get(&c, "/health").await;
+    let h: serde_json::Value = serde_json::from_slice(&g.body).unwrap();
+    assert_eq!(
+        (g.status.as_u16(), h["status"].as_str()),
+        (200, Some("degraded")),
+        "{h}"
+    );
+    assert_eq!(h["upstreams"]["primary"]["status"], "unhealthy");
+    assert_eq!(h["upstreams"]["primary"]["endpoints"][0]["healthy"], false);
+
+    // And the failover too: the route has nothing left, so unhealthy (503).
+    ops.gateway()
+        .runtime()
+        .upstream("secondary")
+        .unwrap()
+        .endpoints[0]
+        .set_available(false);
+    let g = ops.admin_get(&c, "/health").await;
+    let h: serde_json::Value = serde_json::from_slice(&g.body).unwrap();
+    assert_eq!(
+        (g.status.as_u16(), h["status"].as_str()),
+        (503, Some("unhealthy")),
+        "{h}"
+    );
+    assert_eq!(h["unavailable_routes"], serde_json::json!(["api"]));
+
+    // A forced-open breaker makes its upstream unhealthy just like lost endpoints.
+    ops.gateway()
+        .runtime()
+        .upstream("secondary")
+        .unwrap()
+        .endpoints[0]
+        .set_available(true);
+    ops.gateway()
+        .runtime()
+        .upstream("primary")
+        .unwrap()
+        .endpoints[0]
+        .set_available(true);
+    ops.set_breaker(&c, "primary", "forced_open").await;
+    let h = ops.admin_json(&c, "/health").await;
+    assert_eq!(h["status"], "degraded", "{h}");
+    assert_eq!(h["upstreams"]["primary"]["circuit_breaker"], "forced_open");
+    assert_eq!(h["upstreams"]["primary"]["status"], "unhealthy");
+    ops.stop().await;
+}
+
+#[tokio::test]
+async fn ready_is_200_while_serving_and_503_while_draining() {
+    let release = Arc::new(Notify::new());
+    let r = release.clone();
+    let slow = Upstream::start(
+        "slow",
+        Arc::new(move |_req| {
+            let r = r.clone();
+            Box::pin(async move {
+                r.notified().await;
+                reply("slow", 200, "done")
+            })
+        }),
+    )
+    .await;
+    let ops = Ops::start(
+        &format!(
+            "drain_timeout: 20s
+upstreams:
+  u: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: u
+",
+            slow.url()
+        ),
+        None,
+    )
+    .await;
+    let c = client();
+    let g = ops.admin_get(&c, "/ready").await;
+    assert_eq!(g.status, 200, "{}", g.text());
+
+    // One request in flight holds the drain open.
+    let url = ops.url("/");
+    let inflight = tokio::spawn(async move { get(&client(), &url).await });
+    let s = &slow;
+    eventually(5, "request reached the upstream", || async move {
+        s.hits() == 1
+    })
+    .await;
+
+    let admin = ops.admin;
+    let stopping = tokio::spawn(ops.stop());
+    let ac = client();
+    eventually(5, "/ready turns 503", || {
+        let ac = ac.clone();
+        async move {
+            let g = get(&ac, &format!("http://{admin}/ready")).await;
+            g.status == 503 && g.text().contains("draining")
+        }
+    })
+    .await;
+    release.notify_one();
+    let got = inflight.await.unwrap();
+    assert_eq!((got.status.as_u16(), got.text()), (200, "done".to_owned()));
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test]
+async fn forcing_a_breaker_open_makes_the_proxy_answer_503_until_closed() {
+    let up = Upstream::named("up").await;
+    let ops = Ops::start(
+        &format!(
+            "upstreams:
+  primary:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{ open_duration: 60s }}
+routes:
+  - upstream: primary
+",
+            up.url()
+        ),
+        Some(TOKEN),
+    )
+    .await;
+    let c = client();
+    assert_eq!(get(&c, &ops.url("/")).await.status, 200);
+
+    let put = ops.set_breaker(&c, "primary", "forced_open").await;
+    assert_eq!(put["state"], "forced_open");
+    assert_eq!(put["override"], "forced_open");
+    let hits = up.hits();
+    let g = get(&c, &ops.url("/")).await;
+    assert_eq!(g.status, 503);
+    assert_eq!(g.header("x-bulwark-reason"), Some("circuit_open"));
+    assert!(g.header("retry-after").is_some());
+    assert_eq!(
+        up.hits(),
+        hits,
+        "a forced-open breaker sends nothing upstream"
+    );
+
+    let all = ops.admin_json(&c, "/api/circuit-breakers").await;
+    let b = &all["upstreams"]["primary"];
+    assert_eq!(b["state"], "forced_open", "{all}");
+    assert_eq!(b["configured"], true);
+    // The window still holds the one call made before (forcing open does not clear it).
+    assert_eq!(b["window"]["calls"], 1);
+    let one = ops.admin_json(&c, "/api/circuit-breakers/primary").await;
+    assert_eq!(one["state"], "forced_open");
+
+    let put = ops.set_breaker(&c, "primary", "closed").await;
+    assert_eq!(put["state"], "closed");
+    assert_eq!(put["override"], serde_json::Value::Null);
+    assert_eq!(get(&c, &ops.url("/")).await.status, 200);
+
+    // Disabled: admitted, and reported as such.
+    let put = ops.set_breaker(&c, "primary", "disabled").await;
+    assert_eq!(put["state"], "disabled");
+    assert_eq!(get(&c, &ops.url("/")).await.status, 200);
+    ops.stop().await;
+}
+
+#[tokio::test]
+async fn mutating_calls_need_the_token_and_valid_input() {
+    let up = Upstream::named("up").await;
+    let yaml = format!(
+        "upstreams:
+  primary:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{}}
+  plain:
+    endpoints: [{{url: '{}'}}]
+routes:
+  - upstream: primary
+",
+        up.url(),
+        up.url()
+    );
+    let ops = Ops::start(&yaml, Some(TOKEN)).await;
+    let c = client();
+    let path = "/api/circuit-breakers/primary";
+    let open = r#"{"state": "forced_open"}"#;
+
+    let g = ops.admin_put(&c, path, None, open).await;
+    assert_eq!(g.status, 401, "{}", g.text());
+    assert_eq!(g.header("www-authenticate"), Some("Bearer"));
+    let g = ops.admin_put(&c, path, Some("let-me-i"), open).await;
+    assert_eq!(g.status, 401);
+    let g = ops.admin_put(&c, path, Some("let-me-inn"), open).await;
+    assert_eq!(g.status, 401);
+    // Refused calls change nothing.
+    assert_eq!(ops.admin_json(&c, path).await["state"], "closed");
+
+    let g = ops
+        .admin_put(&c, "/api/circuit-breakers/nope", Some(TOKEN), open)
+        .await;
+    assert_eq!(g.status, 404, "{}", g.text());
+    for bad in [
+        "",
+        "{",
+        r#"{"state": "half_open"}"#,
+        r#"{"state": "open"}"#,
+        r#"{"mode": "closed"}"#,
+    ] {
+        let g = ops.admin_put(&c, path, Some(TOKEN), bad).await;
+        assert_eq!(g.status, 400, "{bad}: {}", g.text());
+    }
+    let g = ops
+        .admin_put(&c, "/api/circuit-breakers/plain", Some(TOKEN), open)
+        .await;
+    assert_eq!(g.status, 409, "{}", g.text());
+    let g = ops.admin_get(&c, "/api/circuit-breakers/nope").await;
+    assert_eq!(g.status, 404);
+    let g = ops.admin_get(&c, "/nope").await;
+    assert_eq!(g.status, 404);
+    let g = send(
+        &c,
+        http::Request::delete(ops.admin_url(path))
+            .body(Default::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(g.status, 405);
+
+    let g = ops.admin_put(&c, path, Some(TOKEN), open).await;
+    assert_eq!(g.status, 200);
+    ops.stop().await;
+
+    // No token configured: mutating calls are refused outright, whatever is sent.
+    let ops = Ops::start(&yaml, None).await;
+    for token in [None, Some(TOKEN), Some("")] {
+        let g = ops.admin_put(&c, path, token, open).await;
+        assert_eq!(g.status, 403, "{}", g.text());
+    }
+    assert_eq!(ops.admin_json(&c, path).await["state"], "closed");
+    // Reading stays open.
+    assert_eq!(ops.admin_get(&c, "/health").await.status, 200);
+    ops.stop().await;
+}

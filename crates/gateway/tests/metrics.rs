@@ -1,0 +1,206 @@
+//! `/metrics`: the gateway's and the library's families, with config-name labels, exact counts.
+mod admin_support;
+mod support;
+
+use admin_support::*;
+use support::*;
+
+#[tokio::test]
+async fn metrics_count_every_request_with_route_upstream_and_code() {
+    let ok = Upstream::named("ok").await;
+    let bad = Upstream::status("bad", 503).await;
+    let ops = Ops::start(
+        &format!(
+            "upstreams:
+  primary:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{ minimum_calls: 100 }}
+  flaky:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{ minimum_calls: 100 }}
+routes:
+  - name: api
+    match: {{ path_prefix: /api/ }}
+    upstream: primary
+  - name: broken
+    match: {{ path_prefix: /broken/ }}
+    upstream: flaky
+",
+            ok.url(),
+            bad.url()
+        ),
+        Some("t"),
+    )
+    .await;
+    let c = client();
+
+    // Before any traffic: every breaker's state gauge exists (closed), every endpoint is healthy.
+    let m = ops.metrics(&c).await;
+    assert_eq!(
+        sample(&m, r#"bulwark_circuit_breaker_state{upstream="primary"}"#),
+        Some(0.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, r#"bulwark_circuit_breaker_state{upstream="flaky"}"#),
+        Some(0.0)
+    );
+    let ep = format!(
+        r#"bulwark_endpoint_healthy{{upstream="primary",endpoint="{}"}}"#,
+        ok.url()
+    );
+    assert_eq!(sample(&m, &ep), Some(1.0), "{m}");
+
+    const N: usize = 7;
+    for i in 0..N {
+        assert_eq!(get(&c, &ops.url(&format!("/api/{i}"))).await.status, 200);
+    }
+    for _ in 0..3 {
+        assert_eq!(get(&c, &ops.url("/broken/x")).await.status, 503);
+    }
+    // Not routed: not counted (no route label to give it).
+    assert_eq!(get(&c, &ops.url("/elsewhere")).await.status, 404);
+
+    let m = ops.metrics(&c).await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"bulwark_requests_total{route="api",upstream="primary",code="200"}"#
+        ),
+        Some(N as f64),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"bulwark_requests_total{route="broken",upstream="flaky",code="503"}"#
+        ),
+        Some(3.0),
+        "{m}"
+    );
+    assert!(!m.contains(r#"code="404""#), "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            r#"bulwark_request_duration_seconds_count{route="api",upstream="primary"}"#
+        ),
+        Some(N as f64),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"bulwark_request_duration_seconds_bucket{le="+Inf",route="api",upstream="primary"}"#
+        ),
+        Some(N as f64),
+        "{m}"
+    );
+    assert!(
+        m.contains("# TYPE bulwark_request_duration_seconds histogram"),
+        "{m}"
+    );
+    assert!(m.contains("# TYPE bulwark_requests counter"), "{m}");
+
+    // Library families are fed by the policies' events: a forced-open breaker is a transition.
+    ops.set_breaker(&c, "primary", "forced_open").await;
+    let m = ops.metrics(&c).await;
+    assert_eq!(
+        sample(&m, r#"bulwark_circuit_breaker_state{upstream="primary"}"#),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"bulwark_circuit_breaker_transitions_total{upstream="primary",from="closed",to="forced_open"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(get(&c, &ops.url("/api/x")).await.status, 503);
+    let m = ops.metrics(&c).await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"bulwark_requests_total{route="api",upstream="primary",code="503"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"bulwark_circuit_breaker_rejected_total{upstream="primary"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+
+    // Endpoint health follows the endpoint's state at scrape time.
+    ops.gateway()
+        .runtime()
+        .upstream("primary")
+        .unwrap()
+        .endpoints[0]
+        .set_available(false);
+    let m = ops.metrics(&c).await;
+    assert_eq!(sample(&m, &ep), Some(0.0), "{m}");
+    let g = ops.admin_get(&c, "/metrics").await;
+    assert!(g
+        .header("content-type")
+        .unwrap()
+        .starts_with("application/openmetrics-text"));
+    ops.stop().await;
+}
+
+#[tokio::test]
+async fn series_of_removed_upstreams_disappear_after_a_reload_and_counters_continue() {
+    let a = Upstream::named("a").await;
+    let b = Upstream::named("b").await;
+    let yaml = |with_b: bool| {
+        let mut y = format!(
+            "upstreams:
+  a:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{}}
+",
+            a.url()
+        );
+        if with_b {
+            y.push_str(&format!(
+                "  b:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{}}
+",
+                b.url()
+            ));
+        }
+        y.push_str("routes:\n  - name: r\n    upstream: a\n");
+        y
+    };
+    let ops = Ops::start(&yaml(true), None).await;
+    let c = client();
+    for _ in 0..2 {
+        assert_eq!(get(&c, &ops.url("/")).await.status, 200);
+    }
+    let m = ops.metrics(&c).await;
+    assert!(
+        m.contains(r#"bulwark_circuit_breaker_state{upstream="b"}"#),
+        "{m}"
+    );
+
+    ops.rewrite(&yaml(false));
+    ops.reloader().reload().unwrap();
+    assert_eq!(get(&c, &ops.url("/")).await.status, 200);
+    let m = ops.metrics(&c).await;
+    assert!(!m.contains(r#"upstream="b""#), "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            r#"bulwark_requests_total{route="r",upstream="a",code="200"}"#
+        ),
+        Some(3.0),
+        "{m}"
+    );
+    ops.stop().await;
+}

@@ -1,0 +1,388 @@
+//! Hot reload: new routes served, invalid files rejected (and logged), live state of unchanged
+//! upstreams kept, admin overrides re-applied, in-flight requests and connections unaffected.
+mod admin_support;
+mod support;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use admin_support::*;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+
+/// A file poll interval long enough never to fire during a test.
+const NO_POLL: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Everything logged by this test binary (a global subscriber writing into memory).
+fn logs() -> &'static Mutex<Vec<u8>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let w = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || Capture(w.clone()))
+            .try_init();
+        buf
+    })
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn logged() -> String {
+    String::from_utf8_lossy(&logs().lock().unwrap()).into_owned()
+}
+
+#[tokio::test]
+async fn a_new_route_is_served_after_the_file_changes() {
+    let a = Upstream::named("a").await;
+    let b = Upstream::named("b").await;
+    let one = format!(
+        "upstreams:
+  a: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - match: {{ path_prefix: /a }}
+    upstream: a
+",
+        a.url()
+    );
+    let ops = Ops::start(&one, None).await;
+    let c = client();
+    assert_eq!(get(&c, &ops.url("/a")).await.status, 200);
+    assert_eq!(get(&c, &ops.url("/b")).await.status, 404);
+
+    // The file is rewritten whole, as an operator would: upstream b and a route to it.
+    ops.rewrite(&format!(
+        "upstreams:
+  a: {{ endpoints: [{{url: '{}'}}] }}
+  b: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - match: {{ path_prefix: /a }}
+    upstream: a
+  - match: {{ path_prefix: /b }}
+    upstream: b
+",
+        a.url(),
+        b.url()
+    ));
+    let url = ops.url("/b");
+    let cc = c.clone();
+    eventually(10, "the new route answers", || {
+        let (c, url) = (cc.clone(), url.clone());
+        async move {
+            let g = get(&c, &url).await;
+            g.status == 200 && g.header("x-upstream") == Some("b")
+        }
+    })
+    .await;
+    assert_eq!(
+        get(&c, &ops.url("/a")).await.header("x-upstream"),
+        Some("a")
+    );
+    ops.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_file_is_rejected_logged_and_the_old_config_keeps_serving() {
+    logs();
+    let a = Upstream::named("a").await;
+    let good = format!(
+        "upstreams:
+  a: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: a
+",
+        a.url()
+    );
+    let ops = Ops::start(&good, None).await;
+    let c = client();
+    let generation = ops.gateway().generation();
+
+    // A typo on line 6 of the file (the header takes lines 1-3).
+    ops.rewrite(&format!(
+        "upstreams:
+  a: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: a
+    timout: 5s
+",
+        a.url()
+    ));
+    let r = ops.reloader().clone();
+    eventually(10, "the reload is rejected", || {
+        let r = r.clone();
+        async move { r.last_error().is_some() }
+    })
+    .await;
+    let err = ops.reloader().last_error().unwrap();
+    let file = ops.path.display().to_string();
+    assert!(
+        err.starts_with(&format!(
+            "{file}:8:5: routes[0].timout: unknown field `timout`"
+        )),
+        "{err}"
+    );
+    assert_eq!(ops.gateway().generation(), generation);
+    assert_eq!(get(&c, &ops.url("/")).await.status, 200);
+    let log = logged();
+    let line = log
+        .lines()
+        .find(|l| l.contains("config reload rejected") && l.contains(&file))
+        .unwrap_or_else(|| panic!("no log line for {file}:\n{log}"));
+    assert!(line.contains(":8:5: routes[0].timout"), "{line}");
+    assert!(line.contains("ERROR"), "{line}");
+
+    // A route naming a missing upstream: a validation error, placed in the file too.
+    ops.rewrite(&format!(
+        "upstreams:
+  a: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: nowhere
+",
+        a.url()
+    ));
+    let r = ops.reloader().clone();
+    eventually(10, "the second bad file is rejected", || {
+        let r = r.clone();
+        async move { r.last_error().is_some_and(|e| e.contains("nowhere")) }
+    })
+    .await;
+    let err = ops.reloader().last_error().unwrap();
+    assert!(err.starts_with(&format!("{file}:7:")), "{err}");
+    assert_eq!(get(&c, &ops.url("/")).await.status, 200);
+
+    // Fixing the file clears the error and swaps the new config in.
+    ops.rewrite(&format!(
+        "{good}  - match: {{ path: /fixed }}\n    upstream: a\n"
+    ));
+    let (r, gw) = (ops.reloader().clone(), ops.gateway().clone());
+    eventually(10, "the fixed file is loaded", || {
+        let (r, gw) = (r.clone(), gw.clone());
+        async move { r.last_error().is_none() && gw.generation() > generation }
+    })
+    .await;
+    assert_eq!(get(&c, &ops.url("/")).await.status, 200);
+    ops.stop().await;
+}
+
+#[tokio::test]
+async fn unchanged_upstreams_keep_their_breaker_and_overrides_survive_a_rebuild() {
+    let failing = Upstream::status("failing", 500).await;
+    let fine = Upstream::named("fine").await;
+    let config = |b_open_duration: &str, extra_route: bool| {
+        let mut y = format!(
+            "upstreams:
+  a:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{ minimum_calls: 2, window: {{ kind: count, size: 10 }}, open_duration: 60s }}
+  b:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{ open_duration: {b_open_duration} }}
+routes:
+  - match: {{ path_prefix: /a }}
+    upstream: a
+  - match: {{ path_prefix: /b }}
+    upstream: b
+",
+            failing.url(),
+            fine.url()
+        );
+        if extra_route {
+            y.push_str("  - match: { path_prefix: /c }\n    upstream: b\n");
+        }
+        y
+    };
+    // Reloads are triggered by hand here (as SIGHUP does), so the file poll must not race them.
+    let ops = Ops::start_with(&config("30s", false), Some("tok"), NO_POLL).await;
+    let c = client();
+
+    // Open a's breaker with real failures.
+    for _ in 0..2 {
+        assert_eq!(get(&c, &ops.url("/a")).await.status, 500);
+    }
+    let g = get(&c, &ops.url("/a")).await;
+    assert_eq!(g.header("x-bulwark-reason"), Some("circuit_open"));
+    let hits = failing.hits();
+    // Force b open by hand.
+    ops.set_breaker(&c, "b", "forced_open").await;
+    let before = ops.gateway().runtime();
+
+    // Reload: a route added (a unchanged), b's settings changed (rebuilt).
+    ops.rewrite(&config("45s", true));
+    let r = ops.reloader().reload().unwrap();
+    assert_eq!(r.kept, ["a"]);
+    assert_eq!(r.rebuilt, ["b"]);
+    let after = ops.gateway().runtime();
+    assert!(Arc::ptr_eq(
+        before.upstream("a").unwrap(),
+        after.upstream("a").unwrap()
+    ));
+
+    // a: still open, window and all; nothing reaches the failing upstream.
+    let cb = ops.admin_json(&c, "/api/circuit-breakers").await;
+    assert_eq!(cb["upstreams"]["a"]["state"], "open", "{cb}");
+    assert_eq!(cb["upstreams"]["a"]["window"]["failures"], 2, "{cb}");
+    let g = get(&c, &ops.url("/a")).await;
+    assert_eq!(
+        (g.status.as_u16(), g.header("x-bulwark-reason")),
+        (503, Some("circuit_open"))
+    );
+    assert_eq!(failing.hits(), hits);
+
+    // b: a new breaker, with the admin override applied before it served anything.
+    assert_eq!(cb["upstreams"]["b"]["state"], "forced_open", "{cb}");
+    assert_eq!(cb["upstreams"]["b"]["override"], "forced_open", "{cb}");
+    for path in ["/b", "/c"] {
+        let g = get(&c, &ops.url(path)).await;
+        assert_eq!(g.header("x-bulwark-reason"), Some("circuit_open"), "{path}");
+    }
+    let h = ops.admin_json(&c, "/health").await;
+    assert_eq!(h["upstreams"]["b"]["circuit_breaker"], "forced_open");
+
+    // Closing clears the override; the next reload leaves b closed.
+    ops.set_breaker(&c, "b", "closed").await;
+    ops.rewrite(&config("45s", false));
+    ops.reloader().reload().unwrap();
+    assert_eq!(get(&c, &ops.url("/b")).await.status, 200);
+    ops.stop().await;
+}
+
+/// Reads one HTTP/1.1 response with a `content-length` body from `s`.
+async fn read_response(s: &mut TcpStream) -> (u16, String) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if buf.len() >= end + 4 + len {
+                let status = head[9..12].parse().unwrap();
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                return (status, body);
+            }
+        }
+        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut chunk))
+            .await
+            .expect("response timed out")
+            .unwrap();
+        assert!(n > 0, "connection closed early");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn a_request_in_flight_on_a_kept_connection_completes_across_a_reload() {
+    let release = Arc::new(Notify::new());
+    let r = release.clone();
+    let slow = Upstream::start(
+        "slow",
+        Arc::new(move |_req| {
+            let r = r.clone();
+            Box::pin(async move {
+                r.notified().await;
+                reply("slow", 200, "done")
+            })
+        }),
+    )
+    .await;
+    let fresh = Upstream::named("fresh").await;
+    let base = format!(
+        "upstreams:
+  slow: {{ endpoints: [{{url: '{}'}}] }}
+  fresh: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - match: {{ path_prefix: /slow }}
+    upstream: slow
+",
+        slow.url(),
+        fresh.url()
+    );
+    let ops = Ops::start_with(&base, None, NO_POLL).await;
+    let mut s = TcpStream::connect(ops.proxy).await.unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let sl = &slow;
+    eventually(5, "the request reached the upstream", || async move {
+        sl.hits() == 1
+    })
+    .await;
+
+    ops.rewrite(&format!(
+        "{base}  - match: {{ path_prefix: /new }}\n    upstream: fresh\n"
+    ));
+    let r = ops.reloader().reload().unwrap();
+    assert_eq!(r.kept, ["slow", "fresh"]);
+    release.notify_one();
+    assert_eq!(read_response(&mut s).await, (200, "done".to_owned()));
+
+    // The same connection goes on, now served by the new config.
+    s.write_all(b"GET /new HTTP/1.1\r\nhost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    assert_eq!(read_response(&mut s).await, (200, "fresh".to_owned()));
+    ops.stop().await;
+}
+
+#[tokio::test]
+async fn the_access_log_is_off_by_default_and_follows_a_reload() {
+    logs();
+    let a = Upstream::named("a").await;
+    let routes = format!(
+        "upstreams:
+  acc: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - name: logged
+    upstream: acc
+",
+        a.url()
+    );
+    let ops = Ops::start_with(&routes, None, NO_POLL).await;
+    let c = client();
+    assert_eq!(get(&c, &ops.url("/quiet-path")).await.status, 200);
+    assert!(!logged().contains("/quiet-path"));
+
+    ops.rewrite(&format!("logging: {{ access_log: true }}\n{routes}"));
+    let r = ops.reloader().reload().unwrap();
+    assert_eq!(r.kept, ["acc"]);
+    assert!(r.restart_required.is_empty(), "{:?}", r.restart_required);
+    assert_eq!(get(&c, &ops.url("/loud-path?secret=1")).await.status, 200);
+    let log = logged();
+    let line = log
+        .lines()
+        .find(|l| l.contains("bulwark::access") && l.contains("/loud-path"))
+        .unwrap_or_else(|| panic!("no access log line:\n{log}"));
+    for field in [
+        "method=GET",
+        "path=\"/loud-path\"",
+        "status=200",
+        "route=\"logged\"",
+        "upstream=\"acc\"",
+        "attempts=1",
+        "reason=\"-\"",
+        "duration_ms=",
+    ] {
+        assert!(line.contains(field), "{field} missing in {line}");
+    }
+    assert!(
+        !line.contains("secret"),
+        "the query string is not logged: {line}"
+    );
+    ops.stop().await;
+}

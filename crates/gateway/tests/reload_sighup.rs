@@ -1,0 +1,123 @@
+//! The real binary: `bulwark run` with JSON logs, reloading on SIGHUP, admin on an ephemeral port,
+//! exiting cleanly on SIGTERM. (A child process, so signals never reach the test runner.)
+#![cfg(unix)]
+mod admin_support;
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use admin_support::*;
+use support::*;
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+#[tokio::test]
+async fn sighup_reloads_the_binary_and_sigterm_stops_it() {
+    let a = Upstream::named("a").await;
+    let b = Upstream::named("b").await;
+    let dir = temp_dir();
+    let path = dir.join("gw.yaml");
+    let base = format!(
+        "listen: 127.0.0.1:0
+admin: {{ listen: 127.0.0.1:0 }}
+logging: {{ format: json, level: info }}
+upstreams:
+  a: {{ endpoints: [{{url: '{}'}}] }}
+  b: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - match: {{ path_prefix: /a }}
+    upstream: a
+",
+        a.url(),
+        b.url()
+    );
+    std::fs::write(&path, &base).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["run", "--threads", "1", "-c"])
+        .arg(&path)
+        .env_remove("BULWARK_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let out = child.stdout.take().unwrap();
+    let l = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            l.lock().unwrap().push(line);
+        }
+    });
+    let find = |needle: &str| {
+        lines
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains(needle))
+            .cloned()
+    };
+
+    let ll = &find;
+    eventually(20, "the binary logs its addresses", || async move {
+        ll("bulwark listening").is_some()
+    })
+    .await;
+    let started: serde_json::Value =
+        serde_json::from_str(&find("bulwark listening").unwrap()).unwrap();
+    let fields = &started["fields"];
+    let (proxy, admin) = (
+        fields["listen"].as_str().unwrap().to_owned(),
+        fields["admin"].as_str().unwrap().to_owned(),
+    );
+    let c = client();
+    assert_eq!(get(&c, &format!("http://{admin}/ready")).await.status, 200);
+    assert_eq!(get(&c, &format!("http://{proxy}/a")).await.status, 200);
+    assert_eq!(get(&c, &format!("http://{proxy}/b")).await.status, 404);
+
+    // A route added; SIGHUP asks for the reload at once (the file poll would find it within a
+    // second too, so the log line below is what proves the signal path).
+    std::fs::write(
+        &path,
+        format!("{base}  - match: {{ path_prefix: /b }}\n    upstream: b\n"),
+    )
+    .unwrap();
+    signal(child.id(), "-HUP");
+    let url = format!("http://{proxy}/b");
+    eventually(10, "the route added by SIGHUP answers", || {
+        let (c, url) = (c.clone(), url.clone());
+        async move { get(&c, &url).await.status == 200 }
+    })
+    .await;
+    eventually(5, "the reload is logged", || async move {
+        ll("SIGHUP: reloading the config").is_some() && ll("config reloaded").is_some()
+    })
+    .await;
+    let reloaded: serde_json::Value =
+        serde_json::from_str(&find("config reloaded").unwrap()).unwrap();
+    assert_eq!(reloaded["level"], "INFO");
+
+    let pid = child.id();
+    signal(pid, "-TERM");
+    let status = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::task::spawn_blocking(move || child.wait()),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        signal(pid, "-KILL");
+        panic!("the binary did not stop on SIGTERM")
+    })
+    .unwrap()
+    .unwrap();
+    assert!(status.success(), "{status}");
+}
