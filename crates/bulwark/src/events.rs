@@ -90,6 +90,10 @@ pub enum Event {
         attempt: u32,
         /// The backoff delay.
         delay: Duration,
+        /// Why: `failure`, or `retry_after` when the classifier gave a hint (the
+        /// gateway reports `5xx`, `429`, `status`, `timeout`, `upstream_error`,
+        /// `failover`).
+        reason: &'static str,
     },
     /// A retry was wanted but the budget had no token.
     RetryBudgetExhausted {

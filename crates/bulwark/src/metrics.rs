@@ -169,11 +169,11 @@ impl Metrics {
                     .get_or_create(&one(name, "upstream"))
                     .inc();
             }
-            Event::Retry { name, .. } => {
+            Event::Retry { name, reason, .. } => {
                 self.retry_attempts
                     .get_or_create(&vec![
                         ("route", name.to_string()),
-                        ("reason", "failure".to_owned()),
+                        ("reason", (*reason).to_owned()),
                     ])
                     .inc();
             }

@@ -302,12 +302,14 @@ async fn events_report_each_retry_and_exhaustion() {
             Event::Retry {
                 name: name.clone(),
                 attempt: 2,
-                delay: ms(100)
+                delay: ms(100),
+                reason: "failure",
             },
             Event::Retry {
                 name: name.clone(),
                 attempt: 3,
-                delay: ms(200)
+                delay: ms(200),
+                reason: "failure",
             },
             Event::RetryExhausted { name, attempts: 3 },
         ]

@@ -414,10 +414,16 @@ impl Attempts {
             }
         }
         let attempt = self.attempt + 1;
+        let reason = if outcome.retry_after().is_some() {
+            "retry_after"
+        } else {
+            "failure"
+        };
         i.listeners.emit(|| Event::Retry {
             name: i.name.clone(),
             attempt,
             delay,
+            reason,
         });
         Next::RetryAfter(delay)
     }
