@@ -184,6 +184,18 @@ fn bench_breaker(c: &mut Criterion) {
         })
     });
 
+    // Not the default: a time window reads the clock on every record.
+    let timed = CircuitBreaker::builder()
+        .time_window(Duration::from_secs(60))
+        .build()
+        .expect("valid breaker");
+    g.bench_function("bulwark_permit_time_window", |b| {
+        b.iter(|| {
+            let p = black_box(&timed).try_acquire().expect("closed");
+            p.record(Outcome::Success);
+        })
+    });
+
     let fs = failsafe::Config::new().build();
     g.bench_function("failsafe_call", |b| {
         use failsafe::CircuitBreaker as _;
