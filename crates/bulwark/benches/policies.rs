@@ -33,8 +33,10 @@ use tower::{service_fn, Layer, Service};
 
 use bulwark::breaker::{CircuitBreaker, CircuitBreakerLayer};
 use bulwark::bulkhead::{Bulkhead, BulkheadLayer};
+use bulwark::pipeline::Pipeline;
 use bulwark::rate_limit::{KeyedRateLimiter, RateLimitLayer, RateLimiter};
 use bulwark::retry::{Retry, RetryBudget};
+use bulwark::timeout::Timeout;
 use bulwark::Outcome;
 
 /// A current-thread runtime with time enabled (what the policies run in).
@@ -302,6 +304,55 @@ fn bench_retry(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_pipeline(c: &mut Criterion) {
+    let rt = runtime();
+    let _e = rt.enter();
+    let mut g = c.benchmark_group("pipeline");
+    // Every stage but hedge and fallback (which add nothing on the healthy path).
+    let full = Pipeline::builder()
+        .total_timeout(Timeout::total(Duration::from_secs(30)))
+        .retry(
+            Retry::builder()
+                .budget(RetryBudget::builder().build().expect("valid budget"))
+                .build()
+                .expect("valid retry"),
+        )
+        .circuit_breaker(CircuitBreaker::builder().build().expect("valid breaker"))
+        .rate_limiter(
+            RateLimiter::builder()
+                .per_second(1_000_000_000)
+                .burst(1_000_000)
+                .build()
+                .expect("valid limiter"),
+        )
+        .bulkhead(Bulkhead::builder().build().expect("valid bulkhead"))
+        .attempt_timeout(Timeout::attempt(Duration::from_secs(10)))
+        .build()
+        .expect("valid pipeline");
+    g.bench_function("bulwark_full", |b| {
+        b.iter(|| {
+            black_box(&full)
+                .call(|| async { Ok::<_, ()>(black_box(1u64)) })
+                .now_or_never()
+                .expect("ready")
+        })
+    });
+    let lean = Pipeline::builder()
+        .retry(Retry::builder().build().expect("valid retry"))
+        .circuit_breaker(CircuitBreaker::builder().build().expect("valid breaker"))
+        .build()
+        .expect("valid pipeline");
+    g.bench_function("bulwark_retry_breaker", |b| {
+        b.iter(|| {
+            black_box(&lean)
+                .call(|| async { Ok::<_, ()>(black_box(1u64)) })
+                .now_or_never()
+                .expect("ready")
+        })
+    });
+    g.finish();
+}
+
 fn bench_bulkhead(c: &mut Criterion) {
     let rt = runtime();
     let _e = rt.enter();
@@ -430,6 +481,7 @@ criterion_group!(
     bench_clock,
     bench_breaker,
     bench_retry,
+    bench_pipeline,
     bench_bulkhead,
     bench_rate_limit,
     bench_clock_paused

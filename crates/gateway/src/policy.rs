@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bulwark::breaker::{CircuitBreaker, Permit};
 use bulwark::bulkhead::{Bulkhead, BulkheadPermit};
-use bulwark::events::{Event, Listener};
+use bulwark::events::{Event, Listener, Listeners};
 use bulwark::hedge::Hedge;
 use bulwark::latency::LatencyWindow;
 use bulwark::rate_limit::RateLimiter;
@@ -198,6 +198,10 @@ pub struct RoutePolicies {
     backoff: Backoff,
     hedge: Option<Hedge>,
     latency: Arc<LatencyWindow>,
+    /// The route's name, the `route` label of what it reports.
+    name: Arc<str>,
+    /// Where the attempt loop's decisions (retries, timeouts, fallbacks) are reported.
+    events: Listeners,
 }
 
 /// The library backoff for a route's `backoff:` section.
@@ -279,7 +283,45 @@ impl RoutePolicies {
             backoff,
             hedge,
             latency,
+            name: name.into(),
+            events: {
+                let mut l = Listeners::new();
+                if let Some(e) = events {
+                    l.push(e.clone());
+                }
+                l
+            },
         })
+    }
+
+    fn emit(&self, event: impl FnOnce(Arc<str>) -> Event) {
+        self.events.emit(|| event(self.name.clone()));
+    }
+
+    /// Reports a retry (or a failover after a request was sent) about to wait `delay`; `reason`
+    /// says what failed (`5xx`, `429`, `status`, `timeout`, `upstream_error`, `failover`).
+    pub fn on_retry(&self, reason: &'static str, attempt: u32, delay: Duration) {
+        self.emit(|name| Event::Retry {
+            name,
+            attempt,
+            delay,
+            reason,
+        });
+    }
+
+    /// Reports a retry refused by the budget.
+    pub fn on_budget_exhausted(&self) {
+        self.emit(|name| Event::RetryBudgetExhausted { name });
+    }
+
+    /// Reports a timeout: `attempt` (per-try) or `total` (the route's deadline).
+    pub fn on_timeout(&self, kind: &'static str) {
+        self.emit(|name| Event::Timeout { name, kind });
+    }
+
+    /// Reports that the route's fallback answered instead of `kind` (an `x-bulwark-reason`).
+    pub fn on_fallback(&self, kind: &'static str) {
+        self.emit(|name| Event::Fallback { name, kind });
     }
 
     /// The route's hedging policy, if it hedges.

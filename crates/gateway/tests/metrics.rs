@@ -204,3 +204,73 @@ async fn series_of_removed_upstreams_disappear_after_a_reload_and_counters_conti
     );
     ops.stop().await;
 }
+
+#[tokio::test]
+async fn route_decisions_are_counted_retries_budget_timeouts_fallbacks() {
+    let bad = Upstream::status("bad", 503).await;
+    let dead = dead_url().await;
+    let ops = Ops::start(
+        &format!(
+            "upstreams:
+  flaky:
+    endpoints: [{{url: '{}'}}]
+  gone:
+    endpoints: [{{url: '{}'}}]
+routes:
+  - name: retried
+    match: {{ path_prefix: /r/ }}
+    upstream: flaky
+    retry:
+      attempts: 3
+      on: [5xx]
+      backoff: {{ kind: constant, base: 1ms, max: 1ms, jitter: none }}
+      budget: {{ ratio: 0.0, min_per_second: 1, window: 2s }}
+  - name: guarded
+    match: {{ path_prefix: /g/ }}
+    upstream: gone
+    fallback: {{ status: 200, body: 'cached' }}
+",
+            bad.url(),
+            dead
+        ),
+        Some("t"),
+    )
+    .await;
+    let c = client();
+    // The budget holds 2 retries (1/s x 2 s, ratio 0): the first request uses both, the second
+    // finds none.
+    assert_eq!(get(&c, &ops.url("/r/1")).await.status, 503);
+    let second = get(&c, &ops.url("/r/2")).await;
+    assert_eq!(second.header("x-bulwark-reason"), Some("budget_exhausted"));
+    assert_eq!(bad.hits(), 4);
+    // A connect failure on the guarded route: its fallback answers.
+    let g = get(&c, &ops.url("/g/1")).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.header("x-bulwark-reason"), Some("fallback"));
+
+    let m = ops.metrics(&c).await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"bulwark_retry_attempts_total{route="retried",reason="5xx"}"#
+        ),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"bulwark_retry_budget_exhausted_total{route="retried"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"bulwark_fallback_total{route="guarded",kind="upstream_error"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}

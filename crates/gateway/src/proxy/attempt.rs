@@ -254,6 +254,11 @@ async fn attempt(
             })
         }
         Err(_elapsed) => {
+            route.policies.on_timeout(if try_deadline < deadline {
+                "attempt"
+            } else {
+                "total"
+            });
             admission.record(Outcome::Failure);
             up.observe(ei, Observed::Failed);
             Err(Miss::Failed {
@@ -326,8 +331,12 @@ pub(crate) async fn forward(
                 return finish(last, sent, None, route);
             }
             if !route.policies.try_withdraw() {
+                route.policies.on_budget_exhausted();
                 return finish(last, sent, Some(Failure::BudgetExhausted), route);
             }
+            route
+                .policies
+                .on_retry("failover", sent + 1, Duration::ZERO);
         }
         let mut tried = Tried::default();
         let mut on_this: u32 = 0;
@@ -431,8 +440,12 @@ pub(crate) async fn forward(
                 return finish(last, sent, None, route);
             }
             if !route.policies.try_withdraw() {
+                route.policies.on_budget_exhausted();
                 return finish(last, sent, Some(Failure::BudgetExhausted), route);
             }
+            route
+                .policies
+                .on_retry(retry_reason(&last), sent + 1, delay);
             if !delay.is_zero() {
                 // Release the failed response (and its connection) before waiting.
                 if let Last::Response(_) = last {
@@ -446,8 +459,28 @@ pub(crate) async fn forward(
 }
 
 /// Maps the loop's end state to the client response. `because` overrides the reason (budget).
+/// What failed, for the `reason` label of a retry.
+fn retry_reason(last: &Last) -> &'static str {
+    match last {
+        Last::Response(r) => match r.status().as_u16() {
+            429 => "429",
+            500..=599 => "5xx",
+            _ => "status",
+        },
+        Last::Failure(Failure::Timeout) => "timeout",
+        Last::Failure(_) => "upstream_error",
+    }
+}
+
 fn finish(last: Last, sent: u32, because: Option<Failure>, route: &Route) -> Response<RespBody> {
     let fb = route.fallback.as_ref();
+    if fb.is_some() {
+        let reason = match &last {
+            Last::Response(_) => because.unwrap_or(Failure::UpstreamError).reason(),
+            Last::Failure(f) => because.unwrap_or(*f).reason(),
+        };
+        route.policies.on_fallback(reason);
+    }
     match last {
         Last::Response(resp) => respond::failed_upstream_response(
             resp,
