@@ -274,26 +274,17 @@ impl TimeWindow {
         }
     }
 
-    /// Empties bucket `k`'s slot for tick `k`, unless it already holds tick `k` or a
-    /// newer one. A blind swap here would let an advancer that was preempted between
-    /// winning the cursor and clearing wipe a bucket a later advancer already owns
-    /// (and the samples recorded in it).
+    /// Empties bucket `k`'s slot for tick `k`.
+    ///
+    /// A blind swap: the tag holds too few bits to tell an older tick from a newer one
+    /// across a long idle gap. The price is a rare race: an advancer preempted between
+    /// winning the cursor and clearing (for about two bucket widths) can wipe a bucket a
+    /// later advancer already owns, losing that bucket's samples. The totals stay exact
+    /// (every clear subtracts what it removed), so the window under-counts briefly and
+    /// never drifts.
     fn clear_for(&self, k: u64) {
-        let b = self.bucket(k);
-        let mut w = b.load(Relaxed);
-        loop {
-            let age = k.wrapping_sub(w >> TAG_SHIFT) & TAG_MASK;
-            if age == 0 || age > TAG_MASK / 2 {
-                return; // already tick k, or newer
-            }
-            match b.compare_exchange_weak(w, tag(k), Relaxed, Relaxed) {
-                Ok(_) => {
-                    self.sub_totals(bucket_counts(w));
-                    return;
-                }
-                Err(actual) => w = actual,
-            }
-        }
+        let old = self.bucket(k).swap(tag(k), Relaxed);
+        self.sub_totals(bucket_counts(old));
     }
 
     /// Records one call at `now_nanos` (since the breaker's origin).
