@@ -108,7 +108,11 @@ impl RetryBudget {
     /// long could be misread).
     #[inline]
     fn generation(&self) -> u32 {
-        let elapsed = Instant::now().saturating_duration_since(self.inner.epoch);
+        self.generation_at(Instant::now())
+    }
+
+    fn generation_at(&self, now: Instant) -> u32 {
+        let elapsed = now.saturating_duration_since(self.inner.epoch);
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         (nanos / self.inner.slice_nanos) as u32
     }
@@ -162,10 +166,16 @@ impl RetryBudget {
     /// compare-and-swap.
     #[inline]
     pub fn deposit(&self) {
+        self.deposit_at(Instant::now());
+    }
+
+    /// [`deposit`](Self::deposit) with a clock reading the caller already has
+    /// (saves reading the clock again on a hot path).
+    pub fn deposit_at(&self, now: Instant) {
         if self.inner.deposit_value == 0 {
             return;
         }
-        Self::add(&self.inner.deposits, self.generation());
+        Self::add(&self.inner.deposits, self.generation_at(now));
     }
 
     /// Takes one token for a retry, if there is one. Returns `false` (and takes

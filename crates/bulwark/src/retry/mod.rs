@@ -338,7 +338,7 @@ impl Attempts {
             (None, None) => None,
         };
         if let Some(b) = &i.budget {
-            b.deposit();
+            b.deposit_at(now);
         }
         let backoff = i.backoff.iter();
         Some(Attempts {
@@ -357,8 +357,11 @@ impl Attempts {
     }
 
     pub(crate) fn begin(&mut self) {
+        // The first attempt starts when the call does: `start` already read the clock.
+        if self.attempt > 0 {
+            self.attempt_start = Instant::now();
+        }
         self.attempt += 1;
-        self.attempt_start = Instant::now();
     }
 
     /// Attempts made so far.
