@@ -556,6 +556,7 @@ impl Server {
         gateway.set_phase(Phase::Serving);
 
         tokio::pin!(shutdown);
+        let mut accept_errors = AcceptErrors::default();
         loop {
             // Stage 1: a connection slot, then accept (beyond max_connections, clients wait in the backlog).
             let permit = tokio::select! {
@@ -567,8 +568,13 @@ impl Server {
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        continue;
+                        // Typically out of file descriptors (EMFILE): retrying at once would spin
+                        // at full CPU, so pause to let connections close.
+                        accept_errors.warn(&e);
+                        tokio::select! {
+                            _ = &mut shutdown => break,
+                            _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                        }
                     }
                 },
             };
@@ -619,6 +625,37 @@ impl Server {
         {
             tracing::warn!("drain timeout reached; dropping remaining connections");
         }
+    }
+}
+
+/// How long the accept loop pauses after a failed `accept` (e.g. out of file descriptors).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// How often a run of accept failures is logged.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(5);
+
+/// Rate-limits the accept-failure warning: one line per [`ACCEPT_WARN_EVERY`], counting the others.
+#[derive(Debug, Default)]
+struct AcceptErrors {
+    last_warn: Option<Instant>,
+    suppressed: u64,
+}
+
+impl AcceptErrors {
+    /// Logs `e` unless a warning went out less than [`ACCEPT_WARN_EVERY`] ago; returns whether it did.
+    fn warn(&mut self, e: &std::io::Error) -> bool {
+        let now = Instant::now();
+        if self
+            .last_warn
+            .is_some_and(|t| now.duration_since(t) < ACCEPT_WARN_EVERY)
+        {
+            self.suppressed += 1;
+            return false;
+        }
+        tracing::warn!(error = %e, suppressed = self.suppressed, "accept failed");
+        self.last_warn = Some(now);
+        self.suppressed = 0;
+        true
     }
 }
 
@@ -837,4 +874,25 @@ fn tls_acceptor(
         .with_single_cert(certs, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+#[cfg(test)]
+mod accept_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn accept_failures_are_logged_once_per_interval() {
+        let mut errors = AcceptErrors::default();
+        let e = std::io::Error::from_raw_os_error(24);
+        assert!(errors.warn(&e));
+        // One failure per pause, as the accept loop sees them: 99 more within the interval.
+        for _ in 0..99 {
+            tokio::time::advance(ACCEPT_ERROR_PAUSE).await;
+            assert!(!errors.warn(&e));
+        }
+        assert_eq!(errors.suppressed, 99);
+        tokio::time::advance(ACCEPT_ERROR_PAUSE).await;
+        assert!(errors.warn(&e));
+        assert_eq!(errors.suppressed, 0);
+    }
 }
