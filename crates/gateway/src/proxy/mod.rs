@@ -18,8 +18,10 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -29,7 +31,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tokio::time::Instant;
@@ -329,7 +331,15 @@ struct ConnCtx {
     /// Milliseconds since `opened` when a request last started or finished.
     last_active_ms: AtomicU64,
     opened: Instant,
+    /// HTTP/1 request head in progress: 0 none, [`HEAD_BUSY`] while a request is being handled, else
+    /// 1 + milliseconds since `opened` when the first byte of the next head arrived (see [`HeadClock`]).
+    head_ms: AtomicU64,
+    /// Whether a request was ever dispatched on this connection.
+    served: AtomicBool,
 }
+
+/// `ConnCtx::head_ms` while a request's service future runs: its bytes are not a new head.
+const HEAD_BUSY: u64 = u64::MAX;
 
 /// Decrements in-flight and stamps activity when a request's service future ends (or is dropped).
 struct Active<'a>(&'a ConnCtx);
@@ -527,7 +537,10 @@ impl Server {
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(settings.header_read_timeout)
+            // hyper's timer also runs while a keep-alive connection waits for its next request, so
+            // it would close idle connections after this timeout instead of `idle_timeout`;
+            // `serve_conn` enforces it from the first byte of each head instead.
+            .header_read_timeout(None)
             .max_buf_size(settings.max_header_bytes.max(8192) + 1024)
             .keep_alive(true);
         builder
@@ -543,6 +556,7 @@ impl Server {
         gateway.set_phase(Phase::Serving);
 
         tokio::pin!(shutdown);
+        let mut accept_errors = AcceptErrors::default();
         loop {
             // Stage 1: a connection slot, then accept (beyond max_connections, clients wait in the backlog).
             let permit = tokio::select! {
@@ -554,8 +568,13 @@ impl Server {
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
-                        tracing::warn!(error = %e, "accept failed");
-                        continue;
+                        // Typically out of file descriptors (EMFILE): retrying at once would spin
+                        // at full CPU, so pause to let connections close.
+                        accept_errors.warn(&e);
+                        tokio::select! {
+                            _ = &mut shutdown => break,
+                            _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                        }
                     }
                 },
             };
@@ -568,6 +587,8 @@ impl Server {
                 inflight: AtomicUsize::new(0),
                 last_active_ms: AtomicU64::new(0),
                 opened: Instant::now(),
+                head_ms: AtomicU64::new(0),
+                served: AtomicBool::new(false),
             });
             let builder = builder.clone();
             let stop = stop_rx.clone();
@@ -575,8 +596,9 @@ impl Server {
             let settings = settings.clone();
             tokio::spawn(async move {
                 let _permit = permit;
+                let (idle, head) = (settings.idle_timeout, settings.header_read_timeout);
                 match tls {
-                    None => serve_conn(stream, ctx, &builder, stop, settings.idle_timeout).await,
+                    None => serve_conn(stream, ctx, &builder, stop, idle, head).await,
                     Some(acceptor) => {
                         match tokio::time::timeout(
                             settings.header_read_timeout,
@@ -584,9 +606,7 @@ impl Server {
                         )
                         .await
                         {
-                            Ok(Ok(s)) => {
-                                serve_conn(s, ctx, &builder, stop, settings.idle_timeout).await
-                            }
+                            Ok(Ok(s)) => serve_conn(s, ctx, &builder, stop, idle, head).await,
                             _ => tracing::debug!(%peer, "TLS handshake failed or timed out"),
                         }
                     }
@@ -608,6 +628,37 @@ impl Server {
     }
 }
 
+/// How long the accept loop pauses after a failed `accept` (e.g. out of file descriptors).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// How often a run of accept failures is logged.
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(5);
+
+/// Rate-limits the accept-failure warning: one line per [`ACCEPT_WARN_EVERY`], counting the others.
+#[derive(Debug, Default)]
+struct AcceptErrors {
+    last_warn: Option<Instant>,
+    suppressed: u64,
+}
+
+impl AcceptErrors {
+    /// Logs `e` unless a warning went out less than [`ACCEPT_WARN_EVERY`] ago; returns whether it did.
+    fn warn(&mut self, e: &std::io::Error) -> bool {
+        let now = Instant::now();
+        if self
+            .last_warn
+            .is_some_and(|t| now.duration_since(t) < ACCEPT_WARN_EVERY)
+        {
+            self.suppressed += 1;
+            return false;
+        }
+        tracing::warn!(error = %e, suppressed = self.suppressed, "accept failed");
+        self.last_warn = Some(now);
+        self.suppressed = 0;
+        true
+    }
+}
+
 async fn reap_idle(gateway: Arc<Gateway>) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
     loop {
@@ -618,24 +669,39 @@ async fn reap_idle(gateway: Arc<Gateway>) {
     }
 }
 
+/// Serves one client connection until it ends, closing it when it stays idle (no request in flight)
+/// for `idle`, or when an HTTP/1 request head is not complete `head` after its first byte arrived
+/// (slow-loris). The head clock starts at the first byte, not when the connection starts waiting, so
+/// an idle keep-alive connection lasts `idle`, not `head`.
 async fn serve_conn<I>(
     io: I,
     ctx: Arc<ConnCtx>,
     builder: &auto::Builder<TokioExecutor>,
     mut stop: watch::Receiver<bool>,
     idle: Duration,
+    head: Duration,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let svc_ctx = ctx.clone();
     let svc = service_fn(move |req| {
-        let ctx = svc_ctx.clone();
-        async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
+        // Set when hyper hands over the head; reset when the service future ends (or is dropped).
+        svc_ctx.served.store(true, Ordering::Relaxed);
+        svc_ctx.head_ms.store(HEAD_BUSY, Ordering::Relaxed);
+        let done = HeadDone(svc_ctx.clone());
+        async move { Ok::<_, Infallible>(handle(&done.0, req).await) }
     });
+    let io = HeadClock {
+        io,
+        ctx: ctx.clone(),
+        h2_matched: 0,
+    };
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
+    let head_timer = tokio::time::sleep(head);
+    tokio::pin!(head_timer);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -658,7 +724,128 @@ async fn serve_conn<I>(
                     idle_timer.as_mut().reset((last + idle).max(Instant::now() + Duration::from_millis(10)));
                 }
             }
+            // `HeadClock` wakes this task when it stamps a head's first byte, so this re-arms then.
+            _ = std::future::poll_fn(|cx| match ctx.head_ms.load(Ordering::Relaxed) {
+                0 | HEAD_BUSY => Poll::Pending,
+                ms => {
+                    let deadline = ctx.opened + Duration::from_millis(ms - 1) + head;
+                    if head_timer.deadline() != deadline {
+                        head_timer.as_mut().reset(deadline);
+                    }
+                    head_timer.as_mut().poll(cx)
+                }
+            }), if !closing => {
+                tracing::debug!("request head not complete within header_read_timeout");
+                if !ctx.served.load(Ordering::Relaxed) {
+                    // A first head: hyper's graceful shutdown would wait for it, so drop the connection.
+                    return;
+                }
+                // Between requests hyper closes at once. If these bytes were instead the rest of a
+                // request body still arriving after its response was handed over, the exchange
+                // finishes and then the connection closes.
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
         }
+    }
+}
+
+/// Marks the end of a request's service future on its connection (see [`HeadClock`]).
+struct HeadDone(Arc<ConnCtx>);
+
+impl Drop for HeadDone {
+    fn drop(&mut self) {
+        self.0.head_ms.store(0, Ordering::Relaxed);
+    }
+}
+
+/// The HTTP/2 connection preface; a connection that starts with it has no HTTP/1 heads to time.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// A client connection's I/O that stamps `ConnCtx::head_ms` with the arrival of the first byte read
+/// while no request is being handled (the start of the next HTTP/1 request head), and wakes the
+/// connection task so that `serve_conn` arms the head timer. Reads during a request cost one
+/// atomic load.
+struct HeadClock<I> {
+    io: I,
+    ctx: Arc<ConnCtx>,
+    /// Bytes of [`H2_PREFACE`] matched so far; `usize::MAX` once it cannot be HTTP/2.
+    h2_matched: usize,
+}
+
+impl<I> HeadClock<I> {
+    fn is_h2(&self) -> bool {
+        self.h2_matched == H2_PREFACE.len()
+    }
+
+    fn sniff(&mut self, new: &[u8]) {
+        let Some(rest) = H2_PREFACE.get(self.h2_matched..) else {
+            return;
+        };
+        let n = new.len().min(rest.len());
+        if new[..n] == rest[..n] {
+            self.h2_matched += n;
+            if self.is_h2() {
+                // A stamp made while the preface was still ambiguous is not a head.
+                self.ctx.head_ms.store(0, Ordering::Relaxed);
+            }
+        } else {
+            self.h2_matched = usize::MAX;
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for HeadClock<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before && !this.is_h2() {
+            if this.h2_matched != usize::MAX {
+                this.sniff(&buf.filled()[before..]);
+            }
+            let ctx = &this.ctx;
+            if !this.is_h2() && ctx.head_ms.load(Ordering::Relaxed) == 0 {
+                let ms = ctx.opened.elapsed().as_millis() as u64;
+                ctx.head_ms.store(ms.saturating_add(1), Ordering::Relaxed);
+                cx.waker().wake_by_ref();
+            }
+        }
+        r
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -687,4 +874,25 @@ fn tls_acceptor(
         .with_single_cert(certs, key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+#[cfg(test)]
+mod accept_tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn accept_failures_are_logged_once_per_interval() {
+        let mut errors = AcceptErrors::default();
+        let e = std::io::Error::from_raw_os_error(24);
+        assert!(errors.warn(&e));
+        // One failure per pause, as the accept loop sees them: 99 more within the interval.
+        for _ in 0..99 {
+            tokio::time::advance(ACCEPT_ERROR_PAUSE).await;
+            assert!(!errors.warn(&e));
+        }
+        assert_eq!(errors.suppressed, 99);
+        tokio::time::advance(ACCEPT_ERROR_PAUSE).await;
+        assert!(errors.warn(&e));
+        assert_eq!(errors.suppressed, 0);
+    }
 }

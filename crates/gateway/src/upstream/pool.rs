@@ -5,17 +5,22 @@
 //! back unsent (the pooled connection was already closing) is re-sent on a fresh connection, which is
 //! safe for every method.
 
-use std::sync::Mutex;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::proxy::body::ReqBody;
+use crate::proxy::body::{BoxError, ReqBody};
 
 /// How an exchange with an endpoint failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,8 +45,51 @@ pub struct SendError {
 }
 
 enum Sender {
-    H1(http1::SendRequest<ReqBody>),
+    H1(http1::SendRequest<Tracked>, Arc<AtomicBool>),
     H2(http2::SendRequest<ReqBody>),
+}
+
+pin_project_lite::pin_project! {
+    /// A request body sent on an HTTP/1 connection: sets `done` once hyper has taken its last frame.
+    /// HTTP/1 is full duplex: an upstream may answer before the request body ends, and the connection
+    /// can carry the next exchange only once both have ended, so [`Pool::put`] checks `done` too.
+    struct Tracked {
+        #[pin]
+        inner: ReqBody,
+        // One per connection (allocated when it opens, not per request): an HTTP/1 connection carries
+        // one exchange at a time, and it is reset when the next one starts.
+        done: Arc<AtomicBool>,
+    }
+}
+
+impl Body for Tracked {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        let r = this.inner.poll_frame(cx);
+        if let Poll::Ready(None) = r {
+            this.done.store(true, Ordering::Release);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        // hyper asks this before the first frame and after each one, and stops polling once it holds.
+        let end = self.inner.is_end_stream();
+        if end {
+            self.done.store(true, Ordering::Release);
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A checked-out connection. Return it with [`Pool::put`] once its response body has been read to the end.
@@ -59,7 +107,8 @@ impl std::fmt::Debug for Conn {
 }
 
 struct Idle {
-    conn: http1::SendRequest<ReqBody>,
+    conn: http1::SendRequest<Tracked>,
+    done: Arc<AtomicBool>,
     since: Instant,
 }
 
@@ -106,27 +155,38 @@ impl Pool {
         self.idle.lock().map(|v| v.len()).unwrap_or(0)
     }
 
-    fn pop(&self) -> Option<http1::SendRequest<ReqBody>> {
+    /// The most recently returned idle connection that is ready now. Readiness is never awaited: a
+    /// connection hyper has not marked ready yet (its connection task has not run since the exchange
+    /// ended, or it is still writing the last request body) is left in the pool for a later checkout.
+    fn pop(&self) -> Option<(http1::SendRequest<Tracked>, Arc<AtomicBool>)> {
         let mut idle = self.idle.lock().ok()?;
-        while let Some(c) = idle.pop() {
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let c = &idle[i];
             if c.conn.is_closed() || c.since.elapsed() > self.idle_timeout {
-                continue;
+                // The element moved into `i` was already looked at.
+                idle.swap_remove(i);
+            } else if c.conn.is_ready() {
+                let c = idle.swap_remove(i);
+                return Some((c.conn, c.done));
             }
-            return Some(c.conn);
         }
         None
     }
 
-    /// Returns a connection whose exchange completed.
+    /// Returns a connection whose response body was read to the end. An HTTP/1 connection is pooled
+    /// only if its request body ended too; otherwise it is dropped (closed once that exchange ends).
     pub fn put(&self, conn: Conn) {
-        if let Sender::H1(s) = conn.sender {
-            if s.is_closed() {
+        if let Sender::H1(s, done) = conn.sender {
+            if s.is_closed() || !done.load(Ordering::Acquire) {
                 return;
             }
             if let Ok(mut idle) = self.idle.lock() {
                 if idle.len() < self.max_idle {
                     idle.push(Idle {
                         conn: s,
+                        done,
                         since: Instant::now(),
                     });
                 }
@@ -184,15 +244,11 @@ impl Pool {
                 reused: false,
             });
         }
-        while let Some(mut s) = self.pop() {
-            // A connection goes back to the pool when its response body ended; hyper's connection task
-            // may not have marked it ready yet, which takes at most one turn of that task.
-            if s.is_ready() || s.ready().await.is_ok() {
-                return Ok(Conn {
-                    sender: Sender::H1(s),
-                    reused: true,
-                });
-            }
+        if let Some((s, done)) = self.pop() {
+            return Ok(Conn {
+                sender: Sender::H1(s, done),
+                reused: true,
+            });
         }
         self.connect_h1().await
     }
@@ -210,7 +266,7 @@ impl Pool {
             let _ = conn.await;
         });
         Ok(Conn {
-            sender: Sender::H1(sender),
+            sender: Sender::H1(sender, Arc::new(AtomicBool::new(false))),
             reused: false,
         })
     }
@@ -227,18 +283,28 @@ impl Pool {
         // request unsent and we try once more on a new connection.
         for _ in 0..2 {
             let result = match &mut conn.sender {
-                Sender::H1(s) => s.try_send_request(req).await,
-                Sender::H2(s) => s.try_send_request(req).await,
+                Sender::H1(s, done) => {
+                    done.store(false, Ordering::Release);
+                    let done = done.clone();
+                    s.try_send_request(req.map(|inner| Tracked { inner, done }))
+                        .await
+                        .map_err(|mut e| {
+                            (e.take_message().map(|r| r.map(|b| b.inner)), e.into_error())
+                        })
+                }
+                Sender::H2(s) => s
+                    .try_send_request(req)
+                    .await
+                    .map_err(|mut e| (e.take_message(), e.into_error())),
             };
             match result {
                 Ok(resp) => return Ok((resp, conn)),
-                Err(mut e) => match e.take_message() {
+                Err((back, err)) => match back {
                     Some(back) if conn.reused => {
                         req = back;
                         conn = self.connect_h1_or_h2().await?;
                     }
                     _ => {
-                        let err = e.into_error();
                         return Err(SendError {
                             kind: classify(&err),
                             source: Some(err),

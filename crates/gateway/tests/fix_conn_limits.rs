@@ -1,0 +1,154 @@
+//! Listener limits: `max_connections`, and HTTP/1.1 over TLS (keep-alive and the head timeout).
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use support::*;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+fn config(url: &str, extra: &str) -> String {
+    format!(
+        "{extra}upstreams:\n  u: {{ endpoints: [{{url: '{url}'}}] }}\nroutes:\n  - upstream: u\n"
+    )
+}
+
+/// Reads one response with a one-byte body (the upstream's name `u`), or what came before EOF.
+async fn read_response<S: AsyncRead + Unpin>(s: &mut S) -> String {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+            if out.len() > end + 4 {
+                return String::from_utf8_lossy(&out).into_owned();
+            }
+        }
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return String::from_utf8_lossy(&out).into_owned(),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+}
+
+const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+
+#[tokio::test]
+async fn max_connections_holds_a_third_connection_until_one_closes() {
+    let up = Upstream::named("u").await;
+    let gw = Gateway::start(&config(&up.url(), "limits: { max_connections: 2 }\n")).await;
+    // Two keep-alive connections, each served once and left open.
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(gw.addr).await.unwrap();
+        s.write_all(GET).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(10), read_response(&mut s))
+            .await
+            .expect("response did not arrive");
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        open.push(s);
+    }
+    assert_eq!(up.hits(), 2);
+    // A third connects (the kernel backlog takes it) and sends a request: it is not served.
+    let mut third = TcpStream::connect(gw.addr).await.unwrap();
+    third.write_all(GET).await.unwrap();
+    let early = tokio::time::timeout(Duration::from_millis(500), read_response(&mut third)).await;
+    assert!(
+        early.is_err(),
+        "third connection served over the limit: {early:?}"
+    );
+    assert_eq!(up.hits(), 2, "the gateway took a request over the limit");
+    // One closes: the third is accepted and served.
+    drop(open.remove(0));
+    let r = tokio::time::timeout(Duration::from_secs(10), read_response(&mut third))
+        .await
+        .expect("third connection not served after one closed");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert_eq!(up.hits(), 3);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn http1_over_tls_keeps_alive_and_times_out_a_stalled_head() {
+    let up = Upstream::named("u").await;
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("bulwark-fix-conn-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, ck.cert.pem()).unwrap();
+    std::fs::write(&key_path, ck.key_pair.serialize_pem()).unwrap();
+    let gw = Gateway::start(&config(
+        &up.url(),
+        &format!(
+            "tls: {{ cert: '{}', key: '{}' }}\nlimits: {{ header_read_timeout: 300ms }}\n",
+            cert_path.display(),
+            key_path.display()
+        ),
+    ))
+    .await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+
+    // hyper's HTTP/1.1 client: two requests on one TLS connection.
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let tls = connector.connect(name.clone(), tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    for _ in 0..2 {
+        send.ready().await.unwrap();
+        let resp = send
+            .send_request(
+                Request::get("/tls")
+                    .header("host", "localhost")
+                    .body(Full::<Bytes>::default())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.version(), http::Version::HTTP_11);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "u");
+    }
+    assert_eq!(up.hits(), 2);
+    drop(send);
+    let _ = conn.await;
+
+    // A partial head over TLS is cut after header_read_timeout.
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    tls.flush().await.unwrap();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "stalled head over TLS not cut");
+    assert_eq!(up.hits(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+    gw.stop().await;
+}
