@@ -58,7 +58,7 @@ CONF
 cat > "$work/haproxy.cfg" <<CONF
 global
   nbthread 1
-  maxconn 10000
+  maxconn 4096
 defaults
   mode http
   timeout connect 5s
@@ -89,7 +89,7 @@ routes:
     retry: { attempts: 3, per_try_timeout: 10s, backoff: { kind: exponential, base: 10ms, max: 1s }, on: [connect_failure, reset, 5xx], budget: { ratio: 0.2, min_per_second: 10 } }
 CONF
 "$BULWARK" check -c "$work/bulwark.yaml" >/dev/null
-"$BULWARK" run -c "$work/bulwark.yaml" --threads 1 2>"$work/bulwark.log" & bpid=$!; pids+=($bpid)
+"$BULWARK" run -c "$work/bulwark.yaml" --threads 1 >"$work/bulwark.log" 2>&1 & bpid=$!; pids+=($bpid)
 
 wait_port() { for _ in $(seq 100); do curl -fsS -o /dev/null "http://$1/" 2>/dev/null && return 0; sleep 0.1; done; echo "no answer on $1" >&2; return 1; }
 for a in $UP $NGX $HAP $BLW; do wait_port "$a"; done
