@@ -108,13 +108,16 @@ fn build_request(
     } else {
         Version::HTTP_11
     };
-    let mut h = if reuse {
+    // `Host` goes into the kept headers before the copy (each attempt overwrites it), so the copy is
+    // made at its final size and never grows.
+    parts
+        .headers
+        .insert(http::header::HOST, ep.host_header.clone());
+    *req.headers_mut() = if reuse {
         parts.headers.clone()
     } else {
         std::mem::take(&mut parts.headers)
     };
-    h.insert(http::header::HOST, ep.host_header.clone());
-    *req.headers_mut() = h;
     req
 }
 
