@@ -373,7 +373,10 @@ pub(crate) async fn forward(
                         });
                         attempt(up, route, target, deadline, false, None)
                     };
-                    match h.call_with(&hedge_outcome, make).await {
+                    // Boxed: the race holds several attempt futures; inline, it would make every
+                    // request's future that much larger, hedged or not. One allocation per hedged
+                    // request, next to the extra upstream requests hedging sends anyway.
+                    match Box::pin(h.call_with(&hedge_outcome, make)).await {
                         Ok(resp) => Ok(resp),
                         Err(bulwark::Error::Inner(miss)) => Err(miss),
                         // The hedge reports nothing of its own; this arm is never taken.
