@@ -276,14 +276,16 @@ fn no_endpoint(up: &Upstream) -> Failure {
     }
 }
 
-/// Forwards one routed request; always returns a response (errors are mapped by [`respond`]).
+/// Forwards one routed request received at `start` (the route's deadline counts from there); always
+/// returns a response (errors are mapped by [`respond`]).
 pub(crate) async fn forward(
     rt: &Runtime,
     route: &Route,
     mut parts: Parts,
     body: Limited<Incoming>,
+    start: Instant,
 ) -> Response<RespBody> {
-    let deadline = Instant::now() + route.timeout;
+    let deadline = start + route.timeout;
     let retry_allowed = is_idempotent(&parts.method)
         || route.retry_non_idempotent
         || parts.headers.contains_key(&IDEMPOTENCY_KEY);
