@@ -58,7 +58,7 @@ CONF
 cat > "$work/haproxy.cfg" <<CONF
 global
   nbthread 1
-  maxconn 10000
+  maxconn 4096
 defaults
   mode http
   timeout connect 5s
@@ -89,7 +89,7 @@ routes:
     retry: { attempts: 3, per_try_timeout: 10s, backoff: { kind: exponential, base: 10ms, max: 1s }, on: [connect_failure, reset, 5xx], budget: { ratio: 0.2, min_per_second: 10 } }
 CONF
 "$BULWARK" check -c "$work/bulwark.yaml" >/dev/null
-"$BULWARK" run -c "$work/bulwark.yaml" --threads 1 2>"$work/bulwark.log" & bpid=$!; pids+=($bpid)
+"$BULWARK" run -c "$work/bulwark.yaml" --threads 1 >"$work/bulwark.log" 2>&1 & bpid=$!; pids+=($bpid)
 
 wait_port() { for _ in $(seq 100); do curl -fsS -o /dev/null "http://$1/" 2>/dev/null && return 0; sleep 0.1; done; echo "no answer on $1" >&2; return 1; }
 for a in $UP $NGX $HAP $BLW; do wait_port "$a"; done
@@ -103,15 +103,19 @@ run() { # name addr round
   wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "http://$2/" > "$out"
   [ "$1" = bulwark ] && kill "$sampler" 2>/dev/null || true
 }
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 # warm-up
 for a in $NGX $HAP $BLW; do wrk -t1 -c8 -d1s "http://$a/" >/dev/null; done
 for r in $(seq "$ROUNDS"); do
   run direct $UP "$r"; run nginx $NGX "$r"; run haproxy $HAP "$r"; run bulwark $BLW "$r"
 done
 
-python3 - "$work" "$ROUNDS" "$DURATION" "$CONNS" > bench/results/gateway.md <<'PY'
+# Hand-written analysis below the table ("## What bounds it" onwards) survives re-runs.
+notes=$(sed -n '/^## What bounds it/,$p' bench/results/gateway.md 2>/dev/null || true)
+load_end=$(cut -d' ' -f1-3 /proc/loadavg)
+python3 - "$work" "$ROUNDS" "$DURATION" "$CONNS" "$load_start" "$load_end" > bench/results/gateway.md <<'PY'
 import re, statistics, sys, glob, os, platform, subprocess
-work, rounds, dur, conns = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+work, rounds, dur, conns, load_start, load_end = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6]
 def ms(v, unit):
     return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 res = {}
@@ -142,5 +146,7 @@ for name, label in [("direct", "direct (no proxy)"), ("nginx", "nginx"), ("hapro
           f"{r['rps']/res['haproxy']['rps']:.2f}x | {r['errs']} | {', '.join(f'{x:.0f}' for x in r['all'])} |")
 if rss:
     print(f"\nbulwark RSS under load: median {statistics.median(rss)/1024:.1f} MiB, max {max(rss)/1024:.1f} MiB.")
+print(f"\nLoad average (1, 5, 15 min) at start: {load_start}; at end: {load_end} (2 cores; above ~4, other work shared the machine).")
 PY
+if [ -n "$notes" ]; then printf '\n%s\n' "$notes" >> bench/results/gateway.md; fi
 cat bench/results/gateway.md

@@ -108,13 +108,16 @@ fn build_request(
     } else {
         Version::HTTP_11
     };
-    let mut h = if reuse {
+    // `Host` goes into the kept headers before the copy (each attempt overwrites it), so the copy is
+    // made at its final size and never grows.
+    parts
+        .headers
+        .insert(http::header::HOST, ep.host_header.clone());
+    *req.headers_mut() = if reuse {
         parts.headers.clone()
     } else {
         std::mem::take(&mut parts.headers)
     };
-    h.insert(http::header::HOST, ep.host_header.clone());
-    *req.headers_mut() = h;
     req
 }
 
@@ -278,14 +281,16 @@ fn no_endpoint(up: &Upstream) -> Failure {
     }
 }
 
-/// Forwards one routed request; always returns a response (errors are mapped by [`respond`]).
+/// Forwards one routed request received at `start` (the route's deadline counts from there); always
+/// returns a response (errors are mapped by [`respond`]).
 pub(crate) async fn forward(
     rt: &Runtime,
     route: &Route,
     mut parts: Parts,
     body: Limited<Incoming>,
+    start: Instant,
 ) -> Response<RespBody> {
-    let deadline = Instant::now() + route.timeout;
+    let deadline = start + route.timeout;
     let retry_allowed = is_idempotent(&parts.method)
         || route.retry_non_idempotent
         || parts.headers.contains_key(&IDEMPOTENCY_KEY);
@@ -379,7 +384,10 @@ pub(crate) async fn forward(
                         });
                         attempt(up, route, target, deadline, false, None)
                     };
-                    match h.call_with(&hedge_outcome, make).await {
+                    // Boxed: the race holds several attempt futures; inline, it would make every
+                    // request's future that much larger, hedged or not. One allocation per hedged
+                    // request, next to the extra upstream requests hedging sends anyway.
+                    match Box::pin(h.call_with(&hedge_outcome, make)).await {
                         Ok(resp) => Ok(resp),
                         Err(bulwark::Error::Inner(miss)) => Err(miss),
                         // The hedge reports nothing of its own; this arm is never taken.

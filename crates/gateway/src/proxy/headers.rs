@@ -17,57 +17,100 @@ pub static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-ke
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// The fixed hop-by-hop set (RFC 9110 7.6.1, plus `keep-alive` and `proxy-connection`), as a bit per
+/// name so one pass over the map finds which are present.
+fn hop_by_hop_bit(name: &HeaderName) -> u16 {
+    // A match on the lowercase name: a length switch and a short compare, no hashing.
+    match name.as_str() {
+        "connection" => 1,
+        "keep-alive" => 1 << 1,
+        "proxy-connection" => 1 << 2,
+        "proxy-authenticate" => 1 << 3,
+        "proxy-authorization" => 1 << 4,
+        "te" => 1 << 5,
+        "trailer" => 1 << 6,
+        "transfer-encoding" => 1 << 7,
+        "upgrade" => 1 << 8,
+        _ => 0,
+    }
+}
+
+fn hop_by_hop_name(bit: u32) -> &'static HeaderName {
+    match bit {
+        0 => &header::CONNECTION,
+        1 => &KEEP_ALIVE,
+        2 => &PROXY_CONNECTION,
+        3 => &header::PROXY_AUTHENTICATE,
+        4 => &header::PROXY_AUTHORIZATION,
+        5 => &header::TE,
+        6 => &header::TRAILER,
+        7 => &header::TRANSFER_ENCODING,
+        _ => &header::UPGRADE,
+    }
+}
+
 /// Removes hop-by-hop headers (RFC 9110 7.6.1): the fixed set and any named in `Connection`.
+///
+/// Runs twice per proxied request (request and response), so it is built for the common cases: one
+/// pass over the (few) entries finds the hop-by-hop names present, without hashing; a map without any
+/// (most requests) is left untouched; `Connection: keep-alive` (most upstream responses) costs one
+/// lookup per listed token and one removal, and allocates nothing.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Headers named in Connection: rare, so the common path is one failed lookup.
-    if let Some(conn) = h.get(header::CONNECTION) {
-        if let Ok(s) = conn.to_str() {
-            let named: Vec<HeaderName> = s
-                .split(',')
-                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-                .collect();
-            for n in named {
-                h.remove(n);
+    let present = h.keys().fold(0u16, |acc, name| acc | hop_by_hop_bit(name));
+    if present == 0 {
+        return;
+    }
+    if present & 1 != 0 {
+        // Headers named in Connection. Copy the values out (a reference-count increment each) so the
+        // map can be changed while reading them; a second Connection line is rare and the only case
+        // that allocates.
+        let mut values = h.get_all(header::CONNECTION).iter();
+        let first = values.next().cloned();
+        let rest: Vec<HeaderValue> = values.cloned().collect();
+        for v in first.iter().chain(rest.iter()) {
+            for token in v.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                // `&str` lookups lowercase into a stack buffer: no `HeaderName` is allocated.
+                if let Ok(name) = std::str::from_utf8(token) {
+                    if !name.is_empty() && h.contains_key(name) {
+                        h.remove(name);
+                    }
+                }
             }
         }
     }
-    for n in [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-    ] {
-        if h.contains_key(n) {
-            h.remove(n);
-        }
+    let mut bits = u32::from(present);
+    while bits != 0 {
+        let i = bits.trailing_zeros();
+        bits &= bits - 1;
+        h.remove(hop_by_hop_name(i));
     }
 }
 
 /// Adds `x-forwarded-for` (appending the peer), `x-forwarded-proto` and `x-request-id` (kept when the
 /// client sent one, generated otherwise).
 pub fn add_forwarded(h: &mut HeaderMap, peer_ip: &HeaderValue, proto: &HeaderValue) {
-    match h.get(&X_FORWARDED_FOR) {
-        Some(prev) => {
+    // Up to four inserts follow (these three and the upstream's `Host`): grow the map once, not
+    // once per insert.
+    h.reserve(4);
+    match h.entry(&X_FORWARDED_FOR) {
+        header::Entry::Occupied(mut e) => {
+            let prev = e.get();
             let mut b = BytesMut::with_capacity(prev.len() + 2 + peer_ip.len());
             b.put_slice(prev.as_bytes());
             b.put_slice(b", ");
             b.put_slice(peer_ip.as_bytes());
             if let Ok(v) = HeaderValue::from_maybe_shared(b.freeze()) {
-                h.insert(X_FORWARDED_FOR.clone(), v);
+                e.insert(v);
             }
         }
-        None => {
-            h.insert(X_FORWARDED_FOR.clone(), peer_ip.clone());
+        header::Entry::Vacant(e) => {
+            e.insert(peer_ip.clone());
         }
     }
-    h.insert(X_FORWARDED_PROTO.clone(), proto.clone());
-    if !h.contains_key(&X_REQUEST_ID) {
-        h.insert(X_REQUEST_ID.clone(), new_request_id());
+    h.insert(&X_FORWARDED_PROTO, proto.clone());
+    if let header::Entry::Vacant(e) = h.entry(&X_REQUEST_ID) {
+        e.insert(new_request_id());
     }
 }
 
@@ -123,6 +166,28 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn connection_tokens_every_line_any_case() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static(" X-One ,, x-two"),
+        );
+        h.insert("x-one", HeaderValue::from_static("1"));
+        h.insert("x-two", HeaderValue::from_static("2"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+        // Nothing hop-by-hop: untouched.
+        let mut plain = HeaderMap::new();
+        plain.insert(header::HOST, HeaderValue::from_static("a"));
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 1);
     }
 
     #[test]

@@ -362,7 +362,7 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<RespBody> {
     let access = rt
         .access_log
         .then(|| (req.method().clone(), req.uri().clone()));
-    let (resp, route) = route_and_forward(ctx, &rt, req).await;
+    let (resp, route) = route_and_forward(ctx, &rt, req, start).await;
     let elapsed = start.elapsed();
     // Metrics: a few atomic adds on handles resolved when the runtime was built.
     if let Some(i) = route {
@@ -379,6 +379,7 @@ async fn route_and_forward(
     ctx: &ConnCtx,
     rt: &Runtime,
     req: Request<Incoming>,
+    start: Instant,
 ) -> (Response<RespBody>, Option<usize>) {
     let limits = rt.limits;
     // Stage 2: limits. hyper already refuses heads over its buffer; this makes the limit exact (and
@@ -411,7 +412,10 @@ async fn route_and_forward(
         usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
     );
     // Stage 5 and 6.
-    (attempt::forward(rt, route, parts, body).await, Some(ri))
+    (
+        attempt::forward(rt, route, parts, body, start).await,
+        Some(ri),
+    )
 }
 
 /// One access-log line (target `bulwark::access`): method, path (no query string: it may carry
@@ -704,7 +708,10 @@ async fn serve_conn<I>(
     tokio::pin!(head_timer);
     let mut closing = false;
     loop {
+        // `biased`: the connection is polled first on every wake-up (nearly all are for it), with no
+        // per-poll random branch order.
         tokio::select! {
+            biased;
             r = conn.as_mut() => {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "connection ended with an error");

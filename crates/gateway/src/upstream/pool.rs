@@ -5,6 +5,7 @@
 //! back unsent (the pooled connection was already closing) is re-sent on a fresh connection, which is
 //! safe for every method.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -224,25 +225,7 @@ impl Pool {
                     reused: true,
                 });
             }
-            let io = self.connect_tcp().await?;
-            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .handshake(io)
-                .await
-                .map_err(|e| SendError {
-                    kind: FailKind::ConnectFailure,
-                    source: Some(e),
-                })?;
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
-            if let Ok(mut g) = self.h2.lock() {
-                *g = Some(sender.clone());
-            }
-            return Ok(Conn {
-                sender: Sender::H2(sender),
-                reused: false,
-            });
+            return self.connect_new().await;
         }
         if let Some((s, done)) = self.pop() {
             return Ok(Conn {
@@ -250,7 +233,45 @@ impl Pool {
                 reused: true,
             });
         }
-        self.connect_h1().await
+        self.connect_new().await
+    }
+
+    /// Opens a new connection (HTTP/2: and makes it the shared one).
+    ///
+    /// Boxed on purpose: a TCP connect plus a hyper handshake is a future of a few kilobytes, and
+    /// inline it would be part of every request's future (moved with it, and touched in cache), while
+    /// it runs only when the pool has no idle connection, next to a TCP handshake that costs far
+    /// more than one allocation.
+    fn connect_new(&self) -> Pin<Box<dyn Future<Output = Result<Conn, SendError>> + Send + '_>> {
+        Box::pin(async move {
+            if self.http2 {
+                self.connect_h2().await
+            } else {
+                self.connect_h1().await
+            }
+        })
+    }
+
+    async fn connect_h2(&self) -> Result<Conn, SendError> {
+        let io = self.connect_tcp().await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(|e| SendError {
+                kind: FailKind::ConnectFailure,
+                source: Some(e),
+            })?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        if let Ok(mut g) = self.h2.lock() {
+            *g = Some(sender.clone());
+        }
+        Ok(Conn {
+            sender: Sender::H2(sender),
+            reused: false,
+        })
     }
 
     async fn connect_h1(&self) -> Result<Conn, SendError> {
@@ -326,7 +347,7 @@ impl Pool {
             }
             self.checkout().await
         } else {
-            self.connect_h1().await
+            self.connect_new().await
         }
     }
 }
