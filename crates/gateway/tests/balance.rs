@@ -172,3 +172,39 @@ routes:
     assert_eq!(m.get("p1").copied(), Some(10), "{m:?}");
     gw.stop().await;
 }
+
+/// peak_ewma prefers the endpoint with the lower observed latency: with one endpoint 20 ms slower
+/// than the other, after the first few requests (which teach it the latencies) the fast one takes
+/// nearly everything.
+#[tokio::test]
+async fn peak_ewma_prefers_the_faster_endpoint() {
+    let fast = Upstream::named("fast").await;
+    let slow = Upstream::start(
+        "slow",
+        Arc::new(|_req| {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                reply("slow", 200, "slow")
+            })
+        }),
+    )
+    .await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u:\n    balance: peak_ewma\n    endpoints: [{{url: '{}'}}, {{url: '{}'}}]\nroutes:\n  - upstream: u\n",
+        slow.url(),
+        fast.url()
+    ))
+    .await;
+    let _warm = counts(&gw, 10).await;
+    let m = counts(&gw, 60).await;
+    let (f, s) = (
+        m.get("fast").copied().unwrap_or(0),
+        m.get("slow").copied().unwrap_or(0),
+    );
+    assert_eq!(f + s, 60);
+    assert!(
+        f >= 50,
+        "the fast endpoint should take most requests: {m:?}"
+    );
+    gw.stop().await;
+}
