@@ -1,0 +1,67 @@
+//! Attempt-loop fixes from review: chunked bodies replayed, the route deadline in the bulkhead
+//! queue, hedging on a refused upstream, retries and their own bulkhead slot, failover without a
+//! retry section.
+mod support;
+
+use std::sync::{Arc, Mutex};
+
+use http_body_util::BodyExt;
+use support::*;
+
+/// An upstream that reads each request body, records it, and answers `status`.
+async fn recording(name: &str, status: u16) -> (Upstream, Arc<Mutex<Vec<String>>>) {
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let (n, b) = (name.to_owned(), bodies.clone());
+    let up = Upstream::start(
+        name,
+        Arc::new(move |req| {
+            let (n, b) = (n.clone(), b.clone());
+            Box::pin(async move {
+                let body = req.into_body().collect().await.unwrap().to_bytes();
+                b.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&body).into_owned());
+                reply(&n, status, "nope")
+            })
+        }),
+    )
+    .await;
+    (up, bodies)
+}
+
+/// The value of header `name` in a raw HTTP/1.1 response.
+fn raw_header<'a>(resp: &'a str, name: &str) -> Option<&'a str> {
+    resp.split("\r\n\r\n").next()?.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case(name).then(|| v.trim())
+    })
+}
+
+#[tokio::test]
+async fn a_small_chunked_body_is_buffered_and_retried() {
+    let (up, bodies) = recording("u", 503).await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: u
+    retry:
+      attempts: 3
+      on: [5xx]
+      backoff: {{ kind: constant, base: 1ms, max: 1ms, jitter: none }}
+",
+        up.url()
+    ))
+    .await;
+    let resp = raw(
+        gw.addr,
+        b"PUT /x HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+          5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 503"), "{resp}");
+    assert_eq!(raw_header(&resp, "x-bulwark-attempts"), Some("3"), "{resp}");
+    assert_eq!(up.hits(), 3);
+    assert_eq!(*bodies.lock().unwrap(), ["hello world"; 3]);
+    gw.stop().await;
+}
