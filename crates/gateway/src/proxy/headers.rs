@@ -19,16 +19,18 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 
 /// Removes hop-by-hop headers (RFC 9110 7.6.1): the fixed set and any named in `Connection`.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Headers named in Connection: rare, so the common path is one failed lookup.
-    if let Some(conn) = h.get(header::CONNECTION) {
-        if let Ok(s) = conn.to_str() {
-            let named: Vec<HeaderName> = s
-                .split(',')
-                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-                .collect();
-            for n in named {
-                h.remove(n);
-            }
+    // Headers named in Connection (on any of its lines): rare, so the common path is one failed
+    // lookup.
+    let conn = h.get_all(header::CONNECTION);
+    if conn.iter().next().is_some() {
+        let named: Vec<HeaderName> = conn
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
         }
     }
     for n in [
@@ -48,14 +50,18 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// Adds `x-forwarded-for` (appending the peer), `x-forwarded-proto` and `x-request-id` (kept when the
-/// client sent one, generated otherwise).
+/// Adds `x-forwarded-for` (appending the peer to all the lines received, joined into one),
+/// `x-forwarded-proto` and `x-request-id` (kept when the client sent one, generated otherwise).
 pub fn add_forwarded(h: &mut HeaderMap, peer_ip: &HeaderValue, proto: &HeaderValue) {
-    match h.get(&X_FORWARDED_FOR) {
-        Some(prev) => {
-            let mut b = BytesMut::with_capacity(prev.len() + 2 + peer_ip.len());
-            b.put_slice(prev.as_bytes());
-            b.put_slice(b", ");
+    let all = h.get_all(&X_FORWARDED_FOR);
+    match all.iter().next() {
+        Some(_) => {
+            let len: usize = all.iter().map(|v| v.len() + 2).sum();
+            let mut b = BytesMut::with_capacity(len + peer_ip.len());
+            for prev in all.iter() {
+                b.put_slice(prev.as_bytes());
+                b.put_slice(b", ");
+            }
             b.put_slice(peer_ip.as_bytes());
             if let Ok(v) = HeaderValue::from_maybe_shared(b.freeze()) {
                 h.insert(X_FORWARDED_FOR.clone(), v);
@@ -147,5 +153,35 @@ mod tests {
         );
         assert_eq!(h2[&X_REQUEST_ID], "abc");
         assert_ne!(new_request_id(), new_request_id());
+    }
+
+    #[test]
+    fn every_connection_line_and_every_forwarded_for_line_counts() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("X-Secret, x-other"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        h.append(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("10.0.0.2, 10.0.0.3"),
+        );
+        add_forwarded(
+            &mut h,
+            &HeaderValue::from_static("127.0.0.1"),
+            &HeaderValue::from_static("http"),
+        );
+        let xff: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
+        assert_eq!(xff, ["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"]);
     }
 }
