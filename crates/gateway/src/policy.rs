@@ -49,6 +49,8 @@ pub enum Reject {
     },
     /// The bulkhead has no free slot (and its queue is full or the wait ran out).
     BulkheadFull,
+    /// The route's deadline passed while waiting in the bulkhead's queue.
+    Deadline,
 }
 
 fn reject(e: Error<std::convert::Infallible>) -> Reject {
@@ -168,6 +170,12 @@ impl UpstreamPolicies {
     /// Asks to send one attempt now. Runs on every attempt; with no policy configured it is three
     /// branches. Waits only in the bulkhead's bounded queue, when one is configured and full.
     pub async fn admit(&self) -> Result<Admission, Reject> {
+        self.admit_by(None).await
+    }
+
+    /// Like [`admit`](Self::admit), but waits in the bulkhead's queue no later than `deadline` (the
+    /// route's): [`Reject::Deadline`] when it passes first.
+    pub async fn admit_by(&self, deadline: Option<Instant>) -> Result<Admission, Reject> {
         // A rejection after the breaker admitted us drops its permit unrecorded ("ignored"), so local
         // refusals (rate limit, bulkhead) never count against the upstream's health.
         let permit = match &self.breaker {
@@ -180,7 +188,16 @@ impl UpstreamPolicies {
         let slot = match &self.bulkhead {
             Some(b) => match b.try_acquire() {
                 Some(p) => Some(p),
-                None => Some(b.acquire().await.map_err(reject)?),
+                None => {
+                    let wait = b.acquire();
+                    let got = match deadline {
+                        Some(d) => tokio::time::timeout_at(d, wait)
+                            .await
+                            .map_err(|_| Reject::Deadline)?,
+                        None => wait.await,
+                    };
+                    Some(got.map_err(reject)?)
+                }
             },
             None => None,
         };

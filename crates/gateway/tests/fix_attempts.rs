@@ -65,3 +65,50 @@ routes:
     assert_eq!(*bodies.lock().unwrap(), ["hello world"; 3]);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn the_route_deadline_ends_the_wait_in_the_bulkhead_queue() {
+    let (release, rx) = tokio::sync::watch::channel(false);
+    let up = Upstream::start(
+        "u",
+        Arc::new(move |req| {
+            let mut rx = rx.clone();
+            Box::pin(async move {
+                if req.uri().path() == "/hold" {
+                    let _ = rx.wait_for(|r| *r).await;
+                }
+                reply("u", 200, "ok")
+            })
+        }),
+    )
+    .await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    endpoints: [{{url: '{}'}}]
+    bulkhead: {{ max_concurrent: 1, max_queued: 10, queue_timeout: 1m }}
+routes:
+  - match: {{ path_prefix: /hold }}
+    upstream: u
+    timeout: 1m
+  - upstream: u
+    timeout: 500ms
+",
+        up.url()
+    ))
+    .await;
+    let hold_url = gw.url("/hold");
+    let holder = tokio::spawn(async move { get(&client(), &hold_url).await.status });
+    // The holder has the upstream's only bulkhead slot.
+    wait_until(10, || up.hits() == 1).await;
+    let r = get(&client(), &gw.url("/short")).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.header("x-bulwark-reason"), Some("timeout"));
+    assert_eq!(r.header("x-bulwark-attempts"), None, "nothing was sent");
+    // The 504 came from the route's deadline, not from the holder leaving the bulkhead.
+    assert!(!holder.is_finished());
+    release.send(true).unwrap();
+    assert_eq!(holder.await.unwrap(), 200);
+    assert_eq!(up.hits(), 1);
+    gw.stop().await;
+}

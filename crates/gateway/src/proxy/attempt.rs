@@ -6,6 +6,7 @@
 //! deadline allow; then move on to the next upstream when this one was unavailable or exhausted.
 //! Every policy decision is a call on [`crate::policy`] types, so the library's policies plug in there.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -64,6 +65,7 @@ fn reject_to_failure(r: Reject) -> Failure {
         Reject::CircuitOpen { retry_after } => Failure::CircuitOpen { retry_after },
         Reject::RateLimited { retry_after } => Failure::RateLimited { retry_after },
         Reject::BulkheadFull => Failure::BulkheadFull,
+        Reject::Deadline => Failure::Timeout,
     }
 }
 
@@ -157,9 +159,27 @@ fn hedge_outcome(r: &AttemptResult) -> Outcome {
     }
 }
 
+/// What the attempts of one step of the loop (one attempt, or a hedge race with its losers) did,
+/// counted where it happens.
+#[derive(Default)]
+struct Tally {
+    /// Requests sent (a request the deadline stopped before it was sent is not one).
+    sent: AtomicU32,
+}
+
+/// The route's deadline passed before a request could be sent: a total timeout, and final.
+fn deadline_passed(route: &Route) -> Miss {
+    route.policies.on_timeout("total");
+    Miss::Failed {
+        failure: Failure::Timeout,
+        retryable: false,
+    }
+}
+
 /// One attempt on `up`'s endpoint `ei` (`None`: no endpoint was available): admission, send within
 /// the per-try timeout and the route deadline, classification, and the reports to the breaker,
-/// outlier detection, cooldown and (with `record_latency`) the route's latency window.
+/// outlier detection, cooldown and (with `record_latency`) the route's latency window. A request
+/// sent is counted in `tally`.
 async fn attempt(
     up: &Upstream,
     route: &Route,
@@ -167,26 +187,29 @@ async fn attempt(
     deadline: Instant,
     record_latency: bool,
     admitted: Option<Admission>,
+    tally: &Tally,
 ) -> AttemptResult {
     let Some((ei, req)) = target else {
         return Err(Miss::NoEndpoint);
     };
     let mut admission = match admitted {
         Some(a) => a,
-        None => up.policies.admit().await.map_err(Miss::Rejected)?,
+        None => match up.policies.admit_by(Some(deadline)).await {
+            Ok(a) => a,
+            Err(Reject::Deadline) => return Err(deadline_passed(route)),
+            Err(r) => return Err(Miss::Rejected(r)),
+        },
     };
     let ep = &up.endpoints[ei];
     let now = Instant::now();
     if now >= deadline {
-        return Err(Miss::Failed {
-            failure: Failure::Timeout,
-            retryable: false,
-        });
+        return Err(deadline_passed(route));
     }
     let try_deadline = route
         .per_try_timeout
         .map_or(deadline, |t| (now + t).min(deadline));
     let mut lease = Lease::new(ep.clone());
+    tally.sent.fetch_add(1, Ordering::Relaxed);
     let result = tokio::time::timeout_at(try_deadline, ep.pool.send(req)).await;
     match result {
         Ok(Ok((resp, conn))) => {
@@ -317,6 +340,7 @@ pub(crate) async fn forward(
 
     route.policies.deposit();
     let mut sent: u32 = 0;
+    let tally = Tally::default();
     let mut last = Last::Failure(Failure::NoHealthyEndpoint);
 
     for (chain_pos, &ui) in route.chain.iter().enumerate() {
@@ -346,8 +370,13 @@ pub(crate) async fn forward(
                 None => {
                     // Admission first: a request the upstream's policies refuse was not sent (no
                     // budget is spent failing over from it) and keeps its body for the next upstream.
-                    let admission = match up.policies.admit().await {
+                    // Waiting in the bulkhead's queue ends with the route's deadline.
+                    let admission = match up.policies.admit_by(Some(deadline)).await {
                         Ok(a) => a,
+                        Err(Reject::Deadline) => {
+                            route.policies.on_timeout("total");
+                            return finish(Last::Failure(Failure::Timeout), sent, None, route);
+                        }
                         Err(r) => {
                             last = Last::Failure(reject_to_failure(r));
                             break;
@@ -361,9 +390,9 @@ pub(crate) async fn forward(
                         return finish(last, sent, None, route);
                     };
                     tried.insert(ei);
-                    sent += 1;
                     let req = build_request(&mut parts, may_replay, req_body, up, ei);
-                    attempt(up, route, Some((ei, req)), deadline, true, Some(admission)).await
+                    let target = Some((ei, req));
+                    attempt(up, route, target, deadline, true, Some(admission), &tally).await
                 }
                 Some(h) => {
                     // The library's hedge races the attempts: each call of this factory picks an
@@ -372,12 +401,11 @@ pub(crate) async fn forward(
                     let make = || {
                         let target = up.pick(tried).map(|ei| {
                             tried.insert(ei);
-                            sent += 1;
                             // Hedging is only on with a replayable body, which `take` always yields.
                             let body = slot.take().unwrap_or_else(ReqBody::empty);
                             (ei, build_request(&mut parts, true, body, up, ei))
                         });
-                        attempt(up, route, target, deadline, false, None)
+                        attempt(up, route, target, deadline, false, None, &tally)
                     };
                     match h.call_with(&hedge_outcome, make).await {
                         Ok(resp) => Ok(resp),
@@ -387,14 +415,13 @@ pub(crate) async fn forward(
                     }
                 }
             };
+            sent += tally.sent.swap(0, Ordering::Relaxed);
 
             let (retryable, retry_after) = match result {
                 Ok(resp) => return respond::success(resp, sent),
                 Err(Miss::Client(local)) => return respond::local(local),
                 Err(Miss::Rejected(r)) => {
-                    // Only the hedge path gets here: its factory counted the attempt as sent
-                    // before the upstream's policies refused it.
-                    sent = sent.saturating_sub(1);
+                    // Only the hedge path gets here (nothing was sent).
                     last = Last::Failure(reject_to_failure(r));
                     break;
                 }
