@@ -86,6 +86,12 @@ impl Admission {
             p.record(outcome);
         }
     }
+
+    /// Frees the bulkhead slot now, before the admission is dropped (record the outcome first). For
+    /// a failed response kept only to be passed through: a retry must not wait for its own slot.
+    pub fn release_slot(&mut self) {
+        self._slot = None;
+    }
 }
 
 fn listen<B>(builder: B, events: &Events, add: impl FnOnce(B, Arc<dyn Listener>) -> B) -> B {
@@ -424,7 +430,9 @@ mod tests {
         let a = p.admit().await.unwrap();
         assert_eq!(p.admit().await.unwrap_err(), Reject::BulkheadFull);
         drop(a);
-        assert!(p.admit().await.is_ok());
+        let mut a = p.admit().await.unwrap();
+        a.release_slot();
+        assert!(p.admit().await.is_ok(), "the slot was released early");
     }
 
     #[tokio::test(start_paused = true)]

@@ -112,3 +112,29 @@ routes:
     assert_eq!(up.hits(), 1);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_retry_does_not_wait_for_the_bulkhead_slot_of_the_response_it_retries() {
+    let up = Upstream::status("u", 503).await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    endpoints: [{{url: '{}'}}]
+    bulkhead: {{ max_concurrent: 1, max_queued: 0 }}
+routes:
+  - upstream: u
+    retry:
+      attempts: 3
+      on: [5xx]
+      backoff: {{ kind: constant, base: 0ms, max: 0ms, jitter: none }}
+",
+        up.url()
+    ))
+    .await;
+    let r = get(&client(), &gw.url("/")).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-bulwark-reason"), Some("upstream_error"));
+    assert_eq!(r.header("x-bulwark-attempts"), Some("3"));
+    assert_eq!(up.hits(), 3);
+    gw.stop().await;
+}

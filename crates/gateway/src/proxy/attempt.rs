@@ -241,6 +241,11 @@ async fn attempt(
                 (true, Some(d)) => Outcome::FailureRetryAfter(d),
                 (true, None) => Outcome::Failure,
             });
+            if failed {
+                // Kept only to be passed through if nothing better comes: a retry (with no
+                // backoff, the response is still held) must not wait for this slot.
+                admission.release_slot();
+            }
             lease.hold(conn, admission);
             let resp = resp.map(|()| RespBody::upstream(inner, lease));
             if !failed {
