@@ -14,6 +14,8 @@
 //!   attempt loop whether a retry can still finish before the deadline
 //!   ([`RoutePolicies::retry_fits`], the library `Retry`'s rule).
 
+use std::cell::Cell;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -227,6 +229,28 @@ pub struct RoutePolicies {
     events: Listeners,
 }
 
+tokio::task_local! {
+    /// Per hedged call: set once its upstream refused a hedge.
+    static HEDGING_STOPPED: Cell<bool>;
+}
+
+/// Runs one hedged call (a [`Hedge::call_with`]) so that [`stop_hedging`] can end its hedging.
+pub async fn hedged<F: Future>(call: F) -> F::Output {
+    HEDGING_STOPPED.scope(Cell::new(false), call).await
+}
+
+/// Inside [`hedged`]: no further hedge starts for this call; the attempts running go on. For a hedge
+/// its upstream refused (breaker, rate limit, bulkhead, no endpoint): the next would be refused too,
+/// and each would spend retry budget. Works through the route hedge's admission hook, which the
+/// library asks before each hedge; outside [`hedged`] it does nothing.
+pub fn stop_hedging() {
+    let _ = HEDGING_STOPPED.try_with(|s| s.set(true));
+}
+
+fn hedging_stopped() -> bool {
+    HEDGING_STOPPED.try_with(Cell::get).unwrap_or(false)
+}
+
 /// The library backoff for a route's `backoff:` section.
 pub fn backoff(b: &config::Backoff) -> Backoff {
     let (base, max) = (b.base.get(), b.max.get());
@@ -292,10 +316,12 @@ impl RoutePolicies {
                         bulwark::hedge::DEFAULT_DELAY,
                     ),
                 };
-                // Hedges draw on the route's retry budget.
-                if let Some(budget) = budget.clone() {
-                    b = b.admit(Arc::new(move || budget.try_withdraw()));
-                }
+                // Hedges draw on the route's retry budget (when it has one), and stop for a call
+                // whose upstream refused one ([`stop_hedging`]).
+                let budget = budget.clone();
+                b = b.admit(Arc::new(move || {
+                    !hedging_stopped() && budget.as_ref().is_none_or(RetryBudget::try_withdraw)
+                }));
                 b = listen(b, events, |b, l| b.listener(forward(l)));
                 Some(b.build().map_err(|e| format!("hedge.{e}"))?)
             }
@@ -531,5 +557,55 @@ mod tests {
         assert_eq!(h.current_delay(), Duration::from_millis(5));
         assert!(std::sync::Arc::ptr_eq(h.latency(), p.latency()));
         assert!(!p.try_withdraw());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_hedge_stops_hedging_for_its_call_only() {
+        use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+        let retry = config::Retry {
+            budget: Some(config::Budget {
+                ratio: 0.0,
+                min_per_second: 1,
+                window: config::Dur::from_secs(10),
+            }),
+            ..Default::default()
+        };
+        let hedge = config::Hedge {
+            delay: config::HedgeDelay::Fixed(config::Dur::from_millis(10)),
+            max_hedges: 3,
+            ..Default::default()
+        };
+        let p = RoutePolicies::with_hedge("r", Some(&retry), Some(&hedge), &None).unwrap();
+        let h = p.hedge().unwrap();
+        // The hedge is "refused" (an error that stops hedging); the original still wins.
+        let classify = |r: &Result<u32, u32>| match r {
+            Ok(_) => Outcome::Success,
+            Err(_) => {
+                stop_hedging();
+                Outcome::Failure
+            }
+        };
+        let call = |made: &'static AtomicU32| {
+            h.call_with(&classify, move || {
+                let i = made.fetch_add(1, SeqCst);
+                async move {
+                    if i == 0 {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Ok(i)
+                    } else {
+                        Err(i)
+                    }
+                }
+            })
+        };
+        static FIRST: AtomicU32 = AtomicU32::new(0);
+        assert_eq!(hedged(call(&FIRST)).await.unwrap(), 0);
+        assert_eq!(FIRST.load(SeqCst), 2, "one hedge only");
+        assert_eq!(p.budget().unwrap().balance(), 9);
+        // The next call hedges again.
+        static SECOND: AtomicU32 = AtomicU32::new(0);
+        assert_eq!(hedged(call(&SECOND)).await.unwrap(), 0);
+        assert_eq!(SECOND.load(SeqCst), 2);
+        assert_eq!(p.budget().unwrap().balance(), 8);
     }
 }

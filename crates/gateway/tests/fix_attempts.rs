@@ -138,3 +138,56 @@ routes:
     assert_eq!(up.hits(), 3);
     gw.stop().await;
 }
+
+/// A hedged route whose primary's breaker is open fails over without racing the refusal: no hedge
+/// is started on the primary, no budget is spent, and only the request sent counts as an attempt.
+#[tokio::test]
+async fn a_hedged_route_fails_over_from_an_open_breaker_without_hedging() {
+    let a = Upstream::named("a").await;
+    let b = Upstream::named("b").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  a:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{ window: {{ kind: count, size: 10 }}, minimum_calls: 5 }}
+  b:
+    endpoints: [{{url: '{}'}}]
+routes:
+  - upstream: a
+    failover: [b]
+    hedge: {{ delay: 5s, max_hedges: 2 }}
+    retry: {{ attempts: 1, budget: {{ ratio: 0, min_per_second: 1, window: 10s }} }}
+",
+        a.url(),
+        b.url()
+    ))
+    .await;
+    gw.state
+        .runtime()
+        .upstream("a")
+        .unwrap()
+        .policies
+        .breaker()
+        .unwrap()
+        .force_open();
+    let balance = || {
+        gw.state.runtime().routes[0]
+            .policies
+            .budget()
+            .unwrap()
+            .balance()
+    };
+    let before = balance();
+    assert!(before > 0, "the budget has tokens a hedge could spend");
+    let c = client();
+    for _ in 0..5 {
+        let r = get(&c, &gw.url("/")).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-upstream"), Some("b"));
+        // One attempt: a success after one attempt carries no attempts header.
+        assert_eq!(r.header("x-bulwark-attempts"), None);
+    }
+    assert_eq!(balance(), before, "no hedge spent the budget");
+    assert_eq!((a.hits(), b.hits()), (0, 5));
+    gw.stop().await;
+}

@@ -22,7 +22,7 @@ use super::headers::{self, IDEMPOTENCY_KEY};
 use super::respond::{self, Failure, Local};
 use super::route::Route;
 use super::Runtime;
-use crate::policy::{Admission, Reject};
+use crate::policy::{self, Admission, Reject};
 use crate::upstream::{retry_after, FailKind, Observed, Tried, Upstream};
 use bulwark::Outcome;
 
@@ -144,10 +144,16 @@ type AttemptResult = Result<Response<RespBody>, Miss>;
 
 /// How the hedge race sees an attempt: a response that is not a failure wins; a retryable failure
 /// lets the other attempts (and the next hedge) go on; anything final (a failure the route does not
-/// retry, a client body error) ends the race at once, as it ends the loop without hedging.
+/// retry, a client body error) ends the race at once, as it ends the loop without hedging. A hedge
+/// the upstream refused (or found no endpoint for) sent nothing: the other attempts go on, but no
+/// further hedge starts (it would be refused too, after spending budget).
 fn hedge_outcome(r: &AttemptResult) -> Outcome {
     match r {
         Ok(_) => Outcome::Success,
+        Err(Miss::Rejected(_)) | Err(Miss::NoEndpoint) => {
+            policy::stop_hedging();
+            Outcome::Failure
+        }
         Err(Miss::Client(_))
         | Err(Miss::Response {
             retryable: false, ..
@@ -371,39 +377,53 @@ pub(crate) async fn forward(
         let mut on_this: u32 = 0;
         loop {
             on_this += 1;
+            // Admission first, hedged or not: a request the upstream's policies refuse was not
+            // sent (no budget is spent failing over from it, and no hedge races it) and keeps its
+            // body for the next upstream. Waiting in the bulkhead's queue ends with the deadline.
+            let admission = match up.policies.admit_by(Some(deadline)).await {
+                Ok(a) => a,
+                Err(Reject::Deadline) => {
+                    route.policies.on_timeout("total");
+                    return finish(Last::Failure(Failure::Timeout), sent, None, route);
+                }
+                Err(r) => {
+                    last = Last::Failure(reject_to_failure(r));
+                    break;
+                }
+            };
+            let Some(ei) = up.pick(tried) else {
+                last = Last::Failure(no_endpoint(up));
+                break;
+            };
+            let Some(req_body) = slot.take() else {
+                return finish(last, sent, None, route);
+            };
+            tried.insert(ei);
+            let req = build_request(&mut parts, may_replay, req_body, up, ei);
             let result = match hedge {
                 None => {
-                    // Admission first: a request the upstream's policies refuse was not sent (no
-                    // budget is spent failing over from it) and keeps its body for the next upstream.
-                    // Waiting in the bulkhead's queue ends with the route's deadline.
-                    let admission = match up.policies.admit_by(Some(deadline)).await {
-                        Ok(a) => a,
-                        Err(Reject::Deadline) => {
-                            route.policies.on_timeout("total");
-                            return finish(Last::Failure(Failure::Timeout), sent, None, route);
-                        }
-                        Err(r) => {
-                            last = Last::Failure(reject_to_failure(r));
-                            break;
-                        }
-                    };
-                    let Some(ei) = up.pick(tried) else {
-                        last = Last::Failure(no_endpoint(up));
-                        break;
-                    };
-                    let Some(req_body) = slot.take() else {
-                        return finish(last, sent, None, route);
-                    };
-                    tried.insert(ei);
-                    let req = build_request(&mut parts, may_replay, req_body, up, ei);
                     let target = Some((ei, req));
                     attempt(up, route, target, deadline, true, Some(admission), &tally).await
                 }
                 Some(h) => {
-                    // The library's hedge races the attempts: each call of this factory picks an
-                    // endpoint this request has not tried when one is available, and the hedge
-                    // asks the route's budget before each extra attempt.
+                    // The library's hedge races the attempts: the original (admitted above), then
+                    // each call of this factory picks an endpoint this request has not tried when
+                    // one is available, and the hedge asks the route's budget before each extra
+                    // attempt (the hedge's own admission is in `attempt`).
+                    let mut original = Some((ei, req, admission));
                     let make = || {
+                        if let Some((ei, req, admission)) = original.take() {
+                            let target = Some((ei, req));
+                            return attempt(
+                                up,
+                                route,
+                                target,
+                                deadline,
+                                false,
+                                Some(admission),
+                                &tally,
+                            );
+                        }
                         let target = up.pick(tried).map(|ei| {
                             tried.insert(ei);
                             // Hedging is only on with a replayable body, which `take` always yields.
@@ -412,7 +432,7 @@ pub(crate) async fn forward(
                         });
                         attempt(up, route, target, deadline, false, None, &tally)
                     };
-                    match h.call_with(&hedge_outcome, make).await {
+                    match policy::hedged(h.call_with(&hedge_outcome, make)).await {
                         Ok(resp) => Ok(resp),
                         Err(bulwark::Error::Inner(miss)) => Err(miss),
                         // The hedge reports nothing of its own; this arm is never taken.
@@ -426,7 +446,7 @@ pub(crate) async fn forward(
                 Ok(resp) => return respond::success(resp, sent),
                 Err(Miss::Client(local)) => return respond::local(local),
                 Err(Miss::Rejected(r)) => {
-                    // Only the hedge path gets here (nothing was sent).
+                    // Only a hedge gets here (the original was admitted above); nothing was sent.
                     last = Last::Failure(reject_to_failure(r));
                     break;
                 }
