@@ -191,3 +191,38 @@ routes:
     assert_eq!((a.hits(), b.hits()), (0, 5));
     gw.stop().await;
 }
+
+/// A connect failure sent nothing: without a `retry:` section, and even for a POST, the request
+/// moves on to the next upstream of the chain.
+#[tokio::test]
+async fn a_connect_failure_fails_over_without_a_retry_section() {
+    let (b, bodies) = recording("b", 200).await;
+    let dead = dead_url().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  a: {{ endpoints: [{{url: '{dead}'}}] }}
+  b: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: a
+    failover: [b]
+",
+        b.url()
+    ))
+    .await;
+    let c = client();
+    let r = get(&c, &gw.url("/")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-upstream"), Some("b"));
+    assert_eq!(r.header("x-bulwark-attempts"), Some("2"));
+    let post = http::Request::post(gw.url("/orders"))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"order=1",
+        )))
+        .unwrap();
+    let r = send(&c, post).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-upstream"), Some("b"));
+    assert_eq!(b.hits(), 2);
+    assert_eq!(*bodies.lock().unwrap(), ["", "order=1"]);
+    gw.stop().await;
+}

@@ -6,7 +6,7 @@
 //! deadline allow; then move on to the next upstream when this one was unavailable or exhausted.
 //! Every policy decision is a call on [`crate::policy`] types, so the library's policies plug in there.
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -134,8 +134,13 @@ enum Miss {
         retryable: bool,
         retry_after: Option<Duration>,
     },
-    /// No response: connect failure, reset or timeout.
-    Failed { failure: Failure, retryable: bool },
+    /// No response: connect failure, reset or timeout. `unsent`: nothing reached the upstream (a
+    /// connect failure), so the next upstream can take the request even when it may not be retried.
+    Failed {
+        failure: Failure,
+        retryable: bool,
+        unsent: bool,
+    },
     /// The client's request body failed: final, and not the upstream's fault.
     Client(Local),
 }
@@ -159,7 +164,9 @@ fn hedge_outcome(r: &AttemptResult) -> Outcome {
             retryable: false, ..
         })
         | Err(Miss::Failed {
-            retryable: false, ..
+            retryable: false,
+            unsent: false,
+            ..
         }) => Outcome::Ignore,
         Err(_) => Outcome::Failure,
     }
@@ -171,6 +178,8 @@ fn hedge_outcome(r: &AttemptResult) -> Outcome {
 struct Tally {
     /// Requests sent (a request the deadline stopped before it was sent is not one).
     sent: AtomicU32,
+    /// Whether a request sent may have reached the upstream (it was not a connect failure).
+    reached: AtomicBool,
 }
 
 /// The route's deadline passed before a request could be sent: a total timeout, and final.
@@ -179,6 +188,7 @@ fn deadline_passed(route: &Route) -> Miss {
     Miss::Failed {
         failure: Failure::Timeout,
         retryable: false,
+        unsent: true,
     }
 }
 
@@ -217,6 +227,9 @@ async fn attempt(
     let mut lease = Lease::new(ep.clone());
     tally.sent.fetch_add(1, Ordering::Relaxed);
     let result = tokio::time::timeout_at(try_deadline, ep.pool.send(req)).await;
+    if !matches!(&result, Ok(Err(e)) if e.kind == FailKind::ConnectFailure) {
+        tally.reached.store(true, Ordering::Relaxed);
+    }
     match result {
         Ok(Ok((resp, conn))) => {
             let latency = now.elapsed();
@@ -285,6 +298,7 @@ async fn attempt(
                     _ => Failure::UpstreamError,
                 },
                 retryable: route.retry_on.fail(e.kind),
+                unsent: e.kind == FailKind::ConnectFailure,
             })
         }
         Err(_elapsed) => {
@@ -298,6 +312,7 @@ async fn attempt(
             Err(Miss::Failed {
                 failure: Failure::Timeout,
                 retryable: Instant::now() < deadline && route.retry_on.fail(FailKind::Timeout),
+                unsent: false,
             })
         }
     }
@@ -324,8 +339,10 @@ pub(crate) async fn forward(
         || route.retry_non_idempotent
         || parts.headers.contains_key(&IDEMPOTENCY_KEY);
     let hedge = route.policies.hedge().filter(|_| retry_allowed);
+    // With a failover chain the body is kept even when the request may not be retried: after a
+    // connect failure (nothing sent) the next upstream takes it.
     let may_replay =
-        retry_allowed && (route.attempts > 1 || route.chain.len() > 1 || hedge.is_some());
+        (retry_allowed && (route.attempts > 1 || hedge.is_some())) || route.chain.len() > 1;
 
     let mut slot = if body.is_end_stream() {
         BodySlot::Replay(None)
@@ -352,13 +369,16 @@ pub(crate) async fn forward(
     route.policies.deposit();
     let mut sent: u32 = 0;
     let tally = Tally::default();
+    // Whether a request may have reached an upstream: from then on, failing over is a retry.
+    let mut delivered = false;
     let mut last = Last::Failure(Failure::NoHealthyEndpoint);
 
     for (chain_pos, &ui) in route.chain.iter().enumerate() {
         let up = &*rt.upstreams[ui];
-        if chain_pos > 0 && sent > 0 {
-            // Failing over after a request was sent is a retry: it needs a replayable body, time
-            // for an attempt, and budget.
+        if chain_pos > 0 && delivered {
+            // Failing over after a request reached an upstream is a retry: it needs a replayable
+            // body, time for an attempt, and budget. (After refusals and connect failures only,
+            // nothing was sent: no budget, whatever the method.)
             if !(retry_allowed && slot.replayable()) {
                 break;
             }
@@ -441,6 +461,7 @@ pub(crate) async fn forward(
                 }
             };
             sent += tally.sent.swap(0, Ordering::Relaxed);
+            delivered |= tally.reached.swap(false, Ordering::Relaxed);
 
             let (retryable, retry_after) = match result {
                 Ok(resp) => return respond::success(resp, sent),
@@ -465,10 +486,17 @@ pub(crate) async fn forward(
                     }
                     (true, retry_after)
                 }
-                Err(Miss::Failed { failure, retryable }) => {
+                Err(Miss::Failed {
+                    failure,
+                    retryable,
+                    unsent,
+                }) => {
                     last = Last::Failure(failure);
                     if failure == Failure::Timeout && Instant::now() >= deadline {
                         return finish(last, sent, None, route);
+                    }
+                    if unsent && !(retryable && retry_allowed) && slot.replayable() {
+                        break; // a connect failure sent nothing: the next upstream takes it
                     }
                     (retryable, None)
                 }
