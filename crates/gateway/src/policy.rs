@@ -302,10 +302,15 @@ impl RoutePolicies {
         let backoff = backoff(&retry.map(|r| r.backoff.clone()).unwrap_or_default());
         backoff.validate().map_err(|e| format!("backoff.{e}"))?;
         let latency = Arc::new(LatencyWindow::default());
+        let mut listeners = Listeners::new();
+        if let Some(e) = events {
+            listeners.push(e.clone());
+        }
+        let name: Arc<str> = name.into();
         let hedge = match hedge.filter(|h| h.enabled) {
             Some(h) => {
                 let mut b = Hedge::builder()
-                    .name(name)
+                    .name(name.clone())
                     .max_hedges(h.max_hedges)
                     .latency_window(latency.clone());
                 b = match h.delay {
@@ -316,11 +321,20 @@ impl RoutePolicies {
                         bulwark::hedge::DEFAULT_DELAY,
                     ),
                 };
-                // Hedges draw on the route's retry budget (when it has one), and stop for a call
-                // whose upstream refused one ([`stop_hedging`]).
-                let budget = budget.clone();
+                // Hedges draw on the route's retry budget (when it has one; a refusal is reported
+                // like a retry's), and stop for a call whose upstream refused one ([`stop_hedging`]).
+                let (budget, report, route) = (budget.clone(), listeners.clone(), name.clone());
                 b = b.admit(Arc::new(move || {
-                    !hedging_stopped() && budget.as_ref().is_none_or(RetryBudget::try_withdraw)
+                    if hedging_stopped() {
+                        return false;
+                    }
+                    let ok = budget.as_ref().is_none_or(RetryBudget::try_withdraw);
+                    if !ok {
+                        report.emit(|| Event::RetryBudgetExhausted {
+                            name: route.clone(),
+                        });
+                    }
+                    ok
                 }));
                 b = listen(b, events, |b, l| b.listener(forward(l)));
                 Some(b.build().map_err(|e| format!("hedge.{e}"))?)
@@ -332,14 +346,8 @@ impl RoutePolicies {
             backoff,
             hedge,
             latency,
-            name: name.into(),
-            events: {
-                let mut l = Listeners::new();
-                if let Some(e) = events {
-                    l.push(e.clone());
-                }
-                l
-            },
+            name,
+            events: listeners,
         })
     }
 

@@ -353,7 +353,10 @@ pub(crate) async fn forward(
         }))
     } else {
         match tokio::time::timeout_at(deadline, body::buffer(body, route.retry_buffer)).await {
-            Err(_) => return respond::failure(Failure::Timeout, 0, route.fallback.as_ref()),
+            Err(_) => {
+                route.policies.on_timeout("total");
+                return finish(Last::Failure(Failure::Timeout), 0, None, route);
+            }
             Ok(Err(e)) if body::is_too_large(&e) => return respond::local(Local::BodyTooLarge),
             Ok(Err(_)) => return respond::local(Local::BadRequest),
             Ok(Ok(Buffered::Full(b))) => BodySlot::Replay((!b.is_empty()).then_some(b)),
@@ -538,7 +541,6 @@ pub(crate) async fn forward(
     finish(last, sent, None, route)
 }
 
-/// Maps the loop's end state to the client response. `because` overrides the reason (budget).
 /// What failed, for the `reason` label of a retry.
 fn retry_reason(last: &Last) -> &'static str {
     match last {
@@ -552,6 +554,7 @@ fn retry_reason(last: &Last) -> &'static str {
     }
 }
 
+/// Maps the loop's end state to the client response. `because` overrides the reason (budget).
 fn finish(last: Last, sent: u32, because: Option<Failure>, route: &Route) -> Response<RespBody> {
     let fb = route.fallback.as_ref();
     if fb.is_some() {
