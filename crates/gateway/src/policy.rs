@@ -15,6 +15,7 @@
 //!   ([`RoutePolicies::retry_fits`], the library `Retry`'s rule).
 
 use std::cell::Cell;
+use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +29,7 @@ use bulwark::rate_limit::RateLimiter;
 use bulwark::retry::{
     Backoff, Jitter, RetryBudget, DEFAULT_DEADLINE_MIN_SAMPLES, DEFAULT_DEADLINE_PERCENTILE,
 };
-use bulwark::{Error, Outcome};
+use bulwark::{ConfigError, Error, Outcome};
 use tokio::time::Instant;
 
 use crate::config;
@@ -60,6 +61,49 @@ fn reject(e: Error<std::convert::Infallible>) -> Reject {
         Error::CircuitOpen { retry_after, .. } => Reject::CircuitOpen { retry_after },
         Error::RateLimited { retry_after } => Reject::RateLimited { retry_after },
         _ => Reject::BulkheadFull,
+    }
+}
+
+/// A setting a library builder refused, named by its config key path (below the upstream, or below
+/// the route) so that `bulwark check` reports what `run` would refuse, at the right place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Config keys, e.g. `["circuit_breaker", "window", "size"]`.
+    pub path: Vec<&'static str>,
+    /// What is wrong, in the library's words.
+    pub reason: String,
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path.join("."), self.reason)
+    }
+}
+
+/// The config key of the setting a builder of config section `section` refused.
+fn refused(section: &[&'static str], e: ConfigError) -> Refused {
+    let key = match (section.last().copied(), e.field()) {
+        (Some("circuit_breaker"), "count_window" | "time_window") => vec!["window", "size"],
+        (Some("rate_limit"), "rate") => vec!["per_second"],
+        (Some("budget"), "ttl") => vec!["window"],
+        (Some("budget"), "percent_can_retry") => vec!["ratio"],
+        (Some("budget"), "min_retries_per_sec") => vec!["min_per_second"],
+        // What the library checks of a backoff is its base (zero for decorrelated jitter, or
+        // above the max).
+        (Some("backoff"), _) => vec!["base"],
+        (Some("hedge"), "delay_percentile") => vec!["delay"],
+        // The hedge is named after the route.
+        (Some("hedge"), "name") => {
+            return Refused {
+                path: vec!["name"],
+                reason: e.reason().to_owned(),
+            }
+        }
+        (_, field) => vec![field],
+    };
+    Refused {
+        path: [section, &key].concat(),
+        reason: e.reason().to_owned(),
     }
 }
 
@@ -110,6 +154,16 @@ fn forward(l: Arc<dyn Listener>) -> impl Fn(&Event) + Send + Sync + 'static {
 impl UpstreamPolicies {
     /// Builds the policies of upstream `name` from its (validated) config.
     pub fn new(name: &str, up: &config::Upstream, events: &Events) -> Result<Self, String> {
+        Self::build(name, up, events).map_err(|r| r.to_string())
+    }
+
+    /// Builds the library policies of an upstream's config only to check it (no task is started):
+    /// the first setting a builder refuses.
+    pub fn check(name: &str, up: &config::Upstream) -> Result<(), Refused> {
+        Self::build(name, up, &None).map(drop)
+    }
+
+    fn build(name: &str, up: &config::Upstream, events: &Events) -> Result<Self, Refused> {
         let breaker = match up.circuit_breaker.as_ref().filter(|c| c.enabled) {
             Some(c) => {
                 let mut b = CircuitBreaker::builder()
@@ -125,7 +179,7 @@ impl UpstreamPolicies {
                     config::WindowSize::Time(d) => b.time_window(d.get()),
                 };
                 b = listen(b, events, |b, l| b.listener(forward(l)));
-                Some(b.build().map_err(|e| format!("circuit_breaker.{e}"))?)
+                Some(b.build().map_err(|e| refused(&["circuit_breaker"], e))?)
             }
             None => None,
         };
@@ -142,7 +196,7 @@ impl UpstreamPolicies {
                     b = b.burst(burst);
                 }
                 b = listen(b, events, |b, l| b.listener(forward(l)));
-                Some(b.build().map_err(|e| format!("rate_limit.{e}"))?)
+                Some(b.build().map_err(|e| refused(&["rate_limit"], e))?)
             }
             None => None,
         };
@@ -154,7 +208,7 @@ impl UpstreamPolicies {
                     .max_queued(c.max_queued as usize)
                     .queue_timeout(c.queue_timeout.get());
                 b = listen(b, events, |b, l| b.listener(forward(l)));
-                Some(b.build().map_err(|e| format!("bulkhead.{e}"))?)
+                Some(b.build().map_err(|e| refused(&["bulkhead"], e))?)
             }
             None => None,
         };
@@ -274,12 +328,16 @@ pub fn backoff(b: &config::Backoff) -> Backoff {
 
 /// The library retry budget for a route's `budget:` section.
 pub fn budget(c: &config::Budget) -> Result<RetryBudget, String> {
+    build_budget(c).map_err(|r| r.to_string())
+}
+
+fn build_budget(c: &config::Budget) -> Result<RetryBudget, Refused> {
     RetryBudget::builder()
         .ttl(c.window.get())
         .min_retries_per_sec(c.min_per_second)
         .percent_can_retry(c.ratio)
         .build()
-        .map_err(|e| format!("budget.{e}"))
+        .map_err(|e| refused(&["retry", "budget"], e))
 }
 
 impl RoutePolicies {
@@ -295,12 +353,33 @@ impl RoutePolicies {
         hedge: Option<&config::Hedge>,
         events: &Events,
     ) -> Result<Self, String> {
+        Self::build(name, retry, hedge, events).map_err(|r| r.to_string())
+    }
+
+    /// Builds the library policies of a route's config only to check it: the first setting a
+    /// builder refuses (the path is below the route).
+    pub fn check(
+        name: &str,
+        retry: Option<&config::Retry>,
+        hedge: Option<&config::Hedge>,
+    ) -> Result<(), Refused> {
+        Self::build(name, retry, hedge, &None).map(drop)
+    }
+
+    fn build(
+        name: &str,
+        retry: Option<&config::Retry>,
+        hedge: Option<&config::Hedge>,
+        events: &Events,
+    ) -> Result<Self, Refused> {
         let budget = match retry.and_then(|r| r.budget.as_ref()) {
-            Some(b) => Some(budget(b)?),
+            Some(b) => Some(build_budget(b)?),
             None => None,
         };
         let backoff = backoff(&retry.map(|r| r.backoff.clone()).unwrap_or_default());
-        backoff.validate().map_err(|e| format!("backoff.{e}"))?;
+        backoff
+            .validate()
+            .map_err(|e| refused(&["retry", "backoff"], e))?;
         let latency = Arc::new(LatencyWindow::default());
         let mut listeners = Listeners::new();
         if let Some(e) = events {
@@ -337,7 +416,7 @@ impl RoutePolicies {
                     ok
                 }));
                 b = listen(b, events, |b, l| b.listener(forward(l)));
-                Some(b.build().map_err(|e| format!("hedge.{e}"))?)
+                Some(b.build().map_err(|e| refused(&["hedge"], e))?)
             }
             None => None,
         };
