@@ -14,6 +14,9 @@
 //!   attempt loop whether a retry can still finish before the deadline
 //!   ([`RoutePolicies::retry_fits`], the library `Retry`'s rule).
 
+use std::cell::Cell;
+use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,7 +29,7 @@ use bulwark::rate_limit::RateLimiter;
 use bulwark::retry::{
     Backoff, Jitter, RetryBudget, DEFAULT_DEADLINE_MIN_SAMPLES, DEFAULT_DEADLINE_PERCENTILE,
 };
-use bulwark::{Error, Outcome};
+use bulwark::{ConfigError, Error, Outcome};
 use tokio::time::Instant;
 
 use crate::config;
@@ -49,6 +52,8 @@ pub enum Reject {
     },
     /// The bulkhead has no free slot (and its queue is full or the wait ran out).
     BulkheadFull,
+    /// The route's deadline passed while waiting in the bulkhead's queue.
+    Deadline,
 }
 
 fn reject(e: Error<std::convert::Infallible>) -> Reject {
@@ -56,6 +61,49 @@ fn reject(e: Error<std::convert::Infallible>) -> Reject {
         Error::CircuitOpen { retry_after, .. } => Reject::CircuitOpen { retry_after },
         Error::RateLimited { retry_after } => Reject::RateLimited { retry_after },
         _ => Reject::BulkheadFull,
+    }
+}
+
+/// A setting a library builder refused, named by its config key path (below the upstream, or below
+/// the route) so that `bulwark check` reports what `run` would refuse, at the right place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// Config keys, e.g. `["circuit_breaker", "window", "size"]`.
+    pub path: Vec<&'static str>,
+    /// What is wrong, in the library's words.
+    pub reason: String,
+}
+
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path.join("."), self.reason)
+    }
+}
+
+/// The config key of the setting a builder of config section `section` refused.
+fn refused(section: &[&'static str], e: ConfigError) -> Refused {
+    let key = match (section.last().copied(), e.field()) {
+        (Some("circuit_breaker"), "count_window" | "time_window") => vec!["window", "size"],
+        (Some("rate_limit"), "rate") => vec!["per_second"],
+        (Some("budget"), "ttl") => vec!["window"],
+        (Some("budget"), "percent_can_retry") => vec!["ratio"],
+        (Some("budget"), "min_retries_per_sec") => vec!["min_per_second"],
+        // What the library checks of a backoff is its base (zero for decorrelated jitter, or
+        // above the max).
+        (Some("backoff"), _) => vec!["base"],
+        (Some("hedge"), "delay_percentile") => vec!["delay"],
+        // The hedge is named after the route.
+        (Some("hedge"), "name") => {
+            return Refused {
+                path: vec!["name"],
+                reason: e.reason().to_owned(),
+            }
+        }
+        (_, field) => vec![field],
+    };
+    Refused {
+        path: [section, &key].concat(),
+        reason: e.reason().to_owned(),
     }
 }
 
@@ -84,6 +132,12 @@ impl Admission {
             p.record(outcome);
         }
     }
+
+    /// Frees the bulkhead slot now, before the admission is dropped (record the outcome first). For
+    /// a failed response kept only to be passed through: a retry must not wait for its own slot.
+    pub fn release_slot(&mut self) {
+        self._slot = None;
+    }
 }
 
 fn listen<B>(builder: B, events: &Events, add: impl FnOnce(B, Arc<dyn Listener>) -> B) -> B {
@@ -100,6 +154,16 @@ fn forward(l: Arc<dyn Listener>) -> impl Fn(&Event) + Send + Sync + 'static {
 impl UpstreamPolicies {
     /// Builds the policies of upstream `name` from its (validated) config.
     pub fn new(name: &str, up: &config::Upstream, events: &Events) -> Result<Self, String> {
+        Self::build(name, up, events).map_err(|r| r.to_string())
+    }
+
+    /// Builds the library policies of an upstream's config only to check it (no task is started):
+    /// the first setting a builder refuses.
+    pub fn check(name: &str, up: &config::Upstream) -> Result<(), Refused> {
+        Self::build(name, up, &None).map(drop)
+    }
+
+    fn build(name: &str, up: &config::Upstream, events: &Events) -> Result<Self, Refused> {
         let breaker = match up.circuit_breaker.as_ref().filter(|c| c.enabled) {
             Some(c) => {
                 let mut b = CircuitBreaker::builder()
@@ -115,7 +179,7 @@ impl UpstreamPolicies {
                     config::WindowSize::Time(d) => b.time_window(d.get()),
                 };
                 b = listen(b, events, |b, l| b.listener(forward(l)));
-                Some(b.build().map_err(|e| format!("circuit_breaker.{e}"))?)
+                Some(b.build().map_err(|e| refused(&["circuit_breaker"], e))?)
             }
             None => None,
         };
@@ -132,7 +196,7 @@ impl UpstreamPolicies {
                     b = b.burst(burst);
                 }
                 b = listen(b, events, |b, l| b.listener(forward(l)));
-                Some(b.build().map_err(|e| format!("rate_limit.{e}"))?)
+                Some(b.build().map_err(|e| refused(&["rate_limit"], e))?)
             }
             None => None,
         };
@@ -144,7 +208,7 @@ impl UpstreamPolicies {
                     .max_queued(c.max_queued as usize)
                     .queue_timeout(c.queue_timeout.get());
                 b = listen(b, events, |b, l| b.listener(forward(l)));
-                Some(b.build().map_err(|e| format!("bulkhead.{e}"))?)
+                Some(b.build().map_err(|e| refused(&["bulkhead"], e))?)
             }
             None => None,
         };
@@ -168,6 +232,12 @@ impl UpstreamPolicies {
     /// Asks to send one attempt now. Runs on every attempt; with no policy configured it is three
     /// branches. Waits only in the bulkhead's bounded queue, when one is configured and full.
     pub async fn admit(&self) -> Result<Admission, Reject> {
+        self.admit_by(None).await
+    }
+
+    /// Like [`admit`](Self::admit), but waits in the bulkhead's queue no later than `deadline` (the
+    /// route's): [`Reject::Deadline`] when it passes first.
+    pub async fn admit_by(&self, deadline: Option<Instant>) -> Result<Admission, Reject> {
         // A rejection after the breaker admitted us drops its permit unrecorded ("ignored"), so local
         // refusals (rate limit, bulkhead) never count against the upstream's health.
         let permit = match &self.breaker {
@@ -180,7 +250,16 @@ impl UpstreamPolicies {
         let slot = match &self.bulkhead {
             Some(b) => match b.try_acquire() {
                 Some(p) => Some(p),
-                None => Some(b.acquire().await.map_err(reject)?),
+                None => {
+                    let wait = b.acquire();
+                    let got = match deadline {
+                        Some(d) => tokio::time::timeout_at(d, wait)
+                            .await
+                            .map_err(|_| Reject::Deadline)?,
+                        None => wait.await,
+                    };
+                    Some(got.map_err(reject)?)
+                }
             },
             None => None,
         };
@@ -202,6 +281,28 @@ pub struct RoutePolicies {
     name: Arc<str>,
     /// Where the attempt loop's decisions (retries, timeouts, fallbacks) are reported.
     events: Listeners,
+}
+
+tokio::task_local! {
+    /// Per hedged call: set once its upstream refused a hedge.
+    static HEDGING_STOPPED: Cell<bool>;
+}
+
+/// Runs one hedged call (a [`Hedge::call_with`]) so that [`stop_hedging`] can end its hedging.
+pub async fn hedged<F: Future>(call: F) -> F::Output {
+    HEDGING_STOPPED.scope(Cell::new(false), call).await
+}
+
+/// Inside [`hedged`]: no further hedge starts for this call; the attempts running go on. For a hedge
+/// its upstream refused (breaker, rate limit, bulkhead, no endpoint): the next would be refused too,
+/// and each would spend retry budget. Works through the route hedge's admission hook, which the
+/// library asks before each hedge; outside [`hedged`] it does nothing.
+pub fn stop_hedging() {
+    let _ = HEDGING_STOPPED.try_with(|s| s.set(true));
+}
+
+fn hedging_stopped() -> bool {
+    HEDGING_STOPPED.try_with(Cell::get).unwrap_or(false)
 }
 
 /// The library backoff for a route's `backoff:` section.
@@ -227,12 +328,16 @@ pub fn backoff(b: &config::Backoff) -> Backoff {
 
 /// The library retry budget for a route's `budget:` section.
 pub fn budget(c: &config::Budget) -> Result<RetryBudget, String> {
+    build_budget(c).map_err(|r| r.to_string())
+}
+
+fn build_budget(c: &config::Budget) -> Result<RetryBudget, Refused> {
     RetryBudget::builder()
         .ttl(c.window.get())
         .min_retries_per_sec(c.min_per_second)
         .percent_can_retry(c.ratio)
         .build()
-        .map_err(|e| format!("budget.{e}"))
+        .map_err(|e| refused(&["retry", "budget"], e))
 }
 
 impl RoutePolicies {
@@ -248,17 +353,43 @@ impl RoutePolicies {
         hedge: Option<&config::Hedge>,
         events: &Events,
     ) -> Result<Self, String> {
+        Self::build(name, retry, hedge, events).map_err(|r| r.to_string())
+    }
+
+    /// Builds the library policies of a route's config only to check it: the first setting a
+    /// builder refuses (the path is below the route).
+    pub fn check(
+        name: &str,
+        retry: Option<&config::Retry>,
+        hedge: Option<&config::Hedge>,
+    ) -> Result<(), Refused> {
+        Self::build(name, retry, hedge, &None).map(drop)
+    }
+
+    fn build(
+        name: &str,
+        retry: Option<&config::Retry>,
+        hedge: Option<&config::Hedge>,
+        events: &Events,
+    ) -> Result<Self, Refused> {
         let budget = match retry.and_then(|r| r.budget.as_ref()) {
-            Some(b) => Some(budget(b)?),
+            Some(b) => Some(build_budget(b)?),
             None => None,
         };
         let backoff = backoff(&retry.map(|r| r.backoff.clone()).unwrap_or_default());
-        backoff.validate().map_err(|e| format!("backoff.{e}"))?;
+        backoff
+            .validate()
+            .map_err(|e| refused(&["retry", "backoff"], e))?;
         let latency = Arc::new(LatencyWindow::default());
+        let mut listeners = Listeners::new();
+        if let Some(e) = events {
+            listeners.push(e.clone());
+        }
+        let name: Arc<str> = name.into();
         let hedge = match hedge.filter(|h| h.enabled) {
             Some(h) => {
                 let mut b = Hedge::builder()
-                    .name(name)
+                    .name(name.clone())
                     .max_hedges(h.max_hedges)
                     .latency_window(latency.clone());
                 b = match h.delay {
@@ -269,12 +400,23 @@ impl RoutePolicies {
                         bulwark::hedge::DEFAULT_DELAY,
                     ),
                 };
-                // Hedges draw on the route's retry budget.
-                if let Some(budget) = budget.clone() {
-                    b = b.admit(Arc::new(move || budget.try_withdraw()));
-                }
+                // Hedges draw on the route's retry budget (when it has one; a refusal is reported
+                // like a retry's), and stop for a call whose upstream refused one ([`stop_hedging`]).
+                let (budget, report, route) = (budget.clone(), listeners.clone(), name.clone());
+                b = b.admit(Arc::new(move || {
+                    if hedging_stopped() {
+                        return false;
+                    }
+                    let ok = budget.as_ref().is_none_or(RetryBudget::try_withdraw);
+                    if !ok {
+                        report.emit(|| Event::RetryBudgetExhausted {
+                            name: route.clone(),
+                        });
+                    }
+                    ok
+                }));
                 b = listen(b, events, |b, l| b.listener(forward(l)));
-                Some(b.build().map_err(|e| format!("hedge.{e}"))?)
+                Some(b.build().map_err(|e| refused(&["hedge"], e))?)
             }
             None => None,
         };
@@ -283,14 +425,8 @@ impl RoutePolicies {
             backoff,
             hedge,
             latency,
-            name: name.into(),
-            events: {
-                let mut l = Listeners::new();
-                if let Some(e) = events {
-                    l.push(e.clone());
-                }
-                l
-            },
+            name,
+            events: listeners,
         })
     }
 
@@ -407,7 +543,9 @@ mod tests {
         let a = p.admit().await.unwrap();
         assert_eq!(p.admit().await.unwrap_err(), Reject::BulkheadFull);
         drop(a);
-        assert!(p.admit().await.is_ok());
+        let mut a = p.admit().await.unwrap();
+        a.release_slot();
+        assert!(p.admit().await.is_ok(), "the slot was released early");
     }
 
     #[tokio::test(start_paused = true)]
@@ -506,5 +644,55 @@ mod tests {
         assert_eq!(h.current_delay(), Duration::from_millis(5));
         assert!(std::sync::Arc::ptr_eq(h.latency(), p.latency()));
         assert!(!p.try_withdraw());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_hedge_stops_hedging_for_its_call_only() {
+        use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
+        let retry = config::Retry {
+            budget: Some(config::Budget {
+                ratio: 0.0,
+                min_per_second: 1,
+                window: config::Dur::from_secs(10),
+            }),
+            ..Default::default()
+        };
+        let hedge = config::Hedge {
+            delay: config::HedgeDelay::Fixed(config::Dur::from_millis(10)),
+            max_hedges: 3,
+            ..Default::default()
+        };
+        let p = RoutePolicies::with_hedge("r", Some(&retry), Some(&hedge), &None).unwrap();
+        let h = p.hedge().unwrap();
+        // The hedge is "refused" (an error that stops hedging); the original still wins.
+        let classify = |r: &Result<u32, u32>| match r {
+            Ok(_) => Outcome::Success,
+            Err(_) => {
+                stop_hedging();
+                Outcome::Failure
+            }
+        };
+        let call = |made: &'static AtomicU32| {
+            h.call_with(&classify, move || {
+                let i = made.fetch_add(1, SeqCst);
+                async move {
+                    if i == 0 {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        Ok(i)
+                    } else {
+                        Err(i)
+                    }
+                }
+            })
+        };
+        static FIRST: AtomicU32 = AtomicU32::new(0);
+        assert_eq!(hedged(call(&FIRST)).await.unwrap(), 0);
+        assert_eq!(FIRST.load(SeqCst), 2, "one hedge only");
+        assert_eq!(p.budget().unwrap().balance(), 9);
+        // The next call hedges again.
+        static SECOND: AtomicU32 = AtomicU32::new(0);
+        assert_eq!(hedged(call(&SECOND)).await.unwrap(), 0);
+        assert_eq!(SECOND.load(SeqCst), 2);
+        assert_eq!(p.budget().unwrap().balance(), 8);
     }
 }

@@ -278,3 +278,43 @@ fn logging_and_admin_sections() {
     assert_eq!(admin.token_env.as_deref(), Some("TOKEN"));
     assert_eq!(from_str("", "gw.yaml").unwrap().logging, Logging::default());
 }
+
+/// What the library's builders refuse is reported by validation (so `bulwark check` fails where
+/// `run` would), at the config key.
+#[test]
+fn settings_the_library_refuses_are_placed() {
+    let up = |extra: &str| {
+        format!("upstreams:\n  a:\n    endpoints: [{{url: 'http://127.0.0.1:1'}}]\n{extra}")
+    };
+    assert_eq!(
+        err(&up("    circuit_breaker: {minimum_calls: 0}\n")),
+        "gw.yaml:4:23: upstreams.a.circuit_breaker.minimum_calls: must be at least 1"
+    );
+    assert_eq!(
+        err(&up("    circuit_breaker:\n      open_duration: 0ms\n")),
+        "gw.yaml:5:7: upstreams.a.circuit_breaker.open_duration: must be greater than zero"
+    );
+    let e = err(&up(
+        "    circuit_breaker:\n      window: {kind: count, size: 100000000000}\n",
+    ));
+    assert!(
+        e.starts_with(
+            "gw.yaml:5:29: upstreams.a.circuit_breaker.window.size: must be between 1 and "
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        err(&up("    rate_limit: {per_second: 10, burst: 0}\n")),
+        "gw.yaml:4:34: upstreams.a.rate_limit.burst: must be at least 1"
+    );
+    assert_eq!(
+        err(&format!(
+            "{UP}routes:\n  - upstream: a\n    retry:\n      backoff: {{kind: decorrelated_jitter, base: 0ms}}\n"
+        )),
+        "gw.yaml:7:44: routes[0].retry.backoff.base: decorrelated jitter needs a base above zero (it would stay at zero)"
+    );
+    assert_eq!(
+        err(&up("    health_check: {interval: 9000h}\n")),
+        "gw.yaml:4:20: upstreams.a.health_check.interval: must be at most a year"
+    );
+}

@@ -17,6 +17,12 @@ fn k(s: &str) -> Seg {
     Seg::key(s)
 }
 
+/// A setting the library's builders refused (what `run` would fail on), placed under `base`.
+fn refused(base: &[Seg], r: crate::policy::Refused) -> Invalid {
+    let keys: Vec<Seg> = r.path.iter().map(|s| k(s)).collect();
+    at(&[base, &keys].concat(), r.reason)
+}
+
 /// Checks `config`; the first problem found is returned.
 pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
     if config.limits.max_connections == 0 {
@@ -35,6 +41,8 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
     for (name, up) in config.upstreams.iter() {
         let base = [k("upstreams"), k(name)];
         validate_upstream(&base, up)?;
+        // What the checks above do not cover, the library's builders do (as `run` will).
+        crate::policy::UpstreamPolicies::check(name, up).map_err(|r| refused(&base, r))?;
     }
     let mut route_names = HashSet::new();
     for (i, route) in config.routes.iter().enumerate() {
@@ -119,6 +127,12 @@ fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
                 return Err(at(
                     &p(&[k("health_check"), k("interval")]),
                     "must be greater than 0",
+                ));
+            }
+            if hc.interval.get() > bulwark::health::MAX_INTERVAL {
+                return Err(at(
+                    &p(&[k("health_check"), k("interval")]),
+                    "must be at most a year",
                 ));
             }
             if hc.timeout.get().is_zero() {
@@ -379,6 +393,11 @@ fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), In
             ));
         }
     }
+    // The library's builders check the rest (as `run` will); the route is named as `run` names it.
+    let retry = route.retry.as_ref().filter(|r| r.enabled);
+    let name = route.name.as_deref().unwrap_or("route");
+    crate::policy::RoutePolicies::check(name, retry, route.hedge.as_ref())
+        .map_err(|r| refused(base, r))?;
     if let Some(f) = &route.fallback {
         if !(100..=599).contains(&f.status) {
             return Err(at(

@@ -6,6 +6,7 @@
 //! deadline allow; then move on to the next upstream when this one was unavailable or exhausted.
 //! Every policy decision is a call on [`crate::policy`] types, so the library's policies plug in there.
 
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -21,7 +22,7 @@ use super::headers::{self, IDEMPOTENCY_KEY};
 use super::respond::{self, Failure, Local};
 use super::route::Route;
 use super::Runtime;
-use crate::policy::{Admission, Reject};
+use crate::policy::{self, Admission, Reject};
 use crate::upstream::{retry_after, FailKind, Observed, Tried, Upstream};
 use bulwark::Outcome;
 
@@ -64,6 +65,7 @@ fn reject_to_failure(r: Reject) -> Failure {
         Reject::CircuitOpen { retry_after } => Failure::CircuitOpen { retry_after },
         Reject::RateLimited { retry_after } => Failure::RateLimited { retry_after },
         Reject::BulkheadFull => Failure::BulkheadFull,
+        Reject::Deadline => Failure::Timeout,
     }
 }
 
@@ -135,8 +137,13 @@ enum Miss {
         retryable: bool,
         retry_after: Option<Duration>,
     },
-    /// No response: connect failure, reset or timeout.
-    Failed { failure: Failure, retryable: bool },
+    /// No response: connect failure, reset or timeout. `unsent`: nothing reached the upstream (a
+    /// connect failure), so the next upstream can take the request even when it may not be retried.
+    Failed {
+        failure: Failure,
+        retryable: bool,
+        unsent: bool,
+    },
     /// The client's request body failed: final, and not the upstream's fault.
     Client(Local),
 }
@@ -145,24 +152,53 @@ type AttemptResult = Result<Response<RespBody>, Miss>;
 
 /// How the hedge race sees an attempt: a response that is not a failure wins; a retryable failure
 /// lets the other attempts (and the next hedge) go on; anything final (a failure the route does not
-/// retry, a client body error) ends the race at once, as it ends the loop without hedging.
+/// retry, a client body error) ends the race at once, as it ends the loop without hedging. A hedge
+/// the upstream refused (or found no endpoint for) sent nothing: the other attempts go on, but no
+/// further hedge starts (it would be refused too, after spending budget).
 fn hedge_outcome(r: &AttemptResult) -> Outcome {
     match r {
         Ok(_) => Outcome::Success,
+        Err(Miss::Rejected(_)) | Err(Miss::NoEndpoint) => {
+            policy::stop_hedging();
+            Outcome::Failure
+        }
         Err(Miss::Client(_))
         | Err(Miss::Response {
             retryable: false, ..
         })
         | Err(Miss::Failed {
-            retryable: false, ..
+            retryable: false,
+            unsent: false,
+            ..
         }) => Outcome::Ignore,
         Err(_) => Outcome::Failure,
     }
 }
 
+/// What the attempts of one step of the loop (one attempt, or a hedge race with its losers) did,
+/// counted where it happens.
+#[derive(Default)]
+struct Tally {
+    /// Requests sent (a request the deadline stopped before it was sent is not one).
+    sent: AtomicU32,
+    /// Whether a request sent may have reached the upstream (it was not a connect failure).
+    reached: AtomicBool,
+}
+
+/// The route's deadline passed before a request could be sent: a total timeout, and final.
+fn deadline_passed(route: &Route) -> Miss {
+    route.policies.on_timeout("total");
+    Miss::Failed {
+        failure: Failure::Timeout,
+        retryable: false,
+        unsent: true,
+    }
+}
+
 /// One attempt on `up`'s endpoint `ei` (`None`: no endpoint was available): admission, send within
 /// the per-try timeout and the route deadline, classification, and the reports to the breaker,
-/// outlier detection, cooldown and (with `record_latency`) the route's latency window.
+/// outlier detection, cooldown and (with `record_latency`) the route's latency window. A request
+/// sent is counted in `tally`.
 async fn attempt(
     up: &Upstream,
     route: &Route,
@@ -170,27 +206,33 @@ async fn attempt(
     deadline: Instant,
     record_latency: bool,
     admitted: Option<Admission>,
+    tally: &Tally,
 ) -> AttemptResult {
     let Some((ei, req)) = target else {
         return Err(Miss::NoEndpoint);
     };
     let mut admission = match admitted {
         Some(a) => a,
-        None => up.policies.admit().await.map_err(Miss::Rejected)?,
+        None => match up.policies.admit_by(Some(deadline)).await {
+            Ok(a) => a,
+            Err(Reject::Deadline) => return Err(deadline_passed(route)),
+            Err(r) => return Err(Miss::Rejected(r)),
+        },
     };
     let ep = &up.endpoints[ei];
     let now = Instant::now();
     if now >= deadline {
-        return Err(Miss::Failed {
-            failure: Failure::Timeout,
-            retryable: false,
-        });
+        return Err(deadline_passed(route));
     }
     let try_deadline = route
         .per_try_timeout
         .map_or(deadline, |t| (now + t).min(deadline));
     let mut lease = Lease::new(ep.clone());
+    tally.sent.fetch_add(1, Ordering::Relaxed);
     let result = tokio::time::timeout_at(try_deadline, ep.pool.send(req)).await;
+    if !matches!(&result, Ok(Err(e)) if e.kind == FailKind::ConnectFailure) {
+        tally.reached.store(true, Ordering::Relaxed);
+    }
     match result {
         Ok(Ok((resp, conn))) => {
             let latency = now.elapsed();
@@ -221,6 +263,11 @@ async fn attempt(
                 (true, Some(d)) => Outcome::FailureRetryAfter(d),
                 (true, None) => Outcome::Failure,
             });
+            if failed {
+                // Kept only to be passed through if nothing better comes: a retry (with no
+                // backoff, the response is still held) must not wait for this slot.
+                admission.release_slot();
+            }
             lease.hold(conn, admission);
             let resp = resp.map(|()| RespBody::upstream(inner, lease));
             if !failed {
@@ -254,6 +301,7 @@ async fn attempt(
                     _ => Failure::UpstreamError,
                 },
                 retryable: route.retry_on.fail(e.kind),
+                unsent: e.kind == FailKind::ConnectFailure,
             })
         }
         Err(_elapsed) => {
@@ -267,6 +315,7 @@ async fn attempt(
             Err(Miss::Failed {
                 failure: Failure::Timeout,
                 retryable: Instant::now() < deadline && route.retry_on.fail(FailKind::Timeout),
+                unsent: false,
             })
         }
     }
@@ -295,8 +344,10 @@ pub(crate) async fn forward(
         || route.retry_non_idempotent
         || parts.headers.contains_key(&IDEMPOTENCY_KEY);
     let hedge = route.policies.hedge().filter(|_| retry_allowed);
+    // With a failover chain the body is kept even when the request may not be retried: after a
+    // connect failure (nothing sent) the next upstream takes it.
     let may_replay =
-        retry_allowed && (route.attempts > 1 || route.chain.len() > 1 || hedge.is_some());
+        (retry_allowed && (route.attempts > 1 || hedge.is_some())) || route.chain.len() > 1;
 
     let mut slot = if body.is_end_stream() {
         BodySlot::Replay(None)
@@ -307,7 +358,10 @@ pub(crate) async fn forward(
         }))
     } else {
         match tokio::time::timeout_at(deadline, body::buffer(body, route.retry_buffer)).await {
-            Err(_) => return respond::failure(Failure::Timeout, 0, route.fallback.as_ref()),
+            Err(_) => {
+                route.policies.on_timeout("total");
+                return finish(Last::Failure(Failure::Timeout), 0, None, route);
+            }
             Ok(Err(e)) if body::is_too_large(&e) => return respond::local(Local::BodyTooLarge),
             Ok(Err(_)) => return respond::local(Local::BadRequest),
             Ok(Ok(Buffered::Full(b))) => BodySlot::Replay((!b.is_empty()).then_some(b)),
@@ -322,13 +376,17 @@ pub(crate) async fn forward(
 
     route.policies.deposit();
     let mut sent: u32 = 0;
+    let tally = Tally::default();
+    // Whether a request may have reached an upstream: from then on, failing over is a retry.
+    let mut delivered = false;
     let mut last = Last::Failure(Failure::NoHealthyEndpoint);
 
     for (chain_pos, &ui) in route.chain.iter().enumerate() {
         let up = &*rt.upstreams[ui];
-        if chain_pos > 0 && sent > 0 {
-            // Failing over after a request was sent is a retry: it needs a replayable body, time
-            // for an attempt, and budget.
+        if chain_pos > 0 && delivered {
+            // Failing over after a request reached an upstream is a retry: it needs a replayable
+            // body, time for an attempt, and budget. (After refusals and connect failures only,
+            // nothing was sent: no budget, whatever the method.)
             if !(retry_allowed && slot.replayable()) {
                 break;
             }
@@ -347,47 +405,65 @@ pub(crate) async fn forward(
         let mut on_this: u32 = 0;
         loop {
             on_this += 1;
+            // Admission first, hedged or not: a request the upstream's policies refuse was not
+            // sent (no budget is spent failing over from it, and no hedge races it) and keeps its
+            // body for the next upstream. Waiting in the bulkhead's queue ends with the deadline.
+            let admission = match up.policies.admit_by(Some(deadline)).await {
+                Ok(a) => a,
+                Err(Reject::Deadline) => {
+                    route.policies.on_timeout("total");
+                    return finish(Last::Failure(Failure::Timeout), sent, None, route);
+                }
+                Err(r) => {
+                    last = Last::Failure(reject_to_failure(r));
+                    break;
+                }
+            };
+            let Some(ei) = up.pick(tried) else {
+                last = Last::Failure(no_endpoint(up));
+                break;
+            };
+            let Some(req_body) = slot.take() else {
+                return finish(last, sent, None, route);
+            };
+            tried.insert(ei);
+            let req = build_request(&mut parts, may_replay, req_body, up, ei);
             let result = match hedge {
                 None => {
-                    // Admission first: a request the upstream's policies refuse was not sent (no
-                    // budget is spent failing over from it) and keeps its body for the next upstream.
-                    let admission = match up.policies.admit().await {
-                        Ok(a) => a,
-                        Err(r) => {
-                            last = Last::Failure(reject_to_failure(r));
-                            break;
-                        }
-                    };
-                    let Some(ei) = up.pick(tried) else {
-                        last = Last::Failure(no_endpoint(up));
-                        break;
-                    };
-                    let Some(req_body) = slot.take() else {
-                        return finish(last, sent, None, route);
-                    };
-                    tried.insert(ei);
-                    sent += 1;
-                    let req = build_request(&mut parts, may_replay, req_body, up, ei);
-                    attempt(up, route, Some((ei, req)), deadline, true, Some(admission)).await
+                    let target = Some((ei, req));
+                    attempt(up, route, target, deadline, true, Some(admission), &tally).await
                 }
                 Some(h) => {
-                    // The library's hedge races the attempts: each call of this factory picks an
-                    // endpoint this request has not tried when one is available, and the hedge
-                    // asks the route's budget before each extra attempt.
+                    // The library's hedge races the attempts: the original (admitted above), then
+                    // each call of this factory picks an endpoint this request has not tried when
+                    // one is available, and the hedge asks the route's budget before each extra
+                    // attempt (the hedge's own admission is in `attempt`).
+                    let mut original = Some((ei, req, admission));
                     let make = || {
+                        if let Some((ei, req, admission)) = original.take() {
+                            let target = Some((ei, req));
+                            return attempt(
+                                up,
+                                route,
+                                target,
+                                deadline,
+                                false,
+                                Some(admission),
+                                &tally,
+                            );
+                        }
                         let target = up.pick(tried).map(|ei| {
                             tried.insert(ei);
-                            sent += 1;
                             // Hedging is only on with a replayable body, which `take` always yields.
                             let body = slot.take().unwrap_or_else(ReqBody::empty);
                             (ei, build_request(&mut parts, true, body, up, ei))
                         });
-                        attempt(up, route, target, deadline, false, None)
+                        attempt(up, route, target, deadline, false, None, &tally)
                     };
                     // Boxed: the race holds several attempt futures; inline, it would make every
                     // request's future that much larger, hedged or not. One allocation per hedged
                     // request, next to the extra upstream requests hedging sends anyway.
-                    match Box::pin(h.call_with(&hedge_outcome, make)).await {
+                    match Box::pin(policy::hedged(h.call_with(&hedge_outcome, make))).await {
                         Ok(resp) => Ok(resp),
                         Err(bulwark::Error::Inner(miss)) => Err(miss),
                         // The hedge reports nothing of its own; this arm is never taken.
@@ -395,14 +471,14 @@ pub(crate) async fn forward(
                     }
                 }
             };
+            sent += tally.sent.swap(0, Ordering::Relaxed);
+            delivered |= tally.reached.swap(false, Ordering::Relaxed);
 
             let (retryable, retry_after) = match result {
                 Ok(resp) => return respond::success(resp, sent),
                 Err(Miss::Client(local)) => return respond::local(local),
                 Err(Miss::Rejected(r)) => {
-                    // Only the hedge path gets here: its factory counted the attempt as sent
-                    // before the upstream's policies refused it.
-                    sent = sent.saturating_sub(1);
+                    // Only a hedge gets here (the original was admitted above); nothing was sent.
                     last = Last::Failure(reject_to_failure(r));
                     break;
                 }
@@ -421,10 +497,17 @@ pub(crate) async fn forward(
                     }
                     (true, retry_after)
                 }
-                Err(Miss::Failed { failure, retryable }) => {
+                Err(Miss::Failed {
+                    failure,
+                    retryable,
+                    unsent,
+                }) => {
                     last = Last::Failure(failure);
                     if failure == Failure::Timeout && Instant::now() >= deadline {
                         return finish(last, sent, None, route);
+                    }
+                    if unsent && !(retryable && retry_allowed) && slot.replayable() {
+                        break; // a connect failure sent nothing: the next upstream takes it
                     }
                     (retryable, None)
                 }
@@ -466,7 +549,6 @@ pub(crate) async fn forward(
     finish(last, sent, None, route)
 }
 
-/// Maps the loop's end state to the client response. `because` overrides the reason (budget).
 /// What failed, for the `reason` label of a retry.
 fn retry_reason(last: &Last) -> &'static str {
     match last {
@@ -480,6 +562,7 @@ fn retry_reason(last: &Last) -> &'static str {
     }
 }
 
+/// Maps the loop's end state to the client response. `because` overrides the reason (budget).
 fn finish(last: Last, sent: u32, because: Option<Failure>, route: &Route) -> Response<RespBody> {
     let fb = route.fallback.as_ref();
     if fb.is_some() {

@@ -91,13 +91,19 @@ pub enum Buffered {
 pub async fn buffer(mut body: Limited<Incoming>, max: usize) -> Result<Buffered, BoxError> {
     let mut first: Option<Bytes> = None;
     let mut acc: Vec<u8> = Vec::new();
+    // Seen the end ourselves: hyper's `is_end_stream` stays false after the last chunk of a chunked
+    // HTTP/1.1 body, so it cannot tell a small chunked body from a long one.
+    let mut ended = false;
     loop {
         let len = first.as_ref().map_or(0, Bytes::len) + acc.len();
         if len > max {
             break;
         }
         match body.frame().await {
-            None => break,
+            None => {
+                ended = true;
+                break;
+            }
             Some(Err(e)) => return Err(e),
             Some(Ok(frame)) => {
                 // Trailers on a request to be retried are dropped; rare, and not replayable anyway.
@@ -115,7 +121,7 @@ pub async fn buffer(mut body: Limited<Incoming>, max: usize) -> Result<Buffered,
         }
     }
     let bytes = first.unwrap_or_else(|| Bytes::from(acc));
-    if body.is_end_stream() {
+    if ended || body.is_end_stream() {
         Ok(Buffered::Full(bytes))
     } else {
         Ok(Buffered::Partial(bytes, body))

@@ -87,26 +87,27 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-/// Adds `x-forwarded-for` (appending the peer), `x-forwarded-proto` and `x-request-id` (kept when the
-/// client sent one, generated otherwise).
+/// Adds `x-forwarded-for` (appending the peer to all the lines received, joined into one),
+/// `x-forwarded-proto` and `x-request-id` (kept when the client sent one, generated otherwise).
 pub fn add_forwarded(h: &mut HeaderMap, peer_ip: &HeaderValue, proto: &HeaderValue) {
     // Up to four inserts follow (these three and the upstream's `Host`): grow the map once, not
     // once per insert.
     h.reserve(4);
-    match h.entry(&X_FORWARDED_FOR) {
-        header::Entry::Occupied(mut e) => {
-            let prev = e.get();
-            let mut b = BytesMut::with_capacity(prev.len() + 2 + peer_ip.len());
+    let all = h.get_all(&X_FORWARDED_FOR);
+    if all.iter().next().is_some() {
+        // Every line the client sent, joined, then the peer.
+        let len: usize = all.iter().map(|v| v.len() + 2).sum();
+        let mut b = BytesMut::with_capacity(len + peer_ip.len());
+        for prev in all.iter() {
             b.put_slice(prev.as_bytes());
             b.put_slice(b", ");
-            b.put_slice(peer_ip.as_bytes());
-            if let Ok(v) = HeaderValue::from_maybe_shared(b.freeze()) {
-                e.insert(v);
-            }
         }
-        header::Entry::Vacant(e) => {
-            e.insert(peer_ip.clone());
+        b.put_slice(peer_ip.as_bytes());
+        if let Ok(v) = HeaderValue::from_maybe_shared(b.freeze()) {
+            h.insert(&X_FORWARDED_FOR, v);
         }
+    } else {
+        h.insert(&X_FORWARDED_FOR, peer_ip.clone());
     }
     h.insert(&X_FORWARDED_PROTO, proto.clone());
     if let header::Entry::Vacant(e) = h.entry(&X_REQUEST_ID) {
@@ -212,5 +213,35 @@ mod tests {
         );
         assert_eq!(h2[&X_REQUEST_ID], "abc");
         assert_ne!(new_request_id(), new_request_id());
+    }
+
+    #[test]
+    fn every_connection_line_and_every_forwarded_for_line_counts() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("X-Secret, x-other"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.insert("x-keep", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+
+        let mut h = HeaderMap::new();
+        h.append(&X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        h.append(
+            &X_FORWARDED_FOR,
+            HeaderValue::from_static("10.0.0.2, 10.0.0.3"),
+        );
+        add_forwarded(
+            &mut h,
+            &HeaderValue::from_static("127.0.0.1"),
+            &HeaderValue::from_static("http"),
+        );
+        let xff: Vec<_> = h.get_all(&X_FORWARDED_FOR).iter().collect();
+        assert_eq!(xff, ["10.0.0.1, 10.0.0.2, 10.0.0.3, 127.0.0.1"]);
     }
 }

@@ -65,12 +65,26 @@ fn http_date(v: &str) -> Option<SystemTime> {
     let month = MONTHS.iter().position(|m| *m == month)? as u32 + 1;
     let mut hms = time.split(':').map(|x| x.parse::<u64>().ok());
     let (h, mi, s) = (hms.next()??, hms.next()??, hms.next()??);
-    if !(1..=31).contains(&day) || h > 23 || mi > 59 || s > 60 || hms.next().is_some() {
+    // Four-digit years only: a year such as 300000000000 would overflow the arithmetic below
+    // (and `SystemTime`), and no server means it.
+    if !(1..=31).contains(&day)
+        || !(1900..=9999).contains(&year)
+        || h > 23
+        || mi > 59
+        || s > 60
+        || hms.next().is_some()
+    {
         return None;
     }
     let days = days_from_civil(year, month, day);
-    let secs = u64::try_from(days).ok()? * 86_400 + h * 3600 + mi * 60 + s;
-    Some(UNIX_EPOCH + Duration::from_secs(secs))
+    // Before 1970 is in the past: "now".
+    let Ok(days) = u64::try_from(days) else {
+        return Some(UNIX_EPOCH);
+    };
+    let secs = days
+        .checked_mul(86_400)?
+        .checked_add(h * 3600 + mi * 60 + s)?;
+    UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's `days_from_civil`).
@@ -138,5 +152,26 @@ mod tests {
         ] {
             assert_eq!(parse(v, at(0)), None, "{v}");
         }
+    }
+
+    #[test]
+    fn years_out_of_range_are_none_not_a_panic() {
+        for v in [
+            "Sun, 06 Nov 300000000000 08:49:37 GMT",
+            "Sun, 06 Nov 9223372036854775807 08:49:37 GMT",
+            "Sun, 06 Nov -9223372036854775808 08:49:37 GMT",
+            "Sun, 06 Nov 10000 08:49:37 GMT",
+            "Sun, 06 Nov 1899 08:49:37 GMT",
+            "Sunday, 06-Nov-300000000000 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 300000000000",
+        ] {
+            assert_eq!(parse(v, at(0)), None, "{v}");
+        }
+        // The last year accepted, and a date before 1970 (in the past: now).
+        assert!(parse("Fri, 31 Dec 9999 23:59:59 GMT", at(0)).is_some());
+        assert_eq!(
+            parse("Mon, 01 Jan 1900 00:00:00 GMT", at(1000)),
+            Some(Duration::ZERO)
+        );
     }
 }

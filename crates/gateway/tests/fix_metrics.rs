@@ -1,0 +1,74 @@
+//! Metrics fixes from review: a deadline hit while buffering the request body is a counted timeout
+//! (and fallback); a hedge refused by the budget counts as budget exhaustion.
+mod admin_support;
+mod support;
+
+use admin_support::*;
+use support::*;
+
+#[tokio::test]
+async fn body_buffering_timeouts_and_hedges_refused_by_the_budget_are_counted() {
+    let ok = Upstream::named("ok").await;
+    let silent = Silent::start().await;
+    let ops = Ops::start(
+        &format!(
+            "upstreams:
+  ok: {{ endpoints: [{{url: '{}'}}] }}
+  silent: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - name: buffered
+    match: {{ path_prefix: /b/ }}
+    upstream: ok
+    timeout: 200ms
+    retry: {{ attempts: 2 }}
+    fallback: {{ status: 200, body: 'cached' }}
+  - name: hedged
+    match: {{ path_prefix: /h/ }}
+    upstream: silent
+    timeout: 300ms
+    hedge: {{ delay: 20ms, max_hedges: 1 }}
+    retry: {{ attempts: 1, budget: {{ ratio: 0, min_per_second: 0 }} }}
+",
+            ok.url(),
+            silent.url()
+        ),
+        None,
+    )
+    .await;
+    let c = client();
+    // Half of the announced body, then nothing: the deadline ends the buffering.
+    let resp = raw(
+        ops.proxy,
+        b"PUT /b/1 HTTP/1.1\r\nHost: gw\r\nContent-Length: 10\r\nConnection: close\r\n\r\nhello",
+    )
+    .await;
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("x-bulwark-reason: fallback"), "{resp}");
+    assert_eq!(ok.hits(), 0);
+    let r = get(&c, &ops.url("/h/1")).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(silent.accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    let m = ops.metrics(&c).await;
+    for (series, want) in [
+        (
+            r#"bulwark_timeouts_total{route="buffered",kind="total"}"#,
+            1.0,
+        ),
+        (
+            r#"bulwark_fallback_total{route="buffered",kind="timeout"}"#,
+            1.0,
+        ),
+        (
+            r#"bulwark_retry_budget_exhausted_total{route="hedged"}"#,
+            1.0,
+        ),
+        (
+            r#"bulwark_timeouts_total{route="hedged",kind="total"}"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(sample(&m, series), Some(want), "{series}\n{m}");
+    }
+    ops.stop().await;
+}
