@@ -259,7 +259,9 @@ async fn latency_outlier_is_ejected() {
         "slow",
         Arc::new(|_req| {
             Box::pin(async {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Far enough above the fast endpoints' p99 x 3 that a loaded machine (the fast
+                // ones slowed to tens of ms) cannot hide the outlier.
+                tokio::time::sleep(Duration::from_millis(250)).await;
                 reply("slow", 200, "slow")
             })
         }),
