@@ -255,3 +255,31 @@ async fn keyed_breaker_isolates_keys_bounds_them_and_labels_events() {
         .collect();
     assert!(unbounded.is_empty(), "labels stay bounded: {unbounded:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn named_keyed_policies_qualify_their_event_names() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let ev = events.clone();
+    let breakers = KeyedCircuitBreaker::builder()
+        .name("tenants")
+        .breaker(|b| b.count_window(2).minimum_calls(2))
+        .top_n(0)
+        .listener(move |e: &Event| ev.lock().unwrap().push(e.clone()))
+        .build::<String>()
+        .unwrap();
+    for _ in 0..2 {
+        let _ = breakers
+            .call(&"acme".to_string(), || async { Err::<(), _>(()) })
+            .await;
+    }
+    let names: Vec<String> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            Event::BreakerTransition { name, .. } => Some(name.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(names, ["tenants/other"]);
+}

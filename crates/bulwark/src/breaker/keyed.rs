@@ -147,6 +147,7 @@ pub struct KeyedCircuitBreakerBuilder {
     breaker: CircuitBreakerBuilder,
     keyed: KeyedBuilder,
     idle_timeout: Option<Duration>,
+    name: Option<Arc<str>>,
     listeners: Listeners,
 }
 
@@ -156,6 +157,7 @@ impl Default for KeyedCircuitBreakerBuilder {
             breaker: CircuitBreaker::builder(),
             keyed: KeyedBuilder::default(),
             idle_timeout: None,
+            name: None,
             listeners: Listeners::new(),
         }
     }
@@ -170,6 +172,13 @@ impl KeyedCircuitBreakerBuilder {
         f: impl FnOnce(CircuitBreakerBuilder) -> CircuitBreakerBuilder,
     ) -> Self {
         self.breaker = f(self.breaker);
+        self
+    }
+
+    /// Names the keyed breaker: events are then named `name/label` instead of the
+    /// bare key label, so two keyed policies never share a metrics series.
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
         self
     }
 
@@ -238,6 +247,7 @@ impl KeyedCircuitBreakerBuilder {
         // so the map does not keep itself alive through its own factory).
         let this: Arc<OnceLock<Weak<Inner<K>>>> = Arc::new(OnceLock::new());
         let listeners = self.listeners;
+        let policy_name = self.name;
         let template = self.breaker;
         let late = this.clone();
         let factory = move |key: &K| {
@@ -246,11 +256,13 @@ impl KeyedCircuitBreakerBuilder {
                 let key = key.clone();
                 let late = late.clone();
                 let listeners = listeners.clone();
+                let policy_name = policy_name.clone();
                 b = b.listener(move |e: &Event| {
                     let label: Arc<str> = match late.get().and_then(Weak::upgrade) {
                         Some(inner) => inner.keyed.label(&key),
                         None => Arc::from("other"),
                     };
+                    let label = crate::keyed::qualified(policy_name.as_ref(), label);
                     let renamed = match e {
                         Event::BreakerTransition { from, to, .. } => Event::BreakerTransition {
                             name: label,

@@ -45,6 +45,7 @@ pub struct KeyedBulkhead<K> {
 
 struct Inner<K> {
     keyed: Keyed<K, Bulkhead>,
+    name: Option<Arc<str>>,
     listeners: Listeners,
 }
 
@@ -113,7 +114,10 @@ where
             }),
             None => {
                 self.inner.listeners.emit(|| Event::BulkheadRejected {
-                    name: entry.label_arc(self.inner.keyed.other_label()),
+                    name: crate::keyed::qualified(
+                        self.inner.name.as_ref(),
+                        entry.label_arc(self.inner.keyed.other_label()),
+                    ),
                 });
                 Err(Error::BulkheadFull)
             }
@@ -180,6 +184,7 @@ impl<K: fmt::Debug> fmt::Debug for KeyedBulkhead<K> {
 pub struct KeyedBulkheadBuilder {
     bulkhead: BulkheadBuilder,
     keyed: KeyedBuilder,
+    name: Option<Arc<str>>,
     listeners: Listeners,
 }
 
@@ -201,6 +206,13 @@ impl KeyedBulkheadBuilder {
     /// [`DEFAULT_QUEUE_TIMEOUT`](super::DEFAULT_QUEUE_TIMEOUT)).
     pub fn queue_timeout(mut self, d: Duration) -> Self {
         self.bulkhead = self.bulkhead.queue_timeout(d);
+        self
+    }
+
+    /// Names the keyed bulkhead: events are then named `name/label` instead of the
+    /// bare key label, so two keyed policies never share a metrics series.
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
         self
     }
 
@@ -249,6 +261,7 @@ impl KeyedBulkheadBuilder {
         Ok(KeyedBulkhead {
             inner: Arc::new(Inner {
                 keyed,
+                name: self.name,
                 listeners: self.listeners,
             }),
         })

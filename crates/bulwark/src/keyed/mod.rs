@@ -670,6 +670,16 @@ impl KeyedBuilder {
     }
 }
 
+/// The event name of a keyed policy's key: `policy/label` when the policy has a name
+/// (so two keyed policies, or a keyed and a plain one, never share a metrics series),
+/// the bare label otherwise.
+pub(crate) fn qualified(policy: Option<&Arc<str>>, label: Arc<str>) -> Arc<str> {
+    match policy {
+        Some(p) => format!("{p}/{label}").into(),
+        None => label,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

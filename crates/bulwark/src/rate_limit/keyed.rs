@@ -51,6 +51,7 @@ pub struct KeyedRateLimiter<K> {
 struct Inner<K> {
     keyed: Keyed<K, AtomicU64>,
     gcra: Gcra,
+    name: Option<Arc<str>>,
     listeners: Listeners,
 }
 
@@ -158,7 +159,10 @@ where
             Ok(()) => Ok(()),
             Err(wait) => {
                 self.inner.listeners.emit(|| Event::RateLimited {
-                    name: cell.label_arc(self.inner.keyed.other_label()),
+                    name: crate::keyed::qualified(
+                        self.inner.name.as_ref(),
+                        cell.label_arc(self.inner.keyed.other_label()),
+                    ),
                 });
                 Err(Error::RateLimited {
                     retry_after: Duration::from_nanos(wait),
@@ -188,9 +192,17 @@ pub struct KeyedRateLimiterBuilder {
     limiter: RateLimiterBuilder,
     keyed: KeyedBuilder,
     idle_timeout: Option<Duration>,
+    name: Option<Arc<str>>,
 }
 
 impl KeyedRateLimiterBuilder {
+    /// Names the keyed limiter: events are then named `name/label` instead of the
+    /// bare key label, so two keyed policies never share a metrics series.
+    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
     /// `n` cells per `per` for each key (required, or `per_second`/`per_minute`).
     pub fn rate(mut self, n: u32, per: Duration) -> Self {
         self.limiter = self.limiter.rate(n, per);
@@ -280,6 +292,7 @@ impl KeyedRateLimiterBuilder {
             inner: Arc::new(Inner {
                 keyed,
                 gcra,
+                name: self.name,
                 listeners: self.limiter.listeners,
             }),
         })
