@@ -224,9 +224,10 @@ impl Pipeline {
             .await
     }
 
-    /// [`call_or_else`](Self::call_or_else) with a classifier. A final `Ok` that the
-    /// classifier calls a failure also goes to the fallback, as
-    /// [`Error::Inner`] cannot carry it: use [`Fallback::call_with`] directly for that.
+    /// [`call_or_else`](Self::call_or_else) with a classifier. Only errors reach
+    /// `alternative`: a final `Ok` is returned as it is even when the classifier calls
+    /// it a failure (an HTTP 503 after the last retry); to fall back on such values, use
+    /// [`Fallback::call_with`] around [`call_with`](Self::call_with).
     pub async fn call_with_or_else<T, E, C, F, Fut, A, AFut>(
         &self,
         classify: &C,
