@@ -395,6 +395,10 @@ impl Pool {
     async fn connect_h1(&self) -> Result<Conn, SendError> {
         let io = self.connect_tcp().await?;
         let (sender, conn) = http1::Builder::new()
+            // One buffer, one `write`, instead of hyper's queue of buffers and `writev`: most
+            // requests are a head alone, and a body is copied into a buffer hyper bounds
+            // (callgrind: -1.1% user-space instructions per proxied GET).
+            .writev(false)
             .handshake(io)
             .await
             .map_err(|e| SendError {
