@@ -239,7 +239,27 @@ impl Body for RespBody {
         match self.project() {
             RespBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             RespBodyProj::Upstream { mut inner, lease } => {
-                let r = inner.as_mut().poll_frame(cx);
+                // An inline upstream connection fills `inner` only when polled here; a small body
+                // usually arrived with the head, so look first.
+                let r = match &mut lease.conn {
+                    Some(c) if c.is_inline() => {
+                        let noop = &mut Context::from_waker(std::task::Waker::noop());
+                        match inner.as_mut().poll_frame(noop) {
+                            Poll::Pending => {
+                                c.poll_drive(cx);
+                                if c.is_inline() {
+                                    // Data can only come from the connection polled just above,
+                                    // which wakes this task on I/O.
+                                    inner.as_mut().poll_frame(noop)
+                                } else {
+                                    inner.as_mut().poll_frame(cx)
+                                }
+                            }
+                            ready => ready,
+                        }
+                    }
+                    _ => inner.as_mut().poll_frame(cx),
+                };
                 match &r {
                     Poll::Ready(None) => lease.complete = true,
                     // hyper stops polling once `is_end_stream` says so, so look after each frame.

@@ -598,7 +598,8 @@ impl Server {
             let stop = stop_rx.clone();
             let tls = tls.clone();
             let settings = settings.clone();
-            tokio::spawn(async move {
+            // Upstream HTTP/1 connections are driven by the requests of this task (see `Pool`).
+            tokio::spawn(crate::upstream::Pool::drive_inline(async move {
                 let _permit = permit;
                 let (idle, head) = (settings.idle_timeout, settings.header_read_timeout);
                 match tls {
@@ -615,7 +616,7 @@ impl Server {
                         }
                     }
                 }
-            });
+            }));
         }
         gateway.set_phase(Phase::Draining);
         drop(listener);
