@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# What one proxied request costs bulwark, in two steadier measures than req/s on a shared machine:
+#   1. CPU time per request: the proxy's utime+stime (from /proc) over the requests wrk completed,
+#      ROUNDS rounds of DURATION seconds, median (same load as bench/gateway.sh);
+#   2. user-space instructions per request under callgrind (zeroed after a warm-up), unless
+#      CALLGRIND=0. Deterministic to within ~1%, so it shows small changes the req/s noise hides.
+# Not a test: it asserts nothing. For A/B work on the hot path; bench/gateway.sh is the comparison
+# with nginx and HAProxy.
+#
+# Usage: bash bench/cost.sh [path/to/bulwark]   (env: ROUNDS=5 DURATION=4 CALLGRIND=1 PORT_BASE=18180)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-5}
+DURATION=${DURATION:-4}
+CALLGRIND=${CALLGRIND:-1}
+PORT_BASE=${PORT_BASE:-18180}
+BULWARK=${1:-}
+if [ -z "$BULWARK" ]; then
+  cargo build --release -p bulwark-gateway --bin bulwark --quiet
+  BULWARK=$(pwd)/target/release/bulwark
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+work=$(mktemp -d /tmp/bulwark-cost.XXXXXX)
+UP=127.0.0.1:$PORT_BASE BLW=127.0.0.1:$((PORT_BASE + 1)) ADM=127.0.0.1:$((PORT_BASE + 2))
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+cat > "$work/upstream.conf" <<CONF
+worker_processes 1;
+daemon off; pid $work/upstream.pid; error_log $work/upstream.err warn;
+events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000;
+  server { listen $UP; location / { return 200 "hello from upstream\n"; } } }
+CONF
+"$NGINX" -c "$work/upstream.conf" -p "$work" & pids+=($!)
+cat > "$work/bulwark.yaml" <<CONF
+listen: $BLW
+admin: { listen: $ADM }
+upstreams:
+  up:
+    endpoints: [ { url: http://$UP } ]
+    balance: round_robin
+    circuit_breaker: { window: { kind: count, size: 100 }, minimum_calls: 20, failure_rate_threshold: 50, open_duration: 30s }
+routes:
+  - match: { path_prefix: / }
+    upstream: up
+    timeout: 30s
+    retry: { attempts: 3, per_try_timeout: 10s, backoff: { kind: exponential, base: 10ms, max: 1s }, on: [connect_failure, reset, 5xx], budget: { ratio: 0.2, min_per_second: 10 } }
+CONF
+wait_port() { for _ in $(seq 300); do curl -fsS -o /dev/null "http://$1/" 2>/dev/null && return 0; sleep 0.1; done; echo "no answer on $1" >&2; return 1; }
+reqs() { grep -oP '^\s*\K\d+(?= requests in)' "$1"; }
+
+"$BULWARK" run -c "$work/bulwark.yaml" --threads 1 >"$work/bulwark.log" 2>&1 & bpid=$!; pids+=($bpid)
+wait_port "$UP"; wait_port "$BLW"
+wrk -t1 -c8 -d1s "http://$BLW/" >/dev/null
+tick=$(getconf CLK_TCK)
+cpu() { awk '{print $14 + $15}' "/proc/$bpid/stat"; }
+results=()
+for r in $(seq "$ROUNDS"); do
+  c0=$(cpu)
+  wrk -t2 -c64 -d"${DURATION}s" "http://$BLW/" > "$work/w.out"
+  c1=$(cpu)
+  n=$(reqs "$work/w.out")
+  results+=("$(python3 -c "print(f'{($c1-$c0)/$tick/$n*1e6:.2f}')")")
+  rps=$(grep -oP 'Requests/sec:\s+\K[\d.]+' "$work/w.out")
+  echo "round $r: $n requests, $rps req/s, ${results[-1]} us CPU/request"
+done
+printf '%s\n' "${results[@]}" | sort -n | awk '{a[NR]=$1} END {print "median CPU per request: " a[int((NR+1)/2)] " us (" NR " rounds)"}'
+kill "$bpid"; wait "$bpid" 2>/dev/null || true
+
+if [ "$CALLGRIND" = 1 ]; then
+  valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" "$BULWARK" run -c "$work/bulwark.yaml" --threads 1 \
+    >"$work/cg.log" 2>&1 & vpid=$!; pids+=($vpid)
+  wait_port "$BLW"
+  wrk -t1 -c8 -d3s "http://$BLW/" >/dev/null
+  callgrind_control -z "$vpid" >/dev/null
+  wrk -t2 -c64 -d10s "http://$BLW/" > "$work/w.out"
+  callgrind_control -d "$vpid" >/dev/null
+  n=$(reqs "$work/w.out")
+  # The dump after zeroing is the file with the highest part number.
+  f=$(ls -1v "$work"/cg.out* | tail -1)
+  ir=$(callgrind_annotate "$f" 2>/dev/null | grep -m1 -oP '^\s*\K[\d,]+(?= \(100.0%\)\s+PROGRAM TOTALS)' | tr -d ,)
+  echo "callgrind: $n requests, $(python3 -c "print(round($ir/$n))") user-space instructions/request"
+  if [ -n "${KEEP:-}" ]; then cp "$f" "$KEEP"; echo "profile kept in $KEEP"; fi
+fi
