@@ -5,7 +5,7 @@
 //! not be written at all on a pooled connection (the upstream had closed it while idle) is re-sent
 //! on a fresh connection, which is safe for every method.
 //!
-//! HTTP/1 exchanges use our own client ([`h1`](super::h1)): a pooled connection is a socket and its
+//! HTTP/1 exchanges use our own client (module `h1`): a pooled connection is a socket and its
 //! buffers, and the request's future writes the request and reads the response head, then the
 //! response body reads the rest; no task and no channel per connection. A connection goes back to
 //! the pool when its response body was read to the end ([`UpstreamBody::take_conn`]). An idle
