@@ -234,7 +234,7 @@ async fn attempt(
         tally.reached.store(true, Ordering::Relaxed);
     }
     match result {
-        Ok(Ok((resp, conn))) => {
+        Ok(Ok(resp)) => {
             let latency = now.elapsed();
             ep.observe_latency(latency);
             let status = resp.status().as_u16();
@@ -268,7 +268,7 @@ async fn attempt(
                 // backoff, the response is still held) must not wait for this slot.
                 admission.release_slot();
             }
-            lease.hold(conn, admission);
+            lease.hold(admission);
             let resp = resp.map(|()| RespBody::upstream(inner, lease));
             if !failed {
                 if record_latency {
@@ -285,7 +285,10 @@ async fn attempt(
         Ok(Err(e)) => {
             if e.kind == FailKind::ClientBody {
                 admission.record(Outcome::Ignore);
-                let too_large = e.source.as_ref().is_some_and(body::is_length_error);
+                let too_large = e
+                    .source
+                    .as_deref()
+                    .is_some_and(|e| body::is_length_error(e));
                 return Err(Miss::Client(if too_large {
                     Local::BodyTooLarge
                 } else {

@@ -71,22 +71,30 @@ impl HttpCheck {
             http::header::USER_AGENT,
             http::HeaderValue::from_static("bulwark-health-check"),
         );
-        let (resp, conn) = match self.endpoint.pool.send(req).await {
+        let resp = match self.endpoint.pool.send(req).await {
             Ok(x) => x,
             Err(e) => return CheckResult::unhealthy(format!("{:?}", e.kind)),
         };
         let status = resp.status().as_u16();
         // Read the (small) body to the end so the connection goes back to the pool.
-        let mut body = http_body_util::Limited::new(resp.into_body(), MAX_HEALTH_BODY);
+        let mut body = resp.into_body();
+        let mut read = 0;
         let complete = loop {
             match body.frame().await {
                 None => break true,
-                Some(Ok(_)) => {}
+                Some(Ok(f)) => {
+                    read += f.data_ref().map_or(0, |d| d.len());
+                    if read > MAX_HEALTH_BODY {
+                        break false;
+                    }
+                }
                 Some(Err(_)) => break false,
             }
         };
         if complete {
-            self.endpoint.pool.put(conn);
+            if let Some(conn) = body.take_conn() {
+                self.endpoint.pool.put(conn);
+            }
         }
         if self.expected.contains(status) {
             CheckResult::healthy()

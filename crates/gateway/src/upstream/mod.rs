@@ -4,6 +4,7 @@
 
 mod balance;
 mod endpoint;
+mod h1;
 pub mod health;
 mod outlier;
 mod pool;
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 pub use balance::Tried;
 pub use endpoint::Endpoint;
-pub use pool::{Conn, FailKind, Pool, SendError};
+pub use pool::{Conn, FailKind, Pool, SendError, UpstreamBody};
 
 use balance::Tier;
 use outlier::{Cooldown, Outlier};
