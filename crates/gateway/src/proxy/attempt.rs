@@ -354,7 +354,15 @@ pub(crate) async fn forward(
 
     let mut slot = if body.is_end_stream() {
         BodySlot::Replay(None)
-    } else if !may_replay || content_length(&parts).is_some_and(|n| n > route.retry_buffer as u64) {
+    } else if match content_length(&parts) {
+        Some(n) => n > route.retry_buffer as u64,
+        None => !may_replay,
+    } {
+        // A body declared no larger than the retry buffer is read before the request goes out even
+        // when it will not be replayed (it is bounded and already on its way): it is then written
+        // together with the head and its connection goes back to the pool, while a streamed body
+        // needs a full-duplex exchange of its own (see `upstream::pool`). A chunked body that may
+        // not be replayed streams at once: the client may be waiting for an early response.
         BodySlot::Once(Some(ReqBody::Stream {
             prefix: None,
             rest: body,
