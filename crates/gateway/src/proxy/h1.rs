@@ -1415,3 +1415,325 @@ async fn write_all<I: AsyncWrite + Unpin>(
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Feeds `input` in pieces cut at `cuts` (positions, any order), reading heads after each piece
+    /// as the connection loop does; returns the heads and what is left buffered.
+    fn heads_in_pieces(input: &[u8], cuts: &[usize]) -> (Vec<Result<Head, HeadError>>, Vec<u8>) {
+        let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(input.len())).collect();
+        cuts.push(input.len());
+        cuts.sort_unstable();
+        let mut reader = HeadReader::default();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut at = 0;
+        for cut in cuts {
+            buf.extend_from_slice(&input[at..cut]);
+            at = cut;
+            loop {
+                match reader.read(&mut buf, 4096) {
+                    Ok(Some(h)) => out.push(Ok(h)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(Err(e));
+                        return (out, buf.to_vec());
+                    }
+                }
+            }
+        }
+        (out, buf.to_vec())
+    }
+
+    fn summary(h: &Result<Head, HeadError>) -> String {
+        match h {
+            Ok(h) => format!(
+                "{} {} {:?} {:?} ka={} ec={} {:?}",
+                h.req.method(),
+                h.req.uri(),
+                h.req.version(),
+                h.framing,
+                h.keep_alive,
+                h.expect_continue,
+                h.req.headers()
+            ),
+            Err(e) => format!("{e:?}"),
+        }
+    }
+
+    const PIPELINE: &[u8] = b"\r\nGET /a?x=1 HTTP/1.1\r\nHost: a\r\nX-Many: 1\r\nx-many: 2\r\n\r\n\
+        POST /b HTTP/1.1\r\nHost: b\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n\
+        GET http://c.example/c HTTP/1.0\r\nConnection: keep-alive\r\n\r\n\
+        PUT /d HTTP/1.1\nTransfer-Encoding: gzip, chunked\nConnection: close\n\nGET /e";
+
+    #[test]
+    fn pipelined_heads_parse_with_their_framing_and_connection_rules() {
+        let (heads, rest) = heads_in_pieces(PIPELINE, &[]);
+        assert_eq!(heads.len(), 4);
+        let h: Vec<&Head> = heads.iter().map(|h| h.as_ref().unwrap()).collect();
+        assert_eq!(h[0].req.uri(), "/a?x=1");
+        assert_eq!(h[0].req.headers().get_all("x-many").iter().count(), 2);
+        assert_eq!((h[0].framing, h[0].keep_alive), (Framing::None, true));
+        assert_eq!(h[1].framing, Framing::Length(3));
+        assert!(h[1].expect_continue);
+        assert_eq!(h[2].req.uri().host(), Some("c.example"));
+        assert_eq!(h[2].req.version(), Version::HTTP_10);
+        assert!(h[2].keep_alive, "HTTP/1.0 with keep-alive");
+        assert_eq!((h[3].framing, h[3].keep_alive), (Framing::Chunked, false));
+        assert_eq!(rest, b"GET /e");
+    }
+
+    #[test]
+    fn bad_heads_are_refused() {
+        let cases: &[(&[u8], HeadError)] = &[
+            (b"GARBAGE\r\n\r\n", HeadError::Malformed),
+            (b"GET / HTTP/9.9\r\n\r\n", HeadError::Malformed),
+            (
+                b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n",
+                HeadError::Malformed,
+            ),
+        ];
+        for (input, want) in cases {
+            let (heads, _) = heads_in_pieces(input, &[]);
+            assert_eq!(heads.len(), 1, "{input:?}");
+            assert_eq!(heads[0].as_ref().err(), Some(want), "{input:?}");
+        }
+        // Equal repeated lengths are one length.
+        let (heads, _) = heads_in_pieces(b"POST / HTTP/1.1\r\nContent-Length: 2, 2\r\n\r\n", &[]);
+        assert_eq!(heads[0].as_ref().unwrap().framing, Framing::Length(2));
+        // Too many lines, and too many bytes (complete or not).
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
+        let (heads, _) = heads_in_pieces(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes(), &[]);
+        assert_eq!(heads[0].as_ref().err(), Some(&HeadError::TooLarge));
+        let big = "a".repeat(5000);
+        let (heads, _) = heads_in_pieces(
+            format!("GET / HTTP/1.1\r\nx: {big}\r\n\r\n").as_bytes(),
+            &[],
+        );
+        assert_eq!(heads[0].as_ref().err(), Some(&HeadError::TooLarge));
+        let (heads, _) = heads_in_pieces(format!("GET / HTTP/1.1\r\nx: {big}").as_bytes(), &[]);
+        assert_eq!(heads[0].as_ref().err(), Some(&HeadError::TooLarge));
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_of_the_input_gives_the_same_heads(cuts in prop::collection::vec(0usize..400, 0..24)) {
+            let (whole, whole_rest) = heads_in_pieces(PIPELINE, &[]);
+            let (split, split_rest) = heads_in_pieces(PIPELINE, &cuts);
+            let a: Vec<String> = whole.iter().map(summary).collect();
+            let b: Vec<String> = split.iter().map(summary).collect();
+            prop_assert_eq!(a, b);
+            prop_assert_eq!(whole_rest, split_rest);
+        }
+
+        #[test]
+        fn any_split_of_a_chunked_body_decodes_the_same(
+            chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..300), 0..8),
+            cuts in prop::collection::vec(0usize..3000, 0..30),
+            ext in any::<bool>(),
+            trailers in any::<bool>(),
+        ) {
+            let mut wire = Vec::new();
+            let mut want = Vec::new();
+            for c in &chunks {
+                wire.extend_from_slice(format!("{:X}", c.len()).as_bytes());
+                if ext {
+                    wire.extend_from_slice(b" ;name=\"v\"");
+                }
+                wire.extend_from_slice(b"\r\n");
+                wire.extend_from_slice(c);
+                wire.extend_from_slice(b"\r\n");
+                want.extend_from_slice(c);
+            }
+            wire.extend_from_slice(b"0\r\n");
+            if trailers {
+                wire.extend_from_slice(b"x-sum: 1\r\nx-other: 2\r\n");
+            }
+            wire.extend_from_slice(b"\r\nNEXT");
+            let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(wire.len())).collect();
+            cuts.push(wire.len());
+            cuts.sort_unstable();
+            let mut d = Chunked::new();
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            let mut ended = false;
+            let mut at = 0;
+            for cut in cuts {
+                buf.extend_from_slice(&wire[at..cut]);
+                at = cut;
+                while !ended {
+                    match d.decode(&mut buf) {
+                        Ok(Some(Chunk::Data(b))) => got.extend_from_slice(&b),
+                        Ok(Some(Chunk::End)) => ended = true,
+                        Ok(None) => break,
+                        Err(e) => prop_assert!(false, "{:?}", e),
+                    }
+                }
+            }
+            prop_assert!(ended);
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(&buf[..], b"NEXT");
+        }
+
+        #[test]
+        fn garbage_never_panics_the_parsers(input in prop::collection::vec(any::<u8>(), 0..600)) {
+            let _ = heads_in_pieces(&input, &[7, 100]);
+            let mut d = Chunked::new();
+            let mut buf = BytesMut::from(&input[..]);
+            while let Ok(Some(Chunk::Data(_))) = d.decode(&mut buf) {}
+        }
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_errors() {
+        for wire in [
+            &b"x\r\n"[..],
+            b"5\r\nhelloX\r\n",
+            b"\r\n",
+            b"11111111111111111\r\n",
+            b"5\n",
+        ] {
+            let mut d = Chunked::new();
+            let mut buf = BytesMut::from(wire);
+            let r = loop {
+                match d.decode(&mut buf) {
+                    Ok(Some(Chunk::Data(_))) => continue,
+                    other => break other,
+                }
+            };
+            assert_eq!(r, Err(ChunkError), "{wire:?}");
+        }
+    }
+
+    fn head_of(
+        status: u16,
+        headers: &[(&str, &str)],
+        hint: SizeHint,
+        head_request: bool,
+        version: Version,
+        keep_alive: bool,
+    ) -> (String, Out, bool) {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let mut dst = Vec::new();
+        let mut keep = keep_alive;
+        let out = encode_head(
+            &mut dst,
+            StatusCode::from_u16(status).unwrap(),
+            &map,
+            &hint,
+            head_request,
+            version,
+            &mut keep,
+        );
+        (String::from_utf8(dst).unwrap(), out, keep)
+    }
+
+    #[test]
+    fn response_framing() {
+        let v11 = Version::HTTP_11;
+        let (h, out, keep) = head_of(
+            200,
+            &[("x-a", "1")],
+            SizeHint::with_exact(5),
+            false,
+            v11,
+            true,
+        );
+        assert!(
+            h.starts_with("HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 5\r\ndate: "),
+            "{h}"
+        );
+        assert!(h.ends_with(" GMT\r\n\r\n"), "{h}");
+        assert_eq!((out, keep), (Out::Length(5), true));
+        // Unknown length: chunked for HTTP/1.1, close-delimited for HTTP/1.0.
+        let (h, out, _) = head_of(200, &[], SizeHint::new(), false, v11, true);
+        assert!(h.contains("transfer-encoding: chunked\r\n"));
+        assert_eq!(out, Out::Chunked);
+        let (h, out, keep) = head_of(200, &[], SizeHint::new(), false, Version::HTTP_10, true);
+        assert!(h.contains("connection: close\r\n") && !h.contains("transfer-encoding"));
+        assert_eq!((out, keep), (Out::Close, false));
+        // HTTP/1.0 keep-alive is said; the upstream's content-length frames an inexact body.
+        let (h, out, keep) = head_of(
+            200,
+            &[("content-length", "7")],
+            SizeHint::new(),
+            false,
+            Version::HTTP_10,
+            true,
+        );
+        assert!(
+            h.contains("content-length: 7\r\nconnection: keep-alive\r\n"),
+            "{h}"
+        );
+        assert_eq!((out, keep), (Out::Length(7), true));
+        // No body: HEAD keeps the length, 204 drops it, 304 keeps it.
+        let (h, out, _) = head_of(
+            200,
+            &[("content-length", "9")],
+            SizeHint::with_exact(0),
+            true,
+            v11,
+            true,
+        );
+        assert!(h.contains("content-length: 9\r\n"));
+        assert_eq!(out, Out::Empty);
+        let (h, out, _) = head_of(
+            204,
+            &[("content-length", "0")],
+            SizeHint::with_exact(0),
+            false,
+            v11,
+            true,
+        );
+        assert!(!h.contains("content-length") && h.starts_with("HTTP/1.1 204 No Content\r\n"));
+        assert_eq!(out, Out::Empty);
+        // The handler's `connection: close` closes; a date already there is kept.
+        let (h, _, keep) = head_of(
+            431,
+            &[
+                ("connection", "close"),
+                ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+            ],
+            SizeHint::with_exact(0),
+            false,
+            v11,
+            true,
+        );
+        assert!(!keep);
+        assert_eq!(h.matches("connection: close").count(), 1);
+        assert_eq!(h.matches("date: ").count(), 1);
+    }
+}
