@@ -14,7 +14,6 @@ use http::request::Parts;
 use http::{Method, Request, Response, Uri, Version};
 use http_body::Body;
 use http_body_util::Limited;
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
 use super::body::{self, Buffered, Lease, ReqBody, RespBody};
@@ -339,7 +338,7 @@ pub(crate) async fn forward(
     rt: &Runtime,
     route: &Route,
     mut parts: Parts,
-    body: Limited<Incoming>,
+    body: Limited<body::ClientBody>,
     start: Instant,
 ) -> Response<RespBody> {
     let deadline = start + route.timeout;

@@ -16,13 +16,64 @@ use crate::upstream::{Endpoint, UpstreamBody};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pin_project! {
+    /// A request body as the client sends it: read from our own HTTP/1.1 connection loop
+    /// ([`super::h1`]) or from hyper's HTTP/2 server.
+    #[derive(Debug)]
+    #[project = ClientBodyProj]
+    pub enum ClientBody {
+        /// No body (no `Content-Length`, or zero, and not chunked).
+        Empty,
+        /// An HTTP/1.1 body, read from the connection as it is polled.
+        H1 { inner: super::h1::RequestBody },
+        /// An HTTP/2 stream's body.
+        H2 { #[pin] inner: Incoming },
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            ClientBodyProj::Empty => Poll::Ready(None),
+            ClientBodyProj::H1 { inner } => Pin::new(inner)
+                .poll_frame(cx)
+                .map(|o| o.map(|r| r.map_err(BoxError::from))),
+            ClientBodyProj::H2 { inner } => inner
+                .poll_frame(cx)
+                .map(|o| o.map(|r| r.map_err(BoxError::from))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::H1 { inner } => inner.is_end_stream(),
+            ClientBody::H2 { inner } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::H1 { inner } => inner.size_hint(),
+            ClientBody::H2 { inner } => inner.size_hint(),
+        }
+    }
+}
+
+pin_project! {
     /// A request body sent upstream.
     #[project = ReqBodyProj]
     pub enum ReqBody {
         /// Buffered in full (so it can be re-sent); `None` once sent.
         Full { data: Option<Bytes> },
         /// Streamed from the client (cannot be re-sent): an already-read prefix, then the rest.
-        Stream { prefix: Option<Bytes>, #[pin] rest: Limited<Incoming> },
+        Stream { prefix: Option<Bytes>, #[pin] rest: Limited<ClientBody> },
     }
 }
 
@@ -84,15 +135,16 @@ pub enum Buffered {
     /// The whole body (replayable).
     Full(Bytes),
     /// A prefix and the rest of the stream (not replayable).
-    Partial(Bytes, Limited<Incoming>),
+    Partial(Bytes, Limited<ClientBody>),
 }
 
 /// Reads up to `max` bytes of `body`. Errors are the client's (body too large, or I/O).
-pub async fn buffer(mut body: Limited<Incoming>, max: usize) -> Result<Buffered, BoxError> {
+pub async fn buffer(mut body: Limited<ClientBody>, max: usize) -> Result<Buffered, BoxError> {
     let mut first: Option<Bytes> = None;
     let mut acc: Vec<u8> = Vec::new();
-    // Seen the end ourselves: hyper's `is_end_stream` stays false after the last chunk of a chunked
-    // HTTP/1.1 body, so it cannot tell a small chunked body from a long one.
+    // Seen the end ourselves: `is_end_stream` may stay false after the last chunk of a chunked
+    // body (the terminating chunk is only read by the next poll), so it cannot tell a small chunked
+    // body from a long one.
     let mut ended = false;
     loop {
         let len = first.as_ref().map_or(0, Bytes::len) + acc.len();

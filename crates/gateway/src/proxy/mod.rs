@@ -1,7 +1,8 @@
 //! The proxy: listener (HTTP/1.1, h2c, TLS), limits, routing, and the attempt loop.
 //!
 //! A request passes these stages, in order:
-//! 1. the connection (accept under `max_connections`; TLS; hyper's HTTP/1.1 or HTTP/2 by preface);
+//! 1. the connection (accept under `max_connections`; TLS; our own HTTP/1.1 loop ([`h1`]), or hyper's
+//!    HTTP/2 server for TLS ALPN `h2` and connections that start with the HTTP/2 preface);
 //! 2. limits (head size -> 431, declared body size -> 413, streamed body size -> 413 on overflow);
 //! 3. routing (first match wins; 404 otherwise);
 //! 4. header rewriting (hop-by-hop out, `x-forwarded-*` and `x-request-id` in);
@@ -10,6 +11,7 @@
 
 pub(crate) mod attempt;
 pub mod body;
+pub mod h1;
 pub mod headers;
 pub mod respond;
 pub mod route;
@@ -19,18 +21,19 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::{Buf, Bytes};
 use http::{HeaderValue, Request, Response};
 use http_body_util::Limited;
 use hyper::body::Incoming;
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -41,7 +44,7 @@ use bulwark::events::BreakerState;
 use crate::admin::metrics::{RouteStats, Telemetry};
 use crate::config::{self, Config};
 use crate::upstream::Upstream;
-use body::RespBody;
+use body::{ClientBody, RespBody};
 use respond::Local;
 use route::Route;
 
@@ -328,18 +331,10 @@ struct ConnCtx {
     peer_ip: HeaderValue,
     proto: HeaderValue,
     inflight: AtomicUsize,
-    /// Milliseconds since `opened` when a request last started or finished.
+    /// Milliseconds since `opened` when a request last finished.
     last_active_ms: AtomicU64,
     opened: Instant,
-    /// HTTP/1 request head in progress: 0 none, [`HEAD_BUSY`] while a request is being handled, else
-    /// 1 + milliseconds since `opened` when the first byte of the next head arrived (see [`HeadClock`]).
-    head_ms: AtomicU64,
-    /// Whether a request was ever dispatched on this connection.
-    served: AtomicBool,
 }
-
-/// `ConnCtx::head_ms` while a request's service future runs: its bytes are not a new head.
-const HEAD_BUSY: u64 = u64::MAX;
 
 /// Decrements in-flight and stamps activity when a request's service future ends (or is dropped).
 struct Active<'a>(&'a ConnCtx);
@@ -353,7 +348,7 @@ impl Drop for Active<'_> {
     }
 }
 
-async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<RespBody> {
+async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
     ctx.inflight.fetch_add(1, Ordering::Relaxed);
     let _active = Active(ctx);
     let start = Instant::now();
@@ -378,12 +373,12 @@ async fn handle(ctx: &ConnCtx, req: Request<Incoming>) -> Response<RespBody> {
 async fn route_and_forward(
     ctx: &ConnCtx,
     rt: &Runtime,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
     start: Instant,
 ) -> (Response<RespBody>, Option<usize>) {
     let limits = rt.limits;
-    // Stage 2: limits. hyper already refuses heads over its buffer; this makes the limit exact (and
-    // covers HTTP/2, whose headers arrive decoded).
+    // Stage 2: limits. The HTTP/1 loop already refuses heads far over the limit while reading; this
+    // makes the limit exact (and covers HTTP/2, whose headers arrive decoded).
     let uri_len = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
     if headers::head_size(req.headers(), uri_len) > limits.max_header_bytes {
         return (respond::local(Local::HeadersTooLarge), None);
@@ -537,21 +532,17 @@ impl Server {
             settings,
             tls,
         } = self;
-        let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder
-            .http1()
-            .timer(TokioTimer::new())
-            // hyper's timer also runs while a keep-alive connection waits for its next request, so
-            // it would close idle connections after this timeout instead of `idle_timeout`;
-            // `serve_conn` enforces it from the first byte of each head instead.
-            .header_read_timeout(None)
-            .max_buf_size(settings.max_header_bytes.max(8192) + 1024)
-            .keep_alive(true);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
-        let builder = Arc::new(builder);
+        let h2 = Arc::new(h2);
+        let limits = h1::Limits {
+            head_timeout: settings.header_read_timeout,
+            idle_timeout: settings.idle_timeout,
+            // The exact limit is checked on the parsed head; this bounds what is read before (as
+            // hyper's buffer limit did before).
+            max_head: settings.max_header_bytes.max(8192) + 1024,
+        };
         let proto = HeaderValue::from_static(if tls.is_some() { "https" } else { "http" });
         let max = settings.max_connections.min(Semaphore::MAX_PERMITS);
         let slots = Arc::new(Semaphore::new(max));
@@ -591,27 +582,24 @@ impl Server {
                 inflight: AtomicUsize::new(0),
                 last_active_ms: AtomicU64::new(0),
                 opened: Instant::now(),
-                head_ms: AtomicU64::new(0),
-                served: AtomicBool::new(false),
             });
-            let builder = builder.clone();
+            let h2 = h2.clone();
             let stop = stop_rx.clone();
             let tls = tls.clone();
-            let settings = settings.clone();
+            let handshake_timeout = settings.header_read_timeout;
+            let idle = settings.idle_timeout;
             // Upstream HTTP/1 connections are driven by the requests of this task (see `Pool`).
             tokio::spawn(crate::upstream::Pool::drive_inline(async move {
                 let _permit = permit;
-                let (idle, head) = (settings.idle_timeout, settings.header_read_timeout);
                 match tls {
-                    None => serve_conn(stream, ctx, &builder, stop, idle, head).await,
+                    None => serve_conn(stream, false, ctx, &h2, stop, limits, idle).await,
                     Some(acceptor) => {
-                        match tokio::time::timeout(
-                            settings.header_read_timeout,
-                            acceptor.accept(stream),
-                        )
-                        .await
+                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
                         {
-                            Ok(Ok(s)) => serve_conn(s, ctx, &builder, stop, idle, head).await,
+                            Ok(Ok(s)) => {
+                                let alpn_h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                                serve_conn(s, alpn_h2, ctx, &h2, stop, limits, idle).await
+                            }
                             _ => tracing::debug!(%peer, "TLS handshake failed or timed out"),
                         }
                     }
@@ -674,40 +662,57 @@ async fn reap_idle(gateway: Arc<Gateway>) {
     }
 }
 
-/// Serves one client connection until it ends, closing it when it stays idle (no request in flight)
-/// for `idle`, or when an HTTP/1 request head is not complete `head` after its first byte arrived
-/// (slow-loris). The head clock starts at the first byte, not when the connection starts waiting, so
-/// an idle keep-alive connection lasts `idle`, not `head`.
+/// Serves one client connection until it ends: HTTP/2 (hyper) when TLS negotiated `h2` or the
+/// connection starts with the HTTP/2 preface, HTTP/1.1 (our own loop, [`h1::serve`]) otherwise.
 async fn serve_conn<I>(
     io: I,
+    alpn_h2: bool,
     ctx: Arc<ConnCtx>,
-    builder: &auto::Builder<TokioExecutor>,
+    h2: &http2::Builder<TokioExecutor>,
+    stop: watch::Receiver<bool>,
+    limits: h1::Limits,
+    idle: Duration,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (io, read) = if alpn_h2 {
+        (io, Bytes::new())
+    } else {
+        match h1::serve(io, ctx.clone(), stop.clone(), limits).await {
+            Some(h2_conn) => h2_conn,
+            None => return,
+        }
+    };
+    serve_h2(Rewind { read, io }, ctx, h2, stop, idle).await;
+}
+
+/// Serves one HTTP/2 connection until it ends, closing it gracefully when it stays idle (no request
+/// in flight) for `idle`, or on shutdown.
+async fn serve_h2<I>(
+    io: I,
+    ctx: Arc<ConnCtx>,
+    builder: &http2::Builder<TokioExecutor>,
     mut stop: watch::Receiver<bool>,
     idle: Duration,
-    head: Duration,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let svc_ctx = ctx.clone();
-    let svc = service_fn(move |req| {
-        // Set when hyper hands over the head; reset when the service future ends (or is dropped).
-        svc_ctx.served.store(true, Ordering::Relaxed);
-        svc_ctx.head_ms.store(HEAD_BUSY, Ordering::Relaxed);
-        let done = HeadDone(svc_ctx.clone());
-        async move { Ok::<_, Infallible>(handle(&done.0, req).await) }
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let ctx = svc_ctx.clone();
+        async move {
+            let req = req.map(|inner| ClientBody::H2 { inner });
+            Ok::<_, Infallible>(handle(&ctx, req).await)
+        }
     });
-    let io = HeadClock {
-        io,
-        ctx: ctx.clone(),
-        h2_matched: 0,
-    };
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
-    let head_timer = tokio::time::sleep(head);
-    tokio::pin!(head_timer);
-    let mut closing = false;
+    let mut closing = *stop.borrow_and_update();
+    if closing {
+        conn.as_mut().graceful_shutdown();
+    }
     loop {
         // `biased`: the connection is polled first on every wake-up (nearly all are for it), with no
         // per-poll random branch order.
@@ -732,102 +737,35 @@ async fn serve_conn<I>(
                     idle_timer.as_mut().reset((last + idle).max(Instant::now() + Duration::from_millis(10)));
                 }
             }
-            // `HeadClock` wakes this task when it stamps a head's first byte, so this re-arms then.
-            _ = std::future::poll_fn(|cx| match ctx.head_ms.load(Ordering::Relaxed) {
-                0 | HEAD_BUSY => Poll::Pending,
-                ms => {
-                    let deadline = ctx.opened + Duration::from_millis(ms - 1) + head;
-                    if head_timer.deadline() != deadline {
-                        head_timer.as_mut().reset(deadline);
-                    }
-                    head_timer.as_mut().poll(cx)
-                }
-            }), if !closing => {
-                tracing::debug!("request head not complete within header_read_timeout");
-                if !ctx.served.load(Ordering::Relaxed) {
-                    // A first head: hyper's graceful shutdown would wait for it, so drop the connection.
-                    return;
-                }
-                // Between requests hyper closes at once. If these bytes were instead the rest of a
-                // request body still arriving after its response was handed over, the exchange
-                // finishes and then the connection closes.
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
         }
     }
 }
 
-/// Marks the end of a request's service future on its connection (see [`HeadClock`]).
-struct HeadDone(Arc<ConnCtx>);
-
-impl Drop for HeadDone {
-    fn drop(&mut self) {
-        self.0.head_ms.store(0, Ordering::Relaxed);
-    }
-}
-
-/// The HTTP/2 connection preface; a connection that starts with it has no HTTP/1 heads to time.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// A client connection's I/O that stamps `ConnCtx::head_ms` with the arrival of the first byte read
-/// while no request is being handled (the start of the next HTTP/1 request head), and wakes the
-/// connection task so that `serve_conn` arms the head timer. Reads during a request cost one
-/// atomic load.
-struct HeadClock<I> {
+/// A connection's I/O with bytes already read from it put back in front (the HTTP/1 loop read the
+/// start of an HTTP/2 connection before it knew).
+struct Rewind<I> {
+    read: Bytes,
     io: I,
-    ctx: Arc<ConnCtx>,
-    /// Bytes of [`H2_PREFACE`] matched so far; `usize::MAX` once it cannot be HTTP/2.
-    h2_matched: usize,
 }
 
-impl<I> HeadClock<I> {
-    fn is_h2(&self) -> bool {
-        self.h2_matched == H2_PREFACE.len()
-    }
-
-    fn sniff(&mut self, new: &[u8]) {
-        let Some(rest) = H2_PREFACE.get(self.h2_matched..) else {
-            return;
-        };
-        let n = new.len().min(rest.len());
-        if new[..n] == rest[..n] {
-            self.h2_matched += n;
-            if self.is_h2() {
-                // A stamp made while the preface was still ambiguous is not a head.
-                self.ctx.head_ms.store(0, Ordering::Relaxed);
-            }
-        } else {
-            self.h2_matched = usize::MAX;
-        }
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for HeadClock<I> {
+impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.io).poll_read(cx, buf);
-        if buf.filled().len() > before && !this.is_h2() {
-            if this.h2_matched != usize::MAX {
-                this.sniff(&buf.filled()[before..]);
-            }
-            let ctx = &this.ctx;
-            if !this.is_h2() && ctx.head_ms.load(Ordering::Relaxed) == 0 {
-                let ms = ctx.opened.elapsed().as_millis() as u64;
-                ctx.head_ms.store(ms.saturating_add(1), Ordering::Relaxed);
-                cx.waker().wake_by_ref();
-            }
+        if !this.read.is_empty() {
+            let n = this.read.len().min(buf.remaining());
+            buf.put_slice(&this.read[..n]);
+            this.read.advance(n);
+            return Poll::Ready(Ok(()));
         }
-        r
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 
-impl<I: AsyncWrite + Unpin> AsyncWrite for HeadClock<I> {
+impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -1,0 +1,1739 @@
+//! Our own HTTP/1.1 server side of client connections (plain TCP, and TLS without ALPN `h2`).
+//!
+//! Why not hyper's server: its generic connection state machine (a full dispatcher, buffer
+//! strategies, its timers, a body channel between the connection and the handler) cost about 9-10k
+//! instructions per proxied request, a third of everything the gateway spends. A proxy needs much
+//! less: read a head, hand an `http::Request` to [`super::handle`], write the response, repeat.
+//! HTTP/2 stays on hyper: a connection whose first bytes are the HTTP/2 preface is handed back to the
+//! caller (with the bytes already read) to be served by hyper's HTTP/2 server.
+//!
+//! A connection runs in one task ([`serve`]), one exchange at a time:
+//! 1. read until a request head is complete (`httparse`; at most [`MAX_HEADERS`] lines), under the
+//!    idle timer while nothing has arrived and under `header_read_timeout` from the first byte of a
+//!    head on (slow-loris); a malformed head gets 400, an oversized one 431, and the connection closes;
+//! 2. build the `http::Request`, whose body ([`RequestBody`]) reads from the connection when it is
+//!    polled (sending `100 Continue` first when the client asked for it), and run the handler in this
+//!    task (no task per request); a client that goes away meanwhile drops the exchange;
+//! 3. write the response: the head and a first body frame that is already there in one write, then
+//!    each frame as it comes, flushed (server-sent events stream); `content-length` when the size is
+//!    known, else chunked (close-delimited for HTTP/1.0);
+//! 4. settle the request body (wait for whoever still reads it, drain a small unread rest, or close),
+//!    then read the next head (pipelined bytes already read are kept) or close.
+//!
+//! The connection's I/O and read buffer sit behind one `std` mutex (one per connection), since the
+//! request body can be polled from another task (an upstream connection that goes on sending it after
+//! the response came back). The lock is never held across an await, nor while the handler or the
+//! response body is polled (both may poll the request body).
+
+use std::cell::RefCell;
+use std::future::{poll_fn, Future};
+use std::io::{self, IoSlice, Write as _};
+use std::mem::MaybeUninit;
+use std::pin::{pin, Pin};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{ready, Context, Poll, Waker};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use super::body::{ClientBody, RespBody};
+use super::respond::{self, Local};
+use super::ConnCtx;
+
+/// The HTTP/2 connection preface (RFC 9113 3.4): a connection that starts with it is HTTP/2.
+pub(super) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Most header lines in a request head (hyper's default); more gets 431.
+pub(crate) const MAX_HEADERS: usize = 100;
+
+/// Read buffer size: a whole typical head (or several pipelined ones) in one read.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Largest read of request body bytes at a time.
+const BODY_READ_MAX: usize = 64 * 1024;
+
+/// An unread rest of a request body up to this many bytes is read and discarded after the response,
+/// so the connection can carry the next request; a longer one closes the connection (reading it
+/// would cost more than a new connection).
+const DRAIN_MAX: u64 = 64 * 1024;
+
+/// Most bytes of chunk extensions on one chunk-size line (they are ignored).
+const MAX_CHUNK_EXT: usize = 4 * 1024;
+
+/// Most bytes of trailer lines after a chunked body (they are dropped).
+const MAX_TRAILERS: usize = 16 * 1024;
+
+const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+/// The listener settings this loop enforces.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Limits {
+    /// From the first byte of a head to its end (`header_read_timeout`).
+    pub(super) head_timeout: Duration,
+    /// Between requests (`idle_timeout`).
+    pub(super) idle_timeout: Duration,
+    /// Bytes of a head beyond which it is refused with 431 without parsing on. The exact
+    /// `max_header_bytes` check on a complete head is `route_and_forward`'s (it covers HTTP/2 too).
+    pub(super) max_head: usize,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Request heads
+// ---------------------------------------------------------------------------------------------
+
+/// How a request's body is delimited (RFC 9112 6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// No body.
+    None,
+    /// `Content-Length` bytes (more than zero).
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// A parsed request head.
+#[derive(Debug)]
+pub(crate) struct Head {
+    /// Method, target, version and headers.
+    pub(crate) req: Request<()>,
+    /// How the body is delimited.
+    pub(crate) framing: Framing,
+    /// Whether the client lets the connection carry another request (HTTP/1.1 unless
+    /// `Connection: close`; HTTP/1.0 only with `Connection: keep-alive`).
+    pub(crate) keep_alive: bool,
+    /// `Expect: 100-continue` (HTTP/1.1).
+    pub(crate) expect_continue: bool,
+}
+
+/// Why a request head was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum HeadError {
+    /// Over the size limit or [`MAX_HEADERS`] lines: 431.
+    TooLarge,
+    /// Not a valid HTTP/1.x request head: 400.
+    Malformed,
+}
+
+/// Finds complete request heads at the front of a read buffer, across reads.
+#[derive(Debug, Default)]
+pub(crate) struct HeadReader {
+    /// Where the search for the blank line that ends the head resumes (bytes before it were
+    /// searched already), so a head arriving a byte at a time costs linear time, not quadratic.
+    from: usize,
+}
+
+impl HeadReader {
+    /// Takes a complete head off the front of `buf` (empty lines before it are skipped); `Ok(None)`
+    /// while it is incomplete. `max` bounds the head's size.
+    pub(crate) fn read(
+        &mut self,
+        buf: &mut BytesMut,
+        max: usize,
+    ) -> Result<Option<Head>, HeadError> {
+        if self.from == 0 {
+            // RFC 9112 2.2: empty lines before the request line are ignored.
+            let skip = buf
+                .iter()
+                .take_while(|&&b| b == b'\r' || b == b'\n')
+                .count();
+            buf.advance(skip);
+        }
+        let Some(end) = head_end(buf, self.from) else {
+            if buf.len() > max {
+                return Err(HeadError::TooLarge);
+            }
+            // The blank line may straddle this read and the next.
+            self.from = buf.len().saturating_sub(2);
+            return Ok(None);
+        };
+        self.from = 0;
+        if end > max {
+            return Err(HeadError::TooLarge);
+        }
+        parse_head(buf.split_to(end).freeze()).map(Some)
+    }
+}
+
+/// The length of the head at the front of `buf` (up to and including the blank line that ends it),
+/// searching for line feeds from `from`.
+fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while let Some(p) = buf.get(i..)?.iter().position(|&b| b == b'\n') {
+        let n = i + p;
+        match (buf.get(n + 1), buf.get(n + 2)) {
+            (Some(b'\n'), _) => return Some(n + 2),
+            (Some(b'\r'), Some(b'\n')) => return Some(n + 3),
+            _ => {}
+        }
+        i = n + 1;
+    }
+    None
+}
+
+/// Parses one complete head (`head` ends with its blank line). Header values and the target share
+/// `head`'s memory (no copy per header).
+fn parse_head(head: Bytes) -> Result<Head, HeadError> {
+    use HeadError::Malformed;
+    let mut slots = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    match parsed.parse_with_uninit_headers(&head, &mut slots) {
+        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge),
+        _ => return Err(Malformed),
+    }
+    let method =
+        Method::from_bytes(parsed.method.unwrap_or("").as_bytes()).map_err(|_| Malformed)?;
+    let target = parsed.path.unwrap_or("").as_bytes();
+    // Origin form (`/path?q`), absolute form (`http://host/path`), authority form (`host:port`) and
+    // `*`, as hyper accepted them.
+    let uri = Uri::from_maybe_shared(head.slice_ref(target)).map_err(|_| Malformed)?;
+    let version = match parsed.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    let mut length: Option<u64> = None;
+    let mut transfer_encoding = false;
+    let mut chunked = false;
+    let (mut close, mut keep_alive) = (false, false);
+    let mut expect_continue = false;
+    for h in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| Malformed)?;
+        let value =
+            HeaderValue::from_maybe_shared(head.slice_ref(h.value)).map_err(|_| Malformed)?;
+        if name == header::CONTENT_LENGTH {
+            let n = content_length(h.value).ok_or(Malformed)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Malformed);
+            }
+            length = Some(n);
+        } else if name == header::TRANSFER_ENCODING {
+            // `chunked` must be the last coding applied (of the last line).
+            transfer_encoding = true;
+            chunked = h
+                .value
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        } else if name == header::CONNECTION {
+            for token in h.value.split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                close |= token.eq_ignore_ascii_case(b"close");
+                keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+            }
+        } else if name == header::EXPECT {
+            expect_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        }
+        headers.append(name, value);
+    }
+    let framing = if transfer_encoding {
+        // Both lengths (a smuggling vector), a coding we cannot delimit, or chunked in HTTP/1.0.
+        if length.is_some() || !chunked || version == Version::HTTP_10 {
+            return Err(Malformed);
+        }
+        Framing::Chunked
+    } else {
+        match length {
+            None | Some(0) => Framing::None,
+            Some(n) => Framing::Length(n),
+        }
+    };
+    let mut req = Request::new(());
+    *req.method_mut() = method;
+    *req.uri_mut() = uri;
+    *req.version_mut() = version;
+    *req.headers_mut() = headers;
+    Ok(Head {
+        req,
+        framing,
+        keep_alive: !close && (version == Version::HTTP_11 || keep_alive),
+        expect_continue: expect_continue && version == Version::HTTP_11,
+    })
+}
+
+/// A `Content-Length` value: digits, or a list of equal ones (`5, 5`, as some clients repeat it).
+fn content_length(v: &[u8]) -> Option<u64> {
+    let mut out = None;
+    for part in v.split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let n = part
+            .iter()
+            .fold(0u64, |acc, &d| acc * 10 + u64::from(d - b'0'));
+        if out.is_some_and(|o| o != n) {
+            return None;
+        }
+        out = Some(n);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunked request bodies
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Hex digits of a chunk size.
+    Size,
+    /// Whitespace after the size.
+    SizeWs,
+    /// A chunk extension (ignored) up to the line's CR.
+    Ext,
+    /// The LF ending a size line.
+    SizeLf,
+    /// Chunk data (`size` bytes left).
+    Data,
+    /// The CRLF after chunk data.
+    DataCr,
+    DataLf,
+    /// The start of a trailer line, or the final CRLF.
+    TrailerStart,
+    /// Inside a trailer line (dropped).
+    Trailer,
+    TrailerLf,
+    /// The LF of the final CRLF.
+    EndLf,
+    /// The body ended.
+    Done,
+}
+
+/// What [`Chunked::decode`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Chunk {
+    /// Chunk data (part of a chunk, or all of it).
+    Data(Bytes),
+    /// The end of the body (trailers were dropped).
+    End,
+}
+
+/// A malformed chunked body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ChunkError;
+
+/// An incremental decoder of a chunked request body (RFC 9112 7.1): chunk extensions are ignored,
+/// trailers dropped. Chunk data is split off the read buffer without copying.
+#[derive(Debug)]
+pub(crate) struct Chunked {
+    state: ChunkState,
+    size: u64,
+    digits: u8,
+    ext: usize,
+    trailers: usize,
+}
+
+impl Chunked {
+    pub(crate) fn new() -> Self {
+        Chunked {
+            state: ChunkState::Size,
+            size: 0,
+            digits: 0,
+            ext: 0,
+            trailers: 0,
+        }
+    }
+
+    /// Decodes from the front of `buf`, consuming what it used: `Ok(None)` when `buf` ran out first.
+    pub(crate) fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Chunk>, ChunkError> {
+        use ChunkState::*;
+        loop {
+            match self.state {
+                Done => return Ok(Some(Chunk::End)),
+                Data => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let n = usize::try_from(self.size).map_or(buf.len(), |s| s.min(buf.len()));
+                    self.size -= n as u64;
+                    if self.size == 0 {
+                        self.state = DataCr;
+                    }
+                    return Ok(Some(Chunk::Data(buf.split_to(n).freeze())));
+                }
+                _ => {}
+            }
+            let Some(&b) = buf.first() else {
+                return Ok(None);
+            };
+            buf.advance(1);
+            self.state = match (self.state, b) {
+                (Size, _) if hex(b).is_some() => {
+                    if self.digits == 16 {
+                        return Err(ChunkError);
+                    }
+                    self.digits += 1;
+                    self.size = self.size << 4 | u64::from(hex(b).unwrap_or(0));
+                    Size
+                }
+                (Size | SizeWs, b' ' | b'\t') if self.digits > 0 => SizeWs,
+                (Size | SizeWs, b';') if self.digits > 0 => Ext,
+                (Size | SizeWs, b'\r') if self.digits > 0 => SizeLf,
+                (Ext, b'\r') => SizeLf,
+                (Ext, _) => {
+                    self.ext += 1;
+                    if self.ext > MAX_CHUNK_EXT {
+                        return Err(ChunkError);
+                    }
+                    Ext
+                }
+                (SizeLf, b'\n') => {
+                    self.digits = 0;
+                    self.ext = 0;
+                    if self.size == 0 {
+                        TrailerStart
+                    } else {
+                        Data
+                    }
+                }
+                (DataCr, b'\r') => DataLf,
+                (DataLf, b'\n') => Size,
+                (TrailerStart, b'\r') => EndLf,
+                (TrailerStart | Trailer, _) => {
+                    self.trailers += 1;
+                    if self.trailers > MAX_TRAILERS {
+                        return Err(ChunkError);
+                    }
+                    if b == b'\r' {
+                        TrailerLf
+                    } else {
+                        Trailer
+                    }
+                }
+                (TrailerLf, b'\n') => TrailerStart,
+                (EndLf, b'\n') => Done,
+                _ => return Err(ChunkError),
+            };
+        }
+    }
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The connection state shared with request bodies
+// ---------------------------------------------------------------------------------------------
+
+/// Why reading an HTTP/1.1 request body failed.
+#[derive(Debug)]
+pub struct BodyError(BodyErrorKind);
+
+#[derive(Debug)]
+enum BodyErrorKind {
+    Io(io::ErrorKind),
+    Eof,
+    Chunked,
+    /// The exchange the body belonged to is over.
+    Gone,
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            BodyErrorKind::Io(k) => {
+                write!(f, "client connection error while reading the body: {k}")
+            }
+            BodyErrorKind::Eof => f.write_str("client closed the connection before the body ended"),
+            BodyErrorKind::Chunked => f.write_str("malformed chunked request body"),
+            BodyErrorKind::Gone => f.write_str("request body read after its exchange ended"),
+        }
+    }
+}
+
+impl std::error::Error for BodyError {}
+
+/// What is left of the current exchange's request body on the connection.
+#[derive(Debug)]
+enum Rest {
+    /// Nothing (no body, or read to its end).
+    None,
+    /// `Content-Length` bytes left (more than zero).
+    Length(u64),
+    Chunked(Chunked),
+    /// Reading it failed: the connection cannot carry another request.
+    Failed,
+}
+
+/// A client connection's I/O and read side, shared by the connection loop and the request body.
+struct Conn<I> {
+    io: I,
+    rbuf: BytesMut,
+    /// The exchange whose body may read (a stale body of an earlier one gets an error).
+    seq: u64,
+    rest: Rest,
+    /// Whether the [`RequestBody`] of exchange `seq` still exists.
+    alive: bool,
+    /// `100 Continue` to send when the body is first polled (bytes of it written so far).
+    cont: Option<usize>,
+    /// The response head has started going out: no `100 Continue` any more.
+    responded: bool,
+    /// Body bytes read so far (a slow body still moving is not idle).
+    progress: u64,
+    /// The connection loop, waiting for the body to end or be dropped.
+    waiter: Option<Waker>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing here is left half-updated by a panic that matters more than serving on.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
+    /// Reads what the socket has into the buffer, making room for at least `want` bytes if there
+    /// is less (so an exchange that still holds slices of the buffer does not force a new one).
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        if self.rbuf.capacity() - self.rbuf.len() < want.max(1) {
+            self.rbuf.reserve(want.max(READ_CHUNK));
+        }
+        let read = self.io.read_buf(&mut self.rbuf);
+        pin!(read).poll(cx)
+    }
+
+    fn wake_waiter(&mut self) {
+        if let Some(w) = self.waiter.take() {
+            w.wake();
+        }
+    }
+
+    fn fail(&mut self, e: BodyErrorKind) -> Poll<Option<Result<Bytes, BodyError>>> {
+        self.rest = Rest::Failed;
+        self.wake_waiter();
+        Poll::Ready(Some(Err(BodyError(e))))
+    }
+
+    fn poll_continue(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while let Some(off) = self.cont {
+            if self.responded || !self.rbuf.is_empty() {
+                // Too late (the response is going out), or the client did not wait.
+                self.cont = None;
+                break;
+            }
+            if off == CONTINUE.len() {
+                ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+                self.cont = None;
+                break;
+            }
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &CONTINUE[off..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.cont = Some(off + n);
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// The next piece of the current request body.
+    fn poll_body(
+        &mut self,
+        seq: u64,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Bytes, BodyError>>> {
+        if seq != self.seq {
+            return Poll::Ready(Some(Err(BodyError(BodyErrorKind::Gone))));
+        }
+        if let Err(e) = ready!(self.poll_continue(cx)) {
+            return self.fail(BodyErrorKind::Io(e.kind()));
+        }
+        loop {
+            let want = match &mut self.rest {
+                Rest::None => return Poll::Ready(None),
+                Rest::Failed => return Poll::Ready(Some(Err(BodyError(BodyErrorKind::Eof)))),
+                Rest::Length(left) => {
+                    if !self.rbuf.is_empty() {
+                        let n = usize::try_from(*left)
+                            .map_or(self.rbuf.len(), |l| l.min(self.rbuf.len()));
+                        *left -= n as u64;
+                        if *left == 0 {
+                            self.rest = Rest::None;
+                            self.wake_waiter();
+                        }
+                        self.progress += n as u64;
+                        return Poll::Ready(Some(Ok(self.rbuf.split_to(n).freeze())));
+                    }
+                    usize::try_from(*left).map_or(BODY_READ_MAX, |l| l.min(BODY_READ_MAX))
+                }
+                Rest::Chunked(d) => match d.decode(&mut self.rbuf) {
+                    Ok(Some(Chunk::Data(b))) => {
+                        self.progress += b.len() as u64;
+                        return Poll::Ready(Some(Ok(b)));
+                    }
+                    Ok(Some(Chunk::End)) => {
+                        self.rest = Rest::None;
+                        self.wake_waiter();
+                        return Poll::Ready(None);
+                    }
+                    Ok(None) => match d.state {
+                        ChunkState::Data => usize::try_from(d.size)
+                            .map_or(BODY_READ_MAX, |l| l.clamp(READ_CHUNK, BODY_READ_MAX)),
+                        _ => READ_CHUNK,
+                    },
+                    Err(ChunkError) => return self.fail(BodyErrorKind::Chunked),
+                },
+            };
+            match ready!(self.poll_fill(cx, want)) {
+                Ok(0) => return self.fail(BodyErrorKind::Eof),
+                Ok(_) => {}
+                Err(e) => return self.fail(BodyErrorKind::Io(e.kind())),
+            }
+        }
+    }
+}
+
+/// The request body's view of its connection (the I/O type erased).
+trait Source: Send + Sync {
+    fn poll_body(&self, seq: u64, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>>;
+    fn release(&self, seq: u64);
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin + Send> Source for Mutex<Conn<I>> {
+    fn poll_body(&self, seq: u64, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
+        lock(self).poll_body(seq, cx)
+    }
+
+    fn release(&self, seq: u64) {
+        let mut c = lock(self);
+        if c.seq == seq {
+            c.alive = false;
+            c.wake_waiter();
+        }
+    }
+}
+
+/// An HTTP/1.1 request body, read from the client connection as it is polled.
+pub struct RequestBody {
+    src: Arc<dyn Source>,
+    seq: u64,
+    /// Bytes left of a `Content-Length` body (`None`: chunked).
+    left: Option<u64>,
+    ended: bool,
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestBody")
+            .field("left", &self.left)
+            .field("ended", &self.ended)
+            .finish()
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        match ready!(this.src.poll_body(this.seq, cx)) {
+            Some(Ok(data)) => {
+                if let Some(left) = &mut this.left {
+                    *left = left.saturating_sub(data.len() as u64);
+                    this.ended = *left == 0;
+                }
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Some(Err(e)) => {
+                this.ended = true;
+                Poll::Ready(Some(Err(e)))
+            }
+            None => {
+                this.ended = true;
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.left {
+            Some(n) => SizeHint::with_exact(n),
+            None => SizeHint::new(),
+        }
+    }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        self.src.release(self.seq);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Responses
+// ---------------------------------------------------------------------------------------------
+
+/// How a response body is delimited on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Out {
+    /// No body (HEAD, 1xx, 204, 304).
+    Empty,
+    /// `content-length`.
+    Length(u64),
+    /// `transfer-encoding: chunked`.
+    Chunked,
+    /// Until the connection closes (HTTP/1.0 client, length unknown).
+    Close,
+}
+
+/// Writes the response head into `dst` and chooses its framing: `content-length` when the body's
+/// size is known (exact size hint, else the upstream's `content-length`), otherwise chunked
+/// (close-delimited for HTTP/1.0). Clears `keep_alive` when the connection must close after this
+/// response (`Connection: close` from the handler, close-delimited body); says so in the head.
+pub(crate) fn encode_head(
+    dst: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    hint: &SizeHint,
+    head_request: bool,
+    version: Version,
+    keep_alive: &mut bool,
+) -> Out {
+    dst.clear();
+    if status == StatusCode::OK {
+        dst.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    } else {
+        dst.extend_from_slice(b"HTTP/1.1 ");
+        dst.extend_from_slice(status.as_str().as_bytes());
+        dst.push(b' ');
+        // A reason phrase must be there for some parsers.
+        dst.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    }
+    let mut length: Option<u64> = None;
+    let mut has_date = false;
+    for (name, value) in headers {
+        if *name == header::CONTENT_LENGTH {
+            length = content_length(value.as_bytes());
+            continue;
+        }
+        if *name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        if *name == header::CONNECTION {
+            if value
+                .as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+            {
+                *keep_alive = false;
+            }
+            continue;
+        }
+        has_date |= *name == header::DATE;
+        dst.extend_from_slice(name.as_str().as_bytes());
+        dst.extend_from_slice(b": ");
+        dst.extend_from_slice(value.as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    }
+    let code = status.as_u16();
+    let put_length = |dst: &mut Vec<u8>, n: u64| {
+        dst.extend_from_slice(b"content-length: ");
+        dst.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    };
+    let out = if code < 200 || code == 204 {
+        Out::Empty
+    } else if head_request || code == 304 {
+        // The length of the body a GET would have had, as the upstream said.
+        if let Some(n) = length {
+            put_length(dst, n);
+        }
+        Out::Empty
+    } else if let Some(n) = hint.exact().or(length) {
+        put_length(dst, n);
+        Out::Length(n)
+    } else if version == Version::HTTP_11 {
+        dst.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Out::Chunked
+    } else {
+        *keep_alive = false;
+        Out::Close
+    };
+    if !*keep_alive {
+        dst.extend_from_slice(b"connection: close\r\n");
+    } else if version == Version::HTTP_10 {
+        dst.extend_from_slice(b"connection: keep-alive\r\n");
+    }
+    if !has_date {
+        dst.extend_from_slice(b"date: ");
+        push_date(dst);
+        dst.extend_from_slice(b"\r\n");
+    }
+    dst.extend_from_slice(b"\r\n");
+    out
+}
+
+thread_local! {
+    /// The `date` value of the current second (formatted once a second per thread).
+    static DATE: RefCell<(u64, [u8; 29])> = const { RefCell::new((0, [b' '; 29])) };
+}
+
+fn push_date(dst: &mut Vec<u8>) {
+    let now = SystemTime::now();
+    let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with(|d| {
+        let mut d = d.borrow_mut();
+        if d.0 != secs {
+            // IMF-fixdate is always 29 bytes.
+            let mut out = &mut d.1[..];
+            let _ = write!(out, "{}", httpdate::HttpDate::from(now));
+            d.0 = secs;
+        }
+        dst.extend_from_slice(&d.1);
+    });
+}
+
+/// Frame data up to this size is copied behind the head or chunk header and goes out in one
+/// `write`; larger data is written from where it is (`writev`).
+const COPY_MAX: usize = 16 * 1024;
+
+/// Appends one data frame to `dst` with its framing (a chunk header, and the chunk's CRLF); `false`
+/// when `data` is too large to copy and is to be written after `dst` (then followed by the CRLF).
+fn frame_data(dst: &mut Vec<u8>, out: Out, data: &Bytes) -> bool {
+    let chunked = out == Out::Chunked;
+    if chunked {
+        let mut hexbuf = [0u8; 16];
+        let mut n = data.len();
+        let mut i = hexbuf.len();
+        loop {
+            i -= 1;
+            hexbuf[i] = b"0123456789abcdef"[n & 0xf];
+            n >>= 4;
+            if n == 0 {
+                break;
+            }
+        }
+        dst.extend_from_slice(&hexbuf[i..]);
+        dst.extend_from_slice(b"\r\n");
+    }
+    if data.len() <= COPY_MAX {
+        dst.extend_from_slice(data);
+        if chunked {
+            dst.extend_from_slice(b"\r\n");
+        }
+        true
+    } else {
+        false
+    }
+}
+
+/// Appends chunked trailers (the last chunk, the fields, the blank line).
+fn encode_trailers(dst: &mut Vec<u8>, trailers: &HeaderMap) {
+    dst.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers {
+        dst.extend_from_slice(name.as_str().as_bytes());
+        dst.extend_from_slice(b": ");
+        dst.extend_from_slice(value.as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    }
+    dst.extend_from_slice(b"\r\n");
+}
+
+// ---------------------------------------------------------------------------------------------
+// The connection loop
+// ---------------------------------------------------------------------------------------------
+
+/// The client went away (or its connection failed): the exchange is dropped.
+struct Gone;
+
+/// What waiting for a request head ended with.
+// Returned once per request and matched at once; boxing the head would cost an allocation each.
+#[allow(clippy::large_enum_variant)]
+enum Next {
+    Head(Head),
+    /// The connection starts with the HTTP/2 preface.
+    H2,
+    /// Refused before routing (431, 400); then closed.
+    Refuse(Local),
+    /// Closed by the client, a timeout, or shutdown.
+    Close,
+}
+
+/// Serves HTTP/1.1 on `io` until the connection ends. Returns the I/O and the bytes already read
+/// when the connection turns out to be HTTP/2 (prior knowledge), for hyper to serve.
+pub(super) async fn serve<I>(
+    io: I,
+    ctx: Arc<ConnCtx>,
+    mut stop: watch::Receiver<bool>,
+    limits: Limits,
+) -> Option<(I, Bytes)>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    // One allocation each per connection: the shared state, the timer and the stop signal.
+    let shared = Arc::new(Mutex::new(Conn {
+        io,
+        rbuf: BytesMut::with_capacity(READ_CHUNK),
+        seq: 0,
+        rest: Rest::None,
+        alive: false,
+        cont: None,
+        responded: false,
+        progress: 0,
+        waiter: None,
+    }));
+    let closing = *stop.borrow_and_update();
+    let mut d = Driver {
+        timer: Box::pin(tokio::time::sleep_until(ctx.opened + limits.idle_timeout)),
+        stop: Box::pin(async move {
+            // A dropped sender (the server is gone) stops too.
+            let _ = stop.changed().await;
+        }),
+        shared,
+        ctx,
+        limits,
+        wbuf: Vec::with_capacity(1024),
+        heads: HeadReader::default(),
+        head_start: None,
+        first: true,
+        closing,
+    };
+    loop {
+        let head = match poll_fn(|cx| d.poll_head(cx)).await {
+            Next::Head(h) => h,
+            Next::H2 => {
+                drop(d.timer);
+                let conn = Arc::try_unwrap(d.shared).ok()?;
+                let c = conn.into_inner().unwrap_or_else(PoisonError::into_inner);
+                return Some((c.io, c.rbuf.freeze()));
+            }
+            Next::Refuse(l) => {
+                let (parts, body) = respond::local(l).into_parts();
+                let mut keep = false;
+                if d.respond(parts, body, false, Version::HTTP_11, &mut keep)
+                    .await
+                    .is_ok()
+                {
+                    d.close().await;
+                }
+                return None;
+            }
+            Next::Close => {
+                d.close().await;
+                return None;
+            }
+        };
+        match d.exchange(head).await {
+            Ok(true) => {}
+            Ok(false) => {
+                d.close().await;
+                return None;
+            }
+            Err(Gone) => return None,
+        }
+    }
+}
+
+struct Driver<I> {
+    shared: Arc<Mutex<Conn<I>>>,
+    ctx: Arc<ConnCtx>,
+    limits: Limits,
+    /// Idle, head, drain and body-wait deadlines, one at a time. Re-armed lazily: it may fire
+    /// early, and then it is reset to the deadline that applies, so a request costs no timer update.
+    timer: Pin<Box<Sleep>>,
+    stop: Pin<Box<dyn Future<Output = ()> + Send>>,
+    /// The response head (and small body frames) being written.
+    wbuf: Vec<u8>,
+    heads: HeadReader,
+    /// When the first byte of an incomplete head was seen.
+    head_start: Option<Instant>,
+    /// No head was read yet (the HTTP/2 preface can still come).
+    first: bool,
+    /// Shutting down: no new exchange, and the current one says `connection: close`.
+    closing: bool,
+}
+
+impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
+    fn poll_stop(&mut self, cx: &mut Context<'_>) {
+        if !self.closing && self.stop.as_mut().poll(cx).is_ready() {
+            self.closing = true;
+        }
+    }
+
+    /// Whether `deadline` has passed; otherwise the timer wakes the task by then.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>, deadline: Instant) -> bool {
+        loop {
+            if self.timer.deadline() > deadline {
+                self.timer.as_mut().reset(deadline);
+            }
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            if Instant::now() >= deadline {
+                return true;
+            }
+            // Fired for an earlier deadline: wait for this one.
+            self.timer.as_mut().reset(deadline);
+        }
+    }
+
+    fn idle_deadline(&self) -> Instant {
+        let last = self
+            .ctx
+            .last_active_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        self.ctx.opened + Duration::from_millis(last) + self.limits.idle_timeout
+    }
+
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
+        self.poll_stop(cx);
+        {
+            let mut c = lock(&self.shared);
+            loop {
+                let buffered = c.rbuf.len();
+                if self.first && c.rbuf.starts_with(H2_PREFACE) {
+                    return Poll::Ready(Next::H2);
+                }
+                if self.first && buffered > 0 && H2_PREFACE.starts_with(&c.rbuf) {
+                    // Could still be the HTTP/2 preface: read on.
+                } else if buffered > 0 {
+                    match self.heads.read(&mut c.rbuf, self.limits.max_head) {
+                        Ok(Some(h)) => {
+                            self.head_start = None;
+                            self.first = false;
+                            return Poll::Ready(Next::Head(h));
+                        }
+                        Ok(None) => {}
+                        Err(HeadError::TooLarge) => {
+                            return Poll::Ready(Next::Refuse(Local::HeadersTooLarge))
+                        }
+                        Err(HeadError::Malformed) => {
+                            return Poll::Ready(Next::Refuse(Local::BadRequest))
+                        }
+                    }
+                }
+                if self.closing {
+                    // Graceful shutdown: a connection between exchanges closes at once.
+                    return Poll::Ready(Next::Close);
+                }
+                if !c.rbuf.is_empty() && self.head_start.is_none() {
+                    // A head has started; from now on it has header_read_timeout to complete.
+                    let now = Instant::now();
+                    self.head_start = Some(now);
+                    let deadline = now + self.limits.head_timeout;
+                    if self.timer.deadline() > deadline {
+                        self.timer.as_mut().reset(deadline);
+                    }
+                }
+                match c.poll_fill(cx, READ_CHUNK / 8) {
+                    Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Next::Close),
+                    Poll::Ready(Ok(_)) => {}
+                    Poll::Pending => break,
+                }
+            }
+        }
+        let deadline = match self.head_start {
+            Some(t) => t + self.limits.head_timeout,
+            None => self.idle_deadline(),
+        };
+        if self.poll_deadline(cx, deadline) {
+            if self.head_start.is_some() {
+                tracing::debug!("request head not complete within header_read_timeout");
+            }
+            return Poll::Ready(Next::Close);
+        }
+        Poll::Pending
+    }
+
+    /// One exchange: the handler, the response, the request body's rest. `Ok(keep_alive)`.
+    async fn exchange(&mut self, head: Head) -> Result<bool, Gone> {
+        let Head {
+            req,
+            framing,
+            mut keep_alive,
+            expect_continue,
+        } = head;
+        let head_request = req.method() == Method::HEAD;
+        let version = req.version();
+        let body = match framing {
+            Framing::None => ClientBody::Empty,
+            Framing::Length(_) | Framing::Chunked => {
+                let mut c = lock(&self.shared);
+                c.seq += 1;
+                c.rest = match framing {
+                    Framing::Length(n) => Rest::Length(n),
+                    _ => Rest::Chunked(Chunked::new()),
+                };
+                c.alive = true;
+                c.cont = (expect_continue && c.rbuf.is_empty()).then_some(0);
+                c.responded = false;
+                ClientBody::H1 {
+                    inner: RequestBody {
+                        src: self.shared.clone(),
+                        seq: c.seq,
+                        left: match framing {
+                            Framing::Length(n) => Some(n),
+                            _ => None,
+                        },
+                        ended: false,
+                    },
+                }
+            }
+        };
+        let resp = {
+            let mut handler = pin!(super::handle(&self.ctx, req.map(|()| body)));
+            let (shared, stop, closing) = (&self.shared, &mut self.stop, &mut self.closing);
+            poll_fn(|cx| {
+                if let Poll::Ready(r) = handler.as_mut().poll(cx) {
+                    return Poll::Ready(Some(r));
+                }
+                if !*closing && stop.as_mut().poll(cx).is_ready() {
+                    *closing = true;
+                }
+                if client_gone(shared, cx) {
+                    return Poll::Ready(None);
+                }
+                Poll::Pending
+            })
+            .await
+        };
+        let Some(resp) = resp else {
+            tracing::debug!("client closed the connection during the exchange");
+            return Err(Gone);
+        };
+        keep_alive &= !self.closing;
+        let (parts, resp_body) = resp.into_parts();
+        let complete = self
+            .respond(parts, resp_body, head_request, version, &mut keep_alive)
+            .await?;
+        let settled = self.settle().await;
+        Ok(keep_alive && complete && settled && !self.closing)
+    }
+
+    /// Writes one response. `Ok(false)` when its body could not be delimited correctly (the
+    /// connection must close).
+    async fn respond(
+        &mut self,
+        parts: http::response::Parts,
+        body: RespBody,
+        head_request: bool,
+        version: Version,
+        keep_alive: &mut bool,
+    ) -> Result<bool, Gone> {
+        {
+            let mut c = lock(&self.shared);
+            c.responded = true;
+            if c.cont.is_some() {
+                // The client holds its body back for a `100 Continue` that will not come now; it
+                // may send it anyway later, so the connection cannot carry another request.
+                *keep_alive = false;
+            }
+        }
+        let out = encode_head(
+            &mut self.wbuf,
+            parts.status,
+            &parts.headers,
+            &body.size_hint(),
+            head_request,
+            version,
+            keep_alive,
+        );
+        drop(parts);
+        let mut body = pin!(body);
+        if out == Out::Empty || body.is_end_stream() {
+            if out == Out::Chunked {
+                self.wbuf.extend_from_slice(b"0\r\n\r\n");
+            }
+            self.write(&[]).await?;
+            return Ok(!matches!(out, Out::Length(n) if n > 0) && out != Out::Close);
+        }
+        let mut left = match out {
+            Out::Length(n) => n,
+            _ => u64::MAX,
+        };
+        // The first frame, if the body has it already, goes out with the head.
+        let mut first = Some(poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await);
+        loop {
+            let frame = match first.take() {
+                Some(Poll::Ready(f)) => f,
+                Some(Poll::Pending) => {
+                    // Nothing yet: the head goes out alone (a stream's head must not wait).
+                    self.write(&[]).await?;
+                    continue;
+                }
+                None => {
+                    let (shared, stop, closing) = (&self.shared, &mut self.stop, &mut self.closing);
+                    let next = poll_fn(|cx| {
+                        if let Poll::Ready(f) = body.as_mut().poll_frame(cx) {
+                            return Poll::Ready(Some(f));
+                        }
+                        if !*closing && stop.as_mut().poll(cx).is_ready() {
+                            *closing = true;
+                        }
+                        if client_gone(shared, cx) {
+                            return Poll::Ready(None);
+                        }
+                        Poll::Pending
+                    })
+                    .await;
+                    match next {
+                        Some(f) => f,
+                        None => return Err(Gone),
+                    }
+                }
+            };
+            match frame {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(mut data) => {
+                        if data.is_empty() {
+                            continue;
+                        }
+                        let mut end = body.is_end_stream();
+                        let mut complete = true;
+                        if let Out::Length(_) = out {
+                            if data.len() as u64 > left {
+                                // More than the length said: cut, and close after.
+                                tracing::debug!("response body longer than its content-length");
+                                data.truncate(usize::try_from(left).unwrap_or(usize::MAX));
+                                (end, complete) = (true, false);
+                            }
+                            left -= data.len() as u64;
+                        }
+                        let copied = frame_data(&mut self.wbuf, out, &data);
+                        let chunked = out == Out::Chunked;
+                        if copied {
+                            if end && chunked {
+                                self.wbuf.extend_from_slice(b"0\r\n\r\n");
+                            }
+                            self.write(&[]).await?;
+                        } else {
+                            let tail: &[u8] = match (chunked, end) {
+                                (true, true) => b"\r\n0\r\n\r\n",
+                                (true, false) => b"\r\n",
+                                (false, _) => b"",
+                            };
+                            self.write(&[&data, tail]).await?;
+                        }
+                        if end {
+                            return Ok(complete && ended_ok(out, left));
+                        }
+                    }
+                    Err(frame) => {
+                        if let (Ok(trailers), Out::Chunked) = (frame.into_trailers(), out) {
+                            self.wbuf.clear();
+                            encode_trailers(&mut self.wbuf, &trailers);
+                            self.write(&[]).await?;
+                            return Ok(true);
+                        }
+                    }
+                },
+                Some(Err(e)) => {
+                    // The upstream's body failed: the client must not take a cut body for a
+                    // whole one, so no terminating chunk, and the connection closes.
+                    tracing::debug!(error = %e, "response body failed");
+                    return Err(Gone);
+                }
+                None => {
+                    if out == Out::Chunked {
+                        self.wbuf.clear();
+                        self.wbuf.extend_from_slice(b"0\r\n\r\n");
+                        self.write(&[]).await?;
+                    } else if !self.wbuf.is_empty() {
+                        self.write(&[]).await?;
+                    }
+                    return Ok(ended_ok(out, left));
+                }
+            }
+        }
+    }
+
+    /// Writes `wbuf` (then clears it) and flushes.
+    async fn write(&mut self, extra: &[&[u8]]) -> Result<(), Gone> {
+        let r = write_all(&self.shared, &self.wbuf, extra).await;
+        self.wbuf.clear();
+        r.map_err(|e| {
+            tracing::debug!(error = %e, "writing to the client failed");
+            Gone
+        })
+    }
+
+    /// After the response: waits while someone still reads the request body (an upstream connection
+    /// finishing an upload), then drains a small unread rest. `false`: the connection must close.
+    async fn settle(&mut self) -> bool {
+        let mut drained: u64 = 0;
+        // The body's progress when last seen moving, and when.
+        let mut moving: Option<(u64, Instant)> = None;
+        let mut drain_start: Option<Instant> = None;
+        poll_fn(|cx| loop {
+            let mut c = lock(&self.shared);
+            match &c.rest {
+                Rest::None => return Poll::Ready(true),
+                Rest::Failed => return Poll::Ready(false),
+                Rest::Length(n) if !c.alive && *n > DRAIN_MAX.saturating_sub(drained) => {
+                    return Poll::Ready(false)
+                }
+                _ => {}
+            }
+            if c.alive {
+                // Waited on as long as it moves: idle_timeout without progress closes.
+                let progress = c.progress;
+                c.waiter = Some(cx.waker().clone());
+                drop(c);
+                let since = match moving {
+                    Some((p, t)) if p == progress => t,
+                    _ => {
+                        let now = Instant::now();
+                        moving = Some((progress, now));
+                        now
+                    }
+                };
+                if self.poll_deadline(cx, since + self.limits.idle_timeout) {
+                    return Poll::Ready(false);
+                }
+                return Poll::Pending;
+            }
+            if c.cont.is_some() || drained > DRAIN_MAX {
+                return Poll::Ready(false);
+            }
+            let seq = c.seq;
+            match c.poll_body(seq, cx) {
+                Poll::Ready(Some(Ok(b))) => drained += b.len() as u64,
+                Poll::Ready(None) => return Poll::Ready(true),
+                Poll::Ready(Some(Err(_))) => return Poll::Ready(false),
+                Poll::Pending => {
+                    drop(c);
+                    let start = *drain_start.get_or_insert_with(Instant::now);
+                    if self.poll_deadline(cx, start + self.limits.head_timeout) {
+                        return Poll::Ready(false);
+                    }
+                    return Poll::Pending;
+                }
+            }
+        })
+        .await
+    }
+
+    /// Closes the write side (a TLS `close_notify` first), bounded by `header_read_timeout`.
+    async fn close(&mut self) {
+        let shared = &self.shared;
+        let _ = tokio::time::timeout(
+            self.limits.head_timeout,
+            poll_fn(|cx| Pin::new(&mut lock(shared).io).poll_shutdown(cx)),
+        )
+        .await;
+    }
+}
+
+/// Whether a length-delimited body got all its bytes (otherwise the connection must close).
+fn ended_ok(out: Out, left: u64) -> bool {
+    match out {
+        Out::Length(_) => left == 0,
+        Out::Close => false,
+        Out::Empty | Out::Chunked => true,
+    }
+}
+
+/// Between a request and its response, whether the client closed the connection (as hyper: only
+/// once the request body is read and nothing is buffered; bytes of a pipelined request are kept).
+fn client_gone<I: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Mutex<Conn<I>>,
+    cx: &mut Context<'_>,
+) -> bool {
+    let mut c = lock(shared);
+    if !matches!(c.rest, Rest::None) || !c.rbuf.is_empty() {
+        return false;
+    }
+    matches!(c.poll_fill(cx, 1), Poll::Ready(Ok(0)) | Poll::Ready(Err(_)))
+}
+
+/// Writes `head` then each of `rest`, then flushes.
+async fn write_all<I: AsyncWrite + Unpin>(
+    shared: &Mutex<Conn<I>>,
+    head: &[u8],
+    rest: &[&[u8]],
+) -> io::Result<()> {
+    // (part index, offset in it); part 0 is `head`.
+    let mut at = (0usize, 0usize);
+    let part = |i: usize| -> &[u8] {
+        if i == 0 {
+            head
+        } else {
+            rest.get(i - 1).copied().unwrap_or(&[])
+        }
+    };
+    let parts = 1 + rest.len();
+    poll_fn(|cx| {
+        let mut c = lock(shared);
+        loop {
+            while at.0 < parts && at.1 >= part(at.0).len() {
+                at = (at.0 + 1, 0);
+            }
+            if at.0 == parts {
+                return Pin::new(&mut c.io).poll_flush(cx);
+            }
+            let n = if at.0 + 1 < parts && c.io.is_write_vectored() {
+                let mut slices = [IoSlice::new(&[]); 3];
+                slices[0] = IoSlice::new(&part(at.0)[at.1..]);
+                let mut k = 1;
+                for i in at.0 + 1..parts.min(at.0 + 3) {
+                    slices[k] = IoSlice::new(part(i));
+                    k += 1;
+                }
+                ready!(Pin::new(&mut c.io).poll_write_vectored(cx, &slices[..k]))?
+            } else {
+                ready!(Pin::new(&mut c.io).poll_write(cx, &part(at.0)[at.1..]))?
+            };
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            // Advance over what was written, across parts.
+            let mut n = n;
+            while n > 0 && at.0 < parts {
+                let avail = part(at.0).len() - at.1;
+                if n < avail {
+                    at.1 += n;
+                    n = 0;
+                } else {
+                    n -= avail;
+                    at = (at.0 + 1, 0);
+                }
+            }
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Feeds `input` in pieces cut at `cuts` (positions, any order), reading heads after each piece
+    /// as the connection loop does; returns the heads and what is left buffered.
+    fn heads_in_pieces(input: &[u8], cuts: &[usize]) -> (Vec<Result<Head, HeadError>>, Vec<u8>) {
+        let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(input.len())).collect();
+        cuts.push(input.len());
+        cuts.sort_unstable();
+        let mut reader = HeadReader::default();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut at = 0;
+        for cut in cuts {
+            buf.extend_from_slice(&input[at..cut]);
+            at = cut;
+            loop {
+                match reader.read(&mut buf, 4096) {
+                    Ok(Some(h)) => out.push(Ok(h)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        out.push(Err(e));
+                        return (out, buf.to_vec());
+                    }
+                }
+            }
+        }
+        (out, buf.to_vec())
+    }
+
+    fn summary(h: &Result<Head, HeadError>) -> String {
+        match h {
+            Ok(h) => format!(
+                "{} {} {:?} {:?} ka={} ec={} {:?}",
+                h.req.method(),
+                h.req.uri(),
+                h.req.version(),
+                h.framing,
+                h.keep_alive,
+                h.expect_continue,
+                h.req.headers()
+            ),
+            Err(e) => format!("{e:?}"),
+        }
+    }
+
+    const PIPELINE: &[u8] = b"\r\nGET /a?x=1 HTTP/1.1\r\nHost: a\r\nX-Many: 1\r\nx-many: 2\r\n\r\n\
+        POST /b HTTP/1.1\r\nHost: b\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n\
+        GET http://c.example/c HTTP/1.0\r\nConnection: keep-alive\r\n\r\n\
+        PUT /d HTTP/1.1\nTransfer-Encoding: gzip, chunked\nConnection: close\n\nGET /e";
+
+    #[test]
+    fn pipelined_heads_parse_with_their_framing_and_connection_rules() {
+        let (heads, rest) = heads_in_pieces(PIPELINE, &[]);
+        assert_eq!(heads.len(), 4);
+        let h: Vec<&Head> = heads.iter().map(|h| h.as_ref().unwrap()).collect();
+        assert_eq!(h[0].req.uri(), "/a?x=1");
+        assert_eq!(h[0].req.headers().get_all("x-many").iter().count(), 2);
+        assert_eq!((h[0].framing, h[0].keep_alive), (Framing::None, true));
+        assert_eq!(h[1].framing, Framing::Length(3));
+        assert!(h[1].expect_continue);
+        assert_eq!(h[2].req.uri().host(), Some("c.example"));
+        assert_eq!(h[2].req.version(), Version::HTTP_10);
+        assert!(h[2].keep_alive, "HTTP/1.0 with keep-alive");
+        assert_eq!((h[3].framing, h[3].keep_alive), (Framing::Chunked, false));
+        assert_eq!(rest, b"GET /e");
+    }
+
+    #[test]
+    fn bad_heads_are_refused() {
+        let cases: &[(&[u8], HeadError)] = &[
+            (b"GARBAGE\r\n\r\n", HeadError::Malformed),
+            (b"GET / HTTP/9.9\r\n\r\n", HeadError::Malformed),
+            (
+                b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1x\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n",
+                HeadError::Malformed,
+            ),
+        ];
+        for (input, want) in cases {
+            let (heads, _) = heads_in_pieces(input, &[]);
+            assert_eq!(heads.len(), 1, "{input:?}");
+            assert_eq!(heads[0].as_ref().err(), Some(want), "{input:?}");
+        }
+        // Equal repeated lengths are one length.
+        let (heads, _) = heads_in_pieces(b"POST / HTTP/1.1\r\nContent-Length: 2, 2\r\n\r\n", &[]);
+        assert_eq!(heads[0].as_ref().unwrap().framing, Framing::Length(2));
+        // Too many lines, and too many bytes (complete or not).
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
+        let (heads, _) = heads_in_pieces(format!("GET / HTTP/1.1\r\n{many}\r\n").as_bytes(), &[]);
+        assert_eq!(heads[0].as_ref().err(), Some(&HeadError::TooLarge));
+        let big = "a".repeat(5000);
+        let (heads, _) = heads_in_pieces(
+            format!("GET / HTTP/1.1\r\nx: {big}\r\n\r\n").as_bytes(),
+            &[],
+        );
+        assert_eq!(heads[0].as_ref().err(), Some(&HeadError::TooLarge));
+        let (heads, _) = heads_in_pieces(format!("GET / HTTP/1.1\r\nx: {big}").as_bytes(), &[]);
+        assert_eq!(heads[0].as_ref().err(), Some(&HeadError::TooLarge));
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_of_the_input_gives_the_same_heads(cuts in prop::collection::vec(0usize..400, 0..24)) {
+            let (whole, whole_rest) = heads_in_pieces(PIPELINE, &[]);
+            let (split, split_rest) = heads_in_pieces(PIPELINE, &cuts);
+            let a: Vec<String> = whole.iter().map(summary).collect();
+            let b: Vec<String> = split.iter().map(summary).collect();
+            prop_assert_eq!(a, b);
+            prop_assert_eq!(whole_rest, split_rest);
+        }
+
+        #[test]
+        fn any_split_of_a_chunked_body_decodes_the_same(
+            chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 1..300), 0..8),
+            cuts in prop::collection::vec(0usize..3000, 0..30),
+            ext in any::<bool>(),
+            trailers in any::<bool>(),
+        ) {
+            let mut wire = Vec::new();
+            let mut want = Vec::new();
+            for c in &chunks {
+                wire.extend_from_slice(format!("{:X}", c.len()).as_bytes());
+                if ext {
+                    wire.extend_from_slice(b" ;name=\"v\"");
+                }
+                wire.extend_from_slice(b"\r\n");
+                wire.extend_from_slice(c);
+                wire.extend_from_slice(b"\r\n");
+                want.extend_from_slice(c);
+            }
+            wire.extend_from_slice(b"0\r\n");
+            if trailers {
+                wire.extend_from_slice(b"x-sum: 1\r\nx-other: 2\r\n");
+            }
+            wire.extend_from_slice(b"\r\nNEXT");
+            let mut cuts: Vec<usize> = cuts.iter().map(|&c| c.min(wire.len())).collect();
+            cuts.push(wire.len());
+            cuts.sort_unstable();
+            let mut d = Chunked::new();
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            let mut ended = false;
+            let mut at = 0;
+            for cut in cuts {
+                buf.extend_from_slice(&wire[at..cut]);
+                at = cut;
+                while !ended {
+                    match d.decode(&mut buf) {
+                        Ok(Some(Chunk::Data(b))) => got.extend_from_slice(&b),
+                        Ok(Some(Chunk::End)) => ended = true,
+                        Ok(None) => break,
+                        Err(e) => prop_assert!(false, "{:?}", e),
+                    }
+                }
+            }
+            prop_assert!(ended);
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(&buf[..], b"NEXT");
+        }
+
+        #[test]
+        fn garbage_never_panics_the_parsers(input in prop::collection::vec(any::<u8>(), 0..600)) {
+            let _ = heads_in_pieces(&input, &[7, 100]);
+            let mut d = Chunked::new();
+            let mut buf = BytesMut::from(&input[..]);
+            while let Ok(Some(Chunk::Data(_))) = d.decode(&mut buf) {}
+        }
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_errors() {
+        for wire in [
+            &b"x\r\n"[..],
+            b"5\r\nhelloX\r\n",
+            b"\r\n",
+            b"11111111111111111\r\n",
+            b"5\n",
+        ] {
+            let mut d = Chunked::new();
+            let mut buf = BytesMut::from(wire);
+            let r = loop {
+                match d.decode(&mut buf) {
+                    Ok(Some(Chunk::Data(_))) => continue,
+                    other => break other,
+                }
+            };
+            assert_eq!(r, Err(ChunkError), "{wire:?}");
+        }
+    }
+
+    fn head_of(
+        status: u16,
+        headers: &[(&str, &str)],
+        hint: SizeHint,
+        head_request: bool,
+        version: Version,
+        keep_alive: bool,
+    ) -> (String, Out, bool) {
+        let mut map = HeaderMap::new();
+        for (k, v) in headers {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let mut dst = Vec::new();
+        let mut keep = keep_alive;
+        let out = encode_head(
+            &mut dst,
+            StatusCode::from_u16(status).unwrap(),
+            &map,
+            &hint,
+            head_request,
+            version,
+            &mut keep,
+        );
+        (String::from_utf8(dst).unwrap(), out, keep)
+    }
+
+    #[test]
+    fn response_framing() {
+        let v11 = Version::HTTP_11;
+        let (h, out, keep) = head_of(
+            200,
+            &[("x-a", "1")],
+            SizeHint::with_exact(5),
+            false,
+            v11,
+            true,
+        );
+        assert!(
+            h.starts_with("HTTP/1.1 200 OK\r\nx-a: 1\r\ncontent-length: 5\r\ndate: "),
+            "{h}"
+        );
+        assert!(h.ends_with(" GMT\r\n\r\n"), "{h}");
+        assert_eq!((out, keep), (Out::Length(5), true));
+        // Unknown length: chunked for HTTP/1.1, close-delimited for HTTP/1.0.
+        let (h, out, _) = head_of(200, &[], SizeHint::new(), false, v11, true);
+        assert!(h.contains("transfer-encoding: chunked\r\n"));
+        assert_eq!(out, Out::Chunked);
+        let (h, out, keep) = head_of(200, &[], SizeHint::new(), false, Version::HTTP_10, true);
+        assert!(h.contains("connection: close\r\n") && !h.contains("transfer-encoding"));
+        assert_eq!((out, keep), (Out::Close, false));
+        // HTTP/1.0 keep-alive is said; the upstream's content-length frames an inexact body.
+        let (h, out, keep) = head_of(
+            200,
+            &[("content-length", "7")],
+            SizeHint::new(),
+            false,
+            Version::HTTP_10,
+            true,
+        );
+        assert!(
+            h.contains("content-length: 7\r\nconnection: keep-alive\r\n"),
+            "{h}"
+        );
+        assert_eq!((out, keep), (Out::Length(7), true));
+        // No body: HEAD keeps the length, 204 drops it, 304 keeps it.
+        let (h, out, _) = head_of(
+            200,
+            &[("content-length", "9")],
+            SizeHint::with_exact(0),
+            true,
+            v11,
+            true,
+        );
+        assert!(h.contains("content-length: 9\r\n"));
+        assert_eq!(out, Out::Empty);
+        let (h, out, _) = head_of(
+            204,
+            &[("content-length", "0")],
+            SizeHint::with_exact(0),
+            false,
+            v11,
+            true,
+        );
+        assert!(!h.contains("content-length") && h.starts_with("HTTP/1.1 204 No Content\r\n"));
+        assert_eq!(out, Out::Empty);
+        // The handler's `connection: close` closes; a date already there is kept.
+        let (h, _, keep) = head_of(
+            431,
+            &[
+                ("connection", "close"),
+                ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+            ],
+            SizeHint::with_exact(0),
+            false,
+            v11,
+            true,
+        );
+        assert!(!keep);
+        assert_eq!(h.matches("connection: close").count(), 1);
+        assert_eq!(h.matches("date: ").count(), 1);
+    }
+}

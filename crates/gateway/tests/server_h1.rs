@@ -1,0 +1,472 @@
+//! The gateway's own HTTP/1.1 server side, spoken to over raw TCP: heads split across reads,
+//! pipelining, HTTP/1.0 and `Connection: close`, chunked bodies, `Expect: 100-continue`, HEAD,
+//! 431/400, the head and idle timers, and a client that goes away mid-response.
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::BodyExt;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Mutex};
+
+fn config(url: &str, limits: &str) -> String {
+    format!(
+        "limits: {{ {limits} }}\nupstreams:\n  u: {{ endpoints: [{{url: '{url}'}}] }}\nroutes:\n  - upstream: u\n"
+    )
+}
+
+/// An upstream that answers with the request body, and the method and target in headers.
+async fn echo() -> Upstream {
+    Upstream::start(
+        "echo",
+        Arc::new(|req: Request<hyper::body::Incoming>| {
+            Box::pin(async move {
+                let method = req.method().to_string();
+                let target = req.uri().to_string();
+                let body = match req.into_body().collect().await {
+                    Ok(b) => b.to_bytes(),
+                    Err(_) => return reply("echo", 400, "body failed"),
+                };
+                let mut r = reply("echo", 200, body);
+                r.headers_mut().insert("x-method", method.parse().unwrap());
+                r.headers_mut().insert("x-target", target.parse().unwrap());
+                r
+            })
+        }),
+    )
+    .await
+}
+
+/// One response read off a raw connection.
+#[derive(Debug)]
+struct Resp {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Resp {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A raw client connection with its read buffer (bytes of the next response are kept).
+struct Raw {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Raw {
+    async fn connect(gw: &Gateway) -> Raw {
+        Raw {
+            s: TcpStream::connect(gw.addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads more; `false` at EOF (or an error).
+    async fn fill(&mut self) -> bool {
+        let mut b = [0u8; 4096];
+        match tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut b))
+            .await
+            .expect("no response within 10 s")
+        {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&b[..n]);
+                true
+            }
+        }
+    }
+
+    async fn take(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(self.fill().await, "EOF before {n} bytes: {:?}", self.buf);
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    async fn line(&mut self) -> String {
+        loop {
+            if let Some(p) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let l = self.take(p + 2).await;
+                return String::from_utf8_lossy(&l[..p]).into_owned();
+            }
+            assert!(self.fill().await, "EOF inside a line: {:?}", self.buf);
+        }
+    }
+
+    /// Reads one response (a HEAD response has no body whatever its headers say).
+    async fn response(&mut self, head_request: bool) -> Resp {
+        let status_line = self.line().await;
+        let status: u16 = status_line
+            .strip_prefix("HTTP/1.1 ")
+            .unwrap_or_else(|| panic!("bad status line {status_line:?}"))[..3]
+            .parse()
+            .unwrap();
+        let mut headers = Vec::new();
+        loop {
+            let l = self.line().await;
+            if l.is_empty() {
+                break;
+            }
+            let (k, v) = l.split_once(':').unwrap();
+            headers.push((k.to_ascii_lowercase(), v.trim().to_owned()));
+        }
+        let mut r = Resp {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if head_request || status == 100 || status == 204 || status == 304 {
+            return r;
+        }
+        if let Some(n) = r.header("content-length") {
+            let n: usize = n.parse().unwrap();
+            r.body = self.take(n).await;
+        } else if r.header("transfer-encoding") == Some("chunked") {
+            loop {
+                let size = usize::from_str_radix(&self.line().await, 16).unwrap();
+                if size == 0 {
+                    while !self.line().await.is_empty() {}
+                    break;
+                }
+                let data = self.take(size + 2).await;
+                r.body.extend_from_slice(&data[..size]);
+            }
+        } else {
+            while self.fill().await {}
+            r.body = std::mem::take(&mut self.buf);
+        }
+        r
+    }
+
+    /// Whether the gateway closes the connection within `secs` (bytes before EOF are kept).
+    async fn closed_within(&mut self, secs: u64) -> bool {
+        let mut b = [0u8; 1024];
+        tokio::time::timeout(Duration::from_secs(secs), async {
+            loop {
+                match self.s.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => self.buf.extend_from_slice(&b[..n]),
+                }
+            }
+        })
+        .await
+        .is_ok()
+    }
+}
+
+#[tokio::test]
+async fn a_head_split_across_many_reads_is_served() {
+    let up = echo().await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let mut c = Raw::connect(&gw).await;
+    let req = b"GET /split?q=1 HTTP/1.1\r\nHost: x\r\nX-Long: abcdefghijklmnopqrstuvwxyz\r\n\r\n";
+    for piece in req.chunks(3) {
+        c.send(piece).await;
+        c.s.flush().await.unwrap();
+        tokio::task::yield_now().await;
+    }
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-target"), Some("/split?q=1"));
+    assert!(r.header("date").is_some(), "{r:?}");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order() {
+    let up = echo().await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let mut c = Raw::connect(&gw).await;
+    c.send(
+        b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n\
+          POST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+          GET /3 HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    for (target, body) in [("/1", ""), ("/2", "hello"), ("/3", "")] {
+        let r = c.response(false).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-target"), Some(target));
+        assert_eq!(r.body, body.as_bytes());
+    }
+    assert_eq!(up.hits(), 3);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn http10_gets_a_delimited_response_and_the_connection_closes() {
+    let up = echo().await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let mut c = Raw::connect(&gw).await;
+    c.send(b"GET /old HTTP/1.0\r\n\r\n").await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-target"), Some("/old"));
+    assert!(
+        r.header("content-length").is_some() || r.header("connection") == Some("close"),
+        "{r:?}"
+    );
+    assert!(
+        r.header("transfer-encoding").is_none(),
+        "no chunked for 1.0"
+    );
+    assert!(c.closed_within(10).await, "HTTP/1.0 connection left open");
+    // With keep-alive asked for, it stays.
+    let mut c = Raw::connect(&gw).await;
+    for _ in 0..2 {
+        c.send(b"GET /ka HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+            .await;
+        let r = c.response(false).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("connection"), Some("keep-alive"));
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn connection_close_is_honoured() {
+    let up = echo().await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let mut c = Raw::connect(&gw).await;
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nGET /never HTTP/1.1\r\n\r\n")
+        .await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(c.closed_within(10).await, "connection left open");
+    assert!(c.buf.is_empty(), "answered past Connection: close");
+    assert_eq!(up.hits(), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_chunked_request_body_is_forwarded_intact() {
+    let up = echo().await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let mut c = Raw::connect(&gw).await;
+    // POST streams (not retried), PUT goes through the retry buffer; extensions and trailers too.
+    for method in ["POST", "PUT"] {
+        c.send(
+            format!(
+                "{method} /c HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+                 5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nx-trailer: t\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await;
+        let r = c.response(false).await;
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (200, &b"hello world"[..]),
+            "{method}"
+        );
+    }
+    // A bigger one, sent in pieces, keeps every byte.
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    c.send(b"POST /big HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await;
+    for part in data.chunks(30_000) {
+        c.send(format!("{:x}\r\n", part.len()).as_bytes()).await;
+        c.send(part).await;
+        c.send(b"\r\n").await;
+    }
+    c.send(b"0\r\n\r\n").await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200);
+    assert!(r.body == data, "chunked body changed in transit");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_before_the_body_is_sent() {
+    let up = echo().await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let mut c = Raw::connect(&gw).await;
+    c.send(b"PUT /e HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .await;
+    // Nothing of the body is sent until the gateway asks for it.
+    let r = c.response(false).await;
+    assert_eq!(r.status, 100);
+    c.send(b"hello").await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"hello"[..]));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_head_response_has_no_body() {
+    let up = Upstream::named("u").await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let mut c = Raw::connect(&gw).await;
+    c.send(b"HEAD / HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let r = c.response(true).await;
+    assert_eq!(r.status, 200);
+    // The next bytes are the GET's response, not a body.
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"u"[..]));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_and_malformed_heads_are_refused_and_the_gateway_serves_on() {
+    let up = Upstream::named("u").await;
+    let gw = Gateway::start(&config(&up.url(), "max_header_bytes: 4KiB")).await;
+    let big = "a".repeat(20 * 1024);
+    let mut c = Raw::connect(&gw).await;
+    c.send(format!("GET / HTTP/1.1\r\nHost: x\r\nx-big: {big}\r\n\r\n").as_bytes())
+        .await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 431);
+    assert_eq!(r.header("x-bulwark-reason"), Some("headers_too_large"));
+    assert!(c.closed_within(10).await);
+    let mut c = Raw::connect(&gw).await;
+    c.send(b"GET / HTTP/1.1\r\nHost x\r\n\r\n").await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 400);
+    assert!(c.closed_within(10).await);
+    let mut c = Raw::connect(&gw).await;
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(c.response(false).await.status, 200);
+    assert_eq!(up.hits(), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_slow_loris_head_is_cut_while_an_idle_keep_alive_connection_lives_on() {
+    let up = Upstream::named("u").await;
+    let gw = Gateway::start(&config(
+        &up.url(),
+        "header_read_timeout: 300ms, idle_timeout: 60s",
+    ))
+    .await;
+    let mut idle = Raw::connect(&gw).await;
+    idle.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(idle.response(false).await.status, 200);
+    let mut slow = Raw::connect(&gw).await;
+    slow.send(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").await;
+    assert!(slow.closed_within(10).await, "slow-loris head not cut");
+    // The idle connection outlived it (several header_read_timeouts) and still serves.
+    idle.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(idle.response(false).await.status, 200);
+    assert_eq!(up.hits(), 2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_gone_mid_response_does_not_stall_the_gateway() {
+    // The upstream streams a body the test feeds; the test keeps the sender to see when the
+    // gateway drops the exchange (the upstream's body is then dropped and sends fail).
+    let (tx_out, mut rx_out) = mpsc::unbounded_channel::<mpsc::Sender<Bytes>>();
+    let tx_out = Arc::new(Mutex::new(tx_out));
+    let up = Upstream::start(
+        "stream",
+        Arc::new(move |req: Request<hyper::body::Incoming>| {
+            let tx_out = tx_out.clone();
+            Box::pin(async move {
+                if req.uri().path() != "/stream" {
+                    return reply("stream", 200, "ok");
+                }
+                let (tx, rx) = mpsc::channel::<Bytes>(1);
+                tx_out.lock().await.send(tx).unwrap();
+                let body = http_body_util::StreamBody::new(futures_util::stream::unfold(
+                    rx,
+                    |mut rx| async move {
+                        rx.recv().await.map(|b| {
+                            (
+                                Ok::<_, std::convert::Infallible>(http_body::Frame::data(b)),
+                                rx,
+                            )
+                        })
+                    },
+                ));
+                http::Response::builder()
+                    .status(200)
+                    .body(http_body_util::BodyExt::boxed(body))
+                    .unwrap()
+            })
+        }),
+    )
+    .await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let mut c = Raw::connect(&gw).await;
+    c.send(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let tx = tokio::time::timeout(Duration::from_secs(10), rx_out.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    tx.send(Bytes::from_static(b"first")).await.unwrap();
+    // The head and the first chunk arrive, chunked.
+    let status = c.line().await;
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    while !c.line().await.is_empty() {}
+    assert_eq!(c.line().await, "5");
+    assert_eq!(c.take(7).await, b"first\r\n");
+    drop(c);
+    // The exchange is dropped: the upstream body's receiver goes away.
+    wait_for(10, || {
+        let tx = tx.clone();
+        async move { tx.send(Bytes::from_static(b"more")).await.is_err() }
+    })
+    .await;
+    // And the gateway serves on.
+    let mut c = Raw::connect(&gw).await;
+    c.send(b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(c.response(false).await.status, 200);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_idle_connections_and_finishes_an_exchange_in_flight() {
+    let started = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let (s2, r2) = (started.clone(), release.clone());
+    let up = Upstream::start(
+        "slow",
+        Arc::new(move |req: Request<hyper::body::Incoming>| {
+            let (s, r) = (s2.clone(), r2.clone());
+            Box::pin(async move {
+                if req.uri().path() == "/slow" {
+                    s.notify_one();
+                    r.notified().await;
+                }
+                reply("slow", 200, "finished")
+            })
+        }),
+    )
+    .await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let mut idle = Raw::connect(&gw).await;
+    idle.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(idle.response(false).await.status, 200);
+    let mut busy = Raw::connect(&gw).await;
+    busy.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    started.notified().await;
+    let stopping = tokio::spawn(gw.stop());
+    assert!(
+        idle.closed_within(10).await,
+        "idle connection not closed on shutdown"
+    );
+    release.notify_one();
+    let r = busy.response(false).await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"finished"[..]));
+    assert_eq!(r.header("connection"), Some("close"));
+    assert!(busy.closed_within(10).await);
+    stopping.await.unwrap();
+}
