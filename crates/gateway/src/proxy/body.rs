@@ -184,7 +184,7 @@ pub async fn buffer(mut body: Limited<ClientBody>, max: usize) -> Result<Buffere
 pub fn is_client_body_error(err: &hyper::Error) -> bool {
     let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
     while let Some(e) = src {
-        if e.is::<LengthLimitError>() || e.is::<hyper::Error>() {
+        if e.is::<LengthLimitError>() || e.is::<hyper::Error>() || e.is::<super::h1::BodyError>() {
             return true;
         }
         src = e.source();
