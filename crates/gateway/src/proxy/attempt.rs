@@ -122,6 +122,40 @@ fn build_request(
     req
 }
 
+/// The request one attempt sends.
+// Lives on one request's stack for one attempt; boxing the owned request would allocate per attempt.
+#[allow(clippy::large_enum_variant)]
+enum Outgoing<'a> {
+    /// A request of its own (HTTP/2 upstreams, streamed bodies, hedges).
+    Owned(Request<ReqBody>),
+    /// An HTTP/1 request with a whole body, encoded straight from the kept head (with the
+    /// endpoint's `Host` already set in it): no copy of the headers per attempt.
+    Head {
+        parts: &'a Parts,
+        body: Option<Bytes>,
+    },
+}
+
+/// The request for endpoint `ei` of `up`: the kept head itself when the upstream speaks HTTP/1
+/// and the body is whole, else a built request (see [`build_request`]).
+fn outgoing<'a>(
+    parts: &'a mut Parts,
+    reuse: bool,
+    body: ReqBody,
+    up: &Upstream,
+    ei: usize,
+) -> Outgoing<'a> {
+    match body {
+        ReqBody::Full { data } if !up.http2 => {
+            parts
+                .headers
+                .insert(http::header::HOST, up.endpoints[ei].host_header.clone());
+            Outgoing::Head { parts, body: data }
+        }
+        body => Outgoing::Owned(build_request(parts, reuse, body, up, ei)),
+    }
+}
+
 /// How one attempt ended, when it was not a success.
 // Like `Last`: lives on one request's stack; boxing the response would cost every failed attempt.
 #[allow(clippy::large_enum_variant)]
@@ -201,7 +235,7 @@ fn deadline_passed(route: &Route) -> Miss {
 async fn attempt(
     up: &Upstream,
     route: &Route,
-    target: Option<(usize, Request<ReqBody>)>,
+    target: Option<(usize, Outgoing<'_>)>,
     deadline: Instant,
     record_latency: bool,
     admitted: Option<Admission>,
@@ -228,7 +262,13 @@ async fn attempt(
         .map_or(deadline, |t| (now + t).min(deadline));
     let mut lease = Lease::new(ep.clone());
     tally.sent.fetch_add(1, Ordering::Relaxed);
-    let result = tokio::time::timeout_at(try_deadline, ep.pool.send(req)).await;
+    let send = async {
+        match req {
+            Outgoing::Owned(req) => ep.pool.send(req).await,
+            Outgoing::Head { parts, body } => ep.pool.send_head(parts, body.as_ref()).await,
+        }
+    };
+    let result = tokio::time::timeout_at(try_deadline, send).await;
     if !matches!(&result, Ok(Err(e)) if e.kind == FailKind::ConnectFailure) {
         tally.reached.store(true, Ordering::Relaxed);
     }
@@ -437,13 +477,14 @@ pub(crate) async fn forward(
                 return finish(last, sent, None, route);
             };
             tried.insert(ei);
-            let req = build_request(&mut parts, may_replay, req_body, up, ei);
             let result = match hedge {
                 None => {
+                    let req = outgoing(&mut parts, may_replay, req_body, up, ei);
                     let target = Some((ei, req));
                     attempt(up, route, target, deadline, true, Some(admission), &tally).await
                 }
                 Some(h) => {
+                    let req = Outgoing::Owned(build_request(&mut parts, true, req_body, up, ei));
                     // The library's hedge races the attempts: the original (admitted above), then
                     // each call of this factory picks an endpoint this request has not tried when
                     // one is available, and the hedge asks the route's budget before each extra
@@ -466,7 +507,8 @@ pub(crate) async fn forward(
                             tried.insert(ei);
                             // Hedging is only on with a replayable body, which `take` always yields.
                             let body = slot.take().unwrap_or_else(ReqBody::empty);
-                            (ei, build_request(&mut parts, true, body, up, ei))
+                            let req = build_request(&mut parts, true, body, up, ei);
+                            (ei, Outgoing::Owned(req))
                         });
                         attempt(up, route, target, deadline, false, None, &tally)
                     };

@@ -198,7 +198,9 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
     };
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    // Room for what the proxy adds (`x-forwarded-for`, `-proto`, `x-request-id`, `host`) so the
+    // map is not grown and rehashed per request.
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len() + 4);
     let mut length: Option<u64> = None;
     let mut transfer_encoding = false;
     let mut chunked = false;
@@ -898,10 +900,14 @@ where
     let closing = *stop.borrow_and_update();
     let mut d = Driver {
         timer: Box::pin(tokio::time::sleep_until(ctx.opened + limits.idle_timeout)),
-        stop: Box::pin(async move {
-            // A dropped sender (the server is gone) stops too.
-            let _ = stop.changed().await;
-        }),
+        stop: Stop {
+            rx: stop.clone(),
+            wake: Box::pin(async move {
+                // A dropped sender (the server is gone) stops too.
+                let _ = stop.changed().await;
+            }),
+            registered: false,
+        },
         shared,
         ctx,
         limits,
@@ -947,6 +953,30 @@ where
     }
 }
 
+/// The server's stop signal. Checking it costs one atomic load: the future that wakes this task
+/// when it changes is polled once, to register the task's waker (the same for every poll of this
+/// connection's task), not on every wake-up (a `watch` change future re-polled takes the
+/// `Notify`'s lock each time: ~4% of a proxied request's instructions).
+struct Stop {
+    rx: watch::Receiver<bool>,
+    wake: Pin<Box<dyn Future<Output = ()> + Send>>,
+    registered: bool,
+}
+
+impl Stop {
+    /// Whether the server is stopping (or gone); otherwise this task is woken when it starts to.
+    fn poll(&mut self, cx: &mut Context<'_>) -> bool {
+        if !matches!(self.rx.has_changed(), Ok(false)) {
+            return true;
+        }
+        if !self.registered {
+            self.registered = true;
+            return self.wake.as_mut().poll(cx).is_ready();
+        }
+        false
+    }
+}
+
 struct Driver<I> {
     shared: Arc<Mutex<Conn<I>>>,
     ctx: Arc<ConnCtx>,
@@ -954,7 +984,7 @@ struct Driver<I> {
     /// Idle, head, drain and body-wait deadlines, one at a time. Re-armed lazily: it may fire
     /// early, and then it is reset to the deadline that applies, so a request costs no timer update.
     timer: Pin<Box<Sleep>>,
-    stop: Pin<Box<dyn Future<Output = ()> + Send>>,
+    stop: Stop,
     /// The response head (and small body frames) being written.
     wbuf: Vec<u8>,
     heads: HeadReader,
@@ -968,7 +998,7 @@ struct Driver<I> {
 
 impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
     fn poll_stop(&mut self, cx: &mut Context<'_>) {
-        if !self.closing && self.stop.as_mut().poll(cx).is_ready() {
+        if !self.closing && self.stop.poll(cx) {
             self.closing = true;
         }
     }
@@ -1100,7 +1130,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                 if let Poll::Ready(r) = handler.as_mut().poll(cx) {
                     return Poll::Ready(Some(r));
                 }
-                if !*closing && stop.as_mut().poll(cx).is_ready() {
+                if !*closing && stop.poll(cx) {
                     *closing = true;
                 }
                 if client_gone(shared, cx) {
@@ -1180,7 +1210,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                         if let Poll::Ready(f) = body.as_mut().poll_frame(cx) {
                             return Poll::Ready(Some(f));
                         }
-                        if !*closing && stop.as_mut().poll(cx).is_ready() {
+                        if !*closing && stop.poll(cx) {
                             *closing = true;
                         }
                         if client_gone(shared, cx) {

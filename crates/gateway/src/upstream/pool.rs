@@ -282,6 +282,36 @@ impl Pool {
         }
     }
 
+    /// Sends the request `parts` with the whole body `body` on an HTTP/1 connection, encoding the
+    /// head straight from `parts` (which must carry the endpoint's `Host`); an HTTP/2 pool sends a
+    /// copy.
+    pub async fn send_head(
+        &self,
+        parts: &Parts,
+        body: Option<&Bytes>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
+        if self.http2 {
+            let mut req = Request::new(ReqBody::Full {
+                data: body.cloned(),
+            });
+            *req.method_mut() = parts.method.clone();
+            let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            *req.uri_mut() = http::Uri::builder()
+                .scheme("http")
+                .authority(self.addr.as_str())
+                .path_and_query(pq)
+                .build()
+                .map_err(|e| SendError {
+                    kind: FailKind::ConnectFailure,
+                    source: Some(e.into()),
+                })?;
+            *req.version_mut() = http::Version::HTTP_2;
+            *req.headers_mut() = parts.headers.clone();
+            return self.send_h2(req).await;
+        }
+        self.send_h1(parts, body).await
+    }
+
     async fn send_h1(
         &self,
         parts: &Parts,
