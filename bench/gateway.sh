@@ -41,7 +41,7 @@ events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000;
   server { listen $UP; location / { return 200 "hello from upstream\n"; } } }
 CONF
-"$NGINX" -c "$work/upstream.conf" -p "$work" & pids+=($!)
+"$NGINX" -c "$work/upstream.conf" -p "$work" & pids+=($!); uppid=$!
 
 # nginx as a proxy: one worker, keep-alive pool to the upstream.
 cat > "$work/nginx.conf" <<CONF
@@ -52,7 +52,7 @@ http { access_log off; keepalive_requests 1000000;
   upstream up { server $UP; keepalive 128; }
   server { listen $NGX; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
 CONF
-"$NGINX" -c "$work/nginx.conf" -p "$work" & pids+=($!)
+"$NGINX" -c "$work/nginx.conf" -p "$work" & pids+=($!); ngxpid=$!
 
 # HAProxy: one thread, connection reuse.
 cat > "$work/haproxy.cfg" <<CONF
@@ -71,7 +71,7 @@ frontend fe
 backend be
   server s1 $UP maxconn 1000
 CONF
-"$HAPROXY" -f "$work/haproxy.cfg" -db & pids+=($!)
+"$HAPROXY" -f "$work/haproxy.cfg" -db & pids+=($!); happid=$!
 
 # bulwark: one worker thread, with breaker, retry with budget, timeouts and metrics on.
 cat > "$work/bulwark.yaml" <<CONF
@@ -95,12 +95,17 @@ wait_port() { for _ in $(seq 100); do curl -fsS -o /dev/null "http://$1/" 2>/dev
 for a in $UP $NGX $HAP $BLW; do wait_port "$a"; done
 
 rss_max=0
+# CPU ticks (utime + stime) of a process and its children (nginx's master and worker).
+ticks() { local t=0 p; for p in "$1" $(pgrep -P "$1" || true); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 run() { # name addr round
-  local out="$work/$1.$3.out"
+  local out="$work/$1.$3.out" pid
+  case $1 in direct) pid=$uppid;; nginx) pid=$ngxpid;; haproxy) pid=$happid;; bulwark) pid=$bpid;; esac
   if [ "$1" = bulwark ]; then
     ( while kill -0 "$bpid" 2>/dev/null; do ps -o rss= -p "$bpid"; sleep 0.5; done ) > "$work/rss.$3.out" & local sampler=$!
   fi
+  local t0; t0=$(ticks "$pid")
   wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency "http://$2/" > "$out"
+  echo "$(( $(ticks "$pid") - t0 )) $(getconf CLK_TCK)" > "$work/$1.$3.cpu"
   [ "$1" = bulwark ] && kill "$sampler" 2>/dev/null || true
 }
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -120,15 +125,18 @@ def ms(v, unit):
     return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 res = {}
 for name in ["direct", "nginx", "haproxy", "bulwark"]:
-    rps, p50, p99, errs = [], [], [], 0
+    rps, p50, p99, errs, cpu = [], [], [], 0, []
     for r in range(1, rounds + 1):
         t = open(f"{work}/{name}.{r}.out").read()
         rps.append(float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1)))
+        ticks, hz = map(int, open(f"{work}/{name}.{r}.cpu").read().split())
+        n = int(re.search(r"(\d+) requests in", t).group(1))
+        cpu.append(ticks / hz / n * 1e6)
         m = re.search(r"50%\s+([\d.]+)(us|ms|s)", t); p50.append(ms(*m.groups()))
         m = re.search(r"99%\s+([\d.]+)(us|ms|s)", t); p99.append(ms(*m.groups()))
         m = re.search(r"Non-2xx or 3xx responses: (\d+)", t); errs += int(m.group(1)) if m else 0
         m = re.search(r"Socket errors: .*", t); errs += sum(map(int, re.findall(r"\d+", m.group(0)))) if m else 0
-    res[name] = dict(rps=statistics.median(rps), p50=statistics.median(p50), p99=statistics.median(p99), errs=errs, all=rps)
+    res[name] = dict(rps=statistics.median(rps), p50=statistics.median(p50), p99=statistics.median(p99), errs=errs, all=rps, cpu=statistics.median(cpu))
 rss = []
 for f in glob.glob(f"{work}/rss.*.out"):
     rss += [int(x) for x in open(f).read().split() if x.isdigit()]
@@ -138,12 +146,14 @@ print(f"`bash bench/gateway.sh`: wrk -t2 -c{conns} -d{dur}s --latency, {rounds} 
       f"One machine ({os.cpu_count()} cores, {cpu}), shared and noisy: read the ratios, not the absolute numbers. "
       "Upstream: nginx, 1 worker, static 20-byte body. nginx proxy: 1 worker, keepalive pool. HAProxy: nbthread 1, "
       "http-reuse always. bulwark: `--threads 1`, circuit breaker, retry with budget, timeouts and metrics on.\n")
-print("| target | req/s (median) | p50 ms | p99 ms | vs nginx | vs HAProxy | errors | req/s per round |")
-print("|---|---|---|---|---|---|---|---|")
+print("| target | req/s (median) | p50 ms | p99 ms | vs nginx | vs HAProxy | CPU us/req | errors | req/s per round |")
+print("|---|---|---|---|---|---|---|---|---|")
 for name, label in [("direct", "direct (no proxy)"), ("nginx", "nginx"), ("haproxy", "HAProxy"), ("bulwark", "bulwark")]:
     r = res[name]
     print(f"| {label} | {r['rps']:.0f} | {r['p50']:.2f} | {r['p99']:.2f} | {r['rps']/res['nginx']['rps']:.2f}x | "
-          f"{r['rps']/res['haproxy']['rps']:.2f}x | {r['errs']} | {', '.join(f'{x:.0f}' for x in r['all'])} |")
+          f"{r['rps']/res['haproxy']['rps']:.2f}x | {r['cpu']:.1f} | {r['errs']} | {', '.join(f'{x:.0f}' for x in r['all'])} |")
+print("\nCPU us/req: the proxy's own CPU time (user + system, from /proc; nginx: master and worker) per "
+      "request wrk completed, median of the rounds; for `direct`, the upstream's.")
 if rss:
     print(f"\nbulwark RSS under load: median {statistics.median(rss)/1024:.1f} MiB, max {max(rss)/1024:.1f} MiB.")
 print(f"\nLoad average (1, 5, 15 min) at start: {load_start}; at end: {load_end} (2 cores; above ~4, other work shared the machine).")
