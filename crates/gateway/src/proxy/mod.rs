@@ -1,7 +1,7 @@
 //! The proxy: listener (HTTP/1.1, h2c, TLS), limits, routing, and the attempt loop.
 //!
 //! A request passes these stages, in order:
-//! 1. the connection (accept under `max_connections`; TLS; our own HTTP/1.1 loop ([`h1`]), or hyper's
+//! 1. the connection (accept under `max_connections`; TLS; our own HTTP/1.1 loop (`h1`), or hyper's
 //!    HTTP/2 server for TLS ALPN `h2` and connections that start with the HTTP/2 preface);
 //! 2. limits (head size -> 431, declared body size -> 413, streamed body size -> 413 on overflow);
 //! 3. routing (first match wins; 404 otherwise);
@@ -11,7 +11,7 @@
 
 pub(crate) mod attempt;
 pub mod body;
-pub mod h1;
+pub(crate) mod h1;
 pub mod headers;
 pub mod respond;
 pub mod route;
