@@ -380,6 +380,9 @@ impl Chunked {
                 (Size | SizeWs, b';') if self.digits > 0 => Ext,
                 (Size | SizeWs, b'\r') if self.digits > 0 => SizeLf,
                 (Ext, b'\r') => SizeLf,
+                // A bare LF (or another control character) in an extension: a peer that ends the
+                // line at the LF would read the chunk's data from elsewhere (a desync).
+                (Ext, b) if (b < b' ' && b != b'\t') || b == 0x7f => return Err(ChunkError),
                 (Ext, _) => {
                     self.ext += 1;
                     if self.ext > MAX_CHUNK_EXT {
@@ -399,6 +402,9 @@ impl Chunked {
                 (DataCr, b'\r') => DataLf,
                 (DataLf, b'\n') => Size,
                 (TrailerStart, b'\r') => EndLf,
+                // Trailer lines end with CRLF too: a peer that takes `0\r\n\n` for the end of the
+                // body would send what follows as a request of its own, which we would swallow.
+                (TrailerStart | Trailer, b'\n') => return Err(ChunkError),
                 (TrailerStart | Trailer, _) => {
                     self.trailers += 1;
                     if self.trailers > MAX_TRAILERS {
@@ -1649,6 +1655,11 @@ mod tests {
             b"\r\n",
             b"11111111111111111\r\n",
             b"5\n",
+            // Bare LF or control characters in an extension, bare LF in the trailer section.
+            b"5;a\nxx\r\nhello\r\n",
+            b"5;a\x00\r\nhello\r\n",
+            b"5\r\nhello\r\n0\r\n\nGET / HTTP/1.1\r\n\r\n",
+            b"0\r\nx-t: 1\n\r\n",
         ] {
             let mut d = Chunked::new();
             let mut buf = BytesMut::from(wire);
