@@ -480,3 +480,70 @@ async fn a_chunked_body_over_max_body_bytes_gets_413_and_closes() {
     assert!(c.closed_within(5).await);
     gw.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Response framing (upstream client)
+// ---------------------------------------------------------------------------------------------
+
+/// An upstream whose first connection answers the first request with `first` (a chunked response
+/// with a broken chunk-size line) and any later request on it with "smuggled"; other connections
+/// answer "fresh".
+async fn broken_chunks(first: &'static [u8]) -> Up {
+    Up::start(move |mut s, i| async move {
+        let mut buf = Vec::new();
+        let mut n = 0;
+        while read_head(&mut s, &mut buf).await.is_some() {
+            let resp: &[u8] = match (i, n) {
+                (0, 0) => first,
+                (0, _) => b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\nsmuggled",
+                _ => b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfresh",
+            };
+            n += 1;
+            if s.write_all(resp).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+}
+
+async fn a_broken_chunk_line_cuts_the_response(first: &'static [u8]) {
+    let up = broken_chunks(first).await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let mut c = Client::connect(&gw).await;
+    c.send(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (r, framed) = c.response(false).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(framed, Framed::Cut, "{r:?}");
+    // The upstream connection is not reused: the next request gets a response of its own.
+    let mut c = Client::connect(&gw).await;
+    c.send(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (r, framed) = c.response(false).await;
+    assert_eq!((r.status, framed), (200, Framed::Complete));
+    assert_eq!(r.body, b"fresh");
+    assert_eq!(up.accepted(), 2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_chunk_size_line_without_digits_is_not_the_last_chunk() {
+    // httparse reads an empty size line as size 0: the body would look complete after "abc", the
+    // connection would go back to the pool, and what the upstream sends next would be taken for
+    // the next request's response.
+    a_broken_chunk_line_cuts_the_response(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n\r\n\r\n",
+    )
+    .await;
+    a_broken_chunk_line_cuts_the_response(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n;x\r\n\r\n",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_bare_lf_in_an_upstream_chunk_extension_is_an_error() {
+    a_broken_chunk_line_cuts_the_response(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0;\n\r\n\r\n",
+    )
+    .await;
+}

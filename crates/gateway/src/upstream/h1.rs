@@ -613,6 +613,12 @@ impl Decoder {
             match state {
                 Chunk::Size => match httparse::parse_chunk_size(buf) {
                     Ok(httparse::Status::Complete((n, size))) => {
+                        if !chunk_line_ok(buf.get(..n.saturating_sub(2)).unwrap_or_default()) {
+                            if data.is_some() {
+                                break; // reported on the next call
+                            }
+                            return Err(Error::Invalid("bad chunk size line"));
+                        }
                         buf.advance(n);
                         *state = if size == 0 {
                             Chunk::Trailers
@@ -696,6 +702,15 @@ impl Decoder {
             None => Ok(None),
         }
     }
+}
+
+/// Whether a chunk-size line (without its CRLF) that httparse accepted is one a strict peer reads
+/// the same way: httparse takes a line without digits for size 0 (the end of the body) and any
+/// byte but CR in an extension, so a bare LF there would make a peer that ends lines at LF frame
+/// the rest differently (a desync on a pooled connection).
+fn chunk_line_ok(line: &[u8]) -> bool {
+    line.first().is_some_and(u8::is_ascii_hexdigit)
+        && !line.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f)
 }
 
 /// Parses a (non-empty) trailer section at the start of `buf`, splitting it off; `Ok(None)`: more
@@ -1041,6 +1056,34 @@ mod tests {
         let mut dec = Decoder::chunked();
         let mut buf = BytesMut::from(&b"zz\r\n"[..]);
         assert!(dec.decode(&mut buf, false).is_err());
+    }
+
+    #[test]
+    fn chunk_size_lines_httparse_takes_but_a_strict_peer_would_not_are_errors() {
+        for wire in [
+            &b"\r\n\r\n"[..],
+            b";ext\r\n\r\n",
+            b" 0\r\n\r\n",
+            b"0;\n\r\n\r\n",
+            b"3;a\x00b\r\nabc\r\n0\r\n\r\n",
+        ] {
+            let mut dec = Decoder::chunked();
+            let mut buf = BytesMut::from(wire);
+            let r = loop {
+                match dec.decode(&mut buf, false) {
+                    Ok(Some(Item::Data(_))) => continue,
+                    other => break other,
+                }
+            };
+            assert!(r.is_err(), "{:?}: {r:?}", String::from_utf8_lossy(wire));
+        }
+        // Extensions and whitespace a strict peer reads the same way still pass.
+        let (data, _, rest) = decode_in_pieces(
+            Decoder::chunked(),
+            b"3 ;a=\"b c\"\t\r\nabc\r\n0\r\n\r\n",
+            &[],
+        );
+        assert_eq!((&data[..], &rest[..]), (&b"abc"[..], &b""[..]));
     }
 
     #[test]
