@@ -13,6 +13,7 @@ use std::time::Duration;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 
 fn config(url: &str, limits: &str) -> String {
     format!(
@@ -546,4 +547,94 @@ async fn a_bare_lf_in_an_upstream_chunk_extension_is_an_error() {
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0;\n\r\n\r\n",
     )
     .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stalls
+// ---------------------------------------------------------------------------------------------
+
+/// An upstream that answers the first request with `head_and_some` and then sends nothing more;
+/// reports on `eof` when the gateway closes the connection.
+async fn stalling(head_and_some: &'static [u8]) -> (Up, mpsc::UnboundedReceiver<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let up = Up::start(move |mut s, _| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            if read_head(&mut s, &mut buf).await.is_none() {
+                return;
+            }
+            if s.write_all(head_and_some).await.is_err() {
+                return;
+            }
+            let mut b = [0u8; 1024];
+            while let Ok(n) = s.read(&mut b).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = tx.send(());
+        }
+    })
+    .await;
+    (up, rx)
+}
+
+async fn an_upstream_stalling_mid_body_is_cut_after_idle_timeout(head_and_some: &'static [u8]) {
+    let (up, mut eof) = stalling(head_and_some).await;
+    let gw = Gateway::start(&config(&up.url(), "idle_timeout: 1s")).await;
+    let mut c = Client::connect(&gw).await;
+    c.send(b"GET /stall HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (r, framed) = c.response(false).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(framed, Framed::Cut, "{r:?}");
+    assert!(r.body.starts_with(b"abc"), "{r:?}");
+    tokio::time::timeout(Duration::from_secs(5), eof.recv())
+        .await
+        .expect("the upstream connection was not closed")
+        .unwrap();
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_stalling_mid_body_ends_the_exchange() {
+    an_upstream_stalling_mid_body_is_cut_after_idle_timeout(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",
+    )
+    .await;
+    an_upstream_stalling_mid_body_is_cut_after_idle_timeout(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\na\r\nab",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_frees_the_upstream() {
+    let (tx, mut closed) = mpsc::unbounded_channel();
+    let up = Up::start(move |mut s, _| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            if read_head(&mut s, &mut buf).await.is_none() {
+                return;
+            }
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000000\r\n\r\n")
+                .await;
+            let chunk = vec![b'x'; 64 * 1024];
+            while s.write_all(&chunk).await.is_ok() {}
+            let _ = tx.send(());
+        }
+    })
+    .await;
+    let gw = Gateway::start(&config(&up.url(), "idle_timeout: 1s")).await;
+    let mut c = Client::connect(&gw).await;
+    c.send(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    // The client reads nothing: socket buffers fill, the gateway's writes stop progressing.
+    tokio::time::timeout(Duration::from_secs(10), closed.recv())
+        .await
+        .expect("the upstream connection stayed open for a client that reads nothing")
+        .unwrap();
+    drop(c);
+    gw.stop().await;
 }

@@ -1011,19 +1011,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
 
     /// Whether `deadline` has passed; otherwise the timer wakes the task by then.
     fn poll_deadline(&mut self, cx: &mut Context<'_>, deadline: Instant) -> bool {
-        loop {
-            if self.timer.deadline() > deadline {
-                self.timer.as_mut().reset(deadline);
-            }
-            if self.timer.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            if Instant::now() >= deadline {
-                return true;
-            }
-            // Fired for an earlier deadline: wait for this one.
-            self.timer.as_mut().reset(deadline);
-        }
+        deadline_passed(&mut self.timer, cx, deadline)
     }
 
     fn idle_deadline(&self) -> Instant {
@@ -1212,6 +1200,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                 }
                 None => {
                     let (shared, stop, closing) = (&self.shared, &mut self.stop, &mut self.closing);
+                    let (timer, idle) = (&mut self.timer, self.limits.idle_timeout);
+                    // When the wait for this frame began (read only once the body made us wait).
+                    let mut since: Option<Instant> = None;
                     let next = poll_fn(|cx| {
                         if let Poll::Ready(f) = body.as_mut().poll_frame(cx) {
                             return Poll::Ready(Some(f));
@@ -1220,6 +1211,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                             *closing = true;
                         }
                         if client_gone(shared, cx) {
+                            return Poll::Ready(None);
+                        }
+                        // An upstream that sends nothing more for idle_timeout: the response is cut
+                        // (the client sees a broken framing) and both connections close.
+                        let t = *since.get_or_insert_with(Instant::now);
+                        if deadline_passed(timer, cx, t + idle) {
+                            tracing::debug!("response body idle for idle_timeout");
                             return Poll::Ready(None);
                         }
                         Poll::Pending
@@ -1296,9 +1294,29 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
         }
     }
 
-    /// Writes `wbuf` (then clears it) and flushes.
+    /// Writes `wbuf` (then clears it) and flushes. A client that takes more than idle_timeout to
+    /// accept it (it stopped reading) is given up.
     async fn write(&mut self, extra: &[&[u8]]) -> Result<(), Gone> {
-        let r = write_all(&self.shared, &self.wbuf, extra).await;
+        let r = {
+            let (timer, idle) = (&mut self.timer, self.limits.idle_timeout);
+            let mut w = pin!(write_all(&self.shared, &self.wbuf, extra));
+            // When the socket first made us wait (no clock read while it takes everything at once).
+            let mut since: Option<Instant> = None;
+            poll_fn(|cx| {
+                if let Poll::Ready(r) = w.as_mut().poll(cx) {
+                    return Poll::Ready(r);
+                }
+                let t = *since.get_or_insert_with(Instant::now);
+                if deadline_passed(timer, cx, t + idle) {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client read nothing for idle_timeout",
+                    )));
+                }
+                Poll::Pending
+            })
+            .await
+        };
         self.wbuf.clear();
         r.map_err(|e| {
             tracing::debug!(error = %e, "writing to the client failed");
@@ -1370,6 +1388,24 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
             poll_fn(|cx| Pin::new(&mut lock(shared).io).poll_shutdown(cx)),
         )
         .await;
+    }
+}
+
+/// Whether `deadline` has passed; otherwise `timer` (armed lazily, see [`Driver::timer`]) wakes the
+/// task by then.
+fn deadline_passed(timer: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>, deadline: Instant) -> bool {
+    loop {
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if Instant::now() >= deadline {
+            return true;
+        }
+        // Fired for an earlier deadline: wait for this one.
+        timer.as_mut().reset(deadline);
     }
 }
 
