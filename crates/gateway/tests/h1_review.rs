@@ -638,3 +638,45 @@ async fn a_client_that_stops_reading_frees_the_upstream() {
     drop(c);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn a_client_stalling_mid_upload_frees_the_upstream() {
+    // The upstream answers early, then waits for the rest of a streamed body that never comes.
+    let (tx, mut eof) = mpsc::unbounded_channel();
+    let up = Up::start(move |mut s, _| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            if read_head(&mut s, &mut buf).await.is_none() {
+                return;
+            }
+            if s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let mut b = [0u8; 1024];
+            while let Ok(n) = s.read(&mut b).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = tx.send(());
+        }
+    })
+    .await;
+    let gw = Gateway::start(&config(&up.url(), "idle_timeout: 1s")).await;
+    let mut c = Client::connect(&gw).await;
+    c.send(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+        .await;
+    let (r, framed) = c.response(false).await;
+    assert_eq!((r.status, framed), (200, Framed::Complete), "{r:?}");
+    // The client keeps its connection open and sends nothing more.
+    tokio::time::timeout(Duration::from_secs(10), eof.recv())
+        .await
+        .expect("the upstream connection stayed open after the client connection was given up")
+        .unwrap();
+    assert!(c.closed_within(5).await);
+    gw.stop().await;
+}

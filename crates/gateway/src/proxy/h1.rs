@@ -494,6 +494,9 @@ struct Conn<I> {
     progress: u64,
     /// The connection loop, waiting for the body to end or be dropped.
     waiter: Option<Waker>,
+    /// Whoever last polled the body and is waiting for more of it (woken when the connection is
+    /// given up, so that a body held by an upstream connection's task fails and lets go of it).
+    reader: Option<Waker>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -610,7 +613,12 @@ trait Source: Send + Sync {
 
 impl<I: AsyncRead + AsyncWrite + Unpin + Send> Source for Mutex<Conn<I>> {
     fn poll_body(&self, seq: u64, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
-        lock(self).poll_body(seq, cx)
+        let mut c = lock(self);
+        let r = c.poll_body(seq, cx);
+        if r.is_pending() && !c.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            c.reader = Some(cx.waker().clone());
+        }
+        r
     }
 
     fn release(&self, seq: u64) {
@@ -902,7 +910,10 @@ where
         responded: false,
         progress: 0,
         waiter: None,
+        reader: None,
     }));
+    // Declared before the driver, so dropped after it: see [`Release`].
+    let _release = Release(Arc::downgrade(&shared));
     let closing = *stop.borrow_and_update();
     let mut d = Driver {
         timer: Box::pin(tokio::time::sleep_until(ctx.opened + limits.idle_timeout)),
@@ -955,6 +966,31 @@ where
                 return None;
             }
             Err(Gone) => return None,
+        }
+    }
+}
+
+/// Ends the connection for a request body that outlives it: when the connection loop is gone (the
+/// connection was given up or closed), a body still held elsewhere (a streamed upload an upstream
+/// connection's task goes on reading after the response) fails at its next poll, and is polled
+/// now, so that task ends and the client socket and the upstream connection are both released.
+/// Without this a client that stops mid-upload, with an upstream that waits for the rest, kept
+/// both open forever, outside `max_connections`.
+struct Release<I: AsyncRead + AsyncWrite + Unpin>(std::sync::Weak<Mutex<Conn<I>>>);
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Drop for Release<I> {
+    fn drop(&mut self) {
+        let Some(shared) = self.0.upgrade() else {
+            return;
+        };
+        let reader = {
+            let mut c = lock(&shared);
+            c.seq = c.seq.wrapping_add(1);
+            c.rest = Rest::Failed;
+            c.reader.take()
+        };
+        if let Some(w) = reader {
+            w.wake();
         }
     }
 }
