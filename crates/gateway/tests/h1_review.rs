@@ -680,3 +680,100 @@ async fn a_client_stalling_mid_upload_frees_the_upstream() {
     assert!(c.closed_within(5).await);
     gw.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Semantics
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn an_upgrade_request_goes_out_as_a_plain_request_and_a_101_is_a_502() {
+    let (tx, mut heads) = mpsc::unbounded_channel();
+    let up = Up::start(move |mut s, _| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            while let Some(head) = read_head(&mut s, &mut buf).await {
+                let _ = tx.send(head.to_ascii_lowercase());
+                let resp: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n\x81\x05hello";
+                if s.write_all(resp).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let mut c = Client::connect(&gw).await;
+    c.send(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await;
+    let (r, framed) = c.response(false).await;
+    assert_eq!((r.status, framed), (502, Framed::Complete), "{r:?}");
+    let head = heads.recv().await.unwrap();
+    assert!(!head.contains("upgrade"), "{head}");
+    // The client connection still carries requests (it never switched protocols).
+    c.send(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (r, _) = c.response(false).await;
+    assert_eq!(r.status, 502);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn connect_is_refused() {
+    let up = Up::echo_target().await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    refused(
+        &gw,
+        &up,
+        b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+    )
+    .await;
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn head_204_and_304_keep_their_framing_and_the_connections_stay_in_step() {
+    let up = Up::start(|mut s, _| async move {
+        let mut buf = Vec::new();
+        while let Some(head) = read_head(&mut s, &mut buf).await {
+            let resp: &[u8] = if head.starts_with("HEAD") {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n"
+            } else if head.starts_with("GET /204") {
+                b"HTTP/1.1 204 No Content\r\n\r\n"
+            } else if head.starts_with("GET /304") {
+                b"HTTP/1.1 304 Not Modified\r\ncontent-length: 99\r\netag: \"x\"\r\n\r\n"
+            } else {
+                b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbody"
+            };
+            if s.write_all(resp).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let mut c = Client::connect(&gw).await;
+    c.send(
+        b"HEAD /h HTTP/1.1\r\nHost: x\r\n\r\nGET /204 HTTP/1.1\r\nHost: x\r\n\r\n\
+          GET /304 HTTP/1.1\r\nHost: x\r\n\r\nGET /g HTTP/1.1\r\nHost: x\r\n\r\n",
+    )
+    .await;
+    let (r, _) = c.response(true).await;
+    assert_eq!((r.status, r.header("content-length")), (200, Some("1234")));
+    let (r, _) = c.response(false).await;
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("content-length"), None);
+    assert_eq!(r.header("transfer-encoding"), None);
+    let (r, _) = c.response(false).await;
+    assert_eq!((r.status, r.header("content-length")), (304, Some("99")));
+    let (r, framed) = c.response(false).await;
+    assert_eq!(
+        (r.status, framed, &r.body[..]),
+        (200, Framed::Complete, &b"body"[..])
+    );
+    // One upstream connection carried all four.
+    assert_eq!(up.accepted(), 1);
+    gw.stop().await;
+}

@@ -191,9 +191,13 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
     let method =
         Method::from_bytes(parsed.method.unwrap_or("").as_bytes()).map_err(|_| Malformed)?;
     let target = parsed.path.unwrap_or("").as_bytes();
-    // Origin form (`/path?q`), absolute form (`http://host/path`), authority form (`host:port`) and
-    // `*`, as hyper accepted them.
+    // Origin form (`/path?q`), absolute form (`http://host/path`) and `*`.
     let uri = Uri::from_maybe_shared(head.slice_ref(target)).map_err(|_| Malformed)?;
+    // No tunnels: CONNECT (and the authority form, which only CONNECT uses) would go upstream as
+    // `CONNECT / HTTP/1.1`, and a 2xx would leave the client believing it had a tunnel.
+    if method == Method::CONNECT || (uri.scheme().is_none() && uri.authority().is_some()) {
+        return Err(Malformed);
+    }
     let version = match parsed.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
@@ -1625,6 +1629,14 @@ mod tests {
             ),
             (
                 b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"GET example.com:80 HTTP/1.1\r\nHost: x\r\n\r\n",
                 HeadError::Malformed,
             ),
         ];
