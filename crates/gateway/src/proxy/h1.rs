@@ -207,7 +207,8 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
     let mut headers = HeaderMap::with_capacity(parsed.headers.len() + 4);
     let mut length: Option<u64> = None;
     let mut transfer_encoding = false;
-    let mut chunked = false;
+    // Transfer codings listed (on all lines), and whether the last was `chunked`.
+    let (mut codings, mut chunked) = (0u32, false);
     let (mut close, mut keep_alive) = (false, false);
     let mut expect_continue = false;
     for h in parsed.headers.iter() {
@@ -221,13 +222,17 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
             }
             length = Some(n);
         } else if name == header::TRANSFER_ENCODING {
-            // `chunked` must be the last coding applied (of the last line).
+            // Only `chunked` alone is accepted: the body goes upstream decoded, with a
+            // `content-length`, so another coding (gzip) would silently reach the upstream as the
+            // body's raw bytes (RFC 9112 6.1: a coding not understood is refused).
             transfer_encoding = true;
-            chunked = h
-                .value
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            for t in h.value.split(|&b| b == b',') {
+                let t = t.trim_ascii();
+                if !t.is_empty() {
+                    codings += 1;
+                    chunked = t.eq_ignore_ascii_case(b"chunked");
+                }
+            }
         } else if name == header::CONNECTION {
             for token in h.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
@@ -240,8 +245,9 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
         headers.append(name, value);
     }
     let framing = if transfer_encoding {
-        // Both lengths (a smuggling vector), a coding we cannot delimit, or chunked in HTTP/1.0.
-        if length.is_some() || !chunked || version == Version::HTTP_10 {
+        // Both lengths (a smuggling vector), a coding other than `chunked` alone, or chunked in
+        // HTTP/1.0.
+        if length.is_some() || !chunked || codings != 1 || version == Version::HTTP_10 {
             return Err(Malformed);
         }
         Framing::Chunked
@@ -1579,7 +1585,7 @@ mod tests {
     const PIPELINE: &[u8] = b"\r\nGET /a?x=1 HTTP/1.1\r\nHost: a\r\nX-Many: 1\r\nx-many: 2\r\n\r\n\
         POST /b HTTP/1.1\r\nHost: b\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n\
         GET http://c.example/c HTTP/1.0\r\nConnection: keep-alive\r\n\r\n\
-        PUT /d HTTP/1.1\nTransfer-Encoding: gzip, chunked\nConnection: close\n\nGET /e";
+        PUT /d HTTP/1.1\nTransfer-Encoding: chunked\nConnection: close\n\nGET /e";
 
     #[test]
     fn pipelined_heads_parse_with_their_framing_and_connection_rules() {
@@ -1621,6 +1627,14 @@ mod tests {
             ),
             (
                 b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
                 HeadError::Malformed,
             ),
             (
