@@ -840,3 +840,54 @@ async fn a_transfer_coding_the_gateway_would_drop_is_refused() {
     assert_eq!(r.status, 200, "{r:?}");
     gw.stop().await;
 }
+
+/// An upstream that reads request heads and never answers; reports on `eof` when the gateway
+/// closes the connection.
+async fn mute() -> (Up, mpsc::UnboundedReceiver<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let up = Up::start(move |mut s, _| {
+        let tx = tx.clone();
+        async move {
+            let mut b = [0u8; 4096];
+            while let Ok(n) = s.read(&mut b).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = tx.send(());
+        }
+    })
+    .await;
+    (up, rx)
+}
+
+#[tokio::test]
+async fn a_client_stalling_mid_chunk_gets_504_and_everything_closes() {
+    // Buffered (a PUT that may be retried) and streamed (a POST) bodies.
+    for (method, retry) in [("PUT", "    retry: { attempts: 2 }\n"), ("POST", "")] {
+        let (up, mut eof) = mute().await;
+        let yaml = format!(
+            "{}    timeout: 1s\n{retry}",
+            config(&up.url(), "idle_timeout: 1s, header_read_timeout: 1s")
+        );
+        let gw = Gateway::start(&yaml).await;
+        let mut c = Client::connect(&gw).await;
+        c.send(
+            format!(
+                "{method} /slow HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab"
+            )
+            .as_bytes(),
+        )
+        .await;
+        let (r, _) = c.response(false).await;
+        assert_eq!(r.status, 504, "{method}: {r:?}");
+        assert!(c.closed_within(5).await, "{method}");
+        if up.accepted() > 0 {
+            tokio::time::timeout(Duration::from_secs(5), eof.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{method}: the upstream connection stayed open"))
+                .unwrap();
+        }
+        gw.stop().await;
+    }
+}
