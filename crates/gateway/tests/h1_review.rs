@@ -891,3 +891,25 @@ async fn a_client_stalling_mid_chunk_gets_504_and_everything_closes() {
         gw.stop().await;
     }
 }
+
+#[tokio::test]
+async fn two_host_headers_are_refused() {
+    // A route matching `host: admin` would take the second line where a front proxy (or an
+    // authorization in front of the gateway) went by the first.
+    let up = Up::echo_target().await;
+    let yaml = format!(
+        "upstreams:\n  u: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - match: {{ headers: {{ host: admin }} }}\n    upstream: u\n",
+        up.url()
+    );
+    let gw = Gateway::start(&yaml).await;
+    refused(
+        &gw,
+        &up,
+        b"GET /secret HTTP/1.1\r\nHost: public\r\nHost: admin\r\n\r\n",
+    )
+    .await;
+    let mut c = Client::connect(&gw).await;
+    c.send(b"GET /secret HTTP/1.1\r\nHost: admin\r\n\r\n").await;
+    assert_eq!(c.response(false).await.0.status, 200);
+    gw.stop().await;
+}

@@ -211,6 +211,7 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
     let (mut codings, mut chunked) = (0u32, false);
     let (mut close, mut keep_alive) = (false, false);
     let mut expect_continue = false;
+    let mut hosts = 0u32;
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| Malformed)?;
         let value =
@@ -241,8 +242,16 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
             }
         } else if name == header::EXPECT {
             expect_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        } else if name == header::HOST {
+            hosts += 1;
         }
         headers.append(name, value);
+    }
+    // RFC 9112 3.2: a request with more than one `Host` is refused (a route matching on `host`
+    // would take either of two, where a front proxy, or an authorization in front, took one). One
+    // without `Host` is accepted, as hyper did (the upstream's `Host` replaces it anyway).
+    if hosts > 1 {
+        return Err(Malformed);
     }
     let framing = if transfer_encoding {
         // Both lengths (a smuggling vector), a coding other than `chunked` alone, or chunked in
@@ -1651,6 +1660,10 @@ mod tests {
             ),
             (
                 b"GET example.com:80 HTTP/1.1\r\nHost: x\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: public\r\nhost: admin\r\n\r\n",
                 HeadError::Malformed,
             ),
         ];
