@@ -913,3 +913,27 @@ async fn two_host_headers_are_refused() {
     assert_eq!(c.response(false).await.0.status, 200);
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_upstream_transfer_coding_the_gateway_would_drop_is_a_502() {
+    // The gateway decodes `chunked` only and removes `transfer-encoding` (hop-by-hop): a gzip
+    // coding would reach the client as the body's raw bytes, labelled as nothing.
+    for resp in [
+        &b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\n\x1f\x8b\x08\r\n0\r\n\r\n"[..],
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\nconnection: close\r\n\r\n\x1f\x8b\x08",
+    ] {
+        let up = Up::start(move |mut s, _| async move {
+            let mut buf = Vec::new();
+            if read_head(&mut s, &mut buf).await.is_some() {
+                let _ = s.write_all(resp).await;
+            }
+        })
+        .await;
+        let gw = Gateway::start(&config(&up.url(), "")).await;
+        let mut c = Client::connect(&gw).await;
+        c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let (r, _) = c.response(false).await;
+        assert_eq!(r.status, 502, "{r:?}");
+        gw.stop().await;
+    }
+}
