@@ -191,9 +191,13 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
     let method =
         Method::from_bytes(parsed.method.unwrap_or("").as_bytes()).map_err(|_| Malformed)?;
     let target = parsed.path.unwrap_or("").as_bytes();
-    // Origin form (`/path?q`), absolute form (`http://host/path`), authority form (`host:port`) and
-    // `*`, as hyper accepted them.
+    // Origin form (`/path?q`), absolute form (`http://host/path`) and `*`.
     let uri = Uri::from_maybe_shared(head.slice_ref(target)).map_err(|_| Malformed)?;
+    // No tunnels: CONNECT (and the authority form, which only CONNECT uses) would go upstream as
+    // `CONNECT / HTTP/1.1`, and a 2xx would leave the client believing it had a tunnel.
+    if method == Method::CONNECT || (uri.scheme().is_none() && uri.authority().is_some()) {
+        return Err(Malformed);
+    }
     let version = match parsed.version {
         Some(0) => Version::HTTP_10,
         _ => Version::HTTP_11,
@@ -203,9 +207,11 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
     let mut headers = HeaderMap::with_capacity(parsed.headers.len() + 4);
     let mut length: Option<u64> = None;
     let mut transfer_encoding = false;
-    let mut chunked = false;
+    // Transfer codings listed (on all lines), and whether the last was `chunked`.
+    let (mut codings, mut chunked) = (0u32, false);
     let (mut close, mut keep_alive) = (false, false);
     let mut expect_continue = false;
+    let mut hosts = 0u32;
     for h in parsed.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| Malformed)?;
         let value =
@@ -217,13 +223,17 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
             }
             length = Some(n);
         } else if name == header::TRANSFER_ENCODING {
-            // `chunked` must be the last coding applied (of the last line).
+            // Only `chunked` alone is accepted: the body goes upstream decoded, with a
+            // `content-length`, so another coding (gzip) would silently reach the upstream as the
+            // body's raw bytes (RFC 9112 6.1: a coding not understood is refused).
             transfer_encoding = true;
-            chunked = h
-                .value
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            for t in h.value.split(|&b| b == b',') {
+                let t = t.trim_ascii();
+                if !t.is_empty() {
+                    codings += 1;
+                    chunked = t.eq_ignore_ascii_case(b"chunked");
+                }
+            }
         } else if name == header::CONNECTION {
             for token in h.value.split(|&b| b == b',') {
                 let token = token.trim_ascii();
@@ -232,12 +242,21 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
             }
         } else if name == header::EXPECT {
             expect_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        } else if name == header::HOST {
+            hosts += 1;
         }
         headers.append(name, value);
     }
+    // RFC 9112 3.2: a request with more than one `Host` is refused (a route matching on `host`
+    // would take either of two, where a front proxy, or an authorization in front, took one). One
+    // without `Host` is accepted, as hyper did (the upstream's `Host` replaces it anyway).
+    if hosts > 1 {
+        return Err(Malformed);
+    }
     let framing = if transfer_encoding {
-        // Both lengths (a smuggling vector), a coding we cannot delimit, or chunked in HTTP/1.0.
-        if length.is_some() || !chunked || version == Version::HTTP_10 {
+        // Both lengths (a smuggling vector), a coding other than `chunked` alone, or chunked in
+        // HTTP/1.0.
+        if length.is_some() || !chunked || codings != 1 || version == Version::HTTP_10 {
             return Err(Malformed);
         }
         Framing::Chunked
@@ -380,6 +399,9 @@ impl Chunked {
                 (Size | SizeWs, b';') if self.digits > 0 => Ext,
                 (Size | SizeWs, b'\r') if self.digits > 0 => SizeLf,
                 (Ext, b'\r') => SizeLf,
+                // A bare LF (or another control character) in an extension: a peer that ends the
+                // line at the LF would read the chunk's data from elsewhere (a desync).
+                (Ext, b) if (b < b' ' && b != b'\t') || b == 0x7f => return Err(ChunkError),
                 (Ext, _) => {
                     self.ext += 1;
                     if self.ext > MAX_CHUNK_EXT {
@@ -399,6 +421,9 @@ impl Chunked {
                 (DataCr, b'\r') => DataLf,
                 (DataLf, b'\n') => Size,
                 (TrailerStart, b'\r') => EndLf,
+                // Trailer lines end with CRLF too: a peer that takes `0\r\n\n` for the end of the
+                // body would send what follows as a request of its own, which we would swallow.
+                (TrailerStart | Trailer, b'\n') => return Err(ChunkError),
                 (TrailerStart | Trailer, _) => {
                     self.trailers += 1;
                     if self.trailers > MAX_TRAILERS {
@@ -488,6 +513,9 @@ struct Conn<I> {
     progress: u64,
     /// The connection loop, waiting for the body to end or be dropped.
     waiter: Option<Waker>,
+    /// Whoever last polled the body and is waiting for more of it (woken when the connection is
+    /// given up, so that a body held by an upstream connection's task fails and lets go of it).
+    reader: Option<Waker>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -604,7 +632,12 @@ trait Source: Send + Sync {
 
 impl<I: AsyncRead + AsyncWrite + Unpin + Send> Source for Mutex<Conn<I>> {
     fn poll_body(&self, seq: u64, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>> {
-        lock(self).poll_body(seq, cx)
+        let mut c = lock(self);
+        let r = c.poll_body(seq, cx);
+        if r.is_pending() && !c.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            c.reader = Some(cx.waker().clone());
+        }
+        r
     }
 
     fn release(&self, seq: u64) {
@@ -896,7 +929,10 @@ where
         responded: false,
         progress: 0,
         waiter: None,
+        reader: None,
     }));
+    // Declared before the driver, so dropped after it: see [`Release`].
+    let _release = Release(Arc::downgrade(&shared));
     let closing = *stop.borrow_and_update();
     let mut d = Driver {
         timer: Box::pin(tokio::time::sleep_until(ctx.opened + limits.idle_timeout)),
@@ -953,6 +989,31 @@ where
     }
 }
 
+/// Ends the connection for a request body that outlives it: when the connection loop is gone (the
+/// connection was given up or closed), a body still held elsewhere (a streamed upload an upstream
+/// connection's task goes on reading after the response) fails at its next poll, and is polled
+/// now, so that task ends and the client socket and the upstream connection are both released.
+/// Without this a client that stops mid-upload, with an upstream that waits for the rest, kept
+/// both open forever, outside `max_connections`.
+struct Release<I: AsyncRead + AsyncWrite + Unpin>(std::sync::Weak<Mutex<Conn<I>>>);
+
+impl<I: AsyncRead + AsyncWrite + Unpin> Drop for Release<I> {
+    fn drop(&mut self) {
+        let Some(shared) = self.0.upgrade() else {
+            return;
+        };
+        let reader = {
+            let mut c = lock(&shared);
+            c.seq = c.seq.wrapping_add(1);
+            c.rest = Rest::Failed;
+            c.reader.take()
+        };
+        if let Some(w) = reader {
+            w.wake();
+        }
+    }
+}
+
 /// The server's stop signal. Checking it costs one atomic load: the future that wakes this task
 /// when it changes is polled once, to register the task's waker (the same for every poll of this
 /// connection's task), not on every wake-up (a `watch` change future re-polled takes the
@@ -1005,19 +1066,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
 
     /// Whether `deadline` has passed; otherwise the timer wakes the task by then.
     fn poll_deadline(&mut self, cx: &mut Context<'_>, deadline: Instant) -> bool {
-        loop {
-            if self.timer.deadline() > deadline {
-                self.timer.as_mut().reset(deadline);
-            }
-            if self.timer.as_mut().poll(cx).is_pending() {
-                return false;
-            }
-            if Instant::now() >= deadline {
-                return true;
-            }
-            // Fired for an earlier deadline: wait for this one.
-            self.timer.as_mut().reset(deadline);
-        }
+        deadline_passed(&mut self.timer, cx, deadline)
     }
 
     fn idle_deadline(&self) -> Instant {
@@ -1206,6 +1255,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                 }
                 None => {
                     let (shared, stop, closing) = (&self.shared, &mut self.stop, &mut self.closing);
+                    let (timer, idle) = (&mut self.timer, self.limits.idle_timeout);
+                    // When the wait for this frame began (read only once the body made us wait).
+                    let mut since: Option<Instant> = None;
                     let next = poll_fn(|cx| {
                         if let Poll::Ready(f) = body.as_mut().poll_frame(cx) {
                             return Poll::Ready(Some(f));
@@ -1214,6 +1266,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                             *closing = true;
                         }
                         if client_gone(shared, cx) {
+                            return Poll::Ready(None);
+                        }
+                        // An upstream that sends nothing more for idle_timeout: the response is cut
+                        // (the client sees a broken framing) and both connections close.
+                        let t = *since.get_or_insert_with(Instant::now);
+                        if deadline_passed(timer, cx, t + idle) {
+                            tracing::debug!("response body idle for idle_timeout");
                             return Poll::Ready(None);
                         }
                         Poll::Pending
@@ -1290,9 +1349,29 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
         }
     }
 
-    /// Writes `wbuf` (then clears it) and flushes.
+    /// Writes `wbuf` (then clears it) and flushes. A client that takes more than idle_timeout to
+    /// accept it (it stopped reading) is given up.
     async fn write(&mut self, extra: &[&[u8]]) -> Result<(), Gone> {
-        let r = write_all(&self.shared, &self.wbuf, extra).await;
+        let r = {
+            let (timer, idle) = (&mut self.timer, self.limits.idle_timeout);
+            let mut w = pin!(write_all(&self.shared, &self.wbuf, extra));
+            // When the socket first made us wait (no clock read while it takes everything at once).
+            let mut since: Option<Instant> = None;
+            poll_fn(|cx| {
+                if let Poll::Ready(r) = w.as_mut().poll(cx) {
+                    return Poll::Ready(r);
+                }
+                let t = *since.get_or_insert_with(Instant::now);
+                if deadline_passed(timer, cx, t + idle) {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the client read nothing for idle_timeout",
+                    )));
+                }
+                Poll::Pending
+            })
+            .await
+        };
         self.wbuf.clear();
         r.map_err(|e| {
             tracing::debug!(error = %e, "writing to the client failed");
@@ -1364,6 +1443,24 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
             poll_fn(|cx| Pin::new(&mut lock(shared).io).poll_shutdown(cx)),
         )
         .await;
+    }
+}
+
+/// Whether `deadline` has passed; otherwise `timer` (armed lazily, see [`Driver::timer`]) wakes the
+/// task by then.
+fn deadline_passed(timer: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>, deadline: Instant) -> bool {
+    loop {
+        if timer.deadline() > deadline {
+            timer.as_mut().reset(deadline);
+        }
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        if Instant::now() >= deadline {
+            return true;
+        }
+        // Fired for an earlier deadline: wait for this one.
+        timer.as_mut().reset(deadline);
     }
 }
 
@@ -1497,7 +1594,7 @@ mod tests {
     const PIPELINE: &[u8] = b"\r\nGET /a?x=1 HTTP/1.1\r\nHost: a\r\nX-Many: 1\r\nx-many: 2\r\n\r\n\
         POST /b HTTP/1.1\r\nHost: b\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n\
         GET http://c.example/c HTTP/1.0\r\nConnection: keep-alive\r\n\r\n\
-        PUT /d HTTP/1.1\nTransfer-Encoding: gzip, chunked\nConnection: close\n\nGET /e";
+        PUT /d HTTP/1.1\nTransfer-Encoding: chunked\nConnection: close\n\nGET /e";
 
     #[test]
     fn pipelined_heads_parse_with_their_framing_and_connection_rules() {
@@ -1542,11 +1639,31 @@ mod tests {
                 HeadError::Malformed,
             ),
             (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
                 b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
                 HeadError::Malformed,
             ),
             (
                 b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"GET example.com:80 HTTP/1.1\r\nHost: x\r\n\r\n",
+                HeadError::Malformed,
+            ),
+            (
+                b"GET / HTTP/1.1\r\nHost: public\r\nhost: admin\r\n\r\n",
                 HeadError::Malformed,
             ),
         ];
@@ -1649,6 +1766,11 @@ mod tests {
             b"\r\n",
             b"11111111111111111\r\n",
             b"5\n",
+            // Bare LF or control characters in an extension, bare LF in the trailer section.
+            b"5;a\nxx\r\nhello\r\n",
+            b"5;a\x00\r\nhello\r\n",
+            b"5\r\nhello\r\n0\r\n\nGET / HTTP/1.1\r\n\r\n",
+            b"0\r\nx-t: 1\n\r\n",
         ] {
             let mut d = Chunked::new();
             let mut buf = BytesMut::from(wire);

@@ -390,6 +390,8 @@ fn build_head(
     let mut map = HeaderMap::with_capacity(spans.len());
     let mut length: Option<u64> = None;
     let (mut te, mut chunked, mut close, mut keep_alive_token) = (false, false, false, false);
+    // Transfer codings listed, on all lines (`identity`, obsolete, aside).
+    let mut codings = 0u32;
     for &(ns, ne, vs, ve) in spans {
         let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
             .map_err(|_| Error::Invalid("bad header name"))?;
@@ -408,8 +410,13 @@ fn build_head(
             "transfer-encoding" => {
                 te = true;
                 // The final coding is the last one listed (of the last line).
-                let last = raw.rsplit(|&b| b == b',').next().unwrap_or_default();
-                chunked = last.trim_ascii().eq_ignore_ascii_case(b"chunked");
+                for t in raw.split(|&b| b == b',') {
+                    let t = t.trim_ascii();
+                    if !t.is_empty() && !t.eq_ignore_ascii_case(b"identity") {
+                        codings += 1;
+                        chunked = t.eq_ignore_ascii_case(b"chunked");
+                    }
+                }
                 continue;
             }
             "connection" => {
@@ -446,6 +453,12 @@ fn build_head(
     let decoder = if head_request || code == 204 || code == 304 {
         Decoder::length(0)
     } else if te {
+        if codings > 1 || (codings == 1 && !chunked) {
+            // Only `chunked` is decoded, and `transfer-encoding` is not passed on (hop-by-hop):
+            // another coding (gzip) would reach the client as the body's raw bytes, labelled as
+            // nothing.
+            return Err(Error::Invalid("unsupported transfer-coding"));
+        }
         if length.is_some() {
             // Both: transfer-encoding wins (RFC 9112 6.3), and the message may be a smuggling
             // attempt, so the connection is not reused; the length is not passed on.
@@ -613,6 +626,12 @@ impl Decoder {
             match state {
                 Chunk::Size => match httparse::parse_chunk_size(buf) {
                     Ok(httparse::Status::Complete((n, size))) => {
+                        if !chunk_line_ok(buf.get(..n.saturating_sub(2)).unwrap_or_default()) {
+                            if data.is_some() {
+                                break; // reported on the next call
+                            }
+                            return Err(Error::Invalid("bad chunk size line"));
+                        }
                         buf.advance(n);
                         *state = if size == 0 {
                             Chunk::Trailers
@@ -696,6 +715,15 @@ impl Decoder {
             None => Ok(None),
         }
     }
+}
+
+/// Whether a chunk-size line (without its CRLF) that httparse accepted is one a strict peer reads
+/// the same way: httparse takes a line without digits for size 0 (the end of the body) and any
+/// byte but CR in an extension, so a bare LF there would make a peer that ends lines at LF frame
+/// the rest differently (a desync on a pooled connection).
+fn chunk_line_ok(line: &[u8]) -> bool {
+    line.first().is_some_and(u8::is_ascii_hexdigit)
+        && !line.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f)
 }
 
 /// Parses a (non-empty) trailer section at the start of `buf`, splitting it off; `Ok(None)`: more
@@ -953,7 +981,7 @@ mod tests {
             "read to close"
         );
         let h = head(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
             false,
         )
         .unwrap()
@@ -962,8 +990,28 @@ mod tests {
         assert!(!h.keep_alive);
         assert!(!h.response.headers().contains_key("content-length"));
         assert!(!h.response.headers().contains_key("transfer-encoding"));
+        // Codings other than chunked are not decoded: an error, not a body passed on unlabelled.
+        for raw in [
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+        ] {
+            assert!(
+                head(raw, false).is_err(),
+                "{}",
+                String::from_utf8_lossy(raw)
+            );
+        }
+        // (Not for a response without a body.)
+        assert!(head(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            true
+        )
+        .is_ok());
+        // Obsolete `identity` is no coding: read to close.
         let h = head(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\n",
             false,
         )
         .unwrap()
@@ -1041,6 +1089,34 @@ mod tests {
         let mut dec = Decoder::chunked();
         let mut buf = BytesMut::from(&b"zz\r\n"[..]);
         assert!(dec.decode(&mut buf, false).is_err());
+    }
+
+    #[test]
+    fn chunk_size_lines_httparse_takes_but_a_strict_peer_would_not_are_errors() {
+        for wire in [
+            &b"\r\n\r\n"[..],
+            b";ext\r\n\r\n",
+            b" 0\r\n\r\n",
+            b"0;\n\r\n\r\n",
+            b"3;a\x00b\r\nabc\r\n0\r\n\r\n",
+        ] {
+            let mut dec = Decoder::chunked();
+            let mut buf = BytesMut::from(wire);
+            let r = loop {
+                match dec.decode(&mut buf, false) {
+                    Ok(Some(Item::Data(_))) => continue,
+                    other => break other,
+                }
+            };
+            assert!(r.is_err(), "{:?}: {r:?}", String::from_utf8_lossy(wire));
+        }
+        // Extensions and whitespace a strict peer reads the same way still pass.
+        let (data, _, rest) = decode_in_pieces(
+            Decoder::chunked(),
+            b"3 ;a=\"b c\"\t\r\nabc\r\n0\r\n\r\n",
+            &[],
+        );
+        assert_eq!((&data[..], &rest[..]), (&b"abc"[..], &b""[..]));
     }
 
     #[test]
