@@ -137,17 +137,31 @@ fn hex(mut v: u64, out: &mut [u8]) {
     }
 }
 
-/// Sum of the request head's header bytes (names, values and the `: ` and CRLF per line).
-pub fn head_size(h: &HeaderMap, uri_len: usize) -> usize {
-    h.iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum::<usize>()
-        + uri_len
+/// Size of the request head as HTTP/1.1 writes it: the request line (`METHOD SP target SP
+/// HTTP/1.1 CRLF`), each header line (name, `: `, value, CRLF) and the blank line. For an HTTP/2
+/// request (no request line on the wire) it counts the same, a few bytes more than its headers.
+pub fn head_size(method: &http::Method, target_len: usize, h: &HeaderMap) -> usize {
+    const REQUEST_LINE: usize = " ".len() + " HTTP/1.1\r\n".len();
+    const BLANK_LINE: usize = "\r\n".len();
+    let lines: usize = h.iter().map(|(k, v)| k.as_str().len() + v.len() + 4).sum();
+    method.as_str().len() + target_len + REQUEST_LINE + lines + BLANK_LINE
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn head_size_is_the_http1_head_length() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("example.com"));
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc"));
+        let wire = "GET /a/b?c=1 HTTP/1.1\r\nhost: example.com\r\nx-request-id: abc\r\n\r\n";
+        assert_eq!(
+            head_size(&http::Method::GET, "/a/b?c=1".len(), &h),
+            wire.len()
+        );
+    }
 
     #[test]
     fn hop_by_hop_removed_including_connection_named() {

@@ -379,8 +379,8 @@ async fn route_and_forward(
     let limits = rt.limits;
     // Stage 2: limits. The HTTP/1 loop already refuses heads far over the limit while reading; this
     // makes the limit exact (and covers HTTP/2, whose headers arrive decoded).
-    let uri_len = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
-    if headers::head_size(req.headers(), uri_len) > limits.max_header_bytes {
+    let target_len = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
+    if headers::head_size(req.method(), target_len, req.headers()) > limits.max_header_bytes {
         return (respond::local(Local::HeadersTooLarge), None);
     }
     if let Some(len) = req
