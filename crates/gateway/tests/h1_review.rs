@@ -4,54 +4,22 @@
 //! mid-body, a client that stops reading), and `Upgrade` / `CONNECT` requests.
 mod support;
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-fn config(url: &str, limits: &str) -> String {
-    format!(
-        "limits: {{ {limits} }}\nupstreams:\n  u: {{ endpoints: [{{url: '{url}'}}] }}\nroutes:\n  - upstream: u\n"
-    )
-}
+use support::limited_config as config;
 
 // ---------------------------------------------------------------------------------------------
 // Raw upstream
 // ---------------------------------------------------------------------------------------------
 
-/// A raw TCP upstream: each accepted connection is handed to a script, with its index.
-struct Up {
-    addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-}
+type Up = RawUpstream;
 
 impl Up {
-    async fn start<F, Fut>(script: F) -> Up
-    where
-        F: Fn(TcpStream, usize) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let a = accepted.clone();
-        let script = Arc::new(script);
-        tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                let _ = s.set_nodelay(true);
-                let i = a.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(script(s, i));
-            }
-        });
-        Up { addr, accepted }
-    }
-
     /// Answers every request with `body` as a `content-length` response, echoing the target in
     /// `x-target`.
     async fn echo_target() -> Up {
@@ -67,10 +35,6 @@ impl Up {
             }
         })
         .await
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
     }
 
     /// Reads each request's body to its end before answering 200 (a body that never ends
@@ -103,10 +67,6 @@ impl Up {
             }
         })
         .await
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
     }
 }
 

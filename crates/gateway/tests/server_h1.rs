@@ -14,11 +14,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex};
 
-fn config(url: &str, limits: &str) -> String {
-    format!(
-        "limits: {{ {limits} }}\nupstreams:\n  u: {{ endpoints: [{{url: '{url}'}}] }}\nroutes:\n  - upstream: u\n"
-    )
-}
+use support::limited_config as config;
 
 /// An upstream that answers with the request body, and the method and target in headers.
 async fn echo() -> Upstream {

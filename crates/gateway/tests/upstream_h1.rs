@@ -5,7 +5,6 @@
 //! each test controls the exact bytes and the connection's life.
 mod support;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -16,36 +15,12 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-/// A raw TCP upstream: each accepted connection is handed to a script, with its index.
-struct Raw {
-    addr: SocketAddr,
-    accepted: Arc<AtomicUsize>,
-}
+type Raw = RawUpstream;
 
 impl Raw {
-    async fn start<F, Fut>(script: F) -> Raw
-    where
-        F: Fn(TcpStream, usize) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let a = accepted.clone();
-        let script = Arc::new(script);
-        tokio::spawn(async move {
-            while let Ok((s, _)) = listener.accept().await {
-                let _ = s.set_nodelay(true);
-                let i = a.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(script(s, i));
-            }
-        });
-        Raw { addr, accepted }
-    }
-
     /// Answers every request of every connection with `respond(request head)`.
     async fn answering(respond: fn(&str) -> Vec<u8>) -> Raw {
         Raw::start(move |mut s, _| async move {
@@ -57,14 +32,6 @@ impl Raw {
             }
         })
         .await
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
     }
 }
 

@@ -367,3 +367,49 @@ impl Silent {
         format!("http://{}", self.addr)
     }
 }
+
+/// A config with one upstream `u` at `url`, one catch-all route to it, and `limits` (YAML flow
+/// mapping entries, e.g. `max_body_bytes: 1KiB`).
+pub fn limited_config(url: &str, limits: &str) -> String {
+    format!(
+        "limits: {{ {limits} }}\nupstreams:\n  u: {{ endpoints: [{{url: '{url}'}}] }}\nroutes:\n  - upstream: u\n"
+    )
+}
+
+/// A raw TCP upstream: each accepted connection is handed to a script, with its index, so a test
+/// controls the exact bytes and the connection's life.
+pub struct RawUpstream {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+impl RawUpstream {
+    pub async fn start<F, Fut>(script: F) -> RawUpstream
+    where
+        F: Fn(TcpStream, usize) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let a = accepted.clone();
+        let script = Arc::new(script);
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let _ = s.set_nodelay(true);
+                let i = a.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(script(s, i));
+            }
+        });
+        RawUpstream { addr, accepted }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Connections accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
