@@ -588,8 +588,9 @@ impl Server {
             let tls = tls.clone();
             let handshake_timeout = settings.header_read_timeout;
             let idle = settings.idle_timeout;
-            // Upstream HTTP/1 connections are driven by the requests of this task (see `Pool`).
-            tokio::spawn(crate::upstream::Pool::drive_inline(async move {
+            // One task per client connection; the upstream HTTP/1 connections its requests use
+            // are driven by those requests (see `upstream::pool`), not by tasks of their own.
+            tokio::spawn(async move {
                 let _permit = permit;
                 match tls {
                     None => serve_conn(stream, false, ctx, &h2, stop, limits, idle).await,
@@ -604,7 +605,7 @@ impl Server {
                         }
                     }
                 }
-            }));
+            });
         }
         gateway.set_phase(Phase::Draining);
         drop(listener);

@@ -159,12 +159,6 @@ impl std::fmt::Debug for Pool {
 type ConnectFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SendError>> + Send + 'a>>;
 
 impl Pool {
-    /// Runs `fut` (one client connection's task). A no-op since upstream HTTP/1 connections are
-    /// always driven by the requests that use them; kept for the listener's call.
-    pub fn drive_inline<F: Future>(fut: F) -> F {
-        fut
-    }
-
     /// A pool for `addr` (`host:port`).
     pub fn new(
         addr: String,
