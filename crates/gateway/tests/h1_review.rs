@@ -126,38 +126,9 @@ enum Framed {
     Cut,
 }
 
-struct Client {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
+type Client = RawClient;
 
 impl Client {
-    async fn connect(gw: &Gateway) -> Client {
-        Client {
-            s: TcpStream::connect(gw.addr).await.unwrap(),
-            buf: Vec::new(),
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.s.write_all(bytes).await.unwrap();
-    }
-
-    /// Reads more; `false` at EOF (or an error).
-    async fn fill(&mut self) -> bool {
-        let mut b = [0u8; 8192];
-        match tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut b))
-            .await
-            .expect("nothing from the gateway within 10 s")
-        {
-            Ok(0) | Err(_) => false,
-            Ok(n) => {
-                self.buf.extend_from_slice(&b[..n]);
-                true
-            }
-        }
-    }
-
     async fn take(&mut self, n: usize) -> Option<Vec<u8>> {
         while self.buf.len() < n {
             if !self.fill().await {

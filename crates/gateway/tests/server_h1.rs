@@ -11,7 +11,6 @@ use http::Request;
 use http_body_util::BodyExt;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Mutex};
 
 use support::limited_config as config;
@@ -56,38 +55,9 @@ impl Resp {
 }
 
 /// A raw client connection with its read buffer (bytes of the next response are kept).
-struct Raw {
-    s: TcpStream,
-    buf: Vec<u8>,
-}
+type Raw = RawClient;
 
 impl Raw {
-    async fn connect(gw: &Gateway) -> Raw {
-        Raw {
-            s: TcpStream::connect(gw.addr).await.unwrap(),
-            buf: Vec::new(),
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) {
-        self.s.write_all(bytes).await.unwrap();
-    }
-
-    /// Reads more; `false` at EOF (or an error).
-    async fn fill(&mut self) -> bool {
-        let mut b = [0u8; 4096];
-        match tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut b))
-            .await
-            .expect("no response within 10 s")
-        {
-            Ok(0) | Err(_) => false,
-            Ok(n) => {
-                self.buf.extend_from_slice(&b[..n]);
-                true
-            }
-        }
-    }
-
     async fn take(&mut self, n: usize) -> Vec<u8> {
         while self.buf.len() < n {
             assert!(self.fill().await, "EOF before {n} bytes: {:?}", self.buf);

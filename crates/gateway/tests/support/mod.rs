@@ -413,3 +413,38 @@ impl RawUpstream {
         self.accepted.load(Ordering::SeqCst)
     }
 }
+
+/// A raw client connection to the gateway with its read buffer (bytes of the next response are
+/// kept), for tests that need the exact bytes on the wire.
+pub struct RawClient {
+    pub s: TcpStream,
+    pub buf: Vec<u8>,
+}
+
+impl RawClient {
+    pub async fn connect(gw: &Gateway) -> RawClient {
+        RawClient {
+            s: TcpStream::connect(gw.addr).await.unwrap(),
+            buf: Vec::new(),
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads more; `false` at EOF (or an error). Panics after 10 s without a byte.
+    pub async fn fill(&mut self) -> bool {
+        let mut b = [0u8; 8192];
+        match tokio::time::timeout(Duration::from_secs(10), self.s.read(&mut b))
+            .await
+            .expect("nothing from the gateway within 10 s")
+        {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                self.buf.extend_from_slice(&b[..n]);
+                true
+            }
+        }
+    }
+}
