@@ -180,29 +180,25 @@ pub async fn buffer(mut body: Limited<ClientBody>, max: usize) -> Result<Buffere
     }
 }
 
+/// Whether any error in the chain starting at `first` satisfies `is`.
+fn in_chain(
+    first: Option<&(dyn std::error::Error + 'static)>,
+    is: impl Fn(&(dyn std::error::Error + 'static)) -> bool,
+) -> bool {
+    std::iter::successors(first, |e| e.source()).any(is)
+}
+
 /// Whether a hyper client error was caused by our client's request body (too large, or aborted).
 pub fn is_client_body_error(err: &hyper::Error) -> bool {
-    let mut src: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(err);
-    while let Some(e) = src {
-        if e.is::<LengthLimitError>() || e.is::<hyper::Error>() || e.is::<super::h1::BodyError>() {
-            return true;
-        }
-        src = e.source();
-    }
-    false
+    in_chain(std::error::Error::source(err), |e| {
+        e.is::<LengthLimitError>() || e.is::<hyper::Error>() || e.is::<super::h1::BodyError>()
+    })
 }
 
 /// Whether an upstream send error (its cause chain) was caused by the client's body exceeding the
 /// limit.
 pub fn is_length_error(err: &(dyn std::error::Error + 'static)) -> bool {
-    let mut src = Some(err);
-    while let Some(e) = src {
-        if e.is::<LengthLimitError>() {
-            return true;
-        }
-        src = e.source();
-    }
-    false
+    in_chain(Some(err), |e| e.is::<LengthLimitError>())
 }
 
 /// Whether an error from reading a client body is the length limit.
@@ -232,9 +228,7 @@ impl Lease {
     }
     /// Puts `inner`'s connection back into the endpoint's pool if the body was read to its end.
     fn release(&self, inner: &mut UpstreamBody) {
-        if let Some(c) = inner.take_conn() {
-            self.endpoint.pool.put(c);
-        }
+        self.endpoint.pool.reclaim(inner);
     }
 }
 

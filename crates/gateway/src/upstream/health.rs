@@ -92,9 +92,7 @@ impl HttpCheck {
             }
         };
         if complete {
-            if let Some(conn) = body.take_conn() {
-                self.endpoint.pool.put(conn);
-            }
+            self.endpoint.pool.reclaim(&mut body);
         }
         if self.expected.contains(status) {
             CheckResult::healthy()

@@ -195,6 +195,14 @@ impl Pool {
         None
     }
 
+    /// Takes `body`'s connection back into the pool if the body was read to its end and the
+    /// connection can carry another request (see [`UpstreamBody::take_conn`]).
+    pub fn reclaim(&self, body: &mut UpstreamBody) {
+        if let Some(conn) = body.take_conn() {
+            self.put(conn);
+        }
+    }
+
     /// Returns a connection taken from a response body read to its end.
     pub fn put(&self, conn: Conn) {
         let Ok(mut idle) = self.idle.lock() else {
@@ -277,31 +285,18 @@ impl Pool {
     }
 
     /// Sends the request `parts` with the whole body `body` on an HTTP/1 connection, encoding the
-    /// head straight from `parts` (which must carry the endpoint's `Host`); an HTTP/2 pool sends a
-    /// copy.
+    /// head straight from `parts` (which must carry the endpoint's `Host`). For HTTP/1 pools only:
+    /// an HTTP/2 upstream's request is built with its own URI form and sent with [`Pool::send`];
+    /// here it is refused unsent.
     pub async fn send_head(
         &self,
         parts: &Parts,
         body: Option<&Bytes>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         if self.http2 {
-            let mut req = Request::new(ReqBody::Full {
-                data: body.cloned(),
-            });
-            *req.method_mut() = parts.method.clone();
-            let pq = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-            *req.uri_mut() = http::Uri::builder()
-                .scheme("http")
-                .authority(self.addr.as_str())
-                .path_and_query(pq)
-                .build()
-                .map_err(|e| SendError {
-                    kind: FailKind::ConnectFailure,
-                    source: Some(e.into()),
-                })?;
-            *req.version_mut() = http::Version::HTTP_2;
-            *req.headers_mut() = parts.headers.clone();
-            return self.send_h2(req).await;
+            return Err(SendError::connect(Some(
+                "an HTTP/2 upstream takes a built request (Pool::send)".into(),
+            )));
         }
         self.send_h1(parts, body).await
     }
