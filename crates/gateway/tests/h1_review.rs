@@ -101,21 +101,7 @@ async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
 // Raw client
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
+type Resp = RawResponse;
 
 /// How reading a response ended.
 #[derive(Debug, PartialEq, Eq)]

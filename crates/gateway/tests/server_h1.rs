@@ -37,22 +37,7 @@ async fn echo() -> Upstream {
     .await
 }
 
-/// One response read off a raw connection.
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
+type Resp = RawResponse;
 
 /// A raw client connection with its read buffer (bytes of the next response are kept).
 type Raw = RawClient;
