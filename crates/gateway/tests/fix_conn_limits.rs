@@ -1,7 +1,6 @@
 //! Listener limits: `max_connections`, and HTTP/1.1 over TLS (keep-alive and the head timeout).
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -74,32 +73,17 @@ async fn max_connections_holds_a_third_connection_until_one_closes() {
 #[tokio::test]
 async fn http1_over_tls_keeps_alive_and_times_out_a_stalled_head() {
     let up = Upstream::named("u").await;
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let dir = std::env::temp_dir().join(format!("bulwark-fix-conn-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert_path, ck.cert.pem()).unwrap();
-    std::fs::write(&key_path, ck.key_pair.serialize_pem()).unwrap();
+    let tls = TestTls::new("fix-conn-tls");
     let gw = Gateway::start(&config(
         &up.url(),
         &format!(
-            "tls: {{ cert: '{}', key: '{}' }}\nlimits: {{ header_read_timeout: 300ms }}\n",
-            cert_path.display(),
-            key_path.display()
+            "{}limits: {{ header_read_timeout: 300ms }}\n",
+            tls.config_line()
         ),
     ))
     .await;
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ck.cert.der().clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let connector = tls.connector(&[b"http/1.1"]);
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
 
     // hyper's HTTP/1.1 client: two requests on one TLS connection.
@@ -149,6 +133,5 @@ async fn http1_over_tls_keeps_alive_and_times_out_a_stalled_head() {
     .await;
     assert!(closed.is_ok(), "stalled head over TLS not cut");
     assert_eq!(up.hits(), 2);
-    let _ = std::fs::remove_dir_all(&dir);
     gw.stop().await;
 }

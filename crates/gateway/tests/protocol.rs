@@ -117,32 +117,10 @@ async fn http2_prior_knowledge_is_served() {
 #[tokio::test]
 async fn tls_with_alpn_h2() {
     let up = Upstream::named("u").await;
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let dir = std::env::temp_dir().join(format!("bulwark-tls-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert_path, ck.cert.pem()).unwrap();
-    std::fs::write(&key_path, ck.key_pair.serialize_pem()).unwrap();
-    let gw = Gateway::start(&one_route(
-        &up.url(),
-        &format!(
-            "tls: {{ cert: '{}', key: '{}' }}\n",
-            cert_path.display(),
-            key_path.display()
-        ),
-    ))
-    .await;
+    let tls = TestTls::new("tls");
+    let gw = Gateway::start(&one_route(&up.url(), &tls.config_line())).await;
 
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ck.cert.der().clone()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
+    let connector = tls.connector(&[b"h2", b"http/1.1"]);
     let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
     let tls = connector.connect(name, tcp).await.unwrap();
@@ -166,7 +144,6 @@ async fn tls_with_alpn_h2() {
     assert_eq!(resp.version(), http::Version::HTTP_2);
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "u");
-    let _ = std::fs::remove_dir_all(&dir);
     gw.stop().await;
 }
 

@@ -466,3 +466,59 @@ impl RawResponse {
             .map(|(_, v)| v.as_str())
     }
 }
+
+/// A self-signed certificate for `localhost`, written as PEM files for the gateway's `tls:`
+/// section (removed on drop), and a client that trusts it.
+pub struct TestTls {
+    dir: std::path::PathBuf,
+    pub cert_path: std::path::PathBuf,
+    pub key_path: std::path::PathBuf,
+    cert: rcgen::CertifiedKey,
+}
+
+impl TestTls {
+    /// A new certificate, its files under a temporary directory named after `tag`.
+    pub fn new(tag: &str) -> TestTls {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let dir = std::env::temp_dir().join(format!("bulwark-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+        std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
+        TestTls {
+            dir,
+            cert_path,
+            key_path,
+            cert,
+        }
+    }
+
+    /// The gateway's `tls:` line.
+    pub fn config_line(&self) -> String {
+        format!(
+            "tls: {{ cert: '{}', key: '{}' }}\n",
+            self.cert_path.display(),
+            self.key_path.display()
+        )
+    }
+
+    /// A client trusting this certificate, offering the ALPN protocols `alpn`.
+    pub fn connector(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.cert.cert.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(Arc::new(cfg))
+    }
+}
+
+impl Drop for TestTls {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
