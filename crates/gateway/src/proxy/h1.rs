@@ -1070,11 +1070,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
     }
 
     fn idle_deadline(&self) -> Instant {
-        let last = self
-            .ctx
-            .last_active_ms
-            .load(std::sync::atomic::Ordering::Relaxed);
-        self.ctx.opened + Duration::from_millis(last) + self.limits.idle_timeout
+        self.ctx.idle_deadline(self.limits.idle_timeout)
     }
 
     fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Next> {

@@ -336,6 +336,13 @@ struct ConnCtx {
     opened: Instant,
 }
 
+impl ConnCtx {
+    /// When the connection has been idle for `idle` since a request last finished (or it opened).
+    fn idle_deadline(&self, idle: Duration) -> Instant {
+        self.opened + Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed)) + idle
+    }
+}
+
 /// Decrements in-flight and stamps activity when a request's service future ends (or is dropped).
 struct Active<'a>(&'a ConnCtx);
 
@@ -730,12 +737,12 @@ async fn serve_h2<I>(
                 conn.as_mut().graceful_shutdown();
             }
             _ = &mut idle_timer, if !closing => {
-                let last = ctx.opened + Duration::from_millis(ctx.last_active_ms.load(Ordering::Relaxed));
-                if ctx.inflight.load(Ordering::Relaxed) == 0 && Instant::now() >= last + idle {
+                let deadline = ctx.idle_deadline(idle);
+                if ctx.inflight.load(Ordering::Relaxed) == 0 && Instant::now() >= deadline {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
                 } else {
-                    idle_timer.as_mut().reset((last + idle).max(Instant::now() + Duration::from_millis(10)));
+                    idle_timer.as_mut().reset(deadline.max(Instant::now() + Duration::from_millis(10)));
                 }
             }
         }
