@@ -548,8 +548,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
 
     fn poll_continue(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while let Some(off) = self.cont {
-            if self.responded || !self.rbuf.is_empty() {
-                // Too late (the response is going out), or the client did not wait.
+            if off == 0 && (self.responded || !self.rbuf.is_empty()) {
+                // Too late (the response is going out), or the client did not wait. One already
+                // begun is finished: half of it would run into what follows on the wire.
                 self.cont = None;
                 break;
             }
@@ -565,6 +566,15 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
             self.cont = Some(off + n);
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// The response starts going out: no `100 Continue` from now on. `None`: none was due.
+    /// Otherwise the part of it the socket has not taken yet (empty when it was never begun, or
+    /// was written whole), which must go out before the response head.
+    fn start_response(&mut self) -> Option<&'static [u8]> {
+        self.responded = true;
+        let off = self.cont.take()?;
+        Some(if off == 0 { &[] } else { &CONTINUE[off..] })
     }
 
     /// The next piece of the current request body.
@@ -1208,14 +1218,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
         version: Version,
         keep_alive: &mut bool,
     ) -> Result<bool, Gone> {
-        {
-            let mut c = lock(&self.shared);
-            c.responded = true;
-            if c.cont.is_some() {
-                // The client holds its body back for a `100 Continue` that will not come now; it
-                // may send it anyway later, so the connection cannot carry another request.
-                *keep_alive = false;
-            }
+        let cont_rest = lock(&self.shared).start_response();
+        if cont_rest.is_some() {
+            // The client holds its body back for a `100 Continue` that will not come now (or sends
+            // it after one): either way the connection cannot carry another request.
+            *keep_alive = false;
         }
         let out = encode_head(
             &mut self.wbuf,
@@ -1226,6 +1233,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
             version,
             keep_alive,
         );
+        if let Some(rest) = cont_rest.filter(|r| !r.is_empty()) {
+            // A `100 Continue` the socket took only part of: its rest goes first.
+            self.wbuf.splice(0..0, rest.iter().copied());
+        }
         drop(parts);
         let mut body = pin!(body);
         if out == Out::Empty || body.is_end_stream() {
@@ -1807,6 +1818,74 @@ mod tests {
             &mut keep,
         );
         (String::from_utf8(dst).unwrap(), out, keep)
+    }
+
+    fn conn_with_continue(io: tokio::io::DuplexStream) -> Conn<tokio::io::DuplexStream> {
+        Conn {
+            io,
+            rbuf: BytesMut::new(),
+            seq: 0,
+            rest: Rest::None,
+            alive: true,
+            cont: Some(0),
+            responded: false,
+            progress: 0,
+            waiter: None,
+            reader: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_partly_written_100_continue_is_finished_before_the_response() {
+        // The socket takes 8 bytes of the interim response, then the final response starts.
+        let (ours, mut peer) = tokio::io::duplex(8);
+        let mut c = conn_with_continue(ours);
+        let first = poll_fn(|cx| Poll::Ready(c.poll_continue(cx))).await;
+        assert!(first.is_pending());
+        assert_eq!(c.cont, Some(8));
+        let rest = c.start_response();
+        assert_eq!(rest, Some(&CONTINUE[8..]));
+        // Later polls of the body write no more of it (the response does).
+        let again = poll_fn(|cx| Poll::Ready(c.poll_continue(cx))).await;
+        assert!(matches!(again, Poll::Ready(Ok(()))));
+        let mut got = [0u8; 8];
+        tokio::io::AsyncReadExt::read_exact(&mut peer, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(&got, &CONTINUE[..8]);
+
+        // Begun but the client sent body bytes anyway: it is still finished, not dropped midway.
+        let (ours, mut peer) = tokio::io::duplex(8);
+        let mut c = conn_with_continue(ours);
+        let _ = poll_fn(|cx| Poll::Ready(c.poll_continue(cx))).await;
+        c.rbuf.extend_from_slice(b"body");
+        let mut all = Vec::new();
+        let reading = async {
+            let mut buf = [0u8; 64];
+            while all.len() < CONTINUE.len() {
+                let n = tokio::io::AsyncReadExt::read(&mut peer, &mut buf)
+                    .await
+                    .unwrap();
+                all.extend_from_slice(&buf[..n]);
+            }
+        };
+        let writing = poll_fn(|cx| c.poll_continue(cx));
+        let both = async { tokio::join!(writing, reading) };
+        let (w, ()) = tokio::time::timeout(Duration::from_secs(10), both)
+            .await
+            .expect("the rest of the interim response is written");
+        w.unwrap();
+        assert_eq!(all, CONTINUE);
+        assert_eq!(c.cont, None);
+
+        // Never begun: nothing of it goes out, and the connection must close after the response.
+        let (ours, _peer) = tokio::io::duplex(64);
+        let mut c = conn_with_continue(ours);
+        assert_eq!(c.start_response(), Some(&b""[..]));
+        let (ours, _peer) = tokio::io::duplex(64);
+        let mut c = conn_with_continue(ours);
+        c.cont = None;
+        assert_eq!(c.start_response(), None);
     }
 
     #[test]
