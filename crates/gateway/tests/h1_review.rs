@@ -466,6 +466,21 @@ async fn a_bare_lf_in_an_upstream_chunk_extension_is_an_error() {
     .await;
 }
 
+#[tokio::test]
+async fn a_bare_lf_in_upstream_trailers_is_an_error() {
+    // A lenient peer ends the trailer section (or a trailer line) at a bare LF, a strict one reads
+    // on to the next CRLF: the two would end the body at different bytes, so it is cut and the
+    // connection is not reused.
+    a_broken_chunk_line_cuts_the_response(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\n\r\n",
+    )
+    .await;
+    a_broken_chunk_line_cuts_the_response(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\n",
+    )
+    .await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Stalls
 // ---------------------------------------------------------------------------------------------

@@ -29,17 +29,13 @@ use http_body::SizeHint;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use crate::chunked;
+
 /// Most header lines accepted in a response head (hyper's default too).
 const MAX_HEADERS: usize = 100;
 /// Largest response head accepted (status line and headers). Generous for real upstreams; a head
 /// over it is a broken or hostile upstream (a 502 for the client).
 const MAX_HEAD: usize = 64 * 1024;
-/// Largest chunk-size line (with extensions) accepted.
-const MAX_CHUNK_LINE: usize = 4 * 1024;
-/// Largest trailer section accepted.
-const MAX_TRAILERS: usize = 16 * 1024;
-/// Most trailer fields accepted.
-const MAX_TRAILER_FIELDS: usize = 32;
 /// Read buffer size for a response head: one allocation per connection, reused for every response
 /// whose data the listener has already let go of.
 const HEAD_BUF: usize = 8 * 1024;
@@ -512,35 +508,14 @@ fn parse_content_length(raw: &[u8]) -> Result<u64, Error> {
     value.ok_or(bad)
 }
 
-/// What decoding produced.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Item {
-    /// Body data.
-    Data(Bytes),
-    /// Trailer fields (chunked bodies).
-    Trailers(HeaderMap),
-    /// The body ended.
-    End,
-}
-
-#[derive(Debug)]
-enum Chunk {
-    /// Expecting a chunk-size line.
-    Size,
-    /// Inside a chunk's data, with this many bytes to go.
-    Data(u64),
-    /// Expecting the CRLF after a chunk's data.
-    DataEnd,
-    /// After the last chunk: the trailer section.
-    Trailers,
-    /// Trailers parsed, to be handed on after the data before them.
-    Ready(Box<HeaderMap>),
-}
+/// What decoding produced (the chunked decoder's items; `Trailers` only from a chunked body).
+pub(crate) use crate::chunked::Item;
 
 #[derive(Debug)]
 enum Kind {
     Length(u64),
-    Chunked(Chunk),
+    /// Chunked, its trailers kept.
+    Chunked(chunked::Decoder),
     /// Delimited by the end of the connection.
     Close,
     Done,
@@ -562,7 +537,7 @@ impl Decoder {
     /// A chunked body.
     pub(crate) fn chunked() -> Self {
         Decoder {
-            kind: Kind::Chunked(Chunk::Size),
+            kind: Kind::Chunked(chunked::Decoder::new(chunked::Trailers::Keep)),
         }
     }
     /// A body that ends with the connection.
@@ -609,149 +584,19 @@ impl Decoder {
                     Ok(None)
                 }
             }
-            Kind::Chunked(_) => self.decode_chunked(buf, eof),
+            Kind::Chunked(d) => {
+                let item = d.decode(buf, eof).map_err(|e| match e {
+                    chunked::Error::Eof => Error::Closed,
+                    chunked::Error::Invalid(what) => Error::Invalid(what),
+                })?;
+                // The end is known with the last data or trailers (see `chunked`).
+                if d.is_end() {
+                    self.kind = Kind::Done;
+                }
+                Ok(item)
+            }
         }
     }
-
-    /// Chunked decoding. After a piece of data, the framing that follows it in `buf` is read too,
-    /// so that the end of the body is known with its last data (the listener then ends the
-    /// response, and the connection goes back to the pool, without another poll).
-    fn decode_chunked(&mut self, buf: &mut BytesMut, eof: bool) -> Result<Option<Item>, Error> {
-        let mut data: Option<Bytes> = None;
-        loop {
-            let Kind::Chunked(state) = &mut self.kind else {
-                // Done.
-                return Ok(Some(data.map_or(Item::End, Item::Data)));
-            };
-            match state {
-                Chunk::Size => match httparse::parse_chunk_size(buf) {
-                    Ok(httparse::Status::Complete((n, size))) => {
-                        if !chunk_line_ok(buf.get(..n.saturating_sub(2)).unwrap_or_default()) {
-                            if data.is_some() {
-                                break; // reported on the next call
-                            }
-                            return Err(Error::Invalid("bad chunk size line"));
-                        }
-                        buf.advance(n);
-                        *state = if size == 0 {
-                            Chunk::Trailers
-                        } else {
-                            Chunk::Data(size)
-                        };
-                    }
-                    Ok(httparse::Status::Partial) => {
-                        if buf.len() > MAX_CHUNK_LINE {
-                            return Err(Error::Invalid("chunk size line too long"));
-                        }
-                        break;
-                    }
-                    Err(_) => {
-                        if data.is_some() {
-                            break; // reported on the next call
-                        }
-                        return Err(Error::Invalid("bad chunk size"));
-                    }
-                },
-                Chunk::Data(rem) => {
-                    if data.is_some() || buf.is_empty() {
-                        break;
-                    }
-                    let n = (*rem).min(buf.len() as u64);
-                    *rem -= n;
-                    if *rem == 0 {
-                        *state = Chunk::DataEnd;
-                    }
-                    data = Some(buf.split_to(n as usize).freeze());
-                }
-                Chunk::DataEnd => {
-                    if buf.len() < 2 {
-                        break;
-                    }
-                    if &buf[..2] != b"\r\n" {
-                        if data.is_some() {
-                            break;
-                        }
-                        return Err(Error::Invalid("missing CRLF after chunk data"));
-                    }
-                    buf.advance(2);
-                    *state = Chunk::Size;
-                }
-                Chunk::Trailers => {
-                    if buf.starts_with(b"\r\n") {
-                        buf.advance(2);
-                        self.kind = Kind::Done;
-                        continue;
-                    }
-                    if buf.len() < 2 {
-                        break;
-                    }
-                    match parse_trailers(buf) {
-                        Ok(Some(map)) => *state = Chunk::Ready(Box::new(map)),
-                        Ok(None) => break,
-                        Err(e) => {
-                            if data.is_some() {
-                                break;
-                            }
-                            return Err(e);
-                        }
-                    }
-                }
-                Chunk::Ready(_) => {
-                    if let Some(d) = data {
-                        return Ok(Some(Item::Data(d)));
-                    }
-                    let Kind::Chunked(Chunk::Ready(map)) =
-                        std::mem::replace(&mut self.kind, Kind::Done)
-                    else {
-                        return Ok(Some(Item::End));
-                    };
-                    return Ok(Some(Item::Trailers(*map)));
-                }
-            }
-        }
-        match data {
-            Some(d) => Ok(Some(Item::Data(d))),
-            None if eof => Err(Error::Closed),
-            None => Ok(None),
-        }
-    }
-}
-
-/// Whether a chunk-size line (without its CRLF) that httparse accepted is one a strict peer reads
-/// the same way: httparse takes a line without digits for size 0 (the end of the body) and any
-/// byte but CR in an extension, so a bare LF there would make a peer that ends lines at LF frame
-/// the rest differently (a desync on a pooled connection).
-fn chunk_line_ok(line: &[u8]) -> bool {
-    line.first().is_some_and(u8::is_ascii_hexdigit)
-        && !line.iter().any(|&b| (b < b' ' && b != b'\t') || b == 0x7f)
-}
-
-/// Parses a (non-empty) trailer section at the start of `buf`, splitting it off; `Ok(None)`: more
-/// bytes are needed.
-fn parse_trailers(buf: &mut BytesMut) -> Result<Option<HeaderMap>, Error> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_TRAILER_FIELDS];
-    let (n, map) = match httparse::parse_headers(buf, &mut fields) {
-        Ok(httparse::Status::Complete((n, fields))) => {
-            let mut map = HeaderMap::with_capacity(fields.len());
-            for f in fields.iter() {
-                let name = HeaderName::from_bytes(f.name.as_bytes())
-                    .map_err(|_| Error::Invalid("bad trailer name"))?;
-                let value = HeaderValue::from_bytes(f.value)
-                    .map_err(|_| Error::Invalid("bad trailer value"))?;
-                map.append(name, value);
-            }
-            (n, map)
-        }
-        Ok(httparse::Status::Partial) => {
-            if buf.len() > MAX_TRAILERS {
-                return Err(Error::Invalid("trailers too large"));
-            }
-            return Ok(None);
-        }
-        Err(_) => return Err(Error::Invalid("malformed trailers")),
-    };
-    buf.advance(n);
-    Ok(Some(map))
 }
 
 /// A response body read from an upstream HTTP/1 connection by whoever polls it. The connection is
@@ -887,21 +732,6 @@ mod tests {
         panic!("body never ended: {data:?}");
     }
 
-    fn chunked(pieces: &[Vec<u8>], trailers: &[(&str, &str)]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for p in pieces.iter().filter(|p| !p.is_empty()) {
-            out.extend_from_slice(format!("{:x};ext=1\r\n", p.len()).as_bytes());
-            out.extend_from_slice(p);
-            out.extend_from_slice(b"\r\n");
-        }
-        out.extend_from_slice(b"0\r\n");
-        for (n, v) in trailers {
-            out.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
-        }
-        out.extend_from_slice(b"\r\n");
-        out
-    }
-
     proptest! {
         #[test]
         fn a_head_parses_the_same_however_it_is_split(cuts in proptest::collection::vec(0usize..400, 0..8)) {
@@ -914,25 +744,6 @@ mod tests {
             prop_assert!(!h.response.headers().contains_key("keep-alive"));
             prop_assert!(h.keep_alive);
             prop_assert_eq!(&rest[..], b"hello");
-        }
-
-        #[test]
-        fn a_chunked_body_decodes_the_same_however_it_is_split(
-            pieces in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..6),
-            with_trailers in any::<bool>(),
-            cuts in proptest::collection::vec(0usize..400, 0..10),
-        ) {
-            let tr: &[(&str, &str)] = if with_trailers { &[("x-checksum", "abc"), ("x-n", "2")] } else { &[] };
-            let mut input = chunked(&pieces, tr);
-            input.extend_from_slice(b"NEXT");
-            let (data, trailers, rest) = decode_in_pieces(Decoder::chunked(), &input, &cuts);
-            prop_assert_eq!(data, pieces.concat());
-            prop_assert_eq!(trailers.is_some(), with_trailers);
-            if let Some(t) = trailers {
-                prop_assert_eq!(t.get("x-checksum").unwrap(), "abc");
-                prop_assert_eq!(t.get("x-n").unwrap(), "2");
-            }
-            prop_assert_eq!(&rest[..], b"NEXT");
         }
 
         #[test]
@@ -1117,6 +928,29 @@ mod tests {
             &[],
         );
         assert_eq!((&data[..], &rest[..]), (&b"abc"[..], &b""[..]));
+    }
+
+    #[test]
+    fn a_bare_lf_in_the_trailer_section_is_an_error() {
+        for wire in [
+            &b"3\r\nabc\r\n0\r\nx-t: 1\n\r\n"[..],
+            b"3\r\nabc\r\n0\r\nx-t: 1\r\n\n",
+            b"3\r\nabc\r\n0\r\n\n",
+        ] {
+            let mut dec = Decoder::chunked();
+            let mut buf = BytesMut::from(wire);
+            let r = loop {
+                match dec.decode(&mut buf, false) {
+                    Ok(Some(Item::Data(_))) => continue,
+                    other => break other,
+                }
+            };
+            assert!(
+                matches!(r, Err(Error::Invalid(_))),
+                "{:?}: {r:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
     }
 
     #[test]
