@@ -2,12 +2,10 @@
 mod admin_support;
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use admin_support::*;
 use support::*;
-use tokio::sync::Notify;
 
 const TOKEN: &str = "let-me-in";
 
@@ -107,19 +105,7 @@ async fn health_reports_shape_and_aggregate_status() {
 
 #[tokio::test]
 async fn ready_is_200_while_serving_and_503_while_draining() {
-    let release = Arc::new(Notify::new());
-    let r = release.clone();
-    let slow = Upstream::start(
-        "slow",
-        Arc::new(move |_req| {
-            let r = r.clone();
-            Box::pin(async move {
-                r.notified().await;
-                reply("slow", 200, "done")
-            })
-        }),
-    )
-    .await;
+    let (slow, release) = Upstream::held("slow", "done").await;
     let ops = Ops::start(
         &format!(
             "drain_timeout: 20s
