@@ -93,14 +93,7 @@ where
         key: &K,
         n: u32,
     ) -> Result<Result<(), Error<Infallible>>, InsufficientCapacity> {
-        let g = &self.inner.gcra;
-        if n > g.burst {
-            return Err(InsufficientCapacity {
-                requested: n,
-                burst: g.burst,
-            });
-        }
-        if n == 0 {
+        if !self.inner.gcra.needs_take(n)? {
             return Ok(Ok(()));
         }
         Ok(self.take(key, Instant::now(), n))
