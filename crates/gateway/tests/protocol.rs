@@ -68,29 +68,17 @@ async fn server_sent_events_reach_the_client_chunk_by_chunk() {
     .await;
     let gw = Gateway::start(&one_route(&sse.url(), "")).await;
     let c = client();
-    let resp = c
-        .request(
-            Request::get(gw.url("/stream"))
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = get_streaming(&c, &gw.url("/stream")).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let sender = rx_out.recv().await.unwrap();
     for i in 0..5 {
         let event = format!("data: token{i}\n\n");
         sender.send(Bytes::from(event.clone())).await.unwrap();
-        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
-            .await
-            .expect("event was buffered by the gateway")
-            .unwrap()
-            .unwrap();
-        assert_eq!(frame.into_data().unwrap(), Bytes::from(event));
+        assert_eq!(next_data(&mut body).await, Some(Bytes::from(event)));
     }
     drop(sender);
-    assert!(body.frame().await.is_none());
+    assert_eq!(next_data(&mut body).await, None);
     gw.stop().await;
 }
 

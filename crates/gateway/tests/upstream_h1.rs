@@ -403,32 +403,17 @@ async fn events_one_by_one(chunked: bool) {
     })
     .await;
     let gw = Gateway::start(&config(&up.url())).await;
-    let resp = client()
-        .request(
-            Request::get(gw.url("/events"))
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = get_streaming(&client(), &gw.url("/events")).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let events = sent_rx.recv().await.unwrap();
     for i in 0..5 {
         let event = format!("data: token{i}\n\n");
         events.send(event.clone()).unwrap();
-        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
-            .await
-            .expect("the event was held back by the gateway")
-            .unwrap()
-            .unwrap();
-        assert_eq!(frame.into_data().unwrap(), Bytes::from(event));
+        assert_eq!(next_data(&mut body).await, Some(Bytes::from(event)));
     }
     drop(events);
-    let end = tokio::time::timeout(Duration::from_secs(5), body.frame())
-        .await
-        .expect("the stream did not end");
-    assert!(end.is_none());
+    assert_eq!(next_data(&mut body).await, None, "the stream did not end");
     gw.stop().await;
 }
 

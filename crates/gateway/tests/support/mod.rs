@@ -281,6 +281,27 @@ pub async fn get(c: &Client, url: &str) -> Got {
     send(c, Request::get(url).body(Full::default()).unwrap()).await
 }
 
+/// GETs `url` and returns the response with its body unread, for tests that read it frame by
+/// frame (streaming).
+pub async fn get_streaming(c: &Client, url: &str) -> Response<Incoming> {
+    c.request(Request::get(url).body(Full::default()).unwrap())
+        .await
+        .expect("request failed")
+}
+
+/// The next data frame of `body`, `None` at its end; panics if nothing comes within 5 s (the
+/// gateway held it back) or the body fails.
+pub async fn next_data(body: &mut Incoming) -> Option<Bytes> {
+    tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("nothing within 5 s: held back by the gateway")
+        .map(|f| {
+            f.expect("body failed")
+                .into_data()
+                .expect("not a data frame")
+        })
+}
+
 /// Writes raw bytes to `addr` and reads the response until the server closes or `until` is seen.
 pub async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(addr).await.unwrap();
