@@ -1,6 +1,8 @@
 //! Circuit breaker recovery: exactly-N half-open probes under concurrency, probe
 //! leases, cancelled probes, and ramping traffic back up.
 
+mod support;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Duration;
@@ -8,6 +10,7 @@ use std::time::Duration;
 use bulwark::breaker::{CircuitBreaker, CircuitBreakerBuilder};
 use bulwark::events::BreakerState::{self, *};
 use bulwark::{Error, Event};
+use support::until;
 use tokio::sync::Semaphore;
 use tokio::time::{advance, timeout, Instant};
 
@@ -36,17 +39,6 @@ fn retry_after(r: Result<bulwark::breaker::Permit, Error<std::convert::Infallibl
         Err(Error::CircuitOpen { retry_after, .. }) => retry_after,
         other => panic!("expected CircuitOpen, got {other:?}"),
     }
-}
-
-/// Yields to other tasks until `cond` holds; panics after 10 000 rounds.
-async fn until(mut cond: impl FnMut() -> bool) {
-    for _ in 0..10_000 {
-        if cond() {
-            return;
-        }
-        tokio::task::yield_now().await;
-    }
-    panic!("condition not reached");
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,6 +1,8 @@
 //! Bulkhead behaviour under paused time: exact concurrency, queue bound, queue
 //! timeout, cancellation safety, FIFO admission, and the tower layer.
 
+mod support;
+
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -9,22 +11,11 @@ use std::time::Duration;
 use bulwark::bulkhead::{Bulkhead, BulkheadLayer};
 use bulwark::{BoxError, Error, Event};
 use futures_util::FutureExt;
+use support::until;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 
 const MS: Duration = Duration::from_millis(1);
-
-/// Yields until `cond` holds; fails after a bounded number of scheduler turns (no real
-/// time passes, and paused time does not move while this task is runnable).
-async fn until(mut cond: impl FnMut() -> bool) {
-    for _ in 0..10_000 {
-        if cond() {
-            return;
-        }
-        tokio::task::yield_now().await;
-    }
-    panic!("condition not reached");
-}
 
 fn bulkhead(concurrent: usize, queued: usize, timeout: Duration) -> Bulkhead {
     Bulkhead::builder()

@@ -1,6 +1,8 @@
 //! Retry policy: exact timing, stop conditions, classification, events, budget,
 //! deadline awareness. All on paused time.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -39,6 +41,31 @@ impl Log {
     fn count(&self) -> usize {
         self.at.lock().unwrap().len()
     }
+    /// An operation that records each attempt and returns `result` at once.
+    fn answering<'a, T: Clone + 'a>(
+        &'a self,
+        result: T,
+    ) -> impl FnMut() -> std::future::Ready<T> + 'a {
+        move || {
+            self.hit();
+            std::future::ready(result.clone())
+        }
+    }
+    /// An operation that records each attempt, takes `d`, then returns `result`.
+    fn answering_after<T: Clone + Send + 'static>(
+        &self,
+        d: Duration,
+        result: T,
+    ) -> impl FnMut() -> Pin<Box<dyn Future<Output = T> + Send>> + '_ {
+        move || {
+            self.hit();
+            let r = result.clone();
+            Box::pin(async move {
+                sleep(d).await;
+                r
+            })
+        }
+    }
 }
 
 fn events() -> (
@@ -58,12 +85,7 @@ async fn attempts_start_at_exact_instants() {
         .build()
         .unwrap();
     let log = Log::new();
-    let r: Result<(), Error<&str>> = retry
-        .call(|| {
-            log.hit();
-            async { Err("down") }
-        })
-        .await;
+    let r: Result<(), Error<&str>> = retry.call(log.answering(Err("down"))).await;
     assert_eq!(r, Err(Error::Inner("down")));
     assert_eq!(log.times(), [ms(0), ms(100), ms(300), ms(700)]);
     // Returned right after the last attempt: no sleep after it.
@@ -80,13 +102,7 @@ async fn attempt_latency_adds_to_the_schedule() {
         .unwrap();
     let log = Log::new();
     let _ = retry
-        .call(|| {
-            log.hit();
-            async {
-                sleep(ms(50)).await;
-                Err::<(), _>("slow failure")
-            }
-        })
+        .call(log.answering_after(ms(50), Err::<(), _>("slow failure")))
         .await;
     assert_eq!(log.times(), [ms(0), ms(150), ms(300)]);
 }
@@ -122,10 +138,10 @@ async fn max_attempts_one_means_no_retry() {
     let retry = Retry::builder().max_attempts(1).build().unwrap();
     let log = Log::new();
     let (r, report) = retry
-        .call_with_report(&bulwark::classify::AnyError, || {
-            log.hit();
-            async { Err::<(), _>("x") }
-        })
+        .call_with_report(
+            &bulwark::classify::AnyError,
+            log.answering(Err::<(), _>("x")),
+        )
         .await;
     assert_eq!(r, Err(Error::Inner("x")));
     assert_eq!(report.stop, Stop::AttemptsExhausted);
@@ -143,10 +159,10 @@ async fn max_elapsed_stops_new_attempts() {
         .unwrap();
     let log = Log::new();
     let (r, report) = retry
-        .call_with_report(&bulwark::classify::AnyError, || {
-            log.hit();
-            async { Err::<(), _>("x") }
-        })
+        .call_with_report(
+            &bulwark::classify::AnyError,
+            log.answering(Err::<(), _>("x")),
+        )
         .await;
     assert_eq!(r, Err(Error::Inner("x")));
     assert_eq!(report.stop, Stop::MaxElapsed);
@@ -165,12 +181,7 @@ async fn max_elapsed_is_strict_at_the_limit() {
         .build()
         .unwrap();
     let log = Log::new();
-    let _ = retry
-        .call(|| {
-            log.hit();
-            async { Err::<(), _>("x") }
-        })
-        .await;
+    let _ = retry.call(log.answering(Err::<(), _>("x"))).await;
     assert_eq!(log.times(), [ms(0), ms(100)]);
 }
 
@@ -207,10 +218,7 @@ async fn ok_values_classified_as_failure_are_retried() {
     // When attempts run out, the last Ok is returned as it is.
     let log = Log::new();
     let r = retry
-        .call_with(&by_status, || {
-            log.hit();
-            async { Ok(Status(503)) }
-        })
+        .call_with(&by_status, log.answering(Ok(Status(503))))
         .await;
     assert_eq!(r, Ok(Status(503)));
     assert_eq!(log.count(), 3);
@@ -221,10 +229,7 @@ async fn ignored_results_are_not_retried() {
     let retry = Retry::builder().max_attempts(3).build().unwrap();
     let log = Log::new();
     let (r, report) = retry
-        .call_with_report(&by_status, || {
-            log.hit();
-            async { Ok(Status(404)) }
-        })
+        .call_with_report(&by_status, log.answering(Ok(Status(404))))
         .await;
     assert_eq!(r, Ok(Status(404)));
     assert_eq!(report.stop, Stop::NotRetryable);
@@ -241,10 +246,7 @@ async fn retry_after_is_a_lower_bound_on_the_delay() {
         .unwrap();
     let log = Log::new();
     let _ = retry
-        .call_with(&by_status, || {
-            log.hit();
-            async { Ok(Status(429)) }
-        })
+        .call_with(&by_status, log.answering(Ok(Status(429))))
         .await;
     assert_eq!(log.times(), [ms(0), ms(1000)]);
 
@@ -256,10 +258,7 @@ async fn retry_after_is_a_lower_bound_on_the_delay() {
         .unwrap();
     let log = Log::new();
     let _ = retry
-        .call_with(&by_status, || {
-            log.hit();
-            async { Ok(Status(429)) }
-        })
+        .call_with(&by_status, log.answering(Ok(Status(429))))
         .await;
     assert_eq!(log.times(), [ms(0), ms(3000)]);
 }
@@ -273,10 +272,7 @@ async fn too_long_retry_after_ends_retries() {
         .unwrap();
     let log = Log::new();
     let (r, report) = retry
-        .call_with_report(&by_status, || {
-            log.hit();
-            async { Ok(Status(429)) }
-        })
+        .call_with_report(&by_status, log.answering(Ok(Status(429))))
         .await;
     assert_eq!(r, Ok(Status(429)));
     assert_eq!(report.stop, Stop::RetryAfterTooLong);
@@ -417,12 +413,7 @@ async fn thousand_failing_calls_retry_at_most_ratio_plus_floor() {
         .unwrap();
     let log = Log::new();
     for _ in 0..1000 {
-        let _ = retry
-            .call(|| {
-                log.hit();
-                async { Err::<(), _>("down") }
-            })
-            .await;
+        let _ = retry.call(log.answering(Err::<(), _>("down"))).await;
     }
     let retries = log.count() - 1000;
     assert!(retries <= 100 + floor, "{retries} retries");
@@ -564,13 +555,10 @@ async fn retry_that_cannot_finish_before_the_deadline_is_not_started() {
     let log = Log::new();
     let (r, report) = Deadline::scope(
         Deadline::after(ms(1000)),
-        retry.call_with_report(&bulwark::classify::AnyError, || {
-            log.hit();
-            async {
-                sleep(ms(300)).await;
-                Err::<(), _>("down")
-            }
-        }),
+        retry.call_with_report(
+            &bulwark::classify::AnyError,
+            log.answering_after(ms(300), Err::<(), _>("down")),
+        ),
     )
     .await;
     // 0-300 fails; 400-700 fails; an attempt at 800 would need 300 ms, 200 remain.
@@ -591,13 +579,7 @@ async fn without_latency_samples_only_the_deadline_counts() {
     let log = Log::new();
     let _ = Deadline::scope(
         Deadline::after(ms(1000)),
-        retry.call(|| {
-            log.hit();
-            async {
-                sleep(ms(300)).await;
-                Err::<(), _>("down")
-            }
-        }),
+        retry.call(log.answering_after(ms(300), Err::<(), _>("down"))),
     )
     .await;
     // The attempt due at 1200 ms is past the deadline.
@@ -614,10 +596,7 @@ async fn backoff_ending_past_the_deadline_is_not_slept() {
     let log = Log::new();
     let r = Deadline::scope(
         Deadline::after(Duration::from_secs(1)),
-        retry.call(|| {
-            log.hit();
-            async { Err::<(), _>("down") }
-        }),
+        retry.call(log.answering(Err::<(), _>("down"))),
     )
     .await;
     assert_eq!(r, Err(Error::Inner("down")));
@@ -636,10 +615,7 @@ async fn expired_deadline_makes_no_attempt() {
     let log = Log::new();
     let (r, report) = Deadline::scope(Deadline::after(Duration::ZERO), async {
         retry
-            .call_with_report(&bulwark::classify::AnyError, || {
-                log.hit();
-                async { Ok::<_, ()>(()) }
-            })
+            .call_with_report(&bulwark::classify::AnyError, log.answering(Ok::<_, ()>(())))
             .await
     })
     .await;
@@ -660,10 +636,7 @@ async fn deadline_awareness_can_be_turned_off() {
     let log = Log::new();
     let _ = Deadline::scope(
         Deadline::after(Duration::from_secs(1)),
-        retry.call(|| {
-            log.hit();
-            async { Err::<(), _>("down") }
-        }),
+        retry.call(log.answering(Err::<(), _>("down"))),
     )
     .await;
     assert_eq!(log.count(), 3);
@@ -683,15 +656,7 @@ async fn total_timeout_puts_its_deadline_in_scope_for_the_retry() {
     let total = Timeout::total(ms(1000));
     let log = Log::new();
     let r = total
-        .call(|| {
-            retry.call(|| {
-                log.hit();
-                async {
-                    sleep(ms(300)).await;
-                    Err::<(), _>("down")
-                }
-            })
-        })
+        .call(|| retry.call(log.answering_after(ms(300), Err::<(), _>("down"))))
         .await;
     // Same schedule as with an explicit scope; the retry gave up before the timeout
     // could fire, so the caller sees the dependency's error, at 700 ms.
@@ -714,13 +679,10 @@ async fn max_elapsed_uses_the_latency_prediction_too() {
     .await;
     let log = Log::new();
     let (_, report) = retry
-        .call_with_report(&bulwark::classify::AnyError, || {
-            log.hit();
-            async {
-                sleep(ms(300)).await;
-                Err::<(), _>("down")
-            }
-        })
+        .call_with_report(
+            &bulwark::classify::AnyError,
+            log.answering_after(ms(300), Err::<(), _>("down")),
+        )
         .await;
     assert_eq!(log.times(), [ms(0), ms(400)]);
     assert_eq!(report.stop, Stop::MaxElapsed);

@@ -2,12 +2,10 @@
 mod admin_support;
 mod support;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use admin_support::*;
 use support::*;
-use tokio::sync::Notify;
 
 const TOKEN: &str = "let-me-in";
 
@@ -52,12 +50,7 @@ async fn health_reports_shape_and_aggregate_status() {
     assert_eq!(names, ["primary", "secondary"]);
 
     // The primary loses its only endpoint: the route still has its failover, so degraded (200).
-    ops.gateway()
-        .runtime()
-        .upstream("primary")
-        .unwrap()
-        .endpoints[0]
-        .set_available(false);
+    ops.set_available("primary", 0, false);
     let g = ops.admin_get(&c, "/health").await;
     let h: serde_json::Value = serde_json::from_slice(&g.body).unwrap();
     assert_eq!(
@@ -69,12 +62,7 @@ async fn health_reports_shape_and_aggregate_status() {
     assert_eq!(h["upstreams"]["primary"]["endpoints"][0]["healthy"], false);
 
     // And the failover too: the route has nothing left, so unhealthy (503).
-    ops.gateway()
-        .runtime()
-        .upstream("secondary")
-        .unwrap()
-        .endpoints[0]
-        .set_available(false);
+    ops.set_available("secondary", 0, false);
     let g = ops.admin_get(&c, "/health").await;
     let h: serde_json::Value = serde_json::from_slice(&g.body).unwrap();
     assert_eq!(
@@ -85,18 +73,8 @@ async fn health_reports_shape_and_aggregate_status() {
     assert_eq!(h["unavailable_routes"], serde_json::json!(["api"]));
 
     // A forced-open breaker makes its upstream unhealthy just like lost endpoints.
-    ops.gateway()
-        .runtime()
-        .upstream("secondary")
-        .unwrap()
-        .endpoints[0]
-        .set_available(true);
-    ops.gateway()
-        .runtime()
-        .upstream("primary")
-        .unwrap()
-        .endpoints[0]
-        .set_available(true);
+    ops.set_available("secondary", 0, true);
+    ops.set_available("primary", 0, true);
     ops.set_breaker(&c, "primary", "forced_open").await;
     let h = ops.admin_json(&c, "/health").await;
     assert_eq!(h["status"], "degraded", "{h}");
@@ -107,19 +85,7 @@ async fn health_reports_shape_and_aggregate_status() {
 
 #[tokio::test]
 async fn ready_is_200_while_serving_and_503_while_draining() {
-    let release = Arc::new(Notify::new());
-    let r = release.clone();
-    let slow = Upstream::start(
-        "slow",
-        Arc::new(move |_req| {
-            let r = r.clone();
-            Box::pin(async move {
-                r.notified().await;
-                reply("slow", 200, "done")
-            })
-        }),
-    )
-    .await;
+    let (slow, release) = Upstream::held("slow", "done").await;
     let ops = Ops::start(
         &format!(
             "drain_timeout: 20s

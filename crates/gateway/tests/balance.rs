@@ -84,19 +84,7 @@ async fn random_is_roughly_uniform() {
 #[tokio::test]
 async fn least_request_prefers_idle_endpoint() {
     // `slow` holds every request until released; `fast` answers at once.
-    let gate = Arc::new(tokio::sync::Notify::new());
-    let g = gate.clone();
-    let slow = Upstream::start(
-        "slow",
-        Arc::new(move |_req| {
-            let g = g.clone();
-            Box::pin(async move {
-                g.notified().await;
-                reply("slow", 200, "slow")
-            })
-        }),
-    )
-    .await;
+    let (slow, gate) = Upstream::held("slow", "slow").await;
     let fast = Upstream::named("fast").await;
     let gw = Gateway::start(&format!(
         "upstreams:\n  u:\n    balance: least_request\n    endpoints: [{{url: '{}'}}, {{url: '{}'}}]\nroutes:\n  - upstream: u\n",

@@ -7,54 +7,30 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use support::*;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-
-fn config(url: &str, extra: &str) -> String {
-    format!(
-        "{extra}upstreams:\n  u: {{ endpoints: [{{url: '{url}'}}] }}\nroutes:\n  - upstream: u\n"
-    )
-}
-
-/// Reads one response with a one-byte body (the upstream's name `u`), or what came before EOF.
-async fn read_response<S: AsyncRead + Unpin>(s: &mut S) -> String {
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    loop {
-        if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
-            if out.len() > end + 4 {
-                return String::from_utf8_lossy(&out).into_owned();
-            }
-        }
-        match s.read(&mut buf).await {
-            Ok(0) | Err(_) => return String::from_utf8_lossy(&out).into_owned(),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-        }
-    }
-}
 
 const GET: &[u8] = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
 
 #[tokio::test]
 async fn max_connections_holds_a_third_connection_until_one_closes() {
     let up = Upstream::named("u").await;
-    let gw = Gateway::start(&config(&up.url(), "limits: { max_connections: 2 }\n")).await;
+    let gw = Gateway::start(&limited_config(&up.url(), "max_connections: 2")).await;
     // Two keep-alive connections, each served once and left open.
     let mut open = Vec::new();
     for _ in 0..2 {
-        let mut s = TcpStream::connect(gw.addr).await.unwrap();
-        s.write_all(GET).await.unwrap();
-        let r = tokio::time::timeout(Duration::from_secs(10), read_response(&mut s))
+        let mut c = RawClient::connect(&gw).await;
+        c.send(GET).await;
+        let r = tokio::time::timeout(Duration::from_secs(10), c.response(false))
             .await
             .expect("response did not arrive");
-        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
-        open.push(s);
+        assert_eq!(r.status, 200, "{r:?}");
+        open.push(c);
     }
     assert_eq!(up.hits(), 2);
     // A third connects (the kernel backlog takes it) and sends a request: it is not served.
-    let mut third = TcpStream::connect(gw.addr).await.unwrap();
-    third.write_all(GET).await.unwrap();
-    let early = tokio::time::timeout(Duration::from_millis(500), read_response(&mut third)).await;
+    let mut third = RawClient::connect(&gw).await;
+    third.send(GET).await;
+    let early = tokio::time::timeout(Duration::from_millis(500), third.response(false)).await;
     assert!(
         early.is_err(),
         "third connection served over the limit: {early:?}"
@@ -62,10 +38,10 @@ async fn max_connections_holds_a_third_connection_until_one_closes() {
     assert_eq!(up.hits(), 2, "the gateway took a request over the limit");
     // One closes: the third is accepted and served.
     drop(open.remove(0));
-    let r = tokio::time::timeout(Duration::from_secs(10), read_response(&mut third))
+    let r = tokio::time::timeout(Duration::from_secs(10), third.response(false))
         .await
         .expect("third connection not served after one closed");
-    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(up.hits(), 3);
     gw.stop().await;
 }
@@ -74,12 +50,10 @@ async fn max_connections_holds_a_third_connection_until_one_closes() {
 async fn http1_over_tls_keeps_alive_and_times_out_a_stalled_head() {
     let up = Upstream::named("u").await;
     let tls = TestTls::new("fix-conn-tls");
-    let gw = Gateway::start(&config(
-        &up.url(),
-        &format!(
-            "{}limits: {{ header_read_timeout: 300ms }}\n",
-            tls.config_line()
-        ),
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        tls.config_line(),
+        limited_config(&up.url(), "header_read_timeout: 300ms")
     ))
     .await;
 
@@ -116,22 +90,9 @@ async fn http1_over_tls_keeps_alive_and_times_out_a_stalled_head() {
 
     // A partial head over TLS is cut after header_read_timeout.
     let tcp = TcpStream::connect(gw.addr).await.unwrap();
-    let mut tls = connector.connect(name, tcp).await.unwrap();
-    tls.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
-    tls.flush().await.unwrap();
-    let mut buf = [0u8; 1024];
-    let closed = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match tls.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
-    assert!(closed.is_ok(), "stalled head over TLS not cut");
+    let mut c = RawClient::new(connector.connect(name, tcp).await.unwrap());
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n").await;
+    assert!(c.closed_within(10).await, "stalled head over TLS not cut");
     assert_eq!(up.hits(), 2);
     gw.stop().await;
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use support::limited_config as config;
@@ -23,16 +22,10 @@ impl Up {
     /// Answers every request with `body` as a `content-length` response, echoing the target in
     /// `x-target`.
     async fn echo_target() -> Up {
-        Up::start(|mut s, _| async move {
-            let mut buf = Vec::new();
-            while let Some(head) = read_head(&mut s, &mut buf).await {
-                let target = head.split(' ').nth(1).unwrap_or("").to_owned();
-                let resp =
-                    format!("HTTP/1.1 200 OK\r\nx-target: {target}\r\ncontent-length: 2\r\n\r\nok");
-                if s.write_all(resp.as_bytes()).await.is_err() {
-                    return;
-                }
-            }
+        Up::answering(|head| {
+            let target = head.split(' ').nth(1).unwrap_or("");
+            format!("HTTP/1.1 200 OK\r\nx-target: {target}\r\ncontent-length: 2\r\n\r\nok")
+                .into_bytes()
         })
         .await
     }
@@ -70,154 +63,11 @@ impl Up {
     }
 }
 
-/// Reads one request head (and a `content-length` body, appended) from `s`; `None` at EOF.
-async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
-    let mut tmp = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
-            let len: usize = head
-                .to_ascii_lowercase()
-                .lines()
-                .find_map(|l| {
-                    l.strip_prefix("content-length:")
-                        .map(|v| v.trim().to_owned())
-                })
-                .map_or(0, |v| v.parse().unwrap());
-            if buf.len() >= end + 4 + len {
-                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
-                buf.drain(..end + 4 + len);
-                return Some(head + &body);
-            }
-        }
-        match s.read(&mut tmp).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Raw client
 // ---------------------------------------------------------------------------------------------
 
-type Resp = RawResponse;
-
-/// How reading a response ended.
-#[derive(Debug, PartialEq, Eq)]
-enum Framed {
-    /// The body ended as its framing says.
-    Complete,
-    /// The connection ended before the framing said the body was over.
-    Cut,
-}
-
 type Client = RawClient;
-
-impl Client {
-    async fn take(&mut self, n: usize) -> Option<Vec<u8>> {
-        while self.buf.len() < n {
-            if !self.fill().await {
-                return None;
-            }
-        }
-        Some(self.buf.drain(..n).collect())
-    }
-
-    async fn line(&mut self) -> Option<String> {
-        loop {
-            if let Some(p) = self.buf.windows(2).position(|w| w == b"\r\n") {
-                let l = self.take(p + 2).await?;
-                return Some(String::from_utf8_lossy(&l[..p]).into_owned());
-            }
-            if !self.fill().await {
-                return None;
-            }
-        }
-    }
-
-    /// Reads one response; the body as far as it came, and whether its framing completed.
-    async fn response(&mut self, head_request: bool) -> (Resp, Framed) {
-        let status_line = self.line().await.expect("EOF before a status line");
-        let status: u16 = status_line
-            .strip_prefix("HTTP/1.1 ")
-            .unwrap_or_else(|| panic!("bad status line {status_line:?}"))[..3]
-            .parse()
-            .unwrap();
-        let mut headers = Vec::new();
-        loop {
-            let l = self.line().await.expect("EOF inside a head");
-            if l.is_empty() {
-                break;
-            }
-            let (k, v) = l.split_once(':').unwrap();
-            headers.push((k.to_ascii_lowercase(), v.trim().to_owned()));
-        }
-        let mut r = Resp {
-            status,
-            headers,
-            body: Vec::new(),
-        };
-        if head_request || status == 204 || status == 304 {
-            return (r, Framed::Complete);
-        }
-        if let Some(n) = r.header("content-length") {
-            let n: usize = n.parse().unwrap();
-            return match self.take(n).await {
-                Some(b) => {
-                    r.body = b;
-                    (r, Framed::Complete)
-                }
-                None => {
-                    r.body = std::mem::take(&mut self.buf);
-                    (r, Framed::Cut)
-                }
-            };
-        }
-        if r.header("transfer-encoding") == Some("chunked") {
-            loop {
-                let Some(size) = self.line().await else {
-                    return (r, Framed::Cut);
-                };
-                let size = usize::from_str_radix(&size, 16).unwrap();
-                if size == 0 {
-                    loop {
-                        match self.line().await {
-                            None => return (r, Framed::Cut),
-                            Some(l) if l.is_empty() => return (r, Framed::Complete),
-                            Some(_) => {}
-                        }
-                    }
-                }
-                match self.take(size + 2).await {
-                    Some(data) => r.body.extend_from_slice(&data[..size]),
-                    None => {
-                        r.body.extend_from_slice(&self.buf);
-                        return (r, Framed::Cut);
-                    }
-                }
-            }
-        }
-        while self.fill().await {}
-        r.body = std::mem::take(&mut self.buf);
-        (r, Framed::Complete)
-    }
-
-    /// Whether the gateway closes the connection within `secs` (bytes before EOF are kept).
-    async fn closed_within(&mut self, secs: u64) -> bool {
-        let mut b = [0u8; 4096];
-        tokio::time::timeout(Duration::from_secs(secs), async {
-            loop {
-                match self.s.read(&mut b).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => self.buf.extend_from_slice(&b[..n]),
-                }
-            }
-        })
-        .await
-        .is_ok()
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Request framing (listener)
@@ -235,7 +85,7 @@ async fn refused(gw: &Gateway, up: &Up, req: &[u8]) {
 async fn refused_body(gw: &Gateway, req: &[u8]) {
     let mut c = Client::connect(gw).await;
     c.send(req).await;
-    let (r, _) = c.response(false).await;
+    let (r, _) = c.read_response(false).await;
     assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(req));
     assert_eq!(
         r.header("x-bulwark-reason"),
@@ -361,7 +211,7 @@ async fn a_request_hidden_in_a_body_stays_body() {
     )
     .await;
     for (target, len) in [("/a", hidden.len()), ("/b", hidden.len()), ("/c", 0)] {
-        let (r, framed) = c.response(false).await;
+        let (r, framed) = c.read_response(false).await;
         assert_eq!(framed, Framed::Complete);
         assert_eq!(r.header("x-target"), Some(target), "{r:?}");
         assert_eq!(r.header("x-len"), Some(len.to_string().as_str()), "{r:?}");
@@ -382,7 +232,7 @@ async fn a_chunked_body_over_max_body_bytes_gets_413_and_closes() {
     }
     req.extend_from_slice(b"0\r\n\r\n");
     c.send(&req).await;
-    let (r, _) = c.response(false).await;
+    let (r, _) = c.read_response(false).await;
     assert_eq!(r.status, 413, "{r:?}");
     assert!(c.closed_within(5).await);
     // And a declared length over it, before any byte of the body.
@@ -391,7 +241,7 @@ async fn a_chunked_body_over_max_body_bytes_gets_413_and_closes() {
     let mut c = Client::connect(&gw).await;
     c.send(b"POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: 1025\r\n\r\n")
         .await;
-    let (r, _) = c.response(false).await;
+    let (r, _) = c.read_response(false).await;
     assert_eq!(r.status, 413, "{r:?}");
     assert_eq!(r.header("connection"), Some("close"), "{r:?}");
     c.send(&[b'a'; 1025]).await;
@@ -430,13 +280,13 @@ async fn a_broken_chunk_line_cuts_the_response(first: &'static [u8]) {
     let gw = Gateway::start(&config(&up.url(), "")).await;
     let mut c = Client::connect(&gw).await;
     c.send(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    let (r, framed) = c.response(false).await;
+    let (r, framed) = c.read_response(false).await;
     assert_eq!(r.status, 200);
     assert_eq!(framed, Framed::Cut, "{r:?}");
     // The upstream connection is not reused: the next request gets a response of its own.
     let mut c = Client::connect(&gw).await;
     c.send(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    let (r, framed) = c.response(false).await;
+    let (r, framed) = c.read_response(false).await;
     assert_eq!((r.status, framed), (200, Framed::Complete));
     assert_eq!(r.body, b"fresh");
     assert_eq!(up.accepted(), 2);
@@ -517,7 +367,7 @@ async fn an_upstream_stalling_mid_body_is_cut_after_idle_timeout(head_and_some: 
     let gw = Gateway::start(&config(&up.url(), "idle_timeout: 1s")).await;
     let mut c = Client::connect(&gw).await;
     c.send(b"GET /stall HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    let (r, framed) = c.response(false).await;
+    let (r, framed) = c.read_response(false).await;
     assert_eq!(r.status, 200);
     assert_eq!(framed, Framed::Cut, "{r:?}");
     assert!(r.body.starts_with(b"abc"), "{r:?}");
@@ -602,7 +452,7 @@ async fn a_client_stalling_mid_upload_frees_the_upstream() {
     let mut c = Client::connect(&gw).await;
     c.send(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
         .await;
-    let (r, framed) = c.response(false).await;
+    let (r, framed) = c.read_response(false).await;
     assert_eq!((r.status, framed), (200, Framed::Complete), "{r:?}");
     // The client keeps its connection open and sends nothing more.
     tokio::time::timeout(Duration::from_secs(10), eof.recv())
@@ -641,13 +491,13 @@ async fn an_upgrade_request_goes_out_as_a_plain_request_and_a_101_is_a_502() {
           Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
     )
     .await;
-    let (r, framed) = c.response(false).await;
+    let (r, framed) = c.read_response(false).await;
     assert_eq!((r.status, framed), (502, Framed::Complete), "{r:?}");
     let head = heads.recv().await.unwrap();
     assert!(!head.contains("upgrade"), "{head}");
     // The client connection still carries requests (it never switched protocols).
     c.send(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    let (r, _) = c.response(false).await;
+    let (r, _) = c.read_response(false).await;
     assert_eq!(r.status, 502);
     gw.stop().await;
 }
@@ -667,22 +517,17 @@ async fn connect_is_refused() {
 
 #[tokio::test]
 async fn head_204_and_304_keep_their_framing_and_the_connections_stay_in_step() {
-    let up = Up::start(|mut s, _| async move {
-        let mut buf = Vec::new();
-        while let Some(head) = read_head(&mut s, &mut buf).await {
-            let resp: &[u8] = if head.starts_with("HEAD") {
-                b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n"
-            } else if head.starts_with("GET /204") {
-                b"HTTP/1.1 204 No Content\r\n\r\n"
-            } else if head.starts_with("GET /304") {
-                b"HTTP/1.1 304 Not Modified\r\ncontent-length: 99\r\netag: \"x\"\r\n\r\n"
-            } else {
-                b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbody"
-            };
-            if s.write_all(resp).await.is_err() {
-                return;
-            }
-        }
+    let up = Up::answering(|head| {
+        let resp: &[u8] = if head.starts_with("HEAD") {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1234\r\n\r\n"
+        } else if head.starts_with("GET /204") {
+            b"HTTP/1.1 204 No Content\r\n\r\n"
+        } else if head.starts_with("GET /304") {
+            b"HTTP/1.1 304 Not Modified\r\ncontent-length: 99\r\netag: \"x\"\r\n\r\n"
+        } else {
+            b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbody"
+        };
+        resp.to_vec()
     })
     .await;
     let gw = Gateway::start(&config(&up.url(), "")).await;
@@ -692,15 +537,15 @@ async fn head_204_and_304_keep_their_framing_and_the_connections_stay_in_step() 
           GET /304 HTTP/1.1\r\nHost: x\r\n\r\nGET /g HTTP/1.1\r\nHost: x\r\n\r\n",
     )
     .await;
-    let (r, _) = c.response(true).await;
+    let (r, _) = c.read_response(true).await;
     assert_eq!((r.status, r.header("content-length")), (200, Some("1234")));
-    let (r, _) = c.response(false).await;
+    let (r, _) = c.read_response(false).await;
     assert_eq!(r.status, 204);
     assert_eq!(r.header("content-length"), None);
     assert_eq!(r.header("transfer-encoding"), None);
-    let (r, _) = c.response(false).await;
+    let (r, _) = c.read_response(false).await;
     assert_eq!((r.status, r.header("content-length")), (304, Some("99")));
-    let (r, framed) = c.response(false).await;
+    let (r, framed) = c.read_response(false).await;
     assert_eq!(
         (r.status, framed, &r.body[..]),
         (200, Framed::Complete, &b"body"[..])
@@ -768,7 +613,7 @@ async fn a_transfer_coding_the_gateway_would_drop_is_refused() {
         b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding:  Chunked ,\r\n\r\n2\r\nab\r\n0\r\n\r\n",
     )
     .await;
-    let (r, _) = c.response(false).await;
+    let (r, _) = c.read_response(false).await;
     assert_eq!(r.status, 200, "{r:?}");
     gw.stop().await;
 }
@@ -811,7 +656,7 @@ async fn a_client_stalling_mid_chunk_gets_504_and_everything_closes() {
             .as_bytes(),
         )
         .await;
-        let (r, _) = c.response(false).await;
+        let (r, _) = c.read_response(false).await;
         assert_eq!(r.status, 504, "{method}: {r:?}");
         assert!(c.closed_within(5).await, "{method}");
         if up.accepted() > 0 {
@@ -842,7 +687,7 @@ async fn two_host_headers_are_refused() {
     .await;
     let mut c = Client::connect(&gw).await;
     c.send(b"GET /secret HTTP/1.1\r\nHost: admin\r\n\r\n").await;
-    assert_eq!(c.response(false).await.0.status, 200);
+    assert_eq!(c.read_response(false).await.0.status, 200);
     gw.stop().await;
 }
 
@@ -864,7 +709,7 @@ async fn an_upstream_transfer_coding_the_gateway_would_drop_is_a_502() {
         let gw = Gateway::start(&config(&up.url(), "")).await;
         let mut c = Client::connect(&gw).await;
         c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
-        let (r, _) = c.response(false).await;
+        let (r, _) = c.read_response(false).await;
         assert_eq!(r.status, 502, "{r:?}");
         gw.stop().await;
     }

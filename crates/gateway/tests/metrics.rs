@@ -137,12 +137,7 @@ routes:
     );
 
     // Endpoint health follows the endpoint's state at scrape time.
-    ops.gateway()
-        .runtime()
-        .upstream("primary")
-        .unwrap()
-        .endpoints[0]
-        .set_available(false);
+    ops.set_available("primary", 0, false);
     let m = ops.metrics(&c).await;
     assert_eq!(sample(&m, &ep), Some(0.0), "{m}");
     let g = ops.admin_get(&c, "/metrics").await;

@@ -42,12 +42,6 @@ impl http_body::Body for ChanBody {
     }
 }
 
-fn one_route(url: &str, extra: &str) -> String {
-    format!(
-        "{extra}upstreams:\n  u: {{ endpoints: [{{url: '{url}'}}] }}\nroutes:\n  - upstream: u\n"
-    )
-}
-
 #[tokio::test]
 async fn server_sent_events_reach_the_client_chunk_by_chunk() {
     // The upstream hands the test the sender of its response body; the test sends one event, checks
@@ -74,29 +68,17 @@ async fn server_sent_events_reach_the_client_chunk_by_chunk() {
     .await;
     let gw = Gateway::start(&one_route(&sse.url(), "")).await;
     let c = client();
-    let resp = c
-        .request(
-            Request::get(gw.url("/stream"))
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = get_streaming(&c, &gw.url("/stream")).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let sender = rx_out.recv().await.unwrap();
     for i in 0..5 {
         let event = format!("data: token{i}\n\n");
         sender.send(Bytes::from(event.clone())).await.unwrap();
-        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
-            .await
-            .expect("event was buffered by the gateway")
-            .unwrap()
-            .unwrap();
-        assert_eq!(frame.into_data().unwrap(), Bytes::from(event));
+        assert_eq!(next_data(&mut body).await, Some(Bytes::from(event)));
     }
     drop(sender);
-    assert!(body.frame().await.is_none());
+    assert_eq!(next_data(&mut body).await, None);
     gw.stop().await;
 }
 
@@ -181,11 +163,7 @@ async fn one_mib_post_body_arrives_intact() {
 #[tokio::test]
 async fn oversized_headers_get_431() {
     let up = Upstream::named("u").await;
-    let gw = Gateway::start(&one_route(
-        &up.url(),
-        "limits: { max_header_bytes: 16KiB }\n",
-    ))
-    .await;
+    let gw = Gateway::start(&limited_config(&up.url(), "max_header_bytes: 16KiB")).await;
     // Over the exact limit but under hyper's buffer: the gateway's own check answers.
     let big = "a".repeat(17 * 1024);
     let resp = raw(
@@ -219,7 +197,7 @@ async fn oversized_headers_get_431() {
 #[tokio::test]
 async fn oversized_bodies_get_413_declared_or_streamed() {
     let up = echo().await;
-    let gw = Gateway::start(&one_route(&up.url(), "limits: { max_body_bytes: 1KiB }\n")).await;
+    let gw = Gateway::start(&limited_config(&up.url(), "max_body_bytes: 1KiB")).await;
     let c = client();
     let r = send(
         &c,
@@ -271,7 +249,7 @@ async fn malformed_request_gets_400_and_the_gateway_keeps_serving() {
 #[tokio::test]
 async fn idle_keep_alive_connections_are_closed() {
     let up = Upstream::named("u").await;
-    let gw = Gateway::start(&one_route(&up.url(), "limits: { idle_timeout: 200ms }\n")).await;
+    let gw = Gateway::start(&limited_config(&up.url(), "idle_timeout: 200ms")).await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")

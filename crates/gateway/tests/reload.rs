@@ -8,9 +8,6 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use admin_support::*;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio::sync::Notify;
 
 /// A file poll interval long enough never to fire during a test.
 const NO_POLL: std::time::Duration = std::time::Duration::from_secs(3600);
@@ -260,47 +257,9 @@ routes:
     ops.stop().await;
 }
 
-/// Reads one HTTP/1.1 response with a `content-length` body from `s`.
-async fn read_response(s: &mut TcpStream) -> (u16, String) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if buf.len() >= end + 4 + len {
-                let status = head[9..12].parse().unwrap();
-                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
-                return (status, body);
-            }
-        }
-        let n = tokio::time::timeout(std::time::Duration::from_secs(10), s.read(&mut chunk))
-            .await
-            .expect("response timed out")
-            .unwrap();
-        assert!(n > 0, "connection closed early");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-}
-
 #[tokio::test]
 async fn a_request_in_flight_on_a_kept_connection_completes_across_a_reload() {
-    let release = Arc::new(Notify::new());
-    let r = release.clone();
-    let slow = Upstream::start(
-        "slow",
-        Arc::new(move |_req| {
-            let r = r.clone();
-            Box::pin(async move {
-                r.notified().await;
-                reply("slow", 200, "done")
-            })
-        }),
-    )
-    .await;
+    let (slow, release) = Upstream::held("slow", "done").await;
     let fresh = Upstream::named("fresh").await;
     let base = format!(
         "upstreams:
@@ -314,10 +273,8 @@ routes:
         fresh.url()
     );
     let ops = Ops::start_with(&base, None, NO_POLL).await;
-    let mut s = TcpStream::connect(ops.proxy).await.unwrap();
-    s.write_all(b"GET /slow HTTP/1.1\r\nhost: gw\r\n\r\n")
-        .await
-        .unwrap();
+    let mut s = RawClient::connect_to(ops.proxy).await;
+    s.send(b"GET /slow HTTP/1.1\r\nhost: gw\r\n\r\n").await;
     let sl = &slow;
     eventually(5, "the request reached the upstream", || async move {
         sl.hits() == 1
@@ -330,13 +287,13 @@ routes:
     let r = ops.reloader().reload().unwrap();
     assert_eq!(r.kept, ["slow", "fresh"]);
     release.notify_one();
-    assert_eq!(read_response(&mut s).await, (200, "done".to_owned()));
+    let r = s.response(false).await;
+    assert_eq!((r.status, &r.body[..]), (200, &b"done"[..]));
 
     // The same connection goes on, now served by the new config.
-    s.write_all(b"GET /new HTTP/1.1\r\nhost: gw\r\n\r\n")
-        .await
-        .unwrap();
-    assert_eq!(read_response(&mut s).await, (200, "fresh".to_owned()));
+    s.send(b"GET /new HTTP/1.1\r\nhost: gw\r\n\r\n").await;
+    let r = s.response(false).await;
+    assert_eq!((r.status, &r.body[..]), (200, &b"fresh"[..]));
     ops.stop().await;
 }
 

@@ -322,11 +322,7 @@ routes:
 #[tokio::test]
 async fn no_available_endpoint_gives_503_with_retry_after() {
     let up = Upstream::named("u").await;
-    let gw = Gateway::start(&format!(
-        "upstreams:\n  u: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - upstream: u\n",
-        up.url()
-    ))
-    .await;
+    let gw = Gateway::start(&one_route(&up.url(), "")).await;
     gw.set_available("u", 0, false);
     let r = get(&client(), &gw.url("/")).await;
     assert_eq!(r.status, 503);

@@ -5,7 +5,6 @@
 //! each test controls the exact bytes and the connection's life.
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,48 +13,16 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::{BodyExt, Full};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 type Raw = RawUpstream;
 
-impl Raw {
-    /// Answers every request of every connection with `respond(request head)`.
-    async fn answering(respond: fn(&str) -> Vec<u8>) -> Raw {
-        Raw::start(move |mut s, _| async move {
-            let mut buf = Vec::new();
-            while let Some(head) = read_head(&mut s, &mut buf).await {
-                if s.write_all(&respond(&head)).await.is_err() {
-                    return;
-                }
-            }
-        })
-        .await
-    }
-}
-
-/// Reads one request head (and a `content-length` body, appended) from `s`; `None` at EOF.
-async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
-    let mut tmp = [0u8; 4096];
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end + 4]).to_ascii_lowercase();
-            let len: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .map_or(0, |v| v.trim().parse().unwrap());
-            if buf.len() >= end + 4 + len {
-                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
-                buf.drain(..end + 4 + len);
-                return Some(head + &body);
-            }
-        }
-        match s.read(&mut tmp).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&tmp[..n]),
-        }
-    }
+/// `req` (a request from [`read_head`]) with its head lowercased (its body as sent), so a test
+/// can match names in one case.
+fn lowercase_head(req: &str) -> String {
+    let (head, body) = req.split_at(req.find("\r\n\r\n").unwrap() + 4);
+    head.to_ascii_lowercase() + body
 }
 
 /// A route to `url` with one attempt (no retry hides what the client did).
@@ -63,25 +30,6 @@ fn config(url: &str) -> String {
     format!(
         "upstreams:\n  u: {{ endpoints: [{{url: '{url}'}}] }}\nroutes:\n  - upstream: u\n    timeout: 10s\n    retry: {{ attempts: 1 }}\n"
     )
-}
-
-/// Sends raw `req` to the gateway and reads until it closes the connection (or `secs` pass).
-async fn raw_until_close(addr: SocketAddr, req: &[u8], secs: u64) -> (String, bool) {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    s.write_all(req).await.unwrap();
-    let mut out = Vec::new();
-    let mut buf = [0u8; 4096];
-    let closed = tokio::time::timeout(Duration::from_secs(secs), async {
-        loop {
-            match s.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => out.extend_from_slice(&buf[..n]),
-            }
-        }
-    })
-    .await
-    .is_ok();
-    (String::from_utf8_lossy(&out).into_owned(), closed)
 }
 
 #[tokio::test]
@@ -166,11 +114,11 @@ async fn a_response_without_length_is_read_to_close_and_its_connection_not_reuse
 #[tokio::test]
 async fn head_204_and_304_responses_have_no_body_and_keep_the_connection() {
     let up = Raw::answering(|head| {
-        let r: &[u8] = if head.starts_with("head ") {
+        let r: &[u8] = if head.starts_with("HEAD ") {
             b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n"
-        } else if head.starts_with("get /204") {
+        } else if head.starts_with("GET /204") {
             b"HTTP/1.1 204 No Content\r\n\r\n"
-        } else if head.starts_with("get /304") {
+        } else if head.starts_with("GET /304") {
             b"HTTP/1.1 304 Not Modified\r\nContent-Length: 50\r\n\r\n"
         } else {
             b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nbody"
@@ -248,8 +196,9 @@ async fn a_connection_close_response_is_not_reused() {
 
 #[tokio::test]
 async fn sequential_requests_share_one_keep_alive_connection_with_exact_framing() {
-    // The upstream echoes each request head, so the test sees what the gateway sent.
-    let up = Raw::answering(|head| {
+    // The upstream echoes each request head (lowercased), so the test sees what the gateway sent.
+    let up = Raw::answering(|req| {
+        let head = lowercase_head(req);
         format!(
             "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{head}",
             head.len()
@@ -257,11 +206,7 @@ async fn sequential_requests_share_one_keep_alive_connection_with_exact_framing(
         .into_bytes()
     })
     .await;
-    let gw = Gateway::start(&format!(
-        "upstreams:\n  u: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - upstream: u\n",
-        up.url()
-    ))
-    .await;
+    let gw = Gateway::start(&one_route(&up.url(), "")).await;
     let c = client();
     for i in 0..10 {
         let r = get(&c, &gw.url(&format!("/n/{i}?q=1"))).await;
@@ -410,7 +355,11 @@ async fn an_upstream_that_dies_mid_body_ends_the_client_response() {
     let gw = Gateway::start(&config(&up.url())).await;
     let addr = gw.addr;
     let client = tokio::spawn(async move {
-        raw_until_close(addr, b"GET /d HTTP/1.1\r\nHost: x\r\n\r\n", 20).await
+        // Reads until the gateway closes the connection (or 20 s pass).
+        let mut c = RawClient::connect_to(addr).await;
+        c.send(b"GET /d HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let closed = c.closed_within(20).await;
+        (String::from_utf8_lossy(&c.buf).into_owned(), closed)
     });
     wait_until(10, || up.accepted() == 1).await;
     go_tx.send(()).unwrap();
@@ -454,32 +403,17 @@ async fn events_one_by_one(chunked: bool) {
     })
     .await;
     let gw = Gateway::start(&config(&up.url())).await;
-    let resp = client()
-        .request(
-            Request::get(gw.url("/events"))
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let resp = get_streaming(&client(), &gw.url("/events")).await;
     assert_eq!(resp.status(), 200);
     let mut body = resp.into_body();
     let events = sent_rx.recv().await.unwrap();
     for i in 0..5 {
         let event = format!("data: token{i}\n\n");
         events.send(event.clone()).unwrap();
-        let frame = tokio::time::timeout(Duration::from_secs(5), body.frame())
-            .await
-            .expect("the event was held back by the gateway")
-            .unwrap()
-            .unwrap();
-        assert_eq!(frame.into_data().unwrap(), Bytes::from(event));
+        assert_eq!(next_data(&mut body).await, Some(Bytes::from(event)));
     }
     drop(events);
-    let end = tokio::time::timeout(Duration::from_secs(5), body.frame())
-        .await
-        .expect("the stream did not end");
-    assert!(end.is_none());
+    assert_eq!(next_data(&mut body).await, None, "the stream did not end");
     gw.stop().await;
 }
 

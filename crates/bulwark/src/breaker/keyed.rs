@@ -175,23 +175,11 @@ impl KeyedCircuitBreakerBuilder {
         self
     }
 
-    /// Names the keyed breaker: events are then named `name/label` instead of the
-    /// bare key label, so two keyed policies never share a metrics series.
-    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
-        self.name = Some(name.into());
-        self
-    }
+    crate::keyed::keyed_setters!("breaker", "breaker");
 
     /// Adds a listener for the per-key breakers' events, named by the key's label.
     pub fn listener(mut self, l: impl Listener) -> Self {
         self.listeners.push(Arc::new(l));
-        self
-    }
-
-    /// Cap on keys with their own breaker (default
-    /// [`DEFAULT_MAX_KEYS`](crate::keyed::DEFAULT_MAX_KEYS)).
-    pub fn max_keys(mut self, n: usize) -> Self {
-        self.keyed = self.keyed.max_keys(n);
         self
     }
 
@@ -201,20 +189,6 @@ impl KeyedCircuitBreakerBuilder {
     /// it, so it must be at least the longest open duration: shorter is an error.
     pub fn idle_timeout(mut self, d: Duration) -> Self {
         self.idle_timeout = Some(d);
-        self
-    }
-
-    /// Keys that get their own label (default
-    /// [`DEFAULT_TOP_N`](crate::keyed::DEFAULT_TOP_N)).
-    pub fn top_n(mut self, n: usize) -> Self {
-        self.keyed = self.keyed.top_n(n);
-        self
-    }
-
-    /// Longest time between label recomputations (default
-    /// [`DEFAULT_LABEL_REFRESH`](crate::keyed::DEFAULT_LABEL_REFRESH)).
-    pub fn label_refresh(mut self, d: Duration) -> Self {
-        self.keyed = self.keyed.label_refresh(d);
         self
     }
 

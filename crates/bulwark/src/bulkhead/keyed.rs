@@ -189,64 +189,28 @@ pub struct KeyedBulkheadBuilder {
 }
 
 impl KeyedBulkheadBuilder {
-    /// Cap on calls in flight per key (default
-    /// [`DEFAULT_MAX_CONCURRENT`](super::DEFAULT_MAX_CONCURRENT)).
-    pub fn max_concurrent(mut self, n: usize) -> Self {
-        self.bulkhead = self.bulkhead.max_concurrent(n);
-        self
+    crate::keyed::forward_setters! { bulkhead =>
+        /// Cap on calls in flight per key (default
+        /// [`DEFAULT_MAX_CONCURRENT`](super::DEFAULT_MAX_CONCURRENT)).
+        fn max_concurrent(n: usize);
+        /// Cap on calls waiting per key (default [`DEFAULT_MAX_QUEUED`](super::DEFAULT_MAX_QUEUED)).
+        fn max_queued(n: usize);
+        /// Longest wait in a key's queue (default
+        /// [`DEFAULT_QUEUE_TIMEOUT`](super::DEFAULT_QUEUE_TIMEOUT)).
+        fn queue_timeout(d: Duration);
     }
 
-    /// Cap on calls waiting per key (default [`DEFAULT_MAX_QUEUED`](super::DEFAULT_MAX_QUEUED)).
-    pub fn max_queued(mut self, n: usize) -> Self {
-        self.bulkhead = self.bulkhead.max_queued(n);
-        self
-    }
+    crate::keyed::keyed_setters!("bulkhead", "bulkhead");
 
-    /// Longest wait in a key's queue (default
-    /// [`DEFAULT_QUEUE_TIMEOUT`](super::DEFAULT_QUEUE_TIMEOUT)).
-    pub fn queue_timeout(mut self, d: Duration) -> Self {
-        self.bulkhead = self.bulkhead.queue_timeout(d);
-        self
-    }
-
-    /// Names the keyed bulkhead: events are then named `name/label` instead of the
-    /// bare key label, so two keyed policies never share a metrics series.
-    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
-        self.name = Some(name.into());
-        self
+    crate::keyed::forward_setters! { keyed =>
+        /// Idle time after which a key's bulkhead may be evicted (default
+        /// [`DEFAULT_IDLE_TIMEOUT`](crate::keyed::DEFAULT_IDLE_TIMEOUT)).
+        fn idle_timeout(d: Duration);
     }
 
     /// Adds a listener for [`Event::BulkheadRejected`] (named by the key's label).
     pub fn listener(mut self, l: impl Listener) -> Self {
         self.listeners.push(Arc::new(l));
-        self
-    }
-
-    /// Cap on keys with their own bulkhead (default
-    /// [`DEFAULT_MAX_KEYS`](crate::keyed::DEFAULT_MAX_KEYS)).
-    pub fn max_keys(mut self, n: usize) -> Self {
-        self.keyed = self.keyed.max_keys(n);
-        self
-    }
-
-    /// Idle time after which a key's bulkhead may be evicted (default
-    /// [`DEFAULT_IDLE_TIMEOUT`](crate::keyed::DEFAULT_IDLE_TIMEOUT)).
-    pub fn idle_timeout(mut self, d: Duration) -> Self {
-        self.keyed = self.keyed.idle_timeout(d);
-        self
-    }
-
-    /// Keys that get their own label (default
-    /// [`DEFAULT_TOP_N`](crate::keyed::DEFAULT_TOP_N)).
-    pub fn top_n(mut self, n: usize) -> Self {
-        self.keyed = self.keyed.top_n(n);
-        self
-    }
-
-    /// Longest time between label recomputations (default
-    /// [`DEFAULT_LABEL_REFRESH`](crate::keyed::DEFAULT_LABEL_REFRESH)).
-    pub fn label_refresh(mut self, d: Duration) -> Self {
-        self.keyed = self.keyed.label_refresh(d);
         self
     }
 

@@ -680,6 +680,57 @@ pub(crate) fn qualified(policy: Option<&Arc<str>>, label: Arc<str>) -> Arc<str> 
     }
 }
 
+/// Generates builder setters that forward to the inner builder in field `$field`:
+/// `fn max_keys(n: usize);` becomes `pub fn max_keys(mut self, n: usize) -> Self` that sets
+/// `self.$field = self.$field.max_keys(n)`. The keyed builders hold their per-key policy's
+/// builder and a [`KeyedBuilder`] and expose both sets of settings this way, each setter with
+/// its own doc comment (written at the call site).
+macro_rules! forward_setters {
+    ($field:ident => $( $(#[$attr:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?); )*) => {
+        $(
+            $(#[$attr])*
+            pub fn $name(mut self, $($arg: $ty),*) -> Self {
+                self.$field = self.$field.$name($($arg),*);
+                self
+            }
+        )*
+    };
+}
+pub(crate) use forward_setters;
+
+/// The setters every keyed builder shares: `name` (field `name: Option<Arc<str>>`) and the
+/// key-map settings `max_keys`, `top_n` and `label_refresh` (forwarded to field
+/// `keyed: KeyedBuilder`). `$policy` names the keyed policy in the docs ("breaker"), `$per_key`
+/// what each key gets ("breaker", "state"). `idle_timeout` is left to each builder: its bounds
+/// depend on the policy.
+macro_rules! keyed_setters {
+    ($policy:literal, $per_key:literal) => {
+        #[doc = concat!(
+            "Names the keyed ", $policy, ": events are then named `name/label` instead of the\n",
+            "bare key label, so two keyed policies never share a metrics series."
+        )]
+        pub fn name(mut self, name: impl Into<std::sync::Arc<str>>) -> Self {
+            self.name = Some(name.into());
+            self
+        }
+
+        $crate::keyed::forward_setters! { keyed =>
+            #[doc = concat!(
+                "Cap on keys with their own ", $per_key, " (default\n",
+                "[`DEFAULT_MAX_KEYS`](crate::keyed::DEFAULT_MAX_KEYS))."
+            )]
+            fn max_keys(n: usize);
+            /// Keys that get their own label (default
+            /// [`DEFAULT_TOP_N`](crate::keyed::DEFAULT_TOP_N)).
+            fn top_n(n: usize);
+            /// Longest time between label recomputations (default
+            /// [`DEFAULT_LABEL_REFRESH`](crate::keyed::DEFAULT_LABEL_REFRESH)).
+            fn label_refresh(d: std::time::Duration);
+        }
+    };
+}
+pub(crate) use keyed_setters;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -93,14 +93,7 @@ where
         key: &K,
         n: u32,
     ) -> Result<Result<(), Error<Infallible>>, InsufficientCapacity> {
-        let g = &self.inner.gcra;
-        if n > g.burst {
-            return Err(InsufficientCapacity {
-                requested: n,
-                burst: g.burst,
-            });
-        }
-        if n == 0 {
+        if !self.inner.gcra.needs_take(n)? {
             return Ok(Ok(()));
         }
         Ok(self.take(key, Instant::now(), n))
@@ -196,48 +189,19 @@ pub struct KeyedRateLimiterBuilder {
 }
 
 impl KeyedRateLimiterBuilder {
-    /// Names the keyed limiter: events are then named `name/label` instead of the
-    /// bare key label, so two keyed policies never share a metrics series.
-    pub fn name(mut self, name: impl Into<Arc<str>>) -> Self {
-        self.name = Some(name.into());
-        self
-    }
+    crate::keyed::keyed_setters!("limiter", "state");
 
-    /// `n` cells per `per` for each key (required, or `per_second`/`per_minute`).
-    pub fn rate(mut self, n: u32, per: Duration) -> Self {
-        self.limiter = self.limiter.rate(n, per);
-        self
-    }
-
-    /// `n` cells per second for each key.
-    pub fn per_second(mut self, n: u32) -> Self {
-        self.limiter = self.limiter.per_second(n);
-        self
-    }
-
-    /// `n` cells per minute for each key.
-    pub fn per_minute(mut self, n: u32) -> Self {
-        self.limiter = self.limiter.per_minute(n);
-        self
-    }
-
-    /// Most cells one key takes at once (default: the rate's `n`).
-    pub fn burst(mut self, b: u32) -> Self {
-        self.limiter = self.limiter.burst(b);
-        self
-    }
-
-    /// Adds a listener for [`Event::RateLimited`] (named by the key's bounded label).
-    pub fn listener(mut self, l: impl Listener) -> Self {
-        self.limiter = self.limiter.listener(l);
-        self
-    }
-
-    /// Cap on keys with their own state (default
-    /// [`DEFAULT_MAX_KEYS`](crate::keyed::DEFAULT_MAX_KEYS)).
-    pub fn max_keys(mut self, n: usize) -> Self {
-        self.keyed = self.keyed.max_keys(n);
-        self
+    crate::keyed::forward_setters! { limiter =>
+        /// `n` cells per `per` for each key (required, or `per_second`/`per_minute`).
+        fn rate(n: u32, per: Duration);
+        /// `n` cells per second for each key.
+        fn per_second(n: u32);
+        /// `n` cells per minute for each key.
+        fn per_minute(n: u32);
+        /// Most cells one key takes at once (default: the rate's `n`).
+        fn burst(b: u32);
+        /// Adds a listener for [`Event::RateLimited`] (named by the key's bounded label).
+        fn listener(l: impl Listener);
     }
 
     /// Idle time after which a key may be evicted. Must be at least
@@ -246,20 +210,6 @@ impl KeyedRateLimiterBuilder {
     /// [`DEFAULT_IDLE_TIMEOUT`](crate::keyed::DEFAULT_IDLE_TIMEOUT).
     pub fn idle_timeout(mut self, d: Duration) -> Self {
         self.idle_timeout = Some(d);
-        self
-    }
-
-    /// Keys that get their own label (default
-    /// [`DEFAULT_TOP_N`](crate::keyed::DEFAULT_TOP_N)).
-    pub fn top_n(mut self, n: usize) -> Self {
-        self.keyed = self.keyed.top_n(n);
-        self
-    }
-
-    /// Longest time between label recomputations (default
-    /// [`DEFAULT_LABEL_REFRESH`](crate::keyed::DEFAULT_LABEL_REFRESH)).
-    pub fn label_refresh(mut self, d: Duration) -> Self {
-        self.keyed = self.keyed.label_refresh(d);
         self
     }
 

@@ -103,6 +103,19 @@ pub(crate) struct Gcra {
 }
 
 impl Gcra {
+    /// Whether a take of `n` cells at once has anything to decide: `Err` when `n` exceeds the
+    /// burst (it can never conform), `Ok(false)` for `n = 0` (always conforms), `Ok(true)`
+    /// otherwise. Shared by the plain and keyed `check_n`.
+    pub(crate) fn needs_take(&self, n: u32) -> Result<bool, InsufficientCapacity> {
+        if n > self.burst {
+            return Err(InsufficientCapacity {
+                requested: n,
+                burst: self.burst,
+            });
+        }
+        Ok(n > 0)
+    }
+
     /// Nanoseconds since `base` (0 before it, saturating far in the future).
     #[inline]
     pub(crate) fn nanos(&self, now: Instant) -> u64 {
@@ -183,13 +196,7 @@ impl RateLimiter {
     /// result is [`check`](Self::check)'s. `n = 0` always conforms.
     pub fn check_n(&self, n: u32) -> Result<Result<(), Error<Infallible>>, InsufficientCapacity> {
         let g = &self.inner.gcra;
-        if n > g.burst {
-            return Err(InsufficientCapacity {
-                requested: n,
-                burst: g.burst,
-            });
-        }
-        if n == 0 {
+        if !g.needs_take(n)? {
             return Ok(Ok(()));
         }
         Ok(match g.take(&self.inner.tat, g.nanos(Instant::now()), n) {

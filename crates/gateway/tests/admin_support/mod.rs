@@ -89,6 +89,12 @@ impl Ops {
         &self.running.as_ref().unwrap().gateway
     }
 
+    /// Marks endpoint `i` (in priority order) of upstream `up` (un)available, as a health check
+    /// would (as [`Gateway::set_available`](crate::support::Gateway::set_available)).
+    pub fn set_available(&self, up: &str, i: usize, available: bool) {
+        self.gateway().runtime().upstream(up).unwrap().endpoints[i].set_available(available);
+    }
+
     pub fn reloader(&self) -> &std::sync::Arc<bulwark_gateway::reload::Reloader> {
         &self.running.as_ref().unwrap().reloader
     }

@@ -16,9 +16,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, Notify};
 
 pub type Body = BoxBody<Bytes, Infallible>;
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
@@ -111,6 +111,49 @@ impl Upstream {
             }),
         )
         .await
+    }
+
+    /// An upstream that holds every request until the returned `Notify` releases it (one request
+    /// per `notify_one`), then answers 200 with `body`.
+    pub async fn held(name: &str, body: &'static str) -> (Upstream, Arc<Notify>) {
+        let release = Arc::new(Notify::new());
+        let r = release.clone();
+        let n = name.to_owned();
+        let up = Upstream::start(
+            name,
+            Arc::new(move |_req| {
+                let (r, n) = (r.clone(), n.clone());
+                Box::pin(async move {
+                    r.notified().await;
+                    reply(&n, 200, body)
+                })
+            }),
+        )
+        .await;
+        (up, release)
+    }
+
+    /// An upstream that answers 200 `ok` at once and reads each request body in the background
+    /// (full duplex, so the connection stays keep-alive), reporting every body it read to the end.
+    pub async fn reporting_bodies(name: &str) -> (Upstream, mpsc::UnboundedReceiver<Bytes>) {
+        let (bodies_tx, bodies) = mpsc::unbounded_channel::<Bytes>();
+        let n = name.to_owned();
+        let up = Upstream::start(
+            name,
+            Arc::new(move |req: Request<Incoming>| {
+                let (bodies_tx, n) = (bodies_tx.clone(), n.clone());
+                Box::pin(async move {
+                    tokio::spawn(async move {
+                        if let Ok(b) = req.into_body().collect().await {
+                            let _ = bodies_tx.send(b.to_bytes());
+                        }
+                    });
+                    reply(&n, 200, "ok")
+                })
+            }),
+        )
+        .await;
+        (up, bodies)
     }
 
     pub fn url(&self) -> String {
@@ -236,6 +279,27 @@ pub async fn send(c: &Client, req: Request<Full<Bytes>>) -> Got {
 /// GET `url`.
 pub async fn get(c: &Client, url: &str) -> Got {
     send(c, Request::get(url).body(Full::default()).unwrap()).await
+}
+
+/// GETs `url` and returns the response with its body unread, for tests that read it frame by
+/// frame (streaming).
+pub async fn get_streaming(c: &Client, url: &str) -> Response<Incoming> {
+    c.request(Request::get(url).body(Full::default()).unwrap())
+        .await
+        .expect("request failed")
+}
+
+/// The next data frame of `body`, `None` at its end; panics if nothing comes within 5 s (the
+/// gateway held it back) or the body fails.
+pub async fn next_data(body: &mut Incoming) -> Option<Bytes> {
+    tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("nothing within 5 s: held back by the gateway")
+        .map(|f| {
+            f.expect("body failed")
+                .into_data()
+                .expect("not a data frame")
+        })
 }
 
 /// Writes raw bytes to `addr` and reads the response until the server closes or `until` is seen.
@@ -368,12 +432,17 @@ impl Silent {
     }
 }
 
-/// A config with one upstream `u` at `url`, one catch-all route to it, and `limits` (YAML flow
-/// mapping entries, e.g. `max_body_bytes: 1KiB`).
-pub fn limited_config(url: &str, limits: &str) -> String {
+/// A config with one upstream `u` at `url` and one catch-all route to it, after `extra` (whole
+/// top-level YAML lines, e.g. a `tls:` line).
+pub fn one_route(url: &str, extra: &str) -> String {
     format!(
-        "limits: {{ {limits} }}\nupstreams:\n  u: {{ endpoints: [{{url: '{url}'}}] }}\nroutes:\n  - upstream: u\n"
+        "{extra}upstreams:\n  u: {{ endpoints: [{{url: '{url}'}}] }}\nroutes:\n  - upstream: u\n"
     )
+}
+
+/// [`one_route`] with `limits` (YAML flow mapping entries, e.g. `max_body_bytes: 1KiB`).
+pub fn limited_config(url: &str, limits: &str) -> String {
+    one_route(url, &format!("limits: {{ {limits} }}\n"))
 }
 
 /// A raw TCP upstream: each accepted connection is handed to a script, with its index, so a test
@@ -404,6 +473,20 @@ impl RawUpstream {
         RawUpstream { addr, accepted }
     }
 
+    /// Answers every request of every connection with `respond(request)`, the request as
+    /// [`read_head`] returns it (head as sent, `content-length` body appended).
+    pub async fn answering(respond: fn(&str) -> Vec<u8>) -> RawUpstream {
+        RawUpstream::start(move |mut s, _| async move {
+            let mut buf = Vec::new();
+            while let Some(req) = read_head(&mut s, &mut buf).await {
+                if s.write_all(&respond(&req)).await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await
+    }
+
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -414,23 +497,69 @@ impl RawUpstream {
     }
 }
 
-/// A raw client connection to the gateway with its read buffer (bytes of the next response are
-/// kept), for tests that need the exact bytes on the wire.
-pub struct RawClient {
-    pub s: TcpStream,
+/// Reads one request head (and a `content-length` body, appended) from `s`, as sent (names keep
+/// their case); `None` at EOF. Bytes past the request stay in `buf` for the next call.
+pub async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    let mut tmp = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+            let len: usize = head
+                .to_ascii_lowercase()
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("content-length:")
+                        .map(|v| v.trim().to_owned())
+                })
+                .map_or(0, |v| v.parse().unwrap());
+            if buf.len() >= end + 4 + len {
+                let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+                buf.drain(..end + 4 + len);
+                return Some(head + &body);
+            }
+        }
+        match s.read(&mut tmp).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+}
+
+/// How reading a response ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Framed {
+    /// The body ended as its framing says.
+    Complete,
+    /// The connection ended before the framing said the body was over.
+    Cut,
+}
+
+/// A raw client connection to the gateway (plain TCP, or any stream such as TLS) with its read
+/// buffer (bytes of the next response are kept), for tests that need the exact bytes on the wire.
+pub struct RawClient<S = TcpStream> {
+    pub s: S,
     pub buf: Vec<u8>,
 }
 
 impl RawClient {
     pub async fn connect(gw: &Gateway) -> RawClient {
-        RawClient {
-            s: TcpStream::connect(gw.addr).await.unwrap(),
-            buf: Vec::new(),
-        }
+        RawClient::connect_to(gw.addr).await
     }
 
+    pub async fn connect_to(addr: SocketAddr) -> RawClient {
+        RawClient::new(TcpStream::connect(addr).await.unwrap())
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
+    pub fn new(s: S) -> RawClient<S> {
+        RawClient { s, buf: Vec::new() }
+    }
+
+    /// Writes `bytes` and flushes them (a TLS stream buffers).
     pub async fn send(&mut self, bytes: &[u8]) {
         self.s.write_all(bytes).await.unwrap();
+        self.s.flush().await.unwrap();
     }
 
     /// Reads more; `false` at EOF (or an error). Panics after 10 s without a byte.
@@ -446,6 +575,122 @@ impl RawClient {
                 true
             }
         }
+    }
+
+    /// The next `n` bytes; `None` if the connection ends first.
+    pub async fn take(&mut self, n: usize) -> Option<Vec<u8>> {
+        while self.buf.len() < n {
+            if !self.fill().await {
+                return None;
+            }
+        }
+        Some(self.buf.drain(..n).collect())
+    }
+
+    /// The next CRLF-terminated line, without its CRLF; `None` if the connection ends first.
+    pub async fn line(&mut self) -> Option<String> {
+        loop {
+            if let Some(p) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let l = self.take(p + 2).await?;
+                return Some(String::from_utf8_lossy(&l[..p]).into_owned());
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// Reads one response (a HEAD response, a 1xx, 204 and 304 have no body whatever the headers
+    /// say): the body as far as it came, and whether its framing completed. Panics on EOF inside
+    /// the head or on a malformed one.
+    pub async fn read_response(&mut self, head_request: bool) -> (RawResponse, Framed) {
+        let status_line = self.line().await.expect("EOF before a status line");
+        let status: u16 = status_line
+            .strip_prefix("HTTP/1.1 ")
+            .unwrap_or_else(|| panic!("bad status line {status_line:?}"))[..3]
+            .parse()
+            .unwrap();
+        let mut headers = Vec::new();
+        loop {
+            let l = self.line().await.expect("EOF inside a head");
+            if l.is_empty() {
+                break;
+            }
+            let (k, v) = l.split_once(':').unwrap();
+            headers.push((k.to_ascii_lowercase(), v.trim().to_owned()));
+        }
+        let mut r = RawResponse {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
+            return (r, Framed::Complete);
+        }
+        if let Some(n) = r.header("content-length") {
+            let n: usize = n.parse().unwrap();
+            return match self.take(n).await {
+                Some(b) => {
+                    r.body = b;
+                    (r, Framed::Complete)
+                }
+                None => {
+                    r.body = std::mem::take(&mut self.buf);
+                    (r, Framed::Cut)
+                }
+            };
+        }
+        if r.header("transfer-encoding") == Some("chunked") {
+            loop {
+                let Some(size) = self.line().await else {
+                    return (r, Framed::Cut);
+                };
+                let size = usize::from_str_radix(&size, 16).unwrap();
+                if size == 0 {
+                    loop {
+                        match self.line().await {
+                            None => return (r, Framed::Cut),
+                            Some(l) if l.is_empty() => return (r, Framed::Complete),
+                            Some(_) => {}
+                        }
+                    }
+                }
+                match self.take(size + 2).await {
+                    Some(data) => r.body.extend_from_slice(&data[..size]),
+                    None => {
+                        r.body.append(&mut self.buf);
+                        return (r, Framed::Cut);
+                    }
+                }
+            }
+        }
+        // Neither length nor chunks: the body runs to the end of the connection.
+        while self.fill().await {}
+        r.body = std::mem::take(&mut self.buf);
+        (r, Framed::Complete)
+    }
+
+    /// As [`read_response`](Self::read_response), for a response that must arrive whole: panics if
+    /// the connection ends before its framing does.
+    pub async fn response(&mut self, head_request: bool) -> RawResponse {
+        let (r, framed) = self.read_response(head_request).await;
+        assert_eq!(framed, Framed::Complete, "the response was cut: {r:?}");
+        r
+    }
+
+    /// Whether the gateway closes the connection within `secs` (bytes before EOF are kept).
+    pub async fn closed_within(&mut self, secs: u64) -> bool {
+        let mut b = [0u8; 4096];
+        tokio::time::timeout(Duration::from_secs(secs), async {
+            loop {
+                match self.s.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => self.buf.extend_from_slice(&b[..n]),
+                }
+            }
+        })
+        .await
+        .is_ok()
     }
 }
 
