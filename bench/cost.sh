@@ -19,48 +19,26 @@ if [ -z "$BULWARK" ]; then
   cargo build --release -p bulwark-gateway --bin bulwark --quiet
   BULWARK=$(pwd)/target/release/bulwark
 fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+. bench/lib.sh
+bench_tools
 work=$(mktemp -d /tmp/bulwark-cost.XXXXXX)
 UP=127.0.0.1:$PORT_BASE BLW=127.0.0.1:$((PORT_BASE + 1)) ADM=127.0.0.1:$((PORT_BASE + 2))
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
-
-cat > "$work/upstream.conf" <<CONF
-worker_processes 1;
-daemon off; pid $work/upstream.pid; error_log $work/upstream.err warn;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen $UP; location / { return 200 "hello from upstream\n"; } } }
-CONF
-"$NGINX" -c "$work/upstream.conf" -p "$work" & pids+=($!)
-cat > "$work/bulwark.yaml" <<CONF
-listen: $BLW
-admin: { listen: $ADM }
-upstreams:
-  up:
-    endpoints: [ { url: http://$UP } ]
-    balance: round_robin
-    circuit_breaker: { window: { kind: count, size: 100 }, minimum_calls: 20, failure_rate_threshold: 50, open_duration: 30s }
-routes:
-  - match: { path_prefix: / }
-    upstream: up
-    timeout: 30s
-    retry: { attempts: 3, per_try_timeout: 10s, backoff: { kind: exponential, base: 10ms, max: 1s }, on: [connect_failure, reset, 5xx], budget: { ratio: 0.2, min_per_second: 10 } }
-CONF
-wait_port() { for _ in $(seq 300); do curl -fsS -o /dev/null "http://$1/" 2>/dev/null && return 0; sleep 0.1; done; echo "no answer on $1" >&2; return 1; }
 reqs() { grep -oP '^\s*\K\d+(?= requests in)' "$1"; }
 
-"$BULWARK" run -c "$work/bulwark.yaml" --threads 1 >"$work/bulwark.log" 2>&1 & bpid=$!; pids+=($bpid)
+start_upstream "$UP"
+start_bulwark "$BULWARK" "$BLW" "$ADM" "$UP"; bpid=$LAST_PID
 wait_port "$UP"; wait_port "$BLW"
 wrk -t1 -c8 -d1s "http://$BLW/" >/dev/null
 tick=$(getconf CLK_TCK)
-cpu() { awk '{print $14 + $15}' "/proc/$bpid/stat"; }
+
 results=()
 for r in $(seq "$ROUNDS"); do
-  c0=$(cpu)
+  c0=$(ticks "$bpid")
   wrk -t2 -c64 -d"${DURATION}s" "http://$BLW/" > "$work/w.out"
-  c1=$(cpu)
+  c1=$(ticks "$bpid")
   n=$(reqs "$work/w.out")
   results+=("$(python3 -c "print(f'{($c1-$c0)/$tick/$n*1e6:.2f}')")")
   rps=$(grep -oP 'Requests/sec:\s+\K[\d.]+' "$work/w.out")

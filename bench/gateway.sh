@@ -14,17 +14,8 @@ work=$root/bench/work
 mkdir -p "$work" bench/results
 rm -f "$work"/*.out
 
-need=()
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx)
-command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
-command -v wrk >/dev/null || need+=(wrk)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "installing ${need[*]}"
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
-
+. bench/lib.sh
+bench_tools
 cargo build --release -p bulwark-gateway --bin bulwark --quiet
 BULWARK=$root/target/release/bulwark
 
@@ -32,71 +23,13 @@ UP=127.0.0.1:18080 NGX=127.0.0.1:18081 HAP=127.0.0.1:18082 BLW=127.0.0.1:18083
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
-
-# The upstream: nginx with one worker answering a small static body from memory.
-cat > "$work/upstream.conf" <<CONF
-worker_processes 1;
-daemon off; pid $work/upstream.pid; error_log $work/upstream.err warn;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  server { listen $UP; location / { return 200 "hello from upstream\n"; } } }
-CONF
-"$NGINX" -c "$work/upstream.conf" -p "$work" & pids+=($!); uppid=$!
-
-# nginx as a proxy: one worker, keep-alive pool to the upstream.
-cat > "$work/nginx.conf" <<CONF
-worker_processes 1;
-daemon off; pid $work/nginx.pid; error_log $work/nginx.err warn;
-events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000;
-  upstream up { server $UP; keepalive 128; }
-  server { listen $NGX; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
-CONF
-"$NGINX" -c "$work/nginx.conf" -p "$work" & pids+=($!); ngxpid=$!
-
-# HAProxy: one thread, connection reuse.
-cat > "$work/haproxy.cfg" <<CONF
-global
-  nbthread 1
-  maxconn 4096
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 30s
-  timeout server 30s
-  http-reuse always
-frontend fe
-  bind $HAP
-  default_backend be
-backend be
-  server s1 $UP maxconn 1000
-CONF
-"$HAPROXY" -f "$work/haproxy.cfg" -db & pids+=($!); happid=$!
-
-# bulwark: one worker thread, with breaker, retry with budget, timeouts and metrics on.
-cat > "$work/bulwark.yaml" <<CONF
-listen: $BLW
-admin: { listen: 127.0.0.1:18084 }
-upstreams:
-  up:
-    endpoints: [ { url: http://$UP } ]
-    balance: round_robin
-    circuit_breaker: { window: { kind: count, size: 100 }, minimum_calls: 20, failure_rate_threshold: 50, open_duration: 30s }
-routes:
-  - match: { path_prefix: / }
-    upstream: up
-    timeout: 30s
-    retry: { attempts: 3, per_try_timeout: 10s, backoff: { kind: exponential, base: 10ms, max: 1s }, on: [connect_failure, reset, 5xx], budget: { ratio: 0.2, min_per_second: 10 } }
-CONF
-"$BULWARK" check -c "$work/bulwark.yaml" >/dev/null
-"$BULWARK" run -c "$work/bulwark.yaml" --threads 1 >"$work/bulwark.log" 2>&1 & bpid=$!; pids+=($bpid)
-
-wait_port() { for _ in $(seq 100); do curl -fsS -o /dev/null "http://$1/" 2>/dev/null && return 0; sleep 0.1; done; echo "no answer on $1" >&2; return 1; }
+start_upstream $UP; uppid=$LAST_PID
+start_nginx_proxy $NGX $UP; ngxpid=$LAST_PID
+start_haproxy $HAP $UP; happid=$LAST_PID
+start_bulwark "$BULWARK" $BLW 127.0.0.1:18084 $UP; bpid=$LAST_PID
 for a in $UP $NGX $HAP $BLW; do wait_port "$a"; done
 
 rss_max=0
-# CPU ticks (utime + stime) of a process and its children (nginx's master and worker).
-ticks() { local t=0 p; for p in "$1" $(pgrep -P "$1" || true); do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo "$t"; }
 run() { # name addr round
   local out="$work/$1.$3.out" pid
   case $1 in direct) pid=$uppid;; nginx) pid=$ngxpid;; haproxy) pid=$happid;; bulwark) pid=$bpid;; esac
