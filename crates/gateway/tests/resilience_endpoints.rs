@@ -260,8 +260,9 @@ async fn latency_outlier_is_ejected() {
         Arc::new(|_req| {
             Box::pin(async {
                 // Far enough above the fast endpoints' p99 x 3 that a loaded machine (the fast
-                // ones slowed to tens of ms) cannot hide the outlier.
-                tokio::time::sleep(Duration::from_millis(250)).await;
+                // ones slowed to a few hundred ms: seen once with 250 here, while two builds ran
+                // beside the tests) cannot hide the outlier.
+                tokio::time::sleep(Duration::from_millis(1000)).await;
                 reply("slow", 200, "slow")
             })
         }),
@@ -284,8 +285,9 @@ routes:
     let ep = endpoint(&gw, "u", 2);
     let c = client();
     let url = gw.url("/");
+    // Twelve at a time (four of them to the slow one), so its samples come in seconds.
     wait_for(30, || async {
-        get(&c, &url).await;
+        futures_util::future::join_all((0..12).map(|_| get(&c, &url))).await;
         ep.is_ejected()
     })
     .await;
