@@ -14,18 +14,11 @@ ROUNDS=${ROUNDS:-5}
 DURATION=${DURATION:-4}
 CALLGRIND=${CALLGRIND:-1}
 PORT_BASE=${PORT_BASE:-18180}
-BULWARK=${1:-}
-if [ -z "$BULWARK" ]; then
-  cargo build --release -p bulwark-gateway --bin bulwark --quiet
-  BULWARK=$(pwd)/target/release/bulwark
-fi
 . bench/lib.sh
+bulwark_binary "${1:-}"
 bench_tools
-work=$(mktemp -d /tmp/bulwark-cost.XXXXXX)
+bench_scratch cost
 UP=127.0.0.1:$PORT_BASE BLW=127.0.0.1:$((PORT_BASE + 1)) ADM=127.0.0.1:$((PORT_BASE + 2))
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
 reqs() { grep -oP '^\s*\K\d+(?= requests in)' "$1"; }
 
 start_upstream "$UP"

@@ -18,6 +18,22 @@ bench_tools() {
   HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 }
 
+# BULWARK: the binary given ($1), or a release build of this tree.
+bulwark_binary() { # [path]
+  BULWARK=${1:-}
+  if [ -z "$BULWARK" ]; then
+    cargo build --release -p bulwark-gateway --bin bulwark --quiet
+    BULWARK=$(pwd)/target/release/bulwark
+  fi
+}
+
+# A scratch directory `work`, removed on exit with every server started into `pids`.
+bench_scratch() { # name
+  work=$(mktemp -d "/tmp/bulwark-$1.XXXXXX")
+  pids=()
+  trap 'for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"' EXIT
+}
+
 # The upstream: nginx with one worker answering a small static body from memory.
 start_upstream() { # addr
   cat > "$work/upstream.conf" <<CONF

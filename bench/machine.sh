@@ -13,19 +13,12 @@ cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-4}
 DURATION=${DURATION:-5}
 PORT_BASE=${PORT_BASE:-18280}
-BULWARK=${1:-}
-if [ -z "$BULWARK" ]; then
-  cargo build --release -p bulwark-gateway --bin bulwark --quiet
-  BULWARK=$(pwd)/target/release/bulwark
-fi
 . bench/lib.sh
+bulwark_binary "${1:-}"
 bench_tools
-work=$(mktemp -d /tmp/bulwark-machine.XXXXXX)
+bench_scratch machine
 UP=127.0.0.1:$PORT_BASE NGX=127.0.0.1:$((PORT_BASE + 1)) HAP=127.0.0.1:$((PORT_BASE + 2))
 BLW=127.0.0.1:$((PORT_BASE + 3)) ADM=127.0.0.1:$((PORT_BASE + 4))
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT
 start_upstream "$UP"; uppid=$LAST_PID
 start_nginx_proxy "$NGX" "$UP"; ngxpid=$LAST_PID
 start_haproxy "$HAP" "$UP"; happid=$LAST_PID

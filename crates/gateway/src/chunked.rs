@@ -374,6 +374,18 @@ mod tests {
 
     const MODES: [Trailers; 2] = [Trailers::Keep, Trailers::Discard];
 
+    /// `wire` is malformed framing in both modes.
+    fn assert_invalid(wire: &[u8]) {
+        for mode in MODES {
+            let r = error_of(mode, wire);
+            assert!(
+                matches!(r, Err(Error::Invalid(_))),
+                "{mode:?} {:?}: {r:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
+    }
+
     proptest! {
         // From the client side's decoder: chunks up to 300 bytes, extensions, trailers dropped.
         #[test]
@@ -562,14 +574,7 @@ mod tests {
             b"0\r\nx-t: 1\rx\r\n\r\n",
             b"0\r\n\rx",
         ] {
-            for mode in MODES {
-                let r = error_of(mode, wire);
-                assert!(
-                    matches!(r, Err(Error::Invalid(_))),
-                    "{mode:?} {:?}: {r:?}",
-                    String::from_utf8_lossy(wire)
-                );
-            }
+            assert_invalid(wire);
         }
     }
 
@@ -594,14 +599,7 @@ mod tests {
             // More data than the size said.
             b"3\r\nabcd\r\n0\r\n\r\n",
         ] {
-            for mode in MODES {
-                let r = error_of(mode, wire);
-                assert!(
-                    matches!(r, Err(Error::Invalid(_))),
-                    "{mode:?} {:?}: {r:?}",
-                    String::from_utf8_lossy(wire)
-                );
-            }
+            assert_invalid(wire);
         }
     }
 

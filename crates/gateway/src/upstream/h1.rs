@@ -902,6 +902,18 @@ mod tests {
         assert!(dec.decode(&mut buf, false).is_err());
     }
 
+    /// What decoding the chunked body `wire` gives after its data.
+    fn past_data(wire: &[u8]) -> Result<Option<Item>, Error> {
+        let mut dec = Decoder::chunked();
+        let mut buf = BytesMut::from(wire);
+        loop {
+            match dec.decode(&mut buf, false) {
+                Ok(Some(Item::Data(_))) => continue,
+                other => break other,
+            }
+        }
+    }
+
     #[test]
     fn chunk_size_lines_httparse_takes_but_a_strict_peer_would_not_are_errors() {
         for wire in [
@@ -911,14 +923,7 @@ mod tests {
             b"0;\n\r\n\r\n",
             b"3;a\x00b\r\nabc\r\n0\r\n\r\n",
         ] {
-            let mut dec = Decoder::chunked();
-            let mut buf = BytesMut::from(wire);
-            let r = loop {
-                match dec.decode(&mut buf, false) {
-                    Ok(Some(Item::Data(_))) => continue,
-                    other => break other,
-                }
-            };
+            let r = past_data(wire);
             assert!(r.is_err(), "{:?}: {r:?}", String::from_utf8_lossy(wire));
         }
         // Extensions and whitespace a strict peer reads the same way still pass.
@@ -937,14 +942,7 @@ mod tests {
             b"3\r\nabc\r\n0\r\nx-t: 1\r\n\n",
             b"3\r\nabc\r\n0\r\n\n",
         ] {
-            let mut dec = Decoder::chunked();
-            let mut buf = BytesMut::from(wire);
-            let r = loop {
-                match dec.decode(&mut buf, false) {
-                    Ok(Some(Item::Data(_))) => continue,
-                    other => break other,
-                }
-            };
+            let r = past_data(wire);
             assert!(
                 matches!(r, Err(Error::Invalid(_))),
                 "{:?}: {r:?}",
