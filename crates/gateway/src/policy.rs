@@ -528,6 +528,7 @@ mod tests {
             circuit_breaker: None,
             bulkhead: None,
             rate_limit: None,
+            tls: None,
         }
     }
 

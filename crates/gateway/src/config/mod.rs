@@ -18,7 +18,7 @@ use std::path::Path;
 pub use locate::{locate, locate_nearest, render, Seg};
 pub use schema::*;
 pub use units::{format_duration, format_size, parse_duration, parse_size, ByteSize, Dur};
-pub(crate) use validate::check_url;
+pub(crate) use validate::{check_url, EndpointUrl};
 
 /// A configuration error, placed in the file: `FILE:LINE:COL: key.path: what is wrong`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -308,6 +308,23 @@ pub struct Upstream {
     /// Rate limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// TLS settings for the `https://` endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+}
+
+/// `tls:` of an upstream: how its `https://` endpoints are verified. Every key is optional; there
+/// is deliberately no way to skip verification.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamTls {
+    /// A PEM bundle of extra trusted root certificates (private CAs), trusted besides Mozilla's
+    /// roots. Read when the config is loaded; a relative path is relative to the working directory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// The name sent as SNI and checked against the certificate; default: each endpoint's URL host.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
 fn default_connect_timeout() -> Dur {
@@ -318,7 +335,7 @@ fn default_connect_timeout() -> Dur {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
-    /// `http://host:port`.
+    /// `http://host[:port]` or `https://host[:port]`.
     pub url: String,
     /// Relative weight for `weighted`.
     #[serde(default = "one")]

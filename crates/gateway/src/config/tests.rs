@@ -318,3 +318,65 @@ fn settings_the_library_refuses_are_placed() {
         "gw.yaml:4:20: upstreams.a.health_check.interval: must be at most a year"
     );
 }
+
+#[test]
+fn https_endpoints_and_the_tls_section() {
+    let dir = std::env::temp_dir().join(format!("bulwark-cfg-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let empty = dir.join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let garbage = dir.join("garbage.pem");
+    std::fs::write(
+        &garbage,
+        "-----BEGIN CERTIFICATE-----\n!!!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let missing = dir.join("missing.pem");
+    let up = |tls: &str| {
+        format!("upstreams:\n  a:\n    endpoints: [{{url: 'https://api.example.com'}}]\n    tls:\n{tls}")
+    };
+
+    // Accepted, and printed back by `check` (the effective config).
+    let c = from_str(&up("      server_name: api.internal\n"), "gw.yaml").unwrap();
+    let a = c.upstreams.get("a").unwrap();
+    assert_eq!(
+        a.tls.as_ref().unwrap().server_name.as_deref(),
+        Some("api.internal")
+    );
+    assert!(to_yaml(&c).contains("tls:\n      server_name: api.internal"));
+    from_str(
+        "upstreams:\n  a: { endpoints: [{url: 'https://[::1]:8443'}, {url: 'http://127.0.0.1:1'}] }\n",
+        "gw.yaml",
+    )
+    .unwrap();
+
+    assert_eq!(
+        err(&up(&format!("      ca: '{}'\n", missing.display()))),
+        format!(
+            "gw.yaml:5:7: upstreams.a.tls.ca: cannot read `{}`: No such file or directory (os error 2)",
+            missing.display()
+        )
+    );
+    assert_eq!(
+        err(&up(&format!("      ca: '{}'\n", empty.display()))),
+        format!(
+            "gw.yaml:5:7: upstreams.a.tls.ca: no PEM certificate in `{}`",
+            empty.display()
+        )
+    );
+    assert!(err(&up(&format!("      ca: '{}'\n", garbage.display())))
+        .starts_with("gw.yaml:5:7: upstreams.a.tls.ca: "));
+    assert_eq!(
+        err(&up("      server_name: 'bad name'\n")),
+        "gw.yaml:5:7: upstreams.a.tls.server_name: invalid TLS server name `bad name`: invalid dns name"
+    );
+    assert_eq!(
+        err("upstreams:\n  a:\n    endpoints: [{url: 'http://127.0.0.1:1'}]\n    tls: { server_name: x }\n"),
+        "gw.yaml:4:5: upstreams.a.tls: no endpoint of this upstream is https://: `tls` would not apply to any"
+    );
+    assert_eq!(
+        err("upstreams:\n  a:\n    endpoints: [{url: 'https://x:1'}]\n    tls: { verify: false }\n"),
+        "gw.yaml:4:12: upstreams.a.tls.verify: unknown field `verify`, expected `ca` or `server_name`"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -99,9 +99,23 @@ fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
         ));
     }
     let mut seen = HashSet::new();
+    let mut any_https = false;
+    let name_override = up.tls.as_ref().and_then(|t| t.server_name.as_ref());
     for (i, ep) in up.endpoints.iter().enumerate() {
         let ep_path = p(&[k("endpoints"), Seg::Index(i), k("url")]);
-        check_url(&ep.url).map_err(|m| at(&ep_path, m))?;
+        let url = check_url(&ep.url).map_err(|m| at(&ep_path, m))?;
+        if url.https {
+            any_https = true;
+            // The default server name is the URL's host: it must be one a certificate can name.
+            if name_override.is_none() {
+                crate::upstream::tls::server_name(url.authority.host()).map_err(|m| {
+                    at(
+                        &ep_path,
+                        format!("{m} (set `tls.server_name` for this upstream)"),
+                    )
+                })?;
+            }
+        }
         if !seen.insert(ep.url.trim_end_matches('/')) {
             return Err(at(&ep_path, format!("duplicate endpoint `{}`", ep.url)));
         }
@@ -111,6 +125,18 @@ fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
                 "weight must be between 1 and 1000",
             ));
         }
+    }
+    if let Some(tls) = &up.tls {
+        // Chosen as an error rather than a warning: a `tls:` section that encrypts nothing is a
+        // mistake worth stopping on (the operator believes the traffic is protected).
+        if !any_https {
+            return Err(at(
+                &p(&[k("tls")]),
+                "no endpoint of this upstream is https://: `tls` would not apply to any",
+            ));
+        }
+        crate::upstream::tls::client_config(Some(tls), up.http2)
+            .map_err(|e| at(&p(&[k("tls"), k(e.key)]), e.message))?;
     }
     if up.connect_timeout.get().is_zero() {
         return Err(at(&p(&[k("connect_timeout")]), "must be greater than 0"));
@@ -259,21 +285,39 @@ fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// An endpoint URL: `http://host:port` (no path, query or credentials).
-pub(crate) fn check_url(url: &str) -> Result<http::uri::Authority, String> {
+/// An endpoint URL, checked: its scheme and authority.
+#[derive(Debug, Clone)]
+pub(crate) struct EndpointUrl {
+    /// `https://`: TLS to the endpoint.
+    pub(crate) https: bool,
+    /// `host[:port]` as written.
+    pub(crate) authority: http::uri::Authority,
+}
+
+impl EndpointUrl {
+    /// The port to connect to: the URL's, or the scheme's default (80, 443).
+    pub(crate) fn port(&self) -> u16 {
+        self.authority
+            .port_u16()
+            .unwrap_or(if self.https { 443 } else { 80 })
+    }
+}
+
+/// An endpoint URL: `http://host[:port]` or `https://host[:port]` (no path, query or credentials).
+pub(crate) fn check_url(url: &str) -> Result<EndpointUrl, String> {
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("invalid URL `{url}`: {e}"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
+    let https = match uri.scheme_str() {
+        Some("http") => false,
+        Some("https") => true,
+        Some(other) => return Err(format!("invalid URL `{url}`: unsupported scheme `{other}`")),
+        None => {
             return Err(format!(
-                "invalid URL `{url}`: https endpoints are not supported yet (use http://)"
+                "invalid URL `{url}`: expected `http://host:port` or `https://host[:port]`"
             ))
         }
-        Some(other) => return Err(format!("invalid URL `{url}`: unsupported scheme `{other}`")),
-        None => return Err(format!("invalid URL `{url}`: expected `http://host:port`")),
-    }
+    };
     let auth = uri
         .authority()
         .cloned()
@@ -293,7 +337,10 @@ pub(crate) fn check_url(url: &str) -> Result<http::uri::Authority, String> {
             ));
         }
     }
-    Ok(auth)
+    Ok(EndpointUrl {
+        https,
+        authority: auth,
+    })
 }
 
 fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), Invalid> {

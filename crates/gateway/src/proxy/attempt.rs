@@ -92,8 +92,9 @@ fn build_request(
     *req.method_mut() = parts.method.clone();
     let pq = parts.uri.path_and_query().cloned();
     *req.uri_mut() = if up.http2 {
+        let scheme = if ep.pool.is_tls() { "https" } else { "http" };
         let mut b = Uri::builder()
-            .scheme("http")
+            .scheme(scheme)
             .authority(ep.authority.clone());
         if let Some(pq) = pq {
             b = b.path_and_query(pq);

@@ -151,7 +151,9 @@ impl Runtime {
         if !same_settings(old, settings) {
             return None;
         }
-        self.upstream(name).cloned()
+        self.upstream(name)
+            .filter(|u| u.same_ca_file(settings))
+            .cloned()
     }
 
     /// An upstream by name.

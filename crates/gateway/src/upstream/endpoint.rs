@@ -23,7 +23,8 @@ const EWMA_DECAY: Duration = Duration::from_secs(10);
 pub struct Endpoint {
     /// The URL from the config.
     pub url: String,
-    /// `host:port` to connect to and to send as `Host`.
+    /// `host[:port]` sent as `Host` (and HTTP/2 `:authority`): the URL's, without an explicit
+    /// default port on `https://` URLs. The address connected to is the pool's ([`Pool::addr`]).
     pub authority: http::uri::Authority,
     /// `Host` header value.
     pub host_header: HeaderValue,

@@ -16,9 +16,17 @@
 //!
 //! Streamed request bodies (not buffered by the proxy) are not sent here: they need a full-duplex
 //! exchange and client-body error classes, which hyper's client provides (see `pool`).
+//!
+//! The socket is a [`Stream`]: plain TCP, driven through tokio's readiness API as described above
+//! (the path the benchmarks measure), or TLS (`https://` endpoints), driven through the
+//! `AsyncRead`/`AsyncWrite` poll methods of `tokio-rustls` (a request is flushed once written,
+//! so no part of it waits in the TLS layer's buffer). Each I/O function picks its branch once, on
+//! entry.
 
+use std::future::Future;
 use std::io::{self, IoSlice};
 use std::mem::MaybeUninit;
+use std::pin::Pin;
 use std::task::{ready, Context, Poll, Waker};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -26,8 +34,9 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{Method, Response, StatusCode, Version};
 use http_body::SizeHint;
-use tokio::io::Interest;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use crate::chunked;
 
@@ -85,10 +94,78 @@ pub(crate) struct SendFail {
     pub(crate) error: Error,
 }
 
+/// A connection to an endpoint: plain TCP or TLS over TCP.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    /// `http://`.
+    Tcp(TcpStream),
+    /// `https://`; boxed because the TLS state is large (kilobytes of buffers and keys), and a
+    /// plain connection should not carry its size.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
+        }
+    }
+}
+
 /// One HTTP/1.1 connection to an upstream.
 #[derive(Debug)]
 pub(crate) struct Io {
-    stream: TcpStream,
+    stream: Stream,
     rbuf: BytesMut,
     /// The request head (and a small body) being written; kept for the next request.
     wbuf: Vec<u8>,
@@ -121,8 +198,9 @@ pub(crate) struct Head {
 }
 
 impl Io {
-    /// A connection on `stream` (already connected, `TCP_NODELAY` set by the caller).
-    pub(crate) fn new(stream: TcpStream) -> Self {
+    /// A connection on `stream` (already connected, `TCP_NODELAY` set and any TLS handshake done by
+    /// the caller).
+    pub(crate) fn new(stream: Stream) -> Self {
         Io {
             stream,
             rbuf: BytesMut::with_capacity(HEAD_BUF),
@@ -131,24 +209,35 @@ impl Io {
     }
 
     /// The socket, for a protocol implementation that takes it over.
-    pub(crate) fn into_stream(self) -> TcpStream {
+    pub(crate) fn into_stream(self) -> Stream {
         self.stream
     }
 
     /// Whether this idle connection can no longer carry a request: the upstream closed it (or sent
     /// something unasked). Costs no system call unless the reactor saw the socket readable: then
-    /// one non-blocking read tells a close (or data) from a stale readiness.
+    /// one non-blocking read tells a close (or data) from a stale readiness. Over TLS the read goes
+    /// through the TLS layer (which reads the socket only when the reactor saw it readable): a
+    /// `close_notify`, an end of stream, an error or application data all mean stale; TLS records
+    /// without data (a TLS 1.3 session ticket) are consumed and leave it good.
     pub(crate) fn is_stale(&mut self) -> bool {
         if !self.rbuf.is_empty() {
             return true;
         }
         let mut cx = Context::from_waker(Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
+        let stream = match &mut self.stream {
+            Stream::Tcp(s) => s,
+            Stream::Tls(s) => {
+                let mut b = [0u8; 1];
+                let mut buf = ReadBuf::new(&mut b);
+                return Pin::new(&mut **s).poll_read(&mut cx, &mut buf).is_ready();
+            }
+        };
+        match stream.poll_read_ready(&mut cx) {
             Poll::Pending => false,
             Poll::Ready(Err(_)) => true,
             Poll::Ready(Ok(())) => {
                 let mut b = [0u8; 1];
-                !matches!(self.stream.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+                !matches!(stream.try_read(&mut b), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
             }
         }
     }
@@ -249,7 +338,12 @@ impl Io {
         ex: &mut Exchange,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
-        let head = self.wbuf.len();
+        let Io { stream, wbuf, .. } = self;
+        let stream = match stream {
+            Stream::Tcp(s) => s,
+            Stream::Tls(s) => return poll_write_tls(s, wbuf, ex, cx),
+        };
+        let head = wbuf.len();
         loop {
             if ex.written >= head + ex.body.len() {
                 return Poll::Ready(Ok(()));
@@ -258,22 +352,19 @@ impl Io {
             // is not (`WouldBlock`), so readiness is only awaited when the send buffer is full.
             let r = if ex.written < head {
                 if ex.body.is_empty() {
-                    self.stream.try_write(&self.wbuf[ex.written..])
+                    stream.try_write(&wbuf[ex.written..])
                 } else {
-                    let bufs = [
-                        IoSlice::new(&self.wbuf[ex.written..]),
-                        IoSlice::new(&ex.body),
-                    ];
-                    self.stream.try_write_vectored(&bufs)
+                    let bufs = [IoSlice::new(&wbuf[ex.written..]), IoSlice::new(&ex.body)];
+                    stream.try_write_vectored(&bufs)
                 }
             } else {
-                self.stream.try_write(&ex.body[ex.written - head..])
+                stream.try_write(&ex.body[ex.written - head..])
             };
             match r {
                 Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                 Ok(n) => ex.written += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    ready!(self.stream.poll_write_ready(cx))?;
+                    ready!(stream.poll_write_ready(cx))?;
                 }
                 Err(e) => return Poll::Ready(Err(e)),
             }
@@ -287,6 +378,16 @@ impl Io {
             self.rbuf.reserve(want);
         }
         let Io { stream, rbuf, .. } = self;
+        let stream = match stream {
+            Stream::Tcp(s) => s,
+            // The TLS layer reads the socket into its own buffer and decrypts into `rbuf`; its
+            // socket reads clear the readiness as tokio's `AsyncRead` does (see below).
+            Stream::Tls(s) => {
+                // A fresh `read_buf` per poll: it holds no state between polls (cancel-safe).
+                let read = std::pin::pin!(s.read_buf(rbuf));
+                return read.poll(cx);
+            }
+        };
         loop {
             ready!(stream.poll_read_ready(cx))?;
             let spare = rbuf.capacity() - rbuf.len();
@@ -313,6 +414,35 @@ impl Io {
             }
         }
     }
+}
+
+/// [`Io::poll_write_request`] over TLS: the same request, through `AsyncWrite`, then flushed (the
+/// TLS layer may hold records it could not yet hand to the socket).
+fn poll_write_tls(
+    s: &mut TlsStream<TcpStream>,
+    wbuf: &[u8],
+    ex: &mut Exchange,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    let head = wbuf.len();
+    let mut s = Pin::new(s);
+    while ex.written < head + ex.body.len() {
+        let r = if ex.written < head {
+            if ex.body.is_empty() {
+                s.as_mut().poll_write(cx, &wbuf[ex.written..])
+            } else {
+                let bufs = [IoSlice::new(&wbuf[ex.written..]), IoSlice::new(&ex.body)];
+                s.as_mut().poll_write_vectored(cx, &bufs)
+            }
+        } else {
+            s.as_mut().poll_write(cx, &ex.body[ex.written - head..])
+        };
+        match ready!(r)? {
+            0 => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            n => ex.written += n,
+        }
+    }
+    s.poll_flush(cx)
 }
 
 /// Where one parsed header line lies in the head: name and value ranges.
@@ -994,7 +1124,7 @@ mod tests {
         rt.block_on(async {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let s = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-            let mut io = Io::new(s);
+            let mut io = Io::new(Stream::Tcp(s));
             let ex = io.start(parts, body);
             out.extend_from_slice(&io.wbuf);
             out.extend_from_slice(&ex.body);

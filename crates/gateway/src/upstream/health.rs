@@ -41,7 +41,11 @@ impl HttpCheck {
     pub fn new(endpoint: Arc<Endpoint>, path: &str, http2: bool, expected: StatusRange) -> Self {
         let uri = if http2 {
             Uri::builder()
-                .scheme("http")
+                .scheme(if endpoint.pool.is_tls() {
+                    "https"
+                } else {
+                    "http"
+                })
                 .authority(endpoint.authority.clone())
                 .path_and_query(path)
                 .build()
@@ -149,8 +153,7 @@ pub(crate) fn start(
                 c.expected_status,
             )),
             HealthCheckKind::Tcp => Arc::new(
-                TcpCheck::new(ep.url.clone(), ep.authority.as_str().to_owned())
-                    .timeout(c.timeout.get()),
+                TcpCheck::new(ep.url.clone(), ep.pool.addr().to_owned()).timeout(c.timeout.get()),
             ),
         };
         registry

@@ -1,6 +1,7 @@
 //! Upstreams: endpoints with their connection pools, a balancer over priority tiers, the upstream's
 //! policies (see [`crate::policy`]), active health checks ([`health`]), passive outlier detection
-//! and provider-quota cooldown (`outlier`).
+//! and provider-quota cooldown (`outlier`), and TLS to `https://` endpoints (`tls`: one client
+//! config per upstream, the handshake done by each endpoint's pool at connect).
 
 mod balance;
 mod endpoint;
@@ -9,6 +10,7 @@ pub mod health;
 mod outlier;
 mod pool;
 pub mod retry_after;
+pub(crate) mod tls;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +44,9 @@ pub struct Upstream {
     cooldown: Option<Cooldown>,
     /// Running health checks; dropped (and stopped) with the upstream.
     health: Option<health::HealthTasks>,
+    /// The `tls.ca` bundle as read when this upstream was built (a reload that finds the file
+    /// changed rebuilds the upstream even though its section is the same).
+    ca_pem: Option<Vec<u8>>,
 }
 
 /// What one attempt on an endpoint showed, for outlier detection and cooldown.
@@ -60,6 +65,18 @@ pub enum Observed {
     Failed,
 }
 
+/// The authority sent to an endpoint (`Host`, HTTP/2 `:authority`): as written in its URL, except
+/// that an explicit `:443` on an `https://` URL is dropped (the scheme's default; `http://` URLs
+/// are sent as written, as before TLS existed).
+fn host_authority(url: &config::EndpointUrl) -> http::uri::Authority {
+    if url.https && url.authority.port_u16() == Some(443) {
+        if let Ok(a) = url.authority.host().parse() {
+            return a;
+        }
+    }
+    url.authority.clone()
+}
+
 impl Upstream {
     /// Builds an upstream from validated config. With health checks configured this starts them,
     /// so it must run within a Tokio runtime.
@@ -72,20 +89,36 @@ impl Upstream {
         let mut eps: Vec<&config::Endpoint> = c.endpoints.iter().collect();
         eps.sort_by_key(|e| e.priority);
         let mut endpoints = Vec::with_capacity(eps.len());
+        // One TLS client config for the whole upstream (roots parsed once), built only when some
+        // endpoint is https://.
+        let mut tls_config = None;
         for e in &eps {
-            let authority = config::check_url(&e.url)?;
-            let port = authority.port_u16().unwrap_or(80);
-            let addr = format!("{}:{port}", authority.host());
-            let pool = Pool::new(
+            let url = config::check_url(&e.url)?;
+            let addr = format!("{}:{}", url.authority.host(), url.port());
+            let mut pool = Pool::new(
                 addr,
                 c.http2,
                 c.pool.max_idle,
                 c.pool.idle_timeout.get(),
                 c.connect_timeout.get(),
             );
+            if url.https {
+                let cfg = match &tls_config {
+                    Some(cfg) => Arc::clone(cfg),
+                    None => {
+                        let cfg = tls::client_config(c.tls.as_ref(), c.http2)
+                            .map_err(|e| format!("tls.{}: {}", e.key, e.message))?;
+                        tls_config = Some(Arc::clone(&cfg));
+                        cfg
+                    }
+                };
+                let name = c.tls.as_ref().and_then(|t| t.server_name.as_deref());
+                let name = tls::server_name(name.unwrap_or(url.authority.host()))?;
+                pool = pool.with_tls(cfg, name);
+            }
             endpoints.push(Arc::new(Endpoint::new(
                 e.url.clone(),
-                authority,
+                host_authority(&url),
                 e.priority,
                 e.weight,
                 pool,
@@ -115,7 +148,14 @@ impl Upstream {
             outlier: od.map(Outlier::new),
             cooldown: c.cooldown.as_ref().filter(|c| c.enabled).map(Cooldown::new),
             health,
+            ca_pem: tls::ca_contents(c.tls.as_ref()),
         })
+    }
+
+    /// Whether the `tls.ca` file of `c` still holds what this upstream was built with (a reload
+    /// keeps the upstream only then). Reads the file: called on reloads, never per request.
+    pub fn same_ca_file(&self, c: &config::Upstream) -> bool {
+        tls::ca_contents(c.tls.as_ref()) == self.ca_pem
     }
 
     /// The running health checker, when `health_check` is configured (its report names each
@@ -241,6 +281,7 @@ mod tests {
             circuit_breaker: None,
             bulkhead: None,
             rate_limit: None,
+            tls: None,
         }
     }
 
@@ -366,6 +407,20 @@ mod tests {
         assert!(u.endpoints[..3].iter().all(|e| !e.is_ejected()));
     }
     const REFRESH: u64 = bulwark::latency::REFRESH_EVERY;
+
+    #[test]
+    fn host_carries_the_port_unless_it_is_https_default() {
+        let host = |url: &str| host_authority(&config::check_url(url).unwrap()).to_string();
+        assert_eq!(host("https://api.example.com"), "api.example.com");
+        assert_eq!(host("https://api.example.com:443"), "api.example.com");
+        assert_eq!(host("https://api.example.com:8443"), "api.example.com:8443");
+        assert_eq!(host("https://[::1]:443"), "[::1]");
+        // http:// URLs are sent as written, as they always were.
+        assert_eq!(host("http://127.0.0.1:80"), "127.0.0.1:80");
+        assert_eq!(host("http://backend"), "backend");
+        assert_eq!(config::check_url("https://h").unwrap().port(), 443);
+        assert_eq!(config::check_url("http://h").unwrap().port(), 80);
+    }
 
     #[tokio::test]
     async fn health_check_tasks_stop_when_the_upstream_is_dropped() {

@@ -17,6 +17,13 @@
 //! may answer before the body ended, and the body must still be forwarded after) and the client
 //! body's own error classes (too large: 413); such a request takes a pooled socket (or a new one),
 //! runs hyper's connection in a task of its own, and the socket is not pooled afterwards.
+//!
+//! `https://` endpoints: the pool holds the upstream's shared TLS client config and the endpoint's
+//! server name, and every new connection does its TLS handshake right after the TCP connect,
+//! within the same `connect_timeout`. A failed handshake (untrusted or expired certificate, wrong
+//! name, not TLS, no `h2` by ALPN for an HTTP/2 upstream) is a connect failure like a refused
+//! connection: nothing was sent, so it is retried elsewhere and counts for outlier detection. Every
+//! path above (our HTTP/1 client, hyper's for streamed bodies and HTTP/2) runs the same over TLS.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -31,10 +38,13 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
 
-use super::h1::{Io, Item, RecvBody};
+use super::h1::{Io, Item, RecvBody, Stream};
+use super::tls::ALPN_H2;
 use crate::proxy::body::{BoxError, ReqBody};
 
 /// How an exchange with an endpoint failed.
@@ -145,6 +155,8 @@ pub struct Pool {
     max_idle: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
+    /// For an `https://` endpoint: the upstream's TLS config and this endpoint's server name.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
     // An uncontended std mutex around a Vec: one push/pop per request, never held across an await.
     idle: Mutex<Vec<Idle>>,
     h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
@@ -173,9 +185,32 @@ impl Pool {
             max_idle,
             idle_timeout,
             connect_timeout,
+            tls: None,
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
         }
+    }
+
+    /// Makes this the pool of an `https://` endpoint: every connection does a TLS handshake with
+    /// `config` (the upstream's, shared; its ALPN must match the pool's protocol), sending and
+    /// verifying `server_name`.
+    pub fn with_tls(
+        mut self,
+        config: std::sync::Arc<rustls::ClientConfig>,
+        server_name: ServerName<'static>,
+    ) -> Self {
+        self.tls = Some((TlsConnector::from(config), server_name));
+        self
+    }
+
+    /// Whether connections are TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// The `host:port` connections go to.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     /// Number of idle HTTP/1 connections (for tests and the admin API).
@@ -234,13 +269,42 @@ impl Pool {
         Ok(stream)
     }
 
+    /// A new connection: TCP, then the TLS handshake for an `https://` endpoint, both within the
+    /// connect timeout.
+    async fn connect_stream(&self) -> Result<Stream, SendError> {
+        let Some((connector, name)) = &self.tls else {
+            return Ok(Stream::Tcp(self.connect_tcp().await?));
+        };
+        let handshake = async {
+            let tcp = TcpStream::connect(&self.addr)
+                .await
+                .map_err(|e| SendError::connect(Some(e.into())))?;
+            let _ = tcp.set_nodelay(true);
+            let tls = connector
+                .connect(name.clone(), tcp)
+                .await
+                .map_err(|e| SendError::connect(Some(format!("TLS handshake: {e}").into())))?;
+            if self.http2 && tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+                return Err(SendError::connect(Some(
+                    "TLS: the server did not select HTTP/2 (ALPN `h2`)".into(),
+                )));
+            }
+            Ok(Stream::Tls(Box::new(tls)))
+        };
+        tokio::time::timeout(self.connect_timeout, handshake)
+            .await
+            .map_err(|_| {
+                SendError::connect(Some("connect (TLS handshake included) timed out".into()))
+            })?
+    }
+
     /// A new HTTP/1 connection.
     ///
     /// Boxed on purpose: a TCP connect is a future of its own size, and inline it would be part of
     /// every request's future (moved with it, and touched in cache), while it runs only when the
     /// pool has no idle connection, next to a TCP handshake that costs far more than one allocation.
     fn connect_h1(&self) -> ConnectFuture<'_, Box<Io>> {
-        Box::pin(async move { Ok(Box::new(Io::new(self.connect_tcp().await?))) })
+        Box::pin(async move { Ok(Box::new(Io::new(self.connect_stream().await?))) })
     }
 
     /// The shared HTTP/2 connection, opened if there is none (boxed as [`Pool::connect_h1`]).
@@ -252,7 +316,7 @@ impl Pool {
                     return Ok((s, true));
                 }
             }
-            let io = TokioIo::new(self.connect_tcp().await?);
+            let io = TokioIo::new(self.connect_stream().await?);
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .handshake(io)
@@ -342,7 +406,7 @@ impl Pool {
         let mut req = req;
         let (mut stream, mut reused) = match self.pop() {
             Some(io) => (io.into_stream(), true),
-            None => (self.connect_tcp().await?, false),
+            None => (self.connect_stream().await?, false),
         };
         loop {
             let (mut sender, conn) = http1::Builder::new()
@@ -361,7 +425,7 @@ impl Pool {
                     Some(back) if reused => {
                         req = back;
                         reused = false;
-                        stream = self.connect_tcp().await?;
+                        stream = self.connect_stream().await?;
                     }
                     _ => {
                         let err = e.into_error();

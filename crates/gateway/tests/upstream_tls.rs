@@ -1,0 +1,485 @@
+//! `https://` upstreams: real TLS servers (hyper behind tokio-rustls, HTTP/1.1 and HTTP/2 by
+//! ALPN, certificates from rcgen) on loopback. Covers bodies both ways, keep-alive reuse, HTTP/2,
+//! certificates that must not be trusted (and retries around them), `server_name`, health checks,
+//! streamed request bodies and reloads of the `tls` section.
+mod admin_support;
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::*;
+use tokio::net::{TcpListener, TcpStream};
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A self-signed certificate for `names`, its PEM files in a directory of its own.
+struct Cert {
+    dir: PathBuf,
+    cert_path: PathBuf,
+    key: rcgen::CertifiedKey,
+}
+
+impl Cert {
+    fn new(names: &[&str]) -> Cert {
+        let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let key = rcgen::generate_simple_self_signed(names).unwrap();
+        let n = SEQ.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("bulwark-uptls-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cert_path = dir.join("ca.pem");
+        std::fs::write(&cert_path, key.cert.pem()).unwrap();
+        Cert {
+            dir,
+            cert_path,
+            key,
+        }
+    }
+
+    /// The `tls:` flow mapping trusting this certificate (plus `extra` entries).
+    fn tls(&self, extra: &str) -> String {
+        format!("tls: {{ ca: '{}'{extra} }}", self.cert_path.display())
+    }
+
+    fn server_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(self.key.key_pair.serialize_der()).unwrap();
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![self.key.cert.der().clone()], key)
+            .unwrap();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Arc::new(cfg)
+    }
+}
+
+impl Drop for Cert {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What a TLS upstream saw of one request.
+#[derive(Debug, Clone)]
+struct Seen {
+    path: String,
+    version: http::Version,
+    host: String,
+    user_agent: String,
+    chunked: bool,
+}
+
+/// A TLS upstream: hyper's server (HTTP/1.1 or HTTP/2, as ALPN chose) answering 200 with the
+/// request body echoed (`hello` for an empty one); counts accepted TCP connections and finished
+/// TLS handshakes, and records every request.
+struct TlsUpstream {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    handshakes: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl TlsUpstream {
+    async fn start(cert: &Cert, alpn: &[&[u8]]) -> TlsUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config(alpn));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let handshakes = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (a, h, s) = (accepted.clone(), handshakes.clone(), seen.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let (acceptor, h, s) = (acceptor.clone(), h.clone(), s.clone());
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    h.fetch_add(1, Ordering::SeqCst);
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let s = s.clone();
+                        async move {
+                            let header = |n: &str| {
+                                req.headers()
+                                    .get(n)
+                                    .and_then(|v| v.to_str().ok())
+                                    .unwrap_or("")
+                                    .to_owned()
+                            };
+                            let host = match req.version() {
+                                http::Version::HTTP_2 => req
+                                    .uri()
+                                    .authority()
+                                    .map(|a| a.to_string())
+                                    .unwrap_or_default(),
+                                _ => header("host"),
+                            };
+                            s.lock().unwrap().push(Seen {
+                                path: req.uri().path().to_owned(),
+                                version: req.version(),
+                                host,
+                                user_agent: header("user-agent"),
+                                chunked: header("transfer-encoding") == "chunked",
+                            });
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let body = if body.is_empty() {
+                                Bytes::from_static(b"hello")
+                            } else {
+                                body
+                            };
+                            Ok::<_, Infallible>(Response::new(Full::new(body)))
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tls), svc)
+                        .await;
+                });
+            }
+        });
+        TlsUpstream {
+            addr,
+            accepted,
+            handshakes,
+            seen,
+        }
+    }
+
+    async fn h1(cert: &Cert) -> TlsUpstream {
+        TlsUpstream::start(cert, &[b"h2", b"http/1.1"]).await
+    }
+
+    /// `https://localhost:PORT` (the certificates are for `localhost`).
+    fn url(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// One upstream `u` with `endpoints` (URLs) and the extra upstream keys `extra` (flow entries),
+/// one catch-all route to it with `route` (flow entries).
+fn config(endpoints: &[String], extra: &str, route: &str) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|u| format!("{{url: '{u}'}}"))
+        .collect();
+    format!(
+        "upstreams:\n  u: {{ endpoints: [{}]{extra} }}\nroutes:\n  - {{ upstream: u, timeout: 10s{route} }}\n",
+        eps.join(", ")
+    )
+}
+
+fn post(url: &str, body: Vec<u8>) -> Request<Full<Bytes>> {
+    Request::post(url)
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+#[tokio::test]
+async fn a_get_and_a_large_post_go_through_an_https_upstream_intact() {
+    let cert = Cert::new(&["localhost"]);
+    let up = TlsUpstream::h1(&cert).await;
+    let gw = Gateway::start(&config(
+        &[up.url()],
+        &format!(", {}", cert.tls("")),
+        ", retry_buffer: 2MiB",
+    ))
+    .await;
+    let c = client();
+    let g = get(&c, &gw.url("/x")).await;
+    assert_eq!((g.status.as_u16(), g.text().as_str()), (200, "hello"));
+    let s = &up.seen()[0];
+    assert_eq!(s.version, http::Version::HTTP_11, "ALPN http/1.1 offered");
+    assert_eq!(s.host, format!("localhost:{}", up.addr.port()));
+
+    // 1 MiB, kept for retries (under retry_buffer): our own client, written through TLS.
+    let body = pattern(1 << 20);
+    let g = send(&c, post(&gw.url("/big"), body.clone())).await;
+    assert_eq!(g.status, 200);
+    assert!(g.body == body, "1 MiB echoed intact");
+    gw.stop().await;
+
+    // The same 1 MiB over a default retry_buffer: streamed on hyper's client over TLS.
+    let gw = Gateway::start(&config(&[up.url()], &format!(", {}", cert.tls("")), "")).await;
+    let g = send(&c, post(&gw.url("/big"), body.clone())).await;
+    assert_eq!(g.status, 200);
+    assert!(g.body == body, "1 MiB streamed and echoed intact");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn sequential_requests_reuse_one_tls_connection() {
+    let cert = Cert::new(&["localhost"]);
+    let up = TlsUpstream::h1(&cert).await;
+    let gw = Gateway::start(&config(&[up.url()], &format!(", {}", cert.tls("")), "")).await;
+    let c = client();
+    for i in 0..10 {
+        let g = get(&c, &gw.url(&format!("/{i}"))).await;
+        assert_eq!(g.status, 200);
+        // A body under retry_buffer goes with the head on the pooled connection too.
+        let g = send(&c, post(&gw.url("/p"), pattern(5000))).await;
+        assert_eq!(g.body.len(), 5000);
+    }
+    assert_eq!(up.seen().len(), 20);
+    assert_eq!(up.accepted.load(Ordering::SeqCst), 1, "one TCP connection");
+    assert_eq!(up.handshakes.load(Ordering::SeqCst), 1, "one TLS handshake");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn http2_upstreams_negotiate_h2_by_alpn() {
+    let cert = Cert::new(&["localhost"]);
+    let up = TlsUpstream::h1(&cert).await;
+    let extra = format!(", http2: true, {}", cert.tls(""));
+    let gw = Gateway::start(&config(&[up.url()], &extra, "")).await;
+    let c = client();
+    for _ in 0..3 {
+        let g = get(&c, &gw.url("/h2")).await;
+        assert_eq!((g.status.as_u16(), g.text().as_str()), (200, "hello"));
+    }
+    let g = send(&c, post(&gw.url("/p"), pattern(300_000))).await;
+    assert_eq!(g.body.len(), 300_000);
+    let seen = up.seen();
+    assert!(seen.iter().all(|s| s.version == http::Version::HTTP_2));
+    assert_eq!(
+        seen[0].host,
+        format!("localhost:{}", up.addr.port()),
+        ":authority"
+    );
+    assert_eq!(
+        up.handshakes.load(Ordering::SeqCst),
+        1,
+        "one shared connection"
+    );
+    gw.stop().await;
+
+    // A server that does not offer h2: the connect fails (502), nothing reaches it.
+    let h1_only = TlsUpstream::start(&cert, &[b"http/1.1"]).await;
+    let gw = Gateway::start(&config(&[h1_only.url()], &extra, "")).await;
+    let g = get(&c, &gw.url("/h2")).await;
+    assert_eq!(g.status, 502);
+    assert_eq!(g.header("x-bulwark-reason"), Some("upstream_error"));
+    assert!(h1_only.seen().is_empty());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_untrusted_certificate_is_a_502_and_the_gateway_keeps_serving() {
+    let cert = Cert::new(&["localhost"]);
+    let up = TlsUpstream::h1(&cert).await;
+    let plain = Upstream::named("plain").await;
+    // No `ca:`: a self-signed certificate is not among Mozilla's roots.
+    let yaml = format!(
+        "upstreams:\n  u: {{ endpoints: [{{url: '{}'}}] }}\n  p: {{ endpoints: [{{url: '{}'}}] }}\n\
+         routes:\n  - {{ match: {{ path_prefix: /tls }}, upstream: u, retry: {{ attempts: 2, backoff: {{ kind: constant, base: 1ms, jitter: none }} }} }}\n  - {{ upstream: p }}\n",
+        up.url(),
+        plain.url()
+    );
+    let gw = Gateway::start(&yaml).await;
+    let c = client();
+    for _ in 0..3 {
+        let g = get(&c, &gw.url("/tls")).await;
+        assert_eq!(g.status, 502);
+        assert_eq!(g.header("x-bulwark-reason"), Some("upstream_error"));
+        let g = get(&c, &gw.url("/other")).await;
+        assert_eq!((g.status.as_u16(), g.text().as_str()), (200, "plain"));
+    }
+    assert!(up.seen().is_empty(), "no request was sent");
+    assert_eq!(up.handshakes.load(Ordering::SeqCst), 0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn requests_retry_around_an_untrusted_or_dead_endpoint() {
+    let trusted = Cert::new(&["localhost"]);
+    let other = Cert::new(&["localhost"]);
+    let good = TlsUpstream::h1(&trusted).await;
+    let bad = TlsUpstream::h1(&other).await;
+    let dead = format!("https://localhost:{}", {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        l.local_addr().unwrap().port()
+    });
+    let route = ", retry: { attempts: 2, on: [connect_failure], backoff: { kind: constant, base: 1ms, jitter: none } }";
+    for broken in [bad.url(), dead] {
+        let extra = format!(", balance: round_robin, {}", trusted.tls(""));
+        let gw = Gateway::start(&config(&[broken, good.url()], &extra, route)).await;
+        let c = client();
+        for i in 0..8 {
+            let g = get(&c, &gw.url(&format!("/{i}"))).await;
+            assert_eq!((g.status.as_u16(), g.text().as_str()), (200, "hello"));
+        }
+        gw.stop().await;
+    }
+    assert!(bad.seen().is_empty());
+    assert_eq!(good.seen().len(), 16);
+}
+
+#[tokio::test]
+async fn server_name_overrides_the_url_host() {
+    let cert = Cert::new(&["localhost"]);
+    let up = TlsUpstream::h1(&cert).await;
+    let ip_url = format!("https://127.0.0.1:{}", up.addr.port());
+    let c = client();
+
+    // The certificate does not name 127.0.0.1.
+    let gw = Gateway::start(&config(
+        std::slice::from_ref(&ip_url),
+        &format!(", {}", cert.tls("")),
+        "",
+    ))
+    .await;
+    assert_eq!(get(&c, &gw.url("/")).await.status, 502);
+    gw.stop().await;
+
+    let extra = format!(", {}", cert.tls(", server_name: localhost"));
+    let gw = Gateway::start(&config(&[ip_url], &extra, "")).await;
+    let g = get(&c, &gw.url("/")).await;
+    assert_eq!((g.status.as_u16(), g.text().as_str()), (200, "hello"));
+    assert_eq!(
+        up.seen()[0].host,
+        format!("127.0.0.1:{}", up.addr.port()),
+        "Host stays the URL's"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn http_health_checks_run_over_tls() {
+    let cert = Cert::new(&["localhost"]);
+    let other = Cert::new(&["localhost"]);
+    let up = TlsUpstream::h1(&cert).await;
+    let untrusted = TlsUpstream::h1(&other).await;
+    let hc = "health_check: { path: /health, interval: 50ms, timeout: 2s, unhealthy_threshold: 1, healthy_threshold: 1 }";
+    let extra = format!(", {}, {hc}", cert.tls(""));
+    let gw = Gateway::start(&config(&[up.url(), untrusted.url()], &extra, "")).await;
+    let checker = || {
+        gw.state
+            .runtime()
+            .upstream("u")
+            .unwrap()
+            .health_checker()
+            .unwrap()
+            .report()
+    };
+    wait_until(10, || {
+        let r = checker();
+        r.components[0].status == bulwark::health::HealthStatus::Healthy
+            && r.components[0].detail.is_none()
+    })
+    .await;
+    assert!(endpoint(&gw, "u", 0).is_healthy());
+    let seen = up.seen();
+    assert!(seen
+        .iter()
+        .all(|s| s.path == "/health" && s.user_agent == "bulwark-health-check"));
+    // Probes go through the pool: one connection carries them all.
+    wait_until(10, || up.seen().len() >= 3).await;
+    assert_eq!(up.handshakes.load(Ordering::SeqCst), 1);
+    // The untrusted endpoint fails its probes and is taken out.
+    wait_until(10, || !endpoint(&gw, "u", 1).is_healthy()).await;
+    assert!(untrusted.seen().is_empty());
+    gw.stop().await;
+}
+
+/// POSTs `chunks` to `url` as a chunked body (no length), returning status and body.
+async fn post_chunked(addr: SocketAddr, url: &str, chunks: Vec<Bytes>) -> (u16, Bytes) {
+    type ChunkBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+    let stream = futures_util::stream::iter(
+        chunks
+            .into_iter()
+            .map(|c| Ok::<_, Infallible>(Frame::data(c))),
+    );
+    let body: ChunkBody = StreamBody::new(stream).boxed();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake::<_, ChunkBody>(TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post(url).body(body).unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+#[tokio::test]
+async fn a_streamed_chunked_body_arrives_intact_over_tls() {
+    let cert = Cert::new(&["localhost"]);
+    let up = TlsUpstream::h1(&cert).await;
+    let gw = Gateway::start(&config(
+        &[up.url()],
+        &format!(", {}", cert.tls("")),
+        ", retry_buffer: 4KiB",
+    ))
+    .await;
+    let whole = pattern(300_000);
+    let chunks: Vec<Bytes> = whole.chunks(7_000).map(Bytes::copy_from_slice).collect();
+    for _ in 0..2 {
+        let (status, body) = post_chunked(gw.addr, &gw.url("/stream"), chunks.clone()).await;
+        assert_eq!(status, 200);
+        assert!(body == whole, "streamed body echoed intact");
+    }
+    assert!(up.seen().iter().all(|s| s.chunked), "sent chunked upstream");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_rebuilds_an_upstream_whose_tls_section_or_ca_file_changed() {
+    use admin_support::Ops;
+    let cert = Cert::new(&["localhost"]);
+    let up = TlsUpstream::h1(&cert).await;
+    let ca = admin_support::temp_dir().join("ca.pem");
+    std::fs::copy(&cert.cert_path, &ca).unwrap();
+    let yaml = |extra: &str| {
+        config(
+            &[up.url()],
+            &format!(", tls: {{ ca: '{}'{extra} }}", ca.display()),
+            "",
+        )
+    };
+    let ops = Ops::start_with(&yaml(""), None, std::time::Duration::from_secs(3600)).await;
+    let c = client();
+    assert_eq!(get(&c, &ops.url("/")).await.status, 200);
+
+    // Unchanged: kept, connection pool and all.
+    ops.rewrite(&yaml(""));
+    let r = ops.reloader().reload().unwrap();
+    assert_eq!(
+        (r.kept.as_slice(), r.rebuilt.len()),
+        (&["u".to_owned()][..], 0)
+    );
+
+    // A changed tls section: rebuilt.
+    ops.rewrite(&yaml(", server_name: localhost"));
+    let r = ops.reloader().reload().unwrap();
+    assert_eq!(r.rebuilt, ["u"]);
+    assert_eq!(get(&c, &ops.url("/")).await.status, 200);
+
+    // Same section, but the file behind `ca` now holds another certificate: rebuilt, and the
+    // upstream's certificate is no longer trusted.
+    let other = Cert::new(&["localhost"]);
+    std::fs::copy(&other.cert_path, &ca).unwrap();
+    let r = ops.reloader().reload().unwrap();
+    assert_eq!(r.rebuilt, ["u"]);
+    assert_eq!(get(&c, &ops.url("/")).await.status, 502);
+    ops.stop().await;
+}
