@@ -1,12 +1,26 @@
 //! `bulwark check`: effective config, amplification, warnings, and FILE:LINE:COL errors with exit 1.
 use std::process::Command;
 
-fn write(name: &str, content: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("bulwark-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    std::fs::write(&p, content).unwrap();
-    p
+mod support;
+
+/// A config file `name` with `content`, in a directory removed when the guard is dropped.
+struct Written {
+    _dir: support::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl std::ops::Deref for Written {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+fn write(name: &str, content: &str) -> Written {
+    let dir = support::TempDir::new("cli");
+    let path = dir.join(name);
+    std::fs::write(&path, content).unwrap();
+    Written { _dir: dir, path }
 }
 
 fn check(path: &std::path::Path) -> (i32, String, String) {

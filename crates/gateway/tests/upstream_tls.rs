@@ -20,11 +20,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 use tokio::net::{TcpListener, TcpStream};
 
-static SEQ: AtomicUsize = AtomicUsize::new(0);
-
 /// A self-signed certificate for `names`, its PEM files in a directory of its own.
 struct Cert {
-    dir: PathBuf,
+    _dir: support::TempDir,
     cert_path: PathBuf,
     key: rcgen::CertifiedKey,
 }
@@ -33,13 +31,11 @@ impl Cert {
     fn new(names: &[&str]) -> Cert {
         let names = names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
         let key = rcgen::generate_simple_self_signed(names).unwrap();
-        let n = SEQ.fetch_add(1, Ordering::SeqCst);
-        let dir = std::env::temp_dir().join(format!("bulwark-uptls-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = support::TempDir::new("uptls");
         let cert_path = dir.join("ca.pem");
         std::fs::write(&cert_path, key.cert.pem()).unwrap();
         Cert {
-            dir,
+            _dir: dir,
             cert_path,
             key,
         }
@@ -62,12 +58,6 @@ impl Cert {
             .unwrap();
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Arc::new(cfg)
-    }
-}
-
-impl Drop for Cert {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -447,7 +437,8 @@ async fn a_reload_rebuilds_an_upstream_whose_tls_section_or_ca_file_changed() {
     use admin_support::Ops;
     let cert = Cert::new(&["localhost"]);
     let up = TlsUpstream::h1(&cert).await;
-    let ca = admin_support::temp_dir().join("ca.pem");
+    let ca_dir = admin_support::temp_dir();
+    let ca = ca_dir.join("ca.pem");
     std::fs::copy(&cert.cert_path, &ca).unwrap();
     let yaml = |extra: &str| {
         config(

@@ -17,12 +17,9 @@ use super::support::{self, Client, Got};
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
-/// A fresh directory for one test's files.
-pub fn temp_dir() -> PathBuf {
-    let n = SEQ.fetch_add(1, Ordering::SeqCst);
-    let dir = std::env::temp_dir().join(format!("bulwark-ops-{}-{n}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh directory for one test's files (removed when the returned guard is dropped).
+pub fn temp_dir() -> support::TempDir {
+    support::TempDir::new("ops")
 }
 
 /// A running gateway with its admin listener and reloader.
@@ -33,6 +30,8 @@ pub struct Ops {
     pub path: PathBuf,
     header: String,
     pub token: Option<String>,
+    /// Holds the config file's directory (removed with the `Ops`).
+    _dir: support::TempDir,
 }
 
 /// Writes `content` to `path` atomically (write a temporary file, then rename), as editors and
@@ -62,7 +61,8 @@ impl Ops {
             }
             None => "listen: 127.0.0.1:0\nadmin:\n  listen: 127.0.0.1:0\n".to_owned(),
         };
-        let path = temp_dir().join("bulwark.yaml");
+        let dir = temp_dir();
+        let path = dir.join("bulwark.yaml");
         let content = format!("{header}{yaml}");
         std::fs::write(&path, &content).unwrap();
         let config =
@@ -77,6 +77,7 @@ impl Ops {
             path,
             header,
             token: token.map(str::to_owned),
+            _dir: dir,
         }
     }
 

@@ -712,10 +712,38 @@ impl RawResponse {
     }
 }
 
+/// A fresh directory for one test's files (`bulwark-<tag>-<pid>-<n>` under the system's temporary
+/// directory), removed with everything in it on drop.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("bulwark-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: &str) -> std::path::PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// A self-signed certificate for `localhost`, written as PEM files for the gateway's `tls:`
 /// section (removed on drop), and a client that trusts it.
 pub struct TestTls {
-    dir: std::path::PathBuf,
+    _dir: TempDir,
     pub cert_path: std::path::PathBuf,
     pub key_path: std::path::PathBuf,
     cert: rcgen::CertifiedKey,
@@ -725,13 +753,12 @@ impl TestTls {
     /// A new certificate, its files under a temporary directory named after `tag`.
     pub fn new(tag: &str) -> TestTls {
         let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-        let dir = std::env::temp_dir().join(format!("bulwark-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TempDir::new(tag);
         let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
         std::fs::write(&cert_path, cert.cert.pem()).unwrap();
         std::fs::write(&key_path, cert.key_pair.serialize_pem()).unwrap();
         TestTls {
-            dir,
+            _dir: dir,
             cert_path,
             key_path,
             cert,
@@ -759,11 +786,5 @@ impl TestTls {
             .with_no_client_auth();
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         tokio_rustls::TlsConnector::from(Arc::new(cfg))
-    }
-}
-
-impl Drop for TestTls {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
