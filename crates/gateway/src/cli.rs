@@ -1,6 +1,7 @@
 //! Command line: `bulwark run` and `bulwark check`, and [`start`], which composes a running gateway
 //! (proxy listener, admin listener, config reloader) for the binary and for tests.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -13,8 +14,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use crate::admin::metrics::Telemetry;
 use crate::admin::{self, AdminServer};
 use crate::config::{self, Config, LogFormat};
-use crate::proxy::{Gateway, Server, StartError};
+use crate::proxy::{BreakerCommand, Gateway, Server, StartError};
 use crate::reload::{self, Reloader};
+use crate::store::Store;
 
 /// The process allocator. A proxy allocates and frees a few small buffers per request (header maps,
 /// hyper's read/write buffers, channel cells); mimalloc's thread-local free lists serve those far more
@@ -95,10 +97,16 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match config::load(&config) {
-            Ok(c) => {
-                print!("{}", check_report(&c));
-                ExitCode::SUCCESS
-            }
+            Ok(c) => match check_store(&c) {
+                Ok(note) => {
+                    print!("{}{}", check_report(&c), note.unwrap_or_default());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("bulwark: {e}");
+                    ExitCode::FAILURE
+                }
+            },
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::FAILURE
@@ -239,10 +247,20 @@ impl Running {
 /// listener, the admin listener (if `admin:` is set; its token read from `admin.token_env` now) and
 /// the reloader (SIGHUP, and the file checked every `poll`). One metrics registry serves all runtimes.
 pub async fn start(path: &Path, config: &Config, poll: Duration) -> Result<Running, StartError> {
+    // The store first: a file that cannot be used fails the start before any port is bound.
+    let store = match &config.store {
+        Some(s) => Some(open_store(s.path.clone()).await?),
+        None => None,
+    };
     let telemetry = Arc::new(Telemetry::new());
     let server = Server::bind_with(config, telemetry).await?;
     let proxy_addr = server.local_addr();
     let gateway = server.gateway();
+    // Persisted admin overrides go on top of the file's config before the listener serves.
+    if let Some((store, persisted)) = store {
+        tracing::info!(file = %store.path().display(), overrides = persisted.len(), "store opened");
+        gateway.attach_store(store, persisted);
+    }
     let admin = match &config.admin {
         Some(a) => {
             let token = admin::token_from_env(a);
@@ -293,6 +311,37 @@ pub async fn start(path: &Path, config: &Config, poll: Duration) -> Result<Runni
         stop: Some(stop_tx),
         task,
     })
+}
+
+/// Opens the store file and reads its overrides, on the blocking pool.
+async fn open_store(
+    path: PathBuf,
+) -> Result<(Arc<Store>, BTreeMap<String, BreakerCommand>), StartError> {
+    let opened = tokio::task::spawn_blocking(move || {
+        let store = Store::open(&path)?;
+        let persisted = store.overrides()?;
+        Ok::<_, crate::store::StoreError>((Arc::new(store), persisted))
+    })
+    .await
+    .map_err(|e| format!("store: cannot open: {e}"))?;
+    Ok(opened?)
+}
+
+/// What `bulwark check` says about `store:`, checked without creating the file (see
+/// [`crate::store::inspect`]); `None` without `store:`.
+pub fn check_store(c: &Config) -> Result<Option<String>, crate::store::StoreError> {
+    let Some(s) = &c.store else {
+        return Ok(None);
+    };
+    let path = s.path.display();
+    Ok(Some(match crate::store::inspect(&s.path)? {
+        crate::store::Inspection::WillBeCreated => {
+            format!("# store: {path} does not exist; `run` will create it\n")
+        }
+        crate::store::Inspection::Existing { version } => {
+            format!("# store: {path} is a SQLite file, schema version {version}\n")
+        }
+    }))
 }
 
 /// Completes on SIGTERM or SIGINT.

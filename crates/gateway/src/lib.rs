@@ -10,4 +10,5 @@ pub mod demo;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+pub mod store;
 pub mod upstream;

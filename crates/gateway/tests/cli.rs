@@ -103,3 +103,58 @@ fn check_reports_errors_with_file_line_col_and_exits_1() {
         )
     );
 }
+
+#[test]
+fn check_inspects_the_store_without_creating_it() {
+    let dir = support::TempDir::new("cli");
+    let db = dir.join("state.db");
+    let cfg = |db: &std::path::Path| {
+        format!(
+            "store: {{ path: '{}' }}\nupstreams:\n  a: {{ endpoints: [{{url: 'http://127.0.0.1:9001'}}] }}\nroutes:\n  - upstream: a\n",
+            db.display()
+        )
+    };
+    let p = write("store.yaml", &cfg(&db));
+    let (code, out, err) = check(&p);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.ends_with(&format!(
+            "# store: {} does not exist; `run` will create it\n",
+            db.display()
+        )),
+        "{out}"
+    );
+    assert!(!db.exists(), "check must not create the store file");
+
+    // Not a SQLite file: exit 1, the path named, nothing on stdout.
+    std::fs::write(&db, "not sqlite, just text that is long enough to have a header ........................................").unwrap();
+    let (code, out, err) = check(&p);
+    assert_eq!(code, 1);
+    assert!(out.is_empty(), "{out}");
+    assert_eq!(
+        err.trim_end(),
+        format!("bulwark: store {}: not a SQLite database", db.display())
+    );
+
+    // A directory that does not exist.
+    let p = write("nodir.yaml", &cfg(&dir.join("nope/state.db")));
+    let (code, _, err) = check(&p);
+    assert_eq!(code, 1);
+    assert!(err.contains("the directory"), "{err}");
+    assert!(err.contains("does not exist"), "{err}");
+
+    // Redis is refused at load, placed in the file.
+    let p = write(
+        "redis.yaml",
+        "store:\n  redis: redis://127.0.0.1:6379\nupstreams: {}\n",
+    );
+    let (code, _, err) = check(&p);
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with(&format!(
+            "{}:2:3: store.redis: not available yet",
+            p.display()
+        )),
+        "{err}"
+    );
+}

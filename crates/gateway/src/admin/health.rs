@@ -275,6 +275,10 @@ pub fn breaker_report(gateway: &Gateway, up: &Upstream) -> BreakerReport {
 pub struct BreakersReport {
     /// Every upstream, in config order.
     pub upstreams: Ordered<BreakerReport>,
+    /// Overrides kept in the store for upstreams that are not in the config (or have no breaker):
+    /// applied if a reload brings them back, cleared with `closed`. Absent when there are none.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub kept_overrides: std::collections::BTreeMap<String, BreakerCommand>,
 }
 
 /// Builds the `/api/circuit-breakers` document.
@@ -287,5 +291,6 @@ pub fn breakers(gateway: &Gateway, runtime: &Runtime) -> BreakersReport {
                 .map(|u| (u.name.to_string(), breaker_report(gateway, u)))
                 .collect(),
         ),
+        kept_overrides: gateway.dormant_overrides(),
     }
 }

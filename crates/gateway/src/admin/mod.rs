@@ -13,11 +13,17 @@
 //! | `GET /api/circuit-breakers` | every upstream's breaker state, override and window |
 //! | `GET /api/circuit-breakers/{upstream}` | one of them |
 //! | `PUT /api/circuit-breakers/{upstream}` | `{"state": "forced_open" \| "closed" \| "disabled"}` |
+//! | `GET /api/audit?limit=N` | the newest audit entries (admin changes), newest first |
 //!
 //! Mutating calls need `Authorization: Bearer <token>`, the token being the value of the environment
 //! variable named by `admin.token_env`, read at start. A missing or wrong token gets 401; when no
 //! token is configured (no `token_env`, or the variable is unset or empty) mutating calls get 403:
 //! the API is never open by default. Tokens are compared in constant time.
+//!
+//! With `store:` configured, a breaker change is written to the embedded store (override and audit
+//! row, in one transaction, on the blocking pool) before it is applied; a failed write answers 500
+//! and changes nothing. `GET /api/audit` is a read like the others (no token): it shows what was
+//! changed, when and from which address, nothing that grants access.
 
 pub mod health;
 pub mod metrics;
@@ -43,12 +49,14 @@ use tokio::net::TcpListener;
 
 use crate::config;
 use crate::proxy::{BreakerChangeError, BreakerCommand, Gateway, Phase, StartError};
+use crate::store;
 
 /// Largest admin request body accepted (the API's bodies are a few bytes).
 pub const MAX_ADMIN_BODY: usize = 64 * 1024;
 /// Time to read an admin request head or body.
 const ADMIN_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const BREAKERS: &str = "/api/circuit-breakers";
+const AUDIT: &str = "/api/audit";
 const JSON: &str = "application/json";
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -114,7 +122,7 @@ impl AdminServer {
         let builder = Arc::new(builder);
         tokio::pin!(shutdown);
         loop {
-            let (stream, _) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 _ = &mut shutdown => break,
                 r = self.listener.accept() => match r {
                     Ok(x) => x,
@@ -129,7 +137,7 @@ impl AdminServer {
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(state.serve(req).await) }
+                    async move { Ok::<_, Infallible>(state.serve(req, peer).await) }
                 });
                 if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
                     tracing::debug!(error = %e, "admin connection ended with an error");
@@ -248,7 +256,7 @@ struct BreakerChange {
 }
 
 impl AdminState {
-    async fn serve(&self, req: Request<Incoming>) -> Resp {
+    async fn serve(&self, req: Request<Incoming>, peer: SocketAddr) -> Resp {
         let path = req.uri().path();
         let get = matches!(*req.method(), Method::GET | Method::HEAD);
         match path {
@@ -259,7 +267,8 @@ impl AdminState {
                 let rt = self.gateway.runtime();
                 json(StatusCode::OK, &health::breakers(&self.gateway, &rt))
             }
-            "/health" | "/ready" | "/metrics" | BREAKERS => method_not_allowed("GET, HEAD"),
+            AUDIT if get => self.audit(req.uri().query()).await,
+            "/health" | "/ready" | "/metrics" | BREAKERS | AUDIT => method_not_allowed("GET, HEAD"),
             _ => match path
                 .strip_prefix(BREAKERS)
                 .and_then(|p| p.strip_prefix('/'))
@@ -271,7 +280,7 @@ impl AdminState {
                     if get {
                         self.one_breaker(&name)
                     } else if req.method() == Method::PUT {
-                        self.set_breaker(&name, req).await
+                        self.set_breaker(&name, req, peer).await
                     } else {
                         method_not_allowed("GET, HEAD, PUT")
                     }
@@ -335,7 +344,47 @@ impl AdminState {
         }
     }
 
-    async fn set_breaker(&self, name: &str, req: Request<Incoming>) -> Resp {
+    /// `GET /api/audit?limit=N`: the newest `N` entries (default [`store::DEFAULT_AUDIT_LIMIT`], at
+    /// most [`store::MAX_AUDIT_LIMIT`]); an empty list without a store.
+    async fn audit(&self, query: Option<&str>) -> Resp {
+        let mut limit = store::DEFAULT_AUDIT_LIMIT;
+        for (k, v) in query
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+        {
+            if k == "limit" {
+                match v.parse::<usize>() {
+                    Ok(n) if n >= 1 => limit = n.min(store::MAX_AUDIT_LIMIT),
+                    _ => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            &format!(
+                                "limit must be a whole number from 1 to {}",
+                                store::MAX_AUDIT_LIMIT
+                            ),
+                        )
+                    }
+                }
+            }
+        }
+        let Some(store) = self.gateway.store().cloned() else {
+            return json(StatusCode::OK, &serde_json::json!({ "entries": [] }));
+        };
+        match tokio::task::spawn_blocking(move || store.audit(limit)).await {
+            Ok(Ok(entries)) => json(StatusCode::OK, &serde_json::json!({ "entries": entries })),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "admin: cannot read the audit log");
+                error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string())
+            }
+            Err(e) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("cannot read the audit log: {e}"),
+            ),
+        }
+    }
+
+    async fn set_breaker(&self, name: &str, req: Request<Incoming>, peer: SocketAddr) -> Resp {
         if let Err(d) = self.authorize(&req) {
             let r = d.response();
             tracing::warn!(upstream = %name, status = r.status().as_u16(), "admin: refused breaker change");
@@ -359,14 +408,44 @@ impl AdminState {
                 )
             }
         };
-        match self.gateway.set_breaker(name, change.state) {
+        let result = if self.gateway.store().is_some() {
+            // The store write blocks (one fsync): run it, and the apply after it, off the workers.
+            let gateway = self.gateway.clone();
+            let owned = name.to_owned();
+            let client = peer.to_string();
+            match tokio::task::spawn_blocking(move || {
+                gateway.set_breaker_by(&owned, change.state, Some(&client))
+            })
+            .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    return error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &format!("breaker change failed: {e}"),
+                    )
+                }
+            }
+        } else {
+            self.gateway
+                .set_breaker_by(name, change.state, Some(&peer.to_string()))
+        };
+        match result {
             Ok(_) => match self.gateway.runtime().upstream(name) {
                 Some(up) => json(StatusCode::OK, &health::breaker_report(&self.gateway, up)),
-                None => error(
-                    StatusCode::NOT_FOUND,
-                    &format!("no upstream named `{name}`"),
+                // `closed` cleared a kept override of an upstream that is not in the config.
+                None => json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "upstream": name, "override": null, "in_config": false }),
                 ),
             },
+            Err(BreakerChangeError::Store(e)) => {
+                tracing::error!(upstream = %name, error = %e, "admin: breaker change not recorded; nothing changed");
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("the change could not be recorded, nothing was changed: {e}"),
+                )
+            }
             Err(BreakerChangeError::UnknownUpstream) => error(
                 StatusCode::NOT_FOUND,
                 &format!("no upstream named `{name}`"),

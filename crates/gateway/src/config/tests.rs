@@ -380,3 +380,18 @@ fn https_endpoints_and_the_tls_section() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn store_redis_is_refused_until_it_exists() {
+    assert_eq!(
+        err("store:\n  path: ./x.db\n  redis: redis://127.0.0.1:6379\n"),
+        "gw.yaml:3:3: store.redis: not available yet: shared state in Redis is not implemented; \
+         remove `redis` (the embedded store at `store.path` keeps this gateway's state)"
+    );
+    // The embedded store alone is fine, with its default path.
+    let c = from_str("store: {}\n", "gw.yaml").unwrap();
+    assert_eq!(
+        c.store.map(|s| s.path),
+        Some(std::path::PathBuf::from(DEFAULT_STORE_PATH))
+    );
+}

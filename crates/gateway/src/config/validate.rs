@@ -60,7 +60,7 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// The operational top-level sections: `admin:` and `logging:`.
+/// The operational top-level sections: `admin:`, `store:` and `logging:`.
 fn validate_ops(config: &Config) -> Result<(), Invalid> {
     if let Some(admin) = &config.admin {
         if admin.listen == config.listen && admin.listen.port() != 0 {
@@ -79,6 +79,18 @@ fn validate_ops(config: &Config) -> Result<(), Invalid> {
                     "must name an environment variable",
                 ));
             }
+        }
+    }
+    if let Some(store) = &config.store {
+        if store.redis.is_some() {
+            return Err(at(
+                &[k("store"), k("redis")],
+                "not available yet: shared state in Redis is not implemented; remove `redis` \
+                 (the embedded store at `store.path` keeps this gateway's state)",
+            ));
+        }
+        if store.path.as_os_str().is_empty() {
+            return Err(at(&[k("store"), k("path")], "must not be empty"));
         }
     }
     if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&config.logging.level) {

@@ -22,7 +22,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -43,6 +43,7 @@ use bulwark::events::BreakerState;
 
 use crate::admin::metrics::{RouteStats, Telemetry};
 use crate::config::{self, Config};
+use crate::store::Store;
 use crate::upstream::Upstream;
 use body::{ClientBody, RespBody};
 use respond::Local;
@@ -210,16 +211,18 @@ impl BreakerCommand {
 }
 
 /// Why a manual breaker change was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BreakerChangeError {
     /// No upstream of that name.
     UnknownUpstream,
     /// The upstream has no circuit breaker (`circuit_breaker` absent or `enabled: false`).
     NoBreaker,
+    /// The store could not record the change; nothing was changed.
+    Store(crate::store::StoreError),
 }
 
 /// The gateway's shared state: the current runtime, swappable on reload, plus what outlives one
-/// runtime (lifecycle phase, admin overrides).
+/// runtime (lifecycle phase, admin overrides, the store).
 #[derive(Debug)]
 pub struct Gateway {
     runtime: ArcSwap<Runtime>,
@@ -228,6 +231,11 @@ pub struct Gateway {
     /// Admin breaker overrides by upstream name. Also serialises swaps against admin changes, so an
     /// override set during a reload is never lost.
     overrides: Mutex<BTreeMap<String, BreakerCommand>>,
+    /// The embedded store, when `store:` is configured: the source of truth for overrides.
+    store: OnceLock<Arc<Store>>,
+    /// Serialises admin changes end to end (check, store write, apply), so two changes of one
+    /// upstream are recorded and applied in the same order. Never taken on the request path.
+    changes: Mutex<()>,
 }
 
 impl Gateway {
@@ -239,6 +247,8 @@ impl Gateway {
             phase: AtomicU8::new(Phase::Starting as u8),
             generation: AtomicU64::new(1),
             overrides: Mutex::new(BTreeMap::new()),
+            store: OnceLock::new(),
+            changes: Mutex::new(()),
         }
     }
 
@@ -247,15 +257,58 @@ impl Gateway {
         self.runtime.load_full()
     }
 
+    /// Attaches the store (once; a second call is ignored and returns `false`) and applies the
+    /// overrides read from it to the current runtime's breakers. Call it before the listener serves.
+    /// An override whose upstream is not in the config (or has no breaker) is kept, with a warning:
+    /// it stays in the store and is applied if a reload brings the upstream back, until an operator
+    /// clears it with `closed`.
+    pub fn attach_store(
+        &self,
+        store: Arc<Store>,
+        persisted: BTreeMap<String, BreakerCommand>,
+    ) -> bool {
+        if self.store.set(store).is_err() {
+            return false;
+        }
+        let mut overrides = self.lock_overrides();
+        let rt = self.runtime();
+        for (name, cmd) in persisted {
+            match rt.upstream(&name).and_then(|u| u.policies.breaker()) {
+                Some(b) => {
+                    cmd.apply(b);
+                    tracing::warn!(upstream = %name, state = %b.state(), "circuit breaker override restored from the store");
+                }
+                None => {
+                    tracing::warn!(upstream = %name, state = crate::store::command_name(cmd), "stored breaker override kept but not applied: the upstream or its breaker is not in the config")
+                }
+            }
+            overrides.insert(name, cmd);
+        }
+        rt.telemetry.refresh(&rt);
+        true
+    }
+
+    /// The attached store, if any.
+    pub fn store(&self) -> Option<&Arc<Store>> {
+        self.store.get()
+    }
+
     /// Swaps in a new runtime; requests in flight finish on the old one. Admin breaker overrides are
-    /// applied to the new runtime's breakers before any request can see it; an override whose upstream
-    /// is gone (or has no breaker any more) is dropped, with a warning.
+    /// applied to the new runtime's breakers before any request can see it. An override whose
+    /// upstream is gone (or has no breaker any more) is dropped with a warning when there is no store;
+    /// with a store it is kept (in the store and here), with a warning, and applied again if a later
+    /// reload brings the upstream back.
     pub fn swap(&self, runtime: Runtime) {
+        let keep_dormant = self.store.get().is_some();
         let mut overrides = self.lock_overrides();
         overrides.retain(|name, cmd| {
             match runtime.upstream(name).and_then(|u| u.policies.breaker()) {
                 Some(b) => {
                     cmd.apply(b);
+                    true
+                }
+                None if keep_dormant => {
+                    tracing::warn!(upstream = %name, "admin breaker override kept in the store but not applied: the upstream or its breaker is gone");
                     true
                 }
                 None => {
@@ -293,20 +346,72 @@ impl Gateway {
         self.overrides.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sets upstream `name`'s breaker by hand. `ForcedOpen` and `Disabled` are kept as overrides and
-    /// re-applied after every reload; `Closed` closes the breaker and clears the override.
+    /// Sets upstream `name`'s breaker by hand, as [`set_breaker_by`](Self::set_breaker_by) with no
+    /// client address.
     pub fn set_breaker(
         &self,
         name: &str,
         cmd: BreakerCommand,
-    ) -> Result<BreakerState, BreakerChangeError> {
-        let mut overrides = self.lock_overrides();
+    ) -> Result<Option<BreakerState>, BreakerChangeError> {
+        self.set_breaker_by(name, cmd, None)
+    }
+
+    /// Sets upstream `name`'s breaker by hand. `ForcedOpen` and `Disabled` are kept as overrides and
+    /// re-applied after every reload; `Closed` closes the breaker and clears the override. Returns the
+    /// breaker's new state (`None` when `Closed` cleared a kept override of an upstream that is not in
+    /// the config or has no breaker).
+    ///
+    /// With a store attached the change is first recorded there (override and audit row, with
+    /// `client`, in one transaction) and applied only once that succeeded: a failed write returns
+    /// [`BreakerChangeError::Store`] and changes nothing. This then blocks on SQLite: async callers
+    /// run it with `spawn_blocking` (the admin API does).
+    pub fn set_breaker_by(
+        &self,
+        name: &str,
+        cmd: BreakerCommand,
+        client: Option<&str>,
+    ) -> Result<Option<BreakerState>, BreakerChangeError> {
+        let _serial = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        let store = self.store.get();
         let rt = self.runtime();
-        let up = rt
-            .upstream(name)
-            .ok_or(BreakerChangeError::UnknownUpstream)?;
-        let b = up.policies.breaker().ok_or(BreakerChangeError::NoBreaker)?;
-        cmd.apply(b);
+        let up = rt.upstream(name);
+        let from = match up.and_then(|u| u.policies.breaker()) {
+            Some(b) => b.state().as_str(),
+            None => {
+                // A kept override of an upstream that is gone (or lost its breaker) can be cleared.
+                let kept = self.breaker_override(name);
+                match (kept, cmd, store) {
+                    (Some(k), BreakerCommand::Closed, Some(_)) => crate::store::command_name(k),
+                    _ if up.is_none() => return Err(BreakerChangeError::UnknownUpstream),
+                    _ => return Err(BreakerChangeError::NoBreaker),
+                }
+            }
+        };
+        if let Some(store) = store {
+            store
+                .record(&crate::store::BreakerChange {
+                    upstream: name,
+                    from,
+                    to: cmd,
+                    by: crate::store::SET_BY_ADMIN_API,
+                    client,
+                })
+                .map_err(BreakerChangeError::Store)?;
+        }
+        let mut overrides = self.lock_overrides();
+        // A reload may have swapped the runtime since the look above: apply to the current one.
+        let rt = self.runtime();
+        let breaker = rt.upstream(name).and_then(|u| u.policies.breaker());
+        if breaker.is_none() && store.is_none() {
+            return Err(if rt.upstream(name).is_none() {
+                BreakerChangeError::UnknownUpstream
+            } else {
+                BreakerChangeError::NoBreaker
+            });
+        }
+        if let Some(b) = breaker {
+            cmd.apply(b);
+        }
         match cmd {
             BreakerCommand::Closed => {
                 overrides.remove(name);
@@ -315,14 +420,37 @@ impl Gateway {
                 overrides.insert(name.to_owned(), other);
             }
         }
-        tracing::warn!(upstream = %name, state = %b.state(), "circuit breaker set by the admin API");
+        drop(overrides);
+        match breaker {
+            Some(b) => {
+                tracing::warn!(upstream = %name, state = %b.state(), "circuit breaker set by the admin API")
+            }
+            None => {
+                tracing::warn!(upstream = %name, state = crate::store::command_name(cmd), "kept breaker override of an upstream not in the config changed by the admin API")
+            }
+        }
         rt.telemetry.refresh(&rt);
-        Ok(b.state())
+        Ok(breaker.map(|b| b.state()))
     }
 
     /// The admin override of upstream `name`'s breaker, if any.
     pub fn breaker_override(&self, name: &str) -> Option<BreakerCommand> {
         self.lock_overrides().get(name).copied()
+    }
+
+    /// Overrides kept for upstreams that are not in the current config or have no breaker (only
+    /// with a store; see [`attach_store`](Self::attach_store)).
+    pub fn dormant_overrides(&self) -> BTreeMap<String, BreakerCommand> {
+        let rt = self.runtime();
+        self.lock_overrides()
+            .iter()
+            .filter(|(name, _)| {
+                rt.upstream(name)
+                    .and_then(|u| u.policies.breaker())
+                    .is_none()
+            })
+            .map(|(n, c)| (n.clone(), *c))
+            .collect()
     }
 }
 

@@ -1,0 +1,517 @@
+//! The embedded store: one SQLite file (`store.path`) holding the admin overrides and the audit log.
+//!
+//! Why a file at all: an operator who forces a breaker open during an incident expects it to stay
+//! open until someone closes it, not until the next deploy restarts the process. The file's config
+//! says what the gateway should do; the store says what an operator changed on top of it, and who
+//! changed what when (the audit log).
+//!
+//! Why SQLite (`rusqlite`, SQLite compiled in with the `bundled` feature): a single gateway needs
+//! nothing but its binary and its YAML file, so the store must be embedded; SQLite gives atomic,
+//! durable transactions (an override and its audit row are written together or not at all) and a file
+//! any operator can inspect with the `sqlite3` shell.
+//!
+//! The file is opened in WAL mode with `synchronous = FULL`: writes are rare (admin calls only, never
+//! on the request path), so each is made durable before the API answers. The schema version is
+//! `PRAGMA user_version` ([`SCHEMA_VERSION`]); a file written by a newer bulwark is refused rather
+//! than guessed at.
+//!
+//! Every method here blocks on SQLite. Async callers run them on the blocking pool
+//! ([`tokio::task::spawn_blocking`]); the gateway does so for admin writes and audit reads.
+//!
+//! Tables (version 1):
+//!
+//! ```sql
+//! CREATE TABLE breaker_overrides (
+//!     upstream TEXT PRIMARY KEY,   -- upstream name from the config
+//!     state    TEXT NOT NULL,      -- 'forced_open' | 'disabled'
+//!     set_at   TEXT NOT NULL,      -- RFC 3339, UTC
+//!     set_by   TEXT NOT NULL       -- who set it: 'admin-api'
+//! );
+//! CREATE TABLE audit_log (         -- append-only
+//!     id        INTEGER PRIMARY KEY AUTOINCREMENT,
+//!     time      TEXT NOT NULL,     -- RFC 3339, UTC
+//!     action    TEXT NOT NULL,     -- 'set_override' | 'clear_override'
+//!     upstream  TEXT NOT NULL,
+//!     old_state TEXT,              -- the breaker's state before (library state name)
+//!     new_state TEXT,              -- what was asked: 'forced_open' | 'disabled' | 'closed'
+//!     client    TEXT               -- the admin caller's address, when known
+//! );
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use rusqlite::{params, Connection, OpenFlags};
+use serde::Serialize;
+
+use crate::proxy::BreakerCommand;
+
+/// The schema version this build writes and reads (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: i64 = 1;
+/// How long a write waits for another connection's lock before failing. The gateway is the file's
+/// only writer in normal operation; a second process holding it (a `sqlite3` shell left in a
+/// transaction) should fail an admin call quickly and visibly rather than hang it.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(1);
+/// Who set an override through the admin API (`breaker_overrides.set_by`).
+pub const SET_BY_ADMIN_API: &str = "admin-api";
+/// Audit entries returned by `GET /api/audit` without `limit`.
+pub const DEFAULT_AUDIT_LIMIT: usize = 100;
+/// Most audit entries one `GET /api/audit` returns.
+pub const MAX_AUDIT_LIMIT: usize = 1000;
+
+const SQLITE_MAGIC: &[u8; 16] = b"SQLite format 3\0";
+
+/// A store error, naming the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError {
+    /// The store file.
+    pub path: PathBuf,
+    /// What went wrong.
+    pub message: String,
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "store {}: {}", self.path.display(), self.message)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// One row of the audit log, as `GET /api/audit` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditEntry {
+    /// When, RFC 3339 UTC.
+    pub time: String,
+    /// `set_override` or `clear_override`.
+    pub action: String,
+    /// The upstream.
+    pub upstream: String,
+    /// The breaker's state before the change.
+    pub from: Option<String>,
+    /// The state asked for.
+    pub to: Option<String>,
+    /// The admin caller's address, when known.
+    pub client: Option<String>,
+}
+
+/// A breaker change to record: the override is written (or, for `closed`, deleted) together with its
+/// audit row.
+#[derive(Debug, Clone, Copy)]
+pub struct BreakerChange<'a> {
+    /// The upstream.
+    pub upstream: &'a str,
+    /// The breaker's state before (or the override's, for an upstream no longer configured).
+    pub from: &'a str,
+    /// The state asked for.
+    pub to: BreakerCommand,
+    /// Who: [`SET_BY_ADMIN_API`].
+    pub by: &'a str,
+    /// The admin caller's address, when known.
+    pub client: Option<&'a str>,
+}
+
+/// The open store file.
+#[derive(Debug)]
+pub struct Store {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+impl Store {
+    /// Opens (creating it if absent) the store file at `path`, switches it to WAL mode and brings its
+    /// schema to [`SCHEMA_VERSION`]. Fails, naming the path, when the file cannot be opened or
+    /// created, is not a SQLite database, or was written by a newer bulwark. Blocks.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let err = |message: String| StoreError {
+            path: path.to_owned(),
+            message,
+        };
+        if path.is_dir() {
+            return Err(err("is a directory".into()));
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags)
+            .map_err(|e| err(format!("cannot open or create: {e}")))?;
+        conn.busy_timeout(BUSY_TIMEOUT)
+            .map_err(|e| err(e.to_string()))?;
+        // The first statement reads the header: a file that is not a database fails here.
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(|e| err(format!("cannot read: {e}")))?;
+        if version > SCHEMA_VERSION {
+            return Err(err(format!(
+                "schema version {version} is newer than this bulwark supports ({SCHEMA_VERSION}); \
+                 use a newer bulwark or another file"
+            )));
+        }
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(|e| err(format!("cannot switch to WAL mode: {e}")))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            tracing::warn!(file = %path.display(), journal_mode = %mode, "store: WAL mode not available on this file system; using the rollback journal");
+        }
+        conn.execute_batch("PRAGMA synchronous = FULL")
+            .map_err(|e| err(e.to_string()))?;
+        let mut store = Store {
+            path: path.to_owned(),
+            conn: Mutex::new(conn),
+        };
+        store.migrate(version)?;
+        Ok(store)
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, e: impl fmt::Display) -> StoreError {
+        StoreError {
+            path: self.path.clone(),
+            message: e.to_string(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock leaves at most an open transaction, which rusqlite's
+        // `Transaction` rolls back on drop: the connection is still usable.
+        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creates the tables of each schema version above `from`, in one transaction.
+    fn migrate(&mut self, from: i64) -> Result<(), StoreError> {
+        if from == SCHEMA_VERSION {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        let conn = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
+        let err = |e: rusqlite::Error| StoreError {
+            path: path.clone(),
+            message: format!("cannot create the schema: {e}"),
+        };
+        let tx = conn.transaction().map_err(err)?;
+        if from < 1 {
+            tx.execute_batch(
+                "CREATE TABLE IF NOT EXISTS breaker_overrides (
+                     upstream TEXT PRIMARY KEY,
+                     state    TEXT NOT NULL CHECK (state IN ('forced_open', 'disabled')),
+                     set_at   TEXT NOT NULL,
+                     set_by   TEXT NOT NULL
+                 );
+                 CREATE TABLE IF NOT EXISTS audit_log (
+                     id        INTEGER PRIMARY KEY AUTOINCREMENT,
+                     time      TEXT NOT NULL,
+                     action    TEXT NOT NULL,
+                     upstream  TEXT NOT NULL,
+                     old_state TEXT,
+                     new_state TEXT,
+                     client    TEXT
+                 );",
+            )
+            .map_err(err)?;
+        }
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(err)?;
+        tx.commit().map_err(err)
+    }
+
+    /// The persisted breaker overrides, by upstream name. Blocks.
+    pub fn overrides(&self) -> Result<BTreeMap<String, BreakerCommand>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare("SELECT upstream, state FROM breaker_overrides ORDER BY upstream")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+            .map_err(|e| self.err(e))?;
+        let mut out = BTreeMap::new();
+        for row in rows {
+            let (name, state) = row.map_err(|e| self.err(e))?;
+            match state.as_str() {
+                "forced_open" => out.insert(name, BreakerCommand::ForcedOpen),
+                "disabled" => out.insert(name, BreakerCommand::Disabled),
+                other => {
+                    return Err(self.err(format!(
+                        "breaker_overrides: unknown state `{other}` for upstream `{name}`"
+                    )))
+                }
+            };
+        }
+        Ok(out)
+    }
+
+    /// Records `change`: for `forced_open` and `disabled` the override is inserted or replaced, for
+    /// `closed` it is deleted; in the same transaction an audit row is appended. Blocks (one fsync).
+    pub fn record(&self, change: &BreakerChange<'_>) -> Result<(), StoreError> {
+        let now = rfc3339(SystemTime::now());
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(|e| self.err(format!("cannot write: {e}")))?;
+        let (action, to) = match change.to {
+            BreakerCommand::Closed => {
+                tx.execute(
+                    "DELETE FROM breaker_overrides WHERE upstream = ?1",
+                    params![change.upstream],
+                )
+                .map_err(|e| self.err(format!("cannot write: {e}")))?;
+                ("clear_override", "closed")
+            }
+            cmd => {
+                let state = command_name(cmd);
+                tx.execute(
+                    "INSERT INTO breaker_overrides (upstream, state, set_at, set_by)
+                     VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (upstream) DO UPDATE
+                     SET state = excluded.state, set_at = excluded.set_at, set_by = excluded.set_by",
+                    params![change.upstream, state, now, change.by],
+                )
+                .map_err(|e| self.err(format!("cannot write: {e}")))?;
+                ("set_override", state)
+            }
+        };
+        tx.execute(
+            "INSERT INTO audit_log (time, action, upstream, old_state, new_state, client)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![now, action, change.upstream, change.from, to, change.client],
+        )
+        .map_err(|e| self.err(format!("cannot write: {e}")))?;
+        tx.commit()
+            .map_err(|e| self.err(format!("cannot write: {e}")))
+    }
+
+    /// The newest `limit` audit entries, newest first. Blocks.
+    pub fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare(
+                "SELECT time, action, upstream, old_state, new_state, client
+                 FROM audit_log ORDER BY id DESC LIMIT ?1",
+            )
+            .map_err(|e| self.err(e))?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = stmt
+            .query_map(params![limit], |r| {
+                Ok(AuditEntry {
+                    time: r.get(0)?,
+                    action: r.get(1)?,
+                    upstream: r.get(2)?,
+                    from: r.get(3)?,
+                    to: r.get(4)?,
+                    client: r.get(5)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<Result<Vec<_>, _>>().map_err(|e| self.err(e))
+    }
+}
+
+/// What `bulwark check` can say about a store file without creating or changing anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inspection {
+    /// The file does not exist; its directory does, so `run` will create it.
+    WillBeCreated,
+    /// A SQLite file at a schema version this build reads.
+    Existing {
+        /// Its `user_version` (0: not yet initialised by bulwark).
+        version: i64,
+    },
+}
+
+/// Checks the store file at `path` as far as can be done without creating it or opening it with
+/// SQLite (which could create `-wal`/`-shm` files next to it): its directory exists, and if the
+/// file exists it starts with the SQLite header and its schema version (read from the header) is
+/// not newer than [`SCHEMA_VERSION`]. An empty file counts as a new database, as SQLite treats it.
+pub fn inspect(path: &Path) -> Result<Inspection, StoreError> {
+    use std::io::Read;
+    let err = |message: String| StoreError {
+        path: path.to_owned(),
+        message,
+    };
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => Err(err("is a directory".into())),
+        Ok(_) => {
+            let mut header = Vec::with_capacity(100);
+            std::fs::File::open(path)
+                .and_then(|f| f.take(100).read_to_end(&mut header))
+                .map_err(|e| err(format!("cannot read: {e}")))?;
+            if header.is_empty() {
+                return Ok(Inspection::Existing { version: 0 });
+            }
+            if header.len() < 100 || &header[..16] != SQLITE_MAGIC {
+                return Err(err("not a SQLite database".into()));
+            }
+            // The header's user version: 4 bytes, big-endian, at offset 60.
+            let version = i64::from(i32::from_be_bytes([
+                header[60], header[61], header[62], header[63],
+            ]));
+            if version > SCHEMA_VERSION {
+                return Err(err(format!(
+                    "schema version {version} is newer than this bulwark supports ({SCHEMA_VERSION})"
+                )));
+            }
+            Ok(Inspection::Existing { version })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            if dir.is_dir() {
+                Ok(Inspection::WillBeCreated)
+            } else {
+                Err(err(format!(
+                    "cannot be created: the directory {} does not exist",
+                    dir.display()
+                )))
+            }
+        }
+        Err(e) => Err(err(format!("cannot read: {e}"))),
+    }
+}
+
+/// The stored name of a command (`forced_open`, `disabled`, `closed`).
+pub fn command_name(cmd: BreakerCommand) -> &'static str {
+    match cmd {
+        BreakerCommand::ForcedOpen => "forced_open",
+        BreakerCommand::Closed => "closed",
+        BreakerCommand::Disabled => "disabled",
+    }
+}
+
+/// `t` as RFC 3339 in UTC with milliseconds: `2026-11-27T20:35:24.123Z`.
+pub fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    let (y, m, day) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to a proleptic Gregorian (year, month, day); Howard Hinnant's algorithm.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("bulwark-store-unit-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn rfc3339_formats_utc_with_millis() {
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(1_709_210_096_789);
+        assert_eq!(rfc3339(t), "2024-02-29T12:34:56.789Z");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
+        assert_eq!(rfc3339(t), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn records_overrides_and_audit_and_reopens() {
+        let dir = temp("roundtrip");
+        let path = dir.join("s.db");
+        assert_eq!(inspect(&path).unwrap(), Inspection::WillBeCreated);
+        let s = Store::open(&path).unwrap();
+        let change = |to, from| BreakerChange {
+            upstream: "a",
+            from,
+            to,
+            by: SET_BY_ADMIN_API,
+            client: Some("127.0.0.1:1"),
+        };
+        s.record(&change(BreakerCommand::ForcedOpen, "closed"))
+            .unwrap();
+        s.record(&change(BreakerCommand::Disabled, "forced_open"))
+            .unwrap();
+        assert_eq!(
+            s.overrides().unwrap().get("a"),
+            Some(&BreakerCommand::Disabled)
+        );
+        drop(s);
+        assert_eq!(
+            inspect(&path).unwrap(),
+            Inspection::Existing {
+                version: SCHEMA_VERSION
+            }
+        );
+        let s = Store::open(&path).unwrap();
+        s.record(&change(BreakerCommand::Closed, "disabled"))
+            .unwrap();
+        assert!(s.overrides().unwrap().is_empty());
+        let log = s.audit(10).unwrap();
+        let steps: Vec<(&str, Option<&str>, Option<&str>)> = log
+            .iter()
+            .map(|e| (e.action.as_str(), e.from.as_deref(), e.to.as_deref()))
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                ("clear_override", Some("disabled"), Some("closed")),
+                ("set_override", Some("forced_open"), Some("disabled")),
+                ("set_override", Some("closed"), Some("forced_open")),
+            ]
+        );
+        assert_eq!(s.audit(1).unwrap().len(), 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn refuses_what_it_cannot_use() {
+        let dir = temp("refuse");
+        let junk = dir.join("junk.db");
+        std::fs::write(&junk, vec![b'x'; 4096]).unwrap();
+        let e = Store::open(&junk).unwrap_err();
+        assert_eq!(e.path, junk);
+        assert!(e.to_string().contains("junk.db"), "{e}");
+        assert!(inspect(&junk).unwrap_err().message.contains("not a SQLite"));
+
+        let newer = dir.join("newer.db");
+        {
+            let c = Connection::open(&newer).unwrap();
+            c.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+                .unwrap();
+        }
+        let e = Store::open(&newer).unwrap_err();
+        assert!(e.message.contains("newer"), "{e}");
+        assert!(inspect(&newer).unwrap_err().message.contains("newer"));
+
+        let missing = dir.join("no/such/dir/s.db");
+        assert!(Store::open(&missing).is_err());
+        assert!(inspect(&missing)
+            .unwrap_err()
+            .message
+            .contains("does not exist"));
+        assert!(!missing.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
