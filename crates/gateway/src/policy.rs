@@ -525,6 +525,7 @@ mod tests {
             health_check: None,
             outlier_detection: None,
             cooldown: None,
+            panic_threshold: None,
             circuit_breaker: None,
             bulkhead: None,
             rate_limit: None,

@@ -9,6 +9,9 @@
 //!   half-open, or some (not all) of its endpoints are unusable;
 //! - `healthy` otherwise.
 //!
+//! An upstream in panic mode (`"panic": true`) keeps the status this rule gives it: panic mode
+//! sends traffic to unusable endpoints, it does not make them usable.
+//!
 //! The gateway as a whole is `unhealthy` when some route has no upstream in its chain (primary, then
 //! failover) that can take traffic, because that route's clients get only errors (or its fallback);
 //! `degraded` when every route can still be served but some upstream is degraded or unhealthy (a
@@ -94,6 +97,10 @@ pub struct UpstreamReport {
     pub status: Status,
     /// Breaker state (see [`health_breaker_name`]).
     pub circuit_breaker: &'static str,
+    /// Whether the upstream is in panic mode (see [`Upstream::in_panic_mode`]): serving over all
+    /// endpoints of its first tier, usable or not. Does not change `status`, which still says how
+    /// many endpoints are usable.
+    pub panic: bool,
     /// Endpoints in priority order.
     pub endpoints: Vec<EndpointReport>,
 }
@@ -143,6 +150,7 @@ fn upstream_report(up: &Upstream) -> UpstreamReport {
     UpstreamReport {
         status,
         circuit_breaker: health_breaker_name(breaker),
+        panic: up.in_panic_mode(),
         endpoints: endpoints
             .into_iter()
             .map(|(h, e)| EndpointReport {

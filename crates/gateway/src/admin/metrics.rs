@@ -8,7 +8,8 @@
 //! kept in a small fixed table; the latency histogram is a set of atomics ([`LatencyHistogram`]),
 //! because `prometheus_client`'s own histogram takes a write lock per observation.
 //!
-//! Gauges that mirror state (`bulwark_endpoint_healthy`, `bulwark_circuit_breaker_state`) are set from
+//! Gauges that mirror state (`bulwark_endpoint_healthy`, `bulwark_circuit_breaker_state`,
+//! `bulwark_upstream_panic`) are set from
 //! the runtime when it is installed and refreshed on every scrape ([`Telemetry::refresh`]), so they
 //! are exact whoever changed the state (a health check, the admin API, a reload) and cost nothing on
 //! the request path.
@@ -59,6 +60,13 @@ pub struct EndpointLabels {
     pub upstream: String,
     /// Endpoint URL as written in the config.
     pub endpoint: String,
+}
+
+/// Labels of `bulwark_upstream_panic`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    /// Upstream name.
+    pub upstream: String,
 }
 
 /// Upper bounds (seconds) of the request-duration buckets: from sub-millisecond proxy answers to the
@@ -194,6 +202,7 @@ pub struct Telemetry {
     requests: Family<RequestLabels, Counter>,
     duration: Family<RouteLabels, LatencyHistogram>,
     endpoint_healthy: Family<EndpointLabels, Gauge>,
+    upstream_panic: Family<UpstreamLabels, Gauge>,
     listener: Arc<dyn Listener>,
     /// Gauge series set by the last refresh, so series of removed upstreams/endpoints can be dropped.
     live: Mutex<LiveSeries>,
@@ -203,6 +212,7 @@ pub struct Telemetry {
 struct LiveSeries {
     endpoints: HashSet<EndpointLabels>,
     breakers: HashSet<String>,
+    upstreams: HashSet<UpstreamLabels>,
 }
 
 impl std::fmt::Debug for Telemetry {
@@ -226,6 +236,7 @@ impl Telemetry {
         let requests = Family::<RequestLabels, Counter>::default();
         let duration = Family::<RouteLabels, LatencyHistogram>::default();
         let endpoint_healthy = Family::<EndpointLabels, Gauge>::default();
+        let upstream_panic = Family::<UpstreamLabels, Gauge>::default();
         registry.register(
             "bulwark_requests",
             "Requests answered, by route, the route's primary upstream, and status code",
@@ -241,6 +252,11 @@ impl Telemetry {
             "Whether an endpoint may receive traffic (1) or not (0)",
             endpoint_healthy.clone(),
         );
+        registry.register(
+            "bulwark_upstream_panic",
+            "Whether an upstream is in panic mode (1: balancing over all its endpoints, ignoring health) or not (0)",
+            upstream_panic.clone(),
+        );
         let listener: Arc<dyn Listener> = Arc::new(GatewayListener {
             metrics: library.listener(),
         });
@@ -250,6 +266,7 @@ impl Telemetry {
             requests,
             duration,
             endpoint_healthy,
+            upstream_panic,
             listener,
             live: Mutex::new(LiveSeries::default()),
         }
@@ -283,12 +300,20 @@ impl Telemetry {
         }
     }
 
-    /// Sets the state gauges (endpoint health, breaker state) from `runtime`, and drops the series of
+    /// Sets the state gauges (endpoint health, breaker state, panic mode) from `runtime`, and drops the series of
     /// upstreams and endpoints it no longer has. Runs when a runtime is installed and on every scrape.
     pub fn refresh(&self, runtime: &Runtime) {
         let mut endpoints = HashSet::new();
         let mut breakers = HashSet::new();
+        let mut upstreams = HashSet::new();
         for up in &runtime.upstreams {
+            let labels = UpstreamLabels {
+                upstream: up.name.to_string(),
+            };
+            self.upstream_panic
+                .get_or_create(&labels)
+                .set(i64::from(up.in_panic_mode()));
+            upstreams.insert(labels);
             for ep in &up.endpoints {
                 let labels = EndpointLabels {
                     upstream: up.name.to_string(),
@@ -309,6 +334,9 @@ impl Telemetry {
         for gone in live.endpoints.difference(&endpoints) {
             self.endpoint_healthy.remove(gone);
         }
+        for gone in live.upstreams.difference(&upstreams) {
+            self.upstream_panic.remove(gone);
+        }
         for gone in live.breakers.difference(&breakers) {
             self.library
                 .breaker_state
@@ -317,6 +345,7 @@ impl Telemetry {
         *live = LiveSeries {
             endpoints,
             breakers,
+            upstreams,
         };
     }
 

@@ -299,6 +299,11 @@ pub struct Upstream {
     /// Provider quotas: cooldown of an endpoint on 429 (or other configured statuses) + `Retry-After`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cooldown: Option<Cooldown>,
+    /// Panic mode (Envoy's `healthy_panic_threshold`): when the percentage of available endpoints
+    /// (healthy and not ejected) falls below this, balance over every endpoint of the first tier,
+    /// ignoring health and ejection. Absent or 0: off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub panic_threshold: Option<f64>,
     /// Circuit breaker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breaker: Option<CircuitBreaker>,

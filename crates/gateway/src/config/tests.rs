@@ -252,6 +252,45 @@ fn health_outlier_cooldown_and_hedge_errors() {
 }
 
 #[test]
+fn panic_threshold() {
+    let up = |extra: &str| {
+        format!("upstreams:\n  a:\n    endpoints: [{{url: 'http://127.0.0.1:1'}}]\n{extra}")
+    };
+    let threshold = |src: &str| {
+        from_str(src, "gw.yaml")
+            .unwrap()
+            .upstreams
+            .get("a")
+            .unwrap()
+            .panic_threshold
+    };
+    assert_eq!(threshold(&up("")), None);
+    assert_eq!(threshold(&up("    panic_threshold: 50\n")), Some(50.0));
+    assert_eq!(threshold(&up("    panic_threshold: 12.5\n")), Some(12.5));
+    assert_eq!(threshold(&up("    panic_threshold: 0\n")), Some(0.0));
+    assert_eq!(threshold(&up("    panic_threshold: 100\n")), Some(100.0));
+    let c = from_str(&up("    panic_threshold: 12.5\n"), "gw.yaml").unwrap();
+    let yaml = to_yaml(&c);
+    assert!(yaml.contains("panic_threshold: 12.5"), "{yaml}");
+    assert_eq!(
+        err(&up("    panic_threshold: 101\n")),
+        "gw.yaml:4:5: upstreams.a.panic_threshold: is a percentage (0-100; 0 turns panic mode off)"
+    );
+    assert_eq!(
+        err(&up("    panic_threshold: -5\n")),
+        "gw.yaml:4:5: upstreams.a.panic_threshold: is a percentage (0-100; 0 turns panic mode off)"
+    );
+    assert_eq!(
+        err(&up("    panic_threshold: .nan\n")),
+        "gw.yaml:4:5: upstreams.a.panic_threshold: is a percentage (0-100; 0 turns panic mode off)"
+    );
+    assert_eq!(
+        err(&up("    panic_threshold: half\n")),
+        "gw.yaml:4:22: upstreams.a.panic_threshold: invalid type: string \"half\", expected f64"
+    );
+}
+
+#[test]
 fn logging_and_admin_sections() {
     assert_eq!(
         err("logging:\n  level: 'info,=x=y'\n"),

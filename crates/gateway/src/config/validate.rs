@@ -202,6 +202,14 @@ fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
             }
         }
     }
+    if let Some(t) = up.panic_threshold {
+        if !(0.0..=100.0).contains(&t) {
+            return Err(at(
+                &p(&[k("panic_threshold")]),
+                "is a percentage (0-100; 0 turns panic mode off)",
+            ));
+        }
+    }
     if let Some(od) = &up.outlier_detection {
         if od.enabled && od.max_ejection_percent > 100 {
             return Err(at(

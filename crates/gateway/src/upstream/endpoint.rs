@@ -106,6 +106,26 @@ impl Endpoint {
         !self.is_blocked(&self.ejected_until, now) && !self.is_blocked(&self.cooldown_until, now)
     }
 
+    /// Whether the endpoint counts as available for panic mode's share: healthy and not ejected
+    /// (a quota cooldown does not count against it). Reads the clock only while an ejection is
+    /// recorded.
+    #[inline]
+    pub(crate) fn is_up(&self) -> bool {
+        self.is_healthy() && !self.blocked_lazily(&self.ejected_until)
+    }
+
+    /// Whether the endpoint is in a quota cooldown; reads the clock only while one is recorded.
+    #[inline]
+    pub(crate) fn cooling_down(&self) -> bool {
+        self.blocked_lazily(&self.cooldown_until)
+    }
+
+    /// [`Endpoint::is_blocked`] at the current time, without reading the clock when `cell` is clear.
+    #[inline]
+    fn blocked_lazily(&self, cell: &AtomicU64) -> bool {
+        cell.load(Ordering::Relaxed) != 0 && self.is_blocked(cell, Instant::now())
+    }
+
     /// Marks the endpoint healthy or not, as the active health check does (tests use it to stand
     /// in for one). Ejection and cooldown are separate and unaffected.
     pub fn set_available(&self, available: bool) {

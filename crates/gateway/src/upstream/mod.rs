@@ -1,7 +1,9 @@
 //! Upstreams: endpoints with their connection pools, a balancer over priority tiers, the upstream's
 //! policies (see [`crate::policy`]), active health checks ([`health`]), passive outlier detection
-//! and provider-quota cooldown (`outlier`), and TLS to `https://` endpoints (`tls`: one client
-//! config per upstream, the handshake done by each endpoint's pool at connect).
+//! and provider-quota cooldown (`outlier`), panic mode (`panic_threshold`, see
+//! [`Upstream::in_panic_mode`]: too few available endpoints and the balancer ignores health and
+//! ejection), and TLS to `https://` endpoints (`tls`: one client config per upstream, the handshake
+//! done by each endpoint's pool at connect).
 
 mod balance;
 mod endpoint;
@@ -12,6 +14,7 @@ mod pool;
 pub mod retry_after;
 pub(crate) mod tls;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +45,11 @@ pub struct Upstream {
     tiers: Vec<Tier>,
     outlier: Option<Outlier>,
     cooldown: Option<Cooldown>,
+    /// `panic_threshold` in percent, when panic mode is on (a configured 0 is `None`).
+    panic_threshold: Option<f64>,
+    /// Whether the last look at the available share found the upstream in panic (for the log
+    /// lines on entering and leaving; the state itself is recomputed each time).
+    panicking: AtomicBool,
     /// Running health checks; dropped (and stopped) with the upstream.
     health: Option<health::HealthTasks>,
     /// The `tls.ca` bundle as read when this upstream was built (a reload that finds the file
@@ -147,6 +155,8 @@ impl Upstream {
             tiers,
             outlier: od.map(Outlier::new),
             cooldown: c.cooldown.as_ref().filter(|c| c.enabled).map(Cooldown::new),
+            panic_threshold: c.panic_threshold.filter(|&t| t > 0.0),
+            panicking: AtomicBool::new(false),
             health,
             ca_pem: tls::ca_contents(c.tls.as_ref()),
         })
@@ -205,12 +215,20 @@ impl Upstream {
 
     /// When no endpoint is available only because every usable one is in cooldown: the time until
     /// the first cooldown ends (the client's `Retry-After`).
+    ///
+    /// In panic mode every endpoint of the first tier counts as usable here, as it does for [`pick`].
+    ///
+    /// [`pick`]: Upstream::pick
     pub fn cooldown_wait(&self) -> Option<Duration> {
         self.cooldown.as_ref()?;
         let now = Instant::now();
+        let panic_tier = match self.tiers.first() {
+            Some(t) if self.in_panic_mode() => t.start..t.end,
+            _ => 0..0,
+        };
         let mut wait: Option<Duration> = None;
-        for e in &self.endpoints {
-            if !e.usable_ignoring_cooldown(now) {
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if !panic_tier.contains(&i) && !e.usable_ignoring_cooldown(now) {
                 continue;
             }
             let r = e.cooldown_remaining()?; // a usable endpoint without cooldown: not this case
@@ -219,12 +237,65 @@ impl Upstream {
         wait
     }
 
+    /// Whether the upstream is in panic mode right now: `panic_threshold` is set and the share of
+    /// its endpoints that are healthy and not ejected (over all tiers; a quota cooldown does not
+    /// count against an endpoint) is below it. Logs the transitions (`warn` on entering, `info` on
+    /// leaving) the first time it sees them, whoever asks (a request, `/health`, a metrics scrape).
+    ///
+    /// Reads one atomic per endpoint (and the clock only for endpoints with an ejection recorded):
+    /// no lock, no allocation. Without a threshold it is one branch.
+    pub fn in_panic_mode(&self) -> bool {
+        let Some(threshold) = self.panic_threshold else {
+            return false;
+        };
+        let total = self.endpoints.len();
+        let up = self.endpoints.iter().filter(|e| e.is_up()).count();
+        let panic = (up as f64) * 100.0 < threshold * (total as f64);
+        if self.panicking.load(Ordering::Relaxed) != panic
+            && self.panicking.swap(panic, Ordering::Relaxed) != panic
+        {
+            if panic {
+                tracing::warn!(
+                    upstream = %self.name,
+                    available = up,
+                    endpoints = total,
+                    threshold,
+                    "upstream in panic mode: balancing over all endpoints of its first tier, ignoring health checks and ejections"
+                );
+            } else {
+                tracing::info!(
+                    upstream = %self.name,
+                    available = up,
+                    endpoints = total,
+                    threshold,
+                    "upstream left panic mode"
+                );
+            }
+        }
+        panic
+    }
+
     /// Picks an endpoint: from the first tier that has an available endpoint this request has not tried
     /// yet (so a retry goes elsewhere whenever it can, spilling to the next tier only when every
     /// available endpoint of the better tiers was tried); if all were tried, from the first tier with an
     /// available endpoint. `None`: no endpoint is available.
+    ///
+    /// In panic mode ([`Upstream::in_panic_mode`]) it picks among every endpoint of the first tier
+    /// that is not in a quota cooldown, healthy or not, ejected or not (an untried one when it can);
+    /// only when all of them are in cooldown does it fall back to the normal pick.
     pub fn pick(&self, tried: Tried) -> Option<usize> {
         let eps = &self.endpoints;
+        if self.in_panic_mode() {
+            if let Some(tier) = self.tiers.first() {
+                let free = |i: usize| !eps[i].cooling_down();
+                let picked =
+                    balance::pick(self.balance, tier, eps, |i| free(i) && !tried.contains(i))
+                        .or_else(|| balance::pick(self.balance, tier, eps, free));
+                if picked.is_some() {
+                    return picked;
+                }
+            }
+        }
         let mut fallback_tier = None;
         for tier in &self.tiers {
             if !(tier.start..tier.end).any(|i| eps[i].is_available()) {
@@ -278,6 +349,7 @@ mod tests {
             health_check: None,
             outlier_detection: None,
             cooldown: None,
+            panic_threshold: None,
             circuit_breaker: None,
             bulkhead: None,
             rate_limit: None,
@@ -480,5 +552,149 @@ mod tests {
         let plain = upstream(1, None, false);
         plain.observe(0, quota(Some(Duration::from_secs(3))));
         assert!(plain.endpoints[0].is_available());
+    }
+
+    fn panicky(n: usize, threshold: Option<f64>, od: Option<config::OutlierDetection>) -> Upstream {
+        let c = config::Upstream {
+            panic_threshold: threshold,
+            outlier_detection: od,
+            cooldown: Some(Default::default()),
+            ..upstream_config(n)
+        };
+        Upstream::new("u", &c, &None).unwrap()
+    }
+
+    /// Endpoints of `n` picks (first attempts), counted per endpoint index.
+    fn spread(u: &Upstream, n: usize) -> Vec<usize> {
+        let mut hits = vec![0; u.endpoints.len()];
+        for _ in 0..n {
+            hits[u.pick(Tried::default()).expect("an endpoint")] += 1;
+        }
+        hits
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn panic_mode_is_off_without_a_threshold_or_at_zero() {
+        for t in [None, Some(0.0)] {
+            let u = panicky(3, t, None);
+            for e in &u.endpoints {
+                e.set_healthy(false);
+            }
+            assert!(!u.in_panic_mode());
+            assert_eq!(u.pick(Tried::default()), None, "{t:?}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn panic_mode_spreads_over_all_endpoints_below_the_threshold() {
+        let u = panicky(3, Some(50.0), None);
+        assert!(!u.in_panic_mode());
+        for e in &u.endpoints {
+            e.set_healthy(false);
+        }
+        assert!(u.in_panic_mode());
+        assert_eq!(spread(&u, 6), [2, 2, 2]);
+        // Health back on two of three (67% >= 50%): normal balancing over those two.
+        u.endpoints[0].set_healthy(true);
+        u.endpoints[1].set_healthy(true);
+        assert!(!u.in_panic_mode());
+        let hits = spread(&u, 6);
+        assert!(hits[0] > 0 && hits[1] > 0 && hits[2] == 0, "{hits:?}");
+
+        // 1 of 4 available (25%): in panic at 50%, not at 20%.
+        for (t, panic, want) in [(50.0, true, [2, 2, 2, 2]), (20.0, false, [0, 0, 0, 8])] {
+            let u = panicky(4, Some(t), None);
+            for e in &u.endpoints[..3] {
+                e.set_healthy(false);
+            }
+            assert_eq!(u.in_panic_mode(), panic, "{t}");
+            assert_eq!(spread(&u, 8), want, "{t}");
+        }
+        // Exactly at the threshold (2 of 4 = 50%) is not below it.
+        let u = panicky(4, Some(50.0), None);
+        u.endpoints[0].set_healthy(false);
+        u.endpoints[1].set_healthy(false);
+        assert!(!u.in_panic_mode());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejected_endpoints_count_as_unavailable_for_panic() {
+        let u = panicky(
+            3,
+            Some(50.0),
+            Some(config::OutlierDetection {
+                max_ejection_percent: 100,
+                ..od()
+            }),
+        );
+        fail(&u, 0, 3);
+        assert!(!u.in_panic_mode(), "2 of 3 available");
+        fail(&u, 1, 3);
+        assert!(u.endpoints[0].is_ejected() && u.endpoints[1].is_ejected());
+        assert!(u.in_panic_mode(), "1 of 3 available");
+        assert_eq!(spread(&u, 6), [2, 2, 2]);
+        // The ejections end by time, and panic with them.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(!u.in_panic_mode());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn panic_mode_skips_endpoints_in_cooldown_and_prefers_untried_ones() {
+        let u = panicky(3, Some(50.0), None);
+        for e in &u.endpoints {
+            e.set_healthy(false);
+        }
+        u.observe(
+            1,
+            Observed::Response {
+                status: 429,
+                latency: Duration::from_millis(1),
+                retry_after: Some(Duration::from_secs(5)),
+            },
+        );
+        assert!(
+            u.in_panic_mode(),
+            "a cooldown is not overridden, nor counted"
+        );
+        let hits = spread(&u, 6);
+        assert!(hits[0] > 0 && hits[1] == 0 && hits[2] > 0, "{hits:?}");
+        let mut tried = Tried::default();
+        tried.insert(0);
+        for _ in 0..4 {
+            assert_eq!(u.pick(tried), Some(2), "a retry goes to the untried one");
+        }
+        tried.insert(2);
+        assert!(
+            matches!(u.pick(tried), Some(0 | 2)),
+            "all tried: any free one"
+        );
+        // Every endpoint in cooldown: nothing to pick, and the client is told when to come back.
+        for i in [0, 2] {
+            u.observe(
+                i,
+                Observed::Response {
+                    status: 429,
+                    latency: Duration::from_millis(1),
+                    retry_after: Some(Duration::from_secs(3)),
+                },
+            );
+        }
+        assert_eq!(u.pick(Tried::default()), None);
+        assert_eq!(u.cooldown_wait(), Some(Duration::from_secs(3)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn panic_mode_uses_the_first_tier_only() {
+        let mut c = config::Upstream {
+            panic_threshold: Some(50.0),
+            ..upstream_config(3)
+        };
+        c.endpoints[2].priority = 1;
+        let u = Upstream::new("u", &c, &None).unwrap();
+        u.endpoints[0].set_healthy(false);
+        u.endpoints[1].set_healthy(false);
+        // 1 of 3 available over the whole upstream: panic, among tier 0's endpoints.
+        assert!(u.in_panic_mode());
+        assert_eq!(spread(&u, 4), [2, 2, 0]);
     }
 }
