@@ -10,20 +10,6 @@ use std::sync::Arc;
 use admin_support::*;
 use support::*;
 
-/// Requests sequentially and returns the `x-upstream` of each answer (or the status).
-async fn spray(c: &Client, url: &str, n: usize) -> Vec<String> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let r = get(c, url).await;
-        out.push(
-            r.header("x-upstream")
-                .map(str::to_owned)
-                .unwrap_or_else(|| r.status.to_string()),
-        );
-    }
-    out
-}
-
 /// An upstream whose `/health` answers 200 while `up` holds (503 otherwise); every other request
 /// gets 200 with its name.
 async fn checked(name: &str, up: Arc<AtomicBool>) -> Upstream {

@@ -8,20 +8,6 @@ use std::time::{Duration, SystemTime};
 
 use support::*;
 
-/// Requests sequentially and returns the `x-upstream` of each answer (or the status).
-async fn spray(c: &Client, url: &str, n: usize) -> Vec<String> {
-    let mut out = Vec::with_capacity(n);
-    for _ in 0..n {
-        let r = get(c, url).await;
-        out.push(
-            r.header("x-upstream")
-                .map(str::to_owned)
-                .unwrap_or_else(|| r.status.to_string()),
-        );
-    }
-    out
-}
-
 type Probes = Arc<Mutex<Vec<(bool, Option<bool>)>>>;
 
 /// An upstream whose `/health` answers 200 while `up` holds (503 otherwise) and logs, per probe,

@@ -276,6 +276,21 @@ pub async fn send(c: &Client, req: Request<Full<Bytes>>) -> Got {
     }
 }
 
+/// GETs `url` `n` times, one after another, and returns the `x-upstream` of each answer (or its
+/// status when there is none).
+pub async fn spray(c: &Client, url: &str, n: usize) -> Vec<String> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let r = get(c, url).await;
+        out.push(
+            r.header("x-upstream")
+                .map(str::to_owned)
+                .unwrap_or_else(|| r.status.to_string()),
+        );
+    }
+    out
+}
+
 /// GET `url`.
 pub async fn get(c: &Client, url: &str) -> Got {
     send(c, Request::get(url).body(Full::default()).unwrap()).await
