@@ -235,16 +235,9 @@ routes:
 
 #[tokio::test]
 async fn an_endpoint_in_a_quota_cooldown_stays_out_in_panic() {
-    let q = Upstream::start(
-        "quota",
-        Arc::new(|_req| {
-            Box::pin(async move {
-                let mut r = reply("quota", 429, "out of quota");
-                r.headers_mut().insert("retry-after", "60".parse().unwrap());
-                r
-            })
-        }),
-    )
+    let q = quota("quota", 429, Arc::new(AtomicBool::new(true)), || {
+        "60".into()
+    })
     .await;
     let b = Upstream::named("b").await;
     let cc = Upstream::named("c").await;

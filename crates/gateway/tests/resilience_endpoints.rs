@@ -285,33 +285,6 @@ routes:
     gw.stop().await;
 }
 
-/// An upstream answering `status` with `Retry-After: <retry_after()>` while `quota` holds, 200 after.
-async fn quota(
-    name: &str,
-    status: u16,
-    quota: Arc<AtomicBool>,
-    retry_after: fn() -> String,
-) -> Upstream {
-    let n = name.to_owned();
-    Upstream::start(
-        name,
-        Arc::new(move |_req| {
-            let (n, quota) = (n.clone(), quota.clone());
-            Box::pin(async move {
-                if quota.load(Ordering::SeqCst) {
-                    let mut r = reply(&n, status, "out of quota");
-                    r.headers_mut()
-                        .insert("retry-after", retry_after().parse().unwrap());
-                    r
-                } else {
-                    reply(&n, 200, n.clone())
-                }
-            })
-        }),
-    )
-    .await
-}
-
 #[tokio::test]
 async fn quota_429_with_retry_after_cools_the_endpoint_down() {
     let out = Arc::new(AtomicBool::new(true));

@@ -5,7 +5,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -274,6 +274,33 @@ pub async fn send(c: &Client, req: Request<Full<Bytes>>) -> Got {
         body,
         version,
     }
+}
+
+/// An upstream answering `status` with `Retry-After: <retry_after()>` while `quota` holds, 200 after.
+pub async fn quota(
+    name: &str,
+    status: u16,
+    quota: Arc<AtomicBool>,
+    retry_after: fn() -> String,
+) -> Upstream {
+    let n = name.to_owned();
+    Upstream::start(
+        name,
+        Arc::new(move |_req| {
+            let (n, quota) = (n.clone(), quota.clone());
+            Box::pin(async move {
+                if quota.load(Ordering::SeqCst) {
+                    let mut r = reply(&n, status, "out of quota");
+                    r.headers_mut()
+                        .insert("retry-after", retry_after().parse().unwrap());
+                    r
+                } else {
+                    reply(&n, 200, n.clone())
+                }
+            })
+        }),
+    )
+    .await
 }
 
 /// GETs `url` `n` times, one after another, and returns the `x-upstream` of each answer (or its
