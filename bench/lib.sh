@@ -46,22 +46,32 @@ CONF
   "$NGINX" -c "$work/upstream.conf" -p "$work" & LAST_PID=$!; pids+=("$LAST_PID")
 }
 
-# nginx as a proxy: one worker, keep-alive pool to the upstream.
-start_nginx_proxy() { # addr upstream-addr
-  cat > "$work/nginx.conf" <<CONF
+# nginx as a proxy: one worker, keep-alive pool to the upstream. With `same` as the third argument it
+# also adds the headers bulwark adds to every request (X-Forwarded-For, X-Forwarded-Proto and a
+# generated X-Request-ID), so that both do the same work per request.
+start_nginx_proxy() { # addr upstream-addr [same]
+  local extra=""
+  [ "${3:-}" = same ] && extra='proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for; proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Request-ID $request_id;'
+  cat > "$work/nginx.$1.conf" <<CONF
 worker_processes 1;
-daemon off; pid $work/nginx.pid; error_log $work/nginx.err warn;
+daemon off; pid $work/nginx.$1.pid; error_log $work/nginx.$1.err warn;
 events { worker_connections 4096; }
 http { access_log off; keepalive_requests 1000000;
   upstream up { server $2; keepalive 128; }
-  server { listen $1; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; } } }
+  server { listen $1; location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; $extra } } }
 CONF
-  "$NGINX" -c "$work/nginx.conf" -p "$work" & LAST_PID=$!; pids+=("$LAST_PID")
+  "$NGINX" -c "$work/nginx.$1.conf" -p "$work" & LAST_PID=$!; pids+=("$LAST_PID")
 }
 
-# HAProxy: one thread, connection reuse.
-start_haproxy() { # addr upstream-addr
-  cat > "$work/haproxy.cfg" <<CONF
+# HAProxy: one thread, connection reuse. With `same` as the third argument it also adds the headers
+# bulwark adds (X-Forwarded-For, X-Forwarded-Proto and an X-Request-ID, a UUID).
+start_haproxy() { # addr upstream-addr [same]
+  local defaults="" frontend=""
+  if [ "${3:-}" = same ]; then
+    defaults=$'  option forwardfor\n  unique-id-format %[uuid()]\n  unique-id-header X-Request-ID\n'
+    frontend=$'  http-request set-header X-Forwarded-Proto http\n'
+  fi
+  cat > "$work/haproxy.$1.cfg" <<CONF
 global
   nbthread 1
   maxconn 4096
@@ -71,13 +81,13 @@ defaults
   timeout client 30s
   timeout server 30s
   http-reuse always
-frontend fe
+${defaults}frontend fe
   bind $1
-  default_backend be
+${frontend}  default_backend be
 backend be
   server s1 $2 maxconn 1000
 CONF
-  "$HAPROXY" -f "$work/haproxy.cfg" -db & LAST_PID=$!; pids+=("$LAST_PID")
+  "$HAPROXY" -f "$work/haproxy.$1.cfg" -db & LAST_PID=$!; pids+=("$LAST_PID")
 }
 
 # bulwark: one worker thread, with breaker, retry with budget, timeouts and metrics on.
@@ -126,3 +136,14 @@ ctx_switches() { # pid
 
 # TCP segments sent so far, machine-wide.
 tcp_out_segs() { awk '/^Tcp:/ {n++; if (n == 2) print $12}' /proc/net/snmp; }
+
+# Pins every thread of a process and of its children (nginx's workers) to a CPU list.
+pin() { # pid cpu-list
+  local p
+  for p in "$1" $(pgrep -P "$1" || true); do taskset -a -pc "$2" "$p" >/dev/null; done
+}
+
+# Busy and total jiffies of one CPU so far, from /proc/stat (busy: all but idle and iowait).
+cpu_busy() { # cpu-number
+  awk -v c="cpu$1" '$1 == c {print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat
+}
