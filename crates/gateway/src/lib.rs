@@ -7,6 +7,7 @@ mod chunked;
 pub mod cli;
 pub mod config;
 pub mod demo;
+mod pem;
 pub mod policy;
 pub mod proxy;
 pub mod reload;

@@ -1,7 +1,7 @@
 //! `https://` upstreams: real TLS servers (hyper behind tokio-rustls, HTTP/1.1 and HTTP/2 by
 //! ALPN, certificates from rcgen) on loopback. Covers bodies both ways, keep-alive reuse, HTTP/2,
-//! certificates that must not be trusted (and retries around them), `server_name`, health checks,
-//! streamed request bodies and reloads of the `tls` section.
+//! certificates that must not be trusted (and retries around them), client certificates (mutual
+//! TLS), `server_name`, health checks, streamed request bodies and reloads of the `tls` section.
 mod admin_support;
 mod support;
 
@@ -20,10 +20,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 use tokio::net::{TcpListener, TcpStream};
 
-/// A self-signed certificate for `names`, its PEM files in a directory of its own.
+/// A self-signed certificate for `names`, its PEM files (certificate, key) in a directory of its own.
 struct Cert {
     _dir: support::TempDir,
     cert_path: PathBuf,
+    key_path: PathBuf,
     key: rcgen::CertifiedKey,
 }
 
@@ -34,9 +35,12 @@ impl Cert {
         let dir = support::TempDir::new("uptls");
         let cert_path = dir.join("ca.pem");
         std::fs::write(&cert_path, key.cert.pem()).unwrap();
+        let key_path = dir.join("key.pem");
+        std::fs::write(&key_path, key.key_pair.serialize_pem()).unwrap();
         Cert {
             _dir: dir,
             cert_path,
+            key_path,
             key,
         }
     }
@@ -46,14 +50,47 @@ impl Cert {
         format!("tls: {{ ca: '{}'{extra} }}", self.cert_path.display())
     }
 
+    /// `tls:` entries presenting this certificate as the gateway's client certificate.
+    fn identity(&self) -> String {
+        format!(
+            ", cert: '{}', key: '{}'",
+            self.cert_path.display(),
+            self.key_path.display()
+        )
+    }
+
     fn server_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ServerConfig> {
+        self.server_config_for(alpn, None)
+    }
+
+    /// A server config with this certificate that, with `clients`, requires a client certificate
+    /// issued by (here: equal to) `clients`.
+    fn server_config_for(
+        &self,
+        alpn: &[&[u8]],
+        clients: Option<&Cert>,
+    ) -> Arc<rustls::ServerConfig> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let key =
             rustls::pki_types::PrivateKeyDer::try_from(self.key.key_pair.serialize_der()).unwrap();
-        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
+            .unwrap();
+        let builder = match clients {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.key.cert.der().clone()).unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut cfg = builder
             .with_single_cert(vec![self.key.cert.der().clone()], key)
             .unwrap();
         cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
@@ -79,26 +116,42 @@ struct TlsUpstream {
     accepted: Arc<AtomicUsize>,
     handshakes: Arc<AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
+    /// The client certificate (leaf, DER) of each finished handshake that had one.
+    client_certs: Arc<Mutex<Vec<Vec<u8>>>>,
 }
 
 impl TlsUpstream {
     async fn start(cert: &Cert, alpn: &[&[u8]]) -> TlsUpstream {
+        TlsUpstream::with_config(cert.server_config(alpn)).await
+    }
+
+    async fn with_config(cfg: Arc<rustls::ServerConfig>) -> TlsUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let acceptor = tokio_rustls::TlsAcceptor::from(cert.server_config(alpn));
+        let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
         let accepted = Arc::new(AtomicUsize::new(0));
         let handshakes = Arc::new(AtomicUsize::new(0));
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let (a, h, s) = (accepted.clone(), handshakes.clone(), seen.clone());
+        let client_certs = Arc::new(Mutex::new(Vec::new()));
+        let (a, h, s, cc) = (
+            accepted.clone(),
+            handshakes.clone(),
+            seen.clone(),
+            client_certs.clone(),
+        );
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
                 a.fetch_add(1, Ordering::SeqCst);
-                let (acceptor, h, s) = (acceptor.clone(), h.clone(), s.clone());
+                let (acceptor, h, s, cc) = (acceptor.clone(), h.clone(), s.clone(), cc.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
                     h.fetch_add(1, Ordering::SeqCst);
+                    if let Some(leaf) = tls.get_ref().1.peer_certificates().and_then(|c| c.first())
+                    {
+                        cc.lock().unwrap().push(leaf.to_vec());
+                    }
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let s = s.clone();
                         async move {
@@ -144,6 +197,7 @@ impl TlsUpstream {
             accepted,
             handshakes,
             seen,
+            client_certs,
         }
     }
 
@@ -295,6 +349,44 @@ async fn an_untrusted_certificate_is_a_502_and_the_gateway_keeps_serving() {
     }
     assert!(up.seen().is_empty(), "no request was sent");
     assert_eq!(up.handshakes.load(Ordering::SeqCst), 0);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_certificate_is_presented_to_an_upstream_that_requires_one() {
+    let server = Cert::new(&["localhost"]);
+    let gateway_id = Cert::new(&["gateway.test"]);
+    let up =
+        TlsUpstream::with_config(server.server_config_for(&[b"http/1.1"], Some(&gateway_id))).await;
+    let c = client();
+
+    // Without a client certificate, and with one the upstream does not trust: the upstream ends
+    // the handshake, no request reaches it, the client gets 502 and the gateway keeps serving.
+    let stranger = Cert::new(&["gateway.test"]);
+    for tls in [server.tls(""), server.tls(&stranger.identity())] {
+        let gw = Gateway::start(&config(&[up.url()], &format!(", {tls}"), "")).await;
+        for _ in 0..2 {
+            let g = get(&c, &gw.url("/x")).await;
+            assert_eq!(g.status, 502);
+            assert_eq!(g.header("x-bulwark-reason"), Some("upstream_error"));
+        }
+        gw.stop().await;
+    }
+    assert!(up.seen().is_empty(), "no request was served");
+    assert_eq!(up.handshakes.load(Ordering::SeqCst), 0);
+
+    // With the gateway's certificate: served, on one connection, and the upstream saw it.
+    let tls = server.tls(&gateway_id.identity());
+    let gw = Gateway::start(&config(&[up.url()], &format!(", {tls}"), "")).await;
+    for i in 0..3 {
+        let g = get(&c, &gw.url(&format!("/{i}"))).await;
+        assert_eq!((g.status.as_u16(), g.text().as_str()), (200, "hello"));
+    }
+    assert_eq!(up.seen().len(), 3);
+    assert_eq!(
+        *up.client_certs.lock().unwrap(),
+        vec![gateway_id.key.cert.der().to_vec()]
+    );
     gw.stop().await;
 }
 
@@ -469,6 +561,46 @@ async fn a_reload_rebuilds_an_upstream_whose_tls_section_or_ca_file_changed() {
     // upstream's certificate is no longer trusted.
     let other = Cert::new(&["localhost"]);
     std::fs::copy(&other.cert_path, &ca).unwrap();
+    let r = ops.reloader().reload().unwrap();
+    assert_eq!(r.rebuilt, ["u"]);
+    assert_eq!(get(&c, &ops.url("/")).await.status, 502);
+    ops.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_rebuilds_an_upstream_whose_client_certificate_files_changed() {
+    use admin_support::Ops;
+    let server = Cert::new(&["localhost"]);
+    let gateway_id = Cert::new(&["gateway.test"]);
+    let up =
+        TlsUpstream::with_config(server.server_config_for(&[b"http/1.1"], Some(&gateway_id))).await;
+    let dir = admin_support::temp_dir();
+    let (cert, key) = (dir.join("client.pem"), dir.join("client.key"));
+    let install = |id: &Cert| {
+        std::fs::copy(&id.cert_path, &cert).unwrap();
+        std::fs::copy(&id.key_path, &key).unwrap();
+    };
+    install(&gateway_id);
+    let yaml = config(
+        &[up.url()],
+        &format!(
+            ", {}",
+            server.tls(&format!(
+                ", cert: '{}', key: '{}'",
+                cert.display(),
+                key.display()
+            ))
+        ),
+        "",
+    );
+    let ops = Ops::start_with(&yaml, None, std::time::Duration::from_secs(3600)).await;
+    let c = client();
+    assert_eq!(get(&c, &ops.url("/")).await.status, 200);
+    let r = ops.reloader().reload().unwrap();
+    assert_eq!(r.kept, ["u"], "unchanged files: kept");
+
+    // The same paths now hold a certificate the upstream does not trust: rebuilt, and refused.
+    install(&Cert::new(&["gateway.test"]));
     let r = ops.reloader().reload().unwrap();
     assert_eq!(r.rebuilt, ["u"]);
     assert_eq!(get(&c, &ops.url("/")).await.status, 502);

@@ -318,8 +318,9 @@ pub struct Upstream {
     pub tls: Option<UpstreamTls>,
 }
 
-/// `tls:` of an upstream: how its `https://` endpoints are verified. Every key is optional; there
-/// is deliberately no way to skip verification.
+/// `tls:` of an upstream: how its `https://` endpoints are verified, and the client certificate the
+/// gateway presents to them. Every key is optional; there is deliberately no way to skip
+/// verification.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamTls {
@@ -330,6 +331,13 @@ pub struct UpstreamTls {
     /// The name sent as SNI and checked against the certificate; default: each endpoint's URL host.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
+    /// The client certificate (a PEM chain, leaf first) presented to upstreams that ask for one
+    /// (mutual TLS); set together with `key`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert: Option<PathBuf>,
+    /// The private key of `cert` (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<PathBuf>,
 }
 
 fn default_connect_timeout() -> Dur {

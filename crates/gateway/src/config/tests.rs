@@ -415,7 +415,65 @@ fn https_endpoints_and_the_tls_section() {
     );
     assert_eq!(
         err("upstreams:\n  a:\n    endpoints: [{url: 'https://x:1'}]\n    tls: { verify: false }\n"),
-        "gw.yaml:4:12: upstreams.a.tls.verify: unknown field `verify`, expected `ca` or `server_name`"
+        "gw.yaml:4:12: upstreams.a.tls.verify: unknown field `verify`, expected one of `ca`, `server_name`, `cert`, `key`"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_client_certificate_needs_its_key_and_both_must_read() {
+    let dir = std::env::temp_dir().join(format!("bulwark-cfg-mtls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["gateway.test".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path, empty) = (dir.join("c.pem"), dir.join("k.pem"), dir.join("e.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    std::fs::write(&empty, "").unwrap();
+    let up = |tls: String| {
+        format!("upstreams:\n  a:\n    endpoints: [{{url: 'https://api.example.com'}}]\n    tls:\n{tls}")
+    };
+    let (c, k) = (cert_path.display(), key_path.display());
+
+    let ok = from_str(
+        &up(format!("      cert: '{c}'\n      key: '{k}'\n")),
+        "gw.yaml",
+    )
+    .unwrap();
+    let tls = ok.upstreams.get("a").unwrap().tls.as_ref().unwrap();
+    assert_eq!(tls.cert.as_deref(), Some(cert_path.as_path()));
+    assert!(to_yaml(&ok).contains(&format!("cert: {c}")));
+
+    assert_eq!(
+        err(&up(format!("      cert: '{c}'\n"))),
+        "gw.yaml:5:7: upstreams.a.tls.cert: `cert` needs `key` (the certificate's private key)"
+    );
+    assert_eq!(
+        err(&up(format!("      key: '{k}'\n"))),
+        "gw.yaml:5:7: upstreams.a.tls.key: `key` needs `cert` (the client certificate)"
+    );
+    assert_eq!(
+        err(&up(format!(
+            "      cert: '{c}'\n      key: '{}'\n",
+            empty.display()
+        ))),
+        format!(
+            "gw.yaml:6:7: upstreams.a.tls.key: no PEM private key in `{}`",
+            empty.display()
+        )
+    );
+    assert_eq!(
+        err(&up(format!(
+            "      cert: '{}'\n      key: '{k}'\n",
+            empty.display()
+        ))),
+        format!(
+            "gw.yaml:5:7: upstreams.a.tls.cert: no PEM certificate in `{}`",
+            empty.display()
+        )
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

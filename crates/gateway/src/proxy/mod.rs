@@ -153,7 +153,7 @@ impl Runtime {
             return None;
         }
         self.upstream(name)
-            .filter(|u| u.same_ca_file(settings))
+            .filter(|u| u.same_tls_files(settings))
             .cloned()
     }
 
@@ -937,20 +937,8 @@ fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<tokio_rustls::TlsAcceptor, StartError> {
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| format!("tls: cannot read {}: {e}", p.display()))
-    };
-    let cert_pem = read(cert)?;
-    let key_pem = read(key)?;
-    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("tls: bad certificate {}: {e}", cert.display()))?;
-    if certs.is_empty() {
-        return Err(format!("tls: no certificate in {}", cert.display()).into());
-    }
-    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
-        .map_err(|e| format!("tls: bad key {}: {e}", key.display()))?
-        .ok_or_else(|| format!("tls: no private key in {}", key.display()))?;
+    let certs = crate::pem::certs(cert).map_err(|e| format!("tls.cert: {e}"))?;
+    let key = crate::pem::private_key(key).map_err(|e| format!("tls.key: {e}"))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

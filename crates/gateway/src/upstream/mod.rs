@@ -52,9 +52,9 @@ pub struct Upstream {
     panicking: AtomicBool,
     /// Running health checks; dropped (and stopped) with the upstream.
     health: Option<health::HealthTasks>,
-    /// The `tls.ca` bundle as read when this upstream was built (a reload that finds the file
-    /// changed rebuilds the upstream even though its section is the same).
-    ca_pem: Option<Vec<u8>>,
+    /// The files of the `tls` section (`ca`, `cert`, `key`) as read when this upstream was built
+    /// (a reload that finds one changed rebuilds the upstream even though its section is the same).
+    tls_files: Vec<Option<Vec<u8>>>,
 }
 
 /// What one attempt on an endpoint showed, for outlier detection and cooldown.
@@ -158,14 +158,15 @@ impl Upstream {
             panic_threshold: c.panic_threshold.filter(|&t| t > 0.0),
             panicking: AtomicBool::new(false),
             health,
-            ca_pem: tls::ca_contents(c.tls.as_ref()),
+            tls_files: tls::file_contents(c.tls.as_ref()),
         })
     }
 
-    /// Whether the `tls.ca` file of `c` still holds what this upstream was built with (a reload
-    /// keeps the upstream only then). Reads the file: called on reloads, never per request.
-    pub fn same_ca_file(&self, c: &config::Upstream) -> bool {
-        tls::ca_contents(c.tls.as_ref()) == self.ca_pem
+    /// Whether the files `c`'s `tls` section names (`ca`, `cert`, `key`) still hold what this
+    /// upstream was built with (a reload keeps the upstream only then). Reads them: called on
+    /// reloads, never per request.
+    pub fn same_tls_files(&self, c: &config::Upstream) -> bool {
+        tls::file_contents(c.tls.as_ref()) == self.tls_files
     }
 
     /// The running health checker, when `health_check` is configured (its report names each

@@ -5,11 +5,13 @@
 //! scratch container verifies public providers without a system bundle) plus the PEM bundle of
 //! `tls.ca`, for private CAs. There is no way to skip verification: a certificate that does not
 //! verify for the server name fails the connect like a refused TCP connection.
+//!
+//! With `tls.cert` and `tls.key`, the gateway presents that client certificate to servers that
+//! ask for one (mutual TLS).
 
-use std::path::Path;
 use std::sync::Arc;
 
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 
 use crate::config::UpstreamTls;
@@ -22,7 +24,7 @@ pub(crate) const ALPN_HTTP11: &[u8] = b"http/1.1";
 /// A TLS setting that cannot be used: the key under `tls` it is about, and why.
 #[derive(Debug)]
 pub(crate) struct TlsSettingError {
-    /// `ca` or `server_name`.
+    /// `ca`, `server_name`, `cert` or `key`.
     pub(crate) key: &'static str,
     pub(crate) message: String,
 }
@@ -35,7 +37,9 @@ pub(crate) fn client_config(
     let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(ca) = tls.and_then(|t| t.ca.as_deref()) {
-        for cert in read_ca(ca)? {
+        let certs =
+            crate::pem::certs(ca).map_err(|message| TlsSettingError { key: "ca", message })?;
+        for cert in certs {
             roots.add(cert).map_err(|e| TlsSettingError {
                 key: "ca",
                 message: format!("invalid CA certificate in `{}`: {e}", ca.display()),
@@ -49,38 +53,71 @@ pub(crate) fn client_config(
         })?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut cfg = ClientConfig::builder_with_provider(provider)
+    let cfg = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsSettingError {
             key: "ca",
             message: format!("TLS setup failed: {e}"),
         })?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        .with_root_certificates(roots);
+    let mut cfg = match client_identity(tls)? {
+        Some((chain, key)) => {
+            cfg.with_client_auth_cert(chain, key)
+                .map_err(|e| TlsSettingError {
+                    key: "key",
+                    message: format!("cannot use this key with `cert`: {e}"),
+                })?
+        }
+        None => cfg.with_no_client_auth(),
+    };
     cfg.alpn_protocols = vec![if http2 { ALPN_H2 } else { ALPN_HTTP11 }.to_vec()];
     Ok(Arc::new(cfg))
 }
 
-/// The certificates of the PEM bundle at `path`: an error when it cannot be read, is not PEM or
-/// holds no certificate.
-fn read_ca(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsSettingError> {
-    let fail = |message: String| TlsSettingError { key: "ca", message };
-    let pem =
-        std::fs::read(path).map_err(|e| fail(format!("cannot read `{}`: {e}", path.display())))?;
-    let certs = rustls_pemfile::certs(&mut pem.as_slice())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| fail(format!("`{}` is not a PEM bundle: {e}", path.display())))?;
-    if certs.is_empty() {
-        return Err(fail(format!("no PEM certificate in `{}`", path.display())));
-    }
-    Ok(certs)
+type Identity = (
+    Vec<rustls::pki_types::CertificateDer<'static>>,
+    rustls::pki_types::PrivateKeyDer<'static>,
+);
+
+/// The client certificate chain and key of `tls.cert` and `tls.key`: both or neither.
+fn client_identity(tls: Option<&UpstreamTls>) -> Result<Option<Identity>, TlsSettingError> {
+    let (cert, key) = match tls.map(|t| (t.cert.as_deref(), t.key.as_deref())) {
+        Some((Some(c), Some(k))) => (c, k),
+        Some((Some(_), None)) => {
+            return Err(TlsSettingError {
+                key: "cert",
+                message: "`cert` needs `key` (the certificate's private key)".into(),
+            })
+        }
+        Some((None, Some(_))) => {
+            return Err(TlsSettingError {
+                key: "key",
+                message: "`key` needs `cert` (the client certificate)".into(),
+            })
+        }
+        _ => return Ok(None),
+    };
+    let chain = crate::pem::certs(cert).map_err(|message| TlsSettingError {
+        key: "cert",
+        message,
+    })?;
+    let key = crate::pem::private_key(key).map_err(|message| TlsSettingError {
+        key: "key",
+        message,
+    })?;
+    Ok(Some((chain, key)))
 }
 
-/// The contents of the `tls.ca` file of `tls`, if any (a reload compares it to tell a changed
-/// bundle behind an unchanged path).
-pub(crate) fn ca_contents(tls: Option<&UpstreamTls>) -> Option<Vec<u8>> {
-    tls.and_then(|t| t.ca.as_deref())
-        .and_then(|p| std::fs::read(p).ok())
+/// The contents of the files `tls` names (`ca`, `cert`, `key`), in that order; a reload compares
+/// them to tell changed files behind unchanged paths.
+pub(crate) fn file_contents(tls: Option<&UpstreamTls>) -> Vec<Option<Vec<u8>>> {
+    let Some(t) = tls else {
+        return Vec::new();
+    };
+    [&t.ca, &t.cert, &t.key]
+        .into_iter()
+        .map(|p| p.as_deref().and_then(|p| std::fs::read(p).ok()))
+        .collect()
 }
 
 /// `name` as a TLS server name (SNI and certificate check): a DNS name or an IP address (an IPv6
