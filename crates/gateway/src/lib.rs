@@ -11,5 +11,6 @@ mod pem;
 pub mod policy;
 pub mod proxy;
 pub mod reload;
+mod sched;
 pub mod store;
 pub mod upstream;

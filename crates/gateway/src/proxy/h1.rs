@@ -1225,6 +1225,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
             .await
         };
         self.wbuf.clear();
+        crate::sched::after_write();
         r.map_err(|e| {
             tracing::debug!(error = %e, "writing to the client failed");
             Gone
