@@ -352,12 +352,19 @@ async fn an_untrusted_certificate_is_a_502_and_the_gateway_keeps_serving() {
     gw.stop().await;
 }
 
-#[tokio::test]
-async fn a_client_certificate_is_presented_to_an_upstream_that_requires_one() {
+/// An upstream's certificate, the gateway's client certificate, and an HTTP/1.1 TLS upstream that
+/// requires that client certificate.
+async fn mutual_tls_upstream() -> (Cert, Cert, TlsUpstream) {
     let server = Cert::new(&["localhost"]);
     let gateway_id = Cert::new(&["gateway.test"]);
     let up =
         TlsUpstream::with_config(server.server_config_for(&[b"http/1.1"], Some(&gateway_id))).await;
+    (server, gateway_id, up)
+}
+
+#[tokio::test]
+async fn a_client_certificate_is_presented_to_an_upstream_that_requires_one() {
+    let (server, gateway_id, up) = mutual_tls_upstream().await;
     let c = client();
 
     // Without a client certificate, and with one the upstream does not trust: the upstream ends
@@ -570,10 +577,7 @@ async fn a_reload_rebuilds_an_upstream_whose_tls_section_or_ca_file_changed() {
 #[tokio::test]
 async fn a_reload_rebuilds_an_upstream_whose_client_certificate_files_changed() {
     use admin_support::Ops;
-    let server = Cert::new(&["localhost"]);
-    let gateway_id = Cert::new(&["gateway.test"]);
-    let up =
-        TlsUpstream::with_config(server.server_config_for(&[b"http/1.1"], Some(&gateway_id))).await;
+    let (server, gateway_id, up) = mutual_tls_upstream().await;
     let dir = admin_support::temp_dir();
     let (cert, key) = (dir.join("client.pem"), dir.join("client.key"));
     let install = |id: &Cert| {
