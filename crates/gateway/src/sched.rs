@@ -31,8 +31,9 @@ thread_local! {
     static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
 }
 
-/// Called after a response (or part of one) is handed to a client socket: a scheduling point when
-/// this thread has not had one for [`INTERVAL`].
+/// Called after a response (or part of one) is handed to an HTTP/1.1 client's socket (HTTP/2
+/// connections are hyper's, and do not call it): a scheduling point when this thread has not had
+/// one for [`INTERVAL`].
 pub(crate) fn after_write() {
     if LAST.with(|last| due(last, Instant::now())) {
         // The value is not needed: reading the clock is the point (see the module docs).
