@@ -353,7 +353,20 @@ impl RoutePolicies {
         hedge: Option<&config::Hedge>,
         events: &Events,
     ) -> Result<Self, String> {
-        Self::build(name, retry, hedge, events).map_err(|r| r.to_string())
+        Self::build(name, retry, hedge, events, None).map_err(|r| r.to_string())
+    }
+
+    /// [`with_hedge`](Self::with_hedge), keeping `budget` (a reloaded route's, whose budget
+    /// settings did not change) instead of starting a new one: a reload in an outage does not
+    /// hand out fresh retry credit.
+    pub fn keeping_budget(
+        name: &str,
+        retry: Option<&config::Retry>,
+        hedge: Option<&config::Hedge>,
+        events: &Events,
+        budget: Option<&RetryBudget>,
+    ) -> Result<Self, String> {
+        Self::build(name, retry, hedge, events, budget).map_err(|r| r.to_string())
     }
 
     /// Builds the library policies of a route's config only to check it: the first setting a
@@ -363,7 +376,7 @@ impl RoutePolicies {
         retry: Option<&config::Retry>,
         hedge: Option<&config::Hedge>,
     ) -> Result<(), Refused> {
-        Self::build(name, retry, hedge, &None).map(drop)
+        Self::build(name, retry, hedge, &None, None).map(drop)
     }
 
     fn build(
@@ -371,9 +384,13 @@ impl RoutePolicies {
         retry: Option<&config::Retry>,
         hedge: Option<&config::Hedge>,
         events: &Events,
+        kept: Option<&RetryBudget>,
     ) -> Result<Self, Refused> {
         let budget = match retry.and_then(|r| r.budget.as_ref()) {
-            Some(b) => Some(build_budget(b)?),
+            Some(b) => {
+                let fresh = build_budget(b)?;
+                Some(kept.cloned().unwrap_or(fresh))
+            }
             None => None,
         };
         let backoff = backoff(&retry.map(|r| r.backoff.clone()).unwrap_or_default());
@@ -495,6 +512,13 @@ impl RoutePolicies {
     /// already counted and a burst of failures cannot overshoot the budget.
     pub fn try_withdraw(&self) -> bool {
         self.budget.as_ref().is_none_or(RetryBudget::try_withdraw)
+    }
+
+    /// Gives back the token of a retry that sent nothing (see [`RetryBudget::refund`]).
+    pub fn refund(&self) {
+        if let Some(b) = &self.budget {
+            b.refund();
+        }
     }
 
     /// The retry budget, if the route has one (hedges draw on it too).

@@ -1,6 +1,7 @@
 //! Attempt-loop fixes from review: chunked bodies replayed, the route deadline in the bulkhead
 //! queue, hedging on a refused upstream, retries and their own bulkhead slot, failover without a
-//! retry section.
+//! retry section; a provider's response kept when the next step sends nothing, budget tokens of
+//! unsent retries given back, quota cooldowns on by default and outside the breaker.
 mod support;
 
 use std::sync::{Arc, Mutex};
@@ -224,5 +225,210 @@ routes:
     assert_eq!(r.header("x-upstream"), Some("b"));
     assert_eq!(b.hits(), 2);
     assert_eq!(*bodies.lock().unwrap(), ["", "order=1"]);
+    gw.stop().await;
+}
+
+/// The route's retry budget balance.
+fn budget_balance(gw: &Gateway) -> u64 {
+    gw.state.runtime().routes[0]
+        .policies
+        .budget()
+        .unwrap()
+        .balance()
+}
+
+/// The state of upstream `up`'s breaker.
+fn breaker_state(gw: &Gateway, up: &str) -> bulwark::events::BreakerState {
+    gw.state
+        .runtime()
+        .upstream(up)
+        .unwrap()
+        .policies
+        .breaker()
+        .unwrap()
+        .state()
+}
+
+/// The provider's 503 opens the breaker, so the retry is refused: the client gets the provider's
+/// own response (body and headers), not a gateway 503, and the refused retry costs no budget.
+/// With a backoff the response body is read while waiting and still passed through.
+#[tokio::test]
+async fn a_provider_response_is_passed_through_when_its_retry_is_refused() {
+    for backoff in ["0ms", "50ms"] {
+        let up = Upstream::status("provider", 503).await;
+        let gw = Gateway::start(&format!(
+            "upstreams:
+  u:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{ window: {{ kind: count, size: 10 }}, minimum_calls: 1, failure_rate_threshold: 50, open_duration: 1m }}
+routes:
+  - upstream: u
+    retry:
+      attempts: 3
+      on: [5xx]
+      backoff: {{ kind: constant, base: {backoff}, max: {backoff}, jitter: none }}
+      budget: {{ ratio: 0.2, min_per_second: 1, window: 10s }}
+",
+            up.url()
+        ))
+        .await;
+        let before = budget_balance(&gw);
+        let r = get(&client(), &gw.url("/")).await;
+        assert_eq!(r.status, 503, "backoff {backoff}");
+        assert_eq!(
+            r.header("x-upstream"),
+            Some("provider"),
+            "backoff {backoff}"
+        );
+        assert_eq!(r.text(), "provider says 503", "backoff {backoff}");
+        assert_eq!(r.header("x-bulwark-reason"), Some("upstream_error"));
+        assert_eq!(r.header("x-bulwark-attempts"), Some("1"));
+        assert_eq!(up.hits(), 1);
+        assert_eq!(breaker_state(&gw, "u"), bulwark::events::BreakerState::Open);
+        assert_eq!(
+            budget_balance(&gw),
+            before,
+            "backoff {backoff}: the refused retry was refunded"
+        );
+        gw.stop().await;
+    }
+}
+
+/// The failover upstream has no available endpoint: the primary's answer is what the client sees.
+#[tokio::test]
+async fn a_provider_response_is_passed_through_when_failover_finds_no_endpoint() {
+    let a = Upstream::status("a", 503).await;
+    let b = Upstream::named("b").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  a: {{ endpoints: [{{url: '{}'}}] }}
+  b: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: a
+    failover: [b]
+    retry:
+      attempts: 1
+      on: [5xx]
+      budget: {{ ratio: 0.2, min_per_second: 1, window: 10s }}
+",
+        a.url(),
+        b.url()
+    ))
+    .await;
+    gw.set_available("b", 0, false);
+    let before = budget_balance(&gw);
+    let r = get(&client(), &gw.url("/")).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-upstream"), Some("a"));
+    assert_eq!(r.text(), "a says 503");
+    assert_eq!(r.header("x-bulwark-attempts"), Some("1"));
+    assert_eq!((a.hits(), b.hits()), (1, 0));
+    assert_eq!(budget_balance(&gw), before, "the failover sent nothing");
+    // With b back, the same request fails over (and spends a token).
+    gw.set_available("b", 0, true);
+    let r = get(&client(), &gw.url("/")).await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-upstream")),
+        (200, Some("b"))
+    );
+    assert_eq!(budget_balance(&gw), before - 1);
+    gw.stop().await;
+}
+
+/// Retries waiting in backoff already hold their budget token: a burst of concurrent failures
+/// cannot send more retries than the budget allows, however long the backoff.
+#[tokio::test]
+async fn concurrent_failures_in_backoff_cannot_overshoot_the_budget() {
+    let dead = Upstream::status("dead", 503).await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: u
+    retry:
+      attempts: 3
+      on: [5xx]
+      backoff: {{ kind: constant, base: 300ms, max: 300ms, jitter: none }}
+      budget: {{ ratio: 0.2, min_per_second: 1, window: 10s }}
+",
+        dead.url()
+    ))
+    .await;
+    const N: usize = 40;
+    let c = client();
+    let all = (0..N).map(|_| {
+        let (c, url) = (c.clone(), gw.url("/"));
+        tokio::spawn(async move { get(&c, &url).await })
+    });
+    let mut exhausted = 0;
+    for r in futures_util::future::join_all(all).await {
+        let r = r.unwrap();
+        assert_eq!(r.status, 503);
+        if r.header("x-bulwark-reason") == Some("budget_exhausted") {
+            exhausted += 1;
+        }
+    }
+    // floor(1 x 10 s + 0.2 x 40) = 18 retries at most, all requests failing at once.
+    let retries = dead.hits() - N;
+    assert!(retries <= 18, "{retries} retries");
+    assert!(retries >= 10, "the reserve alone allows 10: {retries}");
+    assert!(exhausted >= N - 18, "{exhausted} refused by the budget");
+    gw.stop().await;
+}
+
+/// With no `cooldown` section, a 429 + `Retry-After` still takes its endpoint out of rotation
+/// (cooldown is on by default), and quota answers never open the breaker.
+#[tokio::test]
+async fn quota_cooldown_is_on_by_default_and_outside_the_breaker() {
+    let out = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let q = quota("quota", 429, out.clone(), || "30".into()).await;
+    let ok = Upstream::named("ok").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    balance: round_robin
+    endpoints: [{{url: '{}'}}, {{url: '{}'}}]
+    circuit_breaker: {{ window: {{ kind: count, size: 10 }}, minimum_calls: 1, failure_rate_threshold: 1, open_duration: 1m }}
+  solo:
+    endpoints: [{{url: '{0}'}}]
+    circuit_breaker: {{ window: {{ kind: count, size: 10 }}, minimum_calls: 1, failure_rate_threshold: 1, open_duration: 1m }}
+routes:
+  - match: {{ path_prefix: /solo }}
+    upstream: solo
+  - upstream: u
+",
+        q.url(),
+        ok.url()
+    ))
+    .await;
+    let c = client();
+    let r = get(&c, &gw.url("/")).await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-upstream")),
+        (429, Some("quota"))
+    );
+    assert!(endpoint(&gw, "u", 0).in_cooldown());
+    let seen = spray(&c, &gw.url("/"), 6).await;
+    assert!(seen.iter().all(|s| s == "ok"), "{seen:?}");
+    assert_eq!(
+        breaker_state(&gw, "u"),
+        bulwark::events::BreakerState::Closed
+    );
+
+    // A single endpoint out of quota: its 429 is passed through, then the gateway answers for
+    // it with the time left, and the breaker stays closed throughout.
+    let r = get(&c, &gw.url("/solo")).await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-upstream")),
+        (429, Some("quota"))
+    );
+    let r = get(&c, &gw.url("/solo")).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("x-bulwark-reason"), Some("rate_limited"));
+    assert_eq!(
+        breaker_state(&gw, "solo"),
+        bulwark::events::BreakerState::Closed
+    );
+    assert_eq!(q.hits(), 2);
     gw.stop().await;
 }

@@ -196,6 +196,39 @@ impl RetryBudget {
         true
     }
 
+    /// Gives back the token of a retry that was withdrawn but never sent (say the
+    /// upstream refused it, or had no endpoint left): the most recent withdrawal
+    /// still in the window is undone. Returns `false` when there is none to undo.
+    pub fn refund(&self) -> bool {
+        let now = self.generation();
+        let _guard = self
+            .inner
+            .withdraw_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for age in 0..SLICES as u32 {
+            let generation = now.wrapping_sub(age);
+            let slot = &self.inner.withdrawals[generation as usize % SLICES];
+            let mut cur = slot.load(Ordering::Relaxed);
+            loop {
+                let (g, c) = unpack(cur);
+                if g != generation || c == 0 {
+                    break;
+                }
+                match slot.compare_exchange_weak(
+                    cur,
+                    pack(g, c - 1),
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => return true,
+                    Err(actual) => cur = actual,
+                }
+            }
+        }
+        false
+    }
+
     /// Whole retries the budget would allow right now.
     pub fn balance(&self) -> u64 {
         let units = self.balance_units(self.generation());
@@ -349,5 +382,36 @@ mod tests {
         let taken = taken.load(Ordering::Relaxed);
         assert!(taken <= 8_000);
         assert_eq!(taken + b.balance(), 8_000);
+    }
+
+    /// A refund undoes the latest withdrawal still in the window, and only one per
+    /// withdrawal: an expired withdrawal (or none) cannot be refunded into credit.
+    #[tokio::test(start_paused = true)]
+    async fn refund_gives_back_an_unsent_retry() {
+        let b = RetryBudget::builder()
+            .ttl(Duration::from_secs(10))
+            .min_retries_per_sec(0)
+            .percent_can_retry(0.5)
+            .build()
+            .unwrap();
+        for _ in 0..4 {
+            b.deposit();
+        }
+        assert_eq!(b.balance(), 2);
+        assert!(!b.refund(), "nothing withdrawn yet");
+        assert!(b.try_withdraw());
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(b.try_withdraw());
+        assert_eq!(b.balance(), 0);
+        assert!(b.refund());
+        assert_eq!(b.balance(), 1);
+        assert!(b.refund(), "the older withdrawal, in an earlier slice");
+        assert_eq!(b.balance(), 2);
+        assert!(!b.refund(), "both already given back");
+        assert_eq!(b.balance(), 2);
+        // A withdrawal that has expired is not refundable.
+        assert!(b.try_withdraw());
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(!b.refund());
     }
 }

@@ -297,7 +297,8 @@ pub struct Upstream {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetection>,
     /// Provider quotas: cooldown of an endpoint on 429 (or other configured statuses) + `Retry-After`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// On by default (429); `cooldown: {enabled: false}` turns it off.
+    #[serde(default = "default_cooldown", skip_serializing_if = "Option::is_none")]
     pub cooldown: Option<Cooldown>,
     /// Panic mode (Envoy's `healthy_panic_threshold`): when the percentage of available endpoints
     /// (healthy and not ejected) falls below this, balance over every endpoint of the first tier,
@@ -493,6 +494,11 @@ pub struct Cooldown {
     pub on: Vec<u16>,
     /// Longest cooldown, whatever `Retry-After` says.
     pub max: Dur,
+}
+
+/// An upstream without a `cooldown` section still honours its providers' 429 + `Retry-After`.
+fn default_cooldown() -> Option<Cooldown> {
+    Some(Cooldown::default())
 }
 
 impl Default for Cooldown {

@@ -298,7 +298,11 @@ async fn attempt(
                     retry_after: ra,
                 },
             );
+            // A quota answer that starts a cooldown is the cooldown's business, not a sign of a
+            // broken upstream: it does not count towards opening the breaker.
+            let quota = ra.is_some() && up.cools_down_on(status);
             admission.record(match (failed, ra) {
+                _ if quota => Outcome::Ignore,
                 (false, _) => Outcome::Success,
                 (true, Some(d)) => Outcome::FailureRetryAfter(d),
                 (true, None) => Outcome::Failure,
@@ -431,6 +435,10 @@ pub(crate) async fn forward(
     // Whether a request may have reached an upstream: from then on, failing over is a retry.
     let mut delivered = false;
     let mut last = Last::Failure(Failure::NoHealthyEndpoint);
+    // A retry's budget token taken but not yet spent on a request sent: given back if the retry
+    // sends nothing (refused, no endpoint, deadline), so the budget counts only retries that went
+    // out or are waiting in backoff.
+    let mut withdrawn = false;
 
     for (chain_pos, &ui) in route.chain.iter().enumerate() {
         let up = &*rt.upstreams[ui];
@@ -448,6 +456,7 @@ pub(crate) async fn forward(
                 route.policies.on_budget_exhausted();
                 return finish(last, sent, Some(Failure::BudgetExhausted), route);
             }
+            withdrawn = true;
             route
                 .policies
                 .on_retry("failover", sent + 1, Duration::ZERO);
@@ -462,19 +471,23 @@ pub(crate) async fn forward(
             let admission = match up.policies.admit_by(Some(deadline)).await {
                 Ok(a) => a,
                 Err(Reject::Deadline) => {
+                    refund(route, &mut withdrawn);
                     route.policies.on_timeout("total");
                     return finish(Last::Failure(Failure::Timeout), sent, None, route);
                 }
                 Err(r) => {
-                    last = Last::Failure(reject_to_failure(r));
+                    refund(route, &mut withdrawn);
+                    refused(&mut last, reject_to_failure(r));
                     break;
                 }
             };
             let Some(ei) = up.pick(tried) else {
-                last = Last::Failure(no_endpoint(up));
+                refund(route, &mut withdrawn);
+                refused(&mut last, no_endpoint(up));
                 break;
             };
             let Some(req_body) = slot.take() else {
+                refund(route, &mut withdrawn);
                 return finish(last, sent, None, route);
             };
             tried.insert(ei);
@@ -524,7 +537,13 @@ pub(crate) async fn forward(
                     }
                 }
             };
-            sent += tally.sent.swap(0, Ordering::Relaxed);
+            let went_out = tally.sent.swap(0, Ordering::Relaxed);
+            sent += went_out;
+            if went_out > 0 {
+                withdrawn = false;
+            } else {
+                refund(route, &mut withdrawn);
+            }
             delivered |= tally.reached.swap(false, Ordering::Relaxed);
 
             let (retryable, retry_after) = match result {
@@ -532,11 +551,11 @@ pub(crate) async fn forward(
                 Err(Miss::Client(local)) => return respond::local(local),
                 Err(Miss::Rejected(r)) => {
                     // Only a hedge gets here (the original was admitted above); nothing was sent.
-                    last = Last::Failure(reject_to_failure(r));
+                    refused(&mut last, reject_to_failure(r));
                     break;
                 }
                 Err(Miss::NoEndpoint) => {
-                    last = Last::Failure(no_endpoint(up));
+                    refused(&mut last, no_endpoint(up));
                     break;
                 }
                 Err(Miss::Response {
@@ -587,19 +606,43 @@ pub(crate) async fn forward(
                 route.policies.on_budget_exhausted();
                 return finish(last, sent, Some(Failure::BudgetExhausted), route);
             }
+            withdrawn = true;
             route
                 .policies
                 .on_retry(retry_reason(&last), sent + 1, delay);
             if !delay.is_zero() {
-                // Release the failed response (and its connection) before waiting.
-                if let Last::Response(_) = last {
-                    last = Last::Failure(Failure::UpstreamError);
+                let retry_at = Instant::now() + delay;
+                // Read the failed response's body (it is usually a short error) so that its
+                // connection goes back to the pool while the retry waits, and the response can
+                // still be passed through if the retry gets none. One too large or too slow to
+                // read in the backoff is dropped (the client then sees a 502 `upstream_error`).
+                if let Last::Response(resp) = last {
+                    last = match body::read_small(resp, route.retry_buffer, retry_at).await {
+                        Some(resp) => Last::Response(resp),
+                        None => Last::Failure(Failure::UpstreamError),
+                    };
                 }
-                tokio::time::sleep(delay).await;
+                tokio::time::sleep_until(retry_at).await;
             }
         }
     }
     finish(last, sent, None, route)
+}
+
+/// A step that sent nothing (refused by the upstream's policies, or no endpoint) replaces the
+/// outcome of an earlier attempt only when that attempt got no response: a response an upstream
+/// gave is what the client sees, as the last answer any attempt got.
+fn refused(last: &mut Last, why: Failure) {
+    if !matches!(last, Last::Response(_)) {
+        *last = Last::Failure(why);
+    }
+}
+
+/// Gives back the budget token of a retry that sent nothing, if one is held.
+fn refund(route: &Route, withdrawn: &mut bool) {
+    if std::mem::take(withdrawn) {
+        route.policies.refund();
+    }
 }
 
 /// What failed, for the `reason` label of a retry.

@@ -311,3 +311,30 @@ impl Body for RespBody {
         }
     }
 }
+
+/// Reads a response's whole body when it is at most `max` bytes and has arrived by `by`: the
+/// response then carries it in memory, and its upstream connection is released (back to the pool).
+/// `None` when it is larger, slower or broken; the response is then dropped.
+pub async fn read_small(
+    resp: http::Response<RespBody>,
+    max: usize,
+    by: tokio::time::Instant,
+) -> Option<http::Response<RespBody>> {
+    let (parts, body) = resp.into_parts();
+    let read = async {
+        let mut body = std::pin::pin!(body);
+        let mut acc = bytes::BytesMut::new();
+        while let Some(frame) = body.frame().await {
+            // Trailers are dropped: rare on an error response, and this one was not a success.
+            if let Ok(data) = frame.ok()?.into_data() {
+                if acc.len() + data.len() > max {
+                    return None;
+                }
+                acc.extend_from_slice(&data);
+            }
+        }
+        Some(acc.freeze())
+    };
+    let data = tokio::time::timeout_at(by, read).await.ok()??;
+    Some(http::Response::from_parts(parts, RespBody::full(data)))
+}

@@ -118,11 +118,13 @@ impl Runtime {
         }
         let mut routes = Vec::with_capacity(config.routes.len());
         for (i, r) in config.routes.iter().enumerate() {
+            let kept = previous.and_then(|p| p.unchanged_budget(i, r));
             routes.push(Route::with_events(
                 i,
                 r,
                 |n| config.upstreams.index_of(n),
                 events,
+                kept,
             )?);
         }
         let stats = routes
@@ -144,6 +146,28 @@ impl Runtime {
             stats,
             telemetry: telemetry.clone(),
         })
+    }
+
+    /// The retry budget of this runtime's route named as route `i` of a new config (`c`) is, when
+    /// the two have the same budget settings: the reloaded route keeps it, balance and all.
+    fn unchanged_budget(
+        &self,
+        i: usize,
+        c: &config::Route,
+    ) -> Option<&bulwark::retry::RetryBudget> {
+        let name = c.name.clone().unwrap_or_else(|| format!("route{i}"));
+        let budget_of = |r: &config::Route| r.retry.as_ref().filter(|r| r.enabled)?.budget.clone();
+        let (j, old) = self
+            .routes
+            .iter()
+            .enumerate()
+            .find(|(_, r)| *r.name == *name)?;
+        let new_settings = budget_of(c)?;
+        let old_settings = budget_of(self.config.routes.get(j)?)?;
+        if !same_settings(&old_settings, &new_settings) {
+            return None;
+        }
+        old.policies.budget()
     }
 
     /// This runtime's upstream `name`, if its settings equal `settings`.

@@ -137,15 +137,17 @@ impl Route {
         c: &config::Route,
         upstream_index: impl Fn(&str) -> Option<usize>,
     ) -> Result<Self, String> {
-        Self::with_events(i, c, upstream_index, &None)
+        Self::with_events(i, c, upstream_index, &None, None)
     }
 
-    /// Builds a route whose policies (the hedge) report events to `events`.
+    /// Builds a route whose policies (the hedge) report events to `events`; with `budget`, the
+    /// route keeps that retry budget (and its balance) instead of starting a new one.
     pub fn with_events(
         i: usize,
         c: &config::Route,
         upstream_index: impl Fn(&str) -> Option<usize>,
         events: &crate::policy::Events,
+        budget: Option<&bulwark::retry::RetryBudget>,
     ) -> Result<Self, String> {
         let mut chain = Vec::with_capacity(1 + c.failover.len());
         for name in std::iter::once(&c.upstream).chain(&c.failover) {
@@ -153,8 +155,9 @@ impl Route {
         }
         let retry = c.retry.as_ref().filter(|r| r.enabled);
         let name: Arc<str> = c.name.clone().unwrap_or_else(|| format!("route{i}")).into();
-        let policies = RoutePolicies::with_hedge(&name, retry, c.hedge.as_ref(), events)
-            .map_err(|e| format!("routes[{i}].{e}"))?;
+        let policies =
+            RoutePolicies::keeping_budget(&name, retry, c.hedge.as_ref(), events, budget)
+                .map_err(|e| format!("routes[{i}].{e}"))?;
         Ok(Route {
             name,
             matcher: Matcher::new(&c.matcher)?,

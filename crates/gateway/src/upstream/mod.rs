@@ -184,14 +184,10 @@ impl Upstream {
     /// without response count as failures; other responses as successes, except those that start a
     /// cooldown or are 429, which say nothing about the endpoint's health) and cooldown.
     pub fn observe(&self, i: usize, what: Observed) {
-        if self.outlier.is_none() && self.cooldown.is_none() {
-            return;
-        }
-        let now = Instant::now();
         match what {
             Observed::Failed => {
                 if let Some(o) = &self.outlier {
-                    o.failure(&self.endpoints, i, now);
+                    o.failure(&self.endpoints, i, Instant::now());
                 }
             }
             Observed::Response {
@@ -200,6 +196,10 @@ impl Upstream {
                 retry_after,
             } => {
                 let quota = self.cools_down_on(status);
+                if self.outlier.is_none() && !quota {
+                    return;
+                }
+                let now = Instant::now();
                 if let (true, Some(c), Some(ra)) = (quota, &self.cooldown, retry_after) {
                     c.start(&self.endpoints[i], ra, now);
                 }
