@@ -343,3 +343,63 @@ routes:
     );
     ops.stop().await;
 }
+
+/// A reload keeps a route's retry budget (and its balance) while the route's budget settings stay
+/// the same: a reload during an outage hands out no fresh retry credit. Changed settings start a
+/// new budget.
+#[tokio::test]
+async fn a_route_keeps_its_retry_budget_across_a_reload() {
+    let failing = Upstream::status("failing", 503).await;
+    let config = |min_per_second: u32, extra_route: bool| {
+        let mut y = format!(
+            "upstreams:
+  a: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - name: api
+    upstream: a
+    retry:
+      attempts: 2
+      on: [5xx]
+      backoff: {{ kind: constant, base: 1ms, max: 1ms, jitter: none }}
+      budget: {{ ratio: 0.2, min_per_second: {min_per_second}, window: 10s }}
+",
+            failing.url()
+        );
+        if extra_route {
+            y.push_str("  - match: { path: /other }\n    upstream: a\n");
+        }
+        y
+    };
+    let ops = Ops::start_with(&config(1, false), None, NO_POLL).await;
+    let balance = |ops: &Ops| {
+        let rt = ops.gateway().runtime();
+        let api = rt.routes.iter().find(|r| &*r.name == "api").unwrap();
+        api.policies.budget().unwrap().balance()
+    };
+    assert_eq!(balance(&ops), 10);
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(get(&c, &ops.url("/")).await.status, 503);
+    }
+    // floor(1 x 10 + 0.2 x 3) - 3 retries.
+    assert_eq!(balance(&ops), 7);
+    assert_eq!(failing.hits(), 6);
+
+    ops.rewrite(&config(1, true));
+    ops.reloader().reload().unwrap();
+    assert_eq!(
+        ops.gateway().runtime().routes.len(),
+        2,
+        "the new config serves"
+    );
+    assert_eq!(
+        balance(&ops),
+        7,
+        "same budget settings: the balance is kept"
+    );
+
+    ops.rewrite(&config(2, true));
+    ops.reloader().reload().unwrap();
+    assert_eq!(balance(&ops), 20, "a changed budget starts with its floor");
+    ops.stop().await;
+}
