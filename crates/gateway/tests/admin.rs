@@ -264,3 +264,121 @@ routes:
     assert_eq!(ops.admin_get(&c, "/health").await.status, 200);
     ops.stop().await;
 }
+
+/// A gateway started as `bulwark run` starts it, with `admin.token_env: <var>` (and nothing else
+/// set here: the test decides what the variable holds). The config directory is kept alive with it.
+async fn start_with_token_env(
+    var: &str,
+    up: &Upstream,
+) -> (bulwark_gateway::cli::Running, TempDir) {
+    let dir = temp_dir();
+    let path = dir.join("bulwark.yaml");
+    let content = format!(
+        "listen: 127.0.0.1:0
+admin:
+  listen: 127.0.0.1:0
+  token_env: {var}
+upstreams:
+  primary:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{}}
+routes:
+  - upstream: primary
+",
+        up.url()
+    );
+    std::fs::write(&path, &content).unwrap();
+    let config = bulwark_gateway::config::load(&path).unwrap_or_else(|e| panic!("{e}\n{content}"));
+    let running = bulwark_gateway::cli::start(&path, &config, Duration::from_secs(60))
+        .await
+        .unwrap();
+    (running, dir)
+}
+
+/// PUTs `forced_open` with each of `authorizations` (raw header values, `None`: no header) and
+/// asserts every one is refused with 403 and leaves the breaker closed; reads stay open.
+async fn assert_mutations_disabled(admin: std::net::SocketAddr, authorizations: &[Option<&str>]) {
+    let c = client();
+    let url = format!("http://{admin}/api/circuit-breakers/primary");
+    for auth in authorizations {
+        let mut b = http::Request::put(&url).header("content-type", "application/json");
+        if let Some(a) = auth {
+            b = b.header("authorization", *a);
+        }
+        let g = send(
+            &c,
+            b.body(r#"{"state": "forced_open"}"#.to_owned().into())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(g.status, 403, "{auth:?}: {}", g.text());
+        let err: serde_json::Value = serde_json::from_slice(&g.body).unwrap();
+        assert!(err["error"].is_string(), "{err}");
+    }
+    let g = get(&c, &url).await;
+    assert_eq!(g.status, 200, "{}", g.text());
+    let state: serde_json::Value = serde_json::from_slice(&g.body).unwrap();
+    assert_eq!(
+        state["state"], "closed",
+        "a refused call changed the breaker"
+    );
+}
+
+/// A name no other test (nor the environment) uses.
+fn unique_var(tag: &str) -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!(
+        "BULWARK_TEST_{tag}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+#[tokio::test]
+async fn token_env_naming_an_unset_variable_refuses_mutations_with_403() {
+    let up = Upstream::named("up").await;
+    let var = unique_var("UNSET_TOKEN");
+    assert!(std::env::var_os(&var).is_none());
+    let (running, _dir) = start_with_token_env(&var, &up).await;
+    let admin = running.admin_addr.unwrap();
+    assert_mutations_disabled(
+        admin,
+        &[
+            None,
+            Some("Bearer "),
+            Some("Bearer"),
+            Some("Bearer anything"),
+            Some(&format!("Bearer {var}")),
+        ],
+    )
+    .await;
+
+    // The token is read at start: setting the variable afterwards opens nothing.
+    std::env::set_var(&var, TOKEN);
+    assert_mutations_disabled(admin, &[Some(&format!("Bearer {TOKEN}"))]).await;
+    std::env::remove_var(&var);
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn token_env_naming_an_empty_variable_refuses_mutations_with_403() {
+    let up = Upstream::named("up").await;
+    let var = unique_var("EMPTY_TOKEN");
+    std::env::set_var(&var, "");
+    let (running, _dir) = start_with_token_env(&var, &up).await;
+    // An empty token must never match an empty (or absent) credential.
+    assert_mutations_disabled(
+        running.admin_addr.unwrap(),
+        &[
+            None,
+            Some("Bearer "),
+            Some("Bearer"),
+            Some("Bearer x"),
+            Some(""),
+        ],
+    )
+    .await;
+    std::env::remove_var(&var);
+    running.stop().await;
+}

@@ -158,3 +158,209 @@ fn check_inspects_the_store_without_creating_it() {
         "{err}"
     );
 }
+
+/// `bulwark run` as a child process (so signals never reach the test runner), its JSON log lines
+/// (stdout) collected as they come. Killed on drop if the test did not see it exit.
+#[cfg(unix)]
+struct RunningBinary {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _config: Written,
+}
+
+#[cfg(unix)]
+impl RunningBinary {
+    /// Starts `bulwark run` on `yaml` (which should log JSON at `info`, to find its addresses).
+    fn spawn(yaml: &str) -> RunningBinary {
+        use std::io::{BufRead, BufReader};
+        use std::process::Stdio;
+        let config = write("run.yaml", yaml);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
+            .args(["run", "--threads", "2", "-c"])
+            .arg(&*config)
+            .env_remove("BULWARK_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (out, l) = (child.stdout.take().unwrap(), lines.clone());
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                l.lock().unwrap().push(line);
+            }
+        });
+        RunningBinary {
+            child,
+            lines,
+            _config: config,
+        }
+    }
+
+    /// The first log line containing `needle`, if any yet.
+    fn log(&self, needle: &str) -> Option<String> {
+        let lines = self.lines.lock().unwrap();
+        lines.iter().find(|l| l.contains(needle)).cloned()
+    }
+
+    /// Waits for the `bulwark listening` line; returns its `fields` (`listen`, `admin`).
+    async fn listening(&self) -> serde_json::Value {
+        support::wait_until(20, || self.log("bulwark listening").is_some()).await;
+        let line = self.log("bulwark listening").unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        v["fields"].clone()
+    }
+
+    /// Sends `sig` (`-TERM`, `-INT`...) with kill(1).
+    fn signal(&self, sig: &str) {
+        let pid = self.child.id().to_string();
+        let ok = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+
+    /// Waits up to `secs` for the process to exit (polling, so nothing blocks the runtime).
+    async fn exited_within(&mut self, secs: u64) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the binary did not exit within {secs}s; log:\n{}",
+                self.lines.lock().unwrap().join("\n")
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}
+
+#[cfg(unix)]
+impl Drop for RunningBinary {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sigterm_with_a_request_held_past_drain_timeout_exits_and_closes_the_client() {
+    let up = support::Silent::start().await;
+    let mut gw = RunningBinary::spawn(&format!(
+        "listen: 127.0.0.1:0
+drain_timeout: 300ms
+logging: {{ format: json, level: info }}
+upstreams:
+  u: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: u
+    timeout: 1h
+",
+        up.url()
+    ));
+    let fields = gw.listening().await;
+    let proxy: std::net::SocketAddr = fields["listen"].as_str().unwrap().parse().unwrap();
+
+    // A request the upstream never answers.
+    let mut held = support::RawClient::connect_to(proxy).await;
+    held.send(b"GET /forever HTTP/1.1\r\nHost: held\r\n\r\n")
+        .await;
+    let accepted = up.accepted.clone();
+    support::wait_until(10, || {
+        accepted.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+
+    gw.signal("-TERM");
+    let status = gw.exited_within(10).await;
+    // The drain gave up on the held request, said so, and the shutdown still counts as clean.
+    assert!(
+        gw.log("drain timeout reached").is_some(),
+        "no drain-timeout warning; log:\n{}",
+        gw.lines.lock().unwrap().join("\n")
+    );
+    assert!(status.success(), "{status}");
+
+    // The held client is not left hanging: its connection ends, without a success.
+    assert!(
+        held.closed_within(10).await,
+        "the held client connection is still open"
+    );
+    let got = String::from_utf8_lossy(&held.buf).into_owned();
+    assert!(!got.starts_with("HTTP/1.1 2"), "{got}");
+    // And the upstream connection the request held is released too.
+    let closed = up.closed.clone();
+    support::wait_until(10, || closed.load(std::sync::atomic::Ordering::SeqCst) == 1).await;
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sigint_drains_like_sigterm_the_request_in_flight_completes_and_exit_is_0() {
+    let (up, release) = support::Upstream::held("slow", "done").await;
+    let mut gw = RunningBinary::spawn(&format!(
+        "listen: 127.0.0.1:0
+admin: {{ listen: 127.0.0.1:0 }}
+drain_timeout: 30s
+logging: {{ format: json, level: info }}
+upstreams:
+  u: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: u
+",
+        up.url()
+    ));
+    let fields = gw.listening().await;
+    let proxy = fields["listen"].as_str().unwrap().to_owned();
+    let admin = fields["admin"].as_str().unwrap().to_owned();
+    let c = support::client();
+    assert_eq!(
+        support::get(&c, &format!("http://{admin}/ready"))
+            .await
+            .status,
+        200
+    );
+
+    let url = format!("http://{proxy}/slow");
+    let inflight = tokio::spawn(async move { support::get(&support::client(), &url).await });
+    let u = &up;
+    support::wait_until(10, || u.hits() == 1).await;
+
+    gw.signal("-INT");
+    // SIGINT starts the drain: /ready turns 503 and the proxy stops accepting.
+    let ready = format!("http://{admin}/ready");
+    support::wait_for(10, || {
+        let (c, ready) = (c.clone(), ready.clone());
+        async move {
+            let g = support::get(&c, &ready).await;
+            g.status == 503 && g.text().contains("draining")
+        }
+    })
+    .await;
+    let proxy_addr: std::net::SocketAddr = proxy.parse().unwrap();
+    support::wait_for(10, || async move {
+        tokio::net::TcpStream::connect(proxy_addr).await.is_err()
+    })
+    .await;
+    assert!(
+        gw.child.try_wait().unwrap().is_none(),
+        "exited while a request was in flight"
+    );
+
+    // The request in flight finishes, whole, then the process exits 0.
+    release.notify_one();
+    let got = inflight.await.unwrap();
+    assert_eq!((got.status.as_u16(), got.text()), (200, "done".to_owned()));
+    let status = gw.exited_within(10).await;
+    assert!(status.success(), "{status}");
+    assert!(gw.log("bulwark stopped").is_some());
+    assert!(gw.log("drain timeout reached").is_none());
+}

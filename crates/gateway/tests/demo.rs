@@ -580,3 +580,139 @@ fn number_formatting() {
     );
     assert_eq!(display::latency(None), "-");
 }
+
+/// The number after `prefix` in `text` (digits with thousands separators), e.g. `count_after(s,
+/// "clients saw")` on `clients saw        1,234 errors`.
+fn count_after(text: &str, prefix: &str) -> u64 {
+    let at = text
+        .find(prefix)
+        .unwrap_or_else(|| panic!("no {prefix:?} in\n{text}"));
+    let digits: String = text[at + prefix.len()..]
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == ',')
+        .filter(char::is_ascii_digit)
+        .collect();
+    digits
+        .parse()
+        .unwrap_or_else(|_| panic!("no number after {prefix:?} in\n{text}"))
+}
+
+/// The first `http://...` word on the line starting (after spaces) with `label`.
+fn url_on(text: &str, label: &str) -> String {
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .unwrap_or_else(|| panic!("no {label:?} line in\n{text}"));
+    line.split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap_or_else(|| panic!("no URL on {line:?}"))
+        .to_owned()
+}
+
+/// `bulwark demo` as a user runs it, output piped (not a terminal): a line a second, then the summary,
+/// exit 0, and nothing left behind.
+#[tokio::test]
+async fn the_demo_binary_runs_to_its_summary_and_exits_0() {
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["demo", "--duration", "3s"])
+        .env_remove("BULWARK_LOG")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(HANG_GUARD, child.wait_with_output())
+        .await
+        .expect("the demo did not finish within 60 s")
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        out.status.success(),
+        "{}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    let text = &stdout;
+    assert!(!text.contains('\x1b'), "escapes on a pipe:\n{text}");
+
+    // The header names where everything is, the admin API first of all.
+    let gateway = url_on(text, "gateway ");
+    let admin_health = url_on(text, "admin API");
+    let admin = admin_health
+        .strip_suffix("/health")
+        .unwrap_or_else(|| panic!("{admin_health}"))
+        .to_owned();
+    assert!(admin.starts_with("http://127.0.0.1:"), "{admin}");
+    assert!(
+        text.contains(&format!("{admin}/api/circuit-breakers")),
+        "{text}"
+    );
+    let config = text
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("config"))
+        .unwrap_or_else(|| panic!("no config line in\n{text}"))
+        .trim()
+        .to_owned();
+
+    // Not a terminal: progress comes as plain lines.
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with('[') && l.contains("phase 1") && l.contains("req (")),
+        "{text}"
+    );
+
+    // The summary: totals for the whole run, per provider, per phase, failovers and breakers.
+    assert!(text.contains("bulwark demo summary: "), "{text}");
+    assert!(!text.contains("(interrupted)"), "{text}");
+    let requests = count_after(text, "bulwark demo summary:");
+    assert!(requests > 0, "{text}");
+    assert!(
+        text.contains(" requests in 3.0s ("),
+        "ran for its duration:\n{text}"
+    );
+    let client_errors = count_after(text, "clients saw");
+    let provider_errors = count_after(text, "providers returned");
+    let providers_line = text
+        .lines()
+        .find(|l| l.contains("providers returned"))
+        .unwrap();
+    assert!(count_after(providers_line, "errors in") > 0, "{text}");
+    // The demo's point: the gateway hides most provider errors from the clients.
+    assert!(
+        client_errors < provider_errors,
+        "clients saw {client_errors} errors, providers returned {provider_errors}:\n{text}"
+    );
+    for provider in ["healthy", "flaky", "slow"] {
+        assert!(
+            text.lines().any(|l| l.trim_start().starts_with(provider)
+                && l.contains(" calls ")
+                && l.trim_end().ends_with("errors")),
+            "no line for {provider} in\n{text}"
+        );
+    }
+    assert!(text.contains("by phase"), "{text}");
+    assert!(text.contains("1 normal"), "{text}");
+    assert!(text.contains("2 flaky down"), "{text}");
+    assert!(count_after(text, "\n  failovers  ") > 0, "{text}");
+    assert!(
+        text.contains("  breaker flaky ") || text.contains("  breakers           no transitions"),
+        "no breaker line in\n{text}"
+    );
+    let last = text.lines().last().unwrap_or_default();
+    assert!(last.trim_start().starts_with("gateway was"), "{text}");
+    assert_eq!(url_on(last, "gateway was"), gateway);
+    assert!(
+        last.trim_end().ends_with(&format!("admin API {admin}")),
+        "{last}"
+    );
+
+    // Its temporary config (and the directory with the store) is gone.
+    assert!(
+        !Path::new(&config).exists(),
+        "{config} left behind after the demo"
+    );
+}
