@@ -281,3 +281,120 @@ routes:
     assert_eq!(broken.hits(), 2);
     assert_eq!(backup.hits(), 20);
 }
+
+/// An upstream answering 200 with its name at once, except that while `armed` the first request
+/// to `/stall` reaching it (or its twin sharing `armed`) disarms it and is never answered; the
+/// endpoint that held it writes its name into `stalled`.
+async fn stall_once(
+    name: &str,
+    armed: Arc<AtomicBool>,
+    stalled: Arc<std::sync::Mutex<Option<String>>>,
+) -> Upstream {
+    let n = name.to_owned();
+    Upstream::start(
+        name,
+        Arc::new(move |req| {
+            let (n, armed, stalled) = (n.clone(), armed.clone(), stalled.clone());
+            Box::pin(async move {
+                if req.uri().path() == "/stall" && armed.swap(false, Ordering::SeqCst) {
+                    *stalled.lock().unwrap() = Some(n.clone());
+                    std::future::pending::<()>().await;
+                }
+                reply(&n, 200, n.clone())
+            })
+        }),
+    )
+    .await
+}
+
+/// The default hedge delay is the p95 of the route's recent successful attempts once 20 are
+/// known, and 100 ms before. A route deadline under 100 ms tells the two apart without reading a
+/// clock: with 19 samples a stalled request gets no hedge and times out; with 20 fast ones it is
+/// hedged to the other endpoint, which answers.
+#[tokio::test]
+async fn a_percentile_hedge_starts_once_twenty_latencies_are_known() {
+    let armed = Arc::new(AtomicBool::new(false));
+    let stalled = Arc::new(std::sync::Mutex::new(None));
+    let a = stall_once("a", armed.clone(), stalled.clone()).await;
+    let b = stall_once("b", armed.clone(), stalled.clone()).await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    endpoints: [{{url: '{}'}}, {{url: '{}'}}]
+routes:
+  - upstream: u
+    timeout: 90ms
+    hedge: {{}}
+",
+        a.url(),
+        b.url()
+    ))
+    .await;
+    let rt = gw.state.runtime();
+    let policies = &rt.routes[0].policies;
+    let hedge = policies.hedge().expect("the route hedges");
+    let c = client();
+    let url = gw.url("/");
+    let hits = || (a.hits(), b.hits());
+
+    for _ in 0..19 {
+        assert_eq!(get(&c, &url).await.status, 200);
+    }
+    assert_eq!(policies.latency().recorded(), 19);
+    assert_eq!(
+        hedge.current_delay(),
+        Duration::from_millis(100),
+        "the fixed delay before 20 samples"
+    );
+
+    // 19 samples: the hedge would wait 100 ms, past the route's 90 ms deadline. The stalled
+    // request times out after one attempt; the other endpoint never sees it.
+    let before = hits();
+    armed.store(true, Ordering::SeqCst);
+    let r = get(&c, &gw.url("/stall")).await;
+    assert_eq!(r.status, 504);
+    assert_eq!(r.header("x-bulwark-reason"), Some("timeout"));
+    assert_eq!(r.header("x-bulwark-attempts"), Some("1"));
+    assert_eq!(
+        hits().0 + hits().1,
+        before.0 + before.1 + 1,
+        "no hedge sent"
+    );
+    assert!(stalled.lock().unwrap().take().is_some());
+    assert_eq!(
+        policies.latency().recorded(),
+        19,
+        "a timeout is no latency sample"
+    );
+
+    // The 20th fast request: the delay becomes the learned p95, far under the deadline.
+    assert_eq!(get(&c, &url).await.status, 200);
+    assert_eq!(policies.latency().recorded(), 20);
+    let learned = hedge.current_delay();
+    assert!(
+        learned < Duration::from_millis(90),
+        "p95 of 20 fast loopback requests: {learned:?}"
+    );
+
+    // Now the stalled request is hedged to the other endpoint, whose answer the client gets.
+    let before = hits();
+    armed.store(true, Ordering::SeqCst);
+    let r = get(&c, &gw.url("/stall")).await;
+    assert_eq!(r.status, 200, "reason: {:?}", r.header("x-bulwark-reason"));
+    assert_eq!(r.header("x-bulwark-attempts"), Some("2"));
+    let held = stalled
+        .lock()
+        .unwrap()
+        .take()
+        .expect("one attempt was held");
+    let answered = r.header("x-upstream").unwrap().to_owned();
+    assert_ne!(answered, held, "the hedge went to the other endpoint");
+    assert_eq!(r.text(), answered);
+    let after = hits();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1, 1),
+        "the original on one endpoint, the hedge on the other"
+    );
+    gw.stop().await;
+}

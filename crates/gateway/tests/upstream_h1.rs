@@ -426,3 +426,167 @@ async fn server_sent_events_in_chunks_reach_the_client_one_by_one() {
 async fn server_sent_events_until_close_reach_the_client_one_by_one() {
     events_one_by_one(false).await;
 }
+
+/// A raw upstream for the pool tests: answers every request `conn <i>` (`i`: the index of the
+/// connection it came on), keep-alive, once `release` says so; counts the requests it received
+/// and the connections still open, and records the connections the gateway closed (EOF).
+struct Tracked {
+    raw: Raw,
+    requests: Arc<AtomicUsize>,
+    open: Arc<AtomicUsize>,
+    closed: Arc<std::sync::Mutex<Vec<usize>>>,
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+impl Tracked {
+    /// Answers at once when `released`; otherwise holds every answer until [`Tracked::release`].
+    async fn start(released: bool) -> Tracked {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let open = Arc::new(AtomicUsize::new(0));
+        let closed = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (release, release_rx) = tokio::sync::watch::channel(released);
+        let (rq, op, cl) = (requests.clone(), open.clone(), closed.clone());
+        let raw = Raw::start(move |mut s, i| {
+            let (rq, op, cl, mut go) = (rq.clone(), op.clone(), cl.clone(), release_rx.clone());
+            async move {
+                op.fetch_add(1, Ordering::SeqCst);
+                let mut buf = Vec::new();
+                while read_head(&mut s, &mut buf).await.is_some() {
+                    rq.fetch_add(1, Ordering::SeqCst);
+                    if go.wait_for(|go| *go).await.is_err() {
+                        break;
+                    }
+                    let body = format!("conn {i}");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        break;
+                    }
+                }
+                // EOF (or a reset): the gateway closed this connection.
+                op.fetch_sub(1, Ordering::SeqCst);
+                cl.lock().unwrap().push(i);
+            }
+        })
+        .await;
+        Tracked {
+            raw,
+            requests,
+            open,
+            closed,
+            release,
+        }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    fn open(&self) -> usize {
+        self.open.load(Ordering::SeqCst)
+    }
+
+    fn closed(&self) -> Vec<usize> {
+        let mut c = self.closed.lock().unwrap().clone();
+        c.sort_unstable();
+        c
+    }
+
+    fn release(&self) {
+        self.release.send_replace(true);
+    }
+}
+
+/// [`config`] with the upstream's `pool:` entries `pool` (flow entries).
+fn pool_config(url: &str, pool: &str) -> String {
+    format!(
+        "upstreams:\n  u: {{ endpoints: [{{url: '{url}'}}], pool: {{ {pool} }} }}\nroutes:\n  - upstream: u\n    timeout: 10s\n    retry: {{ attempts: 1 }}\n"
+    )
+}
+
+#[tokio::test]
+async fn at_most_max_idle_connections_stay_open_and_later_requests_reuse_them() {
+    const N: usize = 5;
+    let up = Tracked::start(false).await;
+    let gw = Gateway::start(&pool_config(
+        &up.raw.url(),
+        "max_idle: 2, idle_timeout: 60s",
+    ))
+    .await;
+    // N requests in flight at once: each needs a connection of its own.
+    let tasks: Vec<_> = (0..N)
+        .map(|i| {
+            let url = gw.url(&format!("/c/{i}"));
+            tokio::spawn(async move { get(&client(), &url).await })
+        })
+        .collect();
+    wait_until(10, || up.requests() == N).await;
+    assert_eq!(up.raw.accepted(), N);
+    up.release();
+    for t in tasks {
+        let r = t.await.unwrap();
+        assert_eq!(r.status, 200);
+        assert!(r.text().starts_with("conn "), "{}", r.text());
+    }
+    // Every response was read to its end, so each connection went back to the pool: two are
+    // kept, the gateway closes the others.
+    wait_until(10, || up.open() <= 2).await;
+    assert_eq!(up.open(), 2, "max_idle connections stay open");
+    assert_eq!(up.closed().len(), N - 2);
+    assert_eq!(endpoint(&gw, "u", 0).pool.idle_count(), 2);
+
+    // Later requests, one after another, go on the kept connections: nothing new is opened.
+    let c = client();
+    let closed = up.closed();
+    for i in 0..10 {
+        let r = get(&c, &gw.url(&format!("/s/{i}"))).await;
+        assert_eq!(r.status, 200);
+        let conn: usize = r.text().strip_prefix("conn ").unwrap().parse().unwrap();
+        assert!(
+            !closed.contains(&conn),
+            "served on closed connection {conn}"
+        );
+    }
+    assert_eq!(up.raw.accepted(), N, "no new upstream connection");
+    assert_eq!(up.open(), 2);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_after_idle_timeout_and_the_next_request_opens_a_new_one() {
+    let short = Tracked::start(true).await;
+    let long = Tracked::start(true).await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  short: {{ endpoints: [{{url: '{}'}}], pool: {{ max_idle: 4, idle_timeout: 200ms }} }}
+  long: {{ endpoints: [{{url: '{}'}}], pool: {{ max_idle: 4, idle_timeout: 10m }} }}
+routes:
+  - {{ match: {{ path_prefix: /long }}, upstream: long, retry: {{ attempts: 1 }} }}
+  - {{ upstream: short, retry: {{ attempts: 1 }} }}
+",
+        short.raw.url(),
+        long.raw.url()
+    ))
+    .await;
+    let c = client();
+    assert_eq!(get(&c, &gw.url("/a")).await.text(), "conn 0");
+    assert_eq!(get(&c, &gw.url("/long")).await.text(), "conn 0");
+    // The gateway closes the idle connection once past its idle timeout: the upstream sees EOF.
+    wait_until(20, || short.closed() == [0]).await;
+    assert_eq!(short.open(), 0);
+    assert_eq!(endpoint(&gw, "short", 0).pool.idle_count(), 0);
+    // The same sweep keeps the connection whose timeout has not passed.
+    assert_eq!(long.open(), 1);
+    assert_eq!(endpoint(&gw, "long", 0).pool.idle_count(), 1);
+
+    // The next request opens a new connection and succeeds.
+    let r = get(&c, &gw.url("/b")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.text(), "conn 1");
+    assert_eq!(short.raw.accepted(), 2);
+    assert_eq!(get(&c, &gw.url("/long")).await.text(), "conn 0");
+    assert_eq!(long.raw.accepted(), 1);
+    gw.stop().await;
+}

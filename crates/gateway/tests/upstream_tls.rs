@@ -2,6 +2,7 @@
 //! ALPN, certificates from rcgen) on loopback. Covers bodies both ways, keep-alive reuse, HTTP/2,
 //! certificates that must not be trusted (and retries around them), client certificates (mutual
 //! TLS), `server_name`, health checks, streamed request bodies and reloads of the `tls` section.
+//! Next to HTTP/2 over TLS: HTTP/2 in cleartext to `http://` endpoints (h2c, prior knowledge).
 mod admin_support;
 mod support;
 
@@ -323,6 +324,145 @@ async fn http2_upstreams_negotiate_h2_by_alpn() {
     assert_eq!(g.status, 502);
     assert_eq!(g.header("x-bulwark-reason"), Some("upstream_error"));
     assert!(h1_only.seen().is_empty());
+    gw.stop().await;
+}
+
+/// A cleartext HTTP/2-only upstream (hyper's HTTP/2 server: prior knowledge, no HTTP/1.1 at all)
+/// answering 200 with the request body echoed (`hello` for an empty one). Requests to `/held/...`
+/// are answered only once `release` says so. Counts accepted TCP connections and the requests
+/// received, and records each request's version and `:authority`.
+struct H2cUpstream {
+    addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+    requests: Arc<AtomicUsize>,
+    seen: Arc<Mutex<Vec<(http::Version, String)>>>,
+    release: tokio::sync::watch::Sender<bool>,
+}
+
+impl H2cUpstream {
+    async fn start() -> H2cUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let (release, release_rx) = tokio::sync::watch::channel(false);
+        let (a, rq, s) = (accepted.clone(), requests.clone(), seen.clone());
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let (rq, s, go) = (rq.clone(), s.clone(), release_rx.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req: Request<Incoming>| {
+                        let (rq, s, mut go) = (rq.clone(), s.clone(), go.clone());
+                        async move {
+                            let authority = req
+                                .uri()
+                                .authority()
+                                .map(|a| a.to_string())
+                                .unwrap_or_default();
+                            s.lock().unwrap().push((req.version(), authority));
+                            rq.fetch_add(1, Ordering::SeqCst);
+                            let held = req.uri().path().starts_with("/held/");
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            if held {
+                                let _ = go.wait_for(|go| *go).await;
+                            }
+                            let body = if body.is_empty() {
+                                Bytes::from_static(b"hello")
+                            } else {
+                                body
+                            };
+                            Ok::<_, Infallible>(Response::new(Full::new(body)))
+                        }
+                    });
+                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        H2cUpstream {
+            addr,
+            accepted,
+            requests,
+            seen,
+            release,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    fn release(&self) {
+        self.release.send_replace(true);
+    }
+}
+
+/// Sends `n` GETs to `/held/<i>` at once (each from a client of its own), waits until the upstream
+/// holds them all, releases them and checks every answer.
+async fn concurrent_held_gets(gw: &Gateway, up: &H2cUpstream, n: usize) {
+    let before = up.requests();
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let url = gw.url(&format!("/held/{i}"));
+            tokio::spawn(async move { get(&client(), &url).await })
+        })
+        .collect();
+    // All n in flight at the upstream at the same moment.
+    wait_until(10, || up.requests() == before + n).await;
+    up.release();
+    for t in tasks {
+        let g = t.await.unwrap();
+        assert_eq!((g.status.as_u16(), g.text().as_str()), (200, "hello"));
+    }
+}
+
+#[tokio::test]
+async fn http2_cleartext_upstreams_use_prior_knowledge_and_share_one_connection() {
+    let up = H2cUpstream::start().await;
+    let gw = Gateway::start(&config(&[up.url()], ", http2: true", "")).await;
+    let c = client();
+    let g = get(&c, &gw.url("/x")).await;
+    assert_eq!((g.status.as_u16(), g.text().as_str()), (200, "hello"));
+    // Bodies both ways: one buffered (under retry_buffer), one streamed (over it).
+    let g = send(&c, post(&gw.url("/small"), pattern(5000))).await;
+    assert_eq!(g.status, 200);
+    assert!(g.body == pattern(5000), "5 kB echoed intact");
+    let g = send(&c, post(&gw.url("/big"), pattern(300_000))).await;
+    assert_eq!(g.status, 200);
+    assert!(g.body == pattern(300_000), "300 kB echoed intact");
+
+    // Several requests in flight at once are streams of the same connection.
+    concurrent_held_gets(&gw, &up, 8).await;
+
+    let seen = up.seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 11);
+    for (version, authority) in &seen {
+        assert_eq!(*version, http::Version::HTTP_2);
+        assert_eq!(*authority, up.addr.to_string(), ":authority as written");
+    }
+    assert_eq!(up.accepted(), 1, "one shared HTTP/2 connection");
+    gw.stop().await;
+}
+
+#[tokio::test]
+#[ignore = "bug: Pool::checkout_h2 has no single-flight connect: requests arriving while no HTTP/2 connection exists each open one (8 concurrent first requests, 8 connections)"]
+async fn concurrent_first_requests_to_an_http2_upstream_open_one_connection() {
+    let up = H2cUpstream::start().await;
+    let gw = Gateway::start(&config(&[up.url()], ", http2: true", "")).await;
+    // No connection yet: eight requests arrive together.
+    concurrent_held_gets(&gw, &up, 8).await;
+    assert_eq!(up.accepted(), 1, "one shared HTTP/2 connection");
     gw.stop().await;
 }
 
