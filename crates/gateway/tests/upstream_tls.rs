@@ -456,7 +456,6 @@ async fn http2_cleartext_upstreams_use_prior_knowledge_and_share_one_connection(
 }
 
 #[tokio::test]
-#[ignore = "bug: Pool::checkout_h2 has no single-flight connect: requests arriving while no HTTP/2 connection exists each open one (8 concurrent first requests, 8 connections)"]
 async fn concurrent_first_requests_to_an_http2_upstream_open_one_connection() {
     let up = H2cUpstream::start().await;
     let gw = Gateway::start(&config(&[up.url()], ", http2: true", "")).await;

@@ -27,6 +27,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -159,7 +160,13 @@ pub struct Pool {
     tls: Option<(TlsConnector, ServerName<'static>)>,
     // An uncontended std mutex around a Vec: one push/pop per request, never held across an await.
     idle: Mutex<Vec<Idle>>,
-    h2: Mutex<Option<http2::SendRequest<ReqBody>>>,
+    /// The shared HTTP/2 connection and its generation (counted from 1).
+    h2: Mutex<Option<(u64, http2::SendRequest<ReqBody>)>>,
+    /// Held while an HTTP/2 connection is being opened (it guards the last generation handed
+    /// out): requests that find no connection wait for that one instead of each opening their own.
+    h2_connect: tokio::sync::Mutex<u64>,
+    /// HTTP/2 connects that failed.
+    h2_failures: AtomicU64,
 }
 
 impl std::fmt::Debug for Pool {
@@ -188,6 +195,8 @@ impl Pool {
             tls: None,
             idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            h2_connect: tokio::sync::Mutex::new(0),
+            h2_failures: AtomicU64::new(0),
         }
     }
 
@@ -307,28 +316,60 @@ impl Pool {
         Box::pin(async move { Ok(Box::new(Io::new(self.connect_stream().await?))) })
     }
 
-    /// The shared HTTP/2 connection, opened if there is none (boxed as [`Pool::connect_h1`]).
-    fn checkout_h2(&self, fresh: bool) -> ConnectFuture<'_, (http2::SendRequest<ReqBody>, bool)> {
+    /// The shared HTTP/2 connection (not generation `stale`, one found closing), opened if there
+    /// is none: its sender, generation and whether it was already open. One connect at a time:
+    /// requests that arrive while one is under way wait for it and share its connection, or fail
+    /// with it (boxed as [`Pool::connect_h1`]).
+    fn checkout_h2(
+        &self,
+        stale: Option<u64>,
+    ) -> ConnectFuture<'_, (http2::SendRequest<ReqBody>, u64, bool)> {
         Box::pin(async move {
-            if !fresh {
-                let existing = self.h2.lock().ok().and_then(|g| g.clone());
-                if let Some(s) = existing.filter(|s| !s.is_closed()) {
-                    return Ok((s, true));
-                }
+            let current = || {
+                let g = self.h2.lock().ok()?;
+                let (generation, s) = g.as_ref()?;
+                (!s.is_closed() && Some(*generation) != stale).then(|| (s.clone(), *generation))
+            };
+            if let Some((s, generation)) = current() {
+                return Ok((s, generation, true));
             }
-            let io = TokioIo::new(self.connect_stream().await?);
-            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .handshake(io)
-                .await
-                .map_err(|e| SendError::connect(Some(e.into())))?;
+            let failures = self.h2_failures.load(Ordering::Acquire);
+            let mut last_generation = self.h2_connect.lock().await;
+            if let Some((s, generation)) = current() {
+                return Ok((s, generation, true));
+            }
+            if self.h2_failures.load(Ordering::Acquire) != failures {
+                // The connect this request waited for failed: fail with it rather than wait out
+                // another connect timeout in line.
+                return Err(SendError::connect(Some(
+                    "the HTTP/2 connect this request waited for failed".into(),
+                )));
+            }
+            let opened = async {
+                let io = TokioIo::new(self.connect_stream().await?);
+                http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(io)
+                    .await
+                    .map_err(|e| SendError::connect(Some(e.into())))
+            }
+            .await;
+            let (sender, conn) = match opened {
+                Ok(x) => x,
+                Err(e) => {
+                    self.h2_failures.fetch_add(1, Ordering::Release);
+                    return Err(e);
+                }
+            };
             tokio::spawn(async move {
                 let _ = conn.await;
             });
+            *last_generation += 1;
+            let generation = *last_generation;
             if let Ok(mut g) = self.h2.lock() {
-                *g = Some(sender.clone());
+                *g = Some((generation, sender.clone()));
             }
-            Ok((sender, false))
+            Ok((sender, generation, false))
         })
     }
 
@@ -441,15 +482,15 @@ impl Pool {
 
     async fn send_h2(&self, req: Request<ReqBody>) -> Result<Response<UpstreamBody>, SendError> {
         let mut req = req;
-        let (mut sender, mut reused) = self.checkout_h2(false).await?;
+        let (mut sender, mut generation, mut reused) = self.checkout_h2(None).await?;
         loop {
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp.map(|b| UpstreamBody(Inner::Hyper(b)))),
                 Err(mut e) => match e.take_message() {
-                    // The shared connection was closing: a new one takes the request.
+                    // The shared connection was closing: another (or a new) one takes the request.
                     Some(back) if reused => {
                         req = back;
-                        (sender, reused) = self.checkout_h2(true).await?;
+                        (sender, generation, reused) = self.checkout_h2(Some(generation)).await?;
                     }
                     _ => {
                         let err = e.into_error();
