@@ -192,6 +192,8 @@ fn run(path: PathBuf, threads: Option<usize>, log_format: Option<LogFormat>) -> 
         }
     };
     rt.block_on(async move {
+        // Before anything listens: a SIGTERM right after start drains rather than kills.
+        let stop = shutdown_signal();
         let running = match start(&path, &config, reload::POLL_INTERVAL).await {
             Ok(r) => r,
             Err(e) => {
@@ -205,7 +207,7 @@ fn run(path: PathBuf, threads: Option<usize>, log_format: Option<LogFormat>) -> 
             }
             None => tracing::info!(listen = %running.proxy_addr, "bulwark listening"),
         }
-        running.wait(shutdown_signal()).await;
+        running.wait(stop).await;
         tracing::info!("bulwark stopped");
         ExitCode::SUCCESS
     })
@@ -344,26 +346,36 @@ pub fn check_store(c: &Config) -> Result<Option<String>, crate::store::StoreErro
     }))
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Completes on SIGTERM or SIGINT. The handlers are installed when this is called, not when the
+/// future is first polled, so a signal in between is not lost (nor fatal). Call it inside the
+/// runtime.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
+        let handlers = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        );
+        async move {
+            match handlers {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = int.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
