@@ -507,6 +507,13 @@ impl RoutePolicies {
         }
     }
 
+    /// [`deposit`](Self::deposit) with the clock reading the caller has (the request's start).
+    pub fn deposit_at(&self, now: Instant) {
+        if let Some(b) = &self.budget {
+            b.deposit_at(now);
+        }
+    }
+
     /// Takes the credit for one retry; `false` when the budget is exhausted. No budget: always `true`.
     /// The attempt loop calls it *before* sleeping in backoff, so retries waiting to be sent are
     /// already counted and a burst of failures cannot overshoot the budget.

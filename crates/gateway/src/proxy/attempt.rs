@@ -275,8 +275,9 @@ async fn attempt(
     }
     match result {
         Ok(Ok(resp)) => {
-            let latency = now.elapsed();
-            ep.observe_latency(latency);
+            let end = Instant::now();
+            let latency = end.saturating_duration_since(now);
+            ep.observe_latency(latency, end);
             let status = resp.status().as_u16();
             let retryable = route.retry_on.status(status);
             // 5xx and 429 are failures (passed through with x-bulwark-*, replaced by a fallback) even
@@ -429,7 +430,7 @@ pub(crate) async fn forward(
     // Hedging needs a body it can send twice.
     let hedge = hedge.filter(|_| slot.replayable());
 
-    route.policies.deposit();
+    route.policies.deposit_at(start);
     let mut sent: u32 = 0;
     let tally = Tally::default();
     // Whether a request may have reached an upstream: from then on, failing over is a retry.

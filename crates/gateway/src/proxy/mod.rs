@@ -497,21 +497,23 @@ impl ConnCtx {
     }
 }
 
-/// Decrements in-flight and stamps activity when a request's service future ends (or is dropped).
-struct Active<'a>(&'a ConnCtx);
+/// Decrements in-flight and stamps activity when a request's service future ends (or is dropped):
+/// at the time it was told it ended, else now.
+struct Active<'a>(&'a ConnCtx, Option<Instant>);
 
 impl Drop for Active<'_> {
     fn drop(&mut self) {
         let c = self.0;
-        c.last_active_ms
-            .store(c.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+        let end = self.1.unwrap_or_else(Instant::now);
+        let ms = end.saturating_duration_since(c.opened).as_millis() as u64;
+        c.last_active_ms.store(ms, Ordering::Relaxed);
         c.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
     ctx.inflight.fetch_add(1, Ordering::Relaxed);
-    let _active = Active(ctx);
+    let mut active = Active(ctx, None);
     let start = Instant::now();
     let rt = ctx.gateway.runtime();
     // Only when the access log is on: what its line needs from the request (which is consumed below).
@@ -519,7 +521,9 @@ async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
         .access_log
         .then(|| (req.method().clone(), req.uri().clone()));
     let (resp, route) = route_and_forward(ctx, &rt, req, start).await;
-    let elapsed = start.elapsed();
+    let end = Instant::now();
+    active.1 = Some(end);
+    let elapsed = end.saturating_duration_since(start);
     // Metrics: a few atomic adds on handles resolved when the runtime was built.
     if let Some(i) = route {
         rt.stats[i].record(resp.status().as_u16(), elapsed);

@@ -242,9 +242,10 @@ impl Endpoint {
     }
 
     /// Records a latency sample for peak-EWMA: a slower sample takes over at once (the peak), a faster one
-    /// is blended in with a weight that grows with the time since the last sample.
-    pub fn observe_latency(&self, rtt: Duration) {
-        let now = self.epoch.elapsed().as_nanos() as u64;
+    /// is blended in with a weight that grows with the time since the last sample. `at`: when the
+    /// sample was taken (the caller has just read the clock).
+    pub fn observe_latency(&self, rtt: Duration, at: Instant) {
+        let now = at.saturating_duration_since(self.epoch).as_nanos() as u64;
         let last = self.ewma_at.swap(now, Ordering::Relaxed);
         let prev = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
         let sample = rtt.as_nanos() as f64;
