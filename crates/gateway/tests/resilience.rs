@@ -477,27 +477,43 @@ routes:
 // for `enabled`: the `on` one proves the load triggers the policy, the `off` one that a disabled
 // section does nothing.
 
+/// A gateway with two upstreams that differ only in `enabled` of section `key` (`section` holds its
+/// other settings): `on` (endpoints `on`) behind `/on`, `off` (endpoints `off`) behind `/off`, both
+/// balanced round robin.
+async fn on_and_off(key: &str, section: &str, on: &[&Upstream], off: &[&Upstream]) -> Gateway {
+    let urls = |ups: &[&Upstream]| {
+        let eps: Vec<String> = ups
+            .iter()
+            .map(|u| format!("{{url: '{}'}}", u.url()))
+            .collect();
+        eps.join(", ")
+    };
+    Gateway::start(&format!(
+        "upstreams:
+  on:
+    balance: round_robin
+    endpoints: [{}]
+    {key}: {{ enabled: true, {section} }}
+  off:
+    balance: round_robin
+    endpoints: [{}]
+    {key}: {{ enabled: false, {section} }}
+routes:
+  - {{ match: {{ path_prefix: /on }}, upstream: on }}
+  - {{ match: {{ path_prefix: /off }}, upstream: off }}
+",
+        urls(on),
+        urls(off)
+    ))
+    .await
+}
+
 #[tokio::test]
 async fn circuit_breaker_enabled_false_never_opens() {
     let on = Upstream::status("on", 500).await;
     let off = Upstream::status("off", 500).await;
     let section = "window: { kind: count, size: 10 }, minimum_calls: 4, failure_rate_threshold: 50, open_duration: 60s";
-    let gw = Gateway::start(&format!(
-        "upstreams:
-  on:
-    endpoints: [{{url: '{}'}}]
-    circuit_breaker: {{ enabled: true, {section} }}
-  off:
-    endpoints: [{{url: '{}'}}]
-    circuit_breaker: {{ enabled: false, {section} }}
-routes:
-  - {{ match: {{ path_prefix: /on }}, upstream: on }}
-  - {{ match: {{ path_prefix: /off }}, upstream: off }}
-",
-        on.url(),
-        off.url()
-    ))
-    .await;
+    let gw = on_and_off("circuit_breaker", section, &[&on], &[&off]).await;
     let c = client();
     let seen = outcomes(&c, &gw.url("/on"), 10).await;
     assert!(
@@ -519,22 +535,7 @@ async fn bulkhead_enabled_false_admits_past_max_concurrent() {
     let (on, release_on) = held_until_released("on").await;
     let (off, release_off) = held_until_released("off").await;
     let section = "max_concurrent: 1, max_queued: 0";
-    let gw = Gateway::start(&format!(
-        "upstreams:
-  on:
-    endpoints: [{{url: '{}'}}]
-    bulkhead: {{ enabled: true, {section} }}
-  off:
-    endpoints: [{{url: '{}'}}]
-    bulkhead: {{ enabled: false, {section} }}
-routes:
-  - {{ match: {{ path_prefix: /on }}, upstream: on }}
-  - {{ match: {{ path_prefix: /off }}, upstream: off }}
-",
-        on.url(),
-        off.url()
-    ))
-    .await;
+    let gw = on_and_off("bulkhead", section, &[&on], &[&off]).await;
     let spawn_get = |url: String| tokio::spawn(async move { get(&client(), &url).await });
 
     // Enabled: one request held at the upstream fills it; a second is refused.
@@ -564,22 +565,7 @@ async fn rate_limit_enabled_false_admits_past_the_burst() {
     let on = Upstream::named("on").await;
     let off = Upstream::named("off").await;
     let section = "per_second: 0.05, burst: 2";
-    let gw = Gateway::start(&format!(
-        "upstreams:
-  on:
-    endpoints: [{{url: '{}'}}]
-    rate_limit: {{ enabled: true, {section} }}
-  off:
-    endpoints: [{{url: '{}'}}]
-    rate_limit: {{ enabled: false, {section} }}
-routes:
-  - {{ match: {{ path_prefix: /on }}, upstream: on }}
-  - {{ match: {{ path_prefix: /off }}, upstream: off }}
-",
-        on.url(),
-        off.url()
-    ))
-    .await;
+    let gw = on_and_off("rate_limit", section, &[&on], &[&off]).await;
     let c = client();
     let seen = outcomes(&c, &gw.url("/on"), 6).await;
     assert_eq!(seen.iter().filter(|s| s.0 == 200).count(), 2, "{seen:?}");
@@ -602,25 +588,12 @@ async fn outlier_detection_enabled_false_never_ejects() {
         Upstream::named("off_good").await,
     );
     let section = "consecutive_failures: 2, ejection_time: 60s, max_ejection_percent: 50";
-    let gw = Gateway::start(&format!(
-        "upstreams:
-  on:
-    balance: round_robin
-    endpoints: [{{url: '{}'}}, {{url: '{}'}}]
-    outlier_detection: {{ enabled: true, {section} }}
-  off:
-    balance: round_robin
-    endpoints: [{{url: '{}'}}, {{url: '{}'}}]
-    outlier_detection: {{ enabled: false, {section} }}
-routes:
-  - {{ match: {{ path_prefix: /on }}, upstream: on }}
-  - {{ match: {{ path_prefix: /off }}, upstream: off }}
-",
-        on_bad.url(),
-        on_good.url(),
-        off_bad.url(),
-        off_good.url()
-    ))
+    let gw = on_and_off(
+        "outlier_detection",
+        section,
+        &[&on_bad, &on_good],
+        &[&off_bad, &off_good],
+    )
     .await;
     let c = client();
     spray(&c, &gw.url("/on"), 10).await;
@@ -649,26 +622,7 @@ async fn cooldown_enabled_false_keeps_sending_to_an_endpoint_out_of_quota() {
         Upstream::named("off_ok").await,
     );
     let section = "on: [429], max: 5m";
-    let gw = Gateway::start(&format!(
-        "upstreams:
-  on:
-    balance: round_robin
-    endpoints: [{{url: '{}'}}, {{url: '{}'}}]
-    cooldown: {{ enabled: true, {section} }}
-  off:
-    balance: round_robin
-    endpoints: [{{url: '{}'}}, {{url: '{}'}}]
-    cooldown: {{ enabled: false, {section} }}
-routes:
-  - {{ match: {{ path_prefix: /on }}, upstream: on }}
-  - {{ match: {{ path_prefix: /off }}, upstream: off }}
-",
-        on_q.url(),
-        on_ok.url(),
-        off_q.url(),
-        off_ok.url()
-    ))
-    .await;
+    let gw = on_and_off("cooldown", section, &[&on_q, &on_ok], &[&off_q, &off_ok]).await;
     let c = client();
     spray(&c, &gw.url("/on"), 10).await;
     assert!(endpoint(&gw, "on", 0).in_cooldown());
@@ -692,22 +646,7 @@ async fn health_check_enabled_false_sends_no_probe() {
     let (on, on_probes) = failing_probes("on").await;
     let (off, off_probes) = failing_probes("off").await;
     let section = "path: /health, interval: 20ms, timeout: 1s, unhealthy_threshold: 1";
-    let gw = Gateway::start(&format!(
-        "upstreams:
-  on:
-    endpoints: [{{url: '{}'}}]
-    health_check: {{ enabled: true, {section} }}
-  off:
-    endpoints: [{{url: '{}'}}]
-    health_check: {{ enabled: false, {section} }}
-routes:
-  - {{ match: {{ path_prefix: /on }}, upstream: on }}
-  - {{ match: {{ path_prefix: /off }}, upstream: off }}
-",
-        on.url(),
-        off.url()
-    ))
-    .await;
+    let gw = on_and_off("health_check", section, &[&on], &[&off]).await;
     // Both checkers (if both existed) started together with the same interval: once the enabled
     // one has probed several times, the disabled one would have probed too.
     let on_ep = endpoint(&gw, "on", 0);

@@ -182,13 +182,7 @@ impl RetryBudget {
     /// nothing) when the budget is exhausted.
     pub fn try_withdraw(&self) -> bool {
         let now = self.generation();
-        // The lock only serialises the decision; a poisoned lock (a panic in the
-        // few lines below, which do not panic) leaves no broken state behind.
-        let _guard = self
-            .inner
-            .withdraw_lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _guard = self.decision();
         if self.balance_units(now) < SCALE {
             return false;
         }
@@ -201,11 +195,7 @@ impl RetryBudget {
     /// still in the window is undone. Returns `false` when there is none to undo.
     pub fn refund(&self) -> bool {
         let now = self.generation();
-        let _guard = self
-            .inner
-            .withdraw_lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _guard = self.decision();
         for age in 0..SLICES as u32 {
             let generation = now.wrapping_sub(age);
             let slot = &self.inner.withdrawals[generation as usize % SLICES];
@@ -227,6 +217,16 @@ impl RetryBudget {
             }
         }
         false
+    }
+
+    /// Serialises a withdrawal's (or refund's) check-and-update. The lock only serialises the
+    /// decision; a poisoned lock (a panic in the few lines it guards, which do not panic) leaves
+    /// no broken state behind.
+    fn decision(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner
+            .withdraw_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// Whole retries the budget would allow right now.
