@@ -27,7 +27,8 @@ use bulwark::hedge::Hedge;
 use bulwark::latency::LatencyWindow;
 use bulwark::rate_limit::RateLimiter;
 use bulwark::retry::{
-    Backoff, Jitter, RetryBudget, DEFAULT_DEADLINE_MIN_SAMPLES, DEFAULT_DEADLINE_PERCENTILE,
+    Backoff, Jitter, RetryBudget, Withdrawal, DEFAULT_DEADLINE_MIN_SAMPLES,
+    DEFAULT_DEADLINE_PERCENTILE,
 };
 use bulwark::{ConfigError, Error, Outcome};
 use tokio::time::Instant;
@@ -270,6 +271,11 @@ impl UpstreamPolicies {
     }
 }
 
+/// A retry's claim on its route's budget ([`RoutePolicies::withdraw`]); holds nothing when the route
+/// has no budget.
+#[derive(Debug)]
+pub struct RetryToken(Option<Withdrawal>);
+
 /// Per-route retry policy state: budget, backoff, hedging and the latency record.
 #[derive(Debug)]
 pub struct RoutePolicies {
@@ -283,14 +289,32 @@ pub struct RoutePolicies {
     events: Listeners,
 }
 
+/// Per hedged call: whether its upstream refused a hedge, and the budget token the hedge's admission
+/// hook just took (for the attempt it admits, which [`take_hedge_token`] hands it).
+#[derive(Default)]
+struct HedgeCall {
+    stopped: Cell<bool>,
+    token: Cell<Option<Withdrawal>>,
+}
+
 tokio::task_local! {
-    /// Per hedged call: set once its upstream refused a hedge.
-    static HEDGING_STOPPED: Cell<bool>;
+    static HEDGE_CALL: HedgeCall;
 }
 
 /// Runs one hedged call (a [`Hedge::call_with`]) so that [`stop_hedging`] can end its hedging.
 pub async fn hedged<F: Future>(call: F) -> F::Output {
-    HEDGING_STOPPED.scope(Cell::new(false), call).await
+    HEDGE_CALL.scope(HedgeCall::default(), call).await
+}
+
+/// Inside [`hedged`], in the factory of a hedge's attempt: the budget token its admission took (the
+/// library admits a hedge, then at once asks the factory for it), to give back if the attempt sends
+/// nothing. `None` outside [`hedged`] or when the route has no budget.
+pub fn take_hedge_token() -> Option<RetryToken> {
+    HEDGE_CALL
+        .try_with(|c| c.token.take())
+        .ok()
+        .flatten()
+        .map(|w| RetryToken(Some(w)))
 }
 
 /// Inside [`hedged`]: no further hedge starts for this call; the attempts running go on. For a hedge
@@ -298,11 +322,11 @@ pub async fn hedged<F: Future>(call: F) -> F::Output {
 /// and each would spend retry budget. Works through the route hedge's admission hook, which the
 /// library asks before each hedge; outside [`hedged`] it does nothing.
 pub fn stop_hedging() {
-    let _ = HEDGING_STOPPED.try_with(|s| s.set(true));
+    let _ = HEDGE_CALL.try_with(|c| c.stopped.set(true));
 }
 
 fn hedging_stopped() -> bool {
-    HEDGING_STOPPED.try_with(Cell::get).unwrap_or(false)
+    HEDGE_CALL.try_with(|c| c.stopped.get()).unwrap_or(false)
 }
 
 /// The library backoff for a route's `backoff:` section.
@@ -424,7 +448,16 @@ impl RoutePolicies {
                     if hedging_stopped() {
                         return false;
                     }
-                    let ok = budget.as_ref().is_none_or(RetryBudget::try_withdraw);
+                    let ok = match budget.as_ref() {
+                        None => true,
+                        Some(b) => match b.withdraw() {
+                            Some(w) => {
+                                let _ = HEDGE_CALL.try_with(|c| c.token.set(Some(w)));
+                                true
+                            }
+                            None => false,
+                        },
+                    };
                     if !ok {
                         report.emit(|| Event::RetryBudgetExhausted {
                             name: route.clone(),
@@ -521,10 +554,19 @@ impl RoutePolicies {
         self.budget.as_ref().is_none_or(RetryBudget::try_withdraw)
     }
 
+    /// [`try_withdraw`](Self::try_withdraw), keeping the token: `None` when the budget is
+    /// exhausted. A retry that then sends nothing gives it back with [`refund`](Self::refund).
+    pub fn withdraw(&self) -> Option<RetryToken> {
+        match &self.budget {
+            None => Some(RetryToken(None)),
+            Some(b) => b.withdraw().map(|w| RetryToken(Some(w))),
+        }
+    }
+
     /// Gives back the token of a retry that sent nothing (see [`RetryBudget::refund`]).
-    pub fn refund(&self) {
-        if let Some(b) = &self.budget {
-            b.refund();
+    pub fn refund(&self, token: RetryToken) {
+        if let (Some(b), Some(w)) = (&self.budget, token.0) {
+            b.refund(w);
         }
     }
 

@@ -178,20 +178,24 @@ impl Reloader {
         Ok(r)
     }
 
-    /// Reloads on SIGHUP and whenever the file changes (checked every `poll`), until dropped.
-    pub async fn watch(self: Arc<Self>, poll: Duration) {
+    /// Reloads on SIGHUP and whenever the file changes (checked every `poll`), until dropped. The
+    /// SIGHUP handler is installed when this is called (inside the runtime), not when the future is
+    /// first polled: from then on a SIGHUP reloads rather than kills the process.
+    pub fn watch(self: Arc<Self>, poll: Duration) -> impl std::future::Future<Output = ()> {
         let mut hup = hangup();
-        let mut tick = tokio::time::interval(poll);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = next_hangup(&mut hup) => {
-                    tracing::info!("SIGHUP: reloading the config");
-                    let _ = self.reload();
-                }
-                _ = tick.tick() => {
-                    let _ = self.reload_if_changed();
+        async move {
+            let mut tick = tokio::time::interval(poll);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = next_hangup(&mut hup) => {
+                        tracing::info!("SIGHUP: reloading the config");
+                        let _ = self.reload();
+                    }
+                    _ = tick.tick() => {
+                        let _ = self.reload_if_changed();
+                    }
                 }
             }
         }

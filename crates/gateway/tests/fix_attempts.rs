@@ -432,3 +432,72 @@ routes:
     assert_eq!(q.hits(), 2);
     gw.stop().await;
 }
+
+/// A hedged route: the original gets the provider's 503 (which opens the breaker), the hedge that
+/// follows is refused. The client still gets the provider's response, and the refused hedge's
+/// budget token is given back.
+#[tokio::test]
+async fn a_refused_hedge_neither_hides_the_provider_response_nor_spends_budget() {
+    let up = Upstream::status("provider", 503).await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{ window: {{ kind: count, size: 10 }}, minimum_calls: 1, failure_rate_threshold: 50, open_duration: 1m }}
+routes:
+  - upstream: u
+    hedge: {{ delay: 500ms }}
+    retry:
+      attempts: 1
+      on: [5xx]
+      budget: {{ ratio: 0.2, min_per_second: 1, window: 10s }}
+",
+        up.url()
+    ))
+    .await;
+    let before = budget_balance(&gw);
+    let r = get(&client(), &gw.url("/")).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-upstream"), Some("provider"));
+    assert_eq!(r.text(), "provider says 503");
+    assert_eq!(r.header("x-bulwark-reason"), Some("upstream_error"));
+    assert_eq!(up.hits(), 1);
+    assert_eq!(breaker_state(&gw, "u"), bulwark::events::BreakerState::Open);
+    assert_eq!(
+        budget_balance(&gw),
+        before,
+        "the refused hedge was refunded"
+    );
+    gw.stop().await;
+}
+
+/// The retry after a provider's 503 cannot connect (nothing sent): the 503 is what the client
+/// sees, not a gateway 502.
+#[tokio::test]
+async fn a_connect_failure_does_not_replace_an_earlier_response() {
+    let up = Upstream::status("provider", 503).await;
+    let dead = dead_url().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    balance: round_robin
+    endpoints: [{{url: '{}'}}, {{url: '{}'}}]
+routes:
+  - upstream: u
+    retry:
+      attempts: 2
+      on: [5xx, connect_failure]
+      backoff: {{ kind: constant, base: 0ms, max: 0ms, jitter: none }}
+",
+        up.url(),
+        dead
+    ))
+    .await;
+    let r = get(&client(), &gw.url("/")).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-upstream"), Some("provider"));
+    assert_eq!(r.text(), "provider says 503");
+    assert_eq!(r.header("x-bulwark-attempts"), Some("2"));
+    assert_eq!(up.hits(), 1);
+    gw.stop().await;
+}

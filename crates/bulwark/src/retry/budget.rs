@@ -26,6 +26,14 @@ const SLICES: usize = 10;
 // Fixed point for `percent_can_retry`: one token is SCALE units.
 const SCALE: i128 = 1_000_000;
 
+/// One token taken from a [`RetryBudget`] by [`RetryBudget::withdraw`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a withdrawal not sent is given back with RetryBudget::refund"]
+pub struct Withdrawal {
+    /// The slice generation it was counted in.
+    generation: u32,
+}
+
 /// A shared retry budget: retries as a share of recent traffic, with a floor.
 ///
 /// Semantics follow Finagle's `RetryBudget`: every call [`deposit`](RetryBudget::deposit)s,
@@ -117,9 +125,10 @@ impl RetryBudget {
         (nanos / self.inner.slice_nanos) as u32
     }
 
-    /// Adds one to the slice of generation `now` in `slots`.
+    /// Adds one to the slice of generation `now` in `slots`; returns the generation it counted
+    /// into (`now`, or a newer one another caller had already moved the slot to).
     #[inline]
-    fn add(slots: &[AtomicU64; SLICES], now: u32) {
+    fn add(slots: &[AtomicU64; SLICES], now: u32) -> u32 {
         let slot = &slots[now as usize % SLICES];
         let mut cur = slot.load(Ordering::Relaxed);
         loop {
@@ -135,7 +144,7 @@ impl RetryBudget {
                 pack(g, c.saturating_add(1))
             };
             match slot.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => return,
+                Ok(_) => return unpack(next).0,
                 Err(actual) => cur = actual,
             }
         }
@@ -181,42 +190,49 @@ impl RetryBudget {
     /// Takes one token for a retry, if there is one. Returns `false` (and takes
     /// nothing) when the budget is exhausted.
     pub fn try_withdraw(&self) -> bool {
+        self.withdraw().is_some()
+    }
+
+    /// [`try_withdraw`](Self::try_withdraw), returning the token taken: a retry that
+    /// ends up not being sent (say the upstream refused it) gives it back with
+    /// [`refund`](Self::refund).
+    pub fn withdraw(&self) -> Option<Withdrawal> {
         let now = self.generation();
         let _guard = self.decision();
         if self.balance_units(now) < SCALE {
-            return false;
+            return None;
         }
-        Self::add(&self.inner.withdrawals, now);
-        true
+        Some(Withdrawal {
+            generation: Self::add(&self.inner.withdrawals, now),
+        })
     }
 
-    /// Gives back the token of a retry that was withdrawn but never sent (say the
-    /// upstream refused it, or had no endpoint left): the most recent withdrawal
-    /// still in the window is undone. Returns `false` when there is none to undo.
-    pub fn refund(&self) -> bool {
+    /// Gives back the token `w` of a retry that was never sent. Returns `false`,
+    /// and changes nothing, when that withdrawal has already expired (it no longer
+    /// counts, so there is nothing to give back).
+    pub fn refund(&self, w: Withdrawal) -> bool {
         let now = self.generation();
+        if now.wrapping_sub(w.generation) >= SLICES as u32 {
+            return false;
+        }
         let _guard = self.decision();
-        for age in 0..SLICES as u32 {
-            let generation = now.wrapping_sub(age);
-            let slot = &self.inner.withdrawals[generation as usize % SLICES];
-            let mut cur = slot.load(Ordering::Relaxed);
-            loop {
-                let (g, c) = unpack(cur);
-                if g != generation || c == 0 {
-                    break;
-                }
-                match slot.compare_exchange_weak(
-                    cur,
-                    pack(g, c - 1),
-                    Ordering::AcqRel,
-                    Ordering::Relaxed,
-                ) {
-                    Ok(_) => return true,
-                    Err(actual) => cur = actual,
-                }
+        let slot = &self.inner.withdrawals[w.generation as usize % SLICES];
+        let mut cur = slot.load(Ordering::Relaxed);
+        loop {
+            let (g, c) = unpack(cur);
+            if g != w.generation || c == 0 {
+                return false;
+            }
+            match slot.compare_exchange_weak(
+                cur,
+                pack(g, c - 1),
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => cur = actual,
             }
         }
-        false
     }
 
     /// Serialises a withdrawal's (or refund's) check-and-update. The lock only serialises the
@@ -384,8 +400,8 @@ mod tests {
         assert_eq!(taken + b.balance(), 8_000);
     }
 
-    /// A refund undoes the latest withdrawal still in the window, and only one per
-    /// withdrawal: an expired withdrawal (or none) cannot be refunded into credit.
+    /// A refund gives back exactly its own withdrawal, once, and only while that
+    /// withdrawal still counts: an expired one cannot be turned into credit.
     #[tokio::test(start_paused = true)]
     async fn refund_gives_back_an_unsent_retry() {
         let b = RetryBudget::builder()
@@ -398,20 +414,26 @@ mod tests {
             b.deposit();
         }
         assert_eq!(b.balance(), 2);
-        assert!(!b.refund(), "nothing withdrawn yet");
-        assert!(b.try_withdraw());
+        let first = b.withdraw().unwrap();
         tokio::time::advance(Duration::from_secs(3)).await;
-        assert!(b.try_withdraw());
-        assert_eq!(b.balance(), 0);
-        assert!(b.refund());
+        let second = b.withdraw().unwrap();
+        assert_eq!(b.withdraw(), None);
+        assert!(b.refund(first), "the older withdrawal, in an earlier slice");
         assert_eq!(b.balance(), 1);
-        assert!(b.refund(), "the older withdrawal, in an earlier slice");
+        assert!(!b.refund(first), "already given back");
+        assert_eq!(b.balance(), 1);
+        assert!(b.refund(second));
         assert_eq!(b.balance(), 2);
-        assert!(!b.refund(), "both already given back");
-        assert_eq!(b.balance(), 2);
-        // A withdrawal that has expired is not refundable.
-        assert!(b.try_withdraw());
-        tokio::time::advance(Duration::from_secs(11)).await;
-        assert!(!b.refund());
+
+        // A withdrawal that has expired is not refundable, even while a newer one
+        // (another request's) is still in the window.
+        let old = b.withdraw().unwrap();
+        tokio::time::advance(Duration::from_secs(8)).await;
+        for _ in 0..4 {
+            b.deposit();
+        }
+        let _live = b.withdraw().unwrap();
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert!(!b.refund(old));
     }
 }

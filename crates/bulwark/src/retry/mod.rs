@@ -118,8 +118,8 @@ use tokio::time::Instant;
 
 pub use backoff::{Backoff, BackoffIter, Jitter, DEFAULT_FACTOR, DEFAULT_MAX_DELAY};
 pub use budget::{
-    RetryBudget, RetryBudgetBuilder, DEFAULT_MIN_RETRIES_PER_SEC, DEFAULT_PERCENT_CAN_RETRY,
-    DEFAULT_TTL,
+    RetryBudget, RetryBudgetBuilder, Withdrawal, DEFAULT_MIN_RETRIES_PER_SEC,
+    DEFAULT_PERCENT_CAN_RETRY, DEFAULT_TTL,
 };
 pub use future::ResponseFuture;
 pub use layer::{RetryLayer, RetryService};

@@ -298,7 +298,11 @@ pub struct Upstream {
     pub outlier_detection: Option<OutlierDetection>,
     /// Provider quotas: cooldown of an endpoint on 429 (or other configured statuses) + `Retry-After`.
     /// On by default (429); `cooldown: {enabled: false}` turns it off.
-    #[serde(default = "default_cooldown", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default = "default_cooldown",
+        deserialize_with = "cooldown_or_default",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cooldown: Option<Cooldown>,
     /// Panic mode (Envoy's `healthy_panic_threshold`): when the percentage of available endpoints
     /// (healthy and not ejected) falls below this, balance over every endpoint of the first tier,
@@ -499,6 +503,15 @@ pub struct Cooldown {
 /// An upstream without a `cooldown` section still honours its providers' 429 + `Retry-After`.
 fn default_cooldown() -> Option<Cooldown> {
     Some(Cooldown::default())
+}
+
+/// `cooldown:` left empty (`~`) means the defaults, as no section does; `enabled: false` turns it off.
+fn cooldown_or_default<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Cooldown>, D::Error> {
+    Ok(Some(
+        Option::<Cooldown>::deserialize(d)?.unwrap_or_default(),
+    ))
 }
 
 impl Default for Cooldown {

@@ -91,6 +91,21 @@ fn duplicate_route_name() {
 }
 
 #[test]
+fn a_route_name_may_not_take_an_unnamed_routes_default_name() {
+    assert_eq!(
+        err(&format!(
+            "{UP}routes:\n  - upstream: a\n  - name: route0\n    upstream: a\n"
+        )),
+        "gw.yaml:6:5: routes[1].name: `route0` is the name of the unnamed routes[0]"
+    );
+    // Its own default name, or that of a named route, is fine.
+    let c = format!(
+        "{UP}routes:\n  - name: route0\n    upstream: a\n  - name: route1\n    upstream: a\n"
+    );
+    assert!(crate::config::from_str(&c, "gw.yaml").is_ok());
+}
+
+#[test]
 fn route_names_missing_upstream() {
     assert_eq!(
         err(&format!(

@@ -54,6 +54,17 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
                     format!("duplicate route name `{n}`"),
                 ));
             }
+            // An unnamed route is called `route<N>` in metrics and logs: no other may take that.
+            let taken = n
+                .strip_prefix("route")
+                .and_then(|j| j.parse::<usize>().ok())
+                .filter(|&j| j != i && config.routes.get(j).is_some_and(|r| r.name.is_none()));
+            if let Some(j) = taken {
+                return Err(at(
+                    &[base.as_slice(), &[k("name")]].concat(),
+                    format!("`{n}` is the name of the unnamed routes[{j}]"),
+                ));
+            }
         }
         validate_route(&base, route, config)?;
     }

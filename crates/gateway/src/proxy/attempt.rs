@@ -21,7 +21,7 @@ use super::headers::{self, IDEMPOTENCY_KEY};
 use super::respond::{self, Failure, Local};
 use super::route::Route;
 use super::Runtime;
-use crate::policy::{self, Admission, Reject};
+use crate::policy::{self, Admission, Reject, RetryToken};
 use crate::upstream::{retry_after, FailKind, Observed, Tried, Upstream};
 use bulwark::Outcome;
 
@@ -180,6 +180,11 @@ enum Miss {
     },
     /// The client's request body failed: final, and not the upstream's fault.
     Client(Local),
+    /// Inside a hedge race: a failed response, set aside (see `forward`) until the race ends.
+    Kept {
+        retryable: bool,
+        retry_after: Option<Duration>,
+    },
 }
 
 type AttemptResult = Result<Response<RespBody>, Miss>;
@@ -198,6 +203,9 @@ fn hedge_outcome(r: &AttemptResult) -> Outcome {
         }
         Err(Miss::Client(_))
         | Err(Miss::Response {
+            retryable: false, ..
+        })
+        | Err(Miss::Kept {
             retryable: false, ..
         })
         | Err(Miss::Failed {
@@ -439,7 +447,7 @@ pub(crate) async fn forward(
     // A retry's budget token taken but not yet spent on a request sent: given back if the retry
     // sends nothing (refused, no endpoint, deadline), so the budget counts only retries that went
     // out or are waiting in backoff.
-    let mut withdrawn = false;
+    let mut withdrawn: Option<RetryToken> = None;
 
     for (chain_pos, &ui) in route.chain.iter().enumerate() {
         let up = &*rt.upstreams[ui];
@@ -453,11 +461,11 @@ pub(crate) async fn forward(
             if !route.policies.retry_fits(Duration::ZERO, deadline) {
                 return finish(last, sent, None, route);
             }
-            if !route.policies.try_withdraw() {
+            let Some(token) = route.policies.withdraw() else {
                 route.policies.on_budget_exhausted();
                 return finish(last, sent, Some(Failure::BudgetExhausted), route);
-            }
-            withdrawn = true;
+            };
+            withdrawn = Some(token);
             route
                 .policies
                 .on_retry("failover", sent + 1, Duration::ZERO);
@@ -505,43 +513,92 @@ pub(crate) async fn forward(
                     // one is available, and the hedge asks the route's budget before each extra
                     // attempt (the hedge's own admission is in `attempt`).
                     let mut original = Some((ei, req, admission));
+                    // The race reports only its last failure: a response an attempt got is kept
+                    // here (the race sees `Miss::Kept`) so that a later refused hedge cannot
+                    // hide it from the client.
+                    let kept: std::sync::Mutex<Option<Response<RespBody>>> =
+                        std::sync::Mutex::new(None);
                     let make = || {
-                        if let Some((ei, req, admission)) = original.take() {
-                            let target = Some((ei, req));
-                            return attempt(
-                                up,
-                                route,
-                                target,
-                                deadline,
-                                false,
-                                Some(admission),
-                                &tally,
-                            );
+                        let (target, admission, token) = match original.take() {
+                            Some((ei, req, admission)) => (Some((ei, req)), Some(admission), None),
+                            None => {
+                                let token = policy::take_hedge_token();
+                                let target = up.pick(tried).map(|ei| {
+                                    tried.insert(ei);
+                                    // Hedging is only on with a replayable body, which `take`
+                                    // always yields.
+                                    let body = slot.take().unwrap_or_else(ReqBody::empty);
+                                    let req = build_request(&mut parts, true, body, up, ei);
+                                    (ei, Outgoing::Owned(req))
+                                });
+                                (target, None, token)
+                            }
+                        };
+                        let run = attempt(up, route, target, deadline, false, admission, &tally);
+                        async {
+                            let r = run.await;
+                            // A hedge its upstream refused (or found no endpoint for) sent
+                            // nothing: its budget token goes back.
+                            if let (Some(t), Err(Miss::Rejected(_) | Miss::NoEndpoint)) =
+                                (token, &r)
+                            {
+                                route.policies.refund(t);
+                            }
+                            match r {
+                                Err(Miss::Response {
+                                    resp,
+                                    retryable,
+                                    retry_after,
+                                }) => {
+                                    if let Ok(mut k) = kept.lock() {
+                                        *k = Some(resp);
+                                    }
+                                    Err(Miss::Kept {
+                                        retryable,
+                                        retry_after,
+                                    })
+                                }
+                                other => other,
+                            }
                         }
-                        let target = up.pick(tried).map(|ei| {
-                            tried.insert(ei);
-                            // Hedging is only on with a replayable body, which `take` always yields.
-                            let body = slot.take().unwrap_or_else(ReqBody::empty);
-                            let req = build_request(&mut parts, true, body, up, ei);
-                            (ei, Outgoing::Owned(req))
-                        });
-                        attempt(up, route, target, deadline, false, None, &tally)
                     };
                     // Boxed: the race holds several attempt futures; inline, it would make every
                     // request's future that much larger, hedged or not. One allocation per hedged
                     // request, next to the extra upstream requests hedging sends anyway.
-                    match Box::pin(policy::hedged(h.call_with(&hedge_outcome, make))).await {
-                        Ok(resp) => Ok(resp),
-                        Err(bulwark::Error::Inner(miss)) => Err(miss),
-                        // The hedge reports nothing of its own; this arm is never taken.
-                        Err(_) => Err(Miss::NoEndpoint),
+                    let raced =
+                        match Box::pin(policy::hedged(h.call_with(&hedge_outcome, make))).await {
+                            Ok(resp) => Ok(resp),
+                            Err(bulwark::Error::Inner(miss)) => Err(miss),
+                            // The hedge reports nothing of its own; this arm is never taken.
+                            Err(_) => Err(Miss::NoEndpoint),
+                        };
+                    let kept = kept.into_inner().ok().flatten();
+                    match (raced, kept) {
+                        (
+                            Err(Miss::Kept {
+                                retryable,
+                                retry_after,
+                            }),
+                            Some(resp),
+                        ) => Err(Miss::Response {
+                            resp,
+                            retryable,
+                            retry_after,
+                        }),
+                        (Err(Miss::Kept { .. }), None) => Err(Miss::NoEndpoint),
+                        (other, kept) => {
+                            if let (Err(_), Some(resp)) = (&other, kept) {
+                                last = Last::Response(resp);
+                            }
+                            other
+                        }
                     }
                 }
             };
             let went_out = tally.sent.swap(0, Ordering::Relaxed);
             sent += went_out;
             if went_out > 0 {
-                withdrawn = false;
+                withdrawn = None;
             } else {
                 refund(route, &mut withdrawn);
             }
@@ -555,7 +612,8 @@ pub(crate) async fn forward(
                     refused(&mut last, reject_to_failure(r));
                     break;
                 }
-                Err(Miss::NoEndpoint) => {
+                // (`Kept` never leaves the hedge branch above.)
+                Err(Miss::NoEndpoint) | Err(Miss::Kept { .. }) => {
                     refused(&mut last, no_endpoint(up));
                     break;
                 }
@@ -575,7 +633,13 @@ pub(crate) async fn forward(
                     retryable,
                     unsent,
                 }) => {
-                    last = Last::Failure(failure);
+                    if unsent {
+                        // Nothing was sent (a connect failure, the deadline): it does not replace
+                        // a response an earlier attempt got.
+                        refused(&mut last, failure);
+                    } else {
+                        last = Last::Failure(failure);
+                    }
                     if failure == Failure::Timeout && Instant::now() >= deadline {
                         return finish(last, sent, None, route);
                     }
@@ -603,11 +667,11 @@ pub(crate) async fn forward(
             if !route.policies.retry_fits(delay, deadline) {
                 return finish(last, sent, None, route);
             }
-            if !route.policies.try_withdraw() {
+            let Some(token) = route.policies.withdraw() else {
                 route.policies.on_budget_exhausted();
                 return finish(last, sent, Some(Failure::BudgetExhausted), route);
-            }
-            withdrawn = true;
+            };
+            withdrawn = Some(token);
             route
                 .policies
                 .on_retry(retry_reason(&last), sent + 1, delay);
@@ -618,7 +682,10 @@ pub(crate) async fn forward(
                 // still be passed through if the retry gets none. One too large or too slow to
                 // read in the backoff is dropped (the client then sees a 502 `upstream_error`).
                 if let Last::Response(resp) = last {
-                    last = match body::read_small(resp, route.retry_buffer, retry_at).await {
+                    // At least a short while, so that a backoff of a few milliseconds (full
+                    // jitter) does not decide whether the client can get the provider's answer.
+                    let by = retry_at.max(Instant::now() + MIN_BODY_READ);
+                    last = match body::read_small(resp, route.retry_buffer, by).await {
                         Some(resp) => Last::Response(resp),
                         None => Last::Failure(Failure::UpstreamError),
                     };
@@ -630,6 +697,9 @@ pub(crate) async fn forward(
     finish(last, sent, None, route)
 }
 
+/// The least time a failed response's body may take to be read during a backoff (see `forward`).
+const MIN_BODY_READ: Duration = Duration::from_millis(100);
+
 /// A step that sent nothing (refused by the upstream's policies, or no endpoint) replaces the
 /// outcome of an earlier attempt only when that attempt got no response: a response an upstream
 /// gave is what the client sees, as the last answer any attempt got.
@@ -640,9 +710,9 @@ fn refused(last: &mut Last, why: Failure) {
 }
 
 /// Gives back the budget token of a retry that sent nothing, if one is held.
-fn refund(route: &Route, withdrawn: &mut bool) {
-    if std::mem::take(withdrawn) {
-        route.policies.refund();
+fn refund(route: &Route, withdrawn: &mut Option<RetryToken>) {
+    if let Some(token) = withdrawn.take() {
+        route.policies.refund(token);
     }
 }
 

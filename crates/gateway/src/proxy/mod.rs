@@ -148,20 +148,22 @@ impl Runtime {
         })
     }
 
-    /// The retry budget of this runtime's route named as route `i` of a new config (`c`) is, when
-    /// the two have the same budget settings: the reloaded route keeps it, balance and all.
+    /// The retry budget of this runtime's counterpart of route `i` of a new config (`c`), when the
+    /// two have the same budget settings: the reloaded route keeps it, balance and all. A named
+    /// route's counterpart is the route of that name; an unnamed one's, the unnamed route at the
+    /// same position.
     fn unchanged_budget(
         &self,
         i: usize,
         c: &config::Route,
     ) -> Option<&bulwark::retry::RetryBudget> {
-        let name = c.name.clone().unwrap_or_else(|| format!("route{i}"));
         let budget_of = |r: &config::Route| r.retry.as_ref().filter(|r| r.enabled)?.budget.clone();
-        let (j, old) = self
-            .routes
-            .iter()
-            .enumerate()
-            .find(|(_, r)| *r.name == *name)?;
+        let olds = &self.config.routes;
+        let j = match &c.name {
+            Some(n) => olds.iter().position(|r| r.name.as_ref() == Some(n))?,
+            None => Some(i).filter(|&i| olds.get(i).is_some_and(|r| r.name.is_none()))?,
+        };
+        let old = self.routes.get(j)?;
         let new_settings = budget_of(c)?;
         let old_settings = budget_of(self.config.routes.get(j)?)?;
         if !same_settings(&old_settings, &new_settings) {

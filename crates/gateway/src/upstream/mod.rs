@@ -203,10 +203,13 @@ impl Upstream {
                 if let (true, Some(c), Some(ra)) = (quota, &self.cooldown, retry_after) {
                     c.start(&self.endpoints[i], ra, now);
                 }
-                if let Some(o) = &self.outlier {
+                // A response that starts a cooldown, or any 429, says nothing about the endpoint's
+                // health; a listed status without `Retry-After` counts as its class does.
+                let cools = quota && retry_after.is_some();
+                if let Some(o) = self.outlier.as_ref().filter(|_| !cools && status != 429) {
                     if status >= 500 {
                         o.failure(&self.endpoints, i, now);
-                    } else if !quota && status != 429 {
+                    } else if !quota {
                         o.success(&self.endpoints, i, latency, now);
                     }
                 }
