@@ -501,3 +501,45 @@ routes:
     assert_eq!(up.hits(), 1);
     gw.stop().await;
 }
+
+/// A failed response whose body is larger than `retry_buffer` cannot be kept while its retry
+/// waits: when that retry is then refused (the breaker opened), the client gets the gateway's
+/// answer for the refusal, as when no attempt got a response.
+#[tokio::test]
+async fn a_failed_response_too_large_to_keep_through_a_backoff_gives_502() {
+    let big = "x".repeat(4096);
+    let up = Upstream::start(
+        "provider",
+        Arc::new(move |_req| {
+            let big = big.clone();
+            Box::pin(async move { reply("provider", 503, big) })
+        }),
+    )
+    .await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{ window: {{ kind: count, size: 10 }}, minimum_calls: 1, failure_rate_threshold: 50, open_duration: 1m }}
+routes:
+  - upstream: u
+    retry_buffer: 1KiB
+    retry:
+      attempts: 2
+      on: [5xx]
+      backoff: {{ kind: constant, base: 20ms, max: 20ms, jitter: none }}
+",
+        up.url()
+    ))
+    .await;
+    let r = get(&client(), &gw.url("/")).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-bulwark-reason"), Some("circuit_open"));
+    assert_eq!(
+        r.header("x-upstream"),
+        None,
+        "the provider's response was dropped"
+    );
+    assert_eq!(up.hits(), 1);
+    gw.stop().await;
+}

@@ -680,7 +680,7 @@ pub(crate) async fn forward(
                 // Read the failed response's body (it is usually a short error) so that its
                 // connection goes back to the pool while the retry waits, and the response can
                 // still be passed through if the retry gets none. One too large or too slow to
-                // read in the backoff is dropped (the client then sees a 502 `upstream_error`).
+                // read in the backoff is dropped (the request then ends as if it had got none).
                 if let Last::Response(resp) = last {
                     // At least a short while, so that a backoff of a few milliseconds (full
                     // jitter) does not decide whether the client can get the provider's answer.
