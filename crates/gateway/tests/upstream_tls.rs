@@ -749,3 +749,56 @@ async fn a_reload_rebuilds_an_upstream_whose_client_certificate_files_changed() 
     assert_eq!(get(&c, &ops.url("/")).await.status, 502);
     ops.stop().await;
 }
+
+/// An HTTP/2 upstream that closes its connection after every answer (GOAWAY): each next request
+/// finds the shared connection closed and opens a new one, without an error for the client.
+#[tokio::test]
+async fn a_closed_shared_http2_connection_is_replaced() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (accepted, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (a, c) = (accepted.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            let c = c.clone();
+            tokio::spawn(async move {
+                let answered = Arc::new(tokio::sync::Notify::new());
+                let done = answered.clone();
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    done.notify_one();
+                    async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("one")))) }
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), svc);
+                tokio::pin!(conn);
+                tokio::select! {
+                    _ = conn.as_mut() => {}
+                    _ = answered.notified() => {
+                        conn.as_mut().graceful_shutdown();
+                        let _ = conn.await;
+                    }
+                }
+                c.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let url = format!("http://{addr}");
+    let gw = Gateway::start(&config(&[url], ", http2: true", "")).await;
+    let c = client();
+    for i in 1..=4 {
+        let g = get(&c, &gw.url("/x")).await;
+        assert_eq!(
+            (g.status.as_u16(), g.text().as_str()),
+            (200, "one"),
+            "request {i}"
+        );
+        wait_until(10, || closed.load(Ordering::SeqCst) == i).await;
+    }
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        4,
+        "a new connection per request"
+    );
+    gw.stop().await;
+}
