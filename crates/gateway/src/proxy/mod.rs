@@ -757,22 +757,30 @@ impl Server {
             let idle = settings.idle_timeout;
             // One task per client connection; the upstream HTTP/1 connections its requests use
             // are driven by those requests (see `upstream::pool`), not by tasks of their own.
-            tokio::spawn(async move {
+            let task = async move {
                 let _permit = permit;
                 match tls {
                     None => serve_conn(stream, false, ctx, &h2, stop, limits, idle).await,
+                    // Boxed: a connection's task is as large as its largest state, and the TLS one
+                    // (handshake, then a TLS stream) is over twice the plaintext one (21.7 KB
+                    // against 9.3 KB per connection): a TLS connection pays one allocation.
                     Some(acceptor) => {
-                        match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
-                        {
-                            Ok(Ok(s)) => {
-                                let alpn_h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
-                                serve_conn(s, alpn_h2, ctx, &h2, stop, limits, idle).await
+                        Box::pin(async move {
+                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
+                                .await
+                            {
+                                Ok(Ok(s)) => {
+                                    let alpn_h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
+                                    serve_conn(s, alpn_h2, ctx, &h2, stop, limits, idle).await
+                                }
+                                _ => tracing::debug!(%peer, "TLS handshake failed or timed out"),
                             }
-                            _ => tracing::debug!(%peer, "TLS handshake failed or timed out"),
-                        }
+                        })
+                        .await
                     }
                 }
-            });
+            };
+            tokio::spawn(task);
         }
         gateway.set_phase(Phase::Draining);
         drop(listener);
