@@ -279,9 +279,10 @@ pub async fn start(path: &Path, config: &Config, poll: Duration) -> Result<Runni
     let admin_addr = admin.as_ref().map(AdminServer::local_addr);
     let reloader = Arc::new(Reloader::new(path, gateway.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let watcher_reloader = reloader.clone();
+    // Created here, before `start` returns: its SIGHUP handler is in place from now on.
+    let watch = reloader.clone().watch(poll);
     let task = tokio::spawn(async move {
-        let watcher = tokio::spawn(watcher_reloader.watch(poll));
+        let watcher = tokio::spawn(watch);
         let (admin_stop, admin_task) = match admin {
             Some(a) => {
                 let (tx, rx) = tokio::sync::oneshot::channel::<()>();

@@ -452,7 +452,12 @@ impl RoutePolicies {
                         None => true,
                         Some(b) => match b.withdraw() {
                             Some(w) => {
-                                let _ = HEDGE_CALL.try_with(|c| c.token.set(Some(w)));
+                                // The factory takes it at once (the library calls it right after
+                                // this hook); one left over would be a hedge never made: refund it.
+                                let left = HEDGE_CALL.try_with(|c| c.token.replace(Some(w)));
+                                if let Ok(Some(old)) = left {
+                                    b.refund(old);
+                                }
                                 true
                             }
                             None => false,

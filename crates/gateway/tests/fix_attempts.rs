@@ -543,3 +543,46 @@ routes:
     assert_eq!(up.hits(), 1);
     gw.stop().await;
 }
+
+/// A hedge waiting in the upstream's bulkhead queue when the original attempt wins is dropped
+/// without sending anything: its budget token is given back.
+#[tokio::test]
+async fn a_hedge_cancelled_while_queued_gives_its_budget_token_back() {
+    let slow = |name: &'static str| {
+        Upstream::start(
+            name,
+            Arc::new(move |_req| {
+                Box::pin(async move {
+                    // A slow answer: the hedge starts (and queues) meanwhile.
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                    reply(name, 200, name)
+                })
+            }),
+        )
+    };
+    let (a, b) = (slow("a").await, slow("b").await);
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    balance: round_robin
+    endpoints: [{{url: '{}'}}, {{url: '{}'}}]
+    bulkhead: {{ max_concurrent: 1, max_queued: 10, queue_timeout: 1m }}
+routes:
+  - upstream: u
+    hedge: {{ delay: 20ms }}
+    retry:
+      attempts: 1
+      on: [5xx]
+      budget: {{ ratio: 0.2, min_per_second: 1, window: 10s }}
+",
+        a.url(),
+        b.url()
+    ))
+    .await;
+    let before = budget_balance(&gw);
+    let r = get(&client(), &gw.url("/")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(a.hits() + b.hits(), 1, "the hedge never left the queue");
+    assert_eq!(budget_balance(&gw), before, "its token was given back");
+    gw.stop().await;
+}

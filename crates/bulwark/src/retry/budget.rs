@@ -27,7 +27,8 @@ const SLICES: usize = 10;
 const SCALE: i128 = 1_000_000;
 
 /// One token taken from a [`RetryBudget`] by [`RetryBudget::withdraw`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Neither `Clone` nor `Copy`: it can be given back once.
+#[derive(Debug, PartialEq, Eq)]
 #[must_use = "a withdrawal not sent is given back with RetryBudget::refund"]
 pub struct Withdrawal {
     /// The slice generation it was counted in.
@@ -420,9 +421,15 @@ mod tests {
         assert_eq!(b.withdraw(), None);
         assert!(b.refund(first), "the older withdrawal, in an earlier slice");
         assert_eq!(b.balance(), 1);
-        assert!(!b.refund(first), "already given back");
-        assert_eq!(b.balance(), 1);
         assert!(b.refund(second));
+        assert_eq!(b.balance(), 2);
+
+        // Two withdrawals in one slice: each refund gives back one.
+        let (a, c) = (b.withdraw().unwrap(), b.withdraw().unwrap());
+        assert_eq!(b.balance(), 0);
+        assert!(b.refund(a));
+        assert_eq!(b.balance(), 1);
+        assert!(b.refund(c));
         assert_eq!(b.balance(), 2);
 
         // A withdrawal that has expired is not refundable, even while a newer one

@@ -98,6 +98,9 @@ fn a_route_name_may_not_take_an_unnamed_routes_default_name() {
         )),
         "gw.yaml:6:5: routes[1].name: `route0` is the name of the unnamed routes[0]"
     );
+    // Names that only parse to the same number are not the default name.
+    let c = format!("{UP}routes:\n  - name: route01\n    upstream: a\n  - upstream: a\n");
+    assert!(crate::config::from_str(&c, "gw.yaml").is_ok());
     // Its own default name, or that of a named route, is fine.
     let c = format!(
         "{UP}routes:\n  - name: route0\n    upstream: a\n  - name: route1\n    upstream: a\n"

@@ -58,6 +58,7 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
             let taken = n
                 .strip_prefix("route")
                 .and_then(|j| j.parse::<usize>().ok())
+                .filter(|&j| format!("route{j}") == *n)
                 .filter(|&j| j != i && config.routes.get(j).is_some_and(|r| r.name.is_none()));
             if let Some(j) = taken {
                 return Err(at(

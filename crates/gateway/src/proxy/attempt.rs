@@ -240,7 +240,8 @@ fn deadline_passed(route: &Route) -> Miss {
 /// One attempt on `up`'s endpoint `ei` (`None`: no endpoint was available): admission, send within
 /// the per-try timeout and the route deadline, classification, and the reports to the breaker,
 /// outlier detection, cooldown and (with `record_latency`) the route's latency window. A request
-/// sent is counted in `tally`.
+/// sent is counted in `tally`, and sets `went` if given.
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
     up: &Upstream,
     route: &Route,
@@ -249,6 +250,7 @@ async fn attempt(
     record_latency: bool,
     admitted: Option<Admission>,
     tally: &Tally,
+    went: Option<&AtomicBool>,
 ) -> AttemptResult {
     let Some((ei, req)) = target else {
         return Err(Miss::NoEndpoint);
@@ -271,6 +273,9 @@ async fn attempt(
         .map_or(deadline, |t| (now + t).min(deadline));
     let mut lease = Lease::new(ep.clone());
     tally.sent.fetch_add(1, Ordering::Relaxed);
+    if let Some(w) = went {
+        w.store(true, Ordering::Relaxed);
+    }
     let send = async {
         match req {
             Outgoing::Owned(req) => ep.pool.send(req).await,
@@ -482,7 +487,8 @@ pub(crate) async fn forward(
                 Err(Reject::Deadline) => {
                     refund(route, &mut withdrawn);
                     route.policies.on_timeout("total");
-                    return finish(Last::Failure(Failure::Timeout), sent, None, route);
+                    refused(&mut last, Failure::Timeout);
+                    return finish(last, sent, None, route);
                 }
                 Err(r) => {
                     refund(route, &mut withdrawn);
@@ -504,7 +510,8 @@ pub(crate) async fn forward(
                 None => {
                     let req = outgoing(&mut parts, may_replay, req_body, up, ei);
                     let target = Some((ei, req));
-                    attempt(up, route, target, deadline, true, Some(admission), &tally).await
+                    let admitted = Some(admission);
+                    attempt(up, route, target, deadline, true, admitted, &tally, None).await
                 }
                 Some(h) => {
                     let req = Outgoing::Owned(build_request(&mut parts, true, req_body, up, ei));
@@ -534,16 +541,21 @@ pub(crate) async fn forward(
                                 (target, None, token)
                             }
                         };
-                        let run = attempt(up, route, target, deadline, false, admission, &tally);
-                        async {
-                            let r = run.await;
-                            // A hedge its upstream refused (or found no endpoint for) sent
-                            // nothing: its budget token goes back.
-                            if let (Some(t), Err(Miss::Rejected(_) | Miss::NoEndpoint)) =
-                                (token, &r)
-                            {
-                                route.policies.refund(t);
-                            }
+                        let (tally, kept) = (&tally, &kept);
+                        async move {
+                            // A hedge that sends nothing (refused, no endpoint, the deadline, or
+                            // cancelled while it waited because another attempt won) gives its
+                            // budget token back.
+                            let unsent = token.map(|token| UnsentRefund {
+                                route,
+                                token: Some(token),
+                                went: AtomicBool::new(false),
+                            });
+                            let went = unsent.as_ref().map(|u| &u.went);
+                            let r =
+                                attempt(up, route, target, deadline, false, admission, tally, went)
+                                    .await;
+                            drop(unsent);
                             match r {
                                 Err(Miss::Response {
                                     resp,
@@ -695,6 +707,23 @@ pub(crate) async fn forward(
         }
     }
     finish(last, sent, None, route)
+}
+
+/// A hedge's budget token, given back when dropped unless its attempt sent a request (`went`).
+struct UnsentRefund<'a> {
+    route: &'a Route,
+    token: Option<RetryToken>,
+    went: AtomicBool,
+}
+
+impl Drop for UnsentRefund<'_> {
+    fn drop(&mut self) {
+        if !self.went.load(Ordering::Relaxed) {
+            if let Some(t) = self.token.take() {
+                self.route.policies.refund(t);
+            }
+        }
+    }
 }
 
 /// The least time a failed response's body may take to be read during a backoff (see `forward`).

@@ -204,7 +204,8 @@ impl Upstream {
                     c.start(&self.endpoints[i], ra, now);
                 }
                 // A response that starts a cooldown, or any 429, says nothing about the endpoint's
-                // health; a listed status without `Retry-After` counts as its class does.
+                // health; a listed status without `Retry-After` counts as a failure when it is a
+                // 5xx, and as nothing otherwise.
                 let cools = quota && retry_after.is_some();
                 if let Some(o) = self.outlier.as_ref().filter(|_| !cools && status != 429) {
                     if status >= 500 {
