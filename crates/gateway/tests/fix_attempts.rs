@@ -237,6 +237,15 @@ fn budget_balance(gw: &Gateway) -> u64 {
         .balance()
 }
 
+/// `r` is the 503 of `Upstream::status(name, 503)`, passed through after `attempts` attempts.
+fn passed_through(r: &Got, name: &str, attempts: &str) {
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-upstream"), Some(name));
+    assert_eq!(r.text(), format!("{name} says 503"));
+    assert_eq!(r.header("x-bulwark-reason"), Some("upstream_error"));
+    assert_eq!(r.header("x-bulwark-attempts"), Some(attempts));
+}
+
 /// The state of upstream `up`'s breaker.
 fn breaker_state(gw: &Gateway, up: &str) -> bulwark::events::BreakerState {
     gw.state
@@ -274,15 +283,7 @@ routes:
         .await;
         let before = budget_balance(&gw);
         let r = get(&client(), &gw.url("/")).await;
-        assert_eq!(r.status, 503, "backoff {backoff}");
-        assert_eq!(
-            r.header("x-upstream"),
-            Some("provider"),
-            "backoff {backoff}"
-        );
-        assert_eq!(r.text(), "provider says 503", "backoff {backoff}");
-        assert_eq!(r.header("x-bulwark-reason"), Some("upstream_error"));
-        assert_eq!(r.header("x-bulwark-attempts"), Some("1"));
+        passed_through(&r, "provider", "1");
         assert_eq!(up.hits(), 1);
         assert_eq!(breaker_state(&gw, "u"), bulwark::events::BreakerState::Open);
         assert_eq!(
@@ -318,10 +319,7 @@ routes:
     gw.set_available("b", 0, false);
     let before = budget_balance(&gw);
     let r = get(&client(), &gw.url("/")).await;
-    assert_eq!(r.status, 503);
-    assert_eq!(r.header("x-upstream"), Some("a"));
-    assert_eq!(r.text(), "a says 503");
-    assert_eq!(r.header("x-bulwark-attempts"), Some("1"));
+    passed_through(&r, "a", "1");
     assert_eq!((a.hits(), b.hits()), (1, 0));
     assert_eq!(budget_balance(&gw), before, "the failover sent nothing");
     // With b back, the same request fails over (and spends a token).
@@ -457,10 +455,7 @@ routes:
     .await;
     let before = budget_balance(&gw);
     let r = get(&client(), &gw.url("/")).await;
-    assert_eq!(r.status, 503);
-    assert_eq!(r.header("x-upstream"), Some("provider"));
-    assert_eq!(r.text(), "provider says 503");
-    assert_eq!(r.header("x-bulwark-reason"), Some("upstream_error"));
+    passed_through(&r, "provider", "1");
     assert_eq!(up.hits(), 1);
     assert_eq!(breaker_state(&gw, "u"), bulwark::events::BreakerState::Open);
     assert_eq!(
@@ -494,10 +489,7 @@ routes:
     ))
     .await;
     let r = get(&client(), &gw.url("/")).await;
-    assert_eq!(r.status, 503);
-    assert_eq!(r.header("x-upstream"), Some("provider"));
-    assert_eq!(r.text(), "provider says 503");
-    assert_eq!(r.header("x-bulwark-attempts"), Some("2"));
+    passed_through(&r, "provider", "2");
     assert_eq!(up.hits(), 1);
     gw.stop().await;
 }
