@@ -258,40 +258,42 @@ fn breaker_state(gw: &Gateway, up: &str) -> bulwark::events::BreakerState {
         .state()
 }
 
-/// The provider's 503 opens the breaker, so the retry is refused: the client gets the provider's
-/// own response (body and headers), not a gateway 503, and the refused retry costs no budget.
-/// With a backoff the response body is read while waiting and still passed through.
-#[tokio::test]
-async fn a_provider_response_is_passed_through_when_its_retry_is_refused() {
-    for backoff in ["0ms", "50ms"] {
-        let up = Upstream::status("provider", 503).await;
-        let gw = Gateway::start(&format!(
-            "upstreams:
+/// With a breaker that opens on the provider's first 503, the step the route's `policy` takes next
+/// (a retry, or a hedge) is refused: the client gets the provider's own response (body and
+/// headers), not a gateway 503, and the refused step's budget token is given back.
+async fn a_provider_response_survives_a_refused_step(policy: &str, what: &str) {
+    let up = Upstream::status("provider", 503).await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
   u:
     endpoints: [{{url: '{}'}}]
     circuit_breaker: {{ window: {{ kind: count, size: 10 }}, minimum_calls: 1, failure_rate_threshold: 50, open_duration: 1m }}
 routes:
   - upstream: u
-    retry:
-      attempts: 3
-      on: [5xx]
-      backoff: {{ kind: constant, base: {backoff}, max: {backoff}, jitter: none }}
+{policy}      on: [5xx]
       budget: {{ ratio: 0.2, min_per_second: 1, window: 10s }}
 ",
-            up.url()
-        ))
-        .await;
-        let before = budget_balance(&gw);
-        let r = get(&client(), &gw.url("/")).await;
-        passed_through(&r, "provider", "1");
-        assert_eq!(up.hits(), 1);
-        assert_eq!(breaker_state(&gw, "u"), bulwark::events::BreakerState::Open);
-        assert_eq!(
-            budget_balance(&gw),
-            before,
-            "backoff {backoff}: the refused retry was refunded"
+        up.url()
+    ))
+    .await;
+    let before = budget_balance(&gw);
+    let r = get(&client(), &gw.url("/")).await;
+    passed_through(&r, "provider", "1");
+    assert_eq!(up.hits(), 1, "{what}");
+    assert_eq!(breaker_state(&gw, "u"), bulwark::events::BreakerState::Open);
+    assert_eq!(budget_balance(&gw), before, "{what}: refunded");
+    gw.stop().await;
+}
+
+/// A retry refused, with no backoff and with one (the response's body is read while waiting).
+#[tokio::test]
+async fn a_provider_response_is_passed_through_when_its_retry_is_refused() {
+    for backoff in ["0ms", "50ms"] {
+        let policy = format!(
+            "    retry:\n      attempts: 3\n      backoff: {{ kind: constant, base: {backoff}, max: {backoff}, jitter: none }}\n"
         );
-        gw.stop().await;
+        a_provider_response_survives_a_refused_step(&policy, &format!("retry, backoff {backoff}"))
+            .await;
     }
 }
 
@@ -431,39 +433,12 @@ routes:
     gw.stop().await;
 }
 
-/// A hedged route: the original gets the provider's 503 (which opens the breaker), the hedge that
-/// follows is refused. The client still gets the provider's response, and the refused hedge's
-/// budget token is given back.
+/// A hedged route: the hedge that follows the original's 503 is refused; the race must not hide
+/// the provider's response, nor keep the hedge's token.
 #[tokio::test]
 async fn a_refused_hedge_neither_hides_the_provider_response_nor_spends_budget() {
-    let up = Upstream::status("provider", 503).await;
-    let gw = Gateway::start(&format!(
-        "upstreams:
-  u:
-    endpoints: [{{url: '{}'}}]
-    circuit_breaker: {{ window: {{ kind: count, size: 10 }}, minimum_calls: 1, failure_rate_threshold: 50, open_duration: 1m }}
-routes:
-  - upstream: u
-    hedge: {{ delay: 500ms }}
-    retry:
-      attempts: 1
-      on: [5xx]
-      budget: {{ ratio: 0.2, min_per_second: 1, window: 10s }}
-",
-        up.url()
-    ))
-    .await;
-    let before = budget_balance(&gw);
-    let r = get(&client(), &gw.url("/")).await;
-    passed_through(&r, "provider", "1");
-    assert_eq!(up.hits(), 1);
-    assert_eq!(breaker_state(&gw, "u"), bulwark::events::BreakerState::Open);
-    assert_eq!(
-        budget_balance(&gw),
-        before,
-        "the refused hedge was refunded"
-    );
-    gw.stop().await;
+    let policy = "    hedge: { delay: 500ms }\n    retry:\n      attempts: 1\n";
+    a_provider_response_survives_a_refused_step(policy, "hedge").await;
 }
 
 /// The retry after a provider's 503 cannot connect (nothing sent): the 503 is what the client
