@@ -57,6 +57,32 @@ async fn a_head_split_across_many_reads_is_served() {
     gw.stop().await;
 }
 
+/// A connection quiet for a while between requests gives its read buffer back; the requests that
+/// follow on it (one, then a pipelined pair split across reads) are served as before.
+#[tokio::test]
+async fn a_keep_alive_connection_serves_on_after_giving_its_buffer_back() {
+    let up = echo().await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let mut c = Raw::connect(&gw).await;
+    c.send(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(c.response(false).await.status, 200);
+    // Past the gateway's 1 s release point (the quiet time is what is tested, not a wait).
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    c.send(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\nPOST /3 HTTP/1.1\r\nHost: x\r\nContent-")
+        .await;
+    c.s.flush().await.unwrap();
+    tokio::task::yield_now().await;
+    c.send(b"Length: 5\r\n\r\nhello").await;
+    for (target, body) in [("/2", ""), ("/3", "hello")] {
+        let r = c.response(false).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-target"), Some(target));
+        assert_eq!(r.body, body.as_bytes());
+    }
+    assert_eq!(up.hits(), 3);
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn pipelined_requests_are_answered_in_order() {
     let up = echo().await;

@@ -56,6 +56,9 @@ pub(crate) const MAX_HEADERS: usize = 100;
 /// Read buffer size: a whole typical head (or several pipelined ones) in one read.
 const READ_CHUNK: usize = 8 * 1024;
 
+/// How long a connection waits for its next request before it gives its read buffer back.
+const IDLE_RELEASE: Duration = Duration::from_secs(1);
+
 /// Largest read of request body bytes at a time.
 const BODY_READ_MAX: usize = 64 * 1024;
 
@@ -930,7 +933,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
 
     fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Next> {
         self.poll_stop(cx);
-        {
+        // Whether an empty read buffer is kept while waiting for the next request.
+        let idle_buffer = {
             let mut c = lock(&self.shared);
             loop {
                 let buffered = c.rbuf.len();
@@ -971,14 +975,26 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                 match c.poll_fill(cx, READ_CHUNK / 8) {
                     Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(Next::Close),
                     Poll::Ready(Ok(_)) => {}
-                    Poll::Pending => break,
+                    Poll::Pending => break c.rbuf.is_empty() && c.rbuf.capacity() > 0,
                 }
             }
-        }
+        };
         let deadline = match self.head_start {
             Some(t) => t + self.limits.head_timeout,
             None => self.idle_deadline(),
         };
+        if idle_buffer && self.head_start.is_none() {
+            // A connection quiet for IDLE_RELEASE between requests gives its read buffer back
+            // (as nginx and HAProxy do): thousands of idle keep-alive clients then cost little.
+            // The next read takes a new one.
+            let release_at = self.ctx.idle_deadline(IDLE_RELEASE);
+            if release_at < deadline && self.poll_deadline(cx, release_at) {
+                let mut c = lock(&self.shared);
+                if c.rbuf.is_empty() {
+                    c.rbuf = BytesMut::new();
+                }
+            }
+        }
         if self.poll_deadline(cx, deadline) {
             if self.head_start.is_some() {
                 tracing::debug!("request head not complete within header_read_timeout");
