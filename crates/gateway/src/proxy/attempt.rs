@@ -695,8 +695,9 @@ pub(crate) async fn forward(
                 // read in the backoff is dropped (the request then ends as if it had got none).
                 if let Last::Response(resp) = last {
                     // At least a short while, so that a backoff of a few milliseconds (full
-                    // jitter) does not decide whether the client can get the provider's answer.
-                    let by = retry_at.max(Instant::now() + MIN_BODY_READ);
+                    // jitter) does not decide whether the client can get the provider's answer;
+                    // never past the route's deadline.
+                    let by = retry_at.max(Instant::now() + MIN_BODY_READ).min(deadline);
                     last = match body::read_small(resp, route.retry_buffer, by).await {
                         Some(resp) => Last::Response(resp),
                         None => Last::Failure(Failure::UpstreamError),
