@@ -984,7 +984,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
             None => self.idle_deadline(),
         };
         if idle_buffer && self.head_start.is_none() {
-            // A connection quiet for IDLE_RELEASE between requests gives its read buffer back
+            // A connection quiet for IDLE_RELEASE between requests gives its buffers back
             // (as nginx and HAProxy do): thousands of idle keep-alive clients then cost little.
             // The next read takes a new one.
             let release_at = self.ctx.idle_deadline(IDLE_RELEASE);
@@ -992,6 +992,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                 let mut c = lock(&self.shared);
                 if c.rbuf.is_empty() {
                     c.rbuf = BytesMut::new();
+                }
+                // The response head buffer too (empty between exchanges).
+                if self.wbuf.is_empty() {
+                    self.wbuf = Vec::new();
                 }
             }
         }
