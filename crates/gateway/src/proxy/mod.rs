@@ -161,15 +161,14 @@ impl Runtime {
         let olds = &self.config.routes;
         let j = match &c.name {
             Some(n) => olds.iter().position(|r| r.name.as_ref() == Some(n))?,
-            None => Some(i).filter(|&i| olds.get(i).is_some_and(|r| r.name.is_none()))?,
+            None if olds.get(i)?.name.is_none() => i,
+            None => return None,
         };
-        let old = self.routes.get(j)?;
-        let new_settings = budget_of(c)?;
-        let old_settings = budget_of(self.config.routes.get(j)?)?;
+        let (new_settings, old_settings) = (budget_of(c)?, budget_of(&olds[j])?);
         if !same_settings(&old_settings, &new_settings) {
             return None;
         }
-        old.policies.budget()
+        self.routes.get(j)?.policies.budget()
     }
 
     /// This runtime's upstream `name`, if its settings equal `settings`.
