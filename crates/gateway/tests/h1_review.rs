@@ -645,7 +645,8 @@ async fn a_client_stalling_mid_chunk_gets_504_and_everything_closes() {
         let (up, mut eof) = mute().await;
         let yaml = format!(
             "{}    timeout: 1s\n{retry}",
-            config(&up.url(), "idle_timeout: 1s, header_read_timeout: 1s")
+            // The route's deadline comes first; a body still for idle_timeout would get 408.
+            config(&up.url(), "idle_timeout: 10s, header_read_timeout: 1s")
         );
         let gw = Gateway::start(&yaml).await;
         let mut c = Client::connect(&gw).await;
@@ -667,6 +668,73 @@ async fn a_client_stalling_mid_chunk_gets_504_and_everything_closes() {
         }
         gw.stop().await;
     }
+}
+
+/// A client that stops sending its body (before any response) gets 408 `body_timeout` after
+/// `idle_timeout`, well before the route's deadline; its connection and the upstream's close.
+#[tokio::test]
+async fn a_client_stalling_mid_body_gets_408_after_idle_timeout() {
+    for (method, retry, framing, start) in [
+        (
+            "PUT",
+            "    retry: { attempts: 2 }\n",
+            "Content-Length: 10",
+            "ab",
+        ),
+        ("POST", "", "Content-Length: 10", "ab"),
+        (
+            "PUT",
+            "    retry: { attempts: 2 }\n",
+            "Transfer-Encoding: chunked",
+            "5\r\nab",
+        ),
+        ("POST", "", "Transfer-Encoding: chunked", "5\r\nab"),
+    ] {
+        let (up, mut eof) = mute().await;
+        let yaml = format!(
+            "{}    timeout: 60s\n{retry}",
+            config(&up.url(), "idle_timeout: 500ms")
+        );
+        let gw = Gateway::start(&yaml).await;
+        let mut c = Client::connect(&gw).await;
+        let started = tokio::time::Instant::now();
+        c.send(
+            format!("{method} /slow HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n{start}").as_bytes(),
+        )
+        .await;
+        let (r, _) = c.read_response(false).await;
+        let what = format!("{method} {framing}: {r:?}");
+        assert_eq!(r.status, 408, "{what}");
+        assert_eq!(r.header("x-bulwark-reason"), Some("body_timeout"), "{what}");
+        assert!(started.elapsed() < Duration::from_secs(30), "{what}");
+        assert!(c.closed_within(5).await, "{what}");
+        if up.accepted() > 0 {
+            tokio::time::timeout(Duration::from_secs(5), eof.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{what}: the upstream connection stayed open"))
+                .unwrap();
+        }
+        gw.stop().await;
+    }
+}
+
+/// A body that keeps moving, however slowly, is not cut: each piece comes within `idle_timeout`
+/// of the last, for longer than `idle_timeout` in all.
+#[tokio::test]
+async fn a_slow_body_that_keeps_moving_is_not_cut() {
+    let up = Up::reading_bodies().await;
+    let gw = Gateway::start(&config(&up.url(), "idle_timeout: 400ms")).await;
+    let mut c = Client::connect(&gw).await;
+    c.send(b"POST /slow HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        .await;
+    for _ in 0..6 {
+        c.send(b"1\r\na\r\n").await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    c.send(b"0\r\n\r\n").await;
+    let (r, _) = c.read_response(false).await;
+    assert_eq!(r.status, 200, "{r:?}");
+    gw.stop().await;
 }
 
 #[tokio::test]

@@ -312,3 +312,41 @@ async fn shutdown_drains_in_flight_requests() {
     assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "finished"));
     stopping.await.unwrap();
 }
+
+/// An HTTP/2 client that stops sending its request body gets 408 `body_timeout` after
+/// `idle_timeout`, long before the route's deadline.
+#[tokio::test]
+async fn an_http2_body_that_stalls_gets_408() {
+    let up = echo().await;
+    let gw = Gateway::start(&format!(
+        "limits: {{ idle_timeout: 500ms }}\n{}    timeout: 60s\n",
+        one_route(&up.url(), "")
+    ))
+    .await;
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(gw.addr).await.unwrap());
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    // One chunk, then nothing (the sender is kept, so the stream does not end).
+    let (tx, rx) = mpsc::channel::<Result<http_body::Frame<Bytes>, std::convert::Infallible>>(1);
+    tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"part"))))
+        .await
+        .unwrap();
+    let body = http_body_util::StreamBody::new(Box::pin(futures_util::stream::unfold(
+        rx,
+        |mut rx| async { rx.recv().await.map(|f| (f, rx)) },
+    )));
+    let req = Request::post(gw.url("/stall")).body(body).unwrap();
+    let started = tokio::time::Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+        .await
+        .expect("no answer within 30 s")
+        .unwrap();
+    assert_eq!(r.status(), 408);
+    assert_eq!(r.headers().get("x-bulwark-reason").unwrap(), "body_timeout");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    drop(tx);
+    gw.stop().await;
+}

@@ -343,15 +343,11 @@ async fn attempt(
         Ok(Err(e)) => {
             if e.kind == FailKind::ClientBody {
                 admission.record(Outcome::Ignore);
-                let too_large = e
-                    .source
-                    .as_deref()
-                    .is_some_and(|e| body::is_length_error(e));
-                return Err(Miss::Client(if too_large {
-                    Local::BodyTooLarge
-                } else {
-                    Local::BadRequest
-                }));
+                return Err(Miss::Client(
+                    e.source
+                        .as_deref()
+                        .map_or(Local::BadRequest, |e| body::refusal(e)),
+                ));
             }
             admission.record(Outcome::Failure);
             up.observe(ei, Observed::Failed);
@@ -431,8 +427,7 @@ pub(crate) async fn forward(
                 route.policies.on_timeout("total");
                 return finish(Last::Failure(Failure::Timeout), 0, None, route);
             }
-            Ok(Err(e)) if body::is_too_large(&e) => return respond::local(Local::BodyTooLarge),
-            Ok(Err(_)) => return respond::local(Local::BadRequest),
+            Ok(Err(e)) => return respond::local(body::refusal(&*e)),
             Ok(Ok(Buffered::Full(b))) => BodySlot::Replay((!b.is_empty()).then_some(b)),
             Ok(Ok(Buffered::Partial(prefix, rest))) => BodySlot::Once(Some(ReqBody::Stream {
                 prefix: (!prefix.is_empty()).then_some(prefix),

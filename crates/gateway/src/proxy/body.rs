@@ -3,6 +3,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -26,7 +27,72 @@ pin_project! {
         /// An HTTP/1.1 body, read from the connection as it is polled.
         H1 { inner: super::h1::RequestBody },
         /// An HTTP/2 stream's body.
-        H2 { #[pin] inner: Incoming },
+        H2 { #[pin] inner: Incoming, stall: Stall },
+    }
+}
+
+impl ClientBody {
+    /// An HTTP/2 stream's body, cut when it makes no progress for `idle` ([`Stall`]).
+    pub fn h2(inner: Incoming, idle: Duration) -> Self {
+        ClientBody::H2 {
+            inner,
+            stall: Stall::new(idle),
+        }
+    }
+}
+
+/// The client stopped sending its request body: nothing of it arrived for `limits.idle_timeout`.
+/// The client gets 408 `body_timeout` (unless the response has started).
+#[derive(Debug)]
+pub struct BodyStalled;
+
+impl std::fmt::Display for BodyStalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the client sent nothing more of its request body for idle_timeout")
+    }
+}
+
+impl std::error::Error for BodyStalled {}
+
+/// Watches a request body for a stall. The deadline is armed when a read first finds nothing, and
+/// moved on when a read finds nothing after the body moved: one clock read per wait at most, none
+/// while data keeps coming, and no timer at all for a body that never waits.
+#[derive(Debug)]
+pub struct Stall {
+    after: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    moved: bool,
+}
+
+impl Stall {
+    pub fn new(after: Duration) -> Self {
+        Stall {
+            after,
+            timer: None,
+            moved: false,
+        }
+    }
+
+    /// A read returned data.
+    pub fn moved(&mut self) {
+        self.moved = true;
+    }
+
+    /// A read found nothing: whether the body has now been still for `after` (if not, `cx` is
+    /// woken when it will have been).
+    pub fn pending(&mut self, cx: &mut Context<'_>) -> bool {
+        let after = self.after;
+        let timer = match &mut self.timer {
+            Some(t) => {
+                if self.moved {
+                    t.as_mut().reset(tokio::time::Instant::now() + after);
+                }
+                t
+            }
+            None => self.timer.insert(Box::pin(tokio::time::sleep(after))),
+        };
+        self.moved = false;
+        std::future::Future::poll(timer.as_mut(), cx).is_ready()
     }
 }
 
@@ -43,9 +109,14 @@ impl Body for ClientBody {
             ClientBodyProj::H1 { inner } => Pin::new(inner)
                 .poll_frame(cx)
                 .map(|o| o.map(|r| r.map_err(BoxError::from))),
-            ClientBodyProj::H2 { inner } => inner
-                .poll_frame(cx)
-                .map(|o| o.map(|r| r.map_err(BoxError::from))),
+            ClientBodyProj::H2 { inner, stall } => match inner.poll_frame(cx) {
+                Poll::Pending if stall.pending(cx) => Poll::Ready(Some(Err(BodyStalled.into()))),
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(r) => {
+                    stall.moved();
+                    Poll::Ready(r.map(|r| r.map_err(BoxError::from)))
+                }
+            },
         }
     }
 
@@ -53,7 +124,7 @@ impl Body for ClientBody {
         match self {
             ClientBody::Empty => true,
             ClientBody::H1 { inner } => inner.is_end_stream(),
-            ClientBody::H2 { inner } => inner.is_end_stream(),
+            ClientBody::H2 { inner, .. } => inner.is_end_stream(),
         }
     }
 
@@ -61,7 +132,7 @@ impl Body for ClientBody {
         match self {
             ClientBody::Empty => SizeHint::with_exact(0),
             ClientBody::H1 { inner } => inner.size_hint(),
-            ClientBody::H2 { inner } => inner.size_hint(),
+            ClientBody::H2 { inner, .. } => inner.size_hint(),
         }
     }
 }
@@ -191,19 +262,30 @@ fn in_chain(
 /// Whether a hyper client error was caused by our client's request body (too large, or aborted).
 pub fn is_client_body_error(err: &hyper::Error) -> bool {
     in_chain(std::error::Error::source(err), |e| {
-        e.is::<LengthLimitError>() || e.is::<hyper::Error>() || e.is::<super::h1::BodyError>()
+        e.is::<LengthLimitError>()
+            || e.is::<hyper::Error>()
+            || e.is::<super::h1::BodyError>()
+            || e.is::<BodyStalled>()
     })
+}
+
+/// What the client gets when reading its body failed (`err` and its causes): 413 over the length
+/// limit, 408 for a body that stalled, 400 otherwise.
+pub fn refusal(err: &(dyn std::error::Error + 'static)) -> super::respond::Local {
+    use super::respond::Local;
+    if is_length_error(err) {
+        Local::BodyTooLarge
+    } else if in_chain(Some(err), |e| e.is::<BodyStalled>()) {
+        Local::BodyTimeout
+    } else {
+        Local::BadRequest
+    }
 }
 
 /// Whether an upstream send error (its cause chain) was caused by the client's body exceeding the
 /// limit.
 pub fn is_length_error(err: &(dyn std::error::Error + 'static)) -> bool {
     in_chain(Some(err), |e| e.is::<LengthLimitError>())
-}
-
-/// Whether an error from reading a client body is the length limit.
-pub fn is_too_large(err: &BoxError) -> bool {
-    err.is::<LengthLimitError>()
 }
 
 /// Keeps an endpoint's in-flight count and upstream admission until the response body is done.

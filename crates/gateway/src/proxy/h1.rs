@@ -311,6 +311,8 @@ enum BodyErrorKind {
     Chunked,
     /// The exchange the body belonged to is over.
     Gone,
+    /// Nothing of it arrived for `idle_timeout`.
+    Stalled,
 }
 
 impl std::fmt::Display for BodyError {
@@ -322,11 +324,22 @@ impl std::fmt::Display for BodyError {
             BodyErrorKind::Eof => f.write_str("client closed the connection before the body ended"),
             BodyErrorKind::Chunked => f.write_str("malformed chunked request body"),
             BodyErrorKind::Gone => f.write_str("request body read after its exchange ended"),
+            BodyErrorKind::Stalled => {
+                f.write_str("the client sent nothing more of its request body for idle_timeout")
+            }
         }
     }
 }
 
-impl std::error::Error for BodyError {}
+impl std::error::Error for BodyError {
+    /// A stall is [`super::body::BodyStalled`], as for HTTP/2 (the client gets 408).
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self.0 {
+            BodyErrorKind::Stalled => Some(&super::body::BodyStalled),
+            _ => None,
+        }
+    }
+}
 
 /// What is left of the current exchange's request body on the connection.
 #[derive(Debug)]
@@ -486,6 +499,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
 trait Source: Send + Sync {
     fn poll_body(&self, seq: u64, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>>;
     fn release(&self, seq: u64);
+    /// The body stalled: the connection cannot carry another request.
+    fn stalled(&self, seq: u64);
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin + Send> Source for Mutex<Conn<I>> {
@@ -505,6 +520,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Source for Mutex<Conn<I>> {
             c.wake_waiter();
         }
     }
+
+    fn stalled(&self, seq: u64) {
+        let mut c = lock(self);
+        if c.seq == seq {
+            let _ = c.fail(BodyErrorKind::Stalled);
+        }
+    }
 }
 
 /// An HTTP/1.1 request body, read from the client connection as it is polled.
@@ -514,6 +536,7 @@ pub struct RequestBody {
     /// Bytes left of a `Content-Length` body (`None`: chunked).
     left: Option<u64>,
     ended: bool,
+    stall: super::body::Stall,
 }
 
 impl std::fmt::Debug for RequestBody {
@@ -537,8 +560,18 @@ impl Body for RequestBody {
         if this.ended {
             return Poll::Ready(None);
         }
-        match ready!(this.src.poll_body(this.seq, cx)) {
+        let next = match this.src.poll_body(this.seq, cx) {
+            Poll::Ready(next) => next,
+            Poll::Pending if this.stall.pending(cx) => {
+                this.src.stalled(this.seq);
+                this.ended = true;
+                return Poll::Ready(Some(Err(BodyError(BodyErrorKind::Stalled))));
+            }
+            Poll::Pending => return Poll::Pending,
+        };
+        match next {
             Some(Ok(data)) => {
+                this.stall.moved();
                 if let Some(left) = &mut this.left {
                     *left = left.saturating_sub(data.len() as u64);
                     this.ended = *left == 0;
@@ -1039,6 +1072,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                             _ => None,
                         },
                         ended: false,
+                        stall: super::body::Stall::new(self.limits.idle_timeout),
                     },
                 }
             }

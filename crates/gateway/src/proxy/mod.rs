@@ -876,7 +876,7 @@ async fn serve_h2<I>(
     let svc = service_fn(move |req: Request<Incoming>| {
         let ctx = svc_ctx.clone();
         async move {
-            let req = req.map(|inner| ClientBody::H2 { inner });
+            let req = req.map(|inner| ClientBody::h2(inner, idle));
             Ok::<_, Infallible>(handle(&ctx, req).await)
         }
     });

@@ -93,6 +93,8 @@ pub enum Local {
     HeadersTooLarge,
     /// The request could not be read (malformed, or the client's body failed).
     BadRequest,
+    /// The client stopped sending its request body for `limits.idle_timeout`.
+    BodyTimeout,
 }
 
 /// A route's static fallback response, prepared once.
@@ -211,6 +213,7 @@ pub fn local(l: Local) -> Response<RespBody> {
             "headers_too_large",
         ),
         Local::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
+        Local::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
     };
     let mut resp = Response::new(RespBody::empty());
     *resp.status_mut() = status;
