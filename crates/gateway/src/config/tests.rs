@@ -510,3 +510,164 @@ fn store_redis_is_refused_until_it_exists() {
         Some(std::path::PathBuf::from(DEFAULT_STORE_PATH))
     );
 }
+
+/// Mutations of a config that sets every section (the effective config of a rich one, so every
+/// key is present): lines deleted, repeated, re-indented, given another value or an unknown key.
+mod mutated {
+    use super::*;
+    use proptest::prelude::*;
+
+    const RICH: &str = "\
+admin: { listen: 127.0.0.1:9901, token_env: BULWARK_ADMIN_TOKEN }
+upstreams:
+  primary:
+    balance: least_request
+    endpoints: [ { url: 'http://127.0.0.1:9001', weight: 2 }, { url: 'http://127.0.0.1:9002', priority: 1 } ]
+    circuit_breaker: { window: { kind: time, size: 10s } }
+    bulkhead: {}
+    rate_limit: { per_second: 100 }
+    health_check: { path: /health }
+    outlier_detection: {}
+    panic_threshold: 50
+  backup:
+    http2: true
+    endpoints: [ { url: 'http://127.0.0.1:9101' } ]
+routes:
+  - name: api
+    match: { path_prefix: /v1/, methods: [GET, POST], headers: { x-tenant: a } }
+    upstream: primary
+    failover: [backup]
+    retry: { attempts: 3, per_try_timeout: 1s, budget: {} }
+    hedge: { delay: 50ms }
+    fallback: { status: 503, body: sorry, content_type: text/plain }
+  - match: { path: /exact }
+    upstream: backup
+";
+
+    /// Values that test each kind of key: empty, negative, zero, huge, wrong type, bad unit.
+    const VALUES: &[&str] = &[
+        "",
+        "-1",
+        "0",
+        "1",
+        "1e999",
+        "99999999999999999999",
+        "[]",
+        "{}",
+        "~",
+        "abc",
+        "5x",
+        "1ms",
+        "10GiB",
+        "'http://[::1'",
+        "true",
+        "\"\"",
+        ":",
+        "- a",
+        "&a",
+        "*a",
+        "!!binary x",
+        "200-99",
+    ];
+
+    #[derive(Debug, Clone)]
+    enum Edit {
+        Delete(usize),
+        Repeat(usize),
+        Indent(usize),
+        Outdent(usize),
+        Value(usize, &'static str),
+        UnknownKey(usize),
+    }
+
+    fn edit() -> impl Strategy<Value = Edit> {
+        let at = any::<prop::sample::Index>().prop_map(|i| i.index(usize::MAX));
+        prop_oneof![
+            1 => at.clone().prop_map(Edit::Delete),
+            1 => at.clone().prop_map(Edit::Repeat),
+            1 => at.clone().prop_map(Edit::Indent),
+            1 => at.clone().prop_map(Edit::Outdent),
+            3 => (at.clone(), prop::sample::select(VALUES)).prop_map(|(i, v)| Edit::Value(i, v)),
+            1 => at.prop_map(Edit::UnknownKey),
+        ]
+    }
+
+    fn apply(src: &str, edits: &[Edit]) -> String {
+        let mut lines: Vec<String> = src.lines().map(str::to_owned).collect();
+        for e in edits {
+            let n = lines.len();
+            match *e {
+                Edit::Delete(i) => {
+                    lines.remove(i % n);
+                }
+                Edit::Repeat(i) => {
+                    let l = lines[i % n].clone();
+                    lines.insert(i % n, l);
+                }
+                Edit::Indent(i) => lines[i % n].insert_str(0, "  "),
+                Edit::Outdent(i) => {
+                    let l = &mut lines[i % n];
+                    if l.starts_with("  ") {
+                        l.replace_range(..2, "");
+                    }
+                }
+                Edit::Value(i, v) => {
+                    let l = &mut lines[i % n];
+                    match l.find(": ") {
+                        Some(p) => l.replace_range(p + 2.., v),
+                        None => match l.find("- ") {
+                            Some(p) => l.replace_range(p + 2.., v),
+                            None => l.push_str(&format!(" {v}")),
+                        },
+                    }
+                }
+                Edit::UnknownKey(i) => {
+                    let l = &lines[i % n];
+                    let indent = l.len() - l.trim_start_matches([' ', '-']).len();
+                    lines.insert(i % n + 1, format!("{}bogus_key: 1", " ".repeat(indent)));
+                }
+            }
+            if lines.is_empty() {
+                break;
+            }
+        }
+        lines.join("\n") + "\n"
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+
+        /// Every mutation is either a valid config, whose printed effective config loads again to
+        /// the same print, or an error that names the file, a line of it, a column and a key path.
+        #[test]
+        fn every_error_has_file_line_column_and_key(
+            edits in prop::collection::vec(edit(), 1..4)
+        ) {
+            let base = to_yaml(&from_str(RICH, "gw.yaml").unwrap());
+            let src = apply(&base, &edits);
+            match from_str(&src, "gw.yaml") {
+                Ok(c) => {
+                    let printed = to_yaml(&c);
+                    let again = from_str(&printed, "effective.yaml");
+                    prop_assert!(again.is_ok(), "{:?}\n--- printed:\n{}", again.err(), printed);
+                    prop_assert_eq!(to_yaml(&again.unwrap()), printed);
+                }
+                Err(e) => {
+                    let lines = src.lines().count();
+                    let Some((line, col)) = e.position else {
+                        return Err(TestCaseError::fail(format!("no position: {e}\n---\n{src}")));
+                    };
+                    prop_assert!(line >= 1 && line <= lines + 1, "line {} of {}: {}", line, lines, e);
+                    prop_assert!(col >= 1, "{}", e);
+                    prop_assert!(!e.path.is_empty() && !e.message.is_empty(), "{}", e);
+                    let shown = e.to_string();
+                    prop_assert!(
+                        shown.starts_with(&format!("gw.yaml:{line}:{col}: {}: ", e.path)),
+                        "{}",
+                        shown
+                    );
+                }
+            }
+        }
+    }
+}
