@@ -737,6 +737,59 @@ async fn a_slow_body_that_keeps_moving_is_not_cut() {
     gw.stop().await;
 }
 
+/// An upstream whose whole answer, head and (empty) body, comes in one write: the client gets the
+/// head and a proper end of the body, never a bare terminating chunk.
+#[tokio::test]
+async fn a_body_that_ends_with_its_head_keeps_the_head() {
+    for (answer, close, body_ends) in [
+        // An empty chunked body, with and without trailers.
+        (
+            &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"[..],
+            false,
+            "0\r\n\r\n",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: 1\r\n\r\n",
+            false,
+            "0\r\nx-t: 1\r\n\r\n",
+        ),
+        // A body to the end of the connection, empty.
+        (b"HTTP/1.1 200 OK\r\nX-A: b\r\n\r\n", true, "0\r\n\r\n"),
+        (b"HTTP/1.0 200 OK\r\n\r\n", true, "0\r\n\r\n"),
+    ] {
+        let up = Up::start(move |mut s, _| async move {
+            let mut buf = Vec::new();
+            while read_head(&mut s, &mut buf).await.is_some() {
+                if s.write_all(answer).await.is_err() || close {
+                    return;
+                }
+            }
+        })
+        .await;
+        let gw = Gateway::start(&config(&up.url(), "")).await;
+        let mut c = Client::connect(&gw).await;
+        for _ in 0..2 {
+            c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+            let status = c.line().await;
+            assert_eq!(
+                status.as_deref(),
+                Some("HTTP/1.1 200 OK"),
+                "{}",
+                String::from_utf8_lossy(answer)
+            );
+            let mut head = String::new();
+            while let Some(l) = c.line().await.filter(|l| !l.is_empty()) {
+                head.push_str(&l.to_ascii_lowercase());
+                head.push('\n');
+            }
+            assert!(head.contains("transfer-encoding: chunked"), "{head}");
+            let end = c.take(body_ends.len()).await.unwrap();
+            assert_eq!(String::from_utf8_lossy(&end), body_ends, "{head}");
+        }
+        gw.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn two_host_headers_are_refused() {
     // A route matching `host: admin` would take the second line where a front proxy (or an

@@ -1228,7 +1228,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                     }
                     Err(frame) => {
                         if let (Ok(trailers), Out::Chunked) = (frame.into_trailers(), out) {
-                            self.wbuf.clear();
+                            // `wbuf` holds the head when the body ends before it went out.
                             encode_trailers(&mut self.wbuf, &trailers);
                             self.write(&[]).await?;
                             return Ok(true);
@@ -1242,8 +1242,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                     return Err(Gone);
                 }
                 None => {
+                    // `wbuf` holds the head when the body ends before it went out (an empty
+                    // chunked body, or a body to the end of the connection, that came with it).
                     if out == Out::Chunked {
-                        self.wbuf.clear();
                         self.wbuf.extend_from_slice(b"0\r\n\r\n");
                         self.write(&[]).await?;
                     } else if !self.wbuf.is_empty() {
