@@ -308,6 +308,31 @@ async fn an_upstream_chunk_size_line_without_digits_is_not_the_last_chunk() {
     .await;
 }
 
+/// A body broken before any of it could go out (its first chunk-size line is bad, in the same write
+/// as the head): nothing of the response was sent yet, so the client gets the gateway's 502, and
+/// the upstream connection is not reused.
+#[tokio::test]
+async fn an_upstream_body_broken_from_its_start_gets_502() {
+    for first in [
+        &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"[..],
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ] {
+        let up = broken_chunks(first).await;
+        let gw = Gateway::start(&config(&up.url(), "")).await;
+        let mut c = Client::connect(&gw).await;
+        c.send(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let r = c.response(false).await;
+        assert_eq!(r.status, 502, "{r:?}");
+        assert_eq!(r.header("x-bulwark-reason"), Some("upstream_error"));
+        assert!(c.closed_within(5).await);
+        let mut c = Client::connect(&gw).await;
+        c.send(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let r = c.response(false).await;
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"fresh"[..]));
+        gw.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn a_bare_lf_in_an_upstream_chunk_extension_is_an_error() {
     a_broken_chunk_line_cuts_the_response(

@@ -295,7 +295,7 @@ async fn attempt(
             let retryable = route.retry_on.status(status);
             // 5xx and 429 are failures (passed through with x-bulwark-*, replaced by a fallback) even
             // when the route does not retry them.
-            let failed = retryable || status >= 500 || status == 429;
+            let failed = retryable || (500..600).contains(&status) || status == 429;
             let (parts_r, inner) = resp.into_parts();
             let mut resp = Response::from_parts(parts_r, ());
             headers::strip_hop_by_hop(resp.headers_mut());

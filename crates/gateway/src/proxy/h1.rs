@@ -645,7 +645,7 @@ pub(crate) fn encode_head(
         dst.extend_from_slice(status.as_str().as_bytes());
         dst.push(b' ');
         // A reason phrase must be there for some parsers.
-        dst.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+        dst.extend_from_slice(status.canonical_reason().unwrap_or("Unknown").as_bytes());
         dst.extend_from_slice(b"\r\n");
     }
     let mut length: Option<u64> = None;
@@ -1132,9 +1132,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
             version,
             keep_alive,
         );
+        // Where the head starts in `wbuf`, and whether it went out (see the body error below).
+        let mut head_at = 0;
+        let mut head_sent = false;
         if let Some(rest) = cont_rest.filter(|r| !r.is_empty()) {
             // A `100 Continue` the socket took only part of: its rest goes first.
             self.wbuf.splice(0..0, rest.iter().copied());
+            head_at = rest.len();
         }
         drop(parts);
         let mut body = pin!(body);
@@ -1157,6 +1161,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                 Some(Poll::Pending) => {
                     // Nothing yet: the head goes out alone (a stream's head must not wait).
                     self.write(&[]).await?;
+                    head_sent = true;
                     continue;
                 }
                 None => {
@@ -1209,6 +1214,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                         }
                         let copied = frame_data(&mut self.wbuf, out, &data);
                         let chunked = out == Out::Chunked;
+                        head_sent = true;
                         if copied {
                             if end && chunked {
                                 self.wbuf.extend_from_slice(b"0\r\n\r\n");
@@ -1236,9 +1242,29 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                     }
                 },
                 Some(Err(e)) => {
-                    // The upstream's body failed: the client must not take a cut body for a
-                    // whole one, so no terminating chunk, and the connection closes.
                     tracing::debug!(error = %e, "response body failed");
+                    if !head_sent {
+                        // Before anything of the response went out (its body was broken from the
+                        // start): the client gets 502 instead, as nginx does, and the connection
+                        // closes (what the request's body left on it is unknown).
+                        let bad = respond::failure(respond::Failure::UpstreamError, 0, None);
+                        let mut head = Vec::new();
+                        encode_head(
+                            &mut head,
+                            bad.status(),
+                            bad.headers(),
+                            &SizeHint::with_exact(0),
+                            head_request,
+                            version,
+                            &mut false,
+                        );
+                        self.wbuf.truncate(head_at);
+                        self.wbuf.extend_from_slice(&head);
+                        self.write(&[]).await?;
+                        return Ok(false);
+                    }
+                    // The client must not take a cut body for a whole one: no terminating chunk,
+                    // and the connection closes.
                     return Err(Gone);
                 }
                 None => {

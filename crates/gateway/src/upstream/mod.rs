@@ -208,7 +208,7 @@ impl Upstream {
                 // 5xx, and as nothing otherwise.
                 let cools = quota && retry_after.is_some();
                 if let Some(o) = self.outlier.as_ref().filter(|_| !cools && status != 429) {
-                    if status >= 500 {
+                    if (500..600).contains(&status) {
                         o.failure(&self.endpoints, i, now);
                     } else if !quota {
                         o.success(&self.endpoints, i, latency, now);
