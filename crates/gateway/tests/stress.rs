@@ -83,6 +83,16 @@ impl Rng {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_storm_of_failures_leaves_nothing_held() {
+    storm(client()).await;
+}
+
+/// The same over HTTP/2 (h2c): requests cancelled by the client reset their streams only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_over_http2_leaves_nothing_held() {
+    storm(h2c_client()).await;
+}
+
+async fn storm(c: Client) {
     let (a1, a2, b1) = (chaotic().await, chaotic().await, chaotic().await);
     let healthy = Upstream::named("healthy").await;
     let bulkhead = "bulkhead: { max_concurrent: 12, max_queued: 32, queue_timeout: 200ms }";
@@ -106,7 +116,6 @@ routes:
         healthy.url()
     ))
     .await;
-    let c = client();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut tasks = Vec::new();
     for i in 0..240u64 {
