@@ -403,3 +403,74 @@ routes:
     assert_eq!(balance(&ops), 20, "a changed budget starts with its floor");
     ops.stop().await;
 }
+
+/// Twenty reloads under steady load, alternating configs that change an upstream's settings (so its
+/// pools and state are rebuilt), add and remove a route, and keep the other upstream as it is: not
+/// one request fails, over HTTP/1.1 keep-alive and HTTP/2 connections that live across them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloads_under_load_fail_no_request() {
+    let a = Upstream::named("a").await;
+    let b = Upstream::named("b").await;
+    let config = |n: u32| {
+        let extra = if n % 2 == 0 {
+            "  - match: { path_prefix: /extra }\n    upstream: b\n"
+        } else {
+            ""
+        };
+        format!(
+            "upstreams:
+  a: {{ endpoints: [{{url: '{}'}}], connect_timeout: {}ms, circuit_breaker: {{}} }}
+  b: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+{extra}  - match: {{ path_prefix: /b }}
+    upstream: b
+  - upstream: a
+    retry: {{ attempts: 2, budget: {{}} }}
+",
+            a.url(),
+            1000 + n,
+            b.url()
+        )
+    };
+    let ops = Ops::start_with(&config(0), None, NO_POLL).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for (i, c) in [client(), client(), h2c_client(), h2c_client()]
+        .into_iter()
+        .enumerate()
+    {
+        let (stop, base) = (stop.clone(), ops.url(""));
+        load.push(tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (path, want) = if (ok + i as u32) % 2 == 0 {
+                    ("/a", "a")
+                } else {
+                    ("/b", "b")
+                };
+                let r = get(&c, &format!("{base}{path}")).await;
+                if r.status == 200 && r.text() == want {
+                    ok += 1;
+                } else {
+                    failed.push(format!("{path}: {} {:?} {}", r.status, r.headers, r.text()));
+                }
+            }
+            (ok, failed)
+        }));
+    }
+    for n in 1..=20 {
+        ops.rewrite(&config(n));
+        let r = ops.reloader().reload().unwrap();
+        assert_eq!(r.kept, ["b"], "reload {n}");
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    for t in load {
+        let (ok, failed) = t.await.unwrap();
+        assert!(failed.is_empty(), "{failed:?}");
+        total += ok;
+    }
+    assert!(total > 100, "{total} requests in 20 reloads");
+    ops.stop().await;
+}
