@@ -4,10 +4,6 @@
 //! a request the upstream cannot parse, and serves the next client as before.
 mod support;
 
-use std::sync::Arc;
-
-use http::Request;
-use http_body_util::BodyExt;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use support::*;
@@ -22,97 +18,6 @@ const BASES: &[&[u8]] = &[
     b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
     b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nPOST /2 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nok",
 ];
-
-/// Bytes that matter to an HTTP/1.1 parser, for replacements and insertions.
-const SPECIAL: &[u8] = b"\r\n :\t\0\x7f\xff09aAfF,;-\"/";
-
-#[derive(Debug, Clone)]
-enum Mutation {
-    Replace(usize, u8),
-    Insert(usize, u8),
-    Delete(usize),
-    Truncate(usize),
-    /// Repeats the line that contains the position.
-    DuplicateLine(usize),
-}
-
-fn byte() -> impl Strategy<Value = u8> {
-    prop_oneof![3 => prop::sample::select(SPECIAL), 1 => any::<u8>()]
-}
-
-fn mutation() -> impl Strategy<Value = Mutation> {
-    let at = any::<prop::sample::Index>();
-    prop_oneof![
-        4 => (at.clone(), byte()).prop_map(|(i, b)| Mutation::Replace(i.index(usize::MAX), b)),
-        3 => (at.clone(), byte()).prop_map(|(i, b)| Mutation::Insert(i.index(usize::MAX), b)),
-        3 => at.clone().prop_map(|i| Mutation::Delete(i.index(usize::MAX))),
-        1 => at.clone().prop_map(|i| Mutation::Truncate(i.index(usize::MAX))),
-        2 => at.prop_map(|i| Mutation::DuplicateLine(i.index(usize::MAX))),
-    ]
-}
-
-fn apply(base: &[u8], ms: &[Mutation]) -> Vec<u8> {
-    let mut v = base.to_vec();
-    for m in ms {
-        if v.is_empty() {
-            break;
-        }
-        match *m {
-            Mutation::Replace(i, b) => {
-                let i = i % v.len();
-                v[i] = b;
-            }
-            Mutation::Insert(i, b) => {
-                let i = i % (v.len() + 1);
-                v.insert(i, b);
-            }
-            Mutation::Delete(i) => {
-                let i = i % v.len();
-                v.remove(i);
-            }
-            Mutation::Truncate(i) => v.truncate(i % v.len()),
-            Mutation::DuplicateLine(i) => {
-                let i = i % v.len();
-                let start = v[..i]
-                    .iter()
-                    .rposition(|&b| b == b'\n')
-                    .map_or(0, |p| p + 1);
-                let end = v[i..]
-                    .iter()
-                    .position(|&b| b == b'\n')
-                    .map_or(v.len(), |p| i + p + 1);
-                let line = v[start..end].to_vec();
-                v.splice(start..start, line);
-            }
-        }
-    }
-    v
-}
-
-fn input() -> impl Strategy<Value = Vec<u8>> {
-    (
-        prop::sample::select(BASES),
-        prop::collection::vec(mutation(), 1..4),
-    )
-        .prop_map(|(base, ms)| apply(base, &ms))
-}
-
-/// An upstream that answers with the request's body, marking its responses `x-upstream: echo`
-/// (hyper's own answer to a request it cannot parse has no such header).
-async fn echo() -> Upstream {
-    Upstream::start(
-        "echo",
-        Arc::new(|req: Request<hyper::body::Incoming>| {
-            Box::pin(async move {
-                match req.into_body().collect().await {
-                    Ok(b) => reply("echo", 200, b.to_bytes()),
-                    Err(_) => reply("echo", 400, "body failed"),
-                }
-            })
-        }),
-    )
-    .await
-}
 
 /// Sends `bytes`, collects everything the gateway sends until it closes (at most 5 s), and checks
 /// each response. A write refused because the gateway already closed is not an error.
@@ -154,7 +59,7 @@ async fn exchange(gw: &Gateway, bytes: &[u8]) -> Result<(), TestCaseError> {
 fn mutated_requests_get_well_formed_answers_and_the_gateway_serves_on() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (up, gw) = rt.block_on(async {
-        let up = echo().await;
+        let up = Upstream::echo().await;
         let gw = Gateway::start(&limited_config(
             &up.url(),
             "header_read_timeout: 300ms, idle_timeout: 300ms, max_body_bytes: 1KiB",
@@ -171,18 +76,21 @@ fn mutated_requests_get_well_formed_answers_and_the_gateway_serves_on() {
     });
     // Six inputs at a time, each on its own connection.
     runner
-        .run(&prop::collection::vec(input(), 6), |inputs| {
-            rt.block_on(async {
-                let runs = inputs.iter().map(|i| exchange(&gw, i));
-                for r in futures_util::future::join_all(runs).await {
-                    r?;
-                }
-                let mut c = RawClient::connect(&gw).await;
-                c.send(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n").await;
-                prop_assert_eq!(c.response(false).await.status, 200);
-                Ok(())
-            })
-        })
+        .run(
+            &prop::collection::vec(mutate::mutated(BASES, 1..4), 6),
+            |inputs| {
+                rt.block_on(async {
+                    let runs = inputs.iter().map(|i| exchange(&gw, i));
+                    for r in futures_util::future::join_all(runs).await {
+                        r?;
+                    }
+                    let mut c = RawClient::connect(&gw).await;
+                    c.send(b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n").await;
+                    prop_assert_eq!(c.response(false).await.status, 200);
+                    Ok(())
+                })
+            },
+        )
         .unwrap();
     assert!(
         up.hits() > 40,

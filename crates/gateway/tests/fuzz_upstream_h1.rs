@@ -23,70 +23,9 @@ const BASES: &[&[u8]] = &[
     b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n",
 ];
 
-/// Bytes that matter to an HTTP/1.1 parser.
-const SPECIAL: &[u8] = b"\r\n :\t\0\x7f\xff019aAfF,;-\"/";
-
-#[derive(Debug, Clone)]
-enum Mutation {
-    Replace(usize, u8),
-    Insert(usize, u8),
-    Delete(usize),
-    Truncate(usize),
-    DuplicateLine(usize),
-}
-
-fn mutation() -> impl Strategy<Value = Mutation> {
-    let at = any::<prop::sample::Index>().prop_map(|i| i.index(usize::MAX));
-    let byte = prop_oneof![3 => prop::sample::select(SPECIAL), 1 => any::<u8>()];
-    prop_oneof![
-        4 => (at.clone(), byte.clone()).prop_map(|(i, b)| Mutation::Replace(i, b)),
-        3 => (at.clone(), byte).prop_map(|(i, b)| Mutation::Insert(i, b)),
-        3 => at.clone().prop_map(Mutation::Delete),
-        1 => at.clone().prop_map(Mutation::Truncate),
-        2 => at.prop_map(Mutation::DuplicateLine),
-    ]
-}
-
-fn apply(base: &[u8], ms: &[Mutation]) -> Vec<u8> {
-    let mut v = base.to_vec();
-    for m in ms {
-        if v.is_empty() {
-            break;
-        }
-        let n = v.len();
-        match *m {
-            Mutation::Replace(i, b) => v[i % n] = b,
-            Mutation::Insert(i, b) => v.insert(i % (n + 1), b),
-            Mutation::Delete(i) => {
-                v.remove(i % n);
-            }
-            Mutation::Truncate(i) => v.truncate(i % n),
-            Mutation::DuplicateLine(i) => {
-                let i = i % n;
-                let start = v[..i]
-                    .iter()
-                    .rposition(|&b| b == b'\n')
-                    .map_or(0, |p| p + 1);
-                let end = v[i..]
-                    .iter()
-                    .position(|&b| b == b'\n')
-                    .map_or(n, |p| i + p + 1);
-                let line = v[start..end].to_vec();
-                v.splice(start..start, line);
-            }
-        }
-    }
-    v
-}
-
 /// A case: the upstream's answer to every request, and whether it closes after answering.
 fn case() -> impl Strategy<Value = (Vec<u8>, bool)> {
-    (
-        prop::sample::select(BASES),
-        prop::collection::vec(mutation(), 0..4),
-        any::<bool>(),
-    )
-        .prop_map(|(base, ms, close)| (apply(base, &ms), close))
+    (mutate::mutated(BASES, 0..4), any::<bool>())
 }
 
 /// Headers the gateway may add or rewrite on a passed-through response.

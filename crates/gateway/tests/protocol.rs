@@ -10,22 +10,6 @@ use http_body_util::{BodyExt, Full};
 use support::*;
 use tokio::sync::{mpsc, Mutex};
 
-/// An upstream that echoes the request body.
-async fn echo() -> Upstream {
-    Upstream::start(
-        "echo",
-        Arc::new(|req: Request<hyper::body::Incoming>| {
-            Box::pin(async move {
-                match req.into_body().collect().await {
-                    Ok(b) => reply("echo", 200, b.to_bytes()),
-                    Err(_) => reply("echo", 400, "body failed"),
-                }
-            })
-        }),
-    )
-    .await
-}
-
 /// A response body fed from a channel, one frame per message.
 struct ChanBody(mpsc::Receiver<Bytes>);
 
@@ -131,7 +115,7 @@ async fn tls_with_alpn_h2() {
 
 #[tokio::test]
 async fn one_mib_post_body_arrives_intact() {
-    let up = echo().await;
+    let up = Upstream::echo().await;
     let gw = Gateway::start(&one_route(&up.url(), "")).await;
     let data: Vec<u8> = (0..(1 << 20))
         .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
@@ -196,7 +180,7 @@ async fn oversized_headers_get_431() {
 
 #[tokio::test]
 async fn oversized_bodies_get_413_declared_or_streamed() {
-    let up = echo().await;
+    let up = Upstream::echo().await;
     let gw = Gateway::start(&limited_config(&up.url(), "max_body_bytes: 1KiB")).await;
     let c = client();
     let r = send(
@@ -317,7 +301,7 @@ async fn shutdown_drains_in_flight_requests() {
 /// `idle_timeout`, long before the route's deadline.
 #[tokio::test]
 async fn an_http2_body_that_stalls_gets_408() {
-    let up = echo().await;
+    let up = Upstream::echo().await;
     let gw = Gateway::start(&format!(
         "limits: {{ idle_timeout: 500ms }}\n{}    timeout: 60s\n",
         one_route(&up.url(), "")

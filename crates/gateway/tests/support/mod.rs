@@ -20,6 +20,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
 
+pub mod mutate;
+
 pub type Body = BoxBody<Bytes, Infallible>;
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 pub type Handler = Arc<dyn Fn(Request<Incoming>) -> HandlerFuture + Send + Sync>;
@@ -88,6 +90,23 @@ impl Upstream {
     }
 
     /// An upstream that answers 200 with its name.
+    /// Answers 200 with the request's body (`x-upstream: echo`), or 400 `body failed` when the
+    /// body could not be read.
+    pub async fn echo() -> Upstream {
+        Upstream::start(
+            "echo",
+            Arc::new(|req: Request<Incoming>| {
+                Box::pin(async move {
+                    match req.into_body().collect().await {
+                        Ok(b) => reply("echo", 200, b.to_bytes()),
+                        Err(_) => reply("echo", 400, "body failed"),
+                    }
+                })
+            }),
+        )
+        .await
+    }
+
     pub async fn named(name: &str) -> Upstream {
         let n = name.to_owned();
         Upstream::start(
