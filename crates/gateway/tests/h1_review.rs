@@ -715,6 +715,73 @@ async fn a_client_stalling_mid_body_gets_408_after_idle_timeout() {
     stalled_body(limits, "60s", "Transfer-Encoding: chunked", "5\r\nab", want).await;
 }
 
+/// Once the response is going out, a quiet upload is not cut: the upstream answers at once and
+/// streams, the client pauses its body for longer than `idle_timeout`, then finishes it, and the
+/// upstream gets all of it.
+#[tokio::test]
+async fn a_quiet_upload_under_a_streaming_response_is_not_cut() {
+    let up = Up::start(|s, _| async move {
+        let (mut rd, mut wr) = tokio::io::split(s);
+        let mut buf = Vec::new();
+        let mut tmp = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match rd.read(&mut tmp).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            }
+        }
+        let _ = wr
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            .await;
+        // Ticks every 100 ms while the upload lasts, then says how much of it came.
+        let ticking = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if wr.write_all(b"1\r\n.\r\n").await.is_err() {
+                    return;
+                }
+            }
+        };
+        let reading = async {
+            while !buf.ends_with(b"0\r\n\r\n") {
+                match rd.read(&mut tmp).await {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                }
+            }
+            true
+        };
+        let whole = tokio::select! { r = reading => r, () = ticking => false };
+        let tail = if whole && buf.windows(6).any(|w| w == b"second") {
+            "whole"
+        } else {
+            "cut"
+        };
+        let _ = wr
+            .write_all(format!("{:x}\r\n{tail}\r\n0\r\n\r\n", tail.len()).as_bytes())
+            .await;
+    })
+    .await;
+    let gw = Gateway::start(&config(&up.url(), "idle_timeout: 400ms")).await;
+    let mut c = Client::connect(&gw).await;
+    c.send(b"POST /both HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        .await;
+    assert_eq!(c.line().await.as_deref(), Some("HTTP/1.1 200 OK"));
+    // Quiet for twice idle_timeout while the response streams.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    c.send(b"6\r\nsecond\r\n0\r\n\r\n").await;
+    let mut rest = String::new();
+    while let Some(l) = c.line().await {
+        rest.push_str(&l);
+        rest.push('\n');
+        if rest.ends_with("\n0\n\n") {
+            break;
+        }
+    }
+    assert!(rest.contains("whole"), "{rest}");
+    gw.stop().await;
+}
+
 /// A body that keeps moving, however slowly, is not cut: each piece comes within `idle_timeout`
 /// of the last, for longer than `idle_timeout` in all.
 #[tokio::test]

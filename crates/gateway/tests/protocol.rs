@@ -334,3 +334,82 @@ async fn an_http2_body_that_stalls_gets_408() {
     drop(tx);
     gw.stop().await;
 }
+
+/// Over HTTP/2 too, a quiet upload is not cut once the response is going out: the upstream
+/// answers at once and streams while it reads; the client pauses its body for twice
+/// `idle_timeout`, then finishes it, and the upstream gets all of it.
+#[tokio::test]
+async fn an_http2_upload_quiet_under_a_streaming_response_is_not_cut() {
+    let up = Upstream::start(
+        "both",
+        Arc::new(|req: Request<hyper::body::Incoming>| {
+            Box::pin(async move {
+                let (tx, rx) = mpsc::channel::<Bytes>(8);
+                tokio::spawn(async move {
+                    let mut body = req.into_body();
+                    let mut got = Vec::new();
+                    loop {
+                        tokio::select! {
+                            f = body.frame() => match f {
+                                Some(Ok(f)) => got.extend_from_slice(f.data_ref().map_or(&[][..], |d| d)),
+                                Some(Err(_)) => break,
+                                None => {
+                                    let _ = tx.send(Bytes::from(format!("got {}", got.len()))).await;
+                                    return;
+                                }
+                            },
+                            () = tokio::time::sleep(Duration::from_millis(100)) => {
+                                if tx.send(Bytes::from_static(b".")).await.is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    let _ = tx.send(Bytes::from_static(b"cut")).await;
+                });
+                http::Response::new(ChanBody(rx).boxed())
+            })
+        }),
+    )
+    .await;
+    let gw = Gateway::start(&format!(
+        "limits: {{ idle_timeout: 400ms }}\n{}",
+        one_route(&up.url(), "")
+    ))
+    .await;
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(gw.addr).await.unwrap());
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = mpsc::channel::<Result<http_body::Frame<Bytes>, std::convert::Infallible>>(1);
+    tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"first"))))
+        .await
+        .unwrap();
+    let body = http_body_util::StreamBody::new(Box::pin(futures_util::stream::unfold(
+        rx,
+        |mut rx| async { rx.recv().await.map(|f| (f, rx)) },
+    )));
+    let r = sender
+        .send_request(Request::post(gw.url("/both")).body(body).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"second"))))
+        .await
+        .unwrap();
+    drop(tx);
+    let got = tokio::time::timeout(Duration::from_secs(10), r.into_body().collect())
+        .await
+        .expect("the response did not end within 10 s")
+        .unwrap()
+        .to_bytes();
+    assert!(
+        got.ends_with(b"got 11"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    gw.stop().await;
+}

@@ -1,6 +1,7 @@
 //! Body types on both sides of the proxy, as enums (no boxing per request).
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -27,22 +28,24 @@ pin_project! {
         /// An HTTP/1.1 body, read from the connection as it is polled.
         H1 { inner: super::h1::RequestBody },
         /// An HTTP/2 stream's body.
-        H2 { #[pin] inner: Incoming, stall: Stall },
+        H2 { #[pin] inner: Incoming, stall: Stall, responding: Arc<AtomicBool> },
     }
 }
 
 impl ClientBody {
-    /// An HTTP/2 stream's body, cut when it makes no progress for `idle` ([`Stall`]).
-    pub fn h2(inner: Incoming, idle: Duration) -> Self {
+    /// An HTTP/2 stream's body, cut when it makes no progress for `idle` ([`Stall`]) until
+    /// `responding` is set (the response has started).
+    pub fn h2(inner: Incoming, idle: Duration, responding: Arc<AtomicBool>) -> Self {
         ClientBody::H2 {
             inner,
             stall: Stall::new(idle),
+            responding,
         }
     }
 }
 
-/// The client stopped sending its request body: nothing of it arrived for `limits.idle_timeout`.
-/// The client gets 408 `body_timeout` (unless the response has started).
+/// The client stopped sending its request body: nothing of it arrived for `limits.idle_timeout`
+/// before the response started. The client gets 408 `body_timeout`.
 #[derive(Debug)]
 pub struct BodyStalled;
 
@@ -109,8 +112,14 @@ impl Body for ClientBody {
             ClientBodyProj::H1 { inner } => Pin::new(inner)
                 .poll_frame(cx)
                 .map(|o| o.map(|r| r.map_err(BoxError::from))),
-            ClientBodyProj::H2 { inner, stall } => match inner.poll_frame(cx) {
-                Poll::Pending if stall.pending(cx) => Poll::Ready(Some(Err(BodyStalled.into()))),
+            ClientBodyProj::H2 {
+                inner,
+                stall,
+                responding,
+            } => match inner.poll_frame(cx) {
+                Poll::Pending if !responding.load(Ordering::Relaxed) && stall.pending(cx) => {
+                    Poll::Ready(Some(Err(BodyStalled.into())))
+                }
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(r) => {
                     stall.moved();

@@ -501,6 +501,8 @@ trait Source: Send + Sync {
     fn release(&self, seq: u64);
     /// The body stalled: the connection cannot carry another request.
     fn stalled(&self, seq: u64);
+    /// Whether exchange `seq`'s response has started going out.
+    fn responding(&self, seq: u64) -> bool;
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin + Send> Source for Mutex<Conn<I>> {
@@ -526,6 +528,11 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Source for Mutex<Conn<I>> {
         if c.seq == seq {
             let _ = c.fail(BodyErrorKind::Stalled);
         }
+    }
+
+    fn responding(&self, seq: u64) -> bool {
+        let c = lock(self);
+        c.seq != seq || c.responded
     }
 }
 
@@ -562,7 +569,9 @@ impl Body for RequestBody {
         }
         let next = match this.src.poll_body(this.seq, cx) {
             Poll::Ready(next) => next,
-            Poll::Pending if this.stall.pending(cx) => {
+            // Once the response is going out, a quiet upload is the exchange's business (a
+            // stream both ways); `settle` bounds what is left of it after the response.
+            Poll::Pending if !this.src.responding(this.seq) && this.stall.pending(cx) => {
                 this.src.stalled(this.seq);
                 this.ended = true;
                 return Poll::Ready(Some(Err(BodyError(BodyErrorKind::Stalled))));

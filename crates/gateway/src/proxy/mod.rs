@@ -21,7 +21,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -876,8 +876,14 @@ async fn serve_h2<I>(
     let svc = service_fn(move |req: Request<Incoming>| {
         let ctx = svc_ctx.clone();
         async move {
-            let req = req.map(|inner| ClientBody::h2(inner, idle));
-            Ok::<_, Infallible>(handle(&ctx, req).await)
+            if http_body::Body::is_end_stream(req.body()) {
+                return Ok::<_, Infallible>(handle(&ctx, req.map(|_| ClientBody::Empty)).await);
+            }
+            let responding = Arc::new(AtomicBool::new(false));
+            let req = req.map(|inner| ClientBody::h2(inner, idle, responding.clone()));
+            let resp = handle(&ctx, req).await;
+            responding.store(true, Ordering::Relaxed);
+            Ok(resp)
         }
     });
     let conn = builder.serve_connection(TokioIo::new(io), svc);
