@@ -41,3 +41,58 @@ routes:
     assert_eq!(xff, ["10.0.0.1, 10.0.0.2, 127.0.0.1"]);
     gw.stop().await;
 }
+
+/// An HTTP/2 client's `cookie` fields (browsers send one per cookie) reach an HTTP/1.1 upstream as
+/// one `Cookie` line joined with `; ` (RFC 9113 8.2.3); one field goes through as it is, and an
+/// HTTP/1.1 client's request is not touched.
+#[tokio::test]
+async fn http2_cookie_fields_are_joined_for_an_http1_upstream() {
+    let (tx, mut heads) = tokio::sync::mpsc::unbounded_channel();
+    let up = RawUpstream::start(move |mut s, _| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            while let Some(head) = read_head(&mut s, &mut buf).await {
+                let _ = tx.send(head.to_ascii_lowercase());
+                if tokio::io::AsyncWriteExt::write_all(
+                    &mut s,
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                )
+                .await
+                .is_err()
+                {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let gw = Gateway::start(&one_route(&up.url(), "")).await;
+    let cookies = |head: &str| -> Vec<String> {
+        head.lines()
+            .filter_map(|l| l.strip_prefix("cookie: ").map(str::to_owned))
+            .collect()
+    };
+    let h2 = h2c_client();
+    let req = |values: &[&str]| {
+        let mut b = http::Request::get(gw.url("/"));
+        for v in values {
+            b = b.header("cookie", *v);
+        }
+        b.body(Default::default()).unwrap()
+    };
+    assert_eq!(send(&h2, req(&["a=1", "b=2", "c=3"])).await.status, 200);
+    assert_eq!(cookies(&heads.recv().await.unwrap()), ["a=1; b=2; c=3"]);
+    assert_eq!(send(&h2, req(&["a=1; b=2"])).await.status, 200);
+    assert_eq!(cookies(&heads.recv().await.unwrap()), ["a=1; b=2"]);
+    assert_eq!(send(&h2, req(&[])).await.status, 200);
+    assert!(cookies(&heads.recv().await.unwrap()).is_empty());
+    let r = raw(
+        gw.addr,
+        b"GET / HTTP/1.1\r\nHost: gw\r\nCookie: a=1\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert_eq!(cookies(&heads.recv().await.unwrap()), ["a=1"]);
+    gw.stop().await;
+}

@@ -87,6 +87,28 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Joins the `cookie` fields of an HTTP/2 request into one, separated by `; `. HTTP/2 clients split
+/// them (browsers do, so that HPACK can index each cookie); HTTP/1.1 allows one `Cookie` line, and
+/// RFC 9113 8.2.3 says they must be joined before the request goes to anything but HTTP/2. Joined
+/// for any upstream: an HTTP/2 one takes either form. One lookup when there is at most one.
+pub fn join_cookies(h: &mut HeaderMap) {
+    let mut all = h.get_all(header::COOKIE).iter();
+    if all.next().is_none() || all.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in h.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    // The parts were valid field values and `; ` is too: this cannot fail.
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        h.insert(header::COOKIE, v);
+    }
+}
+
 /// Adds `x-forwarded-for` (appending the peer to all the lines received, joined into one),
 /// `x-forwarded-proto` and `x-request-id` (kept when the client sent one, generated otherwise).
 pub fn add_forwarded(h: &mut HeaderMap, peer_ip: &HeaderValue, proto: &HeaderValue) {

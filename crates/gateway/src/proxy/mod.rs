@@ -567,6 +567,9 @@ async fn route_and_forward(
     // Stage 4: headers.
     let (mut parts, body) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
+    if parts.version == http::Version::HTTP_2 {
+        headers::join_cookies(&mut parts.headers);
+    }
     headers::add_forwarded(&mut parts.headers, &ctx.peer_ip, &ctx.proto);
     let body = Limited::new(
         body,
