@@ -44,7 +44,7 @@ routes:
 
 /// An HTTP/2 client's `cookie` fields (browsers send one per cookie) reach an HTTP/1.1 upstream as
 /// one `Cookie` line joined with `; ` (RFC 9113 8.2.3); one field goes through as it is, and an
-/// HTTP/1.1 client's request is not touched.
+/// HTTP/1.1 client's request is not touched. Its `te: trailers` does not reach an HTTP/1.1 upstream.
 #[tokio::test]
 async fn http2_cookie_fields_are_joined_for_an_http1_upstream() {
     let (tx, mut heads) = tokio::sync::mpsc::unbounded_channel();
@@ -87,6 +87,21 @@ async fn http2_cookie_fields_are_joined_for_an_http1_upstream() {
     assert_eq!(cookies(&heads.recv().await.unwrap()), ["a=1; b=2"]);
     assert_eq!(send(&h2, req(&[])).await.status, 200);
     assert!(cookies(&heads.recv().await.unwrap()).is_empty());
+    // `te: trailers`, kept for HTTP/2 upstreams (gRPC), is hop-by-hop to an HTTP/1.1 one.
+    for size in [1, 200 * 1024] {
+        // A small body goes out with the kept head, one over `retry_buffer` streams in a request
+        // of its own.
+        let te = http::Request::post(gw.url("/"))
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+                b'x';
+                size
+            ])))
+            .unwrap();
+        assert_eq!(send(&h2, te).await.status, 200);
+        let head = heads.recv().await.unwrap();
+        assert!(!head.contains("\nte:"), "{head}");
+    }
     let r = raw(
         gw.addr,
         b"GET / HTTP/1.1\r\nHost: gw\r\nCookie: a=1\r\nConnection: close\r\n\r\n",

@@ -413,3 +413,62 @@ async fn an_http2_upload_quiet_under_a_streaming_response_is_not_cut() {
     );
     gw.stop().await;
 }
+
+/// A gRPC call through the gateway, HTTP/2 on both sides: `te: trailers` (which gRPC servers
+/// require) reaches the upstream, and the response's trailers (`grpc-status`) reach the client.
+#[tokio::test]
+async fn a_grpc_call_keeps_te_trailers_and_the_response_trailers() {
+    let up = Upstream::start(
+        "grpc",
+        Arc::new(|req: Request<hyper::body::Incoming>| {
+            Box::pin(async move {
+                let te = req
+                    .headers()
+                    .get_all("te")
+                    .iter()
+                    .map(|v| v.to_str().unwrap_or("?").to_owned())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let _ = req.into_body().collect().await;
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", "0".parse().unwrap());
+                let frames = vec![
+                    Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from_static(
+                        b"\0\0\0\0\x02hi",
+                    ))),
+                    Ok(http_body::Frame::trailers(trailers)),
+                ];
+                let body = http_body_util::StreamBody::new(futures_util::stream::iter(frames));
+                http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("x-te-seen", te)
+                    .body(body.boxed())
+                    .unwrap()
+            })
+        }),
+    )
+    .await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  g: {{ endpoints: [{{url: '{}'}}], http2: true }}\nroutes:\n  - upstream: g\n",
+        up.url()
+    ))
+    .await;
+    let c = h2c_client();
+    let req = Request::post(gw.url("/pkg.Service/Method"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"\0\0\0\0\x02yo")))
+        .unwrap();
+    let resp = c.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers().get("x-te-seen").unwrap(), "trailers");
+    let all = resp.into_body().collect().await.unwrap();
+    assert_eq!(
+        all.trailers()
+            .and_then(|t| t.get("grpc-status"))
+            .map(|v| v.to_str().unwrap()),
+        Some("0")
+    );
+    assert_eq!(&all.to_bytes()[..], b"\0\0\0\0\x02hi");
+    gw.stop().await;
+}

@@ -120,6 +120,11 @@ fn build_request(
     } else {
         std::mem::take(&mut parts.headers)
     };
+    if parts.version == Version::HTTP_2 && !up.http2 {
+        // `te: trailers`, kept for an HTTP/2 upstream (see `headers::keep_te_trailers`), is
+        // hop-by-hop to an HTTP/1.1 one.
+        req.headers_mut().remove(http::header::TE);
+    }
     req
 }
 
@@ -151,6 +156,12 @@ fn outgoing<'a>(
             parts
                 .headers
                 .insert(http::header::HOST, up.endpoints[ei].host_header.clone());
+            if parts.version == Version::HTTP_2 {
+                // As in `build_request`. Taken out of the kept head: a later attempt on an HTTP/2
+                // upstream (a failover chain mixing both, which gRPC cannot use anyway) goes
+                // without it.
+                parts.headers.remove(http::header::TE);
+            }
             Outgoing::Head { parts, body: data }
         }
         body => Outgoing::Owned(build_request(parts, reuse, body, up, ei)),

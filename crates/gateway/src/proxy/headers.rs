@@ -87,6 +87,14 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
+/// Whether an HTTP/2 request carries `te: trailers`, the one `te` HTTP/2 allows (RFC 9113 8.2.2)
+/// and the one gRPC servers require: [`strip_hop_by_hop`] removes it with the other hop-by-hop
+/// fields, and the caller puts it back for HTTP/2 upstreams.
+pub fn keep_te_trailers(h: &HeaderMap) -> bool {
+    let mut all = h.get_all(header::TE).iter();
+    matches!((all.next(), all.next()), (Some(v), None) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"trailers"))
+}
+
 /// Joins the `cookie` fields of an HTTP/2 request into one, separated by `; `. HTTP/2 clients split
 /// them (browsers do, so that HPACK can index each cookie); HTTP/1.1 allows one `Cookie` line, and
 /// RFC 9113 8.2.3 says they must be joined before the request goes to anything but HTTP/2. Joined

@@ -566,9 +566,17 @@ async fn route_and_forward(
     let route = &rt.routes[ri];
     // Stage 4: headers.
     let (mut parts, body) = req.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers);
     if parts.version == http::Version::HTTP_2 {
+        let te_trailers = headers::keep_te_trailers(&parts.headers);
+        headers::strip_hop_by_hop(&mut parts.headers);
+        if te_trailers {
+            parts
+                .headers
+                .insert(http::header::TE, HeaderValue::from_static("trailers"));
+        }
         headers::join_cookies(&mut parts.headers);
+    } else {
+        headers::strip_hop_by_hop(&mut parts.headers);
     }
     headers::add_forwarded(&mut parts.headers, &ctx.peer_ip, &ctx.proto);
     let body = Limited::new(
