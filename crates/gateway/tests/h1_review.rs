@@ -854,6 +854,28 @@ async fn a_body_that_ends_with_its_head_keeps_the_head() {
     }
 }
 
+/// A status outside 100-599 (which HTTP/1.1 parsers accept) is passed through as it is, and is not
+/// a failure: no `x-bulwark-reason`. With no reason phrase known for it, it goes out as `Unknown`.
+#[tokio::test]
+async fn a_status_past_599_is_passed_through_and_is_not_a_failure() {
+    let up =
+        Up::answering(|_| b"HTTP/1.1 904 Whatever\r\ncontent-length: 2\r\n\r\nok".to_vec()).await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let mut c = Client::connect(&gw).await;
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(c.line().await.as_deref(), Some("HTTP/1.1 904 Unknown"));
+    let mut head = Vec::new();
+    while let Some(l) = c.line().await.filter(|l| !l.is_empty()) {
+        head.push(l.to_ascii_lowercase());
+    }
+    assert!(
+        !head.iter().any(|l| l.starts_with("x-bulwark-")),
+        "{head:?}"
+    );
+    assert_eq!(c.take(2).await.as_deref(), Some(&b"ok"[..]));
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn two_host_headers_are_refused() {
     // A route matching `host: admin` would take the second line where a front proxy (or an
