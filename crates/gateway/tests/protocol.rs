@@ -297,6 +297,37 @@ async fn shutdown_drains_in_flight_requests() {
     stopping.await.unwrap();
 }
 
+type Feed = mpsc::Sender<Result<http_body::Frame<Bytes>, std::convert::Infallible>>;
+
+/// An HTTP/2 (h2c) POST to the gateway whose body starts with `first` and goes on with what is
+/// sent on the returned feed (it ends when the feed is dropped): the response, to await, and the
+/// feed.
+async fn fed_h2_post(
+    gw: &Gateway,
+    path: &str,
+    first: &'static [u8],
+) -> (
+    impl std::future::Future<Output = hyper::Result<http::Response<hyper::body::Incoming>>>,
+    Feed,
+) {
+    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(gw.addr).await.unwrap());
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(Ok(http_body::Frame::data(Bytes::from_static(first))))
+        .await
+        .unwrap();
+    let body = http_body_util::StreamBody::new(Box::pin(futures_util::stream::unfold(
+        rx,
+        |mut rx| async { rx.recv().await.map(|f| (f, rx)) },
+    )));
+    let response = sender.send_request(Request::post(gw.url(path)).body(body).unwrap());
+    (response, tx)
+}
+
 /// An HTTP/2 client that stops sending its request body gets 408 `body_timeout` after
 /// `idle_timeout`, long before the route's deadline.
 #[tokio::test]
@@ -307,24 +338,10 @@ async fn an_http2_body_that_stalls_gets_408() {
         one_route(&up.url(), "")
     ))
     .await;
-    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(gw.addr).await.unwrap());
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-            .await
-            .unwrap();
-    tokio::spawn(conn);
     // One chunk, then nothing (the sender is kept, so the stream does not end).
-    let (tx, rx) = mpsc::channel::<Result<http_body::Frame<Bytes>, std::convert::Infallible>>(1);
-    tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"part"))))
-        .await
-        .unwrap();
-    let body = http_body_util::StreamBody::new(Box::pin(futures_util::stream::unfold(
-        rx,
-        |mut rx| async { rx.recv().await.map(|f| (f, rx)) },
-    )));
-    let req = Request::post(gw.url("/stall")).body(body).unwrap();
+    let (response, tx) = fed_h2_post(&gw, "/stall", b"part").await;
     let started = tokio::time::Instant::now();
-    let r = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+    let r = tokio::time::timeout(Duration::from_secs(30), response)
         .await
         .expect("no answer within 30 s")
         .unwrap();
@@ -377,24 +394,8 @@ async fn an_http2_upload_quiet_under_a_streaming_response_is_not_cut() {
         one_route(&up.url(), "")
     ))
     .await;
-    let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(gw.addr).await.unwrap());
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io)
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let (tx, rx) = mpsc::channel::<Result<http_body::Frame<Bytes>, std::convert::Infallible>>(1);
-    tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"first"))))
-        .await
-        .unwrap();
-    let body = http_body_util::StreamBody::new(Box::pin(futures_util::stream::unfold(
-        rx,
-        |mut rx| async { rx.recv().await.map(|f| (f, rx)) },
-    )));
-    let r = sender
-        .send_request(Request::post(gw.url("/both")).body(body).unwrap())
-        .await
-        .unwrap();
+    let (response, tx) = fed_h2_post(&gw, "/both", b"first").await;
+    let r = response.await.unwrap();
     assert_eq!(r.status(), 200);
     tokio::time::sleep(Duration::from_millis(800)).await;
     tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"second"))))
