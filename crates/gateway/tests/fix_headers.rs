@@ -48,23 +48,9 @@ routes:
 #[tokio::test]
 async fn http2_cookie_fields_are_joined_for_an_http1_upstream() {
     let (tx, mut heads) = tokio::sync::mpsc::unbounded_channel();
-    let up = RawUpstream::start(move |mut s, _| {
-        let tx = tx.clone();
-        async move {
-            let mut buf = Vec::new();
-            while let Some(head) = read_head(&mut s, &mut buf).await {
-                let _ = tx.send(head.to_ascii_lowercase());
-                if tokio::io::AsyncWriteExt::write_all(
-                    &mut s,
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
-                )
-                .await
-                .is_err()
-                {
-                    return;
-                }
-            }
-        }
+    let up = RawUpstream::answering(move |head| {
+        let _ = tx.send(head.to_ascii_lowercase());
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()
     })
     .await;
     let gw = Gateway::start(&one_route(&up.url(), "")).await;

@@ -5,8 +5,6 @@
 //! upstream connection), and the gateway serves a healthy route as before.
 mod support;
 
-use std::sync::{Arc, Mutex};
-
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use support::*;
@@ -100,19 +98,13 @@ fn check(r: &RawResponse, answer: &[u8]) -> Result<(), TestCaseError> {
 }
 
 async fn run_case(answer: Vec<u8>, close: bool) -> Result<(), TestCaseError> {
-    let shared = Arc::new(Mutex::new(answer.clone()));
-    let up = RawUpstream::start(move |mut s, _| {
-        let answer = shared.lock().unwrap().clone();
-        async move {
-            let mut buf = Vec::new();
-            while read_head(&mut s, &mut buf).await.is_some() {
-                if s.write_all(&answer).await.is_err() || close {
-                    return;
-                }
-            }
-        }
-    })
-    .await;
+    let reply = answer.clone();
+    let respond = move |_: &str| reply.clone();
+    let up = if close {
+        RawUpstream::answering_once(respond).await
+    } else {
+        RawUpstream::answering(respond).await
+    };
     let healthy = Upstream::named("healthy").await;
     let gw = Gateway::start(&format!(
         "limits: {{ idle_timeout: 300ms }}

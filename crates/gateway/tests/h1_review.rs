@@ -821,15 +821,12 @@ async fn a_body_that_ends_with_its_head_keeps_the_head() {
         (b"HTTP/1.1 200 OK\r\nX-A: b\r\n\r\n", true, "0\r\n\r\n"),
         (b"HTTP/1.0 200 OK\r\n\r\n", true, "0\r\n\r\n"),
     ] {
-        let up = Up::start(move |mut s, _| async move {
-            let mut buf = Vec::new();
-            while read_head(&mut s, &mut buf).await.is_some() {
-                if s.write_all(answer).await.is_err() || close {
-                    return;
-                }
-            }
-        })
-        .await;
+        let respond = move |_: &str| answer.to_vec();
+        let up = if close {
+            Up::answering_once(respond).await
+        } else {
+            Up::answering(respond).await
+        };
         let gw = Gateway::start(&config(&up.url(), "")).await;
         let mut c = Client::connect(&gw).await;
         for _ in 0..2 {

@@ -536,12 +536,32 @@ impl RawUpstream {
 
     /// Answers every request of every connection with `respond(request)`, the request as
     /// [`read_head`] returns it (head as sent, `content-length` body appended).
-    pub async fn answering(respond: fn(&str) -> Vec<u8>) -> RawUpstream {
-        RawUpstream::start(move |mut s, _| async move {
-            let mut buf = Vec::new();
-            while let Some(req) = read_head(&mut s, &mut buf).await {
-                if s.write_all(&respond(&req)).await.is_err() {
-                    return;
+    pub async fn answering(
+        respond: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
+    ) -> RawUpstream {
+        RawUpstream::serving(respond, false).await
+    }
+
+    /// As [`answering`](Self::answering), closing each connection after its first answer.
+    pub async fn answering_once(
+        respond: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
+    ) -> RawUpstream {
+        RawUpstream::serving(respond, true).await
+    }
+
+    async fn serving(
+        respond: impl Fn(&str) -> Vec<u8> + Send + Sync + 'static,
+        once: bool,
+    ) -> RawUpstream {
+        let respond = Arc::new(respond);
+        RawUpstream::start(move |mut s, _| {
+            let respond = respond.clone();
+            async move {
+                let mut buf = Vec::new();
+                while let Some(req) = read_head(&mut s, &mut buf).await {
+                    if s.write_all(&respond(&req)).await.is_err() || once {
+                        return;
+                    }
                 }
             }
         })
