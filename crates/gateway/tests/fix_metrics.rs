@@ -72,3 +72,32 @@ routes:
     }
     ops.stop().await;
 }
+
+/// An upstream answer whose body is broken from its first byte (a bad first chunk-size line, in
+/// the same write as the head): the client gets the gateway's 502, and the metrics count that
+/// 502, not the upstream's 200.
+#[tokio::test]
+async fn a_body_broken_from_its_start_is_counted_as_the_502_the_client_got() {
+    let up = RawUpstream::answering(|_| {
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n".to_vec()
+    })
+    .await;
+    let ops = Ops::start(
+        &format!(
+            "upstreams:\n  u: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - name: r\n    upstream: u\n    retry: {{ attempts: 1 }}\n",
+            up.url()
+        ),
+        None,
+    )
+    .await;
+    let c = client();
+    let got = get(&c, &ops.url("/x")).await;
+    assert_eq!(got.status, 502);
+    assert_eq!(got.header("x-bulwark-reason"), Some("upstream_error"));
+    let m = ops.metrics(&c).await;
+    let series =
+        |code: &str| format!(r#"bulwark_requests_total{{route="r",upstream="u",code="{code}"}}"#);
+    assert_eq!(sample(&m, &series("502")), Some(1.0), "{m}");
+    assert_eq!(sample(&m, &series("200")), None, "{m}");
+    ops.stop().await;
+}

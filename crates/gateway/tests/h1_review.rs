@@ -309,14 +309,28 @@ async fn an_upstream_chunk_size_line_without_digits_is_not_the_last_chunk() {
 }
 
 /// A body broken before any of it could go out (its first chunk-size line is bad, in the same write
-/// as the head): nothing of the response was sent yet, so the client gets the gateway's 502, and
-/// the upstream connection is not reused.
+/// as the head) fails the attempt, as a reset would: the request is retried on a new connection
+/// (the broken one is not reused), and without a retry the client gets the gateway's 502 on a
+/// connection that stays open.
 #[tokio::test]
-async fn an_upstream_body_broken_from_its_start_gets_502() {
+async fn an_upstream_body_broken_from_its_start_fails_the_attempt() {
     for first in [
         &b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n"[..],
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\n\r\n5\r\nhello\r\n0\r\n\r\n",
     ] {
+        let up = broken_chunks(first).await;
+        let gw = Gateway::start(&format!(
+            "{}    retry: {{ attempts: 2 }}\n",
+            config(&up.url(), "")
+        ))
+        .await;
+        let mut c = Client::connect(&gw).await;
+        c.send(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        let r = c.response(false).await;
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"fresh"[..]), "{r:?}");
+        assert_eq!(up.accepted(), 2);
+        gw.stop().await;
+
         let up = broken_chunks(first).await;
         let gw = Gateway::start(&config(&up.url(), "")).await;
         let mut c = Client::connect(&gw).await;
@@ -324,8 +338,6 @@ async fn an_upstream_body_broken_from_its_start_gets_502() {
         let r = c.response(false).await;
         assert_eq!(r.status, 502, "{r:?}");
         assert_eq!(r.header("x-bulwark-reason"), Some("upstream_error"));
-        assert!(c.closed_within(5).await);
-        let mut c = Client::connect(&gw).await;
         c.send(b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n").await;
         let r = c.response(false).await;
         assert_eq!((r.status, r.body.as_slice()), (200, &b"fresh"[..]));
@@ -802,7 +814,9 @@ async fn a_slow_body_that_keeps_moving_is_not_cut() {
 }
 
 /// An upstream whose whole answer, head and (empty) body, comes in one write: the client gets the
-/// head and a proper end of the body, never a bare terminating chunk.
+/// head and a proper end of the body, never a bare terminating chunk. A body already known to be
+/// empty when the head goes out may also go out as `content-length: 0`; one with trailers must be
+/// chunked, to carry them.
 #[tokio::test]
 async fn a_body_that_ends_with_its_head_keeps_the_head() {
     for (answer, close, body_ends) in [
@@ -842,6 +856,10 @@ async fn a_body_that_ends_with_its_head_keeps_the_head() {
             while let Some(l) = c.line().await.filter(|l| !l.is_empty()) {
                 head.push_str(&l.to_ascii_lowercase());
                 head.push('\n');
+            }
+            if body_ends == "0\r\n\r\n" && head.contains("content-length: 0\n") {
+                // Nothing follows the head (the next request's answer would show it).
+                continue;
             }
             assert!(head.contains("transfer-encoding: chunked"), "{head}");
             let end = c.take(body_ends.len()).await.unwrap();

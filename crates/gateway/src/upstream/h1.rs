@@ -738,6 +738,8 @@ pub(crate) struct RecvBody {
     dec: Decoder,
     keep_alive: bool,
     eof: bool,
+    /// An item [`RecvBody::prefetch`] read ahead (never `End`): the next one to hand out.
+    first: Option<Item>,
 }
 
 impl RecvBody {
@@ -749,12 +751,30 @@ impl RecvBody {
             dec,
             keep_alive,
             eof: false,
+            first: None,
+        }
+    }
+
+    /// Reads the body's first item if it is already there (or the connection already failed),
+    /// without waiting: a body broken from its first byte (a bad first chunk-size line, a
+    /// connection that ended or reset right after the head) is then the exchange's failure, which
+    /// the attempt can retry and count, instead of a response whose head the client would get
+    /// with nothing after it. Call it once, before the body is handed out.
+    pub(crate) fn prefetch(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
+        match self.poll_item(cx) {
+            Poll::Ready(Ok(Item::End)) | Poll::Pending => Ok(()),
+            Poll::Ready(Ok(item)) => {
+                self.first = Some(item);
+                Ok(())
+            }
+            Poll::Ready(Err(e)) => Err(e),
         }
     }
 
     /// The connection, once the body was read to its end and the connection can be reused.
     pub(crate) fn take_conn(&mut self) -> Option<Box<Io>> {
         let reusable = self.keep_alive
+            && self.first.is_none()
             && !self.eof
             && self.dec.is_end()
             && self.io.as_ref().is_some_and(|io| io.rbuf.is_empty());
@@ -767,6 +787,9 @@ impl RecvBody {
 
     /// Polls the next piece of the body.
     pub(crate) fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Result<Item, Error>> {
+        if let Some(item) = self.first.take() {
+            return Poll::Ready(Ok(item));
+        }
         loop {
             let Some(io) = self.io.as_mut() else {
                 return Poll::Ready(Ok(Item::End));
@@ -797,12 +820,17 @@ impl RecvBody {
 
     /// Whether the body has ended.
     pub(crate) fn is_end_stream(&self) -> bool {
-        self.dec.is_end()
+        self.first.is_none() && self.dec.is_end()
     }
 
     /// Exact for a `content-length` body.
     pub(crate) fn size_hint(&self) -> SizeHint {
-        self.dec.size_hint()
+        let hint = self.dec.size_hint();
+        match (&self.first, hint.exact()) {
+            (Some(Item::Data(d)), Some(n)) => SizeHint::with_exact(n + d.len() as u64),
+            (Some(_), _) => SizeHint::default(),
+            (None, _) => hint,
+        }
     }
 }
 

@@ -420,7 +420,15 @@ impl Pool {
             match std::future::poll_fn(|cx| io.poll_exchange(&mut ex, cx)).await {
                 Ok(head) => {
                     let keep_alive = head.keep_alive && ex.write_done();
-                    let body = RecvBody::new(io, head.decoder, keep_alive);
+                    let mut body = RecvBody::new(io, head.decoder, keep_alive);
+                    let first = std::future::poll_fn(|cx| Poll::Ready(body.prefetch(cx))).await;
+                    if let Err(e) = first {
+                        // Broken from its first byte: the exchange failed, as a reset would.
+                        return Err(SendError {
+                            kind: FailKind::Reset,
+                            source: Some(e.into()),
+                        });
+                    }
                     return Ok(head.response.map(|()| UpstreamBody(Inner::H1(body))));
                 }
                 // The upstream closed the pooled connection before it took a byte: nothing was
