@@ -608,6 +608,7 @@ mod tests {
             bulkhead: None,
             rate_limit: None,
             tls: None,
+            request_headers: Default::default(),
         }
     }
 

@@ -104,6 +104,76 @@ fn check_reports_errors_with_file_line_col_and_exits_1() {
     );
 }
 
+/// `request_headers` values name environment variables: `check` expands them to validate, prints
+/// the value as written (never the secret), and names the key of an unset variable or a bad entry.
+#[test]
+fn check_reads_request_header_variables_and_never_prints_them() {
+    let p = write(
+        "headers.yaml",
+        "upstreams:
+  a:
+    endpoints: [{url: 'http://127.0.0.1:9001'}]
+    request_headers:
+      set: { Authorization: 'Bearer ${BULWARK_TEST_KEY}' }
+      remove: [cookie]
+routes:
+  - upstream: a
+",
+    );
+    let run = |key: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulwark"));
+        cmd.args(["check", "--config"]).arg(&*p);
+        match key {
+            Some(k) => cmd.env("BULWARK_TEST_KEY", k),
+            None => cmd.env_remove("BULWARK_TEST_KEY"),
+        };
+        let out = cmd.output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run(Some("sk-live-123"));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("Authorization: Bearer ${BULWARK_TEST_KEY}"),
+        "{out}"
+    );
+    assert!(!out.contains("sk-live-123") && !err.contains("sk-live-123"));
+    let (code, _, err) = run(None);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "{}:5:14: upstreams.a.request_headers.set.Authorization: environment variable `BULWARK_TEST_KEY` is not set (or empty)",
+            p.display()
+        )
+    );
+    // A value the variable makes invalid: named, not shown.
+    let (code, _, err) = run(Some("two\nlines"));
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("request_headers.set.Authorization: not a valid header value"),
+        "{err}"
+    );
+    assert!(!err.contains("two"), "{err}");
+
+    let p = write(
+        "reserved.yaml",
+        "upstreams:\n  a:\n    endpoints: [{url: 'http://127.0.0.1:9001'}]\n    request_headers: { remove: [x-a, Host] }\nroutes:\n  - upstream: a\n",
+    );
+    let (code, _, err) = check(&p);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim_end(),
+        format!(
+            "{}:4:38: upstreams.a.request_headers.remove[1]: `host` cannot be changed here: the gateway sets it (or it is hop-by-hop)",
+            p.display()
+        )
+    );
+}
+
 #[test]
 fn check_inspects_the_store_without_creating_it() {
     let dir = support::TempDir::new("cli");

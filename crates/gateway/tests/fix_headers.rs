@@ -97,3 +97,107 @@ async fn http2_cookie_fields_are_joined_for_an_http1_upstream() {
     assert_eq!(cookies(&heads.recv().await.unwrap()), ["a=1"]);
     gw.stop().await;
 }
+
+/// An upstream that records each request's headers (by path) and answers `status` (200 to its
+/// health checks, at `/health`).
+async fn recording(
+    name: &str,
+    status: u16,
+) -> (
+    Upstream,
+    tokio::sync::mpsc::UnboundedReceiver<(String, http::HeaderMap)>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let n = name.to_owned();
+    let up = Upstream::start(
+        name,
+        Arc::new(move |req: http::Request<hyper::body::Incoming>| {
+            let path = req.uri().path().to_owned();
+            let status = if path == "/health" { 200 } else { status };
+            let _ = tx.send((path, req.headers().clone()));
+            let n = n.clone();
+            Box::pin(async move {
+                let _ = http_body_util::BodyExt::collect(req.into_body()).await;
+                reply(&n, status, "")
+            })
+        }),
+    )
+    .await;
+    (up, rx)
+}
+
+/// `request_headers` per upstream: in a failover chain each upstream gets its own credentials and
+/// never another's, over the kept-head path (a small body), a streamed body and HTTP/2; a value
+/// may come from the environment; health checks carry the headers too.
+#[tokio::test]
+async fn each_upstream_of_a_chain_gets_its_own_request_headers() {
+    let (a, mut seen_a) = recording("a", 503).await;
+    let (b, mut seen_b) = recording("b", 200).await;
+    // Cargo sets CARGO_PKG_NAME for the test process: a variable this test need not set (setting
+    // one would race with other tests reading the environment).
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  a:
+    endpoints: [{{url: '{}'}}]
+    health_check: {{ path: /health, interval: 50ms, timeout: 1s }}
+    request_headers:
+      set: {{ Authorization: 'Bearer ${{CARGO_PKG_NAME}}', x-tenant: a }}
+      remove: [x-internal]
+  b:
+    endpoints: [{{url: '{}'}}]
+    http2: true
+    request_headers: {{ set: {{ api-key: b-key }} }}
+routes:
+  - upstream: a
+    failover: [b]
+    retry: {{ attempts: 1 }}
+",
+        a.url(),
+        b.url()
+    ))
+    .await;
+    let key = format!("Bearer {}", env!("CARGO_PKG_NAME"));
+    let c = client();
+    for size in [3, 200 * 1024] {
+        let req = http::Request::put(gw.url("/v1/x"))
+            .header("authorization", "Bearer client")
+            .header("x-internal", "1")
+            .header("x-tenant", "client")
+            .body(http_body_util::Full::new(bytes::Bytes::from(vec![
+                b'x';
+                size
+            ])))
+            .unwrap();
+        let got = send(&c, req).await;
+        // A body over `retry_buffer` streams, cannot be replayed, and the client gets a's 503.
+        let want = if size == 3 { 200 } else { 503 };
+        assert_eq!(got.status, want, "{size}");
+        let (path, h) = loop {
+            let (path, h) = seen_a.recv().await.unwrap();
+            if path != "/health" {
+                break (path, h);
+            }
+        };
+        assert_eq!(path, "/v1/x");
+        assert_eq!(h.get("authorization").unwrap(), key.as_str());
+        assert_eq!(h.get_all("x-tenant").iter().collect::<Vec<_>>(), ["a"]);
+        assert!(!h.contains_key("x-internal"), "{h:?}");
+        if size == 3 {
+            let (_, h) = seen_b.recv().await.unwrap();
+            assert_eq!(h.get("api-key").unwrap(), "b-key");
+            // What the client sent, not a's credentials.
+            assert_eq!(h.get("authorization").unwrap(), "Bearer client");
+            assert_eq!(h.get("x-tenant").unwrap(), "client");
+            assert_eq!(h.get("x-internal").unwrap(), "1");
+        }
+    }
+    // Health checks carry a's headers.
+    let h = loop {
+        let (path, h) = seen_a.recv().await.unwrap();
+        if path == "/health" {
+            break h;
+        }
+    };
+    assert_eq!(h.get("authorization").unwrap(), key.as_str());
+    gw.stop().await;
+}

@@ -321,6 +321,30 @@ pub struct Upstream {
     /// TLS settings for the `https://` endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
+    /// Headers set on (or removed from) every request sent to the endpoints.
+    #[serde(default, skip_serializing_if = "RequestHeaders::is_empty")]
+    pub request_headers: RequestHeaders,
+}
+
+/// `request_headers:` of an upstream: headers set on or removed from every request (and health
+/// check) sent to its endpoints. A value may name environment variables as `${NAME}` (`$$` is a
+/// literal `$`); they are read when the config is loaded, and the value is printed as written.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestHeaders {
+    /// Header name to value; replaces any value the request has under that name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub set: BTreeMap<String, String>,
+    /// Header names removed from the request.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
+impl RequestHeaders {
+    /// Whether the section changes nothing.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.remove.is_empty()
+    }
 }
 
 /// `tls:` of an upstream: how its `https://` endpoints are verified, and the client certificate the

@@ -532,6 +532,7 @@ upstreams:
   backup:
     http2: true
     endpoints: [ { url: 'http://127.0.0.1:9101' } ]
+    request_headers: { set: { api-key: 'k$$1', x-b: b }, remove: [cookie] }
 routes:
   - name: api
     match: { path_prefix: /v1/, methods: [GET, POST], headers: { x-tenant: a } }

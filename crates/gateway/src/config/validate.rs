@@ -116,6 +116,21 @@ fn validate_ops(config: &Config) -> Result<(), Invalid> {
 
 fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
     let p = |rest: &[Seg]| [base, rest].concat();
+    crate::upstream::headers::RequestHeaders::new(
+        &up.request_headers,
+        crate::upstream::headers::process_env,
+    )
+    .map_err(|r| {
+        use crate::upstream::headers::Entry;
+        let entry = match &r.entry {
+            Entry::Set(name) => [k("set"), k(name)],
+            Entry::Remove(i) => [k("remove"), Seg::Index(*i)],
+        };
+        at(
+            &p(&[&[k("request_headers")], &entry[..]].concat()),
+            r.reason,
+        )
+    })?;
     if up.endpoints.is_empty() {
         return Err(at(
             &p(&[k("endpoints")]),

@@ -125,6 +125,11 @@ fn build_request(
         // hop-by-hop to an HTTP/1.1 one.
         req.headers_mut().remove(http::header::TE);
     }
+    if let Some(extra) = &up.request_headers {
+        // On this attempt's copy: the kept head stays as the client sent it, so an upstream's
+        // headers (its credentials) never reach another upstream of a failover chain.
+        extra.apply(req.headers_mut());
+    }
     req
 }
 
@@ -142,8 +147,9 @@ enum Outgoing<'a> {
     },
 }
 
-/// The request for endpoint `ei` of `up`: the kept head itself when the upstream speaks HTTP/1
-/// and the body is whole, else a built request (see [`build_request`]).
+/// The request for endpoint `ei` of `up`: the kept head itself when the upstream speaks HTTP/1,
+/// the body is whole and the upstream changes no headers, else a built request (see
+/// [`build_request`]).
 fn outgoing<'a>(
     parts: &'a mut Parts,
     reuse: bool,
@@ -152,7 +158,7 @@ fn outgoing<'a>(
     ei: usize,
 ) -> Outgoing<'a> {
     match body {
-        ReqBody::Full { data } if !up.http2 => {
+        ReqBody::Full { data } if !up.http2 && up.request_headers.is_none() => {
             parts
                 .headers
                 .insert(http::header::HOST, up.endpoints[ei].host_header.clone());

@@ -19,6 +19,7 @@ use http_body_util::BodyExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::headers::RequestHeaders;
 use super::Endpoint;
 use crate::config::{self, HealthCheckKind, StatusRange};
 use crate::proxy::body::ReqBody;
@@ -34,6 +35,8 @@ pub struct HttpCheck {
     uri: Uri,
     http2: bool,
     expected: StatusRange,
+    /// The upstream's `request_headers`, applied to each check as to traffic.
+    headers: Option<Arc<RequestHeaders>>,
 }
 
 impl HttpCheck {
@@ -58,7 +61,14 @@ impl HttpCheck {
             uri,
             http2,
             expected,
+            headers: None,
         }
+    }
+
+    /// Applies `headers` (the upstream's `request_headers`) to each check.
+    pub fn with_headers(mut self, headers: Option<Arc<RequestHeaders>>) -> Self {
+        self.headers = headers;
+        self
     }
 
     async fn probe(&self) -> CheckResult {
@@ -75,6 +85,9 @@ impl HttpCheck {
             http::header::USER_AGENT,
             http::HeaderValue::from_static("bulwark-health-check"),
         );
+        if let Some(extra) = &self.headers {
+            extra.apply(h);
+        }
         let resp = match self.endpoint.pool.send(req).await {
             Ok(x) => x,
             Err(e) => return CheckResult::unhealthy(format!("{:?}", e.kind)),
@@ -142,16 +155,15 @@ pub(crate) fn start(
     c: &config::HealthCheck,
     endpoints: &[Arc<Endpoint>],
     http2: bool,
+    headers: Option<&Arc<RequestHeaders>>,
 ) -> Result<HealthTasks, String> {
     let mut registry = HealthRegistry::new();
     for ep in endpoints {
         let check: Arc<dyn HealthCheck> = match c.kind {
-            HealthCheckKind::Http => Arc::new(HttpCheck::new(
-                ep.clone(),
-                &c.path,
-                http2,
-                c.expected_status,
-            )),
+            HealthCheckKind::Http => Arc::new(
+                HttpCheck::new(ep.clone(), &c.path, http2, c.expected_status)
+                    .with_headers(headers.cloned()),
+            ),
             HealthCheckKind::Tcp => Arc::new(
                 TcpCheck::new(ep.url.clone(), ep.pool.addr().to_owned()).timeout(c.timeout.get()),
             ),

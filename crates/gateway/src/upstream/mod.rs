@@ -8,6 +8,7 @@
 mod balance;
 mod endpoint;
 mod h1;
+pub mod headers;
 pub mod health;
 mod outlier;
 mod pool;
@@ -42,6 +43,8 @@ pub struct Upstream {
     pub http2: bool,
     /// Admission policies.
     pub policies: UpstreamPolicies,
+    /// `request_headers`, when the section changes anything.
+    pub request_headers: Option<Arc<headers::RequestHeaders>>,
     tiers: Vec<Tier>,
     outlier: Option<Outlier>,
     cooldown: Option<Cooldown>,
@@ -142,8 +145,17 @@ impl Upstream {
             tiers.push(Tier::new(start, end, &weights));
             start = end;
         }
+        let request_headers =
+            headers::RequestHeaders::new(&c.request_headers, headers::process_env)
+                .map_err(|r| format!("request_headers.{}: {}", r.entry, r.reason))?
+                .map(Arc::new);
         let health = match c.health_check.as_ref().filter(|h| h.enabled) {
-            Some(h) => Some(health::start(h, &endpoints, c.http2)?),
+            Some(h) => Some(health::start(
+                h,
+                &endpoints,
+                c.http2,
+                request_headers.as_ref(),
+            )?),
             None => None,
         };
         Ok(Upstream {
@@ -152,6 +164,7 @@ impl Upstream {
             balance: c.balance,
             http2: c.http2,
             policies: UpstreamPolicies::new(name, c, events)?,
+            request_headers,
             tiers,
             outlier: od.map(Outlier::new),
             cooldown: c.cooldown.as_ref().filter(|c| c.enabled).map(Cooldown::new),
@@ -359,6 +372,7 @@ mod tests {
             bulkhead: None,
             rate_limit: None,
             tls: None,
+            request_headers: Default::default(),
         }
     }
 
