@@ -791,6 +791,9 @@ pub struct Route {
     /// Static response when the gateway cannot get one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<Fallback>,
+    /// Tunnel WebSocket upgrades (HTTP/1.1 clients and upstreams).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub websocket: bool,
 }
 
 fn default_route_timeout() -> Dur {

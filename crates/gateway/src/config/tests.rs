@@ -543,6 +543,7 @@ routes:
     fallback: { status: 503, body: sorry, content_type: text/plain }
   - match: { path: /exact }
     upstream: backup
+    websocket: true
 ";
 
     /// Values that test each kind of key: empty, negative, zero, huge, wrong type, bad unit.

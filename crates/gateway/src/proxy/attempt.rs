@@ -125,6 +125,12 @@ fn build_request(
         // hop-by-hop to an HTTP/1.1 one.
         req.headers_mut().remove(http::header::TE);
     }
+    if up.http2 && req.headers().contains_key(http::header::UPGRADE) {
+        // A WebSocket upgrade is tunnelled over HTTP/1.1 only: to an HTTP/2 upstream it goes as
+        // a plain request (connection-specific headers are not allowed there).
+        req.headers_mut().remove(http::header::UPGRADE);
+        req.headers_mut().remove(http::header::CONNECTION);
+    }
     if let Some(extra) = &up.request_headers {
         // On this attempt's copy: the kept head stays as the client sent it, so an upstream's
         // headers (its credentials) never reach another upstream of a failover chain.
@@ -417,7 +423,11 @@ pub(crate) async fn forward(
     let retry_allowed = is_idempotent(&parts.method)
         || route.retry_non_idempotent
         || parts.headers.contains_key(&IDEMPOTENCY_KEY);
-    let hedge = route.policies.hedge().filter(|_| retry_allowed);
+    // Not for an upgrade: each hedge would open a tunnel of its own.
+    let hedge = route
+        .policies
+        .hedge()
+        .filter(|_| retry_allowed && !parts.headers.contains_key(http::header::UPGRADE));
     // With a failover chain the body is kept even when the request may not be retried: after a
     // connect failure (nothing sent) the next upstream takes it.
     let may_replay =

@@ -207,7 +207,8 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
     let mut transfer_encoding = false;
     // Transfer codings listed (on all lines), and whether the last was `chunked`.
     let (mut codings, mut chunked) = (0u32, false);
-    let (mut close, mut keep_alive) = (false, false);
+    let (mut close, mut keep_alive, mut conn_upgrade) = (false, false, false);
+    let mut upgrade: Option<HeaderValue> = None;
     let mut expect_continue = false;
     let mut hosts = 0u32;
     for h in parsed.headers.iter() {
@@ -237,7 +238,10 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
                 let token = token.trim_ascii();
                 close |= token.eq_ignore_ascii_case(b"close");
                 keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                conn_upgrade |= token.eq_ignore_ascii_case(b"upgrade");
             }
+        } else if name == header::UPGRADE {
+            upgrade = Some(value.clone());
         } else if name == header::EXPECT {
             expect_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         } else if name == header::HOST {
@@ -265,6 +269,16 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
         }
     };
     let mut req = Request::new(());
+    if let Some(protocol) = upgrade.filter(|_| {
+        conn_upgrade
+            && method == Method::GET
+            && version == Version::HTTP_11
+            && framing == Framing::None
+    }) {
+        // A protocol switch offered (RFC 9110 7.8): a websocket route may tunnel it.
+        req.extensions_mut()
+            .insert(super::tunnel::UpgradeOffer(protocol));
+    }
     *req.method_mut() = method;
     *req.uri_mut() = uri;
     *req.version_mut() = version;
@@ -852,6 +866,7 @@ where
         head_start: None,
         first: true,
         closing,
+        tunnel: None,
     };
     loop {
         let head = match poll_fn(|cx| d.poll_head(cx)).await {
@@ -881,6 +896,15 @@ where
         match d.exchange(head).await {
             Ok(true) => {}
             Ok(false) => {
+                if let Some(up) = d.tunnel.take() {
+                    // The 101 went out: what follows on both connections is the new protocol's.
+                    drop(d.timer);
+                    let idle = d.limits.idle_timeout;
+                    let conn = Arc::try_unwrap(d.shared).ok()?;
+                    let c = conn.into_inner().unwrap_or_else(PoisonError::into_inner);
+                    super::tunnel::run(c.io, c.rbuf.freeze(), up, idle).await;
+                    return None;
+                }
                 d.close().await;
                 return None;
             }
@@ -955,6 +979,8 @@ struct Driver<I> {
     first: bool,
     /// Shutting down: no new exchange, and the current one says `connection: close`.
     closing: bool,
+    /// An upstream's accepted upgrade, once its 101 went out: the connection becomes a tunnel.
+    tunnel: Option<super::tunnel::UpstreamSide>,
 }
 
 impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
@@ -1108,7 +1134,24 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
             return Err(Gone);
         };
         keep_alive &= !self.closing;
-        let (parts, resp_body) = resp.into_parts();
+        let (mut parts, mut resp_body) = resp.into_parts();
+        if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            // Only an upstream's accepted upgrade gives a 101 (see `tunnel`).
+            if let Some(up) = parts
+                .extensions
+                .remove::<super::tunnel::Upgraded>()
+                .and_then(|u| u.take())
+            {
+                encode_switch(&mut self.wbuf, &parts.headers, &up.protocol);
+                self.write(&[]).await?;
+                self.tunnel = Some(up);
+                return Ok(false);
+            }
+            // A switch with no connection behind it cannot be honoured.
+            (parts, resp_body) =
+                respond::failure(respond::Failure::UpstreamError, 0, None).into_parts();
+            keep_alive = false;
+        }
         let complete = self
             .respond(parts, resp_body, head_request, version, &mut keep_alive)
             .await?;
@@ -1387,6 +1430,24 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
         )
         .await;
     }
+}
+
+/// The head of a `101 Switching Protocols` to `protocol`: the upstream's headers (its
+/// `sec-websocket-accept` and the like) and the two that make it a switch.
+fn encode_switch(dst: &mut Vec<u8>, headers: &HeaderMap, protocol: &HeaderValue) {
+    dst.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n");
+    for (name, value) in headers {
+        if name == header::CONNECTION || name == header::UPGRADE {
+            continue;
+        }
+        dst.extend_from_slice(name.as_str().as_bytes());
+        dst.extend_from_slice(b": ");
+        dst.extend_from_slice(value.as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    }
+    dst.extend_from_slice(b"connection: upgrade\r\nupgrade: ");
+    dst.extend_from_slice(protocol.as_bytes());
+    dst.extend_from_slice(b"\r\n\r\n");
 }
 
 /// Whether `deadline` has passed; otherwise `timer` (armed lazily, see [`Driver::timer`]) wakes the

@@ -15,6 +15,7 @@ pub(crate) mod h1;
 pub mod headers;
 pub mod respond;
 pub mod route;
+pub(crate) mod tunnel;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -579,6 +580,18 @@ async fn route_and_forward(
         headers::strip_hop_by_hop(&mut parts.headers);
     }
     headers::add_forwarded(&mut parts.headers, &ctx.peer_ip, &ctx.proto);
+    if let Some(offer) = parts.extensions.get::<tunnel::UpgradeOffer>() {
+        // Only a websocket route tunnels: elsewhere the request goes as a plain one, its
+        // `Upgrade` and `Connection` removed above like every hop-by-hop header.
+        if route.websocket && offer.is_websocket() {
+            let protocol = offer.0.clone();
+            parts.headers.insert(
+                http::header::CONNECTION,
+                HeaderValue::from_static("upgrade"),
+            );
+            parts.headers.insert(http::header::UPGRADE, protocol);
+        }
+    }
     let body = Limited::new(
         body,
         usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
@@ -729,6 +742,9 @@ impl Server {
 
         tokio::pin!(shutdown);
         let mut accept_errors = AcceptErrors::default();
+        // The connections' tasks: those still running at the drain timeout (a tunnel, a request
+        // past it) are aborted when this set is dropped, at the end of `run`.
+        let mut conns = tokio::task::JoinSet::new();
         loop {
             // Stage 1: a connection slot, then accept (beyond max_connections, clients wait in the backlog).
             let permit = tokio::select! {
@@ -790,7 +806,9 @@ impl Server {
                     }
                 }
             };
-            tokio::spawn(task);
+            conns.spawn(task);
+            // Finished connections' entries are dropped as new ones come.
+            while conns.try_join_next().is_some() {}
         }
         gateway.set_phase(Phase::Draining);
         drop(listener);
@@ -935,9 +953,9 @@ async fn serve_h2<I>(
 
 /// A connection's I/O with bytes already read from it put back in front (the HTTP/1 loop read the
 /// start of an HTTP/2 connection before it knew).
-struct Rewind<I> {
-    read: Bytes,
-    io: I,
+pub(crate) struct Rewind<I> {
+    pub(crate) read: Bytes,
+    pub(crate) io: I,
 }
 
 impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {

@@ -128,6 +128,8 @@ pub struct Route {
     pub fallback: Option<FallbackResponse>,
     /// Budget, backoff, hedge, latency record.
     pub policies: RoutePolicies,
+    /// Tunnel WebSocket upgrades.
+    pub websocket: bool,
 }
 
 impl Route {
@@ -177,6 +179,7 @@ impl Route {
                 .map_or(0, |h| h.max_hedges),
             fallback: c.fallback.as_ref().map(FallbackResponse::new),
             policies,
+            websocket: c.websocket,
         })
     }
 }

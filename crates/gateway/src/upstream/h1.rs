@@ -179,6 +179,8 @@ pub(crate) struct Exchange {
     written: usize,
     write_done: bool,
     head_request: bool,
+    /// The request asks to switch protocols (it carries `Upgrade`): a 101 is its answer.
+    upgrade: bool,
 }
 
 impl Exchange {
@@ -195,6 +197,8 @@ pub(crate) struct Head {
     pub(crate) decoder: Decoder,
     /// The upstream keeps the connection open after this response.
     pub(crate) keep_alive: bool,
+    /// A 101's `Upgrade` value (the protocol the connection switches to).
+    pub(crate) upgrade: Option<HeaderValue>,
 }
 
 impl Io {
@@ -211,6 +215,11 @@ impl Io {
     /// The socket, for a protocol implementation that takes it over.
     pub(crate) fn into_stream(self) -> Stream {
         self.stream
+    }
+
+    /// The socket and what was read from it past the last response head (after a 101).
+    pub(crate) fn into_parts(self) -> (Stream, Bytes) {
+        (self.stream, self.rbuf.freeze())
     }
 
     /// Whether this idle connection can no longer carry a request: the upstream closed it (or sent
@@ -257,7 +266,7 @@ impl Io {
         w.push(b' ');
         w.extend_from_slice(target.as_bytes());
         w.extend_from_slice(b" HTTP/1.1\r\n");
-        let mut had_length = false;
+        let (mut had_length, mut upgrade) = (false, false);
         for (name, value) in &parts.headers {
             if name == header::CONTENT_LENGTH {
                 had_length = true;
@@ -266,6 +275,7 @@ impl Io {
             if name == header::TRANSFER_ENCODING {
                 continue;
             }
+            upgrade |= name == header::UPGRADE;
             w.extend_from_slice(name.as_str().as_bytes());
             w.extend_from_slice(b": ");
             w.extend_from_slice(value.as_bytes());
@@ -290,6 +300,7 @@ impl Io {
             written: 0,
             write_done: false,
             head_request: parts.method == Method::HEAD,
+            upgrade,
         }
     }
 
@@ -320,7 +331,7 @@ impl Io {
             }))
         };
         loop {
-            match parse_head(&mut self.rbuf, ex.head_request) {
+            match parse_head(&mut self.rbuf, ex.head_request, ex.upgrade) {
                 Ok(Some(head)) => return Poll::Ready(Ok(head)),
                 Ok(None) => {}
                 Err(e) => return fail(e),
@@ -449,11 +460,16 @@ fn poll_write_tls(
 type Span = (u32, u32, u32, u32);
 
 /// Parses a response head at the start of `buf`, skipping interim (1xx) responses; `Ok(None)`: more
-/// bytes are needed. The head is split off `buf` (whatever follows is the body) and its header
+/// bytes are needed. A 101 is final when the request asked for an `upgrade`, an error otherwise.
+/// The head is split off `buf` (whatever follows is the body) and its header
 /// values are slices of it. Hop-by-hop headers are dropped (the proxy would strip them anyway) and
 /// read for framing and keep-alive; `Connection` stays only when it names other headers, for the
 /// proxy's strip to remove them.
-pub(crate) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Option<Head>, Error> {
+pub(crate) fn parse_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+    upgrade: bool,
+) -> Result<Option<Head>, Error> {
     loop {
         if buf.is_empty() {
             return Ok(None);
@@ -491,7 +507,7 @@ pub(crate) fn parse_head(buf: &mut BytesMut, head_request: bool) -> Result<Optio
                 (len, res.version, res.code, res.headers.len())
             };
         let code = code.unwrap_or(0);
-        if (100..200).contains(&code) {
+        if (100..200).contains(&code) && !(code == 101 && upgrade) {
             if code == 101 {
                 return Err(Error::Invalid("unexpected protocol switch"));
             }
@@ -518,6 +534,7 @@ fn build_head(
     let (mut te, mut chunked, mut close, mut keep_alive_token) = (false, false, false, false);
     // Transfer codings listed, on all lines (`identity`, obsolete, aside).
     let mut codings = 0u32;
+    let mut upgrade = None;
     for &(ns, ne, vs, ve) in spans {
         let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
             .map_err(|_| Error::Invalid("bad header name"))?;
@@ -561,11 +578,17 @@ fn build_head(
                     continue;
                 }
             }
+            "upgrade" => {
+                if status == StatusCode::SWITCHING_PROTOCOLS {
+                    upgrade =
+                        HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize)).ok();
+                }
+                continue;
+            }
             "keep-alive"
             | "proxy-connection"
             | "te"
             | "trailer"
-            | "upgrade"
             | "proxy-authenticate"
             | "proxy-authorization" => continue,
             _ => {}
@@ -576,7 +599,14 @@ fn build_head(
     }
     let mut keep_alive = !close && (!http10 || keep_alive_token);
     let code = status.as_u16();
-    let decoder = if head_request || code == 204 || code == 304 {
+    let decoder = if code == 101 {
+        // What follows is the new protocol's, not a body.
+        if upgrade.is_none() {
+            return Err(Error::Invalid("101 without Upgrade"));
+        }
+        keep_alive = false;
+        Decoder::length(0)
+    } else if head_request || code == 204 || code == 304 {
         Decoder::length(0)
     } else if te {
         if codings > 1 || (codings == 1 && !chunked) {
@@ -615,6 +645,7 @@ fn build_head(
         response,
         decoder,
         keep_alive,
+        upgrade,
     })
 }
 
@@ -745,6 +776,17 @@ pub(crate) struct RecvBody {
 impl RecvBody {
     /// The body of `head`'s response on `io`; `keep_alive` says whether the connection may carry
     /// another request once it is read (the upstream keeps it open and the request was fully sent).
+    /// A body that has already ended (a 101's, whose connection went to a tunnel).
+    pub(crate) fn ended() -> Self {
+        RecvBody {
+            io: None,
+            dec: Decoder::length(0),
+            keep_alive: false,
+            eof: false,
+            first: None,
+        }
+    }
+
     pub(crate) fn new(io: Box<Io>, dec: Decoder, keep_alive: bool) -> Self {
         RecvBody {
             io: Some(io),
@@ -849,7 +891,7 @@ mod tests {
         for p in points {
             buf.extend_from_slice(&input[at..p.max(at)]);
             at = p.max(at);
-            if let Some(h) = parse_head(&mut buf, head_request).unwrap() {
+            if let Some(h) = parse_head(&mut buf, head_request, false).unwrap() {
                 buf.extend_from_slice(&input[at..]);
                 return (h, buf);
             }
@@ -918,7 +960,7 @@ mod tests {
     }
 
     fn head(input: &[u8], head_request: bool) -> Result<Option<Head>, Error> {
-        parse_head(&mut BytesMut::from(input), head_request)
+        parse_head(&mut BytesMut::from(input), head_request, false)
     }
 
     #[test]
@@ -1009,6 +1051,30 @@ mod tests {
             .unwrap()
             .unwrap();
         assert!(matches!(h.decoder.kind, Kind::Length(4)));
+    }
+
+    #[test]
+    fn a_101_ends_the_exchange_only_for_an_upgrade_request() {
+        let wire = &b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n\x81\x00"[..];
+        let mut buf = BytesMut::from(wire);
+        let h = parse_head(&mut buf, false, true).unwrap().unwrap();
+        assert_eq!(h.response.status(), 101);
+        assert_eq!(h.upgrade.as_ref().unwrap(), "websocket");
+        assert_eq!(
+            h.response.headers().get("sec-websocket-accept").unwrap(),
+            "x"
+        );
+        assert!(h.decoder.is_end() && !h.keep_alive);
+        // What follows the head is the new protocol's, left for the tunnel.
+        assert_eq!(&buf[..], b"\x81\x00");
+        assert!(parse_head(&mut BytesMut::from(wire), false, false).is_err());
+        // A 101 that names no protocol is not a switch.
+        let bare = &b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\n\r\n"[..];
+        assert!(parse_head(&mut BytesMut::from(bare), false, true).is_err());
+        // Other interim answers are still skipped.
+        let mut buf = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 426 Upgrade Required\r\ncontent-length: 0\r\n\r\n"[..]);
+        let h = parse_head(&mut buf, false, true).unwrap().unwrap();
+        assert_eq!((h.response.status().as_u16(), h.upgrade), (426, None));
     }
 
     #[test]

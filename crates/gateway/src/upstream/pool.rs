@@ -419,6 +419,21 @@ impl Pool {
             let mut ex = io.start(parts, body);
             match std::future::poll_fn(|cx| io.poll_exchange(&mut ex, cx)).await {
                 Ok(head) => {
+                    if let Some(protocol) = head.upgrade {
+                        // A 101: the connection now carries the new protocol, for a tunnel.
+                        let (stream, read) = io.into_parts();
+                        let side = crate::proxy::tunnel::UpstreamSide {
+                            io: Box::new(stream),
+                            read,
+                            protocol,
+                        };
+                        let mut resp = head
+                            .response
+                            .map(|()| UpstreamBody(Inner::H1(RecvBody::ended())));
+                        resp.extensions_mut()
+                            .insert(crate::proxy::tunnel::Upgraded::new(side));
+                        return Ok(resp);
+                    }
                     let keep_alive = head.keep_alive && ex.write_done();
                     let mut body = RecvBody::new(io, head.decoder, keep_alive);
                     let first = std::future::poll_fn(|cx| Poll::Ready(body.prefetch(cx))).await;

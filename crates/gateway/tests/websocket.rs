@@ -1,0 +1,254 @@
+//! WebSocket tunnels: an upgrade on a `websocket: true` route reaches an HTTP/1.1 upstream with its
+//! `Upgrade` and `Connection` headers; the upstream's 101 goes to the client, and then bytes go
+//! both ways, untouched, until one side closes or nothing moves for `idle_timeout`.
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+
+const UPGRADE: &[u8] = b"GET /ws?room=1 HTTP/1.1\r\nHost: gw\r\nConnection: keep-alive, Upgrade\r\n\
+Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+/// A WebSocket upstream: answers an upgrade with a 101 (and `early` in the same write), then echoes
+/// every byte until the gateway closes, then closes too. Anything else gets 426. Reports each
+/// request head, and `"eof"` when the gateway closed the tunnel.
+async fn ws_upstream(early: &'static [u8]) -> (RawUpstream, mpsc::UnboundedReceiver<String>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let up = RawUpstream::start(move |mut s, _| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            let Some(head) = read_head(&mut s, &mut buf).await else {
+                return;
+            };
+            let lower = head.to_ascii_lowercase();
+            let _ = tx.send(head);
+            if !(lower.contains("\r\nupgrade: websocket\r\n")
+                && lower.contains("\r\nconnection: upgrade\r\n"))
+            {
+                let _ = s
+                    .write_all(b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+                return;
+            }
+            let mut answer = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
+                .to_vec();
+            answer.extend_from_slice(early);
+            // What the client sent right behind its request head.
+            answer.extend_from_slice(&buf);
+            if s.write_all(&answer).await.is_err() {
+                return;
+            }
+            let mut b = [0u8; 4096];
+            loop {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if s.write_all(&b[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = tx.send("eof".into());
+        }
+    })
+    .await;
+    (up, rx)
+}
+
+fn config(url: &str, extra_route: &str, limits: &str) -> String {
+    format!(
+        "limits: {{ {limits} }}\nupstreams:\n  ws: {{ endpoints: [{{url: '{url}'}}] }}\nroutes:\n  - upstream: ws\n{extra_route}"
+    )
+}
+
+/// Reads the 101 off `c` and checks it.
+async fn switched<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(c: &mut RawClient<S>) {
+    let (r, _) = c.read_response(false).await;
+    assert_eq!(r.status, 101, "{r:?}");
+    assert_eq!(r.header("upgrade"), Some("websocket"));
+    assert_eq!(r.header("connection"), Some("upgrade"));
+    assert_eq!(
+        r.header("sec-websocket-accept"),
+        Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    );
+    assert_eq!(
+        r.headers.iter().filter(|(k, _)| k == "connection").count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn an_upgrade_is_tunnelled_both_ways_until_the_client_closes() {
+    let (up, mut heads) = ws_upstream(b"hello from upstream").await;
+    let gw = Gateway::start(&config(&up.url(), "    websocket: true\n", "")).await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(UPGRADE).await;
+    switched(&mut c).await;
+    let head = heads.recv().await.unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("get /ws?room=1 http/1.1\r\n"), "{head}");
+    for want in [
+        "\r\nsec-websocket-key: dghlihnhbxbszsbub25jzq==\r\n",
+        "\r\nsec-websocket-version: 13\r\n",
+        "\r\nx-forwarded-for: 127.0.0.1\r\n",
+    ] {
+        assert!(head.contains(want), "{want:?} in {head}");
+    }
+    // Bytes the upstream sent with its 101, then an echo each way, binary included.
+    assert_eq!(c.take(19).await.unwrap(), b"hello from upstream");
+    for msg in [&b"\x81\x05hello"[..], &[0u8, 255, 13, 10, 13, 10][..]] {
+        c.send(msg).await;
+        assert_eq!(c.take(msg.len()).await.unwrap(), msg);
+    }
+    // The client closes its side: the upstream sees the end, closes, and so does the gateway.
+    c.s.shutdown().await.unwrap();
+    assert_eq!(heads.recv().await.as_deref(), Some("eof"));
+    assert!(c.closed_within(5).await);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn bytes_sent_with_the_upgrade_request_reach_the_upstream() {
+    let (up, _heads) = ws_upstream(b"").await;
+    let gw = Gateway::start(&config(&up.url(), "    websocket: true\n", "")).await;
+    let mut c = RawClient::connect(&gw).await;
+    let mut first = UPGRADE.to_vec();
+    first.extend_from_slice(b"early frame");
+    c.send(&first).await;
+    switched(&mut c).await;
+    // The upstream sends back what came behind the head (whether the gateway passed it with the
+    // head or as the tunnel's first bytes).
+    assert_eq!(c.take(11).await.unwrap(), b"early frame");
+    drop(c);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_tunnel_quiet_for_idle_timeout_is_closed_on_both_sides() {
+    let (up, mut heads) = ws_upstream(b"").await;
+    let gw = Gateway::start(&config(
+        &up.url(),
+        "    websocket: true\n",
+        "idle_timeout: 300ms",
+    ))
+    .await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(UPGRADE).await;
+    switched(&mut c).await;
+    heads.recv().await.unwrap();
+    // Traffic keeps it open past idle_timeout...
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        c.send(b"ping").await;
+        assert_eq!(c.take(4).await.unwrap(), b"ping");
+    }
+    // ...silence closes it.
+    assert!(c.closed_within(5).await);
+    assert_eq!(heads.recv().await.as_deref(), Some("eof"));
+    gw.stop().await;
+}
+
+/// Without `websocket: true` the upgrade goes as a plain request (its `Upgrade` removed), and an
+/// upstream's refusal of an upgrade is an ordinary response on a connection that goes on serving.
+#[tokio::test]
+async fn a_refused_or_unrouted_upgrade_is_an_ordinary_exchange() {
+    let (up, mut heads) = ws_upstream(b"").await;
+    let gw = Gateway::start(&config(&up.url(), "", "")).await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(UPGRADE).await;
+    let (r, _) = c.read_response(false).await;
+    assert_eq!(r.status, 426, "{r:?}");
+    let head = heads.recv().await.unwrap().to_ascii_lowercase();
+    assert!(!head.contains("\r\nupgrade:"), "{head}");
+    gw.stop().await;
+
+    // A websocket route whose upstream does not speak it: its answer comes back, and the client
+    // connection carries the next request.
+    let plain = Upstream::status("plain", 404).await;
+    let gw = Gateway::start(&config(&plain.url(), "    websocket: true\n", "")).await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(UPGRADE).await;
+    let (r, _) = c.read_response(false).await;
+    assert_eq!(r.status, 404, "{r:?}");
+    c.send(b"GET /next HTTP/1.1\r\nHost: gw\r\n\r\n").await;
+    let (r, _) = c.read_response(false).await;
+    assert_eq!(r.status, 404, "{r:?}");
+    assert_eq!(plain.hits(), 2);
+    gw.stop().await;
+}
+
+/// The upgrade goes through the route's resilience like any request: a dead first upstream fails
+/// over to the next, which takes the tunnel.
+#[tokio::test]
+async fn an_upgrade_fails_over_to_the_next_upstream() {
+    let (up, _heads) = ws_upstream(b"").await;
+    let dead = dead_url().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  a: {{ endpoints: [{{url: '{dead}'}}] }}\n  b: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - upstream: a\n    failover: [b]\n    websocket: true\n",
+        up.url()
+    ))
+    .await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(UPGRADE).await;
+    switched(&mut c).await;
+    c.send(b"over").await;
+    assert_eq!(c.take(4).await.unwrap(), b"over");
+    drop(c);
+    gw.stop().await;
+}
+
+/// A tunnel counts as in flight for a graceful shutdown: it goes on carrying bytes while the
+/// gateway drains, and is closed at `drain_timeout`.
+#[tokio::test]
+async fn a_tunnel_lives_through_the_drain_and_is_closed_at_its_end() {
+    let (up, mut heads) = ws_upstream(b"").await;
+    let gw = Gateway::start(&format!(
+        "drain_timeout: 1s\n{}",
+        config(&up.url(), "    websocket: true\n", "")
+    ))
+    .await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(UPGRADE).await;
+    switched(&mut c).await;
+    heads.recv().await.unwrap();
+    let stop = tokio::spawn(gw.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    c.send(b"still").await;
+    assert_eq!(c.take(5).await.unwrap(), b"still");
+    assert!(c.closed_within(5).await);
+    stop.await.unwrap();
+    assert_eq!(heads.recv().await.as_deref(), Some("eof"));
+}
+
+/// The same over TLS (ALPN `http/1.1`): the tunnel runs inside the client's TLS session.
+#[tokio::test]
+async fn an_upgrade_over_tls_is_tunnelled() {
+    let (up, _heads) = ws_upstream(b"").await;
+    let tls = TestTls::new("ws-tls");
+    let gw = Gateway::start(&format!(
+        "{}{}",
+        tls.config_line(),
+        config(&up.url(), "    websocket: true\n", "")
+    ))
+    .await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let s = tls
+        .connector(&[b"http/1.1"])
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let mut c = RawClient::new(s);
+    c.send(UPGRADE).await;
+    switched(&mut c).await;
+    c.send(b"secret bytes").await;
+    assert_eq!(c.take(12).await.unwrap(), b"secret bytes");
+    c.s.shutdown().await.unwrap();
+    assert!(c.closed_within(5).await);
+    gw.stop().await;
+}
