@@ -104,3 +104,63 @@ async fn forwards_headers_and_strips_hop_by_hop() {
     assert!(!r.text().contains("rid=-"), "{}", r.text());
     gw.stop().await;
 }
+
+/// `prefix_rewrite` swaps what the route's `path_prefix` (or exact `path`) matched for another
+/// prefix in the target sent upstream, keeping the rest of the path and the query, whatever form
+/// the client's target had and whichever protocol it spoke.
+#[tokio::test]
+async fn prefix_rewrite_replaces_the_matched_part_of_the_path() {
+    let up = Upstream::start(
+        "u",
+        std::sync::Arc::new(|req: Request<hyper::body::Incoming>| {
+            let target = req.uri().to_string();
+            Box::pin(async move { reply("u", 200, target) })
+        }),
+    )
+    .await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - match: {{ path_prefix: /svc/ }}
+    upstream: u
+    prefix_rewrite: /v1/
+  - match: {{ path: /old }}
+    upstream: u
+    prefix_rewrite: /new/place
+  - match: {{ path_prefix: /root/ }}
+    upstream: u
+    prefix_rewrite: /
+  - upstream: u
+",
+        up.url()
+    ))
+    .await;
+    let (h1, h2) = (client(), h2c_client());
+    for (path, upstream_sees) in [
+        ("/svc/items?x=1&y=%20", "/v1/items?x=1&y=%20"),
+        ("/svc/", "/v1/"),
+        ("/old?q", "/new/place?q"),
+        ("/root/a/b", "/a/b"),
+        ("/svc", "/svc"),
+        ("/other/svc/x", "/other/svc/x"),
+    ] {
+        assert_eq!(
+            get(&h1, &gw.url(path)).await.text(),
+            upstream_sees,
+            "{path}"
+        );
+        assert_eq!(
+            get(&h2, &gw.url(path)).await.text(),
+            upstream_sees,
+            "{path}"
+        );
+    }
+    let r = raw(
+        gw.addr,
+        b"GET http://gw.example/svc/abs?k=v HTTP/1.1\r\nHost: gw.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(r.ends_with("/v1/abs?k=v"), "{r}");
+    gw.stop().await;
+}

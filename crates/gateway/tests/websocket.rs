@@ -252,3 +252,35 @@ async fn an_upgrade_over_tls_is_tunnelled() {
     assert!(c.closed_within(5).await);
     gw.stop().await;
 }
+
+/// Only `websocket` is tunnelled: the upstream is offered `websocket` alone, whatever else the
+/// client listed, and a 101 to another protocol (an h2c tunnel would carry any request past the
+/// route) is refused with 502.
+#[tokio::test]
+async fn only_websocket_is_offered_and_accepted() {
+    let (up, mut heads) = ws_upstream(b"").await;
+    let gw = Gateway::start(&config(&up.url(), "    websocket: true\n", "")).await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(b"GET /ws HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c, websocket\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n").await;
+    switched(&mut c).await;
+    let head = heads.recv().await.unwrap().to_ascii_lowercase();
+    assert!(head.contains("\r\nupgrade: websocket\r\n"), "{head}");
+    assert!(
+        !head.contains("h2c") && !head.contains("http2-settings"),
+        "{head}"
+    );
+    drop(c);
+    gw.stop().await;
+
+    let h2c = RawUpstream::answering(|_| {
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n".to_vec()
+    })
+    .await;
+    let gw = Gateway::start(&config(&h2c.url(), "    websocket: true\n", "")).await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(UPGRADE).await;
+    let (r, _) = c.read_response(false).await;
+    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.header("x-bulwark-reason"), Some("upstream_error"));
+    gw.stop().await;
+}

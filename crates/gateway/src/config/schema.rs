@@ -794,6 +794,9 @@ pub struct Route {
     /// Tunnel WebSocket upgrades (HTTP/1.1 clients and upstreams).
     #[serde(default, skip_serializing_if = "is_false")]
     pub websocket: bool,
+    /// Replaces the matched `path_prefix` (or the whole `path`) of the request path upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix_rewrite: Option<String>,
 }
 
 fn default_route_timeout() -> Dur {

@@ -544,6 +544,7 @@ routes:
   - match: { path: /exact }
     upstream: backup
     websocket: true
+    prefix_rewrite: /v2/exact
 ";
 
     /// Values that test each kind of key: empty, negative, zero, huge, wrong type, bad unit.
@@ -672,4 +673,24 @@ routes:
             }
         }
     }
+}
+
+#[test]
+fn prefix_rewrite_needs_a_path_match_and_a_path() {
+    let route =
+        |m: &str, to: &str| format!("{UP}routes:\n  - upstream: a\n{m}    prefix_rewrite: {to}\n");
+    assert!(from_str(
+        &route("    match: { path_prefix: /a/ }\n", "/b/"),
+        "gw.yaml"
+    )
+    .is_ok());
+    assert_eq!(
+        err(&route("", "/b/")),
+        "gw.yaml:6:5: routes[0].prefix_rewrite: needs `match.path_prefix` (or `match.path`): it replaces what they matched"
+    );
+    assert_eq!(
+        err(&route("    match: { path: /a }\n", "'b?x=1'")),
+        "gw.yaml:7:5: routes[0].prefix_rewrite: `b?x=1` must be a path: start with `/`, no query or fragment, no spaces"
+    );
+    assert!(err(&route("    match: { path: /a }\n", "'/b c'")).contains("must be a path"));
 }

@@ -409,6 +409,24 @@ fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), In
             }
         }
     }
+    if let Some(to) = &route.prefix_rewrite {
+        let at_key = p(&[k("prefix_rewrite")]);
+        if m.path.is_none() && m.path_prefix.is_none() {
+            return Err(at(
+                &at_key,
+                "needs `match.path_prefix` (or `match.path`): it replaces what they matched",
+            ));
+        }
+        if !to.starts_with('/')
+            || to.contains(['?', '#'])
+            || http::uri::PathAndQuery::try_from(to.as_str()).is_err()
+        {
+            return Err(at(
+                &at_key,
+                format!("`{to}` must be a path: start with `/`, no query or fragment, no spaces"),
+            ));
+        }
+    }
     for (i, method) in m.methods.iter().enumerate() {
         if http::Method::from_bytes(method.as_bytes()).is_err() || method.is_empty() {
             return Err(at(

@@ -1137,10 +1137,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
         let (mut parts, mut resp_body) = resp.into_parts();
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             // Only an upstream's accepted upgrade gives a 101 (see `tunnel`).
+            // The client connection must be free to become the tunnel (no request body of an
+            // earlier exchange still held elsewhere), checked before the 101 goes out.
+            let free = Arc::strong_count(&self.shared) == 1;
             if let Some(up) = parts
                 .extensions
                 .remove::<super::tunnel::Upgraded>()
                 .and_then(|u| u.take())
+                .filter(|_| free)
             {
                 encode_switch(&mut self.wbuf, &parts.headers, &up.protocol);
                 self.write(&[]).await?;

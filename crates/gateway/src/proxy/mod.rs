@@ -565,8 +565,11 @@ async fn route_and_forward(
         return (respond::local(Local::NoRoute), None);
     };
     let route = &rt.routes[ri];
-    // Stage 4: headers.
+    // Stage 4: headers (and the target, when the route rewrites it).
     let (mut parts, body) = req.into_parts();
+    if let Some(uri) = route.rewritten(&parts.uri) {
+        parts.uri = uri;
+    }
     if parts.version == http::Version::HTTP_2 {
         let te_trailers = headers::keep_te_trailers(&parts.headers);
         headers::strip_hop_by_hop(&mut parts.headers);
@@ -584,12 +587,14 @@ async fn route_and_forward(
         // Only a websocket route tunnels: elsewhere the request goes as a plain one, its
         // `Upgrade` and `Connection` removed above like every hop-by-hop header.
         if route.websocket && offer.is_websocket() {
-            let protocol = offer.0.clone();
+            // `websocket` alone, whatever else the client listed: the one protocol tunnelled.
             parts.headers.insert(
                 http::header::CONNECTION,
                 HeaderValue::from_static("upgrade"),
             );
-            parts.headers.insert(http::header::UPGRADE, protocol);
+            parts
+                .headers
+                .insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
         }
     }
     let body = Limited::new(
@@ -747,12 +752,15 @@ impl Server {
         let mut conns = tokio::task::JoinSet::new();
         loop {
             // Stage 1: a connection slot, then accept (beyond max_connections, clients wait in the backlog).
+            // Ended connections are reaped as they end (a task's memory is held until then).
             let permit = tokio::select! {
                 _ = &mut shutdown => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
                 p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
             };
             let (stream, peer) = tokio::select! {
                 _ = &mut shutdown => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
@@ -807,8 +815,6 @@ impl Server {
                 }
             };
             conns.spawn(task);
-            // Finished connections' entries are dropped as new ones come.
-            while conns.try_join_next().is_some() {}
         }
         gateway.set_phase(Phase::Draining);
         drop(listener);

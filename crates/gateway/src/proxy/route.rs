@@ -130,6 +130,28 @@ pub struct Route {
     pub policies: RoutePolicies,
     /// Tunnel WebSocket upgrades.
     pub websocket: bool,
+    /// `prefix_rewrite`: how many bytes of the path the match covers, and what replaces them.
+    pub rewrite: Option<(usize, Box<str>)>,
+}
+
+impl Route {
+    /// The request target sent upstream when the route rewrites it: `uri`'s path with the matched
+    /// part replaced, and its query kept (origin form). `None` without `prefix_rewrite`.
+    pub fn rewritten(&self, uri: &http::Uri) -> Option<http::Uri> {
+        let (matched, to) = self.rewrite.as_ref()?;
+        let path = uri.path();
+        let rest = path.get(*matched..).unwrap_or("");
+        let query = uri.query();
+        let mut target =
+            String::with_capacity(to.len() + rest.len() + query.map_or(0, |q| q.len() + 1));
+        target.push_str(to);
+        target.push_str(rest);
+        if let Some(q) = query {
+            target.push('?');
+            target.push_str(q);
+        }
+        target.parse().ok()
+    }
 }
 
 impl Route {
@@ -180,6 +202,10 @@ impl Route {
             fallback: c.fallback.as_ref().map(FallbackResponse::new),
             policies,
             websocket: c.websocket,
+            rewrite: c.prefix_rewrite.as_ref().map(|to| {
+                let matched = c.matcher.path_prefix.as_ref().or(c.matcher.path.as_ref());
+                (matched.map_or(0, String::len), to.as_str().into())
+            }),
         })
     }
 }

@@ -52,6 +52,10 @@ const HEAD_BUF: usize = 8 * 1024;
 const BODY_BUF: usize = 16 * 1024;
 /// Less spare room than this in the read buffer and it grows before a read.
 const MIN_SPARE: usize = 1024;
+
+/// How much of a chunked body [`RecvBody::prefetch`] looks at: a first chunk-size line, with room
+/// for a short extension.
+const PEEK: usize = 64;
 /// A request body up to this size is copied behind the head (one `write`); a larger one is
 /// written from its own buffer (`writev`).
 const COPY_BODY_MAX: usize = 16 * 1024;
@@ -769,8 +773,6 @@ pub(crate) struct RecvBody {
     dec: Decoder,
     keep_alive: bool,
     eof: bool,
-    /// An item [`RecvBody::prefetch`] read ahead (never `End`): the next one to hand out.
-    first: Option<Item>,
 }
 
 impl RecvBody {
@@ -783,7 +785,6 @@ impl RecvBody {
             dec: Decoder::length(0),
             keep_alive: false,
             eof: false,
-            first: None,
         }
     }
 
@@ -793,30 +794,58 @@ impl RecvBody {
             dec,
             keep_alive,
             eof: false,
-            first: None,
         }
     }
 
-    /// Reads the body's first item if it is already there (or the connection already failed),
-    /// without waiting: a body broken from its first byte (a bad first chunk-size line, a
-    /// connection that ended or reset right after the head) is then the exchange's failure, which
-    /// the attempt can retry and count, instead of a response whose head the client would get
-    /// with nothing after it. Call it once, before the body is handed out.
+    /// Checks, without waiting and without consuming anything, that the body is not broken from
+    /// its first byte: a malformed first chunk-size line that came with the head, or a connection
+    /// that ended (before the body did) or failed right after the head. Such a body is then the
+    /// exchange's failure, which the attempt can retry and count, instead of a response whose head
+    /// the client would get with nothing after it. Call it once, before the body is handed out.
     pub(crate) fn prefetch(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
-        match self.poll_item(cx) {
-            Poll::Ready(Ok(Item::End)) | Poll::Pending => Ok(()),
-            Poll::Ready(Ok(item)) => {
-                self.first = Some(item);
-                Ok(())
-            }
-            Poll::Ready(Err(e)) => Err(e),
+        let Some(io) = self.io.as_mut() else {
+            return Ok(());
+        };
+        if matches!(self.dec.kind, Kind::Done) {
+            return Ok(());
         }
+        if io.rbuf.is_empty() {
+            // Nothing of the body yet: a connection that already ended or failed shows now (a
+            // read the body's first poll would make anyway; none when the readiness is clear).
+            match io.poll_fill(cx, MIN_SPARE) {
+                Poll::Ready(Ok(0)) => self.eof = true,
+                Poll::Ready(Ok(_)) | Poll::Pending => {}
+                Poll::Ready(Err(e)) => return Err(self.fail(Error::Io(e))),
+            }
+        }
+        let buffered = &io.rbuf;
+        let broken = match &self.dec.kind {
+            Kind::Length(_) => self.eof && buffered.is_empty(),
+            // The first chunk-size line, checked on a copy by a decoder of its own.
+            Kind::Chunked(_) => {
+                let n = buffered.len().min(PEEK);
+                let mut peek = BytesMut::from(&buffered[..n]);
+                let eof = self.eof && n == buffered.len();
+                chunked::Decoder::new(chunked::Trailers::Discard)
+                    .decode(&mut peek, eof)
+                    .is_err()
+            }
+            Kind::Close | Kind::Done => false,
+        };
+        if broken {
+            // The real decoder names what is wrong.
+            let e = match self.dec.decode(&mut io.rbuf, self.eof) {
+                Err(e) => e,
+                Ok(_) => Error::Closed,
+            };
+            return Err(self.fail(e));
+        }
+        Ok(())
     }
 
     /// The connection, once the body was read to its end and the connection can be reused.
     pub(crate) fn take_conn(&mut self) -> Option<Box<Io>> {
         let reusable = self.keep_alive
-            && self.first.is_none()
             && !self.eof
             && self.dec.is_end()
             && self.io.as_ref().is_some_and(|io| io.rbuf.is_empty());
@@ -829,9 +858,6 @@ impl RecvBody {
 
     /// Polls the next piece of the body.
     pub(crate) fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Result<Item, Error>> {
-        if let Some(item) = self.first.take() {
-            return Poll::Ready(Ok(item));
-        }
         loop {
             let Some(io) = self.io.as_mut() else {
                 return Poll::Ready(Ok(Item::End));
@@ -862,17 +888,12 @@ impl RecvBody {
 
     /// Whether the body has ended.
     pub(crate) fn is_end_stream(&self) -> bool {
-        self.first.is_none() && self.dec.is_end()
+        self.dec.is_end()
     }
 
     /// Exact for a `content-length` body.
     pub(crate) fn size_hint(&self) -> SizeHint {
-        let hint = self.dec.size_hint();
-        match (&self.first, hint.exact()) {
-            (Some(Item::Data(d)), Some(n)) => SizeHint::with_exact(n + d.len() as u64),
-            (Some(_), _) => SizeHint::default(),
-            (None, _) => hint,
-        }
+        self.dec.size_hint()
     }
 }
 

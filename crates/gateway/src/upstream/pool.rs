@@ -420,7 +420,20 @@ impl Pool {
             match std::future::poll_fn(|cx| io.poll_exchange(&mut ex, cx)).await {
                 Ok(head) => {
                     if let Some(protocol) = head.upgrade {
-                        // A 101: the connection now carries the new protocol, for a tunnel.
+                        // A 101: the connection now carries the new protocol, for a tunnel. Only
+                        // to the protocol the request offered: a switch to another (say h2c, a
+                        // tunnel the client could send any request through) is refused.
+                        let offered = parts.headers.get(http::header::UPGRADE);
+                        if !offered
+                            .is_some_and(|o| o.as_bytes().eq_ignore_ascii_case(protocol.as_bytes()))
+                        {
+                            return Err(SendError {
+                                kind: FailKind::Reset,
+                                source: Some(
+                                    "a 101 to a protocol the request did not offer".into(),
+                                ),
+                            });
+                        }
                         let (stream, read) = io.into_parts();
                         let side = crate::proxy::tunnel::UpstreamSide {
                             io: Box::new(stream),
