@@ -902,7 +902,8 @@ where
                     let idle = d.limits.idle_timeout;
                     let conn = Arc::try_unwrap(d.shared).ok()?;
                     let c = conn.into_inner().unwrap_or_else(PoisonError::into_inner);
-                    super::tunnel::run(c.io, c.rbuf.freeze(), up, idle).await;
+                    // Boxed: a tunnel is rare, and its state should not grow every connection's.
+                    Box::pin(super::tunnel::run(c.io, c.rbuf.freeze(), up, idle)).await;
                     return None;
                 }
                 d.close().await;

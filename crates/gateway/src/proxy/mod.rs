@@ -567,8 +567,10 @@ async fn route_and_forward(
     let route = &rt.routes[ri];
     // Stage 4: headers (and the target, when the route rewrites it).
     let (mut parts, body) = req.into_parts();
-    if let Some(uri) = route.rewritten(&parts.uri) {
-        parts.uri = uri;
+    if route.rewrite.is_some() {
+        if let Some(uri) = route.rewritten(&parts.uri) {
+            parts.uri = uri;
+        }
     }
     if parts.version == http::Version::HTTP_2 {
         let te_trailers = headers::keep_te_trailers(&parts.headers);

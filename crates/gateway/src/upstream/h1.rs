@@ -201,8 +201,6 @@ pub(crate) struct Head {
     pub(crate) decoder: Decoder,
     /// The upstream keeps the connection open after this response.
     pub(crate) keep_alive: bool,
-    /// A 101's `Upgrade` value (the protocol the connection switches to).
-    pub(crate) upgrade: Option<HeaderValue>,
 }
 
 impl Io {
@@ -538,7 +536,9 @@ fn build_head(
     let (mut te, mut chunked, mut close, mut keep_alive_token) = (false, false, false, false);
     // Transfer codings listed, on all lines (`identity`, obsolete, aside).
     let mut codings = 0u32;
-    let mut upgrade = None;
+    // A 101 keeps its `Upgrade` (the protocol the connection switches to) in the map.
+    let switch = status == StatusCode::SWITCHING_PROTOCOLS;
+    let mut upgrade = false;
     for &(ns, ne, vs, ve) in spans {
         let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
             .map_err(|_| Error::Invalid("bad header name"))?;
@@ -583,11 +583,10 @@ fn build_head(
                 }
             }
             "upgrade" => {
-                if status == StatusCode::SWITCHING_PROTOCOLS {
-                    upgrade =
-                        HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize)).ok();
+                if !switch || upgrade {
+                    continue;
                 }
-                continue;
+                upgrade = true;
             }
             "keep-alive"
             | "proxy-connection"
@@ -603,9 +602,9 @@ fn build_head(
     }
     let mut keep_alive = !close && (!http10 || keep_alive_token);
     let code = status.as_u16();
-    let decoder = if code == 101 {
+    let decoder = if switch {
         // What follows is the new protocol's, not a body.
-        if upgrade.is_none() {
+        if !upgrade {
             return Err(Error::Invalid("101 without Upgrade"));
         }
         keep_alive = false;
@@ -649,7 +648,6 @@ fn build_head(
         response,
         decoder,
         keep_alive,
-        upgrade,
     })
 }
 
@@ -820,27 +818,24 @@ impl RecvBody {
         }
         let buffered = &io.rbuf;
         let broken = match &self.dec.kind {
-            Kind::Length(_) => self.eof && buffered.is_empty(),
+            Kind::Length(_) if self.eof && buffered.is_empty() => Some(Error::Closed),
             // The first chunk-size line, checked on a copy by a decoder of its own.
             Kind::Chunked(_) => {
                 let n = buffered.len().min(PEEK);
                 let mut peek = BytesMut::from(&buffered[..n]);
                 let eof = self.eof && n == buffered.len();
-                chunked::Decoder::new(chunked::Trailers::Discard)
-                    .decode(&mut peek, eof)
-                    .is_err()
+                match chunked::Decoder::new(chunked::Trailers::Discard).decode(&mut peek, eof) {
+                    Err(chunked::Error::Eof) => Some(Error::Closed),
+                    Err(chunked::Error::Invalid(what)) => Some(Error::Invalid(what)),
+                    Ok(_) => None,
+                }
             }
-            Kind::Close | Kind::Done => false,
+            _ => None,
         };
-        if broken {
-            // The real decoder names what is wrong.
-            let e = match self.dec.decode(&mut io.rbuf, self.eof) {
-                Err(e) => e,
-                Ok(_) => Error::Closed,
-            };
-            return Err(self.fail(e));
+        match broken {
+            Some(e) => Err(self.fail(e)),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The connection, once the body was read to its end and the connection can be reused.
@@ -1080,7 +1075,7 @@ mod tests {
         let mut buf = BytesMut::from(wire);
         let h = parse_head(&mut buf, false, true).unwrap().unwrap();
         assert_eq!(h.response.status(), 101);
-        assert_eq!(h.upgrade.as_ref().unwrap(), "websocket");
+        assert_eq!(h.response.headers().get("upgrade").unwrap(), "websocket");
         assert_eq!(
             h.response.headers().get("sec-websocket-accept").unwrap(),
             "x"
@@ -1095,7 +1090,8 @@ mod tests {
         // Other interim answers are still skipped.
         let mut buf = BytesMut::from(&b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 426 Upgrade Required\r\ncontent-length: 0\r\n\r\n"[..]);
         let h = parse_head(&mut buf, false, true).unwrap().unwrap();
-        assert_eq!((h.response.status().as_u16(), h.upgrade), (426, None));
+        assert_eq!(h.response.status(), 426);
+        assert!(h.response.headers().get("upgrade").is_none());
     }
 
     #[test]

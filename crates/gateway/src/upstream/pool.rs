@@ -419,7 +419,13 @@ impl Pool {
             let mut ex = io.start(parts, body);
             match std::future::poll_fn(|cx| io.poll_exchange(&mut ex, cx)).await {
                 Ok(head) => {
-                    if let Some(protocol) = head.upgrade {
+                    if head.response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                        let mut response = head.response;
+                        // `parse_head` made sure there is one.
+                        let protocol = response
+                            .headers_mut()
+                            .remove(http::header::UPGRADE)
+                            .unwrap_or_else(|| http::HeaderValue::from_static("websocket"));
                         // A 101: the connection now carries the new protocol, for a tunnel. Only
                         // to the protocol the request offered: a switch to another (say h2c, a
                         // tunnel the client could send any request through) is refused.
@@ -440,9 +446,8 @@ impl Pool {
                             read,
                             protocol,
                         };
-                        let mut resp = head
-                            .response
-                            .map(|()| UpstreamBody(Inner::H1(RecvBody::ended())));
+                        let mut resp =
+                            response.map(|()| UpstreamBody(Inner::H1(RecvBody::ended())));
                         resp.extensions_mut()
                             .insert(crate::proxy::tunnel::Upgraded::new(side));
                         return Ok(resp);
