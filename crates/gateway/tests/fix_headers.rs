@@ -201,3 +201,58 @@ routes:
     assert_eq!(h.get("authorization").unwrap(), key.as_str());
     gw.stop().await;
 }
+
+/// A route's `request_headers` apply before its upstream's (which win on the same name), and its
+/// `response_headers` apply to every response of the route: the upstream's and the gateway's own.
+#[tokio::test]
+async fn route_request_and_response_headers() {
+    let (up, mut seen) = recording("u", 200).await;
+    let dead = dead_url().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    endpoints: [{{url: '{}'}}]
+    request_headers: {{ set: {{ x-both: upstream }} }}
+  dead: {{ endpoints: [{{url: '{dead}'}}] }}
+routes:
+  - match: {{ path_prefix: /dead/ }}
+    upstream: dead
+    response_headers: {{ set: {{ x-served-by: '${{CARGO_PKG_NAME}}' }} }}
+  - upstream: u
+    request_headers:
+      set: {{ x-route: r, x-both: route }}
+      remove: [cookie]
+    response_headers:
+      set: {{ strict-transport-security: max-age=63072000 }}
+      remove: [x-upstream]
+",
+        up.url()
+    ))
+    .await;
+    let c = client();
+    let got = send(
+        &c,
+        http::Request::get(gw.url("/x"))
+            .header("cookie", "a=1")
+            .header("x-route", "client")
+            .body(Default::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 200);
+    let (_, h) = seen.recv().await.unwrap();
+    assert_eq!(h.get("x-route").unwrap(), "r");
+    assert_eq!(h.get("x-both").unwrap(), "upstream");
+    assert!(!h.contains_key("cookie"), "{h:?}");
+    assert_eq!(
+        got.header("strict-transport-security"),
+        Some("max-age=63072000")
+    );
+    // `reply` sets `x-upstream: u`; the route removes it.
+    assert!(got.header("x-upstream").is_none());
+    // The gateway's own answer (no upstream reachable) gets the route's headers too.
+    let got = get(&c, &gw.url("/dead/x")).await;
+    assert_eq!(got.status, 502);
+    assert_eq!(got.header("x-served-by"), Some(env!("CARGO_PKG_NAME")));
+    gw.stop().await;
+}

@@ -326,9 +326,10 @@ pub struct Upstream {
     pub request_headers: RequestHeaders,
 }
 
-/// `request_headers:` of an upstream: headers set on or removed from every request (and health
-/// check) sent to its endpoints. A value may name environment variables as `${NAME}` (`$$` is a
-/// literal `$`); they are read when the config is loaded, and the value is printed as written.
+/// `request_headers:` of an upstream (every request and health check sent to its endpoints) or a
+/// route, and a route's `response_headers:`: headers set or removed. A value may name environment
+/// variables as `${NAME}` (`$$` is a literal `$`); they are read when the config is loaded, and
+/// the value is printed as written.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RequestHeaders {
@@ -797,6 +798,12 @@ pub struct Route {
     /// Replaces the matched `path_prefix` (or the whole `path`) of the request path upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_rewrite: Option<String>,
+    /// Headers set on (or removed from) the route's requests, before the upstream's own.
+    #[serde(default, skip_serializing_if = "RequestHeaders::is_empty")]
+    pub request_headers: RequestHeaders,
+    /// Headers set on (or removed from) every response of the route, the gateway's own included.
+    #[serde(default, skip_serializing_if = "RequestHeaders::is_empty")]
+    pub response_headers: RequestHeaders,
 }
 
 fn default_route_timeout() -> Dur {

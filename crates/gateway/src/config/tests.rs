@@ -545,6 +545,8 @@ routes:
     upstream: backup
     websocket: true
     prefix_rewrite: /v2/exact
+    request_headers: { set: { x-route: exact } }
+    response_headers: { set: { cache-control: no-store }, remove: [x-upstream] }
 ";
 
     /// Values that test each kind of key: empty, negative, zero, huge, wrong type, bad unit.
@@ -693,4 +695,18 @@ fn prefix_rewrite_needs_a_path_match_and_a_path() {
         "gw.yaml:7:5: routes[0].prefix_rewrite: `b?x=1` must be a path: start with `/`, no query or fragment, no spaces"
     );
     assert!(err(&route("    match: { path: /a }\n", "'/b c'")).contains("must be a path"));
+}
+
+#[test]
+fn route_header_sections_are_checked_like_an_upstream_s() {
+    let route = |section: &str| format!("{UP}routes:\n  - upstream: a\n    {section}\n");
+    assert!(from_str(&route("response_headers: { set: { x-a: '1' } }"), "gw.yaml").is_ok());
+    assert_eq!(
+        err(&route("response_headers: { set: { Content-Length: '1' } }")),
+        "gw.yaml:6:32: routes[0].response_headers.set.Content-Length: `content-length` cannot be changed here: the gateway sets it (or it is hop-by-hop)"
+    );
+    assert_eq!(
+        err(&route("request_headers: { remove: [x-a, 'bad name'] }")),
+        "gw.yaml:6:38: routes[0].request_headers.remove[1]: invalid header name `bad name`"
+    );
 }

@@ -114,23 +114,23 @@ fn validate_ops(config: &Config) -> Result<(), Invalid> {
     Ok(())
 }
 
-fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
-    let p = |rest: &[Seg]| [base, rest].concat();
-    crate::upstream::headers::RequestHeaders::new(
-        &up.request_headers,
-        crate::upstream::headers::process_env,
-    )
-    .map_err(|r| {
-        use crate::upstream::headers::Entry;
+/// A `request_headers`/`response_headers` section at `path`: built as `run` builds it (reading the
+/// environment), its first bad entry placed under `path`.
+fn validate_headers(path: &[Seg], section: &RequestHeaders) -> Result<(), Invalid> {
+    use crate::upstream::headers::{self, Entry};
+    headers::RequestHeaders::new(section, headers::process_env).map_err(|r| {
         let entry = match &r.entry {
             Entry::Set(name) => [k("set"), k(name)],
             Entry::Remove(i) => [k("remove"), Seg::Index(*i)],
         };
-        at(
-            &p(&[&[k("request_headers")], &entry[..]].concat()),
-            r.reason,
-        )
+        at(&[path, &entry[..]].concat(), r.reason)
     })?;
+    Ok(())
+}
+
+fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
+    let p = |rest: &[Seg]| [base, rest].concat();
+    validate_headers(&p(&[k("request_headers")]), &up.request_headers)?;
     if up.endpoints.is_empty() {
         return Err(at(
             &p(&[k("endpoints")]),
@@ -392,6 +392,8 @@ pub(crate) fn check_url(url: &str) -> Result<EndpointUrl, String> {
 
 fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), Invalid> {
     let p = |rest: &[Seg]| [base, rest].concat();
+    validate_headers(&p(&[k("request_headers")]), &route.request_headers)?;
+    validate_headers(&p(&[k("response_headers")]), &route.response_headers)?;
     let m = &route.matcher;
     if m.path.is_some() && m.path_prefix.is_some() {
         return Err(at(

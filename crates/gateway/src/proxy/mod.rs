@@ -585,6 +585,9 @@ async fn route_and_forward(
         headers::strip_hop_by_hop(&mut parts.headers);
     }
     headers::add_forwarded(&mut parts.headers, &ctx.peer_ip, &ctx.proto);
+    if let Some(extra) = &route.request_headers {
+        extra.apply(&mut parts.headers);
+    }
     if let Some(offer) = parts.extensions.get::<tunnel::UpgradeOffer>() {
         // Only a websocket route tunnels: elsewhere the request goes as a plain one, its
         // `Upgrade` and `Connection` removed above like every hop-by-hop header.
@@ -604,10 +607,11 @@ async fn route_and_forward(
         usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
     );
     // Stage 5 and 6.
-    (
-        attempt::forward(rt, route, parts, body, start).await,
-        Some(ri),
-    )
+    let mut resp = attempt::forward(rt, route, parts, body, start).await;
+    if let Some(extra) = &route.response_headers {
+        extra.apply(resp.headers_mut());
+    }
+    (resp, Some(ri))
 }
 
 /// One access-log line (target `bulwark::access`): method, path (no query string: it may carry

@@ -8,6 +8,7 @@ use http::{HeaderName, HeaderValue, Method, Request};
 use super::respond::FallbackResponse;
 use crate::config::{self, RetryOn};
 use crate::policy::RoutePolicies;
+use crate::upstream::headers::RequestHeaders;
 
 /// What a route matches; all conditions must hold.
 #[derive(Debug, Clone, Default)]
@@ -132,6 +133,10 @@ pub struct Route {
     pub websocket: bool,
     /// `prefix_rewrite`: how many bytes of the path the match covers, and what replaces them.
     pub rewrite: Option<(usize, Box<str>)>,
+    /// `request_headers`, when the section changes anything.
+    pub request_headers: Option<RequestHeaders>,
+    /// `response_headers`, when the section changes anything.
+    pub response_headers: Option<RequestHeaders>,
 }
 
 impl Route {
@@ -182,7 +187,15 @@ impl Route {
         let policies =
             RoutePolicies::keeping_budget(&name, retry, c.hedge.as_ref(), events, budget)
                 .map_err(|e| format!("routes[{i}].{e}"))?;
+        let headers = |section, key| {
+            RequestHeaders::new(section, crate::upstream::headers::process_env)
+                .map_err(|r| format!("routes[{i}].{key}.{}: {}", r.entry, r.reason))
+        };
+        let request_headers = headers(&c.request_headers, "request_headers")?;
+        let response_headers = headers(&c.response_headers, "response_headers")?;
         Ok(Route {
+            request_headers,
+            response_headers,
             name,
             matcher: Matcher::new(&c.matcher)?,
             chain,
