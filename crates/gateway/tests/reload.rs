@@ -474,3 +474,39 @@ routes:
     assert!(total > 100, "{total} requests in 20 reloads");
     ops.stop().await;
 }
+
+/// A route may hide the gateway's `x-bulwark-*` headers from its clients with `response_headers`;
+/// the access log still reads them (it is written before the route's headers are applied).
+#[tokio::test]
+async fn the_access_log_sees_what_response_headers_remove() {
+    logs();
+    let bad = Upstream::status("bad", 503).await;
+    let ops = Ops::start_with(
+        &format!(
+            "logging: {{ access_log: true }}
+upstreams:
+  hidden: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - name: hides
+    upstream: hidden
+    retry: {{ attempts: 2, backoff: {{ base: 1ms }} }}
+    response_headers: {{ remove: [x-bulwark-reason, x-bulwark-attempts] }}
+",
+            bad.url()
+        ),
+        None,
+        NO_POLL,
+    )
+    .await;
+    let got = get(&client(), &ops.url("/hidden-path")).await;
+    assert_eq!(got.status, 503);
+    assert!(got.header("x-bulwark-reason").is_none() && got.header("x-bulwark-attempts").is_none());
+    let log = logged();
+    let line = log
+        .lines()
+        .find(|l| l.contains("bulwark::access") && l.contains("/hidden-path"))
+        .unwrap_or_else(|| panic!("no access log line:\n{log}"));
+    assert!(line.contains("attempts=2"), "{line}");
+    assert!(line.contains("reason=\"upstream_error\""), "{line}");
+    ops.stop().await;
+}

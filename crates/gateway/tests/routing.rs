@@ -162,5 +162,24 @@ routes:
     )
     .await;
     assert!(r.ends_with("/v1/abs?k=v"), "{r}");
+    // A dot-segment would take the rewritten path out of `/v1/` upstream: refused.
+    for target in [
+        "/svc/../admin",
+        "/svc/%2E%2e/admin",
+        "/svc/a/./b",
+        "/svc/..",
+    ] {
+        let r = raw(
+            gw.addr,
+            format!("GET {target} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 400"), "{target}: {r}");
+    }
+    // Dots inside a segment are just names.
+    assert_eq!(
+        get(&h1, &gw.url("/svc/..a/b.c/...")).await.text(),
+        "/v1/..a/b.c/..."
+    );
     gw.stop().await;
 }

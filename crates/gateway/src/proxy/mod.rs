@@ -522,7 +522,7 @@ async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
     let access = rt
         .access_log
         .then(|| (req.method().clone(), req.uri().clone()));
-    let (resp, route) = route_and_forward(ctx, &rt, req, start).await;
+    let (mut resp, route) = route_and_forward(ctx, &rt, req, start).await;
     let end = Instant::now();
     active.1 = Some(end);
     let elapsed = end.saturating_duration_since(start);
@@ -532,6 +532,10 @@ async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
     }
     if let Some((method, uri)) = access {
         access_log(&rt, route, &method, &uri, &resp, elapsed);
+    }
+    // After the log line, which reads `x-bulwark-*` (a route may remove them for its clients).
+    if let Some(extra) = route.and_then(|i| rt.routes[i].response_headers.as_ref()) {
+        extra.apply(resp.headers_mut());
     }
     resp
 }
@@ -568,8 +572,10 @@ async fn route_and_forward(
     // Stage 4: headers (and the target, when the route rewrites it).
     let (mut parts, body) = req.into_parts();
     if route.rewrite.is_some() {
-        if let Some(uri) = route.rewritten(&parts.uri) {
-            parts.uri = uri;
+        match route.rewritten(&parts.uri) {
+            Some(uri) => parts.uri = uri,
+            // A dot-segment would climb out of the rewritten prefix upstream.
+            None => return (respond::local(Local::BadRequest), Some(ri)),
         }
     }
     if parts.version == http::Version::HTTP_2 {
@@ -607,11 +613,10 @@ async fn route_and_forward(
         usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
     );
     // Stage 5 and 6.
-    let mut resp = attempt::forward(rt, route, parts, body, start).await;
-    if let Some(extra) = &route.response_headers {
-        extra.apply(resp.headers_mut());
-    }
-    (resp, Some(ri))
+    (
+        attempt::forward(rt, route, parts, body, start).await,
+        Some(ri),
+    )
 }
 
 /// One access-log line (target `bulwark::access`): method, path (no query string: it may carry

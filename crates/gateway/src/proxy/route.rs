@@ -141,10 +141,15 @@ pub struct Route {
 
 impl Route {
     /// The request target sent upstream when the route rewrites it: `uri`'s path with the matched
-    /// part replaced, and its query kept (origin form). `None` without `prefix_rewrite`.
+    /// part replaced, and its query kept (origin form). `None` without `prefix_rewrite`, and for a
+    /// path with a dot-segment (`.` or `..`, `%2e` spellings included): the upstream would resolve
+    /// `/v1/../admin` to `/admin`, out of the prefix the route confines it to.
     pub fn rewritten(&self, uri: &http::Uri) -> Option<http::Uri> {
         let (matched, to) = self.rewrite.as_ref()?;
         let path = uri.path();
+        if path.split('/').any(is_dot_segment) {
+            return None;
+        }
         let rest = path.get(*matched..).unwrap_or("");
         let query = uri.query();
         let mut target =
@@ -221,4 +226,13 @@ impl Route {
             }),
         })
     }
+}
+
+/// Whether a path segment is `.` or `..`, however percent-encoded (RFC 3986 6.2.2.2: `%2E` is `.`).
+fn is_dot_segment(seg: &str) -> bool {
+    if seg.is_empty() || seg.len() > 6 {
+        return false;
+    }
+    let decoded = seg.replace("%2e", ".").replace("%2E", ".");
+    decoded == "." || decoded == ".."
 }
