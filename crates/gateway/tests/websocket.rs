@@ -61,10 +61,21 @@ Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\
     (up, rx)
 }
 
+/// The route line that turns tunnels on.
+const WS: &str = "    websocket: true\n";
+
 fn config(url: &str, extra_route: &str, limits: &str) -> String {
     format!(
         "limits: {{ {limits} }}\nupstreams:\n  ws: {{ endpoints: [{{url: '{url}'}}] }}\nroutes:\n  - upstream: ws\n{extra_route}"
     )
+}
+
+/// A client connection to `gw` whose upgrade went through (its 101 read).
+async fn upgraded(gw: &Gateway) -> RawClient {
+    let mut c = RawClient::connect(gw).await;
+    c.send(UPGRADE).await;
+    switched(&mut c).await;
+    c
 }
 
 /// Reads the 101 off `c` and checks it.
@@ -86,10 +97,8 @@ async fn switched<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(c: &m
 #[tokio::test]
 async fn an_upgrade_is_tunnelled_both_ways_until_the_client_closes() {
     let (up, mut heads) = ws_upstream(b"hello from upstream").await;
-    let gw = Gateway::start(&config(&up.url(), "    websocket: true\n", "")).await;
-    let mut c = RawClient::connect(&gw).await;
-    c.send(UPGRADE).await;
-    switched(&mut c).await;
+    let gw = Gateway::start(&config(&up.url(), WS, "")).await;
+    let mut c = upgraded(&gw).await;
     let head = heads.recv().await.unwrap().to_ascii_lowercase();
     assert!(head.starts_with("get /ws?room=1 http/1.1\r\n"), "{head}");
     for want in [
@@ -115,7 +124,7 @@ async fn an_upgrade_is_tunnelled_both_ways_until_the_client_closes() {
 #[tokio::test]
 async fn bytes_sent_with_the_upgrade_request_reach_the_upstream() {
     let (up, _heads) = ws_upstream(b"").await;
-    let gw = Gateway::start(&config(&up.url(), "    websocket: true\n", "")).await;
+    let gw = Gateway::start(&config(&up.url(), WS, "")).await;
     let mut c = RawClient::connect(&gw).await;
     let mut first = UPGRADE.to_vec();
     first.extend_from_slice(b"early frame");
@@ -131,15 +140,8 @@ async fn bytes_sent_with_the_upgrade_request_reach_the_upstream() {
 #[tokio::test]
 async fn a_tunnel_quiet_for_idle_timeout_is_closed_on_both_sides() {
     let (up, mut heads) = ws_upstream(b"").await;
-    let gw = Gateway::start(&config(
-        &up.url(),
-        "    websocket: true\n",
-        "idle_timeout: 300ms",
-    ))
-    .await;
-    let mut c = RawClient::connect(&gw).await;
-    c.send(UPGRADE).await;
-    switched(&mut c).await;
+    let gw = Gateway::start(&config(&up.url(), WS, "idle_timeout: 300ms")).await;
+    let mut c = upgraded(&gw).await;
     heads.recv().await.unwrap();
     // Traffic keeps it open past idle_timeout...
     for _ in 0..4 {
@@ -170,7 +172,7 @@ async fn a_refused_or_unrouted_upgrade_is_an_ordinary_exchange() {
     // A websocket route whose upstream does not speak it: its answer comes back, and the client
     // connection carries the next request.
     let plain = Upstream::status("plain", 404).await;
-    let gw = Gateway::start(&config(&plain.url(), "    websocket: true\n", "")).await;
+    let gw = Gateway::start(&config(&plain.url(), WS, "")).await;
     let mut c = RawClient::connect(&gw).await;
     c.send(UPGRADE).await;
     let (r, _) = c.read_response(false).await;
@@ -193,9 +195,7 @@ async fn an_upgrade_fails_over_to_the_next_upstream() {
         up.url()
     ))
     .await;
-    let mut c = RawClient::connect(&gw).await;
-    c.send(UPGRADE).await;
-    switched(&mut c).await;
+    let mut c = upgraded(&gw).await;
     c.send(b"over").await;
     assert_eq!(c.take(4).await.unwrap(), b"over");
     drop(c);
@@ -207,14 +207,8 @@ async fn an_upgrade_fails_over_to_the_next_upstream() {
 #[tokio::test]
 async fn a_tunnel_lives_through_the_drain_and_is_closed_at_its_end() {
     let (up, mut heads) = ws_upstream(b"").await;
-    let gw = Gateway::start(&format!(
-        "drain_timeout: 1s\n{}",
-        config(&up.url(), "    websocket: true\n", "")
-    ))
-    .await;
-    let mut c = RawClient::connect(&gw).await;
-    c.send(UPGRADE).await;
-    switched(&mut c).await;
+    let gw = Gateway::start(&format!("drain_timeout: 1s\n{}", config(&up.url(), WS, ""))).await;
+    let mut c = upgraded(&gw).await;
     heads.recv().await.unwrap();
     let stop = tokio::spawn(gw.stop());
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -233,7 +227,7 @@ async fn an_upgrade_over_tls_is_tunnelled() {
     let gw = Gateway::start(&format!(
         "{}{}",
         tls.config_line(),
-        config(&up.url(), "    websocket: true\n", "")
+        config(&up.url(), WS, "")
     ))
     .await;
     let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
@@ -259,7 +253,7 @@ async fn an_upgrade_over_tls_is_tunnelled() {
 #[tokio::test]
 async fn only_websocket_is_offered_and_accepted() {
     let (up, mut heads) = ws_upstream(b"").await;
-    let gw = Gateway::start(&config(&up.url(), "    websocket: true\n", "")).await;
+    let gw = Gateway::start(&config(&up.url(), WS, "")).await;
     let mut c = RawClient::connect(&gw).await;
     c.send(b"GET /ws HTTP/1.1\r\nHost: gw\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c, websocket\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n").await;
     switched(&mut c).await;
@@ -276,7 +270,7 @@ async fn only_websocket_is_offered_and_accepted() {
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: Upgrade\r\n\r\n".to_vec()
     })
     .await;
-    let gw = Gateway::start(&config(&h2c.url(), "    websocket: true\n", "")).await;
+    let gw = Gateway::start(&config(&h2c.url(), WS, "")).await;
     let mut c = RawClient::connect(&gw).await;
     c.send(UPGRADE).await;
     let (r, _) = c.read_response(false).await;
