@@ -24,11 +24,15 @@ fn write(name: &str, content: &str) -> Written {
 }
 
 fn check(path: &std::path::Path) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_bulwark"))
-        .args(["check", "--config"])
-        .arg(path)
-        .output()
-        .unwrap();
+    check_with(path, |_| {})
+}
+
+/// `bulwark check` on `path`, its command first adjusted by `setup` (its environment, say).
+fn check_with(path: &std::path::Path, setup: impl FnOnce(&mut Command)) -> (i32, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulwark"));
+    cmd.args(["check", "--config"]).arg(path);
+    setup(&mut cmd);
+    let out = cmd.output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -121,18 +125,12 @@ routes:
 ",
     );
     let run = |key: Option<&str>| {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulwark"));
-        cmd.args(["check", "--config"]).arg(&*p);
-        match key {
-            Some(k) => cmd.env("BULWARK_TEST_KEY", k),
-            None => cmd.env_remove("BULWARK_TEST_KEY"),
-        };
-        let out = cmd.output().unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        check_with(&p, |cmd| {
+            match key {
+                Some(k) => cmd.env("BULWARK_TEST_KEY", k),
+                None => cmd.env_remove("BULWARK_TEST_KEY"),
+            };
+        })
     };
     let (code, out, err) = run(Some("sk-live-123"));
     assert_eq!(code, 0, "{err}");
