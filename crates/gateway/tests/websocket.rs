@@ -1,6 +1,7 @@
 //! WebSocket tunnels: an upgrade on a `websocket: true` route reaches an HTTP/1.1 upstream with its
 //! `Upgrade` and `Connection` headers; the upstream's 101 goes to the client, and then bytes go
 //! both ways, untouched, until one side closes or nothing moves for `idle_timeout`.
+mod admin_support;
 mod support;
 
 use std::time::Duration;
@@ -277,4 +278,28 @@ async fn only_websocket_is_offered_and_accepted() {
     assert_eq!(r.status, 502, "{r:?}");
     assert_eq!(r.header("x-bulwark-reason"), Some("upstream_error"));
     gw.stop().await;
+}
+
+/// `bulwark_websocket_tunnels` counts the tunnels open: one while it carries bytes, none once the
+/// client has closed it.
+#[tokio::test]
+async fn open_tunnels_are_a_gauge() {
+    let (up, _heads) = ws_upstream(b"").await;
+    let ops = admin_support::Ops::start(&config(&up.url(), WS, ""), None).await;
+    let c = client();
+    let tunnels = |m: &str| admin_support::sample(m, "bulwark_websocket_tunnels");
+    assert_eq!(tunnels(&ops.metrics(&c).await), Some(0.0));
+    let mut t = RawClient::connect_to(ops.proxy).await;
+    t.send(UPGRADE).await;
+    switched(&mut t).await;
+    t.send(b"hi").await;
+    assert_eq!(t.take(2).await.unwrap(), b"hi");
+    assert_eq!(tunnels(&ops.metrics(&c).await), Some(1.0));
+    t.s.shutdown().await.unwrap();
+    assert!(t.closed_within(5).await);
+    admin_support::eventually(5, "the tunnel uncounted", || async {
+        tunnels(&ops.metrics(&c).await) == Some(0.0)
+    })
+    .await;
+    ops.stop().await;
 }

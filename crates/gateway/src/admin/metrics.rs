@@ -195,6 +195,17 @@ impl RouteStats {
     }
 }
 
+/// One open WebSocket tunnel in `bulwark_websocket_tunnels`, until dropped (also when the
+/// tunnel's task is aborted at the drain timeout).
+#[derive(Debug)]
+pub struct OpenTunnel(Gauge);
+
+impl Drop for OpenTunnel {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// The process's registry, the families it holds, and the event listener for the policies.
 pub struct Telemetry {
     registry: Registry,
@@ -203,6 +214,7 @@ pub struct Telemetry {
     duration: Family<RouteLabels, LatencyHistogram>,
     endpoint_healthy: Family<EndpointLabels, Gauge>,
     upstream_panic: Family<UpstreamLabels, Gauge>,
+    tunnels: Gauge,
     listener: Arc<dyn Listener>,
     /// Gauge series set by the last refresh, so series of removed upstreams/endpoints can be dropped.
     live: Mutex<LiveSeries>,
@@ -237,6 +249,12 @@ impl Telemetry {
         let duration = Family::<RouteLabels, LatencyHistogram>::default();
         let endpoint_healthy = Family::<EndpointLabels, Gauge>::default();
         let upstream_panic = Family::<UpstreamLabels, Gauge>::default();
+        let tunnels = Gauge::default();
+        registry.register(
+            "bulwark_websocket_tunnels",
+            "WebSocket tunnels open (after their 101)",
+            tunnels.clone(),
+        );
         registry.register(
             "bulwark_requests",
             "Requests answered, by route, the route's primary upstream, and status code",
@@ -267,9 +285,16 @@ impl Telemetry {
             duration,
             endpoint_healthy,
             upstream_panic,
+            tunnels,
             listener,
             live: Mutex::new(LiveSeries::default()),
         }
+    }
+
+    /// Counts one more open WebSocket tunnel, until the returned guard is dropped.
+    pub fn tunnel_opened(&self) -> OpenTunnel {
+        self.tunnels.inc();
+        OpenTunnel(self.tunnels.clone())
     }
 
     /// The listener every policy reports to (metrics, and a log line per breaker transition).

@@ -900,6 +900,7 @@ where
                     // The 101 went out: what follows on both connections is the new protocol's.
                     drop(d.timer);
                     let idle = d.limits.idle_timeout;
+                    let _open = d.ctx.gateway.runtime().telemetry.tunnel_opened();
                     let conn = Arc::try_unwrap(d.shared).ok()?;
                     let c = conn.into_inner().unwrap_or_else(PoisonError::into_inner);
                     // Boxed: a tunnel is rare, and its state should not grow every connection's.
