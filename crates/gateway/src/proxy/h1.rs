@@ -692,10 +692,7 @@ pub(crate) fn encode_head(
             continue;
         }
         has_date |= *name == header::DATE;
-        dst.extend_from_slice(name.as_str().as_bytes());
-        dst.extend_from_slice(b": ");
-        dst.extend_from_slice(value.as_bytes());
-        dst.extend_from_slice(b"\r\n");
+        put_field(dst, name, value);
     }
     let code = status.as_u16();
     let put_length = |dst: &mut Vec<u8>, n: u64| {
@@ -789,14 +786,20 @@ fn frame_data(dst: &mut Vec<u8>, out: Out, data: &Bytes) -> bool {
     }
 }
 
+/// One header line, `name: value` and its CRLF.
+#[inline]
+pub(crate) fn put_field(dst: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    dst.extend_from_slice(name.as_str().as_bytes());
+    dst.extend_from_slice(b": ");
+    dst.extend_from_slice(value.as_bytes());
+    dst.extend_from_slice(b"\r\n");
+}
+
 /// Appends chunked trailers (the last chunk, the fields, the blank line).
 fn encode_trailers(dst: &mut Vec<u8>, trailers: &HeaderMap) {
     dst.extend_from_slice(b"0\r\n");
     for (name, value) in trailers {
-        dst.extend_from_slice(name.as_str().as_bytes());
-        dst.extend_from_slice(b": ");
-        dst.extend_from_slice(value.as_bytes());
-        dst.extend_from_slice(b"\r\n");
+        put_field(dst, name, value);
     }
     dst.extend_from_slice(b"\r\n");
 }
@@ -1446,10 +1449,7 @@ fn encode_switch(dst: &mut Vec<u8>, headers: &HeaderMap, protocol: &HeaderValue)
         if name == header::CONNECTION || name == header::UPGRADE {
             continue;
         }
-        dst.extend_from_slice(name.as_str().as_bytes());
-        dst.extend_from_slice(b": ");
-        dst.extend_from_slice(value.as_bytes());
-        dst.extend_from_slice(b"\r\n");
+        put_field(dst, name, value);
     }
     dst.extend_from_slice(b"connection: upgrade\r\nupgrade: ");
     dst.extend_from_slice(protocol.as_bytes());

@@ -969,7 +969,8 @@ async fn serve_h2<I>(
 }
 
 /// A connection's I/O with bytes already read from it put back in front (the HTTP/1 loop read the
-/// start of an HTTP/2 connection before it knew).
+/// start of an HTTP/2 connection before it knew; a tunnel's two sides may have read past their
+/// heads).
 pub(crate) struct Rewind<I> {
     pub(crate) read: Bytes,
     pub(crate) io: I,

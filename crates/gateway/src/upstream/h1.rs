@@ -278,10 +278,7 @@ impl Io {
                 continue;
             }
             upgrade |= name == header::UPGRADE;
-            w.extend_from_slice(name.as_str().as_bytes());
-            w.extend_from_slice(b": ");
-            w.extend_from_slice(value.as_bytes());
-            w.extend_from_slice(b"\r\n");
+            crate::proxy::h1::put_field(w, name, value);
         }
         if len > 0 || had_length {
             w.extend_from_slice(b"content-length: ");
@@ -774,8 +771,6 @@ pub(crate) struct RecvBody {
 }
 
 impl RecvBody {
-    /// The body of `head`'s response on `io`; `keep_alive` says whether the connection may carry
-    /// another request once it is read (the upstream keeps it open and the request was fully sent).
     /// A body that has already ended (a 101's, whose connection went to a tunnel).
     pub(crate) fn ended() -> Self {
         RecvBody {
@@ -786,6 +781,8 @@ impl RecvBody {
         }
     }
 
+    /// The body of `head`'s response on `io`; `keep_alive` says whether the connection may carry
+    /// another request once it is read (the upstream keeps it open and the request was fully sent).
     pub(crate) fn new(io: Box<Io>, dec: Decoder, keep_alive: bool) -> Self {
         RecvBody {
             io: Some(io),
