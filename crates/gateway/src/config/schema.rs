@@ -322,8 +322,8 @@ pub struct Upstream {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
     /// Headers set on (or removed from) every request sent to the endpoints.
-    #[serde(default, skip_serializing_if = "RequestHeaders::is_empty")]
-    pub request_headers: RequestHeaders,
+    #[serde(default, skip_serializing_if = "HeaderRules::is_empty")]
+    pub request_headers: HeaderRules,
 }
 
 /// `request_headers:` of an upstream (every request and health check sent to its endpoints) or a
@@ -332,7 +332,7 @@ pub struct Upstream {
 /// the value is printed as written.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct RequestHeaders {
+pub struct HeaderRules {
     /// Header name to value; replaces any value the request has under that name.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub set: BTreeMap<String, String>,
@@ -341,7 +341,7 @@ pub struct RequestHeaders {
     pub remove: Vec<String>,
 }
 
-impl RequestHeaders {
+impl HeaderRules {
     /// Whether the section changes nothing.
     pub fn is_empty(&self) -> bool {
         self.set.is_empty() && self.remove.is_empty()
@@ -799,11 +799,11 @@ pub struct Route {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefix_rewrite: Option<String>,
     /// Headers set on (or removed from) the route's requests, before the upstream's own.
-    #[serde(default, skip_serializing_if = "RequestHeaders::is_empty")]
-    pub request_headers: RequestHeaders,
+    #[serde(default, skip_serializing_if = "HeaderRules::is_empty")]
+    pub request_headers: HeaderRules,
     /// Headers set on (or removed from) every response of the route, the gateway's own included.
-    #[serde(default, skip_serializing_if = "RequestHeaders::is_empty")]
-    pub response_headers: RequestHeaders,
+    #[serde(default, skip_serializing_if = "HeaderRules::is_empty")]
+    pub response_headers: HeaderRules,
 }
 
 fn default_route_timeout() -> Dur {

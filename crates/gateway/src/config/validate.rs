@@ -116,9 +116,9 @@ fn validate_ops(config: &Config) -> Result<(), Invalid> {
 
 /// A `request_headers`/`response_headers` section at `path`: built as `run` builds it (reading the
 /// environment), its first bad entry placed under `path`.
-fn validate_headers(path: &[Seg], section: &RequestHeaders) -> Result<(), Invalid> {
+fn validate_headers(path: &[Seg], section: &HeaderRules) -> Result<(), Invalid> {
     use crate::upstream::headers::{self, Entry};
-    headers::RequestHeaders::new(section, headers::process_env).map_err(|r| {
+    headers::HeaderRules::new(section, headers::process_env).map_err(|r| {
         let entry = match &r.entry {
             Entry::Set(name) => [k("set"), k(name)],
             Entry::Remove(i) => [k("remove"), Seg::Index(*i)],

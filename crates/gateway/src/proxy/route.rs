@@ -8,7 +8,7 @@ use http::{HeaderName, HeaderValue, Method, Request};
 use super::respond::FallbackResponse;
 use crate::config::{self, RetryOn};
 use crate::policy::RoutePolicies;
-use crate::upstream::headers::RequestHeaders;
+use crate::upstream::headers::HeaderRules;
 
 /// What a route matches; all conditions must hold.
 #[derive(Debug, Clone, Default)]
@@ -134,9 +134,9 @@ pub struct Route {
     /// `prefix_rewrite`: how many bytes of the path the match covers, and what replaces them.
     pub rewrite: Option<(usize, Box<str>)>,
     /// `request_headers`, when the section changes anything.
-    pub request_headers: Option<RequestHeaders>,
+    pub request_headers: Option<HeaderRules>,
     /// `response_headers`, when the section changes anything.
-    pub response_headers: Option<RequestHeaders>,
+    pub response_headers: Option<HeaderRules>,
 }
 
 impl Route {
@@ -193,7 +193,7 @@ impl Route {
             RoutePolicies::keeping_budget(&name, retry, c.hedge.as_ref(), events, budget)
                 .map_err(|e| format!("routes[{i}].{e}"))?;
         let headers = |section, key| {
-            RequestHeaders::new(section, crate::upstream::headers::process_env)
+            HeaderRules::new(section, crate::upstream::headers::process_env)
                 .map_err(|r| format!("routes[{i}].{key}.{}: {}", r.entry, r.reason))
         };
         let request_headers = headers(&c.request_headers, "request_headers")?;

@@ -1,5 +1,6 @@
-//! `request_headers` of an upstream: headers set on (or removed from) every request sent to its
-//! endpoints, such as each provider's own credentials in a failover chain. Values may name
+//! Header rules: `request_headers` of an upstream (every request sent to its endpoints, such as
+//! each provider's own credentials in a failover chain) and of a route, and a route's
+//! `response_headers`: headers set or removed. Values may name
 //! environment variables (`${NAME}`), so a secret stays out of the config file and out of what
 //! `bulwark check` prints (which shows the value as written).
 
@@ -7,7 +8,7 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 
 use crate::config;
 
-/// Names that are the gateway's to set or that frame the message: a `request_headers` entry may
+/// Names that are the gateway's to set or that frame the message: a header section's entry may
 /// not name them.
 const RESERVED: &[&str] = &[
     "host",
@@ -23,14 +24,15 @@ const RESERVED: &[&str] = &[
     "upgrade",
 ];
 
-/// `request_headers`, ready to apply: names parsed, `${NAME}` references expanded.
+/// A `request_headers` or `response_headers` section, ready to apply: names parsed, `${NAME}`
+/// references expanded.
 #[derive(Debug, Clone, Default)]
-pub struct RequestHeaders {
+pub struct HeaderRules {
     set: Vec<(HeaderName, HeaderValue)>,
     remove: Vec<HeaderName>,
 }
 
-/// The entry of a `request_headers` section a [`Refused`] is about.
+/// The entry of a header section a [`Refused`] is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Entry {
     /// `set.<name>`, the name as written.
@@ -48,7 +50,7 @@ impl std::fmt::Display for Entry {
     }
 }
 
-/// Why a `request_headers` section was refused.
+/// Why a header section was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
     /// The entry.
@@ -57,14 +59,14 @@ pub struct Refused {
     pub reason: String,
 }
 
-impl RequestHeaders {
+impl HeaderRules {
     /// Builds the section, reading environment variables with `env`. `None` when it changes
     /// nothing.
     pub fn new(
-        c: &config::RequestHeaders,
+        c: &config::HeaderRules,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Option<Self>, Refused> {
-        let mut out = RequestHeaders::default();
+        let mut out = HeaderRules::default();
         for (i, raw) in c.remove.iter().enumerate() {
             let at = || Entry::Remove(i);
             let name = header_name(raw).map_err(|reason| Refused {
@@ -183,7 +185,7 @@ fn expand(template: &str, env: impl Fn(&str) -> Option<String>) -> Result<(Strin
     Ok((out, secret))
 }
 
-/// The process environment, for [`RequestHeaders::new`].
+/// The process environment, for [`HeaderRules::new`].
 pub fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
@@ -221,8 +223,8 @@ mod tests {
         assert!(expand("${}", env).unwrap_err().contains("letters"));
     }
 
-    fn section(set: &[(&str, &str)], remove: &[&str]) -> config::RequestHeaders {
-        config::RequestHeaders {
+    fn section(set: &[(&str, &str)], remove: &[&str]) -> config::HeaderRules {
+        config::HeaderRules {
             set: set
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -233,7 +235,7 @@ mod tests {
 
     #[test]
     fn removals_then_values_replace_what_the_request_had() {
-        let h = RequestHeaders::new(
+        let h = HeaderRules::new(
             &section(
                 &[("Authorization", "Bearer ${KEY}"), ("x-b", "2")],
                 &["x-a"],
@@ -255,15 +257,13 @@ mod tests {
         assert!(!m.get("x-b").unwrap().is_sensitive());
         assert!(m.get("x-a").is_none());
         assert_eq!(m.get("x-c").unwrap(), "kept");
-        assert!(RequestHeaders::new(&section(&[], &[]), env)
-            .unwrap()
-            .is_none());
+        assert!(HeaderRules::new(&section(&[], &[]), env).unwrap().is_none());
     }
 
     #[test]
     fn bad_sections_name_the_entry_and_never_the_value() {
         let refused = |set: &[(&str, &str)], remove: &[&str]| {
-            RequestHeaders::new(&section(set, remove), env).unwrap_err()
+            HeaderRules::new(&section(set, remove), env).unwrap_err()
         };
         let r = refused(&[("host", "x")], &[]);
         assert_eq!(r.entry, Entry::Set("host".into()));

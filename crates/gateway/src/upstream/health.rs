@@ -19,7 +19,7 @@ use http_body_util::BodyExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::headers::RequestHeaders;
+use super::headers::HeaderRules;
 use super::Endpoint;
 use crate::config::{self, HealthCheckKind, StatusRange};
 use crate::proxy::body::ReqBody;
@@ -36,7 +36,7 @@ pub struct HttpCheck {
     http2: bool,
     expected: StatusRange,
     /// The upstream's `request_headers`, applied to each check as to traffic.
-    headers: Option<Arc<RequestHeaders>>,
+    headers: Option<Arc<HeaderRules>>,
 }
 
 impl HttpCheck {
@@ -66,7 +66,7 @@ impl HttpCheck {
     }
 
     /// Applies `headers` (the upstream's `request_headers`) to each check.
-    pub fn with_headers(mut self, headers: Option<Arc<RequestHeaders>>) -> Self {
+    pub fn with_headers(mut self, headers: Option<Arc<HeaderRules>>) -> Self {
         self.headers = headers;
         self
     }
@@ -155,7 +155,7 @@ pub(crate) fn start(
     c: &config::HealthCheck,
     endpoints: &[Arc<Endpoint>],
     http2: bool,
-    headers: Option<&Arc<RequestHeaders>>,
+    headers: Option<&Arc<HeaderRules>>,
 ) -> Result<HealthTasks, String> {
     let mut registry = HealthRegistry::new();
     for ep in endpoints {

@@ -44,7 +44,7 @@ pub struct Upstream {
     /// Admission policies.
     pub policies: UpstreamPolicies,
     /// `request_headers`, when the section changes anything.
-    pub request_headers: Option<Arc<headers::RequestHeaders>>,
+    pub request_headers: Option<Arc<headers::HeaderRules>>,
     tiers: Vec<Tier>,
     outlier: Option<Outlier>,
     cooldown: Option<Cooldown>,
@@ -145,10 +145,9 @@ impl Upstream {
             tiers.push(Tier::new(start, end, &weights));
             start = end;
         }
-        let request_headers =
-            headers::RequestHeaders::new(&c.request_headers, headers::process_env)
-                .map_err(|r| format!("request_headers.{}: {}", r.entry, r.reason))?
-                .map(Arc::new);
+        let request_headers = headers::HeaderRules::new(&c.request_headers, headers::process_env)
+            .map_err(|r| format!("request_headers.{}: {}", r.entry, r.reason))?
+            .map(Arc::new);
         let health = match c.health_check.as_ref().filter(|h| h.enabled) {
             Some(h) => Some(health::start(
                 h,
