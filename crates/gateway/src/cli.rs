@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use crate::admin::metrics::Telemetry;
 use crate::admin::{self, AdminServer};
-use crate::config::{self, Config, LogFormat};
+use crate::config::{self, Config, LogFormat, Mode};
 use crate::proxy::{BreakerCommand, Gateway, Server, StartError};
 use crate::reload::{self, Reloader};
 use crate::store::Store;
@@ -259,9 +259,9 @@ pub async fn start(path: &Path, config: &Config, poll: Duration) -> Result<Runni
     let proxy_addr = server.local_addr();
     let gateway = server.gateway();
     // Persisted admin overrides go on top of the file's config before the listener serves.
-    if let Some((store, persisted)) = store {
-        tracing::info!(file = %store.path().display(), overrides = persisted.len(), "store opened");
-        gateway.attach_store(store, persisted);
+    if let Some((store, persisted, mode)) = store {
+        tracing::info!(file = %store.path().display(), overrides = persisted.len(), mode = mode.map_or("-", Mode::as_str), "store opened");
+        gateway.attach_store(store, persisted, mode);
     }
     let admin = match &config.admin {
         Some(a) => {
@@ -316,14 +316,16 @@ pub async fn start(path: &Path, config: &Config, poll: Duration) -> Result<Runni
     })
 }
 
+/// The store and what it keeps: breaker overrides, and the mode override.
+type Opened = (Arc<Store>, BTreeMap<String, BreakerCommand>, Option<Mode>);
+
 /// Opens the store file and reads its overrides, on the blocking pool.
-async fn open_store(
-    path: PathBuf,
-) -> Result<(Arc<Store>, BTreeMap<String, BreakerCommand>), StartError> {
+async fn open_store(path: PathBuf) -> Result<Opened, StartError> {
     let opened = tokio::task::spawn_blocking(move || {
         let store = Store::open(&path)?;
         let persisted = store.overrides()?;
-        Ok::<_, crate::store::StoreError>((Arc::new(store), persisted))
+        let mode = store.mode_override()?;
+        Ok::<_, crate::store::StoreError>((Arc::new(store), persisted, mode))
     })
     .await
     .map_err(|e| format!("store: cannot open: {e}"))?;

@@ -18,7 +18,8 @@
 //! Every method here blocks on SQLite. Async callers run them on the blocking pool
 //! ([`tokio::task::spawn_blocking`]); the gateway does so for admin writes and audit reads.
 //!
-//! Tables (version 1):
+//! Tables (version 1; version 2 added `mode_override`, and audit rows of mode changes, whose
+//! `upstream` is empty):
 //!
 //! ```sql
 //! CREATE TABLE breaker_overrides (
@@ -36,7 +37,16 @@
 //!     new_state TEXT,              -- what was asked: 'forced_open' | 'disabled' | 'closed'
 //!     client    TEXT               -- the admin caller's address, when known
 //! );
+//! CREATE TABLE mode_override (     -- at most one row
+//!     id     INTEGER PRIMARY KEY CHECK (id = 1),
+//!     mode   TEXT NOT NULL,        -- 'normal' | 'maintenance' | 'read_only' | 'degraded'
+//!     set_at TEXT NOT NULL,
+//!     set_by TEXT NOT NULL
+//! );
 //! ```
+//!
+//! Audit actions: `set_override` and `clear_override` (a breaker), `set_mode` and `clear_mode` (the
+//! operating mode: `old_state` the mode in force before, `new_state` the one after).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -44,13 +54,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use rusqlite::{params, Connection, OpenFlags};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
 
+use crate::config::Mode;
 use crate::proxy::BreakerCommand;
 
 /// The schema version this build writes and reads (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 /// How long a write waits for another connection's lock before failing. The gateway is the file's
 /// only writer in normal operation; a second process holding it (a `sqlite3` shell left in a
 /// transaction) should fail an admin call quickly and visibly rather than hang it.
@@ -86,10 +97,10 @@ impl std::error::Error for StoreError {}
 pub struct AuditEntry {
     /// When, RFC 3339 UTC.
     pub time: String,
-    /// `set_override` or `clear_override`.
+    /// `set_override` or `clear_override` (a breaker), `set_mode` or `clear_mode`.
     pub action: String,
-    /// The upstream.
-    pub upstream: String,
+    /// The upstream; `None` for a mode change.
+    pub upstream: Option<String>,
     /// The breaker's state before the change.
     pub from: Option<String>,
     /// The state asked for.
@@ -216,6 +227,18 @@ impl Store {
             )
             .map_err(err)?;
         }
+        if from < 2 {
+            tx.execute_batch(
+                "CREATE TABLE IF NOT EXISTS mode_override (
+                     id     INTEGER PRIMARY KEY CHECK (id = 1),
+                     mode   TEXT NOT NULL
+                            CHECK (mode IN ('normal', 'maintenance', 'read_only', 'degraded')),
+                     set_at TEXT NOT NULL,
+                     set_by TEXT NOT NULL
+                 );",
+            )
+            .map_err(err)?;
+        }
         tx.pragma_update(None, "user_version", SCHEMA_VERSION)
             .map_err(err)?;
         tx.commit().map_err(err)
@@ -286,6 +309,64 @@ impl Store {
             .map_err(|e| self.err(format!("cannot write: {e}")))
     }
 
+    /// The persisted operating-mode override, if any. Blocks.
+    pub fn mode_override(&self) -> Result<Option<Mode>, StoreError> {
+        let conn = self.lock();
+        let mode: Option<String> = conn
+            .query_row("SELECT mode FROM mode_override WHERE id = 1", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(|e| self.err(e))?;
+        match mode {
+            None => Ok(None),
+            Some(m) => Mode::from_name(&m)
+                .map(Some)
+                .ok_or_else(|| self.err(format!("mode_override: unknown mode `{m}`"))),
+        }
+    }
+
+    /// Records a mode change: the override `over` is written (`Some`) or deleted (`None`), and an
+    /// audit row says the mode went `from` -> `to`, in one transaction. Blocks (one fsync).
+    pub fn record_mode(
+        &self,
+        over: Option<Mode>,
+        from: Mode,
+        to: Mode,
+        by: &str,
+        client: Option<&str>,
+    ) -> Result<(), StoreError> {
+        let now = rfc3339(SystemTime::now());
+        let write = |e: rusqlite::Error| self.err(format!("cannot write: {e}"));
+        let mut conn = self.lock();
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(write)?;
+        let action = match over {
+            Some(m) => {
+                tx.execute(
+                    "INSERT INTO mode_override (id, mode, set_at, set_by) VALUES (1, ?1, ?2, ?3)
+                     ON CONFLICT (id) DO UPDATE
+                     SET mode = excluded.mode, set_at = excluded.set_at, set_by = excluded.set_by",
+                    params![m.as_str(), now, by],
+                )
+                .map_err(write)?;
+                "set_mode"
+            }
+            None => {
+                tx.execute("DELETE FROM mode_override", []).map_err(write)?;
+                "clear_mode"
+            }
+        };
+        tx.execute(
+            "INSERT INTO audit_log (time, action, upstream, old_state, new_state, client)
+             VALUES (?1, ?2, '', ?3, ?4, ?5)",
+            params![now, action, from.as_str(), to.as_str(), client],
+        )
+        .map_err(write)?;
+        tx.commit().map_err(write)
+    }
+
     /// The newest `limit` audit entries, newest first. Blocks.
     pub fn audit(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
         let conn = self.lock();
@@ -298,10 +379,11 @@ impl Store {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = stmt
             .query_map(params![limit], |r| {
+                let upstream: String = r.get(2)?;
                 Ok(AuditEntry {
                     time: r.get(0)?,
                     action: r.get(1)?,
-                    upstream: r.get(2)?,
+                    upstream: (!upstream.is_empty()).then_some(upstream),
                     from: r.get(3)?,
                     to: r.get(4)?,
                     client: r.get(5)?,
@@ -487,6 +569,102 @@ mod tests {
             .message
             .contains("does not exist"));
         assert!(!missing.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn mode_override_round_trips_and_is_audited() {
+        let dir = temp("mode");
+        let path = dir.join("s.db");
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.mode_override().unwrap(), None);
+        s.record_mode(
+            Some(Mode::Maintenance),
+            Mode::Normal,
+            Mode::Maintenance,
+            SET_BY_ADMIN_API,
+            None,
+        )
+        .unwrap();
+        s.record_mode(
+            Some(Mode::ReadOnly),
+            Mode::Maintenance,
+            Mode::ReadOnly,
+            SET_BY_ADMIN_API,
+            Some("127.0.0.1:9"),
+        )
+        .unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(s.mode_override().unwrap(), Some(Mode::ReadOnly));
+        s.record_mode(None, Mode::ReadOnly, Mode::Normal, SET_BY_ADMIN_API, None)
+            .unwrap();
+        assert_eq!(s.mode_override().unwrap(), None);
+        type Row = (String, Option<String>, Option<String>, Option<String>);
+        let steps: Vec<Row> = s
+            .audit(10)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.action, e.upstream, e.from, e.to))
+            .collect();
+        let row = |a: &str, f: &str, t: &str| {
+            (a.to_owned(), None, Some(f.to_owned()), Some(t.to_owned()))
+        };
+        assert_eq!(
+            steps,
+            [
+                row("clear_mode", "read_only", "normal"),
+                row("set_mode", "maintenance", "read_only"),
+                row("set_mode", "normal", "maintenance"),
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_version_1_file_is_migrated_and_keeps_its_rows() {
+        let dir = temp("v1");
+        let path = dir.join("s.db");
+        {
+            // What bulwark wrote at schema version 1.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE breaker_overrides (upstream TEXT PRIMARY KEY, state TEXT NOT NULL
+                     CHECK (state IN ('forced_open', 'disabled')), set_at TEXT NOT NULL, set_by TEXT NOT NULL);
+                 CREATE TABLE audit_log (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL,
+                     action TEXT NOT NULL, upstream TEXT NOT NULL, old_state TEXT, new_state TEXT, client TEXT);
+                 INSERT INTO breaker_overrides VALUES ('a', 'forced_open', '2026-01-01T00:00:00.000Z', 'admin-api');
+                 INSERT INTO audit_log (time, action, upstream, old_state, new_state)
+                     VALUES ('2026-01-01T00:00:00.000Z', 'set_override', 'a', 'closed', 'forced_open');
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        assert_eq!(inspect(&path).unwrap(), Inspection::Existing { version: 1 });
+        let s = Store::open(&path).unwrap();
+        assert_eq!(
+            s.overrides().unwrap().get("a"),
+            Some(&BreakerCommand::ForcedOpen)
+        );
+        assert_eq!(s.mode_override().unwrap(), None);
+        s.record_mode(
+            Some(Mode::Degraded),
+            Mode::Normal,
+            Mode::Degraded,
+            SET_BY_ADMIN_API,
+            None,
+        )
+        .unwrap();
+        let log = s.audit(10).unwrap();
+        assert_eq!(log.len(), 2);
+        assert_eq!(log[1].upstream.as_deref(), Some("a"));
+        drop(s);
+        assert_eq!(
+            inspect(&path).unwrap(),
+            Inspection::Existing {
+                version: SCHEMA_VERSION
+            }
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -116,6 +116,9 @@ pub struct HealthReport {
     pub unavailable_routes: Vec<String>,
     /// Runtimes installed so far (1 at start, +1 per successful reload).
     pub config_generation: u64,
+    /// The operating mode in force (`normal`, `maintenance`, `read_only`, `degraded`). It does not
+    /// change `status`, which is about the upstreams.
+    pub mode: crate::config::Mode,
 }
 
 /// A list of named entries serialised as a JSON object, in list order.
@@ -163,7 +166,7 @@ fn upstream_report(up: &Upstream) -> UpstreamReport {
 }
 
 /// Builds the `/health` document of `runtime`.
-pub fn health(runtime: &Runtime, generation: u64) -> HealthReport {
+pub fn health(runtime: &Runtime, generation: u64, mode: crate::config::Mode) -> HealthReport {
     let reports: Vec<UpstreamReport> = runtime
         .upstreams
         .iter()
@@ -203,6 +206,7 @@ pub fn health(runtime: &Runtime, generation: u64) -> HealthReport {
         ),
         unavailable_routes,
         config_generation: generation,
+        mode,
     }
 }
 

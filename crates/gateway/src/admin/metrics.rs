@@ -69,6 +69,22 @@ pub struct UpstreamLabels {
     pub upstream: String,
 }
 
+/// Labels of `bulwark_mode_refused_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ModeRefusedLabels {
+    /// Route name.
+    pub route: String,
+    /// The mode that refused the request.
+    pub mode: String,
+}
+
+/// Labels of `bulwark_mode`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ModeLabels {
+    /// A mode's name.
+    pub mode: String,
+}
+
 /// Upper bounds (seconds) of the request-duration buckets: from sub-millisecond proxy answers to the
 /// minute-long completions of LLM providers.
 pub const DURATION_BUCKETS: [f64; 16] = [
@@ -155,6 +171,8 @@ pub struct RouteStats {
     requests: Family<RequestLabels, Counter>,
     by_status: StatusTable,
     duration: LatencyHistogram,
+    mode_refused: Family<ModeRefusedLabels, Counter>,
+    by_mode: [OnceLock<Counter>; 4],
 }
 
 impl RouteStats {
@@ -182,6 +200,24 @@ impl RouteStats {
                 })
                 .clone()
         })
+    }
+
+    /// Counts one request the operating mode `mode` refused.
+    pub fn refused_by_mode(&self, mode: crate::config::Mode) {
+        let i = crate::config::Mode::ALL
+            .iter()
+            .position(|&m| m == mode)
+            .unwrap_or(0);
+        self.by_mode[i]
+            .get_or_init(|| {
+                self.mode_refused
+                    .get_or_create(&ModeRefusedLabels {
+                        route: self.route.clone(),
+                        mode: mode.as_str().to_owned(),
+                    })
+                    .clone()
+            })
+            .inc();
     }
 
     /// The route name.
@@ -215,6 +251,8 @@ pub struct Telemetry {
     endpoint_healthy: Family<EndpointLabels, Gauge>,
     upstream_panic: Family<UpstreamLabels, Gauge>,
     tunnels: Gauge,
+    mode: Family<ModeLabels, Gauge>,
+    mode_refused: Family<ModeRefusedLabels, Counter>,
     listener: Arc<dyn Listener>,
     /// Gauge series set by the last refresh, so series of removed upstreams/endpoints can be dropped.
     live: Mutex<LiveSeries>,
@@ -250,6 +288,18 @@ impl Telemetry {
         let endpoint_healthy = Family::<EndpointLabels, Gauge>::default();
         let upstream_panic = Family::<UpstreamLabels, Gauge>::default();
         let tunnels = Gauge::default();
+        let mode = Family::<ModeLabels, Gauge>::default();
+        let mode_refused = Family::<ModeRefusedLabels, Counter>::default();
+        registry.register(
+            "bulwark_mode",
+            "The operating mode in force (1) and the others (0)",
+            mode.clone(),
+        );
+        registry.register(
+            "bulwark_mode_refused",
+            "Requests the operating mode refused, by route and mode",
+            mode_refused.clone(),
+        );
         registry.register(
             "bulwark_websocket_tunnels",
             "WebSocket tunnels open (after their 101)",
@@ -286,8 +336,21 @@ impl Telemetry {
             endpoint_healthy,
             upstream_panic,
             tunnels,
+            mode,
+            mode_refused,
             listener,
             live: Mutex::new(LiveSeries::default()),
+        }
+    }
+
+    /// Sets `bulwark_mode`: 1 for `current`, 0 for the other modes.
+    pub fn set_mode(&self, current: crate::config::Mode) {
+        for m in crate::config::Mode::ALL {
+            self.mode
+                .get_or_create(&ModeLabels {
+                    mode: m.as_str().to_owned(),
+                })
+                .set(i64::from(m == current));
         }
     }
 
@@ -322,6 +385,8 @@ impl Telemetry {
             requests: self.requests.clone(),
             by_status: std::array::from_fn(|_| OnceLock::new()),
             duration,
+            mode_refused: self.mode_refused.clone(),
+            by_mode: std::array::from_fn(|_| OnceLock::new()),
         }
     }
 

@@ -14,6 +14,9 @@
 //! | `GET /api/circuit-breakers/{upstream}` | one of them |
 //! | `PUT /api/circuit-breakers/{upstream}` | `{"state": "forced_open" \| "closed" \| "disabled"}` |
 //! | `GET /api/audit?limit=N` | the newest audit entries (admin changes), newest first |
+//! | `GET /api/mode` | the operating mode in force, the config's, and the override |
+//! | `PUT /api/mode` | `{"mode": "normal" \| "maintenance" \| "read_only" \| "degraded"}`: sets the override |
+//! | `DELETE /api/mode` | clears the override: the config's `mode` is in force again |
 //!
 //! Mutating calls need `Authorization: Bearer <token>`, the token being the value of the environment
 //! variable named by `admin.token_env`, read at start. A missing or wrong token gets 401; when no
@@ -47,7 +50,7 @@ use hyper_util::server::conn::auto;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
-use crate::config;
+use crate::config::{self, Mode};
 use crate::proxy::{BreakerChangeError, BreakerCommand, Gateway, Phase, StartError};
 use crate::store;
 
@@ -57,6 +60,7 @@ pub const MAX_ADMIN_BODY: usize = 64 * 1024;
 const ADMIN_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const BREAKERS: &str = "/api/circuit-breakers";
 const AUDIT: &str = "/api/audit";
+const MODE: &str = "/api/mode";
 const JSON: &str = "application/json";
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -255,6 +259,36 @@ struct BreakerChange {
     state: BreakerCommand,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModeChange {
+    mode: Mode,
+}
+
+/// Reads a mutating call's JSON body (at most [`MAX_ADMIN_BODY`], within [`ADMIN_READ_TIMEOUT`]);
+/// a 400 naming `expected` when it is not that.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    expected: &str,
+) -> Result<T, Resp> {
+    let body = Limited::new(req.into_body(), MAX_ADMIN_BODY).collect();
+    let body = match tokio::time::timeout(ADMIN_READ_TIMEOUT, body).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(_)) | Err(_) => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "cannot read the request body",
+            ))
+        }
+    };
+    serde_json::from_slice(&body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            &format!("expected {expected}: {e}"),
+        )
+    })
+}
+
 impl AdminState {
     async fn serve(&self, req: Request<Incoming>, peer: SocketAddr) -> Resp {
         let path = req.uri().path();
@@ -268,6 +302,11 @@ impl AdminState {
                 json(StatusCode::OK, &health::breakers(&self.gateway, &rt))
             }
             AUDIT if get => self.audit(req.uri().query()).await,
+            MODE if get => json(StatusCode::OK, &self.gateway.mode_status()),
+            MODE if req.method() == Method::PUT || req.method() == Method::DELETE => {
+                self.set_mode(req, peer).await
+            }
+            MODE => method_not_allowed("GET, HEAD, PUT, DELETE"),
             "/health" | "/ready" | "/metrics" | BREAKERS | AUDIT => method_not_allowed("GET, HEAD"),
             _ => match path
                 .strip_prefix(BREAKERS)
@@ -292,7 +331,7 @@ impl AdminState {
 
     fn health(&self) -> Resp {
         let rt = self.gateway.runtime();
-        let report = health::health(&rt, self.gateway.generation());
+        let report = health::health(&rt, self.gateway.generation(), self.gateway.mode());
         let status = if report.status == health::Status::Unhealthy {
             StatusCode::SERVICE_UNAVAILABLE
         } else {
@@ -384,30 +423,63 @@ impl AdminState {
         }
     }
 
+    /// `PUT /api/mode` (set the override) and `DELETE /api/mode` (clear it).
+    async fn set_mode(&self, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+        if let Err(d) = self.authorize(&req) {
+            let r = d.response();
+            tracing::warn!(status = r.status().as_u16(), "admin: refused mode change");
+            return r;
+        }
+        let over = if req.method() == Method::PUT {
+            let expected = r#"{"mode": "normal" | "maintenance" | "read_only" | "degraded"}"#;
+            match read_json::<ModeChange>(req, expected).await {
+                Ok(c) => Some(c.mode),
+                Err(r) => return r,
+            }
+        } else {
+            None
+        };
+        let client = peer.to_string();
+        let result = if self.gateway.store().is_some() {
+            // The store write blocks (one fsync): off the workers.
+            let gateway = self.gateway.clone();
+            match tokio::task::spawn_blocking(move || gateway.set_mode_by(over, Some(&client)))
+                .await
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    return error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        &format!("mode change failed: {e}"),
+                    )
+                }
+            }
+        } else {
+            self.gateway.set_mode_by(over, Some(&client))
+        };
+        match result {
+            Ok(status) => json(StatusCode::OK, &status),
+            Err(e) => {
+                tracing::error!(error = %e, "admin: mode change not recorded; nothing changed");
+                error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    &format!("the change could not be recorded, nothing was changed: {e}"),
+                )
+            }
+        }
+    }
+
     async fn set_breaker(&self, name: &str, req: Request<Incoming>, peer: SocketAddr) -> Resp {
         if let Err(d) = self.authorize(&req) {
             let r = d.response();
             tracing::warn!(upstream = %name, status = r.status().as_u16(), "admin: refused breaker change");
             return r;
         }
-        let body = Limited::new(req.into_body(), MAX_ADMIN_BODY).collect();
-        let body = match tokio::time::timeout(ADMIN_READ_TIMEOUT, body).await {
-            Ok(Ok(b)) => b.to_bytes(),
-            Ok(Err(_)) | Err(_) => {
-                return error(StatusCode::BAD_REQUEST, "cannot read the request body")
-            }
-        };
-        let change: BreakerChange = match serde_json::from_slice(&body) {
-            Ok(c) => c,
-            Err(e) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    &format!(
-                        "expected {{\"state\": \"forced_open\" | \"closed\" | \"disabled\"}}: {e}"
-                    ),
-                )
-            }
-        };
+        let change: BreakerChange =
+            match read_json(req, r#"{"state": "forced_open" | "closed" | "disabled"}"#).await {
+                Ok(c) => c,
+                Err(r) => return r,
+            };
         let result = if self.gateway.store().is_some() {
             // The store write blocks (one fsync): run it, and the apply after it, off the workers.
             let gateway = self.gateway.clone();

@@ -28,6 +28,8 @@ pub const DEFAULT_IDLE_TIMEOUT: Dur = Dur::from_secs(60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// How long a shutdown waits for in-flight requests before dropping them.
 pub const DEFAULT_DRAIN_TIMEOUT: Dur = Dur::from_secs(30);
+/// `Retry-After` of the 503s a mode (maintenance, read-only, degraded) gives: a minute.
+pub const DEFAULT_MODE_RETRY_AFTER: Dur = Dur::from_secs(60);
 /// Admin listener, loopback only by default.
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
 /// Embedded store file.
@@ -136,6 +138,13 @@ pub struct Config {
     /// Shutdown drain time for in-flight requests.
     #[serde(default = "default_drain")]
     pub drain_timeout: Dur,
+    /// Operating mode: `normal`, `maintenance`, `read_only` or `degraded` (the admin API can override
+    /// it at run time).
+    #[serde(default)]
+    pub mode: Mode,
+    /// `Retry-After` of the 503s a mode gives.
+    #[serde(default = "default_mode_retry_after")]
+    pub mode_retry_after: Dur,
     /// Admin listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<Admin>,
@@ -160,6 +169,56 @@ fn default_listen() -> SocketAddr {
 }
 fn default_drain() -> Dur {
     DEFAULT_DRAIN_TIMEOUT
+}
+fn default_mode_retry_after() -> Dur {
+    DEFAULT_MODE_RETRY_AFTER
+}
+
+/// The gateway's operating mode: what it serves, whatever the upstreams' state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Everything is served.
+    #[default]
+    Normal,
+    /// Nothing is served: every routed request gets 503 (routes may be exempt).
+    Maintenance,
+    /// Only safe methods (`GET`, `HEAD`, `OPTIONS`, `TRACE`) are served; others get 503.
+    ReadOnly,
+    /// Optional routes get 503 (or their fallback); the others are served with one attempt per
+    /// upstream: no retries, no hedges.
+    Degraded,
+}
+
+impl Mode {
+    /// Every mode, in order.
+    pub const ALL: [Mode; 4] = [
+        Mode::Normal,
+        Mode::Maintenance,
+        Mode::ReadOnly,
+        Mode::Degraded,
+    ];
+
+    /// The name used in the config, the admin API, the store and `x-bulwark-reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Normal => "normal",
+            Mode::Maintenance => "maintenance",
+            Mode::ReadOnly => "read_only",
+            Mode::Degraded => "degraded",
+        }
+    }
+
+    /// The mode named `s` (as [`as_str`](Self::as_str) writes it).
+    pub fn from_name(s: &str) -> Option<Mode> {
+        Mode::ALL.into_iter().find(|m| m.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Mode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// `tls: { cert, key }`: PEM files.
@@ -804,6 +863,12 @@ pub struct Route {
     /// Headers set on (or removed from) every response of the route, the gateway's own included.
     #[serde(default, skip_serializing_if = "HeaderRules::is_empty")]
     pub response_headers: HeaderRules,
+    /// Modes that do not apply to this route (it is served as in `normal`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exempt_modes: Vec<Mode>,
+    /// Not served in `degraded` mode (503, or the route's fallback).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub optional: bool,
 }
 
 fn default_route_timeout() -> Dur {

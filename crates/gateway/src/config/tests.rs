@@ -12,7 +12,7 @@ fn unknown_key_at_top_level() {
     assert_eq!(
         err("listen: 127.0.0.1:8080\nbogus: 1\n"),
         "gw.yaml:2:1: bogus: unknown field `bogus`, expected one of `listen`, `tls`, `limits`, \
-         `drain_timeout`, `admin`, `logging`, `store`, `upstreams`, `routes`"
+         `drain_timeout`, `mode`, `mode_retry_after`, `admin`, `logging`, `store`, `upstreams`, `routes`"
     );
 }
 
@@ -518,6 +518,8 @@ mod mutated {
     use proptest::prelude::*;
 
     const RICH: &str = "\
+mode: read_only
+mode_retry_after: 5m
 admin: { listen: 127.0.0.1:9901, token_env: BULWARK_ADMIN_TOKEN }
 upstreams:
   primary:
@@ -541,8 +543,10 @@ routes:
     retry: { attempts: 3, per_try_timeout: 1s, budget: {} }
     hedge: { delay: 50ms }
     fallback: { status: 503, body: sorry, content_type: text/plain }
+    exempt_modes: [maintenance, read_only]
   - match: { path: /exact }
     upstream: backup
+    optional: true
     websocket: true
     prefix_rewrite: /v2/exact
     request_headers: { set: { x-route: exact } }
@@ -708,5 +712,38 @@ fn route_header_sections_are_checked_like_an_upstream_s() {
     assert_eq!(
         err(&route("request_headers: { remove: [x-a, 'bad name'] }")),
         "gw.yaml:6:38: routes[0].request_headers.remove[1]: invalid header name `bad name`"
+    );
+}
+
+#[test]
+fn modes_are_checked_where_they_are_written() {
+    let c = from_str(&format!("mode: degraded\n{UP}"), "gw.yaml").unwrap();
+    assert_eq!(c.mode, Mode::Degraded);
+    assert_eq!(c.mode_retry_after, DEFAULT_MODE_RETRY_AFTER);
+    assert_eq!(from_str(UP, "gw.yaml").unwrap().mode, Mode::Normal);
+    assert_eq!(
+        err(&format!("mode: readonly\n{UP}")),
+        "gw.yaml:1:7: mode: unknown variant `readonly`, expected one of `normal`, `maintenance`, \
+         `read_only`, `degraded`"
+    );
+    assert_eq!(
+        err(&format!("mode_retry_after: 500ms\n{UP}")),
+        "gw.yaml:1:1: mode_retry_after: must be at least 1s"
+    );
+    let route = |extra: &str| format!("{UP}routes:\n  - upstream: a\n    {extra}\n");
+    assert!(from_str(&route("exempt_modes: [maintenance, degraded]"), "gw.yaml").is_ok());
+    assert_eq!(
+        err(&route("exempt_modes: [maintenance, normal]")),
+        "gw.yaml:6:33: routes[0].exempt_modes[1]: `normal` restricts nothing: list `maintenance`, \
+         `read_only` or `degraded`"
+    );
+    assert_eq!(
+        err(&route("exempt_modes: [read_only, read_only]")),
+        "gw.yaml:6:31: routes[0].exempt_modes[1]: `read_only` is listed twice"
+    );
+    assert_eq!(
+        err(&route("optional: true\n    exempt_modes: [degraded]")),
+        "gw.yaml:7:20: routes[0].exempt_modes[0]: an `optional` route is the one `degraded` mode \
+         stops serving: drop one of the two"
     );
 }

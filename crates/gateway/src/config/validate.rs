@@ -37,6 +37,9 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
             "must be at least 1KiB",
         ));
     }
+    if config.mode_retry_after.get() < std::time::Duration::from_secs(1) {
+        return Err(at(&[k("mode_retry_after")], "must be at least 1s"));
+    }
     validate_ops(config)?;
     for (name, up) in config.upstreams.iter() {
         let base = [k("upstreams"), k(name)];
@@ -409,6 +412,24 @@ fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), In
                     format!("`{v}` must start with `/`"),
                 ));
             }
+        }
+    }
+    for (i, mode) in route.exempt_modes.iter().enumerate() {
+        let at_key = p(&[k("exempt_modes"), Seg::Index(i)]);
+        if *mode == Mode::Normal {
+            return Err(at(
+                &at_key,
+                "`normal` restricts nothing: list `maintenance`, `read_only` or `degraded`",
+            ));
+        }
+        if route.exempt_modes[..i].contains(mode) {
+            return Err(at(&at_key, format!("`{mode}` is listed twice")));
+        }
+        if *mode == Mode::Degraded && route.optional {
+            return Err(at(
+                &at_key,
+                "an `optional` route is the one `degraded` mode stops serving: drop one of the two",
+            ));
         }
     }
     if let Some(to) = &route.prefix_rewrite {

@@ -410,19 +410,34 @@ fn no_endpoint(up: &Upstream) -> Failure {
     }
 }
 
+/// The response to a request the operating mode `mode` refused: 503 with `Retry-After`, or the
+/// route's fallback.
+pub(crate) fn refused_by_mode(
+    route: &Route,
+    mode: crate::config::Mode,
+    retry_after: Duration,
+) -> Response<RespBody> {
+    let because = Failure::Mode { mode, retry_after };
+    finish(Last::Failure(because), 0, None, route)
+}
+
 /// Forwards one routed request received at `start` (the route's deadline counts from there); always
-/// returns a response (errors are mapped by [`respond`]).
+/// returns a response (errors are mapped by [`respond`]). With `no_retries` (`degraded` mode) the
+/// request gets one attempt per upstream: it is neither retried nor hedged, and fails over only from
+/// an upstream it was not sent to.
 pub(crate) async fn forward(
     rt: &Runtime,
     route: &Route,
     mut parts: Parts,
     body: Limited<body::ClientBody>,
     start: Instant,
+    no_retries: bool,
 ) -> Response<RespBody> {
     let deadline = start + route.timeout;
-    let retry_allowed = is_idempotent(&parts.method)
-        || route.retry_non_idempotent
-        || parts.headers.contains_key(&IDEMPOTENCY_KEY);
+    let retry_allowed = !no_retries
+        && (is_idempotent(&parts.method)
+            || route.retry_non_idempotent
+            || parts.headers.contains_key(&IDEMPOTENCY_KEY));
     // Not for an upgrade: each hedge would open a tunnel of its own.
     let hedge = route
         .policies

@@ -4,7 +4,8 @@
 //! 1. the connection (accept under `max_connections`; TLS; our own HTTP/1.1 loop (`h1`), or hyper's
 //!    HTTP/2 server for TLS ALPN `h2` and connections that start with the HTTP/2 preface);
 //! 2. limits (head size -> 431, declared body size -> 413, streamed body size -> 413 on overflow);
-//! 3. routing (first match wins; 404 otherwise);
+//! 3. routing (first match wins; 404 otherwise), then the operating mode (`maintenance`,
+//!    `read_only`, `degraded`), which may refuse the request (503) or forbid retries;
 //! 4. header rewriting (hop-by-hop out, `x-forwarded-*` and `x-request-id` in);
 //! 5. the attempt loop (`attempt`) that talks to upstreams;
 //! 6. one mapping from outcome to response ([`respond`]).
@@ -43,12 +44,12 @@ use tokio::time::Instant;
 use bulwark::events::BreakerState;
 
 use crate::admin::metrics::{RouteStats, Telemetry};
-use crate::config::{self, Config};
+use crate::config::{self, Config, Mode};
 use crate::store::Store;
 use crate::upstream::Upstream;
 use body::{ClientBody, RespBody};
 use respond::Local;
-use route::Route;
+use route::{ModeAction, Route};
 
 /// Limits enforced per request, from `limits:`.
 #[derive(Debug, Clone, Copy)]
@@ -262,13 +263,38 @@ pub struct Gateway {
     /// Serialises admin changes end to end (check, store write, apply), so two changes of one
     /// upstream are recorded and applied in the same order. Never taken on the request path.
     changes: Mutex<()>,
+    /// The operating mode in force (index in [`Mode::ALL`]): the admin override if any, else the
+    /// config's. The request path reads only this.
+    mode: AtomicU8,
+    /// The admin API's mode override; taken under the `overrides` lock.
+    mode_override: Mutex<Option<Mode>>,
+}
+
+/// The operating mode, where it comes from: what `GET /api/mode` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct ModeStatus {
+    /// The mode in force.
+    pub mode: Mode,
+    /// The config file's `mode`.
+    pub configured: Mode,
+    /// The admin API's override, which wins over the file until cleared.
+    #[serde(rename = "override")]
+    pub override_: Option<Mode>,
+}
+
+fn mode_index(m: Mode) -> u8 {
+    Mode::ALL.iter().position(|&x| x == m).unwrap_or(0) as u8
 }
 
 impl Gateway {
     /// A gateway serving `runtime`.
     pub fn new(runtime: Runtime) -> Self {
         runtime.telemetry.refresh(&runtime);
+        let mode = runtime.config.mode;
+        runtime.telemetry.set_mode(mode);
         Gateway {
+            mode: AtomicU8::new(mode_index(mode)),
+            mode_override: Mutex::new(None),
             runtime: ArcSwap::from_pointee(runtime),
             phase: AtomicU8::new(Phase::Starting as u8),
             generation: AtomicU64::new(1),
@@ -288,16 +314,23 @@ impl Gateway {
     /// An override whose upstream is not in the config (or has no breaker) is kept, with a warning:
     /// it stays in the store and is applied if a reload brings the upstream back, until an operator
     /// clears it with `closed`.
+    ///
+    /// A persisted mode override (`mode`) is applied too, with a warning naming it.
     pub fn attach_store(
         &self,
         store: Arc<Store>,
         persisted: BTreeMap<String, BreakerCommand>,
+        mode: Option<Mode>,
     ) -> bool {
         if self.store.set(store).is_err() {
             return false;
         }
         let mut overrides = self.lock_overrides();
         let rt = self.runtime();
+        if let Some(m) = mode {
+            tracing::warn!(mode = %m, configured = %rt.config.mode, "operating mode override restored from the store");
+        }
+        self.install_mode(mode, &rt);
         for (name, cmd) in persisted {
             match rt.upstream(&name).and_then(|u| u.policies.breaker()) {
                 Some(b) => {
@@ -344,8 +377,71 @@ impl Gateway {
             }
         });
         runtime.telemetry.refresh(&runtime);
+        let kept = *self.lock_mode_override();
+        self.install_mode(kept, &runtime);
         self.runtime.store(Arc::new(runtime));
         self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn lock_mode_override(&self) -> std::sync::MutexGuard<'_, Option<Mode>> {
+        self.mode_override.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records `over` as the mode override and puts the mode in force (it, or `rt`'s config's) where
+    /// requests and metrics read it. Callers hold the `overrides` lock.
+    fn install_mode(&self, over: Option<Mode>, rt: &Runtime) {
+        *self.lock_mode_override() = over;
+        let mode = over.unwrap_or(rt.config.mode);
+        let before = self.mode.swap(mode_index(mode), Ordering::Relaxed);
+        rt.telemetry.set_mode(mode);
+        if before != mode_index(mode) {
+            tracing::warn!(mode = %mode, "operating mode changed");
+        }
+    }
+
+    /// The operating mode in force (one atomic load).
+    pub fn mode(&self) -> Mode {
+        Mode::ALL[usize::from(self.mode.load(Ordering::Relaxed)) % Mode::ALL.len()]
+    }
+
+    /// The mode in force, the config's, and the admin override.
+    pub fn mode_status(&self) -> ModeStatus {
+        let _held = self.lock_overrides();
+        ModeStatus {
+            mode: self.mode(),
+            configured: self.runtime().config.mode,
+            override_: *self.lock_mode_override(),
+        }
+    }
+
+    /// Sets the admin mode override (`Some`), which wins over the config's `mode` across reloads
+    /// (and restarts, with a store), or clears it (`None`): the config's mode is then in force.
+    ///
+    /// With a store attached the change is recorded there first (override and audit row, with
+    /// `client`, in one transaction) and applied only once that succeeded; this then blocks on
+    /// SQLite, so async callers run it with `spawn_blocking`.
+    pub fn set_mode_by(
+        &self,
+        over: Option<Mode>,
+        client: Option<&str>,
+    ) -> Result<ModeStatus, crate::store::StoreError> {
+        let _serial = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(store) = self.store.get() {
+            let from = self.mode();
+            let to = over.unwrap_or(self.runtime().config.mode);
+            store.record_mode(over, from, to, crate::store::SET_BY_ADMIN_API, client)?;
+        }
+        let overrides = self.lock_overrides();
+        let rt = self.runtime();
+        self.install_mode(over, &rt);
+        drop(overrides);
+        match over {
+            Some(m) => tracing::warn!(mode = %m, "operating mode set by the admin API"),
+            None => {
+                tracing::warn!(mode = %rt.config.mode, "operating mode override cleared by the admin API: the config's mode is in force")
+            }
+        }
+        Ok(self.mode_status())
     }
 
     /// How many runtimes have been installed (1 at start, +1 per reload).
@@ -569,6 +665,14 @@ async fn route_and_forward(
         return (respond::local(Local::NoRoute), None);
     };
     let route = &rt.routes[ri];
+    // The operating mode, per route (one atomic load; nothing more in `normal`).
+    let mode = ctx.gateway.mode();
+    let action = route.mode_action(mode, req.method());
+    if action == ModeAction::Refuse {
+        rt.stats[ri].refused_by_mode(mode);
+        let retry_after = rt.config.mode_retry_after.get();
+        return (attempt::refused_by_mode(route, mode, retry_after), Some(ri));
+    }
     // Stage 4: headers (and the target, when the route rewrites it).
     let (mut parts, body) = req.into_parts();
     if route.rewrite.is_some() {
@@ -614,7 +718,15 @@ async fn route_and_forward(
     );
     // Stage 5 and 6.
     (
-        attempt::forward(rt, route, parts, body, start).await,
+        attempt::forward(
+            rt,
+            route,
+            parts,
+            body,
+            start,
+            action == ModeAction::NoRetries,
+        )
+        .await,
         Some(ri),
     )
 }

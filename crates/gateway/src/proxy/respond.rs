@@ -40,6 +40,13 @@ pub enum Failure {
     BudgetExhausted,
     /// Attempts failed without a response (connect failures, resets).
     UpstreamError,
+    /// The gateway's operating mode refused the request before any attempt.
+    Mode {
+        /// `maintenance`, `read_only` or `degraded`.
+        mode: crate::config::Mode,
+        /// `mode_retry_after`.
+        retry_after: Duration,
+    },
 }
 
 impl Failure {
@@ -53,6 +60,7 @@ impl Failure {
             Failure::BulkheadFull => "bulkhead_full",
             Failure::BudgetExhausted => "budget_exhausted",
             Failure::UpstreamError => "upstream_error",
+            Failure::Mode { mode, .. } => mode.as_str(),
         }
     }
 
@@ -78,6 +86,9 @@ impl Failure {
                 Some(Duration::from_secs(1)),
             ),
             Failure::UpstreamError => (StatusCode::BAD_GATEWAY, None),
+            Failure::Mode { retry_after, .. } => {
+                (StatusCode::SERVICE_UNAVAILABLE, Some(retry_after))
+            }
         }
     }
 }

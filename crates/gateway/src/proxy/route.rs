@@ -6,7 +6,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method, Request};
 
 use super::respond::FallbackResponse;
-use crate::config::{self, RetryOn};
+use crate::config::{self, Mode, RetryOn};
 use crate::policy::RoutePolicies;
 use crate::upstream::headers::HeaderRules;
 
@@ -137,6 +137,46 @@ pub struct Route {
     pub request_headers: Option<HeaderRules>,
     /// `response_headers`, when the section changes anything.
     pub response_headers: Option<HeaderRules>,
+    /// `exempt_modes`: the modes that do not apply to this route.
+    pub exempt_modes: Vec<Mode>,
+    /// `optional`: not served in `degraded` mode.
+    pub optional: bool,
+}
+
+/// What an operating mode does to one request of a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModeAction {
+    /// Served as usual.
+    Serve,
+    /// Served with one attempt per upstream: no retries, no hedges (`degraded`).
+    NoRetries,
+    /// Refused (503, or the route's fallback).
+    Refuse,
+}
+
+impl Route {
+    /// What `mode` does to a request with `method` on this route.
+    pub fn mode_action(&self, mode: Mode, method: &Method) -> ModeAction {
+        if mode == Mode::Normal || self.exempt_modes.contains(&mode) {
+            return ModeAction::Serve;
+        }
+        match mode {
+            Mode::Normal => ModeAction::Serve,
+            Mode::Maintenance => ModeAction::Refuse,
+            Mode::ReadOnly if is_safe(method) => ModeAction::Serve,
+            Mode::ReadOnly => ModeAction::Refuse,
+            Mode::Degraded if self.optional => ModeAction::Refuse,
+            Mode::Degraded => ModeAction::NoRetries,
+        }
+    }
+}
+
+/// The safe methods of RFC 9110 9.2.1, the ones `read_only` mode serves.
+fn is_safe(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE
+    )
 }
 
 impl Route {
@@ -220,6 +260,8 @@ impl Route {
             fallback: c.fallback.as_ref().map(FallbackResponse::new),
             policies,
             websocket: c.websocket,
+            exempt_modes: c.exempt_modes.clone(),
+            optional: c.optional,
             rewrite: c.prefix_rewrite.as_ref().map(|to| {
                 let matched = c.matcher.path_prefix.as_ref().or(c.matcher.path.as_ref());
                 (matched.map_or(0, String::len), to.as_str().into())
