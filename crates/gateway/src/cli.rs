@@ -463,6 +463,25 @@ pub fn check_report(c: &Config) -> String {
                 "  warning: route {name} retries without a budget: in an outage it multiplies load by {amp}; add retry.budget\n"
             ));
         }
+        if let Some(f) = r.fault.as_ref().filter(|f| f.enabled) {
+            let mut faults = Vec::new();
+            if let Some(d) = f.delay.as_ref().filter(|d| d.percent > 0.0) {
+                faults.push(format!(
+                    "delays {}% of requests by {}",
+                    d.percent,
+                    config::format_duration(d.duration.get())
+                ));
+            }
+            if let Some(a) = f.abort.as_ref().filter(|a| a.percent > 0.0) {
+                faults.push(format!("aborts {}% with {}", a.percent, a.status));
+            }
+            if !faults.is_empty() {
+                out.push_str(&format!(
+                    "  warning: route {name} injects faults: {}\n",
+                    faults.join(", ")
+                ));
+            }
+        }
     }
     out
 }

@@ -58,6 +58,9 @@ routes:
     failover: [b, c]
     retry: { attempts: 3 }
     hedge: { delay: 50ms }
+  - name: chaos
+    upstream: c
+    fault: { delay: { duration: 250ms, percent: 0.5 }, abort: { status: 503, percent: 10 } }
 ",
     );
     let (code, out, err) = check(&p);
@@ -78,6 +81,12 @@ routes:
         "{out}"
     );
     assert!(!out.contains("warning: route safe"), "{out}");
+    assert!(
+        out.contains(
+            "warning: route chaos injects faults: delays 0.5% of requests by 250ms, aborts 10% with 503\n"
+        ),
+        "{out}"
+    );
 }
 
 #[test]

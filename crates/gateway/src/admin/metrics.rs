@@ -78,6 +78,15 @@ pub struct ModeRefusedLabels {
     pub mode: String,
 }
 
+/// Labels of `bulwark_faults_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct FaultLabels {
+    /// Route name.
+    pub route: String,
+    /// `delay` or `abort`.
+    pub kind: String,
+}
+
 /// Labels of `bulwark_mode`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ModeLabels {
@@ -173,6 +182,8 @@ pub struct RouteStats {
     duration: LatencyHistogram,
     mode_refused: Family<ModeRefusedLabels, Counter>,
     by_mode: [OnceLock<Counter>; 4],
+    faults: Family<FaultLabels, Counter>,
+    by_fault: [OnceLock<Counter>; 2],
 }
 
 impl RouteStats {
@@ -220,6 +231,21 @@ impl RouteStats {
             .inc();
     }
 
+    /// Counts one injected fault: `delay` or `abort`.
+    pub fn fault(&self, kind: &'static str) {
+        let i = usize::from(kind == "abort");
+        self.by_fault[i]
+            .get_or_init(|| {
+                self.faults
+                    .get_or_create(&FaultLabels {
+                        route: self.route.clone(),
+                        kind: kind.to_owned(),
+                    })
+                    .clone()
+            })
+            .inc();
+    }
+
     /// The route name.
     pub fn route(&self) -> &str {
         &self.route
@@ -253,6 +279,7 @@ pub struct Telemetry {
     tunnels: Gauge,
     mode: Family<ModeLabels, Gauge>,
     mode_refused: Family<ModeRefusedLabels, Counter>,
+    faults: Family<FaultLabels, Counter>,
     listener: Arc<dyn Listener>,
     /// Gauge series set by the last refresh, so series of removed upstreams/endpoints can be dropped.
     live: Mutex<LiveSeries>,
@@ -290,6 +317,12 @@ impl Telemetry {
         let tunnels = Gauge::default();
         let mode = Family::<ModeLabels, Gauge>::default();
         let mode_refused = Family::<ModeRefusedLabels, Counter>::default();
+        let faults = Family::<FaultLabels, Counter>::default();
+        registry.register(
+            "bulwark_faults",
+            "Faults injected by routes' fault sections, by route and kind (delay, abort)",
+            faults.clone(),
+        );
         registry.register(
             "bulwark_mode",
             "The operating mode in force (1) and the others (0)",
@@ -338,6 +371,7 @@ impl Telemetry {
             tunnels,
             mode,
             mode_refused,
+            faults,
             listener,
             live: Mutex::new(LiveSeries::default()),
         }
@@ -387,6 +421,8 @@ impl Telemetry {
             duration,
             mode_refused: self.mode_refused.clone(),
             by_mode: std::array::from_fn(|_| OnceLock::new()),
+            faults: self.faults.clone(),
+            by_fault: std::array::from_fn(|_| OnceLock::new()),
         }
     }
 

@@ -869,6 +869,45 @@ pub struct Route {
     /// Not served in `degraded` mode (503, or the route's fallback).
     #[serde(default, skip_serializing_if = "is_false")]
     pub optional: bool,
+    /// Injected delays and aborts (fault injection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<Fault>,
+}
+
+/// `fault:` on a route: delays and aborts injected into a share of its requests, to see how clients
+/// (and the gateway's own timeouts and fallbacks) cope, as Envoy's fault filter does.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// `false` turns the section off.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Hold a share of requests before they are sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    /// Answer a share of requests with a status, sending nothing upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+/// `fault.delay`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultDelay {
+    /// How long.
+    pub duration: Dur,
+    /// Share of requests, 0 to 100.
+    pub percent: f64,
+}
+
+/// `fault.abort`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultAbort {
+    /// The status answered.
+    pub status: u16,
+    /// Share of requests, 0 to 100.
+    pub percent: f64,
 }
 
 fn default_route_timeout() -> Dur {

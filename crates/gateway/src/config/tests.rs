@@ -544,6 +544,7 @@ routes:
     hedge: { delay: 50ms }
     fallback: { status: 503, body: sorry, content_type: text/plain }
     exempt_modes: [maintenance, read_only]
+    fault: { delay: { duration: 10ms, percent: 1.5 }, abort: { status: 503, percent: 2 } }
   - match: { path: /exact }
     upstream: backup
     optional: true
@@ -746,4 +747,27 @@ fn modes_are_checked_where_they_are_written() {
         "gw.yaml:7:20: routes[0].exempt_modes[0]: an `optional` route is the one `degraded` mode \
          stops serving: drop one of the two"
     );
+}
+
+#[test]
+fn fault_sections_are_checked() {
+    let route = |fault: &str| format!("{UP}routes:\n  - upstream: a\n    fault: {fault}\n");
+    let ok = from_str(
+        &route("{ delay: { duration: 1s, percent: 0.5 }, abort: { status: 503, percent: 100 } }"),
+        "gw.yaml",
+    );
+    assert!(ok.is_ok(), "{:?}", ok.err());
+    assert_eq!(
+        err(&route("{ abort: { status: 503, percent: 100.5 } }")),
+        "gw.yaml:6:36: routes[0].fault.abort.percent: `100.5` is not a percentage from 0 to 100"
+    );
+    assert_eq!(
+        err(&route("{ abort: { status: 99, percent: 1 } }")),
+        "gw.yaml:6:23: routes[0].fault.abort.status: `99` is not a final HTTP status code (200 to 599)"
+    );
+    assert_eq!(
+        err(&route("{ delay: { duration: 0s, percent: 1 } }")),
+        "gw.yaml:6:23: routes[0].fault.delay.duration: must be more than 0"
+    );
+    assert!(err(&route("{ delay: { percent: 1 } }")).contains("missing field `duration`"));
 }

@@ -533,6 +533,39 @@ fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), In
     let name = route.name.as_deref().unwrap_or("route");
     crate::policy::RoutePolicies::check(name, retry, route.hedge.as_ref())
         .map_err(|r| refused(base, r))?;
+    if let Some(f) = &route.fault {
+        let percent = |key: &str, v: f64| {
+            if (0.0..=100.0).contains(&v) {
+                Ok(())
+            } else {
+                Err(at(
+                    &p(&[k("fault"), k(key), k("percent")]),
+                    format!("`{v}` is not a percentage from 0 to 100"),
+                ))
+            }
+        };
+        if let Some(d) = &f.delay {
+            percent("delay", d.percent)?;
+            if d.duration.get().is_zero() {
+                return Err(at(
+                    &p(&[k("fault"), k("delay"), k("duration")]),
+                    "must be more than 0",
+                ));
+            }
+        }
+        if let Some(a) = &f.abort {
+            percent("abort", a.percent)?;
+            if !(200..=599).contains(&a.status) {
+                return Err(at(
+                    &p(&[k("fault"), k("abort"), k("status")]),
+                    format!(
+                        "`{}` is not a final HTTP status code (200 to 599)",
+                        a.status
+                    ),
+                ));
+            }
+        }
+    }
     if let Some(f) = &route.fallback {
         if !(100..=599).contains(&f.status) {
             return Err(at(

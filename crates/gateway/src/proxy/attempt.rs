@@ -410,15 +410,10 @@ fn no_endpoint(up: &Upstream) -> Failure {
     }
 }
 
-/// The response to a request the operating mode `mode` refused: 503 with `Retry-After`, or the
-/// route's fallback.
-pub(crate) fn refused_by_mode(
-    route: &Route,
-    mode: crate::config::Mode,
-    retry_after: Duration,
-) -> Response<RespBody> {
-    let because = Failure::Mode { mode, retry_after };
-    finish(Last::Failure(because), 0, None, route)
+/// The response to a request that ended with `failure` before any attempt (refused by the operating
+/// mode, or a delay that reached the deadline): the failure's, or the route's fallback.
+pub(crate) fn answer_unsent(route: &Route, failure: Failure) -> Response<RespBody> {
+    finish(Last::Failure(failure), 0, None, route)
 }
 
 /// Forwards one routed request received at `start` (the route's deadline counts from there); always

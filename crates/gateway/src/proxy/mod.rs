@@ -5,7 +5,8 @@
 //!    HTTP/2 server for TLS ALPN `h2` and connections that start with the HTTP/2 preface);
 //! 2. limits (head size -> 431, declared body size -> 413, streamed body size -> 413 on overflow);
 //! 3. routing (first match wins; 404 otherwise), then the operating mode (`maintenance`,
-//!    `read_only`, `degraded`), which may refuse the request (503) or forbid retries;
+//!    `read_only`, `degraded`), which may refuse the request (503) or forbid retries, and the
+//!    route's injected faults (`chaos`);
 //! 4. header rewriting (hop-by-hop out, `x-forwarded-*` and `x-request-id` in);
 //! 5. the attempt loop (`attempt`) that talks to upstreams;
 //! 6. one mapping from outcome to response ([`respond`]).
@@ -671,7 +672,13 @@ async fn route_and_forward(
     if action == ModeAction::Refuse {
         rt.stats[ri].refused_by_mode(mode);
         let retry_after = rt.config.mode_retry_after.get();
-        return (attempt::refused_by_mode(route, mode, retry_after), Some(ri));
+        let refused = respond::Failure::Mode { mode, retry_after };
+        return (attempt::answer_unsent(route, refused), Some(ri));
+    }
+    if let Some(fault) = &route.fault {
+        if let Some(resp) = crate::chaos::inject(fault, route, &rt.stats[ri], start).await {
+            return (resp, Some(ri));
+        }
     }
     // Stage 4: headers (and the target, when the route rewrites it).
     let (mut parts, body) = req.into_parts();

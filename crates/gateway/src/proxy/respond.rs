@@ -166,6 +166,17 @@ pub fn failure(
     resp
 }
 
+/// The answer of an injected abort (`fault.abort`): its status, an empty body, and
+/// `x-bulwark-reason: fault`. A fallback does not replace it: the fault is what is being tested.
+pub fn fault_abort(status: StatusCode) -> Response<RespBody> {
+    let mut resp = Response::new(RespBody::empty());
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+    h.insert(X_BULWARK_REASON.clone(), HeaderValue::from_static("fault"));
+    resp
+}
+
 fn fallback_response(fb: &FallbackResponse, attempts: u32) -> Response<RespBody> {
     let mut resp = Response::new(RespBody::full(fb.body.clone()));
     *resp.status_mut() = fb.status;

@@ -141,6 +141,8 @@ pub struct Route {
     pub exempt_modes: Vec<Mode>,
     /// `optional`: not served in `degraded` mode.
     pub optional: bool,
+    /// `fault`, when it injects anything.
+    pub fault: Option<crate::chaos::Fault>,
 }
 
 /// What an operating mode does to one request of a route.
@@ -236,6 +238,10 @@ impl Route {
             HeaderRules::new(section, crate::upstream::headers::process_env)
                 .map_err(|r| format!("routes[{i}].{key}.{}: {}", r.entry, r.reason))
         };
+        let fault = c.fault.as_ref().and_then(crate::chaos::Fault::new);
+        if fault.is_some() {
+            tracing::warn!(route = %name, "the route injects faults (its `fault` section)");
+        }
         let request_headers = headers(&c.request_headers, "request_headers")?;
         let response_headers = headers(&c.response_headers, "response_headers")?;
         Ok(Route {
@@ -262,6 +268,7 @@ impl Route {
             websocket: c.websocket,
             exempt_modes: c.exempt_modes.clone(),
             optional: c.optional,
+            fault,
             rewrite: c.prefix_rewrite.as_ref().map(|to| {
                 let matched = c.matcher.path_prefix.as_ref().or(c.matcher.path.as_ref());
                 (matched.map_or(0, String::len), to.as_str().into())
