@@ -3,6 +3,7 @@
 #![warn(missing_debug_implementations, unreachable_pub)]
 
 pub mod admin;
+pub mod admission;
 pub mod chaos;
 mod chunked;
 pub mod cli;

@@ -82,10 +82,10 @@ impl fmt::Display for Refused {
 }
 
 /// The config key of the setting a builder of config section `section` refused.
-fn refused(section: &[&'static str], e: ConfigError) -> Refused {
+pub(crate) fn refused(section: &[&'static str], e: ConfigError) -> Refused {
     let key = match (section.last().copied(), e.field()) {
         (Some("circuit_breaker"), "count_window" | "time_window") => vec!["window", "size"],
-        (Some("rate_limit"), "rate") => vec!["per_second"],
+        (Some("rate_limit" | "client_rate_limit"), "rate") => vec!["per_second"],
         (Some("budget"), "ttl") => vec!["window"],
         (Some("budget"), "percent_can_retry") => vec!["ratio"],
         (Some("budget"), "min_retries_per_sec") => vec!["min_per_second"],

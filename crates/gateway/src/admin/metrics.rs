@@ -87,6 +87,13 @@ pub struct FaultLabels {
     pub kind: String,
 }
 
+/// Labels of `bulwark_client_rate_limited_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RouteOnlyLabels {
+    /// Route name.
+    pub route: String,
+}
+
 /// Labels of `bulwark_mode`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ModeLabels {
@@ -184,6 +191,8 @@ pub struct RouteStats {
     by_mode: [OnceLock<Counter>; 4],
     faults: Family<FaultLabels, Counter>,
     by_fault: [OnceLock<Counter>; 2],
+    client_limited_family: Family<RouteOnlyLabels, Counter>,
+    client_limited: OnceLock<Counter>,
 }
 
 impl RouteStats {
@@ -225,6 +234,19 @@ impl RouteStats {
                     .get_or_create(&ModeRefusedLabels {
                         route: self.route.clone(),
                         mode: mode.as_str().to_owned(),
+                    })
+                    .clone()
+            })
+            .inc();
+    }
+
+    /// Counts one request refused by the route's rate limit per client.
+    pub fn client_rate_limited(&self) {
+        self.client_limited
+            .get_or_init(|| {
+                self.client_limited_family
+                    .get_or_create(&RouteOnlyLabels {
+                        route: self.route.clone(),
                     })
                     .clone()
             })
@@ -280,6 +302,7 @@ pub struct Telemetry {
     mode: Family<ModeLabels, Gauge>,
     mode_refused: Family<ModeRefusedLabels, Counter>,
     faults: Family<FaultLabels, Counter>,
+    client_limited: Family<RouteOnlyLabels, Counter>,
     listener: Arc<dyn Listener>,
     /// Gauge series set by the last refresh, so series of removed upstreams/endpoints can be dropped.
     live: Mutex<LiveSeries>,
@@ -318,6 +341,12 @@ impl Telemetry {
         let mode = Family::<ModeLabels, Gauge>::default();
         let mode_refused = Family::<ModeRefusedLabels, Counter>::default();
         let faults = Family::<FaultLabels, Counter>::default();
+        let client_limited = Family::<RouteOnlyLabels, Counter>::default();
+        registry.register(
+            "bulwark_client_rate_limited",
+            "Requests refused by a route's rate limit per client",
+            client_limited.clone(),
+        );
         registry.register(
             "bulwark_faults",
             "Faults injected by routes' fault sections, by route and kind (delay, abort)",
@@ -372,6 +401,7 @@ impl Telemetry {
             mode,
             mode_refused,
             faults,
+            client_limited,
             listener,
             live: Mutex::new(LiveSeries::default()),
         }
@@ -423,6 +453,8 @@ impl Telemetry {
             by_mode: std::array::from_fn(|_| OnceLock::new()),
             faults: self.faults.clone(),
             by_fault: std::array::from_fn(|_| OnceLock::new()),
+            client_limited_family: self.client_limited.clone(),
+            client_limited: OnceLock::new(),
         }
     }
 

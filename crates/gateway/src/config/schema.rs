@@ -28,6 +28,9 @@ pub const DEFAULT_IDLE_TIMEOUT: Dur = Dur::from_secs(60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// How long a shutdown waits for in-flight requests before dropping them.
 pub const DEFAULT_DRAIN_TIMEOUT: Dur = Dur::from_secs(30);
+/// Clients a route's `client_rate_limit` remembers at most (one bucket of 8 bytes plus the map's
+/// entry each).
+pub const DEFAULT_CLIENT_MAX_KEYS: usize = 100_000;
 /// `Retry-After` of the 503s a mode (maintenance, read-only, degraded) gives: a minute.
 pub const DEFAULT_MODE_RETRY_AFTER: Dur = Dur::from_secs(60);
 /// Admin listener, loopback only by default.
@@ -872,6 +875,70 @@ pub struct Route {
     /// Injected delays and aborts (fault injection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    /// A rate limit per client (address or header value) on this route.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_rate_limit: Option<ClientRateLimit>,
+}
+
+/// `client_rate_limit:` on a route: one token bucket per client.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRateLimit {
+    /// `false` turns it off.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Sustained rate per client.
+    #[serde(default)]
+    pub per_second: f64,
+    /// Burst above the rate (defaults to one second's worth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// What tells clients apart.
+    #[serde(default)]
+    pub key: ClientKey,
+    /// Clients remembered at most; beyond, new clients share one bucket.
+    #[serde(default = "default_client_max_keys")]
+    pub max_keys: usize,
+}
+
+fn default_client_max_keys() -> usize {
+    DEFAULT_CLIENT_MAX_KEYS
+}
+
+/// `client_rate_limit.key`: `client_ip` or `header:<name>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ClientKey {
+    /// The address the connection comes from.
+    #[default]
+    ClientIp,
+    /// The value of a request header (lowercase name).
+    Header(String),
+}
+
+impl<'de> Deserialize<'de> for ClientKey {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "client_ip" {
+            return Ok(ClientKey::ClientIp);
+        }
+        match s.strip_prefix("header:").map(str::trim) {
+            Some(name) if http::HeaderName::from_bytes(name.as_bytes()).is_ok() => {
+                Ok(ClientKey::Header(name.to_ascii_lowercase()))
+            }
+            _ => Err(de::Error::custom(format!(
+                "invalid key `{s}`: expected `client_ip` or `header:<name>` (`header:x-api-key`)"
+            ))),
+        }
+    }
+}
+
+impl Serialize for ClientKey {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            ClientKey::ClientIp => s.serialize_str("client_ip"),
+            ClientKey::Header(h) => s.serialize_str(&format!("header:{h}")),
+        }
+    }
 }
 
 /// `fault:` on a route: delays and aborts injected into a share of its requests, to see how clients

@@ -545,6 +545,7 @@ routes:
     fallback: { status: 503, body: sorry, content_type: text/plain }
     exempt_modes: [maintenance, read_only]
     fault: { delay: { duration: 10ms, percent: 1.5 }, abort: { status: 503, percent: 2 } }
+    client_rate_limit: { per_second: 2.5, burst: 5, key: 'header:x-api-key', max_keys: 1000 }
   - match: { path: /exact }
     upstream: backup
     optional: true
@@ -770,4 +771,39 @@ fn fault_sections_are_checked() {
         "gw.yaml:6:23: routes[0].fault.delay.duration: must be more than 0"
     );
     assert!(err(&route("{ delay: { percent: 1 } }")).contains("missing field `duration`"));
+}
+
+#[test]
+fn client_rate_limits_are_checked() {
+    let route =
+        |limit: &str| format!("{UP}routes:\n  - upstream: a\n    client_rate_limit: {limit}\n");
+    let c = from_str(&route("{ per_second: 1 }"), "gw.yaml").unwrap();
+    let rl = c.routes[0].client_rate_limit.as_ref().unwrap();
+    assert_eq!(rl.key, ClientKey::ClientIp);
+    assert_eq!(rl.max_keys, DEFAULT_CLIENT_MAX_KEYS);
+    let c = from_str(&route("{ per_second: 1, key: 'header: X-Key' }"), "gw.yaml").unwrap();
+    assert_eq!(
+        c.routes[0].client_rate_limit.as_ref().unwrap().key,
+        ClientKey::Header("x-key".into())
+    );
+    assert_eq!(
+        err(&route("{ per_second: 0 }")),
+        "gw.yaml:6:26: routes[0].client_rate_limit.per_second: must be greater than 0"
+    );
+    assert_eq!(
+        err(&route("{ per_second: 1, key: ip }")),
+        "gw.yaml:6:24: routes[0].client_rate_limit.key: invalid key `ip`: expected `client_ip` or \
+         `header:<name>` (`header:x-api-key`)"
+    );
+    assert!(err(&route("{ per_second: 1, key: 'header:a b' }")).contains("invalid key"));
+    assert_eq!(
+        err(&route("{ per_second: 1, max_keys: 0 }")),
+        "gw.yaml:6:41: routes[0].client_rate_limit.max_keys: must be at least 1"
+    );
+    assert!(
+        err(&route("{ per_second: 1, burst: 0 }"))
+            .starts_with("gw.yaml:6:41: routes[0].client_rate_limit.burst: "),
+        "{}",
+        err(&route("{ per_second: 1, burst: 0 }"))
+    );
 }

@@ -533,6 +533,21 @@ fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), In
     let name = route.name.as_deref().unwrap_or("route");
     crate::policy::RoutePolicies::check(name, retry, route.hedge.as_ref())
         .map_err(|r| refused(base, r))?;
+    if let Some(rl) = route.client_rate_limit.as_ref().filter(|r| r.enabled) {
+        if !(rl.per_second > 0.0 && rl.per_second.is_finite()) {
+            return Err(at(
+                &p(&[k("client_rate_limit"), k("per_second")]),
+                "must be greater than 0",
+            ));
+        }
+        if rl.max_keys == 0 {
+            return Err(at(
+                &p(&[k("client_rate_limit"), k("max_keys")]),
+                "must be at least 1",
+            ));
+        }
+        crate::admission::ClientLimit::new(rl).map_err(|r| refused(base, r))?;
+    }
     if let Some(f) = &route.fault {
         let percent = |key: &str, v: f64| {
             if (0.0..=100.0).contains(&v) {

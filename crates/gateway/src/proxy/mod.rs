@@ -5,8 +5,8 @@
 //!    HTTP/2 server for TLS ALPN `h2` and connections that start with the HTTP/2 preface);
 //! 2. limits (head size -> 431, declared body size -> 413, streamed body size -> 413 on overflow);
 //! 3. routing (first match wins; 404 otherwise), then the operating mode (`maintenance`,
-//!    `read_only`, `degraded`), which may refuse the request (503) or forbid retries, and the
-//!    route's injected faults (`chaos`);
+//!    `read_only`, `degraded`), which may refuse the request (503) or forbid retries, the route's
+//!    rate limit per client (`admission`, 429), and its injected faults (`chaos`);
 //! 4. header rewriting (hop-by-hop out, `x-forwarded-*` and `x-request-id` in);
 //! 5. the attempt loop (`attempt`) that talks to upstreams;
 //! 6. one mapping from outcome to response ([`respond`]).
@@ -122,13 +122,12 @@ impl Runtime {
         let mut routes = Vec::with_capacity(config.routes.len());
         for (i, r) in config.routes.iter().enumerate() {
             let kept = previous.and_then(|p| p.unchanged_budget(i, r));
-            routes.push(Route::with_events(
-                i,
-                r,
-                |n| config.upstreams.index_of(n),
-                events,
-                kept,
-            )?);
+            let mut route =
+                Route::with_events(i, r, |n| config.upstreams.index_of(n), events, kept)?;
+            if let Some(limit) = previous.and_then(|p| p.unchanged_client_limit(i, r)) {
+                route.client_limit = Some(limit.clone());
+            }
+            routes.push(route);
         }
         let stats = routes
             .iter()
@@ -161,17 +160,40 @@ impl Runtime {
         c: &config::Route,
     ) -> Option<&bulwark::retry::RetryBudget> {
         let budget_of = |r: &config::Route| r.retry.as_ref().filter(|r| r.enabled)?.budget.clone();
-        let olds = &self.config.routes;
-        let j = match &c.name {
-            Some(n) => olds.iter().position(|r| r.name.as_ref() == Some(n))?,
-            None if olds.get(i)?.name.is_none() => i,
-            None => return None,
-        };
-        let (new_settings, old_settings) = (budget_of(c)?, budget_of(&olds[j])?);
+        let j = self.counterpart(i, c)?;
+        let (new_settings, old_settings) = (budget_of(c)?, budget_of(&self.config.routes[j])?);
         if !same_settings(&old_settings, &new_settings) {
             return None;
         }
         self.routes.get(j)?.policies.budget()
+    }
+
+    /// The rate limit per client of this runtime's counterpart of route `i` of a new config (`c`),
+    /// when the two have the same settings: the reloaded route keeps its clients' buckets (a reload
+    /// does not hand every client a fresh burst).
+    fn unchanged_client_limit(
+        &self,
+        i: usize,
+        c: &config::Route,
+    ) -> Option<&crate::admission::ClientLimit> {
+        let j = self.counterpart(i, c)?;
+        let new = c.client_rate_limit.as_ref()?;
+        let old = self.config.routes[j].client_rate_limit.as_ref()?;
+        if !same_settings(old, new) {
+            return None;
+        }
+        self.routes.get(j)?.client_limit.as_ref()
+    }
+
+    /// The index of route `i` of a new config (`c`) in this runtime: the route of the same name, or
+    /// for an unnamed one, the unnamed route at the same position.
+    fn counterpart(&self, i: usize, c: &config::Route) -> Option<usize> {
+        let olds = &self.config.routes;
+        match &c.name {
+            Some(n) => olds.iter().position(|r| r.name.as_ref() == Some(n)),
+            None if olds.get(i)?.name.is_none() => Some(i),
+            None => None,
+        }
     }
 
     /// This runtime's upstream `name`, if its settings equal `settings`.
@@ -674,6 +696,13 @@ async fn route_and_forward(
         let retry_after = rt.config.mode_retry_after.get();
         let refused = respond::Failure::Mode { mode, retry_after };
         return (attempt::answer_unsent(route, refused), Some(ri));
+    }
+    if let Some(limit) = &route.client_limit {
+        if let Err(retry_after) = limit.check(&ctx.peer_ip, req.headers()) {
+            rt.stats[ri].client_rate_limited();
+            let limited = respond::Failure::RateLimited { retry_after };
+            return (attempt::answer_unsent(route, limited), Some(ri));
+        }
     }
     if let Some(fault) = &route.fault {
         if let Some(resp) = crate::chaos::inject(fault, route, &rt.stats[ri], start).await {

@@ -143,6 +143,8 @@ pub struct Route {
     pub optional: bool,
     /// `fault`, when it injects anything.
     pub fault: Option<crate::chaos::Fault>,
+    /// `client_rate_limit`, when on.
+    pub client_limit: Option<crate::admission::ClientLimit>,
 }
 
 /// What an operating mode does to one request of a route.
@@ -242,6 +244,12 @@ impl Route {
         if fault.is_some() {
             tracing::warn!(route = %name, "the route injects faults (its `fault` section)");
         }
+        let client_limit = match c.client_rate_limit.as_ref().filter(|r| r.enabled) {
+            Some(r) => Some(
+                crate::admission::ClientLimit::new(r).map_err(|e| format!("routes[{i}].{e}"))?,
+            ),
+            None => None,
+        };
         let request_headers = headers(&c.request_headers, "request_headers")?;
         let response_headers = headers(&c.response_headers, "response_headers")?;
         Ok(Route {
@@ -269,6 +277,7 @@ impl Route {
             exempt_modes: c.exempt_modes.clone(),
             optional: c.optional,
             fault,
+            client_limit,
             rewrite: c.prefix_rewrite.as_ref().map(|to| {
                 let matched = c.matcher.path_prefix.as_ref().or(c.matcher.path.as_ref());
                 (matched.map_or(0, String::len), to.as_str().into())

@@ -1,0 +1,128 @@
+//! A route's rate limit per client (`client_rate_limit`): one bucket per client address or header
+//! value, 429 with `Retry-After` when empty, buckets kept across reloads.
+mod admin_support;
+mod support;
+
+use admin_support::*;
+use http::Request;
+use support::*;
+use tokio::net::TcpSocket;
+
+fn config(up: &str, limit: &str) -> String {
+    format!(
+        "upstreams:
+  main: {{ endpoints: [{{url: '{up}'}}] }}
+routes:
+  - name: limited
+    upstream: main
+    client_rate_limit: {limit}
+"
+    )
+}
+
+/// A raw client connection to `gw` from the loopback address `from` (any of 127.0.0.0/8).
+async fn connect_from(gw: &Gateway, from: [u8; 4]) -> RawClient {
+    let s = TcpSocket::new_v4().unwrap();
+    s.bind((std::net::Ipv4Addr::from(from), 0).into()).unwrap();
+    RawClient::new(s.connect(gw.addr).await.unwrap())
+}
+
+async fn status(c: &mut RawClient, extra: &str) -> (u16, Option<String>, Option<String>) {
+    c.send(format!("GET / HTTP/1.1\r\nhost: x\r\n{extra}\r\n").as_bytes())
+        .await;
+    let r = c.response(false).await;
+    (
+        r.status,
+        r.header("retry-after").map(str::to_owned),
+        r.header("x-bulwark-reason").map(str::to_owned),
+    )
+}
+
+#[tokio::test]
+async fn each_client_address_has_its_own_bucket() {
+    let up = Upstream::named("up").await;
+    let gw = Gateway::start(&config(&up.url(), "{ per_second: 0.1, burst: 2 }")).await;
+    let mut one = connect_from(&gw, [127, 0, 0, 1]).await;
+    let mut two = connect_from(&gw, [127, 0, 0, 2]).await;
+    assert_eq!(status(&mut one, "").await.0, 200);
+    assert_eq!(status(&mut one, "").await.0, 200);
+    // Empty: the next token comes in 10 s.
+    let refused = (429, Some("10".to_owned()), Some("rate_limited".to_owned()));
+    assert_eq!(status(&mut one, "").await, refused);
+    // A new connection from the same address shares the bucket.
+    let mut again = connect_from(&gw, [127, 0, 0, 1]).await;
+    assert_eq!(status(&mut again, "").await.0, 429);
+    // Another address has its own.
+    assert_eq!(status(&mut two, "").await.0, 200);
+    assert_eq!(up.hits(), 3);
+    let rt = gw.state.runtime();
+    let m = rt.telemetry().encode(&rt);
+    assert_eq!(
+        sample(&m, "bulwark_client_rate_limited_total{route=\"limited\"}"),
+        Some(2.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "bulwark_requests_total{route=\"limited\",upstream=\"main\",code=\"429\"}"
+        ),
+        Some(2.0),
+        "{m}"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_header_key_limits_per_value_and_not_requests_without_it() {
+    let up = Upstream::named("up").await;
+    let gw = Gateway::start(&config(
+        &up.url(),
+        "{ per_second: 0.1, burst: 1, key: 'header:x-api-key' }",
+    ))
+    .await;
+    let c = client();
+    let with_key = |k: &str| {
+        Request::get(gw.url("/"))
+            .header("x-api-key", k)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(send(&c, with_key("alice")).await.status, 200);
+    let g = send(&c, with_key("alice")).await;
+    assert_eq!(g.status, 429);
+    assert_eq!(g.header("x-bulwark-reason"), Some("rate_limited"));
+    assert_eq!(send(&c, with_key("bob")).await.status, 200);
+    // No key (or an empty one): not limited, as with nginx's empty keys.
+    for _ in 0..5 {
+        assert_eq!(get(&c, &gw.url("/")).await.status, 200);
+        assert_eq!(send(&c, with_key("")).await.status, 200);
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn buckets_survive_a_reload_that_keeps_the_settings() {
+    let up = Upstream::named("up").await;
+    let c = client();
+    let limit = "{ per_second: 0.1, burst: 1 }";
+    let ops = Ops::start(&config(&up.url(), limit), None).await;
+    assert_eq!(get(&c, &ops.url("/")).await.status, 200);
+    assert_eq!(get(&c, &ops.url("/")).await.status, 429);
+
+    // Another change in the file: the bucket is the same, still empty.
+    let gen = ops.gateway().generation();
+    ops.rewrite(&format!(
+        "{}  - name: extra\n    match: {{ path: /extra }}\n    upstream: main\n",
+        config(&up.url(), limit)
+    ));
+    eventually(10, "reload", || async { ops.gateway().generation() > gen }).await;
+    assert_eq!(get(&c, &ops.url("/")).await.status, 429);
+
+    // New settings: new buckets.
+    let gen = ops.gateway().generation();
+    ops.rewrite(&config(&up.url(), "{ per_second: 0.1, burst: 2 }"));
+    eventually(10, "reload", || async { ops.gateway().generation() > gen }).await;
+    assert_eq!(get(&c, &ops.url("/")).await.status, 200);
+    ops.stop().await;
+}
