@@ -18,8 +18,10 @@
 //! Every method here blocks on SQLite. Async callers run them on the blocking pool
 //! ([`tokio::task::spawn_blocking`]); the gateway does so for admin writes and audit reads.
 //!
-//! Tables (version 1; version 2 added `mode_override`, and audit rows of mode changes, whose
-//! `upstream` is empty):
+//! Tables (version 1). A table added later, such as `mode_override`, is created when the file is
+//! opened, without changing the version: a bulwark that does not know it ignores it, so going back
+//! to an earlier release keeps working on the same file. The version changes only for a change an
+//! earlier release would misread. Audit rows of mode changes have an empty `upstream`.
 //!
 //! ```sql
 //! CREATE TABLE breaker_overrides (
@@ -61,7 +63,7 @@ use crate::config::Mode;
 use crate::proxy::BreakerCommand;
 
 /// The schema version this build writes and reads (`PRAGMA user_version`).
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 1;
 /// How long a write waits for another connection's lock before failing. The gateway is the file's
 /// only writer in normal operation; a second process holding it (a `sqlite3` shell left in a
 /// transaction) should fail an admin call quickly and visibly rather than hang it.
@@ -195,11 +197,9 @@ impl Store {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Creates the tables of each schema version above `from`, in one transaction.
+    /// Creates the tables of each schema version above `from`, and the tables added since without
+    /// a version change, in one transaction.
     fn migrate(&mut self, from: i64) -> Result<(), StoreError> {
-        if from == SCHEMA_VERSION {
-            return Ok(());
-        }
         let path = self.path.clone();
         let conn = self.conn.get_mut().unwrap_or_else(|p| p.into_inner());
         let err = |e: rusqlite::Error| StoreError {
@@ -227,7 +227,8 @@ impl Store {
             )
             .map_err(err)?;
         }
-        if from < 2 {
+        // Added after version 1 was released; an older bulwark ignores it.
+        {
             tx.execute_batch(
                 "CREATE TABLE IF NOT EXISTS mode_override (
                      id     INTEGER PRIMARY KEY CHECK (id = 1),
@@ -622,11 +623,11 @@ mod tests {
     }
 
     #[test]
-    fn a_version_1_file_is_migrated_and_keeps_its_rows() {
+    fn a_file_from_before_modes_gains_the_table_and_keeps_its_rows_and_version() {
         let dir = temp("v1");
         let path = dir.join("s.db");
         {
-            // What bulwark wrote at schema version 1.
+            // What bulwark wrote before `mode_override` existed.
             let c = Connection::open(&path).unwrap();
             c.execute_batch(
                 "CREATE TABLE breaker_overrides (upstream TEXT PRIMARY KEY, state TEXT NOT NULL

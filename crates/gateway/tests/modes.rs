@@ -375,3 +375,44 @@ async fn a_mode_override_survives_a_restart_and_is_audited() {
     );
     ops.stop().await;
 }
+
+#[tokio::test]
+async fn read_only_refuses_a_websocket_upgrade_but_not_on_an_exempt_route() {
+    let up = Upstream::named("up").await;
+    let gw = Gateway::start(&format!(
+        "mode: read_only
+upstreams:
+  main: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - match: {{ path: /exempt }}
+    upstream: main
+    websocket: true
+    exempt_modes: [read_only]
+  - upstream: main
+    websocket: true
+",
+        up.url()
+    ))
+    .await;
+    let upgrade = |path: &str| {
+        format!(
+            "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+             sec-websocket-version: 13\r\nsec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+    };
+    let mut c = RawClient::connect(&gw).await;
+    c.send(upgrade("/chat").as_bytes()).await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("x-bulwark-reason"), Some("read_only"));
+    assert_eq!(up.hits(), 0);
+    // A plain GET on the same route is served.
+    c.send(b"GET /chat HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert_eq!(c.response(false).await.status, 200);
+    // On the exempt route the upgrade goes upstream (this upstream answers 200, not 101).
+    let mut c = RawClient::connect(&gw).await;
+    c.send(upgrade("/exempt").as_bytes()).await;
+    assert_eq!(c.response(false).await.status, 200);
+    assert_eq!(up.hits(), 2);
+    gw.stop().await;
+}

@@ -288,13 +288,13 @@ async fn a_store_file_that_cannot_be_used_fails_the_start() {
     let newer = dir.join("newer.db");
     {
         let c = rusqlite::Connection::open(&newer).unwrap();
-        c.pragma_update(None, "user_version", 3).unwrap();
+        c.pragma_update(None, "user_version", 2).unwrap();
     }
     let e = start_error(&newer).await;
     assert_eq!(
         e,
         format!(
-            "store {}: schema version 3 is newer than this bulwark supports (2); use a newer \
+            "store {}: schema version 2 is newer than this bulwark supports (1); use a newer \
              bulwark or another file",
             newer.display()
         )

@@ -381,6 +381,8 @@ impl Gateway {
     /// with a store it is kept (in the store and here), with a warning, and applied again if a later
     /// reload brings the upstream back.
     pub fn swap(&self, runtime: Runtime) {
+        // After an admin change in progress (its audit row names the config's mode of the moment).
+        let _serial = self.changes.lock().unwrap_or_else(|p| p.into_inner());
         let keep_dormant = self.store.get().is_some();
         let mut overrides = self.lock_overrides();
         overrides.retain(|name, cmd| {
@@ -690,7 +692,7 @@ async fn route_and_forward(
     let route = &rt.routes[ri];
     // The operating mode, per route (one atomic load; nothing more in `normal`).
     let mode = ctx.gateway.mode();
-    let action = route.mode_action(mode, req.method());
+    let action = route.mode_action(mode, &req);
     if action == ModeAction::Refuse {
         rt.stats[ri].refused_by_mode(mode);
         let retry_after = rt.config.mode_retry_after.get();

@@ -159,19 +159,31 @@ pub enum ModeAction {
 }
 
 impl Route {
-    /// What `mode` does to a request with `method` on this route.
-    pub fn mode_action(&self, mode: Mode, method: &Method) -> ModeAction {
+    /// What `mode` does to `req` on this route.
+    pub fn mode_action<B>(&self, mode: Mode, req: &Request<B>) -> ModeAction {
         if mode == Mode::Normal || self.exempt_modes.contains(&mode) {
             return ModeAction::Serve;
         }
         match mode {
             Mode::Normal => ModeAction::Serve,
             Mode::Maintenance => ModeAction::Refuse,
-            Mode::ReadOnly if is_safe(method) => ModeAction::Serve,
+            // A WebSocket tunnel carries whatever the client sends, writes included.
+            Mode::ReadOnly if is_safe(req.method()) && !self.tunnels(req) => ModeAction::Serve,
             Mode::ReadOnly => ModeAction::Refuse,
             Mode::Degraded if self.optional => ModeAction::Refuse,
             Mode::Degraded => ModeAction::NoRetries,
         }
+    }
+}
+
+impl Route {
+    /// Whether `req` would open a WebSocket tunnel on this route.
+    fn tunnels<B>(&self, req: &Request<B>) -> bool {
+        self.websocket
+            && req
+                .extensions()
+                .get::<super::tunnel::UpgradeOffer>()
+                .is_some_and(|o| o.is_websocket())
     }
 }
 
