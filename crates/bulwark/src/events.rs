@@ -138,6 +138,15 @@ pub enum Event {
         /// Which hedge (1 = first extra attempt).
         hedge: u32,
     },
+    /// A load shedder dropped a call.
+    Shed {
+        /// Shedder name.
+        name: Arc<str>,
+        /// The call's priority: `low`, `normal`, `high` or `critical`.
+        priority: &'static str,
+        /// Why: `queue_full`, `displaced` or `timeout`.
+        reason: &'static str,
+    },
     /// A health component changed status.
     HealthChanged {
         /// Component name.

@@ -12,6 +12,7 @@
 //! | rate limiter (GCRA) | [`rate_limit`] | exceeding a quota, yours or a provider's |
 //! | fallback | [`fallback`] | showing an error where a degraded answer would do |
 //! | hedging | [`hedge`] | tail latency of one slow replica |
+//! | load shedding by priority | [`shed`] | overload taking down the calls that matter with the rest |
 //! | health checks | [`health`] | sending traffic to a dependency that is down |
 //!
 //! [`pipeline`] stacks them in one documented order. Every policy is built through a
@@ -38,6 +39,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod rate_limit;
 pub mod retry;
+pub mod shed;
 pub mod timeout;
 
 pub use classify::{Classify, Outcome};

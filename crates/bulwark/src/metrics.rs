@@ -16,6 +16,7 @@
 //! | `bulwark_bulkhead_rejected_total` | `upstream` | bulkhead |
 //! | `bulwark_rate_limited_total` | `name` | rate limiter |
 //! | `bulwark_hedges_total` | `route` | hedging |
+//! | `bulwark_shed_total` | `reason`, `priority` | load shedding |
 //!
 //! Label values are policy names (from configuration), never request data, so
 //! the number of series stays bounded; keyed policies report their top keys and
@@ -71,6 +72,8 @@ pub struct Metrics {
     pub rate_limited: Family<Labels, Counter>,
     /// `bulwark_hedges_total{route}`.
     pub hedges: Family<Labels, Counter>,
+    /// `bulwark_shed_total{reason,priority}`.
+    pub shed: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -130,6 +133,11 @@ impl Metrics {
             "bulwark_hedges",
             "Hedged attempts started",
             self.hedges.clone(),
+        );
+        registry.register(
+            "bulwark_shed",
+            "Calls dropped by a load shedder, by reason and priority",
+            self.shed.clone(),
         );
     }
 
@@ -206,6 +214,16 @@ impl Metrics {
             Event::RateLimited { name } => {
                 self.rate_limited.get_or_create(&one(name, "name")).inc();
             }
+            Event::Shed {
+                reason, priority, ..
+            } => {
+                self.shed
+                    .get_or_create(&vec![
+                        ("reason", (*reason).to_owned()),
+                        ("priority", (*priority).to_owned()),
+                    ])
+                    .inc();
+            }
             Event::HedgeStarted { name, .. } => {
                 self.hedges.get_or_create(&one(name, "route")).inc();
             }
@@ -250,6 +268,27 @@ mod tests {
         );
         assert!(
             out.contains(r#"bulwark_circuit_breaker_transitions_total{upstream="primary",from="closed",to="open"} 1"#),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn shed_events_count_by_reason_and_priority() {
+        let m = Metrics::new();
+        let mut reg = Registry::default();
+        m.register(&mut reg);
+        let l = m.listener();
+        for _ in 0..2 {
+            l.on_event(&Event::Shed {
+                name: "admission".into(),
+                priority: "low",
+                reason: "queue_full",
+            });
+        }
+        let mut out = String::new();
+        encode(&mut out, &reg).unwrap();
+        assert!(
+            out.contains(r#"bulwark_shed_total{reason="queue_full",priority="low"} 2"#),
             "{out}"
         );
     }
