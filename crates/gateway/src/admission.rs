@@ -1,4 +1,5 @@
-//! Admission before the attempt loop: a route's rate limit per client (`client_rate_limit`).
+//! Admission before the attempt loop: a route's rate limit per client (`client_rate_limit`), and
+//! the gateway's limit on requests forwarded at once with its priority queue (`admission`).
 //!
 //! One token bucket (the library's GCRA, [`KeyedRateLimiter`]) per client, where a client is the
 //! connection's address or the value of a request header (an API key, a tenant id). The map of
@@ -17,8 +18,11 @@ use std::time::Duration;
 use bulwark::rate_limit::KeyedRateLimiter;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
-use crate::config::{self, ClientKey};
-use crate::policy::{refused, Refused};
+use bulwark::shed::{Priority, ShedPermit, Shedder};
+use tokio::time::Instant;
+
+use crate::config::{self, ClientKey, RoutePriority};
+use crate::policy::{forward, refused, Events, Refused};
 
 /// A route's rate limit per client.
 #[derive(Clone)]
@@ -89,6 +93,80 @@ impl ClientLimit {
     /// Clients remembered now.
     pub fn clients(&self) -> usize {
         self.limiter.len()
+    }
+}
+
+/// The library's shedder for an `admission` section (enabled, `max_concurrent` >= 1 checked),
+/// reporting `Event::Shed` to `events`.
+pub fn build_shedder(a: &config::Admission, events: &Events) -> Result<Shedder, Refused> {
+    let mut b = Shedder::builder()
+        .name("admission")
+        .max_concurrent(a.max_concurrent)
+        .queue_timeout(a.queue_timeout.get());
+    if let Some(q) = a.max_queued {
+        b = b.max_queued(q);
+    }
+    if let Some(l) = events {
+        b = b.listener(forward(l.clone()));
+    }
+    b.build().map_err(|e| refused(&["admission"], e))
+}
+
+/// The gateway's admission queue: at most `max_concurrent` requests forwarded at once, the others
+/// waiting by priority (the route's, or lower when the client asks through `priority_header`).
+#[derive(Debug, Clone)]
+pub struct Admission {
+    shedder: Shedder,
+    header: Option<HeaderName>,
+}
+
+impl Admission {
+    /// From an enabled, validated `admission` section.
+    pub fn new(a: &config::Admission, events: &Events) -> Result<Admission, Refused> {
+        let header = match &a.priority_header {
+            Some(h) => Some(HeaderName::from_bytes(h.as_bytes()).map_err(|e| Refused {
+                path: vec!["admission", "priority_header"],
+                reason: e.to_string(),
+            })?),
+            None => None,
+        };
+        Ok(Admission {
+            shedder: build_shedder(a, events)?,
+            header,
+        })
+    }
+
+    /// The priority of a request on a route of priority `route`: the route's, or the one the
+    /// request's `priority_header` names when that is lower. A client can make its requests less
+    /// important (a batch job), never more.
+    pub fn priority(&self, route: RoutePriority, headers: &HeaderMap) -> Priority {
+        let route = route.level();
+        let asked = self
+            .header
+            .as_ref()
+            .and_then(|h| headers.get(h))
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Priority::from_name(v.trim()));
+        match asked {
+            Some(p) if p < route => p,
+            _ => route,
+        }
+    }
+
+    /// A slot for a request of `priority`, waiting no later than `deadline`.
+    pub async fn admit(&self, priority: Priority, deadline: Instant) -> Option<ShedPermit> {
+        if let Some(p) = self.shedder.try_acquire() {
+            return Some(p);
+        }
+        self.shedder
+            .acquire_until(priority, Some(deadline))
+            .await
+            .ok()
+    }
+
+    /// The library's shedder (its queue and counts).
+    pub fn shedder(&self) -> &Shedder {
+        &self.shedder
     }
 }
 

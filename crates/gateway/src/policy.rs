@@ -148,7 +148,7 @@ fn listen<B>(builder: B, events: &Events, add: impl FnOnce(B, Arc<dyn Listener>)
     }
 }
 
-fn forward(l: Arc<dyn Listener>) -> impl Fn(&Event) + Send + Sync + 'static {
+pub(crate) fn forward(l: Arc<dyn Listener>) -> impl Fn(&Event) + Send + Sync + 'static {
     move |e: &Event| l.on_event(e)
 }
 

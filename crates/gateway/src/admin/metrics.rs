@@ -303,6 +303,8 @@ pub struct Telemetry {
     mode_refused: Family<ModeRefusedLabels, Counter>,
     faults: Family<FaultLabels, Counter>,
     client_limited: Family<RouteOnlyLabels, Counter>,
+    admission_running: Gauge,
+    admission_queued: Gauge,
     listener: Arc<dyn Listener>,
     /// Gauge series set by the last refresh, so series of removed upstreams/endpoints can be dropped.
     live: Mutex<LiveSeries>,
@@ -342,6 +344,17 @@ impl Telemetry {
         let mode_refused = Family::<ModeRefusedLabels, Counter>::default();
         let faults = Family::<FaultLabels, Counter>::default();
         let client_limited = Family::<RouteOnlyLabels, Counter>::default();
+        let (admission_running, admission_queued) = (Gauge::default(), Gauge::default());
+        registry.register(
+            "bulwark_admission_running",
+            "Requests holding an admission slot (0 without `admission`)",
+            admission_running.clone(),
+        );
+        registry.register(
+            "bulwark_admission_queued",
+            "Requests waiting in the admission queue",
+            admission_queued.clone(),
+        );
         registry.register(
             "bulwark_client_rate_limited",
             "Requests refused by a route's rate limit per client",
@@ -402,6 +415,8 @@ impl Telemetry {
             mode_refused,
             faults,
             client_limited,
+            admission_running,
+            admission_queued,
             listener,
             live: Mutex::new(LiveSeries::default()),
         }
@@ -461,6 +476,12 @@ impl Telemetry {
     /// Sets the state gauges (endpoint health, breaker state, panic mode) from `runtime`, and drops the series of
     /// upstreams and endpoints it no longer has. Runs when a runtime is installed and on every scrape.
     pub fn refresh(&self, runtime: &Runtime) {
+        let (running, queued) = runtime
+            .admission
+            .as_ref()
+            .map_or((0, 0), |a| (a.shedder().running(), a.shedder().queued()));
+        self.admission_running.set(running as i64);
+        self.admission_queued.set(queued as i64);
         let mut endpoints = HashSet::new();
         let mut breakers = HashSet::new();
         let mut upstreams = HashSet::new();

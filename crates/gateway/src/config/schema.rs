@@ -31,6 +31,8 @@ pub const DEFAULT_DRAIN_TIMEOUT: Dur = Dur::from_secs(30);
 /// Clients a route's `client_rate_limit` remembers at most (one bucket of 8 bytes plus the map's
 /// entry each).
 pub const DEFAULT_CLIENT_MAX_KEYS: usize = 100_000;
+/// `admission.queue_timeout`: a request waits at most a second for a slot, then is shed.
+pub const DEFAULT_ADMISSION_QUEUE_TIMEOUT: Dur = Dur::from_secs(1);
 /// `Retry-After` of the 503s a mode (maintenance, read-only, degraded) gives: a minute.
 pub const DEFAULT_MODE_RETRY_AFTER: Dur = Dur::from_secs(60);
 /// Admin listener, loopback only by default.
@@ -148,6 +150,9 @@ pub struct Config {
     /// `Retry-After` of the 503s a mode gives.
     #[serde(default = "default_mode_retry_after")]
     pub mode_retry_after: Dur,
+    /// A limit on requests forwarded at once, with a priority queue in front of it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admission: Option<Admission>,
     /// Admin listener.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<Admin>,
@@ -779,6 +784,58 @@ impl Serialize for WindowSize {
     }
 }
 
+/// `admission:`: requests forwarded at once, and a queue served by priority.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admission {
+    /// `false` turns it off.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Requests forwarded at once (required).
+    #[serde(default)]
+    pub max_concurrent: usize,
+    /// Requests waiting at once (default: `max_concurrent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queued: Option<usize>,
+    /// Longest wait in the queue.
+    #[serde(default = "default_admission_queue_timeout")]
+    pub queue_timeout: Dur,
+    /// A request header by which clients may lower their request's priority below the route's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_header: Option<String>,
+}
+
+fn default_admission_queue_timeout() -> Dur {
+    DEFAULT_ADMISSION_QUEUE_TIMEOUT
+}
+
+/// A route's priority in the admission queue (`low`, `normal`, `high`, `critical`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutePriority {
+    /// Shed first.
+    Low,
+    /// The default.
+    #[default]
+    Normal,
+    /// Served before normal routes.
+    High,
+    /// Shed last.
+    Critical,
+}
+
+impl RoutePriority {
+    /// The library's priority.
+    pub fn level(self) -> bulwark::shed::Priority {
+        match self {
+            RoutePriority::Low => bulwark::shed::Priority::Low,
+            RoutePriority::Normal => bulwark::shed::Priority::Normal,
+            RoutePriority::High => bulwark::shed::Priority::High,
+            RoutePriority::Critical => bulwark::shed::Priority::Critical,
+        }
+    }
+}
+
 /// `bulkhead:`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -878,6 +935,13 @@ pub struct Route {
     /// A rate limit per client (address or header value) on this route.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_rate_limit: Option<ClientRateLimit>,
+    /// The route's priority in the `admission` queue.
+    #[serde(default, skip_serializing_if = "is_normal")]
+    pub priority: RoutePriority,
+}
+
+fn is_normal(p: &RoutePriority) -> bool {
+    *p == RoutePriority::Normal
 }
 
 /// `client_rate_limit:` on a route: one token bucket per client.

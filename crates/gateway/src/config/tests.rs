@@ -12,7 +12,7 @@ fn unknown_key_at_top_level() {
     assert_eq!(
         err("listen: 127.0.0.1:8080\nbogus: 1\n"),
         "gw.yaml:2:1: bogus: unknown field `bogus`, expected one of `listen`, `tls`, `limits`, \
-         `drain_timeout`, `mode`, `mode_retry_after`, `admin`, `logging`, `store`, `upstreams`, `routes`"
+         `drain_timeout`, `mode`, `mode_retry_after`, `admission`, `admin`, `logging`, `store`, `upstreams`, `routes`"
     );
 }
 
@@ -518,6 +518,7 @@ mod mutated {
     use proptest::prelude::*;
 
     const RICH: &str = "\
+admission: { max_concurrent: 100, max_queued: 50, queue_timeout: 2s, priority_header: x-priority }
 mode: read_only
 mode_retry_after: 5m
 admin: { listen: 127.0.0.1:9901, token_env: BULWARK_ADMIN_TOKEN }
@@ -546,6 +547,7 @@ routes:
     exempt_modes: [maintenance, read_only]
     fault: { delay: { duration: 10ms, percent: 1.5 }, abort: { status: 503, percent: 2 } }
     client_rate_limit: { per_second: 2.5, burst: 5, key: 'header:x-api-key', max_keys: 1000 }
+    priority: critical
   - match: { path: /exact }
     upstream: backup
     optional: true
@@ -806,4 +808,37 @@ fn client_rate_limits_are_checked() {
         "{}",
         err(&route("{ per_second: 1, burst: 0 }"))
     );
+}
+
+#[test]
+fn admission_is_checked() {
+    let c = from_str(
+        &format!("admission: {{ max_concurrent: 8 }}\n{UP}"),
+        "gw.yaml",
+    )
+    .unwrap();
+    let a = c.admission.unwrap();
+    assert_eq!((a.max_concurrent, a.max_queued), (8, None));
+    assert_eq!(a.queue_timeout, DEFAULT_ADMISSION_QUEUE_TIMEOUT);
+    assert_eq!(
+        err(&format!("admission: {{ max_queued: 8 }}\n{UP}")),
+        "gw.yaml:1:1: admission.max_concurrent: must be at least 1"
+    );
+    assert_eq!(
+        err(&format!(
+            "admission: {{ max_concurrent: 1, priority_header: 'a b' }}\n{UP}"
+        )),
+        "gw.yaml:1:33: admission.priority_header: invalid header name `a b`"
+    );
+    assert_eq!(
+        err(&format!(
+            "admission: {{ max_concurrent: 1, queue_timeout: 0s }}\n{UP}"
+        )),
+        "gw.yaml:1:33: admission.queue_timeout: must be more than zero"
+    );
+    assert!(from_str(&format!("admission: {{ enabled: false }}\n{UP}"), "gw.yaml").is_ok());
+    assert!(err(&format!(
+        "{UP}routes:\n  - upstream: a\n    priority: urgent\n"
+    ))
+    .contains("routes[0].priority: unknown variant `urgent`"),);
 }

@@ -40,6 +40,23 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
     if config.mode_retry_after.get() < std::time::Duration::from_secs(1) {
         return Err(at(&[k("mode_retry_after")], "must be at least 1s"));
     }
+    if let Some(a) = config.admission.as_ref().filter(|a| a.enabled) {
+        if a.max_concurrent == 0 {
+            return Err(at(
+                &[k("admission"), k("max_concurrent")],
+                "must be at least 1",
+            ));
+        }
+        if let Some(h) = &a.priority_header {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                return Err(at(
+                    &[k("admission"), k("priority_header")],
+                    format!("invalid header name `{h}`"),
+                ));
+            }
+        }
+        crate::admission::build_shedder(a, &None).map_err(|r| refused(&[], r))?;
+    }
     validate_ops(config)?;
     for (name, up) in config.upstreams.iter() {
         let base = [k("upstreams"), k(name)];

@@ -6,7 +6,8 @@
 //! 2. limits (head size -> 431, declared body size -> 413, streamed body size -> 413 on overflow);
 //! 3. routing (first match wins; 404 otherwise), then the operating mode (`maintenance`,
 //!    `read_only`, `degraded`), which may refuse the request (503) or forbid retries, the route's
-//!    rate limit per client (`admission`, 429), and its injected faults (`chaos`);
+//!    rate limit per client (`admission`, 429), its injected faults (`chaos`), and the admission
+//!    queue (`admission`: requests forwarded at once, waiting by priority; 503 `shed`);
 //! 4. header rewriting (hop-by-hop out, `x-forwarded-*` and `x-request-id` in);
 //! 5. the attempt loop (`attempt`) that talks to upstreams;
 //! 6. one mapping from outcome to response ([`respond`]).
@@ -74,6 +75,8 @@ pub struct Runtime {
     pub config: Arc<Config>,
     /// Emit one access-log line per request (`logging.access_log`).
     pub access_log: bool,
+    /// `admission`: requests forwarded at once, and the priority queue in front.
+    pub admission: Option<crate::admission::Admission>,
     /// Request metrics, index-aligned with `routes`, resolved at build time.
     stats: Vec<RouteStats>,
     telemetry: Arc<Telemetry>,
@@ -129,6 +132,18 @@ impl Runtime {
             }
             routes.push(route);
         }
+        // Kept across a reload that leaves the section unchanged (its queue and running count).
+        let admission = match config.admission.as_ref().filter(|a| a.enabled) {
+            Some(a) => {
+                match previous.filter(|p| same_settings(&p.config.admission, &config.admission)) {
+                    Some(p) => p.admission.clone(),
+                    None => Some(
+                        crate::admission::Admission::new(a, events).map_err(|e| e.to_string())?,
+                    ),
+                }
+            }
+            None => None,
+        };
         let stats = routes
             .iter()
             .map(|r| {
@@ -145,6 +160,7 @@ impl Runtime {
             },
             config: Arc::new(config.clone()),
             access_log: config.logging.access_log,
+            admission,
             stats,
             telemetry: telemetry.clone(),
         })
@@ -711,6 +727,26 @@ async fn route_and_forward(
             return (resp, Some(ri));
         }
     }
+    // The admission queue: held until the response head is ready (the end of this function).
+    let _slot = match &rt.admission {
+        Some(a) => {
+            let priority = a.priority(route.priority, req.headers());
+            let deadline = start + route.timeout;
+            match a.admit(priority, deadline).await {
+                Some(slot) => Some(slot),
+                None => {
+                    let failure = if Instant::now() >= deadline {
+                        route.policies.on_timeout("total");
+                        respond::Failure::Timeout
+                    } else {
+                        respond::Failure::Shed
+                    };
+                    return (attempt::answer_unsent(route, failure), Some(ri));
+                }
+            }
+        }
+        None => None,
+    };
     // Stage 4: headers (and the target, when the route rewrites it).
     let (mut parts, body) = req.into_parts();
     if route.rewrite.is_some() {

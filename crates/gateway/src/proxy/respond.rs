@@ -40,6 +40,8 @@ pub enum Failure {
     BudgetExhausted,
     /// Attempts failed without a response (connect failures, resets).
     UpstreamError,
+    /// The admission queue shed the request (full of more important ones, or no slot in time).
+    Shed,
     /// The gateway's operating mode refused the request before any attempt.
     Mode {
         /// `maintenance`, `read_only` or `degraded`.
@@ -61,6 +63,7 @@ impl Failure {
             Failure::BudgetExhausted => "budget_exhausted",
             Failure::UpstreamError => "upstream_error",
             Failure::Mode { mode, .. } => mode.as_str(),
+            Failure::Shed => "shed",
         }
     }
 
@@ -86,6 +89,10 @@ impl Failure {
                 Some(Duration::from_secs(1)),
             ),
             Failure::UpstreamError => (StatusCode::BAD_GATEWAY, None),
+            Failure::Shed => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Some(Duration::from_secs(1)),
+            ),
             Failure::Mode { retry_after, .. } => {
                 (StatusCode::SERVICE_UNAVAILABLE, Some(retry_after))
             }

@@ -145,6 +145,8 @@ pub struct Route {
     pub fault: Option<crate::chaos::Fault>,
     /// `client_rate_limit`, when on.
     pub client_limit: Option<crate::admission::ClientLimit>,
+    /// `priority` in the admission queue.
+    pub priority: config::RoutePriority,
 }
 
 /// What an operating mode does to one request of a route.
@@ -290,6 +292,7 @@ impl Route {
             optional: c.optional,
             fault,
             client_limit,
+            priority: c.priority,
             rewrite: c.prefix_rewrite.as_ref().map(|to| {
                 let matched = c.matcher.path_prefix.as_ref().or(c.matcher.path.as_ref());
                 (matched.map_or(0, String::len), to.as_str().into())

@@ -1,0 +1,194 @@
+//! The admission queue (`admission:`): requests forwarded at once, the others waiting by priority,
+//! the least important shed first.
+mod admin_support;
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use admin_support::*;
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
+use support::*;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// One slot, a queue of one, three routes by priority on a held upstream.
+fn config(up: &str, admission: &str) -> String {
+    format!(
+        "admission: {admission}
+upstreams:
+  main: {{ endpoints: [{{url: '{up}'}}] }}
+routes:
+  - match: {{ path_prefix: /low }}
+    upstream: main
+    priority: low
+  - match: {{ path_prefix: /critical }}
+    upstream: main
+    priority: critical
+  - match: {{ path_prefix: /fast }}
+    upstream: main
+    timeout: 50ms
+  - upstream: main
+"
+    )
+}
+
+fn spawn_get(gw: &Gateway, path: &str, priority: Option<&str>) -> tokio::task::JoinHandle<Got> {
+    let c = client();
+    let mut b = Request::get(gw.url(path));
+    if let Some(p) = priority {
+        b = b.header("x-priority", p);
+    }
+    let req = b.body(Full::new(Bytes::new())).unwrap();
+    tokio::spawn(async move { send(&c, req).await })
+}
+
+fn queued(gw: &Gateway) -> usize {
+    gw.state
+        .runtime()
+        .admission
+        .as_ref()
+        .unwrap()
+        .shedder()
+        .queued()
+}
+
+async fn held() -> (Upstream, Arc<Notify>) {
+    Upstream::held("held", "done").await
+}
+
+#[tokio::test]
+async fn a_critical_request_displaces_a_low_one_from_the_full_queue() {
+    let (up, release) = held().await;
+    let gw = Gateway::start(&config(&up.url(), "{ max_concurrent: 1, max_queued: 1 }")).await;
+    let first = spawn_get(&gw, "/", None);
+    wait_until(10, || up.hits() == 1).await;
+    let low = spawn_get(&gw, "/low", None);
+    wait_until(10, || queued(&gw) == 1).await;
+    let critical = spawn_get(&gw, "/critical", None);
+    let g = low.await.unwrap();
+    assert_eq!(g.status, 503);
+    assert_eq!(g.header("x-bulwark-reason"), Some("shed"));
+    assert_eq!(g.header("retry-after"), Some("1"));
+    // Another low one finds the queue full of a more important request.
+    let g = spawn_get(&gw, "/low", None).await.unwrap();
+    assert_eq!(g.header("x-bulwark-reason"), Some("shed"));
+    release.notify_one();
+    assert_eq!(first.await.unwrap().status, 200);
+    wait_until(10, || up.hits() == 2).await;
+    release.notify_one();
+    assert_eq!(critical.await.unwrap().status, 200);
+    assert_eq!(up.hits(), 2, "the shed requests never reached the upstream");
+    let rt = gw.state.runtime();
+    let m = rt.telemetry().encode(&rt);
+    for (series, n) in [
+        (
+            r#"bulwark_shed_total{reason="displaced",priority="low"}"#,
+            1.0,
+        ),
+        (
+            r#"bulwark_shed_total{reason="queue_full",priority="low"}"#,
+            1.0,
+        ),
+        ("bulwark_admission_running", 0.0),
+        ("bulwark_admission_queued", 0.0),
+    ] {
+        assert_eq!(sample(&m, series), Some(n), "{series}\n{m}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_waiter_is_shed_at_the_queue_timeout_or_times_out_at_the_route_deadline() {
+    let (up, release) = held().await;
+    let gw = Gateway::start(&config(
+        &up.url(),
+        "{ max_concurrent: 1, max_queued: 4, queue_timeout: 200ms }",
+    ))
+    .await;
+    let first = spawn_get(&gw, "/", None);
+    wait_until(10, || up.hits() == 1).await;
+    let t = Instant::now();
+    let g = spawn_get(&gw, "/", None).await.unwrap();
+    assert!(
+        t.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        (g.status.as_u16(), g.header("x-bulwark-reason")),
+        (503, Some("shed"))
+    );
+    // The route's 50 ms deadline comes first: a timeout.
+    let g = spawn_get(&gw, "/fast", None).await.unwrap();
+    assert_eq!(
+        (g.status.as_u16(), g.header("x-bulwark-reason")),
+        (504, Some("timeout"))
+    );
+    release.notify_one();
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(up.hits(), 1);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_may_lower_its_priority_never_raise_it() {
+    let (up, release) = held().await;
+    let gw = Gateway::start(&config(
+        &up.url(),
+        "{ max_concurrent: 1, max_queued: 1, priority_header: x-priority }",
+    ))
+    .await;
+    let first = spawn_get(&gw, "/", None);
+    wait_until(10, || up.hits() == 1).await;
+    // A critical route's request that says `low` is low: a normal one displaces it.
+    let lowered = spawn_get(&gw, "/critical", Some("low"));
+    wait_until(10, || queued(&gw) == 1).await;
+    let normal = spawn_get(&gw, "/", None);
+    assert_eq!(
+        lowered.await.unwrap().header("x-bulwark-reason"),
+        Some("shed")
+    );
+    // A low route's request that says `critical` stays low: refused by the full queue.
+    let g = spawn_get(&gw, "/low", Some("critical")).await.unwrap();
+    assert_eq!(g.header("x-bulwark-reason"), Some("shed"));
+    for _ in 0..2 {
+        release.notify_one();
+    }
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(normal.await.unwrap().status, 200);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_reload_keeps_the_queue_when_the_section_is_unchanged() {
+    let (up, release) = held().await;
+    let section = "{ max_concurrent: 1, max_queued: 1 }";
+    let ops = Ops::start(&config(&up.url(), section), None).await;
+    let c = client();
+    let first = tokio::spawn({
+        let (c, url) = (c.clone(), ops.url("/"));
+        async move { get(&c, &url).await }
+    });
+    wait_until(10, || up.hits() == 1).await;
+    let gen = ops.gateway().generation();
+    ops.rewrite(&format!(
+        "{}  - match: {{ path: /extra }}\n    upstream: main\n",
+        config(&up.url(), section)
+    ));
+    eventually(10, "reload", || async { ops.gateway().generation() > gen }).await;
+    let admission = |gw: &bulwark_gateway::proxy::Gateway| {
+        gw.runtime().admission.as_ref().unwrap().shedder().running()
+    };
+    assert_eq!(
+        admission(ops.gateway()),
+        1,
+        "the slot taken before the reload"
+    );
+    release.notify_one();
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(admission(ops.gateway()), 0);
+    ops.stop().await;
+}
