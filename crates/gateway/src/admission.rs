@@ -5,7 +5,8 @@
 //! connection's address or the value of a request header (an API key, a tenant id). The map of
 //! clients is bounded (`max_keys`): beyond it, idle clients are forgotten once their bucket has
 //! refilled, and new ones that find no room share one bucket, so a flood of made-up keys cannot
-//! grow memory, it only throttles itself.
+//! grow memory (but while the map is full of live clients, new real clients share that one
+//! bucket with the flood).
 //!
 //! Keys are kept as 64-bit hashes (SipHash with a random key per limiter), not as the values
 //! themselves: an API key is never stored, each client costs the same small entry whatever its
@@ -74,17 +75,27 @@ impl ClientLimit {
 
     /// Takes one token from the bucket of the client that sent `headers` over a connection from
     /// `peer_ip`: `Err` with the time until the next token when it is empty. A request without the
-    /// key header (or with an empty one) is not limited, as nginx and Envoy do.
+    /// key header (or with only empty ones) is not limited, as nginx and Envoy do; a header given
+    /// several times is keyed by all its non-empty values together (an empty first one hides
+    /// nothing).
+    /// An IPv6 client is keyed by its /64, the block one host usually has to itself, so that it
+    /// cannot take a fresh bucket per address.
     pub fn check(&self, peer_ip: &HeaderValue, headers: &HeaderMap) -> Result<(), Duration> {
-        let value = match &self.key {
-            None => peer_ip.as_bytes(),
-            Some(h) => match headers.get(h) {
-                Some(v) if !v.is_empty() => v.as_bytes(),
-                _ => return Ok(()),
-            },
-        };
         let mut hasher = self.hasher.build_hasher();
-        hasher.write(value);
+        match &self.key {
+            None => hash_client_ip(&mut hasher, peer_ip),
+            Some(h) => {
+                let mut any = false;
+                for v in headers.get_all(h).iter().filter(|v| !v.is_empty()) {
+                    hasher.write(v.as_bytes());
+                    hasher.write_u8(0);
+                    any = true;
+                }
+                if !any {
+                    return Ok(());
+                }
+            }
+        }
         self.limiter
             .check(&hasher.finish())
             .map_err(|e| e.retry_after().unwrap_or(Duration::from_secs(1)))
@@ -93,6 +104,24 @@ impl ClientLimit {
     /// Clients remembered now.
     pub fn clients(&self) -> usize {
         self.limiter.len()
+    }
+}
+
+/// Feeds the client address's key to `hasher`: an IPv4 address (also one mapped into IPv6) whole,
+/// an IPv6 address by its first 64 bits.
+fn hash_client_ip(hasher: &mut impl Hasher, peer_ip: &HeaderValue) {
+    let ip = peer_ip
+        .to_str()
+        .ok()
+        .and_then(|s| s.parse::<std::net::IpAddr>().ok())
+        .map(|ip| ip.to_canonical());
+    match ip {
+        Some(std::net::IpAddr::V4(v4)) => hasher.write(&v4.octets()),
+        Some(std::net::IpAddr::V6(v6)) => {
+            hasher.write_u8(6);
+            hasher.write(&v6.octets()[..8]);
+        }
+        None => hasher.write(peer_ip.as_bytes()),
     }
 }
 
@@ -217,6 +246,41 @@ mod tests {
             assert!(l.check(&ip, &empty).is_ok());
         }
         assert_eq!(l.clients(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_headers_count_together_and_ipv6_clients_by_their_64() {
+        let l = limit("{ per_second: 1, burst: 1, key: 'header:x-api-key' }");
+        let ip = HeaderValue::from_static("10.0.0.1");
+        let mut alice = HeaderMap::new();
+        alice.insert("x-api-key", HeaderValue::from_static("alice"));
+        assert!(l.check(&ip, &alice).is_ok());
+        // An empty first value does not hide the second: this is alice's (empty) bucket.
+        let mut sneaky = HeaderMap::new();
+        sneaky.append("x-api-key", HeaderValue::from_static(""));
+        sneaky.append("x-api-key", HeaderValue::from_static("alice"));
+        assert!(l.check(&ip, &sneaky).is_err());
+        // Two values: keyed by both together.
+        let mut two = HeaderMap::new();
+        two.append("x-api-key", HeaderValue::from_static("alice"));
+        two.append("x-api-key", HeaderValue::from_static("bob"));
+        assert!(l.check(&ip, &two).is_ok());
+
+        let l = limit("{ per_second: 1, burst: 1 }");
+        let h = HeaderMap::new();
+        let a = HeaderValue::from_static("2001:db8:1:2::1");
+        let same_64 = HeaderValue::from_static("2001:db8:1:2:ffff::7");
+        let other_64 = HeaderValue::from_static("2001:db8:1:3::1");
+        assert!(l.check(&a, &h).is_ok());
+        assert!(l.check(&same_64, &h).is_err(), "one /64, one bucket");
+        assert!(l.check(&other_64, &h).is_ok());
+        let v4 = HeaderValue::from_static("192.0.2.7");
+        let mapped = HeaderValue::from_static("::ffff:192.0.2.7");
+        assert!(l.check(&v4, &h).is_ok());
+        assert!(
+            l.check(&mapped, &h).is_err(),
+            "an IPv4-mapped address is the IPv4 one"
+        );
     }
 
     #[tokio::test(start_paused = true)]

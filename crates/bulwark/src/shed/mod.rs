@@ -325,6 +325,11 @@ impl Shedder {
                     inner: inner.clone(),
                 });
             }
+            // Out of time already: never take (or displace) a place in the queue.
+            if deadline.is_some_and(|d| d <= Instant::now()) {
+                drop(st);
+                return Err(inner.shed(priority, ShedReason::Timeout));
+            }
             if st.queue.len() >= inner.max_queued {
                 // Displace the least important (and newest of those) if it matters less.
                 match st.queue.last_key_value().map(|(k, _)| *k) {

@@ -137,6 +137,19 @@ async fn a_waiter_is_shed_after_the_queue_timeout_or_its_deadline() {
     assert_eq!(Instant::now(), deadline);
     assert_eq!(s.queued(), 0, "timed-out waiters leave the queue");
     assert_eq!(events.lock().unwrap().len(), 2);
+    // A deadline already past: shed at once, without queueing (or displacing anyone).
+    let (s, _) = shedder(1, 1);
+    let _running = s.acquire(Priority::Normal).await.unwrap();
+    let mut low = Box::pin(s.acquire(Priority::Low));
+    let mut cx = Context::from_waker(futures_util::task::noop_waker_ref());
+    assert!(low.as_mut().poll(&mut cx).is_pending());
+    let now = Instant::now();
+    assert!(s
+        .acquire_until(Priority::Critical, Some(now))
+        .await
+        .is_err());
+    assert_eq!(Instant::now(), now);
+    assert_eq!(s.queued(), 1, "the low waiter kept its place");
 }
 
 #[tokio::test(start_paused = true)]
