@@ -557,6 +557,7 @@ fn header_prints_the_admin_url() {
     );
     assert!(text.contains("http://127.0.0.1:9901/health"));
     assert!(text.contains("http://127.0.0.1:9901/api/circuit-breakers"));
+    assert!(text.contains("http://127.0.0.1:9901/dashboard"));
     assert!(text.contains("/tmp/x.yaml"));
 }
 

@@ -17,6 +17,7 @@
 //! | `GET /api/mode` | the operating mode in force, the config's, and the override |
 //! | `PUT /api/mode` | `{"mode": "normal" \| "maintenance" \| "read_only" \| "degraded"}`: sets the override |
 //! | `DELETE /api/mode` | clears the override: the config's `mode` is in force again |
+//! | `GET /dashboard` | the web dashboard (with `/dashboard.js` and `/dashboard.css`): a read-only page that polls the reads above |
 //!
 //! Mutating calls need `Authorization: Bearer <token>`, the token being the value of the environment
 //! variable named by `admin.token_env`, read at start. A missing or wrong token gets 401; when no
@@ -39,7 +40,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderValue, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE,
+    HeaderValue, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE,
+    LOCATION, WWW_AUTHENTICATE, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
@@ -61,6 +63,27 @@ const ADMIN_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const BREAKERS: &str = "/api/circuit-breakers";
 const AUDIT: &str = "/api/audit";
 const MODE: &str = "/api/mode";
+/// The dashboard's files, compiled into the binary.
+const DASHBOARD: [(&str, &str, &str); 3] = [
+    (
+        "/dashboard",
+        "text/html; charset=utf-8",
+        include_str!("dashboard/index.html"),
+    ),
+    (
+        "/dashboard.js",
+        "text/javascript; charset=utf-8",
+        include_str!("dashboard/dashboard.js"),
+    ),
+    (
+        "/dashboard.css",
+        "text/css; charset=utf-8",
+        include_str!("dashboard/dashboard.css"),
+    ),
+];
+/// The dashboard loads only its own script and style and talks only to this listener.
+const DASHBOARD_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 const JSON: &str = "application/json";
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
@@ -158,6 +181,19 @@ fn respond(status: StatusCode, content_type: &'static str, body: impl Into<Bytes
         .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     r.headers_mut()
         .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// One of the dashboard's files, with the headers that keep it to itself.
+fn dashboard_file(content_type: &'static str, body: &'static str) -> Resp {
+    let mut r = respond(StatusCode::OK, content_type, body);
+    let h = r.headers_mut();
+    h.insert(
+        CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(DASHBOARD_CSP),
+    );
+    h.insert(X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     r
 }
 
@@ -293,7 +329,20 @@ impl AdminState {
     async fn serve(&self, req: Request<Incoming>, peer: SocketAddr) -> Resp {
         let path = req.uri().path();
         let get = matches!(*req.method(), Method::GET | Method::HEAD);
+        if let Some(&(_, content_type, body)) = DASHBOARD.iter().find(|(p, _, _)| *p == path) {
+            return if get {
+                dashboard_file(content_type, body)
+            } else {
+                method_not_allowed("GET, HEAD")
+            };
+        }
         match path {
+            "/" if get => {
+                let mut r = respond(StatusCode::FOUND, "text/plain; charset=utf-8", "");
+                r.headers_mut()
+                    .insert(LOCATION, HeaderValue::from_static("/dashboard"));
+                r
+            }
             "/health" if get => self.health(),
             "/ready" if get => self.ready(),
             "/metrics" if get => self.metrics(),

@@ -334,6 +334,7 @@ pub fn render_header(
     format!(
         "bulwark demo: 3 simulated providers (healthy, flaky 30% 503, slow 300-1500ms) behind a gateway\n  \
          gateway    {gateway_url}   (/api/ -> flaky, failover healthy; /slow/ -> slow, 1s timeout, fallback)\n  \
+         dashboard  {admin_url}/dashboard\n  \
          admin API  {admin_url}/health   {admin_url}/api/circuit-breakers   {admin_url}/metrics\n  \
          config     {}\n  \
          load       {} (Ctrl-C stops early)\n",
