@@ -211,61 +211,42 @@ impl RouteStats {
         };
         let table = self.by_status[class]
             .get_or_init(|| Box::new(std::array::from_fn(|_| OnceLock::new())));
-        table[rest].get_or_init(|| {
-            self.requests
-                .get_or_create(&RequestLabels {
-                    route: self.route.clone(),
-                    upstream: self.upstream.clone(),
-                    code: status.to_string(),
-                })
-                .clone()
+        resolved(&table[rest], &self.requests, || RequestLabels {
+            route: self.route.clone(),
+            upstream: self.upstream.clone(),
+            code: status.to_string(),
         })
     }
 
     /// Counts one request the operating mode `mode` refused.
     pub fn refused_by_mode(&self, mode: crate::config::Mode) {
-        let i = crate::config::Mode::ALL
-            .iter()
-            .position(|&m| m == mode)
-            .unwrap_or(0);
-        self.by_mode[i]
-            .get_or_init(|| {
-                self.mode_refused
-                    .get_or_create(&ModeRefusedLabels {
-                        route: self.route.clone(),
-                        mode: mode.as_str().to_owned(),
-                    })
-                    .clone()
-            })
-            .inc();
+        let labels = || ModeRefusedLabels {
+            route: self.route.clone(),
+            mode: mode.as_str().to_owned(),
+        };
+        resolved(&self.by_mode[mode.index()], &self.mode_refused, labels).inc();
     }
 
     /// Counts one request refused by the route's rate limit per client.
     pub fn client_rate_limited(&self) {
-        self.client_limited
-            .get_or_init(|| {
-                self.client_limited_family
-                    .get_or_create(&RouteOnlyLabels {
-                        route: self.route.clone(),
-                    })
-                    .clone()
-            })
-            .inc();
+        let labels = || RouteOnlyLabels {
+            route: self.route.clone(),
+        };
+        resolved(&self.client_limited, &self.client_limited_family, labels).inc();
     }
 
     /// Counts one injected fault: `delay` or `abort`.
     pub fn fault(&self, kind: &'static str) {
-        let i = usize::from(kind == "abort");
-        self.by_fault[i]
-            .get_or_init(|| {
-                self.faults
-                    .get_or_create(&FaultLabels {
-                        route: self.route.clone(),
-                        kind: kind.to_owned(),
-                    })
-                    .clone()
-            })
-            .inc();
+        let labels = || FaultLabels {
+            route: self.route.clone(),
+            kind: kind.to_owned(),
+        };
+        resolved(
+            &self.by_fault[usize::from(kind == "abort")],
+            &self.faults,
+            labels,
+        )
+        .inc();
     }
 
     /// The route name.
@@ -277,6 +258,19 @@ impl RouteStats {
     pub fn upstream(&self) -> &str {
         &self.upstream
     }
+}
+
+/// The counter `cell` holds, resolved from `family` with `labels` the first time (so a series exists
+/// only once it counted something, and later calls take no lock).
+fn resolved<'a, L>(
+    cell: &'a OnceLock<Counter>,
+    family: &Family<L, Counter>,
+    labels: impl FnOnce() -> L,
+) -> &'a Counter
+where
+    L: Clone + std::hash::Hash + Eq,
+{
+    cell.get_or_init(|| family.get_or_create(&labels()).clone())
 }
 
 /// One open WebSocket tunnel in `bulwark_websocket_tunnels`, until dropped (also when the

@@ -217,6 +217,11 @@ impl Mode {
         }
     }
 
+    /// Its position in [`ALL`](Self::ALL).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     /// The mode named `s` (as [`as_str`](Self::as_str) writes it).
     pub fn from_name(s: &str) -> Option<Mode> {
         Mode::ALL.into_iter().find(|m| m.as_str() == s)

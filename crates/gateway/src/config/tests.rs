@@ -842,3 +842,11 @@ fn admission_is_checked() {
     ))
     .contains("routes[0].priority: unknown variant `urgent`"),);
 }
+
+#[test]
+fn mode_index_is_the_position_in_all() {
+    for (i, m) in Mode::ALL.into_iter().enumerate() {
+        assert_eq!(m.index(), i);
+        assert_eq!(Mode::from_name(m.as_str()), Some(m));
+    }
+}

@@ -322,7 +322,7 @@ pub struct ModeStatus {
 }
 
 fn mode_index(m: Mode) -> u8 {
-    Mode::ALL.iter().position(|&x| x == m).unwrap_or(0) as u8
+    m.index() as u8
 }
 
 impl Gateway {
