@@ -40,6 +40,7 @@ pub mod pipeline;
 pub mod rate_limit;
 pub mod retry;
 pub mod shed;
+mod slot_future;
 pub mod timeout;
 
 pub use classify::{Classify, Outcome};

@@ -5,8 +5,8 @@ use std::task::{Context, Poll};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{Bulkhead, ResponseFuture};
-use crate::BoxError;
+use super::{Bulkhead, BulkheadPermit, ResponseFuture};
+use crate::{BoxError, Error};
 
 /// Applies a [`Bulkhead`] to a service.
 ///
@@ -87,7 +87,7 @@ where
 {
     type Response = S::Response;
     type Error = BoxError;
-    type Future = ResponseFuture<S, Req>;
+    type Future = ResponseFuture<S, Req, BulkheadPermit>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -95,17 +95,22 @@ where
 
     fn call(&mut self, req: Req) -> Self::Future {
         if let Some(permit) = self.bulkhead.try_acquire() {
-            return ResponseFuture::running(self.inner.call(req), permit);
+            return ResponseFuture::running(self.inner.call(req), permit, full);
         }
         // The queue slot is taken here, in arrival order, not when the response
         // future is first polled.
         let Some(slot) = self.bulkhead.enter_queue_owned() else {
             let _ = self.bulkhead.inner.reject();
-            return ResponseFuture::rejected();
+            return ResponseFuture::rejected(full);
         };
         let acquire = Box::pin(Bulkhead::wait_queued(slot));
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::queued(acquire, ready, req)
+        ResponseFuture::queued(acquire, ready, req, full)
     }
+}
+
+/// The bulkhead's own refusal.
+fn full() -> Error {
+    Error::BulkheadFull
 }

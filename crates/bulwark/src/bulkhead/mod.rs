@@ -56,11 +56,10 @@
 //! # }
 //! ```
 
-mod future;
 mod keyed;
 mod layer;
 
-pub use future::ResponseFuture;
+pub use crate::slot_future::ResponseFuture;
 pub use keyed::{KeyedBulkhead, KeyedBulkheadBuilder, KeyedBulkheadPermit};
 pub use layer::{BulkheadLayer, BulkheadService};
 

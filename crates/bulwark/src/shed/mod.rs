@@ -73,7 +73,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-pub use layer::{ShedLayer, ShedService};
+pub use layer::{ResponseFuture, ShedLayer, ShedService};
 
 use crate::{ConfigError, Error, Event, Listener, Listeners};
 
