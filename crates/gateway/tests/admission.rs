@@ -192,3 +192,51 @@ async fn a_reload_keeps_the_queue_when_the_section_is_unchanged() {
     assert_eq!(admission(ops.gateway()), 0);
     ops.stop().await;
 }
+
+#[tokio::test]
+async fn a_streamed_response_holds_its_slot_until_its_body_ends() {
+    use tokio::io::AsyncWriteExt;
+    // The first answer streams: head and one chunk, then the rest once released. Later ones (on
+    // that connection or others) are whole.
+    let release = Arc::new(Notify::new());
+    let r = release.clone();
+    let up = RawUpstream::start(move |mut s, i| {
+        let r = r.clone();
+        async move {
+            let mut buf = Vec::new();
+            let mut n = 0;
+            while read_head(&mut s, &mut buf).await.is_some() {
+                n += 1;
+                if i == 0 && n == 1 {
+                    let head =
+                        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n";
+                    s.write_all(head.as_bytes()).await.unwrap();
+                    r.notified().await;
+                    s.write_all(b"4\r\nlast\r\n0\r\n\r\n").await.unwrap();
+                } else {
+                    s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    })
+    .await;
+    let gw = Gateway::start(&config(&up.url(), "{ max_concurrent: 1, max_queued: 1 }")).await;
+    let mut streaming = get_streaming(&client(), &gw.url("/")).await;
+    assert_eq!(
+        next_data(streaming.body_mut()).await.as_deref(),
+        Some(&b"first"[..])
+    );
+    // The head went out, the body has not ended: the slot is still taken.
+    let second = spawn_get(&gw, "/", None);
+    wait_until(10, || queued(&gw) == 1).await;
+    release.notify_one();
+    assert_eq!(
+        next_data(streaming.body_mut()).await.as_deref(),
+        Some(&b"last"[..])
+    );
+    let g = second.await.unwrap();
+    assert_eq!((g.status.as_u16(), g.text().as_str()), (200, "ok"));
+    gw.stop().await;
+}

@@ -297,11 +297,13 @@ pub fn is_length_error(err: &(dyn std::error::Error + 'static)) -> bool {
     in_chain(Some(err), |e| e.is::<LengthLimitError>())
 }
 
-/// Keeps an endpoint's in-flight count and upstream admission until the response body is done.
+/// Keeps an endpoint's in-flight count, the upstream admission and the gateway's admission slot
+/// until the response body is done.
 #[derive(Debug)]
 pub struct Lease {
     endpoint: Arc<Endpoint>,
     _admission: Option<crate::policy::Admission>,
+    _slot: Option<bulwark::shed::ShedPermit>,
 }
 
 impl Lease {
@@ -311,11 +313,16 @@ impl Lease {
         Lease {
             endpoint,
             _admission: None,
+            _slot: None,
         }
     }
     /// Attaches the upstream admission to release with the body.
     pub fn hold(&mut self, admission: crate::policy::Admission) {
         self._admission = Some(admission);
+    }
+    /// Attaches the gateway's admission slot to release with the body.
+    fn hold_slot(&mut self, slot: bulwark::shed::ShedPermit) {
+        self._slot = Some(slot);
     }
     /// Puts `inner`'s connection back into the endpoint's pool if the body was read to its end.
     fn release(&self, inner: &mut UpstreamBody) {
@@ -353,6 +360,14 @@ impl RespBody {
     /// No body.
     pub fn empty() -> Self {
         RespBody::Full { data: None }
+    }
+    /// Keeps the gateway's admission `slot` until this body is done: until a streamed upstream
+    /// body ends (or is dropped); a body already in memory releases it at once.
+    pub fn hold_slot(&mut self, slot: bulwark::shed::ShedPermit) {
+        match self {
+            RespBody::Upstream { lease, .. } => lease.hold_slot(slot),
+            RespBody::Full { .. } => drop(slot),
+        }
     }
     /// Streams `inner` from the upstream, releasing `lease` when done.
     pub fn upstream(mut inner: UpstreamBody, lease: Lease) -> Self {

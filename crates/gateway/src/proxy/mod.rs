@@ -7,7 +7,8 @@
 //! 3. routing (first match wins; 404 otherwise), then the operating mode (`maintenance`,
 //!    `read_only`, `degraded`), which may refuse the request (503) or forbid retries, the route's
 //!    rate limit per client (`admission`, 429), its injected faults (`chaos`), and the admission
-//!    queue (`admission`: requests forwarded at once, waiting by priority; 503 `shed`);
+//!    queue (`admission`: requests forwarded at once, waiting by priority; 503 `shed`), whose slot
+//!    the response body keeps until it ends;
 //! 4. header rewriting (hop-by-hop out, `x-forwarded-*` and `x-request-id` in);
 //! 5. the attempt loop (`attempt`) that talks to upstreams;
 //! 6. one mapping from outcome to response ([`respond`]).
@@ -727,8 +728,8 @@ async fn route_and_forward(
             return (resp, Some(ri));
         }
     }
-    // The admission queue: held until the response head is ready (the end of this function).
-    let _slot = match &rt.admission {
+    // The admission queue: the slot is held until the response body is done.
+    let slot = match &rt.admission {
         Some(a) => {
             let priority = a.priority(route.priority, req.headers());
             let deadline = start + route.timeout;
@@ -791,18 +792,12 @@ async fn route_and_forward(
         usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
     );
     // Stage 5 and 6.
-    (
-        attempt::forward(
-            rt,
-            route,
-            parts,
-            body,
-            start,
-            action == ModeAction::NoRetries,
-        )
-        .await,
-        Some(ri),
-    )
+    let no_retries = action == ModeAction::NoRetries;
+    let mut resp = attempt::forward(rt, route, parts, body, start, no_retries).await;
+    if let Some(slot) = slot {
+        resp.body_mut().hold_slot(slot);
+    }
+    (resp, Some(ri))
 }
 
 /// One access-log line (target `bulwark::access`): method, path (no query string: it may carry
