@@ -193,15 +193,12 @@ async fn a_reload_keeps_the_queue_when_the_section_is_unchanged() {
     ops.stop().await;
 }
 
-#[tokio::test]
-async fn a_streamed_response_holds_its_slot_until_its_body_ends() {
+/// An upstream whose first answer streams: head and one chunk, then the rest once `release` is
+/// notified. Later answers (on that connection or others) are whole: `ok`.
+async fn streaming_upstream(release: Arc<Notify>) -> RawUpstream {
     use tokio::io::AsyncWriteExt;
-    // The first answer streams: head and one chunk, then the rest once released. Later ones (on
-    // that connection or others) are whole.
-    let release = Arc::new(Notify::new());
-    let r = release.clone();
-    let up = RawUpstream::start(move |mut s, i| {
-        let r = r.clone();
+    RawUpstream::start(move |mut s, i| {
+        let r = release.clone();
         async move {
             let mut buf = Vec::new();
             let mut n = 0;
@@ -221,7 +218,13 @@ async fn a_streamed_response_holds_its_slot_until_its_body_ends() {
             }
         }
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn a_streamed_response_holds_its_slot_until_its_body_ends() {
+    let release = Arc::new(Notify::new());
+    let up = streaming_upstream(release.clone()).await;
     let gw = Gateway::start(&config(&up.url(), "{ max_concurrent: 1, max_queued: 1 }")).await;
     let mut streaming = get_streaming(&client(), &gw.url("/")).await;
     assert_eq!(
@@ -238,5 +241,26 @@ async fn a_streamed_response_holds_its_slot_until_its_body_ends() {
     );
     let g = second.await.unwrap();
     assert_eq!((g.status.as_u16(), g.text().as_str()), (200, "ok"));
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_http2_response_gives_its_slot_back_at_the_head() {
+    let release = Arc::new(Notify::new());
+    let up = streaming_upstream(release.clone()).await;
+    let gw = Gateway::start(&config(&up.url(), "{ max_concurrent: 1, max_queued: 1 }")).await;
+    let mut streaming = get_streaming(&h2c_client(), &gw.url("/")).await;
+    assert_eq!(
+        next_data(streaming.body_mut()).await.as_deref(),
+        Some(&b"first"[..])
+    );
+    // No progress timeout bounds an HTTP/2 stream: it does not keep the slot.
+    let g = spawn_get(&gw, "/", None).await.unwrap();
+    assert_eq!((g.status.as_u16(), g.text().as_str()), (200, "ok"));
+    release.notify_one();
+    assert_eq!(
+        next_data(streaming.body_mut()).await.as_deref(),
+        Some(&b"last"[..])
+    );
     gw.stop().await;
 }

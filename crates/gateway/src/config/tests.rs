@@ -850,3 +850,18 @@ fn mode_index_is_the_position_in_all() {
         assert_eq!(Mode::from_name(m.as_str()), Some(m));
     }
 }
+
+#[test]
+fn names_must_be_safe_metric_labels() {
+    assert_eq!(
+        err("upstreams:\n  'a\"b':\n    endpoints: [{url: 'http://127.0.0.1:1'}]\n"),
+        "gw.yaml:2:3: upstreams.a\"b: `\\\"` cannot be in a name (names are metric labels)"
+    );
+    assert_eq!(
+        err(&format!("{UP}routes:\n  - upstream: a\n    name: 'x\\y'\n")),
+        "gw.yaml:6:5: routes[0].name: `\\\\` cannot be in a name (names are metric labels)"
+    );
+    assert!(
+        err(&format!("{UP}routes:\n  - upstream: a\n    name: ''\n")).contains("cannot be empty")
+    );
+}

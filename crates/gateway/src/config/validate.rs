@@ -60,6 +60,7 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
     validate_ops(config)?;
     for (name, up) in config.upstreams.iter() {
         let base = [k("upstreams"), k(name)];
+        label_safe(&base, name)?;
         validate_upstream(&base, up)?;
         // What the checks above do not cover, the library's builders do (as `run` will).
         crate::policy::UpstreamPolicies::check(name, up).map_err(|r| refused(&base, r))?;
@@ -68,6 +69,7 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
     for (i, route) in config.routes.iter().enumerate() {
         let base = [k("routes"), Seg::Index(i)];
         if let Some(n) = &route.name {
+            label_safe(&[base.as_slice(), &[k("name")]].concat(), n)?;
             if !route_names.insert(n.clone()) {
                 return Err(at(
                     &[base.as_slice(), &[k("name")]].concat(),
@@ -90,6 +92,27 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
         validate_route(&base, route, config)?;
     }
     Ok(())
+}
+
+/// Names become metric label values, which the Prometheus text format quotes: a `"`, a `\` or a
+/// control character in one would garble `/metrics` (the encoder writes label values as they are).
+fn label_safe(path: &[Seg], name: &str) -> Result<(), Invalid> {
+    if name.is_empty() {
+        return Err(at(path, "a name cannot be empty"));
+    }
+    match name
+        .chars()
+        .find(|c| matches!(c, '"' | '\\') || c.is_control())
+    {
+        Some(c) => Err(at(
+            path,
+            format!(
+                "`{}` cannot be in a name (names are metric labels)",
+                c.escape_default()
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The operational top-level sections: `admin:`, `store:` and `logging:`.

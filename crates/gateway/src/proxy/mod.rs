@@ -793,8 +793,12 @@ async fn route_and_forward(
     );
     // Stage 5 and 6.
     let no_retries = action == ModeAction::NoRetries;
+    // An HTTP/1.1 response body that stops moving is cut at `idle_timeout`, so it may keep the
+    // slot until it ends; an HTTP/2 stream has no such bound yet (a client that grants no flow
+    // control window would hold the slot forever), so it gives the slot back at the head.
+    let bounded = parts.version != http::Version::HTTP_2;
     let mut resp = attempt::forward(rt, route, parts, body, start, no_retries).await;
-    if let Some(slot) = slot {
+    if let Some(slot) = slot.filter(|_| bounded) {
         resp.body_mut().hold_slot(slot);
     }
     (resp, Some(ri))

@@ -34,7 +34,9 @@ function parseMetrics(text) {
     if (!m) continue;
     const [, name, labelText, value] = m;
     const labels = {};
-    for (const p of (labelText || "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) labels[p[1]] = p[2];
+    for (const p of (labelText || "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) {
+      labels[p[1]] = p[2].replace(/\\(.)/g, (_, c) => (c === "n" ? "\n" : c));
+    }
     const v = Number(value);
     if (name === "bulwark_requests_total") {
       const r = (routes[labels.route] ??= { upstream: labels.upstream, total: 0, errors: 0 });
@@ -81,7 +83,8 @@ function renderRoutes(metrics, now) {
     if (before) {
       const secs = (now - previous.time) / 1000;
       const n = r.total - before.total;
-      rate = secs > 0 ? (n / secs).toFixed(1) : "–";
+      // A counter that went down: the gateway restarted; wait for the next reading.
+      rate = secs > 0 && n >= 0 ? (n / secs).toFixed(1) : "–";
       share = n > 0 ? `${((100 * (r.errors - before.errors)) / n).toFixed(1)} %` : "–";
     }
     rows.push(row([
