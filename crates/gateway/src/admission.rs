@@ -46,13 +46,10 @@ impl ClientLimit {
     /// Builds the limiter of a `client_rate_limit` section (enabled, `per_second` > 0 checked).
     pub fn new(c: &config::ClientRateLimit) -> Result<ClientLimit, Refused> {
         let section = ["client_rate_limit"];
-        // A fractional rate is expressed per minute so that 0.5/s stays exact (as upstreams do).
-        let mut b = if c.per_second.fract() == 0.0 && c.per_second >= 1.0 {
-            KeyedRateLimiter::builder().per_second(c.per_second as u32)
-        } else {
-            KeyedRateLimiter::builder().per_minute((c.per_second * 60.0).round().max(1.0) as u32)
-        }
-        .max_keys(c.max_keys);
+        let (n, per) = crate::policy::rate(c.per_second);
+        let mut b = KeyedRateLimiter::builder()
+            .rate(n, per)
+            .max_keys(c.max_keys);
         if let Some(burst) = c.burst {
             b = b.burst(burst);
         }
@@ -127,7 +124,7 @@ fn hash_client_ip(hasher: &mut impl Hasher, peer_ip: &HeaderValue) {
 
 /// The library's shedder for an `admission` section (enabled, `max_concurrent` >= 1 checked),
 /// reporting `Event::Shed` to `events`.
-pub fn build_shedder(a: &config::Admission, events: &Events) -> Result<Shedder, Refused> {
+fn build_shedder(a: &config::Admission, events: &Events) -> Result<Shedder, Refused> {
     let mut b = Shedder::builder()
         .name("admission")
         .max_concurrent(a.max_concurrent)
@@ -153,9 +150,9 @@ impl Admission {
     /// From an enabled, validated `admission` section.
     pub fn new(a: &config::Admission, events: &Events) -> Result<Admission, Refused> {
         let header = match &a.priority_header {
-            Some(h) => Some(HeaderName::from_bytes(h.as_bytes()).map_err(|e| Refused {
+            Some(h) => Some(HeaderName::from_bytes(h.as_bytes()).map_err(|_| Refused {
                 path: vec!["admission", "priority_header"],
-                reason: e.to_string(),
+                reason: format!("invalid header name `{h}`"),
             })?),
             None => None,
         };

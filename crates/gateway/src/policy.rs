@@ -81,6 +81,19 @@ impl fmt::Display for Refused {
     }
 }
 
+/// A `per_second` setting as the library's rate builders take it: whole rates per second, and a
+/// fractional one per minute so that 0.5/s stays exact.
+pub(crate) fn rate(per_second: f64) -> (u32, Duration) {
+    if per_second.fract() == 0.0 && per_second >= 1.0 {
+        (per_second as u32, Duration::from_secs(1))
+    } else {
+        (
+            (per_second * 60.0).round().max(1.0) as u32,
+            Duration::from_secs(60),
+        )
+    }
+}
+
 /// The config key of the setting a builder of config section `section` refused.
 pub(crate) fn refused(section: &[&'static str], e: ConfigError) -> Refused {
     let key = match (section.last().copied(), e.field()) {
@@ -186,13 +199,8 @@ impl UpstreamPolicies {
         };
         let rate_limiter = match up.rate_limit.as_ref().filter(|r| r.enabled) {
             Some(r) => {
-                // A fractional rate is expressed per minute so that 0.5/s stays exact.
-                let mut b = if r.per_second.fract() == 0.0 && r.per_second >= 1.0 {
-                    RateLimiter::builder().per_second(r.per_second as u32)
-                } else {
-                    RateLimiter::builder().per_minute((r.per_second * 60.0).round().max(1.0) as u32)
-                }
-                .name(name);
+                let (n, per) = rate(r.per_second);
+                let mut b = RateLimiter::builder().rate(n, per).name(name);
                 if let Some(burst) = r.burst {
                     b = b.burst(burst);
                 }

@@ -273,41 +273,55 @@ impl Store {
     /// Records `change`: for `forced_open` and `disabled` the override is inserted or replaced, for
     /// `closed` it is deleted; in the same transaction an audit row is appended. Blocks (one fsync).
     pub fn record(&self, change: &BreakerChange<'_>) -> Result<(), StoreError> {
+        self.write_change(change.client, |tx, now| {
+            Ok(match change.to {
+                BreakerCommand::Closed => {
+                    tx.execute(
+                        "DELETE FROM breaker_overrides WHERE upstream = ?1",
+                        params![change.upstream],
+                    )?;
+                    ("clear_override", change.upstream, change.from, "closed")
+                }
+                cmd => {
+                    let state = command_name(cmd);
+                    tx.execute(
+                        "INSERT INTO breaker_overrides (upstream, state, set_at, set_by)
+                         VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (upstream) DO UPDATE
+                         SET state = excluded.state, set_at = excluded.set_at, set_by = excluded.set_by",
+                        params![change.upstream, state, now, change.by],
+                    )?;
+                    ("set_override", change.upstream, change.from, state)
+                }
+            })
+        })
+    }
+
+    /// One admin change, durable before it returns: `apply` writes the override (given the
+    /// transaction and the time) and says what to log (action, upstream, from, to); the audit row
+    /// goes in the same transaction. Blocks (one fsync).
+    fn write_change<'a>(
+        &self,
+        client: Option<&str>,
+        apply: impl FnOnce(
+            &rusqlite::Transaction<'_>,
+            &str,
+        ) -> rusqlite::Result<(&'a str, &'a str, &'a str, &'a str)>,
+    ) -> Result<(), StoreError> {
+        let write = |e: rusqlite::Error| self.err(format!("cannot write: {e}"));
         let now = rfc3339(SystemTime::now());
         let mut conn = self.lock();
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(|e| self.err(format!("cannot write: {e}")))?;
-        let (action, to) = match change.to {
-            BreakerCommand::Closed => {
-                tx.execute(
-                    "DELETE FROM breaker_overrides WHERE upstream = ?1",
-                    params![change.upstream],
-                )
-                .map_err(|e| self.err(format!("cannot write: {e}")))?;
-                ("clear_override", "closed")
-            }
-            cmd => {
-                let state = command_name(cmd);
-                tx.execute(
-                    "INSERT INTO breaker_overrides (upstream, state, set_at, set_by)
-                     VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (upstream) DO UPDATE
-                     SET state = excluded.state, set_at = excluded.set_at, set_by = excluded.set_by",
-                    params![change.upstream, state, now, change.by],
-                )
-                .map_err(|e| self.err(format!("cannot write: {e}")))?;
-                ("set_override", state)
-            }
-        };
+            .map_err(write)?;
+        let (action, upstream, from, to) = apply(&tx, &now).map_err(write)?;
         tx.execute(
             "INSERT INTO audit_log (time, action, upstream, old_state, new_state, client)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![now, action, change.upstream, change.from, to, change.client],
+            params![now, action, upstream, from, to, client],
         )
-        .map_err(|e| self.err(format!("cannot write: {e}")))?;
-        tx.commit()
-            .map_err(|e| self.err(format!("cannot write: {e}")))
+        .map_err(write)?;
+        tx.commit().map_err(write)
     }
 
     /// The persisted operating-mode override, if any. Blocks.
@@ -337,35 +351,25 @@ impl Store {
         by: &str,
         client: Option<&str>,
     ) -> Result<(), StoreError> {
-        let now = rfc3339(SystemTime::now());
-        let write = |e: rusqlite::Error| self.err(format!("cannot write: {e}"));
-        let mut conn = self.lock();
-        let tx = conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(write)?;
-        let action = match over {
-            Some(m) => {
-                tx.execute(
-                    "INSERT INTO mode_override (id, mode, set_at, set_by) VALUES (1, ?1, ?2, ?3)
-                     ON CONFLICT (id) DO UPDATE
-                     SET mode = excluded.mode, set_at = excluded.set_at, set_by = excluded.set_by",
-                    params![m.as_str(), now, by],
-                )
-                .map_err(write)?;
-                "set_mode"
-            }
-            None => {
-                tx.execute("DELETE FROM mode_override", []).map_err(write)?;
-                "clear_mode"
-            }
-        };
-        tx.execute(
-            "INSERT INTO audit_log (time, action, upstream, old_state, new_state, client)
-             VALUES (?1, ?2, '', ?3, ?4, ?5)",
-            params![now, action, from.as_str(), to.as_str(), client],
-        )
-        .map_err(write)?;
-        tx.commit().map_err(write)
+        // A mode change's audit row has an empty `upstream`.
+        self.write_change(client, |tx, now| {
+            let action = match over {
+                Some(m) => {
+                    tx.execute(
+                        "INSERT INTO mode_override (id, mode, set_at, set_by) VALUES (1, ?1, ?2, ?3)
+                         ON CONFLICT (id) DO UPDATE
+                         SET mode = excluded.mode, set_at = excluded.set_at, set_by = excluded.set_by",
+                        params![m.as_str(), now, by],
+                    )?;
+                    "set_mode"
+                }
+                None => {
+                    tx.execute("DELETE FROM mode_override", [])?;
+                    "clear_mode"
+                }
+            };
+            Ok((action, "", from.as_str(), to.as_str()))
+        })
     }
 
     /// The newest `limit` audit entries, newest first. Blocks.

@@ -41,21 +41,8 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
         return Err(at(&[k("mode_retry_after")], "must be at least 1s"));
     }
     if let Some(a) = config.admission.as_ref().filter(|a| a.enabled) {
-        if a.max_concurrent == 0 {
-            return Err(at(
-                &[k("admission"), k("max_concurrent")],
-                "must be at least 1",
-            ));
-        }
-        if let Some(h) = &a.priority_header {
-            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
-                return Err(at(
-                    &[k("admission"), k("priority_header")],
-                    format!("invalid header name `{h}`"),
-                ));
-            }
-        }
-        crate::admission::build_shedder(a, &None).map_err(|r| refused(&[], r))?;
+        // Built as `run` builds it: the library refuses `max_concurrent: 0` and a zero timeout.
+        crate::admission::Admission::new(a, &None).map_err(|r| refused(&[], r))?;
     }
     validate_ops(config)?;
     for (name, up) in config.upstreams.iter() {
@@ -92,6 +79,15 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
         validate_route(&base, route, config)?;
     }
     Ok(())
+}
+
+/// A `per_second` rate at `path`: finite and above zero.
+fn positive_rate(path: &[Seg], per_second: f64) -> Result<(), Invalid> {
+    if per_second > 0.0 && per_second.is_finite() {
+        Ok(())
+    } else {
+        Err(at(path, "must be greater than 0"))
+    }
 }
 
 /// Names become metric label values, which the Prometheus text format quotes: a `"`, a `\` or a
@@ -364,13 +360,8 @@ fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
             ));
         }
     }
-    if let Some(rl) = &up.rate_limit {
-        if rl.enabled && !(rl.per_second > 0.0 && rl.per_second.is_finite()) {
-            return Err(at(
-                &p(&[k("rate_limit"), k("per_second")]),
-                "must be greater than 0",
-            ));
-        }
+    if let Some(rl) = up.rate_limit.as_ref().filter(|r| r.enabled) {
+        positive_rate(&p(&[k("rate_limit"), k("per_second")]), rl.per_second)?;
     }
     Ok(())
 }
@@ -574,12 +565,10 @@ fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), In
     crate::policy::RoutePolicies::check(name, retry, route.hedge.as_ref())
         .map_err(|r| refused(base, r))?;
     if let Some(rl) = route.client_rate_limit.as_ref().filter(|r| r.enabled) {
-        if !(rl.per_second > 0.0 && rl.per_second.is_finite()) {
-            return Err(at(
-                &p(&[k("client_rate_limit"), k("per_second")]),
-                "must be greater than 0",
-            ));
-        }
+        positive_rate(
+            &p(&[k("client_rate_limit"), k("per_second")]),
+            rl.per_second,
+        )?;
         if rl.max_keys == 0 {
             return Err(at(
                 &p(&[k("client_rate_limit"), k("max_keys")]),

@@ -176,9 +176,7 @@ impl Route {
             Mode::Degraded => ModeAction::NoRetries,
         }
     }
-}
 
-impl Route {
     /// Whether `req` would open a WebSocket tunnel on this route.
     fn tunnels<B>(&self, req: &Request<B>) -> bool {
         self.websocket
