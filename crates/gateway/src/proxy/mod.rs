@@ -16,6 +16,7 @@
 pub(crate) mod attempt;
 pub mod body;
 pub(crate) mod h1;
+pub(crate) mod h2;
 pub mod headers;
 pub mod respond;
 pub mod route;
@@ -38,7 +39,7 @@ use http_body_util::Limited;
 use hyper::body::Incoming;
 use hyper::server::conn::http2;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
@@ -651,6 +652,23 @@ impl Drop for Active<'_> {
     }
 }
 
+/// Keeps an HTTP/2 connection busy (not idle) while a response body streams on it: counted in
+/// flight until dropped with the body, then stamps the connection's activity.
+pub(crate) struct Streaming(Arc<ConnCtx>);
+
+impl Streaming {
+    fn new(ctx: Arc<ConnCtx>) -> Self {
+        ctx.inflight.fetch_add(1, Ordering::Relaxed);
+        Streaming(ctx)
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        drop(Active(&self.0, None));
+    }
+}
+
 async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
     ctx.inflight.fetch_add(1, Ordering::Relaxed);
     let mut active = Active(ctx, None);
@@ -793,12 +811,10 @@ async fn route_and_forward(
     );
     // Stage 5 and 6.
     let no_retries = action == ModeAction::NoRetries;
-    // An HTTP/1.1 response body that stops moving is cut at `idle_timeout`, so it may keep the
-    // slot until it ends; an HTTP/2 stream has no such bound yet (a client that grants no flow
-    // control window would hold the slot forever), so it gives the slot back at the head.
-    let bounded = parts.version != http::Version::HTTP_2;
+    // A response body that stops moving is cut at `idle_timeout` (HTTP/1.1: the connection loop;
+    // HTTP/2: the stream's watcher), so it may keep the slot until it ends.
     let mut resp = attempt::forward(rt, route, parts, body, start, no_retries).await;
-    if let Some(slot) = slot.filter(|_| bounded) {
+    if let Some(slot) = slot {
         resp.body_mut().hold_slot(slot);
     }
     (resp, Some(ri))
@@ -923,7 +939,10 @@ impl Server {
             settings,
             tls,
         } = self;
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        // Each stream's task is cut when its response body stays still for `idle_timeout`.
+        let mut h2 = http2::Builder::new(h2::StreamExec {
+            idle: settings.idle_timeout,
+        });
         h2.timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
         let h2 = Arc::new(h2);
@@ -1074,7 +1093,7 @@ async fn serve_conn<I>(
     io: I,
     alpn_h2: bool,
     ctx: Arc<ConnCtx>,
-    h2: &http2::Builder<TokioExecutor>,
+    h2: &http2::Builder<h2::StreamExec>,
     stop: watch::Receiver<bool>,
     limits: h1::Limits,
     idle: Duration,
@@ -1097,7 +1116,7 @@ async fn serve_conn<I>(
 async fn serve_h2<I>(
     io: I,
     ctx: Arc<ConnCtx>,
-    builder: &http2::Builder<TokioExecutor>,
+    builder: &http2::Builder<h2::StreamExec>,
     mut stop: watch::Receiver<bool>,
     idle: Duration,
 ) where
@@ -1107,14 +1126,20 @@ async fn serve_h2<I>(
     let svc = service_fn(move |req: Request<Incoming>| {
         let ctx = svc_ctx.clone();
         async move {
-            if http_body::Body::is_end_stream(req.body()) {
-                return Ok::<_, Infallible>(handle(&ctx, req.map(|_| ClientBody::Empty)).await);
-            }
-            let responding = Arc::new(AtomicBool::new(false));
-            let req = req.map(|inner| ClientBody::h2(inner, idle, responding.clone()));
-            let resp = handle(&ctx, req).await;
-            responding.store(true, Ordering::Relaxed);
-            Ok(resp)
+            // Polled inside the stream's task: its progress is there to report to.
+            let progress = h2::current();
+            let resp = if http_body::Body::is_end_stream(req.body()) {
+                handle(&ctx, req.map(|_| ClientBody::Empty)).await
+            } else {
+                let responding = Arc::new(AtomicBool::new(false));
+                let req = req.map(|inner| ClientBody::h2(inner, idle, responding.clone()));
+                let resp = handle(&ctx, req).await;
+                responding.store(true, Ordering::Relaxed);
+                resp
+            };
+            let streaming =
+                (!http_body::Body::is_end_stream(resp.body())).then(|| Streaming::new(ctx.clone()));
+            Ok::<_, Infallible>(resp.map(|b| h2::WatchedBody::new(b, progress, streaming)))
         }
     });
     let conn = builder.serve_connection(TokioIo::new(io), svc);

@@ -1,0 +1,197 @@
+//! HTTP/2 streams whose response body stops moving: cut after `limits.idle_timeout`, whether the
+//! upstream sends nothing more or the client reads nothing (its flow-control window stays shut),
+//! freeing what the stream held upstream while the connection goes on serving.
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// An h2c connection to `gw` whose streams grant the gateway a 16 KiB window (never more while
+/// their bodies go unread).
+async fn h2_conn(gw: &Gateway) -> http2::SendRequest<Full<Bytes>> {
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (send, conn) = http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(16 * 1024)
+        .adaptive_window(false)
+        .handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+fn get(path: &str) -> Request<Full<Bytes>> {
+    Request::get(format!("http://x{path}"))
+        .body(Full::default())
+        .unwrap()
+}
+
+/// The upstream's in-flight count seen by the gateway: the stream's lease on the endpoint.
+fn inflight(gw: &Gateway) -> usize {
+    gw.state.runtime().upstreams[0].endpoints[0].inflight()
+}
+
+/// An upstream that answers `/big` with an endless body, reporting on the channel when the gateway
+/// closes that connection, and anything else with `ok`.
+async fn endless() -> (RawUpstream, mpsc::UnboundedReceiver<()>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let up = RawUpstream::start(move |mut s, _| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            while let Some(req) = read_head(&mut s, &mut buf).await {
+                if req.starts_with("GET /big") {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000000\r\n\r\n")
+                        .await;
+                    let chunk = vec![b'x'; 64 * 1024];
+                    while s.write_all(&chunk).await.is_ok() {}
+                    let _ = tx.send(());
+                    return;
+                }
+                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if s.write_all(ok).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    (up, rx)
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_a_stream_frees_the_upstream_and_keeps_its_connection() {
+    let (up, mut closed) = endless().await;
+    let gw = Gateway::start(&limited_config(&up.url(), "idle_timeout: 1s")).await;
+    let mut send = h2_conn(&gw).await;
+    let resp = send.send_request(get("/big")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(inflight(&gw), 1);
+    // The body goes unread: the stream's window shuts at 16 KiB, and the gateway stops reading
+    // the upstream, whose writes then block.
+    tokio::time::timeout(Duration::from_secs(10), closed.recv())
+        .await
+        .expect("the upstream connection stayed open for a client that reads nothing")
+        .unwrap();
+    wait_until(10, || inflight(&gw) == 0).await;
+    // The stream was reset, not the connection: reading it now fails, and the same connection
+    // carries the next request.
+    let read = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("the cut stream did not end");
+    assert!(read.is_err(), "a cut stream read as complete");
+    let next = send.send_request(get("/next")).await.unwrap();
+    assert_eq!(next.status(), 200);
+    let body = next.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ok");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_upstream_stalling_mid_body_is_cut_on_an_http2_stream_after_idle_timeout() {
+    let (tx, mut eof) = mpsc::unbounded_channel();
+    let up = RawUpstream::start(move |mut s, _| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            if read_head(&mut s, &mut buf).await.is_none() {
+                return;
+            }
+            let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n";
+            if s.write_all(head).await.is_err() {
+                return;
+            }
+            let mut b = [0u8; 1024];
+            while let Ok(n) = s.read(&mut b).await {
+                if n == 0 {
+                    break;
+                }
+            }
+            let _ = tx.send(());
+        }
+    })
+    .await;
+    let idle = Duration::from_millis(600);
+    let gw = Gateway::start(&limited_config(&up.url(), "idle_timeout: 600ms")).await;
+    let mut resp = get_streaming(&h2c_client(), &gw.url("/stall")).await;
+    assert_eq!(
+        next_data(resp.body_mut()).await.as_deref(),
+        Some(&b"abc"[..])
+    );
+    let still_since = Instant::now();
+    let next = tokio::time::timeout(Duration::from_secs(10), resp.body_mut().frame())
+        .await
+        .expect("a stalled upstream body was not cut");
+    assert!(
+        matches!(next, Some(Err(_))),
+        "the cut stream must fail, not end"
+    );
+    // Not before the body had been still for idle_timeout (less the time "abc" took to arrive).
+    assert!(
+        still_since.elapsed() >= idle - Duration::from_millis(100),
+        "cut after {:?}",
+        still_since.elapsed()
+    );
+    tokio::time::timeout(Duration::from_secs(5), eof.recv())
+        .await
+        .expect("the upstream connection was not closed")
+        .unwrap();
+    wait_until(10, || inflight(&gw) == 0).await;
+    gw.stop().await;
+}
+
+/// Answers with ten one-byte chunks 150 ms apart; whether the connection can carry another.
+async fn trickle(s: &mut TcpStream) -> bool {
+    let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+    if s.write_all(head).await.is_err() {
+        return false;
+    }
+    for i in 0..10 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        if s.write_all(format!("1\r\n{i}\r\n").as_bytes())
+            .await
+            .is_err()
+        {
+            return false;
+        }
+    }
+    s.write_all(b"0\r\n\r\n").await.is_ok()
+}
+
+#[tokio::test]
+async fn an_http2_body_that_keeps_moving_slower_than_idle_timeout_in_all_is_not_cut() {
+    // Ten chunks 150 ms apart: 1.5 s in all, each gap well under the 500 ms idle_timeout.
+    let up = RawUpstream::start(move |mut s, _| async move {
+        let mut buf = Vec::new();
+        while read_head(&mut s, &mut buf).await.is_some() {
+            if !trickle(&mut s).await {
+                return;
+            }
+        }
+    })
+    .await;
+    let gw = Gateway::start(&limited_config(&up.url(), "idle_timeout: 500ms")).await;
+    let mut send = h2_conn(&gw).await;
+    let resp = send.send_request(get("/slow")).await.unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
+        .await
+        .expect("the body did not end")
+        .expect("a moving body was cut")
+        .to_bytes();
+    assert_eq!(&body[..], b"0123456789");
+    // Nor was the connection idle while it streamed: it still takes requests.
+    let next = send.send_request(get("/slow")).await;
+    assert!(next.is_ok(), "{next:?}");
+    gw.stop().await;
+}
