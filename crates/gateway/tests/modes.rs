@@ -297,11 +297,17 @@ async fn the_admin_api_sets_and_clears_the_mode_over_reloads() {
     );
     assert_eq!(get(&c, &ops.url("/v1")).await.status, 200);
     refused_by(&post(&c, &ops.url("/v1"), "x").await, "read_only");
-    // Without an override, a reload changes the mode.
+    // Without an override, a reload changes the mode, with the routes: a request still on the
+    // old runtime is judged by the old file's mode.
     let gen = ops.gateway().generation();
+    let old = ops.gateway().runtime();
     ops.rewrite(&yaml("normal", &up.url()));
     eventually(10, "reload", || async { ops.gateway().generation() > gen }).await;
     assert_eq!(post(&c, &ops.url("/v1"), "x").await.status, 200);
+    use bulwark_gateway::config::Mode;
+    assert_eq!(ops.gateway().mode_in(&old), Mode::ReadOnly);
+    assert_eq!(ops.gateway().mode(), Mode::Normal);
+    drop(old);
     assert_eq!(
         mode_call(&ops, &c, "POST", Some(TOKEN), maintenance)
             .await
@@ -318,7 +324,7 @@ async fn the_admin_api_sets_and_clears_the_mode_over_reloads() {
             .status,
         403
     );
-    assert_eq!(ops.gateway().mode(), bulwark_gateway::config::Mode::Normal);
+    assert_eq!(ops.gateway().mode(), Mode::Normal);
     ops.stop().await;
 }
 

@@ -304,12 +304,14 @@ pub struct Gateway {
     /// Serialises admin changes end to end (check, store write, apply), so two changes of one
     /// upstream are recorded and applied in the same order. Never taken on the request path.
     changes: Mutex<()>,
-    /// The operating mode in force (index in [`Mode::ALL`]): the admin override if any, else the
-    /// config's. The request path reads only this.
-    mode: AtomicU8,
-    /// The admin API's mode override; taken under the `overrides` lock.
-    mode_override: Mutex<Option<Mode>>,
+    /// The admin API's mode override (index in [`Mode::ALL`], or [`NO_OVERRIDE`]); changed under the
+    /// `overrides` lock. The mode in force is it, else the config's in the runtime a request
+    /// loaded: a reload changes the config's mode and the routes it applies to at once.
+    mode_override: AtomicU8,
 }
+
+/// [`Gateway::mode_override`] when no override is set.
+const NO_OVERRIDE: u8 = u8::MAX;
 
 /// The operating mode, where it comes from: what `GET /api/mode` shows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -334,8 +336,7 @@ impl Gateway {
         let mode = runtime.config.mode;
         runtime.telemetry.set_mode(mode);
         Gateway {
-            mode: AtomicU8::new(mode_index(mode)),
-            mode_override: Mutex::new(None),
+            mode_override: AtomicU8::new(NO_OVERRIDE),
             runtime: ArcSwap::from_pointee(runtime),
             phase: AtomicU8::new(Phase::Starting as u8),
             generation: AtomicU64::new(1),
@@ -420,31 +421,41 @@ impl Gateway {
             }
         });
         runtime.telemetry.refresh(&runtime);
-        let kept = *self.lock_mode_override();
-        self.install_mode(kept, &runtime);
+        self.install_mode(self.mode_override(), &runtime);
         self.runtime.store(Arc::new(runtime));
         self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
-    fn lock_mode_override(&self) -> std::sync::MutexGuard<'_, Option<Mode>> {
-        self.mode_override.lock().unwrap_or_else(|p| p.into_inner())
+    /// The admin API's mode override, if one is set.
+    fn mode_override(&self) -> Option<Mode> {
+        Mode::ALL
+            .get(usize::from(self.mode_override.load(Ordering::Relaxed)))
+            .copied()
     }
 
-    /// Records `over` as the mode override and puts the mode in force (it, or `rt`'s config's) where
-    /// requests and metrics read it. Callers hold the `overrides` lock.
+    /// Records `over` as the mode override and reports the mode in force with `rt` (it, or `rt`'s
+    /// config's) to the metrics, before `rt` is installed, if it is a new one. Callers hold the
+    /// `overrides` lock.
     fn install_mode(&self, over: Option<Mode>, rt: &Runtime) {
-        *self.lock_mode_override() = over;
+        let before = self.mode();
         let mode = over.unwrap_or(rt.config.mode);
-        let before = self.mode.swap(mode_index(mode), Ordering::Relaxed);
+        self.mode_override
+            .store(over.map_or(NO_OVERRIDE, mode_index), Ordering::Relaxed);
         rt.telemetry.set_mode(mode);
-        if before != mode_index(mode) {
+        if before != mode {
             tracing::warn!(mode = %mode, "operating mode changed");
         }
     }
 
-    /// The operating mode in force (one atomic load).
+    /// The operating mode in force for requests on `rt`: the override, else `rt`'s config's (one
+    /// atomic load).
+    pub fn mode_in(&self, rt: &Runtime) -> Mode {
+        self.mode_override().unwrap_or(rt.config.mode)
+    }
+
+    /// The operating mode in force.
     pub fn mode(&self) -> Mode {
-        Mode::ALL[usize::from(self.mode.load(Ordering::Relaxed)) % Mode::ALL.len()]
+        self.mode_in(&self.runtime())
     }
 
     /// The mode in force, the config's, and the admin override.
@@ -453,7 +464,7 @@ impl Gateway {
         ModeStatus {
             mode: self.mode(),
             configured: self.runtime().config.mode,
-            override_: *self.lock_mode_override(),
+            override_: self.mode_override(),
         }
     }
 
@@ -726,7 +737,7 @@ async fn route_and_forward(
     };
     let route = &rt.routes[ri];
     // The operating mode, per route (one atomic load; nothing more in `normal`).
-    let mode = ctx.gateway.mode();
+    let mode = ctx.gateway.mode_in(rt);
     let action = route.mode_action(mode, &req);
     if action == ModeAction::Refuse {
         rt.stats[ri].refused_by_mode(mode);
