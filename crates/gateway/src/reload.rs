@@ -260,6 +260,10 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         "limits.max_connections",
         old.limits.max_connections != new.limits.max_connections,
     );
+    check(
+        "limits.max_concurrent_streams",
+        old.limits.max_concurrent_streams != new.limits.max_concurrent_streams,
+    );
     // Lowering is applied at once; the listener's read buffer is sized at start, so raising is not.
     check(
         "limits.max_header_bytes",

@@ -195,3 +195,41 @@ async fn an_http2_body_that_keeps_moving_slower_than_idle_timeout_in_all_is_not_
     assert!(next.is_ok(), "{next:?}");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_http2_connection_carries_at_most_max_concurrent_streams_at_once() {
+    let (up, release) = Upstream::held("held", "done").await;
+    let gw = Gateway::start(&limited_config(&up.url(), "max_concurrent_streams: 2")).await;
+    let mut send = h2_conn(&gw).await;
+    // One request first: the client then knows the gateway's SETTINGS (a stream opened before
+    // they arrive, beyond the limit, is refused).
+    release.notify_one();
+    let first = send.send_request(get("/")).await.unwrap();
+    assert_eq!(first.status(), 200);
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            let mut s = send.clone();
+            tokio::spawn(async move {
+                s.ready().await?;
+                s.send_request(get("/")).await
+            })
+        })
+        .collect();
+    wait_until(10, || up.hits() == 3).await;
+    // The third stream waits for one of the two to end (the gateway's SETTINGS allow two).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(up.hits(), 3);
+    release.notify_one();
+    wait_until(10, || up.hits() == 4).await;
+    release.notify_one();
+    release.notify_one();
+    for c in calls {
+        let r = tokio::time::timeout(Duration::from_secs(10), c)
+            .await
+            .expect("a stream never finished")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    gw.stop().await;
+}

@@ -26,6 +26,8 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Dur = Dur::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Dur = Dur::from_secs(60);
 /// Concurrent client connections; beyond this the listener stops accepting until one closes.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// `limits.max_concurrent_streams` (hyper's default).
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 200;
 /// How long a shutdown waits for in-flight requests before dropping them.
 pub const DEFAULT_DRAIN_TIMEOUT: Dur = Dur::from_secs(30);
 /// Clients a route's `client_rate_limit` remembers at most (one bucket of 8 bytes plus the map's
@@ -258,6 +260,8 @@ pub struct Limits {
     pub idle_timeout: Dur,
     /// Concurrent connections.
     pub max_connections: usize,
+    /// Concurrent streams (requests) on one HTTP/2 client connection.
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for Limits {
@@ -268,6 +272,7 @@ impl Default for Limits {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
         }
     }
 }

@@ -57,6 +57,18 @@ fn type_error() {
 }
 
 #[test]
+fn zero_connection_limits() {
+    assert_eq!(
+        err("limits:\n  max_concurrent_streams: 0\n"),
+        "gw.yaml:2:3: limits.max_concurrent_streams: must be at least 1"
+    );
+    assert_eq!(
+        err("limits: { max_connections: 0 }\n"),
+        "gw.yaml:1:11: limits.max_connections: must be at least 1"
+    );
+}
+
+#[test]
 fn invalid_listen_address() {
     assert_eq!(
         err("listen: nope\n"),

@@ -31,6 +31,12 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
             "must be at least 1",
         ));
     }
+    if config.limits.max_concurrent_streams == 0 {
+        return Err(at(
+            &[k("limits"), k("max_concurrent_streams")],
+            "must be at least 1",
+        ));
+    }
     if config.limits.max_header_bytes.get() < 1024 {
         return Err(at(
             &[k("limits"), k("max_header_bytes")],

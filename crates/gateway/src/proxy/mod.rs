@@ -875,6 +875,7 @@ struct ListenSettings {
     idle_timeout: Duration,
     max_header_bytes: usize,
     max_connections: usize,
+    max_concurrent_streams: u32,
     drain_timeout: Duration,
 }
 
@@ -923,6 +924,7 @@ impl Server {
                 idle_timeout: config.limits.idle_timeout.get(),
                 max_header_bytes: config.limits.max_header_bytes.as_usize(),
                 max_connections: config.limits.max_connections,
+                max_concurrent_streams: config.limits.max_concurrent_streams,
                 drain_timeout: config.drain_timeout.get(),
             },
             tls,
@@ -955,7 +957,8 @@ impl Server {
             idle: settings.idle_timeout,
         });
         h2.timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(settings.max_concurrent_streams);
         let h2 = Arc::new(h2);
         let limits = h1::Limits {
             head_timeout: settings.header_read_timeout,
