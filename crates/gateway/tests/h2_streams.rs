@@ -233,3 +233,62 @@ async fn an_http2_connection_carries_at_most_max_concurrent_streams_at_once() {
     }
     gw.stop().await;
 }
+
+/// An upload body fed from a channel (the client keeps its request open while the sender lives).
+type Fed = http_body_util::StreamBody<
+    futures_util::stream::BoxStream<'static, Result<http_body::Frame<Bytes>, std::io::Error>>,
+>;
+
+/// An HTTP/2 upstream that answers `abc` at once and then sends nothing more (never ending), and a
+/// gateway in front with `idle_timeout: 500ms`; the client POSTs over h2c and keeps its upload
+/// open. The upstream's request body (the client's, forwarded) is held by the upstream
+/// connection's task, not the stream's: the cut must reach it too.
+#[tokio::test]
+async fn a_cut_stream_with_its_upload_still_open_is_reset_through_an_http2_upstream() {
+    use futures_util::StreamExt;
+    let up = Upstream::start(
+        "u",
+        std::sync::Arc::new(|_req: Request<hyper::body::Incoming>| {
+            Box::pin(async move {
+                let first = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+                    http_body::Frame::data(Bytes::from_static(b"abc")),
+                )]);
+                let body =
+                    http_body_util::StreamBody::new(first.chain(futures_util::stream::pending()));
+                http::Response::new(BodyExt::boxed(body))
+            })
+        }),
+    )
+    .await;
+    let gw = Gateway::start(&format!(
+        "limits: {{ idle_timeout: 500ms }}\nupstreams:\n  u: {{ endpoints: [{{url: '{}'}}], http2: true }}\nroutes:\n  - upstream: u\n",
+        up.url()
+    ))
+    .await;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) = http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, Fed>(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(Ok(http_body::Frame::data(Bytes::from_static(b"up"))))
+        .unwrap();
+    let upload =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|x| (x, rx)) })
+            .boxed();
+    let req = Request::post("http://x/")
+        .body(http_body_util::StreamBody::new(upload))
+        .unwrap();
+    let mut resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let first = resp.body_mut().frame().await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), Bytes::from_static(b"abc"));
+    let next = tokio::time::timeout(Duration::from_secs(10), resp.body_mut().frame())
+        .await
+        .expect("a still stream with its upload open was not reset");
+    assert!(matches!(next, Some(Err(_))), "the cut stream must fail");
+    wait_until(10, || inflight(&gw) == 0).await;
+    drop(tx);
+    gw.stop().await;
+}

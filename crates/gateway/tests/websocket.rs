@@ -303,3 +303,148 @@ async fn open_tunnels_are_a_gauge() {
     .await;
     ops.stop().await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket over HTTP/2 (RFC 8441)
+// ---------------------------------------------------------------------------------------------
+
+/// An h2c connection to `gw`, past the gateway's SETTINGS (a first request answered), so that an
+/// extended CONNECT may be sent.
+async fn h2_ready(
+    gw: &Gateway,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let first = send.send_request(h2_get("/settings")).await.unwrap();
+    drop(first);
+    send
+}
+
+fn h2_get(path: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    http::Request::get(format!("http://gw{path}"))
+        .body(Default::default())
+        .unwrap()
+}
+
+/// An extended CONNECT for `path`, with `protocol` as its `:protocol` (none: a plain CONNECT).
+fn h2_connect(
+    path: &str,
+    protocol: Option<&'static str>,
+) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri(format!("http://gw{path}"))
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-protocol", "chat")
+        .body(Default::default())
+        .unwrap();
+    if let Some(p) = protocol {
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static(p));
+    }
+    req
+}
+
+#[tokio::test]
+async fn a_websocket_over_http2_is_tunnelled_to_an_http1_upstream() {
+    let (up, mut heads) = ws_upstream(b"hello from upstream").await;
+    let gw = Gateway::start(&config(&up.url(), WS, "")).await;
+    let mut send = h2_ready(&gw).await;
+    // The first request was an ordinary one: the upstream answered it 426.
+    assert!(heads.recv().await.unwrap().starts_with("GET /settings"));
+    let resp = send
+        .send_request(h2_connect("/ws?room=1", Some("websocket")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers().get("sec-websocket-accept").is_none());
+    assert!(resp.headers().get("upgrade").is_none());
+    assert_eq!(gw.state.runtime().telemetry().tunnels_open(), 1);
+    // The upstream got an HTTP/1.1 upgrade with a fresh key and the client's headers.
+    let head = heads.recv().await.unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("get /ws?room=1 http/1.1\r\n"), "{head}");
+    for want in [
+        "\r\nupgrade: websocket\r\n",
+        "\r\nconnection: upgrade\r\n",
+        "\r\nsec-websocket-version: 13\r\n",
+        "\r\nsec-websocket-protocol: chat\r\n",
+        "\r\nsec-websocket-key: ",
+    ] {
+        assert!(head.contains(want), "{want:?} in {head}");
+    }
+    let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    let mut got = [0u8; 19];
+    io.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"hello from upstream");
+    for msg in [&b"\x81\x05hello"[..], &[0u8, 255, 13, 10, 13, 10][..]] {
+        io.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        io.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg);
+    }
+    // The client ends its stream: the upstream sees the end and closes; the stream ends too, and
+    // the connection goes on serving.
+    io.shutdown().await.unwrap();
+    assert_eq!(heads.recv().await.as_deref(), Some("eof"));
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut rest))
+        .await
+        .expect("the tunnel's stream did not end")
+        .unwrap();
+    wait_until(10, || gw.state.runtime().telemetry().tunnels_open() == 0).await;
+    let again = send.send_request(h2_get("/after")).await.unwrap();
+    assert_eq!(again.status(), 426);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn an_http2_connect_the_gateway_does_not_tunnel_gets_400() {
+    let (up, mut heads) = ws_upstream(b"").await;
+    // A route without `websocket: true`: a WebSocket request there has no plain answer.
+    let gw = Gateway::start(&config(&up.url(), "", "")).await;
+    let mut send = h2_ready(&gw).await;
+    heads.recv().await.unwrap();
+    for (path, protocol) in [
+        ("/ws", Some("websocket")),
+        ("/other", Some("something-else")),
+        ("/plain", None),
+    ] {
+        let r = send.send_request(h2_connect(path, protocol)).await.unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+        assert_eq!(r.headers()["x-bulwark-reason"], "bad_request");
+    }
+    gw.stop().await;
+    // The upstream saw none of them.
+    assert!(heads.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn an_http2_websocket_the_upstream_refuses_gets_its_answer_or_502() {
+    // A 404 from the upstream comes back as it is.
+    let plain = Upstream::status("plain", 404).await;
+    let gw = Gateway::start(&config(&plain.url(), WS, "")).await;
+    let mut send = h2_ready(&gw).await;
+    let r = send
+        .send_request(h2_connect("/ws", Some("websocket")))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    gw.stop().await;
+    // A 200 that does not switch would open a tunnel to nothing: 502.
+    let ok = Upstream::named("ok").await;
+    let gw = Gateway::start(&config(&ok.url(), WS, "")).await;
+    let mut send = h2_ready(&gw).await;
+    let r = send
+        .send_request(h2_connect("/ws", Some("websocket")))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["x-bulwark-reason"], "upstream_error");
+    gw.stop().await;
+}

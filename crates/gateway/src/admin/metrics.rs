@@ -427,6 +427,11 @@ impl Telemetry {
         }
     }
 
+    /// WebSocket tunnels open now.
+    pub fn tunnels_open(&self) -> i64 {
+        self.tunnels.get()
+    }
+
     /// Counts one more open WebSocket tunnel, until the returned guard is dropped.
     pub fn tunnel_opened(&self) -> OpenTunnel {
         self.tunnels.inc();

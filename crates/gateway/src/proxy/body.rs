@@ -1,7 +1,7 @@
 //! Body types on both sides of the proxy, as enums (no boxing per request).
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -28,18 +28,18 @@ pin_project! {
         /// An HTTP/1.1 body, read from the connection as it is polled.
         H1 { inner: super::h1::RequestBody },
         /// An HTTP/2 stream's body.
-        H2 { #[pin] inner: Incoming, stall: Stall, responding: Arc<AtomicBool> },
+        H2 { #[pin] inner: Incoming, stall: Stall, stream: Arc<super::h2::Progress> },
     }
 }
 
 impl ClientBody {
-    /// An HTTP/2 stream's body, cut when it makes no progress for `idle` ([`Stall`]) until
-    /// `responding` is set (the response has started).
-    pub fn h2(inner: Incoming, idle: Duration, responding: Arc<AtomicBool>) -> Self {
+    /// An HTTP/2 stream's body, cut when it makes no progress for `idle` ([`Stall`]) until the
+    /// response has started, or when its stream is cut (see [`super::h2`]).
+    pub(crate) fn h2(inner: Incoming, idle: Duration, stream: Arc<super::h2::Progress>) -> Self {
         ClientBody::H2 {
             inner,
             stall: Stall::new(idle),
-            responding,
+            stream,
         }
     }
 }
@@ -115,9 +115,10 @@ impl Body for ClientBody {
             ClientBodyProj::H2 {
                 inner,
                 stall,
-                responding,
+                stream,
             } => match inner.poll_frame(cx) {
-                Poll::Pending if !responding.load(Ordering::Relaxed) && stall.pending(cx) => {
+                _ if stream.poll_cut(cx) => Poll::Ready(Some(Err(super::h2::StreamCut.into()))),
+                Poll::Pending if !stream.responding() && stall.pending(cx) => {
                     Poll::Ready(Some(Err(BodyStalled.into())))
                 }
                 Poll::Pending => Poll::Pending,

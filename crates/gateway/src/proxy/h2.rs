@@ -9,16 +9,26 @@
 //!
 //! The response body ([`WatchedBody`]) finds its stream's [`Progress`] through a task-local set
 //! while the stream's task is polled: the service's future runs inside that task.
+//!
+//! Also WebSocket over HTTP/2 (RFC 8441): an extended `CONNECT` with `:protocol websocket`
+//! ([`take_connect`]) goes on as the HTTP/1.1 upgrade the rest of the proxy knows (a `GET` with a
+//! fresh `Sec-WebSocket-Key`), and an upstream's 101 becomes the stream's 200, after which the
+//! stream is tunnelled to the upstream connection ([`answer_connect`]).
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use base64::Engine as _;
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
@@ -29,25 +39,68 @@ tokio::task_local! {
     static PROGRESS: Arc<Progress>;
 }
 
-/// A stream's response body as its watcher sees it: 0 while no body is streaming (before the
-/// response head, and after the body's end), else 1 + the frames it has yielded.
+/// One stream as its watcher and its bodies see it.
 #[derive(Debug, Default)]
-pub(crate) struct Progress(AtomicU64);
+pub(crate) struct Progress {
+    /// 0 while no response body is streaming (before the head, and after the body's end), else 1 +
+    /// the frames it has yielded.
+    frames: AtomicU64,
+    /// The response has started: the request body's stall timer stops (a quiet upload under a
+    /// streaming response is left alone).
+    responding: AtomicBool,
+    /// The watcher cut the stream: the request body, which may be held by an upstream connection's
+    /// task rather than the stream's, fails at its next poll (`waker`), so that task ends and lets
+    /// go of the client's stream too.
+    cut: AtomicBool,
+    waker: AtomicWaker,
+}
 
 impl Progress {
     fn started(&self) {
-        self.0.store(1, Ordering::Relaxed);
+        self.frames.store(1, Ordering::Relaxed);
     }
     fn moved(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.frames.fetch_add(1, Ordering::Relaxed);
     }
     fn ended(&self) {
-        self.0.store(0, Ordering::Relaxed);
+        self.frames.store(0, Ordering::Relaxed);
     }
     fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.frames.load(Ordering::Relaxed)
+    }
+    /// The response head is ready.
+    pub(crate) fn respond(&self) {
+        self.responding.store(true, Ordering::Relaxed);
+    }
+    /// Whether the response has started.
+    pub(crate) fn responding(&self) -> bool {
+        self.responding.load(Ordering::Relaxed)
+    }
+    fn cut(&self) {
+        self.cut.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+    /// Whether the stream was cut; if not, `cx` is woken when it is.
+    pub(crate) fn poll_cut(&self, cx: &Context<'_>) -> bool {
+        if self.cut.load(Ordering::Acquire) {
+            return true;
+        }
+        self.waker.register(cx.waker());
+        self.cut.load(Ordering::Acquire)
     }
 }
+
+/// The stream was reset: its response body stayed still for `limits.idle_timeout`.
+#[derive(Debug)]
+pub(crate) struct StreamCut;
+
+impl std::fmt::Display for StreamCut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the stream's response stayed still for idle_timeout")
+    }
+}
+
+impl std::error::Error for StreamCut {}
 
 /// The executor of the HTTP/2 server: spawns each stream's task [`Watched`] for `idle`.
 #[derive(Debug, Clone, Copy)]
@@ -114,6 +167,7 @@ impl<F: Future<Output = ()>> Future for Watched<F> {
         while timer.as_mut().poll(cx).is_ready() {
             if Instant::now() >= due {
                 tracing::debug!("HTTP/2 response body still for idle_timeout: stream reset");
+                this.progress.cut();
                 return Poll::Ready(());
             }
             timer.as_mut().reset(due);
@@ -122,15 +176,16 @@ impl<F: Future<Output = ()>> Future for Watched<F> {
     }
 }
 
-/// The progress of the stream whose task is running, if it is a watched one.
-pub(crate) fn current() -> Option<Arc<Progress>> {
-    PROGRESS.try_with(Arc::clone).ok()
+/// The progress of the stream whose task is running (a new one, never cut, outside a watched
+/// task).
+pub(crate) fn current() -> Arc<Progress> {
+    PROGRESS.try_with(Arc::clone).unwrap_or_default()
 }
 
 /// A response body sent on an HTTP/2 stream, reporting each frame to the stream's watcher.
 pub(crate) struct WatchedBody {
     inner: RespBody,
-    progress: Option<Arc<Progress>>,
+    progress: Arc<Progress>,
     // The connection is not idle while this body streams.
     _streaming: Option<Streaming>,
 }
@@ -140,13 +195,11 @@ impl WatchedBody {
     /// until dropped.
     pub(crate) fn new(
         inner: RespBody,
-        progress: Option<Arc<Progress>>,
+        progress: Arc<Progress>,
         streaming: Option<Streaming>,
     ) -> Self {
-        if let Some(p) = &progress {
-            if !inner.is_end_stream() {
-                p.started();
-            }
+        if !inner.is_end_stream() {
+            progress.started();
         }
         WatchedBody {
             inner,
@@ -166,10 +219,10 @@ impl Body for WatchedBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_frame(cx);
-        if let (Poll::Ready(item), Some(p)) = (&r, this.progress.as_deref()) {
+        if let Poll::Ready(item) = &r {
             match item {
-                Some(Ok(_)) => p.moved(),
-                _ => p.ended(),
+                Some(Ok(_)) => this.progress.moved(),
+                _ => this.progress.ended(),
             }
         }
         r
@@ -182,4 +235,105 @@ impl Body for WatchedBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// What an HTTP/2 request's method asks of the stream.
+pub(crate) enum Connect {
+    /// Not a `CONNECT`: an ordinary request.
+    No,
+    /// An RFC 8441 WebSocket request, rewritten as an HTTP/1.1 upgrade; the stream becomes the
+    /// client's side of the tunnel once a 2xx is sent.
+    WebSocket(OnUpgrade),
+    /// A `CONNECT` the gateway does not tunnel (a plain one, or another `:protocol`): 400, as over
+    /// HTTP/1.1.
+    Refused,
+}
+
+/// The request came as an RFC 8441 extended `CONNECT`: only a route with `websocket: true` takes it
+/// (no plain answer can be given to it: a 2xx would open a tunnel to nothing).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ExtendedConnect;
+
+/// Sorts out a `CONNECT` on an HTTP/2 stream; an RFC 8441 WebSocket one is rewritten in place
+/// into the HTTP/1.1 upgrade request the proxy forwards (`GET`, a new `Sec-WebSocket-Key`, the
+/// offer of `websocket`), keeping its `Sec-WebSocket-Version`, `-Protocol` and `-Extensions`.
+pub(crate) fn take_connect<B>(req: &mut Request<B>) -> Connect {
+    if req.method() != Method::CONNECT {
+        return Connect::No;
+    }
+    let websocket = req
+        .extensions()
+        .get::<hyper::ext::Protocol>()
+        .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    if !websocket {
+        return Connect::Refused;
+    }
+    let on = hyper::upgrade::on(&mut *req);
+    *req.method_mut() = Method::GET;
+    req.headers_mut()
+        .insert(header::SEC_WEBSOCKET_KEY, websocket_key());
+    let ext = req.extensions_mut();
+    ext.remove::<hyper::ext::Protocol>();
+    ext.insert(super::tunnel::UpgradeOffer(HeaderValue::from_static(
+        "websocket",
+    )));
+    ext.insert(ExtendedConnect);
+    Connect::WebSocket(on)
+}
+
+/// A WebSocket handshake nonce (RFC 6455 4.1): 16 random bytes, base64.
+fn websocket_key() -> HeaderValue {
+    let nonce: [u8; 16] = std::array::from_fn(|_| fastrand::u8(..));
+    let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+    HeaderValue::from_str(&key)
+        .unwrap_or_else(|_| HeaderValue::from_static("AAAAAAAAAAAAAAAAAAAAAA=="))
+}
+
+/// The answer to an RFC 8441 WebSocket request. An upstream's accepted upgrade (its 101) becomes a
+/// 200 without the handshake's HTTP/1.1 headers, and a task then copies bytes between the stream
+/// (`on`) and the upstream connection until both ends close or nothing moves for `idle`, holding
+/// `open` (the tunnel gauge and the connection's activity) meanwhile. Any other 2xx, which would
+/// open a tunnel to nothing, becomes a 502; other answers go back as they are.
+pub(crate) fn answer_connect<G: Send + 'static>(
+    resp: Response<RespBody>,
+    on: OnUpgrade,
+    idle: Duration,
+    open: impl FnOnce() -> G,
+) -> Response<RespBody> {
+    let (mut parts, body) = resp.into_parts();
+    let side = (parts.status == StatusCode::SWITCHING_PROTOCOLS)
+        .then(|| parts.extensions.remove::<super::tunnel::Upgraded>())
+        .flatten()
+        .and_then(|u| u.take());
+    let Some(side) = side else {
+        if parts.status.is_success() || parts.status == StatusCode::SWITCHING_PROTOCOLS {
+            let attempts = parts
+                .headers
+                .get("x-bulwark-attempts")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(1);
+            return super::respond::failure(super::respond::Failure::UpstreamError, attempts, None);
+        }
+        return Response::from_parts(parts, body);
+    };
+    drop(body);
+    parts.status = StatusCode::OK;
+    for h in [
+        header::UPGRADE,
+        header::CONNECTION,
+        header::SEC_WEBSOCKET_ACCEPT,
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+    ] {
+        parts.headers.remove(h);
+    }
+    let open = open();
+    tokio::spawn(async move {
+        let _open = open;
+        match on.await {
+            Ok(stream) => super::tunnel::run(TokioIo::new(stream), Bytes::new(), side, idle).await,
+            Err(e) => tracing::debug!(error = %e, "HTTP/2 WebSocket stream not upgraded"),
+        }
+    });
+    Response::from_parts(parts, RespBody::empty())
 }

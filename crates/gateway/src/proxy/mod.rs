@@ -27,7 +27,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -736,6 +736,10 @@ async fn route_and_forward(
         return (respond::local(Local::NoRoute), None);
     };
     let route = &rt.routes[ri];
+    if req.extensions().get::<h2::ExtendedConnect>().is_some() && !route.tunnels(&req) {
+        // An HTTP/2 WebSocket request on a route that does not tunnel: no plain answer fits it.
+        return (respond::local(Local::BadRequest), Some(ri));
+    }
     // The operating mode, per route (one atomic load; nothing more in `normal`).
     let mode = ctx.gateway.mode_in(rt);
     let action = route.mode_action(mode, &req);
@@ -958,7 +962,9 @@ impl Server {
         });
         h2.timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
-            .max_concurrent_streams(settings.max_concurrent_streams);
+            .max_concurrent_streams(settings.max_concurrent_streams)
+            // WebSocket over HTTP/2 (RFC 8441), on routes with `websocket: true`.
+            .enable_connect_protocol();
         let h2 = Arc::new(h2);
         let limits = h1::Limits {
             head_timeout: settings.header_read_timeout,
@@ -1142,14 +1148,29 @@ async fn serve_h2<I>(
         async move {
             // Polled inside the stream's task: its progress is there to report to.
             let progress = h2::current();
+            let mut req = req;
+            let connect = match h2::take_connect(&mut req) {
+                h2::Connect::No => None,
+                h2::Connect::WebSocket(on) => Some(on),
+                h2::Connect::Refused => {
+                    let resp = respond::local(Local::BadRequest);
+                    return Ok(resp.map(|b| h2::WatchedBody::new(b, progress, None)));
+                }
+            };
             let resp = if http_body::Body::is_end_stream(req.body()) {
                 handle(&ctx, req.map(|_| ClientBody::Empty)).await
             } else {
-                let responding = Arc::new(AtomicBool::new(false));
-                let req = req.map(|inner| ClientBody::h2(inner, idle, responding.clone()));
+                let req = req.map(|inner| ClientBody::h2(inner, idle, progress.clone()));
                 let resp = handle(&ctx, req).await;
-                responding.store(true, Ordering::Relaxed);
+                progress.respond();
                 resp
+            };
+            let resp = match connect {
+                None => resp,
+                Some(on) => h2::answer_connect(resp, on, idle, || {
+                    let tunnel = ctx.gateway.runtime().telemetry.tunnel_opened();
+                    (tunnel, Streaming::new(ctx.clone()))
+                }),
             };
             let streaming =
                 (!http_body::Body::is_end_stream(resp.body())).then(|| Streaming::new(ctx.clone()));
@@ -1184,6 +1205,10 @@ async fn serve_h2<I>(
                 if ctx.inflight.load(Ordering::Relaxed) == 0 && Instant::now() >= deadline {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
+                } else if ctx.inflight.load(Ordering::Relaxed) > 0 {
+                    // Busy (a long stream, say): look again an idle period on; the end of the
+                    // last request stamps a later deadline, which is then kept exactly.
+                    idle_timer.as_mut().reset(deadline.max(Instant::now() + idle));
                 } else {
                     idle_timer.as_mut().reset(deadline.max(Instant::now() + Duration::from_millis(10)));
                 }

@@ -178,7 +178,7 @@ impl Route {
     }
 
     /// Whether `req` would open a WebSocket tunnel on this route.
-    fn tunnels<B>(&self, req: &Request<B>) -> bool {
+    pub(crate) fn tunnels<B>(&self, req: &Request<B>) -> bool {
         self.websocket
             && req
                 .extensions()
