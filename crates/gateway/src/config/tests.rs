@@ -57,6 +57,21 @@ fn type_error() {
 }
 
 #[test]
+fn at_most_256_endpoints() {
+    let eps: Vec<String> = (0..257)
+        .map(|i| format!("{{url: 'http://127.0.0.1:{}'}}", 2000 + i))
+        .collect();
+    let yaml = format!(
+        "upstreams:\n  a:\n    endpoints: [{}]\nroutes:\n  - upstream: a\n",
+        eps.join(", ")
+    );
+    assert_eq!(
+        err(&yaml),
+        "gw.yaml:3:5: upstreams.a.endpoints: an upstream has at most 256 endpoints"
+    );
+}
+
+#[test]
 fn zero_connection_limits() {
     assert_eq!(
         err("limits:\n  max_concurrent_streams: 0\n"),

@@ -182,6 +182,15 @@ fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
             "an upstream needs at least one endpoint",
         ));
     }
+    if up.endpoints.len() > crate::upstream::MAX_ENDPOINTS {
+        return Err(at(
+            &p(&[k("endpoints")]),
+            format!(
+                "an upstream has at most {} endpoints",
+                crate::upstream::MAX_ENDPOINTS
+            ),
+        ));
+    }
     let mut seen = HashSet::new();
     let mut any_https = false;
     let name_override = up.tls.as_ref().and_then(|t| t.server_name.as_ref());

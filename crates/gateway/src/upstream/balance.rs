@@ -10,20 +10,23 @@ use std::sync::Arc;
 use super::endpoint::Endpoint;
 use crate::config::Balance;
 
+/// Endpoints an upstream may have: what [`Tried`] tracks (the config refuses more).
+pub const MAX_ENDPOINTS: usize = 256;
+
 /// A set of endpoint indices already tried by this request (retries prefer others).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Tried(u64);
+pub struct Tried([u64; MAX_ENDPOINTS / 64]);
 
 impl Tried {
-    /// Marks endpoint `i` (indices of 64 and above are not tracked).
+    /// Marks endpoint `i` (below [`MAX_ENDPOINTS`]).
     pub fn insert(&mut self, i: usize) {
-        if i < 64 {
-            self.0 |= 1 << i;
+        if let Some(w) = self.0.get_mut(i / 64) {
+            *w |= 1 << (i % 64);
         }
     }
     /// Whether endpoint `i` was tried.
     pub fn contains(self, i: usize) -> bool {
-        i < 64 && self.0 & (1 << i) != 0
+        self.0.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
     }
 }
 
@@ -129,8 +132,10 @@ mod tests {
     #[test]
     fn tried_set() {
         let mut t = Tried::default();
-        t.insert(3);
-        t.insert(100);
-        assert!(t.contains(3) && !t.contains(2) && !t.contains(100));
+        for i in [3, 64, 100, 255, 256] {
+            t.insert(i);
+        }
+        assert!(t.contains(3) && t.contains(64) && t.contains(100) && t.contains(255));
+        assert!(!t.contains(2) && !t.contains(65) && !t.contains(36) && !t.contains(256));
     }
 }

@@ -259,9 +259,16 @@ impl Endpoint {
         self.ewma_ns.store(next.to_bits(), Ordering::Relaxed);
     }
 
-    /// Peak-EWMA cost: latency estimate times (in-flight + 1).
+    /// Peak-EWMA cost: latency estimate times (in-flight + 1). The estimate decays toward zero with
+    /// the time since its last sample (as Finagle's and tower's do): an endpoint that once answered
+    /// slowly, and then lost every comparison and so got no new sample, is tried again.
     pub fn ewma_cost(&self) -> f64 {
         let ewma = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
-        (ewma.max(1.0)) * (self.inflight() as f64 + 1.0)
+        let now = Instant::now()
+            .saturating_duration_since(self.epoch)
+            .as_nanos() as u64;
+        let elapsed = now.saturating_sub(self.ewma_at.load(Ordering::Relaxed)) as f64;
+        let decayed = ewma * (-elapsed / EWMA_DECAY.as_nanos() as f64).exp();
+        decayed.max(1.0) * (self.inflight() as f64 + 1.0)
     }
 }

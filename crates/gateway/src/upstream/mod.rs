@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use balance::Tried;
+pub use balance::{Tried, MAX_ENDPOINTS};
 pub use endpoint::Endpoint;
 pub use pool::{Conn, FailKind, Pool, SendError, UpstreamBody};
 
@@ -714,5 +714,54 @@ mod tests {
         // 1 of 3 available over the whole upstream: panic, among tier 0's endpoints.
         assert!(u.in_panic_mode());
         assert_eq!(spread(&u, 4), [2, 2, 0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peak_ewma_forgets_an_old_spike() {
+        let c = config::Upstream {
+            balance: config::Balance::PeakEwma,
+            ..upstream_config(2)
+        };
+        let u = Upstream::new("u", &c, &None).unwrap();
+        u.endpoints[0].observe_latency(Duration::from_secs(5), Instant::now());
+        u.endpoints[1].observe_latency(Duration::from_millis(10), Instant::now());
+        // Right after the spike, the slow endpoint loses every comparison.
+        assert_eq!(spread(&u, 100), [0, 100]);
+        tokio::time::advance(Duration::from_secs(600)).await;
+        u.endpoints[1].observe_latency(Duration::from_millis(10), Instant::now());
+        let hits = spread(&u, 1000);
+        assert!(hits[0] > 0, "starved by a 10-minute-old sample: {hits:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retry_avoids_the_failed_endpoint_at_any_index() {
+        let u = upstream(MAX_ENDPOINTS, None, false);
+        for (i, e) in u.endpoints.iter().enumerate() {
+            e.set_healthy(i == 64 || i == 200 || i == 255);
+        }
+        for failed in [64, 200, 255] {
+            let mut tried = Tried::default();
+            tried.insert(failed);
+            for _ in 0..10 {
+                let got = u.pick(tried).unwrap();
+                assert_ne!(got, failed, "a retry landed on the failed endpoint");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_during_an_ejection_do_not_count_toward_the_next() {
+        let u = upstream(2, Some(od()), false); // 3 failures eject for 10 s
+        fail(&u, 0, 6);
+        assert!(u.endpoints[0].is_ejected());
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert!(!u.endpoints[0].is_ejected());
+        fail(&u, 0, 1);
+        assert!(
+            !u.endpoints[0].is_ejected(),
+            "re-ejected after a single failure"
+        );
+        fail(&u, 0, 2);
+        assert!(u.endpoints[0].is_ejected());
     }
 }

@@ -75,6 +75,12 @@ impl Outlier {
     /// Records a failed attempt on `eps[i]`.
     pub(crate) fn failure(&self, eps: &[std::sync::Arc<Endpoint>], i: usize, now: Instant) {
         let ep = &eps[i];
+        if ep.ejected_at(now) {
+            // Requests sent before the ejection, failing now: they do not count toward the next
+            // one (which would come at the first failure after this one ends, and twice as long).
+            ep.consecutive_failures.store(0, Ordering::Relaxed);
+            return;
+        }
         let n = ep.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= self.consecutive_failures && self.eject(eps, i, now, "consecutive failures") {
             ep.consecutive_failures.store(0, Ordering::Relaxed);
