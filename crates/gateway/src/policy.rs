@@ -249,7 +249,7 @@ impl UpstreamPolicies {
     pub async fn admit_by(&self, deadline: Option<Instant>) -> Result<Admission, Reject> {
         // A rejection after the breaker admitted us drops its permit unrecorded ("ignored"), so local
         // refusals (rate limit, bulkhead) never count against the upstream's health.
-        let permit = match &self.breaker {
+        let mut permit = match &self.breaker {
             Some(b) => Some(b.try_acquire().map_err(reject)?),
             None => None,
         };
@@ -260,6 +260,10 @@ impl UpstreamPolicies {
             Some(b) => match b.try_acquire() {
                 Some(p) => Some(p),
                 None => {
+                    // The wait is ours, not the upstream's: the breaker's permit (whose clock
+                    // measures slow calls, and which may be one of few half-open probes) is given
+                    // back unrecorded, and asked for again once a slot is free.
+                    drop(permit.take());
                     let wait = b.acquire();
                     let got = match deadline {
                         Some(d) => tokio::time::timeout_at(d, wait)
@@ -267,7 +271,11 @@ impl UpstreamPolicies {
                             .map_err(|_| Reject::Deadline)?,
                         None => wait.await,
                     };
-                    Some(got.map_err(reject)?)
+                    let got = got.map_err(reject)?;
+                    if let Some(b) = &self.breaker {
+                        permit = Some(b.try_acquire().map_err(reject)?);
+                    }
+                    Some(got)
                 }
             },
             None => None,

@@ -1,10 +1,18 @@
 //! Attempt-loop fixes from review: chunked bodies replayed, the route deadline in the bulkhead
 //! queue, hedging on a refused upstream, retries and their own bulkhead slot, failover without a
 //! retry section; a provider's response kept when the next step sends nothing, budget tokens of
-//! unsent retries given back, quota cooldowns on by default and outside the breaker.
+//! unsent retries given back, quota cooldowns on by default and outside the breaker; hedges never
+//! to an endpoint already tried nor for non-idempotent requests, and the bulkhead queue not counted
+//! as upstream slowness.
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
 
 use http_body_util::BodyExt;
 use support::*;
@@ -551,5 +559,194 @@ routes:
     assert_eq!(r.status, 200);
     assert_eq!(a.hits() + b.hits(), 1, "the hedge never left the queue");
     assert_eq!(budget_balance(&gw), before, "its token was given back");
+    gw.stop().await;
+}
+
+/// An upstream answering 429 + `Retry-After: 1` to its first request and 200 after; records when
+/// each request arrived.
+async fn first_429(name: &str, times: Arc<Mutex<Vec<tokio::time::Instant>>>) -> Upstream {
+    let n = name.to_owned();
+    let count = Arc::new(AtomicUsize::new(0));
+    Upstream::start(
+        name,
+        Arc::new(move |_req| {
+            let (n, count, times) = (n.clone(), count.clone(), times.clone());
+            Box::pin(async move {
+                times.lock().unwrap().push(tokio::time::Instant::now());
+                if count.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let mut r = reply(&n, 429, "slow down");
+                    r.headers_mut().insert("retry-after", "1".parse().unwrap());
+                    r
+                } else {
+                    reply(&n, 200, "ok")
+                }
+            })
+        }),
+    )
+    .await
+}
+
+/// Control: without a hedge, the single endpoint's Retry-After is waited out and the retry succeeds.
+#[tokio::test]
+async fn without_a_hedge_the_retry_after_is_waited_out() {
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let up = first_429("u", times.clone()).await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: u
+    timeout: 5s
+    retry: {{ attempts: 2, on: [429], backoff: {{ kind: constant, base: 1ms, max: 1ms, jitter: none }} }}
+",
+        up.url()
+    ))
+    .await;
+    let r = get(&client(), &gw.url("/")).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(up.hits(), 2);
+    gw.stop().await;
+}
+
+/// With a hedge on the same route (default cooldown on): the hedge after the 429 finds no endpoint
+/// (the only one cools down), which must not end the request: the retry still comes, after the
+/// Retry-After.
+#[tokio::test]
+async fn a_hedge_finding_no_endpoint_does_not_stop_the_retry_after_a_429() {
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let up = first_429("u", times.clone()).await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: u
+    timeout: 5s
+    hedge: {{ delay: 50ms, max_hedges: 1 }}
+    retry: {{ attempts: 2, on: [429], backoff: {{ kind: constant, base: 1ms, max: 1ms, jitter: none }} }}
+",
+        up.url()
+    ))
+    .await;
+    let r = get(&client(), &gw.url("/")).await;
+    assert_eq!(
+        r.status,
+        200,
+        "reason {:?} attempts {:?}",
+        r.header("x-bulwark-reason"),
+        r.header("x-bulwark-attempts")
+    );
+    gw.stop().await;
+}
+
+/// Cooldown off: no hedge goes to the same (only) endpoint; its Retry-After is waited out.
+#[tokio::test]
+async fn no_hedge_goes_to_the_only_endpoint_before_its_retry_after() {
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let up = first_429("u", times.clone()).await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u: {{ endpoints: [{{url: '{}'}}], cooldown: {{ enabled: false }} }}
+routes:
+  - upstream: u
+    timeout: 5s
+    hedge: {{ delay: 50ms, max_hedges: 1 }}
+    retry: {{ attempts: 2, on: [429], backoff: {{ kind: constant, base: 1ms, max: 1ms, jitter: none }} }}
+",
+        up.url()
+    ))
+    .await;
+    let r = get(&client(), &gw.url("/")).await;
+    assert_eq!(r.status, 200);
+    let t = times.lock().unwrap().clone();
+    assert_eq!(t.len(), 2);
+    let gap = t[1] - t[0];
+    assert!(
+        gap >= Duration::from_millis(900),
+        "second request after {gap:?}, Retry-After was 1s"
+    );
+    gw.stop().await;
+}
+
+/// Hedging is for idempotent requests: a POST on a route with `retry_non_idempotent` is not
+/// hedged (a second copy while the first is in flight).
+#[tokio::test]
+async fn a_post_is_not_hedged_even_with_retry_non_idempotent() {
+    let slow = Silent::start().await;
+    let fast = Upstream::named("fast").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    balance: round_robin
+    endpoints: [{{url: '{}'}}, {{url: '{}'}}]
+routes:
+  - upstream: u
+    timeout: 500ms
+    retry_non_idempotent: true
+    retry: {{ attempts: 1 }}
+    hedge: {{ delay: 50ms, max_hedges: 1 }}
+",
+        slow.url(),
+        fast.url()
+    ))
+    .await;
+    let req = Request::post(gw.url("/"))
+        .body(Full::new(Bytes::from_static(b"charge=1")))
+        .unwrap();
+    let r = send(&client(), req).await;
+    assert_eq!(
+        fast.hits(),
+        0,
+        "a POST was hedged: status {} attempts {:?}",
+        r.status,
+        r.header("x-bulwark-attempts")
+    );
+    gw.stop().await;
+}
+
+/// The bulkhead's queue is the gateway's wait, not the upstream's slowness: a 200 ms upstream
+/// behind a one-slot bulkhead stays under a 300 ms `slow_call_duration`, and the breaker closed.
+#[tokio::test]
+async fn time_in_the_bulkhead_queue_is_not_upstream_slowness() {
+    let up = Upstream::start(
+        "u",
+        Arc::new(|_req| {
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                reply("u", 200, "ok")
+            })
+        }),
+    )
+    .await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    endpoints: [{{url: '{}'}}]
+    bulkhead: {{ enabled: true, max_concurrent: 1, max_queued: 10, queue_timeout: 5s }}
+    circuit_breaker:
+      window: {{ kind: count, size: 10 }}
+      minimum_calls: 3
+      slow_call_duration: 300ms
+      slow_call_rate_threshold: 50
+      open_duration: 1m
+routes:
+  - upstream: u
+    timeout: 10s
+",
+        up.url()
+    ))
+    .await;
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let url = gw.url("/");
+        tasks.push(tokio::spawn(
+            async move { get(&client(), &url).await.status },
+        ));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    // Every upstream call took ~200 ms (< 300 ms): the breaker must stay closed.
+    let r = get(&client(), &gw.url("/")).await;
+    assert_eq!(r.status, 200, "reason {:?}", r.header("x-bulwark-reason"));
     gw.stop().await;
 }

@@ -204,13 +204,17 @@ enum Miss {
     /// The client's request body failed: final, and not the upstream's fault.
     Client(Local),
     /// Inside a hedge race: a failed response, set aside (see `forward`) until the race ends.
-    Kept {
-        retryable: bool,
-        retry_after: Option<Duration>,
-    },
+    Kept { retryable: bool },
 }
 
 type AttemptResult = Result<Response<RespBody>, Miss>;
+
+/// A failed response an attempt of a hedge race got, set aside until the race ends.
+struct Kept {
+    resp: Response<RespBody>,
+    retryable: bool,
+    retry_after: Option<Duration>,
+}
 
 /// How the hedge race sees an attempt: a response that is not a failure wins; a retryable failure
 /// lets the other attempts (and the next hedge) go on; anything final (a failure the route does not
@@ -433,11 +437,14 @@ pub(crate) async fn forward(
         && (is_idempotent(&parts.method)
             || route.retry_non_idempotent
             || parts.headers.contains_key(&IDEMPOTENCY_KEY));
+    // Only for idempotent methods: a hedge is a second copy sent while the first is in flight
+    // (`retry_non_idempotent` and `Idempotency-Key` allow retries, one after another, not that).
     // Not for an upgrade: each hedge would open a tunnel of its own.
-    let hedge = route
-        .policies
-        .hedge()
-        .filter(|_| retry_allowed && !parts.headers.contains_key(http::header::UPGRADE));
+    let hedge = route.policies.hedge().filter(|_| {
+        !no_retries
+            && is_idempotent(&parts.method)
+            && !parts.headers.contains_key(http::header::UPGRADE)
+    });
     // With a failover chain the body is kept even when the request may not be retried: after a
     // connect failure (nothing sent) the next upstream takes it.
     let may_replay =
@@ -555,14 +562,16 @@ pub(crate) async fn forward(
                     // The race reports only its last failure: a response an attempt got is kept
                     // here (the race sees `Miss::Kept`) so that a later refused hedge cannot
                     // hide it from the client.
-                    let kept: std::sync::Mutex<Option<Response<RespBody>>> =
-                        std::sync::Mutex::new(None);
+                    let kept: std::sync::Mutex<Option<Kept>> = std::sync::Mutex::new(None);
                     let make = || {
                         let (target, admission, token) = match original.take() {
                             Some((ei, req, admission)) => (Some((ei, req)), Some(admission), None),
                             None => {
                                 let token = policy::take_hedge_token();
-                                let target = up.pick(tried).map(|ei| {
+                                // Never to an endpoint this request already tried (one endpoint
+                                // left: its Retry-After and the backoff are the retry's to wait).
+                                let target = up.pick(tried).filter(|&ei| !tried.contains(ei));
+                                let target = target.map(|ei| {
                                     tried.insert(ei);
                                     // Hedging is only on with a replayable body, which `take`
                                     // always yields.
@@ -595,12 +604,13 @@ pub(crate) async fn forward(
                                     retry_after,
                                 }) => {
                                     if let Ok(mut k) = kept.lock() {
-                                        *k = Some(resp);
+                                        *k = Some(Kept {
+                                            resp,
+                                            retryable,
+                                            retry_after,
+                                        });
                                     }
-                                    Err(Miss::Kept {
-                                        retryable,
-                                        retry_after,
-                                    })
+                                    Err(Miss::Kept { retryable })
                                 }
                                 other => other,
                             }
@@ -618,21 +628,21 @@ pub(crate) async fn forward(
                         };
                     let kept = kept.into_inner().ok().flatten();
                     match (raced, kept) {
-                        (
-                            Err(Miss::Kept {
-                                retryable,
-                                retry_after,
-                            }),
-                            Some(resp),
-                        ) => Err(Miss::Response {
-                            resp,
-                            retryable,
-                            retry_after,
-                        }),
                         (Err(Miss::Kept { .. }), None) => Err(Miss::NoEndpoint),
+                        // A hedge that sent nothing (refused, no endpoint) ended the race after
+                        // an attempt got a failed response: that response decides what comes
+                        // next (a retry after its Retry-After and the backoff, or the client).
+                        (
+                            Err(Miss::Kept { .. } | Miss::Rejected(_) | Miss::NoEndpoint),
+                            Some(k),
+                        ) => Err(Miss::Response {
+                            resp: k.resp,
+                            retryable: k.retryable,
+                            retry_after: k.retry_after,
+                        }),
                         (other, kept) => {
-                            if let (Err(_), Some(resp)) = (&other, kept) {
-                                last = Last::Response(resp);
+                            if let (Err(_), Some(k)) = (&other, kept) {
+                                last = Last::Response(k.resp);
                             }
                             other
                         }
@@ -716,9 +726,7 @@ pub(crate) async fn forward(
                 return finish(last, sent, Some(Failure::BudgetExhausted), route);
             };
             withdrawn = Some(token);
-            route
-                .policies
-                .on_retry(retry_reason(&last), sent + 1, delay);
+            let reason = retry_reason(&last);
             if !delay.is_zero() {
                 let retry_at = Instant::now() + delay;
                 // Read the failed response's body (it is usually a short error) so that its
@@ -734,8 +742,17 @@ pub(crate) async fn forward(
                         Some(resp) => Last::Response(resp),
                         None => Last::Failure(Failure::UpstreamError),
                     };
+                    // The read may have taken longer than the backoff: the retry must still fit.
+                    let wait = retry_at.saturating_duration_since(Instant::now());
+                    if !route.policies.retry_fits(wait, deadline) {
+                        refund(route, &mut withdrawn);
+                        return finish(last, sent, None, route);
+                    }
                 }
+                route.policies.on_retry(reason, sent + 1, delay);
                 tokio::time::sleep_until(retry_at).await;
+            } else {
+                route.policies.on_retry(reason, sent + 1, delay);
             }
         }
     }
