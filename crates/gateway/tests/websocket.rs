@@ -448,3 +448,34 @@ async fn an_http2_websocket_the_upstream_refuses_gets_its_answer_or_502() {
     assert_eq!(r.headers()["x-bulwark-reason"], "upstream_error");
     gw.stop().await;
 }
+
+#[tokio::test]
+async fn an_http2_tunnel_lives_through_the_drain_and_is_closed_at_its_end() {
+    let (up, mut heads) = ws_upstream(b"").await;
+    let gw = Gateway::start(&format!("drain_timeout: 1s\n{}", config(&up.url(), WS, ""))).await;
+    let mut send = h2_ready(&gw).await;
+    heads.recv().await.unwrap();
+    let resp = send
+        .send_request(h2_connect("/ws", Some("websocket")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    heads.recv().await.unwrap();
+    let mut io = hyper_util::rt::TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    let stop = tokio::spawn(gw.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    io.write_all(b"still").await.unwrap();
+    let mut back = [0u8; 5];
+    io.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"still");
+    // At the drain timeout the connection, and the tunnel with it, are closed.
+    let mut rest = Vec::new();
+    let end = tokio::time::timeout(Duration::from_secs(5), io.read_to_end(&mut rest)).await;
+    assert!(end.is_ok(), "the tunnel outlived the drain timeout");
+    stop.await.unwrap();
+    let eof = tokio::time::timeout(Duration::from_secs(5), heads.recv()).await;
+    assert_eq!(
+        eof.expect("the upstream side stayed open").as_deref(),
+        Some("eof")
+    );
+}
