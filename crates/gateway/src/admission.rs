@@ -47,13 +47,12 @@ impl ClientLimit {
     pub fn new(c: &config::ClientRateLimit) -> Result<ClientLimit, Refused> {
         let section = ["client_rate_limit"];
         let (n, per) = crate::policy::rate(c.per_second);
-        let mut b = KeyedRateLimiter::builder()
+        let limiter = KeyedRateLimiter::builder()
             .rate(n, per)
-            .max_keys(c.max_keys);
-        if let Some(burst) = c.burst {
-            b = b.burst(burst);
-        }
-        let limiter = b.build().map_err(|e| refused(&section, e))?;
+            .burst(crate::policy::burst(c.burst, c.per_second))
+            .max_keys(c.max_keys)
+            .build()
+            .map_err(|e| refused(&section, e))?;
         let key = match &c.key {
             ClientKey::ClientIp => None,
             ClientKey::Header(h) => {

@@ -81,6 +81,11 @@ impl fmt::Display for Refused {
     }
 }
 
+/// A `burst` setting, or its default: one second's worth of `per_second` (at least one request).
+pub(crate) fn burst(burst: Option<u32>, per_second: f64) -> u32 {
+    burst.unwrap_or_else(|| per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32)
+}
+
 /// A `per_second` setting as the library's rate builders take it: whole rates per second, and a
 /// fractional one per minute so that 0.5/s stays exact.
 pub(crate) fn rate(per_second: f64) -> (u32, Duration) {
@@ -200,10 +205,10 @@ impl UpstreamPolicies {
         let rate_limiter = match up.rate_limit.as_ref().filter(|r| r.enabled) {
             Some(r) => {
                 let (n, per) = rate(r.per_second);
-                let mut b = RateLimiter::builder().rate(n, per).name(name);
-                if let Some(burst) = r.burst {
-                    b = b.burst(burst);
-                }
+                let mut b = RateLimiter::builder()
+                    .rate(n, per)
+                    .burst(burst(r.burst, r.per_second))
+                    .name(name);
                 b = listen(b, events, |b, l| b.listener(forward(l)));
                 Some(b.build().map_err(|e| refused(&["rate_limit"], e))?)
             }

@@ -77,8 +77,15 @@ impl Reloader {
     /// A reloader for `gateway` from `path`; the file as it is now counts as already loaded.
     pub fn new(path: impl Into<PathBuf>, gateway: Arc<Gateway>) -> Self {
         let path = path.into();
+        let mut seen = stamp(&path);
+        // The file may have changed since the gateway loaded it (an edit during start-up): then
+        // the first look reloads it.
+        let loaded = config::to_yaml(&gateway.runtime().config);
+        if config::load(&path).map(|c| config::to_yaml(&c)).ok() != Some(loaded) {
+            seen = None;
+        }
         let state = State {
-            stamp: stamp(&path),
+            stamp: seen,
             last_error: None,
         };
         Reloader {
@@ -188,13 +195,19 @@ impl Reloader {
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             tick.tick().await;
             loop {
+                // Off the runtime's threads: a reload reads files, builds the new runtime, and
+                // waits for an admin change in progress (whose store write may wait on the file's
+                // lock); with `--threads 1` any of that on the runtime thread would stall every
+                // request.
                 tokio::select! {
                     _ = next_hangup(&mut hup) => {
                         tracing::info!("SIGHUP: reloading the config");
-                        let _ = self.reload();
+                        let me = self.clone();
+                        let _ = tokio::task::spawn_blocking(move || me.reload()).await;
                     }
                     _ = tick.tick() => {
-                        let _ = self.reload_if_changed();
+                        let me = self.clone();
+                        let _ = tokio::task::spawn_blocking(move || me.reload_if_changed()).await;
                     }
                 }
             }

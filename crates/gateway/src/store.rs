@@ -435,9 +435,22 @@ pub fn inspect(path: &Path) -> Result<Inspection, StoreError> {
                 return Err(err("not a SQLite database".into()));
             }
             // The header's user version: 4 bytes, big-endian, at offset 60.
-            let version = i64::from(i32::from_be_bytes([
+            let mut version = i64::from(i32::from_be_bytes([
                 header[60], header[61], header[62], header[63],
             ]));
+            // In WAL mode the header is brought up to date only at a checkpoint: with a
+            // write-ahead log beside it (a gateway running, or one that crashed), SQLite itself
+            // says, opening the file read-only.
+            let mut wal = path.as_os_str().to_owned();
+            wal.push("-wal");
+            if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+                let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+                if let Ok(v) = Connection::open_with_flags(path, flags)
+                    .and_then(|c| c.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)))
+                {
+                    version = v;
+                }
+            }
             if version > SCHEMA_VERSION {
                 return Err(err(format!(
                     "schema version {version} is newer than this bulwark supports ({SCHEMA_VERSION})"

@@ -126,3 +126,22 @@ async fn buckets_survive_a_reload_that_keeps_the_settings() {
     assert_eq!(get(&c, &ops.url("/")).await.status, 200);
     ops.stop().await;
 }
+
+/// Without `burst`, a client may send one second's worth at once, fractional rates included (2.5
+/// a second was kept as 150 a minute, and its default burst was 150).
+#[tokio::test]
+async fn the_default_burst_is_one_seconds_worth_of_a_fractional_rate() {
+    let up = Upstream::named("up").await;
+    for (rate, burst) in [("2.5", 3), ("2", 2), ("0.5", 1)] {
+        let gw = Gateway::start(&config(&up.url(), &format!("{{ per_second: {rate} }}"))).await;
+        let c = client();
+        let mut ok = 0;
+        for _ in 0..20 {
+            if get(&c, &gw.url("/")).await.status == 200 {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, burst, "{rate}/s");
+        gw.stop().await;
+    }
+}

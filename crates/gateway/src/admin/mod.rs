@@ -91,7 +91,11 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 /// named, or it is unset or empty (mutating calls are then refused).
 pub fn token_from_env(admin: &config::Admin) -> Option<String> {
     let var = admin.token_env.as_deref()?;
-    std::env::var(var).ok().filter(|t| !t.is_empty())
+    // Trimmed as the presented token is: a secret read from a file often ends with a newline.
+    std::env::var(var)
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
 }
 
 /// A bound admin listener, ready to run.
@@ -443,7 +447,7 @@ impl AdminState {
         {
             if k == "limit" {
                 match v.parse::<usize>() {
-                    Ok(n) if n >= 1 => limit = n.min(store::MAX_AUDIT_LIMIT),
+                    Ok(n) if (1..=store::MAX_AUDIT_LIMIT).contains(&n) => limit = n,
                     _ => {
                         return error(
                             StatusCode::BAD_REQUEST,
@@ -582,6 +586,23 @@ impl AdminState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_token_from_the_environment_is_trimmed() {
+        let admin = |var: &str| config::Admin {
+            token_env: Some(var.to_owned()),
+            ..serde_norway::from_str("{}").unwrap()
+        };
+        // Names of this test's own: no other test reads them.
+        std::env::set_var("BULWARK_TEST_TOKEN_NL", "s3cret\n");
+        std::env::set_var("BULWARK_TEST_TOKEN_BLANK", " \n");
+        assert_eq!(
+            token_from_env(&admin("BULWARK_TEST_TOKEN_NL")).as_deref(),
+            Some("s3cret")
+        );
+        assert_eq!(token_from_env(&admin("BULWARK_TEST_TOKEN_BLANK")), None);
+        assert_eq!(token_from_env(&admin("BULWARK_TEST_TOKEN_UNSET")), None);
+    }
 
     #[test]
     fn constant_time_eq_matches_only_equal_tokens() {

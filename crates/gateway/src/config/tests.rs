@@ -56,6 +56,47 @@ fn type_error() {
     );
 }
 
+/// What `bulwark check` prints loads again: a fraction of a millisecond, a huge whole duration.
+#[test]
+fn printed_durations_load_again() {
+    let src = format!(
+        "drain_timeout: 999999999999s\n{UP}routes:\n  - upstream: a\n    retry: {{ per_try_timeout: 1.5ms }}\n    hedge: {{ delay: 0.5ms }}\n"
+    );
+    let printed = to_yaml(&from_str(&src, "gw.yaml").unwrap());
+    assert!(
+        printed.contains("drain_timeout: 999999999999s"),
+        "{printed}"
+    );
+    assert!(printed.contains("per_try_timeout: 1500us"), "{printed}");
+    let again = from_str(&printed, "effective.yaml").unwrap();
+    assert_eq!(to_yaml(&again), printed);
+}
+
+#[test]
+fn a_fallback_status_is_a_final_one() {
+    assert_eq!(
+        err(&format!("{UP}routes:\n  - upstream: a\n    fallback: {{ status: 100 }}\n")),
+        "gw.yaml:6:17: routes[0].fallback.status: `100` is not a final HTTP status code (200 to 599)"
+    );
+}
+
+#[test]
+fn the_listener_tls_files_are_checked_at_load() {
+    let e = err("tls: { cert: /nonexistent/cert.pem, key: /nonexistent/key.pem }\n");
+    assert!(e.starts_with("gw.yaml:1:8: tls.cert: "), "{e}");
+    assert!(e.contains("/nonexistent/cert.pem"), "{e}");
+}
+
+#[test]
+fn rates_are_at_least_one_a_minute() {
+    assert_eq!(
+        err(&format!(
+            "{UP}    rate_limit: {{ per_second: 0.001 }}\nroutes:\n  - upstream: a\n"
+        )),
+        "gw.yaml:4:19: upstreams.a.rate_limit.per_second: must be at least 1/60 (one a minute)"
+    );
+}
+
 #[test]
 fn at_most_256_endpoints() {
     let eps: Vec<String> = (0..257)
@@ -76,6 +117,14 @@ fn zero_connection_limits() {
     assert_eq!(
         err("limits:\n  max_concurrent_streams: 0\n"),
         "gw.yaml:2:3: limits.max_concurrent_streams: must be at least 1"
+    );
+    assert_eq!(
+        err("limits: { idle_timeout: 0ms }\n"),
+        "gw.yaml:1:11: limits.idle_timeout: must be longer than 0ms"
+    );
+    assert_eq!(
+        err("limits: { header_read_timeout: 0s }\n"),
+        "gw.yaml:1:11: limits.header_read_timeout: must be longer than 0ms"
     );
     assert_eq!(
         err("limits: { max_connections: 0 }\n"),
@@ -598,6 +647,9 @@ routes:
         "abc",
         "5x",
         "1ms",
+        "1.5ms",
+        "999999999999s",
+        "0ms",
         "10GiB",
         "'http://[::1'",
         "true",

@@ -28,7 +28,9 @@ impl Dur {
     }
 }
 
-/// Parses `250ms`, `30s`, `5m`, `1h` (also `1.5s`). A bare number is refused: the unit is part of the meaning.
+/// Parses `250ms`, `30s`, `5m`, `1h` (also `1.5s`, and `us`, which `bulwark check` prints for a
+/// fraction of a millisecond). A bare number is refused: the unit is part of the meaning. Whole
+/// numbers are exact; a fraction is rounded to the microsecond.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
     let split = t
@@ -37,26 +39,43 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             format!("invalid duration `{s}`: missing unit (use ms, s, m or h, e.g. `250ms`, `30s`)")
         })?;
     let (num, unit) = t.split_at(split);
-    let scale_ms: f64 = match unit.trim() {
-        "ms" => 1.0,
-        "s" => 1_000.0,
-        "m" => 60_000.0,
-        "h" => 3_600_000.0,
+    let scale_us: u64 = match unit.trim() {
+        "us" => 1,
+        "ms" => 1_000,
+        "s" => 1_000_000,
+        "m" => 60_000_000,
+        "h" => 3_600_000_000,
         other => {
             return Err(format!(
                 "invalid duration `{s}`: unknown unit `{other}` (use ms, s, m or h)"
             ))
         }
     };
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration `{s}`: `{num}` is not a number"))?;
-    let ms = value * scale_ms;
-    if !ms.is_finite() || ms > 1e15 {
-        return Err(format!("invalid duration `{s}`: too large"));
+    let too_large = || format!("invalid duration `{s}`: too large");
+    let us = if !num.is_empty() && num.bytes().all(|b| b.is_ascii_digit()) {
+        num.parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(scale_us))
+            .ok_or_else(too_large)?
+    } else {
+        let value: f64 = num
+            .parse()
+            .map_err(|_| format!("invalid duration `{s}`: `{num}` is not a number"))?;
+        let us = value * scale_us as f64;
+        if !us.is_finite() || us > MAX_DURATION_US as f64 {
+            return Err(too_large());
+        }
+        us.round() as u64
+    };
+    if us > MAX_DURATION_US {
+        return Err(too_large());
     }
-    Ok(Duration::from_micros((ms * 1000.0).round() as u64))
+    Ok(Duration::from_micros(us))
 }
+
+/// The longest duration accepted: 10^15 ms (about 31,700 years), so that adding one to a clock
+/// reading never overflows.
+const MAX_DURATION_US: u64 = 1_000_000_000_000_000_000;
 
 /// Formats a duration in the largest unit that represents it exactly.
 pub fn format_duration(d: Duration) -> String {
@@ -230,6 +249,25 @@ mod tests {
         assert!(parse_duration("abc")
             .unwrap_err()
             .contains("invalid duration"));
+        assert_eq!(parse_duration("1500us"), Ok(Duration::from_micros(1500)));
+        // Whole numbers are exact, however large (up to the cap).
+        assert_eq!(
+            parse_duration("999999999999s"),
+            Ok(Duration::from_secs(999_999_999_999))
+        );
+        assert!(parse_duration("99999999999999999999h")
+            .unwrap_err()
+            .contains("too large"));
+        assert!(parse_duration("1e30s").unwrap_err().contains("invalid"));
+        // What `check` prints loads again.
+        for d in [
+            Duration::from_micros(1500),
+            Duration::from_micros(1),
+            Duration::from_secs(999_999_999_999),
+            Duration::from_millis(1500),
+        ] {
+            assert_eq!(parse_duration(&format_duration(d)), Ok(d));
+        }
         assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");
         assert_eq!(format_duration(Duration::from_secs(300)), "5m");
     }

@@ -25,11 +25,23 @@ fn refused(base: &[Seg], r: crate::policy::Refused) -> Invalid {
 
 /// Checks `config`; the first problem found is returned.
 pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
+    if let Some(t) = &config.tls {
+        // What `run` will load: a missing or broken file is an error now, not at the next start.
+        crate::proxy::server_tls(&t.cert, &t.key).map_err(|(key, e)| at(&[k("tls"), k(key)], e))?;
+    }
     if config.limits.max_connections == 0 {
         return Err(at(
             &[k("limits"), k("max_connections")],
             "must be at least 1",
         ));
+    }
+    for (key, d) in [
+        ("header_read_timeout", config.limits.header_read_timeout),
+        ("idle_timeout", config.limits.idle_timeout),
+    ] {
+        if d.get().is_zero() {
+            return Err(at(&[k("limits"), k(key)], "must be longer than 0ms"));
+        }
     }
     if config.limits.max_concurrent_streams == 0 {
         return Err(at(
@@ -89,10 +101,16 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
 
 /// A `per_second` rate at `path`: finite and above zero.
 fn positive_rate(path: &[Seg], per_second: f64) -> Result<(), Invalid> {
-    if per_second > 0.0 && per_second.is_finite() {
-        Ok(())
-    } else {
+    if !(per_second > 0.0 && per_second.is_finite()) {
         Err(at(path, "must be greater than 0"))
+    } else if per_second * 60.0 < 0.5 {
+        // Rates are kept per second, or per minute when fractional: slower than one a minute
+        // would round to nothing.
+        Err(at(path, "must be at least 1/60 (one a minute)"))
+    } else if per_second > f64::from(u32::MAX) {
+        Err(at(path, "is too large"))
+    } else {
+        Ok(())
     }
 }
 
@@ -626,10 +644,13 @@ fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), In
         }
     }
     if let Some(f) = &route.fallback {
-        if !(100..=599).contains(&f.status) {
+        if !(200..=599).contains(&f.status) {
             return Err(at(
                 &p(&[k("fallback"), k("status")]),
-                format!("`{}` is not an HTTP status code", f.status),
+                format!(
+                    "`{}` is not a final HTTP status code (200 to 599)",
+                    f.status
+                ),
             ));
         }
         if let Some(ct) = &f.content_type {

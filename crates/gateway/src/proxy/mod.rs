@@ -1276,15 +1276,26 @@ fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<tokio_rustls::TlsAcceptor, StartError> {
-    let certs = crate::pem::certs(cert).map_err(|e| format!("tls.cert: {e}"))?;
-    let key = crate::pem::private_key(key).map_err(|e| format!("tls.key: {e}"))?;
+    let cfg = server_tls(cert, key).map_err(|(key, e)| format!("tls.{key}: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// The listener's TLS setup from the `tls` files; an error names the key (`cert`, `key`) at fault.
+pub(crate) fn server_tls(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<rustls::ServerConfig, (&'static str, String)> {
+    let certs = crate::pem::certs(cert).map_err(|e| ("cert", e))?;
+    let key = crate::pem::private_key(key).map_err(|e| ("key", e))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ("cert", e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(certs, key)?;
+        .with_single_cert(certs, key)
+        .map_err(|e| ("key", format!("does not fit the certificate: {e}")))?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+    Ok(cfg)
 }
 
 #[cfg(test)]
