@@ -425,7 +425,7 @@ pub fn amplification(route: &config::Route) -> u32 {
 /// The text `bulwark check` prints: the effective config, then per-route amplification with warnings.
 pub fn check_report(c: &Config) -> String {
     let mut out = String::from("# effective config (defaults filled in)\n");
-    out.push_str(&config::to_yaml(c));
+    out.push_str(&config::to_yaml(&config::effective(c)));
     out.push_str(
         "\n# worst-case load amplification per route (attempts x (1 + hedges) x (1 + failover))\n",
     );

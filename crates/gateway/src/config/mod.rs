@@ -137,7 +137,28 @@ fn to_segs(path: &serde_path_to_error::Path) -> Vec<Seg> {
         .collect()
 }
 
-/// The effective config (defaults filled in) as YAML.
+/// `config` with the defaults that depend on other settings written out (what `bulwark check`
+/// prints): an `admission.max_queued` of `max_concurrent`, and the `burst` of each rate limit (one
+/// second's worth). Loading it gives the same gateway.
+pub fn effective(config: &Config) -> Config {
+    let mut c = config.clone();
+    if let Some(a) = &mut c.admission {
+        a.max_queued.get_or_insert(a.max_concurrent);
+    }
+    for (_, up) in &mut c.upstreams.0 {
+        if let Some(r) = &mut up.rate_limit {
+            r.burst = Some(crate::policy::burst(r.burst, r.per_second));
+        }
+    }
+    for route in &mut c.routes {
+        if let Some(r) = &mut route.client_rate_limit {
+            r.burst = Some(crate::policy::burst(r.burst, r.per_second));
+        }
+    }
+    c
+}
+
+/// The config as YAML.
 pub fn to_yaml(config: &Config) -> String {
     serde_norway::to_string(config).unwrap_or_else(|e| format!("# cannot render the config: {e}\n"))
 }

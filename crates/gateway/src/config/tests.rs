@@ -72,6 +72,28 @@ fn printed_durations_load_again() {
     assert_eq!(to_yaml(&again), printed);
 }
 
+/// `bulwark check` writes out the defaults that follow other settings, and loads back the same.
+#[test]
+fn the_effective_config_writes_out_dependent_defaults() {
+    let src = format!(
+        "admission: {{ max_concurrent: 7 }}\n{UP}    rate_limit: {{ per_second: 2.5 }}\nroutes:\n  - upstream: a\n    client_rate_limit: {{ per_second: 0.5 }}\n"
+    );
+    let c = from_str(&src, "gw.yaml").unwrap();
+    let e = effective(&c);
+    assert_eq!(e.admission.as_ref().unwrap().max_queued, Some(7));
+    assert_eq!(
+        e.upstreams.0[0].1.rate_limit.as_ref().unwrap().burst,
+        Some(3)
+    );
+    assert_eq!(
+        e.routes[0].client_rate_limit.as_ref().unwrap().burst,
+        Some(1)
+    );
+    let printed = to_yaml(&e);
+    let again = from_str(&printed, "effective.yaml").unwrap();
+    assert_eq!(to_yaml(&effective(&again)), printed);
+}
+
 #[test]
 fn a_fallback_status_is_a_final_one() {
     assert_eq!(
