@@ -33,12 +33,14 @@ thread_local! {
 
 /// Called after a response (or part of one) is handed to an HTTP/1.1 client's socket (HTTP/2
 /// connections are hyper's, and do not call it): a scheduling point when this thread has not had
-/// one for [`INTERVAL`].
-pub(crate) fn after_write() {
-    if LAST.with(|last| due(last, Instant::now())) {
+/// one for [`INTERVAL`]. Returns the time it read (the monotonic clock).
+pub(crate) fn after_write() -> Instant {
+    let now = Instant::now();
+    if LAST.with(|last| due(last, now)) {
         // The value is not needed: reading the clock is the point (see the module docs).
         let _ = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
     }
+    now
 }
 
 /// Whether a scheduling point is due at `now`, given the `last` one (updated when it is).
@@ -69,6 +71,6 @@ mod tests {
         // An earlier `now` (not expected of a monotonic clock) is not a point, and changes nothing.
         assert!(!due(&last, t0));
         assert_eq!(last.get(), Some(t0 + INTERVAL * 3));
-        after_write();
+        let _ = after_write();
     }
 }

@@ -365,3 +365,128 @@ async fn shutdown_closes_idle_connections_and_finishes_an_exchange_in_flight() {
     assert!(busy.closed_within(10).await);
     stopping.await.unwrap();
 }
+
+/// A response body that streams (moving) for longer than idle_timeout: once it ends, the client
+/// connection should still carry the next request (it has only just become idle).
+#[tokio::test]
+async fn keep_alive_survives_a_response_that_streamed_longer_than_idle_timeout() {
+    let up = RawUpstream::start(|mut s, _| async move {
+        let mut buf = Vec::new();
+        let mut n = 0;
+        while let Some(_req) = read_head(&mut s, &mut buf).await {
+            n += 1;
+            if n == 1 {
+                s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    .await
+                    .unwrap();
+                for _ in 0..6 {
+                    tokio::time::sleep(Duration::from_millis(400)).await;
+                    s.write_all(b"1\r\nx\r\n").await.unwrap();
+                }
+                s.write_all(b"0\r\n\r\n").await.unwrap();
+            } else {
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+            }
+        }
+    })
+    .await;
+    let gw = Gateway::start(&limited_config(&up.url(), "idle_timeout: 1s")).await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.body.len()), (200, 6));
+    assert_eq!(r.header("connection"), None, "{r:?}");
+    // Well within idle_timeout of the end of the response.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.send(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (r, framed) = tokio::time::timeout(Duration::from_secs(5), async {
+        if c.buf.is_empty() && !c.fill().await {
+            panic!("the gateway closed the idle-for-50ms keep-alive connection");
+        }
+        c.read_response(false).await
+    })
+    .await
+    .unwrap();
+    assert_eq!((r.status, framed), (200, Framed::Complete));
+    gw.stop().await;
+}
+
+/// The same exchange, shorter than idle_timeout, keeps the connection too.
+#[tokio::test]
+async fn keep_alive_survives_a_response_that_streamed_for_less_than_idle_timeout() {
+    let up = RawUpstream::start(|mut s, _| async move {
+        let mut buf = Vec::new();
+        let mut n = 0;
+        while let Some(_req) = read_head(&mut s, &mut buf).await {
+            n += 1;
+            if n == 1 {
+                s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    .await
+                    .unwrap();
+                for _ in 0..3 {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    s.write_all(b"1\r\nx\r\n").await.unwrap();
+                }
+                s.write_all(b"0\r\n\r\n").await.unwrap();
+            } else {
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await
+                    .unwrap();
+            }
+        }
+    })
+    .await;
+    let gw = Gateway::start(&limited_config(&up.url(), "idle_timeout: 1s")).await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(c.response(false).await.status, 200);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.send(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(c.response(false).await.status, 200);
+    gw.stop().await;
+}
+
+/// `Content-Length: 5, 5` is accepted (RFC 9112 6.3 allows it) and goes upstream as one number,
+/// and a declared length over the limit in that form still gets 413 (not a `100 Continue`).
+#[tokio::test]
+async fn a_comma_joined_content_length_is_normalised_and_checked() {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let up = RawUpstream::start(move |mut s, _| {
+        let tx = tx.clone();
+        async move {
+            use tokio::io::AsyncReadExt;
+            let (mut b, mut got) = (vec![0u8; 8192], Vec::new());
+            while let Ok(Ok(n @ 1..)) =
+                tokio::time::timeout(Duration::from_millis(300), s.read(&mut b)).await
+            {
+                got.extend_from_slice(&b[..n]);
+            }
+            let _ = tx.send(String::from_utf8_lossy(&got).to_ascii_lowercase());
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+                .await;
+        }
+    })
+    .await;
+    let gw = Gateway::start(&limited_config(&up.url(), "max_body_bytes: 1KiB")).await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\nhello")
+        .await;
+    assert_eq!(c.response(false).await.status, 200);
+    let seen = rx.recv().await.unwrap();
+    assert!(
+        !seen.contains("content-length: 5, 5"),
+        "upstream got:\n{seen}"
+    );
+
+    let mut c = RawClient::connect(&gw).await;
+    c.send(
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5000, 5000\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await;
+    let first = c.line().await.unwrap();
+    assert!(first.starts_with("HTTP/1.1 413"), "{first}");
+    gw.stop().await;
+}

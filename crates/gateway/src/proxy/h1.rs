@@ -221,6 +221,9 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
                 return Err(Malformed);
             }
             length = Some(n);
+            // Put back once, as one number (below): `5, 5` or two equal lines are valid here
+            // (RFC 9112 6.3) but not everywhere the request goes on to.
+            continue;
         } else if name == header::TRANSFER_ENCODING {
             // Only `chunked` alone is accepted: the body goes upstream decoded, with a
             // `content-length`, so another coding (gzip) would silently reach the upstream as the
@@ -248,6 +251,9 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
             hosts += 1;
         }
         headers.append(name, value);
+    }
+    if let Some(n) = length {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     // RFC 9112 3.2: a request with more than one `Host` is refused (a route matching on `host`
     // would take either of two, where a front proxy, or an authorization in front, took one). One
@@ -1367,7 +1373,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
             .await
         };
         self.wbuf.clear();
-        crate::sched::after_write();
+        // The connection is idle from its last write, not from when the response head was ready
+        // (a long body must not leave it past its idle deadline); the clock was read anyway.
+        self.ctx.stamp_active(crate::sched::after_write());
         r.map_err(|e| {
             tracing::debug!(error = %e, "writing to the client failed");
             Gone
@@ -1381,7 +1389,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
         // The body's progress when last seen moving, and when.
         let mut moving: Option<(u64, Instant)> = None;
         let mut drain_start: Option<Instant> = None;
-        poll_fn(|cx| loop {
+        let settled = poll_fn(|cx| loop {
             let mut c = lock(&self.shared);
             match &c.rest {
                 Rest::None => return Poll::Ready(true),
@@ -1427,7 +1435,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                 }
             }
         })
-        .await
+        .await;
+        if moving.is_some() || drain_start.is_some() {
+            // It waited (an upload going on after the response): idle from now.
+            self.ctx.stamp_active(Instant::now());
+        }
+        settled
     }
 
     /// Closes the write side (a TLS `close_notify` first), bounded by `header_read_timeout`.

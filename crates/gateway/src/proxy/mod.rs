@@ -647,6 +647,12 @@ impl ConnCtx {
     fn idle_deadline(&self, idle: Duration) -> Instant {
         self.opened + Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed)) + idle
     }
+
+    /// Records activity (the end of an exchange) at `at`.
+    fn stamp_active(&self, at: Instant) {
+        let ms = at.saturating_duration_since(self.opened).as_millis() as u64;
+        self.last_active_ms.store(ms, Ordering::Relaxed);
+    }
 }
 
 /// Decrements in-flight and stamps activity when a request's service future ends (or is dropped):
@@ -656,9 +662,7 @@ struct Active<'a>(&'a ConnCtx, Option<Instant>);
 impl Drop for Active<'_> {
     fn drop(&mut self) {
         let c = self.0;
-        let end = self.1.unwrap_or_else(Instant::now);
-        let ms = end.saturating_duration_since(c.opened).as_millis() as u64;
-        c.last_active_ms.store(ms, Ordering::Relaxed);
+        c.stamp_active(self.1.unwrap_or_else(Instant::now));
         c.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 }
