@@ -330,3 +330,37 @@ async fn layer_dropping_a_queued_response_future_frees_its_queue_slot() {
     drop(first);
     assert_eq!(b.available(), 1);
 }
+
+/// The tower service queues a request at `call`, in arrival order: a permit freed before its
+/// future is first polled is not taken by a later request.
+#[tokio::test(start_paused = true)]
+async fn a_queued_request_is_not_overtaken_before_its_first_poll() {
+    use bulwark::bulkhead::{Bulkhead, BulkheadLayer};
+    use tower::{Layer, Service, ServiceExt};
+    let bh = Bulkhead::builder()
+        .max_concurrent(1)
+        .max_queued(1)
+        .build()
+        .unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let rx = std::sync::Arc::new(tokio::sync::Mutex::new(Some(rx)));
+    let mut svc = BulkheadLayer::new(bh.clone()).layer(tower::service_fn(move |n: u32| {
+        let rx = rx.clone();
+        async move {
+            if n == 0 {
+                let r = rx.lock().await.take().unwrap();
+                let _ = r.await;
+            }
+            Ok::<u32, std::convert::Infallible>(n)
+        }
+    }));
+    let a = svc.ready().await.unwrap().call(0);
+    let a = tokio::spawn(a);
+    tokio::task::yield_now().await; // A holds the only permit
+    let b = svc.ready().await.unwrap().call(1); // queued (arrived 2nd)
+    tx.send(()).unwrap();
+    a.await.unwrap().unwrap(); // permit free again, B not yet polled
+    let c = svc.ready().await.unwrap().call(2); // arrived 3rd
+    assert_eq!(bh.available(), 1, "C must not overtake queued B");
+    drop((b, c));
+}

@@ -319,3 +319,39 @@ async fn keyed_bulkhead_isolates_keys_and_keeps_busy_keys() {
     let r = b.call(&"a", || async { Err::<(), _>("inner") }).await;
     assert_eq!(r, Err(Error::Inner("inner")));
 }
+
+/// The shared overflow breaker's events are named `other`, even when the key it was first built
+/// for has since got its own entry and is a top key.
+#[tokio::test(start_paused = true)]
+async fn the_overflow_breaker_reports_as_other() {
+    use bulwark::breaker::KeyedCircuitBreaker;
+    use bulwark::Event;
+    use std::sync::{Arc, Mutex};
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let s2 = seen.clone();
+    let kb = KeyedCircuitBreaker::builder()
+        .breaker(|b| {
+            b.count_window(1)
+                .minimum_calls(1)
+                .open_duration(Duration::from_secs(1))
+        })
+        .max_keys(1)
+        .idle_timeout(Duration::from_secs(1))
+        .listener(move |e: &Event| {
+            if let Event::BreakerTransition { name, .. } = e {
+                s2.lock().unwrap().push(name.to_string())
+            }
+        })
+        .build::<String>()
+        .unwrap();
+    let ok = || async { Ok::<(), ()>(()) };
+    kb.call(&"a".to_string(), ok).await.unwrap(); // map: {a}
+    kb.call(&"b".to_string(), ok).await.unwrap(); // b -> overflow breaker (built for "b")
+    tokio::time::advance(Duration::from_secs(2)).await;
+    kb.call(&"b".to_string(), ok).await.unwrap(); // a evicted, b gets its own entry
+    let _ = kb.top_keys(); // b is now a top key
+    let _ = kb
+        .call(&"c".to_string(), || async { Err::<(), ()>(()) })
+        .await; // trips overflow breaker
+    assert_eq!(*seen.lock().unwrap(), vec!["other".to_string()]);
+}

@@ -224,7 +224,7 @@ impl KeyedCircuitBreakerBuilder {
         let policy_name = self.name;
         let template = self.breaker;
         let late = this.clone();
-        let factory = move |key: &K| {
+        let factory = move |key: &K, overflow: bool| {
             let mut b = template.clone();
             if !listeners.is_empty() {
                 let key = key.clone();
@@ -232,9 +232,11 @@ impl KeyedCircuitBreakerBuilder {
                 let listeners = listeners.clone();
                 let policy_name = policy_name.clone();
                 b = b.listener(move |e: &Event| {
+                    // The overflow breaker serves every key that did not fit: never one key's.
                     let label: Arc<str> = match late.get().and_then(Weak::upgrade) {
-                        Some(inner) => inner.keyed.label(&key),
-                        None => Arc::from("other"),
+                        Some(inner) if !overflow => inner.keyed.label(&key),
+                        Some(inner) => inner.keyed.other_label().clone(),
+                        None => Arc::from(crate::keyed::OTHER),
                     };
                     let label = crate::keyed::qualified(policy_name.as_ref(), label);
                     let renamed = match e {
@@ -253,7 +255,7 @@ impl KeyedCircuitBreakerBuilder {
             b.build()
                 .expect("infallible: these settings were validated by build() above")
         };
-        let keyed = keyed_builder.build(factory)?;
+        let keyed = keyed_builder.build_marked(factory)?;
         let inner = Arc::new(Inner { keyed });
         let _ = this.set(Arc::downgrade(&inner));
         Ok(KeyedCircuitBreaker { inner })

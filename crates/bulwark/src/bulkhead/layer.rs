@@ -94,8 +94,12 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        if let Some(permit) = self.bulkhead.try_acquire() {
-            return ResponseFuture::running(self.inner.call(req), permit, full);
+        // Not past a request already queued (whose future may not have been polled yet, so that
+        // it is not yet the semaphore's waiter): waiting is first come, first served.
+        if self.bulkhead.queued() == 0 {
+            if let Some(permit) = self.bulkhead.try_acquire() {
+                return ResponseFuture::running(self.inner.call(req), permit, full);
+            }
         }
         // The queue slot is taken here, in arrival order, not when the response
         // future is first polled.

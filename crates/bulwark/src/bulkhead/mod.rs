@@ -146,6 +146,8 @@ impl Drop for QueueSlot<'_> {
 /// A queue slot that owns its bulkhead, for futures that must be `'static`.
 pub(crate) struct OwnedQueueSlot {
     bulkhead: Bulkhead,
+    /// When the slot was taken: the queue timeout runs from then.
+    since: tokio::time::Instant,
 }
 
 impl Drop for OwnedQueueSlot {
@@ -259,6 +261,7 @@ impl Bulkhead {
     pub(crate) fn enter_queue_owned(&self) -> Option<OwnedQueueSlot> {
         self.inner.take_queue_slot().then(|| OwnedQueueSlot {
             bulkhead: self.clone(),
+            since: tokio::time::Instant::now(),
         })
     }
 
@@ -269,9 +272,11 @@ impl Bulkhead {
         slot: OwnedQueueSlot,
     ) -> Result<BulkheadPermit, Error<Infallible>> {
         let inner = &*slot.bulkhead.inner;
-        let waited =
-            tokio::time::timeout(inner.queue_timeout, inner.semaphore.clone().acquire_owned())
-                .await;
+        let until = slot
+            .since
+            .checked_add(inner.queue_timeout)
+            .unwrap_or_else(|| slot.since + Duration::from_secs(30 * 365 * 86_400));
+        let waited = tokio::time::timeout_at(until, inner.semaphore.clone().acquire_owned()).await;
         match waited {
             Ok(Ok(p)) => Ok(BulkheadPermit { _permit: p }),
             Ok(Err(_)) | Err(_) => Err(inner.reject()),

@@ -137,7 +137,9 @@ impl<K, P> Clone for Keyed<K, P> {
     }
 }
 
-type Factory<K, P> = Box<dyn Fn(&K) -> P + Send + Sync>;
+/// Makes the policy instance for a key; `true`: the shared overflow instance (made once, for the
+/// first key that did not fit, but serving every such key).
+type Factory<K, P> = Box<dyn Fn(&K, bool) -> P + Send + Sync>;
 
 struct Shared<K, P> {
     shards: Box<[RwLock<Map<K, P>>]>,
@@ -440,12 +442,12 @@ where
         }
         if self.len.load(Ordering::Acquire) >= self.max_keys {
             // Full and nothing evictable: no factory call, no write lock.
-            return self.overflow_entry(key, None, now);
+            return self.overflow_entry(key, now);
         }
         // Build outside the lock: a panicking factory cannot poison the shard, and a
         // slow one does not block readers. A racing insert of the same key wins and
         // this instance is dropped.
-        let policy = (self.factory)(key);
+        let policy = (self.factory)(key, false);
         let mut map = write(shard);
         if let Some(e) = map.get(key) {
             return e.clone();
@@ -458,20 +460,20 @@ where
             .is_ok();
         if !reserved {
             drop(map);
-            return self.overflow_entry(key, Some(policy), now);
+            drop(policy);
+            return self.overflow_entry(key, now);
         }
         let entry = Arc::new(Entry::new(Some(key.clone()), policy, now));
         map.insert(key.clone(), entry.clone());
         entry
     }
 
-    fn overflow_entry(&self, key: &K, policy: Option<P>, now: u64) -> Arc<Entry<K, P>> {
+    fn overflow_entry(&self, key: &K, now: u64) -> Arc<Entry<K, P>> {
         self.overflow
             .get_or_init(|| {
                 // The overflow instance is built by the factory for the first key that
-                // did not fit.
-                let policy = policy.unwrap_or_else(|| (self.factory)(key));
-                Arc::new(Entry::new(None, policy, now))
+                // did not fit, marked as the overflow one.
+                Arc::new(Entry::new(None, (self.factory)(key, true), now))
             })
             .clone()
     }
@@ -637,6 +639,17 @@ impl KeyedBuilder {
         K: Hash + Eq + Clone + Send + Sync + 'static,
         P: Send + Sync + 'static,
         F: Fn(&K) -> P + Send + Sync + 'static,
+    {
+        self.build_marked(move |k, _| factory(k))
+    }
+
+    /// As [`build`](Self::build), telling `factory` whether it makes the overflow instance
+    /// (`true`), for a policy that names its own events (it must not name a key then).
+    pub(crate) fn build_marked<K, P, F>(self, factory: F) -> Result<Keyed<K, P>, ConfigError>
+    where
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+        P: Send + Sync + 'static,
+        F: Fn(&K, bool) -> P + Send + Sync + 'static,
     {
         if self.max_keys == 0 {
             return Err(ConfigError::new("max_keys", "must be at least 1"));

@@ -6,7 +6,7 @@ use std::task::{Context, Poll};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{Priority, ShedPermit, Shedder};
+use super::{Entry, Priority, ShedPermit, Shedder};
 pub use crate::slot_future::ResponseFuture;
 use crate::{BoxError, Error};
 
@@ -85,15 +85,20 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        if let Some(permit) = self.shedder.try_acquire() {
-            return ResponseFuture::running(self.inner.call(req), permit, shed);
-        }
+        // The place in the queue is taken here, in arrival order (and by priority), not when the
+        // response future is first polled: a later call cannot take a slot ahead of it.
         let priority = (self.priority)(&req);
-        let shedder = self.shedder.clone();
-        let acquire = Box::pin(async move { shedder.acquire(priority).await });
-        let clone = self.inner.clone();
-        let ready = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::queued(acquire, ready, req, shed)
+        match self.shedder.enqueue(priority, None) {
+            Ok(Entry::Granted(permit)) => {
+                ResponseFuture::running(self.inner.call(req), permit, shed)
+            }
+            Ok(Entry::Waiting(w)) => {
+                let clone = self.inner.clone();
+                let ready = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture::queued(Box::pin(w.wait()), ready, req, shed)
+            }
+            Err(_) => ResponseFuture::rejected(shed),
+        }
     }
 }
 

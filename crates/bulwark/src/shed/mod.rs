@@ -243,6 +243,49 @@ impl Queued {
     }
 }
 
+/// What [`Shedder::enqueue`] got: a slot, or a place in the queue.
+pub(crate) enum Entry {
+    Granted(ShedPermit),
+    Waiting(Waiting),
+}
+
+/// A place in the queue, waited on with [`wait`](Self::wait); dropping it leaves the queue.
+pub(crate) struct Waiting {
+    queued: Queued,
+    priority: Priority,
+    until: Instant,
+}
+
+impl Waiting {
+    /// Waits for a slot until the queue timeout (or the deadline); [`Error::Shed`] when the call
+    /// is displaced or times out.
+    pub(crate) async fn wait(self) -> Result<ShedPermit, Error<Infallible>> {
+        let Waiting {
+            mut queued,
+            priority,
+            until,
+        } = self;
+        let inner = queued.inner.clone();
+        let granted = match tokio::time::timeout_at(until, &mut queued.rx).await {
+            Ok(Ok(Grant)) => {
+                queued.done = true;
+                true
+            }
+            Ok(Err(_)) => {
+                queued.done = true;
+                return Err(inner.shed(priority, ShedReason::Displaced));
+            }
+            // Timed out, unless a slot came in the meantime.
+            Err(_) => queued.leave(),
+        };
+        if granted {
+            Ok(ShedPermit { inner })
+        } else {
+            Err(inner.shed(priority, ShedReason::Timeout))
+        }
+    }
+}
+
 impl Drop for Queued {
     fn drop(&mut self) {
         if !self.done && self.leave() {
@@ -315,69 +358,69 @@ impl Shedder {
         priority: Priority,
         deadline: Option<Instant>,
     ) -> Result<ShedPermit, Error<Infallible>> {
+        match self.enqueue(priority, deadline)? {
+            Entry::Granted(permit) => Ok(permit),
+            Entry::Waiting(w) => w.wait().await,
+        }
+    }
+
+    /// Takes a free slot, or a place in the queue, now (so that the call keeps its place in
+    /// arrival order however late its wait is first polled). The queue timeout starts now.
+    pub(crate) fn enqueue(
+        &self,
+        priority: Priority,
+        deadline: Option<Instant>,
+    ) -> Result<Entry, Error<Infallible>> {
         let inner = &self.inner;
-        let (key, rx) = {
-            let mut st = inner.lock();
-            if st.running < inner.max_concurrent {
-                st.running += 1;
-                drop(st);
-                return Ok(ShedPermit {
-                    inner: inner.clone(),
-                });
-            }
-            // Out of time already: never take (or displace) a place in the queue.
-            if deadline.is_some_and(|d| d <= Instant::now()) {
-                drop(st);
-                return Err(inner.shed(priority, ShedReason::Timeout));
-            }
-            if st.queue.len() >= inner.max_queued {
-                // Displace the least important (and newest of those) if it matters less.
-                match st.queue.last_key_value().map(|(k, _)| *k) {
-                    Some(last) if last.0 .0 < priority => {
-                        // Its sender is dropped here: the waiter sees that it was displaced.
-                        st.queue.remove(&last);
-                    }
-                    _ => {
-                        drop(st);
-                        return Err(inner.shed(priority, ShedReason::QueueFull));
-                    }
+        let mut st = inner.lock();
+        if st.running < inner.max_concurrent {
+            st.running += 1;
+            drop(st);
+            return Ok(Entry::Granted(ShedPermit {
+                inner: inner.clone(),
+            }));
+        }
+        let now = Instant::now();
+        // Out of time already: never take (or displace) a place in the queue.
+        if deadline.is_some_and(|d| d <= now) {
+            drop(st);
+            return Err(inner.shed(priority, ShedReason::Timeout));
+        }
+        if st.queue.len() >= inner.max_queued {
+            // Displace the least important (and newest of those) if it matters less.
+            match st.queue.last_key_value().map(|(k, _)| *k) {
+                Some(last) if last.0 .0 < priority => {
+                    // Its sender is dropped here: the waiter sees that it was displaced.
+                    st.queue.remove(&last);
+                }
+                _ => {
+                    drop(st);
+                    return Err(inner.shed(priority, ShedReason::QueueFull));
                 }
             }
-            st.seq += 1;
-            let key = (Reverse(priority), st.seq);
-            let (tx, rx) = oneshot::channel();
-            st.queue.insert(key, tx);
-            (key, rx)
-        };
-        let mut queued = Queued {
-            inner: inner.clone(),
-            key,
-            rx,
-            done: false,
-        };
-        let mut until = Instant::now() + inner.queue_timeout;
+        }
+        st.seq += 1;
+        let key = (Reverse(priority), st.seq);
+        let (tx, rx) = oneshot::channel();
+        st.queue.insert(key, tx);
+        drop(st);
+        // A timeout too long to add to the clock (`Duration::MAX`: wait "forever") waits ~30 years.
+        let mut until = now
+            .checked_add(inner.queue_timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400));
         if let Some(d) = deadline {
             until = until.min(d);
         }
-        let granted = match tokio::time::timeout_at(until, &mut queued.rx).await {
-            Ok(Ok(Grant)) => {
-                queued.done = true;
-                true
-            }
-            Ok(Err(_)) => {
-                queued.done = true;
-                return Err(inner.shed(priority, ShedReason::Displaced));
-            }
-            // Timed out, unless a slot came in the meantime.
-            Err(_) => queued.leave(),
-        };
-        if granted {
-            Ok(ShedPermit {
+        Ok(Entry::Waiting(Waiting {
+            queued: Queued {
                 inner: inner.clone(),
-            })
-        } else {
-            Err(inner.shed(priority, ShedReason::Timeout))
-        }
+                key,
+                rx,
+                done: false,
+            },
+            priority,
+            until,
+        }))
     }
 
     /// Runs `f` in a slot for a call of `priority`; the slot is held until `f`'s future
