@@ -46,6 +46,10 @@ pub const DEFAULT_POOL_MAX_IDLE: usize = 128;
 /// Idle upstream connections older than this are closed; below typical server keep-alive (often 60 s+)
 /// so we close first and rarely send on a connection the server is closing.
 pub const DEFAULT_POOL_IDLE_TIMEOUT: Dur = Dur::from_secs(30);
+/// `pool.ping_interval`: an HTTP/2 upstream connection is pinged this often.
+pub const DEFAULT_POOL_PING_INTERVAL: Dur = Dur::from_secs(10);
+/// `pool.ping_timeout`: an unanswered ping closes the connection after this long.
+pub const DEFAULT_POOL_PING_TIMEOUT: Dur = Dur::from_secs(5);
 /// TCP connect timeout to an endpoint; a connect is one round trip, so 1 s is generous on a LAN.
 pub const DEFAULT_CONNECT_TIMEOUT: Dur = Dur::from_secs(1);
 /// Whole-request timeout of a route, all attempts included.
@@ -494,6 +498,10 @@ pub struct Pool {
     pub max_idle: usize,
     /// Idle connections older than this are closed.
     pub idle_timeout: Dur,
+    /// HTTP/2 upstreams: a ping this often on the shared connection.
+    pub ping_interval: Dur,
+    /// HTTP/2 upstreams: a ping unanswered this long closes the connection (a new one is opened).
+    pub ping_timeout: Dur,
 }
 
 impl Default for Pool {
@@ -501,6 +509,8 @@ impl Default for Pool {
         Pool {
             max_idle: DEFAULT_POOL_MAX_IDLE,
             idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
+            ping_interval: DEFAULT_POOL_PING_INTERVAL,
+            ping_timeout: DEFAULT_POOL_PING_TIMEOUT,
         }
     }
 }

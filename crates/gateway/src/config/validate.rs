@@ -200,6 +200,14 @@ fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
             "an upstream needs at least one endpoint",
         ));
     }
+    for (key, d) in [
+        ("ping_interval", up.pool.ping_interval),
+        ("ping_timeout", up.pool.ping_timeout),
+    ] {
+        if d.get().is_zero() {
+            return Err(at(&p(&[k("pool"), k(key)]), "must be longer than 0ms"));
+        }
+    }
     if up.endpoints.len() > crate::upstream::MAX_ENDPOINTS {
         return Err(at(
             &p(&[k("endpoints")]),

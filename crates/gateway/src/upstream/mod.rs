@@ -112,7 +112,8 @@ impl Upstream {
                 c.pool.max_idle,
                 c.pool.idle_timeout.get(),
                 c.connect_timeout.get(),
-            );
+            )
+            .with_pings(c.pool.ping_interval.get(), c.pool.ping_timeout.get());
             if url.https {
                 let cfg = match &tls_config {
                     Some(cfg) => Arc::clone(cfg),

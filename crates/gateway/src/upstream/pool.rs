@@ -167,6 +167,8 @@ pub struct Pool {
     h2_connect: tokio::sync::Mutex<u64>,
     /// HTTP/2 connects that failed.
     h2_failures: AtomicU64,
+    /// HTTP/2: the ping interval and timeout of the shared connection.
+    pings: (Duration, Duration),
 }
 
 impl std::fmt::Debug for Pool {
@@ -197,7 +199,19 @@ impl Pool {
             h2: Mutex::new(None),
             h2_connect: tokio::sync::Mutex::new(0),
             h2_failures: AtomicU64::new(0),
+            pings: (
+                crate::config::DEFAULT_POOL_PING_INTERVAL.get(),
+                crate::config::DEFAULT_POOL_PING_TIMEOUT.get(),
+            ),
         }
+    }
+
+    /// HTTP/2: pings the shared connection every `interval`, idle or not, and closes it when one
+    /// is not answered within `timeout`, so that a connection gone silent (a host that vanished, a
+    /// dropped NAT entry: no FIN, no reset) is replaced rather than waited on by every request.
+    pub fn with_pings(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.pings = (interval, timeout);
+        self
     }
 
     /// Makes this the pool of an `https://` endpoint: every connection does a TLS handshake with
@@ -349,6 +363,9 @@ impl Pool {
                 let io = TokioIo::new(self.connect_stream().await?);
                 http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
+                    .keep_alive_interval(self.pings.0)
+                    .keep_alive_timeout(self.pings.1)
+                    .keep_alive_while_idle(true)
                     .handshake(io)
                     .await
                     .map_err(|e| SendError::connect(Some(e.into())))
@@ -523,6 +540,9 @@ impl Pool {
 
     async fn send_h2(&self, req: Request<ReqBody>) -> Result<Response<UpstreamBody>, SendError> {
         let mut req = req;
+        // A request in memory can go once more on a new connection if the upstream says it did
+        // not process it (RFC 9113 8.7): a refused stream, or one past a GOAWAY's last stream.
+        let mut again = in_memory_copy(&req);
         let (mut sender, mut generation, mut reused) = self.checkout_h2(None).await?;
         loop {
             match sender.try_send_request(req).await {
@@ -535,6 +555,12 @@ impl Pool {
                     }
                     _ => {
                         let err = e.into_error();
+                        if let Some(copy) = again.take().filter(|_| not_processed(&err)) {
+                            req = copy;
+                            (sender, generation, reused) =
+                                self.checkout_h2(Some(generation)).await?;
+                            continue;
+                        }
                         return Err(SendError {
                             kind: classify(&err),
                             source: Some(err.into()),
@@ -544,6 +570,35 @@ impl Pool {
             }
         }
     }
+}
+
+/// A copy of `req` when its body is in memory (cheap to send again), else `None`.
+fn in_memory_copy(req: &Request<ReqBody>) -> Option<Request<ReqBody>> {
+    let ReqBody::Full { data } = req.body() else {
+        return None;
+    };
+    let mut copy = Request::new(ReqBody::Full { data: data.clone() });
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
+}
+
+/// Whether an HTTP/2 send error says the upstream did not process the request (RFC 9113 8.7): its
+/// stream was refused (`REFUSED_STREAM`), or the connection was going away gracefully (`GOAWAY`
+/// with `NO_ERROR`) before the stream was taken.
+fn not_processed(err: &hyper::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && (h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                    || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR)));
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Classifies a hyper send error: our client's body failing is not the upstream's fault.
