@@ -306,6 +306,10 @@ pub async fn start(path: &Path, config: &Config, poll: Duration) -> Result<Runni
             let _ = t.await;
         }
     });
+    // Ready from now (the accept loop also says so when it starts): the listener is bound, and
+    // a connection made before the loop first runs waits in its backlog. Callers log "listening"
+    // next, and `/ready` must agree with that line.
+    gateway.set_phase(crate::proxy::Phase::Serving);
     Ok(Running {
         proxy_addr,
         admin_addr,
