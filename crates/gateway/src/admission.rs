@@ -42,6 +42,15 @@ impl std::fmt::Debug for ClientLimit {
     }
 }
 
+/// Why [`ClientLimit::check`] refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The client's bucket is empty: the next token comes after this long.
+    Limited(Duration),
+    /// The key header came with different values.
+    AmbiguousKey,
+}
+
 impl ClientLimit {
     /// Builds the limiter of a `client_rate_limit` section (enabled, `per_second` > 0 checked).
     pub fn new(c: &config::ClientRateLimit) -> Result<ClientLimit, Refused> {
@@ -70,31 +79,35 @@ impl ClientLimit {
     }
 
     /// Takes one token from the bucket of the client that sent `headers` over a connection from
-    /// `peer_ip`: `Err` with the time until the next token when it is empty. A request without the
-    /// key header (or with only empty ones) is not limited, as nginx and Envoy do; a header given
-    /// several times is keyed by all its non-empty values together (an empty first one hides
-    /// nothing).
+    /// `peer_ip`. A request without the key header (or with only empty ones) is not limited, as
+    /// nginx and Envoy do. The header's value is taken without surrounding whitespace (which an
+    /// upstream's parser drops too); a header given several times with different values is
+    /// refused ([`Refusal::AmbiguousKey`]): an upstream would read one of them, and the others
+    /// would pick fresh buckets at will.
     /// An IPv6 client is keyed by its /64, the block one host usually has to itself, so that it
     /// cannot take a fresh bucket per address.
-    pub fn check(&self, peer_ip: &HeaderValue, headers: &HeaderMap) -> Result<(), Duration> {
+    pub fn check(&self, peer_ip: &HeaderValue, headers: &HeaderMap) -> Result<(), Refusal> {
         let mut hasher = self.hasher.build_hasher();
         match &self.key {
             None => hash_client_ip(&mut hasher, peer_ip),
             Some(h) => {
-                let mut any = false;
-                for v in headers.get_all(h).iter().filter(|v| !v.is_empty()) {
-                    hasher.write(v.as_bytes());
-                    hasher.write_u8(0);
-                    any = true;
-                }
-                if !any {
+                let mut values = headers
+                    .get_all(h)
+                    .iter()
+                    .map(|v| v.as_bytes().trim_ascii())
+                    .filter(|v| !v.is_empty());
+                let Some(key) = values.next() else {
                     return Ok(());
+                };
+                if values.any(|v| v != key) {
+                    return Err(Refusal::AmbiguousKey);
                 }
+                hasher.write(key);
             }
         }
         self.limiter
             .check(&hasher.finish())
-            .map_err(|e| e.retry_after().unwrap_or(Duration::from_secs(1)))
+            .map_err(|e| Refusal::Limited(e.retry_after().unwrap_or(Duration::from_secs(1))))
     }
 
     /// Clients remembered now.
@@ -214,7 +227,10 @@ mod tests {
         let h = HeaderMap::new();
         assert!(l.check(&a, &h).is_ok());
         assert!(l.check(&a, &h).is_ok());
-        assert_eq!(l.check(&a, &h), Err(Duration::from_millis(500)));
+        assert_eq!(
+            l.check(&a, &h),
+            Err(Refusal::Limited(Duration::from_millis(500)))
+        );
         assert!(l.check(&b, &h).is_ok(), "another client");
         tokio::time::advance(Duration::from_millis(500)).await;
         assert!(l.check(&a, &h).is_ok(), "refilled one token");
@@ -230,7 +246,10 @@ mod tests {
         let mut alice = HeaderMap::new();
         alice.insert("x-api-key", HeaderValue::from_static("alice"));
         assert!(l.check(&ip, &alice).is_ok());
-        assert_eq!(l.check(&other_ip, &alice), Err(Duration::from_secs(1)));
+        assert_eq!(
+            l.check(&other_ip, &alice),
+            Err(Refusal::Limited(Duration::from_secs(1)))
+        );
         let mut bob = HeaderMap::new();
         bob.insert("x-api-key", HeaderValue::from_static("bob"));
         assert!(l.check(&ip, &bob).is_ok());
@@ -245,7 +264,7 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn repeated_headers_count_together_and_ipv6_clients_by_their_64() {
+    async fn repeated_or_padded_headers_cannot_pick_a_bucket_and_ipv6_clients_count_by_their_64() {
         let l = limit("{ per_second: 1, burst: 1, key: 'header:x-api-key' }");
         let ip = HeaderValue::from_static("10.0.0.1");
         let mut alice = HeaderMap::new();
@@ -256,11 +275,19 @@ mod tests {
         sneaky.append("x-api-key", HeaderValue::from_static(""));
         sneaky.append("x-api-key", HeaderValue::from_static("alice"));
         assert!(l.check(&ip, &sneaky).is_err());
-        // Two values: keyed by both together.
+        // Two different values: refused (an upstream reads one, the other would pick a bucket).
         let mut two = HeaderMap::new();
         two.append("x-api-key", HeaderValue::from_static("alice"));
-        two.append("x-api-key", HeaderValue::from_static("bob"));
-        assert!(l.check(&ip, &two).is_ok());
+        two.append("x-api-key", HeaderValue::from_static("nonce-1"));
+        assert_eq!(l.check(&ip, &two), Err(Refusal::AmbiguousKey));
+        // The same value twice, or with whitespace around it, is alice's (empty) bucket.
+        let mut again = HeaderMap::new();
+        again.append("x-api-key", HeaderValue::from_static("alice"));
+        again.append("x-api-key", HeaderValue::from_static(" alice "));
+        assert!(matches!(l.check(&ip, &again), Err(Refusal::Limited(_))));
+        let mut spaced = HeaderMap::new();
+        spaced.insert("x-api-key", HeaderValue::from_static("alice  "));
+        assert!(matches!(l.check(&ip, &spaced), Err(Refusal::Limited(_))));
 
         let l = limit("{ per_second: 1, burst: 1 }");
         let h = HeaderMap::new();
@@ -285,6 +312,9 @@ mod tests {
         let ip = HeaderValue::from_static("10.0.0.1");
         let h = HeaderMap::new();
         assert!(l.check(&ip, &h).is_ok());
-        assert_eq!(l.check(&ip, &h), Err(Duration::from_secs(2)));
+        assert_eq!(
+            l.check(&ip, &h),
+            Err(Refusal::Limited(Duration::from_secs(2)))
+        );
     }
 }

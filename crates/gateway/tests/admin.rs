@@ -382,3 +382,71 @@ async fn token_env_naming_an_empty_variable_refuses_mutations_with_403() {
     std::env::remove_var(&var);
     running.stop().await;
 }
+
+/// An open breaker whose open duration has run out lets the next call through as a probe: /health
+/// calls it half-open (degraded, 200), not open (unhealthy, 503). Without traffic the library's
+/// state stays open until a call comes, and a load balancer reading /health would send none.
+#[tokio::test]
+async fn an_open_breaker_past_its_open_duration_is_reported_half_open() {
+    let dead = dead_url().await;
+    let ops = Ops::start(
+        &format!(
+            "upstreams:
+  only:
+    endpoints: [{{url: '{dead}'}}]
+    circuit_breaker: {{ minimum_calls: 2, open_duration: 1s }}
+routes:
+  - name: api
+    upstream: only
+"
+        ),
+        None,
+    )
+    .await;
+    let c = client();
+    for _ in 0..3 {
+        get(&c, &ops.url("/")).await;
+    }
+    let h = ops.admin_json(&c, "/health").await;
+    assert_eq!(h["upstreams"]["only"]["circuit_breaker"], "open", "{h}");
+    // No traffic, until the breaker would admit a probe.
+    eventually(10, "the open duration to run out", || async {
+        ops.admin_json(&c, "/api/circuit-breakers/only").await["open_remaining_ms"] == 0
+    })
+    .await;
+    let g = ops.admin_get(&c, "/health").await;
+    let h: serde_json::Value = serde_json::from_slice(&g.body).unwrap();
+    assert_eq!(g.status.as_u16(), 200, "{h}");
+    assert_eq!(
+        h["upstreams"]["only"]["circuit_breaker"], "half_open",
+        "{h}"
+    );
+    assert_eq!(h["status"], "degraded", "{h}");
+    ops.stop().await;
+}
+
+/// "An endpoint takes traffic until its first probe answers": a first probe that fails takes it
+/// out at once, not an `interval` later.
+#[tokio::test]
+async fn a_failed_first_health_probe_takes_the_endpoint_out_at_once() {
+    let dead = dead_url().await;
+    let ops = Ops::start(
+        &format!(
+            "upstreams:
+  hc:
+    endpoints: [{{url: '{dead}'}}]
+    health_check: {{ interval: 60s, timeout: 1s }}
+routes:
+  - upstream: hc
+"
+        ),
+        None,
+    )
+    .await;
+    let c = client();
+    eventually(10, "the first probe's verdict", || async {
+        ops.admin_json(&c, "/health").await["upstreams"]["hc"]["endpoints"][0]["healthy"] == false
+    })
+    .await;
+    ops.stop().await;
+}

@@ -80,6 +80,9 @@ async fn the_dashboard_shows_the_gateway_s_state_in_a_browser() {
   backup:
     endpoints: [{{url: '{dead}'}}]
 routes:
+  - name: constructor
+    match: {{ path_prefix: /c/ }}
+    upstream: primary
   - name: api
     upstream: primary
 ",
@@ -92,6 +95,8 @@ routes:
     for _ in 0..3 {
         assert_eq!(get(&c, &ops.url("/")).await.status, 200);
     }
+    // A route named like a property of every JavaScript object is shown like any other.
+    assert_eq!(get(&c, &ops.url("/c/x")).await.status, 200);
     ops.set_breaker(&c, "primary", "forced_open").await;
     assert_eq!(get(&c, &ops.url("/")).await.status, 503);
     let g = ops
@@ -111,6 +116,7 @@ routes:
         r#"data-upstream="primary" data-breaker="forced_open""#,
         r#"data-upstream="backup" data-breaker="disabled""#,
         r#"data-route="api" data-requests="4""#,
+        r#"data-route="constructor" data-requests="1""#,
         "override: forced_open",
     ] {
         assert!(dom.contains(expected), "missing {expected}: {dom}");

@@ -226,6 +226,9 @@ impl Task {
     async fn run(mut self) {
         let mut ticks = tokio::time::interval(self.interval);
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        // The first round decides every component (a failing one stays unhealthy, so its
+        // status does not change): subscribers are woken for it all the same.
+        let mut first = true;
         loop {
             ticks.tick().await;
             let results = run_all(&self.registry.checks, self.timeout).await;
@@ -242,10 +245,12 @@ impl Task {
                 self.components.iter().map(|c| c.health.clone()).collect(),
             );
             // The value always carries the latest details; subscribers are woken
-            // only when a status changed.
+            // only when a status changed, and after the first round.
+            let wake = changed || first;
+            first = false;
             self.tx.send_if_modified(|current| {
                 *current = report;
-                changed
+                wake
             });
         }
     }

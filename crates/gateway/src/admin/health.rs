@@ -135,8 +135,21 @@ impl<T: Serialize> Serialize for Ordered<T> {
     }
 }
 
+/// A breaker's state as operators should read it: an open breaker whose open duration has run
+/// out lets the next call through as a probe, so it is reported half-open (the library moves it
+/// only when that call comes, and without traffic none comes: reported open, a load balancer
+/// watching `/health` would keep the gateway out for ever).
+pub fn breaker_state(b: &bulwark::breaker::CircuitBreaker) -> BreakerState {
+    match b.state() {
+        BreakerState::Open if b.snapshot().open_remaining == Some(std::time::Duration::ZERO) => {
+            BreakerState::HalfOpen
+        }
+        s => s,
+    }
+}
+
 fn upstream_report(up: &Upstream) -> UpstreamReport {
-    let breaker = up.policies.breaker().map(|b| b.state());
+    let breaker = up.policies.breaker().map(breaker_state);
     let endpoints: Vec<(EndpointHealth, &Endpoint)> = up
         .endpoints
         .iter()

@@ -504,7 +504,8 @@ impl Telemetry {
                 endpoints.insert(labels);
             }
             if let Some(b) = up.policies.breaker() {
-                self.library.set_breaker_state(&up.name, b.state());
+                self.library
+                    .set_breaker_state(&up.name, super::health::breaker_state(b));
                 breakers.insert(up.name.to_string());
             }
         }

@@ -95,6 +95,14 @@ fn the_effective_config_writes_out_dependent_defaults() {
 }
 
 #[test]
+fn methods_are_case_sensitive() {
+    assert_eq!(
+        err(&format!("{UP}routes:\n  - upstream: a\n    match: {{ methods: [GET, post] }}\n")),
+        "gw.yaml:6:29: routes[0].match.methods[1]: methods are case-sensitive: write `POST`, not `post`"
+    );
+}
+
+#[test]
 fn a_fallback_status_is_a_final_one() {
     assert_eq!(
         err(&format!("{UP}routes:\n  - upstream: a\n    fallback: {{ status: 100 }}\n")),

@@ -529,6 +529,19 @@ fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), In
                 format!("invalid method `{method}`"),
             ));
         }
+        // Methods are case-sensitive (RFC 9110 9.1): `get` would never match a GET.
+        let upper = method.to_ascii_uppercase();
+        if upper != *method
+            && [
+                "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+            ]
+            .contains(&upper.as_str())
+        {
+            return Err(at(
+                &p(&[k("match"), k("methods"), Seg::Index(i)]),
+                format!("methods are case-sensitive: write `{upper}`, not `{method}`"),
+            ));
+        }
     }
     for (name, value) in &m.headers {
         if http::HeaderName::from_bytes(name.as_bytes()).is_err() {

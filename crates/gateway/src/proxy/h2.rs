@@ -289,11 +289,29 @@ fn websocket_key() -> HeaderValue {
         .unwrap_or_else(|_| HeaderValue::from_static("AAAAAAAAAAAAAAAAAAAAAA=="))
 }
 
-/// The answer to an RFC 8441 WebSocket request. An upstream's accepted upgrade (its 101) becomes a
-/// 200 without the handshake's HTTP/1.1 headers, and a task then copies bytes between the stream
-/// (`on`) and the upstream connection until both ends close or nothing moves for `idle`, holding
-/// `open` (the tunnel gauge and the connection's activity) meanwhile. Any other 2xx, which would
-/// open a tunnel to nothing, becomes a 502; other answers go back as they are.
+/// The answer to an RFC 8441 WebSocket request, before it is counted and logged: anything but an
+/// upstream's accepted upgrade (a 101 carrying its connection) that would read as a success (a
+/// 2xx, a fallback's or an injected fault's included, which would open a tunnel to nothing) is a
+/// 502 `upstream_error`. Other answers stay as they are.
+pub(crate) fn refuse_unswitched(resp: Response<RespBody>) -> Response<RespBody> {
+    let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && resp.extensions().get::<super::tunnel::Upgraded>().is_some();
+    if switched || !(resp.status().is_success() || resp.status().is_informational()) {
+        return resp;
+    }
+    let attempts = resp
+        .headers()
+        .get(&super::respond::X_BULWARK_ATTEMPTS)
+        .and_then(|v| v.to_str().ok()?.parse().ok())
+        .unwrap_or(1);
+    super::respond::failure(super::respond::Failure::UpstreamError, attempts, None)
+}
+
+/// The stream's answer to an RFC 8441 WebSocket request ([`refuse_unswitched`] already applied).
+/// An upstream's accepted upgrade (its 101) becomes a 200 without the handshake's HTTP/1.1
+/// headers, and a task then copies bytes between the stream (`on`) and the upstream connection
+/// until both ends close or nothing moves for `idle`, holding `open` (the tunnel gauge and the
+/// connection's activity) meanwhile. Other answers go back as they are.
 pub(crate) fn answer_connect<G: Send + 'static>(
     resp: Response<RespBody>,
     on: OnUpgrade,
@@ -306,14 +324,6 @@ pub(crate) fn answer_connect<G: Send + 'static>(
         .flatten()
         .and_then(|u| u.take());
     let Some(side) = side else {
-        if parts.status.is_success() || parts.status == StatusCode::SWITCHING_PROTOCOLS {
-            let attempts = parts
-                .headers
-                .get("x-bulwark-attempts")
-                .and_then(|v| v.to_str().ok()?.parse().ok())
-                .unwrap_or(1);
-            return super::respond::failure(super::respond::Failure::UpstreamError, attempts, None);
-        }
         return Response::from_parts(parts, body);
     };
     drop(body);

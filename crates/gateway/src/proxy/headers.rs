@@ -31,6 +31,10 @@ fn hop_by_hop_bit(name: &HeaderName) -> u16 {
         "trailer" => 1 << 6,
         "transfer-encoding" => 1 << 7,
         "upgrade" => 1 << 8,
+        // Not hop-by-hop, but the gateway's own: neither a client nor an upstream may say what the
+        // gateway did.
+        "x-bulwark-reason" => 1 << 9,
+        "x-bulwark-attempts" => 1 << 10,
         _ => 0,
     }
 }
@@ -45,11 +49,14 @@ fn hop_by_hop_name(bit: u32) -> &'static HeaderName {
         5 => &header::TE,
         6 => &header::TRAILER,
         7 => &header::TRANSFER_ENCODING,
-        _ => &header::UPGRADE,
+        8 => &header::UPGRADE,
+        9 => &super::respond::X_BULWARK_REASON,
+        _ => &super::respond::X_BULWARK_ATTEMPTS,
     }
 }
 
-/// Removes hop-by-hop headers (RFC 9110 7.6.1): the fixed set and any named in `Connection`.
+/// Removes hop-by-hop headers (RFC 9110 7.6.1): the fixed set and any named in `Connection`; and
+/// the gateway's own `x-bulwark-reason` and `x-bulwark-attempts`, which only the gateway sets.
 ///
 /// Runs twice per proxied request (request and response), so it is built for the common cases: one
 /// pass over the (few) entries finds the hop-by-hop names present, without hashing; a map without any

@@ -693,7 +693,11 @@ async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
     let access = rt
         .access_log
         .then(|| (req.method().clone(), req.uri().clone()));
+    let websocket_h2 = req.extensions().get::<h2::ExtendedConnect>().is_some();
     let (mut resp, route) = route_and_forward(ctx, &rt, req, start).await;
+    if websocket_h2 {
+        resp = h2::refuse_unswitched(resp);
+    }
     let end = Instant::now();
     active.1 = Some(end);
     let elapsed = end.saturating_duration_since(start);
@@ -735,6 +739,11 @@ async fn route_and_forward(
             return (respond::local(Local::BodyTooLarge), None);
         }
     }
+    // A dot-segment would be resolved upstream to a path other than the one routed (and judged by
+    // modes, limits and rewrites): refused, whatever the route.
+    if route::has_dot_segment(req.uri().path()) {
+        return (respond::local(Local::BadRequest), None);
+    }
     // Stage 3: routing.
     let Some(ri) = rt.routes.iter().position(|r| r.matcher.matches(&req)) else {
         return (respond::local(Local::NoRoute), None);
@@ -754,10 +763,16 @@ async fn route_and_forward(
         return (attempt::answer_unsent(route, refused), Some(ri));
     }
     if let Some(limit) = &route.client_limit {
-        if let Err(retry_after) = limit.check(&ctx.peer_ip, req.headers()) {
-            rt.stats[ri].client_rate_limited();
-            let limited = respond::Failure::RateLimited { retry_after };
-            return (attempt::answer_unsent(route, limited), Some(ri));
+        match limit.check(&ctx.peer_ip, req.headers()) {
+            Ok(()) => {}
+            Err(crate::admission::Refusal::Limited(retry_after)) => {
+                rt.stats[ri].client_rate_limited();
+                let limited = respond::Failure::RateLimited { retry_after };
+                return (attempt::answer_unsent(route, limited), Some(ri));
+            }
+            Err(crate::admission::Refusal::AmbiguousKey) => {
+                return (respond::local(Local::BadRequest), Some(ri));
+            }
         }
     }
     if let Some(fault) = &route.fault {

@@ -56,9 +56,17 @@ impl Matcher {
         if !self.methods.is_empty() && !self.methods.contains(req.method()) {
             return false;
         }
-        self.headers
-            .iter()
-            .all(|(k, v)| req.headers().get_all(k).iter().any(|x| x == v))
+        self.headers.iter().all(|(k, v)| {
+            let mut got = req.headers().get_all(k).iter();
+            if *k == http::header::HOST && req.headers().get(k).is_none() {
+                // HTTP/2 carries the host in `:authority` (the URI), not in a `host` field.
+                return req
+                    .uri()
+                    .authority()
+                    .is_some_and(|a| a.as_str().as_bytes() == v.as_bytes());
+            }
+            got.any(|x| x == v)
+        })
     }
 }
 
@@ -203,7 +211,7 @@ impl Route {
     pub fn rewritten(&self, uri: &http::Uri) -> Option<http::Uri> {
         let (matched, to) = self.rewrite.as_ref()?;
         let path = uri.path();
-        if path.split('/').any(is_dot_segment) {
+        if has_dot_segment(path) {
             return None;
         }
         let rest = path.get(*matched..).unwrap_or("");
@@ -299,11 +307,66 @@ impl Route {
     }
 }
 
-/// Whether a path segment is `.` or `..`, however percent-encoded (RFC 3986 6.2.2.2: `%2E` is `.`).
-fn is_dot_segment(seg: &str) -> bool {
-    if seg.is_empty() || seg.len() > 6 {
+/// Whether `path` has a dot-segment (`.` or `..`) in any spelling a server behind might resolve:
+/// `%2e` for a dot, a `;parameter` after it (`..;` to Tomcat and Jetty), and `\`, `%2f` or `%5c`
+/// as a separator (servers that decode or normalise them first). Such a path would reach, upstream,
+/// a resource other than the one the routes matched, past their policies.
+pub(crate) fn has_dot_segment(path: &str) -> bool {
+    let b = path.as_bytes();
+    // Nearly every path: no dot and no escape, nothing to look at.
+    if !b.iter().any(|&c| c == b'.' || c == b'%') {
         return false;
     }
-    let decoded = seg.replace("%2e", ".").replace("%2E", ".");
-    decoded == "." || decoded == ".."
+    let lower = path.to_ascii_lowercase();
+    lower
+        .replace("%2f", "/")
+        .replace("%5c", "/")
+        .replace('\\', "/")
+        .split('/')
+        .any(|seg| {
+            let seg = seg.split(';').next().unwrap_or("");
+            let seg = seg.replace("%2e", ".");
+            seg == "." || seg == ".."
+        })
+}
+
+#[cfg(test)]
+mod dot_tests {
+    use super::has_dot_segment;
+
+    #[test]
+    fn dot_segments_in_every_spelling_are_found() {
+        for p in [
+            "/a/../b",
+            "/a/./b",
+            "/..",
+            "/a/..",
+            "/a/%2e%2e/b",
+            "/a/%2E./b",
+            "/a/..;/b",
+            "/a/..;x=1/b",
+            "/a/..%2fb",
+            "/a/..%2Fb",
+            "/a/%2e%2e%2fb",
+            "/a/..%5cb",
+            "/a/..\\b",
+            "/a/.%2e/b",
+        ] {
+            assert!(has_dot_segment(p), "{p}");
+        }
+        for p in [
+            "/",
+            "/a/b",
+            "/a/b.json",
+            "/a/...",
+            "/a/..b",
+            "/a/b..",
+            "/a/.well-known/x",
+            "/a%2Fb",
+            "/a/%2e%2e%2e",
+            "/v1.2/x",
+        ] {
+            assert!(!has_dot_segment(p), "{p}");
+        }
+    }
 }

@@ -26,14 +26,15 @@ function cell(children, cls) {
 
 // The Prometheus text format, reduced to what the page shows.
 function parseMetrics(text) {
-  const routes = {};
-  const gauges = {};
+  // No prototype: a route named `constructor` or `__proto__` is a key like any other.
+  const routes = Object.create(null);
+  const gauges = Object.create(null);
   for (const line of text.split("\n")) {
     if (!line || line.startsWith("#")) continue;
     const m = line.match(/^([A-Za-z_:][\w:]*)(?:\{(.*)\})?\s+(\S+)/);
     if (!m) continue;
     const [, name, labelText, value] = m;
-    const labels = {};
+    const labels = Object.create(null);
     for (const p of (labelText || "").matchAll(/(\w+)="((?:[^"\\]|\\.)*)"/g)) {
       labels[p[1]] = p[2].replace(/\\(.)/g, (_, c) => (c === "n" ? "\n" : c));
     }
@@ -53,7 +54,8 @@ function renderUpstreams(health, breakers) {
   const body = document.querySelector("#upstreams tbody");
   const rows = [];
   for (const [name, up] of Object.entries(health.upstreams || {})) {
-    const b = (breakers.upstreams || {})[name] || {};
+    const all = breakers.upstreams || {};
+    const b = (Object.hasOwn(all, name) && all[name]) || {};
     const breaker = b.state || up.circuit_breaker;
     const eps = (up.endpoints || []).map((ep) => {
       const ok = ep.healthy && !ep.ejected;
