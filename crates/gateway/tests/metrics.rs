@@ -269,3 +269,33 @@ routes:
         "{m}"
     );
 }
+
+/// `bulwark_endpoint_healthy` is 1 only while the endpoint may receive traffic: a quota cooldown (a
+/// 429 with `Retry-After`) makes it 0, as an ejection does.
+#[tokio::test]
+async fn an_endpoint_in_a_quota_cooldown_is_not_counted_healthy() {
+    let up = Upstream::start(
+        "quota",
+        std::sync::Arc::new(|_req| {
+            Box::pin(async move {
+                let mut r = reply("quota", 429, "slow down");
+                r.headers_mut()
+                    .insert("retry-after", http::HeaderValue::from_static("60"));
+                r
+            })
+        }),
+    )
+    .await;
+    let ops = Ops::start(&one_route(&up.url(), ""), None).await;
+    let c = client();
+    let healthy = |m: &str| {
+        m.lines()
+            .find(|l| l.starts_with("bulwark_endpoint_healthy{"))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(str::to_owned)
+    };
+    assert_eq!(healthy(&ops.metrics(&c).await).as_deref(), Some("1"));
+    assert_eq!(get(&c, &ops.url("/")).await.status, 429);
+    assert_eq!(healthy(&ops.metrics(&c).await).as_deref(), Some("0"));
+    ops.stop().await;
+}

@@ -497,10 +497,10 @@ impl Telemetry {
                     upstream: up.name.to_string(),
                     endpoint: ep.url.clone(),
                 };
-                let health = super::health::endpoint_health(ep);
+                // As documented: whether it may receive traffic now (a quota cooldown too).
                 self.endpoint_healthy
                     .get_or_create(&labels)
-                    .set(i64::from(health.healthy && !health.ejected));
+                    .set(i64::from(ep.is_available()));
                 endpoints.insert(labels);
             }
             if let Some(b) = up.policies.breaker() {
