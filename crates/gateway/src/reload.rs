@@ -117,6 +117,13 @@ impl Reloader {
         self.reload_locked(&mut state)
     }
 
+    /// Whether the file's modification time or length changed since the last look (and it is
+    /// there).
+    fn changed(&self) -> bool {
+        let now = stamp(&self.path);
+        now.is_some() && now != self.lock().stamp
+    }
+
     /// Reloads if the file's modification time or length changed since the last look.
     pub fn reload_if_changed(&self) -> Option<Result<Reloaded, String>> {
         let mut state = self.lock();
@@ -205,7 +212,10 @@ impl Reloader {
                         let me = self.clone();
                         let _ = tokio::task::spawn_blocking(move || me.reload()).await;
                     }
-                    _ = tick.tick() => {
+                    // The look itself (one `stat`) stays here: a blocking-pool thread started
+                    // every tick would make the process multi-threaded for good, and every
+                    // socket call a little dearer (glibc's cancellation points).
+                    _ = tick.tick() => if self.changed() {
                         let me = self.clone();
                         let _ = tokio::task::spawn_blocking(move || me.reload_if_changed()).await;
                     }

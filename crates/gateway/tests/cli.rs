@@ -249,11 +249,16 @@ struct RunningBinary {
 impl RunningBinary {
     /// Starts `bulwark run` on `yaml` (which should log JSON at `info`, to find its addresses).
     fn spawn(yaml: &str) -> RunningBinary {
+        RunningBinary::spawn_with(yaml, 2)
+    }
+
+    /// [`spawn`](Self::spawn) with `--threads threads`.
+    fn spawn_with(yaml: &str, threads: usize) -> RunningBinary {
         use std::io::{BufRead, BufReader};
         use std::process::Stdio;
         let config = write("run.yaml", yaml);
         let mut child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
-            .args(["run", "--threads", "2", "-c"])
+            .args(["run", "--threads", &threads.to_string(), "-c"])
             .arg(&*config)
             .env_remove("BULWARK_LOG")
             .stdin(Stdio::null())
@@ -440,4 +445,39 @@ routes:
     assert!(status.success(), "{status}");
     assert!(gw.log("bulwark stopped").is_some());
     assert!(gw.log("drain timeout reached").is_none());
+}
+
+/// With `--threads 1` the process keeps one thread while it serves, its config file watched: a
+/// second one (a blocking-pool thread woken by every look at the file, as there once was) makes
+/// every socket call dearer, since glibc then treats them as cancellation points.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn one_worker_thread_means_one_thread() {
+    let up = support::Upstream::named("up").await;
+    let gw = RunningBinary::spawn_with(
+        &format!(
+            "listen: 127.0.0.1:0
+logging: {{ format: json, level: info }}
+upstreams:
+  u: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: u
+",
+            up.url()
+        ),
+        1,
+    );
+    let proxy = gw.listening().await["listen"].as_str().unwrap().to_owned();
+    assert_eq!(
+        support::get(&support::client(), &format!("http://{proxy}/"))
+            .await
+            .status,
+        200
+    );
+    // Past two looks at the config file (one a second).
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", gw.child.id()))
+        .unwrap()
+        .count();
+    assert_eq!(tasks, 1, "threads of bulwark run --threads 1");
 }

@@ -693,7 +693,8 @@ async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
     let access = rt
         .access_log
         .then(|| (req.method().clone(), req.uri().clone()));
-    let websocket_h2 = req.extensions().get::<h2::ExtendedConnect>().is_some();
+    let websocket_h2 = req.version() == http::Version::HTTP_2
+        && req.extensions().get::<h2::ExtendedConnect>().is_some();
     let (mut resp, route) = route_and_forward(ctx, &rt, req, start).await;
     if websocket_h2 {
         resp = h2::refuse_unswitched(resp);

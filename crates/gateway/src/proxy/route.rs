@@ -311,12 +311,14 @@ impl Route {
 /// `%2e` for a dot, a `;parameter` after it (`..;` to Tomcat and Jetty), and `\`, `%2f` or `%5c`
 /// as a separator (servers that decode or normalise them first). Such a path would reach, upstream,
 /// a resource other than the one the routes matched, past their policies.
+#[inline]
 pub(crate) fn has_dot_segment(path: &str) -> bool {
-    let b = path.as_bytes();
     // Nearly every path: no dot and no escape, nothing to look at.
-    if !b.iter().any(|&c| c == b'.' || c == b'%') {
-        return false;
-    }
+    path.bytes().any(|c| c == b'.' || c == b'%') && dot_segment_in(path)
+}
+
+#[cold]
+fn dot_segment_in(path: &str) -> bool {
     let lower = path.to_ascii_lowercase();
     lower
         .replace("%2f", "/")
