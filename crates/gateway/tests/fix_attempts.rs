@@ -586,22 +586,31 @@ async fn first_429(name: &str, times: Arc<Mutex<Vec<tokio::time::Instant>>>) -> 
     .await
 }
 
+/// One route on upstream `u` at `url` (with `extra` settings), retrying a 429 once; hedged after
+/// 50 ms when `hedge`.
+fn retry_429(url: &str, extra: &str, hedge: bool) -> String {
+    let hedge = if hedge {
+        "    hedge: { delay: 50ms, max_hedges: 1 }\n"
+    } else {
+        ""
+    };
+    format!(
+        "upstreams:
+  u: {{ endpoints: [{{url: '{url}'}}]{extra} }}
+routes:
+  - upstream: u
+    timeout: 5s
+{hedge}    retry: {{ attempts: 2, on: [429], backoff: {{ kind: constant, base: 1ms, max: 1ms, jitter: none }} }}
+"
+    )
+}
+
 /// Control: without a hedge, the single endpoint's Retry-After is waited out and the retry succeeds.
 #[tokio::test]
 async fn without_a_hedge_the_retry_after_is_waited_out() {
     let times = Arc::new(Mutex::new(Vec::new()));
     let up = first_429("u", times.clone()).await;
-    let gw = Gateway::start(&format!(
-        "upstreams:
-  u: {{ endpoints: [{{url: '{}'}}] }}
-routes:
-  - upstream: u
-    timeout: 5s
-    retry: {{ attempts: 2, on: [429], backoff: {{ kind: constant, base: 1ms, max: 1ms, jitter: none }} }}
-",
-        up.url()
-    ))
-    .await;
+    let gw = Gateway::start(&retry_429(&up.url(), "", false)).await;
     let r = get(&client(), &gw.url("/")).await;
     assert_eq!(r.status, 200);
     assert_eq!(up.hits(), 2);
@@ -615,18 +624,7 @@ routes:
 async fn a_hedge_finding_no_endpoint_does_not_stop_the_retry_after_a_429() {
     let times = Arc::new(Mutex::new(Vec::new()));
     let up = first_429("u", times.clone()).await;
-    let gw = Gateway::start(&format!(
-        "upstreams:
-  u: {{ endpoints: [{{url: '{}'}}] }}
-routes:
-  - upstream: u
-    timeout: 5s
-    hedge: {{ delay: 50ms, max_hedges: 1 }}
-    retry: {{ attempts: 2, on: [429], backoff: {{ kind: constant, base: 1ms, max: 1ms, jitter: none }} }}
-",
-        up.url()
-    ))
-    .await;
+    let gw = Gateway::start(&retry_429(&up.url(), "", true)).await;
     let r = get(&client(), &gw.url("/")).await;
     assert_eq!(
         r.status,
@@ -643,16 +641,10 @@ routes:
 async fn no_hedge_goes_to_the_only_endpoint_before_its_retry_after() {
     let times = Arc::new(Mutex::new(Vec::new()));
     let up = first_429("u", times.clone()).await;
-    let gw = Gateway::start(&format!(
-        "upstreams:
-  u: {{ endpoints: [{{url: '{}'}}], cooldown: {{ enabled: false }} }}
-routes:
-  - upstream: u
-    timeout: 5s
-    hedge: {{ delay: 50ms, max_hedges: 1 }}
-    retry: {{ attempts: 2, on: [429], backoff: {{ kind: constant, base: 1ms, max: 1ms, jitter: none }} }}
-",
-        up.url()
+    let gw = Gateway::start(&retry_429(
+        &up.url(),
+        ", cooldown: { enabled: false }",
+        true,
     ))
     .await;
     let r = get(&client(), &gw.url("/")).await;

@@ -366,11 +366,11 @@ async fn shutdown_closes_idle_connections_and_finishes_an_exchange_in_flight() {
     stopping.await.unwrap();
 }
 
-/// A response body that streams (moving) for longer than idle_timeout: once it ends, the client
-/// connection should still carry the next request (it has only just become idle).
-#[tokio::test]
-async fn keep_alive_survives_a_response_that_streamed_longer_than_idle_timeout() {
-    let up = RawUpstream::start(|mut s, _| async move {
+/// A response of `chunks` one-byte chunks `every` apart, under `idle_timeout: 1s`: once it ends,
+/// the client connection carries the next request (it has only just become idle), however long
+/// the response took in all.
+async fn keep_alive_after_a_streamed_response(chunks: usize, every: Duration) {
+    let up = RawUpstream::start(move |mut s, _| async move {
         let mut buf = Vec::new();
         let mut n = 0;
         while let Some(_req) = read_head(&mut s, &mut buf).await {
@@ -379,8 +379,8 @@ async fn keep_alive_survives_a_response_that_streamed_longer_than_idle_timeout()
                 s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
                     .await
                     .unwrap();
-                for _ in 0..6 {
-                    tokio::time::sleep(Duration::from_millis(400)).await;
+                for _ in 0..chunks {
+                    tokio::time::sleep(every).await;
                     s.write_all(b"1\r\nx\r\n").await.unwrap();
                 }
                 s.write_all(b"0\r\n\r\n").await.unwrap();
@@ -396,7 +396,7 @@ async fn keep_alive_survives_a_response_that_streamed_longer_than_idle_timeout()
     let mut c = RawClient::connect(&gw).await;
     c.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await;
     let r = c.response(false).await;
-    assert_eq!((r.status, r.body.len()), (200, 6));
+    assert_eq!((r.status, r.body.len()), (200, chunks));
     assert_eq!(r.header("connection"), None, "{r:?}");
     // Well within idle_timeout of the end of the response.
     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -413,39 +413,14 @@ async fn keep_alive_survives_a_response_that_streamed_longer_than_idle_timeout()
     gw.stop().await;
 }
 
-/// The same exchange, shorter than idle_timeout, keeps the connection too.
+#[tokio::test]
+async fn keep_alive_survives_a_response_that_streamed_longer_than_idle_timeout() {
+    keep_alive_after_a_streamed_response(6, Duration::from_millis(400)).await;
+}
+
 #[tokio::test]
 async fn keep_alive_survives_a_response_that_streamed_for_less_than_idle_timeout() {
-    let up = RawUpstream::start(|mut s, _| async move {
-        let mut buf = Vec::new();
-        let mut n = 0;
-        while let Some(_req) = read_head(&mut s, &mut buf).await {
-            n += 1;
-            if n == 1 {
-                s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-                    .await
-                    .unwrap();
-                for _ in 0..3 {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    s.write_all(b"1\r\nx\r\n").await.unwrap();
-                }
-                s.write_all(b"0\r\n\r\n").await.unwrap();
-            } else {
-                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await
-                    .unwrap();
-            }
-        }
-    })
-    .await;
-    let gw = Gateway::start(&limited_config(&up.url(), "idle_timeout: 1s")).await;
-    let mut c = RawClient::connect(&gw).await;
-    c.send(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    assert_eq!(c.response(false).await.status, 200);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    c.send(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n").await;
-    assert_eq!(c.response(false).await.status, 200);
-    gw.stop().await;
+    keep_alive_after_a_streamed_response(3, Duration::from_millis(200)).await;
 }
 
 /// `Content-Length: 5, 5` is accepted (RFC 9112 6.3 allows it) and goes upstream as one number,
