@@ -272,10 +272,7 @@ impl Bulkhead {
         slot: OwnedQueueSlot,
     ) -> Result<BulkheadPermit, Error<Infallible>> {
         let inner = &*slot.bulkhead.inner;
-        let until = slot
-            .since
-            .checked_add(inner.queue_timeout)
-            .unwrap_or_else(|| slot.since + Duration::from_secs(30 * 365 * 86_400));
+        let until = crate::timeout::saturating_after(slot.since, inner.queue_timeout);
         let waited = tokio::time::timeout_at(until, inner.semaphore.clone().acquire_owned()).await;
         match waited {
             Ok(Ok(p)) => Ok(BulkheadPermit { _permit: p }),

@@ -167,10 +167,7 @@ where
 /// `from + delay`, saturating: a huge delay (`Duration::MAX` to hedge only on
 /// failures) must not overflow the clock.
 fn after(from: Instant, delay: Duration) -> Instant {
-    // About 30 years: later than any call lives, early enough not to overflow.
-    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
-    // (`checked_add` can only fail with the clock near its end of range.)
-    from.checked_add(delay.min(FAR)).unwrap_or(from)
+    crate::timeout::saturating_after(from, delay)
 }
 
 /// What to do with one finished attempt.

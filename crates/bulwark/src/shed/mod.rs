@@ -404,10 +404,8 @@ impl Shedder {
         let (tx, rx) = oneshot::channel();
         st.queue.insert(key, tx);
         drop(st);
-        // A timeout too long to add to the clock (`Duration::MAX`: wait "forever") waits ~30 years.
-        let mut until = now
-            .checked_add(inner.queue_timeout)
-            .unwrap_or_else(|| now + Duration::from_secs(30 * 365 * 86_400));
+        // A timeout too long to add to the clock (`Duration::MAX`: wait "forever") saturates.
+        let mut until = crate::timeout::saturating_after(now, inner.queue_timeout);
         if let Some(d) = deadline {
             until = until.min(d);
         }

@@ -42,16 +42,20 @@ pub type Scoped<F> = TaskLocalFuture<Deadline, F>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Deadline(Instant);
 
+/// `from + d`, saturating at about 30 years (later than any call lives, like tokio's own far
+/// future): a huge `d` (`Duration::MAX` for "wait for ever") must not overflow the clock.
+pub(crate) fn saturating_after(from: Instant, d: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(86_400 * 365 * 30);
+    // (`checked_add` can only fail with the clock near its end of range.)
+    from.checked_add(d.min(FAR)).unwrap_or(from)
+}
+
 impl Deadline {
     /// The deadline `d` from now.
     pub fn after(d: Duration) -> Self {
-        let now = Instant::now();
-        // An absurdly long duration means "no practical deadline": clamp rather
-        // than panic on overflow (roughly 30 years, like tokio's own far future).
-        Deadline(
-            now.checked_add(d)
-                .unwrap_or_else(|| now + Duration::from_secs(86_400 * 365 * 30)),
-        )
+        // An absurdly long duration means "no practical deadline": clamped rather
+        // than a panic on overflow.
+        Deadline(saturating_after(Instant::now(), d))
     }
 
     /// The deadline at `instant`.

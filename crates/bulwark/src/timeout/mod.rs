@@ -67,6 +67,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub(crate) use deadline::saturating_after;
 pub use deadline::{Deadline, Scoped};
 pub use future::ResponseFuture;
 pub use layer::{TimeoutLayer, TimeoutService};
