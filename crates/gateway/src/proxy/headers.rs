@@ -147,8 +147,17 @@ pub fn add_forwarded(h: &mut HeaderMap, peer_ip: &HeaderValue, proto: &HeaderVal
         h.insert(&X_FORWARDED_FOR, peer_ip.clone());
     }
     h.insert(&X_FORWARDED_PROTO, proto.clone());
-    if let header::Entry::Vacant(e) = h.entry(&X_REQUEST_ID) {
-        e.insert(new_request_id());
+    match h.entry(&X_REQUEST_ID) {
+        header::Entry::Vacant(e) => {
+            e.insert(new_request_id());
+        }
+        // Kept when the client sent one id; an empty one, or several (which would name different
+        // requests to different readers), is replaced by one of ours.
+        header::Entry::Occupied(mut e) => {
+            if e.get().is_empty() || e.iter().nth(1).is_some() {
+                e.insert(new_request_id());
+            }
+        }
     }
 }
 
@@ -198,6 +207,28 @@ mod tests {
             head_size(&http::Method::GET, "/a/b?c=1".len(), &h),
             wire.len()
         );
+    }
+
+    #[test]
+    fn a_client_request_id_is_kept_when_it_is_one_and_not_empty() {
+        let (ip, proto) = (
+            HeaderValue::from_static("127.0.0.1"),
+            HeaderValue::from_static("http"),
+        );
+        let mut h = HeaderMap::new();
+        h.insert(&X_REQUEST_ID, HeaderValue::from_static("abc"));
+        add_forwarded(&mut h, &ip, &proto);
+        assert_eq!(h[&X_REQUEST_ID], "abc");
+        for values in [&[""][..], &["abc", "def"][..]] {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(&X_REQUEST_ID, HeaderValue::from_static(v));
+            }
+            add_forwarded(&mut h, &ip, &proto);
+            let ids: Vec<_> = h.get_all(&X_REQUEST_ID).iter().collect();
+            assert_eq!(ids.len(), 1, "{values:?}");
+            assert!(ids[0].len() > 8 && !values.contains(&ids[0].to_str().unwrap()));
+        }
     }
 
     #[test]
