@@ -156,11 +156,14 @@ impl<F: Future<Output = ()>> Future for Watched<F> {
             *this.timer = None;
             return Poll::Pending;
         }
-        if now != *this.seen || this.moved_at.is_none() {
-            *this.seen = now;
-            *this.moved_at = Some(Instant::now());
-        }
-        let due = this.moved_at.unwrap_or_else(Instant::now) + *this.idle;
+        let moved_at = match *this.moved_at {
+            Some(t) if now == *this.seen => t,
+            _ => {
+                *this.seen = now;
+                *this.moved_at.insert(Instant::now())
+            }
+        };
+        let due = moved_at + *this.idle;
         let timer = this
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));

@@ -1222,15 +1222,15 @@ async fn serve_h2<I>(
             }
             _ = &mut idle_timer, if !closing => {
                 let deadline = ctx.idle_deadline(idle);
-                if ctx.inflight.load(Ordering::Relaxed) == 0 && Instant::now() >= deadline {
+                let busy = ctx.inflight.load(Ordering::Relaxed) > 0;
+                if !busy && Instant::now() >= deadline {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
-                } else if ctx.inflight.load(Ordering::Relaxed) > 0 {
+                } else {
                     // Busy (a long stream, say): look again an idle period on; the end of the
                     // last request stamps a later deadline, which is then kept exactly.
-                    idle_timer.as_mut().reset(deadline.max(Instant::now() + idle));
-                } else {
-                    idle_timer.as_mut().reset(deadline.max(Instant::now() + Duration::from_millis(10)));
+                    let next = if busy { idle } else { Duration::from_millis(10) };
+                    idle_timer.as_mut().reset(deadline.max(Instant::now() + next));
                 }
             }
         }

@@ -589,16 +589,14 @@ fn in_memory_copy(req: &Request<ReqBody>) -> Option<Request<ReqBody>> {
 /// stream was refused (`REFUSED_STREAM`), or the connection was going away gracefully (`GOAWAY`
 /// with `NO_ERROR`) before the stream was taken.
 fn not_processed(err: &hyper::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
-    while let Some(e) = source {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.is_remote()
+    let first: &(dyn std::error::Error + 'static) = err;
+    std::iter::successors(Some(first), |e| e.source())
+        .find_map(|e| e.downcast_ref::<h2::Error>())
+        .is_some_and(|h2| {
+            h2.is_remote()
                 && (h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                    || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR)));
-        }
-        source = e.source();
-    }
-    false
+                    || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR)))
+        })
 }
 
 /// Classifies a hyper send error: our client's body failing is not the upstream's fault.
