@@ -196,10 +196,13 @@ impl Admission {
         if let Some(p) = self.shedder.try_acquire() {
             return Some(p);
         }
-        self.shedder
-            .acquire_until(priority, Some(deadline))
-            .await
-            .ok()
+        // The route's deadline ends the wait as a timeout (504), not as a shed request: it leaves
+        // the queue without the library's shed event (and wins a tie with `queue_timeout`).
+        tokio::select! {
+            biased;
+            () = tokio::time::sleep_until(deadline) => None,
+            r = self.shedder.acquire(priority) => r.ok(),
+        }
     }
 
     /// The library's shedder (its queue and counts).

@@ -86,16 +86,14 @@ pub(crate) fn burst(burst: Option<u32>, per_second: f64) -> u32 {
     burst.unwrap_or_else(|| per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32)
 }
 
-/// A `per_second` setting as the library's rate builders take it: whole rates per second, and a
-/// fractional one per minute so that 0.5/s stays exact.
+/// A `per_second` setting as the library's rate builders take it: a whole rate per second, and a
+/// fractional one as one request per its interval (rounded up to a nanosecond, so never faster):
+/// 0.025/s is one every 40 s, 2.5/s one every 400 ms.
 pub(crate) fn rate(per_second: f64) -> (u32, Duration) {
     if per_second.fract() == 0.0 && per_second >= 1.0 {
         (per_second as u32, Duration::from_secs(1))
     } else {
-        (
-            (per_second * 60.0).round().max(1.0) as u32,
-            Duration::from_secs(60),
-        )
+        (1, Duration::from_nanos((1e9 / per_second).ceil() as u64))
     }
 }
 
@@ -491,7 +489,16 @@ impl RoutePolicies {
                     }
                     ok
                 }));
-                b = listen(b, events, |b, l| b.listener(forward(l)));
+                // The library reports a hedge as it asks the factory for it; the factory may find no
+                // endpoint to send it to. The gateway reports the hedges it sends instead
+                // ([`RoutePolicies::on_hedge`]).
+                b = listen(b, events, |b, l| {
+                    b.listener(move |e: &Event| {
+                        if !matches!(e, Event::HedgeStarted { .. }) {
+                            l.on_event(e);
+                        }
+                    })
+                });
                 Some(b.build().map_err(|e| refused(&["hedge"], e))?)
             }
             None => None,
@@ -529,6 +536,11 @@ impl RoutePolicies {
     /// Reports a timeout: `attempt` (per-try) or `total` (the route's deadline).
     pub fn on_timeout(&self, kind: &'static str) {
         self.emit(|name| Event::Timeout { name, kind });
+    }
+
+    /// Reports hedge number `hedge` of a call about to go to an endpoint (`bulwark_hedges_total`).
+    pub fn on_hedge(&self, hedge: u32) {
+        self.emit(|name| Event::HedgeStarted { name, hedge });
     }
 
     /// Reports that the route's fallback answered instead of `kind` (an `x-bulwark-reason`).

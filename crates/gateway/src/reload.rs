@@ -280,6 +280,10 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         old.limits.idle_timeout != new.limits.idle_timeout,
     );
     check(
+        "limits.lingering_timeout",
+        old.limits.lingering_timeout != new.limits.lingering_timeout,
+    );
+    check(
         "limits.max_connections",
         old.limits.max_connections != new.limits.max_connections,
     );

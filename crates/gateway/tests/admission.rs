@@ -121,12 +121,21 @@ async fn a_waiter_is_shed_at_the_queue_timeout_or_times_out_at_the_route_deadlin
         (g.status.as_u16(), g.header("x-bulwark-reason")),
         (503, Some("shed"))
     );
-    // The route's 50 ms deadline comes first: a timeout.
+    // The route's 50 ms deadline comes first: a timeout, counted as one and not as shed.
     let g = spawn_get(&gw, "/fast", None).await.unwrap();
     assert_eq!(
         (g.status.as_u16(), g.header("x-bulwark-reason")),
         (504, Some("timeout"))
     );
+    let rt = gw.state.runtime();
+    let m = rt.telemetry().encode(&rt);
+    let timeouts = r#"bulwark_timeouts_total{route="route2",kind="total"}"#;
+    assert_eq!(sample(&m, timeouts), Some(1.0), "{m}");
+    let shed = |reason: &str| {
+        let name = format!(r#"bulwark_shed_total{{reason="{reason}",priority="normal"}}"#);
+        sample(&m, &name).unwrap_or(0.0)
+    };
+    assert_eq!((shed("timeout"), shed("queue_full")), (1.0, 0.0), "{m}");
     release.notify_one();
     assert_eq!(first.await.unwrap().status, 200);
     assert_eq!(up.hits(), 1);
@@ -190,6 +199,38 @@ async fn a_reload_keeps_the_queue_when_the_section_is_unchanged() {
     release.notify_one();
     assert_eq!(first.await.unwrap().status, 200);
     assert_eq!(admission(ops.gateway()), 0);
+    ops.stop().await;
+}
+
+/// After a reload that replaces the queue, requests admitted under the old one still hold its
+/// slots (both limits apply side by side), and the gauges count them.
+#[tokio::test]
+async fn the_gauges_count_the_slots_of_a_queue_a_reload_replaced() {
+    let (up, release) = held().await;
+    let ops = Ops::start(
+        &config(&up.url(), "{ max_concurrent: 1, max_queued: 1 }"),
+        None,
+    )
+    .await;
+    let c = client();
+    let first = tokio::spawn({
+        let (c, url) = (c.clone(), ops.url("/"));
+        async move { get(&c, &url).await }
+    });
+    wait_until(10, || up.hits() == 1).await;
+    let running = |m: &str| sample(m, "bulwark_admission_running");
+    assert_eq!(running(&ops.metrics(&c).await), Some(1.0));
+    let gen = ops.gateway().generation();
+    ops.rewrite(&config(&up.url(), "{ max_concurrent: 1, max_queued: 2 }"));
+    eventually(10, "reload", || async { ops.gateway().generation() > gen }).await;
+    let m = ops.metrics(&c).await;
+    assert_eq!(running(&m), Some(1.0), "forwarded under the old queue\n{m}");
+    release.notify_one();
+    assert_eq!(first.await.unwrap().status, 200);
+    eventually(10, "the old slot given back", || async {
+        running(&ops.metrics(&c).await) == Some(0.0)
+    })
+    .await;
     ops.stop().await;
 }
 

@@ -65,6 +65,33 @@ async fn weighted_is_exact_proportions() {
     gw.stop().await;
 }
 
+/// Weights are not only `weighted`'s: every balancer honours them (README's example sets one on a
+/// `least_request` upstream; it was ignored there).
+#[tokio::test]
+async fn every_balancer_honours_weights() {
+    let (a, b) = (Upstream::named("a").await, Upstream::named("b").await);
+    // (`peak_ewma` too, in the unit tests: here its latency samples would decide more than the
+    // weights.)
+    for balance in ["round_robin", "random", "least_request"] {
+        let gw = Gateway::start(&format!(
+            "upstreams:\n  u:\n    balance: {balance}\n    endpoints: [{{url: '{}', weight: 3}}, {{url: '{}'}}]\nroutes:\n  - upstream: u\n",
+            a.url(), b.url()
+        ))
+        .await;
+        let m = counts(&gw, 400).await;
+        let heavy = m.get("a").copied().unwrap_or(0);
+        match balance {
+            // The same schedule as `weighted`.
+            "round_robin" => assert_eq!(heavy, 300, "{balance}: {m:?}"),
+            // Drawn 3 to 1: expected 300, sigma ~8.7.
+            "random" => assert!((250..=350).contains(&heavy), "{balance}: {m:?}"),
+            // One request at a time (no load to compare): the first candidate, drawn 3 to 1.
+            _ => assert!((250..=350).contains(&heavy), "{balance}: {m:?}"),
+        }
+        gw.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn random_is_roughly_uniform() {
     let ups = three().await;

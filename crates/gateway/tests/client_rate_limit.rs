@@ -145,3 +145,21 @@ async fn the_default_burst_is_one_seconds_worth_of_a_fractional_rate() {
         gw.stop().await;
     }
 }
+
+/// A fractional rate is the rate configured, not rounded to whole requests a minute: 0.025/s is one
+/// every 40 s (it was enforced as 2 a minute, one every 30 s), and the 429's `Retry-After` is the
+/// time until the next token.
+#[tokio::test]
+async fn a_fractional_rate_is_kept_exactly() {
+    let up = Upstream::named("up").await;
+    for (rate, next_token_secs) in [("0.025", "40"), ("0.02", "50"), ("0.4", "3")] {
+        let limit = format!("{{ per_second: {rate}, burst: 1 }}");
+        let gw = Gateway::start(&config(&up.url(), &limit)).await;
+        let c = client();
+        assert_eq!(get(&c, &gw.url("/")).await.status, 200);
+        let g = get(&c, &gw.url("/")).await;
+        assert_eq!(g.status, 429);
+        assert_eq!(g.header("retry-after"), Some(next_token_secs), "{rate}/s");
+        gw.stop().await;
+    }
+}

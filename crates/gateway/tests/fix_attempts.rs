@@ -384,6 +384,37 @@ routes:
     gw.stop().await;
 }
 
+/// A client that goes away while its retry waits in backoff gives the retry's budget token back:
+/// the retry never went out, and the budget counts only retries that went out or still wait.
+#[tokio::test]
+async fn a_client_gone_during_the_backoff_gives_the_retry_token_back() {
+    let dead = Upstream::status("dead", 503).await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: u
+    timeout: 60s
+    retry:
+      attempts: 2
+      on: [5xx]
+      backoff: {{ kind: constant, base: 30s, max: 30s, jitter: none }}
+      # A spent token stays spent for the window: longer than the waits below.
+      budget: {{ ratio: 0, min_per_second: 1, window: 60s }}
+",
+        dead.url()
+    ))
+    .await;
+    let before = budget_balance(&gw);
+    let mut c = RawClient::connect(&gw).await;
+    c.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    wait_until(10, || dead.hits() == 1 && budget_balance(&gw) == before - 1).await;
+    drop(c);
+    wait_until(10, || budget_balance(&gw) == before).await;
+    assert_eq!(dead.hits(), 1, "the retry never went out");
+    gw.stop().await;
+}
+
 /// With no `cooldown` section, a 429 + `Retry-After` still takes its endpoint out of rotation
 /// (cooldown is on by default), and quota answers never open the breaker.
 #[tokio::test]
@@ -740,5 +771,36 @@ routes:
     // Every upstream call took ~200 ms (< 300 ms): the breaker must stay closed.
     let r = get(&client(), &gw.url("/")).await;
     assert_eq!(r.status, 200, "reason {:?}", r.header("x-bulwark-reason"));
+    gw.stop().await;
+}
+
+/// As for a retry, no hedge starts that the route's deadline cannot finish: with attempts that
+/// typically take 150 ms, a hedge due 100 ms before the deadline is not sent.
+#[tokio::test]
+async fn no_hedge_starts_that_the_deadline_cannot_finish() {
+    let (a, b) = (Silent::start().await, Silent::start().await);
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u: {{ endpoints: [{{url: '{}'}}, {{url: '{}'}}] }}
+routes:
+  - upstream: u
+    timeout: 300ms
+    hedge: {{ delay: 200ms }}
+",
+        a.url(),
+        b.url()
+    ))
+    .await;
+    let rt = gw.state.runtime();
+    for _ in 0..20 {
+        rt.routes[0]
+            .policies
+            .latency()
+            .record(Duration::from_millis(150));
+    }
+    let c = client();
+    assert_eq!(get(&c, &gw.url("/")).await.status, 504);
+    let accepted = |s: &Silent| s.accepted.load(Ordering::SeqCst);
+    assert_eq!(accepted(&a) + accepted(&b), 1, "no hedge went out");
     gw.stop().await;
 }

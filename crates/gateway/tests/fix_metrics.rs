@@ -101,3 +101,52 @@ async fn a_body_broken_from_its_start_is_counted_as_the_502_the_client_got() {
     assert_eq!(sample(&m, &series("200")), None, "{m}");
     ops.stop().await;
 }
+
+/// `bulwark_hedges_total` counts hedges that go to an endpoint: on a one-endpoint upstream a hedge
+/// has nowhere to go (it never goes to the endpoint already tried), and is not counted; with two,
+/// one hedge goes, and the next finds no endpoint left.
+#[tokio::test]
+async fn hedges_that_find_no_endpoint_are_not_counted() {
+    let (s1, s2, s3) = (
+        Silent::start().await,
+        Silent::start().await,
+        Silent::start().await,
+    );
+    let ops = Ops::start(
+        &format!(
+            "upstreams:
+  one: {{ endpoints: [{{url: '{}'}}] }}
+  two: {{ endpoints: [{{url: '{}'}}, {{url: '{}'}}] }}
+routes:
+  - name: one
+    match: {{ path_prefix: /one/ }}
+    upstream: one
+    timeout: 200ms
+    hedge: {{ delay: 20ms, max_hedges: 2 }}
+  - name: two
+    upstream: two
+    timeout: 200ms
+    hedge: {{ delay: 20ms, max_hedges: 2 }}
+",
+            s1.url(),
+            s2.url(),
+            s3.url()
+        ),
+        None,
+    )
+    .await;
+    let c = client();
+    assert_eq!(get(&c, &ops.url("/one/x")).await.status, 504);
+    assert_eq!(get(&c, &ops.url("/two/x")).await.status, 504);
+    let accepted = |s: &Silent| s.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        (accepted(&s1), accepted(&s2) + accepted(&s3)),
+        (1, 2),
+        "requests sent"
+    );
+    let m = ops.metrics(&c).await;
+    let hedges = |route: &str| sample(&m, &format!(r#"bulwark_hedges_total{{route="{route}"}}"#));
+    assert_eq!(hedges("one").unwrap_or(0.0), 0.0, "{m}");
+    assert_eq!(hedges("two"), Some(1.0), "{m}");
+    ops.stop().await;
+}

@@ -4,6 +4,7 @@
 //! mid-body, a client that stops reading), and `Upgrade` / `CONNECT` requests.
 mod support;
 
+use std::io;
 use std::time::Duration;
 
 use support::*;
@@ -631,6 +632,35 @@ async fn a_client_still_sending_a_refused_body_reads_the_413() {
 }
 
 #[tokio::test]
+async fn a_client_that_writes_its_whole_refused_body_before_reading_gets_the_413() {
+    // A simple blocking client writes the whole body, then reads. The gateway refuses the body at
+    // its head and stops reading it; if it then closed with the client's bytes unread, the socket
+    // would send a reset, and the client's write would fail before it reads the 413. Instead the
+    // gateway reads and drops the rest (a lingering close) until the client is done.
+    let up = Up::echo_target().await;
+    let gw = Gateway::start(&config(&up.url(), "max_body_bytes: 1KiB")).await;
+    // Far more than loopback's socket buffers hold, so the writes need the gateway to read.
+    const BODY: usize = 32 << 20;
+    let mut c = Client::connect(&gw).await;
+    let head = format!("POST /big HTTP/1.1\r\nHost: x\r\nContent-Length: {BODY}\r\n\r\n");
+    let chunk = vec![b'a'; 1 << 20];
+    let written = tokio::time::timeout(Duration::from_secs(10), async {
+        c.s.write_all(head.as_bytes()).await?;
+        for _ in 0..BODY / chunk.len() {
+            c.s.write_all(&chunk).await?;
+        }
+        io::Result::Ok(())
+    })
+    .await
+    .expect("the body was not taken within 10 s");
+    written.expect("writing the refused body failed (a reset?)");
+    let (r, _) = c.read_response(false).await;
+    assert_eq!(r.status, 413, "{r:?}");
+    assert!(c.closed_within(5).await);
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_transfer_coding_the_gateway_would_drop_is_refused() {
     // The gateway decodes `chunked` and sends the body with a `content-length`: another coding
     // (gzip) would reach the upstream as the body's raw bytes, with nothing saying so; `chunked`
@@ -705,6 +735,8 @@ async fn stalled_body(limits: &str, timeout: &str, framing: &str, start: &str, w
                 .unwrap_or_else(|_| panic!("{what}: the upstream connection stayed open"))
                 .unwrap();
         }
+        // (The gateway lingers on its side of the client connection until this close.)
+        drop(c);
         gw.stop().await;
     }
 }

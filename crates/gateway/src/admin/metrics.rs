@@ -475,10 +475,7 @@ impl Telemetry {
     /// Sets the state gauges (endpoint health, breaker state, panic mode) from `runtime`, and drops the series of
     /// upstreams and endpoints it no longer has. Runs when a runtime is installed and on every scrape.
     pub fn refresh(&self, runtime: &Runtime) {
-        let (running, queued) = runtime
-            .admission
-            .as_ref()
-            .map_or((0, 0), |a| (a.shedder().running(), a.shedder().queued()));
+        let (running, queued) = runtime.admission_counts();
         self.admission_running.set(running as i64);
         self.admission_queued.set(queued as i64);
         let mut endpoints = HashSet::new();

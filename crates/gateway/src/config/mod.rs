@@ -150,7 +150,8 @@ pub fn effective(config: &Config) -> Config {
             r.burst = Some(crate::policy::burst(r.burst, r.per_second));
         }
     }
-    for route in &mut c.routes {
+    for (i, route) in c.routes.iter_mut().enumerate() {
+        route.name.get_or_insert_with(|| format!("route{i}"));
         if let Some(r) = &mut route.client_rate_limit {
             r.burst = Some(crate::policy::burst(r.burst, r.per_second));
         }

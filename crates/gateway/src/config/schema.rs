@@ -22,6 +22,8 @@ pub const DEFAULT_MAX_HEADER_BYTES: ByteSize = ByteSize::kib(32);
 pub const DEFAULT_MAX_BODY_BYTES: ByteSize = ByteSize::mib(10);
 /// Time to receive a complete request head; short enough to shed slow-loris clients.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Dur = Dur::from_secs(10);
+/// Default `limits.lingering_timeout`.
+pub const DEFAULT_LINGERING_TIMEOUT: Dur = Dur::from_secs(2);
 /// Keep-alive idle time before a client connection is closed; above common client pool timeouts.
 pub const DEFAULT_IDLE_TIMEOUT: Dur = Dur::from_secs(60);
 /// Concurrent client connections; beyond this the listener stops accepting until one closes.
@@ -126,9 +128,6 @@ pub const DEFAULT_BH_QUEUE_TIMEOUT: Dur = Dur::from_secs(1);
 
 fn yes() -> bool {
     true
-}
-fn is_false(b: &bool) -> bool {
-    !*b
 }
 
 // ---- top level ------------------------------------------------------------------------------------
@@ -262,6 +261,9 @@ pub struct Limits {
     pub header_read_timeout: Dur,
     /// Keep-alive idle time.
     pub idle_timeout: Dur,
+    /// After refusing a request whose body it did not read, how long to go on reading (and
+    /// dropping) what the client still sends, while it keeps sending; 0: no lingering close.
+    pub lingering_timeout: Dur,
     /// Concurrent connections.
     pub max_connections: usize,
     /// Concurrent streams (requests) on one HTTP/2 client connection.
@@ -275,6 +277,7 @@ impl Default for Limits {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            lingering_timeout: DEFAULT_LINGERING_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
         }
@@ -363,7 +366,7 @@ pub struct Upstream {
     #[serde(default)]
     pub balance: Balance,
     /// Speak HTTP/2 (prior knowledge) to the endpoints.
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default)]
     pub http2: bool,
     /// TCP connect timeout.
     #[serde(default = "default_connect_timeout")]
@@ -911,7 +914,7 @@ pub struct Route {
     /// Primary upstream.
     pub upstream: String,
     /// Next upstreams, in order, when one is unavailable or exhausted.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub failover: Vec<String>,
     /// Whole-request timeout, all attempts included.
     #[serde(default = "default_route_timeout")]
@@ -923,7 +926,7 @@ pub struct Route {
     #[serde(default = "default_retry_buffer")]
     pub retry_buffer: ByteSize,
     /// Retry POST/PATCH too (otherwise only idempotent methods or requests with `Idempotency-Key`).
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default)]
     pub retry_non_idempotent: bool,
     /// Hedged requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -932,7 +935,7 @@ pub struct Route {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<Fallback>,
     /// Tunnel WebSocket upgrades (HTTP/1.1 clients and upstreams).
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default)]
     pub websocket: bool,
     /// Replaces the matched `path_prefix` (or the whole `path`) of the request path upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -944,10 +947,10 @@ pub struct Route {
     #[serde(default, skip_serializing_if = "HeaderRules::is_empty")]
     pub response_headers: HeaderRules,
     /// Modes that do not apply to this route (it is served as in `normal`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub exempt_modes: Vec<Mode>,
     /// Not served in `degraded` mode (503, or the route's fallback).
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(default)]
     pub optional: bool,
     /// Injected delays and aborts (fault injection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -956,12 +959,8 @@ pub struct Route {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_rate_limit: Option<ClientRateLimit>,
     /// The route's priority in the `admission` queue.
-    #[serde(default, skip_serializing_if = "is_normal")]
+    #[serde(default)]
     pub priority: RoutePriority,
-}
-
-fn is_normal(p: &RoutePriority) -> bool {
-    *p == RoutePriority::Normal
 }
 
 /// `client_rate_limit:` on a route: one token bucket per client.

@@ -92,6 +92,20 @@ fn the_effective_config_writes_out_dependent_defaults() {
     let printed = to_yaml(&e);
     let again = from_str(&printed, "effective.yaml").unwrap();
     assert_eq!(to_yaml(&effective(&again)), printed);
+    // Every default of a route and an upstream is there, the route's name included.
+    for key in [
+        "name: route0",
+        "failover: []",
+        "retry_non_idempotent: false",
+        "websocket: false",
+        "exempt_modes: []",
+        "optional: false",
+        "priority: normal",
+        "http2: false",
+        "lingering_timeout: 2s",
+    ] {
+        assert!(printed.contains(key), "{key}\n{printed}");
+    }
 }
 
 #[test]
@@ -125,6 +139,16 @@ fn rates_are_at_least_one_a_minute() {
         )),
         "gw.yaml:4:19: upstreams.a.rate_limit.per_second: must be at least 1/60 (one a minute)"
     );
+    // Just under one a minute (it once rounded up to one a minute), and 1/60 itself.
+    for (rate, ok) in [
+        ("0.01", false),
+        ("0.0166", false),
+        ("0.016666666666666666", true),
+    ] {
+        let yaml =
+            format!("{UP}    rate_limit: {{ per_second: {rate} }}\nroutes:\n  - upstream: a\n");
+        assert_eq!(from_str(&yaml, "gw.yaml").is_ok(), ok, "{rate}");
+    }
 }
 
 #[test]

@@ -103,9 +103,8 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
 fn positive_rate(path: &[Seg], per_second: f64) -> Result<(), Invalid> {
     if !(per_second > 0.0 && per_second.is_finite()) {
         Err(at(path, "must be greater than 0"))
-    } else if per_second * 60.0 < 0.5 {
-        // Rates are kept per second, or per minute when fractional: slower than one a minute
-        // would round to nothing.
+    } else if per_second * 60.0 < 1.0 - 1e-9 {
+        // (The tolerance lets `0.016666666666666666` through: 1/60 as written in decimals.)
         Err(at(path, "must be at least 1/60 (one a minute)"))
     } else if per_second > f64::from(u32::MAX) {
         Err(at(path, "is too large"))

@@ -489,9 +489,13 @@ pub(crate) async fn forward(
     let mut delivered = false;
     let mut last = Last::Failure(Failure::NoHealthyEndpoint);
     // A retry's budget token taken but not yet spent on a request sent: given back if the retry
-    // sends nothing (refused, no endpoint, deadline), so the budget counts only retries that went
-    // out or are waiting in backoff.
-    let mut withdrawn: Option<RetryToken> = None;
+    // sends nothing (refused, no endpoint, deadline, or the client gone during its backoff), so the
+    // budget counts only retries that went out or are waiting in backoff.
+    let mut withdrawn = Withdrawn {
+        route,
+        tally: &tally,
+        token: None,
+    };
 
     for (chain_pos, &ui) in route.chain.iter().enumerate() {
         let up = &*rt.upstreams[ui];
@@ -509,7 +513,7 @@ pub(crate) async fn forward(
                 route.policies.on_budget_exhausted();
                 return finish(last, sent, Some(Failure::BudgetExhausted), route);
             };
-            withdrawn = Some(token);
+            withdrawn.token = Some(token);
             route
                 .policies
                 .on_retry("failover", sent + 1, Duration::ZERO);
@@ -524,24 +528,24 @@ pub(crate) async fn forward(
             let admission = match up.policies.admit_by(Some(deadline)).await {
                 Ok(a) => a,
                 Err(Reject::Deadline) => {
-                    refund(route, &mut withdrawn);
+                    withdrawn.refund();
                     route.policies.on_timeout("total");
                     refused(&mut last, Failure::Timeout);
                     return finish(last, sent, None, route);
                 }
                 Err(r) => {
-                    refund(route, &mut withdrawn);
+                    withdrawn.refund();
                     refused(&mut last, reject_to_failure(r));
                     break;
                 }
             };
             let Some(ei) = up.pick(tried) else {
-                refund(route, &mut withdrawn);
+                withdrawn.refund();
                 refused(&mut last, no_endpoint(up));
                 break;
             };
             let Some(req_body) = slot.take() else {
-                refund(route, &mut withdrawn);
+                withdrawn.refund();
                 return finish(last, sent, None, route);
             };
             tried.insert(ei);
@@ -563,6 +567,7 @@ pub(crate) async fn forward(
                     // here (the race sees `Miss::Kept`) so that a later refused hedge cannot
                     // hide it from the client.
                     let kept: std::sync::Mutex<Option<Kept>> = std::sync::Mutex::new(None);
+                    let mut hedges = 0;
                     let make = || {
                         let (target, admission, token) = match original.take() {
                             Some((ei, req, admission)) => (Some((ei, req)), Some(admission), None),
@@ -570,9 +575,20 @@ pub(crate) async fn forward(
                                 let token = policy::take_hedge_token();
                                 // Never to an endpoint this request already tried (one endpoint
                                 // left: its Retry-After and the backoff are the retry's to wait).
-                                let target = up.pick(tried).filter(|&ei| !tried.contains(ei));
+                                // As for a retry, no hedge starts that the deadline cannot
+                                // finish (a typical attempt's time left).
+                                let fits = route.policies.retry_fits(Duration::ZERO, deadline);
+                                let target = fits
+                                    .then(|| up.pick(tried).filter(|&ei| !tried.contains(ei)))
+                                    .flatten();
+                                if target.is_none() {
+                                    // None now, none for the hedges after it either.
+                                    policy::stop_hedging();
+                                }
                                 let target = target.map(|ei| {
                                     tried.insert(ei);
+                                    hedges += 1;
+                                    route.policies.on_hedge(hedges);
                                     // Hedging is only on with a replayable body, which `take`
                                     // always yields.
                                     let body = slot.take().unwrap_or_else(ReqBody::empty);
@@ -652,9 +668,9 @@ pub(crate) async fn forward(
             let went_out = tally.sent.swap(0, Ordering::Relaxed);
             sent += went_out;
             if went_out > 0 {
-                withdrawn = None;
+                withdrawn.token = None;
             } else {
-                refund(route, &mut withdrawn);
+                withdrawn.refund();
             }
             delivered |= tally.reached.swap(false, Ordering::Relaxed);
 
@@ -725,7 +741,7 @@ pub(crate) async fn forward(
                 route.policies.on_budget_exhausted();
                 return finish(last, sent, Some(Failure::BudgetExhausted), route);
             };
-            withdrawn = Some(token);
+            withdrawn.token = Some(token);
             let reason = retry_reason(&last);
             if !delay.is_zero() {
                 let retry_at = Instant::now() + delay;
@@ -745,7 +761,7 @@ pub(crate) async fn forward(
                     // The read may have taken longer than the backoff: the retry must still fit.
                     let wait = retry_at.saturating_duration_since(Instant::now());
                     if !route.policies.retry_fits(wait, deadline) {
-                        refund(route, &mut withdrawn);
+                        withdrawn.refund();
                         return finish(last, sent, None, route);
                     }
                 }
@@ -788,10 +804,29 @@ fn refused(last: &mut Last, why: Failure) {
     }
 }
 
-/// Gives back the budget token of a retry that sent nothing, if one is held.
-fn refund(route: &Route, withdrawn: &mut Option<RetryToken>) {
-    if let Some(token) = withdrawn.take() {
-        route.policies.refund(token);
+/// The budget token of a retry not yet sent, if one is held: given back by [`Withdrawn::refund`]
+/// when the retry sends nothing, and when the request is dropped before the retry went out (the
+/// client went away during the backoff).
+struct Withdrawn<'a> {
+    route: &'a Route,
+    tally: &'a Tally,
+    token: Option<RetryToken>,
+}
+
+impl Withdrawn<'_> {
+    fn refund(&mut self) {
+        if let Some(token) = self.token.take() {
+            self.route.policies.refund(token);
+        }
+    }
+}
+
+impl Drop for Withdrawn<'_> {
+    fn drop(&mut self) {
+        // Dropped mid-attempt after the retry's request went out: spent.
+        if self.tally.sent.load(Ordering::Relaxed) == 0 {
+            self.refund();
+        }
     }
 }
 

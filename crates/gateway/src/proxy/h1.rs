@@ -38,7 +38,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
@@ -76,6 +76,8 @@ pub(super) struct Limits {
     pub(super) head_timeout: Duration,
     /// Between requests (`idle_timeout`).
     pub(super) idle_timeout: Duration,
+    /// The longest quiet wait of a lingering close (`lingering_timeout`; zero: none).
+    pub(super) linger: Duration,
     /// Bytes of a head beyond which it is refused with 431 without parsing on. The exact
     /// `max_header_bytes` check on a complete head is `route_and_forward`'s (it covers HTTP/2 too).
     pub(super) max_head: usize,
@@ -410,6 +412,14 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
         }
         let read = self.io.read_buf(&mut self.rbuf);
         pin!(read).poll(cx)
+    }
+
+    /// Fails the current request body from its next poll on (the connection will not read it any
+    /// more); returns its reader's waker, to wake once the lock is released.
+    fn fail_body(&mut self) -> Option<Waker> {
+        self.seq = self.seq.wrapping_add(1);
+        self.rest = Rest::Failed;
+        self.reader.take()
     }
 
     fn wake_waiter(&mut self) {
@@ -893,12 +903,12 @@ where
                     .await
                     .is_ok()
                 {
-                    d.close().await;
+                    d.close(true).await;
                 }
                 return None;
             }
             Next::Close => {
-                d.close().await;
+                d.close(false).await;
                 return None;
             }
         };
@@ -916,7 +926,8 @@ where
                     Box::pin(super::tunnel::run(c.io, c.rbuf.freeze(), up, idle)).await;
                     return None;
                 }
-                d.close().await;
+                let linger = d.unread();
+                d.close(linger).await;
                 return None;
             }
             Err(Gone) => return None,
@@ -937,12 +948,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Drop for Release<I> {
         let Some(shared) = self.0.upgrade() else {
             return;
         };
-        let reader = {
-            let mut c = lock(&shared);
-            c.seq = c.seq.wrapping_add(1);
-            c.rest = Rest::Failed;
-            c.reader.take()
-        };
+        let reader = lock(&shared).fail_body();
         if let Some(w) = reader {
             w.wake();
         }
@@ -1443,14 +1449,50 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
         settled
     }
 
-    /// Closes the write side (a TLS `close_notify` first), bounded by `header_read_timeout`.
-    async fn close(&mut self) {
-        let shared = &self.shared;
-        let _ = tokio::time::timeout(
-            self.limits.head_timeout,
-            poll_fn(|cx| Pin::new(&mut lock(shared).io).poll_shutdown(cx)),
-        )
+    /// Closes the write side (a TLS `close_notify` first). With `linger` (the client may still be
+    /// sending: a refused head, a body left unread), it then reads and drops what comes until the
+    /// client closes or sends nothing for `lingering_timeout`: a socket closed with unread input
+    /// sends a reset, which can destroy the response before the client reads it (nginx's
+    /// `lingering_close`). All of it is bounded by `header_read_timeout`.
+    async fn close(&mut self, linger: bool) {
+        let (shared, stop) = (&self.shared, &mut self.stop);
+        let quiet = self.limits.linger;
+        let linger = linger && !quiet.is_zero();
+        if linger {
+            // A body still held elsewhere must not see bytes go missing: it fails from here on.
+            if let Some(w) = lock(shared).fail_body() {
+                w.wake();
+            }
+        }
+        let _ = tokio::time::timeout(self.limits.head_timeout, async {
+            poll_fn(|cx| Pin::new(&mut lock(shared).io).poll_shutdown(cx)).await?;
+            if !linger {
+                return Ok(());
+            }
+            let mut sink = [0u8; 4096];
+            // Until the client closes or goes quiet, or the server stops.
+            loop {
+                let mut buf = ReadBuf::new(&mut sink);
+                let read = poll_fn(|cx| {
+                    if stop.poll(cx) {
+                        return Poll::Ready(Ok(()));
+                    }
+                    Pin::new(&mut lock(shared).io).poll_read(cx, &mut buf)
+                });
+                match tokio::time::timeout(quiet, read).await {
+                    Ok(Ok(())) if !buf.filled().is_empty() => {}
+                    _ => return io::Result::Ok(()),
+                }
+            }
+        })
         .await;
+    }
+
+    /// Whether the client may have sent what this connection has not read: the rest of a request
+    /// body, a `100 Continue` body held back, or bytes already buffered.
+    fn unread(&self) -> bool {
+        let c = lock(&self.shared);
+        !matches!(c.rest, Rest::None) || c.cont.is_some() || !c.rbuf.is_empty()
     }
 }
 

@@ -79,6 +79,9 @@ pub struct Runtime {
     pub access_log: bool,
     /// `admission`: requests forwarded at once, and the priority queue in front.
     pub admission: Option<crate::admission::Admission>,
+    /// Admission queues that reloads replaced, while requests still hold or wait for their slots
+    /// (the gauges count them too).
+    retired_admission: Vec<bulwark::shed::Shedder>,
     /// Request metrics, index-aligned with `routes`, resolved at build time.
     stats: Vec<RouteStats>,
     telemetry: Arc<Telemetry>,
@@ -135,17 +138,29 @@ impl Runtime {
             routes.push(route);
         }
         // Kept across a reload that leaves the section unchanged (its queue and running count).
+        let kept = previous.filter(|p| same_settings(&p.config.admission, &config.admission));
         let admission = match config.admission.as_ref().filter(|a| a.enabled) {
-            Some(a) => {
-                match previous.filter(|p| same_settings(&p.config.admission, &config.admission)) {
-                    Some(p) => p.admission.clone(),
-                    None => Some(
-                        crate::admission::Admission::new(a, events).map_err(|e| e.to_string())?,
-                    ),
+            Some(a) => match kept {
+                Some(p) => p.admission.clone(),
+                None => {
+                    Some(crate::admission::Admission::new(a, events).map_err(|e| e.to_string())?)
                 }
-            }
+            },
             None => None,
         };
+        // A replaced queue lives on in the requests it admitted (or still queues): kept for the
+        // gauges while it has any.
+        let mut retired_admission = Vec::new();
+        if let Some(p) = previous {
+            let busy = |s: &bulwark::shed::Shedder| s.running() + s.queued() > 0;
+            retired_admission.extend(p.retired_admission.iter().filter(|s| busy(s)).cloned());
+            match &p.admission {
+                Some(old) if kept.is_none() && busy(old.shedder()) => {
+                    retired_admission.push(old.shedder().clone());
+                }
+                _ => {}
+            }
+        }
         let stats = routes
             .iter()
             .map(|r| {
@@ -163,9 +178,19 @@ impl Runtime {
             config: Arc::new(config.clone()),
             access_log: config.logging.access_log,
             admission,
+            retired_admission,
             stats,
             telemetry: telemetry.clone(),
         })
+    }
+
+    /// Requests forwarded under the admission queues (this runtime's and the ones reloads replaced
+    /// that still have some), and requests waiting in them.
+    pub fn admission_counts(&self) -> (usize, usize) {
+        let queues = self.admission.iter().map(|a| a.shedder());
+        queues
+            .chain(&self.retired_admission)
+            .fold((0, 0), |(r, q), s| (r + s.running(), q + s.queued()))
     }
 
     /// The retry budget of this runtime's counterpart of route `i` of a new config (`c`), when the
@@ -897,6 +922,7 @@ fn access_log(
 struct ListenSettings {
     header_read_timeout: Duration,
     idle_timeout: Duration,
+    lingering_timeout: Duration,
     max_header_bytes: usize,
     max_connections: usize,
     max_concurrent_streams: u32,
@@ -946,6 +972,7 @@ impl Server {
             settings: ListenSettings {
                 header_read_timeout: config.limits.header_read_timeout.get(),
                 idle_timeout: config.limits.idle_timeout.get(),
+                lingering_timeout: config.limits.lingering_timeout.get(),
                 max_header_bytes: config.limits.max_header_bytes.as_usize(),
                 max_connections: config.limits.max_connections,
                 max_concurrent_streams: config.limits.max_concurrent_streams,
@@ -989,6 +1016,7 @@ impl Server {
         let limits = h1::Limits {
             head_timeout: settings.header_read_timeout,
             idle_timeout: settings.idle_timeout,
+            linger: settings.lingering_timeout,
             // The exact limit is checked on the parsed head; this bounds what is read before (as
             // hyper's buffer limit did before).
             max_head: settings.max_header_bytes.max(8192) + 1024,

@@ -3,6 +3,11 @@
 //! All state is atomic (counters, in-flight gauges, EWMA cells), so a pick takes no lock. Smooth
 //! weighted round robin is deterministic for fixed weights, so its sequence is computed once at build
 //! time (nginx's algorithm) and a pick is a counter increment into that schedule.
+//!
+//! Every balancer honours endpoint weights, as Envoy's do: `round_robin` follows the same schedule
+//! as `weighted` when the weights differ, `random` draws in proportion to them, and the two
+//! power-of-two-choices balancers draw their candidates in proportion to them and compare load
+//! per unit of weight. With equal weights (the default) none of this costs anything.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -38,16 +43,47 @@ pub(crate) struct Tier {
     cursor: AtomicUsize,
     /// Smooth WRR schedule (endpoint indices), for `weighted`.
     schedule: Vec<usize>,
+    /// Running sums of the weights, when they differ (empty when all are equal): a weighted draw.
+    cumulative: Vec<u64>,
 }
 
 impl Tier {
     pub(crate) fn new(start: usize, end: usize, weights: &[u32]) -> Self {
+        let uniform = weights.windows(2).all(|w| w[0] == w[1]);
+        let cumulative = if uniform {
+            Vec::new()
+        } else {
+            weights
+                .iter()
+                .scan(0u64, |sum, &w| {
+                    *sum += u64::from(w);
+                    Some(*sum)
+                })
+                .collect()
+        };
         Tier {
             start,
             end,
             cursor: AtomicUsize::new(0),
             schedule: smooth_wrr(start, weights),
+            cumulative,
         }
+    }
+
+    /// A random position in the tier (0-based), drawn in proportion to the weights.
+    fn draw(&self, n: usize) -> usize {
+        match self.cumulative.last() {
+            None => fastrand::usize(..n),
+            Some(&total) => {
+                let r = fastrand::u64(..total);
+                self.cumulative.partition_point(|&c| c <= r)
+            }
+        }
+    }
+
+    /// Whether the endpoints' weights differ.
+    fn weighted(&self) -> bool {
+        !self.cumulative.is_empty()
     }
 }
 
@@ -88,31 +124,39 @@ pub(crate) fn pick(
             .find(|&i| ok(i))
     };
     match balance {
-        Balance::RoundRobin => scan_from(tier.cursor.fetch_add(1, Ordering::Relaxed)),
-        Balance::Weighted => {
+        Balance::RoundRobin if !tier.weighted() => {
+            scan_from(tier.cursor.fetch_add(1, Ordering::Relaxed))
+        }
+        Balance::RoundRobin | Balance::Weighted => {
             let len = tier.schedule.len();
             let c = tier.cursor.fetch_add(1, Ordering::Relaxed);
             (0..len)
                 .map(|k| tier.schedule[(c + k) % len])
                 .find(|&i| ok(i))
         }
-        Balance::Random => scan_from(fastrand::usize(..n)),
+        Balance::Random => scan_from(tier.draw(n)),
         Balance::LeastRequest | Balance::PeakEwma => {
             // Power of two choices: two random candidates, the less loaded wins.
-            let a = scan_from(fastrand::usize(..n))?;
+            let a = scan_from(tier.draw(n))?;
             let b = if n > 1 {
-                scan_from(fastrand::usize(..n))
+                scan_from(tier.draw(n))
                     .filter(|&b| b != a)
                     .or_else(|| (0..n).map(|k| tier.start + k).find(|&i| i != a && ok(i)))
             } else {
                 None
             };
             let Some(b) = b else { return Some(a) };
-            let (ca, cb) = if balance == Balance::LeastRequest {
+            let (mut ca, mut cb) = if balance == Balance::LeastRequest {
                 (eps[a].inflight() as f64, eps[b].inflight() as f64)
             } else {
                 (eps[a].ewma_cost(), eps[b].ewma_cost())
             };
+            if tier.weighted() {
+                // Load per unit of weight: an endpoint of weight 3 is as loaded with 3 requests
+                // as one of weight 1 with 1.
+                ca /= f64::from(eps[a].weight);
+                cb /= f64::from(eps[b].weight);
+            }
             Some(if cb < ca { b } else { a })
         }
     }

@@ -403,6 +403,37 @@ mod tests {
         );
     }
 
+    /// Every balancer honours weights: with weights 3 and 1 and nothing to tell the endpoints
+    /// apart (no load, no latency yet), the heavier one gets three picks in four.
+    #[tokio::test]
+    async fn every_balancer_draws_in_proportion_to_weights() {
+        for balance in [
+            config::Balance::RoundRobin,
+            config::Balance::Weighted,
+            config::Balance::Random,
+            config::Balance::LeastRequest,
+            config::Balance::PeakEwma,
+        ] {
+            let mut c = config::Upstream {
+                balance,
+                ..upstream_config(2)
+            };
+            c.endpoints[0].weight = 3;
+            let u = Upstream::new("u", &c, &None).unwrap();
+            let heavy = (0..4000)
+                .filter(|_| u.pick(Tried::default()) == Some(0))
+                .count();
+            // Expected 3000; sigma ~27 for the random draws. `peak_ewma` divides its cost (at
+            // least one unit per request) by the weight, as tower's `Weighted` load does: with
+            // nothing in flight, the heavier one is cheaper whenever it is a candidate.
+            let want = match balance {
+                config::Balance::PeakEwma => 2850..=4000,
+                _ => 2850..=3150,
+            };
+            assert!(want.contains(&heavy), "{balance:?}: {heavy}");
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn consecutive_failures_eject_for_growing_capped_times() {
         let u = upstream(2, Some(od()), false);
