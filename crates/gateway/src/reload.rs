@@ -270,7 +270,9 @@ fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
         }
     };
     check("listen", old.listen != new.listen);
-    check("tls", !same(&old.tls, &new.tls));
+    // A reload applies new `tls` files (or the same paths with renewed contents) to new
+    // connections; a listener cannot switch between TLS and plaintext.
+    check("tls", old.tls.is_some() != new.tls.is_some());
     check(
         "limits.header_read_timeout",
         old.limits.header_read_timeout != new.limits.header_read_timeout,

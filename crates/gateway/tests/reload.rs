@@ -510,3 +510,45 @@ routes:
     assert!(line.contains("reason=\"upstream_error\""), "{line}");
     ops.stop().await;
 }
+
+/// A listener certificate renewed in place (the same paths, new files, as certbot or cert-manager
+/// do) is served to new connections after a reload, without a restart; connections already open
+/// keep theirs.
+#[tokio::test]
+async fn a_reload_serves_a_listener_certificate_renewed_in_place() {
+    let up = Upstream::named("a").await;
+    let old = TestTls::new("renew-old");
+    let yaml = format!("{}{}", old.config_line(), one_route(&up.url(), ""));
+    let ops = Ops::start_with(&yaml, None, NO_POLL).await;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let handshake = |tls: &TestTls| {
+        let connector = tls.connector(&[b"http/1.1"]);
+        let (name, addr) = (name.clone(), ops.proxy);
+        async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+            connector.connect(name, tcp).await
+        }
+    };
+    let mut open = handshake(&old).await.expect("the first certificate");
+    let new = TestTls::new("renew-new");
+    assert!(handshake(&new).await.is_err(), "not trusted before");
+    std::fs::copy(&new.cert_path, &old.cert_path).unwrap();
+    std::fs::copy(&new.key_path, &old.key_path).unwrap();
+    let r = ops.reloader().reload().unwrap();
+    assert!(!r.restart_required.contains(&"tls"), "{r:?}");
+    assert!(handshake(&new).await.is_ok(), "the renewed certificate");
+    assert!(handshake(&old).await.is_err(), "the old one is gone");
+    // The connection opened before the reload still serves.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    open.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    open.read_to_end(&mut got).await.unwrap();
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&got)
+    );
+    ops.stop().await;
+}

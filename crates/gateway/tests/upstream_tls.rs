@@ -802,3 +802,43 @@ async fn a_closed_shared_http2_connection_is_replaced() {
     );
     gw.stop().await;
 }
+
+/// A certificate file that is PEM but not a certificate is the `cert` key's error, for the
+/// listener and for an upstream's client certificate (rustls finds it while matching the key, and
+/// it was reported at `key`).
+#[test]
+fn a_corrupt_certificate_is_reported_at_cert_not_at_key() {
+    let dir = TempDir::new("corrupt-cert");
+    let good = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let key = dir.join("key.pem");
+    std::fs::write(&key, good.key_pair.serialize_pem()).unwrap();
+    let cert = dir.join("cert.pem");
+    std::fs::write(
+        &cert,
+        "-----BEGIN CERTIFICATE-----\nAAECAwQFBgcICQoLDA0ODw==\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let err = |yaml: String| {
+        bulwark_gateway::config::from_str(&yaml, "gw.yaml")
+            .unwrap_err()
+            .to_string()
+    };
+    let listener = err(format!(
+        "tls:\n  cert: '{}'\n  key: '{}'\n",
+        cert.display(),
+        key.display()
+    ));
+    assert!(
+        listener.starts_with("gw.yaml:2:3: tls.cert: "),
+        "{listener}"
+    );
+    let upstream = err(format!(
+        "upstreams:\n  a:\n    endpoints: [{{url: 'https://localhost:1'}}]\n    tls:\n      cert: '{}'\n      key: '{}'\n",
+        cert.display(),
+        key.display()
+    ));
+    assert!(
+        upstream.starts_with("gw.yaml:5:7: upstreams.a.tls.cert: "),
+        "{upstream}"
+    );
+}

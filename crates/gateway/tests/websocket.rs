@@ -479,3 +479,30 @@ async fn an_http2_tunnel_lives_through_the_drain_and_is_closed_at_its_end() {
         Some("eof")
     );
 }
+
+/// A 101 has no body: a `Content-Length` (or `Transfer-Encoding`) the upstream put on its 101 does
+/// not reach the client, and the bytes behind the head are the tunnel's.
+#[tokio::test]
+async fn the_clients_101_carries_no_framing_header() {
+    let up = RawUpstream::start(|mut s, _| async move {
+        let mut buf = Vec::new();
+        if read_head(&mut s, &mut buf).await.is_none() {
+            return;
+        }
+        let _ = s
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nContent-Length: 5\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nhello")
+            .await;
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest).await;
+    })
+    .await;
+    let gw = Gateway::start(&config(&up.url(), WS, "")).await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(UPGRADE).await;
+    let (r, _) = c.read_response(false).await;
+    assert_eq!(r.status, 101, "{r:?}");
+    assert_eq!(r.header("content-length"), None, "{r:?}");
+    assert_eq!(c.take(5).await.unwrap(), b"hello");
+    drop(c);
+    gw.stop().await;
+}

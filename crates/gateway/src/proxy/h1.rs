@@ -1501,7 +1501,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
 fn encode_switch(dst: &mut Vec<u8>, headers: &HeaderMap, protocol: &HeaderValue) {
     dst.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n");
     for (name, value) in headers {
-        if name == header::CONNECTION || name == header::UPGRADE {
+        // A 1xx has no body: no framing header (RFC 9110 8.6, RFC 9112 6.1).
+        if name == header::CONNECTION
+            || name == header::UPGRADE
+            || name == header::CONTENT_LENGTH
+            || name == header::TRANSFER_ENCODING
+        {
             continue;
         }
         put_field(dst, name, value);

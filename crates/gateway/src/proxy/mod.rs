@@ -82,6 +82,9 @@ pub struct Runtime {
     /// Admission queues that reloads replaced, while requests still hold or wait for their slots
     /// (the gauges count them too).
     retired_admission: Vec<bulwark::shed::Shedder>,
+    /// The listener's TLS setup from this config's `tls` files (a reload reads them again, so a
+    /// certificate renewed in place is served to new connections).
+    listener_tls: Option<ListenerTls>,
     /// Request metrics, index-aligned with `routes`, resolved at build time.
     stats: Vec<RouteStats>,
     telemetry: Arc<Telemetry>,
@@ -161,6 +164,14 @@ impl Runtime {
                 _ => {}
             }
         }
+        let listener_tls = match &config.tls {
+            Some(t) => Some(ListenerTls::load(
+                &t.cert,
+                &t.key,
+                previous.and_then(|p| p.listener_tls.as_ref()),
+            )?),
+            None => None,
+        };
         let stats = routes
             .iter()
             .map(|r| {
@@ -179,6 +190,7 @@ impl Runtime {
             access_log: config.logging.access_log,
             admission,
             retired_admission,
+            listener_tls,
             stats,
             telemetry: telemetry.clone(),
         })
@@ -959,10 +971,7 @@ impl Server {
     /// Builds the runtime, reporting to `telemetry`, and binds the listener of `config`.
     pub async fn bind_with(config: &Config, telemetry: Arc<Telemetry>) -> Result<Self, StartError> {
         let runtime = Runtime::build(config, &telemetry, None)?;
-        let tls = match &config.tls {
-            Some(t) => Some(tls_acceptor(&t.cert, &t.key)?),
-            None => None,
-        };
+        let tls = runtime.listener_tls.as_ref().map(|t| t.acceptor.clone());
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
@@ -1069,7 +1078,15 @@ impl Server {
             });
             let h2 = h2.clone();
             let stop = stop_rx.clone();
-            let tls = tls.clone();
+            // A TLS listener serves the certificate of the config in force (a reload may have
+            // renewed it); one whose config dropped `tls` keeps its own until a restart.
+            let tls = tls.as_ref().map(|bound| {
+                gateway
+                    .runtime()
+                    .listener_tls
+                    .as_ref()
+                    .map_or_else(|| bound.clone(), |t| t.acceptor.clone())
+            });
             let handshake_timeout = settings.header_read_timeout;
             let idle = settings.idle_timeout;
             // One task per client connection; the upstream HTTP/1 connections its requests use
@@ -1320,12 +1337,48 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
     }
 }
 
-fn tls_acceptor(
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> Result<tokio_rustls::TlsAcceptor, StartError> {
-    let cfg = server_tls(cert, key).map_err(|(key, e)| format!("tls.{key}: {e}"))?;
-    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+/// The listener's TLS acceptor, with the file contents it was built from: a reload whose files
+/// are unchanged keeps it (and its session resumption state).
+#[derive(Clone)]
+struct ListenerTls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    files: Arc<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for ListenerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ListenerTls")
+    }
+}
+
+impl ListenerTls {
+    fn load(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        previous: Option<&ListenerTls>,
+    ) -> Result<Self, String> {
+        let read = |key: &str, p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| format!("tls.{key}: cannot read `{}`: {e}", p.display()))
+        };
+        let files = (read("cert", cert)?, read("key", key)?);
+        if let Some(p) = previous.filter(|p| *p.files == files) {
+            return Ok(p.clone());
+        }
+        let cfg = server_tls(cert, key).map_err(|(key, e)| format!("tls.{key}: {e}"))?;
+        Ok(ListenerTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(cfg)),
+            files: Arc::new(files),
+        })
+    }
+}
+
+/// Which of `cert` and `key` a refusal of the pair by rustls is about: a certificate it cannot
+/// parse is the `cert` file's fault, anything else (a key that does not fit) the `key` file's.
+pub(crate) fn cert_or_key(e: rustls::Error) -> (&'static str, String) {
+    match e {
+        rustls::Error::InvalidCertificate(e) => ("cert", format!("not a valid certificate: {e:?}")),
+        e => ("key", format!("does not fit the certificate: {e}")),
+    }
 }
 
 /// The listener's TLS setup from the `tls` files; an error names the key (`cert`, `key`) at fault.
@@ -1341,7 +1394,7 @@ pub(crate) fn server_tls(
         .map_err(|e| ("cert", e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(certs, key)
-        .map_err(|e| ("key", format!("does not fit the certificate: {e}")))?;
+        .map_err(cert_or_key)?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
 }

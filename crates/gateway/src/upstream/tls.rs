@@ -2,8 +2,8 @@
 //! loaded (or an upstream is rebuilt by a reload), shared by every connection of its endpoints.
 //!
 //! Trust is Mozilla's root programme (the `webpki-roots` crate, compiled in, so a gateway in a
-//! scratch container verifies public providers without a system bundle) plus the PEM bundle of
-//! `tls.ca`, for private CAs. There is no way to skip verification: a certificate that does not
+//! scratch container verifies public providers without a system bundle), or, with `tls.ca`, that
+//! PEM bundle only (a private CA). There is no way to skip verification: a certificate that does not
 //! verify for the server name fails the connect like a refused TCP connection.
 //!
 //! With `tls.cert` and `tls.key`, the gateway presents that client certificate to servers that
@@ -34,18 +34,7 @@ pub(crate) fn client_config(
     tls: Option<&UpstreamTls>,
     http2: bool,
 ) -> Result<Arc<ClientConfig>, TlsSettingError> {
-    let mut roots = RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(ca) = tls.and_then(|t| t.ca.as_deref()) {
-        let certs =
-            crate::pem::certs(ca).map_err(|message| TlsSettingError { key: "ca", message })?;
-        for cert in certs {
-            roots.add(cert).map_err(|e| TlsSettingError {
-                key: "ca",
-                message: format!("invalid CA certificate in `{}`: {e}", ca.display()),
-            })?;
-        }
-    }
+    let roots = roots(tls.and_then(|t| t.ca.as_deref()))?;
     if let Some(name) = tls.and_then(|t| t.server_name.as_deref()) {
         server_name(name).map_err(|message| TlsSettingError {
             key: "server_name",
@@ -61,17 +50,33 @@ pub(crate) fn client_config(
         })?
         .with_root_certificates(roots);
     let mut cfg = match client_identity(tls)? {
-        Some((chain, key)) => {
-            cfg.with_client_auth_cert(chain, key)
-                .map_err(|e| TlsSettingError {
-                    key: "key",
-                    message: format!("cannot use this key with `cert`: {e}"),
-                })?
-        }
+        Some((chain, key)) => cfg.with_client_auth_cert(chain, key).map_err(|e| {
+            let (key, message) = crate::proxy::cert_or_key(e);
+            TlsSettingError { key, message }
+        })?,
         None => cfg.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![if http2 { ALPN_H2 } else { ALPN_HTTP11 }.to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// The trusted roots: the certificates of `ca` only, when given (as Envoy's `trusted_ca` and
+/// nginx's `proxy_ssl_trusted_certificate`: a private CA's upstream must not also accept any
+/// publicly issued certificate for its name); otherwise Mozilla's.
+fn roots(ca: Option<&std::path::Path>) -> Result<RootCertStore, TlsSettingError> {
+    let mut roots = RootCertStore::empty();
+    let Some(ca) = ca else {
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        return Ok(roots);
+    };
+    let certs = crate::pem::certs(ca).map_err(|message| TlsSettingError { key: "ca", message })?;
+    for cert in certs {
+        roots.add(cert).map_err(|e| TlsSettingError {
+            key: "ca",
+            message: format!("invalid CA certificate in `{}`: {e}", ca.display()),
+        })?;
+    }
+    Ok(roots)
 }
 
 type Identity = (
@@ -134,6 +139,18 @@ pub(crate) fn server_name(name: &str) -> Result<ServerName<'static>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ca_replaces_the_built_in_roots() {
+        let builtin = roots(None).unwrap();
+        assert_eq!(builtin.len(), webpki_roots::TLS_SERVER_ROOTS.len());
+        let ca = rcgen::generate_simple_self_signed(vec!["ca.test".to_owned()]).unwrap();
+        let path = std::env::temp_dir().join(format!("bulwark-ca-{}.pem", std::process::id()));
+        std::fs::write(&path, ca.cert.pem()).unwrap();
+        let only = roots(Some(&path));
+        let _ = std::fs::remove_file(&path);
+        assert_eq!(only.unwrap().len(), 1, "the CA alone");
+    }
 
     #[test]
     fn server_names_take_dns_names_and_ip_addresses() {
