@@ -348,18 +348,12 @@ routes:
 #[tokio::test]
 async fn concurrent_failures_in_backoff_cannot_overshoot_the_budget() {
     let dead = Upstream::status("dead", 503).await;
-    let gw = Gateway::start(&format!(
-        "upstreams:
-  u: {{ endpoints: [{{url: '{}'}}] }}
-routes:
-  - upstream: u
-    retry:
-      attempts: 3
-      on: [5xx]
-      backoff: {{ kind: constant, base: 300ms, max: 300ms, jitter: none }}
-      budget: {{ ratio: 0.2, min_per_second: 1, window: 10s }}
-",
-        dead.url()
+    let gw = Gateway::start(&retrying_5xx(
+        &dead.url(),
+        "",
+        3,
+        "300ms",
+        "{ ratio: 0.2, min_per_second: 1, window: 10s }",
     ))
     .await;
     const N: usize = 40;
@@ -384,25 +378,36 @@ routes:
     gw.stop().await;
 }
 
+/// One route on upstream `u` at `url` (with `route` settings), retrying 5xx `attempts` times
+/// after a constant `backoff`, with `budget`.
+fn retrying_5xx(url: &str, route: &str, attempts: u32, backoff: &str, budget: &str) -> String {
+    format!(
+        "upstreams:
+  u: {{ endpoints: [{{url: '{url}'}}] }}
+routes:
+  - upstream: u
+{route}    retry:
+      attempts: {attempts}
+      on: [5xx]
+      backoff: {{ kind: constant, base: {backoff}, max: {backoff}, jitter: none }}
+      budget: {budget}
+"
+    )
+}
+
 /// A client that goes away while its retry waits in backoff gives the retry's budget token back:
 /// the retry never went out, and the budget counts only retries that went out or still wait.
 #[tokio::test]
 async fn a_client_gone_during_the_backoff_gives_the_retry_token_back() {
     let dead = Upstream::status("dead", 503).await;
-    let gw = Gateway::start(&format!(
-        "upstreams:
-  u: {{ endpoints: [{{url: '{}'}}] }}
-routes:
-  - upstream: u
-    timeout: 60s
-    retry:
-      attempts: 2
-      on: [5xx]
-      backoff: {{ kind: constant, base: 30s, max: 30s, jitter: none }}
-      # A spent token stays spent for the window: longer than the waits below.
-      budget: {{ ratio: 0, min_per_second: 1, window: 60s }}
-",
-        dead.url()
+    // A spent token stays spent for the budget's window: longer than the waits below.
+    let budget = "{ ratio: 0, min_per_second: 1, window: 60s }";
+    let gw = Gateway::start(&retrying_5xx(
+        &dead.url(),
+        "    timeout: 60s\n",
+        2,
+        "30s",
+        budget,
     ))
     .await;
     let before = budget_balance(&gw);
