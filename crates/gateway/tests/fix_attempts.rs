@@ -809,3 +809,58 @@ routes:
     assert_eq!(accepted(&a) + accepted(&b), 1, "no hedge went out");
     gw.stop().await;
 }
+
+/// A failed response passed through to the client holds its upstream's bulkhead slot until its
+/// body ends, as a successful one does (it was given back at once, so a slow error body escaped
+/// the limit).
+#[tokio::test]
+async fn a_failed_response_passed_through_holds_its_bulkhead_slot_to_its_end() {
+    use tokio::io::AsyncWriteExt;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let gate = release.clone();
+    let up = RawUpstream::start(move |mut s, _| {
+        let gate = gate.clone();
+        async move {
+            let mut buf = Vec::new();
+            if read_head(&mut s, &mut buf).await.is_none() {
+                return;
+            }
+            let head = b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n";
+            let _ = s.write_all(head).await;
+            let _ = s.write_all(b"5\r\nerror\r\n").await;
+            gate.notified().await;
+            let _ = s.write_all(b"0\r\n\r\n").await;
+        }
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    endpoints: [{{url: '{}'}}]
+    bulkhead: {{ max_concurrent: 1, max_queued: 0 }}
+routes:
+  - upstream: u
+",
+        up.url()
+    ))
+    .await;
+    let c = client();
+    let first = get_streaming(&c, &gw.url("/")).await;
+    assert_eq!(first.status(), 503);
+    let mut body = first.into_body();
+    assert_eq!(next_data(&mut body).await.as_deref(), Some(&b"error"[..]));
+    // Its body still streams: the one slot is taken.
+    let second = get(&c, &gw.url("/")).await;
+    assert_eq!(
+        (second.status.as_u16(), second.header("x-bulwark-reason")),
+        (503, Some("bulkhead_full"))
+    );
+    assert_eq!(up.accepted(), 1);
+    release.notify_one();
+    while next_data(&mut body).await.is_some() {}
+    // Its end gave the slot back.
+    release.notify_one();
+    let third = get(&c, &gw.url("/")).await;
+    assert_eq!(third.text(), "error");
+    gw.stop().await;
+}

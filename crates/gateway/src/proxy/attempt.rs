@@ -266,15 +266,18 @@ fn deadline_passed(route: &Route) -> Miss {
 
 /// One attempt on `up`'s endpoint `ei` (`None`: no endpoint was available): admission, send within
 /// the per-try timeout and the route deadline, classification, and the reports to the breaker,
-/// outlier detection, cooldown and (with `record_latency`) the route's latency window. A request
-/// sent is counted in `tally`, and sets `went` if given.
+/// outlier detection, cooldown and (when `alone`, not one of a hedge race) the route's latency
+/// window. A request sent is counted in `tally`, and sets `went` if given. A failed response keeps
+/// its bulkhead slot when `alone` (the loop gives it back before anything else is tried, so a
+/// response passed through to the client holds it to its end, as a success does); in a race it
+/// gives it back at once (another attempt of the race may be waiting for it).
 #[allow(clippy::too_many_arguments)]
 async fn attempt(
     up: &Upstream,
     route: &Route,
     target: Option<(usize, Outgoing<'_>)>,
     deadline: Instant,
-    record_latency: bool,
+    alone: bool,
     admitted: Option<Admission>,
     tally: &Tally,
     went: Option<&AtomicBool>,
@@ -348,15 +351,13 @@ async fn attempt(
                 (true, Some(d)) => Outcome::FailureRetryAfter(d),
                 (true, None) => Outcome::Failure,
             });
-            if failed {
-                // Kept only to be passed through if nothing better comes: a retry (with no
-                // backoff, the response is still held) must not wait for this slot.
+            if failed && !alone {
                 admission.release_slot();
             }
             lease.hold(admission);
             let resp = resp.map(|()| RespBody::upstream(inner, lease));
             if !failed {
-                if record_latency {
+                if alone {
                     route.policies.latency().record(latency);
                 }
                 return Ok(resp);
@@ -721,6 +722,11 @@ pub(crate) async fn forward(
             };
             if !retryable || !retry_allowed || !slot.replayable() {
                 return finish(last, sent, None, route);
+            }
+            // Something else is tried: the response kept in case nothing better comes must not
+            // hold its upstream's bulkhead slot meanwhile (the retry may need it).
+            if let Last::Response(r) = &mut last {
+                r.body_mut().release_upstream_slot();
             }
             if on_this >= route.attempts {
                 break; // exhausted: fail over

@@ -321,6 +321,12 @@ impl Lease {
     pub fn hold(&mut self, admission: crate::policy::Admission) {
         self._admission = Some(admission);
     }
+    /// Gives the upstream's bulkhead slot back before the body ends.
+    fn release_upstream_slot(&mut self) {
+        if let Some(a) = &mut self._admission {
+            a.release_slot();
+        }
+    }
     /// Attaches the gateway's admission slot to release with the body.
     fn hold_slot(&mut self, slot: bulwark::shed::ShedPermit) {
         self._slot = Some(slot);
@@ -368,6 +374,13 @@ impl RespBody {
         match self {
             RespBody::Upstream { lease, .. } => lease.hold_slot(slot),
             RespBody::Full { .. } => drop(slot),
+        }
+    }
+    /// Gives the upstream's bulkhead slot back now (the body is kept, but not necessarily
+    /// forwarded).
+    pub fn release_upstream_slot(&mut self) {
+        if let RespBody::Upstream { lease, .. } = self {
+            lease.release_upstream_slot();
         }
     }
     /// Streams `inner` from the upstream, releasing `lease` when done.
