@@ -147,6 +147,74 @@ async fn a_silent_http2_connection_is_replaced_after_an_unanswered_ping() {
     assert_eq!(s.last(), Some(&200), "never recovered: {s:?}");
 }
 
+/// The first connection to the upstream answers the first request's HEADERS with a graceful
+/// GOAWAY whose last stream id is 0 (RFC 9113 6.8: stream 1 was not processed, as when a server
+/// shuts down while a request is on its way); later connections answer. A POST on a route without
+/// retries is sent again on a new connection, and gets the answer.
+#[tokio::test]
+async fn a_stream_past_a_graceful_goaway_is_sent_again() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c2 = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            if c2.fetch_add(1, Ordering::SeqCst) > 0 {
+                tokio::spawn(async move {
+                    let mut conn = h2::server::handshake(tcp).await.unwrap();
+                    while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                        let mut s = respond.send_response(Response::new(()), false).unwrap();
+                        s.send_data(Bytes::from("ok"), true).unwrap();
+                    }
+                });
+                continue;
+            }
+            tokio::spawn(async move {
+                // An empty SETTINGS, then frame by frame after the client's 24-byte preface.
+                tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
+                let mut preface = [0u8; 24];
+                tcp.read_exact(&mut preface).await.unwrap();
+                loop {
+                    let mut head = [0u8; 9];
+                    if tcp.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let len = usize::from(head[0]) << 16
+                        | usize::from(head[1]) << 8
+                        | usize::from(head[2]);
+                    let mut payload = vec![0u8; len];
+                    if tcp.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    match (head[3], head[4] & 1) {
+                        // SETTINGS (not an ACK): acknowledged.
+                        (4, 0) => tcp.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await.unwrap(),
+                        // HEADERS: GOAWAY, last stream 0, NO_ERROR.
+                        (1, _) => {
+                            let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                            tcp.write_all(&goaway).await.unwrap();
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u: {{ http2: true, endpoints: [{{url: 'http://{addr}'}}] }}\nroutes:\n  - upstream: u\n    timeout: 5s\n"
+    ))
+    .await;
+    let req = Request::post(gw.url("/pay"))
+        .body(Full::new(Bytes::from("x")))
+        .unwrap();
+    let g = send(&client(), req).await;
+    assert_eq!(g.status, 200, "reason {:?}", g.header("x-bulwark-reason"));
+    assert_eq!(g.text(), "ok");
+    assert_eq!(conns.load(Ordering::SeqCst), 2);
+    gw.stop().await;
+}
+
 /// An h2c upstream (h2 crate) that refuses the first stream with REFUSED_STREAM (RFC 9113 8.7:
 /// not processed, safe to send again whatever the method) and answers the others: a POST on a
 /// route without retries gets the answer.
