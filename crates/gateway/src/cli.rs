@@ -152,6 +152,11 @@ fn demo(opts: crate::demo::DemoOptions) -> ExitCode {
     rt.block_on(async move {
         match crate::demo::run(opts, crate::demo::InProcessGateway::default()).await {
             Ok(_) => ExitCode::SUCCESS,
+            Err(e @ crate::demo::DemoError::Interrupted) => {
+                eprintln!("bulwark demo: {e}");
+                // As a shell reports a process ended by SIGINT.
+                ExitCode::from(130)
+            }
             Err(e) => {
                 eprintln!("bulwark demo: {e}");
                 ExitCode::FAILURE

@@ -481,3 +481,42 @@ routes:
         .count();
     assert_eq!(tasks, 1, "threads of bulwark run --threads 1");
 }
+
+/// Ctrl-C early in `bulwark demo` (here as soon as its temporary directory exists, before or just
+/// after the load starts) takes everything down: no `bulwark-demo-*` directory is left behind. (A
+/// SIGINT during the set-up used to kill the process before it could remove it.)
+#[tokio::test]
+async fn an_early_ctrl_c_in_demo_leaves_no_temporary_directory() {
+    let tmp = support::TempDir::new("demo-tmp");
+    let leftovers = || {
+        std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("bulwark-demo-"))
+            .count()
+    };
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["demo", "--duration", "20s"])
+        .env("TMPDIR", tmp.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    support::wait_until(20, || leftovers() == 1).await;
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut status = None;
+    support::wait_until(30, || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    })
+    .await;
+    let status = status.unwrap();
+    // 130 when the set-up was interrupted, 0 when the load had begun and ended early.
+    assert!(matches!(status.code(), Some(130 | 0)), "{status:?}");
+    assert_eq!(leftovers(), 0, "the temporary directory was left behind");
+}

@@ -28,9 +28,11 @@ pub mod load;
 pub mod providers;
 
 use std::fmt;
+use std::future::Future;
 use std::io::{self, IsTerminal};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -321,6 +323,8 @@ pub enum DemoError {
         /// Gateway listener.
         listen: SocketAddr,
     },
+    /// Ctrl-C before the load started (what was set up is taken down again).
+    Interrupted,
 }
 
 impl fmt::Display for DemoError {
@@ -336,6 +340,7 @@ impl fmt::Display for DemoError {
                 "the gateway did not accept connections on {listen} within {}s",
                 READY_TIMEOUT.as_secs()
             ),
+            DemoError::Interrupted => f.write_str("interrupted before the load started"),
         }
     }
 }
@@ -344,7 +349,7 @@ impl std::error::Error for DemoError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             DemoError::Providers(err) | DemoError::Setup(err) => Some(err),
-            DemoError::Gateway(_) | DemoError::NotReady { .. } => None,
+            DemoError::Gateway(_) | DemoError::NotReady { .. } | DemoError::Interrupted => None,
         }
     }
 }
@@ -357,6 +362,15 @@ pub async fn run<G: DemoGateway>(
     opts: DemoOptions,
     mut gateway: G,
 ) -> Result<DemoSummary, DemoError> {
+    // Ctrl-C is ours from the start: during the set-up it takes down what was set up (the
+    // temporary directory included) instead of killing the process; during the load it ends the
+    // load early. (Polled once here, so that the handler is installed now.)
+    let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
+    std::future::poll_fn(|cx| {
+        let _ = ctrl_c.as_mut().poll(cx);
+        std::task::Poll::Ready(())
+    })
+    .await;
     let providers = Providers::start(opts.seed)
         .await
         .map_err(DemoError::Providers)?;
@@ -369,13 +383,22 @@ pub async fn run<G: DemoGateway>(
     )
     .map_err(DemoError::Setup)?;
 
+    // Not raced with Ctrl-C: a start cut short could leave some of the gateway running (its store
+    // writing into the directory being removed). A Ctrl-C meanwhile is seen just below.
     gateway
         .start(config_path.clone())
         .await
         .map_err(DemoError::Gateway)?;
-    let Some(admin_up) = wait_ready(listen, admin).await else {
-        gateway.shutdown().await;
-        return Err(DemoError::NotReady { listen });
+    let ready = tokio::select! {
+        r = wait_ready(listen, admin) => r.ok_or(DemoError::NotReady { listen }),
+        _ = &mut ctrl_c => Err(DemoError::Interrupted),
+    };
+    let admin_up = match ready {
+        Ok(up) => up,
+        Err(e) => {
+            gateway.shutdown().await;
+            return Err(e);
+        }
     };
 
     let gateway_url = format!("http://{listen}");
@@ -393,7 +416,7 @@ pub async fn run<G: DemoGateway>(
         ));
     }
 
-    let summary = drive(&opts, &providers, listen, admin, &mut screen).await;
+    let summary = drive(&opts, &providers, listen, admin, &mut screen, ctrl_c).await;
     let (breaker_transitions, from_metrics) = match metrics_transitions(admin).await {
         Some(t) => (t, true),
         None => (summary.observed, false),
@@ -436,6 +459,7 @@ async fn drive(
     listen: SocketAddr,
     admin: SocketAddr,
     screen: &mut Screen,
+    mut ctrl_c: Pin<Box<impl Future<Output = io::Result<()>>>>,
 ) -> Driven {
     let stats = Arc::new(LoadStats::new());
     let load_config = LoadConfig {
@@ -465,8 +489,6 @@ async fn drive(
         Duration::from_secs(1)
     });
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let ctrl_c = tokio::signal::ctrl_c();
-    tokio::pin!(ctrl_c);
 
     let (load, interrupted) = loop {
         tokio::select! {
