@@ -44,9 +44,7 @@ impl EndpointHealth {
 
 /// The one place endpoint health is read for reporting.
 ///
-/// Today it reads [`Endpoint::is_available`], the single flag health checks and outlier detection
-/// clear; `ejected` is always `false`. When endpoints expose health-check and ejection state apart,
-/// this becomes `healthy: ep.is_healthy(), ejected: ep.is_ejected()`.
+/// `healthy` is the active health check's verdict, `ejected` outlier detection's.
 pub fn endpoint_health(ep: &Endpoint) -> EndpointHealth {
     EndpointHealth {
         healthy: ep.is_healthy(),
@@ -98,7 +96,7 @@ pub struct UpstreamReport {
     /// Breaker state (see [`health_breaker_name`]).
     pub circuit_breaker: &'static str,
     /// Whether the upstream is in panic mode (see [`Upstream::in_panic_mode`]): serving over all
-    /// endpoints of its first tier, usable or not. Does not change `status`, which still says how
+    /// endpoints of the tier in panic, usable or not. Does not change `status`, which still says how
     /// many endpoints are usable.
     pub panic: bool,
     /// Endpoints in priority order.

@@ -998,3 +998,20 @@ fn names_must_be_safe_metric_labels() {
         err(&format!("{UP}routes:\n  - upstream: a\n    name: ''\n")).contains("cannot be empty")
     );
 }
+
+/// A health-check path that is not a valid request path is refused at load: the probe fell back
+/// to `/` (so an upstream whose root answers passed every check).
+#[test]
+fn a_health_check_path_must_be_a_valid_request_path() {
+    let e = err(&format!(
+        "{UP}    health_check: {{ path: '/health check' }}\nroutes:\n  - upstream: a\n"
+    ));
+    assert!(
+        e.starts_with("gw.yaml:4:21: upstreams.a.health_check.path: is not a valid request path"),
+        "{e}"
+    );
+    let ok = format!(
+        "{UP}    health_check: {{ path: '/health%20check?x=1' }}\nroutes:\n  - upstream: a\n"
+    );
+    assert!(from_str(&ok, "gw.yaml").is_ok());
+}

@@ -267,6 +267,14 @@ fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
                     "must start with `/`",
                 ));
             }
+            if let Err(e) = hc.path.parse::<http::uri::PathAndQuery>() {
+                return Err(at(
+                    &p(&[k("health_check"), k("path")]),
+                    format!(
+                        "is not a valid request path ({e}): encode spaces and the like, as `%20`"
+                    ),
+                ));
+            }
             if hc.interval.get().is_zero() {
                 return Err(at(
                     &p(&[k("health_check"), k("interval")]),

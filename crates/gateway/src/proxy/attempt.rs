@@ -344,7 +344,7 @@ async fn attempt(
             );
             // A quota answer that starts a cooldown is the cooldown's business, not a sign of a
             // broken upstream: it does not count towards opening the breaker.
-            let quota = ra.is_some() && up.cools_down_on(status);
+            let quota = up.starts_cooldown(status, ra);
             admission.record(match (failed, ra) {
                 _ if quota => Outcome::Ignore,
                 (false, _) => Outcome::Success,

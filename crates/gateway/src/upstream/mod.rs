@@ -193,6 +193,12 @@ impl Upstream {
         self.cooldown.as_ref().is_some_and(|c| c.applies(status))
     }
 
+    /// Whether an answer of `status` with `retry_after` starts a cooldown: a listed status with a
+    /// wait (a `Retry-After` of 0, or a date already past, starts none).
+    pub fn starts_cooldown(&self, status: u16, retry_after: Option<Duration>) -> bool {
+        self.cools_down_on(status) && retry_after.is_some_and(|d| !d.is_zero())
+    }
+
     /// Reports what an attempt on endpoint `i` showed: feeds outlier detection (5xx and failures
     /// without response count as failures; other responses as successes, except those that start a
     /// cooldown or are 429, which say nothing about the endpoint's health) and cooldown.
@@ -217,9 +223,9 @@ impl Upstream {
                     c.start(&self.endpoints[i], ra, now);
                 }
                 // A response that starts a cooldown, or any 429, says nothing about the endpoint's
-                // health; a listed status without `Retry-After` counts as a failure when it is a
-                // 5xx, and as nothing otherwise.
-                let cools = quota && retry_after.is_some();
+                // health; a listed status that starts none (no `Retry-After`, or no wait) counts as
+                // a failure when it is a 5xx, and as nothing otherwise.
+                let cools = self.starts_cooldown(status, retry_after);
                 if let Some(o) = self.outlier.as_ref().filter(|_| !cools && status != 429) {
                     if (500..600).contains(&status) {
                         o.failure(&self.endpoints, i, now);
@@ -234,16 +240,13 @@ impl Upstream {
     /// When no endpoint is available only because every usable one is in cooldown: the time until
     /// the first cooldown ends (the client's `Retry-After`).
     ///
-    /// In panic mode every endpoint of the first tier counts as usable here, as it does for [`pick`].
+    /// In panic mode every endpoint of the tier in panic counts as usable here, as it does for [`pick`].
     ///
     /// [`pick`]: Upstream::pick
     pub fn cooldown_wait(&self) -> Option<Duration> {
         self.cooldown.as_ref()?;
         let now = Instant::now();
-        let panic_tier = match self.tiers.first() {
-            Some(t) if self.in_panic_mode() => t.start..t.end,
-            _ => 0..0,
-        };
+        let panic_tier = self.panic_tier().map_or(0..0, |t| t.start..t.end);
         let mut wait: Option<Duration> = None;
         for (i, e) in self.endpoints.iter().enumerate() {
             if !panic_tier.contains(&i) && !e.usable_ignoring_cooldown(now) {
@@ -255,19 +258,34 @@ impl Upstream {
         wait
     }
 
-    /// Whether the upstream is in panic mode right now: `panic_threshold` is set and the share of
-    /// its endpoints that are healthy and not ejected (over all tiers; a quota cooldown does not
-    /// count against an endpoint) is below it. Logs the transitions (`warn` on entering, `info` on
-    /// leaving) the first time it sees them, whoever asks (a request, `/health`, a metrics scrape).
-    ///
-    /// Reads one atomic per endpoint (and the clock only for endpoints with an ejection recorded):
-    /// no lock, no allocation. Without a threshold it is one branch.
+    /// Whether the upstream is in panic mode right now (see [`Upstream::panic_tier`]).
     pub fn in_panic_mode(&self) -> bool {
-        let Some(threshold) = self.panic_threshold else {
-            return false;
-        };
-        let total = self.endpoints.len();
-        let up = self.endpoints.iter().filter(|e| e.is_up()).count();
+        self.panic_tier().is_some()
+    }
+
+    /// The tier in panic, if any: `panic_threshold` is set, and the share of endpoints that are
+    /// healthy and not ejected (a quota cooldown does not count against an endpoint) is below it
+    /// in the tier in charge: the first tier with such an endpoint, or the first tier when none
+    /// has one. As Envoy judges panic per priority level: a healthy backup tier takes the traffic
+    /// of a dead primary one, and a dead backup tier does not put a healthy primary in panic. Logs
+    /// the transitions (`warn` on entering, `info` on leaving) the first time it sees them,
+    /// whoever asks (a request, `/health`, a metrics scrape).
+    ///
+    /// Reads one atomic per endpoint at most (and the clock only for endpoints with an ejection
+    /// recorded): no lock, no allocation. Without a threshold it is one branch.
+    fn panic_tier(&self) -> Option<&Tier> {
+        let threshold = self.panic_threshold?;
+        let eps = &self.endpoints;
+        let mut tier = self.tiers.first()?;
+        let mut up = 0;
+        for t in &self.tiers {
+            let n = (t.start..t.end).filter(|&i| eps[i].is_up()).count();
+            if n > 0 {
+                (tier, up) = (t, n);
+                break;
+            }
+        }
+        let total = tier.end - tier.start;
         let panic = (up as f64) * 100.0 < threshold * (total as f64);
         if self.panicking.load(Ordering::Relaxed) != panic
             && self.panicking.swap(panic, Ordering::Relaxed) != panic
@@ -278,7 +296,7 @@ impl Upstream {
                     available = up,
                     endpoints = total,
                     threshold,
-                    "upstream in panic mode: balancing over all endpoints of its first tier, ignoring health checks and ejections"
+                    "upstream in panic mode: balancing over all endpoints of the tier, ignoring health checks and ejections"
                 );
             } else {
                 tracing::info!(
@@ -290,7 +308,7 @@ impl Upstream {
                 );
             }
         }
-        panic
+        panic.then_some(tier)
     }
 
     /// Picks an endpoint: from the first tier that has an available endpoint this request has not tried
@@ -298,13 +316,13 @@ impl Upstream {
     /// available endpoint of the better tiers was tried); if all were tried, from the first tier with an
     /// available endpoint. `None`: no endpoint is available.
     ///
-    /// In panic mode ([`Upstream::in_panic_mode`]) it picks among every endpoint of the first tier
+    /// In panic mode ([`Upstream::panic_tier`]) it picks among every endpoint of the tier in panic
     /// that is not in a quota cooldown, healthy or not, ejected or not (an untried one when it can);
     /// only when all of them are in cooldown does it fall back to the normal pick.
     pub fn pick(&self, tried: Tried) -> Option<usize> {
         let eps = &self.endpoints;
-        if self.in_panic_mode() {
-            if let Some(tier) = self.tiers.first() {
+        if self.panic_threshold.is_some() {
+            if let Some(tier) = self.panic_tier() {
                 let free = |i: usize| !eps[i].cooling_down();
                 let picked =
                     balance::pick(self.balance, tier, eps, |i| free(i) && !tried.contains(i))
@@ -733,19 +751,77 @@ mod tests {
         assert_eq!(u.cooldown_wait(), Some(Duration::from_secs(3)));
     }
 
+    /// A listed 5xx whose `Retry-After` asks for no wait starts no cooldown, so it counts as the
+    /// failure it is (it counted for nothing, and such an endpoint was never ejected).
     #[tokio::test(start_paused = true)]
-    async fn panic_mode_uses_the_first_tier_only() {
-        let mut c = config::Upstream {
-            panic_threshold: Some(50.0),
-            ..upstream_config(3)
+    async fn a_listed_5xx_with_a_zero_retry_after_counts_as_a_failure() {
+        let c = config::Upstream {
+            outlier_detection: Some(od()),
+            cooldown: Some(config::Cooldown {
+                on: vec![429, 503],
+                ..Default::default()
+            }),
+            ..upstream_config(2)
         };
-        c.endpoints[2].priority = 1;
         let u = Upstream::new("u", &c, &None).unwrap();
+        assert!(!u.starts_cooldown(503, Some(Duration::ZERO)));
+        assert!(u.starts_cooldown(503, Some(Duration::from_secs(1))));
+        for _ in 0..3 {
+            u.observe(
+                0,
+                Observed::Response {
+                    status: 503,
+                    latency: Duration::from_millis(1),
+                    retry_after: Some(Duration::ZERO),
+                },
+            );
+        }
+        assert!(!u.endpoints[0].in_cooldown());
+        assert!(u.endpoints[0].is_ejected(), "three 503s, three failures");
+    }
+
+    /// Panic is judged per tier, over the tier in charge (the first with an available endpoint),
+    /// as Envoy judges it per priority level.
+    #[tokio::test(start_paused = true)]
+    async fn panic_mode_is_judged_in_the_tier_in_charge() {
+        let tiers = |n: usize, tier0: usize| {
+            let mut c = config::Upstream {
+                panic_threshold: Some(50.0),
+                ..upstream_config(n)
+            };
+            for e in &mut c.endpoints[tier0..] {
+                e.priority = 1;
+            }
+            Upstream::new("u", &c, &None).unwrap()
+        };
+        // A dead primary tier, a healthy backup: the backup takes the traffic, no panic (it was 1
+        // of 3 over the whole upstream, and panic sent everything to the dead primaries).
+        let u = tiers(3, 2);
         u.endpoints[0].set_healthy(false);
         u.endpoints[1].set_healthy(false);
-        // 1 of 3 available over the whole upstream: panic, among tier 0's endpoints.
+        assert!(!u.in_panic_mode());
+        assert_eq!(spread(&u, 4), [0, 0, 4]);
+        // A healthy primary tier (3 of 4) and a dead backup: no panic, and the unhealthy primary
+        // gets nothing (it was 3 of 8, and a quarter of the traffic went to it).
+        let u = tiers(8, 4);
+        u.endpoints[3].set_healthy(false);
+        for e in &u.endpoints[4..] {
+            e.set_healthy(false);
+        }
+        assert!(!u.in_panic_mode());
+        assert_eq!(spread(&u, 30)[3..], [0; 5]);
+        // The tier in charge below the threshold (1 of 4): panic over that tier only.
+        for e in &u.endpoints[1..4] {
+            e.set_healthy(false);
+        }
         assert!(u.in_panic_mode());
-        assert_eq!(spread(&u, 4), [2, 2, 0]);
+        let hits = spread(&u, 40);
+        assert!(hits[..4].iter().all(|&h| h > 0), "{hits:?}");
+        assert_eq!(hits[4..], [0; 4], "{hits:?}");
+        // Nothing available anywhere: panic over the first tier.
+        u.endpoints[0].set_healthy(false);
+        assert!(u.in_panic_mode());
+        assert_eq!(spread(&u, 40)[4..], [0; 4]);
     }
 
     #[tokio::test(start_paused = true)]

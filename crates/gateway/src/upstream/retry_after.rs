@@ -21,7 +21,7 @@ pub fn parse(value: &str, now: SystemTime) -> Option<Duration> {
         // A huge number of seconds saturates rather than failing: it still means "much later".
         return Some(Duration::from_secs(v.parse().unwrap_or(u64::MAX)));
     }
-    let at = http_date(v)?;
+    let at = http_date(v, now)?;
     Some(at.duration_since(now).unwrap_or_default())
 }
 
@@ -29,8 +29,8 @@ const MONTHS: [&str; 12] = [
     "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
 ];
 
-/// An HTTP-date as a wall-clock time.
-fn http_date(v: &str) -> Option<SystemTime> {
+/// An HTTP-date as a wall-clock time (`now` places the century of an RFC 850 two-digit year).
+fn http_date(v: &str, now: SystemTime) -> Option<SystemTime> {
     let (day, month, year, time) = if let Some((_, rest)) = v.split_once(", ") {
         let parts: Vec<&str> = rest.split(' ').collect();
         match parts.as_slice() {
@@ -41,11 +41,18 @@ fn http_date(v: &str) -> Option<SystemTime> {
                 let mut it = dmy.split('-');
                 let (d, m, y) = (it.next()?, it.next()?, it.next()?);
                 let y: i64 = y.parse().ok()?;
-                // Two-digit years: RFC 9110 says to read one more than 50 years ahead as past.
-                let y = if y < 50 {
-                    2000 + y
-                } else if y < 100 {
-                    1900 + y
+                // Two-digit years (RFC 9110 5.6.7): this century's, unless that is more than 50
+                // years ahead of now, then the last century's.
+                let y = if y < 100 {
+                    // The year now, to within a day (plenty for a 50-year rule).
+                    let secs = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+                    let this_year = 1970 + (secs / 31_556_952) as i64;
+                    let candidate = this_year - this_year % 100 + y;
+                    if candidate > this_year + 50 {
+                        candidate - 100
+                    } else {
+                        candidate
+                    }
                 } else {
                     y
                 };
@@ -113,6 +120,23 @@ mod tests {
         assert_eq!(parse("-1", at(0)), None);
         assert_eq!(parse("1.5", at(0)), None);
         assert_eq!(parse("", at(0)), None);
+    }
+
+    /// An RFC 850 two-digit year is this century's unless that is more than 50 years ahead of now
+    /// (RFC 9110 5.6.7): read in 2026, `60` is 2060 (a fixed pivot read it as 1960: no wait).
+    #[test]
+    fn two_digit_years_are_placed_around_now() {
+        let jan_2026 = at(1_767_225_600); // 2026-01-01T00:00:00Z
+        let d = parse("Saturday, 01-Jan-60 00:00:00 GMT", jan_2026).unwrap();
+        assert!(d > Duration::from_secs(33 * 365 * 86_400), "{d:?}");
+        // 2094 would be 68 years ahead: 1994, a past date.
+        assert_eq!(
+            parse("Sunday, 06-Nov-94 08:49:37 GMT", jan_2026),
+            Some(Duration::ZERO)
+        );
+        // 2027: next year.
+        let d = parse("Friday, 01-Jan-27 00:00:00 GMT", jan_2026).unwrap();
+        assert_eq!(d, Duration::from_secs(365 * 86_400));
     }
 
     #[test]
