@@ -196,6 +196,66 @@ routes:
     gw.stop().await;
 }
 
+/// An ejected endpoint whose active health check passes is taken back at the next check (Envoy's
+/// `successful_active_health_check_uneject_host`, on by default), not after its ejection time;
+/// `uneject_on_health_check: false` keeps it out for the whole ejection.
+#[tokio::test]
+async fn a_passing_health_check_ends_an_ejection_unless_turned_off() {
+    for uneject in [true, false] {
+        // `/health` passes; every other request fails.
+        let probes = Arc::new(AtomicUsize::new(0));
+        let p = probes.clone();
+        let bad = Upstream::start(
+            "bad",
+            Arc::new(move |req| {
+                let p = p.clone();
+                Box::pin(async move {
+                    if req.uri().path() == "/health" {
+                        p.fetch_add(1, Ordering::SeqCst);
+                        reply("bad", 200, "")
+                    } else {
+                        reply("bad", 500, "")
+                    }
+                })
+            }),
+        )
+        .await;
+        let good = Upstream::named("good").await;
+        let gw = Gateway::start(&format!(
+            "upstreams:
+  u:
+    balance: round_robin
+    endpoints: [{{url: '{}'}}, {{url: '{}'}}]
+    health_check: {{ path: /health, interval: 50ms, healthy_threshold: 1 }}
+    outlier_detection: {{ consecutive_failures: 2, ejection_time: 1h, max_ejection_time: 1h, uneject_on_health_check: {uneject} }}
+routes:
+  - upstream: u
+",
+            bad.url(),
+            good.url()
+        ))
+        .await;
+        let ep = endpoint(&gw, "u", 0);
+        let c = client();
+        let url = gw.url("/");
+        wait_for(10, || async {
+            get(&c, &url).await;
+            ep.is_ejected()
+        })
+        .await;
+        if uneject {
+            wait_until(10, || !ep.is_ejected()).await;
+            assert_eq!(ep.ejection_count(), 1, "it still counts for the next one");
+        } else {
+            // Several passing checks later, still out.
+            let seen = probes.load(Ordering::SeqCst);
+            wait_until(10, || probes.load(Ordering::SeqCst) >= seen + 3).await;
+            assert!(ep.is_ejected());
+        }
+        gw.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn max_ejection_percent_keeps_half_the_endpoints_in() {
     let ups = [

@@ -585,6 +585,9 @@ pub struct OutlierDetection {
     pub latency_multiple: Option<f64>,
     /// Latency samples an endpoint (and each peer counted) needs before the p99 comparison applies.
     pub latency_min_samples: u64,
+    /// An ejected endpoint that the active health check finds healthy is taken back at once
+    /// (Envoy's `successful_active_health_check_uneject_host`).
+    pub uneject_on_health_check: bool,
 }
 
 impl Default for OutlierDetection {
@@ -597,6 +600,7 @@ impl Default for OutlierDetection {
             max_ejection_percent: DEFAULT_OD_MAX_EJECTION_PERCENT,
             latency_multiple: None,
             latency_min_samples: DEFAULT_OD_LATENCY_MIN_SAMPLES,
+            uneject_on_health_check: true,
         }
     }
 }

@@ -204,6 +204,11 @@ impl Endpoint {
         self.last_ejection_end.store(s, Ordering::Relaxed);
     }
 
+    /// Ends the current ejection at `now` (it still counts for the next one's length).
+    pub(crate) fn end_ejection(&self, now: Instant) {
+        self.eject_until(now);
+    }
+
     /// When the last ejection ended (or ends), if there was one.
     pub(crate) fn last_ejection_end(&self) -> Option<Instant> {
         match self.last_ejection_end.load(Ordering::Relaxed) {

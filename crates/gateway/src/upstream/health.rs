@@ -156,6 +156,7 @@ pub(crate) fn start(
     endpoints: &[Arc<Endpoint>],
     http2: bool,
     headers: Option<&Arc<HeaderRules>>,
+    uneject: bool,
 ) -> Result<HealthTasks, String> {
     let mut registry = HealthRegistry::new();
     for ep in endpoints {
@@ -180,14 +181,20 @@ pub(crate) fn start(
         .build()
         .map_err(|e| format!("health_check.{e}"))?;
     let rx = checker.subscribe();
-    let apply = tokio::spawn(apply(rx, endpoints.to_vec(), c.interval.get()));
+    let apply = tokio::spawn(apply(rx, endpoints.to_vec(), c.interval.get(), uneject));
     Ok(HealthTasks { checker, apply })
 }
 
 /// Copies verdicts into the endpoints: at once when a status changes, and every `interval` too,
 /// because a first check that fails leaves the status as it started (unhealthy, pending) and so
-/// wakes nobody. Ends when the checker is gone.
-async fn apply(mut rx: watch::Receiver<HealthReport>, eps: Vec<Arc<Endpoint>>, interval: Duration) {
+/// wakes nobody. With `uneject`, an endpoint found healthy also ends its outlier ejection. Ends
+/// when the checker is gone.
+async fn apply(
+    mut rx: watch::Receiver<HealthReport>,
+    eps: Vec<Arc<Endpoint>>,
+    interval: Duration,
+    uneject: bool,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -202,6 +209,10 @@ async fn apply(mut rx: watch::Receiver<HealthReport>, eps: Vec<Arc<Endpoint>>, i
                 continue;
             }
             ep.set_healthy(c.status != HealthStatus::Unhealthy);
+            if uneject && c.status == HealthStatus::Healthy && ep.is_ejected() {
+                ep.end_ejection(tokio::time::Instant::now());
+                tracing::info!(endpoint = %ep.url, "ejection ended: the health check passes");
+            }
         }
     }
 }

@@ -155,6 +155,7 @@ impl Upstream {
                 &endpoints,
                 c.http2,
                 request_headers.as_ref(),
+                od.is_some_and(|o| o.uneject_on_health_check),
             )?),
             None => None,
         };
