@@ -212,9 +212,22 @@ fn run(path: PathBuf, threads: Option<usize>, log_format: Option<LogFormat>) -> 
             }
             None => tracing::info!(listen = %running.proxy_addr, "bulwark listening"),
         }
-        running.wait(stop).await;
-        tracing::info!("bulwark stopped");
-        ExitCode::SUCCESS
+        stop.await;
+        // A second signal during the drain means "now" (an operator pressing Ctrl-C again).
+        let again = shutdown_signal();
+        tracing::info!(
+            "shutting down: draining in-flight requests (a second SIGTERM or SIGINT stops at once)"
+        );
+        tokio::select! {
+            () = running.stop() => {
+                tracing::info!("bulwark stopped");
+                ExitCode::SUCCESS
+            }
+            () = again => {
+                tracing::warn!("second signal: stopped without finishing the drain");
+                ExitCode::FAILURE
+            }
+        }
     })
 }
 
@@ -396,17 +409,34 @@ fn shutdown_signal() -> impl std::future::Future<Output = ()> {
 /// `info`: whether lines are produced is `logging.access_log`'s decision, which follows reloads.
 fn init_tracing(logging: &config::Logging, format: Option<LogFormat>) {
     use tracing_subscriber::EnvFilter;
-    let spec = std::env::var("BULWARK_LOG")
+    let from_env = std::env::var("BULWARK_LOG")
         .ok()
-        .filter(|s| !s.trim().is_empty())
-        .unwrap_or_else(|| logging.level.clone());
-    let mut filter = EnvFilter::builder()
-        .parse(&spec)
-        .unwrap_or_else(|_| EnvFilter::new(config::DEFAULT_LOG_LEVEL));
+        .filter(|s| !s.trim().is_empty());
+    // An invalid BULWARK_LOG is said so (on stderr: logging is not up yet), and `logging.level`
+    // applies instead.
+    let mut filter = match from_env.map(|s| (EnvFilter::builder().parse(&s), s)) {
+        Some((Ok(f), _)) => f,
+        Some((Err(e), s)) => {
+            eprintln!(
+                "bulwark: BULWARK_LOG `{s}` is not a valid filter ({e}); using logging.level `{}`",
+                logging.level
+            );
+            EnvFilter::builder()
+                .parse(&logging.level)
+                .unwrap_or_else(|_| EnvFilter::new(config::DEFAULT_LOG_LEVEL))
+        }
+        None => EnvFilter::builder()
+            .parse(&logging.level)
+            .unwrap_or_else(|_| EnvFilter::new(config::DEFAULT_LOG_LEVEL)),
+    };
     if let Ok(d) = "bulwark::access=info".parse() {
         filter = filter.add_directive(d);
     }
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only on a terminal: a pipe or a file (journald, `docker logs`) gets plain text.
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal());
     let _ = match format.unwrap_or(logging.format) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

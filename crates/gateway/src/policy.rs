@@ -538,7 +538,7 @@ impl RoutePolicies {
         self.emit(|name| Event::Timeout { name, kind });
     }
 
-    /// Reports hedge number `hedge` of a call about to go to an endpoint (`bulwark_hedges_total`).
+    /// Reports hedge number `hedge` of a call, which sent its request (`bulwark_hedges_total`).
     pub fn on_hedge(&self, hedge: u32) {
         self.emit(|name| Event::HedgeStarted { name, hedge });
     }

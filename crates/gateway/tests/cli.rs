@@ -520,3 +520,98 @@ async fn an_early_ctrl_c_in_demo_leaves_no_temporary_directory() {
     assert!(matches!(status.code(), Some(130 | 0)), "{status:?}");
     assert_eq!(leftovers(), 0, "the temporary directory was left behind");
 }
+
+/// A second SIGINT during the drain stops the process at once (exit 1), instead of waiting out
+/// the whole `drain_timeout` (here 1 h) for a request that never ends.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_second_sigint_during_the_drain_stops_at_once() {
+    let up = support::Silent::start().await;
+    let mut gw = RunningBinary::spawn(&format!(
+        "listen: 127.0.0.1:0
+drain_timeout: 1h
+logging: {{ format: json, level: info }}
+upstreams:
+  u: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: u
+    timeout: 1h
+",
+        up.url()
+    ));
+    let fields = gw.listening().await;
+    let proxy: std::net::SocketAddr = fields["listen"].as_str().unwrap().parse().unwrap();
+    let mut held = support::RawClient::connect_to(proxy).await;
+    held.send(b"GET /forever HTTP/1.1\r\nHost: held\r\n\r\n")
+        .await;
+    let accepted = up.accepted.clone();
+    support::wait_until(10, || {
+        accepted.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    gw.signal("-INT");
+    support::wait_until(10, || gw.log("shutting down: draining").is_some()).await;
+    gw.signal("-INT");
+    let status = gw.exited_within(10).await;
+    assert_eq!(status.code(), Some(1), "{status}");
+    assert!(gw.log("second signal").is_some());
+}
+
+/// An invalid `BULWARK_LOG` is reported on stderr, and `logging.level` applies instead (it was
+/// replaced by `info` without a word).
+#[test]
+fn an_invalid_bulwark_log_is_reported_and_logging_level_applies() {
+    let config = write(
+        "run.yaml",
+        "listen: 127.0.0.1:0\nlogging: { format: json, level: error }\n",
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["run", "--threads", "1", "-c"])
+        .arg(&*config)
+        .env("BULWARK_LOG", "bulwark_gateway=loud")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // `error` level: nothing on stdout at start; the stderr line comes before anything listens.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut line).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        line.contains("BULWARK_LOG `bulwark_gateway=loud` is not a valid filter")
+            && line.contains("using logging.level `error`"),
+        "{line}"
+    );
+}
+
+/// `logging.format: text` to a pipe or a file (journald, `docker logs`) has no ANSI colour codes.
+#[test]
+fn text_logs_to_a_pipe_have_no_ansi_escapes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let config = write(
+        "run.yaml",
+        "listen: 127.0.0.1:0\nlogging: { format: text, level: info }\n",
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["run", "--threads", "1", "-c"])
+        .arg(&*config)
+        .env_remove("BULWARK_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let first = BufReader::new(child.stdout.take().unwrap()).lines().next();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = first.unwrap().unwrap();
+    assert!(line.contains("bulwark listening"), "{line:?}");
+    assert!(
+        !line.contains('\u{1b}'),
+        "ANSI escapes in a piped log: {line:?}"
+    );
+}

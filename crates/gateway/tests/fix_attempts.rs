@@ -864,3 +864,62 @@ routes:
     assert_eq!(third.text(), "error");
     gw.stop().await;
 }
+
+/// The last failed response of a retrying route, passed through once its attempts are spent,
+/// holds its upstream's bulkhead slot to its end too (the slot was given back as soon as the
+/// response was found retryable, before the loop knew whether anything else would be tried).
+#[tokio::test]
+async fn the_last_failed_response_of_spent_retries_holds_its_bulkhead_slot() {
+    use tokio::io::AsyncWriteExt;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let gate = release.clone();
+    let up = RawUpstream::start(move |mut s, _| {
+        let gate = gate.clone();
+        async move {
+            let mut buf = Vec::new();
+            if read_head(&mut s, &mut buf).await.is_none() {
+                return;
+            }
+            let head = b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n";
+            let _ = s.write_all(head).await;
+            let _ = s.write_all(b"5\r\nerror\r\n").await;
+            gate.notified().await;
+            let _ = s.write_all(b"0\r\n\r\n").await;
+        }
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    endpoints: [{{url: '{}'}}]
+    bulkhead: {{ max_concurrent: 1, max_queued: 0 }}
+routes:
+  - upstream: u
+    retry:
+      attempts: 2
+      on: [5xx]
+      backoff: {{ kind: constant, base: 0ms, max: 0ms, jitter: none }}
+",
+        up.url()
+    ))
+    .await;
+    let c = client();
+    let first = get_streaming(&c, &gw.url("/")).await;
+    assert_eq!(first.status(), 503);
+    assert_eq!(up.accepted(), 2, "both attempts went out");
+    let mut body = first.into_body();
+    assert_eq!(next_data(&mut body).await.as_deref(), Some(&b"error"[..]));
+    let second = get(&c, &gw.url("/")).await;
+    let accepted = up.accepted();
+    release.notify_waiters();
+    assert_eq!(
+        (
+            second.status.as_u16(),
+            second.header("x-bulwark-reason"),
+            accepted
+        ),
+        (503, Some("bulkhead_full"), 2),
+        "the passed-through response held no slot"
+    );
+    gw.stop().await;
+}

@@ -150,3 +150,41 @@ routes:
     assert_eq!(hedges("two"), Some(1.0), "{m}");
     ops.stop().await;
 }
+
+/// A hedge the upstream refuses (here its full bulkhead) sends nothing and is not counted in
+/// `bulwark_hedges_total`, as a hedge that finds no endpoint is not.
+#[tokio::test]
+async fn a_hedge_the_bulkhead_refuses_is_not_counted() {
+    let (s1, s2) = (Silent::start().await, Silent::start().await);
+    let ops = Ops::start(
+        &format!(
+            "upstreams:
+  two:
+    endpoints: [{{url: '{}'}}, {{url: '{}'}}]
+    bulkhead: {{ max_concurrent: 1, max_queued: 0 }}
+routes:
+  - name: two
+    upstream: two
+    timeout: 300ms
+    hedge: {{ delay: 20ms, max_hedges: 1 }}
+",
+            s1.url(),
+            s2.url()
+        ),
+        None,
+    )
+    .await;
+    let c = client();
+    assert_eq!(get(&c, &ops.url("/x")).await.status, 504);
+    let accepted = |s: &Silent| s.accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(accepted(&s1) + accepted(&s2), 1, "one request sent");
+    let m = ops.metrics(&c).await;
+    assert_eq!(
+        sample(&m, r#"bulwark_bulkhead_rejected_total{upstream="two"}"#),
+        Some(1.0),
+        "the hedge was refused: {m}"
+    );
+    let hedges = sample(&m, r#"bulwark_hedges_total{route="two"}"#);
+    assert_eq!(hedges.unwrap_or(0.0), 0.0, "{m}");
+    ops.stop().await;
+}

@@ -523,6 +523,12 @@ pub(crate) async fn forward(
         let mut on_this: u32 = 0;
         loop {
             on_this += 1;
+            // Something else is tried now: a response kept in case nothing better comes must not
+            // hold its upstream's bulkhead slot meanwhile (this attempt may need it). One passed
+            // through to the client keeps it to its end.
+            if let Last::Response(r) = &mut last {
+                r.body_mut().release_upstream_slot();
+            }
             // Admission first, hedged or not: a request the upstream's policies refuse was not
             // sent (no budget is spent failing over from it, and no hedge races it) and keeps its
             // body for the next upstream. Waiting in the bulkhead's queue ends with the deadline.
@@ -570,7 +576,7 @@ pub(crate) async fn forward(
                     let kept: std::sync::Mutex<Option<Kept>> = std::sync::Mutex::new(None);
                     let mut hedges = 0;
                     let make = || {
-                        let (target, admission, token) = match original.take() {
+                        let (target, admission, hedge) = match original.take() {
                             Some((ei, req, admission)) => (Some((ei, req)), Some(admission), None),
                             None => {
                                 let token = policy::take_hedge_token();
@@ -589,31 +595,28 @@ pub(crate) async fn forward(
                                 let target = target.map(|ei| {
                                     tried.insert(ei);
                                     hedges += 1;
-                                    route.policies.on_hedge(hedges);
                                     // Hedging is only on with a replayable body, which `take`
                                     // always yields.
                                     let body = slot.take().unwrap_or_else(ReqBody::empty);
                                     let req = build_request(&mut parts, true, body, up, ei);
                                     (ei, Outgoing::Owned(req))
                                 });
-                                (target, None, token)
+                                let hedge = HedgeGuard {
+                                    route,
+                                    token,
+                                    went: AtomicBool::new(false),
+                                    number: hedges,
+                                };
+                                (target, None, Some(hedge))
                             }
                         };
                         let (tally, kept) = (&tally, &kept);
                         async move {
-                            // A hedge that sends nothing (refused, no endpoint, the deadline, or
-                            // cancelled while it waited because another attempt won) gives its
-                            // budget token back.
-                            let unsent = token.map(|token| UnsentRefund {
-                                route,
-                                token: Some(token),
-                                went: AtomicBool::new(false),
-                            });
-                            let went = unsent.as_ref().map(|u| &u.went);
+                            let went = hedge.as_ref().map(|h| &h.went);
                             let r =
                                 attempt(up, route, target, deadline, false, admission, tally, went)
                                     .await;
-                            drop(unsent);
+                            drop(hedge);
                             match r {
                                 Err(Miss::Response {
                                     resp,
@@ -723,11 +726,6 @@ pub(crate) async fn forward(
             if !retryable || !retry_allowed || !slot.replayable() {
                 return finish(last, sent, None, route);
             }
-            // Something else is tried: the response kept in case nothing better comes must not
-            // hold its upstream's bulkhead slot meanwhile (the retry may need it).
-            if let Last::Response(r) = &mut last {
-                r.body_mut().release_upstream_slot();
-            }
             if on_this >= route.attempts {
                 break; // exhausted: fail over
             }
@@ -781,19 +779,22 @@ pub(crate) async fn forward(
     finish(last, sent, None, route)
 }
 
-/// A hedge's budget token, given back when dropped unless its attempt sent a request (`went`).
-struct UnsentRefund<'a> {
+/// A hedge, until its attempt ends (or is cancelled because another attempt won): one that sent
+/// its request (`went`) is counted (`bulwark_hedges_total`); one that sent nothing (refused, no
+/// endpoint, the deadline, or cancelled while it waited) gives its budget token back.
+struct HedgeGuard<'a> {
     route: &'a Route,
     token: Option<RetryToken>,
     went: AtomicBool,
+    number: u32,
 }
 
-impl Drop for UnsentRefund<'_> {
+impl Drop for HedgeGuard<'_> {
     fn drop(&mut self) {
-        if !self.went.load(Ordering::Relaxed) {
-            if let Some(t) = self.token.take() {
-                self.route.policies.refund(t);
-            }
+        if self.went.load(Ordering::Relaxed) {
+            self.route.policies.on_hedge(self.number);
+        } else if let Some(t) = self.token.take() {
+            self.route.policies.refund(t);
         }
     }
 }

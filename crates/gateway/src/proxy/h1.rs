@@ -897,7 +897,9 @@ where
                 return Some((c.io, c.rbuf.freeze()));
             }
             Next::Refuse(l) => {
-                let (parts, body) = respond::local(l).into_parts();
+                let resp = respond::local(l);
+                super::access_log_refused(&d.ctx.gateway, None, None, &resp);
+                let (parts, body) = resp.into_parts();
                 let mut keep = false;
                 if d.respond(parts, body, false, Version::HTTP_11, &mut keep)
                     .await
@@ -1044,8 +1046,10 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                         }
                     }
                 }
-                if self.closing {
-                    // Graceful shutdown: a connection between exchanges closes at once.
+                if self.closing && c.rbuf.is_empty() {
+                    // Graceful shutdown: a connection between exchanges closes at once. One whose
+                    // next head has started to arrive reads it (within header_read_timeout) and
+                    // is answered, with `connection: close`.
                     return Poll::Ready(Next::Close);
                 }
                 if !c.rbuf.is_empty() && self.head_start.is_none() {

@@ -726,10 +726,16 @@ async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
     let mut active = Active(ctx, None);
     let start = Instant::now();
     let rt = ctx.gateway.runtime();
-    // Only when the access log is on: what its line needs from the request (which is consumed below).
-    let access = rt
-        .access_log
-        .then(|| (req.method().clone(), req.uri().clone()));
+    // Only when the access log is on: what its line needs from the request (which is consumed
+    // below). Held by a guard that still writes the line (status 499, as nginx does) when the
+    // request is dropped before its answer: the client went away, or the drain timed out.
+    let mut access = Abandoned {
+        rt: &rt,
+        start,
+        request: rt
+            .access_log
+            .then(|| (req.method().clone(), req.uri().clone())),
+    };
     let websocket_h2 = req.version() == http::Version::HTTP_2
         && req.extensions().get::<h2::ExtendedConnect>().is_some();
     let (mut resp, route) = route_and_forward(ctx, &rt, req, start).await;
@@ -743,7 +749,7 @@ async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
     if let Some(i) = route {
         rt.stats[i].record(resp.status().as_u16(), elapsed);
     }
-    if let Some((method, uri)) = access {
+    if let Some((method, uri)) = access.request.take() {
         access_log(&rt, route, &method, &uri, &resp, elapsed);
     }
     // After the log line, which reads `x-bulwark-*` (a route may remove them for its clients).
@@ -894,6 +900,74 @@ async fn route_and_forward(
 
 /// One access-log line (target `bulwark::access`): method, path (no query string: it may carry
 /// secrets), status, duration, route, upstream, attempts, and what acted (`x-bulwark-reason`).
+/// The access-log line of a request dropped before it was answered (see [`handle`]).
+struct Abandoned<'a> {
+    rt: &'a Runtime,
+    start: Instant,
+    request: Option<(http::Method, http::Uri)>,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if let Some((method, uri)) = self.request.take() {
+            let elapsed = self.start.elapsed();
+            let line = AccessLine {
+                status: STATUS_CLIENT_CLOSED,
+                reason: Some("client_closed"),
+                attempts: 0,
+            };
+            access_line(self.rt, None, method.as_str(), uri.path(), line, elapsed);
+        }
+    }
+}
+
+/// The access log's status for a request dropped before its answer (nginx's 499).
+const STATUS_CLIENT_CLOSED: u16 = 499;
+
+/// An answer the gateway gives before a request could be parsed or routed (a malformed or too
+/// large HTTP/1.1 head, a refused HTTP/2 CONNECT): its access-log line, when the log is on.
+pub(crate) fn access_log_refused(
+    gateway: &Gateway,
+    method: Option<&http::Method>,
+    path: Option<&str>,
+    resp: &Response<RespBody>,
+) {
+    let rt = gateway.runtime();
+    if rt.access_log {
+        let method = method.map_or("-", http::Method::as_str);
+        let line = AccessLine::of(resp, None);
+        access_line(&rt, None, method, path.unwrap_or("-"), line, Duration::ZERO);
+    }
+}
+
+/// What an access-log line says of the answer.
+struct AccessLine<'a> {
+    status: u16,
+    reason: Option<&'a str>,
+    attempts: u32,
+}
+
+impl<'a> AccessLine<'a> {
+    fn of(resp: &'a Response<RespBody>, route: Option<usize>) -> Self {
+        let h = resp.headers();
+        let reason = h
+            .get(&respond::X_BULWARK_REASON)
+            .and_then(|v| v.to_str().ok());
+        // No `x-bulwark-attempts` means one attempt for a routed success, none for anything the
+        // gateway answered itself.
+        let attempts = h
+            .get(&respond::X_BULWARK_ATTEMPTS)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(u32::from(route.is_some() && reason.is_none()));
+        AccessLine {
+            status: resp.status().as_u16(),
+            reason,
+            attempts,
+        }
+    }
+}
+
 fn access_log(
     rt: &Runtime,
     route: Option<usize>,
@@ -902,30 +976,31 @@ fn access_log(
     resp: &Response<RespBody>,
     elapsed: Duration,
 ) {
-    let h = resp.headers();
-    let reason = h
-        .get(&respond::X_BULWARK_REASON)
-        .and_then(|v| v.to_str().ok());
-    // No `x-bulwark-attempts` means one attempt for a routed success, none for anything the gateway
-    // answered itself.
-    let attempts = h
-        .get(&respond::X_BULWARK_ATTEMPTS)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u32>().ok())
-        .unwrap_or(u32::from(route.is_some() && reason.is_none()));
+    let line = AccessLine::of(resp, route);
+    access_line(rt, route, method.as_str(), uri.path(), line, elapsed);
+}
+
+fn access_line(
+    rt: &Runtime,
+    route: Option<usize>,
+    method: &str,
+    path: &str,
+    line: AccessLine<'_>,
+    elapsed: Duration,
+) {
     let (route, upstream) = route
         .and_then(|i| rt.stats.get(i))
         .map_or(("-", "-"), |s| (s.route(), s.upstream()));
     tracing::info!(
         target: "bulwark::access",
         method = %method,
-        path = uri.path(),
-        status = resp.status().as_u16(),
+        path,
+        status = line.status,
         duration_ms = elapsed.as_secs_f64() * 1000.0,
         route,
         upstream,
-        attempts,
-        reason = reason.unwrap_or("-"),
+        attempts = line.attempts,
+        reason = line.reason.unwrap_or("-"),
     );
 }
 
@@ -1031,7 +1106,11 @@ impl Server {
             max_head: settings.max_header_bytes.max(8192) + 1024,
         };
         let proto = HeaderValue::from_static(if tls.is_some() { "https" } else { "http" });
-        let max = settings.max_connections.min(Semaphore::MAX_PERMITS);
+        // (The drain takes every permit at once, and `acquire_many` counts in `u32`.)
+        let max = settings
+            .max_connections
+            .min(Semaphore::MAX_PERMITS)
+            .min(u32::MAX as usize);
         let slots = Arc::new(Semaphore::new(max));
         let (stop_tx, stop_rx) = watch::channel(false);
         let reaper = tokio::spawn(reap_idle(gateway.clone()));
@@ -1219,6 +1298,12 @@ async fn serve_h2<I>(
                 h2::Connect::WebSocket(on) => Some(on),
                 h2::Connect::Refused => {
                     let resp = respond::local(Local::BadRequest);
+                    access_log_refused(
+                        &ctx.gateway,
+                        Some(req.method()),
+                        Some(req.uri().path()),
+                        &resp,
+                    );
                     return Ok(resp.map(|b| h2::WatchedBody::new(b, progress, None)));
                 }
             };

@@ -41,18 +41,20 @@ fn http_date(v: &str, now: SystemTime) -> Option<SystemTime> {
                 let mut it = dmy.split('-');
                 let (d, m, y) = (it.next()?, it.next()?, it.next()?);
                 let y: i64 = y.parse().ok()?;
-                // Two-digit years (RFC 9110 5.6.7): this century's, unless that is more than 50
-                // years ahead of now, then the last century's.
+                // Two-digit years (RFC 9110 5.6.7): the latest year with those digits that is not
+                // more than 50 years ahead of now (2094 read in 2026 is 1994; 00 read in 2099 is
+                // 2100).
                 let y = if y < 100 {
                     // The year now, to within a day (plenty for a 50-year rule).
                     let secs = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
                     let this_year = 1970 + (secs / 31_556_952) as i64;
-                    let candidate = this_year - this_year % 100 + y;
-                    if candidate > this_year + 50 {
-                        candidate - 100
-                    } else {
-                        candidate
+                    let mut candidate = this_year - this_year % 100 + y;
+                    if candidate + 100 <= this_year + 50 {
+                        candidate += 100;
+                    } else if candidate > this_year + 50 {
+                        candidate -= 100;
                     }
+                    candidate
                 } else {
                     y
                 };
@@ -137,6 +139,11 @@ mod tests {
         // 2027: next year.
         let d = parse("Friday, 01-Jan-27 00:00:00 GMT", jan_2026).unwrap();
         assert_eq!(d, Duration::from_secs(365 * 86_400));
+        // Near a century's end, the next century: read on 2099-12-31, `00` is 2100, tomorrow.
+        assert_eq!(
+            parse("Friday, 01-Jan-00 00:00:00 GMT", at(4_102_358_400)),
+            Some(Duration::from_secs(86_400))
+        );
     }
 
     #[test]

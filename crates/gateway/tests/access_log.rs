@@ -1,0 +1,143 @@
+//! The access log: one line per request, including the answers given before a request is parsed
+//! and the requests dropped before their answer.
+mod support;
+
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use support::*;
+
+/// Captures this test's log lines (text, no ANSI). `#[tokio::test]` runs the gateway's tasks on
+/// the test's own thread, so a thread-local subscriber sees all of them.
+fn capture() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let w = buf.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || Capture(w.clone()))
+        .finish();
+    (buf, tracing::subscriber::set_default(sub))
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn access_lines(buf: &Arc<Mutex<Vec<u8>>>) -> Vec<String> {
+    String::from_utf8_lossy(&buf.lock().unwrap())
+        .lines()
+        .filter(|l| l.contains("bulwark::access"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A head the HTTP/1.1 loop refuses itself (malformed: 400; far over `max_header_bytes`: 431) has
+/// a line, as the 431 for a head only a little over the limit (answered by the request handler)
+/// has.
+#[tokio::test]
+async fn heads_refused_while_reading_have_a_line() {
+    let (buf, _guard) = capture();
+    let up = Upstream::named("u").await;
+    let gw = Gateway::start(&one_route(
+        &up.url(),
+        "logging: { access_log: true }\nlimits: { max_header_bytes: 1KiB }\n",
+    ))
+    .await;
+    let pad = |n: usize| {
+        format!(
+            "GET /pad HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(n)
+        )
+    };
+    assert!(raw(gw.addr, pad(1100).as_bytes())
+        .await
+        .starts_with("HTTP/1.1 431"));
+    assert!(raw(gw.addr, pad(20_000).as_bytes())
+        .await
+        .starts_with("HTTP/1.1 431"));
+    let bad = raw(
+        gw.addr,
+        b"GET /malformed HTTP/1.1\r\nHost: x\r\nBad Name: y\r\n\r\n",
+    )
+    .await;
+    assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+    gw.stop().await;
+    let lines = access_lines(&buf);
+    let with = |s: &str| lines.iter().filter(|l| l.contains(s)).count();
+    assert_eq!(with("status=431"), 2, "{}", lines.join("\n"));
+    assert_eq!(with("status=400"), 1, "{}", lines.join("\n"));
+    assert!(lines
+        .iter()
+        .any(|l| l.contains("status=400") && l.contains("path=\"-\"")));
+}
+
+/// A request the client abandons while it is forwarded gets a 499 `client_closed` line (nginx's
+/// 499): it reached the upstream, and left no trace before.
+#[tokio::test]
+async fn a_request_the_client_abandons_has_a_499_line() {
+    let (buf, _guard) = capture();
+    let up = Silent::start().await;
+    let gw = Gateway::start(&one_route(&up.url(), "logging: { access_log: true }\n")).await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(b"GET /abandoned-path HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let accepted = up.accepted.clone();
+    wait_until(10, || accepted.load(Ordering::SeqCst) == 1).await;
+    drop(c);
+    // The gateway gave the request up (its upstream connection closed).
+    let closed = up.closed.clone();
+    wait_until(10, || closed.load(Ordering::SeqCst) == 1).await;
+    gw.stop().await;
+    let lines = access_lines(&buf);
+    let line = lines
+        .iter()
+        .find(|l| l.contains("/abandoned-path"))
+        .unwrap_or_else(|| panic!("no line:\n{}", lines.join("\n")));
+    assert!(line.contains("status=499"), "{line}");
+    assert!(line.contains("reason=\"client_closed\""), "{line}");
+}
+
+/// An HTTP/2 `CONNECT` the gateway refuses (400, answered before the request handler) has a line,
+/// as the same 400 over HTTP/1.1 has.
+#[tokio::test]
+async fn a_refused_http2_connect_has_a_line() {
+    let (buf, _guard) = capture();
+    let up = Upstream::named("u").await;
+    let gw = Gateway::start(&one_route(&up.url(), "logging: { access_log: true }\n")).await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("http://gw/h2-connect-refused")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("something-else"));
+    let r = send.send_request(req).await.unwrap();
+    assert_eq!(r.status(), 400);
+    gw.stop().await;
+    let lines = access_lines(&buf);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("status=400") && l.contains("method=CONNECT")),
+        "{}",
+        lines.join("\n")
+    );
+}
