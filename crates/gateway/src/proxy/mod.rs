@@ -729,13 +729,12 @@ async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
     // Only when the access log is on: what its line needs from the request (which is consumed
     // below). Held by a guard that still writes the line (status 499, as nginx does) when the
     // request is dropped before its answer: the client went away, or the drain timed out.
-    let mut access = Abandoned {
+    // (None when the log is off: then it costs one branch.)
+    let mut access = rt.access_log.then(|| Abandoned {
         rt: &rt,
         start,
-        request: rt
-            .access_log
-            .then(|| (req.method().clone(), req.uri().clone())),
-    };
+        request: Some((req.method().clone(), req.uri().clone())),
+    });
     let websocket_h2 = req.version() == http::Version::HTTP_2
         && req.extensions().get::<h2::ExtendedConnect>().is_some();
     let (mut resp, route) = route_and_forward(ctx, &rt, req, start).await;
@@ -749,7 +748,7 @@ async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
     if let Some(i) = route {
         rt.stats[i].record(resp.status().as_u16(), elapsed);
     }
-    if let Some((method, uri)) = access.request.take() {
+    if let Some((method, uri)) = access.as_mut().and_then(|a| a.request.take()) {
         access_log(&rt, route, &method, &uri, &resp, elapsed);
     }
     // After the log line, which reads `x-bulwark-*` (a route may remove them for its clients).

@@ -197,7 +197,7 @@ impl Upstream {
     /// Whether an answer of `status` with `retry_after` starts a cooldown: a listed status with a
     /// wait (a `Retry-After` of 0, or a date already past, starts none).
     pub fn starts_cooldown(&self, status: u16, retry_after: Option<Duration>) -> bool {
-        self.cools_down_on(status) && retry_after.is_some_and(|d| !d.is_zero())
+        retry_after.is_some_and(|d| !d.is_zero()) && self.cools_down_on(status)
     }
 
     /// Reports what an attempt on endpoint `i` showed: feeds outlier detection (5xx and failures
@@ -226,7 +226,7 @@ impl Upstream {
                 // A response that starts a cooldown, or any 429, says nothing about the endpoint's
                 // health; a listed status that starts none (no `Retry-After`, or no wait) counts as
                 // a failure when it is a 5xx, and as nothing otherwise.
-                let cools = self.starts_cooldown(status, retry_after);
+                let cools = quota && retry_after.is_some_and(|d| !d.is_zero());
                 if let Some(o) = self.outlier.as_ref().filter(|_| !cools && status != 429) {
                     if (500..600).contains(&status) {
                         o.failure(&self.endpoints, i, now);
