@@ -2,7 +2,6 @@
 //! and the requests dropped before their answer.
 mod support;
 
-use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
@@ -16,21 +15,9 @@ fn capture() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
     let sub = tracing_subscriber::fmt()
         .with_ansi(false)
         .with_max_level(tracing::Level::INFO)
-        .with_writer(move || Capture(w.clone()))
+        .with_writer(move || LogCapture(w.clone()))
         .finish();
     (buf, tracing::subscriber::set_default(sub))
-}
-
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 fn access_lines(buf: &Arc<Mutex<Vec<u8>>>) -> Vec<String> {

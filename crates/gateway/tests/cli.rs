@@ -333,13 +333,16 @@ impl Drop for RunningBinary {
     }
 }
 
+/// `bulwark run` with `drain_timeout` in front of an upstream that never answers, and one request
+/// held there (the upstream accepted it).
 #[cfg(unix)]
-#[tokio::test]
-async fn sigterm_with_a_request_held_past_drain_timeout_exits_and_closes_the_client() {
+async fn holding_a_request(
+    drain_timeout: &str,
+) -> (RunningBinary, support::RawClient, support::Silent) {
     let up = support::Silent::start().await;
-    let mut gw = RunningBinary::spawn(&format!(
+    let gw = RunningBinary::spawn(&format!(
         "listen: 127.0.0.1:0
-drain_timeout: 300ms
+drain_timeout: {drain_timeout}
 logging: {{ format: json, level: info }}
 upstreams:
   u: {{ endpoints: [{{url: '{}'}}] }}
@@ -351,8 +354,6 @@ routes:
     ));
     let fields = gw.listening().await;
     let proxy: std::net::SocketAddr = fields["listen"].as_str().unwrap().parse().unwrap();
-
-    // A request the upstream never answers.
     let mut held = support::RawClient::connect_to(proxy).await;
     held.send(b"GET /forever HTTP/1.1\r\nHost: held\r\n\r\n")
         .await;
@@ -361,6 +362,13 @@ routes:
         accepted.load(std::sync::atomic::Ordering::SeqCst) == 1
     })
     .await;
+    (gw, held, up)
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sigterm_with_a_request_held_past_drain_timeout_exits_and_closes_the_client() {
+    let (mut gw, mut held, up) = holding_a_request("300ms").await;
 
     gw.signal("-TERM");
     let status = gw.exited_within(10).await;
@@ -526,29 +534,7 @@ async fn an_early_ctrl_c_in_demo_leaves_no_temporary_directory() {
 #[cfg(unix)]
 #[tokio::test]
 async fn a_second_sigint_during_the_drain_stops_at_once() {
-    let up = support::Silent::start().await;
-    let mut gw = RunningBinary::spawn(&format!(
-        "listen: 127.0.0.1:0
-drain_timeout: 1h
-logging: {{ format: json, level: info }}
-upstreams:
-  u: {{ endpoints: [{{url: '{}'}}] }}
-routes:
-  - upstream: u
-    timeout: 1h
-",
-        up.url()
-    ));
-    let fields = gw.listening().await;
-    let proxy: std::net::SocketAddr = fields["listen"].as_str().unwrap().parse().unwrap();
-    let mut held = support::RawClient::connect_to(proxy).await;
-    held.send(b"GET /forever HTTP/1.1\r\nHost: held\r\n\r\n")
-        .await;
-    let accepted = up.accepted.clone();
-    support::wait_until(10, || {
-        accepted.load(std::sync::atomic::Ordering::SeqCst) == 1
-    })
-    .await;
+    let (mut gw, _held, _up) = holding_a_request("1h").await;
     gw.signal("-INT");
     support::wait_until(10, || gw.log("shutting down: draining").is_some()).await;
     gw.signal("-INT");

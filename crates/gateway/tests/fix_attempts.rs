@@ -810,11 +810,9 @@ routes:
     gw.stop().await;
 }
 
-/// A failed response passed through to the client holds its upstream's bulkhead slot until its
-/// body ends, as a successful one does (it was given back at once, so a slow error body escaped
-/// the limit).
-#[tokio::test]
-async fn a_failed_response_passed_through_holds_its_bulkhead_slot_to_its_end() {
+/// An upstream answering 503 with a chunked body: `error`, then its end only once `release` is
+/// notified.
+async fn slow_503() -> (RawUpstream, Arc<tokio::sync::Notify>) {
     use tokio::io::AsyncWriteExt;
     let release = Arc::new(tokio::sync::Notify::new());
     let gate = release.clone();
@@ -833,6 +831,15 @@ async fn a_failed_response_passed_through_holds_its_bulkhead_slot_to_its_end() {
         }
     })
     .await;
+    (up, release)
+}
+
+/// A failed response passed through to the client holds its upstream's bulkhead slot until its
+/// body ends, as a successful one does (it was given back at once, so a slow error body escaped
+/// the limit).
+#[tokio::test]
+async fn a_failed_response_passed_through_holds_its_bulkhead_slot_to_its_end() {
+    let (up, release) = slow_503().await;
     let gw = Gateway::start(&format!(
         "upstreams:
   u:
@@ -870,24 +877,7 @@ routes:
 /// response was found retryable, before the loop knew whether anything else would be tried).
 #[tokio::test]
 async fn the_last_failed_response_of_spent_retries_holds_its_bulkhead_slot() {
-    use tokio::io::AsyncWriteExt;
-    let release = Arc::new(tokio::sync::Notify::new());
-    let gate = release.clone();
-    let up = RawUpstream::start(move |mut s, _| {
-        let gate = gate.clone();
-        async move {
-            let mut buf = Vec::new();
-            if read_head(&mut s, &mut buf).await.is_none() {
-                return;
-            }
-            let head = b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n\r\n";
-            let _ = s.write_all(head).await;
-            let _ = s.write_all(b"5\r\nerror\r\n").await;
-            gate.notified().await;
-            let _ = s.write_all(b"0\r\n\r\n").await;
-        }
-    })
-    .await;
+    let (up, release) = slow_503().await;
     let gw = Gateway::start(&format!(
         "upstreams:
   u:

@@ -3,7 +3,6 @@
 mod admin_support;
 mod support;
 
-use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use admin_support::*;
@@ -21,22 +20,10 @@ fn logs() -> &'static Mutex<Vec<u8>> {
         let _ = tracing_subscriber::fmt()
             .with_ansi(false)
             .with_max_level(tracing::Level::INFO)
-            .with_writer(move || Capture(w.clone()))
+            .with_writer(move || LogCapture(w.clone()))
             .try_init();
         buf
     })
-}
-
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Capture {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(b);
-        Ok(b.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
 }
 
 fn logged() -> String {

@@ -152,6 +152,15 @@ routes:
     gw.stop().await;
 }
 
+/// Sends requests to `url` until endpoint `ep` is ejected.
+async fn until_ejected(c: &Client, url: &str, ep: &bulwark_gateway::upstream::Endpoint) {
+    wait_for(10, || async {
+        get(c, url).await;
+        ep.is_ejected()
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn consecutive_failures_eject_then_the_ejection_ends_and_grows() {
     let bad = Upstream::status("bad", 500).await;
@@ -172,11 +181,7 @@ routes:
     let ep = endpoint(&gw, "u", 0);
     let c = client();
     let url = gw.url("/");
-    wait_for(10, || async {
-        get(&c, &url).await;
-        ep.is_ejected()
-    })
-    .await;
+    until_ejected(&c, &url, &ep).await;
     assert_eq!(bad.hits(), 3, "ejected on the 3rd consecutive failure");
     let seen = spray(&c, &url, 10).await;
     assert!(seen.iter().all(|s| s == "good"), "{seen:?}");
@@ -185,11 +190,7 @@ routes:
     // The ejection ends by time; the endpoint gets traffic again, fails 3 more times and is
     // ejected for twice as long.
     wait_until(10, || !ep.is_ejected()).await;
-    wait_for(10, || async {
-        get(&c, &url).await;
-        ep.is_ejected()
-    })
-    .await;
+    until_ejected(&c, &url, &ep).await;
     assert_eq!(bad.hits(), 6);
     assert_eq!(ep.ejection_count(), 2);
     assert!(ep.ejection_remaining().unwrap() > Duration::from_millis(300));
@@ -238,11 +239,7 @@ routes:
         let ep = endpoint(&gw, "u", 0);
         let c = client();
         let url = gw.url("/");
-        wait_for(10, || async {
-            get(&c, &url).await;
-            ep.is_ejected()
-        })
-        .await;
+        until_ejected(&c, &url, &ep).await;
         if uneject {
             wait_until(10, || !ep.is_ejected()).await;
             assert_eq!(ep.ejection_count(), 1, "it still counts for the next one");

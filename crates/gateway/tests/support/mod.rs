@@ -869,3 +869,16 @@ impl TestTls {
         tokio_rustls::TlsConnector::from(Arc::new(cfg))
     }
 }
+
+/// A `tracing` writer into memory (tests that read what was logged).
+pub struct LogCapture(pub Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogCapture {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
