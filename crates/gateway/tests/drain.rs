@@ -57,3 +57,27 @@ async fn a_request_head_started_before_the_shutdown_is_answered() {
     assert!(got.contains("connection: close"), "{got:?}");
     stopping.await.unwrap();
 }
+
+/// Stray line ends after a request (some clients send a CRLF after a body) are not a request: at
+/// shutdown such a connection closes at once, not after header_read_timeout.
+#[tokio::test]
+async fn stray_line_ends_do_not_hold_a_connection_open_at_shutdown() {
+    let up = Upstream::named("u").await;
+    let gw = Gateway::start(&one_route(
+        &up.url(),
+        "drain_timeout: 60s\nlimits: { header_read_timeout: 30s }\n",
+    ))
+    .await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(c.response(false).await.status, 200);
+    c.send(b"\r\n").await;
+    // A whole exchange on a connection accepted after it: the first one's bytes have been read.
+    let mut other = RawClient::connect(&gw).await;
+    other.send(b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert_eq!(other.response(false).await.status, 200);
+    let stopping = tokio::spawn(gw.stop());
+    assert!(c.closed_within(5).await, "held open by a stray CRLF");
+    drop(other);
+    stopping.await.unwrap();
+}
