@@ -913,3 +913,39 @@ routes:
     );
     gw.stop().await;
 }
+
+/// A failed response kept while its retry waits gives its bulkhead slot back before the backoff:
+/// a request queued for the upstream's one slot goes out during the first one's backoff, even
+/// while the kept response's (slow) error body is still being read. (It was held until the next
+/// attempt, and the body read lasts up to the whole backoff.)
+#[tokio::test]
+async fn a_kept_response_gives_its_bulkhead_slot_back_before_the_backoff() {
+    let (up, release) = slow_503().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    endpoints: [{{url: '{}'}}]
+    bulkhead: {{ max_concurrent: 1, max_queued: 1, queue_timeout: 1m }}
+routes:
+  - upstream: u
+    timeout: 5m
+    retry:
+      attempts: 2
+      on: [5xx]
+      backoff: {{ kind: constant, base: 1m, max: 1m, jitter: none }}
+",
+        up.url()
+    ))
+    .await;
+    let url = gw.url("/");
+    let first = tokio::spawn(async move { get(&client(), &url).await.status });
+    wait_until(10, || up.accepted() == 1).await;
+    let url = gw.url("/");
+    let second = tokio::spawn(async move { get(&client(), &url).await.status });
+    // The first request is in its backoff (1 min): the second one's attempt goes out meanwhile.
+    wait_until(10, || up.accepted() == 2).await;
+    release.notify_waiters();
+    first.abort();
+    second.abort();
+    gw.stop().await;
+}

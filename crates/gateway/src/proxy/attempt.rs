@@ -746,6 +746,11 @@ pub(crate) async fn forward(
                 return finish(last, sent, Some(Failure::BudgetExhausted), route);
             };
             withdrawn.token = Some(token);
+            // The retry is on: the kept response gives its bulkhead slot back now, not after the
+            // backoff (its body may take the whole backoff to read).
+            if let Last::Response(r) = &mut last {
+                r.body_mut().release_upstream_slot();
+            }
             let reason = retry_reason(&last);
             if !delay.is_zero() {
                 let retry_at = Instant::now() + delay;

@@ -935,7 +935,8 @@ pub(crate) fn access_log_refused(
     if rt.access_log {
         let method = method.map_or("-", http::Method::as_str);
         let line = AccessLine::of(resp, None);
-        access_line(&rt, None, method, path.unwrap_or("-"), line, Duration::ZERO);
+        let path = path.filter(|p| !p.is_empty()).unwrap_or("-");
+        access_line(&rt, None, method, path, line, Duration::ZERO);
     }
 }
 
