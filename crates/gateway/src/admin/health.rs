@@ -285,9 +285,11 @@ pub fn breaker_report(gateway: &Gateway, up: &Upstream) -> BreakerReport {
                     would_open: s.would_open,
                 }),
                 consecutive_trips: s.consecutive_trips,
+                // Rounded up: 0 only once the breaker admits a probe (as `/health` then says
+                // `half_open`), never with a fraction of a millisecond still to go.
                 open_remaining_ms: s
                     .open_remaining
-                    .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                    .map(|d| u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)),
             }
         }
     }
