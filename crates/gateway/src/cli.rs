@@ -414,21 +414,21 @@ fn init_tracing(logging: &config::Logging, format: Option<LogFormat>) {
         .filter(|s| !s.trim().is_empty());
     // An invalid BULWARK_LOG is said so (on stderr: logging is not up yet), and `logging.level`
     // applies instead.
-    let mut filter = match from_env.map(|s| (EnvFilter::builder().parse(&s), s)) {
-        Some((Ok(f), _)) => f,
-        Some((Err(e), s)) => {
+    let from_env = from_env.and_then(|s| match EnvFilter::builder().parse(&s) {
+        Ok(f) => Some(f),
+        Err(e) => {
             eprintln!(
                 "bulwark: BULWARK_LOG `{s}` is not a valid filter ({e}); using logging.level `{}`",
                 logging.level
             );
-            EnvFilter::builder()
-                .parse(&logging.level)
-                .unwrap_or_else(|_| EnvFilter::new(config::DEFAULT_LOG_LEVEL))
+            None
         }
-        None => EnvFilter::builder()
+    });
+    let mut filter = from_env.unwrap_or_else(|| {
+        EnvFilter::builder()
             .parse(&logging.level)
-            .unwrap_or_else(|_| EnvFilter::new(config::DEFAULT_LOG_LEVEL)),
-    };
+            .unwrap_or_else(|_| EnvFilter::new(config::DEFAULT_LOG_LEVEL))
+    });
     if let Ok(d) = "bulwark::access=info".parse() {
         filter = filter.add_directive(d);
     }

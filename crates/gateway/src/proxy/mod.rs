@@ -897,8 +897,6 @@ async fn route_and_forward(
     (resp, Some(ri))
 }
 
-/// One access-log line (target `bulwark::access`): method, path (no query string: it may carry
-/// secrets), status, duration, route, upstream, attempts, and what acted (`x-bulwark-reason`).
 /// The access-log line of a request dropped before it was answered (see [`handle`]).
 struct Abandoned<'a> {
     rt: &'a Runtime,
@@ -980,6 +978,8 @@ fn access_log(
     access_line(rt, route, method.as_str(), uri.path(), line, elapsed);
 }
 
+/// One access-log line (target `bulwark::access`): method, path (no query string: it may carry
+/// secrets), status, duration, route, upstream, attempts, and what acted (`x-bulwark-reason`).
 fn access_line(
     rt: &Runtime,
     route: Option<usize>,

@@ -197,7 +197,7 @@ impl Upstream {
     /// Whether an answer of `status` with `retry_after` starts a cooldown: a listed status with a
     /// wait (a `Retry-After` of 0, or a date already past, starts none).
     pub fn starts_cooldown(&self, status: u16, retry_after: Option<Duration>) -> bool {
-        retry_after.is_some_and(|d| !d.is_zero()) && self.cools_down_on(status)
+        asks_a_wait(retry_after) && self.cools_down_on(status)
     }
 
     /// Reports what an attempt on endpoint `i` showed: feeds outlier detection (5xx and failures
@@ -226,7 +226,7 @@ impl Upstream {
                 // A response that starts a cooldown, or any 429, says nothing about the endpoint's
                 // health; a listed status that starts none (no `Retry-After`, or no wait) counts as
                 // a failure when it is a 5xx, and as nothing otherwise.
-                let cools = quota && retry_after.is_some_and(|d| !d.is_zero());
+                let cools = quota && asks_a_wait(retry_after);
                 if let Some(o) = self.outlier.as_ref().filter(|_| !cools && status != 429) {
                     if (500..600).contains(&status) {
                         o.failure(&self.endpoints, i, now);
@@ -322,15 +322,12 @@ impl Upstream {
     /// only when all of them are in cooldown does it fall back to the normal pick.
     pub fn pick(&self, tried: Tried) -> Option<usize> {
         let eps = &self.endpoints;
-        if self.panic_threshold.is_some() {
-            if let Some(tier) = self.panic_tier() {
-                let free = |i: usize| !eps[i].cooling_down();
-                let picked =
-                    balance::pick(self.balance, tier, eps, |i| free(i) && !tried.contains(i))
-                        .or_else(|| balance::pick(self.balance, tier, eps, free));
-                if picked.is_some() {
-                    return picked;
-                }
+        if let Some(tier) = self.panic_tier() {
+            let free = |i: usize| !eps[i].cooling_down();
+            let picked = balance::pick(self.balance, tier, eps, |i| free(i) && !tried.contains(i))
+                .or_else(|| balance::pick(self.balance, tier, eps, free));
+            if picked.is_some() {
+                return picked;
             }
         }
         let mut fallback_tier = None;
@@ -354,6 +351,11 @@ impl Upstream {
             e.pool.reap();
         }
     }
+}
+
+/// Whether a `Retry-After` asks for a wait (what a cooldown needs; 0 or a past date does not).
+fn asks_a_wait(retry_after: Option<Duration>) -> bool {
+    retry_after.is_some_and(|d| !d.is_zero())
 }
 
 #[cfg(test)]
