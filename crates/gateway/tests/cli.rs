@@ -543,23 +543,34 @@ async fn a_second_sigint_during_the_drain_stops_at_once() {
     assert!(gw.log("second signal").is_some());
 }
 
+/// `bulwark run --threads 1` on `yaml`, with `BULWARK_LOG` set to `log` (unset without), its
+/// standard output and error piped.
+fn run_piped(yaml: &str, log: Option<&str>) -> (std::process::Child, Written) {
+    use std::process::Stdio;
+    let config = write("run.yaml", yaml);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_bulwark"));
+    cmd.args(["run", "--threads", "1", "-c"]).arg(&*config);
+    match log {
+        Some(l) => cmd.env("BULWARK_LOG", l),
+        None => cmd.env_remove("BULWARK_LOG"),
+    };
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (child, config)
+}
+
 /// An invalid `BULWARK_LOG` is reported on stderr, and `logging.level` applies instead (it was
 /// replaced by `info` without a word).
 #[test]
 fn an_invalid_bulwark_log_is_reported_and_logging_level_applies() {
-    let config = write(
-        "run.yaml",
+    let (mut child, _config) = run_piped(
         "listen: 127.0.0.1:0\nlogging: { format: json, level: error }\n",
+        Some("bulwark_gateway=loud"),
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
-        .args(["run", "--threads", "1", "-c"])
-        .arg(&*config)
-        .env("BULWARK_LOG", "bulwark_gateway=loud")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     // `error` level: nothing on stdout at start; the stderr line comes before anything listens.
     let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
     let mut line = String::new();
@@ -577,20 +588,10 @@ fn an_invalid_bulwark_log_is_reported_and_logging_level_applies() {
 #[test]
 fn text_logs_to_a_pipe_have_no_ansi_escapes() {
     use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
-    let config = write(
-        "run.yaml",
+    let (mut child, _config) = run_piped(
         "listen: 127.0.0.1:0\nlogging: { format: text, level: info }\n",
+        None,
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
-        .args(["run", "--threads", "1", "-c"])
-        .arg(&*config)
-        .env_remove("BULWARK_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
     let first = BufReader::new(child.stdout.take().unwrap()).lines().next();
     let _ = child.kill();
     let _ = child.wait();

@@ -122,24 +122,29 @@ routes:
     gw.stop().await;
 }
 
-#[tokio::test]
-async fn a_retry_does_not_wait_for_the_bulkhead_slot_of_the_response_it_retries() {
-    let up = Upstream::status("u", 503).await;
-    let gw = Gateway::start(&format!(
+/// One route on upstream `u` at `url`, whose bulkhead has one slot and no queue; with `attempts`,
+/// it retries 5xx that many times, with no backoff.
+fn one_slot(url: &str, attempts: Option<u32>) -> String {
+    let retry = attempts.map_or(String::new(), |n| {
+        format!(
+            "    retry:\n      attempts: {n}\n      on: [5xx]\n      backoff: {{ kind: constant, base: 0ms, max: 0ms, jitter: none }}\n"
+        )
+    });
+    format!(
         "upstreams:
   u:
-    endpoints: [{{url: '{}'}}]
+    endpoints: [{{url: '{url}'}}]
     bulkhead: {{ max_concurrent: 1, max_queued: 0 }}
 routes:
   - upstream: u
-    retry:
-      attempts: 3
-      on: [5xx]
-      backoff: {{ kind: constant, base: 0ms, max: 0ms, jitter: none }}
-",
-        up.url()
-    ))
-    .await;
+{retry}"
+    )
+}
+
+#[tokio::test]
+async fn a_retry_does_not_wait_for_the_bulkhead_slot_of_the_response_it_retries() {
+    let up = Upstream::status("u", 503).await;
+    let gw = Gateway::start(&one_slot(&up.url(), Some(3))).await;
     let r = get(&client(), &gw.url("/")).await;
     assert_eq!(r.status, 503);
     assert_eq!(r.header("x-bulwark-reason"), Some("upstream_error"));
@@ -840,17 +845,7 @@ async fn slow_503() -> (RawUpstream, Arc<tokio::sync::Notify>) {
 #[tokio::test]
 async fn a_failed_response_passed_through_holds_its_bulkhead_slot_to_its_end() {
     let (up, release) = slow_503().await;
-    let gw = Gateway::start(&format!(
-        "upstreams:
-  u:
-    endpoints: [{{url: '{}'}}]
-    bulkhead: {{ max_concurrent: 1, max_queued: 0 }}
-routes:
-  - upstream: u
-",
-        up.url()
-    ))
-    .await;
+    let gw = Gateway::start(&one_slot(&up.url(), None)).await;
     let c = client();
     let first = get_streaming(&c, &gw.url("/")).await;
     assert_eq!(first.status(), 503);
@@ -878,21 +873,7 @@ routes:
 #[tokio::test]
 async fn the_last_failed_response_of_spent_retries_holds_its_bulkhead_slot() {
     let (up, release) = slow_503().await;
-    let gw = Gateway::start(&format!(
-        "upstreams:
-  u:
-    endpoints: [{{url: '{}'}}]
-    bulkhead: {{ max_concurrent: 1, max_queued: 0 }}
-routes:
-  - upstream: u
-    retry:
-      attempts: 2
-      on: [5xx]
-      backoff: {{ kind: constant, base: 0ms, max: 0ms, jitter: none }}
-",
-        up.url()
-    ))
-    .await;
+    let gw = Gateway::start(&one_slot(&up.url(), Some(2))).await;
     let c = client();
     let first = get_streaming(&c, &gw.url("/")).await;
     assert_eq!(first.status(), 503);
