@@ -128,3 +128,38 @@ async fn a_refused_http2_connect_has_a_line() {
         lines.join("\n")
     );
 }
+
+/// The access log's `attempts` is "upstream attempts sent". A streamed (chunked) request body that
+/// grows past `max_body_bytes` after the request went upstream ends in 413 `body_too_large`, and
+/// the line says `attempts=0` although the upstream received the request.
+#[tokio::test]
+async fn a_413_after_the_request_went_upstream_logs_its_attempt() {
+    let (logs, _guard) = capture();
+    let up = Upstream::echo().await;
+    let gw = Gateway::start(&one_route(
+        &up.url(),
+        "logging: { access_log: true }\nlimits: { max_body_bytes: 1KiB }\n",
+    ))
+    .await;
+    let mut raw = RawClient::connect(&gw).await;
+    raw.send(b"POST /big HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n10\r\n0123456789abcdef\r\n")
+        .await;
+    // The request (head and first chunk) reaches the upstream before the body is over the limit.
+    wait_until(10, || up.hits() == 1).await;
+    let big = format!("800\r\n{}\r\n0\r\n\r\n", "x".repeat(0x800));
+    raw.send(big.as_bytes()).await;
+    let (resp, _) = raw.read_response(false).await;
+    assert_eq!(resp.status, 413);
+    assert_eq!(resp.header("x-bulwark-reason"), Some("body_too_large"));
+    gw.stop().await;
+    let lines = access_lines(&logs);
+    let line = lines
+        .iter()
+        .find(|l| l.contains("status=413"))
+        .unwrap_or_else(|| panic!("no 413 line: {lines:?}"));
+    assert!(
+        line.contains("attempts=1"),
+        "the upstream received the request (hits {}): {line}",
+        up.hits()
+    );
+}

@@ -450,3 +450,40 @@ routes:
     .await;
     ops.stop().await;
 }
+
+/// `PUT /api/circuit-breakers/{upstream}` with `closed` is documented as "closed with an empty
+/// window". On a breaker that is already closed it changes nothing: the answer (and every later
+/// `GET`) still shows the failures counted before, and they still count towards opening it.
+#[tokio::test]
+async fn put_closed_empties_the_window_of_a_closed_breaker() {
+    let bad = Upstream::status("bad", 503).await;
+    let ops = Ops::start(
+        &format!(
+            "upstreams:
+  u:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{ minimum_calls: 100 }}
+routes:
+  - upstream: u
+",
+            bad.url()
+        ),
+        Some("t"),
+    )
+    .await;
+    let c = client();
+    for _ in 0..3 {
+        assert_eq!(get(&c, &ops.url("/")).await.status, 503);
+    }
+    let before = ops.admin_json(&c, "/api/circuit-breakers/u").await;
+    assert_eq!(before["state"], "closed", "{before}");
+    assert_eq!(before["window"]["failures"], 3, "{before}");
+    let put = ops.set_breaker(&c, "u", "closed").await;
+    ops.stop().await;
+    assert_eq!(put["state"], "closed", "{put}");
+    assert_eq!(
+        (&put["window"]["calls"], &put["window"]["failures"]),
+        (&serde_json::json!(0), &serde_json::json!(0)),
+        "closed with an empty window: {put}"
+    );
+}

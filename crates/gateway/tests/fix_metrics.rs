@@ -1,7 +1,10 @@
 //! Metrics fixes from review: a deadline hit while buffering the request body is a counted timeout
-//! (and fallback); a hedge refused by the budget counts as budget exhaustion.
+//! (and fallback); a hedge refused by the budget counts as budget exhaustion; retries are counted
+//! when sent, by what failed; a removed upstream's breaker gauge stays removed.
 mod admin_support;
 mod support;
+
+use std::sync::Arc;
 
 use admin_support::*;
 use support::*;
@@ -187,4 +190,185 @@ routes:
     let hedges = sample(&m, r#"bulwark_hedges_total{route="two"}"#);
     assert_eq!(hedges.unwrap_or(0.0), 0.0, "{m}");
     ops.stop().await;
+}
+
+/// `bulwark_circuit_breaker_state` of an upstream a reload removed is dropped at the next scrape,
+/// but a request still in flight on the old runtime that trips the removed upstream's breaker
+/// re-creates the series (the library's transition event), and nothing ever removes it again:
+/// `/metrics` reports, for ever, an open breaker of an upstream that does not exist.
+#[tokio::test]
+async fn a_removed_upstreams_breaker_gauge_is_not_brought_back_by_a_request_in_flight() {
+    let a = Upstream::named("a").await;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let r = release.clone();
+    let b = Upstream::start(
+        "b",
+        Arc::new(move |_req| {
+            let r = r.clone();
+            Box::pin(async move {
+                r.notified().await;
+                reply("b", 500, "b failed")
+            })
+        }),
+    )
+    .await;
+    let yaml = |with_b: bool| {
+        let mut y = format!(
+            "upstreams:
+  a:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{}}
+",
+            a.url()
+        );
+        if with_b {
+            y.push_str(&format!(
+                "  b:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{ minimum_calls: 1 }}
+",
+                b.url()
+            ));
+        }
+        y.push_str("routes:\n");
+        if with_b {
+            y.push_str("  - name: rb\n    match: { path_prefix: /b/ }\n    upstream: b\n");
+        }
+        y.push_str("  - name: ra\n    upstream: a\n");
+        y
+    };
+    let ops = Ops::start(&yaml(true), None).await;
+    let c = client();
+    let m = ops.metrics(&c).await;
+    assert_eq!(
+        sample(&m, r#"bulwark_circuit_breaker_state{upstream="b"}"#),
+        Some(0.0),
+        "{m}"
+    );
+
+    // A request to `b` is in flight when a reload removes `b`.
+    let in_flight = {
+        let (c, url) = (c.clone(), ops.url("/b/slow"));
+        tokio::spawn(async move { get(&c, &url).await.status })
+    };
+    wait_until(10, || b.hits() == 1).await;
+    ops.rewrite(&yaml(false));
+    ops.reloader().reload().unwrap();
+    let m = ops.metrics(&c).await;
+    assert_eq!(
+        sample(&m, r#"bulwark_circuit_breaker_state{upstream="b"}"#),
+        None,
+        "removed at once: {m}"
+    );
+
+    // The old runtime's request ends with a 500, which opens `b`'s (old) breaker.
+    release.notify_one();
+    assert_eq!(in_flight.await.unwrap(), 500);
+    assert_eq!(get(&c, &ops.url("/")).await.status, 200);
+    for _ in 0..2 {
+        let m = ops.metrics(&c).await;
+        assert_eq!(
+            sample(&m, r#"bulwark_circuit_breaker_state{upstream="b"}"#),
+            None,
+            "a gauge for an upstream no longer in the config:\n{m}"
+        );
+    }
+    ops.stop().await;
+}
+
+/// `bulwark_retry_attempts_total{reason}` is documented as "by what failed". With a primary tier
+/// answering 503 and a backup tier that refuses connections, the second retry is started by a
+/// connect failure, yet it is counted as `5xx` (the reason is read from the last response kept,
+/// not from the attempt that just failed).
+#[tokio::test]
+async fn a_retry_after_a_connect_failure_is_counted_as_upstream_error() {
+    let bad = Upstream::status("bad", 503).await;
+    let dead = dead_url().await;
+    let ops = Ops::start(
+        &format!(
+            "upstreams:
+  u:
+    endpoints: [{{url: '{}', priority: 0}}, {{url: '{dead}', priority: 1}}]
+routes:
+  - name: r
+    upstream: u
+    retry:
+      attempts: 3
+      on: [5xx, connect_failure]
+      backoff: {{ kind: constant, base: 1ms, max: 1ms, jitter: none }}
+",
+            bad.url()
+        ),
+        None,
+    )
+    .await;
+    let c = client();
+    let g = get(&c, &ops.url("/")).await;
+    // First attempt: 503 (primary); second: connect failure (backup); third: 503 (primary again).
+    assert_eq!(g.status, 503);
+    assert_eq!(bad.hits(), 2);
+    let m = ops.metrics(&c).await;
+    ops.stop().await;
+    let reason = |r: &str| {
+        sample(
+            &m,
+            &format!(r#"bulwark_retry_attempts_total{{route="r",reason="{r}"}}"#),
+        )
+    };
+    assert_eq!(
+        (reason("5xx"), reason("upstream_error")),
+        (Some(1.0), Some(1.0)),
+        "one retry after the 503, one after the connect failure:\n{m}"
+    );
+}
+
+/// A retry that sends nothing (the breaker the failed attempt just opened refuses it) gives its
+/// budget token back and is not an attempt (`x-bulwark-attempts: 1`), as a hedge that sends
+/// nothing is not counted in `bulwark_hedges_total`; but `bulwark_retry_attempts_total` counts it:
+/// the operator sees one retry for a request the upstream received once.
+#[tokio::test]
+async fn a_retry_that_sends_nothing_is_not_counted_as_a_retry() {
+    let bad = Upstream::status("bad", 503).await;
+    let ops = Ops::start(
+        &format!(
+            "upstreams:
+  u:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{ minimum_calls: 1, open_duration: 60s }}
+routes:
+  - name: r
+    upstream: u
+    retry:
+      attempts: 3
+      on: [5xx]
+      backoff: {{ kind: constant, base: 1ms, max: 1ms, jitter: none }}
+",
+            bad.url()
+        ),
+        None,
+    )
+    .await;
+    let c = client();
+    let g = get(&c, &ops.url("/")).await;
+    assert_eq!(g.status, 503);
+    assert_eq!(bad.hits(), 1, "the retry was refused by the open breaker");
+    assert_eq!(g.header("x-bulwark-attempts"), Some("1"));
+    let m = ops.metrics(&c).await;
+    ops.stop().await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"bulwark_circuit_breaker_rejected_total{upstream="u"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"bulwark_retry_attempts_total{route="r",reason="5xx"}"#
+        ),
+        None,
+        "no retry was sent:\n{m}"
+    );
 }

@@ -307,7 +307,6 @@ pub struct Telemetry {
 #[derive(Debug, Default)]
 struct LiveSeries {
     endpoints: HashSet<EndpointLabels>,
-    breakers: HashSet<String>,
     upstreams: HashSet<UpstreamLabels>,
 }
 
@@ -475,11 +474,20 @@ impl Telemetry {
     /// Sets the state gauges (endpoint health, breaker state, panic mode) from `runtime`, and drops the series of
     /// upstreams and endpoints it no longer has. Runs when a runtime is installed and on every scrape.
     pub fn refresh(&self, runtime: &Runtime) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        self.refresh_locked(runtime, &mut live);
+    }
+
+    /// [`refresh`](Self::refresh), with the lock that serialises refreshes (and scrapes) held.
+    fn refresh_locked(&self, runtime: &Runtime, live: &mut LiveSeries) {
         let (running, queued) = runtime.admission_counts();
         self.admission_running.set(running as i64);
         self.admission_queued.set(queued as i64);
         let mut endpoints = HashSet::new();
-        let mut breakers = HashSet::new();
+        // Every breaker's series is set again from the runtime below. Cleared first: a breaker of
+        // an upstream a reload removed may still move (a request in flight on the old runtime)
+        // and its transition event brings its series back; this drops it at the next scrape.
+        self.library.breaker_state.clear();
         let mut upstreams = HashSet::new();
         for up in &runtime.upstreams {
             let labels = UpstreamLabels {
@@ -503,31 +511,26 @@ impl Telemetry {
             if let Some(b) = up.policies.breaker() {
                 self.library
                     .set_breaker_state(&up.name, super::health::breaker_state(b));
-                breakers.insert(up.name.to_string());
             }
         }
-        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
         for gone in live.endpoints.difference(&endpoints) {
             self.endpoint_healthy.remove(gone);
         }
         for gone in live.upstreams.difference(&upstreams) {
             self.upstream_panic.remove(gone);
         }
-        for gone in live.breakers.difference(&breakers) {
-            self.library
-                .breaker_state
-                .remove(&vec![("upstream", gone.clone())]);
-        }
         *live = LiveSeries {
             endpoints,
-            breakers,
             upstreams,
         };
     }
 
     /// The registry in the Prometheus/OpenMetrics text format, state gauges refreshed from `runtime`.
     pub fn encode(&self, runtime: &Runtime) -> String {
-        self.refresh(runtime);
+        // Held to the end of the encoding, so that another scrape's refresh (which clears the
+        // breaker gauges before setting them again) cannot show this one a half-set family.
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        self.refresh_locked(runtime, &mut live);
         let mut out = String::with_capacity(4096);
         if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
             out.clear();

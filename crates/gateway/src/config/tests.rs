@@ -272,6 +272,16 @@ fn empty_endpoints_and_bad_urls() {
         err("upstreams:\n  a:\n    endpoints:\n      - url: http://x:1/api\n"),
         "gw.yaml:4:9: upstreams.a.endpoints[0].url: invalid URL `http://x:1/api`: an endpoint has no path (routes forward the request path as is)"
     );
+    // A fragment was dropped unchecked by the URI parser, yet kept in the endpoint's metric label,
+    // where a `"` or `\` broke the whole exposition.
+    assert_eq!(
+        err("upstreams:\n  a:\n    endpoints:\n      - url: 'http://x:1/#a\"b'\n"),
+        "gw.yaml:4:9: upstreams.a.endpoints[0].url: invalid URL `http://x:1/#a\"b`: an endpoint has no fragment (`#...`)"
+    );
+    assert_eq!(
+        err("upstreams:\n  a:\n    endpoints:\n      - url: 'http://x\\y:1'\n"),
+        "gw.yaml:4:9: upstreams.a.endpoints[0].url: invalid URL `http://x\\y:1`: `\\\\` is not allowed in a URL"
+    );
 }
 
 #[test]

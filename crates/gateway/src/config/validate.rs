@@ -434,6 +434,22 @@ impl EndpointUrl {
 
 /// An endpoint URL: `http://host[:port]` or `https://host[:port]` (no path, query or credentials).
 pub(crate) fn check_url(url: &str) -> Result<EndpointUrl, String> {
+    // The URI parser drops a fragment unchecked; what it holds would still reach the endpoint's
+    // metric label (and `"` or `\` there would break the whole exposition).
+    if url.contains('#') {
+        return Err(format!(
+            "invalid URL `{url}`: an endpoint has no fragment (`#...`)"
+        ));
+    }
+    if let Some(c) = url
+        .chars()
+        .find(|c| matches!(c, '"' | '\\') || c.is_whitespace())
+    {
+        return Err(format!(
+            "invalid URL `{url}`: `{}` is not allowed in a URL",
+            c.escape_debug()
+        ));
+    }
     let uri: http::Uri = url
         .parse()
         .map_err(|e| format!("invalid URL `{url}`: {e}"))?;

@@ -496,6 +496,7 @@ pub(crate) async fn forward(
         route,
         tally: &tally,
         token: None,
+        retry: None,
     };
 
     for (chain_pos, &ui) in route.chain.iter().enumerate() {
@@ -514,10 +515,7 @@ pub(crate) async fn forward(
                 route.policies.on_budget_exhausted();
                 return finish(last, sent, Some(Failure::BudgetExhausted), route);
             };
-            withdrawn.token = Some(token);
-            route
-                .policies
-                .on_retry("failover", sent + 1, Duration::ZERO);
+            withdrawn.take(token, ("failover", sent + 1, Duration::ZERO));
         }
         let mut tried = Tried::default();
         let mut on_this: u32 = 0;
@@ -672,15 +670,16 @@ pub(crate) async fn forward(
             let went_out = tally.sent.swap(0, Ordering::Relaxed);
             sent += went_out;
             if went_out > 0 {
-                withdrawn.token = None;
+                withdrawn.spent();
             } else {
                 withdrawn.refund();
             }
             delivered |= tally.reached.swap(false, Ordering::Relaxed);
 
-            let (retryable, retry_after) = match result {
+            // What failed, for the retry's `reason` label.
+            let (retryable, retry_after, reason) = match result {
                 Ok(resp) => return respond::success(resp, sent),
-                Err(Miss::Client(local)) => return respond::local(local),
+                Err(Miss::Client(local)) => return respond::local_after(local, sent),
                 Err(Miss::Rejected(r)) => {
                     // Only a hedge gets here (the original was admitted above); nothing was sent.
                     refused(&mut last, reject_to_failure(r));
@@ -700,7 +699,7 @@ pub(crate) async fn forward(
                     if !retryable {
                         return finish(last, sent, None, route);
                     }
-                    (true, retry_after)
+                    (true, retry_after, retry_reason(&last))
                 }
                 Err(Miss::Failed {
                     failure,
@@ -720,7 +719,7 @@ pub(crate) async fn forward(
                     if unsent && !(retryable && retry_allowed) && slot.replayable() {
                         break; // a connect failure sent nothing: the next upstream takes it
                     }
-                    (retryable, None)
+                    (retryable, None, failure_reason(failure))
                 }
             };
             if !retryable || !retry_allowed || !slot.replayable() {
@@ -745,13 +744,12 @@ pub(crate) async fn forward(
                 route.policies.on_budget_exhausted();
                 return finish(last, sent, Some(Failure::BudgetExhausted), route);
             };
-            withdrawn.token = Some(token);
+            withdrawn.take(token, (reason, sent + 1, delay));
             // The retry is on: the kept response gives its bulkhead slot back now, not after the
             // backoff (its body may take the whole backoff to read).
             if let Last::Response(r) = &mut last {
                 r.body_mut().release_upstream_slot();
             }
-            let reason = retry_reason(&last);
             if !delay.is_zero() {
                 let retry_at = Instant::now() + delay;
                 // Read the failed response's body (it is usually a short error) so that its
@@ -774,10 +772,7 @@ pub(crate) async fn forward(
                         return finish(last, sent, None, route);
                     }
                 }
-                route.policies.on_retry(reason, sent + 1, delay);
                 tokio::time::sleep_until(retry_at).await;
-            } else {
-                route.policies.on_retry(reason, sent + 1, delay);
             }
         }
     }
@@ -823,10 +818,29 @@ struct Withdrawn<'a> {
     route: &'a Route,
     tally: &'a Tally,
     token: Option<RetryToken>,
+    /// The retry's event (`reason`, attempt number, backoff), reported once its request went out
+    /// (`bulwark_retry_attempts_total` counts retries sent, as `bulwark_hedges_total` hedges).
+    retry: Option<(&'static str, u32, Duration)>,
 }
 
 impl Withdrawn<'_> {
+    /// A retry (or failover) decided: `token` is its budget, `retry` its event.
+    fn take(&mut self, token: RetryToken, retry: (&'static str, u32, Duration)) {
+        self.token = Some(token);
+        self.retry = Some(retry);
+    }
+
+    /// The retry's request went out: the token is spent and the retry counted.
+    fn spent(&mut self) {
+        self.token = None;
+        if let Some((reason, attempt, delay)) = self.retry.take() {
+            self.route.policies.on_retry(reason, attempt, delay);
+        }
+    }
+
+    /// The retry sent nothing: the token goes back and the retry is not counted.
     fn refund(&mut self) {
+        self.retry = None;
         if let Some(token) = self.token.take() {
             self.route.policies.refund(token);
         }
@@ -838,11 +852,13 @@ impl Drop for Withdrawn<'_> {
         // Dropped mid-attempt after the retry's request went out: spent.
         if self.tally.sent.load(Ordering::Relaxed) == 0 {
             self.refund();
+        } else {
+            self.spent();
         }
     }
 }
 
-/// What failed, for the `reason` label of a retry.
+/// What failed, for the `reason` label of a retry after a response.
 fn retry_reason(last: &Last) -> &'static str {
     match last {
         Last::Response(r) => match r.status().as_u16() {
@@ -850,8 +866,15 @@ fn retry_reason(last: &Last) -> &'static str {
             500..=599 => "5xx",
             _ => "status",
         },
-        Last::Failure(Failure::Timeout) => "timeout",
-        Last::Failure(_) => "upstream_error",
+        Last::Failure(f) => failure_reason(*f),
+    }
+}
+
+/// What failed, for the `reason` label of a retry after an attempt that got no response.
+fn failure_reason(f: Failure) -> &'static str {
+    match f {
+        Failure::Timeout => "timeout",
+        _ => "upstream_error",
     }
 }
 

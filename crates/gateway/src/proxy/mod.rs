@@ -309,7 +309,7 @@ impl BreakerCommand {
     fn apply(self, b: &bulwark::breaker::CircuitBreaker) {
         match self {
             BreakerCommand::ForcedOpen => b.force_open(),
-            BreakerCommand::Closed => b.close(),
+            BreakerCommand::Closed => b.reset(),
             BreakerCommand::Disabled => b.disable(),
         }
     }

@@ -232,6 +232,17 @@ pub fn success(mut resp: Response<RespBody>, attempts: u32) -> Response<RespBody
     resp
 }
 
+/// [`local`], for a request that failed on the client's side (its body too large, too slow, or
+/// malformed) after `attempts` attempts went upstream: they are counted in `x-bulwark-attempts`.
+pub fn local_after(l: Local, attempts: u32) -> Response<RespBody> {
+    let mut resp = local(l);
+    if attempts > 0 {
+        resp.headers_mut()
+            .insert(X_BULWARK_ATTEMPTS.clone(), attempts_value(attempts));
+    }
+    resp
+}
+
 /// A response the gateway gives on its own (routing, limits).
 pub fn local(l: Local) -> Response<RespBody> {
     let (status, reason) = match l {
