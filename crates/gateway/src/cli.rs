@@ -103,7 +103,7 @@ pub fn main() -> ExitCode {
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("bulwark: {e}");
+                    eprintln!("{}", store_error(&config, e));
                     ExitCode::FAILURE
                 }
             },
@@ -352,6 +352,18 @@ async fn open_store(path: PathBuf) -> Result<Opened, StartError> {
     .await
     .map_err(|e| format!("store: cannot open: {e}"))?;
     Ok(opened?)
+}
+
+/// A store `bulwark check` found unusable, as a config error: `FILE:LINE:COL: store.path: ...`.
+fn store_error(file: &std::path::Path, e: crate::store::StoreError) -> config::ConfigError {
+    let key = [config::Seg::key("store"), config::Seg::key("path")];
+    let src = std::fs::read_to_string(file).unwrap_or_default();
+    config::ConfigError {
+        file: file.display().to_string(),
+        position: config::locate(&src, &key),
+        path: config::render(&key),
+        message: e.to_string(),
+    }
 }
 
 /// What `bulwark check` says about `store:`, checked without creating the file (see

@@ -171,7 +171,7 @@ impl Reloader {
         let new = Runtime::build(&config, old.telemetry(), Some(&old))
             .map_err(|e| format!("{}: {e}", self.path.display()))?;
         let mut r = Reloaded {
-            restart_required: restart_required(&old.config, &config),
+            restart_required: restart_required(&old.started, &config),
             ..Reloaded::default()
         };
         for up in &new.upstreams {
@@ -261,7 +261,8 @@ async fn next_hangup(h: &mut Hangup) {
     std::future::pending::<()>().await
 }
 
-/// Settings that differ between `old` and `new` but are bound at start.
+/// Settings bound at start that differ between `old` (the config the process started with) and
+/// `new`.
 fn restart_required(old: &Config, new: &Config) -> Vec<&'static str> {
     let mut out = Vec::new();
     let mut check = |name: &'static str, changed: bool| {

@@ -203,20 +203,28 @@ fn check_inspects_the_store_without_creating_it() {
     );
     assert!(!db.exists(), "check must not create the store file");
 
-    // Not a SQLite file: exit 1, the path named, nothing on stdout.
+    // Not a SQLite file: exit 1, the path named as any config error is, nothing on stdout.
     std::fs::write(&db, "not sqlite, just text that is long enough to have a header ........................................").unwrap();
     let (code, out, err) = check(&p);
     assert_eq!(code, 1);
     assert!(out.is_empty(), "{out}");
     assert_eq!(
         err.trim_end(),
-        format!("bulwark: store {}: not a SQLite database", db.display())
+        format!(
+            "{}:1:10: store.path: store {}: not a SQLite database",
+            p.display(),
+            db.display()
+        )
     );
 
     // A directory that does not exist.
     let p = write("nodir.yaml", &cfg(&dir.join("nope/state.db")));
     let (code, _, err) = check(&p);
     assert_eq!(code, 1);
+    assert!(
+        err.starts_with(&format!("{}:1:10: store.path: ", p.display())),
+        "{err}"
+    );
     assert!(err.contains("the directory"), "{err}");
     assert!(err.contains("does not exist"), "{err}");
 

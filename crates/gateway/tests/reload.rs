@@ -539,3 +539,53 @@ async fn a_reload_serves_a_listener_certificate_renewed_in_place() {
     );
     ops.stop().await;
 }
+
+/// Reload docs: "Taking effect only after a restart (a reload that changes them says so in a
+/// `warn` line): ... raising `limits.max_header_bytes`". After a reload from 2 KiB
+/// to 32 KiB the reload reports `limits.max_header_bytes` as restart-only, so a 4 KiB head should
+/// still get 431, as a 20 KiB one does.
+#[tokio::test]
+async fn raising_max_header_bytes_by_reload_is_restart_only() {
+    let up = Upstream::named("u").await;
+    let body = |limit: &str| {
+        format!(
+            "limits: {{ max_header_bytes: {limit} }}
+upstreams:
+  u: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: u
+",
+            up.url()
+        )
+    };
+    let ops = Ops::start(&body("2KiB"), None).await;
+    let status = |pad: usize| {
+        let proxy = ops.proxy;
+        async move {
+            let mut c = RawClient::connect_to(proxy).await;
+            let head = format!(
+                "GET / HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+                "a".repeat(pad)
+            );
+            c.send(head.as_bytes()).await;
+            c.response(false).await.status
+        }
+    };
+    assert_eq!(status(4096).await, 431, "before the reload");
+
+    ops.rewrite(&body("32KiB"));
+    let r = ops.reloader().reload().unwrap();
+    assert_eq!(r.restart_required, ["limits.max_header_bytes"]);
+    let (four, twenty) = (status(4096).await, status(20_000).await);
+    assert_eq!(
+        (four, twenty),
+        (431, 431),
+        "after the reload: a 4 KiB head got {four}, a 20 KiB head got {twenty}"
+    );
+    // A later reload is compared with the config at start, not with the one before it.
+    ops.rewrite(&body("16KiB"));
+    let r = ops.reloader().reload().unwrap();
+    assert_eq!(r.restart_required, ["limits.max_header_bytes"]);
+    assert_eq!(status(4096).await, 431);
+    ops.stop().await;
+}

@@ -438,8 +438,8 @@ impl HeaderRules {
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamTls {
-    /// A PEM bundle of extra trusted root certificates (private CAs), trusted besides Mozilla's
-    /// roots. Read when the config is loaded; a relative path is relative to the working directory.
+    /// A PEM bundle of the root certificates trusted for this upstream (private CAs), instead of
+    /// Mozilla's roots. Read when the config is loaded; a relative path is relative to the working directory.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ca: Option<PathBuf>,
     /// The name sent as SNI and checked against the certificate; default: each endpoint's URL host.

@@ -285,6 +285,14 @@ fn empty_endpoints_and_bad_urls() {
 }
 
 #[test]
+fn a_health_check_threshold_of_zero_names_its_key() {
+    assert_eq!(
+        err("upstreams:\n  u:\n    endpoints: [ { url: 'http://a' } ]\n    health_check: { healthy_threshold: 0 }\n"),
+        "gw.yaml:4:21: upstreams.u.health_check.healthy_threshold: must be at least 1"
+    );
+}
+
+#[test]
 fn syntax_error_has_a_position() {
     assert_eq!(
         err("routes: [\n"),

@@ -293,11 +293,13 @@ fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
                     "must be greater than 0",
                 ));
             }
-            if hc.unhealthy_threshold == 0 || hc.healthy_threshold == 0 {
-                return Err(at(
-                    &p(&[k("health_check")]),
-                    "thresholds must be at least 1",
-                ));
+            for (key, n) in [
+                ("unhealthy_threshold", hc.unhealthy_threshold),
+                ("healthy_threshold", hc.healthy_threshold),
+            ] {
+                if n == 0 {
+                    return Err(at(&p(&[k("health_check"), k(key)]), "must be at least 1"));
+                }
             }
         }
     }

@@ -35,6 +35,37 @@ use tokio::time::{Instant, Sleep};
 use super::body::{BoxError, RespBody};
 use super::Streaming;
 
+/// The HTTP/2 layer's own limit on a request's header list (`SETTINGS_MAX_HEADER_LIST_SIZE`) for
+/// `max_header_bytes` = `limit`: set high enough that it refuses nothing the gateway's exact check
+/// (`route_and_forward`, which answers with `x-bulwark-reason` and logs the request) would pass.
+///
+/// HTTP/2 counts each field 32 bytes over its name and value (RFC 7541 4.1), pseudo-headers
+/// included, where the exact check counts the 4 of an HTTP/1.1 head (`: ` and CRLF). A field is at
+/// least 5 bytes of that head, so a head within `limit` is at most `limit + 28 * limit / 5` to
+/// HTTP/2, plus its pseudo-headers (`:authority` is not in the HTTP/1.1 count).
+pub(crate) fn header_list_ceiling(limit: usize) -> u32 {
+    const PSEUDO_HEADERS: usize = 4096;
+    let ceiling = limit
+        .saturating_add(limit.saturating_mul(28) / 5)
+        .saturating_add(PSEUDO_HEADERS);
+    u32::try_from(ceiling).unwrap_or(u32::MAX)
+}
+
+/// Whether an HTTP/2 request's `host` fields leave its host ambiguous: more than one, or one that
+/// differs from `:authority` (compared as a host name is: ignoring ASCII case).
+pub(crate) fn ambiguous_host<B>(req: &Request<B>) -> bool {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let Some(host) = hosts.next() else {
+        return false;
+    };
+    if hosts.next().is_some() {
+        return true;
+    }
+    req.uri()
+        .authority()
+        .is_some_and(|a| !a.as_str().as_bytes().eq_ignore_ascii_case(host.as_bytes()))
+}
+
 tokio::task_local! {
     static PROGRESS: Arc<Progress>;
 }

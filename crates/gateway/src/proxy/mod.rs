@@ -73,8 +73,11 @@ pub struct Runtime {
     pub upstreams: Vec<Arc<Upstream>>,
     /// Request limits.
     pub limits: RequestLimits,
-    /// The config this runtime was built from (reload compares against it).
+    /// The config this runtime was built from.
     pub config: Arc<Config>,
+    /// The config the process started with: what the settings a reload cannot change (the
+    /// listener's, the admin's...) still come from. A reload compares against it.
+    pub started: Arc<Config>,
     /// Emit one access-log line per request (`logging.access_log`).
     pub access_log: bool,
     /// `admission`: requests forwarded at once, and the priority queue in front.
@@ -179,15 +182,24 @@ impl Runtime {
                 telemetry.route_stats(&r.name, primary)
             })
             .collect();
+        let config = Arc::new(config.clone());
+        let started = previous.map_or_else(|| config.clone(), |p| p.started.clone());
         Ok(Runtime {
             routes,
             upstreams,
             limits: RequestLimits {
-                max_header_bytes: config.limits.max_header_bytes.as_usize(),
+                // Raising it needs a restart (the listener's read buffer is sized at start), so
+                // a reload never takes it above the value at start, for HTTP/1.1 and HTTP/2 alike.
+                max_header_bytes: config
+                    .limits
+                    .max_header_bytes
+                    .as_usize()
+                    .min(started.limits.max_header_bytes.as_usize()),
                 max_body_bytes: config.limits.max_body_bytes.get(),
             },
-            config: Arc::new(config.clone()),
             access_log: config.logging.access_log,
+            config,
+            started,
             admission,
             retired_admission,
             listener_tls,
@@ -787,6 +799,12 @@ async fn route_and_forward(
     if route::has_dot_segment(req.uri().path()) {
         return (respond::local(Local::BadRequest), None);
     }
+    // HTTP/2: a `host` field naming another host than `:authority` (RFC 9113 8.3.1), or several,
+    // leaves it ambiguous which host is asked for (routes match on it): refused, as two `Host`
+    // lines are over HTTP/1.1.
+    if req.version() == http::Version::HTTP_2 && h2::ambiguous_host(&req) {
+        return (respond::local(Local::BadRequest), None);
+    }
     // Stage 3: routing.
     let Some(ri) = rt.routes.iter().position(|r| r.matcher.matches(&req)) else {
         return (respond::local(Local::NoRoute), None);
@@ -1092,7 +1110,7 @@ impl Server {
             idle: settings.idle_timeout,
         });
         h2.timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+            .max_header_list_size(h2::header_list_ceiling(settings.max_header_bytes))
             .max_concurrent_streams(settings.max_concurrent_streams)
             // WebSocket over HTTP/2 (RFC 8441), on routes with `websocket: true`.
             .enable_connect_protocol();
@@ -1179,9 +1197,19 @@ impl Server {
                     // against 9.3 KB per connection): a TLS connection pays one allocation.
                     Some(acceptor) => {
                         Box::pin(async move {
-                            match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
-                                .await
-                            {
+                            // A handshake still going when the drain starts is dropped: nothing
+                            // of a request has come yet (as an idle connection is closed).
+                            let mut stopped = stop.clone();
+                            let handshake =
+                                tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                            let shook = tokio::select! {
+                                r = handshake => r,
+                                _ = stopped.wait_for(|&s| s) => {
+                                    tracing::debug!(%peer, "TLS handshake dropped: draining");
+                                    return;
+                                }
+                            };
+                            match shook {
                                 Ok(Ok(s)) => {
                                     let alpn_h2 = s.get_ref().1.alpn_protocol() == Some(b"h2");
                                     serve_conn(s, alpn_h2, ctx, &h2, stop, limits, idle).await
@@ -1331,9 +1359,13 @@ async fn serve_h2<I>(
     tokio::pin!(conn);
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
+    // Once closing (idle, or the drain), the connection's GOAWAY and PING wait for the client's
+    // answer; a client gone without a FIN never gives one. So a closing connection with nothing in
+    // flight is dropped after `H2_CLOSE_GRACE`, whatever the client does.
     let mut closing = *stop.borrow_and_update();
     if closing {
         conn.as_mut().graceful_shutdown();
+        idle_timer.as_mut().reset(Instant::now() + H2_CLOSE_GRACE);
     }
     loop {
         // `biased`: the connection is polled first on every wake-up (nearly all are for it), with no
@@ -1349,13 +1381,23 @@ async fn serve_h2<I>(
             _ = stop.changed(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
+                idle_timer.as_mut().reset(Instant::now() + H2_CLOSE_GRACE);
             }
-            _ = &mut idle_timer, if !closing => {
-                let deadline = ctx.idle_deadline(idle);
+            _ = &mut idle_timer => {
                 let busy = ctx.inflight.load(Ordering::Relaxed) > 0;
+                if closing {
+                    if !busy {
+                        tracing::debug!("closing HTTP/2 connection not closed by its client");
+                        return;
+                    }
+                    idle_timer.as_mut().reset(Instant::now() + H2_CLOSE_GRACE);
+                    continue;
+                }
+                let deadline = ctx.idle_deadline(idle);
                 if !busy && Instant::now() >= deadline {
                     closing = true;
                     conn.as_mut().graceful_shutdown();
+                    idle_timer.as_mut().reset(Instant::now() + H2_CLOSE_GRACE);
                 } else {
                     // Busy (a long stream, say): look again an idle period on; the end of the
                     // last request stamps a later deadline, which is then kept exactly.
@@ -1366,6 +1408,10 @@ async fn serve_h2<I>(
         }
     }
 }
+
+/// How long a closing HTTP/2 connection with no stream left waits for its client to answer the
+/// GOAWAY's PING (and close) before it is dropped.
+const H2_CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// A connection's I/O with bytes already read from it put back in front (the HTTP/1 loop read the
 /// start of an HTTP/2 connection before it knew; a tunnel's two sides may have read past their
