@@ -69,7 +69,8 @@ async fn heads_refused_while_reading_have_a_line() {
 }
 
 /// A request the client abandons while it is forwarded gets a 499 `client_closed` line (nginx's
-/// 499): it reached the upstream, and left no trace before.
+/// 499), with its route and the attempt it sent: it reached the upstream, and left no trace
+/// before.
 #[tokio::test]
 async fn a_request_the_client_abandons_has_a_499_line() {
     let (buf, _guard) = capture();
@@ -92,6 +93,9 @@ async fn a_request_the_client_abandons_has_a_499_line() {
         .unwrap_or_else(|| panic!("no line:\n{}", lines.join("\n")));
     assert!(line.contains("status=499"), "{line}");
     assert!(line.contains("reason=\"client_closed\""), "{line}");
+    assert!(line.contains("route=\"route0\""), "{line}");
+    assert!(line.contains("upstream=\"u\""), "{line}");
+    assert!(line.contains("attempts=1"), "{line}");
 }
 
 /// An HTTP/2 `CONNECT` the gateway refuses (400, answered before the request handler) has a line,

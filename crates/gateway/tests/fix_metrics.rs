@@ -372,3 +372,48 @@ routes:
         "no retry was sent:\n{m}"
     );
 }
+
+/// A request its client abandons while it is forwarded is counted, as the 499 the access log
+/// calls it (nginx's status for it), in `bulwark_requests_total` and the duration histogram: an
+/// error rate computed from them no longer misses the requests clients gave up on.
+#[tokio::test]
+async fn a_request_the_client_abandons_is_counted_as_a_499() {
+    let up = Silent::start().await;
+    let ops = Ops::start(
+        &format!(
+            "upstreams:\n  u: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - name: r\n    upstream: u\n",
+            up.url()
+        ),
+        None,
+    )
+    .await;
+    let mut raw = RawClient::connect_to(ops.proxy).await;
+    raw.send(b"GET /gone HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let accepted = up.accepted.clone();
+    wait_until(10, || {
+        accepted.load(std::sync::atomic::Ordering::SeqCst) == 1
+    })
+    .await;
+    drop(raw);
+    let closed = up.closed.clone();
+    wait_until(10, || closed.load(std::sync::atomic::Ordering::SeqCst) == 1).await;
+    let c = client();
+    let m = ops.metrics(&c).await;
+    ops.stop().await;
+    assert_eq!(
+        sample(
+            &m,
+            r#"bulwark_requests_total{route="r",upstream="u",code="499"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            r#"bulwark_request_duration_seconds_count{route="r",upstream="u"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+}

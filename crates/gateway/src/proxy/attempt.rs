@@ -247,9 +247,12 @@ fn hedge_outcome(r: &AttemptResult) -> Outcome {
 /// What the attempts of one step of the loop (one attempt, or a hedge race with its losers) did,
 /// counted where it happens.
 #[derive(Default)]
-struct Tally {
-    /// Requests sent (a request the deadline stopped before it was sent is not one).
+pub(crate) struct Tally {
+    /// Requests sent (a request the deadline stopped before it was sent is not one) since the
+    /// attempt loop last took them.
     sent: AtomicU32,
+    /// Requests sent in all, for a request dropped before its answer (its access-log line).
+    pub(crate) total: AtomicU32,
     /// Whether a request sent may have reached the upstream (it was not a connect failure).
     reached: AtomicBool,
 }
@@ -303,6 +306,7 @@ async fn attempt(
         .map_or(deadline, |t| (now + t).min(deadline));
     let mut lease = Lease::new(ep.clone());
     tally.sent.fetch_add(1, Ordering::Relaxed);
+    tally.total.fetch_add(1, Ordering::Relaxed);
     if let Some(w) = went {
         w.store(true, Ordering::Relaxed);
     }
@@ -432,6 +436,7 @@ pub(crate) async fn forward(
     body: Limited<body::ClientBody>,
     start: Instant,
     no_retries: bool,
+    tally: &Tally,
 ) -> Response<RespBody> {
     let deadline = start + route.timeout;
     let retry_allowed = !no_retries
@@ -485,7 +490,6 @@ pub(crate) async fn forward(
 
     route.policies.deposit_at(start);
     let mut sent: u32 = 0;
-    let tally = Tally::default();
     // Whether a request may have reached an upstream: from then on, failing over is a retry.
     let mut delivered = false;
     let mut last = Last::Failure(Failure::NoHealthyEndpoint);
@@ -494,7 +498,7 @@ pub(crate) async fn forward(
     // budget counts only retries that went out or are waiting in backoff.
     let mut withdrawn = Withdrawn {
         route,
-        tally: &tally,
+        tally,
         token: None,
         retry: None,
     };
@@ -559,7 +563,7 @@ pub(crate) async fn forward(
                     let req = outgoing(&mut parts, may_replay, req_body, up, ei);
                     let target = Some((ei, req));
                     let admitted = Some(admission);
-                    attempt(up, route, target, deadline, true, admitted, &tally, None).await
+                    attempt(up, route, target, deadline, true, admitted, tally, None).await
                 }
                 Some(h) => {
                     let req = Outgoing::Owned(build_request(&mut parts, true, req_body, up, ei));
@@ -608,7 +612,7 @@ pub(crate) async fn forward(
                                 (target, None, Some(hedge))
                             }
                         };
-                        let (tally, kept) = (&tally, &kept);
+                        let kept = &kept;
                         async move {
                             let went = hedge.as_ref().map(|h| &h.went);
                             let r =

@@ -738,18 +738,24 @@ async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
     let mut active = Active(ctx, None);
     let start = Instant::now();
     let rt = ctx.gateway.runtime();
-    // Only when the access log is on: what its line needs from the request (which is consumed
-    // below). Held by a guard that still writes the line (status 499, as nginx does) when the
-    // request is dropped before its answer: the client went away, or the drain timed out.
-    // (None when the log is off: then it costs one branch.)
-    let mut access = rt.access_log.then(|| Abandoned {
+    // A request dropped before its answer (the client went away, or the drain timed out) is
+    // still counted, and logged, as a 499 (nginx's status for it) by this guard's drop.
+    let mut unanswered = Abandoned {
         rt: &rt,
         start,
-        request: Some((req.method().clone(), req.uri().clone())),
-    });
+        route: AtomicUsize::new(NO_ROUTE),
+        tally: attempt::Tally::default(),
+        // Only when the access log is on: what its line needs from the request (which is
+        // consumed below).
+        request: rt
+            .access_log
+            .then(|| (req.method().clone(), req.uri().clone())),
+        answered: false,
+    };
     let websocket_h2 = req.version() == http::Version::HTTP_2
         && req.extensions().get::<h2::ExtendedConnect>().is_some();
-    let (mut resp, route) = route_and_forward(ctx, &rt, req, start).await;
+    let (mut resp, route) = route_and_forward(ctx, &rt, req, start, &unanswered).await;
+    unanswered.answered = true;
     if websocket_h2 {
         resp = h2::refuse_unswitched(resp);
     }
@@ -760,8 +766,8 @@ async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
     if let Some(i) = route {
         rt.stats[i].record(resp.status().as_u16(), elapsed);
     }
-    if let Some((method, uri)) = access.as_mut().and_then(|a| a.request.take()) {
-        access_log(&rt, route, &method, &uri, &resp, elapsed);
+    if let Some((method, uri)) = &unanswered.request {
+        access_log(&rt, route, method, uri, &resp, elapsed);
     }
     // After the log line, which reads `x-bulwark-*` (a route may remove them for its clients).
     if let Some(extra) = route.and_then(|i| rt.routes[i].response_headers.as_ref()) {
@@ -776,6 +782,7 @@ async fn route_and_forward(
     rt: &Runtime,
     req: Request<ClientBody>,
     start: Instant,
+    unanswered: &Abandoned<'_>,
 ) -> (Response<RespBody>, Option<usize>) {
     let limits = rt.limits;
     // Stage 2: limits. The HTTP/1 loop already refuses heads far over the limit while reading; this
@@ -810,6 +817,7 @@ async fn route_and_forward(
         return (respond::local(Local::NoRoute), None);
     };
     let route = &rt.routes[ri];
+    unanswered.route.store(ri, Ordering::Relaxed);
     if req.extensions().get::<h2::ExtendedConnect>().is_some() && !route.tunnels(&req) {
         // An HTTP/2 WebSocket request on a route that does not tunnel: no plain answer fits it.
         return (respond::local(Local::BadRequest), Some(ri));
@@ -908,30 +916,48 @@ async fn route_and_forward(
     let no_retries = action == ModeAction::NoRetries;
     // A response body that stops moving is cut at `idle_timeout` (HTTP/1.1: the connection loop;
     // HTTP/2: the stream's watcher), so it may keep the slot until it ends.
-    let mut resp = attempt::forward(rt, route, parts, body, start, no_retries).await;
+    let tally = &unanswered.tally;
+    let mut resp = attempt::forward(rt, route, parts, body, start, no_retries, tally).await;
     if let Some(slot) = slot {
         resp.body_mut().hold_slot(slot);
     }
     (resp, Some(ri))
 }
 
-/// The access-log line of a request dropped before it was answered (see [`handle`]).
+/// A request until it is answered (see [`handle`]): dropped before that, it is counted in its
+/// route's metrics and logged as a 499 `client_closed`, with the attempts it sent.
 struct Abandoned<'a> {
     rt: &'a Runtime,
     start: Instant,
+    /// The route that took it ([`NO_ROUTE`] until one did).
+    route: AtomicUsize,
+    /// The attempts it sent.
+    tally: attempt::Tally,
+    /// Its method and target, for the access log (only when the log is on).
     request: Option<(http::Method, http::Uri)>,
+    answered: bool,
 }
+
+/// [`Abandoned::route`] before a route took the request.
+const NO_ROUTE: usize = usize::MAX;
 
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let elapsed = self.start.elapsed();
+        let route = Some(self.route.load(Ordering::Relaxed)).filter(|&r| r != NO_ROUTE);
+        if let Some(stats) = route.and_then(|r| self.rt.stats.get(r)) {
+            stats.record(STATUS_CLIENT_CLOSED, elapsed);
+        }
         if let Some((method, uri)) = self.request.take() {
-            let elapsed = self.start.elapsed();
             let line = AccessLine {
                 status: STATUS_CLIENT_CLOSED,
                 reason: Some("client_closed"),
-                attempts: 0,
+                attempts: self.tally.total.load(Ordering::Relaxed),
             };
-            access_line(self.rt, None, method.as_str(), uri.path(), line, elapsed);
+            access_line(self.rt, route, method.as_str(), uri.path(), line, elapsed);
         }
     }
 }
