@@ -66,6 +66,17 @@ impl LatencyWindow {
     /// The `p`-th percentile (0.0..=100.0) of the samples in the window, or `None`
     /// with fewer than `min_samples` recorded.
     pub fn percentile(&self, p: f64, min_samples: u64) -> Option<Duration> {
+        self.percentile_from(p, min_samples, REFRESH_EVERY)
+    }
+
+    /// [`percentile`](Self::percentile) of the samples in the window now, not a cached value up
+    /// to [`REFRESH_EVERY`] samples old (for comparisons between windows, which the cache would
+    /// skew: one window's fresh value against another's old one).
+    pub fn percentile_now(&self, p: f64, min_samples: u64) -> Option<Duration> {
+        self.percentile_from(p, min_samples, 1)
+    }
+
+    fn percentile_from(&self, p: f64, min_samples: u64, refresh_every: u64) -> Option<Duration> {
         let recorded = self.recorded();
         if recorded == 0 || recorded < min_samples {
             return None;
@@ -73,7 +84,7 @@ impl LatencyWindow {
         let key = (p.clamp(0.0, 100.0) * 10.0).round() as u32;
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = cache.iter().find(|(_, k, _)| *k == key) {
-            if recorded.saturating_sub(entry.0) < REFRESH_EVERY {
+            if recorded.saturating_sub(entry.0) < refresh_every {
                 return Some(Duration::from_nanos(entry.2));
             }
         }

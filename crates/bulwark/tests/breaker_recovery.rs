@@ -148,7 +148,7 @@ async fn a_forgotten_probe_frees_its_slot_after_the_lease() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_probe_reporting_after_losing_its_lease_is_not_counted() {
+async fn a_probe_succeeding_after_losing_its_lease_is_not_counted() {
     let b = builder()
         .half_open_calls(1)
         .probe_lease(5 * SEC)
@@ -159,11 +159,39 @@ async fn a_probe_reporting_after_losing_its_lease_is_not_counted() {
     let hung = b.try_acquire().unwrap();
     advance(5 * SEC).await;
     let fresh = b.try_acquire().unwrap();
-    // The hung probe finally fails: its slot belongs to `fresh` now.
-    hung.failure();
+    // The hung probe finally succeeds: its slot belongs to `fresh` now, which decides.
+    hung.success();
     assert_eq!(b.state(), HalfOpen);
+    fresh.failure();
+    assert_eq!(b.state(), Open);
+}
+
+/// A probe that fails after its lease ran out still says the dependency is failing: the breaker
+/// opens again (as a late failed test call does in Polly), instead of staying half-open and
+/// sending a new probe into a dependency slower than the lease at each lease's end.
+#[tokio::test(start_paused = true)]
+async fn a_probe_failing_after_losing_its_lease_opens_the_breaker_again() {
+    let b = builder()
+        .half_open_calls(1)
+        .probe_lease(5 * SEC)
+        .build()
+        .unwrap();
+    trip(&b).await;
+    advance(10 * SEC).await;
+    let hung = b.try_acquire().unwrap();
+    advance(5 * SEC).await;
+    let fresh = b.try_acquire().unwrap();
+    hung.failure();
+    assert_eq!(b.state(), Open);
+    // `fresh` belongs to the half-open period that ended: its outcome counts for nothing.
     fresh.success();
-    assert_eq!(b.state(), Closed);
+    assert_eq!(b.state(), Open);
+    // The next half-open period starts afresh.
+    advance(60 * SEC).await;
+    let next = b.try_acquire().unwrap();
+    assert_eq!(b.state(), HalfOpen);
+    next.success();
+    assert_ne!(b.state(), Open);
 }
 
 #[tokio::test(start_paused = true)]

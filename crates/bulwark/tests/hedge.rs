@@ -331,7 +331,7 @@ async fn when_all_fail_the_last_failure_is_returned() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn ignored_result_is_final() {
+async fn the_originals_ignored_result_is_final() {
     let hedge = Hedge::builder().delay(10 * MS).build().unwrap();
     let c = Counters::default();
     let classify = |r: &Result<u32, &'static str>| match r {
@@ -344,15 +344,46 @@ async fn ignored_result_is_final() {
         .call_with(&classify, || {
             n += 1;
             if n == 1 {
-                c.attempt(100 * MS, Ok(1))
+                c.attempt(15 * MS, Err("not found"))
             } else {
-                c.attempt(5 * MS, Err("not found"))
+                c.attempt(100 * MS, Ok(1))
             }
         })
         .await;
     assert_eq!(r, Err(Error::Inner("not found")));
-    assert_eq!(c.cancelled(), 1);
+    assert_eq!(c.cancelled(), 1, "the hedge is cancelled");
     assert_eq!(hedge.latency().recorded(), 0, "only successes are samples");
+}
+
+/// A hedge's ignored result (a local refusal, typically) while the original still runs does not
+/// end the race: the original's answer does, and no further hedge starts.
+#[tokio::test(start_paused = true)]
+async fn a_hedges_ignored_result_does_not_cancel_the_original() {
+    let hedge = Hedge::builder()
+        .delay(10 * MS)
+        .max_hedges(3)
+        .build()
+        .unwrap();
+    let c = Counters::default();
+    let classify = |r: &Result<u32, &'static str>| match r {
+        Err("refused") => Outcome::Ignore,
+        Err(_) => Outcome::Failure,
+        Ok(_) => Outcome::Success,
+    };
+    let mut n = 0;
+    let r = hedge
+        .call_with(&classify, || {
+            n += 1;
+            if n == 1 {
+                c.attempt(100 * MS, Ok(1))
+            } else {
+                c.attempt(5 * MS, Err("refused"))
+            }
+        })
+        .await;
+    assert_eq!(r, Ok(1));
+    assert_eq!(c.started(), 2, "no hedge after the refused one");
+    assert_eq!(c.cancelled(), 0);
 }
 
 #[tokio::test(start_paused = true)]

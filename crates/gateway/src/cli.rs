@@ -267,6 +267,10 @@ impl Running {
 /// listener, the admin listener (if `admin:` is set; its token read from `admin.token_env` now) and
 /// the reloader (SIGHUP, and the file checked every `poll`). One metrics registry serves all runtimes.
 pub async fn start(path: &Path, config: &Config, poll: Duration) -> Result<Running, StartError> {
+    // SIGHUP's handler before anything slow (the store may wait for its file's lock): from now
+    // on a SIGHUP (`systemctl reload` right after `start`) reloads once the start is done,
+    // rather than kill the process.
+    let hup = reload::hangup();
     // The store first: a file that cannot be used fails the start before any port is bound.
     let store = match &config.store {
         Some(s) => Some(open_store(s.path.clone()).await?),
@@ -298,7 +302,7 @@ pub async fn start(path: &Path, config: &Config, poll: Duration) -> Result<Runni
     let reloader = Arc::new(Reloader::new(path, gateway.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     // Created here, before `start` returns: its SIGHUP handler is in place from now on.
-    let watch = reloader.clone().watch(poll);
+    let watch = reloader.clone().watch_with(poll, hup);
     let task = tokio::spawn(async move {
         let watcher = tokio::spawn(watch);
         let (admin_stop, admin_task) = match admin {

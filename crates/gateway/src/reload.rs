@@ -61,6 +61,8 @@ fn stamp(path: &Path) -> Option<Stamp> {
 #[derive(Debug, Default)]
 struct State {
     stamp: Option<Stamp>,
+    /// A new stamp seen at the last look, applied if the next look sees it again.
+    pending: Option<Stamp>,
     last_error: Option<String>,
 }
 
@@ -86,6 +88,7 @@ impl Reloader {
         }
         let state = State {
             stamp: seen,
+            pending: None,
             last_error: None,
         };
         Reloader {
@@ -114,29 +117,44 @@ impl Reloader {
     pub fn reload(&self) -> Result<Reloaded, String> {
         let mut state = self.lock();
         state.stamp = stamp(&self.path);
-        self.reload_locked(&mut state)
+        state.pending = None;
+        self.reload_locked(&mut state, false)
     }
 
     /// Whether the file's modification time or length changed since the last look (and it is
-    /// there).
+    /// there), or the last reload failed (to be tried again: a file it names may be there now).
     fn changed(&self) -> bool {
         let now = stamp(&self.path);
-        now.is_some() && now != self.lock().stamp
+        let state = self.lock();
+        now.is_some() && (now != state.stamp || state.last_error.is_some())
     }
 
-    /// Reloads if the file's modification time or length changed since the last look.
+    /// Reloads if the file's modification time or length changed since the last look and then
+    /// stayed the same for one more look (a file written in place is truncated, then filled: it
+    /// is not loaded half-written), or if the last reload failed (what it refused may be fixed
+    /// outside the file: a certificate or CA file it names that was not there yet).
     pub fn reload_if_changed(&self) -> Option<Result<Reloaded, String>> {
         let mut state = self.lock();
         let now = stamp(&self.path);
-        if now == state.stamp || now.is_none() {
-            // Unchanged, or momentarily missing (being replaced): look again next time.
+        // Momentarily missing (being replaced): look again next time.
+        now.as_ref()?;
+        let retry = if now == state.stamp {
+            state.last_error.as_ref()?;
+            true
+        } else if state.pending != now {
+            state.pending = now;
             return None;
-        }
+        } else {
+            false
+        };
         state.stamp = now;
-        Some(self.reload_locked(&mut state))
+        state.pending = None;
+        Some(self.reload_locked(&mut state, retry))
     }
 
-    fn reload_locked(&self, state: &mut State) -> Result<Reloaded, String> {
+    /// Reloads; `retry`: the file is the one whose reload failed last, and the same error again
+    /// is not logged again.
+    fn reload_locked(&self, state: &mut State, retry: bool) -> Result<Reloaded, String> {
         let result = self.try_reload();
         match &result {
             Ok(r) => {
@@ -158,14 +176,24 @@ impl Reloader {
                 }
             }
             Err(e) => {
+                if !(retry && state.last_error.as_ref() == Some(e)) {
+                    tracing::error!(error = %e, "config reload rejected; the previous config keeps serving");
+                }
                 state.last_error = Some(e.clone());
-                tracing::error!(error = %e, "config reload rejected; the previous config keeps serving");
             }
         }
         result
     }
 
     fn try_reload(&self) -> Result<Reloaded, String> {
+        // An empty file is a valid config (every default: no upstream, no route), and what a file
+        // being written in place holds for a moment: never swapped in for a running config.
+        if std::fs::read(&self.path).is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace)) {
+            return Err(format!(
+                "{}: the file is empty (being written?); a reload needs a complete config",
+                self.path.display()
+            ));
+        }
         let config = config::load(&self.path).map_err(|e| e.to_string())?;
         let old = self.gateway.runtime();
         let new = Runtime::build(&config, old.telemetry(), Some(&old))
@@ -196,41 +224,48 @@ impl Reloader {
     /// SIGHUP handler is installed when this is called (inside the runtime), not when the future is
     /// first polled: from then on a SIGHUP reloads rather than kills the process.
     pub fn watch(self: Arc<Self>, poll: Duration) -> impl std::future::Future<Output = ()> {
-        let mut hup = hangup();
-        async move {
-            let mut tick = tokio::time::interval(poll);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            tick.tick().await;
-            loop {
-                // Off the runtime's threads: a reload reads files, builds the new runtime, and
-                // waits for an admin change in progress (whose store write may wait on the file's
-                // lock); with `--threads 1` any of that on the runtime thread would stall every
-                // request.
-                tokio::select! {
-                    _ = next_hangup(&mut hup) => {
-                        tracing::info!("SIGHUP: reloading the config");
-                        let me = self.clone();
-                        let _ = tokio::task::spawn_blocking(move || me.reload()).await;
-                    }
-                    // The look itself (one `stat`) stays here: a blocking-pool thread started
-                    // every tick would make the process multi-threaded for good, and every
-                    // socket call a little dearer (glibc's cancellation points).
-                    _ = tick.tick() => if self.changed() {
-                        let me = self.clone();
-                        let _ = tokio::task::spawn_blocking(move || me.reload_if_changed()).await;
-                    }
+        self.watch_with(poll, hangup())
+    }
+
+    /// [`watch`](Self::watch) with a SIGHUP handler installed earlier ([`hangup`]): a SIGHUP
+    /// received since then reloads at once.
+    pub async fn watch_with(self: Arc<Self>, poll: Duration, mut hup: Hangup) {
+        let mut tick = tokio::time::interval(poll);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        tick.tick().await;
+        loop {
+            // Off the runtime's threads: a reload reads files, builds the new runtime, and
+            // waits for an admin change in progress (whose store write may wait on the file's
+            // lock); with `--threads 1` any of that on the runtime thread would stall every
+            // request.
+            tokio::select! {
+                _ = next_hangup(&mut hup) => {
+                    tracing::info!("SIGHUP: reloading the config");
+                    let me = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || me.reload()).await;
+                }
+                // The look itself (one `stat`) stays here: a blocking-pool thread started
+                // every tick would make the process multi-threaded for good, and every
+                // socket call a little dearer (glibc's cancellation points).
+                _ = tick.tick() => if self.changed() {
+                    let me = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || me.reload_if_changed()).await;
                 }
             }
         }
     }
 }
 
+/// A SIGHUP handler (none where signals are not available, or if it could not be installed).
 #[cfg(unix)]
-type Hangup = Option<tokio::signal::unix::Signal>;
+pub type Hangup = Option<tokio::signal::unix::Signal>;
+/// A SIGHUP handler (none where signals are not available, or if it could not be installed).
 #[cfg(not(unix))]
-type Hangup = Option<()>;
+pub type Hangup = Option<()>;
 
-fn hangup() -> Hangup {
+/// Installs the SIGHUP handler (inside a runtime): from then on a SIGHUP no longer kills the
+/// process, and the next [`Reloader::watch_with`] given it reloads.
+pub fn hangup() -> Hangup {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

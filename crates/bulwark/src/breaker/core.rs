@@ -141,6 +141,8 @@ struct Control {
     trips: u32,
     probes: Vec<Probe>,
     next_token: u64,
+    /// The first probe token of the current half-open period.
+    half_open_from: u64,
 }
 
 /// Counters of the calls admitted during a ramp.
@@ -217,6 +219,7 @@ impl Inner {
                 trips: 0,
                 probes,
                 next_token: 1,
+                half_open_from: 1,
             }),
             listeners,
         }
@@ -488,14 +491,28 @@ impl Inner {
     #[cold]
     fn record_probe(&self, slot: u32, token: u64, code: u8) {
         let now_ns = self.since_origin(Instant::now());
-        let moved = {
+        let moved = 'decided: {
             let mut ctl = self.lock();
             if st(self.state.0.load(Ordering::Acquire)) != HALF_OPEN {
                 return;
             }
+            let half_open_from = ctl.half_open_from;
             match ctl.probes.get_mut(slot as usize) {
                 Some(p) if matches!(*p, Probe::Leased { token: t, .. } if t == token) => {
                     *p = Probe::Done { code };
+                }
+                // A probe of this half-open period whose lease ran out (its slot went to another
+                // caller) and that failed after all: the dependency is still failing, and the
+                // breaker opens again (as a late failed test call does in Polly). Otherwise a
+                // dependency slower than the lease would never be judged: half-open for good,
+                // a new probe sent into it at each lease's end.
+                _ if token >= half_open_from && {
+                    let mut one = Counts::default();
+                    one.add(code);
+                    self.cfg.trips(one, 0)
+                } =>
+                {
+                    break 'decided self.set_state(&mut ctl, OPEN, now_ns);
                 }
                 _ => return,
             }
@@ -597,7 +614,10 @@ impl Inner {
                 self.open_until
                     .store(now_ns.saturating_add(d), Ordering::Release);
             }
-            HALF_OPEN => ctl.probes.iter_mut().for_each(|p| *p = Probe::Free),
+            HALF_OPEN => {
+                ctl.probes.iter_mut().for_each(|p| *p = Probe::Free);
+                ctl.half_open_from = ctl.next_token;
+            }
             RAMPING => {
                 let r = &self.ramp;
                 r.seq.store(0, Ordering::Relaxed);

@@ -73,10 +73,17 @@ where
                 classify,
             } => {
                 let result = ready!(fut.poll(cx));
+                let outcome = classify.classify(&result);
+                let result = result.map_err(Into::into);
                 if let Some(permit) = permit.take() {
-                    permit.record(classify.classify(&result));
+                    // A local refusal by a bulwark layer inside (rate limiter, bulkhead, shedder,
+                    // another breaker) sent nothing: the permit is dropped unrecorded, as the
+                    // pipeline does, so local back-pressure never trips the breaker.
+                    if !result.as_ref().err().is_some_and(is_local_refusal) {
+                        permit.record(outcome);
+                    }
                 }
-                Poll::Ready(result.map_err(Into::into))
+                Poll::Ready(result)
             }
             // The rejection allocates once: `BoxError` is what tower services return.
             StateProj::Rejected { name, retry_after } => {
@@ -99,4 +106,18 @@ impl<F, C> fmt::Debug for ResponseFuture<F, C> {
             .field("state", &state)
             .finish()
     }
+}
+
+/// Whether `e` is a bulwark layer's refusal of a call it never passed on.
+fn is_local_refusal(e: &BoxError) -> bool {
+    matches!(
+        e.downcast_ref::<Error>(),
+        Some(
+            Error::RateLimited { .. }
+                | Error::BulkheadFull
+                | Error::Shed
+                | Error::CircuitOpen { .. }
+                | Error::RetryBudgetExhausted
+        )
+    )
 }

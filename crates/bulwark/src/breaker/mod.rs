@@ -48,7 +48,8 @@
 //!   mode resilience4j users have hit. Every probe slot is leased for
 //!   [`CircuitBreakerBuilder::probe_lease`]; after that, the next caller takes it over. A probe
 //!   whose future is dropped (cancelled) frees its slot at once, and counts as
-//!   nothing.
+//!   nothing. A probe that fails after its lease ran out, while the breaker is still in the
+//!   same half-open period, opens it again.
 //! * **Growth.** With [`CircuitBreakerBuilder::open_duration_growth`], each consecutive trip
 //!   (half-open -> open) multiplies the open duration, up to a cap; closing resets
 //!   it.

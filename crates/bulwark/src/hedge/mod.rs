@@ -22,7 +22,11 @@
 //!   `max_hedges` (default [`DEFAULT_MAX_HEDGES`]).
 //! - The first *success* wins and every other attempt is dropped (cancelled) at
 //!   that moment. A result the classifier calls [`Outcome::Ignore`](crate::Outcome::Ignore)
-//!   is final too: it is returned at once.
+//!   is final too, and returned at once, when it is the original attempt's or no other
+//!   attempt is running. A hedge's ignored result while another attempt runs is set
+//!   aside, and no further hedge starts: it is most likely a local refusal that sent
+//!   nothing (an open breaker's, say, while the original is the breaker's half-open
+//!   probe), and ending the race on it would cancel an attempt that may yet succeed.
 //! - A failed attempt does not end the call while another attempt is running. As
 //!   in gRPC's hedging design (A6), a failure starts the next hedge immediately,
 //!   without waiting for its delay: the failed attempt freed its slot, and a fast

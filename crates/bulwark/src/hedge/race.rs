@@ -181,6 +181,7 @@ fn on_result<M, C, T, E>(
     result: Result<T, E>,
     start: Instant,
     original_start: Option<Instant>,
+    hedge: bool,
 ) -> Step<Result<T, E>>
 where
     M: MakeAttempt,
@@ -200,8 +201,20 @@ where
             }
             Step::Done(result)
         }
-        // An ignored result is final but is not a latency sample of a success.
-        Outcome::Ignore => Step::Done(result),
+        // A hedge's ignored result while another attempt still runs is no answer: it is most
+        // likely a local refusal that sent nothing (an open breaker's, say, while the original
+        // is the breaker's half-open probe), and ending the race on it would cancel an attempt
+        // that may yet succeed. No further hedge is started (it would be refused too).
+        Outcome::Ignore if hedge && state.running > 0 => {
+            state.refused = true;
+            Step::Continue
+        }
+        // Otherwise an ignored result is final (an earlier attempt's failure, if any, is the
+        // answer an attempt got), but it is not a latency sample of a success.
+        Outcome::Ignore => Step::Done(match state.last_failure.take() {
+            Some(failure) if hedge => failure,
+            _ => result,
+        }),
         Outcome::Failure | Outcome::FailureRetryAfter(_) => {
             state.last_failure = Some(result);
             // gRPC hedging: a (non-fatal) failure sends the next hedge at once
@@ -230,7 +243,7 @@ where
             if let Some(first) = this.first.as_mut().as_pin_mut() {
                 if let Poll::Ready((result, start)) = first.poll(cx) {
                     this.first.set(None);
-                    if let Step::Done(out) = on_result(this.state, result, start, None) {
+                    if let Step::Done(out) = on_result(this.state, result, start, None, false) {
                         // Cancel the hedges now, not when the caller drops this future.
                         this.state.hedges = None;
                         return Poll::Ready(out);
@@ -244,7 +257,7 @@ where
                 match hedges.poll_next_unpin(cx) {
                     Poll::Ready(Some((result, start))) => {
                         if let Step::Done(out) =
-                            on_result(this.state, result, start, original_start)
+                            on_result(this.state, result, start, original_start, true)
                         {
                             // Cancel the losers now, not when the caller drops this future.
                             this.first.set(None);

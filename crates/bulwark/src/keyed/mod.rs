@@ -167,18 +167,22 @@ pub(crate) struct Entry<K, P> {
     /// `None` for the overflow instance.
     key: Option<K>,
     policy: P,
+    /// When it was last taken or given back (`get`, or the drop of a [`KeyedEntry`]), in
+    /// nanoseconds since `base`.
     last_used_ns: AtomicU64,
+    base: Instant,
     calls: AtomicU64,
     top: AtomicBool,
     label: OnceLock<Arc<str>>,
 }
 
 impl<K, P> Entry<K, P> {
-    fn new(key: Option<K>, policy: P, now_ns: u64) -> Self {
+    fn new(key: Option<K>, policy: P, base: Instant, now_ns: u64) -> Self {
         Entry {
             key,
             policy,
             last_used_ns: AtomicU64::new(now_ns),
+            base,
             calls: AtomicU64::new(0),
             top: AtomicBool::new(false),
             label: OnceLock::new(),
@@ -195,15 +199,30 @@ impl<K, P> Entry<K, P> {
 
 /// A key's policy instance, as [`Keyed::get`] returns it. Dereferences to the policy.
 ///
-/// While it is alive the entry is not evicted.
+/// While it is alive the entry is not evicted, and its idle time starts when it is dropped: a
+/// call longer than `idle_timeout` does not leave its key idle at its end (a breaker that call's
+/// failure opened must outlive its open duration).
 pub struct KeyedEntry<K, P> {
     entry: Arc<Entry<K, P>>,
+    /// Taken for use ([`Keyed::get`]), not only looked at: its drop is the key's last use.
+    used: bool,
+}
+
+impl<K, P> Drop for KeyedEntry<K, P> {
+    fn drop(&mut self) {
+        if self.used {
+            let e = &*self.entry;
+            e.last_used_ns
+                .fetch_max(nanos_since(e.base, Instant::now()), Ordering::Relaxed);
+        }
+    }
 }
 
 impl<K, P> Clone for KeyedEntry<K, P> {
     fn clone(&self) -> Self {
         KeyedEntry {
             entry: self.entry.clone(),
+            used: self.used,
         }
     }
 }
@@ -311,11 +330,14 @@ where
         let shard = s.shard(key);
         if let Some(e) = read(shard).get(key) {
             e.touch(now);
-            return KeyedEntry { entry: e.clone() };
+            return KeyedEntry {
+                entry: e.clone(),
+                used: true,
+            };
         }
         let entry = s.insert(key, shard, now);
         entry.touch(now);
-        KeyedEntry { entry }
+        KeyedEntry { entry, used: true }
     }
 
     /// The policy instance for `key` if the key is in the map; does not create one,
@@ -326,17 +348,18 @@ where
         Q: Hash + Eq + ?Sized,
     {
         let s = &*self.shared;
-        read(s.shard(key))
-            .get(key)
-            .map(|e| KeyedEntry { entry: e.clone() })
+        read(s.shard(key)).get(key).map(|e| KeyedEntry {
+            entry: e.clone(),
+            used: false,
+        })
     }
 
     /// The overflow instance, if any key has overflowed yet.
     pub fn overflow(&self) -> Option<KeyedEntry<K, P>> {
-        self.shared
-            .overflow
-            .get()
-            .map(|e| KeyedEntry { entry: e.clone() })
+        self.shared.overflow.get().map(|e| KeyedEntry {
+            entry: e.clone(),
+            used: false,
+        })
     }
 
     /// Calls that went to the overflow instance.
@@ -425,7 +448,7 @@ where
 {
     #[inline]
     fn nanos(&self, now: Instant) -> u64 {
-        u64::try_from(now.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX / 2)
+        nanos_since(self.base, now)
     }
 
     #[inline]
@@ -463,7 +486,7 @@ where
             drop(policy);
             return self.overflow_entry(key, now);
         }
-        let entry = Arc::new(Entry::new(Some(key.clone()), policy, now));
+        let entry = Arc::new(Entry::new(Some(key.clone()), policy, self.base, now));
         map.insert(key.clone(), entry.clone());
         entry
     }
@@ -473,7 +496,7 @@ where
             .get_or_init(|| {
                 // The overflow instance is built by the factory for the first key that
                 // did not fit, marked as the overflow one.
-                Arc::new(Entry::new(None, (self.factory)(key, true), now))
+                Arc::new(Entry::new(None, (self.factory)(key, true), self.base, now))
             })
             .clone()
     }
@@ -743,6 +766,11 @@ macro_rules! keyed_setters {
     };
 }
 pub(crate) use keyed_setters;
+
+/// Nanoseconds from `base` to `now` (0 before it), kept well clear of overflow when added to.
+fn nanos_since(base: Instant, now: Instant) -> u64 {
+    u64::try_from(now.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX / 2)
+}
 
 #[cfg(test)]
 mod tests {

@@ -139,6 +139,7 @@ where
                     // `Buffer`): no attempt starts past the limit, as promised.
                     if attempts.past_limit() {
                         if let Some(last) = this.last.take() {
+                            attempts.give_up();
                             return Poll::Ready(last.map_err(Into::into));
                         }
                     }

@@ -314,6 +314,17 @@ pub(crate) struct Attempts {
     /// The binding limit and which one it is.
     limit: Option<(Instant, Stop)>,
     attempt_start: Instant,
+    /// The budget token of a retry decided and not yet started: given back if it never is
+    /// ([`give_up`](Self::give_up), or the call dropped during its backoff).
+    token: Option<budget::Withdrawal>,
+}
+
+impl Drop for Attempts {
+    fn drop(&mut self) {
+        if let (Some(w), Some(b)) = (self.token.take(), &self.retry.inner.budget) {
+            b.refund(w);
+        }
+    }
 }
 
 impl Attempts {
@@ -347,6 +358,7 @@ impl Attempts {
             backoff,
             limit,
             attempt_start: now,
+            token: None,
         })
     }
 
@@ -356,7 +368,21 @@ impl Attempts {
         self.limit.is_some_and(|(limit, _)| Instant::now() >= limit)
     }
 
+    /// The retry decided last will not be made (readiness outlasted the limit): its budget
+    /// token goes back, and the call ends as retries that stop at a limit do.
+    pub(crate) fn give_up(&mut self) {
+        if let (Some(w), Some(b)) = (self.token.take(), &self.retry.inner.budget) {
+            b.refund(w);
+        }
+        let i = &self.retry.inner;
+        i.listeners.emit(|| Event::RetryExhausted {
+            name: i.name.clone(),
+            attempts: self.attempt,
+        });
+    }
+
     pub(crate) fn begin(&mut self) {
+        self.token = None;
         // The first attempt starts when the call does: `start` already read the clock.
         if self.attempt > 0 {
             self.attempt_start = Instant::now();
@@ -409,11 +435,14 @@ impl Attempts {
             }
         }
         if let Some(b) = &i.budget {
-            if !b.try_withdraw() {
-                i.listeners.emit(|| Event::RetryBudgetExhausted {
-                    name: i.name.clone(),
-                });
-                return Next::Return(Stop::BudgetExhausted);
+            match b.withdraw() {
+                Some(w) => self.token = Some(w),
+                None => {
+                    i.listeners.emit(|| Event::RetryBudgetExhausted {
+                        name: i.name.clone(),
+                    });
+                    return Next::Return(Stop::BudgetExhausted);
+                }
             }
         }
         let attempt = self.attempt + 1;

@@ -218,7 +218,8 @@ struct Kept {
 
 /// How the hedge race sees an attempt: a response that is not a failure wins; a retryable failure
 /// lets the other attempts (and the next hedge) go on; anything final (a failure the route does not
-/// retry, a client body error) ends the race at once, as it ends the loop without hedging. A hedge
+/// retry, a client body error) ends the race at once, as it ends the loop without hedging (the
+/// race's `Success`: the race only reads the outcome to know whether it is over). A hedge
 /// the upstream refused (or found no endpoint for) sent nothing: the other attempts go on, but no
 /// further hedge starts (it would be refused too, after spending budget).
 fn hedge_outcome(r: &AttemptResult) -> Outcome {
@@ -239,7 +240,8 @@ fn hedge_outcome(r: &AttemptResult) -> Outcome {
             retryable: false,
             unsent: false,
             ..
-        }) => Outcome::Ignore,
+        }) => Outcome::Success, // final: ends the race as a success does (a hedge's `Ignore`
+        // would not, while another attempt runs: the library takes it for a local refusal)
         Err(_) => Outcome::Failure,
     }
 }
@@ -310,6 +312,11 @@ async fn attempt(
     if let Some(w) = went {
         w.store(true, Ordering::Relaxed);
     }
+    // A body streamed from the client: whether the client has sent all of it.
+    let client_done = match &req {
+        Outgoing::Owned(r) => r.body().client_done(),
+        Outgoing::Head { .. } => None,
+    };
     let send = async {
         match req {
             Outgoing::Owned(req) => ep.pool.send(req).await,
@@ -399,8 +406,16 @@ async fn attempt(
             } else {
                 "total"
             });
-            admission.record(Outcome::Failure);
-            up.observe(ei, Observed::Failed);
+            // A client that had not sent all of its body stalled the exchange, not the upstream
+            // (which may well have been waiting for it): as for Envoy, whose route timeout starts
+            // once the request is complete, it is not the upstream's failure (for its breaker or
+            // outlier detection), or any client could eject endpoints by stalling uploads.
+            if client_done.is_some_and(|done| !done.load(Ordering::Relaxed)) {
+                admission.record(Outcome::Ignore);
+            } else {
+                admission.record(Outcome::Failure);
+                up.observe(ei, Observed::Failed);
+            }
             Err(Miss::Failed {
                 failure: Failure::Timeout,
                 retryable: Instant::now() < deadline && route.retry_on.fail(FailKind::Timeout),
@@ -467,10 +482,7 @@ pub(crate) async fn forward(
         // together with the head and its connection goes back to the pool, while a streamed body
         // needs a full-duplex exchange of its own (see `upstream::pool`). A chunked body that may
         // not be replayed streams at once: the client may be waiting for an early response.
-        BodySlot::Once(Some(ReqBody::Stream {
-            prefix: None,
-            rest: body,
-        }))
+        BodySlot::Once(Some(ReqBody::stream(None, body)))
     } else {
         match tokio::time::timeout_at(deadline, body::buffer(body, route.retry_buffer)).await {
             Err(_) => {
@@ -479,10 +491,10 @@ pub(crate) async fn forward(
             }
             Ok(Err(e)) => return respond::local(body::refusal(&*e)),
             Ok(Ok(Buffered::Full(b))) => BodySlot::Replay((!b.is_empty()).then_some(b)),
-            Ok(Ok(Buffered::Partial(prefix, rest))) => BodySlot::Once(Some(ReqBody::Stream {
-                prefix: (!prefix.is_empty()).then_some(prefix),
-                rest,
-            })),
+            Ok(Ok(Buffered::Partial(prefix, rest))) => {
+                let prefix = (!prefix.is_empty()).then_some(prefix);
+                BodySlot::Once(Some(ReqBody::stream(prefix, rest)))
+            }
         }
     };
     // Hedging needs a body it can send twice.

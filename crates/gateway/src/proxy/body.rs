@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -153,12 +154,31 @@ pin_project! {
     pub enum ReqBody {
         /// Buffered in full (so it can be re-sent); `None` once sent.
         Full { data: Option<Bytes> },
-        /// Streamed from the client (cannot be re-sent): an already-read prefix, then the rest.
-        Stream { prefix: Option<Bytes>, #[pin] rest: Limited<ClientBody> },
+        /// Streamed from the client (cannot be re-sent): an already-read prefix, then the rest;
+        /// `ended` is set once the client's body has come to its end.
+        Stream { prefix: Option<Bytes>, #[pin] rest: Limited<ClientBody>, ended: Arc<AtomicBool> },
     }
 }
 
 impl ReqBody {
+    /// A body streamed from the client: `prefix` (already read), then `rest`.
+    pub fn stream(prefix: Option<Bytes>, rest: Limited<ClientBody>) -> Self {
+        ReqBody::Stream {
+            prefix,
+            rest,
+            ended: Arc::default(),
+        }
+    }
+
+    /// For a body streamed from the client, whether it has come to its end (shared: it is read
+    /// after the body was handed over).
+    pub fn client_done(&self) -> Option<Arc<AtomicBool>> {
+        match self {
+            ReqBody::Stream { ended, .. } => Some(ended.clone()),
+            ReqBody::Full { .. } => None,
+        }
+    }
+
     /// An empty body.
     pub fn empty() -> Self {
         ReqBody::Full { data: None }
@@ -175,11 +195,19 @@ impl Body for ReqBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
             ReqBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-            ReqBodyProj::Stream { prefix, rest } => {
+            ReqBodyProj::Stream {
+                prefix,
+                mut rest,
+                ended,
+            } => {
                 if let Some(p) = prefix.take() {
                     return Poll::Ready(Some(Ok(Frame::data(p))));
                 }
-                rest.poll_frame(cx)
+                let frame = rest.as_mut().poll_frame(cx);
+                if matches!(frame, Poll::Ready(None)) || rest.is_end_stream() {
+                    ended.store(true, Ordering::Relaxed);
+                }
+                frame
             }
         }
     }
@@ -187,7 +215,7 @@ impl Body for ReqBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ReqBody::Full { data } => data.is_none(),
-            ReqBody::Stream { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            ReqBody::Stream { prefix, rest, .. } => prefix.is_none() && rest.is_end_stream(),
         }
     }
 
@@ -196,7 +224,7 @@ impl Body for ReqBody {
             ReqBody::Full { data } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            ReqBody::Stream { prefix, rest } => {
+            ReqBody::Stream { prefix, rest, .. } => {
                 let p = prefix.as_ref().map_or(0, |d| d.len() as u64);
                 let r = rest.size_hint();
                 let mut h = SizeHint::new();

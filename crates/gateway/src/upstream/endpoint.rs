@@ -40,6 +40,10 @@ pub struct Endpoint {
     ejected_until: AtomicU64,
     /// End of the last ejection (kept after it ends, for the ejection multiplier's reset).
     last_ejection_end: AtomicU64,
+    /// Start of the last ejection, as [`Endpoint::stamp`] (0: never ejected).
+    ejected_from: AtomicU64,
+    /// When an active health check last passed, as [`Endpoint::stamp`] (0: never).
+    probe_passed: AtomicU64,
     /// Ejections in the current run (the ejection time multiplier).
     pub(crate) ejections: AtomicU32,
     /// End of the current cooldown, as [`Endpoint::stamp`] (0: none); cleared lazily.
@@ -79,6 +83,8 @@ impl Endpoint {
             healthy: AtomicBool::new(true),
             ejected_until: AtomicU64::new(0),
             last_ejection_end: AtomicU64::new(0),
+            ejected_from: AtomicU64::new(0),
+            probe_passed: AtomicU64::new(0),
             ejections: AtomicU32::new(0),
             cooldown_until: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
@@ -202,6 +208,22 @@ impl Endpoint {
         let s = self.stamp(until);
         self.ejected_until.store(s, Ordering::Relaxed);
         self.last_ejection_end.store(s, Ordering::Relaxed);
+    }
+
+    /// Ejects the endpoint from `now` to `until`.
+    pub(crate) fn eject(&self, now: Instant, until: Instant) {
+        self.ejected_from.store(self.stamp(now), Ordering::Relaxed);
+        self.eject_until(until);
+    }
+
+    /// Records an active health check that passed at `at`.
+    pub(crate) fn probe_passed(&self, at: Instant) {
+        self.probe_passed.store(self.stamp(at), Ordering::Relaxed);
+    }
+
+    /// Whether an active health check passed since the current (or last) ejection started.
+    pub(crate) fn probe_passed_since_ejection(&self) -> bool {
+        self.probe_passed.load(Ordering::Relaxed) > self.ejected_from.load(Ordering::Relaxed)
     }
 
     /// Ends the current ejection at `now` (it still counts for the next one's length).

@@ -112,6 +112,7 @@ impl HttpCheck {
             self.endpoint.pool.reclaim(&mut body);
         }
         if self.expected.contains(status) {
+            self.endpoint.probe_passed(tokio::time::Instant::now());
             CheckResult::healthy()
         } else {
             CheckResult::unhealthy(format!("status {status}"))
@@ -126,6 +127,29 @@ impl HealthCheck for HttpCheck {
 
     fn check(&self) -> CheckFuture<'_> {
         Box::pin(self.probe())
+    }
+}
+
+/// A library check whose passes are stamped on its endpoint (see
+/// [`Endpoint::probe_passed_since_ejection`]).
+struct Stamped<C> {
+    inner: C,
+    endpoint: Arc<Endpoint>,
+}
+
+impl<C: HealthCheck> HealthCheck for Stamped<C> {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn check(&self) -> CheckFuture<'_> {
+        Box::pin(async move {
+            let r = self.inner.check().await;
+            if r.status == HealthStatus::Healthy {
+                self.endpoint.probe_passed(tokio::time::Instant::now());
+            }
+            r
+        })
     }
 }
 
@@ -165,9 +189,11 @@ pub(crate) fn start(
                 HttpCheck::new(ep.clone(), &c.path, http2, c.expected_status)
                     .with_headers(headers.cloned()),
             ),
-            HealthCheckKind::Tcp => Arc::new(
-                TcpCheck::new(ep.url.clone(), ep.pool.addr().to_owned()).timeout(c.timeout.get()),
-            ),
+            HealthCheckKind::Tcp => Arc::new(Stamped {
+                inner: TcpCheck::new(ep.url.clone(), ep.pool.addr().to_owned())
+                    .timeout(c.timeout.get()),
+                endpoint: ep.clone(),
+            }),
         };
         registry
             .register_arc(check, Criticality::Critical)
@@ -187,8 +213,10 @@ pub(crate) fn start(
 
 /// Copies verdicts into the endpoints: at once when a status changes, and every `interval` too,
 /// because a first check that fails leaves the status as it started (unhealthy, pending) and so
-/// wakes nobody. With `uneject`, an endpoint found healthy also ends its outlier ejection. Ends
-/// when the checker is gone.
+/// wakes nobody. With `uneject`, an endpoint found healthy, by a probe that passed after its
+/// ejection began (the status alone stays healthy through the first failed probes), also ends
+/// its outlier ejection, as Envoy's `successful_active_health_check_uneject_host`. Ends when the
+/// checker is gone.
 async fn apply(
     mut rx: watch::Receiver<HealthReport>,
     eps: Vec<Arc<Endpoint>>,
@@ -209,7 +237,11 @@ async fn apply(
                 continue;
             }
             ep.set_healthy(c.status != HealthStatus::Unhealthy);
-            if uneject && c.status == HealthStatus::Healthy && ep.is_ejected() {
+            if uneject
+                && c.status == HealthStatus::Healthy
+                && ep.is_ejected()
+                && ep.probe_passed_since_ejection()
+            {
                 ep.end_ejection(tokio::time::Instant::now());
                 tracing::info!(endpoint = %ep.url, "ejection ended: the health check passes");
             }

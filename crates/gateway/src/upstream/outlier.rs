@@ -118,7 +118,7 @@ impl Outlier {
     }
 
     fn p99(&self, w: &LatencyWindow) -> Option<Duration> {
-        w.percentile(LATENCY_PERCENTILE, self.latency_min_samples)
+        w.percentile_now(LATENCY_PERCENTILE, self.latency_min_samples)
     }
 
     fn is_latency_outlier(
@@ -130,10 +130,16 @@ impl Outlier {
         let Some(own) = eps[i].latency.as_ref().and_then(|w| self.p99(w)) else {
             return false;
         };
+        // Its peers: the endpoints taking traffic with it now (same tier, available). One that is
+        // down, ejected, in a quota cooldown or in another tier keeps the window of when it last
+        // took traffic, which says nothing of now. All computed from the samples now: a cached
+        // value would compare this endpoint's fresh window with its peers' older ones, and call a
+        // slowdown of all of them an outlier.
+        let tier = eps[i].priority;
         let mut peers: Vec<Duration> = eps
             .iter()
             .enumerate()
-            .filter(|&(j, _)| j != i)
+            .filter(|&(j, e)| j != i && e.priority == tier && e.is_available())
             .filter_map(|(_, e)| e.latency.as_ref().and_then(|w| self.p99(w)))
             .collect();
         if peers.is_empty() {
@@ -177,7 +183,7 @@ impl Outlier {
             .ejection_time
             .saturating_mul(n)
             .min(self.max_ejection_time);
-        ep.eject_until(now + time);
+        ep.eject(now, now + time);
         tracing::warn!(endpoint = %ep.url, why, ejections = n, ?time, "endpoint ejected");
         true
     }

@@ -1,0 +1,252 @@
+//! Hot reload and the file being written: a file caught half-written (empty) is not swapped in, a
+//! reload refused for a file the config names is applied once that file is there, and a SIGHUP
+//! during the start reloads rather than kills the process.
+mod admin_support;
+mod support;
+
+use std::time::Duration;
+
+use admin_support::*;
+use support::*;
+
+/// A config file is usually written in two steps when it is written in place (`>` in a shell,
+/// `std::fs::write`, `kubectl cp`, editors that save in place such as VS Code or vim on a
+/// symlinked file): the file is first truncated to 0 bytes, then filled. The watcher reloads
+/// whatever it finds at its next look, and an empty file is a valid config (every default, no
+/// upstream, no route): caught between the two steps, the gateway swaps in a config that routes
+/// nothing (404 for every request), drops every upstream with its live state, and forgets the
+/// admin breaker overrides (without a store). The second step then brings the upstreams back fresh:
+/// an upstream the operator had forced open takes traffic again.
+#[tokio::test]
+async fn a_config_file_caught_between_truncation_and_write_is_not_swapped_in() {
+    let a = Upstream::named("a").await;
+    let yaml = format!(
+        "upstreams:
+  a: {{ endpoints: [{{url: '{}'}}], circuit_breaker: {{}} }}
+routes:
+  - upstream: a
+",
+        a.url()
+    );
+    // The file is polled every 50 ms.
+    let ops = Ops::start(&yaml, Some("tok")).await;
+    let c = client();
+    // The operator takes `a` out of service by hand.
+    ops.set_breaker(&c, "a", "forced_open").await;
+    let g = get(&c, &ops.url("/")).await;
+    assert_eq!(
+        (g.status.as_u16(), g.header("x-bulwark-reason")),
+        (503, Some("circuit_open"))
+    );
+    let content = std::fs::read_to_string(&ops.path).unwrap();
+
+    // First step of an in-place write: the file is truncated (O_TRUNC).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&ops.path)
+        .unwrap();
+    // For 20 looks of the watcher, the gateway keeps serving the config it had.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+    while tokio::time::Instant::now() < deadline {
+        let g = get(&c, &ops.url("/")).await;
+        assert_eq!(
+            (g.status.as_u16(), g.header("x-bulwark-reason")),
+            (503, Some("circuit_open")),
+            "a half-written (empty) config file was swapped in (generation {}, upstreams {:?})",
+            ops.gateway().generation(),
+            ops.gateway()
+                .runtime()
+                .upstreams
+                .iter()
+                .map(|u| u.name.to_string())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Second step: the content is written, and loaded (as SIGHUP would).
+    std::fs::write(&ops.path, &content).unwrap();
+    ops.reloader().reload().unwrap();
+    assert_eq!(
+        ops.gateway().breaker_override("a"),
+        Some(bulwark_gateway::proxy::BreakerCommand::ForcedOpen),
+        "the admin override survives the write"
+    );
+    let g = get(&c, &ops.url("/")).await;
+    assert_eq!(g.header("x-bulwark-reason"), Some("circuit_open"));
+    assert_eq!(a.hits(), 0, "nothing reached the upstream forced open");
+    ops.stop().await;
+}
+
+/// The watcher records the file's stamp before it loads it, so a reload refused for a reason
+/// outside the config file (a file the config names, here an upstream's `tls.ca`, not there yet:
+/// a Kubernetes Secret volume is synced independently of the ConfigMap that names it) is never
+/// tried again: once the referenced file is there the config file is valid (`config::load`, as
+/// `bulwark check` does, accepts it), yet the gateway keeps serving the old config until someone
+/// edits the config file again or sends SIGHUP.
+#[tokio::test]
+async fn a_reload_refused_for_a_missing_referenced_file_is_applied_once_the_file_is_there() {
+    let a = Upstream::named("a").await;
+    let tls = TestTls::new("rev-reload-ca");
+    let dir = temp_dir();
+    let ca = dir.join("ca.pem");
+    let ops = Ops::start(
+        &format!(
+            "upstreams:
+  a: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - match: {{ path_prefix: /a }}
+    upstream: a
+",
+            a.url()
+        ),
+        None,
+    )
+    .await;
+    let c = client();
+    assert_eq!(get(&c, &ops.url("/a")).await.status, 200);
+    assert_eq!(get(&c, &ops.url("/new")).await.status, 404);
+
+    // The new config names a CA file that is not there yet.
+    ops.rewrite(&format!(
+        "upstreams:
+  a: {{ endpoints: [{{url: '{}'}}] }}
+  secure: {{ endpoints: [{{url: 'https://localhost:1'}}], tls: {{ ca: '{}' }} }}
+routes:
+  - match: {{ path_prefix: /a }}
+    upstream: a
+  - match: {{ path_prefix: /new }}
+    upstream: a
+",
+        a.url(),
+        ca.display()
+    ));
+    let r = ops.reloader().clone();
+    eventually(5, "the reload is refused", || {
+        let r = r.clone();
+        async move { r.last_error().is_some() }
+    })
+    .await;
+    assert!(
+        ops.reloader().last_error().unwrap().contains("tls.ca"),
+        "{:?}",
+        ops.reloader().last_error()
+    );
+
+    // The CA file arrives: the config file, unchanged, is now valid.
+    std::fs::copy(&tls.cert_path, &ca).unwrap();
+    bulwark_gateway::config::load(&ops.path).expect("the config file is valid now");
+    let url = ops.url("/new");
+    eventually(5, "the valid config file is applied", || {
+        let (c, url) = (c.clone(), url.clone());
+        async move { get(&c, &url).await.status == 200 }
+    })
+    .await;
+    ops.stop().await;
+}
+
+/// The SIGHUP handler is installed by `Reloader::watch`, at the end of `cli::start`, after the store
+/// is opened and both listeners are bound (SIGTERM and SIGINT are caught before all that). A SIGHUP
+/// that arrives before, as `systemctl reload` right after `systemctl start` of a `Type=simple` unit
+/// or a logrotate `postrotate` hook can send, kills the process (SIGHUP's default action). Here the
+/// start is held in the store's open (its file locked by another connection, which SQLite waits
+/// out for up to its busy timeout), so the signal surely lands in that window.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_sighup_during_start_up_does_not_kill_the_gateway() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::sync::{Arc, Mutex};
+    fn signal(pid: u32, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig} {pid}");
+    }
+    let a = Upstream::named("a").await;
+    let dir = temp_dir();
+    let db = dir.join("bulwark.db");
+    let other = rusqlite::Connection::open(&db).unwrap();
+    other
+        .execute_batch("CREATE TABLE held (x INTEGER); BEGIN EXCLUSIVE;")
+        .unwrap();
+    let path = dir.join("gw.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen: 127.0.0.1:0
+logging: {{ format: json, level: info }}
+store: {{ path: '{}' }}
+upstreams:
+  a: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: a
+",
+            db.display(),
+            a.url()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["run", "--threads", "1", "-c"])
+        .arg(&path)
+        .env_remove("BULWARK_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let out = child.stdout.take().unwrap();
+    let l = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            l.lock().unwrap().push(line);
+        }
+    });
+    // The gateway has opened the store file, and waits for its lock.
+    let fds = format!("/proc/{pid}/fd");
+    let opened = || {
+        std::fs::read_dir(&fds).is_ok_and(|d| {
+            d.filter_map(Result::ok)
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == db))
+        })
+    };
+    eventually(10, "the gateway opens its store", || {
+        let o = opened();
+        async move { o }
+    })
+    .await;
+    signal(pid, "-HUP");
+    other.execute_batch("ROLLBACK").unwrap();
+    drop(other);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the gateway died of a SIGHUP sent during its start: {status}");
+        }
+        if lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("bulwark listening"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway neither started nor exited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    signal(pid, "-TERM");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
