@@ -156,6 +156,9 @@ fn build_shedder(a: &config::Admission, events: &Events) -> Result<Shedder, Refu
 pub struct Admission {
     shedder: Shedder,
     header: Option<HeaderName>,
+    /// Held by every runtime that uses this queue: while one is alive, a request that loaded it
+    /// may still take a slot (see [`Admission::in_use`]).
+    users: std::sync::Arc<()>,
 }
 
 impl Admission {
@@ -171,7 +174,19 @@ impl Admission {
         Ok(Admission {
             shedder: build_shedder(a, events)?,
             header,
+            users: std::sync::Arc::default(),
         })
+    }
+
+    /// Whether a runtime using this queue is still alive, from a [`Admission::users`] handle.
+    pub(crate) fn in_use(users: &std::sync::Weak<()>) -> bool {
+        users.strong_count() > 0
+    }
+
+    /// A handle that tells (through [`Admission::in_use`]) whether a runtime using this queue
+    /// is still alive.
+    pub(crate) fn users(&self) -> std::sync::Weak<()> {
+        std::sync::Arc::downgrade(&self.users)
     }
 
     /// The priority of a request on a route of priority `route`: the route's, or the one the

@@ -295,3 +295,56 @@ async fn a_streamed_http1_response_holds_its_slot_until_its_body_ends() {
 async fn a_streamed_http2_response_holds_its_slot_until_its_body_ends() {
     a_streamed_response_holds_its_slot_until_its_body_ends(h2c_client()).await;
 }
+
+/// `bulwark_admission_running` counts the slots of the current queue and of the queues reloads
+/// replaced that were busy when the reload built the new runtime. A request that had already
+/// loaded the old runtime but took its slot only after the reload (it was in its route's fault
+/// delay, which comes before admission) is forwarded under the replaced queue, yet counted
+/// nowhere: the gauge says 0 while it holds a slot.
+#[tokio::test]
+async fn the_admission_gauge_counts_a_slot_the_replaced_queue_gave_after_the_reload() {
+    let (up, release) = Upstream::held("held", "done").await;
+    let config = |max_queued: u32| {
+        format!(
+            "admission: {{ max_concurrent: 1, max_queued: {max_queued} }}
+upstreams:
+  u: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - name: slow
+    upstream: u
+    fault: {{ delay: {{ duration: 2s, percent: 100 }} }}
+",
+            up.url()
+        )
+    };
+    let ops = Ops::start_with(&config(1), None, Duration::from_secs(3600)).await;
+    let c = client();
+    let first = tokio::spawn({
+        let (c, url) = (c.clone(), ops.url("/"));
+        async move { get(&c, &url).await }
+    });
+    let delays = "bulwark_faults_total{route=\"slow\",kind=\"delay\"}";
+    eventually(5, "the request is in its fault delay", || async {
+        sample(&ops.metrics(&c).await, delays) == Some(1.0)
+    })
+    .await;
+    // The queue's section changes while the request waits out its delay.
+    ops.rewrite(&config(2));
+    ops.reloader().reload().unwrap();
+    let u = &up;
+    eventually(
+        5,
+        "the request is forwarded",
+        || async move { u.hits() == 1 },
+    )
+    .await;
+    let m = ops.metrics(&c).await;
+    assert_eq!(
+        sample(&m, "bulwark_admission_running"),
+        Some(1.0),
+        "one request holds a slot (of the replaced queue)"
+    );
+    release.notify_one();
+    assert_eq!(first.await.unwrap().status, 200);
+    ops.stop().await;
+}

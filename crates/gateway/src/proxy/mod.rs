@@ -82,9 +82,9 @@ pub struct Runtime {
     pub access_log: bool,
     /// `admission`: requests forwarded at once, and the priority queue in front.
     pub admission: Option<crate::admission::Admission>,
-    /// Admission queues that reloads replaced, while requests still hold or wait for their slots
-    /// (the gauges count them too).
-    retired_admission: Vec<bulwark::shed::Shedder>,
+    /// Admission queues that reloads replaced, while requests still hold or wait for their slots,
+    /// or a runtime still using them may give one (the gauges count them too).
+    retired_admission: Vec<(bulwark::shed::Shedder, std::sync::Weak<()>)>,
     /// The listener's TLS setup from this config's `tls` files (a reload reads them again, so a
     /// certificate renewed in place is served to new connections).
     listener_tls: Option<ListenerTls>,
@@ -154,17 +154,17 @@ impl Runtime {
             },
             None => None,
         };
-        // A replaced queue lives on in the requests it admitted (or still queues): kept for the
-        // gauges while it has any.
+        // A replaced queue lives on in the requests it admitted (or still queues), and in the
+        // runtimes that use it (a request that loaded one may take a slot after this reload):
+        // kept for the gauges while it has either.
         let mut retired_admission = Vec::new();
         if let Some(p) = previous {
-            let busy = |s: &bulwark::shed::Shedder| s.running() + s.queued() > 0;
-            retired_admission.extend(p.retired_admission.iter().filter(|s| busy(s)).cloned());
-            match &p.admission {
-                Some(old) if kept.is_none() && busy(old.shedder()) => {
-                    retired_admission.push(old.shedder().clone());
-                }
-                _ => {}
+            let live = |(s, users): &(bulwark::shed::Shedder, std::sync::Weak<()>)| {
+                s.running() + s.queued() > 0 || crate::admission::Admission::in_use(users)
+            };
+            retired_admission.extend(p.retired_admission.iter().filter(|r| live(r)).cloned());
+            if let (Some(old), None) = (&p.admission, &kept) {
+                retired_admission.push((old.shedder().clone(), old.users()));
             }
         }
         let listener_tls = match &config.tls {
@@ -213,7 +213,7 @@ impl Runtime {
     pub fn admission_counts(&self) -> (usize, usize) {
         let queues = self.admission.iter().map(|a| a.shedder());
         queues
-            .chain(&self.retired_admission)
+            .chain(self.retired_admission.iter().map(|(s, _)| s))
             .fold((0, 0), |(r, q), s| (r + s.running(), q + s.queued()))
     }
 
