@@ -1,7 +1,8 @@
 //! The HTTP/2 and TLS listener: a closing HTTP/2 connection is dropped when its client never
 //! answers, a TLS handshake does not hold the drain, HTTP/2 heads are counted against
 //! `max_header_bytes` as HTTP/1.1 ones are (and refused with the gateway's own 431), and a `host`
-//! field that contradicts `:authority` is refused.
+//! field that contradicts `:authority` is refused (one that names the same host is not). A drain
+//! does not cut a response a slow HTTP/2 client is still taking.
 mod support;
 
 use std::sync::{Arc, Mutex};
@@ -248,5 +249,109 @@ async fn an_http2_host_field_that_contradicts_authority_does_not_pick_the_route(
         "a request for :authority public.example was routed by its host field to the admin upstream"
     );
     assert_eq!(admin.hits(), 0);
+    gw.stop().await;
+}
+
+/// The HTTP/2 close grace drops a closing connection 1 s after its GOAWAY once nothing is "in
+/// flight" (`ConnCtx::inflight`). But a response body is no longer in flight as soon as hyper has
+/// handed its last frame to h2, which buffers it until the client's flow-control window lets it
+/// out: a drain that starts while a slow client still has a response's tail to receive drops the
+/// connection 1 s later and truncates that response (before, the drain waited for it, up to
+/// `drain_timeout`).
+#[tokio::test]
+async fn h2_drain_does_not_truncate_a_response_still_buffered_for_a_slow_client() {
+    const LEN: usize = 4_000;
+    let up = Upstream::start(
+        "big",
+        Arc::new(|_req| Box::pin(async { reply("big", 200, vec![b'x'; LEN]) })),
+    )
+    .await;
+    let gw = Gateway::start(&format!(
+        "drain_timeout: 30s\nupstreams:\n  big: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - {{ upstream: big }}\n",
+        up.url()
+    ))
+    .await;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    // A client that reads slowly: a small window, released only when it reads.
+    let (client, conn) = h2::client::Builder::new()
+        .initial_window_size(100)
+        .handshake::<_, Bytes>(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::get("http://x/").body(()).unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("no response head")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    // The first window's worth arrives; the client does not give the window back yet.
+    let first = tokio::time::timeout(Duration::from_secs(10), body.data())
+        .await
+        .expect("no data")
+        .unwrap()
+        .unwrap();
+    let mut got = first.len();
+    assert!(got < LEN);
+
+    // The drain starts while the response's tail waits for the client's window.
+    let mut stop = tokio::spawn(gw.stop());
+    // It may not end while the response is unfinished (drain_timeout is 30 s): give it a few
+    // seconds to (wrongly) finish.
+    let _ = tokio::time::timeout(Duration::from_secs(4), &mut stop).await;
+
+    // Now the client reads the rest.
+    let _ = body.flow_control().release_capacity(first.len());
+    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(10), body.data())
+        .await
+        .expect("body stalled")
+    {
+        match chunk {
+            Ok(c) => {
+                got += c.len();
+                let _ = body.flow_control().release_capacity(c.len());
+            }
+            Err(e) => {
+                panic!("response cut after {got} of {LEN} bytes by the drain: {e}");
+            }
+        }
+    }
+    assert_eq!(got, LEN);
+    let _ = stop.await;
+}
+
+/// RFC 9113 8.3.1 asks an intermediary to compare `host` with `:authority` after scheme-based
+/// normalization (RFC 9110 4.2.3): `public.example:80` and `public.example` are the same host for
+/// `http`. The new check compares the raw strings and refuses the request with a 400.
+#[tokio::test]
+async fn h2_host_field_naming_the_authority_without_its_default_port_is_not_refused() {
+    let public = Upstream::named("public").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  public: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - {{ upstream: public }}\n",
+        public.url()
+    ))
+    .await;
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    let req = Request::get("http://public.example:80/")
+        .header("host", "public.example")
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("no answer")
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        ":authority public.example:80 with host public.example (same host) was refused"
+    );
+    assert_eq!(public.hits(), 1);
     gw.stop().await;
 }

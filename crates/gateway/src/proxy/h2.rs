@@ -52,7 +52,8 @@ pub(crate) fn header_list_ceiling(limit: usize) -> u32 {
 }
 
 /// Whether an HTTP/2 request's `host` fields leave its host ambiguous: more than one, or one that
-/// differs from `:authority` (compared as a host name is: ignoring ASCII case).
+/// names another host than `:authority` after scheme-based normalization (RFC 9110 4.2.3: the
+/// host's case, and a default or empty port, do not matter).
 pub(crate) fn ambiguous_host<B>(req: &Request<B>) -> bool {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let Some(host) = hosts.next() else {
@@ -61,9 +62,19 @@ pub(crate) fn ambiguous_host<B>(req: &Request<B>) -> bool {
     if hosts.next().is_some() {
         return true;
     }
-    req.uri()
-        .authority()
-        .is_some_and(|a| !a.as_str().as_bytes().eq_ignore_ascii_case(host.as_bytes()))
+    let Some(authority) = req.uri().authority() else {
+        return false;
+    };
+    let Ok(host) = http::uri::Authority::try_from(host.as_bytes()) else {
+        return true;
+    };
+    let default = if req.uri().scheme_str() == Some("https") {
+        443
+    } else {
+        80
+    };
+    let port = |a: &http::uri::Authority| a.port_u16().unwrap_or(default);
+    !(authority.host().eq_ignore_ascii_case(host.host()) && port(authority) == port(&host))
 }
 
 tokio::task_local! {
@@ -284,9 +295,12 @@ pub(crate) enum Connect {
 }
 
 /// The request came as an RFC 8441 extended `CONNECT`: only a route with `websocket: true` takes it
-/// (no plain answer can be given to it: a 2xx would open a tunnel to nothing).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct ExtendedConnect;
+/// (no plain answer can be given to it: a 2xx would open a tunnel to nothing). `accept` is the
+/// `Sec-WebSocket-Accept` the upstream's 101 must carry for the key the gateway made up.
+#[derive(Debug, Clone)]
+pub(crate) struct ExtendedConnect {
+    pub(crate) accept: HeaderValue,
+}
 
 /// Sorts out a `CONNECT` on an HTTP/2 stream; an RFC 8441 WebSocket one is rewritten in place
 /// into the HTTP/1.1 upgrade request the proxy forwards (`GET`, a new `Sec-WebSocket-Key`, the
@@ -304,15 +318,28 @@ pub(crate) fn take_connect<B>(req: &mut Request<B>) -> Connect {
     }
     let on = hyper::upgrade::on(&mut *req);
     *req.method_mut() = Method::GET;
-    req.headers_mut()
-        .insert(header::SEC_WEBSOCKET_KEY, websocket_key());
+    let key = websocket_key();
+    let accept = websocket_accept(&key);
+    req.headers_mut().insert(header::SEC_WEBSOCKET_KEY, key);
     let ext = req.extensions_mut();
     ext.remove::<hyper::ext::Protocol>();
     ext.insert(super::tunnel::UpgradeOffer(HeaderValue::from_static(
         "websocket",
     )));
-    ext.insert(ExtendedConnect);
+    ext.insert(ExtendedConnect { accept });
     Connect::WebSocket(on)
+}
+
+/// The `Sec-WebSocket-Accept` an upstream answers `key` with (RFC 6455 4.2.2): the base64 of
+/// the SHA-1 of the key and the protocol's GUID. (SHA-1 from `ring`, which rustls already uses.)
+fn websocket_accept(key: &HeaderValue) -> HeaderValue {
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    let mut input = Vec::with_capacity(key.len() + GUID.len());
+    input.extend_from_slice(key.as_bytes());
+    input.extend_from_slice(GUID);
+    let digest = ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &input);
+    let accept = base64::engine::general_purpose::STANDARD.encode(digest.as_ref());
+    HeaderValue::from_str(&accept).unwrap_or_else(|_| HeaderValue::from_static("-"))
 }
 
 /// A WebSocket handshake nonce (RFC 6455 4.1): 16 random bytes, base64.
@@ -327,9 +354,24 @@ fn websocket_key() -> HeaderValue {
 /// upstream's accepted upgrade (a 101 carrying its connection) that would read as a success (a
 /// 2xx, a fallback's or an injected fault's included, which would open a tunnel to nothing) is a
 /// 502 `upstream_error`. Other answers stay as they are.
-pub(crate) fn refuse_unswitched(resp: Response<RespBody>) -> Response<RespBody> {
+pub(crate) fn refuse_unswitched(
+    resp: Response<RespBody>,
+    accept: &HeaderValue,
+) -> Response<RespBody> {
+    // The gateway is the upstream's WebSocket client here (it made up the key, and the client
+    // never sees the accept): a 101 without the right accept is no WebSocket handshake (RFC 6455
+    // 4.1), and is refused like any other unswitched answer.
     let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
-        && resp.extensions().get::<super::tunnel::Upgraded>().is_some();
+        && resp.extensions().get::<super::tunnel::Upgraded>().is_some()
+        && resp.headers().get(header::SEC_WEBSOCKET_ACCEPT) == Some(accept);
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !switched {
+        let attempts = resp
+            .headers()
+            .get(&super::respond::X_BULWARK_ATTEMPTS)
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .unwrap_or(1);
+        return super::respond::failure(super::respond::Failure::UpstreamError, attempts, None);
+    }
     if switched || !(resp.status().is_success() || resp.status().is_informational()) {
         return resp;
     }

@@ -752,12 +752,14 @@ async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
             .then(|| (req.method().clone(), req.uri().clone())),
         answered: false,
     };
-    let websocket_h2 = req.version() == http::Version::HTTP_2
-        && req.extensions().get::<h2::ExtendedConnect>().is_some();
+    let websocket_h2 = (req.version() == http::Version::HTTP_2)
+        .then(|| req.extensions().get::<h2::ExtendedConnect>())
+        .flatten()
+        .map(|c| c.accept.clone());
     let (mut resp, route) = route_and_forward(ctx, &rt, req, start, &unanswered).await;
     unanswered.answered = true;
-    if websocket_h2 {
-        resp = h2::refuse_unswitched(resp);
+    if let Some(accept) = &websocket_h2 {
+        resp = h2::refuse_unswitched(resp, accept);
     }
     let end = Instant::now();
     active.1 = Some(end);
@@ -1385,13 +1387,14 @@ async fn serve_h2<I>(
     tokio::pin!(conn);
     let idle_timer = tokio::time::sleep(idle);
     tokio::pin!(idle_timer);
-    // Once closing (idle, or the drain), the connection's GOAWAY and PING wait for the client's
-    // answer; a client gone without a FIN never gives one. So a closing connection with nothing in
-    // flight is dropped after `H2_CLOSE_GRACE`, whatever the client does.
+    // Once closing, the connection's GOAWAY and PING wait for the client's answer; a client gone
+    // without a FIN never gives one. So a connection closing for being idle (nothing in flight,
+    // nothing moved for `idle_timeout`) is dropped after `H2_CLOSE_GRACE`, whatever the client
+    // does; one closing for the drain, when the drain times out.
     let mut closing = *stop.borrow_and_update();
     if closing {
         conn.as_mut().graceful_shutdown();
-        idle_timer.as_mut().reset(Instant::now() + H2_CLOSE_GRACE);
+        idle_timer.as_mut().reset(far_future());
     }
     loop {
         // `biased`: the connection is polled first on every wake-up (nearly all are for it), with no
@@ -1404,10 +1407,13 @@ async fn serve_h2<I>(
                 }
                 return;
             }
+            // The drain: the connection closes when its client has taken every response (a
+            // response h2 still holds for a slow reader's flow-control window is not in flight,
+            // yet not delivered), or when the drain times out.
             _ = stop.changed(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
-                idle_timer.as_mut().reset(Instant::now() + H2_CLOSE_GRACE);
+                idle_timer.as_mut().reset(far_future());
             }
             _ = &mut idle_timer => {
                 let busy = ctx.inflight.load(Ordering::Relaxed) > 0;
@@ -1435,9 +1441,14 @@ async fn serve_h2<I>(
     }
 }
 
-/// How long a closing HTTP/2 connection with no stream left waits for its client to answer the
-/// GOAWAY's PING (and close) before it is dropped.
+/// How long an HTTP/2 connection closing for being idle, with no stream left, waits for its
+/// client to answer the GOAWAY's PING (and close) before it is dropped.
 const H2_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// A timer deadline that never comes in practice.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(100 * 365 * 86_400)
+}
 
 /// A connection's I/O with bytes already read from it put back in front (the HTTP/1 loop read the
 /// start of an HTTP/2 connection before it knew; a tunnel's two sides may have read past their

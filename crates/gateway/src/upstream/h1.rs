@@ -95,6 +95,8 @@ impl std::error::Error for Error {
 pub(crate) struct SendFail {
     /// Not a byte of the request was written: safe to send again on another connection.
     pub(crate) unsent: bool,
+    /// Not a byte of a response came before the connection failed.
+    pub(crate) unanswered: bool,
     pub(crate) error: Error,
 }
 
@@ -317,15 +319,17 @@ impl Io {
                 Poll::Ready(Err(e)) => {
                     return Poll::Ready(Err(SendFail {
                         unsent: ex.written == 0,
+                        unanswered: self.rbuf.is_empty(),
                         error: Error::Io(e),
                     }))
                 }
                 Poll::Pending => {}
             }
         }
-        let fail = |error| {
+        let fail = |error, unanswered| {
             Poll::Ready(Err(SendFail {
                 unsent: false,
+                unanswered,
                 error,
             }))
         };
@@ -333,12 +337,12 @@ impl Io {
             match parse_head(&mut self.rbuf, ex.head_request, ex.upgrade) {
                 Ok(Some(head)) => return Poll::Ready(Ok(head)),
                 Ok(None) => {}
-                Err(e) => return fail(e),
+                Err(e) => return fail(e, false),
             }
             match ready!(self.poll_fill(cx, HEAD_BUF)) {
-                Ok(0) => return fail(Error::Closed),
+                Ok(0) => return fail(Error::Closed, self.rbuf.is_empty()),
                 Ok(_) => {}
-                Err(e) => return fail(Error::Io(e)),
+                Err(e) => return fail(Error::Io(e), self.rbuf.is_empty()),
             }
         }
     }

@@ -482,8 +482,11 @@ impl Pool {
                     return Ok(head.response.map(|()| UpstreamBody(Inner::H1(body))));
                 }
                 // The upstream closed the pooled connection before it took a byte: nothing was
-                // sent, so a new connection gets the request (once).
-                Err(f) if f.unsent && reused => {
+                // sent, so a new connection gets the request (once). So does an idempotent
+                // request it closed without a byte of answer: the stale keep-alive race (its
+                // idle timeout ran out as the request came), which Go's and hyper's clients and
+                // nginx also resend once; not a retry of the route.
+                Err(f) if reused && (f.unsent || (f.unanswered && resendable(parts))) => {
                     reused = false;
                     io = self.connect_h1().await?;
                 }
@@ -606,6 +609,16 @@ fn classify(err: &hyper::Error) -> FailKind {
     } else {
         FailKind::Reset
     }
+}
+
+/// Whether a request may go again on a fresh connection after a reused one closed without an
+/// answer: idempotent (RFC 9110 9.2.2), or carrying an `Idempotency-Key`.
+fn resendable(parts: &Parts) -> bool {
+    use http::Method;
+    matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    ) || parts.headers.contains_key("idempotency-key")
 }
 
 #[cfg(test)]

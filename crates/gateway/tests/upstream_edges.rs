@@ -1,0 +1,136 @@
+//! The upstream side: an idempotent request that meets a stale keep-alive connection goes again
+//! on a fresh one, and an upstream's WebSocket handshake over HTTP/2 must carry the right accept.
+mod support;
+
+use bytes::Bytes;
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A route to `url` with the default retry policy (none: one attempt), as an operator writes it.
+fn plain_config(url: &str) -> String {
+    format!("upstreams:\n  u: {{ endpoints: [{{url: '{url}'}}] }}\nroutes:\n  - upstream: u\n")
+}
+
+/// The stale keep-alive race: the upstream's keep-alive timeout fires while the gateway's request
+/// is on its way, so the upstream closes a reused connection having taken (or dropped) the request
+/// without answering a byte. For an idempotent request on a *reused* connection this is the
+/// classic race every client retries once on a fresh connection (Go's Transport, nginx's cached
+/// upstream connections, hyper's pool); here it is a 502 unless the route has retries.
+#[tokio::test]
+async fn a_get_on_a_reused_connection_the_upstream_closed_unanswered_is_sent_again() {
+    // Connection 0: answers its first request keep-alive, then closes on the second one without a
+    // byte of answer (its keep-alive timer fired). Every later connection answers normally.
+    let up = RawUpstream::start(|mut s, i| async move {
+        let mut buf = Vec::new();
+        let mut n = 0;
+        while read_head(&mut s, &mut buf).await.is_some() {
+            if i == 0 && n == 1 {
+                return; // closed with the request unanswered
+            }
+            n += 1;
+            let body = format!("conn {i}");
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            );
+            if s.write_all(resp.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let gw = Gateway::start(&plain_config(&up.url())).await;
+    let c = client();
+    let r = get(&c, &gw.url("/a")).await;
+    assert_eq!((r.status.as_u16(), r.text().as_str()), (200, "conn 0"));
+    let ep = endpoint(&gw, "u", 0);
+    wait_until(10, || ep.pool.idle_count() == 1).await;
+    // The second GET goes on the pooled connection 0, which the upstream closes unanswered.
+    let r = get(&c, &gw.url("/b")).await;
+    assert_eq!(
+        (r.status.as_u16(), r.text().as_str()),
+        (200, "conn 1"),
+        "a GET that met a stale keep-alive connection got {} {:?} (reason {:?})",
+        r.status,
+        r.text(),
+        r.header("x-bulwark-reason")
+    );
+    gw.stop().await;
+}
+
+/// RFC 8441: for a WebSocket over HTTP/2 the gateway is the WebSocket client of the upstream: it
+/// makes up the `Sec-WebSocket-Key` itself (and strips `Sec-WebSocket-Accept` from the answer), so
+/// only it can check the upstream's `Sec-WebSocket-Accept` (RFC 6455 4.1: a wrong or missing one
+/// fails the connection). A 101 with a wrong accept (an upstream that is not a WebSocket server
+/// or that answers another handshake) is still turned into the stream's 200 and tunnelled.
+#[tokio::test]
+async fn an_http2_websocket_whose_upstream_101_has_a_wrong_accept_is_refused() {
+    let up = RawUpstream::start(|mut s, _| async move {
+        let mut buf = Vec::new();
+        loop {
+            let Some(head) = read_head(&mut s, &mut buf).await else {
+                return;
+            };
+            if head
+                .to_ascii_lowercase()
+                .contains("\r\nupgrade: websocket\r\n")
+            {
+                break;
+            }
+            let refused = b"HTTP/1.1 426 Upgrade Required\r\ncontent-length: 0\r\n\r\n";
+            if s.write_all(refused).await.is_err() {
+                return;
+            }
+        }
+        // A fixed accept, whatever key was sent (the RFC 6455 sample's).
+        let answer =
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+        let _ = s.write_all(answer).await;
+        let mut b = [0u8; 1024];
+        while let Ok(n) = s.read(&mut b).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  ws: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - upstream: ws\n    websocket: true\n",
+        up.url()
+    ))
+    .await;
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // A first request, so the gateway's SETTINGS (extended CONNECT allowed) are known.
+    let first = send
+        .send_request(
+            http::Request::get("http://gw/settings")
+                .body(http_body_util::Empty::<Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    drop(first);
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("http://gw/ws")
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(
+        resp.status(),
+        502,
+        "a 101 whose Sec-WebSocket-Accept does not match the gateway's key became a tunnel"
+    );
+    gw.stop().await;
+}
