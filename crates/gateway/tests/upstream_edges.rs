@@ -1,8 +1,12 @@
 //! The upstream side: an idempotent request that meets a stale keep-alive connection goes again
-//! on a fresh one, and an upstream's WebSocket handshake over HTTP/2 must carry the right accept.
+//! on a fresh one, an upstream's early answer to an upload reaches the client even when its reset
+//! beat the gateway's write, and an upstream's WebSocket handshake over HTTP/2 must carry the right
+//! accept.
 mod support;
 
 use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -132,5 +136,51 @@ Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
         502,
         "a 101 whose Sec-WebSocket-Accept does not match the gateway's key became a tunnel"
     );
+    gw.stop().await;
+}
+
+/// An upstream that refuses a large upload early (413 before reading the body, then closing the
+/// socket with the body unread, which sends a TCP reset) while the gateway is still writing a
+/// buffered request body (up to `retry_buffer`): the 413 has arrived, but the write error wins and
+/// the client gets a 502 instead of the upstream's 413.
+#[tokio::test]
+async fn an_early_413_from_the_upstream_during_a_buffered_upload_reaches_the_client() {
+    const BODY: usize = 12 * 1024 * 1024;
+    let up = RawUpstream::start(|mut s, _| async move {
+        // Only the head: the body is left unread.
+        let mut buf = Vec::new();
+        let mut tmp = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut tmp).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            }
+        }
+        let _ = s
+            .write_all(
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
+            )
+            .await;
+        // Dropped with unread input: the kernel answers with a reset.
+    })
+    .await;
+    let yaml = format!(
+        "limits: {{ max_body_bytes: 32MiB }}\nupstreams:\n  u: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - upstream: u\n    retry_buffer: 16MiB\n",
+        up.url()
+    );
+    let gw = Gateway::start(&yaml).await;
+    let req = Request::post(gw.url("/upload"))
+        .header("content-length", BODY.to_string())
+        .body(Full::new(Bytes::from(vec![b'x'; BODY])))
+        .unwrap();
+    let r = send(&client(), req).await;
+    assert_eq!(
+        r.status.as_u16(),
+        413,
+        "the upstream's early 413 was replaced by {} (reason {:?})",
+        r.status,
+        r.header("x-bulwark-reason")
+    );
+    assert_eq!(r.text(), "too big!");
     gw.stop().await;
 }

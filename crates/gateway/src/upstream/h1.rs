@@ -317,11 +317,20 @@ impl Io {
             match self.poll_write_request(ex, cx) {
                 Poll::Ready(Ok(())) => ex.write_done = true,
                 Poll::Ready(Err(e)) => {
+                    // An upstream that answers before it read the whole request (an early 413 or
+                    // 401) and closes with input unread resets the connection, and the write
+                    // fails; its answer may be in already. Then it is the exchange's response
+                    // (the connection is not reused: the request was not all written).
+                    if ex.written > 0 {
+                        if let Some(head) = self.answer_in_already(ex, cx) {
+                            return Poll::Ready(Ok(head));
+                        }
+                    }
                     return Poll::Ready(Err(SendFail {
                         unsent: ex.written == 0,
                         unanswered: self.rbuf.is_empty(),
                         error: Error::Io(e),
-                    }))
+                    }));
                 }
                 Poll::Pending => {}
             }
@@ -343,6 +352,20 @@ impl Io {
                 Ok(0) => return fail(Error::Closed, self.rbuf.is_empty()),
                 Ok(_) => {}
                 Err(e) => return fail(Error::Io(e), self.rbuf.is_empty()),
+            }
+        }
+    }
+
+    /// A whole response head among what the connection has received, if there is one now (read
+    /// without waiting).
+    fn answer_in_already(&mut self, ex: &Exchange, cx: &mut Context<'_>) -> Option<Head> {
+        loop {
+            if let Ok(Some(head)) = parse_head(&mut self.rbuf, ex.head_request, ex.upgrade) {
+                return Some(head);
+            }
+            match self.poll_fill(cx, HEAD_BUF) {
+                Poll::Ready(Ok(n)) if n > 0 => {}
+                _ => return None,
             }
         }
     }
