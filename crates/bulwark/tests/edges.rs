@@ -1,7 +1,6 @@
 //! Where the policies meet: local refusals in a tower stack do not trip the breaker, a refused
 //! hedge does not cancel the half-open probe, a probe slower than its lease still re-opens the
-//! breaker, keyed breakers outlive their open duration, and a tower retry given up at readiness
-//! gives its budget token back.
+//! breaker, and keyed breakers outlive their open duration.
 
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,105 +45,6 @@ async fn keyed_breaker_is_not_evicted_while_open() {
         "t = 305 s, the breaker opened at 10 s for 300 s, got {r:?} (ran {} times)",
         ran.load(Ordering::SeqCst)
     );
-}
-
-mod tower_retry {
-    use super::*;
-    use bulwark::retry::{Backoff, Retry, RetryBudget, RetryLayer};
-    use std::task::{Context, Poll};
-    use tower::{Layer, Service, ServiceExt};
-
-    #[derive(Debug)]
-    pub struct Down;
-    impl std::fmt::Display for Down {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("down")
-        }
-    }
-    impl std::error::Error for Down {}
-
-    /// Fails every call; after a call it is not ready again for `gap`.
-    #[derive(Clone)]
-    pub struct SlowToReady {
-        pub calls: Arc<AtomicUsize>,
-        pub ready_at: Arc<Mutex<Option<Instant>>>,
-        pub gap: Duration,
-    }
-
-    impl Service<()> for SlowToReady {
-        type Response = ();
-        type Error = Down;
-        type Future = std::future::Ready<Result<(), Down>>;
-
-        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Down>> {
-            let at = *self.ready_at.lock().unwrap();
-            match at {
-                Some(at) if Instant::now() < at => {
-                    let waker = cx.waker().clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep_until(at).await;
-                        waker.wake();
-                    });
-                    Poll::Pending
-                }
-                _ => Poll::Ready(Ok(())),
-            }
-        }
-
-        fn call(&mut self, _: ()) -> Self::Future {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            *self.ready_at.lock().unwrap() = Some(Instant::now() + self.gap);
-            std::future::ready(Err(Down))
-        }
-    }
-
-    /// When the retry gives up because readiness outlasted `max_elapsed`, no retry was sent: its
-    /// budget token must not stay spent, and the give-up must be reported (`RetryExhausted`), as
-    /// on every other path that stops at a limit. (Its `Retry` event was emitted when it was
-    /// decided, before the wait, as resilience4j's `onRetry` is.)
-    #[tokio::test(start_paused = true)]
-    async fn a_tower_retry_given_up_at_readiness_refunds_its_token_and_reports_the_end() {
-        let calls = Arc::new(AtomicUsize::new(0));
-        let inner = SlowToReady {
-            calls: calls.clone(),
-            ready_at: Arc::new(Mutex::new(None)),
-            gap: Duration::from_millis(500),
-        };
-        let budget = RetryBudget::builder()
-            .min_retries_per_sec(0)
-            .percent_can_retry(1.0)
-            .build()
-            .unwrap();
-        let events: Arc<Mutex<Vec<Event>>> = Arc::default();
-        let ev = events.clone();
-        let retry = Retry::builder()
-            .max_attempts(5)
-            .max_elapsed(Duration::from_millis(300))
-            .backoff(Backoff::fixed(Duration::from_millis(10)))
-            .deadline_aware(false)
-            .budget(budget.clone())
-            .listener(move |e: &Event| ev.lock().unwrap().push(e.clone()))
-            .build()
-            .unwrap();
-        let mut svc = RetryLayer::new(retry).layer(inner);
-        let r = svc.ready().await.unwrap().call(()).await;
-        assert!(r.unwrap_err().downcast_ref::<Down>().is_some());
-        assert_eq!(calls.load(Ordering::SeqCst), 1, "one attempt was sent");
-        let events = events.lock().unwrap().clone();
-        let retries = events
-            .iter()
-            .filter(|e| matches!(e, Event::Retry { .. }))
-            .count();
-        let exhausted = events
-            .iter()
-            .filter(|e| matches!(e, Event::RetryExhausted { .. }))
-            .count();
-        assert_eq!(
-            (retries, exhausted, budget.balance()),
-            (1, 1, 1),
-            "(Retry events, RetryExhausted events, budget balance) after one call and no retry sent; events: {events:?}"
-        );
-    }
 }
 
 mod keyed_sweep {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bulwark::retry::{Backoff, Retry, RetryBudget, RetryLayer};
 use bulwark::timeout::{Deadline, Timeout, TimeoutLayer};
-use bulwark::{BoxError, Error, Outcome};
+use bulwark::{BoxError, Error, Event, Outcome};
 use tokio::time::Instant;
 use tower::{service_fn, Layer, Service, ServiceExt};
 
@@ -315,4 +315,52 @@ async fn no_attempt_starts_past_max_elapsed_even_when_readiness_is_slow() {
     assert!(r.unwrap_err().downcast_ref::<Down>().is_some());
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(t0.elapsed(), ms(500));
+}
+
+/// When the retry gives up because readiness outlasted `max_elapsed`, no retry was sent: its
+/// budget token must not stay spent, and the give-up must be reported (`RetryExhausted`), as
+/// on every other path that stops at a limit. (Its `Retry` event was emitted when it was
+/// decided, before the wait, as resilience4j's `onRetry` is.)
+#[tokio::test(start_paused = true)]
+async fn a_tower_retry_given_up_at_readiness_refunds_its_token_and_reports_the_end() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let inner = SlowToReady {
+        calls: calls.clone(),
+        ready_at: Arc::new(Mutex::new(None)),
+        gap: Duration::from_millis(500),
+    };
+    let budget = RetryBudget::builder()
+        .min_retries_per_sec(0)
+        .percent_can_retry(1.0)
+        .build()
+        .unwrap();
+    let events: Arc<Mutex<Vec<Event>>> = Arc::default();
+    let ev = events.clone();
+    let retry = Retry::builder()
+        .max_attempts(5)
+        .max_elapsed(Duration::from_millis(300))
+        .backoff(Backoff::fixed(Duration::from_millis(10)))
+        .deadline_aware(false)
+        .budget(budget.clone())
+        .listener(move |e: &Event| ev.lock().unwrap().push(e.clone()))
+        .build()
+        .unwrap();
+    let mut svc = RetryLayer::new(retry).layer(inner);
+    let r = svc.ready().await.unwrap().call(()).await;
+    assert!(r.unwrap_err().downcast_ref::<Down>().is_some());
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one attempt was sent");
+    let events = events.lock().unwrap().clone();
+    let retries = events
+        .iter()
+        .filter(|e| matches!(e, Event::Retry { .. }))
+        .count();
+    let exhausted = events
+        .iter()
+        .filter(|e| matches!(e, Event::RetryExhausted { .. }))
+        .count();
+    assert_eq!(
+        (retries, exhausted, budget.balance()),
+        (1, 1, 1),
+        "(Retry events, RetryExhausted events, budget balance) after one call and no retry sent; events: {events:?}"
+    );
 }
