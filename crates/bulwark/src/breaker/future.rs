@@ -117,7 +117,6 @@ fn is_local_refusal(e: &BoxError) -> bool {
                 | Error::BulkheadFull
                 | Error::Shed
                 | Error::CircuitOpen { .. }
-                | Error::RetryBudgetExhausted
         )
     )
 }

@@ -52,7 +52,7 @@ enum Last {
     Failure(Failure),
 }
 
-fn is_idempotent(m: &Method) -> bool {
+pub(crate) fn is_idempotent(m: &Method) -> bool {
     matches!(
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE

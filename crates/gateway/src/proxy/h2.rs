@@ -364,14 +364,6 @@ pub(crate) fn refuse_unswitched(
     let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
         && resp.extensions().get::<super::tunnel::Upgraded>().is_some()
         && resp.headers().get(header::SEC_WEBSOCKET_ACCEPT) == Some(accept);
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !switched {
-        let attempts = resp
-            .headers()
-            .get(&super::respond::X_BULWARK_ATTEMPTS)
-            .and_then(|v| v.to_str().ok()?.parse().ok())
-            .unwrap_or(1);
-        return super::respond::failure(super::respond::Failure::UpstreamError, attempts, None);
-    }
     if switched || !(resp.status().is_success() || resp.status().is_informational()) {
         return resp;
     }

@@ -614,11 +614,10 @@ fn classify(err: &hyper::Error) -> FailKind {
 /// Whether a request may go again on a fresh connection after a reused one closed without an
 /// answer: idempotent (RFC 9110 9.2.2), or carrying an `Idempotency-Key`.
 fn resendable(parts: &Parts) -> bool {
-    use http::Method;
-    matches!(
-        parts.method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    ) || parts.headers.contains_key("idempotency-key")
+    crate::proxy::attempt::is_idempotent(&parts.method)
+        || parts
+            .headers
+            .contains_key(&crate::proxy::headers::IDEMPOTENCY_KEY)
 }
 
 #[cfg(test)]
