@@ -7,19 +7,6 @@ use std::sync::{Arc, Mutex};
 
 use support::*;
 
-/// Captures this test's log lines (text, no ANSI). `#[tokio::test]` runs the gateway's tasks on
-/// the test's own thread, so a thread-local subscriber sees all of them.
-fn capture() -> (Arc<Mutex<Vec<u8>>>, tracing::subscriber::DefaultGuard) {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let w = buf.clone();
-    let sub = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || LogCapture(w.clone()))
-        .finish();
-    (buf, tracing::subscriber::set_default(sub))
-}
-
 fn access_lines(buf: &Arc<Mutex<Vec<u8>>>) -> Vec<String> {
     String::from_utf8_lossy(&buf.lock().unwrap())
         .lines()
@@ -33,7 +20,7 @@ fn access_lines(buf: &Arc<Mutex<Vec<u8>>>) -> Vec<String> {
 /// has.
 #[tokio::test]
 async fn heads_refused_while_reading_have_a_line() {
-    let (buf, _guard) = capture();
+    let (buf, _guard) = capture_logs();
     let up = Upstream::named("u").await;
     let gw = Gateway::start(&one_route(
         &up.url(),
@@ -73,7 +60,7 @@ async fn heads_refused_while_reading_have_a_line() {
 /// before.
 #[tokio::test]
 async fn a_request_the_client_abandons_has_a_499_line() {
-    let (buf, _guard) = capture();
+    let (buf, _guard) = capture_logs();
     let up = Silent::start().await;
     let gw = Gateway::start(&one_route(&up.url(), "logging: { access_log: true }\n")).await;
     let mut c = RawClient::connect(&gw).await;
@@ -102,7 +89,7 @@ async fn a_request_the_client_abandons_has_a_499_line() {
 /// as the same 400 over HTTP/1.1 has.
 #[tokio::test]
 async fn a_refused_http2_connect_has_a_line() {
-    let (buf, _guard) = capture();
+    let (buf, _guard) = capture_logs();
     let up = Upstream::named("u").await;
     let gw = Gateway::start(&one_route(&up.url(), "logging: { access_log: true }\n")).await;
     let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
@@ -138,7 +125,7 @@ async fn a_refused_http2_connect_has_a_line() {
 /// the line says `attempts=0` although the upstream received the request.
 #[tokio::test]
 async fn a_413_after_the_request_went_upstream_logs_its_attempt() {
-    let (logs, _guard) = capture();
+    let (logs, _guard) = capture_logs();
     let up = Upstream::echo().await;
     let gw = Gateway::start(&one_route(
         &up.url(),

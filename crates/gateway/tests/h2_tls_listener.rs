@@ -5,7 +5,7 @@
 //! does not cut a response a slow HTTP/2 client is still taking.
 mod support;
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -165,15 +165,7 @@ async fn http2_headers_count_against_max_header_bytes_as_http1_heads_do() {
 /// over HTTP/2 the 431 is the h2 library's own, without the header and without a line.
 #[tokio::test]
 async fn an_http2_431_says_headers_too_large_and_is_logged() {
-    // `#[tokio::test]` runs the gateway's tasks on this thread: a thread-local subscriber sees them.
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    let w = logs.clone();
-    let sub = tracing_subscriber::fmt()
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .with_writer(move || LogCapture(w.clone()))
-        .finish();
-    let _guard = tracing::subscriber::set_default(sub);
+    let (logs, _guard) = capture_logs();
     let up = Upstream::named("u").await;
     let gw = Gateway::start(&one_route(
         &up.url(),

@@ -1,11 +1,12 @@
 //! The real binary: `bulwark run` with JSON logs, reloading on SIGHUP, admin on an ephemeral port,
-//! exiting cleanly on SIGTERM. (A child process, so signals never reach the test runner.)
+//! exiting cleanly on SIGTERM, and a SIGHUP during the start reloads rather than kills it. (A
+//! child process, so signals never reach the test runner.)
 #![cfg(unix)]
 mod admin_support;
 mod support;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -19,6 +20,27 @@ fn signal(pid: u32, sig: &str) {
         .unwrap()
         .success();
     assert!(ok, "kill {sig} {pid}");
+}
+
+/// Starts `bulwark run --threads 1 -c path`; its stdout lines are gathered as they come.
+fn run_binary(path: &std::path::Path) -> (Child, Arc<Mutex<Vec<String>>>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["run", "--threads", "1", "-c"])
+        .arg(path)
+        .env_remove("BULWARK_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+    let out = child.stdout.take().unwrap();
+    let l = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            l.lock().unwrap().push(line);
+        }
+    });
+    (child, lines)
 }
 
 #[tokio::test]
@@ -42,22 +64,7 @@ routes:
         b.url()
     );
     std::fs::write(&path, &base).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
-        .args(["run", "--threads", "1", "-c"])
-        .arg(&path)
-        .env_remove("BULWARK_LOG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    let out = child.stdout.take().unwrap();
-    let l = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            l.lock().unwrap().push(line);
-        }
-    });
+    let (mut child, lines) = run_binary(&path);
     let find = |needle: &str| {
         lines
             .lock()
@@ -119,5 +126,83 @@ routes:
     })
     .unwrap()
     .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+/// A SIGHUP that arrives during the start (`systemctl reload` right after `systemctl start` of a
+/// `Type=simple` unit, a logrotate `postrotate` hook) reloads once the start is done, rather than
+/// kill the process (SIGHUP's default action). Here the start is held in the store's open (its
+/// file locked by another connection, which SQLite waits out for up to its busy timeout), so the
+/// signal surely lands in that window.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_sighup_during_start_up_does_not_kill_the_gateway() {
+    let a = Upstream::named("a").await;
+    let dir = temp_dir();
+    let db = dir.join("bulwark.db");
+    let other = rusqlite::Connection::open(&db).unwrap();
+    other
+        .execute_batch("CREATE TABLE held (x INTEGER); BEGIN EXCLUSIVE;")
+        .unwrap();
+    let path = dir.join("gw.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen: 127.0.0.1:0
+logging: {{ format: json, level: info }}
+store: {{ path: '{}' }}
+upstreams:
+  a: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: a
+",
+            db.display(),
+            a.url()
+        ),
+    )
+    .unwrap();
+    let (mut child, lines) = run_binary(&path);
+    let pid = child.id();
+    // The gateway has opened the store file, and waits for its lock.
+    let fds = format!("/proc/{pid}/fd");
+    let opened = || {
+        std::fs::read_dir(&fds).is_ok_and(|d| {
+            d.filter_map(Result::ok)
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == db))
+        })
+    };
+    eventually(10, "the gateway opens its store", || {
+        let o = opened();
+        async move { o }
+    })
+    .await;
+    signal(pid, "-HUP");
+    other.execute_batch("ROLLBACK").unwrap();
+    drop(other);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the gateway died of a SIGHUP sent during its start: {status}");
+        }
+        if lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("bulwark listening"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway neither started nor exited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    signal(pid, "-TERM");
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success(), "{status}");
 }

@@ -870,6 +870,22 @@ impl TestTls {
     }
 }
 
+/// Captures this test's log lines (text, no ANSI) until the guard is dropped. `#[tokio::test]`
+/// runs the gateway's tasks on the test's own thread, so a thread-local subscriber sees them all.
+pub fn capture_logs() -> (
+    Arc<std::sync::Mutex<Vec<u8>>>,
+    tracing::subscriber::DefaultGuard,
+) {
+    let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let w = buf.clone();
+    let sub = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || LogCapture(w.clone()))
+        .finish();
+    (buf, tracing::subscriber::set_default(sub))
+}
+
 /// A `tracing` writer into memory (tests that read what was logged).
 pub struct LogCapture(pub Arc<std::sync::Mutex<Vec<u8>>>);
 
