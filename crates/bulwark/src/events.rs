@@ -158,7 +158,9 @@ pub enum Event {
 
 /// Something that receives events.
 pub trait Listener: Send + Sync + 'static {
-    /// Called synchronously on the task that caused the event: keep it cheap.
+    /// Called synchronously on the task that caused the event: keep it cheap. (A breaker
+    /// transition decided while another caller delivers that breaker's transitions is
+    /// delivered by that caller, right after the ones before it, so that they arrive in order.)
     fn on_event(&self, event: &Event);
 }
 

@@ -15,6 +15,7 @@
 //! can still add one sample to the fresh window: a bounded, harmless race that a
 //! lock on the hot path would be too expensive to close.)
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -143,6 +144,11 @@ struct Control {
     next_token: u64,
     /// The first probe token of the current half-open period.
     half_open_from: u64,
+    /// Transitions decided and not yet delivered to the listeners, in the order
+    /// they were decided (only filled when someone listens).
+    outbox: VecDeque<Move>,
+    /// True while one caller delivers the outbox (see [`Inner::deliver`]).
+    delivering: bool,
 }
 
 /// Counters of the calls admitted during a ramp.
@@ -220,6 +226,8 @@ impl Inner {
                 probes,
                 next_token: 1,
                 half_open_from: 1,
+                outbox: VecDeque::new(),
+                delivering: false,
             }),
             listeners,
         }
@@ -240,13 +248,43 @@ impl Inner {
         public_state(st(self.state.0.load(Ordering::Acquire)))
     }
 
+    /// Delivers the transitions decided so far, after the decision lock is
+    /// released, in the order they were decided. One caller at a time delivers:
+    /// a caller that finds another one at it leaves its transition to that one,
+    /// so two transitions decided on two threads never reach a listener in
+    /// reverse. A listener that itself moves the breaker finds its own caller
+    /// delivering, and its transition follows once it returns (no deadlock).
     fn emit(&self, m: Option<Move>) {
-        if let Some(m) = m {
+        if m.is_none() || self.listeners.is_empty() {
+            return;
+        }
+        let mut ctl = self.lock();
+        if ctl.delivering {
+            return;
+        }
+        ctl.delivering = true;
+        // A listener that panics must not leave the outbox closed for good.
+        struct Delivering<'a>(&'a Inner);
+        impl Drop for Delivering<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.lock().delivering = false;
+                }
+            }
+        }
+        let _guard = Delivering(self);
+        loop {
+            let Some(m) = ctl.outbox.pop_front() else {
+                ctl.delivering = false;
+                break;
+            };
+            drop(ctl);
             self.listeners.emit(|| Event::BreakerTransition {
                 name: self.name.clone(),
                 from: m.from,
                 to: m.to,
             });
+            ctl = self.lock();
         }
     }
 
@@ -630,11 +668,15 @@ impl Inner {
         }
         let word = (((old >> 8) + 1) << 8) | u64::from(to);
         self.state.0.store(word, Ordering::Release);
-        Move {
+        let m = Move {
             from: public_state(st(old)),
             to: public_state(to),
             word,
+        };
+        if !self.listeners.is_empty() {
+            ctl.outbox.push_back(m);
         }
+        m
     }
 
     /// A manual transition; no-op (and no event) when already in `to`.
