@@ -64,7 +64,17 @@ struct State {
     /// A new stamp seen at the last look, applied if the next look sees it again.
     pending: Option<Stamp>,
     last_error: Option<String>,
+    /// Looks between two retries of the same failed reload: 1 after a new failure, doubling
+    /// with each failed retry up to [`RETRY_MAX_LOOKS`].
+    retry_every: u32,
+    /// Looks left before the next retry.
+    retry_wait: u32,
 }
+
+/// At most this many looks (seconds, at the default poll) between two retries of a failed reload:
+/// a config that stays broken costs a reload attempt (and a blocking-pool thread, which tokio lets
+/// go after 10 s idle) about twice a minute, not every second.
+const RETRY_MAX_LOOKS: u32 = 32;
 
 /// Reloads one gateway from one config file.
 #[derive(Debug)]
@@ -88,8 +98,7 @@ impl Reloader {
         }
         let state = State {
             stamp: seen,
-            pending: None,
-            last_error: None,
+            ..State::default()
         };
         Reloader {
             path,
@@ -122,11 +131,25 @@ impl Reloader {
     }
 
     /// Whether the file's modification time or length changed since the last look (and it is
-    /// there), or the last reload failed (to be tried again: a file it names may be there now).
+    /// there), or the last reload failed and is due to be tried again (a file it names may be
+    /// there now; retries come at growing intervals, see [`RETRY_MAX_LOOKS`]).
     fn changed(&self) -> bool {
         let now = stamp(&self.path);
-        let state = self.lock();
-        now.is_some() && (now != state.stamp || state.last_error.is_some())
+        let mut state = self.lock();
+        if now.is_none() {
+            return false;
+        }
+        if now != state.stamp {
+            return true;
+        }
+        if state.last_error.is_none() {
+            return false;
+        }
+        if state.retry_wait > 0 {
+            state.retry_wait -= 1;
+            return false;
+        }
+        true
     }
 
     /// Reloads if the file's modification time or length changed since the last look and then
@@ -156,9 +179,15 @@ impl Reloader {
     /// is not logged again.
     fn reload_locked(&self, state: &mut State, retry: bool) -> Result<Reloaded, String> {
         let result = self.try_reload();
+        self.gateway
+            .runtime()
+            .telemetry()
+            .config_reloaded(result.is_ok());
         match &result {
             Ok(r) => {
                 state.last_error = None;
+                state.retry_every = 0;
+                state.retry_wait = 0;
                 tracing::info!(
                     file = %self.path.display(),
                     generation = r.generation,
@@ -180,6 +209,12 @@ impl Reloader {
                     tracing::error!(error = %e, "config reload rejected; the previous config keeps serving");
                 }
                 state.last_error = Some(e.clone());
+                state.retry_every = if retry {
+                    (state.retry_every * 2).clamp(1, RETRY_MAX_LOOKS)
+                } else {
+                    1
+                };
+                state.retry_wait = state.retry_every - 1;
             }
         }
         result

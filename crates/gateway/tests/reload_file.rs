@@ -144,3 +144,86 @@ routes:
     .await;
     ops.stop().await;
 }
+
+/// A config that stays broken is tried again at growing intervals (1, 2, 4, 8, 16, at most 32
+/// looks apart), not at every look: each attempt rebuilds the runtime on a blocking-pool thread.
+/// `bulwark_config_reloads_total` and `bulwark_config_last_reload_successful` show the attempts
+/// and the state; fixing the file reloads at once.
+#[tokio::test]
+async fn a_broken_config_is_retried_at_growing_intervals_and_counted() {
+    let a = Upstream::named("a").await;
+    let poll = Duration::from_millis(20);
+    let good = format!(
+        "upstreams:
+  a: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - match: {{ path_prefix: /a }}
+    upstream: a
+",
+        a.url()
+    );
+    let ops = Ops::start_with(&good, None, poll).await;
+    let c = client();
+    let m = ops.metrics(&c).await;
+    assert_eq!(
+        sample(&m, "bulwark_config_last_reload_successful"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, r#"bulwark_config_reloads_total{result="failure"}"#),
+        Some(0.0),
+        "{m}"
+    );
+
+    ops.rewrite(&format!(
+        "{good}  - match: {{ path_prefix: /b }}\n    upstream: missing\n"
+    ));
+    let metrics_url = ops.admin_url("/metrics");
+    let failures_at_least = |n: f64| {
+        let (c, url) = (c.clone(), metrics_url.clone());
+        async move {
+            let m = get(&c, &url).await.text();
+            sample(&m, r#"bulwark_config_reloads_total{result="failure"}"#).unwrap_or(0.0) >= n
+        }
+    };
+    eventually(10, "the broken config is refused", || {
+        failures_at_least(1.0)
+    })
+    .await;
+    let first = tokio::time::Instant::now();
+    let m = ops.metrics(&c).await;
+    assert_eq!(
+        sample(&m, "bulwark_config_last_reload_successful"),
+        Some(0.0),
+        "{m}"
+    );
+    // Five retries: at least 1 + 2 + 4 + 8 + 16 = 31 looks after the first failure (every look
+    // would take 5).
+    eventually(20, "five retries", || failures_at_least(6.0)).await;
+    let took = first.elapsed();
+    assert!(took >= poll * 20, "six attempts within {took:?}");
+
+    // Fixed: applied at the next looks, whatever the retry interval.
+    ops.rewrite(&format!(
+        "{good}  - match: {{ path_prefix: /b }}\n    upstream: a\n"
+    ));
+    let url = ops.url("/b");
+    eventually(10, "the fixed config is applied", || {
+        let (c, url) = (c.clone(), url.clone());
+        async move { get(&c, &url).await.status == 200 }
+    })
+    .await;
+    let m = ops.metrics(&c).await;
+    assert_eq!(
+        sample(&m, "bulwark_config_last_reload_successful"),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, r#"bulwark_config_reloads_total{result="success"}"#),
+        Some(1.0),
+        "{m}"
+    );
+    ops.stop().await;
+}

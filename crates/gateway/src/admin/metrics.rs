@@ -94,6 +94,13 @@ pub struct RouteOnlyLabels {
     pub route: String,
 }
 
+/// Labels of `bulwark_config_reloads_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct ReloadLabels {
+    /// `success` or `failure`.
+    pub result: &'static str,
+}
+
 /// Labels of `bulwark_mode`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct ModeLabels {
@@ -299,6 +306,8 @@ pub struct Telemetry {
     client_limited: Family<RouteOnlyLabels, Counter>,
     admission_running: Gauge,
     admission_queued: Gauge,
+    reloads: Family<ReloadLabels, Counter>,
+    reload_ok: Gauge,
     listener: Arc<dyn Listener>,
     /// Gauge series set by the last refresh, so series of removed upstreams/endpoints can be dropped.
     live: Mutex<LiveSeries>,
@@ -338,6 +347,22 @@ impl Telemetry {
         let faults = Family::<FaultLabels, Counter>::default();
         let client_limited = Family::<RouteOnlyLabels, Counter>::default();
         let (admission_running, admission_queued) = (Gauge::default(), Gauge::default());
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        let reload_ok = Gauge::default();
+        reload_ok.set(1);
+        for result in ["success", "failure"] {
+            let _ = reloads.get_or_create(&ReloadLabels { result });
+        }
+        registry.register(
+            "bulwark_config_reloads",
+            "Config reloads attempted (SIGHUP, a changed file, a retry of a failed one), by result",
+            reloads.clone(),
+        );
+        registry.register(
+            "bulwark_config_last_reload_successful",
+            "Whether the last config reload attempted was applied (1) or refused (0); 1 before any",
+            reload_ok.clone(),
+        );
         registry.register(
             "bulwark_admission_running",
             "Requests holding an admission slot (0 without `admission`)",
@@ -410,6 +435,8 @@ impl Telemetry {
             client_limited,
             admission_running,
             admission_queued,
+            reloads,
+            reload_ok,
             listener,
             live: Mutex::new(LiveSeries::default()),
         }
@@ -424,6 +451,13 @@ impl Telemetry {
                 })
                 .set(i64::from(m == current));
         }
+    }
+
+    /// Counts one config reload attempted, applied (`ok`) or refused.
+    pub fn config_reloaded(&self, ok: bool) {
+        let result = if ok { "success" } else { "failure" };
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+        self.reload_ok.set(i64::from(ok));
     }
 
     /// WebSocket tunnels open now.
