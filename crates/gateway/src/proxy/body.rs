@@ -201,6 +201,9 @@ impl Body for ReqBody {
                 ended,
             } => {
                 if let Some(p) = prefix.take() {
+                    if rest.is_end_stream() {
+                        ended.store(true, Ordering::Relaxed);
+                    }
                     return Poll::Ready(Some(Ok(Frame::data(p))));
                 }
                 let frame = rest.as_mut().poll_frame(cx);
@@ -215,7 +218,19 @@ impl Body for ReqBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ReqBody::Full { data } => data.is_none(),
-            ReqBody::Stream { prefix, rest, .. } => prefix.is_none() && rest.is_end_stream(),
+            ReqBody::Stream {
+                prefix,
+                rest,
+                ended,
+            } => {
+                // A sender that sees the end here stops polling (hyper's HTTP/2 client does): the
+                // client has sent everything, and its flag must say so.
+                let end = prefix.is_none() && rest.is_end_stream();
+                if end {
+                    ended.store(true, Ordering::Relaxed);
+                }
+                end
+            }
         }
     }
 
@@ -485,4 +500,29 @@ pub async fn read_small(
     };
     let data = tokio::time::timeout_at(by, read).await.ok()??;
     Some(http::Response::from_parts(parts, RespBody::full(data)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A streamed body whose client side has already ended when its prefix is handed out: a sender
+    /// that then checks `is_end_stream` and stops polling (hyper's HTTP/2 client) must still leave
+    /// the body marked as complete, or a timeout of that attempt is blamed on the client.
+    #[tokio::test]
+    async fn a_stream_read_to_its_end_by_is_end_stream_is_marked_complete() {
+        let mut body = ReqBody::stream(
+            Some(Bytes::from_static(b"abc")),
+            Limited::new(ClientBody::Empty, 1024),
+        );
+        let done = body.client_done().unwrap();
+        let first = body.frame().await.unwrap().unwrap();
+        assert_eq!(first.into_data().unwrap(), "abc");
+        assert!(done.load(Ordering::Relaxed), "marked at the prefix");
+
+        let body = ReqBody::stream(None, Limited::new(ClientBody::Empty, 1024));
+        let done = body.client_done().unwrap();
+        assert!(body.is_end_stream());
+        assert!(done.load(Ordering::Relaxed), "marked by is_end_stream");
+    }
 }
