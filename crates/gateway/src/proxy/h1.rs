@@ -251,6 +251,9 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
             expect_continue = h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
         } else if name == header::HOST {
             hosts += 1;
+            if !valid_host(h.value) {
+                return Err(Malformed);
+            }
         }
         headers.append(name, value);
     }
@@ -262,6 +265,18 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
     // without `Host` is accepted, as hyper did (the upstream's `Host` replaces it anyway).
     if hosts > 1 {
         return Err(Malformed);
+    }
+    // RFC 9112 3.2.2: with an absolute-form target (`GET http://a.example/ HTTP/1.1`), the target's
+    // authority is the host asked for and `Host` is ignored; a proxy sends `Host` made from the
+    // target. Routing on a `Host` line that says something else would take the request where a front
+    // component that went by the target did not send it (nginx and Envoy also go by the target).
+    // Userinfo in an `http(s)` URI is an error (RFC 9110 4.2.4).
+    if let Some(a) = uri.authority() {
+        if !valid_host(a.as_str().as_bytes()) {
+            return Err(Malformed);
+        }
+        let host = HeaderValue::from_str(a.as_str()).map_err(|_| Malformed)?;
+        headers.insert(header::HOST, host);
     }
     let framing = if transfer_encoding {
         // Both lengths (a smuggling vector), a coding other than `chunked` alone, or chunked in
@@ -297,6 +312,44 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
         keep_alive: !close && (version == Version::HTTP_11 || keep_alive),
         expect_continue: expect_continue && version == Version::HTTP_11,
     })
+}
+
+/// Whether a `Host` value is `uri-host [":" port]` (RFC 9112 3.2; RFC 3986 3.2.2), or empty (allowed
+/// for a target without an authority). Anything else (a list `a, b`, a `/`, `@` or a space) is a
+/// 400, as two `Host` lines are: components that read a host out of it differently would disagree
+/// on which host was asked for.
+fn valid_host(v: &[u8]) -> bool {
+    let (host, port) = match v.first() {
+        None => return true,
+        Some(b'[') => match v.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let literal = &v[1..end];
+                if literal.is_empty()
+                    || !literal
+                        .iter()
+                        .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+                {
+                    return false;
+                }
+                (&v[..0], &v[end + 1..])
+            }
+            None => return false,
+        },
+        Some(_) => match v.iter().position(|&b| b == b':') {
+            Some(colon) => (&v[..colon], &v[colon..]),
+            None => (v, &v[..0]),
+        },
+    };
+    // reg-name (or an IPv4 address): unreserved, pct-encoded, sub-delims.
+    let reg_name = host
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b));
+    let port = match port.split_first() {
+        None => true,
+        Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    };
+    reg_name && port
 }
 
 /// A `Content-Length` value: digits, or a list of equal ones (`5, 5`, as some clients repeat it).
@@ -1621,6 +1674,43 @@ async fn write_all<I: AsyncWrite + Unpin>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn host_values_are_uri_host_and_port() {
+        for ok in [
+            "",
+            "a.example",
+            "a.example:8080",
+            "a.example:",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:443",
+            "[2001:db8::7]",
+            "xn--bcher-kva.example",
+            "a,b",
+            "a%20b",
+        ] {
+            assert!(valid_host(ok.as_bytes()), "{ok:?}");
+        }
+        for bad in [
+            "a.example, b.example",
+            "a b",
+            "a/x@b",
+            "user@a.example",
+            "a.example:80:81",
+            "a.example:8o",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "[fe80::1%eth0]",
+            "a\\b",
+            "a\tb",
+            "a?b",
+            "a#b",
+        ] {
+            assert!(!valid_host(bad.as_bytes()), "{bad:?}");
+        }
+    }
 
     /// Feeds `input` in pieces cut at `cuts` (positions, any order), reading heads after each piece
     /// as the connection loop does; returns the heads and what is left buffered.
