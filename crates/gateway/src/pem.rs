@@ -26,6 +26,24 @@ pub(crate) fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, String>
         .ok_or_else(|| format!("no PEM private key in `{}`", path.display()))
 }
 
+/// The certificate revocation lists in the PEM file at `path`; an error when it cannot be read, is
+/// not PEM or holds no CRL.
+pub(crate) fn crls(
+    path: &Path,
+) -> Result<Vec<rustls::pki_types::CertificateRevocationListDer<'static>>, String> {
+    let pem = read(path)?;
+    let crls = rustls_pemfile::crls(&mut pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("`{}` is not a PEM file: {e}", path.display()))?;
+    if crls.is_empty() {
+        return Err(format!(
+            "no PEM certificate revocation list (`X509 CRL`) in `{}`",
+            path.display()
+        ));
+    }
+    Ok(crls)
+}
+
 fn read(path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read `{}`: {e}", path.display()))
 }

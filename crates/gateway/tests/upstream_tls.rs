@@ -842,3 +842,167 @@ fn a_corrupt_certificate_is_reported_at_cert_not_at_key() {
         "{upstream}"
     );
 }
+
+/// A CA, a CRL it signed (valid until `crl_until`, revoking serial 2), and two `localhost`
+/// certificates it issued: serial 1 (`good`) and serial 2 (`revoked`).
+struct Pki {
+    _dir: support::TempDir,
+    ca_path: PathBuf,
+    crl_path: PathBuf,
+    good: Arc<rustls::ServerConfig>,
+    revoked: Arc<rustls::ServerConfig>,
+}
+
+impl Pki {
+    fn new(crl_until: i32) -> Pki {
+        use rcgen::{
+            date_time_ymd, BasicConstraints, CertificateParams, CertificateRevocationListParams,
+            DnType, IsCa, KeyIdMethod, KeyPair, KeyUsagePurpose, RevocationReason,
+            RevokedCertParams, SerialNumber,
+        };
+        let ca_key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        p.distinguished_name
+            .push(DnType::CommonName, "bulwark test CA");
+        let ca = p.self_signed(&ca_key).unwrap();
+        let leaf = |serial: u64| {
+            let key = KeyPair::generate().unwrap();
+            let mut p = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+            p.serial_number = Some(SerialNumber::from(serial));
+            let cert = p.signed_by(&key, &ca, &ca_key).unwrap();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+            let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_no_client_auth()
+                .with_single_cert(vec![cert.der().clone()], key)
+                .unwrap();
+            cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+            Arc::new(cfg)
+        };
+        let crl = CertificateRevocationListParams {
+            this_update: date_time_ymd(2020, 1, 1),
+            next_update: date_time_ymd(crl_until, 1, 1),
+            crl_number: SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: vec![RevokedCertParams {
+                serial_number: SerialNumber::from(2u64),
+                revocation_time: date_time_ymd(2020, 1, 1),
+                reason_code: Some(RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            }],
+            key_identifier_method: KeyIdMethod::Sha256,
+        }
+        .signed_by(&ca, &ca_key)
+        .unwrap();
+        let dir = support::TempDir::new("uptls-crl");
+        let (ca_path, crl_path) = (dir.join("ca.pem"), dir.join("crl.pem"));
+        std::fs::write(&ca_path, ca.pem()).unwrap();
+        std::fs::write(&crl_path, crl.pem().unwrap()).unwrap();
+        Pki {
+            _dir: dir,
+            ca_path,
+            crl_path,
+            good: leaf(1),
+            revoked: leaf(2),
+        }
+    }
+}
+
+/// With `tls.crl`, a server certificate its CA revoked fails the handshake (a connect failure:
+/// 502, nothing sent), one it did not revoke passes, and an expired CRL fails every handshake
+/// (as in Envoy). Without `crl`, the revoked certificate is accepted, as before.
+#[tokio::test]
+async fn a_revoked_server_certificate_fails_the_handshake_with_a_crl() {
+    let pki = Pki::new(2200);
+    let good = TlsUpstream::with_config(pki.good.clone()).await;
+    let revoked = TlsUpstream::with_config(pki.revoked.clone()).await;
+    let tls = |crl: bool| {
+        let crl = if crl {
+            format!(", crl: '{}'", pki.crl_path.display())
+        } else {
+            String::new()
+        };
+        format!("tls: {{ ca: '{}'{crl} }}", pki.ca_path.display())
+    };
+    let yaml = format!(
+        "upstreams:\n  good: {{ endpoints: [{{url: '{}'}}], {} }}\n  revoked: {{ endpoints: [{{url: '{}'}}], {} }}\n  \
+         unchecked: {{ endpoints: [{{url: '{}'}}], {} }}\n\
+         routes:\n  - {{ match: {{ path_prefix: /good }}, upstream: good }}\n  - {{ match: {{ path_prefix: /revoked }}, upstream: revoked }}\n  - {{ upstream: unchecked }}\n",
+        good.url(),
+        tls(true),
+        revoked.url(),
+        tls(true),
+        revoked.url(),
+        tls(false)
+    );
+    let gw = Gateway::start(&yaml).await;
+    let c = client();
+    assert_eq!(get(&c, &gw.url("/good")).await.status, 200);
+    let g = get(&c, &gw.url("/revoked")).await;
+    assert_eq!(g.status, 502);
+    assert_eq!(g.header("x-bulwark-reason"), Some("upstream_error"));
+    assert_eq!(get(&c, &gw.url("/unchecked")).await.status, 200);
+    assert_eq!(
+        revoked.seen().len(),
+        1,
+        "only the unchecked request reached it"
+    );
+    gw.stop().await;
+
+    // A CRL past its next update: even the good certificate fails.
+    let stale = Pki::new(2021);
+    let good = TlsUpstream::with_config(stale.good.clone()).await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  good: {{ endpoints: [{{url: '{}'}}], tls: {{ ca: '{}', crl: '{}' }} }}\nroutes:\n  - upstream: good\n",
+        good.url(),
+        stale.ca_path.display(),
+        stale.crl_path.display()
+    ))
+    .await;
+    assert_eq!(get(&c, &gw.url("/")).await.status, 502);
+    assert!(good.seen().is_empty());
+    gw.stop().await;
+}
+
+/// `crl` errors are config errors at their key: a file with no CRL, and `crl_leaf_only` without
+/// `crl`.
+#[test]
+fn crl_settings_are_checked_at_load() {
+    let pki = Pki::new(2200);
+    let dir = support::TempDir::new("uptls-crl-cfg");
+    let path = dir.join("bulwark.yaml");
+    let load = |tls: &str| {
+        std::fs::write(
+            &path,
+            format!(
+                "upstreams:\n  u: {{ endpoints: [{{url: 'https://localhost:1'}}], tls: {{ {tls} }} }}\nroutes:\n  - upstream: u\n"
+            ),
+        )
+        .unwrap();
+        bulwark_gateway::config::load(&path)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    // The CA file holds a certificate, not a CRL.
+    let e = load(&format!("crl: '{}'", pki.ca_path.display())).unwrap_err();
+    assert!(
+        e.contains("upstreams.u.tls.crl: no PEM certificate revocation list"),
+        "{e}"
+    );
+    let e = load("crl_leaf_only: true").unwrap_err();
+    assert!(e.contains("upstreams.u.tls.crl_leaf_only: "), "{e}");
+    load(&format!(
+        "ca: '{}', crl: '{}', crl_leaf_only: true",
+        pki.ca_path.display(),
+        pki.crl_path.display()
+    ))
+    .unwrap();
+}

@@ -452,6 +452,16 @@ pub struct UpstreamTls {
     /// The private key of `cert` (PEM: PKCS#8, PKCS#1 or SEC1).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<PathBuf>,
+    /// Certificate revocation lists (one PEM file, one or more `X509 CRL` blocks): a server
+    /// certificate revoked by its issuer fails the handshake. Every certificate of the chain below
+    /// the trust anchor needs its issuer's CRL in the file (unless `crl_leaf_only`), and an
+    /// expired CRL (past its next update) fails the handshake too, as in Envoy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
+    /// With `crl`: check the server's own certificate only, not the intermediates (Envoy's
+    /// `only_verify_leaf_cert_crl`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub crl_leaf_only: bool,
 }
 
 fn default_connect_timeout() -> Dur {

@@ -626,7 +626,7 @@ fn build_head(
     }
     // An HTTP/1.0 message with `transfer-encoding` has faulty framing (RFC 9112 6.1): an HTTP/1.0
     // peer may not end it where we do, so the connection is closed after it.
-    let mut keep_alive = !close && (!http10 || keep_alive_token) && !(te && http10);
+    let mut keep_alive = !close && (!http10 || (keep_alive_token && !te));
     let code = status.as_u16();
     let decoder = if switch {
         // What follows is the new protocol's, not a body.

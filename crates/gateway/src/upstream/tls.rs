@@ -7,10 +7,12 @@
 //! verify for the server name fails the connect like a refused TCP connection.
 //!
 //! With `tls.cert` and `tls.key`, the gateway presents that client certificate to servers that
-//! ask for one (mutual TLS).
+//! ask for one (mutual TLS). With `tls.crl`, a server certificate its issuer revoked fails the
+//! handshake.
 
 use std::sync::Arc;
 
+use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, RootCertStore};
 
@@ -24,7 +26,7 @@ pub(crate) const ALPN_HTTP11: &[u8] = b"http/1.1";
 /// A TLS setting that cannot be used: the key under `tls` it is about, and why.
 #[derive(Debug)]
 pub(crate) struct TlsSettingError {
-    /// `ca`, `server_name`, `cert` or `key`.
+    /// `ca`, `server_name`, `cert`, `key`, `crl` or `crl_leaf_only`.
     pub(crate) key: &'static str,
     pub(crate) message: String,
 }
@@ -42,13 +44,14 @@ pub(crate) fn client_config(
         })?;
     }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = verifier(tls, roots, &provider)?;
     let cfg = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsSettingError {
             key: "ca",
             message: format!("TLS setup failed: {e}"),
         })?
-        .with_root_certificates(roots);
+        .with_webpki_verifier(verifier);
     let mut cfg = match client_identity(tls)? {
         Some((chain, key)) => cfg.with_client_auth_cert(chain, key).map_err(|e| {
             let (key, message) = crate::proxy::cert_or_key(e);
@@ -58,6 +61,48 @@ pub(crate) fn client_config(
     };
     cfg.alpn_protocols = vec![if http2 { ALPN_H2 } else { ALPN_HTTP11 }.to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// The server certificate verifier: WebPKI path building to `roots` for the server name, plus, with
+/// `crl`, revocation checks (the whole chain below the anchor, or the leaf only; a certificate whose
+/// issuer has no CRL in the file, or an expired CRL, fails: Envoy's defaults).
+fn verifier(
+    tls: Option<&UpstreamTls>,
+    roots: RootCertStore,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<WebPkiServerVerifier>, TlsSettingError> {
+    let mut builder =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    match (
+        tls.and_then(|t| t.crl.as_deref()),
+        tls.is_some_and(|t| t.crl_leaf_only),
+    ) {
+        (Some(crl), leaf_only) => {
+            let crls = crate::pem::crls(crl).map_err(|message| TlsSettingError {
+                key: "crl",
+                message,
+            })?;
+            builder = builder.with_crls(crls).enforce_revocation_expiration();
+            if leaf_only {
+                builder = builder.only_check_end_entity_revocation();
+            }
+        }
+        (None, true) => {
+            return Err(TlsSettingError {
+                key: "crl_leaf_only",
+                message: "`crl_leaf_only` needs `crl` (the revocation lists to check)".into(),
+            })
+        }
+        (None, false) => {}
+    }
+    builder.build().map_err(|e| TlsSettingError {
+        key: if tls.is_some_and(|t| t.crl.is_some()) {
+            "crl"
+        } else {
+            "ca"
+        },
+        message: format!("TLS verifier setup failed: {e}"),
+    })
 }
 
 /// The trusted roots: the certificates of `ca` only, when given (as Envoy's `trusted_ca` and
@@ -113,13 +158,13 @@ fn client_identity(tls: Option<&UpstreamTls>) -> Result<Option<Identity>, TlsSet
     Ok(Some((chain, key)))
 }
 
-/// The contents of the files `tls` names (`ca`, `cert`, `key`), in that order; a reload compares
-/// them to tell changed files behind unchanged paths.
+/// The contents of the files `tls` names (`ca`, `cert`, `key`, `crl`), in that order; a reload
+/// compares them to tell changed files behind unchanged paths (a CRL republished in place).
 pub(crate) fn file_contents(tls: Option<&UpstreamTls>) -> Vec<Option<Vec<u8>>> {
     let Some(t) = tls else {
         return Vec::new();
     };
-    [&t.ca, &t.cert, &t.key]
+    [&t.ca, &t.cert, &t.key, &t.crl]
         .into_iter()
         .map(|p| p.as_deref().and_then(|p| std::fs::read(p).ok()))
         .collect()
