@@ -52,6 +52,13 @@ pub const DEFAULT_POOL_IDLE_TIMEOUT: Dur = Dur::from_secs(30);
 pub const DEFAULT_POOL_PING_INTERVAL: Dur = Dur::from_secs(10);
 /// `pool.ping_timeout`: an unanswered ping closes the connection after this long.
 pub const DEFAULT_POOL_PING_TIMEOUT: Dur = Dur::from_secs(5);
+/// `pool.h2_stream_window`: the HTTP/2 flow-control window of each stream to an upstream (what the
+/// upstream may send ahead of the client reading it).
+pub const DEFAULT_POOL_H2_STREAM_WINDOW: ByteSize = ByteSize::mib(1);
+/// `pool.h2_connection_window`: the window of a whole HTTP/2 upstream connection, as Go's HTTP/2
+/// client sets it (1 GiB): large enough that streams whose clients read nothing cannot use it up
+/// and stall the other clients' streams on the shared connection; memory is bounded per stream.
+pub const DEFAULT_POOL_H2_CONNECTION_WINDOW: ByteSize = ByteSize::mib(1024);
 /// TCP connect timeout to an endpoint; a connect is one round trip, so 1 s is generous on a LAN.
 pub const DEFAULT_CONNECT_TIMEOUT: Dur = Dur::from_secs(1);
 /// Whole-request timeout of a route, all attempts included.
@@ -515,6 +522,10 @@ pub struct Pool {
     pub ping_interval: Dur,
     /// HTTP/2 upstreams: a ping unanswered this long closes the connection (a new one is opened).
     pub ping_timeout: Dur,
+    /// HTTP/2 upstreams: the flow-control window of each stream.
+    pub h2_stream_window: ByteSize,
+    /// HTTP/2 upstreams: the flow-control window of the shared connection.
+    pub h2_connection_window: ByteSize,
 }
 
 impl Default for Pool {
@@ -524,6 +535,8 @@ impl Default for Pool {
             idle_timeout: DEFAULT_POOL_IDLE_TIMEOUT,
             ping_interval: DEFAULT_POOL_PING_INTERVAL,
             ping_timeout: DEFAULT_POOL_PING_TIMEOUT,
+            h2_stream_window: DEFAULT_POOL_H2_STREAM_WINDOW,
+            h2_connection_window: DEFAULT_POOL_H2_CONNECTION_WINDOW,
         }
     }
 }

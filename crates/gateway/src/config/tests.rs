@@ -1033,3 +1033,26 @@ fn a_health_check_path_must_be_a_valid_request_path() {
     );
     assert!(from_str(&ok, "gw.yaml").is_ok());
 }
+
+#[test]
+fn http2_windows_are_bounded() {
+    let e = err(&format!("{UP}    pool: {{ h2_stream_window: 1KiB }}\n"));
+    assert!(
+        e.starts_with("gw.yaml:4:13: upstreams.a.pool.h2_stream_window: must be between 64KiB"),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{UP}    pool: {{ h2_stream_window: 4MiB, h2_connection_window: 1MiB }}\n"
+    ));
+    assert!(
+        e.contains("upstreams.a.pool.h2_connection_window: must be at least h2_stream_window"),
+        "{e}"
+    );
+    let e = err(&format!("{UP}    pool: {{ h2_connection_window: 2GiB }}\n"));
+    assert!(e.contains("upstreams.a.pool.h2_connection_window: "), "{e}");
+    from_str(
+        &format!("{UP}    pool: {{ h2_stream_window: 64KiB, h2_connection_window: 64KiB }}\n"),
+        "gw.yaml",
+    )
+    .unwrap();
+}

@@ -207,6 +207,21 @@ fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
             return Err(at(&p(&[k("pool"), k(key)]), "must be longer than 0ms"));
         }
     }
+    // RFC 9113 6.9.1: a window is at most 2^31 - 1 bytes.
+    const H2_MAX_WINDOW: u64 = (1 << 31) - 1;
+    let (stream, conn) = (up.pool.h2_stream_window.0, up.pool.h2_connection_window.0);
+    if !(64 * 1024..=H2_MAX_WINDOW).contains(&stream) {
+        return Err(at(
+            &p(&[k("pool"), k("h2_stream_window")]),
+            "must be between 64KiB and 2GiB - 1 byte (HTTP/2's largest window)",
+        ));
+    }
+    if !(stream..=H2_MAX_WINDOW).contains(&conn) {
+        return Err(at(
+            &p(&[k("pool"), k("h2_connection_window")]),
+            "must be at least h2_stream_window and at most 2GiB - 1 byte (HTTP/2's largest window)",
+        ));
+    }
     if up.endpoints.len() > crate::upstream::MAX_ENDPOINTS {
         return Err(at(
             &p(&[k("endpoints")]),

@@ -113,7 +113,11 @@ impl Upstream {
                 c.pool.idle_timeout.get(),
                 c.connect_timeout.get(),
             )
-            .with_pings(c.pool.ping_interval.get(), c.pool.ping_timeout.get());
+            .with_pings(c.pool.ping_interval.get(), c.pool.ping_timeout.get())
+            .with_h2_windows(
+                u32::try_from(c.pool.h2_stream_window.0).unwrap_or(u32::MAX >> 1),
+                u32::try_from(c.pool.h2_connection_window.0).unwrap_or(u32::MAX >> 1),
+            );
             if url.https {
                 let cfg = match &tls_config {
                     Some(cfg) => Arc::clone(cfg),

@@ -169,6 +169,8 @@ pub struct Pool {
     h2_failures: AtomicU64,
     /// HTTP/2: the ping interval and timeout of the shared connection.
     pings: (Duration, Duration),
+    /// HTTP/2: the flow-control windows of each stream and of the shared connection.
+    windows: (u32, u32),
 }
 
 impl std::fmt::Debug for Pool {
@@ -203,6 +205,10 @@ impl Pool {
                 crate::config::DEFAULT_POOL_PING_INTERVAL.get(),
                 crate::config::DEFAULT_POOL_PING_TIMEOUT.get(),
             ),
+            windows: (
+                crate::config::DEFAULT_POOL_H2_STREAM_WINDOW.0 as u32,
+                crate::config::DEFAULT_POOL_H2_CONNECTION_WINDOW.0 as u32,
+            ),
         }
     }
 
@@ -211,6 +217,14 @@ impl Pool {
     /// dropped NAT entry: no FIN, no reset) is replaced rather than waited on by every request.
     pub fn with_pings(mut self, interval: Duration, timeout: Duration) -> Self {
         self.pings = (interval, timeout);
+        self
+    }
+
+    /// HTTP/2: the flow-control windows the shared connection advertises, per stream and for the
+    /// whole connection. Data a client has not read yet holds both; a connection window many times
+    /// the stream window keeps streams whose clients read nothing from stalling the others.
+    pub fn with_h2_windows(mut self, stream: u32, connection: u32) -> Self {
+        self.windows = (stream, connection);
         self
     }
 
@@ -366,6 +380,8 @@ impl Pool {
                     .keep_alive_interval(self.pings.0)
                     .keep_alive_timeout(self.pings.1)
                     .keep_alive_while_idle(true)
+                    .initial_stream_window_size(self.windows.0)
+                    .initial_connection_window_size(self.windows.1)
                     .handshake(io)
                     .await
                     .map_err(|e| SendError::connect(Some(e.into())))
@@ -589,16 +605,17 @@ fn in_memory_copy(req: &Request<ReqBody>) -> Option<Request<ReqBody>> {
 }
 
 /// Whether an HTTP/2 send error says the upstream did not process the request (RFC 9113 8.7): its
-/// stream was refused (`REFUSED_STREAM`), or the connection was going away gracefully (`GOAWAY`
-/// with `NO_ERROR`) before the stream was taken.
+/// stream was refused (`REFUSED_STREAM`), or it was above the last stream id of a `GOAWAY` the
+/// upstream sent, whatever that GOAWAY's error code (RFC 9113 6.8: such streams were not
+/// processed; an upstream going away with `INTERNAL_ERROR` or `ENHANCE_YOUR_CALM` is when this
+/// matters most). h2 gives the GOAWAY's error to exactly those streams; a stream at or below the
+/// last id that the connection's end then cuts gets an I/O error, and is not resent.
 fn not_processed(err: &hyper::Error) -> bool {
     let first: &(dyn std::error::Error + 'static) = err;
     std::iter::successors(Some(first), |e| e.source())
         .find_map(|e| e.downcast_ref::<h2::Error>())
         .is_some_and(|h2| {
-            h2.is_remote()
-                && (h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                    || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR)))
+            h2.is_remote() && (h2.reason() == Some(h2::Reason::REFUSED_STREAM) || h2.is_go_away())
         })
 }
 
