@@ -581,7 +581,7 @@ fn https_endpoints_and_the_tls_section() {
     );
     assert_eq!(
         err("upstreams:\n  a:\n    endpoints: [{url: 'https://x:1'}]\n    tls: { verify: false }\n"),
-        "gw.yaml:4:12: upstreams.a.tls.verify: unknown field `verify`, expected one of `ca`, `server_name`, `cert`, `key`"
+        "gw.yaml:4:12: upstreams.a.tls.verify: unknown field `verify`, expected one of `ca`, `server_name`, `cert`, `key`, `crl`, `crl_leaf_only`"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,6 +10,11 @@
 //! The response body ([`WatchedBody`]) finds its stream's [`Progress`] through a task-local set
 //! while the stream's task is polled: the service's future runs inside that task.
 //!
+//! Abuse of the connection itself: streams the client resets right after opening them ("rapid
+//! reset", CVE-2023-44487) are counted and close the connection ([`Resets`]), and a header block
+//! the client leaves open (a HEADERS frame whose CONTINUATIONs do not come) is cut at
+//! `header_read_timeout` ([`HeaderWatch`]).
+//!
 //! Also WebSocket over HTTP/2 (RFC 8441): an extended `CONNECT` with `:protocol websocket`
 //! ([`take_connect`]) goes on as the HTTP/1.1 upgrade the rest of the proxy knows (a `GET` with a
 //! fresh `Sec-WebSocket-Key`), and an upstream's 101 becomes the stream's 200, after which the
@@ -17,7 +22,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,6 +35,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use pin_project_lite::pin_project;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 use super::body::{BoxError, RespBody};
@@ -75,6 +81,221 @@ pub(crate) fn ambiguous_host<B>(req: &Request<B>) -> bool {
     };
     let port = |a: &http::uri::Authority| a.port_u16().unwrap_or(default);
     !(authority.host().eq_ignore_ascii_case(host.host()) && port(authority) == port(&host))
+}
+
+/// A stream the client resets this soon after opening it, before its response, counts as a
+/// premature reset (Envoy's `premature_reset_min_stream_lifetime_seconds`).
+const PREMATURE_LIFETIME: Duration = Duration::from_secs(1);
+
+/// Streams after which the share of premature resets decides (Envoy's
+/// `premature_reset_total_stream_count`).
+const PREMATURE_STREAMS: u32 = 500;
+
+/// One connection's streams and premature resets, for the rapid-reset rule (CVE-2023-44487, as
+/// Envoy applies it): the connection is closed with a GOAWAY once half of its streams were reset
+/// prematurely, judged over at least [`PREMATURE_STREAMS`] streams (so at the 250th premature reset
+/// among the first 500, whatever came before). Each such stream made the gateway start an upstream
+/// request the client never wanted; `max_concurrent_streams` does not bound them, as a reset stream
+/// no longer counts against it.
+#[derive(Debug, Default)]
+pub(crate) struct Resets {
+    streams: AtomicU32,
+    premature: AtomicU32,
+    /// Notified when the connection is to be closed.
+    pub(crate) trip: tokio::sync::Notify,
+}
+
+impl Resets {
+    /// A stream opened: the returned guard counts a premature reset if it is dropped before
+    /// [`EarlyReset::answered`] within [`PREMATURE_LIFETIME`].
+    pub(crate) fn opened(self: &Arc<Self>) -> EarlyReset {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        EarlyReset {
+            resets: self.clone(),
+            opened: Some(Instant::now()),
+        }
+    }
+
+    fn too_many(premature: u32, streams: u32) -> bool {
+        let premature = u64::from(premature) * 2;
+        if streams < PREMATURE_STREAMS {
+            premature >= u64::from(PREMATURE_STREAMS)
+        } else {
+            premature >= u64::from(streams)
+        }
+    }
+}
+
+/// See [`Resets::opened`].
+pub(crate) struct EarlyReset {
+    resets: Arc<Resets>,
+    opened: Option<Instant>,
+}
+
+impl EarlyReset {
+    /// The stream's response is ready: a reset from now on is not premature.
+    pub(crate) fn answered(mut self) {
+        self.opened = None;
+    }
+}
+
+impl Drop for EarlyReset {
+    fn drop(&mut self) {
+        let Some(opened) = self.opened else {
+            return;
+        };
+        if opened.elapsed() >= PREMATURE_LIFETIME {
+            return;
+        }
+        let r = &self.resets;
+        let premature = r.premature.fetch_add(1, Ordering::Relaxed) + 1;
+        if Resets::too_many(premature, r.streams.load(Ordering::Relaxed)) {
+            r.trip.notify_one();
+        }
+    }
+}
+
+/// The bytes before an HTTP/2 client's first frame: the connection preface (RFC 9113 3.4).
+const PREFACE_LEN: u8 = 24;
+
+/// A client connection's reads, watched for a header block left open: a HEADERS (or
+/// PUSH_PROMISE) frame without END_HEADERS starts it, the CONTINUATION with END_HEADERS ends it
+/// (RFC 9113 6.10; no other frame may come between). Open for `timeout`, the read fails and the
+/// connection ends: over HTTP/1.1 a head that does not complete is cut at `header_read_timeout`,
+/// and h2 itself would hold the partial block (up to the header list limit) for as long as the
+/// client likes. Only the 9-byte frame headers are looked at, as they pass.
+pub(crate) struct HeaderWatch<I> {
+    io: I,
+    timeout: Duration,
+    /// Preface bytes still to pass.
+    preface: u8,
+    /// The frame header being read, and how much of it has come.
+    head: [u8; 9],
+    have: u8,
+    /// Payload bytes of the current frame still to pass.
+    skip: u32,
+    /// Armed while a header block is open.
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl<I> HeaderWatch<I> {
+    pub(crate) fn new(io: I, timeout: Duration) -> Self {
+        HeaderWatch {
+            io,
+            timeout,
+            preface: PREFACE_LEN,
+            head: [0; 9],
+            have: 0,
+            skip: 0,
+            deadline: None,
+        }
+    }
+
+    fn scan(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.preface > 0 {
+                let n = data.len().min(usize::from(self.preface));
+                self.preface -= n as u8;
+                data = &data[n..];
+            } else if self.skip > 0 {
+                let n = data.len().min(self.skip as usize);
+                self.skip -= n as u32;
+                data = &data[n..];
+            } else {
+                let at = usize::from(self.have);
+                let n = data.len().min(9 - at);
+                self.head[at..at + n].copy_from_slice(&data[..n]);
+                self.have += n as u8;
+                data = &data[n..];
+                if self.have == 9 {
+                    self.have = 0;
+                    self.frame();
+                }
+            }
+        }
+    }
+
+    fn frame(&mut self) {
+        const HEADERS: u8 = 0x1;
+        const PUSH_PROMISE: u8 = 0x5;
+        const CONTINUATION: u8 = 0x9;
+        const END_HEADERS: u8 = 0x4;
+        let h = &self.head;
+        self.skip = u32::from_be_bytes([0, h[0], h[1], h[2]]);
+        let end = h[4] & END_HEADERS != 0;
+        match h[3] {
+            HEADERS | PUSH_PROMISE if !end && self.deadline.is_none() => {
+                self.deadline = Some(Box::pin(tokio::time::sleep(self.timeout)));
+            }
+            HEADERS | PUSH_PROMISE if !end => {}
+            HEADERS | PUSH_PROMISE | CONTINUATION if end => self.deadline = None,
+            _ => {}
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for HeaderWatch<I> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match Pin::new(&mut this.io).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                this.scan(&buf.filled()[before..]);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                let expired = match &mut this.deadline {
+                    Some(d) => d.as_mut().poll(cx).is_ready(),
+                    None => false,
+                };
+                if expired {
+                    tracing::debug!(
+                        "HTTP/2 header block left open for header_read_timeout: connection closed"
+                    );
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "HTTP/2 header block left open for header_read_timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+            r => r,
+        }
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for HeaderWatch<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 tokio::task_local! {
@@ -414,4 +635,64 @@ pub(crate) fn answer_connect<G: Send + 'static>(
         }
     });
     Response::from_parts(parts, RespBody::empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, payload: usize) -> Vec<u8> {
+        let mut f = vec![
+            (payload >> 16) as u8,
+            (payload >> 8) as u8,
+            payload as u8,
+            kind,
+            flags,
+        ];
+        f.extend_from_slice(&1u32.to_be_bytes());
+        f.extend(std::iter::repeat_n(0xaa, payload));
+        f
+    }
+
+    /// Feeds `bytes` one byte at a time and in one piece; returns whether a header block is
+    /// open after each way.
+    fn open_after(bytes: &[u8]) -> (bool, bool) {
+        let mut w = HeaderWatch::new((), Duration::from_secs(1));
+        for b in bytes {
+            w.scan(std::slice::from_ref(b));
+        }
+        let mut v = HeaderWatch::new((), Duration::from_secs(1));
+        v.scan(bytes);
+        (w.deadline.is_some(), v.deadline.is_some())
+    }
+
+    #[tokio::test]
+    async fn header_blocks_are_followed_through_frames_cut_anywhere() {
+        let mut conn = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        conn.extend(frame(0x4, 0, 12)); // SETTINGS
+        assert_eq!(open_after(&conn), (false, false));
+        // HEADERS without END_HEADERS: open, whatever its payload holds.
+        conn.extend(frame(0x1, 0x1, 300));
+        assert_eq!(open_after(&conn), (true, true));
+        // A CONTINUATION without END_HEADERS keeps it open; one with it closes it.
+        conn.extend(frame(0x9, 0, 70_000));
+        assert_eq!(open_after(&conn), (true, true));
+        conn.extend(frame(0x9, 0x4, 5));
+        assert_eq!(open_after(&conn), (false, false));
+        // DATA whose payload looks like a HEADERS frame header opens nothing.
+        let mut data = frame(0x0, 0, 9);
+        data[9..].copy_from_slice(&frame(0x1, 0, 0)[..9]);
+        conn.extend(data);
+        conn.extend(frame(0x1, 0x5, 20)); // HEADERS with END_HEADERS
+        assert_eq!(open_after(&conn), (false, false));
+    }
+
+    #[test]
+    fn premature_resets_close_at_half_of_at_least_500_streams() {
+        assert!(!Resets::too_many(249, 300));
+        assert!(Resets::too_many(250, 300));
+        assert!(!Resets::too_many(10, 10));
+        assert!(!Resets::too_many(499, 1000));
+        assert!(Resets::too_many(500, 1000));
+    }
 }

@@ -1328,7 +1328,8 @@ async fn serve_conn<I>(
             None => return,
         }
     };
-    serve_h2(Rewind { read, io }, ctx, h2, stop, idle).await;
+    let io = h2::HeaderWatch::new(Rewind { read, io }, limits.head_timeout);
+    serve_h2(io, ctx, h2, stop, idle).await;
 }
 
 /// Serves one HTTP/2 connection until it ends, closing it gracefully when it stays idle (no request
@@ -1343,8 +1344,11 @@ async fn serve_h2<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let svc_ctx = ctx.clone();
+    let resets = Arc::new(h2::Resets::default());
+    let svc_resets = resets.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let ctx = svc_ctx.clone();
+        let early = svc_resets.opened();
         async move {
             // Polled inside the stream's task: its progress is there to report to.
             let progress = h2::current();
@@ -1353,6 +1357,7 @@ async fn serve_h2<I>(
                 h2::Connect::No => None,
                 h2::Connect::WebSocket(on) => Some(on),
                 h2::Connect::Refused => {
+                    early.answered();
                     let resp = respond::local(Local::BadRequest);
                     access_log_refused(
                         &ctx.gateway,
@@ -1380,6 +1385,7 @@ async fn serve_h2<I>(
             };
             let streaming =
                 (!http_body::Body::is_end_stream(resp.body())).then(|| Streaming::new(ctx.clone()));
+            early.answered();
             Ok::<_, Infallible>(resp.map(|b| h2::WatchedBody::new(b, progress, streaming)))
         }
     });
@@ -1414,6 +1420,13 @@ async fn serve_h2<I>(
                 closing = true;
                 conn.as_mut().graceful_shutdown();
                 idle_timer.as_mut().reset(far_future());
+            }
+            // Rapid reset: half of the streams reset by the client right after it opened them.
+            _ = resets.trip.notified(), if !closing => {
+                tracing::debug!("HTTP/2 client resets most streams right after opening them: GOAWAY");
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+                idle_timer.as_mut().reset(Instant::now() + H2_CLOSE_GRACE);
             }
             _ = &mut idle_timer => {
                 let busy = ctx.inflight.load(Ordering::Relaxed) > 0;
