@@ -477,7 +477,8 @@ pub fn amplification(route: &config::Route) -> u32 {
         .saturating_mul(1 + route.failover.len() as u32)
 }
 
-/// The text `bulwark check` prints: the effective config, then per-route amplification with warnings.
+/// The text `bulwark check` prints: the effective config, then per-route amplification with warnings
+/// as YAML comments (so the whole output loads again as the same config).
 pub fn check_report(c: &Config) -> String {
     let mut out = String::from("# effective config (defaults filled in)\n");
     out.push_str(&config::to_yaml(&config::effective(c)));
@@ -501,21 +502,28 @@ pub fn check_report(c: &Config) -> String {
             .collect();
         let amp = amplification(r);
         out.push_str(&format!(
-            "route {name} -> {}: {attempts} x {} x {} = {amp}\n",
+            "# route {name} -> {}: {attempts} x {} x {} = {amp}\n",
             chain.join(" -> "),
             1 + hedges,
             chain.len()
         ));
         if amp > AMPLIFICATION_WARN_THRESHOLD {
             out.push_str(&format!(
-                "  warning: route {name} can send up to {amp} upstream requests per client request (threshold {AMPLIFICATION_WARN_THRESHOLD})\n"
+                "#   warning: route {name} can send up to {amp} upstream requests per client request (threshold {AMPLIFICATION_WARN_THRESHOLD})\n"
             ));
         }
         let retries = attempts > 1 || hedges > 0;
-        let budget = r.retry.as_ref().and_then(|x| x.budget.as_ref()).is_some();
+        // The budget of an enabled retry section only: hedges draw on the same budget, and a
+        // disabled section gives them none (as the running route builds it).
+        let budget = r
+            .retry
+            .as_ref()
+            .filter(|x| x.enabled)
+            .and_then(|x| x.budget.as_ref())
+            .is_some();
         if retries && !budget {
             out.push_str(&format!(
-                "  warning: route {name} retries without a budget: in an outage it multiplies load by {amp}; add retry.budget\n"
+                "#   warning: route {name} retries without a budget: in an outage it multiplies load by {amp}; add retry.budget\n"
             ));
         }
         if let Some(f) = r.fault.as_ref().filter(|f| f.enabled) {
@@ -532,7 +540,7 @@ pub fn check_report(c: &Config) -> String {
             }
             if !faults.is_empty() {
                 out.push_str(&format!(
-                    "  warning: route {name} injects faults: {}\n",
+                    "#   warning: route {name} injects faults: {}\n",
                     faults.join(", ")
                 ));
             }

@@ -95,16 +95,24 @@ fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
                 path.push(Seg::key(key));
             }
             locate(src, &path).or_else(|| inner.location().map(|l| (l.line(), l.column())))
+        } else if let Some(key) = duplicate_field(&message) {
+            // A key written twice is reported at the repeat, not at the mapping that holds it.
+            path.push(Seg::Key(key.to_owned(), 1));
+            locate(src, &path).or_else(|| inner.location().map(|l| (l.line(), l.column())))
         } else {
             if let Some(name) = duplicate_name(&message) {
                 if path.last() != Some(&Seg::key(name)) {
                     path.push(Seg::key(name));
                 }
             }
-            inner
-                .location()
-                .map(|l| (l.line(), l.column()))
-                .or_else(|| locate_nearest(src, &path))
+            let at = inner.location().map(|l| (l.line(), l.column()));
+            // A value's error cannot come before its key. Errors raised after a custom
+            // deserializer read its value (`hedge.delay`, `client_rate_limit.key`) are stamped at
+            // the start of the mapping that holds them: the key's own position is better.
+            match (at, locate(src, &path)) {
+                (Some(at), Some(key)) if at < key => Some(key),
+                (at, key) => at.or(key).or_else(|| locate_nearest(src, &path)),
+            }
         };
         ConfigError {
             file: file.to_owned(),
@@ -117,6 +125,11 @@ fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
 
 fn unknown_field(message: &str) -> Option<&str> {
     let rest = message.strip_prefix("unknown field `")?;
+    rest.split_once('`').map(|(k, _)| k)
+}
+
+fn duplicate_field(message: &str) -> Option<&str> {
+    let rest = message.strip_prefix("duplicate field `")?;
     rest.split_once('`').map(|(k, _)| k)
 }
 

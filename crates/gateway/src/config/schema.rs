@@ -425,7 +425,10 @@ pub struct Upstream {
 #[serde(deny_unknown_fields, default)]
 pub struct HeaderRules {
     /// Header name to value; replaces any value the request has under that name.
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        deserialize_with = "unique_map",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub set: BTreeMap<String, String>,
     /// Header names removed from the request.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -1108,7 +1111,11 @@ pub struct Match {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub methods: Vec<String>,
     /// Header equals value, for each entry.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "unique_map",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub headers: BTreeMap<String, String>,
 }
 
@@ -1417,6 +1424,28 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for NamedMap<T> {
         }
         d.deserialize_map(V(PhantomData))
     }
+}
+
+/// A mapping of names to strings in which a name written twice is an error at the repeat (a plain
+/// map would keep the last value silently).
+fn unique_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = BTreeMap<String, String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a mapping of names to values")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut seen = HashSet::new();
+            let mut out = BTreeMap::new();
+            while let Some(k) = map.next_key_seed(UniqueKey(&mut seen))? {
+                let v = map.next_value()?;
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(V)
 }
 
 /// Reads a key and fails (inside the parser, so the error carries the key's position) on a repeat.

@@ -945,7 +945,7 @@ fn client_rate_limits_are_checked() {
     );
     assert_eq!(
         err(&route("{ per_second: 1, key: ip }")),
-        "gw.yaml:6:24: routes[0].client_rate_limit.key: invalid key `ip`: expected `client_ip` or \
+        "gw.yaml:6:41: routes[0].client_rate_limit.key: invalid key `ip`: expected `client_ip` or \
          `header:<name>` (`header:x-api-key`)"
     );
     assert!(err(&route("{ per_second: 1, key: 'header:a b' }")).contains("invalid key"));

@@ -33,6 +33,9 @@ impl Dur {
 /// numbers are exact; a fraction is rounded to the microsecond.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!("invalid duration `{s}`: must not be negative"));
+    }
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .ok_or_else(|| {
@@ -162,8 +165,16 @@ impl ByteSize {
 /// Parses `32KiB`, `10MiB`, `1GiB`, `500KB`, `123B`, `123`.
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
+    if t.starts_with('-') {
+        return Err(format!("invalid size `{s}`: must not be negative"));
+    }
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
+    if unit.starts_with(['.', ',']) {
+        return Err(format!(
+            "invalid size `{s}`: a size is a whole number (of bytes or of a unit: `1536KiB`, not `1.5MiB`)"
+        ));
+    }
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,

@@ -492,6 +492,26 @@ pub(crate) fn check_url(url: &str) -> Result<EndpointUrl, String> {
     if auth.host().is_empty() {
         return Err(format!("invalid URL `{url}`: missing host"));
     }
+    // The URI parser takes any digits as a port; out of range, the connect would go to the
+    // scheme's default port instead.
+    // (`Authority::port` is `None` for digits out of range: read them from the text.)
+    let a = auth.as_str();
+    let port = if a.starts_with('[') {
+        a.rsplit_once("]:").map(|(_, p)| p)
+    } else {
+        a.rsplit_once(':').map(|(_, p)| p)
+    };
+    if let Some(port) = port.filter(|p| !p.is_empty()) {
+        match port.parse::<u16>() {
+            Ok(0) => return Err(format!("invalid URL `{url}`: port 0 is no destination")),
+            Ok(_) => {}
+            Err(_) => {
+                return Err(format!(
+                    "invalid URL `{url}`: port `{port}` is out of range (1 to 65535)"
+                ))
+            }
+        }
+    }
     if let Some(pq) = uri.path_and_query() {
         if pq.as_str() != "/" && !pq.as_str().is_empty() {
             return Err(format!(

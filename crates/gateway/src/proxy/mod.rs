@@ -1149,7 +1149,7 @@ impl Server {
             linger: settings.lingering_timeout,
             // The exact limit is checked on the parsed head; this bounds what is read before (as
             // hyper's buffer limit did before).
-            max_head: settings.max_header_bytes.max(8192) + 1024,
+            max_head: settings.max_header_bytes.max(8192).saturating_add(1024),
         };
         let proto = HeaderValue::from_static(if tls.is_some() { "https" } else { "http" });
         // (The drain takes every permit at once, and `acquire_many` counts in `u32`.)

@@ -1,0 +1,231 @@
+//! Config loading and `bulwark check`: the output loads again, repeated keys and custom values are
+//! placed at their line, endpoint ports are in range, and edge values do not break the listener.
+use std::process::Command;
+
+use bulwark_gateway::config::{from_str, ConfigError};
+
+mod support;
+
+const UP: &str = "upstreams:\n  a: { endpoints: [{url: 'http://127.0.0.1:9001'}] }\n";
+
+fn err(src: &str) -> ConfigError {
+    match from_str(src, "gw.yaml") {
+        Ok(_) => panic!("accepted, expected an error:\n{src}"),
+        Err(e) => e,
+    }
+}
+
+/// `bulwark check --config path`: (exit code, stdout, stderr).
+fn check(path: &std::path::Path) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["check", "--config"])
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// What `check` prints must load again and print the same: today the amplification report after
+/// the effective config is plain text (`route r -> a -> b: 3 x 2 x 2 = 12`, `  warning: ...`), not
+/// YAML comments, so `bulwark check -c gw.yaml > effective.yaml; bulwark check -c effective.yaml`
+/// fails with `unknown field `route r -> a -> b``.
+#[test]
+fn check_output_fed_back_to_check_gives_the_same_output() {
+    let dir = support::TempDir::new("rev-config");
+    let first = dir.join("gw.yaml");
+    std::fs::write(
+        &first,
+        "upstreams:
+  a: { endpoints: [{url: 'http://127.0.0.1:9001'}] }
+  b: { endpoints: [{url: 'http://127.0.0.1:9002'}] }
+routes:
+  - name: r
+    upstream: a
+    failover: [b]
+    retry: { attempts: 3 }
+    hedge: { delay: 50ms }
+",
+    )
+    .unwrap();
+    let (code, out1, err1) = check(&first);
+    assert_eq!(code, 0, "{err1}");
+    let second = dir.join("effective.yaml");
+    std::fs::write(&second, &out1).unwrap();
+    let (code, out2, err2) = check(&second);
+    assert_eq!(
+        code, 0,
+        "check's own output does not load:\n{err2}\n--- output:\n{out1}"
+    );
+    assert_eq!(out2, out1);
+}
+
+/// A key given twice in one mapping is a duplicate name: the error must name that key and the
+/// line of the repeat. Today serde's `duplicate field` error is placed at the start of the
+/// mapping that holds it, with the mapping's path: `gw.yaml:1:1: .: duplicate field `listen``
+/// for a `listen` repeated on line 4.
+#[test]
+fn a_repeated_key_is_reported_at_the_repeat_with_its_key_path() {
+    let e = err(&format!("listen: 127.0.0.1:1\n{UP}listen: 127.0.0.1:2\n"));
+    assert_eq!(
+        (e.position, e.path.as_str()),
+        (Some((4, 1)), "listen"),
+        "{e}"
+    );
+
+    // Nested, flow style: the second `attempts` is at line 5, column 27.
+    let e = err(&format!(
+        "{UP}routes:\n  - upstream: a\n    retry: {{ attempts: 1, attempts: 2 }}\n"
+    ));
+    assert_eq!(
+        (e.position, e.path.as_str()),
+        (Some((5, 27)), "routes[0].retry.attempts"),
+        "{e}"
+    );
+}
+
+/// The custom deserializers of `hedge.delay` and `client_rate_limit.key` read a `String` first
+/// and raise their error after it, so serde_norway stamps it with the position of the enclosing
+/// mapping's first key: a bad `delay` on line 9 is reported at line 6 (`max_hedges`), a bad
+/// `key` on line 8 at line 6 (`per_second`). Other value errors (`timeout: 3 weeks`) are placed
+/// at the value.
+#[test]
+fn hedge_delay_and_client_key_errors_point_at_their_line() {
+    let src = format!(
+        "{UP}routes:\n  - upstream: a\n    hedge:\n      max_hedges: 1\n\n      # p100 is not a percentile\n      delay: p100\n"
+    );
+    // line 1 upstreams, 2 a, 3 routes, 4 - upstream, 5 hedge, 6 max_hedges, 7 blank,
+    // 8 comment, 9 delay
+    let e = err(&src);
+    assert_eq!(e.path, "routes[0].hedge.delay", "{e}");
+    assert_eq!(e.position.map(|p| p.0), Some(9), "{e}");
+
+    let src = format!(
+        "{UP}routes:\n  - upstream: a\n    hedge:\n      max_hedges: 1\n      delay: 5parsecs\n"
+    );
+    let e = err(&src);
+    assert_eq!(e.path, "routes[0].hedge.delay", "{e}");
+    assert_eq!(e.position.map(|p| p.0), Some(7), "{e}");
+
+    let src = format!(
+        "{UP}routes:\n  - upstream: a\n    client_rate_limit:\n      per_second: 1\n      max_keys: 10\n      key: 'header:bad name'\n"
+    );
+    let e = err(&src);
+    assert_eq!(e.path, "routes[0].client_rate_limit.key", "{e}");
+    assert_eq!(e.position.map(|p| p.0), Some(8), "{e}");
+}
+
+/// `request_headers.set` (and `match.headers`) are read into a `BTreeMap`, so a header name
+/// written twice exactly is silently collapsed to the last value, while the same name in another
+/// case is refused (`x-a` is set twice (header names ignore case)). The docs say "a name may
+/// appear once"; an operator who pasted a second `authorization` gets whichever came last.
+#[test]
+fn a_header_name_written_twice_is_refused() {
+    let e = err(&format!(
+        "{UP}routes:\n  - upstream: a\n    request_headers:\n      set:\n        x-a: one\n        x-a: two\n"
+    ));
+    assert_eq!(e.path, "routes[0].request_headers.set.x-a", "{e}");
+    assert_eq!(e.position, Some((8, 9)), "{e}");
+
+    let e = err(&format!(
+        "{UP}routes:\n  - upstream: a\n    match:\n      headers:\n        x-tenant: one\n        x-tenant: two\n"
+    ));
+    assert_eq!(e.path, "routes[0].match.headers.x-tenant", "{e}");
+    assert_eq!(e.position, Some((8, 9)), "{e}");
+}
+
+/// An endpoint port above 65535 passes `check_url` (the `http` crate's URI parser does not range
+/// check ports), and `EndpointUrl::port` then finds no `u16` port and falls back to the scheme's
+/// default: `http://127.0.0.1:65536` silently connects to port 80 (with `Host: 127.0.0.1:65536`).
+#[test]
+fn an_endpoint_port_out_of_range_is_refused() {
+    let e = err("upstreams:\n  a: { endpoints: [{url: 'http://127.0.0.1:65536'}] }\n");
+    assert_eq!(e.path, "upstreams.a.endpoints[0].url", "{e}");
+    assert_eq!(e.position, Some((2, 21)), "{e}");
+}
+
+/// Port 0 is no destination: every connect fails. `check` accepts it.
+#[test]
+fn an_endpoint_port_of_zero_is_refused() {
+    let e = err("upstreams:\n  a: { endpoints: [{url: 'http://127.0.0.1:0'}] }\n");
+    assert_eq!(e.path, "upstreams.a.endpoints[0].url", "{e}");
+}
+
+/// The running route takes its retry budget from the *enabled* retry section only
+/// (`route.rs`: `c.retry.filter(|r| r.enabled)`), so with `retry: { enabled: false, budget: ... }`
+/// its hedges run without any budget. `check_report` looks for a budget in the retry section
+/// whether enabled or not, and so says nothing about a route that sends up to 5 upstream
+/// requests per client request with no budget.
+#[test]
+fn a_budget_in_a_disabled_retry_section_does_not_silence_the_warning() {
+    let c = from_str(
+        &format!(
+            "{UP}routes:\n  - name: h\n    upstream: a\n    retry: {{ enabled: false, budget: {{}} }}\n    hedge: {{ max_hedges: 4, delay: 10ms }}\n"
+        ),
+        "gw.yaml",
+    )
+    .unwrap();
+    let report = bulwark_gateway::cli::check_report(&c);
+    assert!(report.contains("route h -> a: 1 x 5 x 1 = 5\n"), "{report}");
+    assert!(
+        report.contains("warning: route h retries without a budget"),
+        "{report}"
+    );
+}
+
+/// `limits.max_header_bytes` accepts any size up to `u64::MAX` bytes, and `Server::run` computes
+/// its head buffer limit as `max_header_bytes.max(8192) + 1024` (proxy/mod.rs): for a value
+/// within 1024 of `usize::MAX` that overflows. In a debug build the server task panics before
+/// it accepts anything; in a release build (no overflow checks) it wraps to 1023, and any request
+/// head longer than 1023 bytes is refused.
+#[tokio::test]
+async fn a_huge_max_header_bytes_does_not_break_the_listener() {
+    let up = support::Upstream::echo().await;
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nlimits: {{ max_header_bytes: 18446744073709551615 }}\nupstreams:\n  u: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - upstream: u\n",
+        up.url()
+    );
+    let config = from_str(&yaml, "gw.yaml").unwrap();
+    let server = bulwark_gateway::proxy::Server::bind(&config).await.unwrap();
+    let addr = server.local_addr();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let mut task = tokio::spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    let c = support::client();
+    let req = http::Request::get(format!("http://{addr}/x"))
+        .header("x-long", "v".repeat(2048))
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .unwrap();
+    let resp = tokio::select! {
+        biased;
+        r = &mut task => panic!("the server task ended before answering: {r:?}"),
+        r = c.request(req) => r,
+    };
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => panic!("request failed ({e}); server task: {:?}", task.await),
+    };
+    assert_eq!(resp.status(), 200);
+    let _ = tx.send(());
+    let _ = task.await;
+}
+
+/// Bad input gets a clear error: a negative duration is reported as an "unknown unit `-1s`", and
+/// a fractional size as an "unknown unit `.5MB`", neither of which says what is wrong.
+#[test]
+fn negative_durations_and_fractional_sizes_get_a_clear_error() {
+    let e = err(&format!("{UP}routes:\n  - upstream: a\n    timeout: -1s\n"));
+    assert_eq!(e.path, "routes[0].timeout", "{e}");
+    assert!(!e.message.contains("unknown unit"), "{e}");
+    assert!(e.message.contains("negative"), "{e}");
+
+    let e = err(&format!(
+        "{UP}routes:\n  - upstream: a\n    retry_buffer: 1.5MB\n"
+    ));
+    assert_eq!(e.path, "routes[0].retry_buffer", "{e}");
+    assert!(!e.message.contains("unknown unit"), "{e}");
+}
