@@ -590,3 +590,47 @@ routes:
     assert_eq!(long.raw.accepted(), 1);
     gw.stop().await;
 }
+
+/// Trailers that frame, route or are hop-by-hop (RFC 9110 6.5.1) are not passed on: a client that
+/// merged a `content-length` or `connection` trailer into the head would read the message
+/// differently from the gateway. Others (`x-sum`) pass.
+#[tokio::test]
+async fn forbidden_trailer_fields_are_dropped() {
+    let up = Raw::start(|mut s, _| async move {
+        let mut buf = Vec::new();
+        while read_head(&mut s, &mut buf).await.is_some() {
+            let whole = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n\
+                          5\r\nhello\r\n0\r\nx-sum: 42\r\nContent-Length: 99\r\nConnection: close\r\n\
+                          Transfer-Encoding: chunked\r\nHost: evil\r\n\r\n";
+            s.write_all(whole).await.unwrap();
+        }
+    })
+    .await;
+    let gw = Gateway::start(&config(&up.url())).await;
+    let mut c = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    c.write_all(b"GET /t HTTP/1.1\r\nHost: x\r\nTE: trailers\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // The head, then the body's chunks up to the last chunk and its trailer section.
+    while !String::from_utf8_lossy(&got).contains("\r\n0\r\n") || !got.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 4096];
+        let n = tokio::time::timeout_at(deadline, tokio::io::AsyncReadExt::read(&mut c, &mut b))
+            .await
+            .expect("the whole response within 10s")
+            .unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+        got.extend_from_slice(&b[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+    let trailers = &text[text.rfind("\r\n0\r\n").unwrap()..];
+    assert!(trailers.contains("x-sum: 42"), "{text}");
+    for name in ["content-length", "connection", "transfer-encoding", "host"] {
+        assert!(
+            !trailers.contains(name),
+            "{name} passed as a trailer: {text}"
+        );
+    }
+    gw.stop().await;
+}

@@ -97,6 +97,30 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// Whether an HTTP/2 request carries `te: trailers`, the one `te` HTTP/2 allows (RFC 9113 8.2.2)
 /// and the one gRPC servers require: [`strip_hop_by_hop`] removes it with the other hop-by-hop
 /// fields, and the caller puts it back for HTTP/2 upstreams.
+/// Whether a trailer field must not be passed on (RFC 9110 6.5.1, 6.5.2): one that frames or
+/// routes the message, a hop-by-hop field, or one that changes how its content is read. A client
+/// that merged such a trailer into the head (some do) would read the message differently from
+/// the gateway. Anything else (gRPC's `grpc-status`, checksums, timing) passes.
+pub fn forbidden_trailer(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "content-length"
+            | "transfer-encoding"
+            | "host"
+            | "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "content-encoding"
+            | "content-type"
+            | "content-range"
+    )
+}
+
 pub fn keep_te_trailers(h: &HeaderMap) -> bool {
     let mut all = h.get_all(header::TE).iter();
     matches!((all.next(), all.next()), (Some(v), None) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"trailers"))
