@@ -415,6 +415,11 @@ async fn attempt(
             } else {
                 admission.record(Outcome::Failure);
                 up.observe(ei, Observed::Failed);
+                // The endpoint took at least this long: peak-EWMA learns it (as tower's records
+                // the time of a cancelled call), or an endpoint that never answers would keep the
+                // cost of one never measured and win every comparison.
+                let end = Instant::now();
+                ep.observe_latency(end.saturating_duration_since(now), end);
             }
             Err(Miss::Failed {
                 failure: Failure::Timeout,
@@ -744,11 +749,13 @@ pub(crate) async fn forward(
             if on_this >= route.attempts {
                 break; // exhausted: fail over
             }
-            // A single endpoint's Retry-After is a wait before asking it again; with several, the
-            // retry goes to another endpoint (cooldown takes the one that asked out of rotation).
+            // A Retry-After is a wait before asking again: the retry waits it out unless it can go
+            // to an endpoint this request has not tried (with a quota cooldown, the one that asked
+            // is out of rotation meanwhile). Back to a tried endpoint (a single one, or its peers
+            // down), it waits, as Envoy's `rate_limited_retry_back_off` does.
             let mut delay = route.policies.backoff(on_this);
-            if up.endpoints.len() == 1 {
-                if let Some(ra) = retry_after {
+            if let Some(ra) = retry_after {
+                if !up.has_untried(tried) {
                     delay = delay.max(ra);
                 }
             }

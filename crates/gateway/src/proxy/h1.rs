@@ -319,38 +319,65 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
 /// 400, as two `Host` lines are: components that read a host out of it differently would disagree
 /// on which host was asked for.
 fn valid_host(v: &[u8]) -> bool {
-    let (host, port) = match v.first() {
-        None => return true,
-        Some(b'[') => match v.iter().position(|&b| b == b']') {
-            Some(end) => {
-                let literal = &v[1..end];
-                if literal.is_empty()
-                    || !literal
-                        .iter()
-                        .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-                {
-                    return false;
-                }
-                (&v[..0], &v[end + 1..])
-            }
-            None => return false,
-        },
-        Some(_) => match v.iter().position(|&b| b == b':') {
-            Some(colon) => (&v[..colon], &v[colon..]),
-            None => (v, &v[..0]),
-        },
-    };
-    // reg-name (or an IPv4 address): unreserved, pct-encoded, sub-delims.
-    let reg_name = host
-        .iter()
-        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b));
-    let port = match port.split_first() {
+    match v.first() {
+        None => true,
+        Some(b'[') => {
+            let Some(end) = v.iter().position(|&b| b == b']') else {
+                return false;
+            };
+            let literal = &v[1..end];
+            !literal.is_empty()
+                && literal
+                    .iter()
+                    .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+                && valid_port(&v[end + 1..])
+        }
+        Some(_) => {
+            // One pass over the reg-name (or IPv4 address), then the port.
+            let name = v.iter().take_while(|&&b| HOST_BYTE[usize::from(b)]).count();
+            valid_port(&v[name..])
+        }
+    }
+}
+
+/// Nothing, or `:` and digits.
+fn valid_port(rest: &[u8]) -> bool {
+    match rest.split_first() {
         None => true,
         Some((b':', digits)) => digits.iter().all(u8::is_ascii_digit),
         Some(_) => false,
-    };
-    reg_name && port
+    }
 }
+
+/// The bytes of a reg-name (RFC 3986 3.2.2): unreserved, pct-encoded (`%`), sub-delims.
+const HOST_BYTE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        i += 1;
+    }
+    t
+};
 
 /// A `Content-Length` value: digits, or a list of equal ones (`5, 5`, as some clients repeat it).
 fn content_length(v: &[u8]) -> Option<u64> {

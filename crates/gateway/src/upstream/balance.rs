@@ -108,6 +108,12 @@ fn smooth_wrr(start: usize, weights: &[u32]) -> Vec<usize> {
 }
 
 /// Picks an endpoint in `tier` for which `ok(i)` holds.
+///
+/// An endpoint that is not `ok` (unavailable, or already tried by this request) must not hand its
+/// share to the one after it: the round-robin balancers move the shared cursor on past it (its
+/// slot is consumed, so the others keep their order and weights), and the random draws draw again
+/// among the `ok` endpoints in proportion to their weights, as Envoy's balancers pick among the
+/// hosts that are up.
 pub(crate) fn pick(
     balance: Balance,
     tier: &Tier,
@@ -118,30 +124,22 @@ pub(crate) fn pick(
     if n == 0 {
         return None;
     }
-    let scan_from = |first: usize| {
-        (0..n)
-            .map(move |k| tier.start + (first + k) % n)
-            .find(|&i| ok(i))
-    };
     match balance {
         Balance::RoundRobin if !tier.weighted() => {
-            scan_from(tier.cursor.fetch_add(1, Ordering::Relaxed))
+            let slot = |c: usize| tier.start + c % n;
+            cursor_pick(tier, n, slot, &ok).or_else(|| (tier.start..tier.end).find(|&i| ok(i)))
         }
         Balance::RoundRobin | Balance::Weighted => {
             let len = tier.schedule.len();
-            let c = tier.cursor.fetch_add(1, Ordering::Relaxed);
-            (0..len)
-                .map(|k| tier.schedule[(c + k) % len])
-                .find(|&i| ok(i))
+            let slot = |c: usize| tier.schedule[c % len];
+            cursor_pick(tier, len, slot, &ok).or_else(|| (tier.start..tier.end).find(|&i| ok(i)))
         }
-        Balance::Random => scan_from(tier.draw(n)),
+        Balance::Random => draw_ok(tier, eps, &ok),
         Balance::LeastRequest | Balance::PeakEwma => {
             // Power of two choices: two random candidates, the less loaded wins.
-            let a = scan_from(tier.draw(n))?;
+            let a = draw_ok(tier, eps, &ok)?;
             let b = if n > 1 {
-                scan_from(tier.draw(n))
-                    .filter(|&b| b != a)
-                    .or_else(|| (0..n).map(|k| tier.start + k).find(|&i| i != a && ok(i)))
+                draw_ok(tier, eps, &|i| i != a && ok(i))
             } else {
                 None
             };
@@ -160,6 +158,42 @@ pub(crate) fn pick(
             Some(if cb < ca { b } else { a })
         }
     }
+}
+
+/// The endpoint at the shared cursor's next slot; a slot whose endpoint is not `ok` is consumed and
+/// the cursor moves on (at most one round of `len` slots; `None` when none was `ok` then).
+fn cursor_pick(
+    tier: &Tier,
+    len: usize,
+    slot: impl Fn(usize) -> usize,
+    ok: &impl Fn(usize) -> bool,
+) -> Option<usize> {
+    (0..len)
+        .map(|_| slot(tier.cursor.fetch_add(1, Ordering::Relaxed)))
+        .find(|&i| ok(i))
+}
+
+/// A random `ok` endpoint of the tier, drawn in proportion to the weights: one draw over the
+/// whole tier, and if it lands on one that is not `ok`, a draw among the `ok` ones.
+fn draw_ok(tier: &Tier, eps: &[Arc<Endpoint>], ok: &impl Fn(usize) -> bool) -> Option<usize> {
+    let first = tier.start + tier.draw(tier.end - tier.start);
+    if ok(first) {
+        return Some(first);
+    }
+    let weight = |i: usize| u64::from(eps[i].weight.max(1));
+    let total: u64 = (tier.start..tier.end).filter(|&i| ok(i)).map(weight).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut r = fastrand::u64(..total);
+    for i in (tier.start..tier.end).filter(|&i| ok(i)) {
+        let w = weight(i);
+        if r < w {
+            return Some(i);
+        }
+        r -= w;
+    }
+    None
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ use crate::chunked;
 const MAX_HEADERS: usize = 100;
 /// Largest response head accepted (status line and headers). Generous for real upstreams; a head
 /// over it is a broken or hostile upstream (a 502 for the client).
-const MAX_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
 /// Read buffer size for a response head: one allocation per connection, reused for every response
 /// whose data the listener has already let go of.
 const HEAD_BUF: usize = 8 * 1024;

@@ -349,6 +349,18 @@ impl Upstream {
         balance::pick(self.balance, fallback_tier?, eps, |i| eps[i].is_available())
     }
 
+    /// Whether a pick for a request that tried `tried` could find an endpoint it has not tried: if
+    /// not, its retry goes back to one it tried (perhaps the one that asked it to wait).
+    pub fn has_untried(&self, tried: Tried) -> bool {
+        let eps = &self.endpoints;
+        if let Some(tier) = self.panic_tier() {
+            if (tier.start..tier.end).any(|i| !eps[i].cooling_down() && !tried.contains(i)) {
+                return true;
+            }
+        }
+        (0..eps.len()).any(|i| eps[i].is_available() && !tried.contains(i))
+    }
+
     /// Drops expired idle connections of every endpoint.
     pub fn reap_idle(&self) {
         for e in &self.endpoints {

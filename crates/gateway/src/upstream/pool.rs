@@ -529,6 +529,9 @@ impl Pool {
         loop {
             let (mut sender, conn) = http1::Builder::new()
                 .writev(false)
+                // The response head's limit, as the gateway's own client has it (hyper's
+                // default read buffer would let a head grow to ~400 KiB).
+                .max_buf_size(super::h1::MAX_HEAD)
                 .handshake::<_, ReqBody>(TokioIo::new(stream))
                 .await
                 .map_err(|e| SendError::connect(Some(e.into())))?;

@@ -1,0 +1,179 @@
+//! Balancers keep their shares when an endpoint is unavailable, peak-EWMA learns from timeouts, and a
+//! Retry-After is waited out when the retry can only go back to an endpoint already tried.
+mod support;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::time::Instant as StdInstant;
+
+use support::*;
+
+async fn counts(gw: &Gateway, n: usize) -> HashMap<String, usize> {
+    let c = client();
+    let mut m = HashMap::new();
+    for _ in 0..n {
+        let r = get(&c, &gw.url("/")).await;
+        assert_eq!(r.status, 200);
+        *m.entry(r.text()).or_default() += 1;
+    }
+    m
+}
+
+/// Defect 1 (round_robin): with one of three equal endpoints unavailable (a failed health check,
+/// an ejection), the endpoint that follows it in the ring takes its whole share: the remaining two
+/// are loaded 1:2 instead of 1:1. Envoy (and nginx, HAProxy) balance round robin over the hosts
+/// that are available, so each of the two gets half.
+#[tokio::test]
+async fn round_robin_stays_even_when_an_endpoint_is_unavailable() {
+    let (a, b, c) = (
+        Upstream::named("a").await,
+        Upstream::named("b").await,
+        Upstream::named("c").await,
+    );
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u:\n    balance: round_robin\n    endpoints: [{{url: '{}'}}, {{url: '{}'}}, {{url: '{}'}}]\nroutes:\n  - upstream: u\n",
+        a.url(), b.url(), c.url()
+    ))
+    .await;
+    gw.set_available("u", 1, false);
+    let m = counts(&gw, 60).await;
+    let (ca, cc) = (
+        m.get("a").copied().unwrap_or(0),
+        m.get("c").copied().unwrap_or(0),
+    );
+    assert_eq!(ca + cc, 60, "{m:?}");
+    // Strict round robin over the two available endpoints: 30 each (one off at most).
+    assert!(
+        ca.abs_diff(cc) <= 2,
+        "uneven round robin around the unavailable endpoint: {m:?}"
+    );
+    gw.stop().await;
+}
+
+/// Defect 1 (weighted): smooth weighted round robin with weights 5,1,1 and the weight-5 endpoint
+/// unavailable sends the remaining two endpoints (equal weights) traffic 5:2, not 1:1: every slot of
+/// the missing endpoint in the precomputed schedule falls to the next entry. Envoy rebuilds its
+/// weighted scheduler over the available hosts; nginx's smooth WRR skips down peers in the loop
+/// itself, so the remaining weights are honoured.
+#[tokio::test]
+async fn weighted_honours_remaining_weights_when_one_is_unavailable() {
+    let (a, b, c) = (
+        Upstream::named("a").await,
+        Upstream::named("b").await,
+        Upstream::named("c").await,
+    );
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u:\n    balance: weighted\n    endpoints: [{{url: '{}', weight: 5}}, {{url: '{}', weight: 1}}, {{url: '{}', weight: 1}}]\nroutes:\n  - upstream: u\n",
+        a.url(), b.url(), c.url()
+    ))
+    .await;
+    gw.set_available("u", 0, false);
+    let m = counts(&gw, 70).await;
+    let (cb, cc) = (
+        m.get("b").copied().unwrap_or(0),
+        m.get("c").copied().unwrap_or(0),
+    );
+    assert_eq!(cb + cc, 70, "{m:?}");
+    assert!(cb.abs_diff(cc) <= 2, "b and c have equal weights: {m:?}");
+    gw.stop().await;
+}
+
+/// Defect 1 (random): a draw that lands on an unavailable endpoint moves to the next one in the
+/// tier, so with one of three equal endpoints out the next one gets 2/3 of the traffic. Envoy's
+/// random balancer draws among the available hosts.
+#[tokio::test]
+async fn random_stays_uniform_when_an_endpoint_is_unavailable() {
+    let (a, b, c) = (
+        Upstream::named("a").await,
+        Upstream::named("b").await,
+        Upstream::named("c").await,
+    );
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u:\n    balance: random\n    endpoints: [{{url: '{}'}}, {{url: '{}'}}, {{url: '{}'}}]\nroutes:\n  - upstream: u\n",
+        a.url(), b.url(), c.url()
+    ))
+    .await;
+    gw.set_available("u", 1, false);
+    let m = counts(&gw, 600).await;
+    let ca = m.get("a").copied().unwrap_or(0);
+    // Expected 300 each; sigma ~12: 240..=360 is 5 sigma. The skip gives ~200 / ~400.
+    assert!((240..=360).contains(&ca), "{m:?}");
+    gw.stop().await;
+}
+
+/// Defect 2: peak_ewma learns latency only from responses. An attempt that times out (or is reset,
+/// or cannot connect) leaves no sample, so an endpoint that never answers keeps the lowest possible
+/// cost (1 ns x (in flight + 1)) and wins every comparison against an endpoint that answers in a
+/// fraction of a millisecond: peak_ewma sends every first attempt to the black hole. tower's
+/// PeakEwma records the RTT when the request's handle is dropped, whatever the outcome, and
+/// Finagle's adds a penalty for outstanding requests without a sample.
+#[tokio::test]
+async fn peak_ewma_learns_from_timed_out_attempts() {
+    let hole = Silent::start().await;
+    let fast = Upstream::named("fast").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u:\n    balance: peak_ewma\n    endpoints: [{{url: '{}'}}, {{url: '{}'}}]\nroutes:\n  - upstream: u\n    timeout: 5s\n    retry: {{ attempts: 2, per_try_timeout: 100ms, backoff: {{ base: 1ms, max: 1ms }} }}\n",
+        hole.url(), fast.url()
+    ))
+    .await;
+    let m = counts(&gw, 20).await;
+    assert_eq!(m.get("fast").copied(), Some(20), "{m:?}");
+    let to_hole = hole.accepted.load(Ordering::SeqCst);
+    // After one 100 ms timeout the hole's estimate should be ~100 ms against the fast endpoint's
+    // sub-millisecond one: it should get at most a couple of the 20 first attempts.
+    assert!(
+        to_hole <= 3,
+        "peak_ewma sent {to_hole} of 20 first attempts to an endpoint that never answers"
+    );
+    gw.stop().await;
+}
+
+/// Defect 3: a `Retry-After` is waited out only when the upstream has a single endpoint. When the
+/// retry can only go back to the endpoint that asked for the wait (its peer is down), it is sent at
+/// once, after the backoff alone, to an endpoint that said it would not serve yet. The upstream here
+/// answers 503 with `Retry-After: 1` and serves only once a second has passed, as it said.
+#[tokio::test]
+async fn retry_after_is_honoured_when_the_retry_goes_back_to_the_same_endpoint() {
+    let first: Arc<AtomicU64> = Arc::new(AtomicU64::new(0));
+    let epoch = StdInstant::now();
+    let f = first.clone();
+    let picky = Upstream::start(
+        "picky",
+        Arc::new(move |_req| {
+            let f = f.clone();
+            Box::pin(async move {
+                let now = epoch.elapsed().as_millis() as u64 + 1;
+                let t0 = match f.compare_exchange(0, now, Ordering::SeqCst, Ordering::SeqCst) {
+                    Ok(_) => now,
+                    Err(t) => t,
+                };
+                if now - t0 >= 950 {
+                    reply("picky", 200, "ok")
+                } else {
+                    let mut r = reply("picky", 503, "come back in a second");
+                    r.headers_mut().insert("retry-after", "1".parse().unwrap());
+                    r
+                }
+            })
+        }),
+    )
+    .await;
+    let other = Upstream::named("other").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u:\n    balance: round_robin\n    endpoints: [{{url: '{}'}}, {{url: '{}'}}]\nroutes:\n  - upstream: u\n    timeout: 10s\n    retry: {{ attempts: 2, backoff: {{ base: 1ms, max: 1ms }} }}\n",
+        picky.url(), other.url()
+    ))
+    .await;
+    // The other endpoint is down (health check): the retry can only go back to `picky`.
+    gw.set_available("u", 1, false);
+    let r = get(&client(), &gw.url("/")).await;
+    assert_eq!(picky.hits(), 2, "one attempt and one retry");
+    assert_eq!(
+        r.status,
+        200,
+        "the retry ignored Retry-After: {:?}",
+        r.text()
+    );
+    gw.stop().await;
+}
