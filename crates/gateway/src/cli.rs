@@ -294,7 +294,11 @@ pub async fn start(path: &Path, config: &Config, poll: Duration) -> Result<Runni
                     "admin: no token configured; mutating admin calls will be refused (403)"
                 );
             }
-            Some(AdminServer::bind(a.listen, gateway.clone(), token).await?)
+            Some(
+                AdminServer::bind(a.listen, gateway.clone(), token)
+                    .await?
+                    .with_allowed_hosts(&a.allowed_hosts),
+            )
         }
         None => None,
     };

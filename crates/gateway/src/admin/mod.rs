@@ -40,15 +40,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{
-    HeaderValue, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE,
+    HeaderValue, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_SECURITY_POLICY, CONTENT_TYPE, HOST,
     LOCATION, WWW_AUTHENTICATE, X_CONTENT_TYPE_OPTIONS, X_FRAME_OPTIONS,
 };
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::Deserialize;
 use tokio::net::TcpListener;
 
@@ -108,6 +108,8 @@ pub struct AdminServer {
 struct AdminState {
     gateway: Arc<Gateway>,
     token: Option<String>,
+    /// Host names (lowercase) answered besides IP literals and `localhost` (`admin.allowed_hosts`).
+    allowed_hosts: Vec<String>,
 }
 
 impl std::fmt::Debug for AdminState {
@@ -132,8 +134,20 @@ impl AdminServer {
             .map_err(|e| format!("admin: cannot listen on {addr}: {e}"))?;
         Ok(AdminServer {
             listener,
-            state: Arc::new(AdminState { gateway, token }),
+            state: Arc::new(AdminState {
+                gateway,
+                token,
+                allowed_hosts: Vec::new(),
+            }),
         })
+    }
+
+    /// Also answers requests whose `Host` is one of `hosts` (besides IP literals and `localhost`).
+    pub fn with_allowed_hosts(mut self, hosts: &[String]) -> Self {
+        if let Some(state) = Arc::get_mut(&mut self.state) {
+            state.allowed_hosts = hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+        }
+        self
     }
 
     /// The bound address.
@@ -145,9 +159,12 @@ impl AdminServer {
 
     /// Serves until `shutdown` completes.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+        // HTTP/1.1 only (the dashboard, curl and Prometheus need nothing else): its head timer runs
+        // from the connection's start and between requests, so a connection that sends nothing is
+        // closed after ADMIN_READ_TIMEOUT (the auto-detecting builder's first read had no timeout,
+        // and its HTTP/2 side no idle timeout).
+        let mut builder = http1::Builder::new();
         builder
-            .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(ADMIN_READ_TIMEOUT);
         let builder = Arc::new(builder);
@@ -330,7 +347,44 @@ async fn read_json<T: serde::de::DeserializeOwned>(
 }
 
 impl AdminState {
+    /// Whether the request names this listener: an IP literal, `localhost` (or a name under it),
+    /// or an allowed host. Another name is a page of another site that had its name re-pointed to
+    /// this address (DNS rebinding): the browser would let it read the answers.
+    fn host_allowed(&self, req: &Request<Incoming>) -> bool {
+        let host = match req.uri().host() {
+            Some(h) => h,
+            None => match req.headers().get(HOST) {
+                None => return true,
+                Some(v) => match v.to_str() {
+                    Ok(v) => v,
+                    Err(_) => return false,
+                },
+            },
+        };
+        if host.starts_with('[') {
+            return true; // an IPv6 literal
+        }
+        let name = host.rsplit_once(':').map_or(host, |(n, _)| n);
+        name.parse::<std::net::Ipv4Addr>().is_ok()
+            || name.eq_ignore_ascii_case("localhost")
+            || name
+                .get(name.len().saturating_sub(".localhost".len())..)
+                .is_some_and(|t| t.eq_ignore_ascii_case(".localhost"))
+            || self
+                .allowed_hosts
+                .iter()
+                .any(|a| a.eq_ignore_ascii_case(name))
+    }
+
     async fn serve(&self, req: Request<Incoming>, peer: SocketAddr) -> Resp {
+        if !self.host_allowed(&req) {
+            return respond(
+                StatusCode::FORBIDDEN,
+                "text/plain; charset=utf-8",
+                "this host name is not allowed on the admin listener (DNS rebinding protection): \
+                 use its address, localhost, or list the name in admin.allowed_hosts\n",
+            );
+        }
         let path = req.uri().path();
         let get = matches!(*req.method(), Method::GET | Method::HEAD);
         if let Some(&(_, content_type, body)) = DASHBOARD.iter().find(|(p, _, _)| *p == path) {
@@ -525,7 +579,9 @@ impl AdminState {
     async fn set_breaker(&self, name: &str, req: Request<Incoming>, peer: SocketAddr) -> Resp {
         if let Err(d) = self.authorize(&req) {
             let r = d.response();
-            tracing::warn!(upstream = %name, status = r.status().as_u16(), "admin: refused breaker change");
+            // `?`: the name comes from the path, percent-decoded, before anything checked it (a
+            // `%0A` in it must not start a line of its own in the log).
+            tracing::warn!(upstream = ?name, status = r.status().as_u16(), "admin: refused breaker change");
             return r;
         }
         let change: BreakerChange =

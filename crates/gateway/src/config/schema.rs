@@ -301,6 +301,10 @@ pub struct Admin {
     /// Env var holding the bearer token for mutating calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_env: Option<String>,
+    /// Host names the admin listener answers besides IP literals and `localhost` (DNS rebinding
+    /// protection): the names operators and scrapers reach it by.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_hosts: Vec<String>,
 }
 
 fn default_admin_listen() -> SocketAddr {
