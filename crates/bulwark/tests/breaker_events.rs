@@ -112,3 +112,54 @@ fn panicking_listener_does_not_stop_later_events() {
         vec![(ForcedOpen, Closed), (Closed, BreakerState::Disabled)]
     );
 }
+
+/// Thread A delivers its own transition (closed -> forced open) and the listener is still at it
+/// when thread B closes the breaker: B pushes its transition into the outbox, sees A delivering,
+/// and returns, leaving its event to A. The listener then panics on A's event. The `Delivering`
+/// guard only reopens the outbox (`delivering = false`); B's event stays queued and is delivered
+/// only if and when some later transition happens, which may be never: a state gauge fed by the
+/// listener shows "forced open" while the breaker is closed. Before the change B delivered its
+/// own event. (The existing test `panicking_listener_does_not_stop_later_events` only checks
+/// events decided after the panic, which trigger their own delivery.)
+#[test]
+fn an_event_left_to_a_deliverer_whose_listener_panics_is_still_delivered() {
+    let seen: Seen = Arc::default();
+    let (entered_tx, entered_rx) = mpsc::channel::<()>();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let gate = Mutex::new((entered_tx, release_rx));
+    let first = AtomicBool::new(true);
+    let s = seen.clone();
+    let breaker = CircuitBreaker::builder()
+        .listener(move |e: &Event| {
+            if let Event::BreakerTransition { from, to, .. } = e {
+                if first.swap(false, Ordering::SeqCst) {
+                    let g = gate.lock().unwrap();
+                    g.0.send(()).unwrap();
+                    g.1.recv_timeout(Duration::from_secs(10)).unwrap();
+                    panic!("listener bug on its first event");
+                }
+                s.lock().unwrap().push((*from, *to));
+            }
+        })
+        .build()
+        .unwrap();
+
+    let b = breaker.clone();
+    let a = thread::spawn(move || b.force_open());
+    entered_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    // B closes the breaker while A's listener runs: its event is left to A.
+    let b = breaker.clone();
+    thread::spawn(move || b.close()).join().unwrap();
+    assert_eq!(breaker.state(), Closed);
+    release_tx.send(()).unwrap();
+    assert!(a.join().is_err(), "A's listener panicked");
+
+    // B's transition happened; it must have reached the listener (no further transition comes):
+    // A delivered it before its listener's panic went on.
+    assert!(
+        seen.lock().unwrap().contains(&(ForcedOpen, Closed)),
+        "the breaker is closed, but its (ForcedOpen -> Closed) transition was never delivered: \
+         seen {:?}",
+        seen.lock().unwrap()
+    );
+}

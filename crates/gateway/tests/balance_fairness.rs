@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tokio::time::Instant as StdInstant;
 
+use bulwark_gateway::upstream::{Tried, Upstream as Up};
 use support::*;
 
 async fn counts(gw: &Gateway, n: usize) -> HashMap<String, usize> {
@@ -176,4 +177,49 @@ async fn retry_after_is_honoured_when_the_retry_goes_back_to_the_same_endpoint()
         r.text()
     );
     gw.stop().await;
+}
+
+/// `Upstream::has_untried` (new, used by `forward` to decide whether a retry waits out the
+/// upstream's `Retry-After`) must agree with `Upstream::pick`: its doc says "whether a pick for a
+/// request that tried `tried` could find an endpoint it has not tried".
+///
+/// In panic mode, `pick` stays in the panic tier: once every endpoint of that tier that is not
+/// cooling down was tried, it picks one of them again (`.or_else(... free)`), never an endpoint of
+/// a lower-priority tier. `has_untried` instead falls through to "any available endpoint of any
+/// tier not tried", so with an available endpoint in a lower tier it answers `true` while the
+/// pick goes back to an endpoint this request already tried: the retry skips the Retry-After wait
+/// and is sent at once to the endpoint that asked it to wait.
+#[tokio::test]
+async fn has_untried_agrees_with_pick_in_panic_mode_with_a_lower_tier() {
+    let yaml = "upstreams:
+  u:
+    panic_threshold: 60
+    endpoints:
+      - { url: 'http://127.0.0.1:1' }
+      - { url: 'http://127.0.0.1:2' }
+      - { url: 'http://127.0.0.1:3', priority: 1 }
+routes:
+  - upstream: u
+";
+    let cfg = bulwark_gateway::config::from_str(yaml, "t.yaml").unwrap();
+    let up = Up::new("u", cfg.upstreams.get("u").unwrap(), &None).unwrap();
+    // Tier 0 = endpoints 0 and 1; endpoint 1 fails its health check: 1 of 2 up, 50% < 60%:
+    // panic mode over tier 0. Endpoint 2 (tier 1) is available.
+    up.endpoints[1].set_available(false);
+    assert!(up.endpoints[2].is_available());
+
+    // The request tried both endpoints of tier 0 (the panic pick ignores health).
+    let mut tried = Tried::default();
+    tried.insert(0);
+    tried.insert(1);
+    for _ in 0..50 {
+        let picked = up.pick(tried).expect("an endpoint");
+        if tried.contains(picked) {
+            assert!(
+                !up.has_untried(tried),
+                "pick went back to tried endpoint {picked}, yet has_untried said an untried one \
+                 could be found (so the retry skips the Retry-After wait)"
+            );
+        }
+    }
 }

@@ -248,12 +248,13 @@ impl Inner {
         public_state(st(self.state.0.load(Ordering::Acquire)))
     }
 
-    /// Delivers the transitions decided so far, after the decision lock is
-    /// released, in the order they were decided. One caller at a time delivers:
-    /// a caller that finds another one at it leaves its transition to that one,
-    /// so two transitions decided on two threads never reach a listener in
-    /// reverse. A listener that itself moves the breaker finds its own caller
-    /// delivering, and its transition follows once it returns (no deadlock).
+    /// Delivers the transitions decided so far, after the decision lock is released, in the order
+    /// they were decided. One caller at a time delivers: a caller that finds another one at it
+    /// leaves its transition to that one, so two transitions decided on two threads never reach a
+    /// listener in reverse. A listener that itself moves the breaker finds its own caller
+    /// delivering, and its transition follows once it returns (no deadlock). A listener that
+    /// panics does not stop the delivery of what others left to this caller: the panic goes on
+    /// once the outbox is empty.
     fn emit(&self, m: Option<Move>) {
         if m.is_none() || self.listeners.is_empty() {
             return;
@@ -263,28 +264,25 @@ impl Inner {
             return;
         }
         ctl.delivering = true;
-        // A listener that panics must not leave the outbox closed for good.
-        struct Delivering<'a>(&'a Inner);
-        impl Drop for Delivering<'_> {
-            fn drop(&mut self) {
-                if std::thread::panicking() {
-                    self.0.lock().delivering = false;
-                }
-            }
-        }
-        let _guard = Delivering(self);
-        loop {
-            let Some(m) = ctl.outbox.pop_front() else {
-                ctl.delivering = false;
-                break;
-            };
+        let mut panicked = None;
+        while let Some(m) = ctl.outbox.pop_front() {
             drop(ctl);
-            self.listeners.emit(|| Event::BreakerTransition {
-                name: self.name.clone(),
-                from: m.from,
-                to: m.to,
-            });
+            let delivered = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.listeners.emit(|| Event::BreakerTransition {
+                    name: self.name.clone(),
+                    from: m.from,
+                    to: m.to,
+                })
+            }));
+            if let Err(p) = delivered {
+                panicked.get_or_insert(p);
+            }
             ctl = self.lock();
+        }
+        ctl.delivering = false;
+        drop(ctl);
+        if let Some(p) = panicked {
+            std::panic::resume_unwind(p);
         }
     }
 

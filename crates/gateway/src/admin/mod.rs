@@ -365,6 +365,8 @@ impl AdminState {
             return true; // an IPv6 literal
         }
         let name = host.rsplit_once(':').map_or(host, |(n, _)| n);
+        // A fully qualified name (`localhost.`) is the same name.
+        let name = name.strip_suffix('.').unwrap_or(name);
         name.parse::<std::net::Ipv4Addr>().is_ok()
             || name.eq_ignore_ascii_case("localhost")
             || name

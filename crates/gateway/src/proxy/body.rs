@@ -125,7 +125,15 @@ impl Body for ClientBody {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(r) => {
                     stall.moved();
-                    Poll::Ready(r.map(|r| r.map_err(BoxError::from)))
+                    Poll::Ready(r.map(|r| {
+                        r.map(|mut frame| {
+                            if let Some(t) = frame.trailers_mut() {
+                                super::headers::strip_forbidden_trailers(t);
+                            }
+                            frame
+                        })
+                        .map_err(BoxError::from)
+                    }))
                 }
             },
         }
@@ -446,7 +454,12 @@ impl Body for RespBody {
         match self.project() {
             RespBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             RespBodyProj::Upstream { inner, lease } => {
-                let r = Pin::new(&mut *inner).poll_frame(cx);
+                let mut r = Pin::new(&mut *inner).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(frame))) = &mut r {
+                    if let Some(t) = frame.trailers_mut() {
+                        super::headers::strip_forbidden_trailers(t);
+                    }
+                }
                 match &r {
                     Poll::Ready(None) => lease.release(inner),
                     // hyper stops polling once `is_end_stream` says so, so look after each frame.

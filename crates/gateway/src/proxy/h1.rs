@@ -1629,14 +1629,23 @@ fn ended_ok(out: Out, left: u64) -> bool {
     }
 }
 
-/// Between a request and its response, whether the client closed the connection (as hyper: only
-/// once the request body is read and nothing is buffered; bytes of a pipelined request are kept).
+/// Between a request and its response, whether the client closed the connection. Looked at once
+/// nothing more of the request is to come from the socket: its body read, or (a `Content-Length`
+/// body) all of it already buffered, as a small POST's is when it waits in the admission queue or
+/// a fault delay; and nothing past it buffered (bytes of a pipelined request are kept, and read no
+/// further). A body still arriving is not read ahead here: its reader polls the socket itself.
 fn client_gone<I: AsyncRead + AsyncWrite + Unpin>(
     shared: &Mutex<Conn<I>>,
     cx: &mut Context<'_>,
 ) -> bool {
     let mut c = lock(shared);
-    if !matches!(c.rest, Rest::None) || !c.rbuf.is_empty() {
+    let buffered = c.rbuf.len() as u64;
+    let nothing_more = match c.rest {
+        Rest::None => buffered == 0,
+        Rest::Length(left) => buffered == left,
+        Rest::Chunked(_) | Rest::Failed => false,
+    };
+    if !nothing_more {
         return false;
     }
     matches!(c.poll_fill(cx, 1), Poll::Ready(Ok(0)) | Poll::Ready(Err(_)))

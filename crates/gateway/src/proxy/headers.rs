@@ -102,23 +102,32 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// that merged such a trailer into the head (some do) would read the message differently from
 /// the gateway. Anything else (gRPC's `grpc-status`, checksums, timing) passes.
 pub fn forbidden_trailer(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "content-length"
-            | "transfer-encoding"
-            | "host"
-            | "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "te"
-            | "trailer"
-            | "upgrade"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "content-encoding"
-            | "content-type"
-            | "content-range"
-    )
+    FORBIDDEN_TRAILERS.contains(&name.as_str())
+}
+
+const FORBIDDEN_TRAILERS: [&str; 14] = [
+    "content-length",
+    "transfer-encoding",
+    "host",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "content-encoding",
+    "content-type",
+    "content-range",
+];
+
+/// Removes the [`forbidden_trailer`] fields from `trailers` (HTTP/2 trailers, which no HTTP/1.1
+/// parser or encoder of the gateway sees).
+pub fn strip_forbidden_trailers(trailers: &mut HeaderMap) {
+    for name in FORBIDDEN_TRAILERS {
+        trailers.remove(name);
+    }
 }
 
 pub fn keep_te_trailers(h: &HeaderMap) -> bool {

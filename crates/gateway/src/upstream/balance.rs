@@ -160,17 +160,21 @@ pub(crate) fn pick(
     }
 }
 
-/// The endpoint at the shared cursor's next slot; a slot whose endpoint is not `ok` is consumed and
-/// the cursor moves on (at most one round of `len` slots; `None` when none was `ok` then).
+/// The endpoint at the shared cursor's next slot; slots whose endpoint is not `ok` are consumed:
+/// the cursor moves past them too, in one step (at most one round of `len` slots; `None` when
+/// none was `ok` then).
 fn cursor_pick(
     tier: &Tier,
     len: usize,
     slot: impl Fn(usize) -> usize,
     ok: &impl Fn(usize) -> bool,
 ) -> Option<usize> {
-    (0..len)
-        .map(|_| slot(tier.cursor.fetch_add(1, Ordering::Relaxed)))
-        .find(|&i| ok(i))
+    let c = tier.cursor.fetch_add(1, Ordering::Relaxed);
+    let skipped = (0..len).find(|&k| ok(slot(c.wrapping_add(k))))?;
+    if skipped > 0 {
+        tier.cursor.fetch_add(skipped, Ordering::Relaxed);
+    }
+    Some(slot(c.wrapping_add(skipped)))
 }
 
 /// A random `ok` endpoint of the tier, drawn in proportion to the weights: one draw over the

@@ -353,9 +353,11 @@ impl Upstream {
     /// not, its retry goes back to one it tried (perhaps the one that asked it to wait).
     pub fn has_untried(&self, tried: Tried) -> bool {
         let eps = &self.endpoints;
+        // As `pick`: in panic mode it stays in the panic tier while that has a free endpoint.
         if let Some(tier) = self.panic_tier() {
-            if (tier.start..tier.end).any(|i| !eps[i].cooling_down() && !tried.contains(i)) {
-                return true;
+            let free = |i: usize| !eps[i].cooling_down();
+            if (tier.start..tier.end).any(free) {
+                return (tier.start..tier.end).any(|i| free(i) && !tried.contains(i));
             }
         }
         (0..eps.len()).any(|i| eps[i].is_available() && !tried.contains(i))
