@@ -160,21 +160,29 @@ pub(crate) fn pick(
     }
 }
 
-/// The endpoint at the shared cursor's next slot; slots whose endpoint is not `ok` are consumed:
-/// the cursor moves past them too, in one step (at most one round of `len` slots; `None` when
-/// none was `ok` then).
+/// The endpoint at the shared cursor's next `ok` slot. The slots before it (endpoints not `ok`) are
+/// consumed with it, in one compare-and-swap: every slot goes to exactly one pick, also when
+/// several threads pick at once, so no endpoint gets another's turn. `None` (the cursor left as it
+/// was) when no slot of a round is `ok`.
 fn cursor_pick(
     tier: &Tier,
     len: usize,
     slot: impl Fn(usize) -> usize,
     ok: &impl Fn(usize) -> bool,
 ) -> Option<usize> {
-    let c = tier.cursor.fetch_add(1, Ordering::Relaxed);
-    let skipped = (0..len).find(|&k| ok(slot(c.wrapping_add(k))))?;
-    if skipped > 0 {
-        tier.cursor.fetch_add(skipped, Ordering::Relaxed);
+    let mut c = tier.cursor.load(Ordering::Relaxed);
+    loop {
+        let k = (0..len).find(|&k| ok(slot(c.wrapping_add(k))))?;
+        match tier.cursor.compare_exchange_weak(
+            c,
+            c.wrapping_add(k + 1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => return Some(slot(c.wrapping_add(k))),
+            Err(now) => c = now,
+        }
     }
-    Some(slot(c.wrapping_add(skipped)))
 }
 
 /// A random `ok` endpoint of the tier, drawn in proportion to the weights: one draw over the
