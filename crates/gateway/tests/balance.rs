@@ -1,7 +1,6 @@
 //! Balancers' distributions and priority tiers.
 mod support;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,17 +12,6 @@ async fn three() -> Vec<Upstream> {
         Upstream::named("e1").await,
         Upstream::named("e2").await,
     ]
-}
-
-async fn counts(gw: &Gateway, n: usize) -> HashMap<String, usize> {
-    let c = client();
-    let mut m = HashMap::new();
-    for _ in 0..n {
-        let r = get(&c, &gw.url("/")).await;
-        assert_eq!(r.status, 200);
-        *m.entry(r.text()).or_default() += 1;
-    }
-    m
 }
 
 #[tokio::test]
@@ -47,7 +35,7 @@ async fn round_robin_is_exact() {
     let mut first3 = seq[0..3].to_vec();
     first3.sort();
     assert_eq!(first3, ["e0", "e1", "e2"]);
-    let m = counts(&gw, 300).await;
+    let m = answers_by_body(&gw, 300).await;
     assert_eq!(m.values().copied().collect::<Vec<_>>(), vec![100, 100, 100]);
     gw.stop().await;
 }
@@ -60,7 +48,7 @@ async fn weighted_is_exact_proportions() {
         ups[0].url(), ups[1].url(), ups[2].url()
     ))
     .await;
-    let m = counts(&gw, 200).await;
+    let m = answers_by_body(&gw, 200).await;
     assert_eq!((m["e0"], m["e1"], m["e2"]), (100, 60, 40));
     gw.stop().await;
 }
@@ -78,7 +66,7 @@ async fn every_balancer_honours_weights() {
             a.url(), b.url()
         ))
         .await;
-        let m = counts(&gw, 400).await;
+        let m = answers_by_body(&gw, 400).await;
         let heavy = m.get("a").copied().unwrap_or(0);
         match balance {
             // The same schedule as `weighted`.
@@ -100,7 +88,7 @@ async fn random_is_roughly_uniform() {
         ups[0].url(), ups[1].url(), ups[2].url()
     ))
     .await;
-    let m = counts(&gw, 600).await;
+    let m = answers_by_body(&gw, 600).await;
     for k in ["e0", "e1", "e2"] {
         // Expected 200 each; 6 sigma (~70) still bounds it well away from 0 and 600.
         assert!((120..=280).contains(&m[k]), "{m:?}");
@@ -134,7 +122,7 @@ async fn least_request_prefers_idle_endpoint() {
     });
     wait_until(10, || slow.hits() >= 1).await;
     // With one request in flight on `slow`, two-choice picks `fast` every time.
-    let m = counts(&gw, 50).await;
+    let m = answers_by_body(&gw, 50).await;
     assert_eq!(m.get("fast").copied(), Some(50), "{m:?}");
     gate.notify_waiters();
     gate.notify_one();
@@ -150,7 +138,7 @@ async fn peak_ewma_serves() {
         ups[0].url(), ups[1].url(), ups[2].url()
     ))
     .await;
-    let m = counts(&gw, 60).await;
+    let m = answers_by_body(&gw, 60).await;
     assert_eq!(m.values().sum::<usize>(), 60);
     gw.stop().await;
 }
@@ -172,18 +160,18 @@ routes:
         p0.url()
     ))
     .await;
-    let m = counts(&gw, 20).await;
+    let m = answers_by_body(&gw, 20).await;
     assert_eq!(m.get("p0").copied(), Some(20), "{m:?}");
     // Health checks mark tier 0 down: tier 1 takes the traffic; back up, tier 0 takes it again.
     gw.set_available("u", 0, false);
-    let m = counts(&gw, 10).await;
+    let m = answers_by_body(&gw, 10).await;
     assert_eq!(m.get("p1").copied(), Some(10), "{m:?}");
     gw.set_available("u", 0, true);
-    let m = counts(&gw, 10).await;
+    let m = answers_by_body(&gw, 10).await;
     assert_eq!(m.get("p0").copied(), Some(10), "{m:?}");
     // Tier 0 dies before any health check notices: its connect failure is retried on tier 1.
     p0.kill();
-    let m = counts(&gw, 10).await;
+    let m = answers_by_body(&gw, 10).await;
     assert_eq!(m.get("p1").copied(), Some(10), "{m:?}");
     gw.stop().await;
 }
@@ -210,8 +198,8 @@ async fn peak_ewma_prefers_the_faster_endpoint() {
         fast.url()
     ))
     .await;
-    let _warm = counts(&gw, 10).await;
-    let m = counts(&gw, 60).await;
+    let _warm = answers_by_body(&gw, 10).await;
+    let m = answers_by_body(&gw, 60).await;
     let (f, s) = (
         m.get("fast").copied().unwrap_or(0),
         m.get("slow").copied().unwrap_or(0),

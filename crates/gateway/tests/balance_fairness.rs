@@ -2,7 +2,6 @@
 //! Retry-After is waited out when the retry can only go back to an endpoint already tried.
 mod support;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use tokio::time::Instant as StdInstant;
@@ -10,18 +9,7 @@ use tokio::time::Instant as StdInstant;
 use bulwark_gateway::upstream::{Tried, Upstream as Up};
 use support::*;
 
-async fn counts(gw: &Gateway, n: usize) -> HashMap<String, usize> {
-    let c = client();
-    let mut m = HashMap::new();
-    for _ in 0..n {
-        let r = get(&c, &gw.url("/")).await;
-        assert_eq!(r.status, 200);
-        *m.entry(r.text()).or_default() += 1;
-    }
-    m
-}
-
-/// Defect 1 (round_robin): with one of three equal endpoints unavailable (a failed health check,
+/// round_robin. Before the fix, with one of three equal endpoints unavailable (a failed health check,
 /// an ejection), the endpoint that follows it in the ring takes its whole share: the remaining two
 /// are loaded 1:2 instead of 1:1. Envoy (and nginx, HAProxy) balance round robin over the hosts
 /// that are available, so each of the two gets half.
@@ -38,7 +26,7 @@ async fn round_robin_stays_even_when_an_endpoint_is_unavailable() {
     ))
     .await;
     gw.set_available("u", 1, false);
-    let m = counts(&gw, 60).await;
+    let m = answers_by_body(&gw, 60).await;
     let (ca, cc) = (
         m.get("a").copied().unwrap_or(0),
         m.get("c").copied().unwrap_or(0),
@@ -52,7 +40,7 @@ async fn round_robin_stays_even_when_an_endpoint_is_unavailable() {
     gw.stop().await;
 }
 
-/// Defect 1 (weighted): smooth weighted round robin with weights 5,1,1 and the weight-5 endpoint
+/// weighted. Before the fix, smooth weighted round robin with weights 5,1,1 and the weight-5 endpoint
 /// unavailable sends the remaining two endpoints (equal weights) traffic 5:2, not 1:1: every slot of
 /// the missing endpoint in the precomputed schedule falls to the next entry. Envoy rebuilds its
 /// weighted scheduler over the available hosts; nginx's smooth WRR skips down peers in the loop
@@ -70,7 +58,7 @@ async fn weighted_honours_remaining_weights_when_one_is_unavailable() {
     ))
     .await;
     gw.set_available("u", 0, false);
-    let m = counts(&gw, 70).await;
+    let m = answers_by_body(&gw, 70).await;
     let (cb, cc) = (
         m.get("b").copied().unwrap_or(0),
         m.get("c").copied().unwrap_or(0),
@@ -80,7 +68,7 @@ async fn weighted_honours_remaining_weights_when_one_is_unavailable() {
     gw.stop().await;
 }
 
-/// Defect 1 (random): a draw that lands on an unavailable endpoint moves to the next one in the
+/// random. Before the fix, a draw that lands on an unavailable endpoint moves to the next one in the
 /// tier, so with one of three equal endpoints out the next one gets 2/3 of the traffic. Envoy's
 /// random balancer draws among the available hosts.
 #[tokio::test]
@@ -96,14 +84,14 @@ async fn random_stays_uniform_when_an_endpoint_is_unavailable() {
     ))
     .await;
     gw.set_available("u", 1, false);
-    let m = counts(&gw, 600).await;
+    let m = answers_by_body(&gw, 600).await;
     let ca = m.get("a").copied().unwrap_or(0);
     // Expected 300 each; sigma ~12: 240..=360 is 5 sigma. The skip gives ~200 / ~400.
     assert!((240..=360).contains(&ca), "{m:?}");
     gw.stop().await;
 }
 
-/// Defect 2: peak_ewma learns latency only from responses. An attempt that times out (or is reset,
+/// peak_ewma. Before the fix, it learnt latency only from responses. An attempt that times out (or is reset,
 /// or cannot connect) leaves no sample, so an endpoint that never answers keeps the lowest possible
 /// cost (1 ns x (in flight + 1)) and wins every comparison against an endpoint that answers in a
 /// fraction of a millisecond: peak_ewma sends every first attempt to the black hole. tower's
@@ -118,7 +106,7 @@ async fn peak_ewma_learns_from_timed_out_attempts() {
         hole.url(), fast.url()
     ))
     .await;
-    let m = counts(&gw, 20).await;
+    let m = answers_by_body(&gw, 20).await;
     assert_eq!(m.get("fast").copied(), Some(20), "{m:?}");
     let to_hole = hole.accepted.load(Ordering::SeqCst);
     // After one 100 ms timeout the hole's estimate should be ~100 ms against the fast endpoint's
@@ -130,7 +118,7 @@ async fn peak_ewma_learns_from_timed_out_attempts() {
     gw.stop().await;
 }
 
-/// Defect 3: a `Retry-After` is waited out only when the upstream has a single endpoint. When the
+/// Retry-After. Before the fix, a `Retry-After` was waited out only when the upstream has a single endpoint. When the
 /// retry can only go back to the endpoint that asked for the wait (its peer is down), it is sent at
 /// once, after the backoff alone, to an endpoint that said it would not serve yet. The upstream here
 /// answers 503 with `Retry-After: 1` and serves only once a second has passed, as it said.

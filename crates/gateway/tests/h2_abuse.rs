@@ -143,7 +143,7 @@ async fn within(secs: u64, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Defects
+// Tests
 // ---------------------------------------------------------------------------------------------
 
 /// An h2c upstream whose first connection answers the first request's HEADERS with a GOAWAY of

@@ -898,3 +898,16 @@ impl std::io::Write for LogCapture {
         Ok(())
     }
 }
+
+/// Sends `n` GETs of `/` through `gw` (each must get 200) and counts the answers by body (the
+/// named upstreams answer with their name).
+pub async fn answers_by_body(gw: &Gateway, n: usize) -> std::collections::HashMap<String, usize> {
+    let c = client();
+    let mut m = std::collections::HashMap::new();
+    for _ in 0..n {
+        let r = get(&c, &gw.url("/")).await;
+        assert_eq!(r.status, 200);
+        *m.entry(r.text()).or_default() += 1;
+    }
+    m
+}
