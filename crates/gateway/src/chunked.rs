@@ -297,9 +297,7 @@ fn parse_trailers(section: &[u8]) -> Result<HeaderMap, Error> {
                     .map_err(|_| Error::Invalid("bad trailer name"))?;
                 let value = HeaderValue::from_bytes(f.value)
                     .map_err(|_| Error::Invalid("bad trailer value"))?;
-                if !crate::proxy::headers::forbidden_trailer(&name) {
-                    map.append(name, value);
-                }
+                map.append(name, value);
             }
             Ok(map)
         }

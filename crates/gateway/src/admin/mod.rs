@@ -108,7 +108,8 @@ pub struct AdminServer {
 struct AdminState {
     gateway: Arc<Gateway>,
     token: Option<String>,
-    /// Host names (lowercase) answered besides IP literals and `localhost` (`admin.allowed_hosts`).
+    /// Host names answered besides IP literals and `localhost` (`admin.allowed_hosts`; compared
+    /// ignoring case).
     allowed_hosts: Vec<String>,
 }
 
@@ -145,7 +146,7 @@ impl AdminServer {
     /// Also answers requests whose `Host` is one of `hosts` (besides IP literals and `localhost`).
     pub fn with_allowed_hosts(mut self, hosts: &[String]) -> Self {
         if let Some(state) = Arc::get_mut(&mut self.state) {
-            state.allowed_hosts = hosts.iter().map(|h| h.to_ascii_lowercase()).collect();
+            state.allowed_hosts = hosts.to_vec();
         }
         self
     }

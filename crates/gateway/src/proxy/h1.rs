@@ -895,9 +895,7 @@ pub(crate) fn put_field(dst: &mut Vec<u8>, name: &HeaderName, value: &HeaderValu
 fn encode_trailers(dst: &mut Vec<u8>, trailers: &HeaderMap) {
     dst.extend_from_slice(b"0\r\n");
     for (name, value) in trailers {
-        if !super::headers::forbidden_trailer(name) {
-            put_field(dst, name, value);
-        }
+        put_field(dst, name, value);
     }
     dst.extend_from_slice(b"\r\n");
 }

@@ -97,14 +97,10 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
 /// Whether an HTTP/2 request carries `te: trailers`, the one `te` HTTP/2 allows (RFC 9113 8.2.2)
 /// and the one gRPC servers require: [`strip_hop_by_hop`] removes it with the other hop-by-hop
 /// fields, and the caller puts it back for HTTP/2 upstreams.
-/// Whether a trailer field must not be passed on (RFC 9110 6.5.1, 6.5.2): one that frames or
-/// routes the message, a hop-by-hop field, or one that changes how its content is read. A client
-/// that merged such a trailer into the head (some do) would read the message differently from
-/// the gateway. Anything else (gRPC's `grpc-status`, checksums, timing) passes.
-pub fn forbidden_trailer(name: &HeaderName) -> bool {
-    FORBIDDEN_TRAILERS.contains(&name.as_str())
-}
-
+/// Trailer fields that are not passed on (RFC 9110 6.5.1, 6.5.2): those that frame or route the
+/// message, hop-by-hop ones, and those that change how its content is read. A client that merged
+/// such a trailer into the head (some do) would read the message differently from the gateway.
+/// Anything else (gRPC's `grpc-status`, checksums, timing) passes.
 const FORBIDDEN_TRAILERS: [&str; 14] = [
     "content-length",
     "transfer-encoding",
@@ -122,8 +118,10 @@ const FORBIDDEN_TRAILERS: [&str; 14] = [
     "content-range",
 ];
 
-/// Removes the [`forbidden_trailer`] fields from `trailers` (HTTP/2 trailers, which no HTTP/1.1
-/// parser or encoder of the gateway sees).
+/// Removes the `FORBIDDEN_TRAILERS` from `trailers`. Every upstream response body
+/// (`RespBody`) and every HTTP/2 client's request body (`ClientBody`) does it, whatever protocol
+/// brought the trailers and whichever takes them on (an HTTP/1.1 client's request trailers are
+/// dropped whole).
 pub fn strip_forbidden_trailers(trailers: &mut HeaderMap) {
     for name in FORBIDDEN_TRAILERS {
         trailers.remove(name);

@@ -126,13 +126,13 @@ pub(crate) fn pick(
     }
     match balance {
         Balance::RoundRobin if !tier.weighted() => {
-            let slot = |c: usize| tier.start + c % n;
-            cursor_pick(tier, n, slot, &ok).or_else(|| (tier.start..tier.end).find(|&i| ok(i)))
+            // A round of slots is every endpoint of the tier: `None` means none is `ok`.
+            cursor_pick(tier, n, |c| tier.start + c % n, &ok)
         }
         Balance::RoundRobin | Balance::Weighted => {
+            // Every endpoint has a slot in the schedule (weights are at least 1).
             let len = tier.schedule.len();
-            let slot = |c: usize| tier.schedule[c % len];
-            cursor_pick(tier, len, slot, &ok).or_else(|| (tier.start..tier.end).find(|&i| ok(i)))
+            cursor_pick(tier, len, |c| tier.schedule[c % len], &ok)
         }
         Balance::Random => draw_ok(tier, eps, &ok),
         Balance::LeastRequest | Balance::PeakEwma => {
