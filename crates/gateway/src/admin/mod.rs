@@ -111,6 +111,17 @@ struct AdminState {
     /// Host names answered besides IP literals and `localhost` (`admin.allowed_hosts`; compared
     /// ignoring case).
     allowed_hosts: Vec<String>,
+    /// Whether `Host` is checked at all (see [`checks_host`]).
+    check_host: bool,
+}
+
+/// Whether the admin listener at `addr` checks `Host` against DNS rebinding: always when it is
+/// bound to a loopback address (the default; what a browser on the same machine reaches), and on
+/// any other address once `admin.allowed_hosts` names the hosts it is reached by. An admin
+/// listener exposed on purpose is scraped and browsed by names the gateway cannot know, and
+/// refusing them by default would break monitoring on upgrade.
+fn checks_host(addr: SocketAddr, allowed_hosts: &[String]) -> bool {
+    addr.ip().is_loopback() || !allowed_hosts.is_empty()
 }
 
 impl std::fmt::Debug for AdminState {
@@ -139,14 +150,17 @@ impl AdminServer {
                 gateway,
                 token,
                 allowed_hosts: Vec::new(),
+                check_host: checks_host(addr, &[]),
             }),
         })
     }
 
     /// Also answers requests whose `Host` is one of `hosts` (besides IP literals and `localhost`).
     pub fn with_allowed_hosts(mut self, hosts: &[String]) -> Self {
+        let addr = self.local_addr();
         if let Some(state) = Arc::get_mut(&mut self.state) {
             state.allowed_hosts = hosts.to_vec();
+            state.check_host = checks_host(addr, hosts);
         }
         self
     }
@@ -380,7 +394,7 @@ impl AdminState {
     }
 
     async fn serve(&self, req: Request<Incoming>, peer: SocketAddr) -> Resp {
-        if !self.host_allowed(&req) {
+        if self.check_host && !self.host_allowed(&req) {
             return respond(
                 StatusCode::FORBIDDEN,
                 "text/plain; charset=utf-8",
@@ -645,6 +659,19 @@ impl AdminState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn host_is_checked_on_loopback_and_wherever_allowed_hosts_are_named() {
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        assert!(checks_host(at("127.0.0.1:9901"), &[]));
+        assert!(checks_host(at("[::1]:9901"), &[]));
+        assert!(!checks_host(at("0.0.0.0:9901"), &[]));
+        assert!(!checks_host(at("10.0.0.5:9901"), &[]));
+        assert!(checks_host(
+            at("10.0.0.5:9901"),
+            &["gw-1.internal".to_owned()]
+        ));
+    }
 
     #[test]
     fn the_token_from_the_environment_is_trimmed() {
