@@ -241,6 +241,65 @@ routes:
     gw.stop().await;
 }
 
+/// A connect failure sent nothing, so a POST is sent again to another endpoint of the same
+/// upstream when the route retries `connect_failure` (as nginx and HAProxy resend it), with its
+/// body; a 503 from an endpoint is still not retried for a POST. Without `connect_failure` in
+/// `on`, the POST is not resent.
+#[tokio::test]
+async fn a_post_that_could_not_connect_goes_to_another_endpoint() {
+    let (live, bodies) = recording("live", 200).await;
+    let dead = dead_url().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u: {{ balance: round_robin, endpoints: [{{url: '{dead}'}}, {{url: '{}'}}] }}
+  v: {{ balance: round_robin, endpoints: [{{url: '{dead}'}}, {{url: '{}'}}] }}
+routes:
+  - match: {{ path_prefix: /only5xx }}
+    upstream: v
+    retry: {{ attempts: 2, on: [5xx], backoff: {{base: 1ms, max: 1ms}}, budget: {{min_per_second: 100}} }}
+  - upstream: u
+    retry: {{ attempts: 2, backoff: {{base: 1ms, max: 1ms}}, budget: {{min_per_second: 100}} }}
+",
+        live.url(),
+        live.url()
+    ))
+    .await;
+    let c = client();
+    let post = |path: &str, i: usize| {
+        http::Request::post(gw.url(path))
+            .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+                "order={i}"
+            ))))
+            .unwrap()
+    };
+    let mut resent = 0;
+    for i in 0..4 {
+        let r = send(&c, post("/orders", i)).await;
+        assert_eq!(r.status, 200, "POST {i}");
+        assert_eq!(r.header("x-upstream"), Some("live"));
+        if r.header("x-bulwark-attempts") == Some("2") {
+            resent += 1;
+        }
+    }
+    // (Each retry takes the round robin's next turn, so each POST starts on the dead endpoint.)
+    assert!(resent > 0, "no POST was tried on the dead endpoint first");
+    assert_eq!(
+        *bodies.lock().unwrap(),
+        ["order=0", "order=1", "order=2", "order=3"],
+        "each POST reached the live endpoint once, body intact"
+    );
+    // Retrying only 5xx: a POST whose connect failed is not resent.
+    let mut statuses = Vec::new();
+    for i in 0..2 {
+        let r = send(&c, post("/only5xx", i)).await;
+        statuses.push(r.status.as_u16());
+    }
+    statuses.sort();
+    assert_eq!(statuses, [200, 502]);
+    assert_eq!(live.hits(), 5);
+    gw.stop().await;
+}
+
 /// The route's retry budget balance.
 fn budget_balance(gw: &Gateway) -> u64 {
     gw.state.runtime().routes[0]

@@ -153,54 +153,7 @@ async fn a_silent_http2_connection_is_replaced_after_an_unanswered_ping() {
 /// retries is sent again on a new connection, and gets the answer.
 #[tokio::test]
 async fn a_stream_past_a_graceful_goaway_is_sent_again() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let c2 = conns.clone();
-    tokio::spawn(async move {
-        while let Ok((mut tcp, _)) = l.accept().await {
-            if c2.fetch_add(1, Ordering::SeqCst) > 0 {
-                tokio::spawn(async move {
-                    let mut conn = h2::server::handshake(tcp).await.unwrap();
-                    while let Some(Ok((_req, mut respond))) = conn.accept().await {
-                        let mut s = respond.send_response(Response::new(()), false).unwrap();
-                        s.send_data(Bytes::from("ok"), true).unwrap();
-                    }
-                });
-                continue;
-            }
-            tokio::spawn(async move {
-                // An empty SETTINGS, then frame by frame after the client's 24-byte preface.
-                tcp.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await.unwrap();
-                let mut preface = [0u8; 24];
-                tcp.read_exact(&mut preface).await.unwrap();
-                loop {
-                    let mut head = [0u8; 9];
-                    if tcp.read_exact(&mut head).await.is_err() {
-                        return;
-                    }
-                    let len = usize::from(head[0]) << 16
-                        | usize::from(head[1]) << 8
-                        | usize::from(head[2]);
-                    let mut payload = vec![0u8; len];
-                    if tcp.read_exact(&mut payload).await.is_err() {
-                        return;
-                    }
-                    match (head[3], head[4] & 1) {
-                        // SETTINGS (not an ACK): acknowledged.
-                        (4, 0) => tcp.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await.unwrap(),
-                        // HEADERS: GOAWAY, last stream 0, NO_ERROR.
-                        (1, _) => {
-                            let goaway = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-                            tcp.write_all(&goaway).await.unwrap();
-                        }
-                        _ => {}
-                    }
-                }
-            });
-        }
-    });
+    let (addr, conns) = goaway_upstream(0, 0).await;
     let gw = Gateway::start(&format!(
         "upstreams:\n  u: {{ http2: true, endpoints: [{{url: 'http://{addr}'}}] }}\nroutes:\n  - upstream: u\n    timeout: 5s\n"
     ))

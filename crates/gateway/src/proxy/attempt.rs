@@ -471,10 +471,19 @@ pub(crate) async fn forward(
             && is_idempotent(&parts.method)
             && !parts.headers.contains_key(http::header::UPGRADE)
     });
+    // A connect failure sent nothing, so whatever the method the request may go to another
+    // endpoint (as nginx's `proxy_next_upstream error` and HAProxy's `retry-on conn-failure`
+    // resend it): a retry like any other (attempts, budget, backoff), only not a replay.
+    let resend_unsent =
+        !no_retries && route.attempts > 1 && route.retry_on.fail(FailKind::ConnectFailure);
     // With a failover chain the body is kept even when the request may not be retried: after a
     // connect failure (nothing sent) the next upstream takes it.
     let may_replay =
         (retry_allowed && (route.attempts > 1 || hedge.is_some())) || route.chain.len() > 1;
+    // Whether the kept head must outlive the first attempt. (A chunked body is buffered only for
+    // `may_replay`: one that may not be replayed after a response streams at once, and a connect
+    // failure then has nothing to resend it from.)
+    let keep_head = may_replay || resend_unsent;
 
     let mut slot = if body.is_end_stream() {
         BodySlot::Replay(None)
@@ -577,7 +586,7 @@ pub(crate) async fn forward(
             tried.insert(ei);
             let result = match hedge {
                 None => {
-                    let req = outgoing(&mut parts, may_replay, req_body, up, ei);
+                    let req = outgoing(&mut parts, keep_head, req_body, up, ei);
                     let target = Some((ei, req));
                     let admitted = Some(admission);
                     attempt(up, route, target, deadline, true, admitted, tally, None).await
@@ -697,8 +706,8 @@ pub(crate) async fn forward(
             }
             delivered |= tally.reached.swap(false, Ordering::Relaxed);
 
-            // What failed, for the retry's `reason` label.
-            let (retryable, retry_after, reason) = match result {
+            // What failed, for the retry's `reason` label; whether this failure may be retried.
+            let (retryable, retry_after, reason, allowed) = match result {
                 Ok(resp) => return respond::success(resp, sent),
                 Err(Miss::Client(local)) => return respond::local_after(local, sent),
                 Err(Miss::Rejected(r)) => {
@@ -720,7 +729,7 @@ pub(crate) async fn forward(
                     if !retryable {
                         return finish(last, sent, None, route);
                     }
-                    (true, retry_after, retry_reason(&last))
+                    (true, retry_after, retry_reason(&last), retry_allowed)
                 }
                 Err(Miss::Failed {
                     failure,
@@ -737,13 +746,14 @@ pub(crate) async fn forward(
                     if failure == Failure::Timeout && Instant::now() >= deadline {
                         return finish(last, sent, None, route);
                     }
-                    if unsent && !(retryable && retry_allowed) && slot.replayable() {
+                    let allowed = retry_allowed || (unsent && resend_unsent);
+                    if unsent && !(retryable && allowed) && slot.replayable() {
                         break; // a connect failure sent nothing: the next upstream takes it
                     }
-                    (retryable, None, failure_reason(failure))
+                    (retryable, None, failure_reason(failure), allowed)
                 }
             };
-            if !retryable || !retry_allowed || !slot.replayable() {
+            if !retryable || !allowed || !slot.replayable() {
                 return finish(last, sent, None, route);
             }
             if on_this >= route.attempts {

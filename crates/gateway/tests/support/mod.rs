@@ -911,3 +911,68 @@ pub async fn answers_by_body(gw: &Gateway, n: usize) -> std::collections::HashMa
     }
     m
 }
+
+/// An h2c upstream whose first connection answers the first request's HEADERS with a GOAWAY of
+/// last stream id `last` carrying error `code` (RFC 9113 6.8); after an error code it closes the
+/// connection, as a server shutting down on an error does. Later connections (h2 crate) answer
+/// `ok`. Returns its address and how many connections it accepted.
+pub async fn goaway_upstream(code: u32, last: u32) -> (SocketAddr, Arc<AtomicUsize>) {
+    // One frame (RFC 9113 4.1): type 4 SETTINGS, 7 GOAWAY; flag 1 is the SETTINGS ACK.
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&[0; 4]);
+        f.extend_from_slice(payload);
+        f
+    }
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c2 = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            if c2.fetch_add(1, Ordering::SeqCst) > 0 {
+                tokio::spawn(async move {
+                    let mut conn = h2::server::handshake(tcp).await.unwrap();
+                    while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                        let mut s = respond.send_response(Response::new(()), false).unwrap();
+                        s.send_data(Bytes::from("ok"), true).unwrap();
+                    }
+                });
+                continue;
+            }
+            tokio::spawn(async move {
+                // An empty SETTINGS, then frame by frame after the client's 24-byte preface.
+                tcp.write_all(&frame(4, 0, &[])).await.unwrap();
+                let mut preface = [0u8; 24];
+                tcp.read_exact(&mut preface).await.unwrap();
+                loop {
+                    let mut head = [0u8; 9];
+                    if tcp.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let len = usize::from(head[0]) << 16
+                        | usize::from(head[1]) << 8
+                        | usize::from(head[2]);
+                    let mut payload = vec![0u8; len];
+                    if tcp.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    match (head[3], head[4] & 1) {
+                        (4, 0) => tcp.write_all(&frame(4, 1, &[])).await.unwrap(),
+                        (1, _) => {
+                            let mut p = last.to_be_bytes().to_vec();
+                            p.extend_from_slice(&code.to_be_bytes());
+                            let _ = tcp.write_all(&frame(7, 0, &p)).await;
+                            if code != 0 {
+                                let _ = tcp.shutdown().await;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
