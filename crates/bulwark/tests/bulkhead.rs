@@ -360,7 +360,12 @@ async fn a_queued_request_is_not_overtaken_before_its_first_poll() {
     let b = svc.ready().await.unwrap().call(1); // queued (arrived 2nd)
     tx.send(()).unwrap();
     a.await.unwrap().unwrap(); // permit free again, B not yet polled
+                               // The freed permit is B's already (it waits from its arrival).
+    assert_eq!(bh.available(), 0, "the permit went to queued B");
     let c = svc.ready().await.unwrap().call(2); // arrived 3rd
-    assert_eq!(bh.available(), 1, "C must not overtake queued B");
-    drop((b, c));
+    assert!(
+        c.await.is_err(),
+        "C must not overtake queued B (and the queue is full)"
+    );
+    assert_eq!(b.await.unwrap(), 1);
 }

@@ -10,8 +10,8 @@ use std::time::Duration;
 use super::{CircuitBreaker, CircuitBreakerBuilder, Permit};
 use crate::classify::AnyError;
 use crate::events::{BreakerState, Event, Listener, Listeners};
-use crate::keyed::{Keyed, KeyedBuilder};
-use crate::{Classify, ConfigError, Error};
+use crate::keyed::{Keyed, KeyedBuilder, KeyedEntry};
+use crate::{Classify, ConfigError, Error, Outcome};
 
 /// A circuit breaker per key (upstream host, tenant, API key): one failing host
 /// opens its own breaker without refusing calls to the healthy ones. Keys live in a
@@ -68,6 +68,56 @@ impl<K: fmt::Debug> fmt::Debug for KeyedCircuitBreaker<K> {
     }
 }
 
+/// A [`Permit`] from one key's breaker, from [`KeyedCircuitBreaker::try_acquire`]. While
+/// it is alive the key's breaker is not evicted; the key's idle time starts when the
+/// permit is recorded or dropped.
+#[must_use = "a permit not recorded counts as an ignored call"]
+pub struct KeyedPermit<K> {
+    permit: Permit,
+    entry: KeyedEntry<K, CircuitBreaker>,
+}
+
+impl<K> KeyedPermit<K> {
+    /// Records the call's outcome; see [`Permit::record`].
+    pub fn record(self, outcome: Outcome) {
+        let KeyedPermit { permit, entry } = self;
+        permit.record(outcome);
+        // The key is in use until the outcome is in its breaker.
+        drop(entry);
+    }
+
+    /// Records a success.
+    pub fn success(self) {
+        self.record(Outcome::Success);
+    }
+
+    /// Records a failure.
+    pub fn failure(self) {
+        self.record(Outcome::Failure);
+    }
+
+    /// True when this permit is one of the half-open probe calls; see
+    /// [`Permit::is_probe`].
+    pub fn is_probe(&self) -> bool {
+        self.permit.is_probe()
+    }
+
+    /// True if the key did not fit in the map and this permit is the overflow
+    /// breaker's.
+    pub fn is_overflow(&self) -> bool {
+        self.entry.is_overflow()
+    }
+}
+
+impl<K: fmt::Debug> fmt::Debug for KeyedPermit<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedPermit")
+            .field("key", &self.entry.key())
+            .field("permit", &self.permit)
+            .finish()
+    }
+}
+
 impl KeyedCircuitBreaker<()> {
     /// A builder with the [`CircuitBreaker`] and [`Keyed`] defaults.
     pub fn builder() -> KeyedCircuitBreakerBuilder {
@@ -79,9 +129,14 @@ impl<K> KeyedCircuitBreaker<K>
 where
     K: Hash + Eq + Clone + Send + Sync + fmt::Display + 'static,
 {
-    /// A permit from `key`'s breaker; see [`CircuitBreaker::try_acquire`].
-    pub fn try_acquire(&self, key: &K) -> Result<Permit, Error<Infallible>> {
-        self.inner.keyed.get(key).try_acquire()
+    /// A permit from `key`'s breaker; see [`CircuitBreaker::try_acquire`]. While the
+    /// permit is alive the key's breaker is not evicted (a call that takes long and
+    /// then opens it leaves it open for its whole open duration, as [`call`](Self::call)
+    /// does).
+    pub fn try_acquire(&self, key: &K) -> Result<KeyedPermit<K>, Error<Infallible>> {
+        let entry = self.inner.keyed.get(key);
+        let permit = entry.try_acquire()?;
+        Ok(KeyedPermit { permit, entry })
     }
 
     /// Runs `f` through `key`'s breaker, counting every `Err` as a failure.

@@ -143,7 +143,7 @@ use crate::events::{BreakerState, Listener, Listeners};
 use crate::{Classify, ConfigError, Error};
 
 pub use self::future::ResponseFuture;
-pub use self::keyed::{KeyedCircuitBreaker, KeyedCircuitBreakerBuilder};
+pub use self::keyed::{KeyedCircuitBreaker, KeyedCircuitBreakerBuilder, KeyedPermit};
 pub use self::layer::{CircuitBreakerLayer, CircuitBreakerService};
 pub use self::permit::Permit;
 

@@ -1,5 +1,6 @@
 //! `tower` integration: [`BulkheadLayer`] and [`BulkheadService`].
 
+use std::future::Future;
 use std::task::{Context, Poll};
 
 use tower_layer::Layer;
@@ -107,7 +108,21 @@ where
             let _ = self.bulkhead.inner.reject();
             return ResponseFuture::rejected(full);
         };
-        let acquire = Box::pin(Bulkhead::wait_queued(slot));
+        let mut acquire = Box::pin(Bulkhead::wait_queued(slot));
+        // Polled once now, so that the request waits for the semaphore from its arrival: a slot
+        // freed before its response future is first polled is its own, not a later caller's of
+        // the plain `acquire` (waiting is FIFO). The real waker replaces this one at that poll.
+        match acquire
+            .as_mut()
+            .poll(&mut Context::from_waker(std::task::Waker::noop()))
+        {
+            Poll::Ready(Ok(permit)) => {
+                return ResponseFuture::running(self.inner.call(req), permit, full)
+            }
+            // Rejected (and reported) by the wait.
+            Poll::Ready(Err(_)) => return ResponseFuture::rejected(full),
+            Poll::Pending => {}
+        }
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
         ResponseFuture::queued(acquire, ready, req, full)

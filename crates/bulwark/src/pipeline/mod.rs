@@ -258,7 +258,7 @@ impl Pipeline {
     {
         // A rejection after the breaker admitted us drops the permit unrecorded,
         // which the breaker counts as "ignored": local refusals never trip it.
-        let permit = match &self.breaker {
+        let mut permit = match &self.breaker {
             Some(b) => Some(b.try_acquire().map_err(never)?),
             None => None,
         };
@@ -266,7 +266,21 @@ impl Pipeline {
             rl.check().map_err(never)?;
         }
         let _slot = match &self.bulkhead {
-            Some(b) => Some(b.acquire().await.map_err(never)?),
+            Some(b) => match b.try_acquire() {
+                Some(slot) => Some(slot),
+                None => {
+                    // The wait in the bulkhead's queue is ours, not the dependency's: the
+                    // breaker's permit (whose clock measures slow calls, and which may be one
+                    // of few half-open probes) is given back unrecorded meanwhile, and asked
+                    // for again once a slot is free.
+                    drop(permit.take());
+                    let slot = b.acquire().await.map_err(never)?;
+                    if let Some(b) = &self.breaker {
+                        permit = Some(b.try_acquire().map_err(never)?);
+                    }
+                    Some(slot)
+                }
+            },
             None => None,
         };
         let result = match &self.attempt_timeout {

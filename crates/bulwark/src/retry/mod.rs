@@ -91,8 +91,8 @@
 //! * **Token before sleep.** A retry takes its budget token *before* it sleeps its
 //!   backoff. Taking it after the sleep would let a burst of failures all enter
 //!   backoff on the same balance and then overshoot the budget together (the
-//!   problem described in Envoy issue #30205). A token is spent even if the caller
-//!   drops the call while it sleeps.
+//!   problem described in Envoy issue #30205). A caller that drops the call while it
+//!   sleeps gets the token back: no retry was sent.
 //! * **Deadline.** Before each *retry*, and before sleeping its backoff: if
 //!   `now + delay` is at or past the limit (the earlier of the [`Deadline`] in scope
 //!   and `start + max_elapsed`), or leaves less than the recent p90 latency of
