@@ -6,13 +6,13 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::MissedTickBehavior;
+use tokio::time::Instant;
 
-use super::{run_all, CheckResult, ComponentHealth, HealthRegistry, HealthReport, HealthStatus};
+use super::{run_one, CheckResult, ComponentHealth, HealthRegistry, HealthReport, HealthStatus};
 use crate::events::{Event, Listener, Listeners};
 use crate::ConfigError;
 
-/// Time between rounds of checks by default: quick enough to notice an outage
+/// Time between two checks of a component by default: quick enough to notice an outage
 /// within seconds, slow enough that checking is negligible load.
 pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -53,8 +53,10 @@ impl fmt::Debug for HealthCheckerBuilder {
 }
 
 impl HealthCheckerBuilder {
-    /// Time between the starts of two rounds (default [`DEFAULT_INTERVAL`]). A round
-    /// that takes longer delays the next one instead of overlapping it.
+    /// Time between the starts of two checks of one component (default
+    /// [`DEFAULT_INTERVAL`]). Each component is checked on its own timer: a check that
+    /// takes longer delays that component's next one instead of overlapping it, and no
+    /// other component's.
     pub fn interval(mut self, interval: Duration) -> Self {
         self.interval = interval;
         self
@@ -223,36 +225,54 @@ struct Task {
 }
 
 impl Task {
+    /// Checks each component on its own timer: one probe every `interval` (from the
+    /// start of the last one; at once after a probe that took longer), so a probe that
+    /// hangs until its timeout delays no other component's checks or verdicts.
     async fn run(mut self) {
-        let mut ticks = tokio::time::interval(self.interval);
-        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
-        // The first round decides every component (a failing one stays unhealthy, so its
-        // status does not change): subscribers are woken for it all the same.
-        let mut first = true;
-        loop {
-            ticks.tick().await;
-            let results = run_all(&self.registry.checks, self.timeout).await;
-            let mut changed = false;
-            for (c, r) in self.components.iter_mut().zip(results) {
-                if c.apply(r, self.thresholds) {
-                    changed = true;
-                    let (name, status) = (c.health.name.clone(), c.health.status.as_str());
-                    self.listeners
-                        .emit(|| Event::HealthChanged { name, status });
-                }
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+        let checks = std::mem::take(&mut self.registry.checks);
+        let (interval, timeout) = (self.interval, self.timeout);
+        let probe = |i: usize, at: Instant| {
+            let c = &checks[i];
+            async move {
+                tokio::time::sleep_until(at).await;
+                let started = Instant::now();
+                (i, started, run_one(c, timeout).await)
             }
-            let report = HealthReport::from_components(
-                self.components.iter().map(|c| c.health.clone()).collect(),
-            );
-            // The value always carries the latest details; subscribers are woken
-            // only when a status changed, and after the first round.
-            let wake = changed || first;
-            first = false;
-            self.tx.send_if_modified(|current| {
-                *current = report;
-                wake
-            });
+        };
+        let now = Instant::now();
+        let mut probes: FuturesUnordered<_> = (0..checks.len()).map(|i| probe(i, now)).collect();
+        if probes.is_empty() {
+            // Nothing to check: the (healthy) report is final.
+            self.publish(true);
+            return std::future::pending().await;
         }
+        while let Some((i, started, result)) = probes.next().await {
+            let c = &mut self.components[i];
+            // A component's first result wakes subscribers even when it keeps the status it
+            // started with (a failing one stays unhealthy): it is decided now.
+            let first = !c.checked;
+            let changed = c.apply(result, self.thresholds);
+            if changed {
+                let (name, status) = (c.health.name.clone(), c.health.status.as_str());
+                self.listeners
+                    .emit(|| Event::HealthChanged { name, status });
+            }
+            self.publish(changed || first);
+            probes.push(probe(i, (started + interval).max(Instant::now())));
+        }
+    }
+
+    /// Publishes the current report; subscribers are woken only with `wake` (the value
+    /// always carries the latest details).
+    fn publish(&self, wake: bool) {
+        let report = HealthReport::from_components(
+            self.components.iter().map(|c| c.health.clone()).collect(),
+        );
+        self.tx.send_if_modified(|current| {
+            *current = report;
+            wake
+        });
     }
 }
 

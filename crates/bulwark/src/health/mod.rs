@@ -314,16 +314,18 @@ impl HealthRegistry {
 /// reported unhealthy instead of taking the caller (or the background checker's
 /// task) down with it, which would freeze the last report forever.
 async fn run_all(checks: &[Registered], timeout: Duration) -> Vec<CheckResult> {
+    futures_util::future::join_all(checks.iter().map(|c| run_one(c, timeout))).await
+}
+
+/// Runs one check within `timeout`; a panic is reported unhealthy (see [`run_all`]).
+async fn run_one(c: &Registered, timeout: Duration) -> CheckResult {
     use futures_util::FutureExt;
-    futures_util::future::join_all(checks.iter().map(|c| async move {
-        let guarded = std::panic::AssertUnwindSafe(c.check.check()).catch_unwind();
-        match tokio::time::timeout(timeout, guarded).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => CheckResult::unhealthy("check panicked"),
-            Err(_) => CheckResult::unhealthy(format!("check timed out after {timeout:?}")),
-        }
-    }))
-    .await
+    let guarded = std::panic::AssertUnwindSafe(c.check.check()).catch_unwind();
+    match tokio::time::timeout(timeout, guarded).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => CheckResult::unhealthy("check panicked"),
+        Err(_) => CheckResult::unhealthy(format!("check timed out after {timeout:?}")),
+    }
 }
 
 /// The health of one component.

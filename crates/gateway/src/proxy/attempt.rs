@@ -307,6 +307,11 @@ async fn attempt(
         .per_try_timeout
         .map_or(deadline, |t| (now + t).min(deadline));
     let mut lease = Lease::new(ep.clone());
+    let mut unanswered = Unanswered {
+        up,
+        ei,
+        since: Some(now),
+    };
     tally.sent.fetch_add(1, Ordering::Relaxed);
     tally.total.fetch_add(1, Ordering::Relaxed);
     if let Some(w) = went {
@@ -324,6 +329,7 @@ async fn attempt(
         }
     };
     let result = tokio::time::timeout_at(try_deadline, send).await;
+    unanswered.since = None;
     if !matches!(&result, Ok(Err(e)) if e.kind == FailKind::ConnectFailure) {
         tally.reached.store(true, Ordering::Relaxed);
     }
@@ -426,6 +432,28 @@ async fn attempt(
                 retryable: Instant::now() < deadline && route.retry_on.fail(FailKind::Timeout),
                 unsent: false,
             })
+        }
+    }
+}
+
+/// An attempt on its way: when its future is dropped before an answer or a timeout (a hedge that
+/// lost the race, a client gone), the time it ran is a lower bound of the endpoint's latency, for
+/// peak-EWMA and latency outlier detection; it is neither a success nor a failure. Without it, an
+/// endpoint whose every attempt a hedge beats would look like one never measured (the cheapest).
+struct Unanswered<'a> {
+    up: &'a Upstream,
+    ei: usize,
+    /// When the attempt started; `None` once it ended.
+    since: Option<Instant>,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(since) = self.since {
+            let end = Instant::now();
+            let latency = end.saturating_duration_since(since);
+            self.up.endpoints[self.ei].observe_latency_floor(latency, end);
+            self.up.observe(self.ei, Observed::Cancelled { latency });
         }
     }
 }

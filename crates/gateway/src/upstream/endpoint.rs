@@ -268,6 +268,17 @@ impl Endpoint {
         self.inflight.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// Records that an attempt ran `rtt` without an answer before it was dropped (a hedge that
+    /// lost): the endpoint takes at least that long. It raises the peak-EWMA estimate when higher
+    /// and never lowers it (a lower bound is no sample of the latency), as tower's peak-EWMA
+    /// counts a cancelled call's time.
+    pub fn observe_latency_floor(&self, rtt: Duration, at: Instant) {
+        let sample = rtt.as_nanos() as f64;
+        if sample > f64::from_bits(self.ewma_ns.load(Ordering::Relaxed)) {
+            self.observe_latency(rtt, at);
+        }
+    }
+
     /// Records a latency sample for peak-EWMA: a slower sample takes over at once (the peak), a faster one
     /// is blended in with a weight that grows with the time since the last sample. `at`: when the
     /// sample was taken (the caller has just read the clock).

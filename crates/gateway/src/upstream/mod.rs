@@ -74,6 +74,12 @@ pub enum Observed {
     },
     /// No response: connect failure, reset or timeout.
     Failed,
+    /// The attempt was dropped after `latency` without an answer (a hedge that lost, a client
+    /// gone): the endpoint takes at least that long. Neither a success nor a failure.
+    Cancelled {
+        /// How long it had run.
+        latency: Duration,
+    },
 }
 
 /// The authority sent to an endpoint (`Host`, HTTP/2 `:authority`): as written in its URL, except
@@ -212,6 +218,11 @@ impl Upstream {
             Observed::Failed => {
                 if let Some(o) = &self.outlier {
                     o.failure(&self.endpoints, i, Instant::now());
+                }
+            }
+            Observed::Cancelled { latency } => {
+                if let Some(o) = &self.outlier {
+                    o.latency_floor(&self.endpoints, i, latency, Instant::now());
                 }
             }
             Observed::Response {

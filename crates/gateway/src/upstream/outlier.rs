@@ -99,6 +99,37 @@ impl Outlier {
         if ep.consecutive_failures.load(Ordering::Relaxed) != 0 {
             ep.consecutive_failures.store(0, Ordering::Relaxed);
         }
+        self.judge_latency(eps, i, latency, now);
+    }
+
+    /// Records that an attempt on `eps[i]` ran `latency` without an answer before it was dropped
+    /// (a hedge that lost): a lower bound of its latency. It counts when it is at least the
+    /// endpoint's recent p99 (or too few samples give none), so an endpoint whose every attempt
+    /// is beaten by a hedge is judged by the time it was given; a shorter one says nothing.
+    pub(crate) fn latency_floor(
+        &self,
+        eps: &[std::sync::Arc<Endpoint>],
+        i: usize,
+        latency: Duration,
+        now: Instant,
+    ) {
+        let Some(w) = &eps[i].latency else { return };
+        if self.p99(w).is_some_and(|p| latency < p) {
+            return;
+        }
+        self.judge_latency(eps, i, latency, now);
+    }
+
+    /// Records one latency sample of `eps[i]` and, every so often, ejects it if it is a latency
+    /// outlier.
+    fn judge_latency(
+        &self,
+        eps: &[std::sync::Arc<Endpoint>],
+        i: usize,
+        latency: Duration,
+        now: Instant,
+    ) {
+        let ep = &eps[i];
         let (Some(multiple), Some(w)) = (self.latency_multiple, &ep.latency) else {
             return;
         };
