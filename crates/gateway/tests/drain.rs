@@ -81,3 +81,43 @@ async fn stray_line_ends_do_not_hold_a_connection_open_at_shutdown() {
     drop(other);
     stopping.await.unwrap();
 }
+
+/// A request that has already reached the gateway (it sits in the connection's receive buffer)
+/// on an idle keep-alive connection when the drain begins is answered with `connection: close`,
+/// as a request whose head had started to arrive is, not reset unread (Envoy serves requests on
+/// keep-alive connections during its drain with `connection: close`). Found by a review.
+#[tokio::test]
+async fn a_request_already_received_on_an_idle_keep_alive_connection_is_answered_at_shutdown() {
+    let up = Upstream::named("u").await;
+    let gw = Gateway::start(&one_route(&up.url(), "drain_timeout: 30s\n")).await;
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let mut c = RawClient::connect(&gw).await;
+        c.send(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        assert_eq!(c.response(false).await.status, 200);
+        clients.push(c);
+    }
+    // Every connection now waits for its next request. Each client sends it, whole (on loopback
+    // the bytes are in the gateway's socket buffer once `send` returns) ...
+    for c in &mut clients {
+        c.send(b"GET /second HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    }
+    // ... and only then does the shutdown begin.
+    let stopping = tokio::spawn(gw.stop());
+    let mut answered = 0;
+    let mut seen = Vec::new();
+    for c in &mut clients {
+        assert!(c.closed_within(10).await, "the connection was not closed");
+        let got = String::from_utf8_lossy(&c.buf).into_owned();
+        if got.starts_with("HTTP/1.1 200") && got.contains("connection: close") {
+            answered += 1;
+        }
+        seen.push(got);
+    }
+    assert_eq!(
+        answered,
+        clients.len(),
+        "requests the gateway had received before its shutdown were reset unanswered: {seen:?}"
+    );
+    stopping.await.unwrap();
+}

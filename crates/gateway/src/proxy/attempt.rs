@@ -318,8 +318,8 @@ async fn attempt(
         w.store(true, Ordering::Relaxed);
     }
     // A body streamed from the client: whether the client has sent all of it.
-    let client_done = match &req {
-        Outgoing::Owned(r) => r.body().client_done(),
+    let client_body = match &req {
+        Outgoing::Owned(r) => r.body().stream_state(),
         Outgoing::Head { .. } => None,
     };
     let send = async {
@@ -386,13 +386,17 @@ async fn attempt(
             })
         }
         Ok(Err(e)) => {
-            if e.kind == FailKind::ClientBody {
+            // The client's body failed (too large, stalled, broken): its fault, whatever the
+            // upstream connection made of it (hyper's HTTP/2 client reports it only as a stream
+            // it reset itself).
+            let client_failed = client_body.as_ref().and_then(|b| b.client_error());
+            if e.kind == FailKind::ClientBody || client_failed.is_some() {
                 admission.record(Outcome::Ignore);
-                return Err(Miss::Client(
+                return Err(Miss::Client(client_failed.unwrap_or_else(|| {
                     e.source
                         .as_deref()
-                        .map_or(Local::BadRequest, |e| body::refusal(e)),
-                ));
+                        .map_or(Local::BadRequest, |e| body::refusal(e))
+                })));
             }
             admission.record(Outcome::Failure);
             up.observe(ei, Observed::Failed);
@@ -416,7 +420,7 @@ async fn attempt(
             // (which may well have been waiting for it): as for Envoy, whose route timeout starts
             // once the request is complete, it is not the upstream's failure (for its breaker or
             // outlier detection), or any client could eject endpoints by stalling uploads.
-            if client_done.is_some_and(|done| !done.load(Ordering::Relaxed)) {
+            if client_body.as_ref().is_some_and(|b| !b.ended()) {
                 admission.record(Outcome::Ignore);
             } else {
                 admission.record(Outcome::Failure);

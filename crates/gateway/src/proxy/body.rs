@@ -163,8 +163,46 @@ pin_project! {
         /// Buffered in full (so it can be re-sent); `None` once sent.
         Full { data: Option<Bytes> },
         /// Streamed from the client (cannot be re-sent): an already-read prefix, then the rest;
-        /// `ended` is set once the client's body has come to its end.
-        Stream { prefix: Option<Bytes>, #[pin] rest: Limited<ClientBody>, ended: Arc<AtomicBool> },
+        /// `state` says whether the client's body came to its end, or failed.
+        Stream { prefix: Option<Bytes>, #[pin] rest: Limited<ClientBody>, state: Arc<StreamState> },
+    }
+}
+
+/// What became of a request body streamed from the client, shared with the attempt that sends it:
+/// an upstream client (hyper's HTTP/2 one) may report a failing request body only as a stream it
+/// reset itself, which must not be taken for the upstream's failure.
+#[derive(Debug, Default)]
+pub struct StreamState {
+    ended: AtomicBool,
+    /// What the client gets for its body's failure: 0 none, else a [`Local`] code.
+    failed: std::sync::atomic::AtomicU8,
+}
+
+impl StreamState {
+    /// Whether the client has sent its whole body.
+    pub fn ended(&self) -> bool {
+        self.ended.load(Ordering::Relaxed)
+    }
+
+    /// When reading the client's body failed: what the client gets for it.
+    pub fn client_error(&self) -> Option<super::respond::Local> {
+        use super::respond::Local;
+        match self.failed.load(Ordering::Relaxed) {
+            0 => None,
+            1 => Some(Local::BodyTooLarge),
+            2 => Some(Local::BodyTimeout),
+            _ => Some(Local::BadRequest),
+        }
+    }
+
+    fn fail(&self, err: &(dyn std::error::Error + 'static)) {
+        use super::respond::Local;
+        let code = match refusal(err) {
+            Local::BodyTooLarge => 1,
+            Local::BodyTimeout => 2,
+            _ => 3,
+        };
+        self.failed.store(code, Ordering::Relaxed);
     }
 }
 
@@ -174,15 +212,15 @@ impl ReqBody {
         ReqBody::Stream {
             prefix,
             rest,
-            ended: Arc::default(),
+            state: Arc::default(),
         }
     }
 
-    /// For a body streamed from the client, whether it has come to its end (shared: it is read
-    /// after the body was handed over).
-    pub fn client_done(&self) -> Option<Arc<AtomicBool>> {
+    /// For a body streamed from the client, what became of it (shared: it is read after the body
+    /// was handed over).
+    pub fn stream_state(&self) -> Option<Arc<StreamState>> {
         match self {
-            ReqBody::Stream { ended, .. } => Some(ended.clone()),
+            ReqBody::Stream { state, .. } => Some(state.clone()),
             ReqBody::Full { .. } => None,
         }
     }
@@ -206,17 +244,20 @@ impl Body for ReqBody {
             ReqBodyProj::Stream {
                 prefix,
                 mut rest,
-                ended,
+                state,
             } => {
                 if let Some(p) = prefix.take() {
                     if rest.is_end_stream() {
-                        ended.store(true, Ordering::Relaxed);
+                        state.ended.store(true, Ordering::Relaxed);
                     }
                     return Poll::Ready(Some(Ok(Frame::data(p))));
                 }
                 let frame = rest.as_mut().poll_frame(cx);
-                if matches!(frame, Poll::Ready(None)) || rest.is_end_stream() {
-                    ended.store(true, Ordering::Relaxed);
+                match &frame {
+                    Poll::Ready(Some(Err(e))) => state.fail(&**e),
+                    Poll::Ready(None) => state.ended.store(true, Ordering::Relaxed),
+                    _ if rest.is_end_stream() => state.ended.store(true, Ordering::Relaxed),
+                    _ => {}
                 }
                 frame
             }
@@ -229,13 +270,13 @@ impl Body for ReqBody {
             ReqBody::Stream {
                 prefix,
                 rest,
-                ended,
+                state,
             } => {
                 // A sender that sees the end here stops polling (hyper's HTTP/2 client does): the
                 // client has sent everything, and its flag must say so.
                 let end = prefix.is_none() && rest.is_end_stream();
                 if end {
-                    ended.store(true, Ordering::Relaxed);
+                    state.ended.store(true, Ordering::Relaxed);
                 }
                 end
             }
@@ -528,14 +569,14 @@ mod tests {
             Some(Bytes::from_static(b"abc")),
             Limited::new(ClientBody::Empty, 1024),
         );
-        let done = body.client_done().unwrap();
+        let done = body.stream_state().unwrap();
         let first = body.frame().await.unwrap().unwrap();
         assert_eq!(first.into_data().unwrap(), "abc");
-        assert!(done.load(Ordering::Relaxed), "marked at the prefix");
+        assert!(done.ended(), "marked at the prefix");
 
         let body = ReqBody::stream(None, Limited::new(ClientBody::Empty, 1024));
-        let done = body.client_done().unwrap();
+        let done = body.stream_state().unwrap();
         assert!(body.is_end_stream());
-        assert!(done.load(Ordering::Relaxed), "marked by is_end_stream");
+        assert!(done.ended(), "marked by is_end_stream");
     }
 }

@@ -918,6 +918,9 @@ enum Next {
     Refuse(Local),
     /// Closed by the client, a timeout, or shutdown.
     Close,
+    /// Shutdown began between exchanges: look at the socket once more, after the runtime's I/O
+    /// driver has run, before closing.
+    Look,
 }
 
 /// Serves HTTP/1.1 on `io` until the connection ends. Returns the I/O and the bytes already read
@@ -965,6 +968,7 @@ where
         head_start: None,
         first: true,
         closing,
+        looked: false,
         tunnel: None,
     };
     loop {
@@ -992,6 +996,12 @@ where
             Next::Close => {
                 d.close(false).await;
                 return None;
+            }
+            Next::Look => {
+                // Past the I/O driver's next poll, so that the socket's readiness is known.
+                tokio::task::yield_now().await;
+                d.looked = true;
+                continue;
             }
         };
         match d.exchange(head).await {
@@ -1078,6 +1088,8 @@ struct Driver<I> {
     first: bool,
     /// Shutting down: no new exchange, and the current one says `connection: close`.
     closing: bool,
+    /// During a shutdown, the socket was looked at once more (see [`Next::Look`]).
+    looked: bool,
     /// An upstream's accepted upgrade, once its 101 went out: the connection becomes a tunnel.
     tunnel: Option<super::tunnel::UpstreamSide>,
 }
@@ -1129,8 +1141,17 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                 if self.closing && c.rbuf.is_empty() {
                     // Graceful shutdown: a connection between exchanges closes at once. One whose
                     // next head has started to arrive reads it (within header_read_timeout) and
-                    // is answered, with `connection: close`.
-                    return Poll::Ready(Next::Close);
+                    // is answered, with `connection: close`. That includes a request the client
+                    // sent just before (already in the socket's buffer, where the runtime may not
+                    // have seen it yet): closing with it unread would reset the connection, so
+                    // the socket is read once more, after the I/O driver's next poll.
+                    if !self.looked {
+                        return Poll::Ready(Next::Look);
+                    }
+                    match c.poll_fill(cx, READ_CHUNK / 8) {
+                        Poll::Ready(Ok(n)) if n > 0 => continue,
+                        _ => return Poll::Ready(Next::Close),
+                    }
                 }
                 if !c.rbuf.is_empty() && self.head_start.is_none() {
                     // A head has started; from now on it has header_read_timeout to complete.

@@ -40,6 +40,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
@@ -532,7 +533,7 @@ impl Pool {
                 // The response head's limit, as the gateway's own client has it (hyper's
                 // default read buffer would let a head grow to ~400 KiB).
                 .max_buf_size(super::h1::MAX_HEAD)
-                .handshake::<_, ReqBody>(TokioIo::new(stream))
+                .handshake::<_, ReqBody>(TokioIo::new(EarlyAnswer::new(stream)))
                 .await
                 .map_err(|e| SendError::connect(Some(e.into())))?;
             // Runs until the exchange ends (the request body may outlast the response), then closes:
@@ -591,6 +592,130 @@ impl Pool {
                 },
             }
         }
+    }
+}
+
+/// The upstream side of a streamed exchange. An upstream may answer an upload before reading all
+/// of it (an early 413 or 401) and close, and the gateway's next write then fails (a broken pipe,
+/// or a reset). hyper's client would fail the whole exchange on that write, though the answer is
+/// there to read. So a write that fails that way waits until the connection is readable: when
+/// answer bytes come (TCP delivers them before the close), that write and every later one are
+/// taken as done (the rest of the body goes nowhere; the connection is not pooled after a
+/// streamed exchange anyway) and hyper reads the answer. A write that fails with nothing to read
+/// (a stale pooled connection) fails as before.
+struct EarlyAnswer<S> {
+    io: S,
+    /// Answer bytes read while a write waited, not yet handed to hyper.
+    kept: Bytes,
+    /// A write that failed, waiting to learn whether an answer came.
+    failed: Option<std::io::Error>,
+    /// Bytes were read (by hyper) since a write failed.
+    answered: bool,
+    /// A write has failed with the answer there: writes go nowhere from now on.
+    void: bool,
+}
+
+impl<S> EarlyAnswer<S> {
+    fn new(io: S) -> Self {
+        EarlyAnswer {
+            io,
+            kept: Bytes::new(),
+            failed: None,
+            answered: false,
+            void: false,
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> EarlyAnswer<S> {
+    /// After a failed write: ready when the answer came (writes go nowhere now) or when none will
+    /// (the write's error).
+    fn poll_answer(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if !self.answered {
+            let mut answer = vec![0; 16 * 1024];
+            let mut rb = ReadBuf::new(&mut answer);
+            match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(())) if !rb.filled().is_empty() => {
+                    let n = rb.filled().len();
+                    answer.truncate(n);
+                    self.kept = Bytes::from(answer);
+                }
+                Poll::Ready(_) => {
+                    let e = self.failed.take();
+                    return Poll::Ready(Err(
+                        e.unwrap_or_else(|| std::io::ErrorKind::ConnectionReset.into())
+                    ));
+                }
+            }
+        }
+        self.failed = None;
+        self.void = true;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for EarlyAnswer<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if !this.kept.is_empty() {
+            let n = this.kept.len().min(buf.remaining());
+            buf.put_slice(&this.kept.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if this.failed.is_some() && buf.filled().len() > before {
+            this.answered = true;
+        }
+        r
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for EarlyAnswer<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.failed.is_none() && !this.void {
+            match Pin::new(&mut this.io).poll_write(cx, buf) {
+                Poll::Ready(Err(e))
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                    ) =>
+                {
+                    this.failed = Some(e);
+                }
+                other => return other,
+            }
+        }
+        if !this.void {
+            std::task::ready!(this.poll_answer(cx))?;
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.void || this.failed.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.void || this.failed.is_some() {
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.io).poll_shutdown(cx)
     }
 }
 
