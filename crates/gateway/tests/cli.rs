@@ -610,3 +610,49 @@ fn text_logs_to_a_pipe_have_no_ansi_escapes() {
         "ANSI escapes in a piped log: {line:?}"
     );
 }
+
+/// `bulwark check` prints "the effective config with every default filled in": also the admin
+/// listener's `allowed_hosts` (default `[]`) and an upstream's `tls.crl_leaf_only` (default
+/// `false`), which it used to leave out. Found by a review.
+#[test]
+fn check_prints_the_documented_defaults_of_admin_and_upstream_tls() {
+    let dir = support::TempDir::new("check-defaults");
+    let path = dir.join("gw.yaml");
+    std::fs::write(
+        &path,
+        "admin: {}
+upstreams:
+  llm:
+    endpoints: [ { url: 'https://api.example.com' } ]
+    tls: { server_name: api.example.com }
+routes:
+  - upstream: llm
+",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_bulwark"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("  listen: 127.0.0.1:9901\n"), "{stdout}");
+    assert!(
+        stdout.contains("      server_name: api.example.com\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("  allowed_hosts: []\n"),
+        "admin.allowed_hosts (default `[]`) is not in the effective config:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("      crl_leaf_only: false\n"),
+        "upstreams.llm.tls.crl_leaf_only (default `false`) is not in the effective config:\n{stdout}"
+    );
+}

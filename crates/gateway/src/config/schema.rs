@@ -303,7 +303,7 @@ pub struct Admin {
     pub token_env: Option<String>,
     /// Host names the admin listener answers besides IP literals and `localhost` (DNS rebinding
     /// protection): the names operators and scrapers reach it by.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub allowed_hosts: Vec<String>,
 }
 
@@ -474,7 +474,6 @@ pub struct UpstreamTls {
     pub crl: Option<PathBuf>,
     /// With `crl`: check the server's own certificate only, not the intermediates (Envoy's
     /// `only_verify_leaf_cert_crl`).
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub crl_leaf_only: bool,
 }
 

@@ -116,6 +116,11 @@ impl Resets {
         }
     }
 
+    /// Whether the client has opened any stream on this connection.
+    pub(crate) fn any(&self) -> bool {
+        self.streams.load(Ordering::Relaxed) > 0
+    }
+
     fn too_many(premature: u32, streams: u32) -> bool {
         let premature = u64::from(premature) * 2;
         if streams < PREMATURE_STREAMS {

@@ -216,7 +216,10 @@ impl Runtime {
                 &t.key,
                 previous.and_then(|p| p.listener_tls.as_ref()),
             )?),
-            None => None,
+            // Turning `tls` off takes a restart: until then the listener serves the certificate
+            // in force (perhaps renewed by a reload since the start), not the one it was bound
+            // with.
+            None => previous.and_then(|p| p.listener_tls.clone()),
         };
         let stats = routes
             .iter()
@@ -1439,11 +1442,21 @@ async fn serve_h2<I>(
     // Once closing, the connection's GOAWAY and PING wait for the client's answer; a client gone
     // without a FIN never gives one. So a connection closing for being idle (nothing in flight,
     // nothing moved for `idle_timeout`) is dropped after `H2_CLOSE_GRACE`, whatever the client
-    // does; one closing for the drain, when the drain times out.
+    // does; one closing for the drain, when the drain times out (or after `H2_CLOSE_GRACE` when
+    // its client never opened a stream: nothing of it can be in flight, and hyper sends no GOAWAY
+    // before the client's preface, so a client that connected and stayed quiet would otherwise
+    // hold the shutdown for the whole drain).
+    let drain_wait = |resets: &h2::Resets| {
+        if resets.any() {
+            far_future()
+        } else {
+            Instant::now() + H2_CLOSE_GRACE
+        }
+    };
     let mut closing = *stop.borrow_and_update();
     if closing {
         conn.as_mut().graceful_shutdown();
-        idle_timer.as_mut().reset(far_future());
+        idle_timer.as_mut().reset(drain_wait(&resets));
     }
     loop {
         // `biased`: the connection is polled first on every wake-up (nearly all are for it), with no
@@ -1462,7 +1475,7 @@ async fn serve_h2<I>(
             _ = stop.changed(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
-                idle_timer.as_mut().reset(far_future());
+                idle_timer.as_mut().reset(drain_wait(&resets));
             }
             // Rapid reset: half of the streams reset by the client right after it opened them.
             _ = resets.trip.notified(), if !closing => {
