@@ -1056,3 +1056,18 @@ fn http2_windows_are_bounded() {
     )
     .unwrap();
 }
+
+/// `match.headers` with one name written twice in different cases could never match a request
+/// that sends one value: an error at the repeat, as for `request_headers.set`.
+#[test]
+fn a_match_header_written_twice_in_two_cases_is_an_error() {
+    let route = |headers: &str| {
+        format!("{UP}routes:\n  - upstream: a\n    match: {{ headers: {{ {headers} }} }}\n")
+    };
+    assert!(from_str(&route("X-A: '1', x-b: '2'"), "gw.yaml").is_ok());
+    let e = err(&route("X-A: '1', x-a: '2'"));
+    assert!(
+        e.contains("routes[0].match.headers.x-a: `x-a` is listed twice (header names ignore case)"),
+        "{e}"
+    );
+}

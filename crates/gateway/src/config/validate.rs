@@ -603,7 +603,15 @@ fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), In
             ));
         }
     }
+    let mut seen = std::collections::HashSet::new();
     for (name, value) in &m.headers {
+        // Two values for one header (names ignore case) could never both match.
+        if !seen.insert(name.to_ascii_lowercase()) {
+            return Err(at(
+                &p(&[k("match"), k("headers"), k(name)]),
+                format!("`{name}` is listed twice (header names ignore case)"),
+            ));
+        }
         if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
             return Err(at(
                 &p(&[k("match"), k("headers"), k(name)]),
