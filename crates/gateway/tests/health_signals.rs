@@ -8,23 +8,6 @@ use std::time::Duration;
 
 use support::*;
 
-/// An upstream that answers 200 after `delay` (its slow requests are dropped when the gateway
-/// cancels them).
-async fn slow(name: &str, delay: Duration) -> Upstream {
-    let n = name.to_owned();
-    Upstream::start(
-        name,
-        Arc::new(move |_req| {
-            let n = n.clone();
-            Box::pin(async move {
-                tokio::time::sleep(delay).await;
-                reply(&n, 200, n.clone())
-            })
-        }),
-    )
-    .await
-}
-
 /// `balance: peak_ewma` with a route `hedge`: the slow endpoint's attempts are all beaten by the
 /// hedge to the fast one and cancelled. The time a cancelled attempt ran is a lower bound of the
 /// endpoint's latency, so the slow endpoint does not keep the cost of one never measured (the
@@ -125,26 +108,6 @@ async fn hanging_health(name: &str) -> Upstream {
     .await
 }
 
-/// An upstream whose `/health` answers 200 while `up` holds, 503 otherwise.
-async fn flagged(name: &str, up: Arc<AtomicBool>) -> Upstream {
-    let n = name.to_owned();
-    Upstream::start(
-        name,
-        Arc::new(move |req| {
-            let (n, up) = (n.clone(), up.clone());
-            Box::pin(async move {
-                if req.uri().path() == "/health" {
-                    let ok = up.load(Ordering::SeqCst);
-                    reply(&n, if ok { 200 } else { 503 }, "")
-                } else {
-                    reply(&n, 200, n.clone())
-                }
-            })
-        }),
-    )
-    .await
-}
-
 /// Each endpoint is checked on its own timer (as Envoy checks each host): one endpoint whose probe
 /// hangs until its timeout (a blackholed host) does not hold back another's checks or verdicts.
 /// Interval 100 ms, timeout 3 s: endpoint b, failing its checks (2 in a row make it unhealthy),
@@ -153,7 +116,7 @@ async fn flagged(name: &str, up: Arc<AtomicBool>) -> Upstream {
 async fn a_hanging_probe_does_not_slow_the_other_endpoints_checks() {
     let a = hanging_health("a").await;
     let b_up = Arc::new(AtomicBool::new(true));
-    let b = flagged("b", b_up.clone()).await;
+    let b = checked("b", b_up.clone()).await;
     let gw = Gateway::start(&format!(
         "upstreams:
   u:

@@ -4,82 +4,20 @@ mod admin_support;
 mod support;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use support::*;
 use tokio::net::TcpStream;
 
-/// A root CA of its own and a `localhost` certificate it issued, as PEM files, and clients that
-/// trust that root.
-struct ListenerCert {
-    _dir: TempDir,
-    cert: PathBuf,
-    key: PathBuf,
-    root: rcgen::Certificate,
-}
-
-impl ListenerCert {
-    fn new(tag: &str) -> ListenerCert {
-        let root_key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        p.distinguished_name.push(DnType::CommonName, tag);
-        let root = p.self_signed(&root_key).unwrap();
-        let key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["localhost".to_owned()])
-            .unwrap()
-            .signed_by(&key, &root, &root_key)
-            .unwrap();
-        let dir = TempDir::new(tag);
-        let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-        std::fs::write(&cert_path, leaf.pem()).unwrap();
-        std::fs::write(&key_path, key.serialize_pem()).unwrap();
-        ListenerCert {
-            _dir: dir,
-            cert: cert_path,
-            key: key_path,
-            root,
-        }
-    }
-
-    /// The gateway's top-level `tls:` line.
-    fn line(&self) -> String {
-        format!(
-            "tls: {{ cert: '{}', key: '{}' }}\n",
-            self.cert.display(),
-            self.key.display()
-        )
-    }
-
-    /// A TLS connection to `addr` from a client trusting only this certificate's root, offering
-    /// `alpn`.
-    async fn connect(
-        &self,
-        addr: SocketAddr,
-        alpn: &[&[u8]],
-    ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(self.root.der().clone()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let tcp = TcpStream::connect(addr).await?;
-        tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(name, tcp)
-            .await
-    }
+/// A TLS connection to `addr` from a client trusting only `tls`'s certificate, offering `alpn`.
+async fn connect(
+    tls: &TestTls,
+    addr: SocketAddr,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tcp = TcpStream::connect(addr).await?;
+    tls.connector(alpn).connect(name, tcp).await
 }
 
 const GET: &[u8] = b"GET /x HTTP/1.1\r\nhost: localhost\r\n\r\n";
@@ -96,20 +34,20 @@ async fn a_reload_that_drops_tls_keeps_serving_the_renewed_certificate() {
         "upstreams:\n  u: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - upstream: u\n",
         up.url()
     );
-    let first = ListenerCert::new("tls-edges-first");
+    let first = TestTls::new("tls-edges-first");
     let ops = Ops::start_with(
-        &format!("{}{routes}", first.line()),
+        &format!("{}{routes}", first.config_line()),
         None,
         Duration::from_secs(3600),
     )
     .await;
-    assert!(first.connect(ops.proxy, &[b"http/1.1"]).await.is_ok());
+    assert!(connect(&first, ops.proxy, &[b"http/1.1"]).await.is_ok());
 
     // The certificate is renewed (new files, another issuer) and reloaded: new connections get it.
-    let renewed = ListenerCert::new("tls-edges-renewed");
-    ops.rewrite(&format!("{}{routes}", renewed.line()));
+    let renewed = TestTls::new("tls-edges-renewed");
+    ops.rewrite(&format!("{}{routes}", renewed.config_line()));
     ops.reloader().reload().unwrap();
-    let mut c = RawClient::new(renewed.connect(ops.proxy, &[b"http/1.1"]).await.unwrap());
+    let mut c = RawClient::new(connect(&renewed, ops.proxy, &[b"http/1.1"]).await.unwrap());
     c.send(GET).await;
     assert_eq!(c.response(false).await.status, 200);
 
@@ -118,7 +56,7 @@ async fn a_reload_that_drops_tls_keeps_serving_the_renewed_certificate() {
     let r = ops.reloader().reload().unwrap();
     assert!(r.restart_required.contains(&"tls"), "{r:?}");
     // ...with the certificate in force, not the one replaced before.
-    let again = renewed.connect(ops.proxy, &[b"http/1.1"]).await;
+    let again = connect(&renewed, ops.proxy, &[b"http/1.1"]).await;
     assert!(
         again.is_ok(),
         "after a reload that dropped `tls`, the listener serves the certificate it started with \
@@ -135,21 +73,21 @@ async fn a_reload_that_drops_tls_keeps_serving_the_renewed_certificate() {
 #[tokio::test]
 async fn an_h2_connection_without_its_preface_does_not_hold_the_drain() {
     let up = Upstream::named("u").await;
-    let tls = ListenerCert::new("tls-edges-drain");
+    let tls = TestTls::new("tls-edges-drain");
     let gw = Gateway::start(&format!(
         "{}drain_timeout: 60s\n{}",
-        tls.line(),
+        tls.config_line(),
         one_route(&up.url(), "")
     ))
     .await;
     // Control: the same with ALPN http/1.1 closes at once.
-    let mut h1 = RawClient::new(tls.connect(gw.addr, &[b"http/1.1"]).await.unwrap());
-    let s = tls.connect(gw.addr, &[b"h2"]).await.unwrap();
+    let mut h1 = RawClient::new(connect(&tls, gw.addr, &[b"http/1.1"]).await.unwrap());
+    let s = connect(&tls, gw.addr, &[b"h2"]).await.unwrap();
     assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let mut quiet = RawClient::new(s);
     // The gateway has taken both past their handshakes: a request on a third connection is served
     // after them (one task each, accepted in order).
-    let mut other = RawClient::new(tls.connect(gw.addr, &[b"http/1.1"]).await.unwrap());
+    let mut other = RawClient::new(connect(&tls, gw.addr, &[b"http/1.1"]).await.unwrap());
     other.send(GET).await;
     assert_eq!(other.response(false).await.status, 200);
     drop(other);

@@ -10,27 +10,6 @@ use std::sync::Arc;
 use admin_support::*;
 use support::*;
 
-/// An upstream whose `/health` answers 200 while `up` holds (503 otherwise); every other request
-/// gets 200 with its name.
-async fn checked(name: &str, up: Arc<AtomicBool>) -> Upstream {
-    let n = name.to_owned();
-    Upstream::start(
-        name,
-        Arc::new(move |req| {
-            let (n, up) = (n.clone(), up.clone());
-            Box::pin(async move {
-                if req.uri().path() == "/health" {
-                    let ok = up.load(Ordering::SeqCst);
-                    reply(&n, if ok { 200 } else { 503 }, "")
-                } else {
-                    reply(&n, 200, n.clone())
-                }
-            })
-        }),
-    )
-    .await
-}
-
 fn healthy(ops: &Ops, up: &str) -> Vec<bool> {
     let rt = ops.gateway().runtime();
     let u = rt.upstream(up).unwrap();

@@ -13,22 +13,6 @@ use http::Request;
 use http_body_util::{BodyExt, Full};
 use support::*;
 
-/// An upstream that sleeps `delay` before answering 200.
-async fn slow(name: &str, delay: Duration) -> Upstream {
-    let n = name.to_owned();
-    Upstream::start(
-        name,
-        Arc::new(move |_req| {
-            let n = n.clone();
-            Box::pin(async move {
-                tokio::time::sleep(delay).await;
-                reply(&n, 200, n.clone())
-            })
-        }),
-    )
-    .await
-}
-
 #[tokio::test]
 async fn killing_one_of_three_endpoints_mid_load_fails_no_idempotent_request() {
     let ups = [

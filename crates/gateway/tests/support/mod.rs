@@ -976,3 +976,40 @@ pub async fn goaway_upstream(code: u32, last: u32) -> (SocketAddr, Arc<AtomicUsi
     });
     (addr, conns)
 }
+
+/// An upstream that sleeps `delay` before answering 200 with its name.
+pub async fn slow(name: &str, delay: Duration) -> Upstream {
+    let n = name.to_owned();
+    Upstream::start(
+        name,
+        Arc::new(move |_req| {
+            let n = n.clone();
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                reply(&n, 200, n.clone())
+            })
+        }),
+    )
+    .await
+}
+
+/// An upstream whose `/health` answers 200 while `up` holds (503 otherwise); every other request
+/// gets 200 with its name.
+pub async fn checked(name: &str, up: Arc<AtomicBool>) -> Upstream {
+    let n = name.to_owned();
+    Upstream::start(
+        name,
+        Arc::new(move |req| {
+            let (n, up) = (n.clone(), up.clone());
+            Box::pin(async move {
+                if req.uri().path() == "/health" {
+                    let ok = up.load(Ordering::SeqCst);
+                    reply(&n, if ok { 200 } else { 503 }, "")
+                } else {
+                    reply(&n, 200, n.clone())
+                }
+            })
+        }),
+    )
+    .await
+}
