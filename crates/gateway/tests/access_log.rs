@@ -154,3 +154,32 @@ async fn a_413_after_the_request_went_upstream_logs_its_attempt() {
         up.hits()
     );
 }
+
+/// A request the failover upstream served is logged with the upstream that served it (as nginx's
+/// `$upstream_addr` and Envoy's upstream cluster show the one used), not the route's primary.
+/// Found by a review.
+#[tokio::test]
+async fn the_access_log_names_the_upstream_that_served_a_failover() {
+    let (buf, _guard) = capture_logs();
+    let primary = Upstream::named("primary").await;
+    let backup = Upstream::named("backup").await;
+    let gw = Gateway::start(&format!(
+        "logging: {{ access_log: true }}\nupstreams:\n  primary: {{ endpoints: [{{url: '{}'}}] }}\n  backup: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - name: r\n    upstream: primary\n    failover: [backup]\n",
+        primary.url(),
+        backup.url()
+    ))
+    .await;
+    gw.set_available("primary", 0, false);
+    let c = client();
+    let g = get(&c, &gw.url("/served-by-backup")).await;
+    assert_eq!(g.status, 200);
+    assert_eq!(g.text(), "backup");
+    gw.stop().await;
+    let lines = access_lines(&buf);
+    let line = lines
+        .iter()
+        .find(|l| l.contains("/served-by-backup"))
+        .unwrap_or_else(|| panic!("no line:\n{}", lines.join("\n")));
+    assert!(line.contains("status=200"), "{line}");
+    assert!(line.contains("upstream=\"backup\""), "{line}");
+}

@@ -528,3 +528,52 @@ async fn the_clients_101_carries_no_framing_header() {
     drop(c);
     gw.stop().await;
 }
+
+/// An RFC 8441 WebSocket over HTTP/2 is answered 200 (the upstream's HTTP/1.1 101 is turned into
+/// it): `bulwark_requests_total`'s `code` is the status sent to the client, and the access log's
+/// `status` and `method` what the client got and sent: 200 to a CONNECT, not the 101 to a GET of
+/// the upstream's side. Found by a review.
+#[tokio::test]
+async fn an_http2_websocket_is_counted_and_logged_as_the_200_its_client_got() {
+    let (buf, _guard) = capture_logs();
+    let (up, _heads) = ws_upstream(b"").await;
+    let gw = Gateway::start(&format!(
+        "logging: {{ access_log: true }}\nupstreams:\n  ws: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - name: r\n    upstream: ws\n    websocket: true\n",
+        up.url()
+    ))
+    .await;
+    let mut send = h2_ready(&gw).await;
+    let resp = send
+        .send_request(h2_connect("/ws-h2", Some("websocket")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let rt = gw.state.runtime();
+    let m = rt.telemetry().encode(&rt);
+    let log = String::from_utf8_lossy(&buf.lock().unwrap()).into_owned();
+    let line = log
+        .lines()
+        .find(|l| l.contains("bulwark::access") && l.contains("/ws-h2"))
+        .unwrap_or_else(|| panic!("no line:\n{log}"));
+    assert!(line.contains("status=200"), "the client got 200: {line}");
+    assert!(
+        line.contains("method=CONNECT"),
+        "the client sent a CONNECT: {line}"
+    );
+    assert_eq!(
+        admin_support::sample(
+            &m,
+            r#"bulwark_requests_total{route="r",upstream="ws",code="200"}"#
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        admin_support::sample(
+            &m,
+            r#"bulwark_requests_total{route="r",upstream="ws",code="101"}"#
+        ),
+        None,
+        "no client got a 101:\n{m}"
+    );
+}

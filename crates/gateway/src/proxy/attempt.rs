@@ -248,7 +248,6 @@ fn hedge_outcome(r: &AttemptResult) -> Outcome {
 
 /// What the attempts of one step of the loop (one attempt, or a hedge race with its losers) did,
 /// counted where it happens.
-#[derive(Default)]
 pub(crate) struct Tally {
     /// Requests sent (a request the deadline stopped before it was sent is not one) since the
     /// attempt loop last took them.
@@ -257,6 +256,30 @@ pub(crate) struct Tally {
     pub(crate) total: AtomicU32,
     /// Whether a request sent may have reached the upstream (it was not a connect failure).
     reached: AtomicBool,
+    /// The upstream (index in the runtime) of the request's latest attempt, for its access-log
+    /// line; [`NO_UPSTREAM`] before one.
+    upstream: std::sync::atomic::AtomicUsize,
+}
+
+/// [`Tally::upstream`] before any attempt.
+const NO_UPSTREAM: usize = usize::MAX;
+
+impl Default for Tally {
+    fn default() -> Self {
+        Tally {
+            sent: AtomicU32::new(0),
+            total: AtomicU32::new(0),
+            reached: AtomicBool::new(false),
+            upstream: std::sync::atomic::AtomicUsize::new(NO_UPSTREAM),
+        }
+    }
+}
+
+impl Tally {
+    /// The upstream of the request's latest attempt (a failover's, when it failed over).
+    pub(crate) fn upstream(&self) -> Option<usize> {
+        Some(self.upstream.load(Ordering::Relaxed)).filter(|&u| u != NO_UPSTREAM)
+    }
 }
 
 /// The route's deadline passed before a request could be sent: a total timeout, and final.
@@ -616,6 +639,7 @@ pub(crate) async fn forward(
                 return finish(last, sent, None, route);
             };
             tried.insert(ei);
+            tally.upstream.store(ui, Ordering::Relaxed);
             let result = match hedge {
                 None => {
                     let req = outgoing(&mut parts, keep_head, req_body, up, ei);

@@ -784,6 +784,10 @@ async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
     let mut active = Active(ctx, None);
     let start = Instant::now();
     let rt = ctx.gateway.runtime();
+    let websocket_h2 = (req.version() == http::Version::HTTP_2)
+        .then(|| req.extensions().get::<h2::ExtendedConnect>())
+        .flatten()
+        .map(|c| c.accept.clone());
     // A request dropped before its answer (the client went away, or the drain timed out) is
     // still counted, and logged, as a 499 (nginx's status for it) by this guard's drop.
     let mut unanswered = Abandoned {
@@ -792,30 +796,48 @@ async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
         route: AtomicUsize::new(NO_ROUTE),
         tally: attempt::Tally::default(),
         // Only when the access log is on: what its line needs from the request (which is
-        // consumed below).
-        request: rt
-            .access_log
-            .then(|| (req.method().clone(), req.uri().clone())),
+        // consumed below). An HTTP/2 WebSocket was sent as a CONNECT (it goes upstream as the
+        // HTTP/1.1 GET it became).
+        request: rt.access_log.then(|| {
+            let method = match websocket_h2 {
+                Some(_) => http::Method::CONNECT,
+                None => req.method().clone(),
+            };
+            (method, req.uri().clone())
+        }),
         answered: false,
     };
-    let websocket_h2 = (req.version() == http::Version::HTTP_2)
-        .then(|| req.extensions().get::<h2::ExtendedConnect>())
-        .flatten()
-        .map(|c| c.accept.clone());
     let (mut resp, route) = route_and_forward(ctx, &rt, req, start, &unanswered).await;
     unanswered.answered = true;
+    // The status the client gets: an HTTP/2 WebSocket's 101 from upstream reaches it as a 200.
+    let mut status = resp.status().as_u16();
     if let Some(accept) = &websocket_h2 {
         resp = h2::refuse_unswitched(resp, accept);
+        status = match resp.status() {
+            http::StatusCode::SWITCHING_PROTOCOLS => 200,
+            s => s.as_u16(),
+        };
     }
     let end = Instant::now();
     active.1 = Some(end);
     let elapsed = end.saturating_duration_since(start);
     // Metrics: a few atomic adds on handles resolved when the runtime was built.
     if let Some(i) = route {
-        rt.stats[i].record(resp.status().as_u16(), elapsed);
+        rt.stats[i].record(status, elapsed);
     }
     if let Some((method, uri)) = &unanswered.request {
-        access_log(&rt, route, method, uri, &resp, elapsed);
+        let mut line = AccessLine::of(&resp, route);
+        line.status = status;
+        let upstream = unanswered.tally.upstream();
+        access_line(
+            &rt,
+            route,
+            upstream,
+            method.as_str(),
+            uri.path(),
+            line,
+            elapsed,
+        );
     }
     // After the log line, which reads `x-bulwark-*` (a route may remove them for its clients).
     if let Some(extra) = route.and_then(|i| rt.routes[i].response_headers.as_ref()) {
@@ -1005,7 +1027,16 @@ impl Drop for Abandoned<'_> {
                 reason: Some("client_closed"),
                 attempts: self.tally.total.load(Ordering::Relaxed),
             };
-            access_line(self.rt, route, method.as_str(), uri.path(), line, elapsed);
+            let upstream = self.tally.upstream();
+            access_line(
+                self.rt,
+                route,
+                upstream,
+                method.as_str(),
+                uri.path(),
+                line,
+                elapsed,
+            );
         }
     }
 }
@@ -1026,7 +1057,7 @@ pub(crate) fn access_log_refused(
         let method = method.map_or("-", http::Method::as_str);
         let line = AccessLine::of(resp, None);
         let path = path.filter(|p| !p.is_empty()).unwrap_or("-");
-        access_line(&rt, None, method, path, line, Duration::ZERO);
+        access_line(&rt, None, None, method, path, line, Duration::ZERO);
     }
 }
 
@@ -1058,31 +1089,25 @@ impl<'a> AccessLine<'a> {
     }
 }
 
-fn access_log(
-    rt: &Runtime,
-    route: Option<usize>,
-    method: &http::Method,
-    uri: &http::Uri,
-    resp: &Response<RespBody>,
-    elapsed: Duration,
-) {
-    let line = AccessLine::of(resp, route);
-    access_line(rt, route, method.as_str(), uri.path(), line, elapsed);
-}
-
 /// One access-log line (target `bulwark::access`): method, path (no query string: it may carry
-/// secrets), status, duration, route, upstream, attempts, and what acted (`x-bulwark-reason`).
+/// secrets), status, duration, route, upstream (the one of the latest attempt, a failover's when
+/// the request failed over; else the route's primary), attempts, and what acted
+/// (`x-bulwark-reason`).
 fn access_line(
     rt: &Runtime,
     route: Option<usize>,
+    tried: Option<usize>,
     method: &str,
     path: &str,
     line: AccessLine<'_>,
     elapsed: Duration,
 ) {
-    let (route, upstream) = route
+    let (route, primary) = route
         .and_then(|i| rt.stats.get(i))
         .map_or(("-", "-"), |s| (s.route(), s.upstream()));
+    let upstream = tried
+        .and_then(|u| rt.upstreams.get(u))
+        .map_or(primary, |u| &*u.name);
     tracing::info!(
         target: "bulwark::access",
         method = %method,
