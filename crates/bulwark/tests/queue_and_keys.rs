@@ -114,3 +114,30 @@ async fn pipeline_does_not_charge_bulkhead_queueing_to_the_breaker_as_slow_calls
     );
     assert_eq!(breaker.state(), BreakerState::Closed);
 }
+
+/// The classic way sync code drives a tower service: `rt.block_on(svc.call(req))`, where the
+/// call runs before `block_on` enters the runtime. With the bulkhead full and a queue, `call`
+/// returns a future (it does not need a runtime), which then waits in the queue. Found by a
+/// review of the queue-from-arrival change.
+#[test]
+fn a_queued_call_made_outside_the_runtime_does_not_panic() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let b = Bulkhead::builder()
+        .max_concurrent(1)
+        .max_queued(4)
+        .queue_timeout(Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let mut svc = BulkheadLayer::new(b.clone()).layer(tower::service_fn(|x: u32| async move {
+        Ok::<_, Infallible>(x)
+    }));
+    // The bulkhead's one slot is taken, so the next call queues.
+    let held = b.try_acquire().expect("a free slot");
+    let fut = svc.call(7);
+    drop(held);
+    let r = rt.block_on(fut);
+    assert_eq!(r.unwrap(), 7, "the queued call runs once the slot is free");
+}

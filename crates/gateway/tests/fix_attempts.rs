@@ -300,6 +300,44 @@ routes:
     gw.stop().await;
 }
 
+/// A POST whose connect failed, on a route that retries connect failures, whose retry the budget
+/// refuses: nothing was sent, so the next upstream of the chain still takes it for free (as
+/// before connect failures were retried whatever the method). Found by a review of the change.
+#[tokio::test]
+async fn a_post_that_could_not_connect_still_fails_over_when_the_budget_is_spent() {
+    let live = Upstream::named("backup").await;
+    let (d1, d2) = (dead_url().await, dead_url().await);
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  main: {{ balance: round_robin, endpoints: [{{url: '{d1}'}}, {{url: '{d2}'}}] }}
+  backup: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: main
+    failover: [backup]
+    retry: {{ attempts: 2, on: [connect_failure], backoff: {{base: 1ms, max: 1ms}}, budget: {{ratio: 0.0, min_per_second: 0}} }}
+",
+        live.url()
+    ))
+    .await;
+    let c = client();
+    let r = send(
+        &c,
+        http::Request::post(gw.url("/orders"))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"order=1",
+            )))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-bulwark-reason")),
+        (200, None),
+        "a POST that reached nothing was not failed over to the backup"
+    );
+    assert_eq!(r.header("x-upstream"), Some("backup"));
+    gw.stop().await;
+}
+
 /// The route's retry budget balance.
 fn budget_balance(gw: &Gateway) -> u64 {
     gw.state.runtime().routes[0]

@@ -143,3 +143,89 @@ routes:
     );
     gw.stop().await;
 }
+
+const MS: f64 = 1e6; // ewma_cost is in nanoseconds
+
+/// peak_ewma: an attempt cancelled unanswered "raises the estimate to the time it ran when that is
+/// higher" than the estimate as it has decayed by then: an endpoint once measured at 1 s, then
+/// beaten by hedges after 400 ms each, is known to take at least 400 ms, not its decayed ~50 ms.
+/// Found by a review of the change.
+#[tokio::test]
+async fn a_latency_floor_raises_a_decayed_peak_ewma_estimate() {
+    let up = Upstream::named("a").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u: {{ balance: peak_ewma, endpoints: [{{url: '{}'}}] }}\nroutes:\n  - upstream: u\n",
+        up.url()
+    ))
+    .await;
+    let ep = endpoint(&gw, "u", 0);
+    tokio::time::pause();
+    ep.observe_latency(Duration::from_secs(1), tokio::time::Instant::now());
+    // 30 s without an answered attempt: the 1 s peak has decayed (~50 ms).
+    tokio::time::advance(Duration::from_secs(30)).await;
+    let decayed = ep.ewma_cost();
+    assert!(decayed < 200.0 * MS, "decayed estimate {} ms", decayed / MS);
+    // An attempt cancelled after 400 ms unanswered (a hedge beat it).
+    ep.observe_latency_floor(Duration::from_millis(400), tokio::time::Instant::now());
+    let cost = ep.ewma_cost();
+    tokio::time::resume();
+    assert!(
+        cost >= 399.0 * MS,
+        "after an attempt that ran 400 ms unanswered the estimate is {} ms (was {} ms)",
+        cost / MS,
+        decayed / MS
+    );
+    gw.stop().await;
+}
+
+/// A client that streams its upload slowly and then gives up (an HTTP/2 RST_STREAM) stalled the
+/// exchange, not the upstream (which waits for the body): the cancelled attempt is no sample of
+/// the endpoint's latency, or any client could make an endpoint look slow to peak_ewma (and to
+/// latency outlier detection) by starting uploads and abandoning them. Found by a review of the
+/// change.
+#[tokio::test]
+async fn an_abandoned_slow_upload_is_not_taken_for_the_endpoints_latency() {
+    use bytes::Bytes;
+    use http_body::Frame;
+    let up = Upstream::echo().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u: {{ balance: peak_ewma, endpoints: [{{url: '{}'}}] }}\nroutes:\n  - upstream: u\n",
+        up.url()
+    ))
+    .await;
+    let ep = endpoint(&gw, "u", 0);
+    let before = ep.ewma_cost();
+
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let req = http::Request::post("http://gw/upload")
+        .body(ChanBody(rx))
+        .unwrap();
+    tx.send(Frame::data(Bytes::from(vec![b'z'; 1024])))
+        .await
+        .unwrap();
+    let pending = tokio::spawn(send.send_request(req));
+    // The attempt is on its way (the endpoint has it in flight); the client dawdles...
+    wait_until(5, || ep.inflight() == 1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // ...and gives up: the response future dropped, the stream reset.
+    pending.abort();
+    drop(tx);
+    wait_until(5, || ep.inflight() == 0).await;
+    let after = ep.ewma_cost();
+    assert!(
+        after < 100.0 * MS,
+        "an upload the client abandoned after 1.5 s set the endpoint's latency estimate to {} ms \
+         (was {} ms)",
+        after / MS,
+        before / MS
+    );
+    gw.stop().await;
+}

@@ -2,9 +2,6 @@
 //! uploads an upstream answers early (found by a review; each test failed before its fix).
 mod support;
 
-use std::convert::Infallible;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,20 +12,6 @@ use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-
-/// A request body fed from a channel.
-struct ChanBody(mpsc::Receiver<Frame<Bytes>>);
-
-impl http_body::Body for ChanBody {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|o| o.map(Ok))
-    }
-}
 
 /// `POST`s `total` bytes over HTTP/2 (h2c) without a length, 16 KiB a frame; the status and
 /// `x-bulwark-reason` of the answer.

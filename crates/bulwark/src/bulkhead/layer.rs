@@ -112,10 +112,16 @@ where
         // Polled once now, so that the request waits for the semaphore from its arrival: a slot
         // freed before its response future is first polled is its own, not a later caller's of
         // the plain `acquire` (waiting is FIFO). The real waker replaces this one at that poll.
-        match acquire
-            .as_mut()
-            .poll(&mut Context::from_waker(std::task::Waker::noop()))
-        {
+        // Only inside a runtime (the wait's timer needs one): `block_on(svc.call(req))` calls
+        // outside it, and then waits from the first poll, as before.
+        let polled = if tokio::runtime::Handle::try_current().is_ok() {
+            acquire
+                .as_mut()
+                .poll(&mut Context::from_waker(std::task::Waker::noop()))
+        } else {
+            Poll::Pending
+        };
+        match polled {
             Poll::Ready(Ok(permit)) => {
                 return ResponseFuture::running(self.inner.call(req), permit, full)
             }

@@ -7,6 +7,7 @@
 //! Every policy decision is a call on [`crate::policy`] types, so the library's policies plug in there.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -330,11 +331,6 @@ async fn attempt(
         .per_try_timeout
         .map_or(deadline, |t| (now + t).min(deadline));
     let mut lease = Lease::new(ep.clone());
-    let mut unanswered = Unanswered {
-        up,
-        ei,
-        since: Some(now),
-    };
     tally.sent.fetch_add(1, Ordering::Relaxed);
     tally.total.fetch_add(1, Ordering::Relaxed);
     if let Some(w) = went {
@@ -344,6 +340,12 @@ async fn attempt(
     let client_body = match &req {
         Outgoing::Owned(r) => r.body().stream_state(),
         Outgoing::Head { .. } => None,
+    };
+    let mut unanswered = Unanswered {
+        up,
+        ei,
+        since: Some(now),
+        client_body: client_body.clone(),
     };
     let send = async {
         match req {
@@ -472,10 +474,17 @@ struct Unanswered<'a> {
     ei: usize,
     /// When the attempt started; `None` once it ended.
     since: Option<Instant>,
+    /// A body streamed from the client: while the client had not sent all of it, the time is
+    /// the client's as much as the endpoint's (an upload abandoned half-way says nothing of the
+    /// endpoint, as for a timeout).
+    client_body: Option<Arc<body::StreamState>>,
 }
 
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
+        if self.client_body.as_ref().is_some_and(|b| !b.ended()) {
+            return;
+        }
         if let Some(since) = self.since {
             let end = Instant::now();
             let latency = end.saturating_duration_since(since);
@@ -763,6 +772,10 @@ pub(crate) async fn forward(
             delivered |= tally.reached.swap(false, Ordering::Relaxed);
 
             // What failed, for the retry's `reason` label; whether this failure may be retried.
+            // What failed, and whether it sent nothing (a connect failure): when such a retry is
+            // refused (budget, time), the next upstream of the chain still takes the request
+            // for free, as it would have without the retry.
+            let mut sent_nothing = false;
             let (retryable, retry_after, reason, allowed) = match result {
                 Ok(resp) => return respond::success(resp, sent),
                 Err(Miss::Client(local)) => return respond::local_after(local, sent),
@@ -803,6 +816,7 @@ pub(crate) async fn forward(
                         return finish(last, sent, None, route);
                     }
                     let allowed = retry_allowed || (unsent && resend_unsent);
+                    sent_nothing = unsent;
                     if unsent && !(retryable && allowed) && slot.replayable() {
                         break; // a connect failure sent nothing: the next upstream takes it
                     }
@@ -825,11 +839,18 @@ pub(crate) async fn forward(
                     delay = delay.max(ra);
                 }
             }
+            let fails_over_free = sent_nothing && chain_pos + 1 < route.chain.len();
             // No retry starts that the deadline cannot finish (backoff plus a typical attempt).
             if !route.policies.retry_fits(delay, deadline) {
+                if fails_over_free {
+                    break;
+                }
                 return finish(last, sent, None, route);
             }
             let Some(token) = route.policies.withdraw() else {
+                if fails_over_free {
+                    break;
+                }
                 route.policies.on_budget_exhausted();
                 return finish(last, sent, Some(Failure::BudgetExhausted), route);
             };

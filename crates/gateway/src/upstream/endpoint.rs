@@ -274,9 +274,19 @@ impl Endpoint {
     /// counts a cancelled call's time.
     pub fn observe_latency_floor(&self, rtt: Duration, at: Instant) {
         let sample = rtt.as_nanos() as f64;
-        if sample > f64::from_bits(self.ewma_ns.load(Ordering::Relaxed)) {
-            self.observe_latency(rtt, at);
+        let now = at.saturating_duration_since(self.epoch).as_nanos() as u64;
+        if sample > self.estimate_at(now) {
+            // Above the estimate as it has decayed by now: the floor is the estimate.
+            self.ewma_ns.store(sample.to_bits(), Ordering::Relaxed);
+            self.ewma_at.store(now, Ordering::Relaxed);
         }
+    }
+
+    /// The latency estimate (ns) as it has decayed by `now` (ns since the epoch).
+    fn estimate_at(&self, now: u64) -> f64 {
+        let ewma = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
+        let elapsed = now.saturating_sub(self.ewma_at.load(Ordering::Relaxed)) as f64;
+        ewma * (-elapsed / EWMA_DECAY.as_nanos() as f64).exp()
     }
 
     /// Records a latency sample for peak-EWMA: a slower sample takes over at once (the peak), a faster one
@@ -301,12 +311,9 @@ impl Endpoint {
     /// the time since its last sample (as Finagle's and tower's do): an endpoint that once answered
     /// slowly, and then lost every comparison and so got no new sample, is tried again.
     pub fn ewma_cost(&self) -> f64 {
-        let ewma = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
         let now = Instant::now()
             .saturating_duration_since(self.epoch)
             .as_nanos() as u64;
-        let elapsed = now.saturating_sub(self.ewma_at.load(Ordering::Relaxed)) as f64;
-        let decayed = ewma * (-elapsed / EWMA_DECAY.as_nanos() as f64).exp();
-        decayed.max(1.0) * (self.inflight() as f64 + 1.0)
+        self.estimate_at(now).max(1.0) * (self.inflight() as f64 + 1.0)
     }
 }

@@ -1013,3 +1013,17 @@ pub async fn checked(name: &str, up: Arc<AtomicBool>) -> Upstream {
     )
     .await
 }
+
+/// A request body fed from a channel, frame by frame (a client that streams, pauses, gives up).
+pub struct ChanBody(pub mpsc::Receiver<http_body::Frame<Bytes>>);
+
+impl http_body::Body for ChanBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(Ok))
+    }
+}
