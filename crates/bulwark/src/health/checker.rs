@@ -346,6 +346,14 @@ impl HealthChecker {
         rx
     }
 
+    /// Stops the checking task without waiting for it (from a shared reference, for an
+    /// owner that others may still hold); subscribers then see the channel closed.
+    pub fn stop(&self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+
     /// Stops the checking task and waits until it is gone.
     pub async fn shutdown(mut self) {
         if let Some(task) = self.task.take() {

@@ -517,8 +517,17 @@ impl Gateway {
         });
         runtime.telemetry.refresh(&runtime);
         self.install_mode(self.mode_override(), &runtime);
-        self.runtime.store(Arc::new(runtime));
+        let new = Arc::new(runtime);
+        let old = self.runtime.swap(new.clone());
         self.generation.fetch_add(1, Ordering::Relaxed);
+        // Upstreams the new runtime did not carry over are retired now, though requests in flight
+        // may hold the old runtime a while yet (as Envoy tears down a removed cluster's health
+        // checks at once and drains its pools).
+        for up in &old.upstreams {
+            if !new.upstreams.iter().any(|n| Arc::ptr_eq(n, up)) {
+                up.retire();
+            }
+        }
     }
 
     /// The admin API's mode override, if one is set.

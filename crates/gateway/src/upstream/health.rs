@@ -161,6 +161,12 @@ pub struct HealthTasks {
 }
 
 impl HealthTasks {
+    /// Stops checking (the upstream was retired by a reload, while requests may still hold it).
+    pub(crate) fn stop(&self) {
+        self.apply.abort();
+        self.checker.stop();
+    }
+
     /// The library checker (its report names each endpoint by URL).
     pub fn checker(&self) -> &HealthChecker {
         &self.checker

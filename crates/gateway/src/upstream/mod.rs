@@ -380,6 +380,19 @@ impl Upstream {
             e.pool.reap();
         }
     }
+
+    /// A reload removed or rebuilt this upstream: its health checks stop and its idle connections
+    /// close now, not when the last request still holding the old runtime ends (a long request
+    /// on any route would otherwise keep every retired upstream probing, and each reload under
+    /// such traffic would add one more generation of checkers and connections).
+    pub fn retire(&self) {
+        if let Some(h) = &self.health {
+            h.stop();
+        }
+        for e in &self.endpoints {
+            e.pool.retire();
+        }
+    }
 }
 
 /// Whether a `Retry-After` asks for a wait (what a cooldown needs; 0 or a past date does not).

@@ -289,6 +289,17 @@ impl Pool {
         }
     }
 
+    /// The endpoint left the config: its idle connections close now, and the shared HTTP/2
+    /// connection once the requests on it end (requests still in flight keep what they use).
+    pub fn retire(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            idle.clear();
+        }
+        if let Ok(mut h2) = self.h2.lock() {
+            *h2 = None;
+        }
+    }
+
     /// Drops idle connections past their idle timeout or closed by the upstream (called
     /// periodically).
     pub fn reap(&self) {
