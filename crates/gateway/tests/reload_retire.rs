@@ -1,6 +1,7 @@
-//! What a reload stops at once although requests still hold the old runtime: the health checks and
-//! idle connections of upstreams it removed or rebuilt (found by a review; each test failed before
-//! its fix).
+//! What a reload stops at once although requests still hold the old runtime (the health checks and
+//! idle connections of upstreams it removed or rebuilt), and what stopping the gateway ends (found
+//! by a review; each test failed before its fix).
+mod admin_support;
 mod support;
 
 use std::convert::Infallible;
@@ -179,5 +180,39 @@ async fn reloads_during_long_requests_do_not_multiply_probes_and_upstream_connec
         probes <= 25 && open <= 3,
         "after 10 reloads under long requests, upstream b got {probes} health probes a second \
          over {open} open connections (expected about 10 a second over 1)"
+    );
+}
+
+/// `Running::stop` (what `bulwark run` and the in-process demo call) ends the admin listener's
+/// keep-alive connections too: one left serving (a dashboard, a scraper) held the whole gateway,
+/// whose health checks then went on probing upstreams after the stop.
+#[tokio::test]
+async fn stopping_the_gateway_ends_admin_keep_alive_connections() {
+    let b = Counted::start().await;
+    let yaml = format!(
+        "upstreams:\n{}routes:\n  - match: {{ path_prefix: / }}\n    upstream: b\n",
+        checked_upstream("b", &b.url(), "")
+    );
+    let ops = admin_support::Ops::start(&yaml, None).await;
+    wait_until(5, || b.probes() >= 1).await;
+    let mut admin = RawClient::connect_to(ops.admin).await;
+    let req = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    admin.send(req).await;
+    assert_eq!(admin.response(false).await.status, 200);
+
+    ops.stop().await;
+    let probes = probes_during(&b, Duration::from_secs(1)).await;
+    // The same keep-alive connection, after the stop (a write to a closed one may fail).
+    let _ = tokio::io::AsyncWriteExt::write_all(&mut admin.s, req).await;
+    let closed = admin.closed_within(3).await;
+    let answered = String::from_utf8_lossy(&admin.buf)
+        .lines()
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        closed && answered.is_empty() && probes == 0,
+        "after Running::stop returned: the admin connection answered {answered:?} (closed within \
+         3s: {closed}), and upstream b got {probes} health probes in a second"
     );
 }

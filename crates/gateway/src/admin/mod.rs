@@ -172,7 +172,7 @@ impl AdminServer {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
-    /// Serves until `shutdown` completes.
+    /// Serves until `shutdown` completes; its connections end then too.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         // HTTP/1.1 only (the dashboard, curl and Prometheus need nothing else): its head timer runs
         // from the connection's start and between requests, so a connection that sends nothing is
@@ -184,9 +184,13 @@ impl AdminServer {
             .header_read_timeout(ADMIN_READ_TIMEOUT);
         let builder = Arc::new(builder);
         tokio::pin!(shutdown);
+        // The connections, ended with the listener: a keep-alive one (a dashboard, a scraper)
+        // would otherwise go on being served after the stop, holding the whole gateway.
+        let mut conns = tokio::task::JoinSet::new();
         loop {
             let (stream, peer) = tokio::select! {
                 _ = &mut shutdown => break,
+                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
                 r = self.listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
@@ -197,7 +201,7 @@ impl AdminServer {
             };
             let state = self.state.clone();
             let builder = builder.clone();
-            tokio::spawn(async move {
+            conns.spawn(async move {
                 let svc = service_fn(move |req| {
                     let state = state.clone();
                     async move { Ok::<_, Infallible>(state.serve(req, peer).await) }
@@ -207,6 +211,7 @@ impl AdminServer {
                 }
             });
         }
+        conns.shutdown().await;
     }
 }
 
