@@ -771,10 +771,10 @@ pub(crate) async fn forward(
             }
             delivered |= tally.reached.swap(false, Ordering::Relaxed);
 
-            // What failed, for the retry's `reason` label; whether this failure may be retried.
-            // What failed, and whether it sent nothing (a connect failure): when such a retry is
-            // refused (budget, time), the next upstream of the chain still takes the request
-            // for free, as it would have without the retry.
+            // What failed, for the retry's `reason` label; whether this failure may be retried;
+            // and whether it sent nothing (a connect failure): when such a retry is refused
+            // (budget, time), the next upstream of the chain still takes the request for free,
+            // as it would have without the retry.
             let mut sent_nothing = false;
             let (retryable, retry_after, reason, allowed) = match result {
                 Ok(resp) => return respond::success(resp, sent),
