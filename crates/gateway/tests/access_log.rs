@@ -92,14 +92,7 @@ async fn a_refused_http2_connect_has_a_line() {
     let (buf, _guard) = capture_logs();
     let up = Upstream::named("u").await;
     let gw = Gateway::start(&one_route(&up.url(), "logging: { access_log: true }\n")).await;
-    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2c_sender(gw.addr).await;
     let mut req = http::Request::builder()
         .method(http::Method::CONNECT)
         .uri("http://gw/h2-connect-refused")

@@ -8,7 +8,6 @@ use bytes::Bytes;
 use http::Request;
 use http_body_util::Full;
 use support::*;
-use tokio::net::TcpStream;
 
 use support::limited_config as config;
 
@@ -66,14 +65,7 @@ async fn an_idle_keep_alive_connection_outlives_header_read_timeout_until_idle_t
 #[tokio::test]
 async fn an_http2_connection_is_not_timed_as_a_request_head() {
     let (_up, gw) = named_behind_gateway("header_read_timeout: 300ms, idle_timeout: 60s").await;
-    let tcp = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2c_sender(gw.addr).await;
     // The preface and settings went out; no request for over three header_read_timeouts.
     tokio::time::sleep(Duration::from_secs(1)).await;
     for _ in 0..2 {

@@ -107,14 +107,7 @@ routes:
     .await;
     assert!(h1.ends_with("a"), "{h1}");
     // The same request over h2c, with :authority api.example.
-    let stream = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut send_req, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send_req = h2c_sender(gw.addr).await;
     let req = Request::get("http://api.example/")
         .body(Full::<Bytes>::default())
         .unwrap();

@@ -196,14 +196,7 @@ async fn an_abandoned_slow_upload_is_not_taken_for_the_endpoints_latency() {
     let ep = endpoint(&gw, "u", 0);
     let before = ep.ewma_cost();
 
-    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2c_sender(gw.addr).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let req = http::Request::post("http://gw/upload")
         .body(ChanBody(rx))

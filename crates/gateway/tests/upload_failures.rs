@@ -7,21 +7,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::Request;
 use http_body::Frame;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 /// `POST`s `total` bytes over HTTP/2 (h2c) without a length, 16 KiB a frame; the status and
 /// `x-bulwark-reason` of the answer.
 async fn h2_unsized_post(gw: &Gateway, total: usize) -> (u16, Option<String>) {
-    let tcp = TcpStream::connect(gw.addr).await.unwrap();
-    let (mut send, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2c_sender(gw.addr).await;
     let (tx, rx) = mpsc::channel(4);
     let req = Request::post("http://gw/upload")
         .body(ChanBody(rx))

@@ -335,14 +335,7 @@ async fn open_tunnels_are_a_gauge() {
 async fn h2_ready(
     gw: &Gateway,
 ) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
-    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut send = h2c_sender(gw.addr).await;
     let first = send.send_request(h2_get("/settings")).await.unwrap();
     drop(first);
     send

@@ -1027,3 +1027,20 @@ impl http_body::Body for ChanBody {
         self.0.poll_recv(cx).map(|o| o.map(Ok))
     }
 }
+
+/// An h2c (prior knowledge) connection to `addr`, its connection driven by a task of its own: the
+/// sender of requests with bodies of type `B`.
+pub async fn h2c_sender<B>(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
