@@ -21,7 +21,8 @@
 //! Label values are policy names (from configuration), never request data, so
 //! the number of series stays bounded; keyed policies report their top keys and
 //! an `other` bucket (a key that was once among the top keeps its series after
-//! it leaves: see the keyed policies in the library guide). The `upstream`/`route` label is the policy's `name`.
+//! it leaves: see the keyed policies in the library guide). The `upstream`/`route`
+//! label is the policy's `name`.
 //!
 //! ```
 //! use prometheus_client::registry::Registry;

@@ -118,30 +118,6 @@ routes:
     gw.stop().await;
 }
 
-/// An upstream whose `/health` answers 200 while `up` holds (503 otherwise); other requests get
-/// 200 with its name after `delay`.
-async fn checked_with_delay(name: &str, up: Arc<AtomicBool>, delay: Duration) -> Upstream {
-    let n = name.to_owned();
-    Upstream::start(
-        name,
-        Arc::new(move |req| {
-            let (n, up) = (n.clone(), up.clone());
-            Box::pin(async move {
-                if req.uri().path() == "/health" {
-                    let ok = up.load(Ordering::SeqCst);
-                    reply(&n, if ok { 200 } else { 503 }, "")
-                } else {
-                    if !delay.is_zero() {
-                        tokio::time::sleep(delay).await;
-                    }
-                    reply(&n, 200, n.clone())
-                }
-            })
-        }),
-    )
-    .await
-}
-
 /// Latency outlier detection compares an endpoint's p99 with the p99 its peers had *whenever they
 /// last took traffic*: an endpoint that is down (health check failing), ejected, or in another
 /// priority tier keeps its old window forever and still counts as a peer. Here the primary tier

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::Request;
 use http_body::Frame;
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 /// `POST`s `total` bytes over HTTP/2 (h2c) without a length, 16 KiB a frame; the status and
@@ -128,24 +128,7 @@ async fn an_upload_stalled_before_the_response_to_an_http2_upstream_gets_408() {
 /// refuses early), over HTTP/1.1 with a length and over HTTP/2 without one.
 #[tokio::test]
 async fn an_early_413_from_the_upstream_during_a_streamed_upload_reaches_the_client() {
-    let up = RawUpstream::start(|mut s, _| async move {
-        // Only the head: the body is left unread.
-        let mut buf = Vec::new();
-        let mut tmp = [0u8; 4096];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut tmp).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&tmp[..n]),
-            }
-        }
-        let _ = s
-            .write_all(
-                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
-            )
-            .await;
-        // Dropped with unread input: the kernel answers with a reset.
-    })
-    .await;
+    let up = early_413_upstream().await;
     let gw = Gateway::start(&limited_config(&up.url(), "max_body_bytes: 32MiB")).await;
     // HTTP/1.1 with a length over retry_buffer.
     const BODY: usize = 4 << 20;

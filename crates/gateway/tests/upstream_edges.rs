@@ -139,24 +139,7 @@ Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
 #[tokio::test]
 async fn an_early_413_from_the_upstream_during_a_buffered_upload_reaches_the_client() {
     const BODY: usize = 12 * 1024 * 1024;
-    let up = RawUpstream::start(|mut s, _| async move {
-        // Only the head: the body is left unread.
-        let mut buf = Vec::new();
-        let mut tmp = [0u8; 4096];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut tmp).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&tmp[..n]),
-            }
-        }
-        let _ = s
-            .write_all(
-                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
-            )
-            .await;
-        // Dropped with unread input: the kernel answers with a reset.
-    })
-    .await;
+    let up = early_413_upstream().await;
     let yaml = format!(
         "limits: {{ max_body_bytes: 32MiB }}\nupstreams:\n  u: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - upstream: u\n    retry_buffer: 16MiB\n",
         up.url()

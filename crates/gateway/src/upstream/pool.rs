@@ -48,6 +48,7 @@ use tokio_rustls::TlsConnector;
 use super::h1::{Io, Item, RecvBody, Stream};
 use super::tls::ALPN_H2;
 use crate::proxy::body::{BoxError, ReqBody};
+use crate::proxy::Rewind;
 
 /// How an exchange with an endpoint failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -615,9 +616,8 @@ impl Pool {
 /// streamed exchange anyway) and hyper reads the answer. A write that fails with nothing to read
 /// (a stale pooled connection) fails as before.
 struct EarlyAnswer<S> {
-    io: S,
-    /// Answer bytes read while a write waited, not yet handed to hyper.
-    kept: Bytes,
+    /// The connection, with answer bytes read while a write waited put back in front for hyper.
+    io: Rewind<S>,
     /// A write that failed, waiting to learn whether an answer came.
     failed: Option<std::io::Error>,
     /// Bytes were read (by hyper) since a write failed.
@@ -629,8 +629,10 @@ struct EarlyAnswer<S> {
 impl<S> EarlyAnswer<S> {
     fn new(io: S) -> Self {
         EarlyAnswer {
-            io,
-            kept: Bytes::new(),
+            io: Rewind {
+                read: Bytes::new(),
+                io,
+            },
             failed: None,
             answered: false,
             void: false,
@@ -650,7 +652,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> EarlyAnswer<S> {
                 Poll::Ready(Ok(())) if !rb.filled().is_empty() => {
                     let n = rb.filled().len();
                     answer.truncate(n);
-                    self.kept = Bytes::from(answer);
+                    self.io.read = Bytes::from(answer);
                 }
                 Poll::Ready(_) => {
                     let e = self.failed.take();
@@ -673,11 +675,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for EarlyAnswer<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
-        if !this.kept.is_empty() {
-            let n = this.kept.len().min(buf.remaining());
-            buf.put_slice(&this.kept.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.io).poll_read(cx, buf);
         if this.failed.is_some() && buf.filled().len() > before {

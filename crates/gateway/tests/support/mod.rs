@@ -996,6 +996,11 @@ pub async fn slow(name: &str, delay: Duration) -> Upstream {
 /// An upstream whose `/health` answers 200 while `up` holds (503 otherwise); every other request
 /// gets 200 with its name.
 pub async fn checked(name: &str, up: Arc<AtomicBool>) -> Upstream {
+    checked_with_delay(name, up, Duration::ZERO).await
+}
+
+/// [`checked`], whose answers to requests other than `/health` come after `delay`.
+pub async fn checked_with_delay(name: &str, up: Arc<AtomicBool>, delay: Duration) -> Upstream {
     let n = name.to_owned();
     Upstream::start(
         name,
@@ -1006,11 +1011,37 @@ pub async fn checked(name: &str, up: Arc<AtomicBool>) -> Upstream {
                     let ok = up.load(Ordering::SeqCst);
                     reply(&n, if ok { 200 } else { 503 }, "")
                 } else {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
                     reply(&n, 200, n.clone())
                 }
             })
         }),
     )
+    .await
+}
+
+/// An upstream that reads a request's head only and answers `413 too big!` with
+/// `connection: close`, then drops the connection with the body unread (the kernel answers the
+/// rest of the upload with a reset): an early refusal of an upload.
+pub async fn early_413_upstream() -> RawUpstream {
+    RawUpstream::start(|mut s, _| async move {
+        // Only the head: the body is left unread.
+        let mut buf = Vec::new();
+        let mut tmp = [0u8; 4096];
+        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut tmp).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&tmp[..n]),
+            }
+        }
+        let _ = s
+            .write_all(
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!",
+            )
+            .await;
+    })
     .await
 }
 
