@@ -54,6 +54,9 @@ pub struct Endpoint {
     pub(crate) latency: Option<LatencyWindow>,
     /// Samples the latency window must have recorded before it is judged again.
     pub(crate) latency_judge_at: AtomicU64,
+    /// Latency observations (samples, and hedge floors that added none): the cadence of
+    /// latency judgements.
+    pub(crate) latency_looks: AtomicU64,
     inflight: AtomicUsize,
     /// Peak-EWMA of response latency in nanoseconds (f64 bits) and the time of its last update.
     ewma_ns: AtomicU64,
@@ -90,6 +93,7 @@ impl Endpoint {
             consecutive_failures: AtomicU32::new(0),
             latency,
             latency_judge_at: AtomicU64::new(0),
+            latency_looks: AtomicU64::new(0),
             inflight: AtomicUsize::new(0),
             ewma_ns: AtomicU64::new(0f64.to_bits()),
             ewma_at: AtomicU64::new(0),

@@ -593,6 +593,44 @@ mod tests {
     }
     const REFRESH: u64 = bulwark::latency::REFRESH_EVERY;
 
+    /// An endpoint whose every attempt a hedge beats is judged again after a verdict that spared
+    /// it, although its later floors (below its own p99) add no sample: its peers got faster.
+    #[tokio::test(start_paused = true)]
+    async fn hedge_floors_below_the_p99_still_bring_the_next_judgement() {
+        let mut c = od();
+        c.latency_multiple = Some(3.0);
+        c.latency_min_samples = REFRESH;
+        let u = upstream(3, Some(c), false);
+        let floor = |u: &Upstream, ms| {
+            u.observe(
+                2,
+                Observed::Cancelled {
+                    latency: Duration::from_millis(ms),
+                },
+            )
+        };
+        // Peers at 20 ms (say, cold connections); endpoint 2's floors at 50 ms: under 3x.
+        for _ in 0..REFRESH {
+            ok(&u, 0, 20);
+            ok(&u, 1, 20);
+            floor(&u, 50);
+        }
+        assert!(!u.endpoints[2].is_ejected());
+        // The peers' windows fill with 1 ms answers; endpoint 2's floors stay at 40-49 ms.
+        let cap = u.endpoints[0].latency.as_ref().unwrap().capacity();
+        for _ in 0..cap {
+            ok(&u, 0, 1);
+            ok(&u, 1, 1);
+        }
+        for n in 0..REFRESH {
+            floor(&u, 40 + n % 10);
+        }
+        assert!(
+            u.endpoints[2].is_ejected(),
+            "a 50 ms endpoint against 1 ms peers"
+        );
+    }
+
     #[test]
     fn host_carries_the_port_unless_it_is_https_default() {
         let host = |url: &str| host_authority(&config::check_url(url).unwrap()).to_string();

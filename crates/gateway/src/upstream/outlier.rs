@@ -99,13 +99,16 @@ impl Outlier {
         if ep.consecutive_failures.load(Ordering::Relaxed) != 0 {
             ep.consecutive_failures.store(0, Ordering::Relaxed);
         }
-        self.judge_latency(eps, i, latency, now);
+        self.judge_latency(eps, i, Some(latency), now);
     }
 
     /// Records that an attempt on `eps[i]` ran `latency` without an answer before it was dropped
-    /// (a hedge that lost): a lower bound of its latency. It counts when it is at least the
+    /// (a hedge that lost): a lower bound of its latency. It is a sample when it is at least the
     /// endpoint's recent p99 (or too few samples give none), so an endpoint whose every attempt
-    /// is beaten by a hedge is judged by the time it was given; a shorter one says nothing.
+    /// is beaten by a hedge is judged by the time it was given. A shorter one adds no sample (the
+    /// window already says as much) but counts toward the endpoint's next judgement: once its
+    /// floors stop beating its own p99, an endpoint would otherwise never be judged again, however
+    /// much faster its peers have become since.
     pub(crate) fn latency_floor(
         &self,
         eps: &[std::sync::Arc<Endpoint>],
@@ -114,28 +117,29 @@ impl Outlier {
         now: Instant,
     ) {
         let Some(w) = &eps[i].latency else { return };
-        if self.p99(w).is_some_and(|p| latency < p) {
-            return;
-        }
-        self.judge_latency(eps, i, latency, now);
+        let below = self.p99(w).is_some_and(|p| latency < p);
+        self.judge_latency(eps, i, (!below).then_some(latency), now);
     }
 
-    /// Records one latency sample of `eps[i]` and, every so often, ejects it if it is a latency
-    /// outlier.
+    /// Records one latency observation of `eps[i]` (`sample`: what goes into its window, if
+    /// anything) and, every [`REFRESH_EVERY`] observations, ejects it if it is a latency outlier.
     fn judge_latency(
         &self,
         eps: &[std::sync::Arc<Endpoint>],
         i: usize,
-        latency: Duration,
+        sample: Option<Duration>,
         now: Instant,
     ) {
         let ep = &eps[i];
         let (Some(multiple), Some(w)) = (self.latency_multiple, &ep.latency) else {
             return;
         };
-        w.record(latency);
+        if let Some(latency) = sample {
+            w.record(latency);
+        }
+        let looks = ep.latency_looks.fetch_add(1, Ordering::Relaxed) + 1;
         let recorded = w.recorded();
-        if recorded % REFRESH_EVERY != 0
+        if looks % REFRESH_EVERY != 0
             || recorded < self.latency_min_samples
             || recorded < ep.latency_judge_at.load(Ordering::Relaxed)
         {
