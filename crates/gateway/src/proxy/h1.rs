@@ -261,9 +261,10 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     // RFC 9112 3.2: a request with more than one `Host` is refused (a route matching on `host`
-    // would take either of two, where a front proxy, or an authorization in front, took one). One
-    // without `Host` is accepted, as hyper did (the upstream's `Host` replaces it anyway).
-    if hosts > 1 {
+    // would take either of two, where a front proxy, or an authorization in front, took one), and
+    // so is an HTTP/1.1 request without one, unless its target is in absolute form (which names
+    // the host), as nginx and Envoy refuse it. HTTP/1.0 had no `Host`.
+    if hosts > 1 || (hosts == 0 && version == Version::HTTP_11 && uri.authority().is_none()) {
         return Err(Malformed);
     }
     // RFC 9112 3.2.2: with an absolute-form target (`GET http://a.example/ HTTP/1.1`), the target's
@@ -1815,7 +1816,7 @@ mod tests {
     const PIPELINE: &[u8] = b"\r\nGET /a?x=1 HTTP/1.1\r\nHost: a\r\nX-Many: 1\r\nx-many: 2\r\n\r\n\
         POST /b HTTP/1.1\r\nHost: b\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n\
         GET http://c.example/c HTTP/1.0\r\nConnection: keep-alive\r\n\r\n\
-        PUT /d HTTP/1.1\nTransfer-Encoding: chunked\nConnection: close\n\nGET /e";
+        PUT /d HTTP/1.1\nHost: d\nTransfer-Encoding: chunked\nConnection: close\n\nGET /e";
 
     #[test]
     fn pipelined_heads_parse_with_their_framing_and_connection_rules() {
@@ -1887,14 +1888,27 @@ mod tests {
                 b"GET / HTTP/1.1\r\nHost: public\r\nhost: admin\r\n\r\n",
                 HeadError::Malformed,
             ),
+            // HTTP/1.1 without `Host` (RFC 9112 3.2).
+            (b"GET / HTTP/1.1\r\n\r\n", HeadError::Malformed),
         ];
         for (input, want) in cases {
             let (heads, _) = heads_in_pieces(input, &[]);
             assert_eq!(heads.len(), 1, "{input:?}");
             assert_eq!(heads[0].as_ref().err(), Some(want), "{input:?}");
         }
+        // Without `Host`: HTTP/1.0, or a target that names the host.
+        for ok in [
+            &b"GET / HTTP/1.0\r\n\r\n"[..],
+            b"GET http://a.example/ HTTP/1.1\r\n\r\n",
+        ] {
+            let (heads, _) = heads_in_pieces(ok, &[]);
+            assert!(heads[0].is_ok(), "{ok:?}");
+        }
         // Equal repeated lengths are one length.
-        let (heads, _) = heads_in_pieces(b"POST / HTTP/1.1\r\nContent-Length: 2, 2\r\n\r\n", &[]);
+        let (heads, _) = heads_in_pieces(
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2, 2\r\n\r\n",
+            &[],
+        );
         assert_eq!(heads[0].as_ref().unwrap().framing, Framing::Length(2));
         // Too many lines, and too many bytes (complete or not).
         let many: String = (0..=MAX_HEADERS).map(|i| format!("x-{i}: 1\r\n")).collect();
