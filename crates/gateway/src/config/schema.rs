@@ -524,13 +524,13 @@ pub struct Pool {
     pub max_idle: usize,
     /// Idle connections older than this are closed.
     pub idle_timeout: Dur,
-    /// HTTP/2 upstreams: a ping this often on the shared connection.
+    /// HTTP/2 upstreams: a ping this often on each connection.
     pub ping_interval: Dur,
     /// HTTP/2 upstreams: a ping unanswered this long closes the connection (a new one is opened).
     pub ping_timeout: Dur,
     /// HTTP/2 upstreams: the flow-control window of each stream.
     pub h2_stream_window: ByteSize,
-    /// HTTP/2 upstreams: the flow-control window of the shared connection.
+    /// HTTP/2 upstreams: the flow-control window of each connection.
     pub h2_connection_window: ByteSize,
 }
 

@@ -432,7 +432,7 @@ async fn attempt(
                     _ => Failure::UpstreamError,
                 },
                 retryable: route.retry_on.fail(e.kind),
-                unsent: e.kind == FailKind::ConnectFailure,
+                unsent: matches!(e.kind, FailKind::ConnectFailure | FailKind::Refused),
             })
         }
         Err(_elapsed) => {

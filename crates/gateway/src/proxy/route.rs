@@ -102,7 +102,8 @@ impl RetryConditions {
     pub fn fail(&self, kind: crate::upstream::FailKind) -> bool {
         use crate::upstream::FailKind::*;
         match kind {
-            ConnectFailure => self.connect_failure,
+            // Not processed either: the condition that resends what was never sent.
+            ConnectFailure | Refused => self.connect_failure,
             Reset => self.reset,
             Timeout => self.timeout,
             ClientBody => false,

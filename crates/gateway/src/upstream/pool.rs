@@ -27,8 +27,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -55,6 +55,10 @@ use crate::proxy::Rewind;
 pub enum FailKind {
     /// TCP connect or handshake failed: the request was never sent.
     ConnectFailure,
+    /// The upstream refused the request without processing it (an HTTP/2 stream refused, or past
+    /// a GOAWAY's last stream id, RFC 9113 8.7), on a new connection too: like a connect failure,
+    /// it may go to another endpoint whatever its method.
+    Refused,
     /// The connection broke after the request was (possibly) sent.
     Reset,
     /// The attempt took longer than its timeout.
@@ -97,6 +101,11 @@ pub struct UpstreamBody(Inner);
 enum Inner {
     H1(RecvBody),
     Hyper(Incoming),
+    /// A response on a pooled HTTP/2 connection, holding its stream's slot there until dropped.
+    H2 {
+        body: Incoming,
+        _slot: StreamSlot,
+    },
 }
 
 impl UpstreamBody {
@@ -105,7 +114,7 @@ impl UpstreamBody {
     pub fn take_conn(&mut self) -> Option<Conn> {
         match &mut self.0 {
             Inner::H1(b) => b.take_conn().map(|io| Conn { io }),
-            Inner::Hyper(_) => None,
+            Inner::Hyper(_) | Inner::H2 { .. } => None,
         }
     }
 }
@@ -125,7 +134,7 @@ impl Body for UpstreamBody {
                 Ok(Item::End) => None,
                 Err(e) => Some(Err(e.into())),
             }),
-            Inner::Hyper(b) => Pin::new(b)
+            Inner::Hyper(b) | Inner::H2 { body: b, .. } => Pin::new(b)
                 .poll_frame(cx)
                 .map(|o| o.map(|r| r.map_err(BoxError::from))),
         }
@@ -134,14 +143,14 @@ impl Body for UpstreamBody {
     fn is_end_stream(&self) -> bool {
         match &self.0 {
             Inner::H1(b) => b.is_end_stream(),
-            Inner::Hyper(b) => b.is_end_stream(),
+            Inner::Hyper(b) | Inner::H2 { body: b, .. } => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.0 {
             Inner::H1(b) => b.size_hint(),
-            Inner::Hyper(b) => b.size_hint(),
+            Inner::Hyper(b) | Inner::H2 { body: b, .. } => b.size_hint(),
         }
     }
 }
@@ -149,6 +158,66 @@ impl Body for UpstreamBody {
 struct Idle {
     io: Box<Io>,
     since: Instant,
+}
+
+/// The streams of one HTTP/2 connection to an upstream.
+#[derive(Debug)]
+struct H2Load {
+    /// Streams open on it: requests sent whose response (or failure) has not been dropped yet.
+    streams: AtomicUsize,
+    /// The peer's `SETTINGS_MAX_CONCURRENT_STREAMS`: 100 until its first SETTINGS frame says (as
+    /// the `h2` crate assumes, RFC 9113's recommended minimum), unlimited if that one names none.
+    peer_max: AtomicUsize,
+    /// When its last stream ended (or it opened), while it has none.
+    idle_since: Mutex<Instant>,
+}
+
+impl H2Load {
+    fn new() -> Arc<Self> {
+        Arc::new(H2Load {
+            streams: AtomicUsize::new(0),
+            peer_max: AtomicUsize::new(100),
+            idle_since: Mutex::new(Instant::now()),
+        })
+    }
+
+    /// A stream slot, if the peer allows one more stream now.
+    fn try_take(self: &Arc<Self>) -> Option<StreamSlot> {
+        let max = self.peer_max.load(Ordering::Relaxed);
+        self.streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| StreamSlot(self.clone()))
+    }
+
+    /// Whether it has had no stream for `timeout`.
+    fn idle_for(&self, timeout: Duration) -> bool {
+        self.streams.load(Ordering::Acquire) == 0
+            && self.idle_since.lock().is_ok_and(|t| t.elapsed() > timeout)
+    }
+}
+
+/// One stream's place on an HTTP/2 connection, given back when dropped.
+#[derive(Debug)]
+struct StreamSlot(Arc<H2Load>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        if self.0.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Ok(mut t) = self.0.idle_since.lock() {
+                *t = Instant::now();
+            }
+        }
+    }
+}
+
+/// One HTTP/2 connection of an endpoint.
+struct H2Conn {
+    generation: u64,
+    sender: http2::SendRequest<ReqBody>,
+    load: Arc<H2Load>,
 }
 
 /// Idle connections of one endpoint.
@@ -162,16 +231,18 @@ pub struct Pool {
     tls: Option<(TlsConnector, ServerName<'static>)>,
     // An uncontended std mutex around a Vec: one push/pop per request, never held across an await.
     idle: Mutex<Vec<Idle>>,
-    /// The shared HTTP/2 connection and its generation (counted from 1).
-    h2: Mutex<Option<(u64, http2::SendRequest<ReqBody>)>>,
+    /// The HTTP/2 connections, oldest first; generations counted from 1. A request takes the
+    /// first with a stream to spare (so traffic stays on few connections, and the others go
+    /// idle and close); another opens when each is at its peer's stream limit.
+    h2: Mutex<Vec<H2Conn>>,
     /// Held while an HTTP/2 connection is being opened (it guards the last generation handed
     /// out): requests that find no connection wait for that one instead of each opening their own.
     h2_connect: tokio::sync::Mutex<u64>,
     /// HTTP/2 connects that failed.
     h2_failures: AtomicU64,
-    /// HTTP/2: the ping interval and timeout of the shared connection.
+    /// HTTP/2: the ping interval and timeout of each connection.
     pings: (Duration, Duration),
-    /// HTTP/2: the flow-control windows of each stream and of the shared connection.
+    /// HTTP/2: the flow-control windows of each stream and of each connection.
     windows: (u32, u32),
 }
 
@@ -180,6 +251,10 @@ impl std::fmt::Debug for Pool {
         f.debug_struct("Pool").field("addr", &self.addr).finish()
     }
 }
+
+/// What [`Pool::checkout_h2`] gives: a connection's sender, its generation, a stream's slot on
+/// it, and whether it was already open.
+type H2Checkout = (http2::SendRequest<ReqBody>, u64, StreamSlot, bool);
 
 type ConnectFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SendError>> + Send + 'a>>;
 
@@ -200,7 +275,7 @@ impl Pool {
             connect_timeout,
             tls: None,
             idle: Mutex::new(Vec::new()),
-            h2: Mutex::new(None),
+            h2: Mutex::new(Vec::new()),
             h2_connect: tokio::sync::Mutex::new(0),
             h2_failures: AtomicU64::new(0),
             pings: (
@@ -214,7 +289,7 @@ impl Pool {
         }
     }
 
-    /// HTTP/2: pings the shared connection every `interval`, idle or not, and closes it when one
+    /// HTTP/2: pings each connection every `interval`, idle or not, and closes it when one
     /// is not answered within `timeout`, so that a connection gone silent (a host that vanished, a
     /// dropped NAT entry: no FIN, no reset) is replaced rather than waited on by every request.
     pub fn with_pings(mut self, interval: Duration, timeout: Duration) -> Self {
@@ -222,7 +297,7 @@ impl Pool {
         self
     }
 
-    /// HTTP/2: the flow-control windows the shared connection advertises, per stream and for the
+    /// HTTP/2: the flow-control windows each connection advertises, per stream and for the
     /// whole connection. Data a client has not read yet holds both; a connection window many times
     /// the stream window keeps streams whose clients read nothing from stalling the others.
     pub fn with_h2_windows(mut self, stream: u32, connection: u32) -> Self {
@@ -290,24 +365,33 @@ impl Pool {
         }
     }
 
-    /// The endpoint left the config: its idle connections close now, and the shared HTTP/2
-    /// connection once the requests on it end (requests still in flight keep what they use).
+    /// The endpoint left the config: its idle connections close now, and its HTTP/2
+    /// connections once the requests on them end (requests still in flight keep what they use).
     pub fn retire(&self) {
         if let Ok(mut idle) = self.idle.lock() {
             idle.clear();
         }
         if let Ok(mut h2) = self.h2.lock() {
-            *h2 = None;
+            h2.clear();
         }
     }
 
     /// Drops idle connections past their idle timeout or closed by the upstream (called
-    /// periodically).
+    /// periodically): HTTP/1 ones in the pool, and HTTP/2 ones without a stream for that long
+    /// (dropping the last sender closes the connection with a `GOAWAY`).
     pub fn reap(&self) {
+        let t = self.idle_timeout;
         if let Ok(mut idle) = self.idle.lock() {
-            let t = self.idle_timeout;
             idle.retain_mut(|c| !c.io.is_stale() && c.since.elapsed() <= t);
         }
+        if let Ok(mut h2) = self.h2.lock() {
+            h2.retain(|c| !c.sender.is_closed() && !c.load.idle_for(t));
+        }
+    }
+
+    /// Number of open HTTP/2 connections (for tests).
+    pub fn h2_count(&self) -> usize {
+        self.h2.lock().map(|v| v.len()).unwrap_or(0)
     }
 
     async fn connect_tcp(&self) -> Result<TcpStream, SendError> {
@@ -357,27 +441,30 @@ impl Pool {
         Box::pin(async move { Ok(Box::new(Io::new(self.connect_stream().await?))) })
     }
 
-    /// The shared HTTP/2 connection (not generation `stale`, one found closing), opened if there
-    /// is none: its sender, generation and whether it was already open. One connect at a time:
-    /// requests that arrive while one is under way wait for it and share its connection, or fail
-    /// with it (boxed as [`Pool::connect_h1`]).
-    fn checkout_h2(
-        &self,
-        stale: Option<u64>,
-    ) -> ConnectFuture<'_, (http2::SendRequest<ReqBody>, u64, bool)> {
+    /// A stream on an HTTP/2 connection (not generation `stale`, one found closing or refusing):
+    /// the first open one with a stream to spare, or a new one: its sender, generation, the
+    /// stream's slot and whether it was already open. One connect at a time: requests that
+    /// arrive while one is under way wait for it and share its connection, or fail with it
+    /// (boxed as [`Pool::connect_h1`]).
+    fn checkout_h2(&self, stale: Option<u64>) -> ConnectFuture<'_, H2Checkout> {
         Box::pin(async move {
             let current = || {
-                let g = self.h2.lock().ok()?;
-                let (generation, s) = g.as_ref()?;
-                (!s.is_closed() && Some(*generation) != stale).then(|| (s.clone(), *generation))
+                let mut g = self.h2.lock().ok()?;
+                g.retain(|c| !c.sender.is_closed());
+                g.iter()
+                    .filter(|c| Some(c.generation) != stale)
+                    .find_map(|c| {
+                        let slot = c.load.try_take()?;
+                        Some((c.sender.clone(), c.generation, slot, true))
+                    })
             };
-            if let Some((s, generation)) = current() {
-                return Ok((s, generation, true));
+            if let Some(found) = current() {
+                return Ok(found);
             }
             let failures = self.h2_failures.load(Ordering::Acquire);
             let mut last_generation = self.h2_connect.lock().await;
-            if let Some((s, generation)) = current() {
-                return Ok((s, generation, true));
+            if let Some(found) = current() {
+                return Ok(found);
             }
             if self.h2_failures.load(Ordering::Acquire) != failures {
                 // The connect this request waited for failed: fail with it rather than wait out
@@ -386,8 +473,12 @@ impl Pool {
                     "the HTTP/2 connect this request waited for failed".into(),
                 )));
             }
+            let load = H2Load::new();
             let opened = async {
-                let io = TokioIo::new(self.connect_stream().await?);
+                let io = TokioIo::new(PeerSettings::new(
+                    self.connect_stream().await?,
+                    load.clone(),
+                ));
                 http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .keep_alive_interval(self.pings.0)
@@ -412,10 +503,18 @@ impl Pool {
             });
             *last_generation += 1;
             let generation = *last_generation;
+            // The first stream of a new connection is this request's, whatever the limit (100
+            // until the peer's SETTINGS say; a peer that allows none queues it in `h2`).
+            load.streams.fetch_add(1, Ordering::AcqRel);
+            let slot = StreamSlot(load.clone());
             if let Ok(mut g) = self.h2.lock() {
-                *g = Some((generation, sender.clone()));
+                g.push(H2Conn {
+                    generation,
+                    sender: sender.clone(),
+                    load,
+                });
             }
-            Ok((sender, generation, false))
+            Ok((sender, generation, slot, false))
         })
     }
 
@@ -578,26 +677,39 @@ impl Pool {
         // A request in memory can go once more on a new connection if the upstream says it did
         // not process it (RFC 9113 8.7): a refused stream, or one past a GOAWAY's last stream.
         let mut again = in_memory_copy(&req);
-        let (mut sender, mut generation, mut reused) = self.checkout_h2(None).await?;
+        let (mut sender, mut generation, mut slot, mut reused) = self.checkout_h2(None).await?;
         loop {
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(|b| UpstreamBody(Inner::Hyper(b)))),
+                Ok(resp) => {
+                    return Ok(resp.map(|b| {
+                        UpstreamBody(Inner::H2 {
+                            body: b,
+                            _slot: slot,
+                        })
+                    }))
+                }
                 Err(mut e) => match e.take_message() {
-                    // The shared connection was closing: another (or a new) one takes the request.
+                    // The connection was closing: another (or a new) one takes the request.
                     Some(back) if reused => {
                         req = back;
-                        (sender, generation, reused) = self.checkout_h2(Some(generation)).await?;
+                        (sender, generation, slot, reused) =
+                            self.checkout_h2(Some(generation)).await?;
                     }
                     _ => {
                         let err = e.into_error();
-                        if let Some(copy) = again.take().filter(|_| not_processed(&err)) {
+                        let refused = not_processed(&err);
+                        if let Some(copy) = again.take().filter(|_| refused) {
                             req = copy;
-                            (sender, generation, reused) =
+                            (sender, generation, slot, reused) =
                                 self.checkout_h2(Some(generation)).await?;
                             continue;
                         }
                         return Err(SendError {
-                            kind: classify(&err),
+                            kind: if refused {
+                                FailKind::Refused
+                            } else {
+                                classify(&err)
+                            },
                             source: Some(err.into()),
                         });
                     }
@@ -755,6 +867,150 @@ fn not_processed(err: &hyper::Error) -> bool {
         })
 }
 
+/// The read side of an HTTP/2 connection to an upstream, watched for the peer's
+/// `SETTINGS_MAX_CONCURRENT_STREAMS` (hyper's client does not tell it): the pool opens another
+/// connection when every one it has is at its peer's limit, as Envoy and Go's transport do,
+/// rather than queue requests behind long-lived streams.
+struct PeerSettings<S> {
+    io: S,
+    scan: FrameScan,
+    load: Arc<H2Load>,
+}
+
+impl<S> PeerSettings<S> {
+    fn new(io: S, load: Arc<H2Load>) -> Self {
+        PeerSettings {
+            io,
+            scan: FrameScan::default(),
+            load,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for PeerSettings<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.io).poll_read(cx, buf);
+        if let Some(max) = this.scan.feed(&buf.filled()[before..]) {
+            this.load.peer_max.store(max, Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for PeerSettings<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// Follows the frames a peer sends on an HTTP/2 connection (RFC 9113 4.1: a 9-byte header, then
+/// `length` bytes of payload) and reads the `SETTINGS_MAX_CONCURRENT_STREAMS` of its SETTINGS
+/// frames. Everything else is skipped by length, so it costs a few instructions per frame.
+#[derive(Debug, Default)]
+struct FrameScan {
+    /// The frame header being read, and how much of it has come.
+    head: [u8; 9],
+    head_len: usize,
+    /// Payload bytes of the current frame still to come.
+    left: usize,
+    /// In a SETTINGS frame's payload: the setting (6 bytes) being read, and how much has come.
+    settings: bool,
+    entry: [u8; 6],
+    entry_len: usize,
+    /// The current SETTINGS frame named `SETTINGS_MAX_CONCURRENT_STREAMS`.
+    named: bool,
+    /// A SETTINGS frame (not an ACK) has ended before.
+    seen: bool,
+}
+
+impl FrameScan {
+    const SETTINGS: u8 = 0x4;
+    const ACK: u8 = 0x1;
+    const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+
+    /// Reads `bytes`, the next ones the peer sent; returns the peer's stream limit when a setting
+    /// in them set it (unlimited when its first SETTINGS frame names none, RFC 9113 6.5.2).
+    fn feed(&mut self, mut bytes: &[u8]) -> Option<usize> {
+        let mut max = None;
+        while !bytes.is_empty() {
+            if self.left == 0 && self.head_len < 9 {
+                let n = (9 - self.head_len).min(bytes.len());
+                self.head[self.head_len..self.head_len + n].copy_from_slice(&bytes[..n]);
+                self.head_len += n;
+                bytes = &bytes[n..];
+                if self.head_len < 9 {
+                    break;
+                }
+                let h = self.head;
+                self.left = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+                self.settings = h[3] == Self::SETTINGS && h[4] & Self::ACK == 0;
+                self.entry_len = 0;
+                self.named = false;
+            }
+            let n = self.left.min(bytes.len());
+            if self.settings {
+                for &b in &bytes[..n] {
+                    self.entry[self.entry_len] = b;
+                    self.entry_len += 1;
+                    if self.entry_len == 6 {
+                        self.entry_len = 0;
+                        let e = self.entry;
+                        if u16::from_be_bytes([e[0], e[1]]) == Self::MAX_CONCURRENT_STREAMS {
+                            self.named = true;
+                            let v = u32::from_be_bytes([e[2], e[3], e[4], e[5]]);
+                            max = Some(usize::try_from(v).unwrap_or(usize::MAX));
+                        }
+                    }
+                }
+            }
+            self.left -= n;
+            bytes = &bytes[n..];
+            if self.left == 0 && self.head_len == 9 {
+                // The frame ended (an empty one ends with its header).
+                if self.settings {
+                    if !self.seen && !self.named {
+                        max = Some(usize::MAX);
+                    }
+                    self.seen = true;
+                }
+                self.head_len = 0;
+                self.settings = false;
+            }
+        }
+        max
+    }
+}
+
 /// Classifies a hyper send error: our client's body failing is not the upstream's fault.
 fn classify(err: &hyper::Error) -> FailKind {
     if crate::proxy::body::is_client_body_error(err) {
@@ -776,6 +1032,77 @@ fn resendable(parts: &Parts) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A SETTINGS frame, with `entries` (id, value).
+    fn settings(ack: bool, entries: &[(u16, u32)]) -> Vec<u8> {
+        let len = entries.len() * 6;
+        let mut f = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            4,
+            u8::from(ack),
+            0,
+            0,
+            0,
+            0,
+        ];
+        for (id, v) in entries {
+            f.extend_from_slice(&id.to_be_bytes());
+            f.extend_from_slice(&v.to_be_bytes());
+        }
+        f
+    }
+
+    /// A frame of another type with `len` payload bytes (all 0x03, 0x04: they look like settings).
+    fn other(kind: u8, len: usize) -> Vec<u8> {
+        let mut f = vec![
+            (len >> 16) as u8,
+            (len >> 8) as u8,
+            len as u8,
+            kind,
+            0,
+            0,
+            0,
+            0,
+            1,
+        ];
+        f.extend((0..len).map(|i| if i % 2 == 0 { 3 } else { 4 }));
+        f
+    }
+
+    /// Feeds `bytes` to a new scan cut at every `step` bytes; the last limit set.
+    fn scan(bytes: &[u8], step: usize) -> Option<usize> {
+        let mut s = FrameScan::default();
+        bytes.chunks(step).fold(None, |last, c| s.feed(c).or(last))
+    }
+
+    #[test]
+    fn the_peers_stream_limit_is_read_from_its_settings_frames() {
+        let mut conn = settings(false, &[(1, 4096), (3, 1), (4, 65535)]);
+        conn.extend(other(0, 300)); // DATA
+        conn.extend(settings(true, &[]));
+        for step in [1, 2, 5, 9, 1000] {
+            assert_eq!(scan(&conn, step), Some(1), "step {step}");
+        }
+        // A later SETTINGS frame changes it; DATA between, whatever its bytes, does not.
+        conn.extend(other(0, 70_000));
+        conn.extend(settings(false, &[(3, 250)]));
+        conn.extend(other(1, 12)); // HEADERS
+        for step in [1, 7, 4096] {
+            assert_eq!(scan(&conn, step), Some(250), "step {step}");
+        }
+        // A first SETTINGS frame that names no limit: unlimited; a later one without it: as it was.
+        let mut s = FrameScan::default();
+        assert_eq!(s.feed(&settings(false, &[(4, 1 << 20)])), Some(usize::MAX));
+        assert_eq!(s.feed(&settings(false, &[(4, 1 << 20)])), None);
+        assert_eq!(s.feed(&settings(false, &[])), None);
+        // An ACK carries no settings.
+        let mut s = FrameScan::default();
+        assert_eq!(s.feed(&settings(true, &[])), None);
+        assert_eq!(s.feed(&other(6, 8)), None); // PING
+        assert_eq!(s.feed(&settings(false, &[(3, 7)])), Some(7));
+    }
 
     #[test]
     fn an_h1_error_converts_to_a_boxed_source() {

@@ -1,0 +1,186 @@
+//! HTTP/2 toward upstreams (`http2: true`) with scripted `h2`-crate upstreams: refused streams, idle
+//! connections, the peer's stream limit (found by a review; each test failed before its fix).
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use support::*;
+use tokio::net::{TcpListener, TcpStream};
+
+/// An h2c upstream (h2 crate) that answers every request with `name`.
+async fn h2_named(name: &'static str) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    let mut s = respond.send_response(Response::new(()), false).unwrap();
+                    s.send_data(Bytes::from(name), true).unwrap();
+                }
+            });
+        }
+    });
+    (addr, hits)
+}
+
+/// An h2c upstream (h2 crate) that refuses every stream with `REFUSED_STREAM` (an overloaded
+/// server shedding load: RFC 9113 8.7, the requests were not processed). Counts the streams.
+async fn h2_refusing() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let n = Arc::new(AtomicUsize::new(0));
+    let n2 = n.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            let n = n2.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    n.fetch_add(1, Ordering::SeqCst);
+                    respond.send_reset(h2::Reason::REFUSED_STREAM);
+                }
+            });
+        }
+    });
+    (addr, n)
+}
+
+/// 1. A POST whose stream an endpoint refuses (`REFUSED_STREAM`: not processed) on the resend too
+/// is a request that was never processed, like a connect failure: on a route with retries it goes
+/// to the other endpoint (Envoy's `refused-stream` retry condition, whatever the method). Before
+/// the fix, the second refusal was classed as a reset (may have been processed), so the POST was
+/// not retried and the client got 502, while a healthy endpoint stood next to it.
+#[tokio::test]
+async fn a_post_refused_by_one_http2_endpoint_goes_to_the_other() {
+    let (bad, refused) = h2_refusing().await;
+    let (good, _) = h2_named("good").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u: {{ http2: true, balance: round_robin, endpoints: [{{url: 'http://{bad}'}}, {{url: 'http://{good}'}}] }}\nroutes:\n  - upstream: u\n    timeout: 5s\n    retry: {{ attempts: 3, backoff: {{ kind: constant, base: 1ms }} }}\n"
+    ))
+    .await;
+    let c = client();
+    for i in 0..4 {
+        let req = Request::post(gw.url("/pay"))
+            .body(Full::new(Bytes::from("x")))
+            .unwrap();
+        let g = send(&c, req).await;
+        assert_eq!(
+            g.status,
+            200,
+            "POST {i}: reason {:?}, attempts {:?}, streams refused so far {}",
+            g.header("x-bulwark-reason"),
+            g.header("x-bulwark-attempts"),
+            refused.load(Ordering::SeqCst)
+        );
+        assert_eq!(g.text(), "good");
+    }
+    assert!(
+        refused.load(Ordering::SeqCst) > 0,
+        "the refusing endpoint was never tried"
+    );
+    gw.stop().await;
+}
+
+/// 2. `pool.idle_timeout` ("idle connections older than this are closed") for an `http2: true`
+/// upstream: the shared connection, once idle (no stream open) that long, is closed, as Envoy's
+/// `idle_timeout` closes an idle upstream HTTP/2 connection. Before the fix, it was kept open forever (and
+/// pinged every `ping_interval`), for an endpoint used once (a failover target, a canary) or
+/// one a DNS/L4 balancer has moved away from.
+#[tokio::test]
+async fn an_idle_http2_upstream_connection_is_closed_after_the_pool_idle_timeout() {
+    let (ok, _) = h2_named("ok").await;
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let closed = Arc::new(AtomicBool::new(false));
+    let c2 = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            let c = c2.clone();
+            tokio::spawn(async move {
+                let mut u = TcpStream::connect(ok).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut tcp, &mut u).await;
+                c.store(true, Ordering::SeqCst);
+            });
+        }
+    });
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u: {{ http2: true, endpoints: [{{url: 'http://{addr}'}}], pool: {{ idle_timeout: 300ms }} }}\nroutes:\n  - upstream: u\n"
+    ))
+    .await;
+    assert_eq!(get(&client(), &gw.url("/")).await.status, 200);
+    wait_until(10, || closed.load(Ordering::SeqCst)).await;
+    gw.stop().await;
+}
+
+/// 3. An upstream advertising SETTINGS_MAX_CONCURRENT_STREAMS = 1 (real servers: nginx 128, Go
+/// 250, many gRPC servers 100) whose one stream is taken by a long-lived response (a server-sent
+/// event stream, a long poll, a gRPC stream). Another request to that endpoint must not wait
+/// behind it until the route's timeout: Envoy (and Go's HTTP/2 transport) open another connection
+/// when the ones they have are at their stream limit.
+#[tokio::test]
+async fn a_request_beyond_the_upstreams_stream_limit_is_not_stuck_behind_a_long_stream() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c2 = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            c2.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::Builder::new()
+                    .max_concurrent_streams(1)
+                    .handshake::<_, Bytes>(tcp)
+                    .await
+                else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let mut s = respond.send_response(Response::new(()), false).unwrap();
+                    if req.uri().path() == "/events" {
+                        // A stream that stays open: one event, then nothing (for now).
+                        s.send_data(Bytes::from("data: hello\n\n"), false).unwrap();
+                        tokio::spawn(async move {
+                            let _s = s;
+                            std::future::pending::<()>().await;
+                        });
+                    } else {
+                        s.send_data(Bytes::from("ok"), true).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u: {{ http2: true, endpoints: [{{url: 'http://{addr}'}}] }}\nroutes:\n  - upstream: u\n    timeout: 3s\n"
+    ))
+    .await;
+    let c = client();
+    let mut events = get_streaming(&c, &gw.url("/events")).await;
+    assert_eq!(events.status(), 200);
+    assert!(next_data(events.body_mut()).await.is_some());
+    let g = get(&client(), &gw.url("/other")).await;
+    assert_eq!(
+        g.status,
+        200,
+        "a request waited behind a long-lived stream on the upstream's only stream slot: reason \
+         {:?}, upstream connections {}",
+        g.header("x-bulwark-reason"),
+        conns.load(Ordering::SeqCst)
+    );
+    drop(events);
+    gw.stop().await;
+}
