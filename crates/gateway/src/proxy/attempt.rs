@@ -667,6 +667,11 @@ pub(crate) async fn forward(
                     // here (the race sees `Miss::Kept`) so that a later refused hedge cannot
                     // hide it from the client.
                     let kept: std::sync::Mutex<Option<Kept>> = std::sync::Mutex::new(None);
+                    // And the last attempt that failed without a response (a reset, a timeout):
+                    // a hedge started at once after it that then sent nothing (no endpoint left
+                    // untried, refused) must not end the request as if nothing had been tried.
+                    let failed: std::sync::Mutex<Option<(Failure, bool, bool)>> =
+                        std::sync::Mutex::new(None);
                     let mut hedges = 0;
                     let make = || {
                         let (target, admission, hedge) = match original.take() {
@@ -704,6 +709,7 @@ pub(crate) async fn forward(
                             }
                         };
                         let kept = &kept;
+                        let failed = &failed;
                         async move {
                             let went = hedge.as_ref().map(|h| &h.went);
                             let r =
@@ -725,6 +731,20 @@ pub(crate) async fn forward(
                                     }
                                     Err(Miss::Kept { retryable })
                                 }
+                                Err(Miss::Failed {
+                                    failure,
+                                    retryable,
+                                    unsent,
+                                }) => {
+                                    if let Ok(mut f) = failed.lock() {
+                                        *f = Some((failure, retryable, unsent));
+                                    }
+                                    Err(Miss::Failed {
+                                        failure,
+                                        retryable,
+                                        unsent,
+                                    })
+                                }
                                 other => other,
                             }
                         }
@@ -740,20 +760,33 @@ pub(crate) async fn forward(
                             Err(_) => Err(Miss::NoEndpoint),
                         };
                     let kept = kept.into_inner().ok().flatten();
-                    match (raced, kept) {
-                        (Err(Miss::Kept { .. }), None) => Err(Miss::NoEndpoint),
+                    let failed = failed.into_inner().ok().flatten();
+                    match (raced, kept, failed) {
+                        // A hedge that sent nothing ended the race after an attempt failed
+                        // without a response: that failure decides what comes next.
+                        (
+                            Err(Miss::Rejected(_) | Miss::NoEndpoint),
+                            None,
+                            Some((failure, retryable, unsent)),
+                        ) => Err(Miss::Failed {
+                            failure,
+                            retryable,
+                            unsent,
+                        }),
+                        (Err(Miss::Kept { .. }), None, _) => Err(Miss::NoEndpoint),
                         // A hedge that sent nothing (refused, no endpoint) ended the race after
                         // an attempt got a failed response: that response decides what comes
                         // next (a retry after its Retry-After and the backoff, or the client).
                         (
                             Err(Miss::Kept { .. } | Miss::Rejected(_) | Miss::NoEndpoint),
                             Some(k),
+                            _,
                         ) => Err(Miss::Response {
                             resp: k.resp,
                             retryable: k.retryable,
                             retry_after: k.retry_after,
                         }),
-                        (other, kept) => {
+                        (other, kept, _) => {
                             if let (Err(_), Some(k)) = (&other, kept) {
                                 last = Last::Response(k.resp);
                             }
@@ -839,10 +872,13 @@ pub(crate) async fn forward(
                     delay = delay.max(ra);
                 }
             }
-            let fails_over_free = sent_nothing && chain_pos + 1 < route.chain.len();
+            let next_upstream = chain_pos + 1 < route.chain.len();
+            let fails_over_free = sent_nothing && next_upstream;
             // No retry starts that the deadline cannot finish (backoff plus a typical attempt).
+            // This upstream is then done with for this request, and the next one of the chain
+            // takes it when time is left for an attempt (as a failover, with its own checks).
             if !route.policies.retry_fits(delay, deadline) {
-                if fails_over_free {
+                if next_upstream {
                     break;
                 }
                 return finish(last, sent, None, route);
@@ -914,8 +950,24 @@ const MIN_BODY_READ: Duration = Duration::from_millis(100);
 
 /// A step that sent nothing (refused by the upstream's policies, or no endpoint) replaces the
 /// outcome of an earlier attempt only when that attempt got no response: a response an upstream
-/// gave is what the client sees, as the last answer any attempt got.
+/// gave is what the client sees, as the last answer any attempt got. When two upstreams of a
+/// chain refused alike (open breakers, rate limits), the client's `Retry-After` is the earliest
+/// time one of them takes requests again.
 fn refused(last: &mut Last, why: Failure) {
+    use Failure::{CircuitOpen, RateLimited};
+    let why = match (&*last, why) {
+        (Last::Failure(CircuitOpen { retry_after: a }), CircuitOpen { retry_after: b }) => {
+            CircuitOpen {
+                retry_after: (*a).min(b),
+            }
+        }
+        (Last::Failure(RateLimited { retry_after: a }), RateLimited { retry_after: b }) => {
+            RateLimited {
+                retry_after: (*a).min(b),
+            }
+        }
+        (_, why) => why,
+    };
     if !matches!(last, Last::Response(_)) {
         *last = Last::Failure(why);
     }
