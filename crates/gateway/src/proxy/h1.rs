@@ -1296,7 +1296,22 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
         version: Version,
         keep_alive: &mut bool,
     ) -> Result<bool, Gone> {
-        let cont_rest = lock(&self.shared).start_response();
+        let cont_rest = {
+            let mut c = lock(&self.shared);
+            // A request body nobody reads any more, too long to drain after the response (see
+            // `settle`): the connection will close, so the answer says so, or the client would
+            // send its next request on it and get no answer (as Envoy says `connection: close`
+            // when it will not read the rest of a request). A chunked rest of unknown length, too.
+            let undrainable = match &c.rest {
+                Rest::None => false,
+                Rest::Length(n) => *n > DRAIN_MAX,
+                Rest::Chunked(_) | Rest::Failed => true,
+            };
+            if undrainable && !c.alive {
+                *keep_alive = false;
+            }
+            c.start_response()
+        };
         if cont_rest.is_some() {
             // The client holds its body back for a `100 Continue` that will not come now (or sends
             // it after one): either way the connection cannot carry another request.

@@ -578,6 +578,22 @@ pub(crate) fn refuse_unswitched(
 /// headers, and a task then copies bytes between the stream (`on`) and the upstream connection
 /// until both ends close or nothing moves for `idle`, holding `open` (the tunnel gauge and the
 /// connection's activity) meanwhile. Other answers go back as they are.
+/// A response to HEAD, a 204 or a 304 has no content (RFC 9110 9.3.2, 15.3.5, 15.4.5), whatever
+/// its body holds (a fallback's text, a fault's), and a 204 no `content-length` (RFC 9110 8.6;
+/// an upstream's `content-length: 0` is dropped). hyper's HTTP/2 server sends the body it is
+/// given (it does not know the request's method), and an HTTP/2 client takes DATA on such a
+/// response as malformed: the stream is reset and the answer lost. (HTTP/1.1: `h1::encode_head`.)
+pub(crate) fn without_content(mut resp: Response<RespBody>, head: bool) -> Response<RespBody> {
+    let status = resp.status();
+    if status == StatusCode::NO_CONTENT {
+        resp.headers_mut().remove(http::header::CONTENT_LENGTH);
+    }
+    if head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        *resp.body_mut() = RespBody::empty();
+    }
+    resp
+}
+
 pub(crate) fn answer_connect<G: Send + 'static>(
     resp: Response<RespBody>,
     on: OnUpgrade,

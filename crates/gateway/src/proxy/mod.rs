@@ -1433,6 +1433,7 @@ async fn serve_h2<I>(
             // Polled inside the stream's task: its progress is there to report to.
             let progress = h2::current();
             let mut req = req;
+            let head = req.method() == http::Method::HEAD;
             let connect = match h2::take_connect(&mut req) {
                 h2::Connect::No => None,
                 h2::Connect::WebSocket(on) => Some(on),
@@ -1457,7 +1458,7 @@ async fn serve_h2<I>(
                 resp
             };
             let resp = match connect {
-                None => resp,
+                None => h2::without_content(resp, head),
                 Some(on) => h2::answer_connect(resp, on, idle, || {
                     let tunnel = ctx.gateway.runtime().telemetry.tunnel_opened();
                     (tunnel, Streaming::new(ctx.clone()))

@@ -573,10 +573,13 @@ fn build_head(
                 if length.is_some_and(|l| l != n) {
                     return Err(Error::Invalid("conflicting content-length"));
                 }
-                if length.is_some() {
-                    continue;
+                if length.is_none() {
+                    // One number, whatever the upstream wrote (`5, 5` is valid in HTTP/1.1, RFC
+                    // 9112 6.3; an HTTP/2 client takes it as malformed).
+                    length = Some(n);
+                    map.append(name, HeaderValue::from(n));
                 }
-                length = Some(n);
+                continue;
             }
             "transfer-encoding" => {
                 te = true;
