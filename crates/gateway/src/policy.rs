@@ -383,6 +383,20 @@ fn build_budget(c: &config::Budget) -> Result<RetryBudget, Refused> {
         .map_err(|e| refused(&["retry", "budget"], e))
 }
 
+/// What a reloaded route carries over from its counterpart in the config before, instead of
+/// starting anew.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Carried<'a> {
+    /// Its retry budget, when the budget's settings did not change: a reload in an outage does
+    /// not hand out fresh retry credit.
+    pub budget: Option<&'a RetryBudget>,
+    /// Its latency window (recent successful attempts), when it still goes to the same
+    /// upstreams: a percentile hedge delay, and the check that a retry or hedge fits the
+    /// deadline, do not start again from nothing at each reload (a `p95` hedge would fire at its
+    /// 100 ms default for the next 20 requests, doubling the load on a slow upstream).
+    pub latency: Option<&'a Arc<LatencyWindow>>,
+}
+
 impl RoutePolicies {
     /// Builds them from the route's retry config (no retry section: no budget, default backoff).
     pub fn new(retry: Option<&config::Retry>) -> Result<Self, String> {
@@ -396,20 +410,19 @@ impl RoutePolicies {
         hedge: Option<&config::Hedge>,
         events: &Events,
     ) -> Result<Self, String> {
-        Self::build(name, retry, hedge, events, None).map_err(|r| r.to_string())
+        Self::build(name, retry, hedge, events, Carried::default()).map_err(|r| r.to_string())
     }
 
-    /// [`with_hedge`](Self::with_hedge), keeping `budget` (a reloaded route's, whose budget
-    /// settings did not change) instead of starting a new one: a reload in an outage does not
-    /// hand out fresh retry credit.
-    pub fn keeping_budget(
+    /// [`with_hedge`](Self::with_hedge), keeping what a reloaded route carries over (see
+    /// [`Carried`]) instead of starting anew.
+    pub fn keeping(
         name: &str,
         retry: Option<&config::Retry>,
         hedge: Option<&config::Hedge>,
         events: &Events,
-        budget: Option<&RetryBudget>,
+        carried: Carried<'_>,
     ) -> Result<Self, String> {
-        Self::build(name, retry, hedge, events, budget).map_err(|r| r.to_string())
+        Self::build(name, retry, hedge, events, carried).map_err(|r| r.to_string())
     }
 
     /// Builds the library policies of a route's config only to check it: the first setting a
@@ -419,7 +432,7 @@ impl RoutePolicies {
         retry: Option<&config::Retry>,
         hedge: Option<&config::Hedge>,
     ) -> Result<(), Refused> {
-        Self::build(name, retry, hedge, &None, None).map(drop)
+        Self::build(name, retry, hedge, &None, Carried::default()).map(drop)
     }
 
     fn build(
@@ -427,12 +440,12 @@ impl RoutePolicies {
         retry: Option<&config::Retry>,
         hedge: Option<&config::Hedge>,
         events: &Events,
-        kept: Option<&RetryBudget>,
+        carried: Carried<'_>,
     ) -> Result<Self, Refused> {
         let budget = match retry.and_then(|r| r.budget.as_ref()) {
             Some(b) => {
                 let fresh = build_budget(b)?;
-                Some(kept.cloned().unwrap_or(fresh))
+                Some(carried.budget.cloned().unwrap_or(fresh))
             }
             None => None,
         };
@@ -440,7 +453,10 @@ impl RoutePolicies {
         backoff
             .validate()
             .map_err(|e| refused(&["retry", "backoff"], e))?;
-        let latency = Arc::new(LatencyWindow::default());
+        let latency = carried
+            .latency
+            .cloned()
+            .unwrap_or_else(|| Arc::new(LatencyWindow::default()));
         let mut listeners = Listeners::new();
         if let Some(e) = events {
             listeners.push(e.clone());

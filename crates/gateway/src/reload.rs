@@ -44,17 +44,29 @@ pub struct Reloaded {
     pub restart_required: Vec<&'static str>,
 }
 
+/// What identifies one version of the file behind the config path (symlinks followed): its
+/// modification time and length, and which file it is (device, inode) and when its metadata last
+/// changed. A rename or symlink swap to another file is a new inode even when that file has the
+/// same length and modification time (files copied with `cp -p` or `rsync -a`, Nix store files,
+/// all at 1 s past the epoch); an in-place write changes the change time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Stamp {
     modified: Option<SystemTime>,
     len: u64,
+    dev: u64,
+    ino: u64,
+    ctime: (i64, i64),
 }
 
 fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path).ok()?;
     Some(Stamp {
         modified: m.modified().ok(),
         len: m.len(),
+        dev: m.dev(),
+        ino: m.ino(),
+        ctime: (m.ctime(), m.ctime_nsec()),
     })
 }
 

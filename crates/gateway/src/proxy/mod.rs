@@ -178,9 +178,12 @@ impl Runtime {
         }
         let mut routes = Vec::with_capacity(config.routes.len());
         for (i, r) in config.routes.iter().enumerate() {
-            let kept = previous.and_then(|p| p.unchanged_budget(i, r));
+            let carried = crate::policy::Carried {
+                budget: previous.and_then(|p| p.unchanged_budget(i, r)),
+                latency: previous.and_then(|p| p.same_upstreams_latency(i, r)),
+            };
             let mut route =
-                Route::with_events(i, r, |n| config.upstreams.index_of(n), events, kept)?;
+                Route::with_events(i, r, |n| config.upstreams.index_of(n), events, carried)?;
             if let Some(limit) = previous.and_then(|p| p.unchanged_client_limit(i, r)) {
                 route.client_limit = Some(limit.clone());
             }
@@ -296,6 +299,21 @@ impl Runtime {
             return None;
         }
         self.routes.get(j)?.client_limit.as_ref()
+    }
+
+    /// The latency window of this runtime's counterpart of route `i` of a new config (`c`), when
+    /// the two go to the same upstreams (primary and failover chain).
+    fn same_upstreams_latency(
+        &self,
+        i: usize,
+        c: &config::Route,
+    ) -> Option<&Arc<bulwark::latency::LatencyWindow>> {
+        let j = self.counterpart(i, c)?;
+        let old = &self.config.routes[j];
+        if old.upstream != c.upstream || old.failover != c.failover {
+            return None;
+        }
+        Some(self.routes.get(j)?.policies.latency())
     }
 
     /// The index of route `i` of a new config (`c`) in this runtime: the route of the same name, or

@@ -236,7 +236,7 @@ impl Route {
         c: &config::Route,
         upstream_index: impl Fn(&str) -> Option<usize>,
     ) -> Result<Self, String> {
-        Self::with_events(i, c, upstream_index, &None, None)
+        Self::with_events(i, c, upstream_index, &None, Default::default())
     }
 
     /// Builds a route whose policies (the hedge) report events to `events`; with `budget`, the
@@ -246,7 +246,7 @@ impl Route {
         c: &config::Route,
         upstream_index: impl Fn(&str) -> Option<usize>,
         events: &crate::policy::Events,
-        budget: Option<&bulwark::retry::RetryBudget>,
+        carried: crate::policy::Carried<'_>,
     ) -> Result<Self, String> {
         let mut chain = Vec::with_capacity(1 + c.failover.len());
         for name in std::iter::once(&c.upstream).chain(&c.failover) {
@@ -254,9 +254,8 @@ impl Route {
         }
         let retry = c.retry.as_ref().filter(|r| r.enabled);
         let name: Arc<str> = c.name.clone().unwrap_or_else(|| format!("route{i}")).into();
-        let policies =
-            RoutePolicies::keeping_budget(&name, retry, c.hedge.as_ref(), events, budget)
-                .map_err(|e| format!("routes[{i}].{e}"))?;
+        let policies = RoutePolicies::keeping(&name, retry, c.hedge.as_ref(), events, carried)
+            .map_err(|e| format!("routes[{i}].{e}"))?;
         let headers = |section, key| {
             HeaderRules::new(section, crate::upstream::headers::process_env)
                 .map_err(|r| format!("routes[{i}].{key}.{}: {}", r.entry, r.reason))
