@@ -95,9 +95,14 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        // Not past a request already queued (whose future may not have been polled yet, so that
-        // it is not yet the semaphore's waiter): waiting is first come, first served.
-        if self.bulkhead.queued() == 0 {
+        // Waiting is first come, first served. Inside a runtime, a request this service queued
+        // is the semaphore's waiter from its call (polled once below), and a freed permit goes
+        // to waiters first: trying for a free one never overtakes it (and a permit already
+        // handed to a waiter that has not run yet is not free). Outside one
+        // (`block_on(svc.call(req))`), a queued request waits from its first poll, so no call
+        // goes past it while any is queued.
+        let in_runtime = tokio::runtime::Handle::try_current().is_ok();
+        if in_runtime || self.bulkhead.queued() == 0 {
             if let Some(permit) = self.bulkhead.try_acquire() {
                 return ResponseFuture::running(self.inner.call(req), permit, full);
             }
@@ -105,6 +110,11 @@ where
         // The queue slot is taken here, in arrival order, not when the response
         // future is first polled.
         let Some(slot) = self.bulkhead.enter_queue_owned() else {
+            // The queue is full, but a permit may be free (outside a runtime, behind queued
+            // requests not polled yet): refused only with no permit and no queue slot.
+            if let Some(permit) = self.bulkhead.try_acquire() {
+                return ResponseFuture::running(self.inner.call(req), permit, full);
+            }
             let _ = self.bulkhead.inner.reject();
             return ResponseFuture::rejected(full);
         };
@@ -114,7 +124,7 @@ where
         // the plain `acquire` (waiting is FIFO). The real waker replaces this one at that poll.
         // Only inside a runtime (the wait's timer needs one): `block_on(svc.call(req))` calls
         // outside it, and then waits from the first poll, as before.
-        let polled = if tokio::runtime::Handle::try_current().is_ok() {
+        let polled = if in_runtime {
             acquire
                 .as_mut()
                 .poll(&mut Context::from_waker(std::task::Waker::noop()))

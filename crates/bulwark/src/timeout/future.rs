@@ -5,7 +5,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use pin_project_lite::pin_project;
-use tokio::time::{sleep_until, Sleep};
+use tokio::time::{sleep_until, Instant, Sleep};
 
 use super::{Deadline, Scoped, Timeout};
 use crate::{BoxError, Error};
@@ -17,8 +17,11 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         inner: Scoped<F>,
+        // Made at the first poll (a timer needs a runtime, and `call` may be made outside
+        // one: `block_on(svc.call(req))`); the deadline is fixed at the call.
         #[pin]
-        sleep: Sleep,
+        sleep: Option<Sleep>,
+        deadline: Instant,
         timeout: Timeout,
     }
 }
@@ -27,7 +30,8 @@ impl<F> ResponseFuture<F> {
     pub(super) fn new(inner: Scoped<F>, deadline: Deadline, timeout: Timeout) -> Self {
         ResponseFuture {
             inner,
-            sleep: sleep_until(deadline.instant()),
+            sleep: None,
+            deadline: deadline.instant(),
             timeout,
         }
     }
@@ -41,12 +45,18 @@ where
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         // The inner future first: a response that is ready at the deadline wins.
         if let Poll::Ready(r) = this.inner.poll(cx) {
             return Poll::Ready(r.map_err(Into::into));
         }
-        match this.sleep.poll(cx) {
+        if this.sleep.is_none() {
+            this.sleep.set(Some(sleep_until(*this.deadline)));
+        }
+        let Some(sleep) = this.sleep.as_pin_mut() else {
+            return Poll::Pending;
+        };
+        match sleep.poll(cx) {
             Poll::Ready(()) => {
                 this.timeout.fired();
                 Poll::Ready(Err(Box::new(Error::<BoxError>::Timeout)))
