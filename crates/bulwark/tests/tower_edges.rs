@@ -13,10 +13,13 @@ use bulwark::Error;
 use futures_util::FutureExt;
 use tower::{Layer, Service, ServiceExt};
 
+/// Calls waiting to be released: their number and their release.
+type Waiting = Arc<Mutex<Vec<(u32, tokio::sync::oneshot::Sender<()>)>>>;
+
 /// A service whose call `n` waits until released by `release(n)`.
 #[derive(Clone, Default)]
 struct Gate {
-    waiting: Arc<Mutex<Vec<(u32, tokio::sync::oneshot::Sender<()>)>>>,
+    waiting: Waiting,
 }
 
 impl Gate {
