@@ -800,6 +800,9 @@ pub(crate) struct RecvBody {
     dec: Decoder,
     keep_alive: bool,
     eof: bool,
+    /// The rest of the request, when the upstream answered before it was all written: written
+    /// while the response is read (see [`RecvBody::finish_write`]).
+    write: Option<Exchange>,
 }
 
 impl RecvBody {
@@ -810,6 +813,7 @@ impl RecvBody {
             dec: Decoder::length(0),
             keep_alive: false,
             eof: false,
+            write: None,
         }
     }
 
@@ -821,6 +825,36 @@ impl RecvBody {
             dec,
             keep_alive,
             eof: false,
+            write: None,
+        }
+    }
+
+    /// The upstream answered before the request `ex` was all written (the socket could not take
+    /// it at once): the rest is written while the response is read, as hyper's client, Envoy and
+    /// nginx keep sending a body while its response streams (RFC 9112 9.3). An upstream that reads
+    /// the body only after it began to answer (a streaming upload processor, an echo) gets all of
+    /// it. A write that fails (an early 413 or 401, then a close) ends it: the rest goes nowhere,
+    /// and the answer is still read. What is unwritten when the response ends is dropped with the
+    /// connection (never reused after such an exchange).
+    pub(crate) fn finish_write(&mut self, ex: Exchange) {
+        if !ex.write_done {
+            self.write = Some(ex);
+        }
+    }
+
+    /// Writes more of the request's rest, if any, without waiting (a full socket wakes the task
+    /// when it can take more).
+    fn poll_write_rest(&mut self, cx: &mut Context<'_>) {
+        let (Some(io), Some(ex)) = (self.io.as_mut(), self.write.as_mut()) else {
+            return;
+        };
+        match io.poll_write_request(ex, cx) {
+            Poll::Ready(Ok(())) => self.write = None,
+            Poll::Ready(Err(e)) => {
+                tracing::debug!(error = %e, "the rest of the request could not be written after its answer began");
+                self.write = None;
+            }
+            Poll::Pending => {}
         }
     }
 
@@ -882,6 +916,9 @@ impl RecvBody {
 
     /// Polls the next piece of the body.
     pub(crate) fn poll_item(&mut self, cx: &mut Context<'_>) -> Poll<Result<Item, Error>> {
+        if self.write.is_some() {
+            self.poll_write_rest(cx);
+        }
         loop {
             let Some(io) = self.io.as_mut() else {
                 return Poll::Ready(Ok(Item::End));
@@ -905,6 +942,7 @@ impl RecvBody {
 
     fn fail(&mut self, e: Error) -> Error {
         self.io = None;
+        self.write = None;
         self.dec.kind = Kind::Done;
         self.keep_alive = false;
         e

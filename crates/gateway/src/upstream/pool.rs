@@ -599,6 +599,7 @@ impl Pool {
                     }
                     let keep_alive = head.keep_alive && ex.write_done();
                     let mut body = RecvBody::new(io, head.decoder, keep_alive);
+                    body.finish_write(ex);
                     let first = std::future::poll_fn(|cx| Poll::Ready(body.prefetch(cx))).await;
                     if let Err(e) = first {
                         // Broken from its first byte: the exchange failed, as a reset would.
