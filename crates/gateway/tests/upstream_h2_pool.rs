@@ -184,3 +184,110 @@ async fn a_request_beyond_the_upstreams_stream_limit_is_not_stuck_behind_a_long_
     drop(events);
     gw.stop().await;
 }
+
+/// 4. docs/gateway.md (upstreams, HTTP/2): a request an HTTP/2 upstream refused unprocessed on two
+/// connections "failed as a connect failure does (nothing was processed): ... the request goes
+/// ... to the next upstream of a `failover` chain". A connect failure fails a POST over to the next
+/// upstream for free; a refused stream is counted as "reached" (attempt.rs: only ConnectFailure
+/// leaves `tally.reached` unset), so the failover was treated as a retry after delivery, which a
+/// POST may not have: the client got 502 while the failover upstream was healthy (a review of the
+/// fix for 1).
+#[tokio::test]
+async fn a_post_refused_unprocessed_by_an_http2_primary_fails_over_like_a_connect_failure() {
+    let (bad, refused) = h2_refusing().await;
+    let (good, good_hits) = h2_named("failover").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  p: {{ http2: true, endpoints: [{{url: 'http://{bad}'}}] }}\n  f: {{ http2: true, endpoints: [{{url: 'http://{good}'}}] }}\nroutes:\n  - upstream: p\n    failover: [f]\n    timeout: 5s\n"
+    ))
+    .await;
+    let c = client();
+    let req = Request::post(gw.url("/pay"))
+        .body(Full::new(Bytes::from("x")))
+        .unwrap();
+    let g = send(&c, req).await;
+    assert!(
+        refused.load(Ordering::SeqCst) > 0,
+        "the primary was never tried"
+    );
+    assert_eq!(
+        (g.status.as_u16(), g.text()),
+        (200, "failover".to_string()),
+        "reason {:?}, attempts {:?}, failover hits {}",
+        g.header("x-bulwark-reason"),
+        g.header("x-bulwark-attempts"),
+        good_hits.load(Ordering::SeqCst)
+    );
+    gw.stop().await;
+}
+
+/// 5. upstream/pool.rs: a stream's slot on an HTTP/2 connection is held by the response body
+/// (`Inner::H2 { _slot }`) and was given back when that body was dropped (a review of the fix for 3). A stream is open until both
+/// its halves end (RFC 9113 5.1): an upstream that answers an upload before it ends (an early
+/// "accepted", a gRPC client stream answered early) and goes on reading it keeps the stream, and
+/// its place under SETTINGS_MAX_CONCURRENT_STREAMS, while the upload goes on. The pool counts the
+/// slot free as soon as the answer has gone to the client, puts the next request on that
+/// connection, and `h2` queues it there behind the upload: the very wait (504 at the route's
+/// timeout) the multi-connection pool was built to avoid. Envoy counts a stream until both ends
+/// are done.
+#[tokio::test]
+async fn a_request_is_not_queued_behind_an_upload_still_streaming_after_its_answer() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c2 = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            c2.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::Builder::new()
+                    .max_concurrent_streams(1)
+                    .handshake::<_, Bytes>(tcp)
+                    .await
+                else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let upload = req.uri().path() == "/upload";
+                    let mut s = respond.send_response(Response::new(()), false).unwrap();
+                    if upload {
+                        // Answered at once; the upload is read on to its end.
+                        s.send_data(Bytes::from("accepted"), true).unwrap();
+                        let mut body = req.into_body();
+                        tokio::spawn(async move {
+                            while let Some(Ok(chunk)) = body.data().await {
+                                let _ = body.flow_control().release_capacity(chunk.len());
+                            }
+                        });
+                    } else {
+                        s.send_data(Bytes::from("ok"), true).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u: {{ http2: true, endpoints: [{{url: 'http://{addr}'}}] }}\nroutes:\n  - upstream: u\n    timeout: 2s\n"
+    ))
+    .await;
+    // An upload that goes on (chunked, not ended) after its answer.
+    let mut up = RawClient::connect(&gw).await;
+    up.send(
+        b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await;
+    let r = up.response(false).await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"accepted"[..]));
+    // The upload still streams (one more chunk); another request to the same endpoint.
+    up.send(b"5\r\nworld\r\n").await;
+    let g = get(&client(), &gw.url("/other")).await;
+    assert_eq!(
+        g.status,
+        200,
+        "a request waited behind an upload on the upstream's only stream: reason {:?}, \
+         upstream connections {}",
+        g.header("x-bulwark-reason"),
+        conns.load(Ordering::SeqCst)
+    );
+    drop(up);
+    gw.stop().await;
+}

@@ -355,7 +355,9 @@ async fn attempt(
     };
     let result = tokio::time::timeout_at(try_deadline, send).await;
     unanswered.since = None;
-    if !matches!(&result, Ok(Err(e)) if e.kind == FailKind::ConnectFailure) {
+    // Neither a connect failure nor a refused stream reached anything that processed it.
+    if !matches!(&result, Ok(Err(e)) if matches!(e.kind, FailKind::ConnectFailure | FailKind::Refused))
+    {
         tally.reached.store(true, Ordering::Relaxed);
     }
     match result {

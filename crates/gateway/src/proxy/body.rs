@@ -164,7 +164,13 @@ pin_project! {
         Full { data: Option<Bytes> },
         /// Streamed from the client (cannot be re-sent): an already-read prefix, then the rest;
         /// `state` says whether the client's body came to its end, or failed.
-        Stream { prefix: Option<Bytes>, #[pin] rest: Limited<ClientBody>, state: Arc<StreamState> },
+        Stream {
+            prefix: Option<Bytes>,
+            #[pin] rest: Limited<ClientBody>,
+            state: Arc<StreamState>,
+            // Kept until the body is dropped (see `ReqBody::hold`).
+            _held: Option<Box<dyn std::any::Any + Send + Sync>>,
+        },
     }
 }
 
@@ -213,6 +219,16 @@ impl ReqBody {
             prefix,
             rest,
             state: Arc::default(),
+            _held: None,
+        }
+    }
+
+    /// Keeps `guard` as long as this body, when it is streamed: an HTTP/2 stream's place on its
+    /// connection, which the stream holds while its request half is still being sent (an upstream
+    /// may answer an upload before it ends). A body in memory is sent at once.
+    pub fn hold(&mut self, guard: Box<dyn std::any::Any + Send + Sync>) {
+        if let ReqBody::Stream { _held, .. } = self {
+            *_held = Some(guard);
         }
     }
 
@@ -245,6 +261,7 @@ impl Body for ReqBody {
                 prefix,
                 mut rest,
                 state,
+                ..
             } => {
                 if let Some(p) = prefix.take() {
                     if rest.is_end_stream() {
@@ -271,6 +288,7 @@ impl Body for ReqBody {
                 prefix,
                 rest,
                 state,
+                ..
             } => {
                 // A sender that sees the end here stops polling (hyper's HTTP/2 client does): the
                 // client has sent everything, and its flag must say so.

@@ -104,7 +104,7 @@ enum Inner {
     /// A response on a pooled HTTP/2 connection, holding its stream's slot there until dropped.
     H2 {
         body: Incoming,
-        _slot: StreamSlot,
+        _slot: Arc<StreamSlot>,
     },
 }
 
@@ -254,7 +254,7 @@ impl std::fmt::Debug for Pool {
 
 /// What [`Pool::checkout_h2`] gives: a connection's sender, its generation, a stream's slot on
 /// it, and whether it was already open.
-type H2Checkout = (http2::SendRequest<ReqBody>, u64, StreamSlot, bool);
+type H2Checkout = (http2::SendRequest<ReqBody>, u64, Arc<StreamSlot>, bool);
 
 type ConnectFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, SendError>> + Send + 'a>>;
 
@@ -454,7 +454,7 @@ impl Pool {
                 g.iter()
                     .filter(|c| Some(c.generation) != stale)
                     .find_map(|c| {
-                        let slot = c.load.try_take()?;
+                        let slot = Arc::new(c.load.try_take()?);
                         Some((c.sender.clone(), c.generation, slot, true))
                     })
             };
@@ -506,7 +506,7 @@ impl Pool {
             // The first stream of a new connection is this request's, whatever the limit (100
             // until the peer's SETTINGS say; a peer that allows none queues it in `h2`).
             load.streams.fetch_add(1, Ordering::AcqRel);
-            let slot = StreamSlot(load.clone());
+            let slot = Arc::new(StreamSlot(load.clone()));
             if let Ok(mut g) = self.h2.lock() {
                 g.push(H2Conn {
                     generation,
@@ -680,6 +680,10 @@ impl Pool {
         let mut again = in_memory_copy(&req);
         let (mut sender, mut generation, mut slot, mut reused) = self.checkout_h2(None).await?;
         loop {
+            // The stream is open, and holds its place under the peer's limit, until both its
+            // halves end: the response's, and a streamed request's (an upstream may answer an
+            // upload early and read on).
+            req.body_mut().hold(Box::new(slot.clone()));
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     return Ok(resp.map(|b| {
