@@ -59,6 +59,37 @@ async fn h2_refusing() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     (addr, n)
 }
 
+/// An h2c upstream (h2 crate) that allows one stream at a time per connection
+/// (SETTINGS_MAX_CONCURRENT_STREAMS = 1): `answer` gets each request and its started response
+/// stream. Counts the connections.
+async fn h2_one_stream(
+    answer: fn(Request<h2::RecvStream>, h2::SendStream<Bytes>),
+) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c2 = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            c2.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::Builder::new()
+                    .max_concurrent_streams(1)
+                    .handshake::<_, Bytes>(tcp)
+                    .await
+                else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let s = respond.send_response(Response::new(()), false).unwrap();
+                    answer(req, s);
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
 /// 1. A POST whose stream an endpoint refuses (`REFUSED_STREAM`: not processed) on the resend too
 /// is a request that was never processed, like a connect failure: on a route with retries it goes
 /// to the other endpoint (Envoy's `refused-stream` retry condition, whatever the method). Before
@@ -133,37 +164,19 @@ async fn an_idle_http2_upstream_connection_is_closed_after_the_pool_idle_timeout
 /// when the ones they have are at their stream limit.
 #[tokio::test]
 async fn a_request_beyond_the_upstreams_stream_limit_is_not_stuck_behind_a_long_stream() {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let c2 = conns.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            c2.fetch_add(1, Ordering::SeqCst);
+    let (addr, conns) = h2_one_stream(|req, mut s| {
+        if req.uri().path() == "/events" {
+            // A stream that stays open: one event, then nothing (for now).
+            s.send_data(Bytes::from("data: hello\n\n"), false).unwrap();
             tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::Builder::new()
-                    .max_concurrent_streams(1)
-                    .handshake::<_, Bytes>(tcp)
-                    .await
-                else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    let mut s = respond.send_response(Response::new(()), false).unwrap();
-                    if req.uri().path() == "/events" {
-                        // A stream that stays open: one event, then nothing (for now).
-                        s.send_data(Bytes::from("data: hello\n\n"), false).unwrap();
-                        tokio::spawn(async move {
-                            let _s = s;
-                            std::future::pending::<()>().await;
-                        });
-                    } else {
-                        s.send_data(Bytes::from("ok"), true).unwrap();
-                    }
-                }
+                let _s = s;
+                std::future::pending::<()>().await;
             });
+        } else {
+            s.send_data(Bytes::from("ok"), true).unwrap();
         }
-    });
+    })
+    .await;
     let gw = Gateway::start(&format!(
         "upstreams:\n  u: {{ http2: true, endpoints: [{{url: 'http://{addr}'}}] }}\nroutes:\n  - upstream: u\n    timeout: 3s\n"
     ))
@@ -221,8 +234,8 @@ async fn a_post_refused_unprocessed_by_an_http2_primary_fails_over_like_a_connec
 }
 
 /// 5. upstream/pool.rs: a stream's slot on an HTTP/2 connection is held by the response body
-/// (`Inner::H2 { _slot }`) and was given back when that body was dropped (a review of the fix for 3). A stream is open until both
-/// its halves end (RFC 9113 5.1): an upstream that answers an upload before it ends (an early
+/// (`Inner::H2 { _slot }`) and was given back when that body was dropped (a review of the fix
+/// for 3). A stream is open until both its halves end (RFC 9113 5.1): an upstream that answers an upload before it ends (an early
 /// "accepted", a gRPC client stream answered early) and goes on reading it keeps the stream, and
 /// its place under SETTINGS_MAX_CONCURRENT_STREAMS, while the upload goes on. The pool counts the
 /// slot free as soon as the answer has gone to the client, puts the next request on that
@@ -231,40 +244,21 @@ async fn a_post_refused_unprocessed_by_an_http2_primary_fails_over_like_a_connec
 /// are done.
 #[tokio::test]
 async fn a_request_is_not_queued_behind_an_upload_still_streaming_after_its_answer() {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let c2 = conns.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            c2.fetch_add(1, Ordering::SeqCst);
+    let (addr, conns) = h2_one_stream(|req, mut s| {
+        if req.uri().path() == "/upload" {
+            // Answered at once; the upload is read on to its end.
+            s.send_data(Bytes::from("accepted"), true).unwrap();
+            let mut body = req.into_body();
             tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::Builder::new()
-                    .max_concurrent_streams(1)
-                    .handshake::<_, Bytes>(tcp)
-                    .await
-                else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    let upload = req.uri().path() == "/upload";
-                    let mut s = respond.send_response(Response::new(()), false).unwrap();
-                    if upload {
-                        // Answered at once; the upload is read on to its end.
-                        s.send_data(Bytes::from("accepted"), true).unwrap();
-                        let mut body = req.into_body();
-                        tokio::spawn(async move {
-                            while let Some(Ok(chunk)) = body.data().await {
-                                let _ = body.flow_control().release_capacity(chunk.len());
-                            }
-                        });
-                    } else {
-                        s.send_data(Bytes::from("ok"), true).unwrap();
-                    }
+                while let Some(Ok(chunk)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(chunk.len());
                 }
             });
+        } else {
+            s.send_data(Bytes::from("ok"), true).unwrap();
         }
-    });
+    })
+    .await;
     let gw = Gateway::start(&format!(
         "upstreams:\n  u: {{ http2: true, endpoints: [{{url: 'http://{addr}'}}] }}\nroutes:\n  - upstream: u\n    timeout: 2s\n"
     ))
