@@ -588,7 +588,10 @@ pub(crate) fn without_content(mut resp: Response<RespBody>, head: bool) -> Respo
     if status == StatusCode::NO_CONTENT {
         resp.headers_mut().remove(http::header::CONTENT_LENGTH);
     }
-    if head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+    // A body already at its end (an upstream's answer to HEAD) is kept: read to its end, it gives
+    // its upstream connection back to the pool.
+    let no_content = head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    if no_content && !resp.body().is_end_stream() {
         *resp.body_mut() = RespBody::empty();
     }
     resp

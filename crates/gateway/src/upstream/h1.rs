@@ -573,13 +573,17 @@ fn build_head(
                 if length.is_some_and(|l| l != n) {
                     return Err(Error::Invalid("conflicting content-length"));
                 }
-                if length.is_none() {
-                    // One number, whatever the upstream wrote (`5, 5` is valid in HTTP/1.1, RFC
-                    // 9112 6.3; an HTTP/2 client takes it as malformed).
-                    length = Some(n);
-                    map.append(name, HeaderValue::from(n));
+                if length.is_some() {
+                    continue;
                 }
-                continue;
+                length = Some(n);
+                if !raw.iter().all(u8::is_ascii_digit) {
+                    // One number, whatever the upstream wrote (`5, 5` is valid in HTTP/1.1, RFC
+                    // 9112 6.3; an HTTP/2 client takes it as malformed). A plain number is kept
+                    // as it came (no allocation).
+                    map.append(name, HeaderValue::from(n));
+                    continue;
+                }
             }
             "transfer-encoding" => {
                 te = true;

@@ -163,7 +163,8 @@ struct Idle {
 /// The streams of one HTTP/2 connection to an upstream.
 #[derive(Debug)]
 struct H2Load {
-    /// Streams open on it: requests sent whose response (or failure) has not been dropped yet.
+    /// Streams open on it: requests sent whose response (or failure) has not been dropped yet,
+    /// or whose streamed request body is still being sent.
     streams: AtomicUsize,
     /// The peer's `SETTINGS_MAX_CONCURRENT_STREAMS`: 100 until its first SETTINGS frame says (as
     /// the `h2` crate assumes, RFC 9113's recommended minimum), unlimited if that one names none.
@@ -387,11 +388,6 @@ impl Pool {
         if let Ok(mut h2) = self.h2.lock() {
             h2.retain(|c| !c.sender.is_closed() && !c.load.idle_for(t));
         }
-    }
-
-    /// Number of open HTTP/2 connections (for tests).
-    pub fn h2_count(&self) -> usize {
-        self.h2.lock().map(|v| v.len()).unwrap_or(0)
     }
 
     async fn connect_tcp(&self) -> Result<TcpStream, SendError> {
