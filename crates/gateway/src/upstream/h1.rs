@@ -805,8 +805,9 @@ pub(crate) struct RecvBody {
     keep_alive: bool,
     eof: bool,
     /// The rest of the request, when the upstream answered before it was all written: written
-    /// while the response is read (see [`RecvBody::finish_write`]).
-    write: Option<Exchange>,
+    /// while the response is read (see [`RecvBody::finish_write`]). Boxed: it is rare, and a
+    /// response body is moved several times on its way to the client (each byte of it costs).
+    write: Option<Box<Exchange>>,
 }
 
 impl RecvBody {
@@ -842,7 +843,7 @@ impl RecvBody {
     /// connection (never reused after such an exchange).
     pub(crate) fn finish_write(&mut self, ex: Exchange) {
         if !ex.write_done {
-            self.write = Some(ex);
+            self.write = Some(Box::new(ex));
         }
     }
 
