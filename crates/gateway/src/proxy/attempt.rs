@@ -733,21 +733,19 @@ pub(crate) async fn forward(
                                     }
                                     Err(Miss::Kept { retryable })
                                 }
-                                Err(Miss::Failed {
-                                    failure,
-                                    retryable,
-                                    unsent,
-                                }) => {
-                                    if let Ok(mut f) = failed.lock() {
-                                        *f = Some((failure, retryable, unsent));
-                                    }
-                                    Err(Miss::Failed {
+                                other => {
+                                    if let Err(Miss::Failed {
                                         failure,
                                         retryable,
                                         unsent,
-                                    })
+                                    }) = &other
+                                    {
+                                        if let Ok(mut f) = failed.lock() {
+                                            *f = Some((*failure, *retryable, *unsent));
+                                        }
+                                    }
+                                    other
                                 }
-                                other => other,
                             }
                         }
                     };
