@@ -38,6 +38,8 @@ use pin_project_lite::pin_project;
 use tokio::io::{AsyncRead, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
+use crate::h2frame::{FrameHead, FrameSink, Frames};
+
 use super::body::{BoxError, RespBody};
 use super::Streaming;
 
@@ -161,7 +163,7 @@ impl Drop for EarlyReset {
 }
 
 /// The bytes before an HTTP/2 client's first frame: the connection preface (RFC 9113 3.4).
-const PREFACE_LEN: u8 = 24;
+const PREFACE_LEN: u32 = 24;
 
 /// A client connection's reads, watched for a header block left open: a HEADERS (or
 /// PUSH_PROMISE) frame without END_HEADERS starts it, the CONTINUATION with END_HEADERS ends it
@@ -171,14 +173,13 @@ const PREFACE_LEN: u8 = 24;
 /// client likes. Only the 9-byte frame headers are looked at, as they pass.
 pub(crate) struct HeaderWatch<I> {
     io: I,
+    frames: Frames,
+    block: OpenBlock,
+}
+
+/// Whether a header block is open, and since when.
+struct OpenBlock {
     timeout: Duration,
-    /// Preface bytes still to pass.
-    preface: u8,
-    /// The frame header being read, and how much of it has come.
-    head: [u8; 9],
-    have: u8,
-    /// Payload bytes of the current frame still to pass.
-    skip: u32,
     /// Armed while a header block is open.
     deadline: Option<Pin<Box<Sleep>>>,
 }
@@ -187,55 +188,29 @@ impl<I> HeaderWatch<I> {
     pub(crate) fn new(io: I, timeout: Duration) -> Self {
         HeaderWatch {
             io,
-            timeout,
-            preface: PREFACE_LEN,
-            head: [0; 9],
-            have: 0,
-            skip: 0,
-            deadline: None,
+            frames: Frames::after(PREFACE_LEN),
+            block: OpenBlock {
+                timeout,
+                deadline: None,
+            },
         }
     }
+}
 
-    fn scan(&mut self, mut data: &[u8]) {
-        while !data.is_empty() {
-            if self.preface > 0 {
-                let n = data.len().min(usize::from(self.preface));
-                self.preface -= n as u8;
-                data = &data[n..];
-            } else if self.skip > 0 {
-                let n = data.len().min(self.skip as usize);
-                self.skip -= n as u32;
-                data = &data[n..];
-            } else {
-                let at = usize::from(self.have);
-                let n = data.len().min(9 - at);
-                self.head[at..at + n].copy_from_slice(&data[..n]);
-                self.have += n as u8;
-                data = &data[n..];
-                if self.have == 9 {
-                    self.have = 0;
-                    self.frame();
-                }
-            }
-        }
-    }
-
-    fn frame(&mut self) {
-        const HEADERS: u8 = 0x1;
-        const PUSH_PROMISE: u8 = 0x5;
-        const CONTINUATION: u8 = 0x9;
-        const END_HEADERS: u8 = 0x4;
-        let h = &self.head;
-        self.skip = u32::from_be_bytes([0, h[0], h[1], h[2]]);
-        let end = h[4] & END_HEADERS != 0;
-        match h[3] {
-            HEADERS | PUSH_PROMISE if !end && self.deadline.is_none() => {
+impl FrameSink for OpenBlock {
+    fn head(&mut self, head: FrameHead) -> bool {
+        let end = head.flags & FrameHead::END_HEADERS != 0;
+        match head.kind {
+            FrameHead::HEADERS | FrameHead::PUSH_PROMISE if !end && self.deadline.is_none() => {
                 self.deadline = Some(Box::pin(tokio::time::sleep(self.timeout)));
             }
-            HEADERS | PUSH_PROMISE if !end => {}
-            HEADERS | PUSH_PROMISE | CONTINUATION if end => self.deadline = None,
+            FrameHead::HEADERS | FrameHead::PUSH_PROMISE if !end => {}
+            FrameHead::HEADERS | FrameHead::PUSH_PROMISE | FrameHead::CONTINUATION if end => {
+                self.deadline = None
+            }
             _ => {}
         }
+        false
     }
 }
 
@@ -249,11 +224,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeaderWatch<I> {
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                this.scan(&buf.filled()[before..]);
+                this.frames.feed(&buf.filled()[before..], &mut this.block);
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
-                let expired = match &mut this.deadline {
+                let expired = match &mut this.block.deadline {
                     Some(d) => d.as_mut().poll(cx).is_ready(),
                     None => false,
                 };
@@ -655,11 +630,11 @@ mod tests {
     fn open_after(bytes: &[u8]) -> (bool, bool) {
         let mut w = HeaderWatch::new((), Duration::from_secs(1));
         for b in bytes {
-            w.scan(std::slice::from_ref(b));
+            w.frames.feed(std::slice::from_ref(b), &mut w.block);
         }
         let mut v = HeaderWatch::new((), Duration::from_secs(1));
-        v.scan(bytes);
-        (w.deadline.is_some(), v.deadline.is_some())
+        v.frames.feed(bytes, &mut v.block);
+        (w.block.deadline.is_some(), v.block.deadline.is_some())
     }
 
     #[tokio::test]

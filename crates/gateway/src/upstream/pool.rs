@@ -47,6 +47,7 @@ use tokio_rustls::TlsConnector;
 
 use super::h1::{Io, Item, RecvBody, Stream};
 use super::tls::ALPN_H2;
+use crate::h2frame::{FrameHead, FrameSink, Frames};
 use crate::proxy::body::{BoxError, ReqBody};
 use crate::proxy::Rewind;
 
@@ -872,23 +873,25 @@ fn not_processed(err: &hyper::Error) -> bool {
 /// `SETTINGS_MAX_CONCURRENT_STREAMS` (hyper's client does not tell it): the pool opens another
 /// connection when every one it has is at its peer's limit, as Envoy and Go's transport do,
 /// rather than queue requests behind long-lived streams.
-struct PeerSettings<S> {
-    io: S,
-    scan: FrameScan,
+struct PeerSettings<I> {
+    io: I,
+    frames: Frames,
+    limit: StreamLimit,
     load: Arc<H2Load>,
 }
 
-impl<S> PeerSettings<S> {
-    fn new(io: S, load: Arc<H2Load>) -> Self {
+impl<I> PeerSettings<I> {
+    fn new(io: I, load: Arc<H2Load>) -> Self {
         PeerSettings {
             io,
-            scan: FrameScan::default(),
+            frames: Frames::default(),
+            limit: StreamLimit::default(),
             load,
         }
     }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for PeerSettings<S> {
+impl<I: AsyncRead + Unpin> AsyncRead for PeerSettings<I> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -897,53 +900,23 @@ impl<S: AsyncRead + Unpin> AsyncRead for PeerSettings<S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let r = Pin::new(&mut this.io).poll_read(cx, buf);
-        if let Some(max) = this.scan.feed(&buf.filled()[before..]) {
+        this.frames.feed(&buf.filled()[before..], &mut this.limit);
+        if let Some(max) = this.limit.found.take() {
             this.load.peer_max.store(max, Ordering::Relaxed);
         }
         r
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for PeerSettings<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
-    }
+write_through!(PeerSettings);
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
-    }
-}
-
-/// Follows the frames a peer sends on an HTTP/2 connection (RFC 9113 4.1: a 9-byte header, then
-/// `length` bytes of payload) and reads the `SETTINGS_MAX_CONCURRENT_STREAMS` of its SETTINGS
-/// frames. Everything else is skipped by length, so it costs a few instructions per frame.
+/// Reads the `SETTINGS_MAX_CONCURRENT_STREAMS` of a peer's SETTINGS frames; every other frame's
+/// payload is skipped by length.
 #[derive(Debug, Default)]
-struct FrameScan {
-    /// The frame header being read, and how much of it has come.
-    head: [u8; 9],
-    head_len: usize,
-    /// Payload bytes of the current frame still to come.
-    left: usize,
+struct StreamLimit {
+    /// The limit a setting set since the last look (unlimited when the peer's first SETTINGS
+    /// frame names none, RFC 9113 6.5.2).
+    found: Option<usize>,
     /// In a SETTINGS frame's payload: the setting (6 bytes) being read, and how much has come.
     settings: bool,
     entry: [u8; 6],
@@ -954,61 +927,42 @@ struct FrameScan {
     seen: bool,
 }
 
-impl FrameScan {
-    const SETTINGS: u8 = 0x4;
-    const ACK: u8 = 0x1;
+impl StreamLimit {
     const MAX_CONCURRENT_STREAMS: u16 = 0x3;
+}
 
-    /// Reads `bytes`, the next ones the peer sent; returns the peer's stream limit when a setting
-    /// in them set it (unlimited when its first SETTINGS frame names none, RFC 9113 6.5.2).
-    fn feed(&mut self, mut bytes: &[u8]) -> Option<usize> {
-        let mut max = None;
-        while !bytes.is_empty() {
-            if self.left == 0 && self.head_len < 9 {
-                let n = (9 - self.head_len).min(bytes.len());
-                self.head[self.head_len..self.head_len + n].copy_from_slice(&bytes[..n]);
-                self.head_len += n;
-                bytes = &bytes[n..];
-                if self.head_len < 9 {
-                    break;
-                }
-                let h = self.head;
-                self.left = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
-                self.settings = h[3] == Self::SETTINGS && h[4] & Self::ACK == 0;
+impl FrameSink for StreamLimit {
+    fn head(&mut self, head: FrameHead) -> bool {
+        self.settings = head.kind == FrameHead::SETTINGS && head.flags & FrameHead::ACK == 0;
+        self.entry_len = 0;
+        self.named = false;
+        self.settings
+    }
+
+    fn payload(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.entry[self.entry_len] = b;
+            self.entry_len += 1;
+            if self.entry_len == 6 {
                 self.entry_len = 0;
-                self.named = false;
-            }
-            let n = self.left.min(bytes.len());
-            if self.settings {
-                for &b in &bytes[..n] {
-                    self.entry[self.entry_len] = b;
-                    self.entry_len += 1;
-                    if self.entry_len == 6 {
-                        self.entry_len = 0;
-                        let e = self.entry;
-                        if u16::from_be_bytes([e[0], e[1]]) == Self::MAX_CONCURRENT_STREAMS {
-                            self.named = true;
-                            let v = u32::from_be_bytes([e[2], e[3], e[4], e[5]]);
-                            max = Some(usize::try_from(v).unwrap_or(usize::MAX));
-                        }
-                    }
+                let e = self.entry;
+                if u16::from_be_bytes([e[0], e[1]]) == Self::MAX_CONCURRENT_STREAMS {
+                    self.named = true;
+                    let v = u32::from_be_bytes([e[2], e[3], e[4], e[5]]);
+                    self.found = Some(usize::try_from(v).unwrap_or(usize::MAX));
                 }
-            }
-            self.left -= n;
-            bytes = &bytes[n..];
-            if self.left == 0 && self.head_len == 9 {
-                // The frame ended (an empty one ends with its header).
-                if self.settings {
-                    if !self.seen && !self.named {
-                        max = Some(usize::MAX);
-                    }
-                    self.seen = true;
-                }
-                self.head_len = 0;
-                self.settings = false;
             }
         }
-        max
+    }
+
+    fn end(&mut self) {
+        if self.settings {
+            if !self.seen && !self.named {
+                self.found = Some(usize::MAX);
+            }
+            self.seen = true;
+            self.settings = false;
+        }
     }
 }
 
@@ -1072,9 +1026,21 @@ mod tests {
         f
     }
 
+    /// A walk that reads the peer's stream limit.
+    #[derive(Default)]
+    struct Scan(Frames, StreamLimit);
+
+    impl Scan {
+        /// Feeds `bytes`; the limit they set, if any.
+        fn feed(&mut self, bytes: &[u8]) -> Option<usize> {
+            self.0.feed(bytes, &mut self.1);
+            self.1.found.take()
+        }
+    }
+
     /// Feeds `bytes` to a new scan cut at every `step` bytes; the last limit set.
     fn scan(bytes: &[u8], step: usize) -> Option<usize> {
-        let mut s = FrameScan::default();
+        let mut s = Scan::default();
         bytes.chunks(step).fold(None, |last, c| s.feed(c).or(last))
     }
 
@@ -1094,12 +1060,12 @@ mod tests {
             assert_eq!(scan(&conn, step), Some(250), "step {step}");
         }
         // A first SETTINGS frame that names no limit: unlimited; a later one without it: as it was.
-        let mut s = FrameScan::default();
+        let mut s = Scan::default();
         assert_eq!(s.feed(&settings(false, &[(4, 1 << 20)])), Some(usize::MAX));
         assert_eq!(s.feed(&settings(false, &[(4, 1 << 20)])), None);
         assert_eq!(s.feed(&settings(false, &[])), None);
         // An ACK carries no settings.
-        let mut s = FrameScan::default();
+        let mut s = Scan::default();
         assert_eq!(s.feed(&settings(true, &[])), None);
         assert_eq!(s.feed(&other(6, 8)), None); // PING
         assert_eq!(s.feed(&settings(false, &[(3, 7)])), Some(7));
