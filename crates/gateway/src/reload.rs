@@ -11,7 +11,9 @@
 //! The file is watched by polling its modification time and length every [`POLL_INTERVAL`] rather
 //! than with inotify (the `notify` crate): one `stat` a second costs nothing, needs no dependency,
 //! and follows the path, so it also sees the file replaced by a rename or a symlink swap (how editors
-//! and Kubernetes ConfigMaps update files), which inode watches miss.
+//! and Kubernetes ConfigMaps update files), which inode watches miss. The certificate, key, CA and
+//! CRL files the config in force names are watched the same way ([`Look`]): a renewed certificate
+//! reloads as an edit of the config does.
 //!
 //! Settings bound when the process starts (listen addresses, TLS, connection limits and timeouts,
 //! drain timeout, admin listener and token, log format and level) are not changed by a reload; when
@@ -70,11 +72,37 @@ fn stamp(path: &Path) -> Option<Stamp> {
     })
 }
 
+/// One look at the config file and at the certificate, key, CA and CRL files the config in force
+/// names (the listener's `tls`, each upstream's `tls`): a renewed certificate (certbot,
+/// cert-manager) reloads the config as an edit of the file does, as Envoy watches its SDS files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Look {
+    config: Stamp,
+    /// In the order of [`tls_files`]; `None` for a file that is not there.
+    files: Vec<Option<Stamp>>,
+}
+
+/// The files `config` names that a reload reads again: the listener's certificate and key, and
+/// each upstream's `ca`, `cert`, `key` and `crl`.
+fn tls_files(config: &Config) -> Vec<&Path> {
+    let listener = config.tls.iter().flat_map(|t| [&t.cert, &t.key]);
+    let upstreams = config
+        .upstreams
+        .iter()
+        .filter_map(|(_, u)| u.tls.as_ref())
+        .flat_map(|t| [&t.ca, &t.cert, &t.key, &t.crl].into_iter().flatten());
+    listener.chain(upstreams).map(PathBuf::as_path).collect()
+}
+
+fn file_stamps(config: &Config) -> Vec<Option<Stamp>> {
+    tls_files(config).into_iter().map(stamp).collect()
+}
+
 #[derive(Debug, Default)]
 struct State {
-    stamp: Option<Stamp>,
-    /// A new stamp seen at the last look, applied if the next look sees it again.
-    pending: Option<Stamp>,
+    stamp: Option<Look>,
+    /// A new look seen at the last look, applied if the next look sees it again.
+    pending: Option<Look>,
     last_error: Option<String>,
     /// Looks between two retries of the same failed reload: 1 after a new failure, doubling
     /// with each failed retry up to [`RETRY_MAX_LOOKS`].
@@ -101,22 +129,31 @@ impl Reloader {
     /// A reloader for `gateway` from `path`; the file as it is now counts as already loaded.
     pub fn new(path: impl Into<PathBuf>, gateway: Arc<Gateway>) -> Self {
         let path = path.into();
-        let mut seen = stamp(&path);
-        // The file may have changed since the gateway loaded it (an edit during start-up): then
-        // the first look reloads it.
-        let loaded = config::to_yaml(&gateway.runtime().config);
-        if config::load(&path).map(|c| config::to_yaml(&c)).ok() != Some(loaded) {
-            seen = None;
-        }
-        let state = State {
-            stamp: seen,
-            ..State::default()
-        };
-        Reloader {
+        let reloader = Reloader {
             path,
             gateway,
-            state: Mutex::new(state),
+            state: Mutex::new(State::default()),
+        };
+        // The file may have changed since the gateway loaded it (an edit during start-up): then
+        // the first look reloads it.
+        let loaded = config::to_yaml(&reloader.gateway.runtime().config);
+        if config::load(&reloader.path)
+            .map(|c| config::to_yaml(&c))
+            .ok()
+            == Some(loaded)
+        {
+            reloader.lock().stamp = reloader.look();
         }
+        reloader
+    }
+
+    /// The config file's stamp and those of the TLS files the config in force names; `None`
+    /// while the config file is not there.
+    fn look(&self) -> Option<Look> {
+        Some(Look {
+            config: stamp(&self.path)?,
+            files: file_stamps(&self.gateway.runtime().config),
+        })
     }
 
     /// The config file.
@@ -137,7 +174,7 @@ impl Reloader {
     /// Reloads now (SIGHUP does this), logging the outcome.
     pub fn reload(&self) -> Result<Reloaded, String> {
         let mut state = self.lock();
-        state.stamp = stamp(&self.path);
+        state.stamp = self.look();
         state.pending = None;
         self.reload_locked(&mut state, false)
     }
@@ -146,7 +183,7 @@ impl Reloader {
     /// there), or the last reload failed and is due to be tried again (a file it names may be
     /// there now; retries come at growing intervals, see [`RETRY_MAX_LOOKS`]).
     fn changed(&self) -> bool {
-        let now = stamp(&self.path);
+        let now = self.look();
         let mut state = self.lock();
         if now.is_none() {
             return false;
@@ -170,7 +207,7 @@ impl Reloader {
     /// outside the file: a certificate or CA file it names that was not there yet).
     pub fn reload_if_changed(&self) -> Option<Result<Reloaded, String>> {
         let mut state = self.lock();
-        let now = stamp(&self.path);
+        let now = self.look();
         // Momentarily missing (being replaced): look again next time.
         now.as_ref()?;
         let retry = if now == state.stamp {
@@ -197,6 +234,11 @@ impl Reloader {
             .config_reloaded(result.is_ok());
         match &result {
             Ok(r) => {
+                // The TLS files to watch from now on are those the new config names (taken after
+                // the config file's stamp, as before: a later change is seen at the next look).
+                if let Some(look) = &mut state.stamp {
+                    look.files = file_stamps(&self.gateway.runtime().config);
+                }
                 state.last_error = None;
                 state.retry_every = 0;
                 state.retry_wait = 0;

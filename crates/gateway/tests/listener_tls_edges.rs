@@ -66,6 +66,66 @@ async fn a_reload_that_drops_tls_keeps_serving_the_renewed_certificate() {
     ops.stop().await;
 }
 
+/// A certificate renewed in place (certbot and cert-manager write new contents behind the same
+/// paths) is served to new connections without a SIGHUP or an edit of the config: the files the
+/// config names are watched as the config file is, as Envoy watches its certificate files. A look
+/// that finds the new certificate next to the old key (written one after the other) is refused
+/// and tried again.
+#[tokio::test]
+async fn a_certificate_renewed_in_place_is_served_without_a_signal() {
+    use admin_support::{eventually, Ops};
+    let up = Upstream::named("u").await;
+    let first = TestTls::new("tls-watch-first");
+    let ca = first.cert_path.with_file_name("ca.pem");
+    std::fs::copy(&first.cert_path, &ca).unwrap();
+    let ops = Ops::start(
+        &format!(
+            "{}upstreams:\n  u: {{ endpoints: [{{url: '{}'}}] }}\n  secure: {{ endpoints: \
+             [{{url: 'https://localhost:1'}}], tls: {{ ca: '{}' }} }}\nroutes:\n  - upstream: u\n",
+            first.config_line(),
+            up.url(),
+            ca.display()
+        ),
+        None,
+    )
+    .await;
+    assert!(connect(&first, ops.proxy, &[b"http/1.1"]).await.is_ok());
+    let generation = ops.gateway().generation();
+
+    let renewed = TestTls::new("tls-watch-renewed");
+    std::fs::copy(&renewed.cert_path, &first.cert_path).unwrap();
+    std::fs::copy(&renewed.key_path, &first.key_path).unwrap();
+    let proxy = ops.proxy;
+    eventually(10, "new connections get the renewed certificate", || {
+        let renewed = &renewed;
+        async move { connect(renewed, proxy, &[b"http/1.1"]).await.is_ok() }
+    })
+    .await;
+    let mut c = RawClient::new(connect(&renewed, proxy, &[b"http/1.1"]).await.unwrap());
+    c.send(GET).await;
+    assert_eq!(c.response(false).await.status, 200);
+    assert!(ops.gateway().generation() > generation);
+    assert_eq!(ops.reloader().last_error(), None);
+
+    // An upstream's CA file replaced in place rebuilds that upstream (and only it).
+    let generation = ops.gateway().generation();
+    let secure = ops.gateway().runtime().upstream("secure").unwrap().clone();
+    let kept = ops.gateway().runtime().upstream("u").unwrap().clone();
+    std::fs::copy(&renewed.cert_path, &ca).unwrap();
+    let gw = ops.gateway();
+    eventually(10, "the CA file's change is reloaded", || async {
+        gw.generation() > generation
+    })
+    .await;
+    let now = ops.gateway().runtime();
+    assert!(!std::sync::Arc::ptr_eq(
+        now.upstream("secure").unwrap(),
+        &secure
+    ));
+    assert!(std::sync::Arc::ptr_eq(now.upstream("u").unwrap(), &kept));
+    ops.stop().await;
+}
+
 /// At shutdown a client connection with nothing of a request closes at once (within the HTTP/2
 /// close grace), over HTTP/1.1 and HTTP/2 alike: a TLS connection that negotiated ALPN `h2` and
 /// never sent its connection preface (a preconnect, a scanner) does not hold the shutdown until
