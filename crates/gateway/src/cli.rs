@@ -47,8 +47,8 @@ pub enum Command {
         #[arg(short, long)]
         config: PathBuf,
         /// Worker threads (default: number of cores). 1 runs everything on one thread.
-        #[arg(long)]
-        threads: Option<usize>,
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        threads: Option<u16>,
         /// Log format; overrides `logging.format`.
         #[arg(long, value_enum)]
         log_format: Option<LogFormatArg>,
@@ -165,7 +165,7 @@ fn demo(opts: crate::demo::DemoOptions) -> ExitCode {
     })
 }
 
-fn run(path: PathBuf, threads: Option<usize>, log_format: Option<LogFormat>) -> ExitCode {
+fn run(path: PathBuf, threads: Option<u16>, log_format: Option<LogFormat>) -> ExitCode {
     let config = match config::load(&path) {
         Ok(c) => c,
         Err(e) => {
@@ -175,9 +175,9 @@ fn run(path: PathBuf, threads: Option<usize>, log_format: Option<LogFormat>) -> 
     };
     init_tracing(&config.logging, log_format);
     let threads = threads
+        .map(usize::from)
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
-        .unwrap_or(1)
-        .max(1);
+        .unwrap_or(1);
     // One thread: a current-thread runtime (no work-stealing overhead, no cross-thread wakeups).
     let rt = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
@@ -368,7 +368,8 @@ fn store_error(file: &std::path::Path, e: crate::store::StoreError) -> config::C
     let src = std::fs::read_to_string(file).unwrap_or_default();
     config::ConfigError {
         file: file.display().to_string(),
-        position: config::locate(&src, &key),
+        // `store: {}` keeps the default path, which has no line of its own: `store:`'s.
+        position: config::locate_nearest(&src, &key),
         path: config::render(&key),
         message: e.to_string(),
     }

@@ -656,3 +656,35 @@ routes:
         "upstreams.llm.tls.crl_leaf_only (default `false`) is not in the effective config:\n{stdout}"
     );
 }
+
+/// `--threads 0` is a usage error naming the flag (exit 2, as clap gives for any bad value); it
+/// was silently taken as 1. Found by a review; failed before its fix.
+#[test]
+fn threads_zero_is_a_usage_error() {
+    let cfg = write(
+        "gw.yaml",
+        "listen: 127.0.0.1:0\nupstreams:\n  a: { endpoints: [{url: 'http://127.0.0.1:9001'}] }\n",
+    );
+    for bad in ["0", "many", "100000"] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
+            .args(["run", "--threads", bad, "-c"])
+            .arg(&*cfg)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Accepted, it would serve: stopped after 15 s.
+        for _ in 0..750 {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "--threads {bad}: {stderr}");
+        assert!(stderr.contains("--threads"), "{stderr}");
+    }
+}

@@ -187,6 +187,7 @@ impl AdminServer {
         // The connections, ended with the listener: a keep-alive one (a dashboard, a scraper)
         // would otherwise go on being served after the stop, holding the whole gateway.
         let mut conns = tokio::task::JoinSet::new();
+        let mut accept_errors = crate::proxy::AcceptErrors::new("admin");
         loop {
             let (stream, peer) = tokio::select! {
                 _ = &mut shutdown => break,
@@ -194,8 +195,13 @@ impl AdminServer {
                 r = self.listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        continue;
+                        // Out of file descriptors (EMFILE), say: pause as the proxy's loop does,
+                        // rather than spin at full CPU and log a line per try.
+                        accept_errors.warn(&e);
+                        tokio::select! {
+                            _ = &mut shutdown => break,
+                            _ = tokio::time::sleep(crate::proxy::ACCEPT_ERROR_PAUSE) => continue,
+                        }
                     }
                 },
             };

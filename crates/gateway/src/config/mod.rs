@@ -99,6 +99,10 @@ fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
             // A key written twice is reported at the repeat, not at the mapping that holds it.
             path.push(Seg::Key(key.to_owned(), 1));
             locate(src, &path).or_else(|| inner.location().map(|l| (l.line(), l.column())))
+        } else if message.contains("more than one document") {
+            second_document(src)
+                .or_else(|| inner.location().map(|l| (l.line(), l.column())))
+                .or_else(|| locate_nearest(src, &path))
         } else {
             if let Some(name) = duplicate_name(&message) {
                 if path.last() != Some(&Seg::key(name)) {
@@ -121,6 +125,28 @@ fn parse(src: &str, file: &str) -> Result<Config, ConfigError> {
             message,
         }
     })
+}
+
+/// Where a second YAML document starts: its `---` line (at column 1: a block scalar's lines
+/// cannot start there), the first after some content or the second in all.
+fn second_document(src: &str) -> Option<(usize, usize)> {
+    let mut content = false;
+    let mut markers = 0;
+    for (i, line) in src.lines().enumerate() {
+        let line = line.trim_start_matches('\u{feff}');
+        if line.trim_end() == "---" || line.starts_with("--- ") || line.starts_with("---\t") {
+            markers += 1;
+            if content || markers == 2 {
+                return Some((i + 1, 1));
+            }
+        } else if !(line.trim().is_empty()
+            || line.trim_start().starts_with('#')
+            || line.starts_with('%'))
+        {
+            content = true;
+        }
+    }
+    None
 }
 
 fn unknown_field(message: &str) -> Option<&str> {

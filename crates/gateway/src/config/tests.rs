@@ -468,7 +468,8 @@ fn logging_and_admin_sections() {
     );
     assert_eq!(
         err("listen: 127.0.0.1:9000\nadmin:\n  listen: 127.0.0.1:9000\n"),
-        "gw.yaml:3:3: admin.listen: the admin listener cannot share the proxy's address 127.0.0.1:9000"
+        "gw.yaml:3:3: admin.listen: the admin listener cannot share the proxy's port: \
+         127.0.0.1:9000 and `listen` 127.0.0.1:9000 cannot both be bound"
     );
     let c = from_str(
         "admin: { token_env: TOKEN }\nlogging: { format: json, access_log: true }\n",

@@ -134,15 +134,32 @@ fn label_safe(path: &[Seg], name: &str) -> Result<(), Invalid> {
     }
 }
 
+/// Whether two listeners' addresses cannot both be bound: the same port (not 0, which picks a
+/// free one) on the same address (an IPv4-mapped IPv6 address is its IPv4 one), or on a wildcard
+/// address that takes the other (`0.0.0.0` every IPv4 address; `::`, dual-stack, every address).
+fn overlaps(a: std::net::SocketAddr, b: std::net::SocketAddr) -> bool {
+    use std::net::IpAddr;
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let (x, y) = (a.ip().to_canonical(), b.ip().to_canonical());
+    let takes = |wild: IpAddr, other: IpAddr| match wild {
+        IpAddr::V4(w) => w.is_unspecified() && other.is_ipv4(),
+        IpAddr::V6(w) => w.is_unspecified(),
+    };
+    x == y || takes(x, y) || takes(y, x)
+}
+
 /// The operational top-level sections: `admin:`, `store:` and `logging:`.
 fn validate_ops(config: &Config) -> Result<(), Invalid> {
     if let Some(admin) = &config.admin {
-        if admin.listen == config.listen && admin.listen.port() != 0 {
+        if overlaps(admin.listen, config.listen) {
             return Err(at(
                 &[k("admin"), k("listen")],
                 format!(
-                    "the admin listener cannot share the proxy's address {}",
-                    config.listen
+                    "the admin listener cannot share the proxy's port: {} and `listen` {} cannot \
+                     both be bound",
+                    admin.listen, config.listen
                 ),
             ));
         }
@@ -679,6 +696,17 @@ fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), In
                 &p(&[k("hedge"), k("max_hedges")]),
                 format!("must be between 1 and {}", bulwark::hedge::MAX_HEDGES),
             ));
+        }
+        if let HedgeDelay::Fixed(d) = h.delay {
+            if h.enabled && d.get() >= route.timeout.get() {
+                return Err(at(
+                    &p(&[k("hedge"), k("delay")]),
+                    format!(
+                        "must be shorter than the route's `timeout` ({}): a hedge after it never starts",
+                        route.timeout
+                    ),
+                ));
+            }
         }
     }
     // The library's builders check the rest (as `run` will); the route is named as `run` names it.

@@ -1219,7 +1219,7 @@ impl Server {
         gateway.set_phase(Phase::Serving);
 
         tokio::pin!(shutdown);
-        let mut accept_errors = AcceptErrors::default();
+        let mut accept_errors = AcceptErrors::new("proxy");
         // The connections' tasks: those still running at the drain timeout (a tunnel, a request
         // past it) are aborted when this set is dropped, at the end of `run`.
         let mut conns = tokio::task::JoinSet::new();
@@ -1322,22 +1322,33 @@ impl Server {
     }
 }
 
-/// How long the accept loop pauses after a failed `accept` (e.g. out of file descriptors).
-const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+/// How long an accept loop (the proxy's, the admin listener's) pauses after a failed `accept`
+/// (e.g. out of file descriptors).
+pub(crate) const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
 
 /// How often a run of accept failures is logged.
 const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(5);
 
 /// Rate-limits the accept-failure warning: one line per [`ACCEPT_WARN_EVERY`], counting the others.
-#[derive(Debug, Default)]
-struct AcceptErrors {
+#[derive(Debug)]
+pub(crate) struct AcceptErrors {
+    /// Which listener: `proxy` or `admin`.
+    listener: &'static str,
     last_warn: Option<Instant>,
     suppressed: u64,
 }
 
 impl AcceptErrors {
+    pub(crate) fn new(listener: &'static str) -> Self {
+        AcceptErrors {
+            listener,
+            last_warn: None,
+            suppressed: 0,
+        }
+    }
+
     /// Logs `e` unless a warning went out less than [`ACCEPT_WARN_EVERY`] ago; returns whether it did.
-    fn warn(&mut self, e: &std::io::Error) -> bool {
+    pub(crate) fn warn(&mut self, e: &std::io::Error) -> bool {
         let now = Instant::now();
         if self
             .last_warn
@@ -1346,7 +1357,12 @@ impl AcceptErrors {
             self.suppressed += 1;
             return false;
         }
-        tracing::warn!(error = %e, suppressed = self.suppressed, "accept failed");
+        tracing::warn!(
+            listener = self.listener,
+            error = %e,
+            suppressed = self.suppressed,
+            "accept failed"
+        );
         self.last_warn = Some(now);
         self.suppressed = 0;
         true
@@ -1625,7 +1641,7 @@ mod accept_tests {
 
     #[tokio::test(start_paused = true)]
     async fn accept_failures_are_logged_once_per_interval() {
-        let mut errors = AcceptErrors::default();
+        let mut errors = AcceptErrors::new("proxy");
         let e = std::io::Error::from_raw_os_error(24);
         assert!(errors.warn(&e));
         // One failure per pause, as the accept loop sees them: 99 more within the interval.
