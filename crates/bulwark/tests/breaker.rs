@@ -481,3 +481,73 @@ async fn time_window_counts_only_the_last_seconds_as_time_passes() {
     let s = b.snapshot();
     assert_eq!((s.calls, s.failures, s.state), (9, 5, Closed));
 }
+
+fn fail_now(b: &CircuitBreaker) {
+    b.try_acquire().expect("admitted").failure();
+}
+
+fn ok_now(b: &CircuitBreaker) {
+    b.try_acquire().expect("admitted").success();
+}
+
+/// Thresholds are kept exactly, not rounded to hundredths of a percent: 1 failure in 3 calls
+/// (33.333 %) is below a 33.334 % threshold (it opened: the threshold was 33.33 %), and a
+/// threshold under 0.01 % is not raised to it (1 failure in 50,000 calls, 0.002 %, never opened
+/// a 0.001 % breaker). Found by a review; failed before its fix.
+#[tokio::test(start_paused = true)]
+async fn thresholds_with_more_decimals_are_compared_exactly() {
+    let b = CircuitBreaker::builder()
+        .count_window(3)
+        .minimum_calls(3)
+        .failure_rate_threshold(33.334)
+        .build()
+        .unwrap();
+    fail_now(&b);
+    ok_now(&b);
+    ok_now(&b);
+    assert_eq!(b.state(), Closed, "33.333 % < 33.334 %");
+
+    let b = CircuitBreaker::builder()
+        .count_window(50_000)
+        .minimum_calls(50_000)
+        .failure_rate_threshold(0.001)
+        .build()
+        .unwrap();
+    for _ in 0..49_999 {
+        ok_now(&b);
+    }
+    fail_now(&b);
+    assert_eq!(
+        b.state(),
+        Open,
+        "0.002 % failures is above a 0.001 % threshold"
+    );
+
+    // The slow-call threshold alike.
+    let b = CircuitBreaker::builder()
+        .count_window(3)
+        .minimum_calls(3)
+        .failure_rate_threshold(100.0)
+        .slow_call_duration(100 * MS)
+        .slow_call_rate_threshold(33.334)
+        .build()
+        .unwrap();
+    let p = b.try_acquire().unwrap();
+    advance(200 * MS).await;
+    p.success();
+    ok_now(&b);
+    ok_now(&b);
+    assert_eq!(b.snapshot().slow_calls, 1);
+    assert_eq!(b.state(), Closed, "33.333 % slow < 33.334 %");
+    // ...and 33.333 % trips a 33.333 % threshold.
+    let b = CircuitBreaker::builder()
+        .count_window(3)
+        .minimum_calls(3)
+        .failure_rate_threshold(33.333)
+        .build()
+        .unwrap();
+    fail_now(&b);
+    ok_now(&b);
+    ok_now(&b);
+    assert_eq!(b.state(), Open, "1/3 >= 33.333 %");
+}

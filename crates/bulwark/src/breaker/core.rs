@@ -70,9 +70,9 @@ pub(crate) fn nanos(d: Duration) -> u64 {
 #[derive(Debug, Clone)]
 pub(crate) struct Config {
     pub(crate) minimum_calls: u64,
-    /// Thresholds in basis points (hundredths of a percent).
-    pub(crate) failure_bp: u64,
-    pub(crate) slow_bp: u64,
+    /// Thresholds in parts per billion of calls.
+    pub(crate) failure_ppb: u64,
+    pub(crate) slow_ppb: u64,
     pub(crate) slow_nanos: Option<u64>,
     pub(crate) open_nanos: u64,
     /// (multiplier, cap in nanos)
@@ -91,9 +91,10 @@ impl Config {
             return false;
         }
         let calls = u128::from(c.calls);
-        u128::from(c.failures) * 10_000 >= u128::from(self.failure_bp) * calls
+        const BILLION: u128 = 1_000_000_000;
+        u128::from(c.failures) * BILLION >= u128::from(self.failure_ppb) * calls
             || (self.slow_nanos.is_some()
-                && u128::from(c.slow) * 10_000 >= u128::from(self.slow_bp) * calls)
+                && u128::from(c.slow) * BILLION >= u128::from(self.slow_ppb) * calls)
     }
 
     /// The open duration for the `trips`-th consecutive trip (0 = first).

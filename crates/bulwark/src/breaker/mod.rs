@@ -407,10 +407,11 @@ impl Default for CircuitBreakerBuilder {
     }
 }
 
+/// A percentage as parts per billion of calls (1e-7 %: finer than any threshold is written, so
+/// "at or above 33.334 %" is exact); at least 1, so a tiny positive threshold stays positive.
 fn check_percent(field: &'static str, p: f64) -> Result<u64, ConfigError> {
     if p.is_finite() && p > 0.0 && p <= 100.0 {
-        // Basis points; at least 1 so a tiny positive threshold stays positive.
-        Ok(((p * 100.0).round() as u64).max(1))
+        Ok(((p * 1e7).round() as u64).max(1))
     } else {
         Err(ConfigError::new(
             field,
@@ -561,8 +562,8 @@ impl CircuitBreakerBuilder {
             Window::Count(w) => u64::from(self.minimum_calls).min(w.size() as u64),
             Window::Time(_) => u64::from(self.minimum_calls),
         };
-        let failure_bp = check_percent("failure_rate_threshold", self.failure_rate_threshold)?;
-        let slow_bp = check_percent("slow_call_rate_threshold", self.slow_call_rate_threshold)?;
+        let failure_ppb = check_percent("failure_rate_threshold", self.failure_rate_threshold)?;
+        let slow_ppb = check_percent("slow_call_rate_threshold", self.slow_call_rate_threshold)?;
         let slow_nanos = match self.slow_call_duration {
             Some(d) => Some(check_positive("slow_call_duration", d)?),
             None => None,
@@ -601,14 +602,14 @@ impl CircuitBreakerBuilder {
             None => None,
             Some(d) => {
                 let len = check_positive("ramp_up", d)?;
-                let start_bp = check_percent("ramp_start_percent", self.ramp_start_percent)?;
-                Some((len, start_bp * 100))
+                let start_ppb = check_percent("ramp_start_percent", self.ramp_start_percent)?;
+                Some((len, (start_ppb / 1000).max(1)))
             }
         };
         let cfg = Config {
             minimum_calls,
-            failure_bp,
-            slow_bp,
+            failure_ppb,
+            slow_ppb,
             slow_nanos,
             open_nanos,
             growth,
