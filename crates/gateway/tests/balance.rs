@@ -211,3 +211,47 @@ async fn peak_ewma_prefers_the_faster_endpoint() {
     );
     gw.stop().await;
 }
+
+/// `peak_ewma` with a fast endpoint and one that takes requests and has answered none yet (a
+/// fresh replica warming up, or one wedged from the start): requests sent one after another,
+/// while those on the silent endpoint are still pending, go to the fast one. The silent one cost
+/// `1 ns x (in flight + 1)` and won every comparison: 29 of 30 piled onto it. Found by a review;
+/// failed before its fix.
+#[tokio::test]
+async fn peak_ewma_does_not_pile_requests_onto_an_endpoint_that_has_not_answered() {
+    let fast = Upstream::named("fast").await;
+    let (stuck, release) = Upstream::held("stuck", "stuck").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    balance: peak_ewma
+    endpoints: [{{url: '{}'}}, {{url: '{}'}}]
+routes:
+  - upstream: u
+    timeout: 30s
+",
+        fast.url(),
+        stuck.url()
+    ))
+    .await;
+    let url = gw.url("/");
+    // One at a time: each is sent once the previous one reached an endpoint.
+    let mut pending = Vec::new();
+    const N: usize = 30;
+    for i in 0..N {
+        let (c, u) = (client(), url.clone());
+        pending.push(tokio::spawn(async move { get(&c, &u).await }));
+        wait_until(10, || fast.hits() + stuck.hits() > i).await;
+    }
+    let to_stuck = stuck.hits();
+    release.notify_waiters();
+    for p in pending {
+        let _ = p.await;
+    }
+    assert!(
+        to_stuck <= 2,
+        "{to_stuck} of {N} requests went to the endpoint that had answered none (fast: {})",
+        fast.hits()
+    );
+    gw.stop().await;
+}

@@ -15,6 +15,10 @@ use tokio::time::Instant;
 
 use super::pool::Pool;
 
+/// Peak-EWMA cost of an endpoint with requests in flight and no latency estimate: more than any
+/// measured endpoint's (a day, in ns, times a few thousand requests in flight).
+const UNMEASURED_BUSY: f64 = 1e18;
+
 /// Peak-EWMA decay time: latency samples older than ~10 s have little weight (linkerd's default).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
 
@@ -314,10 +318,21 @@ impl Endpoint {
     /// Peak-EWMA cost: latency estimate times (in-flight + 1). The estimate decays toward zero with
     /// the time since its last sample (as Finagle's and tower's do): an endpoint that once answered
     /// slowly, and then lost every comparison and so got no new sample, is tried again.
+    ///
+    /// An endpoint with no estimate (never answered, or silent for hours) and requests in flight
+    /// costs [`UNMEASURED_BUSY`] more than any measured one, as in Finagle: a fresh replica, or
+    /// one that takes requests and answers none, gets one request at a time until its first
+    /// answer (or timeout) gives it a latency, rather than every request while it costs
+    /// `1 ns x (in flight + 1)`.
     pub fn ewma_cost(&self) -> f64 {
         let now = Instant::now()
             .saturating_duration_since(self.epoch)
             .as_nanos() as u64;
-        self.estimate_at(now).max(1.0) * (self.inflight() as f64 + 1.0)
+        let estimate = self.estimate_at(now);
+        let pending = self.inflight() as f64;
+        if estimate == 0.0 && pending > 0.0 {
+            return UNMEASURED_BUSY + pending;
+        }
+        estimate.max(1.0) * (pending + 1.0)
     }
 }
