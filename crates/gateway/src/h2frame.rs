@@ -61,6 +61,11 @@ impl Frames {
         }
     }
 
+    /// Whether the bytes so far end inside a frame header.
+    pub(crate) fn mid_head(&self) -> bool {
+        self.have > 0
+    }
+
     /// Walks `data`, the next bytes read, telling `sink` what they hold.
     pub(crate) fn feed(&mut self, mut data: &[u8], sink: &mut impl FrameSink) {
         while !data.is_empty() {

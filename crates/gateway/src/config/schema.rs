@@ -30,6 +30,10 @@ pub const DEFAULT_IDLE_TIMEOUT: Dur = Dur::from_secs(60);
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 /// `limits.max_concurrent_streams` (hyper's default).
 pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 200;
+/// Default most header fields in a request (Envoy's `max_headers_count`, hyper's).
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+/// The largest `limits.max_headers` (the HTTP/1.1 parser's slots).
+pub const MAX_MAX_HEADERS: usize = 1000;
 /// How long a shutdown waits for in-flight requests before dropping them.
 pub const DEFAULT_DRAIN_TIMEOUT: Dur = Dur::from_secs(30);
 /// Clients a route's `client_rate_limit` remembers at most (one bucket of 8 bytes plus the map's
@@ -262,6 +266,8 @@ pub struct Tls {
 pub struct Limits {
     /// Request head size; over it 431.
     pub max_header_bytes: ByteSize,
+    /// Header fields in a request; over it 431.
+    pub max_headers: usize,
     /// Request body size; over it 413.
     pub max_body_bytes: ByteSize,
     /// Time to read a request head.
@@ -281,6 +287,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,

@@ -49,6 +49,12 @@ pub(crate) fn validate(config: &Config) -> Result<(), Invalid> {
             "must be at least 1",
         ));
     }
+    if !(1..=MAX_MAX_HEADERS).contains(&config.limits.max_headers) {
+        return Err(at(
+            &[k("limits"), k("max_headers")],
+            format!("must be between 1 and {MAX_MAX_HEADERS}"),
+        ));
+    }
     if config.limits.max_header_bytes.get() < 1024 {
         return Err(at(
             &[k("limits"), k("max_header_bytes")],

@@ -50,8 +50,10 @@ use crate::chunked;
 /// The HTTP/2 connection preface (RFC 9113 3.4): a connection that starts with it is HTTP/2.
 pub(super) const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
-/// Most header lines in a request head (hyper's default); more gets 431.
-pub(crate) const MAX_HEADERS: usize = 100;
+/// Most header lines the parser takes in a request head (the largest `limits.max_headers`; the
+/// configured limit is checked on the parsed request, for HTTP/1.1 and HTTP/2 alike); more gets
+/// 431.
+pub(crate) const MAX_HEADERS: usize = crate::config::MAX_MAX_HEADERS;
 
 /// Read buffer size: a whole typical head (or several pipelined ones) in one read.
 const READ_CHUNK: usize = 8 * 1024;

@@ -165,23 +165,30 @@ impl Drop for EarlyReset {
 /// The bytes before an HTTP/2 client's first frame: the connection preface (RFC 9113 3.4).
 const PREFACE_LEN: u32 = 24;
 
-/// A client connection's reads, watched for a header block left open: a HEADERS (or
-/// PUSH_PROMISE) frame without END_HEADERS starts it, the CONTINUATION with END_HEADERS ends it
-/// (RFC 9113 6.10; no other frame may come between). Open for `timeout`, the read fails and the
-/// connection ends: over HTTP/1.1 a head that does not complete is cut at `header_read_timeout`,
-/// and h2 itself would hold the partial block (up to the header list limit) for as long as the
-/// client likes. Only the 9-byte frame headers are looked at, as they pass.
+/// A client connection's reads, watched for a request head that stops coming: a header block
+/// (HEADERS or PUSH_PROMISE, then CONTINUATIONs up to the one with END_HEADERS; RFC 9113 6.10)
+/// whose frames have not all arrived, or a frame header cut short. Left so for `timeout`, the
+/// read fails and the connection ends: over HTTP/1.1 a head that does not complete is cut at
+/// `header_read_timeout`, and h2 itself would hold the partial block (up to the header list
+/// limit) for as long as the client likes. Only the 9-byte frame headers are looked at, as they
+/// pass, and the timer is armed only when a read ends inside a head: a block that arrives whole
+/// costs no timer.
 pub(crate) struct HeaderWatch<I> {
     io: I,
     frames: Frames,
     block: OpenBlock,
+    timeout: Duration,
+    /// Armed while a read has ended inside a head.
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
-/// Whether a header block is open, and since when.
+/// Whether a header block is open: a header-block frame has begun, and the frame with
+/// END_HEADERS has not ended.
+#[derive(Default)]
 struct OpenBlock {
-    timeout: Duration,
-    /// Armed while a header block is open.
-    deadline: Option<Pin<Box<Sleep>>>,
+    open: bool,
+    /// The current frame is the block's last.
+    last: bool,
 }
 
 impl<I> HeaderWatch<I> {
@@ -189,28 +196,45 @@ impl<I> HeaderWatch<I> {
         HeaderWatch {
             io,
             frames: Frames::after(PREFACE_LEN),
-            block: OpenBlock {
-                timeout,
-                deadline: None,
-            },
+            block: OpenBlock::default(),
+            timeout,
+            deadline: None,
+        }
+    }
+
+    /// Follows `data`, the next bytes read: arms the timer when they end inside a head (if it is
+    /// not armed already), disarms it when they end outside one.
+    fn watch(&mut self, data: &[u8]) {
+        self.frames.feed(data, &mut self.block);
+        if self.block.open || self.frames.mid_head() {
+            if self.deadline.is_none() {
+                self.deadline = Some(Box::pin(tokio::time::sleep(self.timeout)));
+            }
+        } else {
+            self.deadline = None;
         }
     }
 }
 
 impl FrameSink for OpenBlock {
     fn head(&mut self, head: FrameHead) -> bool {
-        let end = head.flags & FrameHead::END_HEADERS != 0;
-        match head.kind {
-            FrameHead::HEADERS | FrameHead::PUSH_PROMISE if !end && self.deadline.is_none() => {
-                self.deadline = Some(Box::pin(tokio::time::sleep(self.timeout)));
-            }
-            FrameHead::HEADERS | FrameHead::PUSH_PROMISE if !end => {}
-            FrameHead::HEADERS | FrameHead::PUSH_PROMISE | FrameHead::CONTINUATION if end => {
-                self.deadline = None
-            }
-            _ => {}
+        if matches!(
+            head.kind,
+            FrameHead::HEADERS | FrameHead::PUSH_PROMISE | FrameHead::CONTINUATION
+        ) {
+            self.open = true;
+            self.last = head.flags & FrameHead::END_HEADERS != 0;
+        } else {
+            self.last = false;
         }
         false
+    }
+
+    fn end(&mut self) {
+        if self.last {
+            self.open = false;
+            self.last = false;
+        }
     }
 }
 
@@ -224,11 +248,11 @@ impl<I: AsyncRead + Unpin> AsyncRead for HeaderWatch<I> {
         let before = buf.filled().len();
         match Pin::new(&mut this.io).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                this.frames.feed(&buf.filled()[before..], &mut this.block);
+                this.watch(&buf.filled()[before..]);
                 Poll::Ready(Ok(()))
             }
             Poll::Pending => {
-                let expired = match &mut this.block.deadline {
+                let expired = match &mut this.deadline {
                     Some(d) => d.as_mut().poll(cx).is_ready(),
                     None => false,
                 };
@@ -630,11 +654,11 @@ mod tests {
     fn open_after(bytes: &[u8]) -> (bool, bool) {
         let mut w = HeaderWatch::new((), Duration::from_secs(1));
         for b in bytes {
-            w.frames.feed(std::slice::from_ref(b), &mut w.block);
+            w.watch(std::slice::from_ref(b));
         }
         let mut v = HeaderWatch::new((), Duration::from_secs(1));
-        v.frames.feed(bytes, &mut v.block);
-        (w.block.deadline.is_some(), v.block.deadline.is_some())
+        v.watch(bytes);
+        (w.deadline.is_some(), v.deadline.is_some())
     }
 
     #[tokio::test]
@@ -656,6 +680,16 @@ mod tests {
         conn.extend(data);
         conn.extend(frame(0x1, 0x5, 20)); // HEADERS with END_HEADERS
         assert_eq!(open_after(&conn), (false, false));
+        // A HEADERS frame with END_HEADERS whose payload stops short: still inside the head.
+        let whole = frame(0x1, 0x5, 20);
+        let cut = [&conn[..], &whole[..15]].concat();
+        assert_eq!(open_after(&cut), (true, true));
+        // A frame header cut short, whatever the frame.
+        let cut = [&conn[..], &frame(0x0, 0, 4)[..5]].concat();
+        assert_eq!(open_after(&cut), (true, true));
+        // DATA cut in its payload: not a head.
+        let cut = [&conn[..], &frame(0x0, 0, 40)[..20]].concat();
+        assert_eq!(open_after(&cut), (false, false));
     }
 
     #[test]

@@ -61,6 +61,8 @@ use route::{ModeAction, Route};
 pub struct RequestLimits {
     /// Request head bytes.
     pub max_header_bytes: usize,
+    /// Request header fields.
+    pub max_headers: usize,
     /// Request body bytes.
     pub max_body_bytes: u64,
 }
@@ -202,6 +204,7 @@ impl Runtime {
                     .max_header_bytes
                     .as_usize()
                     .min(started.limits.max_header_bytes.as_usize()),
+                max_headers: config.limits.max_headers,
                 max_body_bytes: config.limits.max_body_bytes.get(),
             },
             access_log: config.logging.access_log,
@@ -843,7 +846,20 @@ async fn route_and_forward(
     // Stage 2: limits. The HTTP/1 loop already refuses heads far over the limit while reading; this
     // makes the limit exact (and covers HTTP/2, whose headers arrive decoded).
     let target_len = req.uri().path_and_query().map_or(1, |p| p.as_str().len());
-    if headers::head_size(req.method(), target_len, req.headers()) > limits.max_header_bytes {
+    // An HTTP/2 request's host comes as `:authority`, which HTTP/1.1 writes as a `Host` line.
+    let authority = match req.uri().authority() {
+        Some(a)
+            if req.version() == http::Version::HTTP_2
+                && !req.headers().contains_key(http::header::HOST) =>
+        {
+            "host: \r\n".len() + a.as_str().len()
+        }
+        _ => 0,
+    };
+    if req.headers().len() > limits.max_headers
+        || headers::head_size(req.method(), target_len, req.headers()) + authority
+            > limits.max_header_bytes
+    {
         return (respond::local(Local::HeadersTooLarge), None);
     }
     if let Some(len) = req
