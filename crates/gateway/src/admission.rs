@@ -60,6 +60,9 @@ impl ClientLimit {
             .rate(n, per)
             .burst(crate::policy::burst(c.burst, c.per_second))
             .max_keys(c.max_keys)
+            // A client may be forgotten once its bucket is full again (the library's default
+            // keeps it 5 minutes, sending new clients to the shared bucket meanwhile).
+            .idle_timeout(crate::policy::refill(c.burst, c.per_second))
             .build()
             .map_err(|e| refused(&section, e))?;
         let key = match &c.key {

@@ -86,6 +86,15 @@ pub(crate) fn burst(burst: Option<u32>, per_second: f64) -> u32 {
     burst.unwrap_or_else(|| per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32)
 }
 
+/// How long a drained bucket of `burst` at `per_second` takes to be full again (burst x interval,
+/// the interval rounded up as the library rounds it).
+pub(crate) fn refill(burst_setting: Option<u32>, per_second: f64) -> Duration {
+    let (n, per) = rate(per_second);
+    let interval = per.as_nanos().div_ceil(u128::from(n));
+    let ns = interval * u128::from(burst(burst_setting, per_second));
+    Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
+}
+
 /// A `per_second` setting as the library's rate builders take it: a whole rate per second, and a
 /// fractional one as one request per its interval (rounded up to a nanosecond, so never faster):
 /// 0.025/s is one every 40 s, 2.5/s one every 400 ms.

@@ -163,3 +163,33 @@ async fn a_fractional_rate_is_kept_exactly() {
         gw.stop().await;
     }
 }
+
+/// "A client idle long enough for its bucket to be full again may be forgotten": clients idle for
+/// 10 s at 1/s make room for new ones. The limiter kept every client 5 minutes (the library's
+/// default), so once `max_keys` had been seen, new clients shared one bucket and a new client's
+/// first request got 429. Found by a review; failed before its fix.
+#[tokio::test(start_paused = true)]
+async fn clients_whose_buckets_refilled_make_room_for_new_ones() {
+    let yaml = "upstreams:
+  main: { endpoints: [{url: 'http://127.0.0.1:1'}] }
+routes:
+  - upstream: main
+    client_rate_limit: { per_second: 1, burst: 1, max_keys: 2 }
+";
+    let config = bulwark_gateway::config::from_str(yaml, "t.yaml").unwrap();
+    let section = config.routes[0].client_rate_limit.as_ref().unwrap();
+    let limit = bulwark_gateway::admission::ClientLimit::new(section).unwrap();
+    let h = http::HeaderMap::new();
+    let ip = |s: &'static str| http::HeaderValue::from_static(s);
+    assert!(limit.check(&ip("10.0.0.1"), &h).is_ok());
+    assert!(limit.check(&ip("10.0.0.2"), &h).is_ok());
+    // Both buckets are full again after 1 s; ten seconds on, both clients are long idle.
+    tokio::time::advance(std::time::Duration::from_secs(10)).await;
+    assert!(limit.check(&ip("10.0.0.3"), &h).is_ok());
+    assert!(
+        limit.check(&ip("10.0.0.4"), &h).is_ok(),
+        "a new client's first request refused: it shares a bucket with another new client"
+    );
+    // A client that is not idle is not forgotten: its empty bucket stays empty.
+    assert!(limit.check(&ip("10.0.0.3"), &h).is_err());
+}

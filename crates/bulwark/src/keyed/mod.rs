@@ -36,8 +36,9 @@
 //!
 //! Eviction is amortized, with no background task: inserting a key sweeps the map
 //! for idle entries when one may have become idle (the earliest `last use +
-//! idle_timeout` seen by the previous sweep), so a flood against a full map of live
-//! keys goes straight to the overflow instance without scanning. The top-N labels
+//! idle_timeout` seen by the previous sweep, and at least 1/16 of `idle_timeout` after
+//! it, so a stream of new keys does not scan the map at every call), so a flood against
+//! a full map of live keys goes straight to the overflow instance without scanning. The top-N labels
 //! are recomputed at most every `label_refresh` (default 10 s), by the call that
 //! finds them due, and on every [`top_keys`](Keyed::top_keys).
 //!
@@ -543,7 +544,13 @@ where
         if removed > 0 {
             self.len.fetch_sub(removed, Ordering::AcqRel);
         }
-        self.next_sweep_ns.store(next, Ordering::Release);
+        // Not sooner than a sixteenth of the idle timeout (at least 10 ms) after this one: with
+        // keys arriving all the time, the earliest expiry is always near, and a sweep at each
+        // would scan the whole map for every new key (a flood of distinct keys would cost
+        // `max_keys` steps per call). Entries may so outlive their timeout by up to 1/16 of it.
+        let gap = (idle / 16).max(10_000_000);
+        self.next_sweep_ns
+            .store(next.max(now.saturating_add(gap)), Ordering::Release);
         removed
     }
 
@@ -795,6 +802,35 @@ mod tests {
                 .field(),
             "idle_timeout"
         );
+    }
+
+    /// A stream of new keys against a full map whose entries expire one after another sweeps
+    /// at most every sixteenth of the idle timeout, not at every call (each sweep scans the
+    /// whole map).
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_of_new_keys_does_not_sweep_at_every_call() {
+        let idle = Duration::from_secs(16);
+        let k = Keyed::builder()
+            .max_keys(100)
+            .idle_timeout(idle)
+            .build(|_: &u64| ())
+            .unwrap();
+        // A new key every 10 ms for 40 s: the map is full after 1 s, and from 16 s on its
+        // entries expire one every 10 ms.
+        let mut sweeps = 0;
+        let mut due = k.shared.next_sweep_ns.load(Ordering::Relaxed);
+        for i in 0..4000u64 {
+            let _ = k.get(&i);
+            let now = k.shared.next_sweep_ns.load(Ordering::Relaxed);
+            if now != due {
+                sweeps += 1;
+                due = now;
+            }
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        // One sweep a second at most (16 s / 16): about 40.
+        assert!(sweeps <= 45, "{sweeps} sweeps for 4,000 new keys");
+        assert!(real_len(&k) <= 100);
     }
 
     #[tokio::test(start_paused = true)]
