@@ -103,7 +103,7 @@ impl State {
 }
 
 /// An incremental decoder of one chunked body over a connection's read buffer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct Decoder {
     state: State,
     /// The chunk size being read, then the bytes of its data left.
@@ -138,6 +138,20 @@ impl Decoder {
     /// [`Item::End`]).
     pub(crate) fn is_end(&self) -> bool {
         self.state == State::Done && self.ready.is_none()
+    }
+
+    /// Whether `buf` holds exactly the rest of the body, its end included and nothing after it;
+    /// judged on copies, nothing is consumed.
+    pub(crate) fn rest_is_exactly(&self, buf: &[u8]) -> bool {
+        let mut probe = self.clone();
+        let mut copy = BytesMut::from(buf);
+        loop {
+            match probe.decode(&mut copy, false) {
+                Ok(Some(Item::End)) => return copy.is_empty(),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return false,
+            }
+        }
     }
 
     /// Inside chunk data: the bytes of the current chunk still to come (a hint for the read size).
@@ -656,6 +670,25 @@ mod tests {
         // A body that ended is not cut by the end of the connection.
         let (_, _, end, _) = decode_in_pieces(Trailers::Keep, b"0\r\n\r\n", &[], true);
         assert_eq!(end, Ok(()));
+    }
+
+    #[test]
+    fn a_buffered_rest_is_judged_without_consuming_it() {
+        let d = Decoder::new(Trailers::Discard);
+        assert!(d.rest_is_exactly(b"5\r\nhello\r\n0\r\n\r\n"));
+        assert!(d.rest_is_exactly(b"5\r\nhello\r\n0\r\nx-t: 1\r\n\r\n"));
+        // Not all there, something after it (a pipelined request), or malformed.
+        assert!(!d.rest_is_exactly(b"5\r\nhello\r\n0\r\n"));
+        assert!(!d.rest_is_exactly(b"5\r\nhello\r\n0\r\n\r\nGET / HTTP/1.1\r\n"));
+        assert!(!d.rest_is_exactly(b"5\r\nhelloXX0\r\n\r\n"));
+        assert!(!d.rest_is_exactly(b""));
+        // From the middle of a body: the decoder's own state counts, and it is left as it was.
+        let mut d = Decoder::new(Trailers::Discard);
+        let mut buf = BytesMut::from(&b"3\r\nab"[..]);
+        assert!(matches!(d.decode(&mut buf, false), Ok(Some(Item::Data(_)))));
+        assert!(d.rest_is_exactly(b"c\r\n0\r\n\r\n"));
+        assert!(!d.rest_is_exactly(b"0\r\n\r\n"));
+        assert_eq!(d.data_left(), Some(1));
     }
 
     #[test]

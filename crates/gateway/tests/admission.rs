@@ -348,3 +348,44 @@ routes:
     assert_eq!(first.await.unwrap().status, 200);
     ops.stop().await;
 }
+
+/// "A waiting request whose client closes its connection leaves the queue at once (a 499), also
+/// over HTTP/1.1 when it has a body that arrived whole": a small chunked POST (its last chunk
+/// sent with its head) stayed queued for a client that was gone, and would have been sent
+/// upstream when a slot freed. Found by a review; failed before its fix.
+#[tokio::test]
+async fn a_queued_chunked_post_whose_client_leaves_frees_its_place() {
+    let (up, release) = Upstream::held("held", "done").await;
+    let gw = Gateway::start(&format!(
+        "admission: {{ max_concurrent: 1, max_queued: 4, queue_timeout: 30s }}
+upstreams:
+  main: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - name: r
+    upstream: main
+",
+        up.url()
+    ))
+    .await;
+    let first = spawn_get(&gw, "/", None);
+    wait_until(10, || up.hits() == 1).await;
+    let mut abandoned = RawClient::connect(&gw).await;
+    abandoned
+        .send(
+            b"POST /orders HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n0\r\n\r\n",
+        )
+        .await;
+    wait_until(10, || queued(&gw) == 1).await;
+    drop(abandoned);
+    // The first request still holds the only slot: only the departure can empty the queue.
+    wait_until(5, || queued(&gw) == 0).await;
+    let rt = gw.state.runtime();
+    let m = rt.telemetry().encode(&rt);
+    let closed = r#"bulwark_requests_total{route="r",upstream="main",code="499"}"#;
+    assert_eq!(sample(&m, closed), Some(1.0), "{m}");
+    release.notify_one();
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(up.hits(), 1, "the abandoned POST never went upstream");
+    gw.stop().await;
+}

@@ -1657,6 +1657,10 @@ fn deadline_passed(timer: &mut Pin<Box<Sleep>>, cx: &mut Context<'_>, deadline: 
     }
 }
 
+/// Most buffered bytes of a chunked request body [`client_gone`] follows (copied at each look) to
+/// learn whether all of the body is there.
+const CHUNKED_PROBE_MAX: u64 = 16 * 1024;
+
 /// Whether a length-delimited body got all its bytes (otherwise the connection must close).
 fn ended_ok(out: Out, left: u64) -> bool {
     match out {
@@ -1667,10 +1671,11 @@ fn ended_ok(out: Out, left: u64) -> bool {
 }
 
 /// Between a request and its response, whether the client closed the connection. Looked at once
-/// nothing more of the request is to come from the socket: its body read, or (a `Content-Length`
-/// body) all of it already buffered, as a small POST's is when it waits in the admission queue or
-/// a fault delay; and nothing past it buffered (bytes of a pipelined request are kept, and read no
-/// further). A body still arriving is not read ahead here: its reader polls the socket itself.
+/// nothing more of the request is to come from the socket: its body read, or all of it already
+/// buffered, as a small POST's is when it waits in the admission queue or a fault delay (a
+/// chunked one up to [`CHUNKED_PROBE_MAX`] buffered bytes, its framing followed on a copy); and
+/// nothing past it buffered (bytes of a pipelined request are kept, and read no further). A body
+/// still arriving is not read ahead here: its reader polls the socket itself.
 fn client_gone<I: AsyncRead + AsyncWrite + Unpin>(
     shared: &Mutex<Conn<I>>,
     cx: &mut Context<'_>,
@@ -1680,7 +1685,8 @@ fn client_gone<I: AsyncRead + AsyncWrite + Unpin>(
     let nothing_more = match c.rest {
         Rest::None => buffered == 0,
         Rest::Length(left) => buffered == left,
-        Rest::Chunked(_) | Rest::Failed => false,
+        Rest::Chunked(ref d) => buffered <= CHUNKED_PROBE_MAX && d.rest_is_exactly(&c.rbuf),
+        Rest::Failed => false,
     };
     if !nothing_more {
         return false;
