@@ -160,3 +160,75 @@ async fn an_early_413_from_the_upstream_during_a_buffered_upload_reaches_the_cli
     assert_eq!(r.text(), "too big!");
     gw.stop().await;
 }
+
+/// An HTTP/2 WebSocket (extended CONNECT) that the gateway answers itself with a 2xx (a
+/// `fault.abort` with status 200, a 200 `fallback` in maintenance) is a 502 that keeps the
+/// gateway's own reason and claims no attempt: it read `upstream_error` and
+/// `x-bulwark-attempts: 1` (and `attempts=1` in the access log), though nothing was sent
+/// anywhere. Found by a review; failed before its fix.
+#[tokio::test]
+async fn an_http2_websocket_answered_by_the_gateway_does_not_claim_an_upstream_attempt() {
+    let (buf, _guard) = capture_logs();
+    let up = Upstream::named("up").await;
+    let gw = Gateway::start(&format!(
+        "mode: maintenance
+logging: {{ access_log: true }}
+upstreams:
+  main: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - name: faulty
+    match: {{ path_prefix: /faulty }}
+    upstream: main
+    websocket: true
+    exempt_modes: [maintenance]
+    fault: {{ abort: {{ status: 200, percent: 100 }} }}
+  - name: maint
+    match: {{ path_prefix: /maint }}
+    upstream: main
+    websocket: true
+    fallback: {{ status: 200, body: 'down for maintenance' }}
+",
+        up.url()
+    ))
+    .await;
+    let mut send = h2c_sender::<http_body_util::Empty<Bytes>>(gw.addr).await;
+    // A first request, so that the gateway's SETTINGS (extended CONNECT allowed) have arrived.
+    let first = send
+        .send_request(
+            Request::get("http://gw/other")
+                .body(Default::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 404);
+    for (path, reason) in [("/faulty/ws", "fault"), ("/maint/ws", "fallback")] {
+        let mut req = Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(format!("http://gw{path}"))
+            .header("sec-websocket-version", "13")
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static("websocket"));
+        let r = send.send_request(req).await.unwrap();
+        assert_eq!(r.status(), 502, "{path}: no tunnel to nothing");
+        assert_eq!(r.headers().get("x-bulwark-attempts"), None, "{path}");
+        assert_eq!(
+            r.headers().get("x-bulwark-reason").map(|v| v.as_bytes()),
+            Some(reason.as_bytes()),
+            "{path}"
+        );
+    }
+    assert_eq!(up.hits(), 0);
+    gw.stop().await;
+    let log = String::from_utf8_lossy(&buf.lock().unwrap()).into_owned();
+    let connects: Vec<_> = log
+        .lines()
+        .filter(|l| l.contains("bulwark::access") && l.contains("CONNECT"))
+        .collect();
+    assert_eq!(connects.len(), 2, "{log}");
+    for l in connects {
+        assert!(l.contains("attempts=0"), "{l}");
+    }
+}

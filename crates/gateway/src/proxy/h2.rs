@@ -550,7 +550,9 @@ fn websocket_key() -> HeaderValue {
 /// The answer to an RFC 8441 WebSocket request, before it is counted and logged: anything but an
 /// upstream's accepted upgrade (a 101 carrying its connection) that would read as a success (a
 /// 2xx, a fallback's or an injected fault's included, which would open a tunnel to nothing) is a
-/// 502 `upstream_error`. Other answers stay as they are.
+/// 502: `upstream_error` for an upstream's answer, the gateway's own reason (`fallback`,
+/// `fault`) for its own, with the attempts it followed (none for a fault). Other answers stay as
+/// they are.
 pub(crate) fn refuse_unswitched(
     resp: Response<RespBody>,
     accept: &HeaderValue,
@@ -564,12 +566,25 @@ pub(crate) fn refuse_unswitched(
     if switched || !(resp.status().is_success() || resp.status().is_informational()) {
         return resp;
     }
+    // The gateway's own answer (a fallback, an injected fault) says why, and was sent nowhere
+    // unless it says how many attempts it followed; an upstream's 2xx was one attempt at least.
+    let own = resp
+        .headers()
+        .get(&super::respond::X_BULWARK_REASON)
+        .cloned();
     let attempts = resp
         .headers()
         .get(&super::respond::X_BULWARK_ATTEMPTS)
         .and_then(|v| v.to_str().ok()?.parse().ok())
-        .unwrap_or(1);
-    super::respond::failure(super::respond::Failure::UpstreamError, attempts, None)
+        .unwrap_or(if own.is_some() { 0 } else { 1 });
+    let mut refused =
+        super::respond::failure(super::respond::Failure::UpstreamError, attempts, None);
+    if let Some(reason) = own {
+        refused
+            .headers_mut()
+            .insert(super::respond::X_BULWARK_REASON.clone(), reason);
+    }
+    refused
 }
 
 /// The stream's answer to an RFC 8441 WebSocket request ([`refuse_unswitched`] already applied).
