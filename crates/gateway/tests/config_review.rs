@@ -321,3 +321,51 @@ fn a_second_document_is_reported_where_it_starts() {
     let e = err(&format!("---\n# first\n{UP}--- \nlisten: 127.0.0.1:1\n"));
     assert_eq!(e.position, Some((5, 1)), "{e}");
 }
+
+/// One server written two ways is a duplicate endpoint (it would get double weight, and a retry
+/// "to another endpoint" could go back to it): the port made explicit or zero-padded, the host in
+/// capitals. Found by a review.
+#[test]
+fn the_same_endpoint_written_two_ways_is_a_duplicate() {
+    for (a, b) in [
+        ("http://127.0.0.1:80", "http://127.0.0.1"),
+        ("http://127.0.0.1:9001", "http://127.0.0.1:09001"),
+        ("https://Example.com", "https://example.com:443"),
+    ] {
+        let e = err(&format!(
+            "upstreams:\n  a: {{ endpoints: [{{url: '{a}'}}, {{url: '{b}'}}] }}\n"
+        ));
+        assert_eq!(e.path, "upstreams.a.endpoints[1].url", "{a} {b}: {e}");
+        assert!(e.message.contains("duplicate endpoint"), "{e}");
+    }
+    // Another port, or the other scheme, is another server.
+    from_str(
+        "upstreams:\n  a: { endpoints: [{url: 'http://h:80'}, {url: 'http://h:81'}, {url: 'https://h:80'}] }\n",
+        "gw.yaml",
+    )
+    .unwrap();
+}
+
+/// Values that can never do what they say are refused at their key: a 204 or 304 fallback with a
+/// body (the body is never sent), a cooldown on a status that is no refusal, a match path no
+/// request path can hold. Found by a review (each was accepted).
+#[test]
+fn settings_that_can_never_apply_are_refused() {
+    let route = |extra: &str| format!("{UP}routes:\n  - upstream: a\n{extra}");
+    let e = err(&route("    fallback: { status: 204, body: hello }\n"));
+    assert_eq!(e.path, "routes[0].fallback.body", "{e}");
+    from_str(&route("    fallback: { status: 204 }\n"), "gw.yaml").unwrap();
+    let e = err(
+        "upstreams:\n  a: { endpoints: [{url: 'http://127.0.0.1:9001'}], cooldown: { on: [429, 200] } }\n",
+    );
+    assert_eq!(e.path, "upstreams.a.cooldown.on[1]", "{e}");
+    for bad in ["'/a b'", "'/a?x=1'", "'/a#top'"] {
+        let e = err(&route(&format!("    match: {{ path_prefix: {bad} }}\n")));
+        assert_eq!(e.path, "routes[0].match.path_prefix", "{bad}: {e}");
+    }
+    from_str(
+        &route("    match: { path: '/a%20b/c-d_e.f~g' }\n"),
+        "gw.yaml",
+    )
+    .unwrap();
+}

@@ -91,10 +91,11 @@ const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=
 /// named, or it is unset or empty (mutating calls are then refused).
 pub fn token_from_env(admin: &config::Admin) -> Option<String> {
     let var = admin.token_env.as_deref()?;
-    // Trimmed as the presented token is: a secret read from a file often ends with a newline.
+    // Trimmed as the presented token is (ASCII whitespace only: a token ending in another space,
+    // U+00A0 say, must still match itself): a secret read from a file often ends with a newline.
     std::env::var(var)
         .ok()
-        .map(|t| t.trim().to_owned())
+        .map(|t| t.trim_ascii().to_owned())
         .filter(|t| !t.is_empty())
 }
 
@@ -698,6 +699,12 @@ mod tests {
             Some("s3cret")
         );
         assert_eq!(token_from_env(&admin("BULWARK_TEST_TOKEN_BLANK")), None);
+        // Only ASCII whitespace, as on the presented side.
+        std::env::set_var("BULWARK_TEST_TOKEN_NBSP", "s3cret\u{a0}");
+        assert_eq!(
+            token_from_env(&admin("BULWARK_TEST_TOKEN_NBSP")).as_deref(),
+            Some("s3cret\u{a0}")
+        );
         assert_eq!(token_from_env(&admin("BULWARK_TEST_TOKEN_UNSET")), None);
     }
 

@@ -272,8 +272,21 @@ fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
                 })?;
             }
         }
-        if !seen.insert(ep.url.trim_end_matches('/')) {
-            return Err(at(&ep_path, format!("duplicate endpoint `{}`", ep.url)));
+        // The same server however written: scheme and host ignore case, and a port is a number
+        // (`http://H:80` is `http://h`; `:09001` is `:9001`).
+        let same = (
+            url.https,
+            url.authority.host().to_ascii_lowercase(),
+            url.port(),
+        );
+        if !seen.insert(same) {
+            return Err(at(
+                &ep_path,
+                format!(
+                    "duplicate endpoint `{}` (the same scheme, host and port as another)",
+                    ep.url
+                ),
+            ));
         }
         if ep.weight == 0 || ep.weight > 1000 {
             return Err(at(
@@ -348,6 +361,15 @@ fn validate_upstream(base: &[Seg], up: &Upstream) -> Result<(), Invalid> {
                     return Err(at(
                         &p(&[k("cooldown"), k("on"), Seg::Index(i)]),
                         format!("`{s}` is not an HTTP status code"),
+                    ));
+                }
+                if *s < 400 {
+                    return Err(at(
+                        &p(&[k("cooldown"), k("on"), Seg::Index(i)]),
+                        format!(
+                            "`{s}` is not a refusal: a cooldown follows a 4xx or 5xx with \
+                             `Retry-After` (429, 402, 503)"
+                        ),
                     ));
                 }
             }
@@ -567,6 +589,17 @@ fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), In
                     format!("`{v}` must start with `/`"),
                 ));
             }
+            // Matched against request paths: what no request path can hold never matches.
+            if v.contains(['?', '#']) || v.parse::<http::uri::PathAndQuery>().is_err() {
+                return Err(at(
+                    &p(&[k("match"), k(key)]),
+                    format!(
+                        "`{}` is not a request path (no spaces, `?`, `#` or control characters; \
+                         percent-encode them)",
+                        v.escape_debug()
+                    ),
+                ));
+            }
         }
     }
     for (i, mode) in route.exempt_modes.iter().enumerate() {
@@ -772,6 +805,15 @@ fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), In
                 &p(&[k("fallback"), k("status")]),
                 format!(
                     "`{}` is not a final HTTP status code (200 to 599)",
+                    f.status
+                ),
+            ));
+        }
+        if matches!(f.status, 204 | 304) && !f.body.is_empty() {
+            return Err(at(
+                &p(&[k("fallback"), k("body")]),
+                format!(
+                    "a {} answer carries no content: drop `body` or choose another status",
                     f.status
                 ),
             ));
