@@ -422,6 +422,9 @@ routes:
         "{h}"
     );
     assert_eq!(h["status"], "degraded", "{h}");
+    // The breakers API (which the dashboard shows) says the same.
+    let b = ops.admin_json(&c, "/api/circuit-breakers/only").await;
+    assert_eq!(b["state"], "half_open", "{b}");
     ops.stop().await;
 }
 

@@ -272,9 +272,16 @@ pub fn breaker_report(gateway: &Gateway, up: &Upstream) -> BreakerReport {
         },
         Some(b) => {
             let s = b.snapshot();
+            // As `/health` reads it (see [`breaker_state`]): the dashboard shows this one.
+            let state = match s.state {
+                BreakerState::Open if s.open_remaining == Some(std::time::Duration::ZERO) => {
+                    BreakerState::HalfOpen
+                }
+                st => st,
+            };
             BreakerReport {
                 configured: true,
-                state: s.state.as_str(),
+                state: state.as_str(),
                 admin_override,
                 window: Some(WindowReport {
                     calls: s.calls,
