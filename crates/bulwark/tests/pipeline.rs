@@ -283,3 +283,128 @@ async fn named_keyed_policies_qualify_their_event_names() {
         .collect();
     assert_eq!(names, ["tenants/other"]);
 }
+
+/// Hedges started, with the instant each started.
+fn hedge_log() -> (
+    Arc<Mutex<Vec<Duration>>>,
+    impl Fn(&Event) + Send + Sync + 'static,
+) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let t0 = Instant::now();
+    (seen, move |e: &Event| {
+        if let Event::HedgeStarted { .. } = e {
+            s.lock().unwrap().push(t0.elapsed());
+        }
+    })
+}
+
+/// A hedge that the pipeline's full bulkhead (or its rate limiter) refuses sent nothing, and
+/// the original still holds the slot (the token): starting the next hedge at once (the
+/// fast-failure rule, for an attempt that failed and freed its slot) only got it refused too.
+/// Every hedge left was burnt at the first delay, each drawing an admission token (a retry
+/// budget's) and counted as a hedge. Found by a review; failed before its fix.
+#[tokio::test(start_paused = true)]
+async fn a_hedge_refused_inside_the_pipeline_does_not_fire_the_others_at_once() {
+    let (hedges, listener) = hedge_log();
+    let admitted = Arc::new(AtomicU32::new(0));
+    let a = admitted.clone();
+    let pipeline = Pipeline::builder()
+        .hedge(
+            bulwark::hedge::Hedge::builder()
+                .delay(ms(100))
+                .max_hedges(3)
+                .admit(Arc::new(move || {
+                    a.fetch_add(1, Ordering::SeqCst);
+                    true
+                }))
+                .listener(listener)
+                .build()
+                .unwrap(),
+        )
+        .bulkhead(
+            Bulkhead::builder()
+                .max_concurrent(1)
+                .max_queued(0)
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let sent = AtomicU32::new(0);
+    let r = pipeline
+        .call(|| async {
+            sent.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(ms(250)).await;
+            Ok::<_, std::io::Error>("slow but fine")
+        })
+        .await;
+    assert_eq!(r.unwrap(), "slow but fine");
+    assert_eq!(sent.load(Ordering::SeqCst), 1);
+    assert_eq!(*hedges.lock().unwrap(), vec![ms(100)]);
+    assert_eq!(admitted.load(Ordering::SeqCst), 1);
+
+    // The rate limiter's refusal alike.
+    let (hedges, listener) = hedge_log();
+    let pipeline = Pipeline::builder()
+        .hedge(
+            bulwark::hedge::Hedge::builder()
+                .delay(ms(100))
+                .max_hedges(4)
+                .listener(listener)
+                .build()
+                .unwrap(),
+        )
+        .rate_limiter(
+            RateLimiter::builder()
+                .per_second(1)
+                .burst(1)
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let r = pipeline
+        .call(|| async {
+            tokio::time::sleep(ms(250)).await;
+            Ok::<_, std::io::Error>(1)
+        })
+        .await;
+    assert_eq!(r.unwrap(), 1);
+    assert_eq!(*hedges.lock().unwrap(), vec![ms(100)]);
+}
+
+/// The original reached the dependency and failed; the hedge its failure started at once was
+/// refused locally and sent nothing. The call's answer is the dependency's error, not the local
+/// refusal (which hid it from a fallback's `on_kinds(["inner"])` and gave an outer retry a local
+/// `retry_after` as if the server had sent it). Found by a review; failed before its fix.
+#[tokio::test(start_paused = true)]
+async fn a_hedge_refused_locally_does_not_replace_the_dependencys_own_error() {
+    let pipeline = Pipeline::builder()
+        .hedge(
+            bulwark::hedge::Hedge::builder()
+                .delay(ms(100))
+                .max_hedges(1)
+                .build()
+                .unwrap(),
+        )
+        .rate_limiter(
+            RateLimiter::builder()
+                .per_second(1)
+                .burst(1)
+                .build()
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let sent = AtomicU32::new(0);
+    let r = pipeline
+        .call(|| async {
+            sent.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(ms(10)).await;
+            Err::<u32, _>(std::io::Error::other("503 from the dependency"))
+        })
+        .await;
+    assert_eq!(sent.load(Ordering::SeqCst), 1, "the hedge was never sent");
+    assert_eq!(r.unwrap_err().kind(), "inner");
+}

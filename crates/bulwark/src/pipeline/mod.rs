@@ -87,6 +87,29 @@ pub fn classify_error<E>(error: &Error<E>) -> Outcome {
     }
 }
 
+/// How the hedge stage counts an attempt's result: a refusal by a stage inside the attempt (the
+/// breaker, the rate limiter, the bulkhead, a shedder) sent nothing and is no answer, whatever
+/// `C` makes of it (the retry stage, outside, still retries a full bulkhead). So a refused hedge
+/// neither starts the next one at once (the fast-failure rule is for an attempt that failed and
+/// freed its slot; the next would be refused alike) nor replaces an earlier attempt's real
+/// failure as the race's answer.
+struct HedgeView<'a, C>(&'a C);
+
+impl<T, E, C: Classify<T, Error<E>>> Classify<T, Error<E>> for HedgeView<'_, C> {
+    #[inline]
+    fn classify(&self, result: &Result<T, Error<E>>) -> Outcome {
+        match result {
+            Err(
+                Error::CircuitOpen { .. }
+                | Error::RateLimited { .. }
+                | Error::BulkheadFull
+                | Error::Shed,
+            ) => Outcome::Ignore,
+            _ => self.0.classify(result),
+        }
+    }
+}
+
 /// The pipeline's default classifier: `Ok` is a success, errors as [`classify_error`].
 #[derive(Debug, Clone, Copy, Default)]
 pub struct DefaultClassifier;
@@ -190,7 +213,10 @@ impl Pipeline {
         let attempt = move || self.attempt(classify, op());
         let hedged = move || async move {
             match &self.hedge {
-                Some(h) => h.call_with(classify, attempt).await.map_err(Error::flatten),
+                Some(h) => h
+                    .call_with(&HedgeView(classify), attempt)
+                    .await
+                    .map_err(Error::flatten),
                 None => attempt().await,
             }
         };
