@@ -140,18 +140,23 @@ impl Decoder {
         self.state == State::Done && self.ready.is_none()
     }
 
-    /// Whether `buf` holds exactly the rest of the body, its end included and nothing after it;
-    /// judged on copies, nothing is consumed.
-    pub(crate) fn rest_is_exactly(&self, buf: &[u8]) -> bool {
+    /// How many bytes at the front of `buf` the rest of the body takes, its end included, if it
+    /// ends there (a valid body); judged on copies, nothing is consumed.
+    pub(crate) fn rest_length(&self, buf: &[u8]) -> Option<usize> {
         let mut probe = self.clone();
         let mut copy = BytesMut::from(buf);
         loop {
             match probe.decode(&mut copy, false) {
-                Ok(Some(Item::End)) => return copy.is_empty(),
+                Ok(Some(Item::End)) => return Some(buf.len() - copy.len()),
                 Ok(Some(_)) => {}
-                Ok(None) | Err(_) => return false,
+                Ok(None) | Err(_) => return None,
             }
         }
+    }
+
+    /// Whether `buf` holds exactly the rest of the body, its end included and nothing after it.
+    pub(crate) fn rest_is_exactly(&self, buf: &[u8]) -> bool {
+        self.rest_length(buf) == Some(buf.len())
     }
 
     /// Inside chunk data: the bytes of the current chunk still to come (a hint for the read size).

@@ -14,9 +14,15 @@ use tokio::io::AsyncWriteExt;
 
 /// One upstream `u` at `url`, one catch-all route with a fallback of `status` and body `sorry`.
 fn fallback_config(url: &str, status: u16) -> String {
+    // A 204 or 304 fallback has no body (refused at load).
+    let body = if matches!(status, 204 | 304) {
+        ""
+    } else {
+        "body: sorry, "
+    };
     format!(
         "upstreams:\n  u: {{ endpoints: [{{url: '{url}'}}] }}\nroutes:\n  - upstream: u\n    \
-         fallback: {{ status: {status}, body: sorry, content_type: text/plain }}\n"
+         fallback: {{ status: {status}, {body}content_type: text/plain }}\n"
     )
 }
 
@@ -77,8 +83,8 @@ async fn an_http2_head_answered_by_a_fallback_gets_its_head_without_a_body() {
 }
 
 /// RFC 9110 6.4.1 and 8.6: a 204 has no content, and a server MUST NOT send `Content-Length` in
-/// it. The HTTP/1.1 listener drops both; the HTTP/2 one sends a 204 fallback's body as DATA with
-/// `content-length: 5`, and passes on an upstream 204's `content-length: 0`.
+/// it. The HTTP/1.1 listener drops both; the HTTP/2 one sent a 204 fallback's `content-length`,
+/// and passed on an upstream 204's `content-length: 0`.
 #[tokio::test]
 async fn an_http2_204_has_neither_content_nor_content_length() {
     let dead = dead_url().await;
@@ -180,5 +186,43 @@ async fn an_upstream_content_length_list_reaches_an_http2_client_as_one_number()
         headers.get("content-length").map(|v| v.to_str().unwrap()),
         Some("5")
     );
+    gw.stop().await;
+}
+
+/// A small chunked upload answered without being read (here a 404), all of it already with the
+/// head: the gateway drops it and keeps the connection, as nginx does (it used to close after any
+/// chunked rest, announced). One whose end has not come yet still closes, and says so.
+#[tokio::test]
+async fn a_small_chunked_body_left_unread_keeps_the_connection() {
+    let up = RawUpstream::answering(|_| b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec())
+        .await;
+    let cfg = format!(
+        "upstreams:\n  u: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - upstream: u\n    \
+         match: {{ path_prefix: /api/ }}\n",
+        up.url()
+    );
+    let gw = Gateway::start(&cfg).await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(
+        b"POST /nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+          5\r\nhello\r\n3;ext=1\r\nabc\r\n0\r\nx-trailer: 1\r\n\r\n",
+    )
+    .await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("connection"), None);
+    c.send(b"GET /api/a HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 200, "the next request on the connection");
+
+    // The end not there yet: the answer says the connection closes.
+    let mut c = RawClient::connect(&gw).await;
+    c.send(
+        b"POST /nowhere HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.header("connection"), Some("close"));
     gw.stop().await;
 }

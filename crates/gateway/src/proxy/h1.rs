@@ -1303,11 +1303,15 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
             // A request body nobody reads any more, too long to drain after the response (see
             // `settle`): the connection will close, so the answer says so, or the client would
             // send its next request on it and get no answer (as Envoy says `connection: close`
-            // when it will not read the rest of a request). A chunked rest of unknown length, too.
+            // when it will not read the rest of a request). A chunked rest too, unless all of it
+            // is already buffered (a small upload refused or answered early).
             let undrainable = match &c.rest {
                 Rest::None => false,
                 Rest::Length(n) => *n > DRAIN_MAX,
-                Rest::Chunked(_) | Rest::Failed => true,
+                Rest::Chunked(d) => {
+                    c.rbuf.len() as u64 > CHUNKED_PROBE_MAX || d.rest_length(&c.rbuf).is_none()
+                }
+                Rest::Failed => true,
             };
             if undrainable && !c.alive {
                 *keep_alive = false;
