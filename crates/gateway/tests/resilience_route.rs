@@ -380,3 +380,190 @@ routes:
     stall().await;
     gw.stop().await;
 }
+
+/// `attempts` bounds the retries: a failure inside a hedge race no longer starts the next hedge
+/// at once (gRPC's rule), which sent a second request for `attempts: 1` and three for
+/// `attempts: 2`, skipping the backoff. Found by a review; failed before its fix.
+#[tokio::test]
+async fn a_failure_in_a_hedge_race_is_retried_by_the_loop_not_hedged_at_once() {
+    let ups = [
+        Upstream::status("a", 503).await,
+        Upstream::status("b", 503).await,
+        Upstream::status("c", 503).await,
+    ];
+    for (attempts, expected) in [(1, 1), (2, 2)] {
+        let gw = Gateway::start(&format!(
+            "upstreams:
+  u:
+    balance: round_robin
+    endpoints: [{{url: '{}'}}, {{url: '{}'}}, {{url: '{}'}}]
+routes:
+  - upstream: u
+    timeout: 10s
+    hedge: {{ delay: 5s, max_hedges: 1 }}
+    retry:
+      attempts: {attempts}
+      on: [5xx]
+      backoff: {{ kind: constant, base: 1ms, max: 1ms, jitter: none }}
+",
+            ups[0].url(),
+            ups[1].url(),
+            ups[2].url()
+        ))
+        .await;
+        let before: usize = ups.iter().map(Upstream::hits).sum();
+        let r = get(&client(), &gw.url("/")).await;
+        assert_eq!(r.status, 503);
+        let hits = ups.iter().map(Upstream::hits).sum::<usize>() - before;
+        let count = expected.to_string();
+        assert_eq!(
+            (hits, r.header("x-bulwark-attempts")),
+            (expected, Some(count.as_str())),
+            "attempts: {attempts}"
+        );
+        gw.stop().await;
+    }
+}
+
+/// An upstream that reads a request head, waits `after`, then drops the connection unanswered.
+async fn resetting(after: Duration) -> RawUpstream {
+    use tokio::io::AsyncWriteExt;
+    RawUpstream::start(move |mut s, _| async move {
+        let mut buf = Vec::new();
+        if read_head(&mut s, &mut buf).await.is_some() {
+            tokio::time::sleep(after).await;
+        }
+        let _ = s.shutdown().await;
+        drop(s);
+    })
+    .await
+}
+
+/// The original attempt of a hedged route without retries is reset while its hedge is in flight:
+/// the hedge's answer wins (as Envoy waits for its other requests after a reset), where the race
+/// ended on the reset and the client got 502. Found by a review; failed before its fix.
+#[tokio::test]
+async fn a_reset_original_does_not_cancel_the_hedge_in_flight() {
+    let a = resetting(Duration::from_millis(200)).await;
+    let b = slow("b", Duration::from_millis(500)).await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    endpoints: [{{url: '{}', priority: 0}}, {{url: '{}', priority: 1}}]
+routes:
+  - upstream: u
+    timeout: 10s
+    hedge: {{ delay: 50ms, max_hedges: 1 }}
+",
+        a.url(),
+        b.url(),
+    ))
+    .await;
+    let r = get(&client(), &gw.url("/")).await;
+    assert_eq!(
+        a.accepted(),
+        1,
+        "the original went to the priority-0 endpoint"
+    );
+    assert_eq!(b.hits(), 1, "the hedge went to the other endpoint");
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-upstream")),
+        (200, Some("b")),
+        "reason {:?}",
+        r.header("x-bulwark-reason")
+    );
+    gw.stop().await;
+}
+
+/// `per_try_timeout` measures the upstream, not the client's upload: an upload (streamed, over
+/// `retry_buffer`) that takes 1.6 s to arrive, answered as soon as it is complete, is not cut at
+/// 500 ms (it got 504). As Envoy's per-try timeout, it counts from the end of the request. Found
+/// by a review; failed before its fix.
+#[tokio::test]
+async fn a_slow_upload_is_not_cut_by_the_per_try_timeout() {
+    let up = Upstream::echo().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: u
+    timeout: 20s
+    retry_buffer: 1KiB
+    retry: {{ attempts: 2, per_try_timeout: 500ms }}
+",
+        up.url()
+    ))
+    .await;
+    let mut c = RawClient::connect(&gw).await;
+    let piece = vec![b'x'; 1024];
+    let n = 8;
+    c.send(
+        format!(
+            "PUT /up HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+            piece.len() * n
+        )
+        .as_bytes(),
+    )
+    .await;
+    // A slow client: the pacing is the test's subject, nothing waits on it.
+    for _ in 0..n {
+        c.send(&piece).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (resp, _) = c.read_response(false).await;
+    assert_eq!(
+        resp.status,
+        200,
+        "reason {:?}",
+        resp.header("x-bulwark-reason")
+    );
+    assert_eq!(resp.body.len(), piece.len() * n);
+    gw.stop().await;
+}
+
+/// ...and it still cuts an upstream that does not answer once the upload is complete.
+#[tokio::test]
+async fn the_per_try_timeout_runs_from_the_end_of_the_upload() {
+    // Reads the whole request, then answers after 3 s.
+    let up = RawUpstream::start(|mut s, _| async move {
+        let mut buf = Vec::new();
+        if read_head(&mut s, &mut buf).await.is_some() {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            use tokio::io::AsyncWriteExt;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: u
+    timeout: 20s
+    retry_buffer: 1KiB
+    retry: {{ attempts: 1, per_try_timeout: 500ms }}
+",
+        up.url()
+    ))
+    .await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(b"PUT /up HTTP/1.1\r\nHost: x\r\nContent-Length: 4096\r\n\r\n")
+        .await;
+    for _ in 0..4 {
+        c.send(&[b'x'; 1024]).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let sent = tokio::time::Instant::now();
+    let (resp, _) = c.read_response(false).await;
+    assert_eq!(resp.status, 504);
+    assert_eq!(resp.header("x-bulwark-reason"), Some("timeout"));
+    // Within the per-try timeout of the upload's end, not at the upstream's 3 s.
+    assert!(
+        sent.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        sent.elapsed()
+    );
+    gw.stop().await;
+}

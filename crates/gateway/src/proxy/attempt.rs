@@ -217,33 +217,32 @@ struct Kept {
     retry_after: Option<Duration>,
 }
 
-/// How the hedge race sees an attempt: a response that is not a failure wins; a retryable failure
-/// lets the other attempts (and the next hedge) go on; anything final (a failure the route does not
-/// retry, a client body error) ends the race at once, as it ends the loop without hedging (the
-/// race's `Success`: the race only reads the outcome to know whether it is over). A hedge
-/// the upstream refused (or found no endpoint for) sent nothing: the other attempts go on, but no
-/// further hedge starts (it would be refused too, after spending budget).
+/// How the hedge race sees an attempt. A response that is not a failure wins, and so does
+/// anything final: a failed response the route does not retry (passed through as Envoy passes a
+/// non-retriable response), a client body error. Any other failure (a retryable response, a reset
+/// or timeout whether retried or not, a connect failure) starts no hedge and stops hedging for the
+/// request: a failure is the retry loop's to answer, with its backoff, `Retry-After` and
+/// `attempts` (gRPC's rule of hedging at once on a failure made `attempts: 1` a retry, and spent
+/// hedges without backoff); the attempts still running go on, and one of them may yet succeed (as
+/// Envoy waits for its other requests in flight after a reset); when none is left, the last
+/// failure decides what comes next. A hedge the upstream refused (or found no endpoint for) sent
+/// nothing, and stops hedging the same way.
 fn hedge_outcome(r: &AttemptResult) -> Outcome {
     match r {
         Ok(_) => Outcome::Success,
-        Err(Miss::Rejected(_)) | Err(Miss::NoEndpoint) => {
-            policy::stop_hedging();
-            Outcome::Failure
-        }
+        // Final: ends the race as a success does (a hedge's `Ignore` would not, while another
+        // attempt runs: the library takes it for a local refusal).
         Err(Miss::Client(_))
         | Err(Miss::Response {
             retryable: false, ..
         })
         | Err(Miss::Kept {
             retryable: false, ..
-        })
-        | Err(Miss::Failed {
-            retryable: false,
-            unsent: false,
-            ..
-        }) => Outcome::Success, // final: ends the race as a success does (a hedge's `Ignore`
-        // would not, while another attempt runs: the library takes it for a local refusal)
-        Err(_) => Outcome::Failure,
+        }) => Outcome::Success,
+        Err(_) => {
+            policy::stop_hedging();
+            Outcome::Failure
+        }
     }
 }
 
@@ -353,7 +352,12 @@ async fn attempt(
             Outgoing::Head { parts, body } => ep.pool.send_head(parts, body.as_ref()).await,
         }
     };
-    let result = tokio::time::timeout_at(try_deadline, send).await;
+    let result = match (&client_body, route.per_try_timeout) {
+        (Some(body), Some(per_try)) if try_deadline < deadline => {
+            per_try_after_upload(send, body, now, per_try, deadline).await
+        }
+        _ => tokio::time::timeout_at(try_deadline, send).await,
+    };
     unanswered.since = None;
     // Neither a connect failure nor a refused stream reached anything that processed it.
     if !matches!(&result, Ok(Err(e)) if matches!(e.kind, FailKind::ConnectFailure | FailKind::Refused))
@@ -463,6 +467,40 @@ async fn attempt(
                 retryable: Instant::now() < deadline && route.retry_on.fail(FailKind::Timeout),
                 unsent: false,
             })
+        }
+    }
+}
+
+/// Runs `send` (an attempt whose body streams from the client) under `per_try`, counted from when
+/// the client had sent all of its body, as Envoy's per-try timeout starts once the downstream
+/// request is complete: a slow upload is the client's time, not the upstream's (the route's
+/// `deadline` still bounds it all). While the body is still coming, the timer is pushed on by
+/// `per_try` at each expiry; once it has ended, the last expiry is its end plus `per_try`.
+async fn per_try_after_upload<F: std::future::Future>(
+    send: F,
+    body: &body::StreamState,
+    start: Instant,
+    per_try: Duration,
+    deadline: Instant,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let mut send = std::pin::pin!(send);
+    let mut at = (start + per_try).min(deadline);
+    loop {
+        match tokio::time::timeout_at(at, send.as_mut()).await {
+            Ok(out) => return Ok(out),
+            Err(elapsed) => {
+                let now = Instant::now();
+                let next = match body.ended_at() {
+                    Some(end) => end + per_try,
+                    None if body.ended() => now,
+                    None => now + per_try,
+                }
+                .min(deadline);
+                if next <= now {
+                    return Err(elapsed);
+                }
+                at = next;
+            }
         }
     }
 }

@@ -180,6 +180,8 @@ pin_project! {
 #[derive(Debug, Default)]
 pub struct StreamState {
     ended: AtomicBool,
+    /// When `ended` was set (a per-try timeout counts from then).
+    ended_at: std::sync::OnceLock<tokio::time::Instant>,
     /// What the client gets for its body's failure: 0 none, else a [`Local`] code.
     failed: std::sync::atomic::AtomicU8,
 }
@@ -188,6 +190,17 @@ impl StreamState {
     /// Whether the client has sent its whole body.
     pub fn ended(&self) -> bool {
         self.ended.load(Ordering::Relaxed)
+    }
+
+    /// When the client had sent its whole body, if it has.
+    pub fn ended_at(&self) -> Option<tokio::time::Instant> {
+        self.ended_at.get().copied()
+    }
+
+    fn end(&self) {
+        if !self.ended.swap(true, Ordering::Relaxed) {
+            let _ = self.ended_at.set(tokio::time::Instant::now());
+        }
     }
 
     /// When reading the client's body failed: what the client gets for it.
@@ -265,15 +278,15 @@ impl Body for ReqBody {
             } => {
                 if let Some(p) = prefix.take() {
                     if rest.is_end_stream() {
-                        state.ended.store(true, Ordering::Relaxed);
+                        state.end();
                     }
                     return Poll::Ready(Some(Ok(Frame::data(p))));
                 }
                 let frame = rest.as_mut().poll_frame(cx);
                 match &frame {
                     Poll::Ready(Some(Err(e))) => state.fail(&**e),
-                    Poll::Ready(None) => state.ended.store(true, Ordering::Relaxed),
-                    _ if rest.is_end_stream() => state.ended.store(true, Ordering::Relaxed),
+                    Poll::Ready(None) => state.end(),
+                    _ if rest.is_end_stream() => state.end(),
                     _ => {}
                 }
                 frame
@@ -294,7 +307,7 @@ impl Body for ReqBody {
                 // client has sent everything, and its flag must say so.
                 let end = prefix.is_none() && rest.is_end_stream();
                 if end {
-                    state.ended.store(true, Ordering::Relaxed);
+                    state.end();
                 }
                 end
             }
