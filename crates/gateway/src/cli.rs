@@ -150,12 +150,14 @@ fn demo(opts: crate::demo::DemoOptions) -> ExitCode {
         }
     };
     rt.block_on(async move {
+        // Ended by a signal: 128 + its number, as a shell reports a process a signal ended
+        // (130 for Ctrl-C), so that a script or a shell loop running the demo stops too.
+        let by_signal = |n: i32| ExitCode::from(u8::try_from(128 + n).unwrap_or(130));
         match crate::demo::run(opts, crate::demo::InProcessGateway::default()).await {
-            Ok(_) => ExitCode::SUCCESS,
-            Err(e @ crate::demo::DemoError::Interrupted) => {
+            Ok(summary) => summary.signal.map_or(ExitCode::SUCCESS, by_signal),
+            Err(e @ crate::demo::DemoError::Interrupted(n)) => {
                 eprintln!("bulwark demo: {e}");
-                // As a shell reports a process ended by SIGINT.
-                ExitCode::from(130)
+                by_signal(n)
             }
             Err(e) => {
                 eprintln!("bulwark demo: {e}");
@@ -270,7 +272,17 @@ pub async fn start(path: &Path, config: &Config, poll: Duration) -> Result<Runni
     // SIGHUP's handler before anything slow (the store may wait for its file's lock): from now
     // on a SIGHUP (`systemctl reload` right after `start`) reloads once the start is done,
     // rather than kill the process.
-    let hup = reload::hangup();
+    start_with(path, config, poll, reload::hangup()).await
+}
+
+/// [`start`], with the SIGHUP handler that reloads (`None`: SIGHUP does not reload; the demo
+/// takes it as its terminal closing).
+pub async fn start_with(
+    path: &Path,
+    config: &Config,
+    poll: Duration,
+    hup: reload::Hangup,
+) -> Result<Running, StartError> {
     // The store first: a file that cannot be used fails the start before any port is bound.
     let store = match &config.store {
         Some(s) => Some(open_store(s.path.clone()).await?),

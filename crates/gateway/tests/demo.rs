@@ -447,6 +447,7 @@ fn summary_shows_totals_and_transitions() {
     let summary = DemoSummary {
         elapsed: Duration::from_secs(30),
         interrupted: false,
+        signal: None,
         load: snap.load.clone(),
         p50: Some(Duration::from_millis(12)),
         p99: Some(Duration::from_millis(480)),

@@ -20,7 +20,8 @@ impl DemoGateway for InProcessGateway {
     fn start(&mut self, config: PathBuf) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             let cfg = crate::config::load(&config).map_err(|e| e.to_string())?;
-            let running = crate::cli::start(&config, &cfg, Duration::from_secs(1))
+            // SIGHUP is the demo's (its terminal closed), not a reload of a generated file.
+            let running = crate::cli::start_with(&config, &cfg, Duration::from_secs(1), None)
                 .await
                 .map_err(|e| e.to_string())?;
             self.running = Some(running);

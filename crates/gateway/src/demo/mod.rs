@@ -269,8 +269,10 @@ pub struct TransitionCount {
 pub struct DemoSummary {
     /// How long the load ran.
     pub elapsed: Duration,
-    /// Whether the user interrupted it (Ctrl-C).
+    /// Whether a signal ended it early (Ctrl-C, SIGTERM, a closed terminal's SIGHUP).
     pub interrupted: bool,
+    /// The signal that ended it early, if one did (its number: 2, 15 or 1).
+    pub signal: Option<i32>,
     /// Everything the clients saw.
     pub load: LoadSnapshot,
     /// Median latency seen by clients.
@@ -323,8 +325,9 @@ pub enum DemoError {
         /// Gateway listener.
         listen: SocketAddr,
     },
-    /// Ctrl-C before the load started (what was set up is taken down again).
-    Interrupted,
+    /// A signal (its number) before the load started: Ctrl-C, SIGTERM, SIGHUP (what was set up
+    /// is taken down again).
+    Interrupted(i32),
 }
 
 impl fmt::Display for DemoError {
@@ -340,7 +343,7 @@ impl fmt::Display for DemoError {
                 "the gateway did not accept connections on {listen} within {}s",
                 READY_TIMEOUT.as_secs()
             ),
-            DemoError::Interrupted => f.write_str("interrupted before the load started"),
+            DemoError::Interrupted(_) => f.write_str("interrupted before the load started"),
         }
     }
 }
@@ -349,7 +352,39 @@ impl std::error::Error for DemoError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             DemoError::Providers(err) | DemoError::Setup(err) => Some(err),
-            DemoError::Gateway(_) | DemoError::NotReady { .. } | DemoError::Interrupted => None,
+            DemoError::Gateway(_) | DemoError::NotReady { .. } | DemoError::Interrupted(_) => None,
+        }
+    }
+}
+
+/// A future that resolves to the number of the first of SIGINT, SIGTERM and SIGHUP received
+/// (SIGINT only where there are no Unix signals); the handlers are installed when it is made.
+fn stop_signal() -> impl Future<Output = i32> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut handlers: Vec<(i32, tokio::signal::unix::Signal)> = [
+            (2, SignalKind::interrupt()),
+            (15, SignalKind::terminate()),
+            (1, SignalKind::hangup()),
+        ]
+        .into_iter()
+        .filter_map(|(n, kind)| signal(kind).ok().map(|s| (n, s)))
+        .collect();
+        std::future::poll_fn(move |cx| {
+            for (n, s) in &mut handlers {
+                if s.poll_recv(cx).is_ready() {
+                    return std::task::Poll::Ready(*n);
+                }
+            }
+            std::task::Poll::Pending
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+            2
         }
     }
 }
@@ -362,15 +397,11 @@ pub async fn run<G: DemoGateway>(
     opts: DemoOptions,
     mut gateway: G,
 ) -> Result<DemoSummary, DemoError> {
-    // Ctrl-C is ours from the start: during the set-up it takes down what was set up (the
-    // temporary directory included) instead of killing the process; during the load it ends the
-    // load early. (Polled once here, so that the handler is installed now.)
-    let mut ctrl_c = Box::pin(tokio::signal::ctrl_c());
-    std::future::poll_fn(|cx| {
-        let _ = ctrl_c.as_mut().poll(cx);
-        std::task::Poll::Ready(())
-    })
-    .await;
+    // Ctrl-C, SIGTERM (`timeout`, `docker stop`, a cancelled CI job) and SIGHUP (the terminal
+    // closed) are ours from the start: during the set-up they take down what was set up (the
+    // temporary directory included) instead of killing the process; during the load they end the
+    // load early, and the gateway is stopped as after a full run. (Installed now.)
+    let mut ctrl_c = Box::pin(stop_signal());
     let providers = Providers::start(opts.seed)
         .await
         .map_err(DemoError::Providers)?;
@@ -391,7 +422,7 @@ pub async fn run<G: DemoGateway>(
         .map_err(DemoError::Gateway)?;
     let ready = tokio::select! {
         r = wait_ready(listen, admin) => r.ok_or(DemoError::NotReady { listen }),
-        _ = &mut ctrl_c => Err(DemoError::Interrupted),
+        sig = &mut ctrl_c => Err(DemoError::Interrupted(sig)),
     };
     let admin_up = match ready {
         Ok(up) => up,
@@ -425,7 +456,8 @@ pub async fn run<G: DemoGateway>(
 
     let summary = DemoSummary {
         elapsed: summary.elapsed,
-        interrupted: summary.interrupted,
+        interrupted: summary.signal.is_some(),
+        signal: summary.signal,
         load: summary.load,
         p50: summary.p50,
         p99: summary.p99,
@@ -444,7 +476,8 @@ pub async fn run<G: DemoGateway>(
 /// What [`drive`] measured.
 struct Driven {
     elapsed: Duration,
-    interrupted: bool,
+    /// The signal that ended the load early.
+    signal: Option<i32>,
     load: LoadSnapshot,
     p50: Option<Duration>,
     p99: Option<Duration>,
@@ -459,7 +492,7 @@ async fn drive(
     listen: SocketAddr,
     admin: SocketAddr,
     screen: &mut Screen,
-    mut ctrl_c: Pin<Box<impl Future<Output = io::Result<()>>>>,
+    mut ctrl_c: Pin<Box<impl Future<Output = i32>>>,
 ) -> Driven {
     let stats = Arc::new(LoadStats::new());
     let load_config = LoadConfig {
@@ -490,16 +523,16 @@ async fn drive(
     });
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
 
-    let (load, interrupted) = loop {
+    let (load, signal) = loop {
         tokio::select! {
             finished = &mut load_task => {
                 // The load task never panics; if it did, the counters it left are still right.
                 let load = finished.unwrap_or_else(|_| stats.snapshot());
-                break (load, false);
+                break (load, None);
             }
-            _ = &mut ctrl_c => {
+            sig = &mut ctrl_c => {
                 load_task.abort();
-                break (stats.snapshot(), true);
+                break (stats.snapshot(), Some(sig));
             }
             _ = tick.tick() => {}
         }
@@ -558,7 +591,7 @@ async fn drive(
     let observed = std::mem::take(&mut *observed.lock().unwrap_or_else(|p| p.into_inner()));
     Driven {
         elapsed,
-        interrupted,
+        signal,
         load,
         p50,
         p99,

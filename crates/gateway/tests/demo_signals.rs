@@ -1,0 +1,166 @@
+//! `bulwark demo` and the signals a user, a CI runner or a closed terminal sends it: the real binary
+//! as a child process (signals never reach the test runner), its output piped (not a terminal, so
+//! progress comes one line a second). Found by a review; each test failed before its fix.
+#![cfg(unix)]
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// A running `bulwark demo`; killed (and its temporary directory removed) on drop.
+struct Demo {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    state_dir: Option<PathBuf>,
+}
+
+impl Drop for Demo {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(dir) = &self.state_dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+impl Demo {
+    /// `bulwark demo --duration <duration>`, stdout gathered line by line.
+    fn start(duration: &str) -> Demo {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
+            .args(["demo", "--duration", duration])
+            .env_remove("BULWARK_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let out = child.stdout.take().unwrap();
+        let l = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                l.lock().unwrap().push(line);
+            }
+        });
+        Demo {
+            child,
+            lines,
+            state_dir: None,
+        }
+    }
+
+    fn text(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits (up to 60 s) until the load runs (a progress line with requests); the generated
+    /// config file named in the header.
+    fn wait_for_load(&mut self) -> PathBuf {
+        for _ in 0..1200 {
+            let text = self.text();
+            let running = text
+                .lines()
+                .any(|l| l.starts_with('[') && l.contains("phase 1") && !l.contains("| 0 req ("));
+            if running {
+                let config = text
+                    .lines()
+                    .find_map(|l| l.trim_start().strip_prefix("config"))
+                    .unwrap_or_else(|| panic!("no config line in\n{text}"))
+                    .trim()
+                    .to_owned();
+                let config = PathBuf::from(config);
+                self.state_dir = config.parent().map(PathBuf::from);
+                return config;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("the demo exited ({status}) before its load ran:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("no load within 60 s:\n{}", self.text());
+    }
+
+    /// The exit status, if the process ends within `secs`.
+    fn exit_within(&mut self, secs: u64) -> Option<ExitStatus> {
+        for _ in 0..secs * 20 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // The reader thread takes the last lines at the pipe's end.
+                std::thread::sleep(Duration::from_millis(200));
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+/// Ctrl-C during the load: the interrupted summary, then exit status 130 (as for a Ctrl-C during
+/// the set-up, and as a shell reports it), so that a script or a shell loop stops too. It was 0.
+#[test]
+fn ctrl_c_during_the_load_exits_130() {
+    let mut demo = Demo::start("60s");
+    let config = demo.wait_for_load();
+    signal(demo.child.id(), "-INT");
+    let status = demo
+        .exit_within(30)
+        .unwrap_or_else(|| panic!("no exit within 30 s of SIGINT:\n{}", demo.text()));
+    let text = demo.text();
+    assert!(text.contains("summary (interrupted)"), "{text}");
+    assert!(!config.exists(), "{} left behind", config.display());
+    assert_eq!(status.code(), Some(130), "{text}");
+}
+
+/// SIGTERM (`timeout 60 bulwark demo`, `docker stop`, a cancelled CI job) stops the demo as Ctrl-C
+/// does: summary, gateway stopped, temporary config and store removed, exit 143. It died on the
+/// spot and left them behind.
+#[test]
+fn sigterm_stops_the_demo_and_removes_its_files() {
+    let mut demo = Demo::start("60s");
+    let config = demo.wait_for_load();
+    let dir = config.parent().unwrap().to_owned();
+    assert!(dir.join("bulwark-demo.db").exists(), "{}", dir.display());
+    signal(demo.child.id(), "-TERM");
+    let status = demo
+        .exit_within(30)
+        .unwrap_or_else(|| panic!("no exit within 30 s of SIGTERM:\n{}", demo.text()));
+    assert!(
+        !dir.exists(),
+        "after SIGTERM ({status}) {} is left",
+        dir.display()
+    );
+    assert!(
+        demo.text().contains("summary (interrupted)"),
+        "{}",
+        demo.text()
+    );
+    assert_eq!(status.code(), Some(143));
+}
+
+/// SIGHUP (the terminal running the demo was closed) ends the demo. It was taken as "reload the
+/// config" (a generated file nobody edits), and the demo went on driving load, headless, for the
+/// rest of `--duration`.
+#[test]
+fn a_hangup_ends_the_demo() {
+    let mut demo = Demo::start("120s");
+    let _config = demo.wait_for_load();
+    signal(demo.child.id(), "-HUP");
+    let status = demo.exit_within(20);
+    assert!(
+        status.is_some(),
+        "still running 20 s after SIGHUP (load of 120 s):\n{}",
+        demo.text()
+    );
+    assert_eq!(status.unwrap().code(), Some(129));
+}
