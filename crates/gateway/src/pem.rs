@@ -18,9 +18,19 @@ pub(crate) fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String>
     Ok(certs)
 }
 
-/// The first private key (PKCS#8, PKCS#1 or SEC1) in the PEM file at `path`.
+/// The first private key (PKCS#8, PKCS#1 or SEC1) in the PEM file at `path`. An encrypted key
+/// (PKCS#8 `ENCRYPTED PRIVATE KEY`, or OpenSSL's `Proc-Type: 4,ENCRYPTED` header) is refused as
+/// such: the gateway takes no passphrase.
 pub(crate) fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
     let pem = read(path)?;
+    let encrypted = |needle: &[u8]| pem.windows(needle.len()).any(|w| w == needle);
+    if encrypted(b"-----BEGIN ENCRYPTED PRIVATE KEY-----") || encrypted(b"Proc-Type: 4,ENCRYPTED") {
+        return Err(format!(
+            "`{}` holds an encrypted private key, and the gateway takes no passphrase: decrypt it \
+             (`openssl pkey -in KEY -out KEY.plain`) and keep the file readable by the gateway only",
+            path.display()
+        ));
+    }
     rustls_pemfile::private_key(&mut pem.as_slice())
         .map_err(|e| format!("`{}` is not a PEM file: {e}", path.display()))?
         .ok_or_else(|| format!("no PEM private key in `{}`", path.display()))

@@ -129,6 +129,7 @@ impl Reloader {
     /// A reloader for `gateway` from `path`; the file as it is now counts as already loaded.
     pub fn new(path: impl Into<PathBuf>, gateway: Arc<Gateway>) -> Self {
         let path = path.into();
+        gateway.set_config_file(&path);
         let reloader = Reloader {
             path,
             gateway,
@@ -232,6 +233,8 @@ impl Reloader {
             .runtime()
             .telemetry()
             .config_reloaded(result.is_ok());
+        self.gateway
+            .record_reload(result.as_ref().map(|_| ()).map_err(String::as_str));
         match &result {
             Ok(r) => {
                 // The TLS files to watch from now on are those the new config names (taken after

@@ -369,3 +369,72 @@ fn settings_that_can_never_apply_are_refused() {
     )
     .unwrap();
 }
+
+// Made with OpenSSL 3: an EC key and a self-signed certificate for `localhost`, the key then
+// encrypted (`pkcs8 -topk8`, passphrase `x`); and an RSA key in OpenSSL's legacy encrypted
+// PKCS#1 form (`rsa -aes256 -traditional`), shortened here: only its PEM headers are looked at
+// before the key would be read.
+const EC_CERT: &str = "\
+-----BEGIN CERTIFICATE-----\n\
+MIIBkTCCATigAwIBAgIUbEhYECqe5p+CvkwI2ttjx6CdhgUwCgYIKoZIzj0EAwIw\n\
+FDESMBAGA1UEAwwJbG9jYWxob3N0MCAXDTI2MTEyOTA0MTQ1OVoYDzIxMjYxMTA1\n\
+MDQxNDU5WjAUMRIwEAYDVQQDDAlsb2NhbGhvc3QwWTATBgcqhkjOPQIBBggqhkjO\n\
+PQMBBwNCAAQpDEmTkkWlKm7neKyUlVv4zDK/Vy4v5VAnz741mqCEuDoj/nzAGzCZ\n\
+xwnk1T5wv9VW2o0MxdGml3gPwJAxBbxUo2YwZDAdBgNVHQ4EFgQUp11C1+hB8CVv\n\
+xJ8RT9hRpdH0pGYwHwYDVR0jBBgwFoAUp11C1+hB8CVvxJ8RT9hRpdH0pGYwFAYD\n\
+VR0RBA0wC4IJbG9jYWxob3N0MAwGA1UdEwEB/wQCMAAwCgYIKoZIzj0EAwIDRwAw\n\
+RAIgUt6m5164WInNck2qhhXuExYB3k4lpknz3ZNGdmsGz6gCICODAvcK8yfAtm0C\n\
+e3SUHObtipR4lqXMaXPncIViyoU1\n\
+-----END CERTIFICATE-----\n\
+";
+const EC_PKCS8_ENCRYPTED_KEY: &str = "\
+-----BEGIN ENCRYPTED PRIVATE KEY-----\n\
+MIHsMFcGCSqGSIb3DQEFDTBKMCkGCSqGSIb3DQEFDDAcBAj8LNNrsku1JwICCAAw\n\
+DAYIKoZIhvcNAgkFADAdBglghkgBZQMEASoEEOpwVGyF9LxDURXmiyx4ecUEgZC9\n\
+pj7fjy53/bbcWQb6H6kDnjlztUy5o8nDKwWi6UwMkwSSaXM3LqFBdSshc/bDtx87\n\
+q6ok0u8KtHX0Batbd2WFIp0NRseWUrmTUQ4TLtIoLeaMRI70zMoMTUP31NI2asQP\n\
+DYcyFU19AyH94xepO27i7b657YFEBavjvxwm+y8tyeMwuU4A8WE+c86GB771ink=\n\
+-----END ENCRYPTED PRIVATE KEY-----\n\
+";
+const RSA_PKCS1_ENCRYPTED_KEY: &str = "\
+-----BEGIN RSA PRIVATE KEY-----\n\
+Proc-Type: 4,ENCRYPTED\n\
+DEK-Info: AES-256-CBC,48F03072554B3236F8C5C06D90171E85\n\
+\n\
+ODNC6eZtVR4pyXU9+725IwURtemxxJN+nO156GXQkC36zCnACMzuLbs/G3FPgWaV\n\
+EMwJQw0TNnsEk3i44whdDiLUqhZ56DC4Emd/ojNHmrS8ln4hTrI9RAQXWurNtQlg\n\
+-----END RSA PRIVATE KEY-----\n\
+";
+
+/// An encrypted private key (the most common wrong key file handed to a proxy) is refused at
+/// `tls.key`, listener and upstream alike, saying it is encrypted: it was `no PEM private key in
+/// ...` (PKCS#8) and `... is not a PEM file: InvalidCharacter(45)` (legacy PKCS#1), sending the
+/// operator after a missing or corrupt file. Found by a review; failed before its fix.
+#[test]
+fn an_encrypted_private_key_is_reported_as_encrypted() {
+    let dir = support::TempDir::new("cfg-keyfile");
+    let cert_path = dir.join("c.crt");
+    std::fs::write(&cert_path, EC_CERT).unwrap();
+    for (name, key) in [
+        ("pkcs8", EC_PKCS8_ENCRYPTED_KEY),
+        ("pkcs1", RSA_PKCS1_ENCRYPTED_KEY),
+    ] {
+        let key_path = dir.join(&format!("{name}.key"));
+        std::fs::write(&key_path, key).unwrap();
+        let e = err(&format!(
+            "tls:\n  cert: '{}'\n  key: '{}'\n",
+            cert_path.display(),
+            key_path.display()
+        ));
+        assert_eq!(e.path, "tls.key", "{name}: {e}");
+        assert!(e.message.contains("encrypted private key"), "{name}: {e}");
+        let e = err(&format!(
+            "upstreams:\n  a:\n    endpoints: [{{url: 'https://localhost:1'}}]\n    tls:\n      \
+             cert: '{}'\n      key: '{}'\n",
+            cert_path.display(),
+            key_path.display()
+        ));
+        assert_eq!(e.path, "upstreams.a.tls.key", "{name}: {e}");
+        assert!(e.message.contains("encrypted private key"), "{name}: {e}");
+    }
+}

@@ -439,3 +439,87 @@ async fn a_request_with_many_small_headers_gets_the_same_answer_over_both_protoc
         gw.stop().await;
     }
 }
+
+/// `header_read_timeout` is per head: a client sending a steady stream of small requests whose
+/// reads each end inside the next request's frame (a busy link cuts them anywhere) is not cut
+/// while every head completes in a fraction of it. The first deadline was kept for as long as
+/// reads ended inside *some* head (9 of 30 answers, then closed). Found by a review; failed
+/// before its fix.
+#[tokio::test]
+async fn http2_requests_each_complete_promptly_are_not_cut_because_reads_end_inside_the_next() {
+    let up = Upstream::named("u").await;
+    let gw = Gateway::start(&limited_config(
+        &up.url(),
+        "header_read_timeout: 1s, idle_timeout: 120s",
+    ))
+    .await;
+    let mut c = Raw::connect(&gw, settings(&[])).await;
+    let n: u32 = 30; // 30 x 100 ms: three times header_read_timeout
+    let frames: Vec<Vec<u8>> = (0..n)
+        .map(|i| {
+            frame(
+                HEADERS,
+                END_STREAM | END_HEADERS,
+                2 * i + 1,
+                &get_block("/"),
+            )
+        })
+        .collect();
+    // The first 5 bytes of request 0's frame; then every 100 ms (the client's pace, the test's
+    // subject) the rest of request i and the first 5 bytes of request i + 1.
+    assert!(c.send(&frames[0][..5]).await);
+    for i in 0..n as usize {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut piece = frames[i][5..].to_vec();
+        if i + 1 < n as usize {
+            piece.extend_from_slice(&frames[i + 1][..5]);
+        }
+        if !c.send(&piece).await || c.ended() {
+            break;
+        }
+    }
+    let all = within(10, || {
+        c.headers.load(Ordering::SeqCst) >= n as usize || c.ended()
+    })
+    .await;
+    assert!(
+        all && !c.ended(),
+        "cut although every head completed within 100 ms (header_read_timeout 1s): {} of {n} \
+         answers",
+        c.headers.load(Ordering::SeqCst)
+    );
+    gw.stop().await;
+}
+
+/// `limits.max_headers` counts an HTTP/2 request's cookies (one field each, as browsers send
+/// them, RFC 9113 8.2.3) as the one `cookie` line they become: 120 cookies passed over HTTP/1.1
+/// and got 431 over HTTP/2. Found by a review; failed before its fix.
+#[tokio::test]
+async fn cookie_crumbs_of_an_http2_request_count_as_the_one_cookie_line_they_become() {
+    let up = RawUpstream::answering(|_| b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec())
+        .await;
+    let gw = Gateway::start(&limited_config(&up.url(), "max_headers: 100")).await;
+    let cookies: Vec<String> = (0..120).map(|i| format!("c{i}=v")).collect();
+    let h1 = send(
+        &client(),
+        Request::get(gw.url("/"))
+            .header("cookie", cookies.join("; "))
+            .body(Full::<Bytes>::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(h1.status.as_u16(), 200, "over HTTP/1.1");
+    let mut b = Request::get(gw.url("/"));
+    for c in &cookies {
+        b = b.header("cookie", c.as_str());
+    }
+    let h2 = send(&h2c_client(), b.body(Full::<Bytes>::default()).unwrap()).await;
+    assert_eq!(h2.version, http::Version::HTTP_2);
+    assert_eq!(
+        h2.status.as_u16(),
+        200,
+        "reason {:?}",
+        h2.header("x-bulwark-reason")
+    );
+    gw.stop().await;
+}

@@ -227,3 +227,59 @@ routes:
     );
     ops.stop().await;
 }
+
+/// `GET /api/config` shows the config in force (as `bulwark check` prints it), its generation,
+/// the file, and what became of the last reload: a refused reload's error is there, so an
+/// operator can tell that the file on disk is not what runs (the log and a metric said so only).
+#[tokio::test]
+async fn the_admin_api_shows_the_config_in_force_and_the_last_reload_error() {
+    let a = Upstream::named("a").await;
+    let yaml = format!(
+        "upstreams:\n  a: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - name: first\n    upstream: a\n",
+        a.url()
+    );
+    let ops = Ops::start_with(&yaml, None, Duration::from_secs(3600)).await;
+    let c = client();
+    let v = ops.admin_json(&c, "/api/config").await;
+    assert_eq!(v["generation"], 1, "{v}");
+    assert_eq!(v["file"], ops.path.display().to_string(), "{v}");
+    assert!(v["last_reload"]["ok"].is_null(), "{v}");
+    assert!(
+        v["effective"].as_str().unwrap().contains("name: first"),
+        "{v}"
+    );
+
+    // A broken file: refused, and the API says why.
+    ops.rewrite("upstreams: [oops\n");
+    assert!(ops.reloader().reload().is_err());
+    let v = ops.admin_json(&c, "/api/config").await;
+    assert_eq!(v["last_reload"]["ok"], false, "{v}");
+    let error = v["last_reload"]["error"].as_str().unwrap();
+    assert!(error.contains(&ops.path.display().to_string()), "{error}");
+    assert_eq!(v["generation"], 1, "the old config serves: {v}");
+    assert!(
+        v["effective"].as_str().unwrap().contains("name: first"),
+        "{v}"
+    );
+
+    // Fixed: applied, and the error is gone.
+    ops.rewrite(&yaml.replace("first", "second"));
+    ops.reloader().reload().unwrap();
+    let v = ops.admin_json(&c, "/api/config").await;
+    assert_eq!(
+        (
+            v["last_reload"]["ok"].clone(),
+            v["last_reload"]["error"].clone()
+        ),
+        (serde_json::json!(true), serde_json::Value::Null),
+        "{v}"
+    );
+    assert_eq!(v["generation"], 2, "{v}");
+    assert!(
+        v["effective"].as_str().unwrap().contains("name: second"),
+        "{v}"
+    );
+    let put = ops.admin_put(&c, "/api/config", None, "{}").await;
+    assert_eq!(put.status, 405);
+    ops.stop().await;
+}

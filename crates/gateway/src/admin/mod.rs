@@ -63,6 +63,7 @@ const ADMIN_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const BREAKERS: &str = "/api/circuit-breakers";
 const AUDIT: &str = "/api/audit";
 const MODE: &str = "/api/mode";
+const CONFIG: &str = "/api/config";
 /// The dashboard's files, compiled into the binary.
 const DASHBOARD: [(&str, &str, &str); 3] = [
     (
@@ -439,11 +440,14 @@ impl AdminState {
             }
             AUDIT if get => self.audit(req.uri().query()).await,
             MODE if get => json(StatusCode::OK, &self.gateway.mode_status()),
+            CONFIG if get => self.config(),
             MODE if req.method() == Method::PUT || req.method() == Method::DELETE => {
                 self.set_mode(req, peer).await
             }
             MODE => method_not_allowed("GET, HEAD, PUT, DELETE"),
-            "/health" | "/ready" | "/metrics" | BREAKERS | AUDIT => method_not_allowed("GET, HEAD"),
+            "/health" | "/ready" | "/metrics" | BREAKERS | AUDIT | CONFIG => {
+                method_not_allowed("GET, HEAD")
+            }
             _ => match path
                 .strip_prefix(BREAKERS)
                 .and_then(|p| p.strip_prefix('/'))
@@ -463,6 +467,26 @@ impl AdminState {
                 _ => error(StatusCode::NOT_FOUND, "not found"),
             },
         }
+    }
+
+    /// `GET /api/config`: the config in force (as `bulwark check` prints it), its generation, and
+    /// what became of the last reload (a refused one's error: the file on disk is not what runs).
+    fn config(&self) -> Resp {
+        let rt = self.gateway.runtime();
+        let status = self.gateway.reload_status();
+        json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "generation": self.gateway.generation(),
+                "file": status.file,
+                "last_reload": {
+                    "at_unix_ms": status.last_attempt_unix_ms,
+                    "ok": status.last_ok,
+                    "error": status.last_error,
+                },
+                "effective": crate::config::to_yaml(&rt.config),
+            }),
+        )
     }
 
     fn health(&self) -> Resp {

@@ -557,12 +557,20 @@ pub(crate) async fn forward(
     rt: &Runtime,
     route: &Route,
     mut parts: Parts,
-    body: Limited<body::ClientBody>,
+    (body, link): (Limited<body::ClientBody>, Option<super::h1::Link>),
     start: Instant,
     no_retries: bool,
     tally: &Tally,
 ) -> Response<RespBody> {
     let deadline = start + route.timeout;
+    // A body that streams upstream: its client connection tells the upstream side if it gives
+    // the body up (see `StreamState::abandon`).
+    let streamed = |b: ReqBody| {
+        if let (Some(l), Some(s)) = (&link, b.stream_state()) {
+            l.streamed_as(Arc::downgrade(&s));
+        }
+        b
+    };
     let retry_allowed = !no_retries
         && (is_idempotent(&parts.method)
             || route.retry_non_idempotent
@@ -600,7 +608,7 @@ pub(crate) async fn forward(
         // together with the head and its connection goes back to the pool, while a streamed body
         // needs a full-duplex exchange of its own (see `upstream::pool`). A chunked body that may
         // not be replayed streams at once: the client may be waiting for an early response.
-        BodySlot::Once(Some(ReqBody::stream(None, body)))
+        BodySlot::Once(Some(streamed(ReqBody::stream(None, body))))
     } else {
         match tokio::time::timeout_at(deadline, body::buffer(body, route.retry_buffer)).await {
             Err(_) => {
@@ -611,7 +619,7 @@ pub(crate) async fn forward(
             Ok(Ok(Buffered::Full(b))) => BodySlot::Replay((!b.is_empty()).then_some(b)),
             Ok(Ok(Buffered::Partial(prefix, rest))) => {
                 let prefix = (!prefix.is_empty()).then_some(prefix);
-                BodySlot::Once(Some(ReqBody::stream(prefix, rest)))
+                BodySlot::Once(Some(streamed(ReqBody::stream(prefix, rest))))
             }
         }
     };

@@ -34,6 +34,15 @@ pin_project! {
 }
 
 impl ClientBody {
+    /// For an HTTP/1.1 body, its connection: told later how the body streams upstream, so that it
+    /// can tell the upstream side when it gives the body up ([`StreamState::abandon`]).
+    pub(crate) fn link(&self) -> Option<super::h1::Link> {
+        match self {
+            ClientBody::H1 { inner } => Some(inner.link()),
+            _ => None,
+        }
+    }
+
     /// An HTTP/2 stream's body, cut when it makes no progress for `idle` ([`Stall`]) until the
     /// response has started, or when its stream is cut (see [`super::h2`]).
     pub(crate) fn h2(inner: Incoming, idle: Duration, stream: Arc<super::h2::Progress>) -> Self {
@@ -177,13 +186,28 @@ pin_project! {
 /// What became of a request body streamed from the client, shared with the attempt that sends it:
 /// an upstream client (hyper's HTTP/2 one) may report a failing request body only as a stream it
 /// reset itself, which must not be taken for the upstream's failure.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct StreamState {
     ended: AtomicBool,
     /// When `ended` was set (a per-try timeout counts from then).
     ended_at: std::sync::OnceLock<tokio::time::Instant>,
+    /// The client went away before the whole body was sent (see [`StreamState::abandon`]).
+    gone: AtomicBool,
+    /// The upstream side waiting for `gone` (its connection's task).
+    watch: futures_util::task::AtomicWaker,
+    /// Run once when `gone` is set (an HTTP/2 stream's slot gives up its connection).
+    on_gone: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// What the client gets for its body's failure: 0 none, else a [`Local`] code.
     failed: std::sync::atomic::AtomicU8,
+}
+
+impl std::fmt::Debug for StreamState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamState")
+            .field("ended", &self.ended())
+            .field("gone", &self.gone.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
 }
 
 impl StreamState {
@@ -200,6 +224,43 @@ impl StreamState {
     fn end(&self) {
         if !self.ended.swap(true, Ordering::Relaxed) {
             let _ = self.ended_at.set(tokio::time::Instant::now());
+        }
+    }
+
+    /// The client's connection ended with the body unfinished. Whoever sends it upstream is
+    /// told at once: the body itself would fail only at its next poll, and the upstream
+    /// connection that holds it polls it only when it can write (an upstream that stopped reading
+    /// would hold the body, its connection and the client's socket for ever).
+    pub(crate) fn abandon(&self) {
+        if self.ended() || self.gone.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.watch.wake();
+        let f = self.on_gone.lock().ok().and_then(|mut g| g.take());
+        if let Some(f) = f {
+            f();
+        }
+    }
+
+    /// Whether the client went away with the body unfinished; if not, `cx` is woken when it does.
+    pub(crate) fn poll_abandoned(&self, cx: &mut Context<'_>) -> bool {
+        if self.gone.load(Ordering::Acquire) {
+            return true;
+        }
+        self.watch.register(cx.waker());
+        self.gone.load(Ordering::Acquire)
+    }
+
+    /// Runs `f` when the client goes away with the body unfinished (at once if it has).
+    pub(crate) fn on_abandon(&self, f: Box<dyn FnOnce() + Send>) {
+        if let Ok(mut g) = self.on_gone.lock() {
+            *g = Some(f);
+        }
+        if self.gone.load(Ordering::Acquire) {
+            let f = self.on_gone.lock().ok().and_then(|mut g| g.take());
+            if let Some(f) = f {
+                f();
+            }
         }
     }
 

@@ -479,6 +479,26 @@ struct Conn<I> {
     /// Whoever last polled the body and is waiting for more of it (woken when the connection is
     /// given up, so that a body held by an upstream connection's task fails and lets go of it).
     reader: Option<Waker>,
+    /// The streamed upstream copy of exchange `seq`'s body, told when the connection gives the
+    /// body up (its sender may not poll it again: an upstream that stopped reading).
+    abandon: Option<(u64, std::sync::Weak<super::body::StreamState>)>,
+}
+
+/// What to tell when a connection gives up a request body: the waker of its last reader, and the
+/// upstream copy streaming it.
+type GivenUp = (
+    Option<Waker>,
+    Option<std::sync::Weak<super::body::StreamState>>,
+);
+
+/// Tells `given_up` (outside the connection's lock).
+fn tell(given_up: GivenUp) {
+    if let Some(w) = given_up.0 {
+        w.wake();
+    }
+    if let Some(s) = given_up.1.and_then(|s| s.upgrade()) {
+        s.abandon();
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -498,11 +518,17 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
     }
 
     /// Fails the current request body from its next poll on (the connection will not read it any
-    /// more); returns its reader's waker, to wake once the lock is released.
-    fn fail_body(&mut self) -> Option<Waker> {
+    /// more); returns whom to tell, once the lock is released ([`tell`]).
+    fn fail_body(&mut self) -> GivenUp {
+        let seq = self.seq;
         self.seq = self.seq.wrapping_add(1);
         self.rest = Rest::Failed;
-        self.reader.take()
+        let abandon = self
+            .abandon
+            .take()
+            .filter(|(s, _)| *s == seq)
+            .map(|(_, w)| w);
+        (self.reader.take(), abandon)
     }
 
     fn wake_waiter(&mut self) {
@@ -611,6 +637,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Conn<I> {
 /// The request body's view of its connection (the I/O type erased).
 trait Source: Send + Sync {
     fn poll_body(&self, seq: u64, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, BodyError>>>;
+    /// Exchange `seq`'s body streams upstream as `state`: told if the connection gives it up.
+    fn streamed_as(&self, seq: u64, state: std::sync::Weak<super::body::StreamState>);
     fn release(&self, seq: u64);
     /// The body stalled: the connection cannot carry another request.
     fn stalled(&self, seq: u64);
@@ -626,6 +654,13 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Source for Mutex<Conn<I>> {
             c.reader = Some(cx.waker().clone());
         }
         r
+    }
+
+    fn streamed_as(&self, seq: u64, state: std::sync::Weak<super::body::StreamState>) {
+        let mut c = lock(self);
+        if c.seq == seq {
+            c.abandon = Some((seq, state));
+        }
     }
 
     fn release(&self, seq: u64) {
@@ -665,6 +700,36 @@ impl std::fmt::Debug for RequestBody {
             .field("left", &self.left)
             .field("ended", &self.ended)
             .finish()
+    }
+}
+
+impl RequestBody {
+    /// The connection this body is read from, to tell it later how the body streams upstream.
+    pub(crate) fn link(&self) -> Link {
+        Link {
+            src: self.src.clone(),
+            seq: self.seq,
+        }
+    }
+}
+
+/// A request body's connection ([`RequestBody::link`]).
+pub(crate) struct Link {
+    src: Arc<dyn Source>,
+    seq: u64,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link").field("seq", &self.seq).finish()
+    }
+}
+
+impl Link {
+    /// The body streams upstream as `state`: the connection tells it if it gives the body up
+    /// (see [`super::body::StreamState::abandon`]).
+    pub(crate) fn streamed_as(&self, state: std::sync::Weak<super::body::StreamState>) {
+        self.src.streamed_as(self.seq, state);
     }
 }
 
@@ -949,6 +1014,7 @@ where
         progress: 0,
         waiter: None,
         reader: None,
+        abandon: None,
     }));
     // Declared before the driver, so dropped after it: see [`Release`].
     let _release = Release(Arc::downgrade(&shared));
@@ -1043,10 +1109,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin> Drop for Release<I> {
         let Some(shared) = self.0.upgrade() else {
             return;
         };
-        let reader = lock(&shared).fail_body();
-        if let Some(w) = reader {
-            w.wake();
-        }
+        let given_up = lock(&shared).fail_body();
+        tell(given_up);
     }
 }
 
@@ -1587,9 +1651,8 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
         let linger = linger && !quiet.is_zero();
         if linger {
             // A body still held elsewhere must not see bytes go missing: it fails from here on.
-            if let Some(w) = lock(shared).fail_body() {
-                w.wake();
-            }
+            let given_up = lock(shared).fail_body();
+            tell(given_up);
         }
         let _ = tokio::time::timeout(self.limits.head_timeout, async {
             poll_fn(|cx| Pin::new(&mut lock(shared).io).poll_shutdown(cx)).await?;
@@ -2009,6 +2072,7 @@ mod tests {
             progress: 0,
             waiter: None,
             reader: None,
+            abandon: None,
         }
     }
 

@@ -170,7 +170,8 @@ const PREFACE_LEN: u32 = 24;
 /// whose frames have not all arrived, or a frame header cut short. Left so for `timeout`, the
 /// read fails and the connection ends: over HTTP/1.1 a head that does not complete is cut at
 /// `header_read_timeout`, and h2 itself would hold the partial block (up to the header list
-/// limit) for as long as the client likes. Only the 9-byte frame headers are looked at, as they
+/// limit) for as long as the client likes. The time is per head: a read that completes one and
+/// ends inside the next starts the next one's time. Only the 9-byte frame headers are looked at, as they
 /// pass, and the timer is armed only when a read ends inside a head: a block that arrives whole
 /// costs no timer.
 pub(crate) struct HeaderWatch<I> {
@@ -189,6 +190,12 @@ struct OpenBlock {
     open: bool,
     /// The current frame is the block's last.
     last: bool,
+    /// Header blocks completed so far (wrapping): one that completes within a read ends its
+    /// timer, and a head begun after it gets a fresh one.
+    done: u32,
+    /// Frame headers seen so far (wrapping): outside a header block, a frame header cut short is
+    /// timed from the end of the frame before it.
+    heads: u32,
 }
 
 impl<I> HeaderWatch<I> {
@@ -205,7 +212,14 @@ impl<I> HeaderWatch<I> {
     /// Follows `data`, the next bytes read: arms the timer when they end inside a head (if it is
     /// not armed already), disarms it when they end outside one.
     fn watch(&mut self, data: &[u8]) {
+        let (done, heads) = (self.block.done, self.block.heads);
         self.frames.feed(data, &mut self.block);
+        if self.block.done != done || (!self.block.open && self.block.heads != heads) {
+            // A head completed (or, outside a block, a frame header): what is still open began
+            // after it, and is timed from now, not from when the completed one began
+            // (`header_read_timeout` is per head).
+            self.deadline = None;
+        }
         if self.block.open || self.frames.mid_head() {
             if self.deadline.is_none() {
                 self.deadline = Some(Box::pin(tokio::time::sleep(self.timeout)));
@@ -218,6 +232,7 @@ impl<I> HeaderWatch<I> {
 
 impl FrameSink for OpenBlock {
     fn head(&mut self, head: FrameHead) -> bool {
+        self.heads = self.heads.wrapping_add(1);
         if matches!(
             head.kind,
             FrameHead::HEADERS | FrameHead::PUSH_PROMISE | FrameHead::CONTINUATION
@@ -234,6 +249,7 @@ impl FrameSink for OpenBlock {
         if self.last {
             self.open = false;
             self.last = false;
+            self.done = self.done.wrapping_add(1);
         }
     }
 }
@@ -705,6 +721,38 @@ mod tests {
         // DATA cut in its payload: not a head.
         let cut = [&conn[..], &frame(0x0, 0, 40)[..20]].concat();
         assert_eq!(open_after(&cut), (false, false));
+    }
+
+    /// The time is per head: a read that completes one head and ends inside the next times the
+    /// next from then; reads that each end inside the same head keep its first deadline.
+    #[tokio::test(start_paused = true)]
+    async fn each_head_is_timed_from_its_own_start() {
+        let timeout = Duration::from_secs(1);
+        let mut w = HeaderWatch::new((), timeout);
+        w.watch(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        let first = frame(0x1, 0x5, 20);
+        let second = frame(0x1, 0x5, 20);
+        w.watch(&first[..5]);
+        let armed = w.deadline.as_ref().unwrap().deadline();
+        tokio::time::advance(Duration::from_millis(600)).await;
+        // More of the same head: its deadline stands.
+        w.watch(&first[5..12]);
+        assert_eq!(w.deadline.as_ref().unwrap().deadline(), armed);
+        // It completes, and the read ends inside the next: a fresh second.
+        w.watch(&[&first[12..], &second[..3]].concat());
+        let next = w.deadline.as_ref().unwrap().deadline();
+        assert_eq!(next, Instant::now() + timeout);
+        assert!(next > armed);
+        // A frame header cut short, outside a block, after a whole DATA frame: timed anew too.
+        w.watch(&second[3..]);
+        assert!(w.deadline.is_none());
+        w.watch(&frame(0x0, 0, 4)[..6]);
+        tokio::time::advance(Duration::from_millis(600)).await;
+        w.watch(&[&frame(0x0, 0, 4)[6..], &frame(0x0, 0, 4)[..2]].concat());
+        assert_eq!(
+            w.deadline.as_ref().unwrap().deadline(),
+            Instant::now() + timeout
+        );
     }
 
     #[test]

@@ -382,6 +382,21 @@ pub struct Gateway {
     /// `overrides` lock. The mode in force is it, else the config's in the runtime a request
     /// loaded: a reload changes the config's mode and the routes it applies to at once.
     mode_override: AtomicU8,
+    /// The config file and the outcome of the last reload, for `GET /api/config`.
+    reloads: Mutex<ReloadStatus>,
+}
+
+/// The config file and what became of the last reload of it: what `GET /api/config` shows.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct ReloadStatus {
+    /// The config file being watched (none without a reloader).
+    pub file: Option<String>,
+    /// When the last reload was tried (Unix time, milliseconds), if one was.
+    pub last_attempt_unix_ms: Option<u64>,
+    /// Whether it applied.
+    pub last_ok: Option<bool>,
+    /// Its error, if it was refused: the previous config keeps serving.
+    pub last_error: Option<String>,
 }
 
 /// [`Gateway::mode_override`] when no override is set.
@@ -417,7 +432,33 @@ impl Gateway {
             overrides: Mutex::new(BTreeMap::new()),
             store: OnceLock::new(),
             changes: Mutex::new(()),
+            reloads: Mutex::new(ReloadStatus::default()),
         }
+    }
+
+    /// What `GET /api/config` shows of reloads.
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.reloads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records the file a reloader watches.
+    pub fn set_config_file(&self, file: &std::path::Path) {
+        self.reloads.lock().unwrap_or_else(|p| p.into_inner()).file =
+            Some(file.display().to_string());
+    }
+
+    /// Records the outcome of a reload (`Err`: its error).
+    pub fn record_reload(&self, outcome: Result<(), &str>) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let mut s = self.reloads.lock().unwrap_or_else(|p| p.into_inner());
+        s.last_attempt_unix_ms = Some(now);
+        s.last_ok = Some(outcome.is_ok());
+        s.last_error = outcome.err().map(str::to_owned);
     }
 
     /// The current runtime.
@@ -860,7 +901,22 @@ async fn route_and_forward(
         || headers::head_size(req.method(), target_len, req.headers()) + authority
             > limits.max_header_bytes
     {
-        return (respond::local(Local::HeadersTooLarge), None);
+        // Over HTTP/2 a browser sends each cookie as a field of its own (RFC 9113 8.2.3), joined
+        // into one `cookie` line below: counted as that line, as HTTP/1.1 carries them (looked at
+        // only here, past a limit, so a request under both costs nothing more).
+        let crumbs = req
+            .headers()
+            .get_all(http::header::COOKIE)
+            .iter()
+            .count()
+            .saturating_sub(1);
+        let joined = crumbs * ("cookie: \r\n".len() - "; ".len());
+        if req.headers().len() - crumbs > limits.max_headers
+            || headers::head_size(req.method(), target_len, req.headers()) + authority - joined
+                > limits.max_header_bytes
+        {
+            return (respond::local(Local::HeadersTooLarge), None);
+        }
     }
     if let Some(len) = req
         .headers()
@@ -979,6 +1035,7 @@ async fn route_and_forward(
                 .insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
         }
     }
+    let link = body.link();
     let body = Limited::new(
         body,
         usize::try_from(limits.max_body_bytes).unwrap_or(usize::MAX),
@@ -988,7 +1045,7 @@ async fn route_and_forward(
     // A response body that stops moving is cut at `idle_timeout` (HTTP/1.1: the connection loop;
     // HTTP/2: the stream's watcher), so it may keep the slot until it ends.
     let tally = &unanswered.tally;
-    let mut resp = attempt::forward(rt, route, parts, body, start, no_retries, tally).await;
+    let mut resp = attempt::forward(rt, route, parts, (body, link), start, no_retries, tally).await;
     if let Some(slot) = slot {
         resp.body_mut().hold_slot(slot);
     }

@@ -331,7 +331,9 @@ impl Endpoint {
         let estimate = self.estimate_at(now);
         let pending = self.inflight() as f64;
         if estimate == 0.0 && pending > 0.0 {
-            return UNMEASURED_BUSY + pending;
+            // Times (in flight + 1), as a measured cost: two unmeasured endpoints still compare
+            // by load (1e18 + n would not: f64 steps by 128 there).
+            return UNMEASURED_BUSY * (pending + 1.0);
         }
         estimate.max(1.0) * (pending + 1.0)
     }

@@ -27,7 +27,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -172,6 +172,15 @@ struct H2Load {
     peer_max: AtomicUsize,
     /// When its last stream ended (or it opened), while it has none.
     idle_since: Mutex<Instant>,
+    /// Streams whose client went away mid-upload (see [`StreamSlot::abandon`]); while it has
+    /// any, the connection takes no new stream, and it is closed once they are all it has.
+    abandoned: AtomicUsize,
+    /// Set to close the connection: its I/O fails from then on ([`PeerSettings`]), and with it
+    /// every stream (hyper drives the connection in a task of its own, which only a failing
+    /// I/O ends while a stream is open).
+    killed: AtomicBool,
+    /// The connection's task, woken when `killed` is set.
+    io_waker: futures_util::task::AtomicWaker,
 }
 
 impl H2Load {
@@ -180,18 +189,47 @@ impl H2Load {
             streams: AtomicUsize::new(0),
             peer_max: AtomicUsize::new(100),
             idle_since: Mutex::new(Instant::now()),
+            abandoned: AtomicUsize::new(0),
+            killed: AtomicBool::new(false),
+            io_waker: futures_util::task::AtomicWaker::new(),
         })
     }
 
-    /// A stream slot, if the peer allows one more stream now.
+    /// A stream slot, if the peer allows one more stream now (none on a connection that holds
+    /// abandoned streams: it is closed once they are all it has).
     fn try_take(self: &Arc<Self>) -> Option<StreamSlot> {
+        if self.abandoned.load(Ordering::Acquire) > 0 {
+            return None;
+        }
         let max = self.peer_max.load(Ordering::Relaxed);
         self.streams
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < max).then_some(n + 1)
             })
             .ok()
-            .map(|_| StreamSlot(self.clone()))
+            .map(|_| StreamSlot::new(self.clone()))
+    }
+
+    /// Whether the connection was closed ([`H2Load::close_if_abandoned`]); if not, `cx` (its
+    /// task) is woken when it is.
+    fn killed(&self, cx: &Context<'_>) -> bool {
+        if self.killed.load(Ordering::Acquire) {
+            return true;
+        }
+        self.io_waker.register(cx.waker());
+        self.killed.load(Ordering::Acquire)
+    }
+
+    /// Closes the connection if it has abandoned streams and no other.
+    fn close_if_abandoned(&self) {
+        let abandoned = self.abandoned.load(Ordering::Acquire);
+        if abandoned > 0 && self.streams.load(Ordering::Acquire) <= abandoned {
+            tracing::debug!(
+                "HTTP/2 upstream connection closed: its streams' clients left mid-upload"
+            );
+            self.killed.store(true, Ordering::Release);
+            self.io_waker.wake();
+        }
     }
 
     /// Whether it has had no stream for `timeout`.
@@ -203,15 +241,44 @@ impl H2Load {
 
 /// One stream's place on an HTTP/2 connection, given back when dropped.
 #[derive(Debug)]
-struct StreamSlot(Arc<H2Load>);
+struct StreamSlot {
+    load: Arc<H2Load>,
+    abandoned: AtomicBool,
+}
+
+impl StreamSlot {
+    fn new(load: Arc<H2Load>) -> Self {
+        StreamSlot {
+            load,
+            abandoned: AtomicBool::new(false),
+        }
+    }
+
+    /// The client went away while this stream's request body was still being sent: the body
+    /// is polled only when the upstream grants flow-control window, so an upstream that stopped
+    /// reading would keep the stream (and the body, and the connection) for ever. hyper gives no
+    /// handle to reset one stream, so the connection takes no new stream from now on, and is
+    /// closed (every stream it has then ends) once its abandoned streams are all it has.
+    fn abandon(&self) {
+        if !self.abandoned.swap(true, Ordering::AcqRel) {
+            self.load.abandoned.fetch_add(1, Ordering::AcqRel);
+            self.load.close_if_abandoned();
+        }
+    }
+}
 
 impl Drop for StreamSlot {
     fn drop(&mut self) {
-        if self.0.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
-            if let Ok(mut t) = self.0.idle_since.lock() {
+        let load = &self.load;
+        if self.abandoned.load(Ordering::Acquire) {
+            load.abandoned.fetch_sub(1, Ordering::AcqRel);
+        }
+        if load.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            if let Ok(mut t) = load.idle_since.lock() {
                 *t = Instant::now();
             }
         }
+        load.close_if_abandoned();
     }
 }
 
@@ -503,7 +570,7 @@ impl Pool {
             // The first stream of a new connection is this request's, whatever the limit (100
             // until the peer's SETTINGS say; a peer that allows none queues it in `h2`).
             load.streams.fetch_add(1, Ordering::AcqRel);
-            let slot = Arc::new(StreamSlot(load.clone()));
+            let slot = Arc::new(StreamSlot::new(load.clone()));
             if let Ok(mut g) = self.h2.lock() {
                 g.push(H2Conn {
                     generation,
@@ -646,9 +713,19 @@ impl Pool {
                 .await
                 .map_err(|e| SendError::connect(Some(e.into())))?;
             // Runs until the exchange ends (the request body may outlast the response), then closes:
-            // the sender is dropped below.
+            // the sender is dropped below. Or until the client goes away mid-upload: the body is
+            // polled only when the upstream takes bytes, so one that stopped reading would hold
+            // this connection (and the body, and the client's socket) for ever.
+            let state = req.body().stream_state();
             tokio::spawn(async move {
-                let _ = conn.await;
+                let abandoned = std::future::poll_fn(|cx| match &state {
+                    Some(s) if s.poll_abandoned(cx) => Poll::Ready(()),
+                    _ => Poll::Pending,
+                });
+                tokio::select! {
+                    _ = conn => {}
+                    _ = abandoned => tracing::debug!("client gone mid-upload: upstream connection closed"),
+                }
             });
             match sender.try_send_request(req).await {
                 Ok(resp) => return Ok(resp.map(|b| UpstreamBody(Inner::Hyper(b)))),
@@ -681,6 +758,14 @@ impl Pool {
             // halves end: the response's, and a streamed request's (an upstream may answer an
             // upload early and read on).
             req.body_mut().hold(Box::new(slot.clone()));
+            if let Some(state) = req.body().stream_state() {
+                let slot = Arc::downgrade(&slot);
+                state.on_abandon(Box::new(move || {
+                    if let Some(s) = slot.upgrade() {
+                        s.abandon();
+                    }
+                }));
+            }
             match sender.try_send_request(req).await {
                 Ok(resp) => {
                     return Ok(resp.map(|b| {
@@ -898,6 +983,9 @@ impl<I: AsyncRead + Unpin> AsyncRead for PeerSettings<I> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
+        if this.load.killed(cx) {
+            return Poll::Ready(Err(killed()));
+        }
         let before = buf.filled().len();
         let r = Pin::new(&mut this.io).poll_read(cx, buf);
         this.frames.feed(&buf.filled()[before..], &mut this.limit);
@@ -908,7 +996,54 @@ impl<I: AsyncRead + Unpin> AsyncRead for PeerSettings<I> {
     }
 }
 
-write_through!(PeerSettings);
+fn killed() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::ConnectionAborted,
+        "closed: its streams' clients left mid-upload",
+    )
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for PeerSettings<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.load.killed(cx) {
+            return Poll::Ready(Err(killed()));
+        }
+        Pin::new(&mut this.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if this.load.killed(cx) {
+            return Poll::Ready(Err(killed()));
+        }
+        Pin::new(&mut this.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if this.load.killed(cx) {
+            return Poll::Ready(Err(killed()));
+        }
+        Pin::new(&mut this.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
 
 /// Reads the `SETTINGS_MAX_CONCURRENT_STREAMS` of a peer's SETTINGS frames; every other frame's
 /// payload is skipped by length.
