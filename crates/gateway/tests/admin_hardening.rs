@@ -221,7 +221,6 @@ struct Limited {
 
 impl Limited {
     fn spawn(yaml: &str, nofile: u32) -> Limited {
-        use std::io::BufRead;
         use std::process::{Command, Stdio};
         let dir = TempDir::new("admin-emfile");
         let path = dir.join("run.yaml");
@@ -239,13 +238,7 @@ impl Limited {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (out, l) = (child.stdout.take().unwrap(), lines.clone());
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-                l.lock().unwrap().push(line);
-            }
-        });
+        let lines = gather_lines(&mut child);
         Limited {
             child,
             lines,

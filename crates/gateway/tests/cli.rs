@@ -262,7 +262,6 @@ impl RunningBinary {
 
     /// [`spawn`](Self::spawn) with `--threads threads`.
     fn spawn_with(yaml: &str, threads: usize) -> RunningBinary {
-        use std::io::{BufRead, BufReader};
         use std::process::Stdio;
         let config = write("run.yaml", yaml);
         let mut child = Command::new(env!("CARGO_BIN_EXE_bulwark"))
@@ -274,13 +273,7 @@ impl RunningBinary {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (out, l) = (child.stdout.take().unwrap(), lines.clone());
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                l.lock().unwrap().push(line);
-            }
-        });
+        let lines = support::gather_lines(&mut child);
         RunningBinary {
             child,
             lines,
@@ -675,12 +668,7 @@ fn threads_zero_is_a_usage_error() {
             .spawn()
             .unwrap();
         // Accepted, it would serve: stopped after 15 s.
-        for _ in 0..750 {
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        let _ = support::exit_within(&mut child, 15);
         let _ = child.kill();
         let out = child.wait_with_output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -2,21 +2,14 @@
 //! as a child process (signals never reach the test runner), its output piped (not a terminal, so
 //! progress comes one line a second). Found by a review; each test failed before its fix.
 #![cfg(unix)]
+mod support;
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
+use support::{exit_within, gather_lines, signal};
 
 /// A running `bulwark demo`; killed (and its temporary directory removed) on drop.
 struct Demo {
@@ -46,14 +39,7 @@ impl Demo {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-        let out = child.stdout.take().unwrap();
-        let l = lines.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                l.lock().unwrap().push(line);
-            }
-        });
+        let lines = gather_lines(&mut child);
         Demo {
             child,
             lines,
@@ -94,15 +80,10 @@ impl Demo {
 
     /// The exit status, if the process ends within `secs`.
     fn exit_within(&mut self, secs: u64) -> Option<ExitStatus> {
-        for _ in 0..secs * 20 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // The reader thread takes the last lines at the pipe's end.
-                std::thread::sleep(Duration::from_millis(200));
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
+        let status = exit_within(&mut self.child, secs)?;
+        // The reader thread takes the last lines at the pipe's end.
+        std::thread::sleep(Duration::from_millis(200));
+        Some(status)
     }
 }
 

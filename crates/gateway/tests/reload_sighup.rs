@@ -5,22 +5,12 @@
 mod admin_support;
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use admin_support::*;
 use support::*;
-
-fn signal(pid: u32, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "kill {sig} {pid}");
-}
 
 /// Starts `bulwark run --threads 1 -c path`; its stdout lines are gathered as they come.
 fn run_binary(path: &std::path::Path) -> (Child, Arc<Mutex<Vec<String>>>) {
@@ -32,14 +22,7 @@ fn run_binary(path: &std::path::Path) -> (Child, Arc<Mutex<Vec<String>>>) {
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let lines = Arc::new(Mutex::new(Vec::<String>::new()));
-    let out = child.stdout.take().unwrap();
-    let l = lines.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(out).lines().map_while(Result::ok) {
-            l.lock().unwrap().push(line);
-        }
-    });
+    let lines = gather_lines(&mut child);
     (child, lines)
 }
 

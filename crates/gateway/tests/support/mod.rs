@@ -1075,3 +1075,39 @@ where
     tokio::spawn(conn);
     send
 }
+
+/// The lines a child process (the `bulwark` binary) writes to its piped stdout, gathered as they
+/// come by a thread of their own.
+pub fn gather_lines(child: &mut std::process::Child) -> Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead;
+    let lines = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let out = child.stdout.take().expect("stdout piped");
+    let l = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            l.lock().unwrap().push(line);
+        }
+    });
+    lines
+}
+
+/// Sends `sig` (`-HUP`, `-TERM`, ...) to process `pid`.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// Its exit status, if the child ends within `secs` (polled: a child process is no future).
+pub fn exit_within(child: &mut std::process::Child, secs: u64) -> Option<std::process::ExitStatus> {
+    for _ in 0..secs * 20 {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
