@@ -442,7 +442,9 @@ async fn attempt(
             })
         }
         Err(_elapsed) => {
-            route.policies.on_timeout(if try_deadline < deadline {
+            // Which timer fired: the route's deadline, or the attempt's own (which a streamed
+            // upload may have pushed on to the deadline, see `per_try_after_upload`).
+            route.policies.on_timeout(if Instant::now() < deadline {
                 "attempt"
             } else {
                 "total"
@@ -557,7 +559,7 @@ pub(crate) async fn forward(
     rt: &Runtime,
     route: &Route,
     mut parts: Parts,
-    (body, link): (Limited<body::ClientBody>, Option<super::h1::Link>),
+    (body, link): (Limited<body::ClientBody>, Option<body::BodyLink>),
     start: Instant,
     no_retries: bool,
     tally: &Tally,

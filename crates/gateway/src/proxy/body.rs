@@ -34,12 +34,14 @@ pin_project! {
 }
 
 impl ClientBody {
-    /// For an HTTP/1.1 body, its connection: told later how the body streams upstream, so that it
-    /// can tell the upstream side when it gives the body up ([`StreamState::abandon`]).
-    pub(crate) fn link(&self) -> Option<super::h1::Link> {
+    /// Where the body comes from (its HTTP/1.1 connection, its HTTP/2 stream): told later how the
+    /// body streams upstream, so that it can tell the upstream side when it gives the body up
+    /// ([`StreamState::abandon`]).
+    pub(crate) fn link(&self) -> Option<BodyLink> {
         match self {
-            ClientBody::H1 { inner } => Some(inner.link()),
-            _ => None,
+            ClientBody::H1 { inner } => Some(BodyLink::H1(inner.link())),
+            ClientBody::H2 { stream, .. } => Some(BodyLink::H2(stream.clone())),
+            ClientBody::Empty => None,
         }
     }
 
@@ -50,6 +52,23 @@ impl ClientBody {
             inner,
             stall: Stall::new(idle),
             stream,
+        }
+    }
+}
+
+/// Where a request body comes from ([`ClientBody::link`]).
+#[derive(Debug)]
+pub(crate) enum BodyLink {
+    H1(super::h1::Link),
+    H2(Arc<super::h2::Progress>),
+}
+
+impl BodyLink {
+    /// The body streams upstream as `state`: told if its source gives it up.
+    pub(crate) fn streamed_as(&self, state: std::sync::Weak<StreamState>) {
+        match self {
+            BodyLink::H1(l) => l.streamed_as(state),
+            BodyLink::H2(p) => p.streamed_as(state),
         }
     }
 }
@@ -134,6 +153,7 @@ impl Body for ClientBody {
                 Poll::Pending => Poll::Pending,
                 Poll::Ready(r) => {
                     stall.moved();
+                    stream.upload_moved();
                     Poll::Ready(r.map(|r| {
                         r.map(|mut frame| {
                             if let Some(t) = frame.trailers_mut() {

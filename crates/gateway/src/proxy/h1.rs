@@ -686,7 +686,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send> Source for Mutex<Conn<I>> {
 
 /// An HTTP/1.1 request body, read from the client connection as it is polled.
 pub struct RequestBody {
-    src: Arc<dyn Source>,
+    /// Weak: a body held past its connection's end (by an upstream copy that stopped reading)
+    /// must not keep the client's socket open; it fails at its next poll then.
+    src: std::sync::Weak<dyn Source>,
     seq: u64,
     /// Bytes left of a `Content-Length` body (`None`: chunked).
     left: Option<u64>,
@@ -713,9 +715,14 @@ impl RequestBody {
     }
 }
 
+/// The body of an exchange whose connection is gone: over.
+fn gone<T>() -> Poll<Option<Result<T, BodyError>>> {
+    Poll::Ready(Some(Err(BodyError(BodyErrorKind::Gone))))
+}
+
 /// A request body's connection ([`RequestBody::link`]).
 pub(crate) struct Link {
-    src: Arc<dyn Source>,
+    src: std::sync::Weak<dyn Source>,
     seq: u64,
 }
 
@@ -729,7 +736,9 @@ impl Link {
     /// The body streams upstream as `state`: the connection tells it if it gives the body up
     /// (see [`super::body::StreamState::abandon`]).
     pub(crate) fn streamed_as(&self, state: std::sync::Weak<super::body::StreamState>) {
-        self.src.streamed_as(self.seq, state);
+        if let Some(src) = self.src.upgrade() {
+            src.streamed_as(self.seq, state);
+        }
     }
 }
 
@@ -745,12 +754,16 @@ impl Body for RequestBody {
         if this.ended {
             return Poll::Ready(None);
         }
-        let next = match this.src.poll_body(this.seq, cx) {
+        let Some(src) = this.src.upgrade() else {
+            this.ended = true;
+            return gone();
+        };
+        let next = match src.poll_body(this.seq, cx) {
             Poll::Ready(next) => next,
             // Once the response is going out, a quiet upload is the exchange's business (a
             // stream both ways); `settle` bounds what is left of it after the response.
-            Poll::Pending if !this.src.responding(this.seq) && this.stall.pending(cx) => {
-                this.src.stalled(this.seq);
+            Poll::Pending if !src.responding(this.seq) && this.stall.pending(cx) => {
+                src.stalled(this.seq);
                 this.ended = true;
                 return Poll::Ready(Some(Err(BodyError(BodyErrorKind::Stalled))));
             }
@@ -790,7 +803,9 @@ impl Body for RequestBody {
 
 impl Drop for RequestBody {
     fn drop(&mut self) {
-        self.src.release(self.seq);
+        if let Some(src) = self.src.upgrade() {
+            src.release(self.seq);
+        }
     }
 }
 
@@ -1017,7 +1032,7 @@ where
         abandon: None,
     }));
     // Declared before the driver, so dropped after it: see [`Release`].
-    let _release = Release(Arc::downgrade(&shared));
+    let release = Release(shared.clone());
     let closing = *stop.borrow_and_update();
     let mut d = Driver {
         timer: Box::pin(tokio::time::sleep_until(ctx.opened + limits.idle_timeout)),
@@ -1045,6 +1060,8 @@ where
             Next::Head(h) => h,
             Next::H2 => {
                 drop(d.timer);
+                // Nothing of a request was read: nothing to give up.
+                drop(release);
                 let conn = Arc::try_unwrap(d.shared).ok()?;
                 let c = conn.into_inner().unwrap_or_else(PoisonError::into_inner);
                 return Some((c.io, c.rbuf.freeze()));
@@ -1081,6 +1098,7 @@ where
                     drop(d.timer);
                     let idle = d.limits.idle_timeout;
                     let _open = d.ctx.gateway.runtime().telemetry.tunnel_opened();
+                    drop(release);
                     let conn = Arc::try_unwrap(d.shared).ok()?;
                     let c = conn.into_inner().unwrap_or_else(PoisonError::into_inner);
                     // Boxed: a tunnel is rare, and its state should not grow every connection's.
@@ -1102,14 +1120,13 @@ where
 /// now, so that task ends and the client socket and the upstream connection are both released.
 /// Without this a client that stops mid-upload, with an upstream that waits for the rest, kept
 /// both open forever, outside `max_connections`.
-struct Release<I: AsyncRead + AsyncWrite + Unpin>(std::sync::Weak<Mutex<Conn<I>>>);
+/// It holds the connection's last strong reference (a body holds a weak one): once it is
+/// dropped, the client's socket is closed, whoever still holds the body.
+struct Release<I: AsyncRead + AsyncWrite + Unpin>(Arc<Mutex<Conn<I>>>);
 
 impl<I: AsyncRead + AsyncWrite + Unpin> Drop for Release<I> {
     fn drop(&mut self) {
-        let Some(shared) = self.0.upgrade() else {
-            return;
-        };
-        let given_up = lock(&shared).fail_body();
+        let given_up = lock(&self.0).fail_body();
         tell(given_up);
     }
 }
@@ -1289,7 +1306,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                 c.responded = false;
                 ClientBody::H1 {
                     inner: RequestBody {
-                        src: self.shared.clone(),
+                        src: Arc::downgrade(&self.shared) as std::sync::Weak<dyn Source>,
                         seq: c.seq,
                         left: match framing {
                             Framing::Length(n) => Some(n),
@@ -1327,8 +1344,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
         if parts.status == StatusCode::SWITCHING_PROTOCOLS {
             // Only an upstream's accepted upgrade gives a 101 (see `tunnel`).
             // The client connection must be free to become the tunnel (no request body of an
-            // earlier exchange still held elsewhere), checked before the 101 goes out.
-            let free = Arc::strong_count(&self.shared) == 1;
+            // earlier exchange still held elsewhere: a body holds a weak reference to it),
+            // checked before the 101 goes out.
+            let free = Arc::weak_count(&self.shared) == 0;
             if let Some(up) = parts
                 .extensions
                 .remove::<super::tunnel::Upgraded>()

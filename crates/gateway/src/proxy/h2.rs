@@ -308,9 +308,60 @@ pub(crate) struct Progress {
     /// go of the client's stream too.
     cut: AtomicBool,
     waker: AtomicWaker,
+    /// The upstream copy of the request body, when it streams: told when the stream's task has
+    /// ended with the body unfinished and still (see `StreamState::abandon`).
+    upload: std::sync::Mutex<Option<std::sync::Weak<super::body::StreamState>>>,
+    /// Request body frames read so far.
+    uploaded: AtomicU64,
 }
 
 impl Progress {
+    /// The request body streams upstream as `state`.
+    pub(crate) fn streamed_as(&self, state: std::sync::Weak<super::body::StreamState>) {
+        if let Ok(mut u) = self.upload.lock() {
+            *u = Some(state);
+        }
+    }
+
+    /// A request body frame was read.
+    pub(crate) fn upload_moved(&self) {
+        self.uploaded.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The stream's task has ended (its response is done, or the client reset it or left). An
+    /// upload still streaming upstream may go on (an upstream may answer an upload early and read
+    /// on), but one that stays still for `idle` (as the HTTP/1.1 listener waits on it) is given up:
+    /// its sender may not poll it again to learn that the client is gone (see
+    /// `StreamState::abandon`).
+    fn task_ended(self: &Arc<Self>, idle: Duration) {
+        let Some(upload) = self.upload.lock().ok().and_then(|mut u| u.take()) else {
+            return;
+        };
+        if upload.upgrade().is_none_or(|s| s.ended()) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let me = self.clone();
+        rt.spawn(async move {
+            let mut seen = me.uploaded.load(Ordering::Relaxed);
+            loop {
+                tokio::time::sleep(idle).await;
+                let Some(s) = upload.upgrade() else { return };
+                if s.ended() {
+                    return;
+                }
+                let now = me.uploaded.load(Ordering::Relaxed);
+                if now == seen {
+                    s.abandon();
+                    return;
+                }
+                seen = now;
+            }
+        });
+    }
+
     fn started(&self) {
         self.frames.store(1, Ordering::Relaxed);
     }
@@ -368,14 +419,25 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
+        let progress = Arc::<Progress>::default();
         tokio::spawn(Watched {
             fut,
-            progress: Arc::default(),
+            end: TaskEnd(progress.clone(), self.idle),
+            progress,
             idle: self.idle,
             timer: None,
             seen: 0,
             moved_at: None,
         });
+    }
+}
+
+/// Tells a stream's [`Progress`] that its task has ended, however it ends.
+struct TaskEnd(Arc<Progress>, Duration);
+
+impl Drop for TaskEnd {
+    fn drop(&mut self) {
+        self.0.task_ended(self.1);
     }
 }
 
@@ -385,6 +447,7 @@ pin_project! {
         #[pin]
         fut: F,
         progress: Arc<Progress>,
+        end: TaskEnd,
         idle: Duration,
         // Armed when a body first waits; moved on lazily (only when it fires), so a body that
         // keeps moving costs one clock read per wait and no timer operation.

@@ -198,7 +198,7 @@ impl H2Load {
     /// A stream slot, if the peer allows one more stream now (none on a connection that holds
     /// abandoned streams: it is closed once they are all it has).
     fn try_take(self: &Arc<Self>) -> Option<StreamSlot> {
-        if self.abandoned.load(Ordering::Acquire) > 0 {
+        if self.abandoned.load(Ordering::Acquire) > 0 || self.killed.load(Ordering::Acquire) {
             return None;
         }
         let max = self.peer_max.load(Ordering::Relaxed);
