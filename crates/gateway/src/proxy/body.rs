@@ -256,6 +256,11 @@ impl StreamState {
             return;
         }
         self.watch.wake();
+        self.run_on_gone();
+    }
+
+    /// Runs (once) what [`StreamState::on_abandon`] left to run.
+    fn run_on_gone(&self) {
         let f = self.on_gone.lock().ok().and_then(|mut g| g.take());
         if let Some(f) = f {
             f();
@@ -277,10 +282,7 @@ impl StreamState {
             *g = Some(f);
         }
         if self.gone.load(Ordering::Acquire) {
-            let f = self.on_gone.lock().ok().and_then(|mut g| g.take());
-            if let Some(f) = f {
-                f();
-            }
+            self.run_on_gone();
         }
     }
 

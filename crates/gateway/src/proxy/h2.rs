@@ -171,9 +171,9 @@ const PREFACE_LEN: u32 = 24;
 /// read fails and the connection ends: over HTTP/1.1 a head that does not complete is cut at
 /// `header_read_timeout`, and h2 itself would hold the partial block (up to the header list
 /// limit) for as long as the client likes. The time is per head: a read that completes one and
-/// ends inside the next starts the next one's time. Only the 9-byte frame headers are looked at, as they
-/// pass, and the timer is armed only when a read ends inside a head: a block that arrives whole
-/// costs no timer.
+/// ends inside the next starts the next one's time. Only the 9-byte frame headers are looked at,
+/// as they pass, and the timer is armed only when a read ends inside a head: a block that arrives
+/// whole costs no timer.
 pub(crate) struct HeaderWatch<I> {
     io: I,
     frames: Frames,
