@@ -9,7 +9,7 @@
 //! - `/slow/` goes to `slow` (300-1500 ms) with a 1 s route timeout and a static fallback answer, so a
 //!   client never waits more than a second.
 //!
-//! The shape follows ARCHITECTURE.md's config reference exactly; only documented keys are used.
+//! Only keys documented in `docs/gateway.md`'s config reference are used.
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -698,7 +698,7 @@ pub fn parse_transitions(text: &str) -> Vec<TransitionCount> {
 fn listen_addrs(opts: &DemoOptions) -> io::Result<(SocketAddr, SocketAddr)> {
     // Both probe sockets are held until both ports are known, so the two differ. Another process could
     // take a port between here and the gateway's bind; the gateway then fails to start with a clear
-    // error, and `--listen`/`--admin-listen` style options avoid it.
+    // error (library callers can fix both in `DemoOptions::listen` and `admin_listen`).
     let a = std::net::TcpListener::bind(("127.0.0.1", 0))?;
     let b = std::net::TcpListener::bind(("127.0.0.1", 0))?;
     Ok((
