@@ -411,3 +411,126 @@ routes:
     );
     gw.stop().await;
 }
+
+// Uploads that go on after an early answer and keep moving are not given up (a review of the
+// change above, kept as regression tests).
+
+const STEADY: usize = 2 * 1024 * 1024;
+
+/// An HTTP/1.1 upstream that answers `200 ok` from the head alone, then reads the body slowly but
+/// steadily (8 KiB every 20 ms); reports the body bytes it got when the body ends or its
+/// connection does.
+async fn early_then_steady() -> (RawUpstream, mpsc::UnboundedReceiver<usize>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let up = RawUpstream::start(move |mut s, _| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            let mut tmp = vec![0u8; 8192];
+            let end = loop {
+                if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break p + 4;
+                }
+                match s.read(&mut tmp).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            let mut got = buf.len() - end;
+            let _ = s
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            while got < len {
+                match s.read(&mut tmp).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got += n,
+                }
+                // The upstream's own pace (not a wait for anything).
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = tx.send(got);
+        }
+    })
+    .await;
+    (up, rx)
+}
+
+fn steady_config(url: &str) -> String {
+    format!(
+        "limits: {{ idle_timeout: 1s, max_body_bytes: 1GiB }}\nupstreams:\n  u: {{ endpoints: \
+         [{{url: '{url}'}}] }}\nroutes:\n  - upstream: u\n    timeout: 60s\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_upload_that_moves_after_an_early_answer_is_not_cut() {
+    let (up, mut got) = early_then_steady().await;
+    let gw = Gateway::start(&steady_config(&up.url())).await;
+    let s = TcpStream::connect(gw.addr).await.unwrap();
+    let (mut rd, mut wr) = s.into_split();
+    wr.write_all(
+        format!("POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: {STEADY}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'x'; 16 * 1024];
+        for _ in 0..STEADY / chunk.len() {
+            wr.write_all(&chunk).await.unwrap();
+        }
+        wr
+    });
+    let mut b = vec![0u8; 1024];
+    let mut resp = Vec::new();
+    while !resp.ends_with(b"ok") {
+        let n = rd.read(&mut b).await.unwrap();
+        assert!(n > 0);
+        resp.extend_from_slice(&b[..n]);
+    }
+    let n = tokio::time::timeout(Duration::from_secs(30), got.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, STEADY);
+    drop(writer);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_upload_that_moves_after_its_response_ended_is_not_cut() {
+    let (up, mut got) = early_then_steady().await;
+    let gw = Gateway::start(&steady_config(&up.url())).await;
+    let mut send = h2c_sender::<ChanBody>(gw.addr).await;
+    let (tx, rx) = mpsc::channel::<Frame<Bytes>>(4);
+    let req = Request::post(gw.url("/up"))
+        .header("content-length", STEADY)
+        .body(ChanBody(rx))
+        .unwrap();
+    let writer = tokio::spawn(async move {
+        let chunk = Bytes::from(vec![b'x'; 16 * 1024]);
+        for _ in 0..STEADY / chunk.len() {
+            if tx.send(Frame::data(chunk.clone())).await.is_err() {
+                return;
+            }
+        }
+    });
+    let resp = send.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"ok");
+    let n = tokio::time::timeout(Duration::from_secs(30), got.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, STEADY);
+    drop(writer);
+    gw.stop().await;
+}
