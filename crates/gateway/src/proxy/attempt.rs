@@ -491,13 +491,9 @@ async fn per_try_after_upload<F: std::future::Future>(
         match tokio::time::timeout_at(at, send.as_mut()).await {
             Ok(out) => return Ok(out),
             Err(elapsed) => {
+                // Still coming, or ended a moment ago (its time not yet stamped): from now.
                 let now = Instant::now();
-                let next = match body.ended_at() {
-                    Some(end) => end + per_try,
-                    None if body.ended() => now,
-                    None => now + per_try,
-                }
-                .min(deadline);
+                let next = (body.ended_at().unwrap_or(now) + per_try).min(deadline);
                 if next <= now {
                     return Err(elapsed);
                 }
