@@ -66,28 +66,7 @@ async fn upload_then_leave(gw: &Gateway, path: &str) {
 async fn a_streamed_upload_to_an_upstream_that_stopped_reading_is_released_when_the_client_leaves()
 {
     let _serial = SERIAL.lock().await;
-    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let keep = held.clone();
-    let up = RawUpstream::start(move |mut s, _| {
-        let keep = keep.clone();
-        async move {
-            // The head only (`read_head` would wait for the body).
-            let mut buf = Vec::new();
-            let mut tmp = [0u8; 4096];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut tmp).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                }
-            }
-            let _ = s
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .await;
-            // Never reads again, never closes.
-            keep.lock().unwrap().push(s);
-        }
-    })
-    .await;
+    let (up, held) = answers_then_stops_reading().await;
     let gw = Gateway::start(&format!(
         "limits: {{ idle_timeout: 1s, max_body_bytes: 1GiB }}\nupstreams:\n  u: {{ endpoints: \
          [{{url: '{}'}}] }}\nroutes:\n  - upstream: u\n",
@@ -195,13 +174,9 @@ async fn answers_then_stops_reading() -> (RawUpstream, Arc<std::sync::Mutex<Vec<
     let up = RawUpstream::start(move |mut s, _| {
         let keep = keep.clone();
         async move {
-            let mut buf = Vec::new();
-            let mut tmp = [0u8; 4096];
-            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut tmp).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                }
+            // The head only (`read_head` would wait for the body).
+            if read_head_only(&mut s, &mut Vec::new()).await.is_none() {
+                return;
             }
             let _ = s
                 .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
@@ -426,16 +401,10 @@ async fn early_then_steady() -> (RawUpstream, mpsc::UnboundedReceiver<usize>) {
         let tx = tx.clone();
         async move {
             let mut buf = Vec::new();
-            let mut tmp = vec![0u8; 8192];
-            let end = loop {
-                if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                    break p + 4;
-                }
-                match s.read(&mut tmp).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&tmp[..n]),
-                }
+            let Some(end) = read_head_only(&mut s, &mut buf).await else {
+                return;
             };
+            let mut tmp = vec![0u8; 8192];
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
             let len: usize = head
                 .lines()

@@ -578,6 +578,21 @@ impl RawUpstream {
     }
 }
 
+/// Reads from `s` into `buf` until it holds a whole request head, and no further (a body is left
+/// unread); the length of the head, blank line included, or `None` at EOF.
+pub async fn read_head_only(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<usize> {
+    let mut tmp = [0u8; 4096];
+    loop {
+        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Some(p + 4);
+        }
+        match s.read(&mut tmp).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+}
+
 /// Reads one request head (and a `content-length` body, appended) from `s`, as sent (names keep
 /// their case); `None` at EOF. Bytes past the request stay in `buf` for the next call.
 pub async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
@@ -1028,13 +1043,8 @@ pub async fn checked_with_delay(name: &str, up: Arc<AtomicBool>, delay: Duration
 pub async fn early_413_upstream() -> RawUpstream {
     RawUpstream::start(|mut s, _| async move {
         // Only the head: the body is left unread.
-        let mut buf = Vec::new();
-        let mut tmp = [0u8; 4096];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            match s.read(&mut tmp).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&tmp[..n]),
-            }
+        if read_head_only(&mut s, &mut Vec::new()).await.is_none() {
+            return;
         }
         let _ = s
             .write_all(
