@@ -408,32 +408,45 @@ pub fn check_store(c: &Config) -> Result<Option<String>, crate::store::StoreErro
 /// future is first polled, so a signal in between is not lost (nor fatal). Call it inside the
 /// runtime.
 fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let signal = first_signal(false);
+    async move {
+        signal.await;
+    }
+}
+
+/// Resolves to the number of the first of SIGINT (2), SIGTERM (15) and, with `hangup`, SIGHUP (1)
+/// received. The handlers are installed when this is called (inside the runtime); where none can
+/// be (no Unix signals), Ctrl-C alone.
+pub(crate) fn first_signal(hangup: bool) -> impl std::future::Future<Output = i32> {
     #[cfg(unix)]
-    {
+    let mut handlers: Vec<(i32, tokio::signal::unix::Signal)> = {
         use tokio::signal::unix::{signal, SignalKind};
-        let handlers = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        );
-        async move {
-            match handlers {
-                (Ok(mut term), Ok(mut int)) => {
-                    tokio::select! {
-                        _ = term.recv() => {}
-                        _ = int.recv() => {}
+        let mut kinds = vec![(2, SignalKind::interrupt()), (15, SignalKind::terminate())];
+        if hangup {
+            kinds.push((1, SignalKind::hangup()));
+        }
+        kinds
+            .into_iter()
+            .filter_map(|(n, kind)| signal(kind).ok().map(|s| (n, s)))
+            .collect()
+    };
+    #[cfg(not(unix))]
+    let _ = hangup;
+    async move {
+        #[cfg(unix)]
+        if !handlers.is_empty() {
+            return std::future::poll_fn(move |cx| {
+                for (n, s) in &mut handlers {
+                    if s.poll_recv(cx).is_ready() {
+                        return std::task::Poll::Ready(*n);
                     }
                 }
-                _ => {
-                    let _ = tokio::signal::ctrl_c().await;
-                }
-            }
+                std::task::Poll::Pending
+            })
+            .await;
         }
-    }
-    #[cfg(not(unix))]
-    {
-        async {
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        let _ = tokio::signal::ctrl_c().await;
+        2
     }
 }
 

@@ -357,38 +357,6 @@ impl std::error::Error for DemoError {
     }
 }
 
-/// A future that resolves to the number of the first of SIGINT, SIGTERM and SIGHUP received
-/// (SIGINT only where there are no Unix signals); the handlers are installed when it is made.
-fn stop_signal() -> impl Future<Output = i32> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut handlers: Vec<(i32, tokio::signal::unix::Signal)> = [
-            (2, SignalKind::interrupt()),
-            (15, SignalKind::terminate()),
-            (1, SignalKind::hangup()),
-        ]
-        .into_iter()
-        .filter_map(|(n, kind)| signal(kind).ok().map(|s| (n, s)))
-        .collect();
-        std::future::poll_fn(move |cx| {
-            for (n, s) in &mut handlers {
-                if s.poll_recv(cx).is_ready() {
-                    return std::task::Poll::Ready(*n);
-                }
-            }
-            std::task::Poll::Pending
-        })
-    }
-    #[cfg(not(unix))]
-    {
-        async {
-            let _ = tokio::signal::ctrl_c().await;
-            2
-        }
-    }
-}
-
 /// Run the demo: providers, config, `gateway`, load with the live display on stdout, final summary.
 ///
 /// Needs a tokio runtime with timers and IO (the CLI's). Returns the totals once the load has run for
@@ -401,7 +369,7 @@ pub async fn run<G: DemoGateway>(
     // closed) are ours from the start: during the set-up they take down what was set up (the
     // temporary directory included) instead of killing the process; during the load they end the
     // load early, and the gateway is stopped as after a full run. (Installed now.)
-    let mut ctrl_c = Box::pin(stop_signal());
+    let mut ctrl_c = Box::pin(crate::cli::first_signal(true));
     let providers = Providers::start(opts.seed)
         .await
         .map_err(DemoError::Providers)?;
