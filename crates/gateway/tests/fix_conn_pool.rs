@@ -59,3 +59,56 @@ async fn a_connection_still_sending_a_request_body_is_not_reused() {
     wait_until(10, || ep.pool.idle_count() >= 1).await;
     gw.stop().await;
 }
+
+/// With the pool full (`max_idle: 1`) of a connection that outlived `pool.idle_timeout`, the
+/// connection a request just finished on takes its place (it was closed, and the next request
+/// opened a new one); and the expired one is closed within a fraction of its timeout.
+#[tokio::test]
+async fn a_full_pool_makes_room_for_the_connection_just_used() {
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let r = release.clone();
+    let up = RawUpstream::start(move |mut s, _| {
+        let r = r.clone();
+        async move {
+            let mut buf = Vec::new();
+            while let Some(req) = read_head(&mut s, &mut buf).await {
+                if req.starts_with("GET /slow") {
+                    r.notified().await;
+                }
+                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if s.write_all(ok).await.is_err() {
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u:\n    endpoints: [{{url: '{}'}}]\n    pool: {{max_idle: 1, idle_timeout: 400ms}}\nroutes:\n  - upstream: u\n    timeout: 10s\n",
+        up.url()
+    ))
+    .await;
+    let ep = endpoint(&gw, "u", 0);
+    let slow = {
+        let c = client();
+        let url = gw.url("/slow");
+        tokio::spawn(async move { get(&c, &url).await })
+    };
+    wait_until(10, || up.accepted() == 1).await;
+    let c = client();
+    assert_eq!(get(&c, &gw.url("/fast")).await.status, 200);
+    assert_eq!(up.accepted(), 2);
+    // The fast request's connection waits in the pool, and outlives its idle timeout there: the
+    // reaper closes it (it ran every 5 s whatever the timeout).
+    wait_until(10, || ep.pool.idle_count() == 1).await;
+    wait_until(3, || ep.pool.idle_count() == 0).await;
+    release.notify_one();
+    assert_eq!(slow.await.unwrap().status, 200);
+    // The slow request's connection is kept, and the next request reuses it.
+    wait_until(10, || ep.pool.idle_count() == 1).await;
+    assert_eq!(get(&c, &gw.url("/again")).await.status, 200);
+    assert_eq!(up.accepted(), 2, "the connection just used was dropped");
+    gw.stop().await;
+}

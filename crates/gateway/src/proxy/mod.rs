@@ -1442,13 +1442,22 @@ impl AcceptErrors {
     }
 }
 
+/// Closes idle upstream connections past `pool.idle_timeout`: every 5 s, or every quarter of the
+/// shortest idle timeout configured when that is shorter (at least every 50 ms), so that a
+/// connection is closed within a quarter of its timeout after it expires.
 async fn reap_idle(gateway: Arc<Gateway>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    const MAX_GAP: Duration = Duration::from_secs(5);
     loop {
-        tick.tick().await;
-        for up in &gateway.runtime().upstreams {
+        let runtime = gateway.runtime();
+        let mut gap = MAX_GAP;
+        for up in &runtime.upstreams {
             up.reap_idle();
+            for ep in &up.endpoints {
+                gap = gap.min(ep.pool.idle_timeout() / 4);
+            }
         }
+        drop(runtime);
+        tokio::time::sleep(gap.max(Duration::from_millis(50))).await;
     }
 }
 

@@ -421,17 +421,32 @@ impl Pool {
         }
     }
 
-    /// Returns a connection taken from a response body read to its end.
+    /// Returns a connection taken from a response body read to its end. With the pool full, the
+    /// entries the upstream closed or that outlived the idle timeout make room first, then the
+    /// oldest one: the connection just used is the one most likely to be reusable.
     pub fn put(&self, conn: Conn) {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
-        if idle.len() < self.max_idle {
-            idle.push(Idle {
-                io: conn.io,
-                since: Instant::now(),
-            });
+        if self.max_idle == 0 {
+            return;
         }
+        if idle.len() >= self.max_idle {
+            let t = self.idle_timeout;
+            idle.retain_mut(|c| !c.io.is_stale() && c.since.elapsed() <= t);
+            if idle.len() >= self.max_idle {
+                idle.remove(0);
+            }
+        }
+        idle.push(Idle {
+            io: conn.io,
+            since: Instant::now(),
+        });
+    }
+
+    /// How long an idle connection is kept.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
     }
 
     /// The endpoint left the config: its idle connections close now, and its HTTP/2
@@ -1204,6 +1219,53 @@ mod tests {
         assert_eq!(s.feed(&settings(true, &[])), None);
         assert_eq!(s.feed(&other(6, 8)), None); // PING
         assert_eq!(s.feed(&settings(false, &[(3, 7)])), Some(7));
+    }
+
+    /// A connection to a fresh listener on 127.0.0.1, and the server's end.
+    async fn pair() -> (Conn, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        let io = Box::new(Io::new(Stream::Tcp(c)));
+        (Conn { io }, s)
+    }
+
+    #[tokio::test]
+    async fn a_full_pool_drops_a_closed_connection_before_the_one_returned() {
+        let pool = Pool::new(
+            "127.0.0.1:1".into(),
+            false,
+            1,
+            Duration::from_secs(60),
+            Duration::from_secs(1),
+        );
+        let (closed, server) = pair().await;
+        pool.put(closed);
+        drop(server);
+        // The upstream's FIN is seen once the reactor has polled it.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !pool.idle.lock().unwrap()[0].io.is_stale() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the close was never seen"
+            );
+            tokio::task::yield_now().await;
+        }
+        let (live, _server) = pair().await;
+        pool.put(live);
+        assert_eq!(pool.idle_count(), 1);
+        assert!(
+            pool.pop().is_some(),
+            "the live connection was dropped, the closed one kept"
+        );
+        // Full of a live connection: the oldest makes room for the newest.
+        let (a, _sa) = pair().await;
+        let (b, _sb) = pair().await;
+        let b_at: *const Io = &*b.io;
+        pool.put(a);
+        pool.put(b);
+        assert_eq!(pool.idle_count(), 1);
+        assert!(std::ptr::eq(&*pool.pop().unwrap(), b_at));
     }
 
     #[test]
