@@ -2,6 +2,7 @@
 //! (proxy listener, admin listener, config reloader) for the binary and for tests.
 
 use std::collections::BTreeMap;
+use std::ffi::OsStr;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -482,7 +483,7 @@ fn init_tracing(logging: &config::Logging, format: Option<LogFormat>) {
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal());
+        .with_ansi(colors_wanted(std::io::stdout().is_terminal()));
     let _ = match format.unwrap_or(logging.format) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -577,4 +578,39 @@ pub fn check_report(c: &Config) -> String {
         }
     }
     out
+}
+
+/// Whether output to a terminal (`tty`) may carry ANSI colours: not when `NO_COLOR` is set to
+/// anything but the empty string (no-color.org), nor when `TERM` is `dumb`.
+pub fn colors_wanted(tty: bool) -> bool {
+    colors_given(
+        tty,
+        std::env::var_os("NO_COLOR").as_deref(),
+        std::env::var_os("TERM").as_deref(),
+    )
+}
+
+/// [`colors_wanted`], given the two variables.
+fn colors_given(tty: bool, no_color: Option<&OsStr>, term: Option<&OsStr>) -> bool {
+    tty && no_color.is_none_or(OsStr::is_empty) && term.is_none_or(|t| t != "dumb")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn colours_only_on_a_terminal_and_not_when_no_color_or_a_dumb_term_says_so() {
+        let os = |s: &'static str| Some(OsStr::new(s));
+        assert!(colors_given(true, None, os("xterm-256color")));
+        assert!(colors_given(true, None, None));
+        assert!(!colors_given(false, None, os("xterm")));
+        assert!(!colors_given(true, os("1"), os("xterm")));
+        assert!(!colors_given(true, os("0"), None), "any non-empty NO_COLOR");
+        assert!(
+            colors_given(true, os(""), None),
+            "an empty NO_COLOR is unset"
+        );
+        assert!(!colors_given(true, None, os("dumb")));
+    }
 }

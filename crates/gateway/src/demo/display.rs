@@ -453,6 +453,8 @@ pub fn render_summary(s: &DemoSummary, color: bool) -> String {
 #[derive(Debug)]
 pub struct Screen {
     tty: bool,
+    /// ANSI colours: on a terminal, unless `NO_COLOR` or `TERM=dumb` says not ([`crate::cli::colors_wanted`]).
+    color: bool,
     /// Lines of the frame currently on screen, to move back over.
     drawn: usize,
 }
@@ -460,8 +462,10 @@ pub struct Screen {
 impl Screen {
     /// stdout, detecting whether it is a terminal.
     pub fn stdout() -> Screen {
+        let tty = super::stdout_is_tty();
         Screen {
-            tty: super::stdout_is_tty(),
+            tty,
+            color: crate::cli::colors_wanted(tty),
             drawn: 0,
         }
     }
@@ -471,9 +475,9 @@ impl Screen {
         self.tty
     }
 
-    /// Whether output may carry ANSI colours (only on a terminal).
+    /// Whether output may carry ANSI colours (only on a terminal, and see [`Screen::stdout`]).
     pub fn color(&self) -> bool {
-        self.tty
+        self.color
     }
 
     /// Print text below the current frame; the next frame starts under it.
@@ -485,7 +489,7 @@ impl Screen {
     /// Show `s`: replace the previous frame on a terminal, else print one line.
     pub fn frame(&mut self, s: &Snapshot) {
         if self.tty {
-            let frame = render(s, true);
+            let frame = render(s, self.color);
             let mut out = String::new();
             if self.drawn > 0 {
                 // Cursor up over the old frame, to column 0, clear to the end of the screen.
