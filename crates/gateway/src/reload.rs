@@ -233,8 +233,12 @@ impl Reloader {
             .runtime()
             .telemetry()
             .config_reloaded(result.is_ok());
-        self.gateway
-            .record_reload(result.as_ref().map(|_| ()).map_err(String::as_str));
+        self.gateway.record_reload(
+            result
+                .as_ref()
+                .map(|r| r.restart_required.as_slice())
+                .map_err(String::as_str),
+        );
         match &result {
             Ok(r) => {
                 // The TLS files to watch from now on are those the new config names (taken after

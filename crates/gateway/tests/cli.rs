@@ -676,3 +676,27 @@ fn threads_zero_is_a_usage_error() {
         assert!(stderr.contains("--threads"), "{stderr}");
     }
 }
+
+/// An empty (or comments-only) file is refused by `check` (and so by `run`), as a reload refuses
+/// it: every default would be a gateway without a route, answering 404 to everything.
+#[test]
+fn an_empty_config_file_is_refused() {
+    for content in [
+        "",
+        "\n  \n",
+        "# to do\n\n  # later\n",
+        "---\n# nothing yet\n...\n",
+    ] {
+        let p = write("empty.yaml", content);
+        let (code, out, err) = check(&p);
+        assert_eq!(code, 1, "{content:?}: {out}");
+        assert_eq!(
+            err.trim(),
+            format!(
+                "{}: .: the file is empty (or only comments): a config needs at least `upstreams` and `routes`",
+                p.display()
+            ),
+            "{content:?}"
+        );
+    }
+}

@@ -283,3 +283,52 @@ async fn the_admin_api_shows_the_config_in_force_and_the_last_reload_error() {
     assert_eq!(put.status, 405);
     ops.stop().await;
 }
+
+/// A reload that changes a restart-only setting (`listen`) is applied, and `GET /api/config`
+/// says that setting waits for a restart: `effective` shows the file's `listen` while the process
+/// still listens on the old address (found by a review: nothing said so but a log line). A
+/// refused reload leaves the list as it was; a reload back to the started value clears it.
+#[tokio::test]
+async fn the_admin_api_names_the_settings_that_wait_for_a_restart() {
+    let a = Upstream::named("a").await;
+    let body = format!(
+        "upstreams:\n  a: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - upstream: a\n",
+        a.url()
+    );
+    let ops = Ops::start_with(&body, None, Duration::from_secs(3600)).await;
+    let c = client();
+    let v = ops.admin_json(&c, "/api/config").await;
+    assert_eq!(v["restart_required"], serde_json::json!([]), "{v}");
+
+    let original = std::fs::read_to_string(&ops.path).unwrap();
+    let moved = original.replacen("listen: 127.0.0.1:0", "listen: 127.0.0.1:1", 1);
+    assert_ne!(moved, original);
+    write_atomic(&ops.path, &moved);
+    let r = ops.reloader().reload().unwrap();
+    assert_eq!(r.restart_required, ["listen"], "{r:?}");
+    assert_eq!(
+        get(&c, &ops.url("/")).await.status,
+        200,
+        "the old address serves"
+    );
+    let v = ops.admin_json(&c, "/api/config").await;
+    assert_eq!(v["restart_required"], serde_json::json!(["listen"]), "{v}");
+    assert!(
+        v["effective"]
+            .as_str()
+            .unwrap()
+            .contains("listen: 127.0.0.1:1"),
+        "{v}"
+    );
+
+    ops.rewrite("upstreams: [oops\n");
+    assert!(ops.reloader().reload().is_err());
+    let v = ops.admin_json(&c, "/api/config").await;
+    assert_eq!(v["restart_required"], serde_json::json!(["listen"]), "{v}");
+
+    write_atomic(&ops.path, &original);
+    ops.reloader().reload().unwrap();
+    let v = ops.admin_json(&c, "/api/config").await;
+    assert_eq!(v["restart_required"], serde_json::json!([]), "{v}");
+    ops.stop().await;
+}

@@ -469,8 +469,9 @@ impl AdminState {
         }
     }
 
-    /// `GET /api/config`: the config in force (as `bulwark check` prints it), its generation, and
-    /// what became of the last reload (a refused one's error: the file on disk is not what runs).
+    /// `GET /api/config`: the config in force (as `bulwark check` prints it), its generation, what
+    /// became of the last reload (a refused one's error: the file on disk is not what runs), and
+    /// the settings of it that wait for a restart (the process still runs the started ones).
     fn config(&self) -> Resp {
         let rt = self.gateway.runtime();
         let status = self.gateway.reload_status();
@@ -484,6 +485,7 @@ impl AdminState {
                     "ok": status.last_ok,
                     "error": status.last_error,
                 },
+                "restart_required": status.restart_required,
                 "effective": crate::config::to_yaml(&rt.config),
             }),
         )

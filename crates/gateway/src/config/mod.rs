@@ -54,6 +54,20 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         path: ".".into(),
         message: format!("cannot read the file: {e}"),
     })?;
+    // Every default would be a gateway without a route: a file written empty, truncated, or the
+    // wrong one, not a config anyone meant.
+    let nothing = |l: &str| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
+    };
+    if src.lines().all(nothing) {
+        return Err(ConfigError {
+            file,
+            position: None,
+            path: ".".into(),
+            message: "the file is empty (or only comments): a config needs at least `upstreams` and `routes`".into(),
+        });
+    }
     from_str(&src, &file)
 }
 

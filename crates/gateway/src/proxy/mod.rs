@@ -397,6 +397,9 @@ pub struct ReloadStatus {
     pub last_ok: Option<bool>,
     /// Its error, if it was refused: the previous config keeps serving.
     pub last_error: Option<String>,
+    /// The settings of the config in force that differ from those the process started with and
+    /// take effect only after a restart (the process still runs the started ones).
+    pub restart_required: Vec<&'static str>,
 }
 
 /// [`Gateway::mode_override`] when no override is set.
@@ -450,15 +453,22 @@ impl Gateway {
             Some(file.display().to_string());
     }
 
-    /// Records the outcome of a reload (`Err`: its error).
-    pub fn record_reload(&self, outcome: Result<(), &str>) {
+    /// Records the outcome of a reload: the restart-only settings the applied config changed, or
+    /// the refused one's error (the config in force, and what it awaits, stay as they were).
+    pub fn record_reload(&self, outcome: Result<&[&'static str], &str>) {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let mut s = self.reloads.lock().unwrap_or_else(|p| p.into_inner());
         s.last_attempt_unix_ms = Some(now);
         s.last_ok = Some(outcome.is_ok());
-        s.last_error = outcome.err().map(str::to_owned);
+        match outcome {
+            Ok(pending) => {
+                s.last_error = None;
+                s.restart_required = pending.to_vec();
+            }
+            Err(e) => s.last_error = Some(e.to_owned()),
+        }
     }
 
     /// The current runtime.
