@@ -286,7 +286,7 @@ pub async fn start_with(
 ) -> Result<Running, StartError> {
     // The store first: a file that cannot be used fails the start before any port is bound.
     let store = match &config.store {
-        Some(s) => Some(open_store(s.path.clone()).await?),
+        Some(s) => Some(open_store(s.path.clone(), s.audit_max_entries).await?),
         None => None,
     };
     let telemetry = Arc::new(Telemetry::new());
@@ -363,9 +363,9 @@ pub async fn start_with(
 type Opened = (Arc<Store>, BTreeMap<String, BreakerCommand>, Option<Mode>);
 
 /// Opens the store file and reads its overrides, on the blocking pool.
-async fn open_store(path: PathBuf) -> Result<Opened, StartError> {
+async fn open_store(path: PathBuf, audit_max_entries: u64) -> Result<Opened, StartError> {
     let opened = tokio::task::spawn_blocking(move || {
-        let store = Store::open(&path)?;
+        let store = Store::open(&path)?.keep_audit(audit_max_entries);
         let persisted = store.overrides()?;
         let mode = store.mode_override()?;
         Ok::<_, crate::store::StoreError>((Arc::new(store), persisted, mode))

@@ -132,6 +132,8 @@ pub struct BreakerChange<'a> {
 pub struct Store {
     path: PathBuf,
     conn: Mutex<Connection>,
+    /// Audit entries kept (the newest); each change drops the older ones.
+    audit_keep: u64,
 }
 
 impl Store {
@@ -174,6 +176,7 @@ impl Store {
         let mut store = Store {
             path: path.to_owned(),
             conn: Mutex::new(conn),
+            audit_keep: crate::config::DEFAULT_AUDIT_MAX_ENTRIES,
         };
         store.migrate(version)?;
         Ok(store)
@@ -321,7 +324,24 @@ impl Store {
             params![now, action, upstream, from, to, client],
         )
         .map_err(write)?;
+        // Ids only grow (AUTOINCREMENT): the newest `audit_keep` rows have the highest ones.
+        let last = tx.last_insert_rowid();
+        let keep = i64::try_from(self.audit_keep).unwrap_or(i64::MAX);
+        tx.execute(
+            "DELETE FROM audit_log WHERE id <= ?1",
+            params![last.saturating_sub(keep)],
+        )
+        .map_err(write)?;
         tx.commit().map_err(write)
+    }
+
+    /// Keeps at most `n` audit entries (the newest; at least one) from the next change on
+    /// (`store.audit_max_entries`; [`DEFAULT_AUDIT_MAX_ENTRIES`] until set).
+    ///
+    /// [`DEFAULT_AUDIT_MAX_ENTRIES`]: crate::config::DEFAULT_AUDIT_MAX_ENTRIES
+    pub fn keep_audit(mut self, n: u64) -> Self {
+        self.audit_keep = n.max(1);
+        self
     }
 
     /// The persisted operating-mode override, if any. Blocks.
@@ -587,6 +607,34 @@ mod tests {
             .message
             .contains("does not exist"));
         assert!(!missing.exists());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_audit_log_keeps_its_newest_entries() {
+        let dir = temp("keep");
+        let path = dir.join("s.db");
+        let s = Store::open(&path).unwrap().keep_audit(3);
+        let modes = [Mode::Normal, Mode::Maintenance];
+        for i in 0..7 {
+            let (from, to) = (modes[i % 2], modes[(i + 1) % 2]);
+            s.record_mode(Some(to), from, to, SET_BY_ADMIN_API, Some(&format!("c{i}")))
+                .unwrap();
+        }
+        let log = s.audit(100).unwrap();
+        let clients: Vec<_> = log.iter().map(|e| e.client.clone().unwrap()).collect();
+        assert_eq!(clients, ["c6", "c5", "c4"]);
+        let rows: i64 = s
+            .lock()
+            .query_row("SELECT COUNT(*) FROM audit_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 3);
+        // Reopened with the default, the older rows are gone for good; the next change keeps all.
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        s.record_mode(None, Mode::Normal, Mode::Normal, SET_BY_ADMIN_API, None)
+            .unwrap();
+        assert_eq!(s.audit(100).unwrap().len(), 4);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

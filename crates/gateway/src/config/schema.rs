@@ -366,10 +366,20 @@ pub struct Store {
     /// Redis URL for shared state across gateways.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<String>,
+    /// The audit log keeps this many newest entries; each change drops the older ones.
+    #[serde(default = "default_audit_max_entries")]
+    pub audit_max_entries: u64,
 }
 
 fn default_store_path() -> PathBuf {
     PathBuf::from(DEFAULT_STORE_PATH)
+}
+
+/// Default of `store.audit_max_entries`.
+pub const DEFAULT_AUDIT_MAX_ENTRIES: u64 = 100_000;
+
+fn default_audit_max_entries() -> u64 {
+    DEFAULT_AUDIT_MAX_ENTRIES
 }
 
 // ---- upstreams ------------------------------------------------------------------------------------

@@ -189,6 +189,12 @@ fn validate_ops(config: &Config) -> Result<(), Invalid> {
         if store.path.as_os_str().is_empty() {
             return Err(at(&[k("store"), k("path")], "must not be empty"));
         }
+        if !(1..=1_000_000_000).contains(&store.audit_max_entries) {
+            return Err(at(
+                &[k("store"), k("audit_max_entries")],
+                "must be 1 to 1000000000",
+            ));
+        }
     }
     if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&config.logging.level) {
         return Err(at(
