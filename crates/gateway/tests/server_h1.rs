@@ -204,6 +204,39 @@ async fn expect_100_continue_is_answered_before_the_body_is_sent() {
     gw.stop().await;
 }
 
+/// The gateway answers `Expect: 100-continue` itself and does not pass it upstream (as Envoy):
+/// the upstream gets the body with the head, and does not wait for a `100` of its own. The same
+/// for an HTTP/2 client's request (the body sent without waiting, as hyper's client does).
+#[tokio::test]
+async fn expect_is_not_sent_upstream() {
+    let up = RawUpstream::answering(|req| {
+        let seen = req.to_ascii_lowercase().contains("\r\nexpect:");
+        let body = if seen { "expect" } else { "none" };
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .into_bytes()
+    })
+    .await;
+    let gw = Gateway::start(&config(&up.url(), "")).await;
+    let mut c = Raw::connect(&gw).await;
+    c.send(b"PUT /e HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .await;
+    assert_eq!(c.response(false).await.status, 100);
+    c.send(b"hello").await;
+    let r = c.response(false).await;
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"none"[..]));
+    let h2 = h2c_client();
+    let req = Request::put(gw.url("/e"))
+        .header("expect", "100-continue")
+        .body(http_body_util::Full::new(Bytes::from_static(b"hello")))
+        .unwrap();
+    let r = send(&h2, req).await;
+    assert_eq!((r.status.as_u16(), r.text()), (200, "none".to_owned()));
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn a_head_response_has_no_body() {
     let up = Upstream::named("u").await;

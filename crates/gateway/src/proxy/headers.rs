@@ -35,6 +35,9 @@ fn hop_by_hop_bit(name: &HeaderName) -> u16 {
         // gateway did.
         "x-bulwark-reason" => 1 << 9,
         "x-bulwark-attempts" => 1 << 10,
+        // Not hop-by-hop either: the gateway answers a client's `100-continue` itself (HTTP/1.1)
+        // and sends the body upstream without waiting for one, as Envoy does (and strips it).
+        "expect" => 1 << 11,
         _ => 0,
     }
 }
@@ -51,12 +54,14 @@ fn hop_by_hop_name(bit: u32) -> &'static HeaderName {
         7 => &header::TRANSFER_ENCODING,
         8 => &header::UPGRADE,
         9 => &super::respond::X_BULWARK_REASON,
-        _ => &super::respond::X_BULWARK_ATTEMPTS,
+        10 => &super::respond::X_BULWARK_ATTEMPTS,
+        _ => &header::EXPECT,
     }
 }
 
-/// Removes hop-by-hop headers (RFC 9110 7.6.1): the fixed set and any named in `Connection`; and
-/// the gateway's own `x-bulwark-reason` and `x-bulwark-attempts`, which only the gateway sets.
+/// Removes hop-by-hop headers (RFC 9110 7.6.1): the fixed set and any named in `Connection`; the
+/// gateway's own `x-bulwark-reason` and `x-bulwark-attempts`, which only the gateway sets; and
+/// `expect`, which the gateway answers.
 ///
 /// Runs twice per proxied request (request and response), so it is built for the common cases: one
 /// pass over the (few) entries finds the hop-by-hop names present, without hashing; a map without any
