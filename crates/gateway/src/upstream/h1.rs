@@ -685,6 +685,54 @@ fn build_head(
 }
 
 /// A `content-length` value: digits, or a list of identical ones.
+/// The framing rules [`build_head`] applies, for a response head another client parsed (hyper's,
+/// for streamed uploads): only `chunked` as a transfer coding (another one, gzip, would reach the
+/// client as raw bytes labelled as nothing); with `transfer-encoding`, no `content-length` (the
+/// coding framed the body, RFC 9112 6.3); a `content-length` list (`5, 5`, or two equal lines)
+/// made one number, since an HTTP/2 client takes a list as malformed. Conflicting lengths are an
+/// error too (hyper refuses them already).
+pub(crate) fn vet_framing(status: StatusCode, h: &mut HeaderMap) -> Result<(), Error> {
+    if status == 204 || status == 304 {
+        // No body whatever the head says (as `build_head`), and a 304's length is the
+        // representation's.
+        return Ok(());
+    }
+    let mut codings = 0u32;
+    let mut chunked = false;
+    for v in h.get_all(header::TRANSFER_ENCODING) {
+        for t in v.as_bytes().split(|&b| b == b',') {
+            let t = t.trim_ascii();
+            if !t.is_empty() && !t.eq_ignore_ascii_case(b"identity") {
+                codings += 1;
+                chunked = t.eq_ignore_ascii_case(b"chunked");
+            }
+        }
+    }
+    if codings > 1 || (codings == 1 && !chunked) {
+        return Err(Error::Invalid("unsupported transfer-coding"));
+    }
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        h.remove(header::CONTENT_LENGTH);
+        return Ok(());
+    }
+    let mut all = h.get_all(header::CONTENT_LENGTH).iter();
+    let Some(first) = all.next() else {
+        return Ok(());
+    };
+    let n = parse_content_length(first.as_bytes())?;
+    let mut single = first.as_bytes().iter().all(u8::is_ascii_digit);
+    for v in all {
+        single = false;
+        if parse_content_length(v.as_bytes())? != n {
+            return Err(Error::Invalid("conflicting content-length"));
+        }
+    }
+    if !single {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+    }
+    Ok(())
+}
+
 fn parse_content_length(raw: &[u8]) -> Result<u64, Error> {
     let bad = Error::Invalid("bad content-length");
     let mut value: Option<u64> = None;

@@ -743,7 +743,15 @@ impl Pool {
                 }
             });
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(|b| UpstreamBody(Inner::Hyper(b)))),
+                Ok(mut resp) => {
+                    // hyper's head, held to the framing rules of the gateway's own client.
+                    let status = resp.status();
+                    super::h1::vet_framing(status, resp.headers_mut()).map_err(|e| SendError {
+                        kind: FailKind::Reset,
+                        source: Some(e.into()),
+                    })?;
+                    return Ok(resp.map(|b| UpstreamBody(Inner::Hyper(b))));
+                }
                 Err(mut e) => match e.take_message() {
                     Some(back) if reused => {
                         req = back;
