@@ -113,6 +113,31 @@ async fn an_http2_204_has_neither_content_nor_content_length() {
     gw.stop().await;
 }
 
+/// RFC 9110 8.6: a 304's `content-length` would be the representation's length, which a 304
+/// the gateway makes (a fallback) does not know: it had `content-length: 0` (found by a review).
+#[tokio::test]
+async fn a_304_fallback_claims_no_length() {
+    let dead = dead_url().await;
+    let gw = Gateway::start(&fallback_config(&dead, 304)).await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\nGET /y HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    for _ in 0..2 {
+        let r = c.response(true).await;
+        assert_eq!(r.status, 304);
+        assert_eq!(r.header("content-length"), None, "{r:?}");
+        assert_eq!(r.header("x-bulwark-reason"), Some("fallback"));
+    }
+    let req = Request::get(gw.url("/x"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let (status, headers, body) = h2_exchange(&gw, req).await.unwrap();
+    assert_eq!(status, 304);
+    assert!(body.is_empty());
+    assert_eq!(headers.get("content-length"), None, "{headers:?}");
+    gw.stop().await;
+}
+
 /// An answer that leaves a request body unread (here a 404 to a 100 KiB POST) makes the gateway
 /// close the connection after it (more than 64 KiB is not drained), but the answer does not say
 /// `Connection: close`: the client takes the connection as reusable, and the next request it sends

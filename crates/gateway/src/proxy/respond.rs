@@ -179,16 +179,26 @@ pub fn fault_abort(status: StatusCode) -> Response<RespBody> {
     let mut resp = Response::new(RespBody::empty());
     *resp.status_mut() = status;
     let h = resp.headers_mut();
-    h.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+    if may_have_content(status) {
+        h.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+    }
     h.insert(X_BULWARK_REASON.clone(), HeaderValue::from_static("fault"));
     resp
+}
+
+/// Whether a response with `status` has content whose length a `content-length` gives: not a 204
+/// (none), nor a 304 (its length would be the representation's, which the gateway does not know).
+fn may_have_content(status: StatusCode) -> bool {
+    !(status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED)
 }
 
 fn fallback_response(fb: &FallbackResponse, attempts: u32) -> Response<RespBody> {
     let mut resp = Response::new(RespBody::full(fb.body.clone()));
     *resp.status_mut() = fb.status;
     let h = resp.headers_mut();
-    h.insert(CONTENT_LENGTH, HeaderValue::from(fb.body.len()));
+    if may_have_content(fb.status) {
+        h.insert(CONTENT_LENGTH, HeaderValue::from(fb.body.len()));
+    }
     if let Some(ct) = &fb.content_type {
         h.insert(CONTENT_TYPE, ct.clone());
     }
