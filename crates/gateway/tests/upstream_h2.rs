@@ -209,3 +209,41 @@ async fn a_refused_http2_stream_is_sent_again() {
     assert_eq!(n.load(Ordering::SeqCst), 2);
     gw.stop().await;
 }
+
+/// An `http2: true` upstream's 20 KiB response head passes, as it does over HTTP/1.1 (the limit
+/// is 64 KiB for both; hyper's HTTP/2 default, 16 KiB, made it a 502 and charged the endpoint a
+/// failure; found by a review).
+#[tokio::test]
+async fn an_http2_upstreams_20k_response_head_passes() {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let resp = Response::builder()
+                        .header("x-filler", "v".repeat(20 * 1024))
+                        .body(())
+                        .unwrap();
+                    let mut s = respond.send_response(resp, false).unwrap();
+                    s.send_data(Bytes::from("ok"), true).unwrap();
+                }
+            });
+        }
+    });
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u: {{ http2: true, endpoints: [{{url: 'http://{addr}'}}] }}\nroutes:\n  - upstream: u\n    timeout: 5s\n"
+    ))
+    .await;
+    let g = get(&client(), &gw.url("/")).await;
+    assert_eq!(
+        (g.status.as_u16(), g.header("x-bulwark-reason")),
+        (200, None)
+    );
+    assert_eq!(g.header("x-filler").map(str::len), Some(20 * 1024));
+    assert_eq!(g.text(), "ok");
+    gw.stop().await;
+}

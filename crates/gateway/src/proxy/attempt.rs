@@ -35,7 +35,7 @@ enum BodySlot {
 impl BodySlot {
     fn take(&mut self) -> Option<ReqBody> {
         match self {
-            BodySlot::Replay(b) => Some(ReqBody::Full { data: b.clone() }),
+            BodySlot::Replay(b) => Some(ReqBody::full(b.clone())),
             BodySlot::Once(b) => b.take(),
         }
     }
@@ -165,7 +165,7 @@ fn outgoing<'a>(
     ei: usize,
 ) -> Outgoing<'a> {
     match body {
-        ReqBody::Full { data } if !up.http2 && up.request_headers.is_none() => {
+        ReqBody::Full { data, .. } if !up.http2 && up.request_headers.is_none() => {
             parts
                 .headers
                 .insert(http::header::HOST, up.endpoints[ei].host_header.clone());

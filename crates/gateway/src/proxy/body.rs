@@ -189,8 +189,13 @@ pin_project! {
     /// A request body sent upstream.
     #[project = ReqBodyProj]
     pub enum ReqBody {
-        /// Buffered in full (so it can be re-sent); `None` once sent.
-        Full { data: Option<Bytes> },
+        /// Buffered in full (so it can be re-sent); `None` once sent. Handed over in pieces of
+        /// at most [`PIECE`] bytes (see `ReqBody::hold`).
+        Full {
+            data: Option<Bytes>,
+            // Kept until the body is dropped (see `ReqBody::hold`).
+            _held: Option<Box<dyn std::any::Any + Send + Sync>>,
+        },
         /// Streamed from the client (cannot be re-sent): an already-read prefix, then the rest;
         /// `state` says whether the client's body came to its end, or failed.
         Stream {
@@ -319,13 +324,21 @@ impl ReqBody {
         }
     }
 
-    /// Keeps `guard` as long as this body, when it is streamed: an HTTP/2 stream's place on its
-    /// connection, which the stream holds while its request half is still being sent (an upstream
-    /// may answer an upload before it ends). A body in memory is sent at once.
+    /// Keeps `guard` as long as this body: an HTTP/2 stream's place on its connection, which the
+    /// stream holds while its request half is still being sent (an upstream may answer an upload
+    /// before it ends). A body in memory is handed over in pieces too: hyper's HTTP/2 client takes
+    /// the next one only when the upstream's flow-control window has room (and drops the body
+    /// after the last), so a body larger than the window holds its place until all but its last
+    /// piece went out.
     pub fn hold(&mut self, guard: Box<dyn std::any::Any + Send + Sync>) {
-        if let ReqBody::Stream { _held, .. } = self {
-            *_held = Some(guard);
+        match self {
+            ReqBody::Stream { _held, .. } | ReqBody::Full { _held, .. } => *_held = Some(guard),
         }
+    }
+
+    /// A body in memory (`None`: none).
+    pub fn full(data: Option<Bytes>) -> Self {
+        ReqBody::Full { data, _held: None }
     }
 
     /// For a body streamed from the client, what became of it (shared: it is read after the body
@@ -339,9 +352,13 @@ impl ReqBody {
 
     /// An empty body.
     pub fn empty() -> Self {
-        ReqBody::Full { data: None }
+        ReqBody::full(None)
     }
 }
+
+/// The largest piece of a body in memory handed to an upstream client at once: HTTP/2's default
+/// frame size, so hyper's client asks for the next one as the upstream's window opens.
+const PIECE: usize = 16 * 1024;
 
 impl Body for ReqBody {
     type Data = Bytes;
@@ -352,7 +369,12 @@ impl Body for ReqBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
-            ReqBodyProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ReqBodyProj::Full { data, .. } => Poll::Ready(data.take().map(|mut d| {
+                if d.len() > PIECE {
+                    *data = Some(d.split_off(PIECE));
+                }
+                Ok(Frame::data(d))
+            })),
             ReqBodyProj::Stream {
                 prefix,
                 mut rest,
@@ -379,7 +401,7 @@ impl Body for ReqBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ReqBody::Full { data } => data.is_none(),
+            ReqBody::Full { data, .. } => data.is_none(),
             ReqBody::Stream {
                 prefix,
                 rest,
@@ -399,7 +421,7 @@ impl Body for ReqBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ReqBody::Full { data } => {
+            ReqBody::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             ReqBody::Stream { prefix, rest, .. } => {

@@ -565,6 +565,11 @@ impl Pool {
                     .keep_alive_while_idle(true)
                     .initial_stream_window_size(self.windows.0)
                     .initial_connection_window_size(self.windows.1)
+                    // A response head may be as large as over HTTP/1.1 (hyper's default, 16 KiB
+                    // of HPACK's count, would refuse a head HTTP/1.1 passes).
+                    .max_header_list_size(crate::proxy::h2::header_list_ceiling(
+                        super::h1::MAX_HEAD,
+                    ))
                     .handshake(io)
                     .await
                     .map_err(|e| SendError::connect(Some(e.into())))
@@ -605,7 +610,7 @@ impl Pool {
         }
         let (parts, body) = req.into_parts();
         match body {
-            ReqBody::Full { data } => self.send_h1(&parts, data.as_ref()).await,
+            ReqBody::Full { data, .. } => self.send_h1(&parts, data.as_ref()).await,
             streamed => {
                 self.send_streamed(Request::from_parts(parts, streamed))
                     .await
@@ -778,8 +783,8 @@ impl Pool {
         let (mut sender, mut generation, mut slot, mut reused) = self.checkout_h2(None).await?;
         loop {
             // The stream is open, and holds its place under the peer's limit, until both its
-            // halves end: the response's, and a streamed request's (an upstream may answer an
-            // upload early and read on).
+            // halves end: the response's, and the request's (an upstream may answer an upload
+            // early and read on; see `ReqBody::hold` for a body in memory).
             req.body_mut().hold(Box::new(slot.clone()));
             if let Some(state) = req.body().stream_state() {
                 let slot = Arc::downgrade(&slot);
@@ -951,10 +956,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for EarlyAnswer<S> {
 
 /// A copy of `req` when its body is in memory (cheap to send again), else `None`.
 fn in_memory_copy(req: &Request<ReqBody>) -> Option<Request<ReqBody>> {
-    let ReqBody::Full { data } = req.body() else {
+    let ReqBody::Full { data, .. } = req.body() else {
         return None;
     };
-    let mut copy = Request::new(ReqBody::Full { data: data.clone() });
+    let mut copy = Request::new(ReqBody::full(data.clone()));
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();
