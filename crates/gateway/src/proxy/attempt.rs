@@ -259,6 +259,9 @@ pub(crate) struct Tally {
     /// The upstream (index in the runtime) of the request's latest attempt, for its access-log
     /// line; [`NO_UPSTREAM`] before one.
     upstream: std::sync::atomic::AtomicUsize,
+    /// Whether the route's deadline was counted (`bulwark_timeouts_total{kind="total"}`): once per
+    /// request, however many attempts of a hedge race it stopped.
+    deadline_counted: AtomicBool,
 }
 
 /// [`Tally::upstream`] before any attempt.
@@ -271,6 +274,7 @@ impl Default for Tally {
             total: AtomicU32::new(0),
             reached: AtomicBool::new(false),
             upstream: std::sync::atomic::AtomicUsize::new(NO_UPSTREAM),
+            deadline_counted: AtomicBool::new(false),
         }
     }
 }
@@ -282,9 +286,16 @@ impl Tally {
     }
 }
 
+/// Counts the route's deadline as a timeout of the request, once.
+fn count_deadline(route: &Route, tally: &Tally) {
+    if !tally.deadline_counted.swap(true, Ordering::Relaxed) {
+        route.policies.on_timeout("total");
+    }
+}
+
 /// The route's deadline passed before a request could be sent: a total timeout, and final.
-fn deadline_passed(route: &Route) -> Miss {
-    route.policies.on_timeout("total");
+fn deadline_passed(route: &Route, tally: &Tally) -> Miss {
+    count_deadline(route, tally);
     Miss::Failed {
         failure: Failure::Timeout,
         retryable: false,
@@ -317,14 +328,14 @@ async fn attempt(
         Some(a) => a,
         None => match up.policies.admit_by(Some(deadline)).await {
             Ok(a) => a,
-            Err(Reject::Deadline) => return Err(deadline_passed(route)),
+            Err(Reject::Deadline) => return Err(deadline_passed(route, tally)),
             Err(r) => return Err(Miss::Rejected(r)),
         },
     };
     let ep = &up.endpoints[ei];
     let now = Instant::now();
     if now >= deadline {
-        return Err(deadline_passed(route));
+        return Err(deadline_passed(route, tally));
     }
     let try_deadline = route
         .per_try_timeout
@@ -444,11 +455,11 @@ async fn attempt(
         Err(_elapsed) => {
             // Which timer fired: the route's deadline, or the attempt's own (which a streamed
             // upload may have pushed on to the deadline, see `per_try_after_upload`).
-            route.policies.on_timeout(if Instant::now() < deadline {
-                "attempt"
+            if Instant::now() < deadline {
+                route.policies.on_timeout("attempt");
             } else {
-                "total"
-            });
+                count_deadline(route, tally);
+            }
             // A client that had not sent all of its body stalled the exchange, not the upstream
             // (which may well have been waiting for it): as for Envoy, whose route timeout starts
             // once the request is complete, it is not the upstream's failure (for its breaker or
@@ -674,19 +685,19 @@ pub(crate) async fn forward(
                 Ok(a) => a,
                 Err(Reject::Deadline) => {
                     withdrawn.refund();
-                    route.policies.on_timeout("total");
-                    refused(&mut last, Failure::Timeout);
+                    count_deadline(route, tally);
+                    refused(&mut last, Failure::Timeout, delivered);
                     return finish(last, sent, None, route);
                 }
                 Err(r) => {
                     withdrawn.refund();
-                    refused(&mut last, reject_to_failure(r));
+                    refused(&mut last, reject_to_failure(r), delivered);
                     break;
                 }
             };
             let Some(ei) = up.pick(tried) else {
                 withdrawn.refund();
-                refused(&mut last, no_endpoint(up));
+                refused(&mut last, no_endpoint(up), delivered);
                 break;
             };
             let Some(req_body) = slot.take() else {
@@ -858,12 +869,12 @@ pub(crate) async fn forward(
                 Err(Miss::Client(local)) => return respond::local_after(local, sent),
                 Err(Miss::Rejected(r)) => {
                     // Only a hedge gets here (the original was admitted above); nothing was sent.
-                    refused(&mut last, reject_to_failure(r));
+                    refused(&mut last, reject_to_failure(r), delivered);
                     break;
                 }
                 // (`Kept` never leaves the hedge branch above.)
                 Err(Miss::NoEndpoint) | Err(Miss::Kept { .. }) => {
-                    refused(&mut last, no_endpoint(up));
+                    refused(&mut last, no_endpoint(up), delivered);
                     break;
                 }
                 Err(Miss::Response {
@@ -885,7 +896,7 @@ pub(crate) async fn forward(
                     if unsent {
                         // Nothing was sent (a connect failure, the deadline): it does not replace
                         // a response an earlier attempt got.
-                        refused(&mut last, failure);
+                        refused(&mut last, failure, delivered);
                     } else {
                         last = Last::Failure(failure);
                     }
@@ -994,10 +1005,12 @@ const MIN_BODY_READ: Duration = Duration::from_millis(100);
 
 /// A step that sent nothing (refused by the upstream's policies, or no endpoint) replaces the
 /// outcome of an earlier attempt only when that attempt got no response: a response an upstream
-/// gave is what the client sees, as the last answer any attempt got. When two upstreams of a
-/// chain refused alike (open breakers, rate limits), the client's `Retry-After` is the earliest
-/// time one of them takes requests again.
-fn refused(last: &mut Last, why: Failure) {
+/// gave is what the client sees, as the last answer any attempt got. Nor does it replace the
+/// failure of a request that reached an upstream (`delivered`: it timed out, or was reset), unless
+/// the route's deadline ran out (`why` is a timeout): a 503 `circuit_open` would tell the client
+/// that its request went nowhere. When two upstreams of a chain refused alike (open breakers, rate
+/// limits), the client's `Retry-After` is the earliest time one of them takes requests again.
+fn refused(last: &mut Last, why: Failure, delivered: bool) {
     use Failure::{CircuitOpen, RateLimited};
     let why = match (&*last, why) {
         (Last::Failure(CircuitOpen { retry_after: a }), CircuitOpen { retry_after: b }) => {
@@ -1012,7 +1025,11 @@ fn refused(last: &mut Last, why: Failure) {
         }
         (_, why) => why,
     };
-    if !matches!(last, Last::Response(_)) {
+    let keep = match last {
+        Last::Response(_) => true,
+        Last::Failure(_) => delivered && why != Failure::Timeout,
+    };
+    if !keep {
         *last = Last::Failure(why);
     }
 }

@@ -690,8 +690,12 @@ fn build_head(
 /// client as raw bytes labelled as nothing); with `transfer-encoding`, no `content-length` (the
 /// coding framed the body, RFC 9112 6.3); a `content-length` list (`5, 5`, or two equal lines)
 /// made one number, since an HTTP/2 client takes a list as malformed. Conflicting lengths are an
-/// error too (hyper refuses them already).
+/// error too (hyper refuses them already). And a 101: the request offered no upgrade (a streamed
+/// upload never does), so it is an error, as in `read_head`.
 pub(crate) fn vet_framing(status: StatusCode, h: &mut HeaderMap) -> Result<(), Error> {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(Error::Invalid("unexpected protocol switch"));
+    }
     if status == 204 || status == 304 {
         // No body whatever the head says (as `build_head`), and a 304's length is the
         // representation's.
