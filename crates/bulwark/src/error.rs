@@ -66,6 +66,18 @@ impl<E> Error<E> {
         !matches!(self, Error::Inner(_))
     }
 
+    /// True when a policy refused the call before it was passed on (an open breaker, a rate
+    /// limit, a full bulkhead, a shedder): nothing was sent.
+    pub fn is_local_refusal(&self) -> bool {
+        matches!(
+            self,
+            Error::RateLimited { .. }
+                | Error::BulkheadFull
+                | Error::Shed
+                | Error::CircuitOpen { .. }
+        )
+    }
+
     /// Maps the inner error, keeping every policy variant as it is.
     pub fn map_inner<F, E2>(self, f: F) -> Error<E2>
     where

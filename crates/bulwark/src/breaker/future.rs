@@ -110,13 +110,6 @@ impl<F, C> fmt::Debug for ResponseFuture<F, C> {
 
 /// Whether `e` is a bulwark layer's refusal of a call it never passed on.
 fn is_local_refusal(e: &BoxError) -> bool {
-    matches!(
-        e.downcast_ref::<Error>(),
-        Some(
-            Error::RateLimited { .. }
-                | Error::BulkheadFull
-                | Error::Shed
-                | Error::CircuitOpen { .. }
-        )
-    )
+    e.downcast_ref::<Error>()
+        .is_some_and(Error::is_local_refusal)
 }

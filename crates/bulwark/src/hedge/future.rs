@@ -12,8 +12,9 @@ use tower_service::Service;
 
 use super::race::{MakeAttempt, Race};
 use super::Shared;
-use crate::classify::Classify;
+use crate::classify::{Classify, Outcome};
 use crate::BoxError;
+use std::any::Any;
 
 pin_project! {
     /// One attempt on a service: drive it to readiness, then call it.
@@ -71,6 +72,31 @@ where
     }
 }
 
+/// The race's view of a tower hedge's classifier: a bulwark layer's refusal inside an attempt
+/// (an inner bulkhead, rate limiter, breaker or shedder: a boxed [`Error`](crate::Error), as
+/// those layers answer) sent nothing, so it is no failure of the dependency, whatever the
+/// classifier says ([`TowerClassifier`](crate::pipeline::TowerClassifier) calls a full bulkhead
+/// a failure, for a retry's sake). A refused hedge then neither starts the next ones at once nor
+/// replaces the dependency's own error, as in the pipeline's hedge stage.
+#[derive(Debug, Clone)]
+pub(crate) struct RefusalsIgnored<C>(C);
+
+impl<T, E: 'static, C: Classify<T, E>> Classify<T, E> for RefusalsIgnored<C> {
+    fn classify(&self, result: &Result<T, E>) -> Outcome {
+        if let Err(e) = result {
+            let e: &dyn Any = e;
+            let refused = match e.downcast_ref::<BoxError>() {
+                Some(boxed) => boxed.downcast_ref::<crate::Error>(),
+                None => e.downcast_ref::<crate::Error>(),
+            };
+            if refused.is_some_and(crate::Error::is_local_refusal) {
+                return Outcome::Ignore;
+            }
+        }
+        self.0.classify(result)
+    }
+}
+
 pin_project! {
     /// The response future of a hedged service: the original attempt and its hedges,
     /// polled together.
@@ -81,13 +107,14 @@ pin_project! {
         Req: Clone,
     {
         #[pin]
-        race: Race<MakeCall<S, Req>, C, Result<S::Response, S::Error>>,
+        race: Race<MakeCall<S, Req>, RefusalsIgnored<C>, Result<S::Response, S::Error>>,
     }
 }
 
 impl<S, Req, C> ResponseFuture<S, Req, C>
 where
     S: Service<Req> + Clone,
+    S::Error: 'static,
     Req: Clone,
     C: Classify<S::Response, S::Error>,
 {
@@ -103,7 +130,7 @@ where
             race: Race::new(
                 Attempt::Calling { fut: first },
                 MakeCall { svc: template, req },
-                classifier,
+                RefusalsIgnored(classifier),
                 shared,
                 delay,
             ),
@@ -124,7 +151,7 @@ where
 impl<S, Req, C> Future for ResponseFuture<S, Req, C>
 where
     S: Service<Req> + Clone,
-    S::Error: Into<BoxError>,
+    S::Error: Into<BoxError> + 'static,
     Req: Clone,
     C: Classify<S::Response, S::Error>,
 {

@@ -100,7 +100,7 @@ impl<S: fmt::Debug, C> fmt::Debug for HedgeService<S, C> {
 impl<S, Req, C> Service<Req> for HedgeService<S, C>
 where
     S: Service<Req> + Clone,
-    S::Error: Into<BoxError>,
+    S::Error: Into<BoxError> + 'static,
     Req: Clone,
     C: Classify<S::Response, S::Error> + Clone,
 {
