@@ -686,6 +686,7 @@ fn an_empty_config_file_is_refused() {
         "\n  \n",
         "# to do\n\n  # later\n",
         "---\n# nothing yet\n...\n",
+        "\u{feff}# saved with a byte order mark\n",
     ] {
         let p = write("empty.yaml", content);
         let (code, out, err) = check(&p);

@@ -616,8 +616,9 @@ routes:
 }
 
 /// A failed response whose body is larger than `retry_buffer` cannot be kept while its retry
-/// waits: when that retry is then refused (the breaker opened), the client gets the gateway's
-/// answer for the refusal, as when no attempt got a response.
+/// waits: when that retry is then refused (the breaker opened), the client gets 502
+/// `upstream_error`, as when no attempt got a response; not 503 `circuit_open`, which would say
+/// the request went nowhere.
 #[tokio::test]
 async fn a_failed_response_too_large_to_keep_through_a_backoff_gives_502() {
     let big = "x".repeat(4096);
@@ -646,8 +647,8 @@ routes:
     ))
     .await;
     let r = get(&client(), &gw.url("/")).await;
-    assert_eq!(r.status, 503);
-    assert_eq!(r.header("x-bulwark-reason"), Some("circuit_open"));
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("x-bulwark-reason"), Some("upstream_error"));
     assert_eq!(
         r.header("x-upstream"),
         None,

@@ -112,3 +112,48 @@ async fn a_full_pool_makes_room_for_the_connection_just_used() {
     assert_eq!(up.accepted(), 2, "the connection just used was dropped");
     gw.stop().await;
 }
+
+/// A reload that shortens `pool.idle_timeout` is followed by the reaper at once: it slept the 5 s
+/// the default 30 s gave it, so an idle connection of the new config outlived its timeout by up
+/// to 5 s (found by a review).
+#[tokio::test]
+async fn a_reload_that_shortens_pool_idle_timeout_is_followed_by_the_reaper() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::AsyncWriteExt;
+    let closed = Arc::new(AtomicUsize::new(0));
+    let c2 = closed.clone();
+    let up = RawUpstream::start(move |mut s, _| {
+        let closed = c2.clone();
+        async move {
+            let mut buf = Vec::new();
+            while read_head(&mut s, &mut buf).await.is_some() {
+                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if s.write_all(ok).await.is_err() {
+                    return;
+                }
+            }
+            closed.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    let config = |extra: &str| {
+        format!(
+            "upstreams:\n  u: {{ endpoints: [{{url: '{}'}}]{extra} }}\nroutes:\n  - upstream: u\n",
+            up.url()
+        )
+    };
+    let gw = Gateway::start(&config("")).await;
+    // Let the reaper start its first (5 s) sleep, then shorten the timeout.
+    tokio::task::yield_now().await;
+    let new =
+        bulwark_gateway::config::from_str(&config(", pool: { idle_timeout: 200ms }"), "gw.yaml")
+            .unwrap();
+    let old = gw.state.runtime();
+    let rt = bulwark_gateway::proxy::Runtime::build(&new, old.telemetry(), Some(&old)).unwrap();
+    gw.state.swap(rt);
+    let c = client();
+    assert_eq!(get(&c, &gw.url("/x")).await.status, 200);
+    wait_until(3, || closed.load(Ordering::SeqCst) == 1).await;
+    gw.stop().await;
+}

@@ -60,7 +60,8 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let l = l.trim();
         l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
     };
-    if src.lines().all(nothing) {
+    // (A byte order mark, as Windows editors write one, is no setting either.)
+    if src.trim_start_matches('\u{feff}').lines().all(nothing) {
         return Err(ConfigError {
             file,
             position: None,

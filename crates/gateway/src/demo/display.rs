@@ -462,7 +462,9 @@ pub struct Screen {
 impl Screen {
     /// stdout, detecting whether it is a terminal.
     pub fn stdout() -> Screen {
-        let tty = super::stdout_is_tty();
+        // A dumb terminal cannot move its cursor back over the last frame: a line a second there.
+        let dumb = std::env::var_os("TERM").is_some_and(|t| t == "dumb");
+        let tty = super::stdout_is_tty() && !dumb;
         Screen {
             tty,
             color: crate::cli::colors_wanted(tty),

@@ -384,6 +384,8 @@ pub struct Gateway {
     mode_override: AtomicU8,
     /// The config file and the outcome of the last reload, for `GET /api/config`.
     reloads: Mutex<ReloadStatus>,
+    /// Woken when a runtime is installed (the idle-connection reaper recomputes its interval).
+    installed: tokio::sync::Notify,
 }
 
 /// The config file and what became of the last reload of it: what `GET /api/config` shows.
@@ -436,6 +438,7 @@ impl Gateway {
             store: OnceLock::new(),
             changes: Mutex::new(()),
             reloads: Mutex::new(ReloadStatus::default()),
+            installed: tokio::sync::Notify::new(),
         }
     }
 
@@ -550,6 +553,7 @@ impl Gateway {
         let new = Arc::new(runtime);
         let old = self.runtime.swap(new.clone());
         self.generation.fetch_add(1, Ordering::Relaxed);
+        self.installed.notify_waiters();
         // Upstreams the new runtime did not carry over are retired now, though requests in flight
         // may hold the old runtime a while yet (as Envoy tears down a removed cluster's health
         // checks at once and drains its pools).
@@ -1454,10 +1458,12 @@ impl AcceptErrors {
 
 /// Closes idle upstream connections past `pool.idle_timeout`: every 5 s, or every quarter of the
 /// shortest idle timeout configured when that is shorter (at least every 50 ms), so that a
-/// connection is closed within a quarter of its timeout after it expires.
+/// connection is closed within a quarter of its timeout after it expires. A reload recomputes the
+/// interval at once.
 async fn reap_idle(gateway: Arc<Gateway>) {
     const MAX_GAP: Duration = Duration::from_secs(5);
     loop {
+        let installed = gateway.installed.notified();
         let runtime = gateway.runtime();
         let mut gap = MAX_GAP;
         for up in &runtime.upstreams {
@@ -1467,7 +1473,10 @@ async fn reap_idle(gateway: Arc<Gateway>) {
             }
         }
         drop(runtime);
-        tokio::time::sleep(gap.max(Duration::from_millis(50))).await;
+        tokio::select! {
+            _ = tokio::time::sleep(gap.max(Duration::from_millis(50))) => {}
+            _ = installed => {}
+        }
     }
 }
 
