@@ -408,3 +408,90 @@ async fn a_hedge_refused_locally_does_not_replace_the_dependencys_own_error() {
     assert_eq!(sent.load(Ordering::SeqCst), 1, "the hedge was never sent");
     assert_eq!(r.unwrap_err().kind(), "inner");
 }
+
+// The tower `HedgeLayer` over other bulwark layers does as the pipeline's hedge stage (found by a
+// review; each failed before its fix).
+
+/// The tower form of `a_hedge_refused_inside_the_pipeline_does_not_fire_the_others_at_once`:
+/// the hedge at 100 ms is refused by the full inner bulkhead (the original holds its only slot):
+/// that does not start every remaining hedge at once, each refused alike and each drawing an
+/// admission token.
+#[tokio::test(start_paused = true)]
+async fn tower_hedge_refused_by_an_inner_bulkhead_does_not_fire_the_others_at_once() {
+    let (hedges, listener) = hedge_log();
+    let admitted = Arc::new(AtomicU32::new(0));
+    let a = admitted.clone();
+    let hedge = bulwark::hedge::Hedge::builder()
+        .delay(ms(100))
+        .max_hedges(3)
+        .admit(Arc::new(move || {
+            a.fetch_add(1, Ordering::SeqCst);
+            true
+        }))
+        .listener(listener)
+        .build()
+        .unwrap();
+    let bulkhead = Bulkhead::builder()
+        .max_concurrent(1)
+        .max_queued(0)
+        .build()
+        .unwrap();
+    let sent = Arc::new(AtomicU32::new(0));
+    let s = sent.clone();
+    let svc = ServiceBuilder::new()
+        .layer(bulwark::hedge::HedgeLayer::new(hedge).classifier(TowerClassifier))
+        .layer(BulkheadLayer::new(bulkhead))
+        .service(tower::service_fn(move |_: ()| {
+            s.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(ms(250)).await;
+                Ok::<_, BoxError>("slow but fine")
+            }
+        }));
+    assert_eq!(svc.oneshot(()).await.unwrap(), "slow but fine");
+    assert_eq!(sent.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        *hedges.lock().unwrap(),
+        vec![ms(100)],
+        "refused hedges fired the others at once"
+    );
+    assert_eq!(admitted.load(Ordering::SeqCst), 1);
+}
+
+/// The tower form of `a_hedge_refused_locally_does_not_replace_the_dependencys_own_error`: the
+/// original reaches the dependency and fails; the hedge its failure starts at once is refused
+/// by the inner rate limiter. The answer is the dependency's own error, not `RateLimited` (which
+/// an outer retry would take for the server's `retry_after`, and an outer breaker would not
+/// count).
+#[tokio::test(start_paused = true)]
+async fn tower_hedge_refused_locally_does_not_replace_the_dependencys_own_error() {
+    let hedge = bulwark::hedge::Hedge::builder()
+        .delay(ms(100))
+        .max_hedges(1)
+        .build()
+        .unwrap();
+    let limiter = RateLimiter::builder()
+        .per_second(1)
+        .burst(1)
+        .build()
+        .unwrap();
+    let sent = Arc::new(AtomicU32::new(0));
+    let s = sent.clone();
+    let svc = ServiceBuilder::new()
+        .layer(bulwark::hedge::HedgeLayer::new(hedge).classifier(TowerClassifier))
+        .layer(RateLimitLayer::new(limiter))
+        .service(tower::service_fn(move |_: ()| {
+            s.fetch_add(1, Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(ms(10)).await;
+                Err::<u32, BoxError>(Box::new(std::io::Error::other("503 from the dependency")))
+            }
+        }));
+    let err = svc.oneshot(()).await.unwrap_err();
+    assert_eq!(sent.load(Ordering::SeqCst), 1, "the hedge was never sent");
+    assert!(
+        err.downcast_ref::<std::io::Error>().is_some(),
+        "the answer is the local refusal {:?}, not the dependency's error",
+        err.downcast_ref::<Error>()
+    );
+}
