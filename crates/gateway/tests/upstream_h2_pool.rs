@@ -293,43 +293,23 @@ async fn a_request_is_not_queued_behind_an_upload_still_streaming_after_its_answ
 /// streamed from the client held its place).
 #[tokio::test]
 async fn a_request_is_not_queued_behind_a_buffered_upload_still_sending_after_its_answer() {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    let conns = Arc::new(AtomicUsize::new(0));
-    let release = Arc::new(tokio::sync::Notify::new());
-    let (c2, r2) = (conns.clone(), release.clone());
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = l.accept().await {
-            c2.fetch_add(1, Ordering::SeqCst);
-            let release = r2.clone();
+    static RELEASE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+    let (addr, conns) = h2_one_stream(|req, mut s| {
+        if req.uri().path() == "/upload" {
+            // Answered at once; the upload is read later, to its end.
+            s.send_data(Bytes::from("accepted"), true).unwrap();
+            let mut body = req.into_body();
             tokio::spawn(async move {
-                let Ok(mut conn) = h2::server::Builder::new()
-                    .max_concurrent_streams(1)
-                    .handshake::<_, Bytes>(tcp)
-                    .await
-                else {
-                    return;
-                };
-                while let Some(Ok((req, mut respond))) = conn.accept().await {
-                    let mut s = respond.send_response(Response::new(()), false).unwrap();
-                    if req.uri().path() == "/upload" {
-                        // Answered at once; the upload is read later, to its end.
-                        s.send_data(Bytes::from("accepted"), true).unwrap();
-                        let mut body = req.into_body();
-                        let release = release.clone();
-                        tokio::spawn(async move {
-                            release.notified().await;
-                            while let Some(Ok(chunk)) = body.data().await {
-                                let _ = body.flow_control().release_capacity(chunk.len());
-                            }
-                        });
-                    } else {
-                        s.send_data(Bytes::from("ok"), true).unwrap();
-                    }
+                RELEASE.notified().await;
+                while let Some(Ok(chunk)) = body.data().await {
+                    let _ = body.flow_control().release_capacity(chunk.len());
                 }
             });
+        } else {
+            s.send_data(Bytes::from("ok"), true).unwrap();
         }
-    });
+    })
+    .await;
     let gw = Gateway::start(&format!(
         "upstreams:\n  u: {{ http2: true, endpoints: [{{url: 'http://{addr}'}}] }}\nroutes:\n  - upstream: u\n    timeout: 2s\n    retry_buffer: 1MiB\n"
     ))
@@ -341,7 +321,7 @@ async fn a_request_is_not_queued_behind_a_buffered_upload_still_sending_after_it
     let g = send(&client(), req).await;
     assert_eq!((g.status.as_u16(), g.text()), (200, "accepted".to_string()));
     let g = get(&client(), &gw.url("/other")).await;
-    release.notify_waiters();
+    RELEASE.notify_waiters();
     assert_eq!(
         (g.status.as_u16(), g.header("x-bulwark-reason"), g.text()),
         (200, None, "ok".to_string()),
