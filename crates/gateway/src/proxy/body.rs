@@ -298,6 +298,7 @@ impl StreamState {
             0 => None,
             1 => Some(Local::BodyTooLarge),
             2 => Some(Local::BodyTimeout),
+            4 => Some(Local::ClientClosed),
             _ => Some(Local::BadRequest),
         }
     }
@@ -307,6 +308,7 @@ impl StreamState {
         let code = match refusal(err) {
             Local::BodyTooLarge => 1,
             Local::BodyTimeout => 2,
+            Local::ClientClosed => 4,
             _ => 3,
         };
         self.failed.store(code, Ordering::Relaxed);
@@ -508,16 +510,32 @@ pub fn is_client_body_error(err: &hyper::Error) -> bool {
 }
 
 /// What the client gets when reading its body failed (`err` and its causes): 413 over the length
-/// limit, 408 for a body that stalled, 400 otherwise.
+/// limit, 408 for a body that stalled, 499 when the client went away (its connection ended or
+/// broke, or it reset its HTTP/2 stream), 400 otherwise (a malformed body).
 pub fn refusal(err: &(dyn std::error::Error + 'static)) -> super::respond::Local {
     use super::respond::Local;
     if is_length_error(err) {
         Local::BodyTooLarge
     } else if in_chain(Some(err), |e| e.is::<BodyStalled>()) {
         Local::BodyTimeout
+    } else if in_chain(Some(err), client_went_away) {
+        Local::ClientClosed
     } else {
         Local::BadRequest
     }
+}
+
+/// Whether `e` says the client went away: its HTTP/1.1 body ended early or its socket failed, its
+/// HTTP/2 connection failed, or it reset its stream (not a stream the gateway reset, say for a
+/// malformed body).
+fn client_went_away(e: &(dyn std::error::Error + 'static)) -> bool {
+    if let Some(b) = e.downcast_ref::<super::h1::BodyError>() {
+        return b.client_went_away();
+    }
+    if let Some(h) = e.downcast_ref::<::h2::Error>() {
+        return h.is_io() || (h.is_remote() && (h.is_reset() || h.is_go_away()));
+    }
+    e.is::<std::io::Error>()
 }
 
 /// Whether an upstream send error (its cause chain) was caused by the client's body exceeding the

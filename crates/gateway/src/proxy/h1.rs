@@ -409,6 +409,13 @@ fn content_length(v: &[u8]) -> Option<u64> {
 #[derive(Debug)]
 pub struct BodyError(BodyErrorKind);
 
+impl BodyError {
+    /// Whether the client's connection ended or failed before the body did.
+    pub(crate) fn client_went_away(&self) -> bool {
+        matches!(self.0, BodyErrorKind::Eof | BodyErrorKind::Io(_))
+    }
+}
+
 #[derive(Debug)]
 enum BodyErrorKind {
     Io(io::ErrorKind),

@@ -113,6 +113,10 @@ pub enum Local {
     BadRequest,
     /// The client stopped sending its request body for `limits.idle_timeout`.
     BodyTimeout,
+    /// The client went away in the middle of its request body: counted and logged as a 499
+    /// `client_closed`, as a request dropped before its answer is (what is sent reaches no one,
+    /// or a client that only closed its sending side).
+    ClientClosed,
 }
 
 /// A route's static fallback response, prepared once.
@@ -253,6 +257,12 @@ pub fn local_after(l: Local, attempts: u32) -> Response<RespBody> {
     resp
 }
 
+/// nginx's status for a request whose client went away before its answer.
+const CLIENT_CLOSED: StatusCode = match StatusCode::from_u16(499) {
+    Ok(s) => s,
+    Err(_) => StatusCode::BAD_REQUEST,
+};
+
 /// A response the gateway gives on its own (routing, limits).
 pub fn local(l: Local) -> Response<RespBody> {
     let (status, reason) = match l {
@@ -264,6 +274,7 @@ pub fn local(l: Local) -> Response<RespBody> {
         ),
         Local::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
         Local::BodyTimeout => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
+        Local::ClientClosed => (CLIENT_CLOSED, "client_closed"),
     };
     let mut resp = Response::new(RespBody::empty());
     *resp.status_mut() = status;
