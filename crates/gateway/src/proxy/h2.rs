@@ -719,7 +719,10 @@ pub(crate) fn answer_connect<G: Send + 'static>(
     tokio::spawn(async move {
         let _open = open;
         match on.await {
-            Ok(stream) => super::tunnel::run(TokioIo::new(stream), Bytes::new(), side, idle).await,
+            Ok(stream) => {
+                let client = super::tunnel::ResetAware::new(TokioIo::new(stream));
+                super::tunnel::run(client, Bytes::new(), side, idle).await
+            }
             Err(e) => tracing::debug!(error = %e, "HTTP/2 WebSocket stream not upgraded"),
         }
     });

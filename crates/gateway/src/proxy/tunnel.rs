@@ -154,3 +154,60 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<'_, S> {
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
+
+/// An HTTP/2 WebSocket stream (RFC 8441) as the tunnel reads it. hyper reads the client's
+/// `RST_STREAM` (`CANCEL`: its TCP reset, in RFC 8441's terms) as the end of its input, just as it
+/// reads `END_STREAM` (its FIN); after a reset the stream's sending half has failed, which a
+/// flush reports. So at the end of input the flush is checked, once the stream's send task has
+/// had a turn to see the reset: a reset ends the tunnel (both sides closed), where `END_STREAM`
+/// only half-closes the upstream.
+pub(crate) struct ResetAware<S> {
+    io: S,
+    /// The end of input was seen once (and the task yielded).
+    ended: bool,
+}
+
+impl<S> ResetAware<S> {
+    pub(crate) fn new(io: S) -> Self {
+        ResetAware { io, ended: false }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ResetAware<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        std::task::ready!(Pin::new(&mut self.io).poll_read(cx, buf))?;
+        if buf.filled().len() > before || buf.remaining() == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        if !self.ended {
+            // The reset wakes the stream's send task too: let it run first.
+            self.ended = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ResetAware<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
