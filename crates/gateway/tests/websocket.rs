@@ -570,3 +570,138 @@ async fn an_http2_websocket_is_counted_and_logged_as_the_200_its_client_got() {
         "no client got a 101:\n{m}"
     );
 }
+
+// RFC 8441, section 4: a client's `RST_STREAM` (`CANCEL`, its TCP reset) ends the tunnel and
+// closes the upstream connection, where its `END_STREAM` (its FIN) only half-closes it. The reset
+// was read as a FIN: the tunnel and its upstream connection lived on until the upstream wrote or
+// `idle_timeout` passed (found by a review; failed before its fix).
+
+/// A WebSocket upstream that echoes until its input ends, says `"eof"` on `tx`, then writes `then`
+/// and closes; with `then` `None` it keeps its side open for 20 s (a push-only feed between two
+/// pushes: only a close of the connection ends it).
+async fn echo_until_end(
+    tx: mpsc::UnboundedSender<&'static str>,
+    then: Option<&'static [u8]>,
+) -> RawUpstream {
+    RawUpstream::start(move |mut s, _| {
+        let tx = tx.clone();
+        async move {
+            let mut buf = Vec::new();
+            let Some(head) = read_head(&mut s, &mut buf).await else {
+                return;
+            };
+            let answer = format!(
+                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+                accept_for(&head)
+            );
+            if s.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut b = [0u8; 1024];
+            loop {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if s.write_all(&b[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            let _ = tx.send("eof");
+            match then {
+                Some(bytes) => {
+                    let _ = s.write_all(bytes).await;
+                }
+                None => tokio::time::sleep(Duration::from_secs(20)).await,
+            }
+        }
+    })
+    .await
+}
+
+fn tunnels(gw: &Gateway) -> i64 {
+    gw.state.runtime().telemetry().tunnels_open()
+}
+
+/// An HTTP/2 client (the h2 crate, which can reset a stream), past the server's SETTINGS
+/// (ENABLE_CONNECT_PROTOCOL), with an RFC 8441 WebSocket stream open (its 200 checked).
+async fn h2_crate_websocket(gw: &Gateway) -> (h2::RecvStream, h2::SendStream<bytes::Bytes>) {
+    let tcp = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let mut send = send.ready().await.unwrap();
+    let (resp, _) = send
+        .send_request(
+            http::Request::get("http://gw/first").body(()).unwrap(),
+            true,
+        )
+        .unwrap();
+    let _ = resp.await.unwrap();
+    assert!(send.is_extended_connect_protocol_enabled());
+    let req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("http://gw/ws")
+        .header("sec-websocket-version", "13")
+        .extension(h2::ext::Protocol::from_static("websocket"))
+        .body(())
+        .unwrap();
+    let (resp, tx) = send.send_request(req, false).unwrap();
+    let resp = resp.await.unwrap();
+    assert_eq!(resp.status(), 200);
+    (resp.into_body(), tx)
+}
+
+/// What arrives on `recv` until `n` bytes did, or (`n` = `usize::MAX`) until the stream ends.
+async fn h2_read(recv: &mut h2::RecvStream, n: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let next = tokio::time::timeout(Duration::from_secs(10), recv.data())
+            .await
+            .expect("nothing within 10 s");
+        let Some(d) = next else { break };
+        let d = d.unwrap();
+        let _ = recv.flow_control().release_capacity(d.len());
+        got.extend_from_slice(&d);
+    }
+    got
+}
+
+#[tokio::test]
+async fn an_http2_client_reset_closes_the_tunnel_and_its_upstream_connection() {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let up = echo_until_end(tx, None).await;
+    let gw = Gateway::start(&config(&up.url(), WS, "")).await;
+    let (mut recv, mut send) = h2_crate_websocket(&gw).await;
+    send.send_data(bytes::Bytes::from_static(b"hello"), false)
+        .unwrap();
+    assert_eq!(h2_read(&mut recv, 5).await, b"hello");
+    assert_eq!(tunnels(&gw), 1);
+    send.send_reset(h2::Reason::CANCEL);
+    let eof = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+    assert_eq!(
+        eof.ok().flatten(),
+        Some("eof"),
+        "the upstream never saw the end"
+    );
+    // The tunnel is gone (not left half-open until the upstream writes or idle_timeout passes).
+    wait_until(5, || tunnels(&gw) == 0).await;
+    gw.stop().await;
+}
+
+/// The same client ending its side with `END_STREAM` (its FIN) only half-closes the tunnel: what
+/// the upstream sends after seeing the end still reaches the client.
+#[tokio::test]
+async fn an_http2_client_end_stream_still_half_closes() {
+    let (tx, _rx) = mpsc::unbounded_channel();
+    let up = echo_until_end(tx, Some(b"bye")).await;
+    let gw = Gateway::start(&config(&up.url(), WS, "")).await;
+    let (mut recv, mut send) = h2_crate_websocket(&gw).await;
+    send.send_data(bytes::Bytes::from_static(b"done"), true)
+        .unwrap();
+    assert_eq!(h2_read(&mut recv, usize::MAX).await, b"donebye");
+    gw.stop().await;
+}
