@@ -587,14 +587,7 @@ fn build_head(
             }
             "transfer-encoding" => {
                 te = true;
-                // The final coding is the last one listed (of the last line).
-                for t in raw.split(|&b| b == b',') {
-                    let t = t.trim_ascii();
-                    if !t.is_empty() && !t.eq_ignore_ascii_case(b"identity") {
-                        codings += 1;
-                        chunked = t.eq_ignore_ascii_case(b"chunked");
-                    }
-                }
+                scan_codings(raw, &mut codings, &mut chunked);
                 continue;
             }
             "connection" => {
@@ -704,13 +697,7 @@ pub(crate) fn vet_framing(status: StatusCode, h: &mut HeaderMap) -> Result<(), E
     let mut codings = 0u32;
     let mut chunked = false;
     for v in h.get_all(header::TRANSFER_ENCODING) {
-        for t in v.as_bytes().split(|&b| b == b',') {
-            let t = t.trim_ascii();
-            if !t.is_empty() && !t.eq_ignore_ascii_case(b"identity") {
-                codings += 1;
-                chunked = t.eq_ignore_ascii_case(b"chunked");
-            }
-        }
+        scan_codings(v.as_bytes(), &mut codings, &mut chunked);
     }
     if codings > 1 || (codings == 1 && !chunked) {
         return Err(Error::Invalid("unsupported transfer-coding"));
@@ -735,6 +722,20 @@ pub(crate) fn vet_framing(status: StatusCode, h: &mut HeaderMap) -> Result<(), E
         h.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
     }
     Ok(())
+}
+
+/// Counts the transfer codings a `transfer-encoding` line lists into `codings` (`identity`,
+/// obsolete, aside) and sets `chunked` to whether the last one is `chunked`: over all lines, the
+/// final coding is the last one listed (of the last line).
+#[inline]
+fn scan_codings(raw: &[u8], codings: &mut u32, chunked: &mut bool) {
+    for t in raw.split(|&b| b == b',') {
+        let t = t.trim_ascii();
+        if !t.is_empty() && !t.eq_ignore_ascii_case(b"identity") {
+            *codings += 1;
+            *chunked = t.eq_ignore_ascii_case(b"chunked");
+        }
+    }
 }
 
 fn parse_content_length(raw: &[u8]) -> Result<u64, Error> {
