@@ -90,6 +90,29 @@ async fn h2_one_stream(
     (addr, conns)
 }
 
+/// An [`h2_one_stream`] answer: `/upload` gets `accepted` at once and its body is read on to its
+/// end (once `gate` is notified, if given); anything else gets `ok`.
+fn answer_upload_early(
+    req: Request<h2::RecvStream>,
+    mut s: h2::SendStream<Bytes>,
+    gate: Option<&'static tokio::sync::Notify>,
+) {
+    if req.uri().path() != "/upload" {
+        s.send_data(Bytes::from("ok"), true).unwrap();
+        return;
+    }
+    s.send_data(Bytes::from("accepted"), true).unwrap();
+    let mut body = req.into_body();
+    tokio::spawn(async move {
+        if let Some(gate) = gate {
+            gate.notified().await;
+        }
+        while let Some(Ok(chunk)) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+    });
+}
+
 /// 1. A POST whose stream an endpoint refuses (`REFUSED_STREAM`: not processed) on the resend too
 /// is a request that was never processed, like a connect failure: on a route with retries it goes
 /// to the other endpoint (Envoy's `refused-stream` retry condition, whatever the method). Before
@@ -244,21 +267,7 @@ async fn a_post_refused_unprocessed_by_an_http2_primary_fails_over_like_a_connec
 /// are done.
 #[tokio::test]
 async fn a_request_is_not_queued_behind_an_upload_still_streaming_after_its_answer() {
-    let (addr, conns) = h2_one_stream(|req, mut s| {
-        if req.uri().path() == "/upload" {
-            // Answered at once; the upload is read on to its end.
-            s.send_data(Bytes::from("accepted"), true).unwrap();
-            let mut body = req.into_body();
-            tokio::spawn(async move {
-                while let Some(Ok(chunk)) = body.data().await {
-                    let _ = body.flow_control().release_capacity(chunk.len());
-                }
-            });
-        } else {
-            s.send_data(Bytes::from("ok"), true).unwrap();
-        }
-    })
-    .await;
+    let (addr, conns) = h2_one_stream(|req, s| answer_upload_early(req, s, None)).await;
     let gw = Gateway::start(&format!(
         "upstreams:\n  u: {{ http2: true, endpoints: [{{url: 'http://{addr}'}}] }}\nroutes:\n  - upstream: u\n    timeout: 2s\n"
     ))
@@ -294,22 +303,7 @@ async fn a_request_is_not_queued_behind_an_upload_still_streaming_after_its_answ
 #[tokio::test]
 async fn a_request_is_not_queued_behind_a_buffered_upload_still_sending_after_its_answer() {
     static RELEASE: tokio::sync::Notify = tokio::sync::Notify::const_new();
-    let (addr, conns) = h2_one_stream(|req, mut s| {
-        if req.uri().path() == "/upload" {
-            // Answered at once; the upload is read later, to its end.
-            s.send_data(Bytes::from("accepted"), true).unwrap();
-            let mut body = req.into_body();
-            tokio::spawn(async move {
-                RELEASE.notified().await;
-                while let Some(Ok(chunk)) = body.data().await {
-                    let _ = body.flow_control().release_capacity(chunk.len());
-                }
-            });
-        } else {
-            s.send_data(Bytes::from("ok"), true).unwrap();
-        }
-    })
-    .await;
+    let (addr, conns) = h2_one_stream(|req, s| answer_upload_early(req, s, Some(&RELEASE))).await;
     let gw = Gateway::start(&format!(
         "upstreams:\n  u: {{ http2: true, endpoints: [{{url: 'http://{addr}'}}] }}\nroutes:\n  - upstream: u\n    timeout: 2s\n    retry_buffer: 1MiB\n"
     ))

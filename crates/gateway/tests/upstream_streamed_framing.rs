@@ -27,6 +27,15 @@ fn post(len: usize) -> Vec<u8> {
     r
 }
 
+/// The answer to a POST of `len` bytes on a new connection, and how it was framed.
+async fn answer_to_upload(gw: &Gateway, len: usize) -> (RawResponse, Framed) {
+    let mut c = RawClient::connect(gw).await;
+    c.send(&post(len)).await;
+    tokio::time::timeout(Duration::from_secs(10), c.read_response(false))
+        .await
+        .expect("no response")
+}
+
 /// Sizes of the request body: sent whole (own client) and streamed (over `retry_buffer`).
 const SMALL: usize = 10;
 const STREAMED: usize = 200_000;
@@ -40,11 +49,7 @@ async fn a_gzip_transfer_coding_is_a_502_after_any_upload() {
     .await;
     let gw = Gateway::start(&config(&up.url())).await;
     for len in [SMALL, STREAMED] {
-        let mut c = RawClient::connect(&gw).await;
-        c.send(&post(len)).await;
-        let (r, _) = tokio::time::timeout(Duration::from_secs(10), c.read_response(false))
-            .await
-            .expect("no response");
+        let (r, _) = answer_to_upload(&gw, len).await;
         assert_eq!(
             (r.status, r.header("x-bulwark-reason")),
             (502, Some("upstream_error")),
@@ -63,11 +68,7 @@ async fn with_both_framings_chunked_wins_after_any_upload() {
     .await;
     let gw = Gateway::start(&config(&up.url())).await;
     for len in [SMALL, STREAMED] {
-        let mut c = RawClient::connect(&gw).await;
-        c.send(&post(len)).await;
-        let (r, framed) = tokio::time::timeout(Duration::from_secs(10), c.read_response(false))
-            .await
-            .expect("no response");
+        let (r, framed) = answer_to_upload(&gw, len).await;
         assert_eq!(r.status, 200, "upload of {len} bytes: {r:?}");
         assert_eq!(
             (String::from_utf8_lossy(&r.body).into_owned(), framed),

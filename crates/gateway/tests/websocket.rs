@@ -31,6 +31,30 @@ fn accept_for(head: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
 }
 
+/// The 101 head that accepts the upgrade of request head `head`.
+fn switching(head: &str) -> String {
+    format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
+        accept_for(head)
+    )
+}
+
+/// Writes back every byte read from `s` until its input ends (or a write fails).
+async fn echo(s: &mut tokio::net::TcpStream) {
+    let mut b = [0u8; 4096];
+    loop {
+        match s.read(&mut b).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if s.write_all(&b[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// A WebSocket upstream: answers an upgrade with a 101 (and `early` in the same write), then echoes
 /// every byte until the gateway closes, then closes too. Anything else gets 426. Reports each
 /// request head, and `"eof"` when the gateway closed the tunnel.
@@ -44,7 +68,7 @@ async fn ws_upstream(early: &'static [u8]) -> (RawUpstream, mpsc::UnboundedRecei
                 return;
             };
             let lower = head.to_ascii_lowercase();
-            let accept = accept_for(&head);
+            let mut answer = switching(&head).into_bytes();
             let _ = tx.send(head);
             if !(lower.contains("\r\nupgrade: websocket\r\n")
                 && lower.contains("\r\nconnection: upgrade\r\n"))
@@ -54,29 +78,13 @@ async fn ws_upstream(early: &'static [u8]) -> (RawUpstream, mpsc::UnboundedRecei
                     .await;
                 return;
             }
-            let mut answer = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
-Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-                accept
-            )
-            .into_bytes();
             answer.extend_from_slice(early);
             // What the client sent right behind its request head.
             answer.extend_from_slice(&buf);
             if s.write_all(&answer).await.is_err() {
                 return;
             }
-            let mut b = [0u8; 4096];
-            loop {
-                match s.read(&mut b).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if s.write_all(&b[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
+            echo(&mut s).await;
             let _ = tx.send("eof".into());
         }
     })
@@ -590,25 +598,10 @@ async fn echo_until_end(
             let Some(head) = read_head(&mut s, &mut buf).await else {
                 return;
             };
-            let answer = format!(
-                "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
-Connection: Upgrade\r\nSec-WebSocket-Accept: {}\r\n\r\n",
-                accept_for(&head)
-            );
-            if s.write_all(answer.as_bytes()).await.is_err() {
+            if s.write_all(switching(&head).as_bytes()).await.is_err() {
                 return;
             }
-            let mut b = [0u8; 1024];
-            loop {
-                match s.read(&mut b).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if s.write_all(&b[..n]).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
+            echo(&mut s).await;
             let _ = tx.send("eof");
             match then {
                 Some(bytes) => {
