@@ -358,3 +358,26 @@ async fn the_overflow_breaker_reports_as_other() {
         .await; // trips overflow breaker
     assert_eq!(*seen.lock().unwrap(), vec!["other".to_string()]);
 }
+
+/// `top_n` has no upper bound: `usize::MAX` means every key gets its own label (it used to
+/// overflow sizing the scan's vector on the first refresh).
+#[tokio::test(start_paused = true)]
+async fn top_n_of_usize_max_labels_every_key() {
+    for top_n in [usize::MAX / 2, usize::MAX] {
+        let k: Keyed<u64, AtomicU64> = Keyed::builder()
+            .max_keys(10)
+            .idle_timeout(MIN)
+            .top_n(top_n)
+            .build(|_: &u64| AtomicU64::new(0))
+            .expect("build accepts any top_n");
+        for i in 0..3u64 {
+            let _ = k.get(&i);
+        }
+        assert_eq!(
+            k.top_keys().len(),
+            3,
+            "top_n = {top_n}: every key is a top key"
+        );
+        assert_eq!(&*k.label(&1), "1");
+    }
+}

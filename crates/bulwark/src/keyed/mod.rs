@@ -573,7 +573,9 @@ where
     /// Finds the top N entries by calls and moves the labels to them.
     fn refresh_labels(&self) -> Vec<(Arc<Entry<K, P>>, u64)> {
         let n = self.top_n;
-        let mut best: Vec<(Arc<Entry<K, P>>, u64)> = Vec::with_capacity(n + 1);
+        // Sized by the entries there are: `top_n` may be any number, `usize::MAX` included.
+        let room = n.min(self.len.load(Ordering::Relaxed)).saturating_add(1);
+        let mut best: Vec<(Arc<Entry<K, P>>, u64)> = Vec::with_capacity(room);
         if n > 0 {
             for shard in self.shards.iter() {
                 for e in read(shard).values() {
