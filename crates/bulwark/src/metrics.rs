@@ -160,77 +160,65 @@ impl Metrics {
 
     /// Applies one event.
     pub fn record(&self, event: &Event) {
+        if let Event::BreakerTransition { name, to, .. } = event {
+            self.breaker_state
+                .get_or_create(&vec![("upstream", name.to_string())])
+                .set(to.gauge_value());
+        }
+        if let Some(counter) = self.counter(event) {
+            counter.inc();
+        }
+    }
+
+    /// Creates, at 0, the counter series `event` would count into, without counting it: a
+    /// series that exists from the start lets `rate()` and `increase()` see its first event
+    /// (Prometheus's advice: export 0 for label values known in advance). Events that feed no
+    /// counter are ignored.
+    pub fn declare(&self, event: &Event) {
+        let _ = self.counter(event);
+    }
+
+    /// The counter series `event` counts into (created at 0 if new), if it feeds one.
+    fn counter(&self, event: &Event) -> Option<Counter> {
         let one = |name: &str, key: &'static str| vec![(key, name.to_owned())];
-        match event {
+        let pair = |name: &str, key: &'static str, value: &str| {
+            vec![("route", name.to_owned()), (key, value.to_owned())]
+        };
+        let counter = match event {
             Event::BreakerTransition { name, from, to } => {
-                self.breaker_state
-                    .get_or_create(&one(name, "upstream"))
-                    .set(to.gauge_value());
-                self.breaker_transitions
-                    .get_or_create(&vec![
-                        ("upstream", name.to_string()),
-                        ("from", from.as_str().to_owned()),
-                        ("to", to.as_str().to_owned()),
-                    ])
-                    .inc();
+                self.breaker_transitions.get_or_create(&vec![
+                    ("upstream", name.to_string()),
+                    ("from", from.as_str().to_owned()),
+                    ("to", to.as_str().to_owned()),
+                ])
             }
             Event::BreakerRejected { name } => {
-                self.breaker_rejected
-                    .get_or_create(&one(name, "upstream"))
-                    .inc();
+                self.breaker_rejected.get_or_create(&one(name, "upstream"))
             }
-            Event::Retry { name, reason, .. } => {
-                self.retry_attempts
-                    .get_or_create(&vec![
-                        ("route", name.to_string()),
-                        ("reason", (*reason).to_owned()),
-                    ])
-                    .inc();
-            }
-            Event::RetryBudgetExhausted { name } => {
-                self.retry_budget_exhausted
-                    .get_or_create(&one(name, "route"))
-                    .inc();
-            }
-            Event::Timeout { name, kind } => {
-                self.timeouts
-                    .get_or_create(&vec![
-                        ("route", name.to_string()),
-                        ("kind", (*kind).to_owned()),
-                    ])
-                    .inc();
-            }
+            Event::Retry { name, reason, .. } => self
+                .retry_attempts
+                .get_or_create(&pair(name, "reason", reason)),
+            Event::RetryBudgetExhausted { name } => self
+                .retry_budget_exhausted
+                .get_or_create(&one(name, "route")),
+            Event::Timeout { name, kind } => self.timeouts.get_or_create(&pair(name, "kind", kind)),
             Event::Fallback { name, kind } => {
-                self.fallback
-                    .get_or_create(&vec![
-                        ("route", name.to_string()),
-                        ("kind", (*kind).to_owned()),
-                    ])
-                    .inc();
+                self.fallback.get_or_create(&pair(name, "kind", kind))
             }
             Event::BulkheadRejected { name } => {
-                self.bulkhead_rejected
-                    .get_or_create(&one(name, "upstream"))
-                    .inc();
+                self.bulkhead_rejected.get_or_create(&one(name, "upstream"))
             }
-            Event::RateLimited { name } => {
-                self.rate_limited.get_or_create(&one(name, "name")).inc();
-            }
+            Event::RateLimited { name } => self.rate_limited.get_or_create(&one(name, "name")),
             Event::Shed {
                 reason, priority, ..
-            } => {
-                self.shed
-                    .get_or_create(&vec![
-                        ("reason", (*reason).to_owned()),
-                        ("priority", (*priority).to_owned()),
-                    ])
-                    .inc();
-            }
-            Event::HedgeStarted { name, .. } => {
-                self.hedges.get_or_create(&one(name, "route")).inc();
-            }
-            _ => {}
-        }
+            } => self.shed.get_or_create(&vec![
+                ("reason", (*reason).to_owned()),
+                ("priority", (*priority).to_owned()),
+            ]),
+            Event::HedgeStarted { name, .. } => self.hedges.get_or_create(&one(name, "route")),
+            _ => return None,
+        };
+        Some(counter.clone())
     }
 }
 
@@ -291,6 +279,38 @@ mod tests {
         encode(&mut out, &reg).unwrap();
         assert!(
             out.contains(r#"bulwark_shed_total{reason="queue_full",priority="low"} 2"#),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn declared_series_start_at_zero_and_count_from_there() {
+        let m = Metrics::new();
+        let mut reg = Registry::default();
+        m.register(&mut reg);
+        let rejected = Event::BreakerRejected {
+            name: "primary".into(),
+        };
+        m.declare(&rejected);
+        m.declare(&Event::Timeout {
+            name: "api".into(),
+            kind: "total",
+        });
+        let mut out = String::new();
+        encode(&mut out, &reg).unwrap();
+        assert!(
+            out.contains(r#"bulwark_circuit_breaker_rejected_total{upstream="primary"} 0"#),
+            "{out}"
+        );
+        assert!(
+            out.contains(r#"bulwark_timeouts_total{route="api",kind="total"} 0"#),
+            "{out}"
+        );
+        m.record(&rejected);
+        let mut out = String::new();
+        encode(&mut out, &reg).unwrap();
+        assert!(
+            out.contains(r#"bulwark_circuit_breaker_rejected_total{upstream="primary"} 1"#),
             "{out}"
         );
     }

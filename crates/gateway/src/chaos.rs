@@ -23,6 +23,14 @@ pub struct Fault {
 }
 
 impl Fault {
+    /// The kinds of fault it injects: `delay`, `abort` (the `kind` label of `bulwark_faults_total`).
+    pub fn kinds(&self) -> impl Iterator<Item = &'static str> {
+        let delay = self.delay.is_some().then_some("delay");
+        delay
+            .into_iter()
+            .chain(self.abort.is_some().then_some("abort"))
+    }
+
     /// From a validated section; `None` when it is off or injects nothing.
     pub fn new(c: &config::Fault) -> Option<Fault> {
         let f = Fault {

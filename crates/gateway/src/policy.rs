@@ -250,6 +250,11 @@ impl UpstreamPolicies {
         self.bulkhead.as_ref()
     }
 
+    /// The upstream's rate limit, if it has one.
+    pub fn rate_limiter(&self) -> Option<&RateLimiter> {
+        self.rate_limiter.as_ref()
+    }
+
     /// Asks to send one attempt now. Runs on every attempt; with no policy configured it is three
     /// branches. Waits only in the bulkhead's bounded queue, when one is configured and full.
     pub async fn admit(&self) -> Result<Admission, Reject> {

@@ -212,3 +212,48 @@ routes:
     assert_eq!((a.hits(), b.hits()), (1, 1));
     gw.stop().await;
 }
+
+/// A chain refused by a rate limit (admitting again within 10 s) and then by an open breaker
+/// (30 s): the client gets the rate limit's 429 and its `Retry-After`, not a 503 `circuit_open`
+/// (not every breaker of the chain is open) with the later time.
+#[tokio::test]
+async fn a_chain_refused_by_a_rate_limit_and_an_open_breaker_answers_the_earliest() {
+    let ok = Upstream::named("ok").await;
+    for chain in [("limited", "guarded"), ("guarded", "limited")] {
+        let gw = Gateway::start(&format!(
+            "upstreams:
+  limited:
+    endpoints: [{{url: '{ok}'}}]
+    rate_limit: {{ per_second: 0.1, burst: 1 }}
+  guarded:
+    endpoints: [{{url: '{ok}'}}]
+    circuit_breaker: {{}}
+routes:
+  - name: api
+    upstream: {}
+    failover: [{}]
+",
+            chain.0,
+            chain.1,
+            ok = ok.url()
+        ))
+        .await;
+        let runtime = gw.state.runtime();
+        let guarded = runtime.upstream("guarded").unwrap();
+        guarded.policies.breaker().unwrap().force_open();
+        let c = client();
+        // Takes `limited`'s only token.
+        assert_eq!(get(&c, &gw.url("/a")).await.status, 200);
+        let hits = ok.hits();
+        let g = get(&c, &gw.url("/b")).await;
+        assert_eq!(ok.hits(), hits, "nothing was sent for the second request");
+        assert_eq!(
+            (g.status.as_u16(), g.header("x-bulwark-reason")),
+            (429, Some("rate_limited")),
+            "{chain:?}"
+        );
+        let retry_after: u64 = g.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=10).contains(&retry_after), "{chain:?}: {retry_after}");
+        gw.stop().await;
+    }
+}

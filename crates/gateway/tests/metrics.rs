@@ -188,7 +188,19 @@ async fn series_of_removed_upstreams_disappear_after_a_reload_and_counters_conti
     ops.reloader().reload().unwrap();
     assert_eq!(get(&c, &ops.url("/")).await.status, 200);
     let m = ops.metrics(&c).await;
-    assert!(!m.contains(r#"upstream="b""#), "{m}");
+    // Its gauges are gone; what stays is its counters (they survive reloads, here at 0).
+    for line in m.lines().filter(|l| l.contains(r#"upstream="b""#)) {
+        let family = line.split('{').next().unwrap_or_default();
+        assert!(family.ends_with("_total"), "{line}\n{m}");
+    }
+    assert_eq!(
+        sample(
+            &m,
+            r#"bulwark_circuit_breaker_rejected_total{upstream="b"}"#
+        ),
+        Some(0.0),
+        "{m}"
+    );
     assert_eq!(
         sample(
             &m,
@@ -297,5 +309,142 @@ async fn an_endpoint_in_a_quota_cooldown_is_not_counted_healthy() {
     assert_eq!(healthy(&ops.metrics(&c).await).as_deref(), Some("1"));
     assert_eq!(get(&c, &ops.url("/")).await.status, 429);
     assert_eq!(healthy(&ops.metrics(&c).await).as_deref(), Some("0"));
+    ops.stop().await;
+}
+
+#[tokio::test]
+async fn counters_the_config_can_move_exist_at_zero_before_any_event() {
+    let a = Upstream::named("a").await;
+    let b = Upstream::named("b").await;
+    let ops = Ops::start(
+        &format!(
+            "admission: {{ max_concurrent: 8 }}
+upstreams:
+  primary:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{}}
+    bulkhead: {{ max_concurrent: 8 }}
+    rate_limit: {{ per_second: 1000 }}
+  spare:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{ enabled: false }}
+routes:
+  - name: full
+    match: {{ path_prefix: /full/ }}
+    upstream: primary
+    failover: [spare]
+    retry:
+      attempts: 2
+      per_try_timeout: 1s
+      on: [5xx, connect_failure, 429]
+      budget: {{ ratio: 0.2, min_per_second: 1, window: 10s }}
+    hedge: {{ delay: 50ms }}
+    client_rate_limit: {{ per_second: 100 }}
+    fault: {{ delay: {{ duration: 1ms, percent: 0.001 }} }}
+  - name: plain
+    upstream: spare
+    retry: {{ attempts: 1 }}
+",
+            a.url(),
+            b.url()
+        ),
+        Some("t"),
+    )
+    .await;
+    let c = client();
+    let m = ops.metrics(&c).await;
+    for series in [
+        r#"bulwark_circuit_breaker_rejected_total{upstream="primary"}"#,
+        r#"bulwark_bulkhead_rejected_total{upstream="primary"}"#,
+        r#"bulwark_rate_limited_total{name="primary"}"#,
+        r#"bulwark_timeouts_total{route="full",kind="total"}"#,
+        r#"bulwark_timeouts_total{route="full",kind="attempt"}"#,
+        r#"bulwark_retry_attempts_total{route="full",reason="5xx"}"#,
+        r#"bulwark_retry_attempts_total{route="full",reason="upstream_error"}"#,
+        r#"bulwark_retry_attempts_total{route="full",reason="429"}"#,
+        r#"bulwark_retry_attempts_total{route="full",reason="failover"}"#,
+        r#"bulwark_retry_budget_exhausted_total{route="full"}"#,
+        r#"bulwark_hedges_total{route="full"}"#,
+        r#"bulwark_client_rate_limited_total{route="full"}"#,
+        r#"bulwark_faults_total{route="full",kind="delay"}"#,
+        r#"bulwark_shed_total{reason="queue_full",priority="low"}"#,
+        r#"bulwark_shed_total{reason="timeout",priority="critical"}"#,
+        r#"bulwark_timeouts_total{route="plain",kind="total"}"#,
+    ] {
+        assert_eq!(sample(&m, series), Some(0.0), "{series}\n{m}");
+    }
+    // Nothing the config cannot move: no breaker on `spare`, no retries on `plain`, no abort.
+    for absent in [
+        r#"bulwark_circuit_breaker_rejected_total{upstream="spare"}"#,
+        r#"bulwark_retry_attempts_total{route="plain""#,
+        r#"bulwark_retry_attempts_total{route="full",reason="timeout"}"#,
+        r#"bulwark_faults_total{route="full",kind="abort"}"#,
+        r#"bulwark_hedges_total{route="plain"}"#,
+    ] {
+        assert!(!m.contains(absent), "{absent}\n{m}");
+    }
+    // They count from there.
+    assert_eq!(get(&c, &ops.url("/full/x")).await.status, 200);
+    assert_eq!(get(&c, &ops.url("/other")).await.status, 200);
+    let m = ops.metrics(&c).await;
+    assert_eq!(
+        sample(&m, r#"bulwark_hedges_total{route="full"}"#),
+        Some(0.0),
+        "{m}"
+    );
+    ops.stop().await;
+}
+
+#[tokio::test]
+async fn client_and_upstream_connections_are_exported() {
+    let up = Upstream::named("a").await;
+    let ops = Ops::start(&one_route(&up.url(), ""), None).await;
+    let c = client();
+    let m = ops.metrics(&c).await;
+    assert_eq!(sample(&m, "bulwark_connections_open"), Some(0.0), "{m}");
+    assert_eq!(
+        sample(&m, "bulwark_connections_accepted_total"),
+        Some(0.0),
+        "{m}"
+    );
+    let endpoint = |name: &str| format!(r#"{name}{{upstream="u",endpoint="{}"}}"#, up.url());
+    let pooled = endpoint("bulwark_upstream_connections_pooled");
+    let opened = endpoint("bulwark_upstream_connections_opened_total");
+    assert_eq!(sample(&m, &pooled), Some(0.0), "{m}");
+    assert_eq!(sample(&m, &opened), Some(0.0), "{m}");
+
+    // Three keep-alive clients, four requests each, one after another: one upstream connection
+    // carries them all.
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(RawClient::connect_to(ops.proxy).await);
+    }
+    for _ in 0..4 {
+        for rc in &mut clients {
+            rc.send(b"GET /x HTTP/1.1\r\nhost: t\r\n\r\n").await;
+            assert_eq!(rc.response(false).await.status, 200);
+        }
+    }
+    let m = ops.metrics(&c).await;
+    assert_eq!(sample(&m, "bulwark_connections_open"), Some(3.0), "{m}");
+    assert_eq!(
+        sample(&m, "bulwark_connections_accepted_total"),
+        Some(3.0),
+        "{m}"
+    );
+    assert_eq!(sample(&m, &opened), Some(1.0), "{m}");
+    assert_eq!(sample(&m, &pooled), Some(1.0), "{m}");
+
+    drop(clients);
+    eventually(10, "connections closed", || async {
+        sample(&ops.metrics(&c).await, "bulwark_connections_open") == Some(0.0)
+    })
+    .await;
+    let m = ops.metrics(&c).await;
+    assert_eq!(
+        sample(&m, "bulwark_connections_accepted_total"),
+        Some(3.0),
+        "{m}"
+    );
     ops.stop().await;
 }

@@ -567,3 +567,133 @@ routes:
     );
     gw.stop().await;
 }
+
+/// A loopback "black hole": a listener whose accept queue is full and never drained, so a new
+/// connection's SYN is dropped and its connect hangs (as to a host that drops packets). The
+/// returned streams keep the queue full.
+async fn blackhole() -> (String, tokio::net::TcpListener, Vec<tokio::net::TcpStream>) {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = sock.listen(1).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut fill = Vec::new();
+    loop {
+        let connect = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(Duration::from_millis(300), connect).await {
+            Ok(Ok(s)) => fill.push(s),
+            Ok(Err(e)) => panic!("{e}"),
+            Err(_) => break, // this one hangs: the queue is full
+        }
+        assert!(fill.len() < 64, "the accept queue never filled");
+    }
+    (format!("http://{addr}"), listener, fill)
+}
+
+/// A POST whose per-try timeout fires while the connection to the primary is still being opened
+/// (nothing was sent) fails over to the next upstream, as one whose `connect_timeout` fires does.
+#[tokio::test]
+async fn a_per_try_timeout_during_connect_fails_a_post_over_like_a_connect_timeout() {
+    let (hole, _l, _fill) = blackhole().await;
+    let backup = Upstream::echo().await;
+    let config = |connect: &str| {
+        format!(
+            "upstreams:
+  primary: {{ endpoints: [{{url: '{hole}'}}], connect_timeout: {connect} }}
+  backup: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - upstream: primary
+    failover: [backup]
+    timeout: 10s
+    retry: {{ attempts: 1, per_try_timeout: 300ms }}
+",
+            backup.url()
+        )
+    };
+    let post = |gw: &Gateway| {
+        http::Request::post(gw.url("/orders"))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                b"order-1",
+            )))
+            .unwrap()
+    };
+    // The connect timer fires first: a connect failure, the backup takes the POST.
+    let gw = Gateway::start(&config("200ms")).await;
+    let g = send(&client(), post(&gw)).await;
+    assert_eq!(g.status, 200, "{:?}", g.headers);
+    assert_eq!(g.text(), "order-1");
+    gw.stop().await;
+    // The same black hole, the per-try timer first: still nothing was sent.
+    let gw = Gateway::start(&config("3s")).await;
+    let g = send(&client(), post(&gw)).await;
+    assert_eq!(
+        (g.status.as_u16(), g.header("x-bulwark-reason")),
+        (200, None),
+        "the POST never reached the primary, yet the backup was not tried"
+    );
+    assert_eq!(g.text(), "order-1");
+    assert_eq!(backup.hits(), 2);
+}
+
+/// `retry.on: [connect_failure]` (timeouts deliberately not retried): a per-try timeout that
+/// fires before the connection exists sent nothing, and is retried on the next endpoint like the
+/// connect failure it is.
+#[tokio::test]
+async fn a_per_try_timeout_during_connect_is_retried_as_a_connect_failure() {
+    let (hole, _l, _fill) = blackhole().await;
+    let good = Upstream::named("good").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    connect_timeout: 3s
+    endpoints: [{{url: '{hole}', priority: 0}}, {{url: '{}', priority: 1}}]
+routes:
+  - upstream: u
+    timeout: 10s
+    retry: {{ attempts: 2, per_try_timeout: 300ms, on: [connect_failure], backoff: {{ kind: constant, base: 10ms }} }}
+",
+        good.url()
+    ))
+    .await;
+    let g = get(&client(), &gw.url("/")).await;
+    assert_eq!(
+        (g.status.as_u16(), g.header("x-bulwark-reason")),
+        (200, None),
+        "{:?}",
+        g.headers
+    );
+    assert_eq!(g.text(), "good");
+}
+
+/// RFC 9110 section 15: a code outside 100..599 is invalid, and a client "SHOULD process the
+/// response as if it had a 5xx". An upstream's `999` is retried on a route that retries `5xx`.
+#[tokio::test]
+async fn a_status_above_599_from_an_upstream_is_a_5xx_and_is_retried() {
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = n.clone();
+    let up = Upstream::start(
+        "odd",
+        Arc::new(move |_req| {
+            let i = seen.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                if i == 0 {
+                    reply("odd", 999, "broken")
+                } else {
+                    reply("odd", 200, "fine")
+                }
+            })
+        }),
+    )
+    .await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  u: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - upstream: u\n    \
+         retry: {{ attempts: 2, on: [5xx], backoff: {{ base: 1ms, max: 1ms }} }}\n",
+        up.url()
+    ))
+    .await;
+    let got = get(&client(), &gw.url("/x")).await;
+    assert_eq!(
+        (got.status.as_u16(), got.text(), up.hits()),
+        (200, "fine".to_owned(), 2),
+        "a 999 answer is a server error (RFC 9110 15), retried as a 5xx"
+    );
+}

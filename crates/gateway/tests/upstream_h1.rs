@@ -62,7 +62,7 @@ async fn a_chunked_response_with_trailers_arrives_whole_however_it_is_split() {
             .body(bulwark_gateway::proxy::body::ReqBody::empty())
             .unwrap();
         req.headers_mut().insert("host", "up".parse().unwrap());
-        let resp = pool.send(req).await.unwrap();
+        let resp = pool.send(req, None).await.unwrap();
         assert_eq!(resp.status(), 200);
         assert!(resp.headers().get("transfer-encoding").is_none());
         let mut body = resp.into_body();
@@ -298,7 +298,7 @@ async fn a_pooled_connection_the_upstream_closed_is_replaced() {
             .body(bulwark_gateway::proxy::body::ReqBody::empty())
             .unwrap();
         req.headers_mut().insert("host", "up".parse().unwrap());
-        let mut body = pool.send(req).await.unwrap().into_body();
+        let mut body = pool.send(req, None).await.unwrap().into_body();
         let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
         assert_eq!(data, format!("conn {i}"));
         pool.put(body.take_conn().unwrap());

@@ -139,6 +139,13 @@ pub enum ShedReason {
 }
 
 impl ShedReason {
+    /// Every reason.
+    pub const ALL: [ShedReason; 3] = [
+        ShedReason::QueueFull,
+        ShedReason::Displaced,
+        ShedReason::Timeout,
+    ];
+
     /// `queue_full`, `displaced` or `timeout`.
     pub fn as_str(self) -> &'static str {
         match self {

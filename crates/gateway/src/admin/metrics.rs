@@ -256,6 +256,28 @@ impl RouteStats {
         .inc();
     }
 
+    /// Creates at 0 the series of the route's own counters its config can move: the rate limit per
+    /// client's and the fault kinds it injects.
+    fn declare(&self, route: &crate::proxy::route::Route) {
+        if route.client_limit.is_some() {
+            let labels = || RouteOnlyLabels {
+                route: self.route.clone(),
+            };
+            resolved(&self.client_limited, &self.client_limited_family, labels);
+        }
+        for kind in route.fault.iter().flat_map(|f| f.kinds()) {
+            let labels = || FaultLabels {
+                route: self.route.clone(),
+                kind: kind.to_owned(),
+            };
+            resolved(
+                &self.by_fault[usize::from(kind == "abort")],
+                &self.faults,
+                labels,
+            );
+        }
+    }
+
     /// The route name.
     pub fn route(&self) -> &str {
         &self.route
@@ -291,6 +313,16 @@ impl Drop for OpenTunnel {
     }
 }
 
+/// One open client connection in `bulwark_connections_open`, until dropped.
+#[derive(Debug)]
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// The process's registry, the families it holds, and the event listener for the policies.
 pub struct Telemetry {
     registry: Registry,
@@ -300,6 +332,10 @@ pub struct Telemetry {
     endpoint_healthy: Family<EndpointLabels, Gauge>,
     upstream_panic: Family<UpstreamLabels, Gauge>,
     tunnels: Gauge,
+    connections_open: Gauge,
+    connections_accepted: Counter,
+    upstream_pooled: Family<EndpointLabels, Gauge>,
+    upstream_opened: Family<EndpointLabels, Counter>,
     mode: Family<ModeLabels, Gauge>,
     mode_refused: Family<ModeRefusedLabels, Counter>,
     faults: Family<FaultLabels, Counter>,
@@ -342,6 +378,10 @@ impl Telemetry {
         let endpoint_healthy = Family::<EndpointLabels, Gauge>::default();
         let upstream_panic = Family::<UpstreamLabels, Gauge>::default();
         let tunnels = Gauge::default();
+        let connections_open = Gauge::default();
+        let connections_accepted = Counter::default();
+        let upstream_pooled = Family::<EndpointLabels, Gauge>::default();
+        let upstream_opened = Family::<EndpointLabels, Counter>::default();
         let mode = Family::<ModeLabels, Gauge>::default();
         let mode_refused = Family::<ModeRefusedLabels, Counter>::default();
         let faults = Family::<FaultLabels, Counter>::default();
@@ -399,6 +439,26 @@ impl Telemetry {
             tunnels.clone(),
         );
         registry.register(
+            "bulwark_connections_open",
+            "Client connections open on the proxy listener (a TLS handshake under way included)",
+            connections_open.clone(),
+        );
+        registry.register(
+            "bulwark_connections_accepted",
+            "Client connections accepted on the proxy listener",
+            connections_accepted.clone(),
+        );
+        registry.register(
+            "bulwark_upstream_connections_pooled",
+            "Connections an endpoint's pool holds: idle HTTP/1.1 ones, open HTTP/2 ones",
+            upstream_pooled.clone(),
+        );
+        registry.register(
+            "bulwark_upstream_connections_opened",
+            "Connections opened to an endpoint (from 0 when a reload rebuilds its upstream)",
+            upstream_opened.clone(),
+        );
+        registry.register(
             "bulwark_requests",
             "Requests answered, by route, the route's primary upstream, and status code",
             requests.clone(),
@@ -429,6 +489,10 @@ impl Telemetry {
             endpoint_healthy,
             upstream_panic,
             tunnels,
+            connections_open,
+            connections_accepted,
+            upstream_pooled,
+            upstream_opened,
             mode,
             mode_refused,
             faults,
@@ -471,6 +535,13 @@ impl Telemetry {
         OpenTunnel(self.tunnels.clone())
     }
 
+    /// Counts one client connection accepted, open until the returned guard is dropped.
+    pub fn connection_opened(&self) -> OpenConnection {
+        self.connections_accepted.inc();
+        self.connections_open.inc();
+        OpenConnection(self.connections_open.clone())
+    }
+
     /// The listener every policy reports to (metrics, and a log line per breaker transition).
     pub fn events(&self) -> crate::policy::Events {
         Some(self.listener.clone())
@@ -502,6 +573,76 @@ impl Telemetry {
             by_fault: std::array::from_fn(|_| OnceLock::new()),
             client_limited_family: self.client_limited.clone(),
             client_limited: OnceLock::new(),
+        }
+    }
+
+    /// Creates at 0 the counter series that `runtime`'s config can move, so that each exists from
+    /// the start (Prometheus's advice for label values known in advance: `rate()` and
+    /// `increase()` then see a series' first event): per upstream, the rejections of the policies
+    /// it has; per route, its timeouts, the retry reasons its conditions allow, its failovers, budget
+    /// refusals, hedges, client rate limit and faults; the admission queue's sheds. Fallbacks and
+    /// status codes are created when first counted.
+    pub fn declare(&self, runtime: &Runtime) {
+        use bulwark::events::Event;
+        let lib = &self.library;
+        for up in &runtime.upstreams {
+            let name = up.name.clone();
+            let p = &up.policies;
+            if p.breaker().is_some() {
+                lib.declare(&Event::BreakerRejected { name: name.clone() });
+            }
+            if p.bulkhead().is_some() {
+                lib.declare(&Event::BulkheadRejected { name: name.clone() });
+            }
+            if p.rate_limiter().is_some() {
+                lib.declare(&Event::RateLimited { name });
+            }
+        }
+        for (route, stats) in runtime.routes.iter().zip(&runtime.stats) {
+            let name = || route.name.clone();
+            lib.declare(&Event::Timeout {
+                name: name(),
+                kind: "total",
+            });
+            if route.per_try_timeout.is_some() {
+                lib.declare(&Event::Timeout {
+                    name: name(),
+                    kind: "attempt",
+                });
+            }
+            let retries = (route.attempts > 1).then(|| route.retry_on.reasons());
+            let failover = (route.chain.len() > 1).then_some("failover");
+            for reason in retries.into_iter().flatten().chain(failover) {
+                lib.declare(&Event::Retry {
+                    name: name(),
+                    attempt: 0,
+                    delay: Duration::ZERO,
+                    reason,
+                });
+            }
+            if route.policies.budget().is_some() {
+                lib.declare(&Event::RetryBudgetExhausted { name: name() });
+            }
+            if route.policies.hedge().is_some() {
+                lib.declare(&Event::HedgeStarted {
+                    name: name(),
+                    hedge: 0,
+                });
+            }
+            stats.declare(route);
+        }
+        if runtime.admission.is_some() {
+            use bulwark::shed::{Priority, ShedReason};
+            let name: Arc<str> = "admission".into();
+            for reason in ShedReason::ALL {
+                for priority in Priority::ALL {
+                    lib.declare(&Event::Shed {
+                        name: name.clone(),
+                        priority: priority.as_str(),
+                        reason: reason.as_str(),
+                    });
+                }
+            }
         }
     }
 
@@ -540,6 +681,12 @@ impl Telemetry {
                 self.endpoint_healthy
                     .get_or_create(&labels)
                     .set(i64::from(ep.is_available()));
+                let pooled = i64::try_from(ep.pool.pooled()).unwrap_or(i64::MAX);
+                self.upstream_pooled.get_or_create(&labels).set(pooled);
+                self.upstream_opened
+                    .get_or_create(&labels)
+                    .inner()
+                    .store(ep.pool.opened(), Ordering::Relaxed);
                 endpoints.insert(labels);
             }
             if let Some(b) = up.policies.breaker() {
@@ -549,6 +696,8 @@ impl Telemetry {
         }
         for gone in live.endpoints.difference(&endpoints) {
             self.endpoint_healthy.remove(gone);
+            self.upstream_pooled.remove(gone);
+            self.upstream_opened.remove(gone);
         }
         for gone in live.upstreams.difference(&upstreams) {
             self.upstream_panic.remove(gone);

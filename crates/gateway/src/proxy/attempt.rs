@@ -357,10 +357,16 @@ async fn attempt(
         since: Some(now),
         client_body: client_body.clone(),
     };
+    // The attempt's own timer, when it comes before the route's deadline: a connection still being
+    // opened then fails as a connect failure (nothing was sent: retried under `connect_failure`,
+    // failed over at no cost), not as a timeout of a request the upstream may have processed. (For
+    // a body streamed from the client, the timer starts once the client has sent it all.)
+    let by = (route.per_try_timeout.is_some() && try_deadline < deadline && client_body.is_none())
+        .then_some(try_deadline);
     let send = async {
         match req {
-            Outgoing::Owned(req) => ep.pool.send(req).await,
-            Outgoing::Head { parts, body } => ep.pool.send_head(parts, body.as_ref()).await,
+            Outgoing::Owned(req) => ep.pool.send(req, by).await,
+            Outgoing::Head { parts, body } => ep.pool.send_head(parts, body.as_ref(), by).await,
         }
     };
     let result = match (&client_body, route.per_try_timeout) {
@@ -384,7 +390,7 @@ async fn attempt(
             let retryable = route.retry_on.status(status);
             // 5xx and 429 are failures (passed through with x-bulwark-*, replaced by a fallback) even
             // when the route does not retry them.
-            let failed = retryable || (500..600).contains(&status) || status == 429;
+            let failed = retryable || crate::upstream::server_error(status) || status == 429;
             let (parts_r, inner) = resp.into_parts();
             let mut resp = Response::from_parts(parts_r, ());
             headers::strip_hop_by_hop(resp.headers_mut());
@@ -1009,20 +1015,20 @@ const MIN_BODY_READ: Duration = Duration::from_millis(100);
 /// failure of a request that reached an upstream (`delivered`: it timed out, or was reset), unless
 /// the route's deadline ran out (`why` is a timeout): a 503 `circuit_open` would tell the client
 /// that its request went nowhere. When two upstreams of a chain refused alike (open breakers, rate
-/// limits), the client's `Retry-After` is the earliest time one of them takes requests again.
+/// limits, or one of each), the client gets the refusal of the upstream that takes requests again
+/// first, and its `Retry-After`: a rate-limited primary and a failover whose breaker is open give
+/// the primary's 429, not a 503 `circuit_open` (not every breaker of the chain is open).
 fn refused(last: &mut Last, why: Failure, delivered: bool) {
     use Failure::{CircuitOpen, RateLimited};
+    let wait = |f: &Failure| match f {
+        CircuitOpen { retry_after } | RateLimited { retry_after } => Some(*retry_after),
+        _ => None,
+    };
     let why = match (&*last, why) {
-        (Last::Failure(CircuitOpen { retry_after: a }), CircuitOpen { retry_after: b }) => {
-            CircuitOpen {
-                retry_after: (*a).min(b),
-            }
-        }
-        (Last::Failure(RateLimited { retry_after: a }), RateLimited { retry_after: b }) => {
-            RateLimited {
-                retry_after: (*a).min(b),
-            }
-        }
+        (Last::Failure(earlier), why) => match (wait(earlier), wait(&why)) {
+            (Some(a), Some(b)) if a <= b => *earlier,
+            _ => why,
+        },
         (_, why) => why,
     };
     let keep = match last {
@@ -1086,7 +1092,7 @@ fn retry_reason(last: &Last) -> &'static str {
     match last {
         Last::Response(r) => match r.status().as_u16() {
             429 => "429",
-            500..=599 => "5xx",
+            s if crate::upstream::server_error(s) => "5xx",
             _ => "status",
         },
         Last::Failure(f) => failure_reason(*f),

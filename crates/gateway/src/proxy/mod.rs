@@ -92,7 +92,7 @@ pub struct Runtime {
     /// certificate renewed in place is served to new connections).
     listener_tls: Option<ListenerTls>,
     /// Request metrics, index-aligned with `routes`, resolved at build time.
-    stats: Vec<RouteStats>,
+    pub(crate) stats: Vec<RouteStats>,
     telemetry: Arc<Telemetry>,
 }
 
@@ -193,7 +193,7 @@ impl Runtime {
             .collect();
         let config = Arc::new(config.clone());
         let started = previous.map_or_else(|| config.clone(), |p| p.started.clone());
-        Ok(Runtime {
+        let runtime = Runtime {
             routes,
             upstreams,
             limits: RequestLimits {
@@ -215,7 +215,9 @@ impl Runtime {
             listener_tls,
             stats,
             telemetry: telemetry.clone(),
-        })
+        };
+        telemetry.declare(&runtime);
+        Ok(runtime)
     }
 
     /// Requests forwarded under the admission queues (this runtime's and the ones reloads replaced
@@ -1310,6 +1312,8 @@ impl Server {
         // The connections' tasks: those still running at the drain timeout (a tunnel, a request
         // past it) are aborted when this set is dropped, at the end of `run`.
         let mut conns = tokio::task::JoinSet::new();
+        // One registry for the process: reloads keep it.
+        let telemetry = gateway.runtime().telemetry.clone();
         loop {
             // Stage 1: a connection slot, then accept (beyond max_connections, clients wait in the backlog).
             // Ended connections are reaped as they end (a task's memory is held until then).
@@ -1335,6 +1339,7 @@ impl Server {
                 },
             };
             let _ = stream.set_nodelay(true);
+            let open = telemetry.connection_opened();
             let ctx = Arc::new(ConnCtx {
                 gateway: gateway.clone(),
                 peer_ip: HeaderValue::from_str(&peer.ip().to_string())
@@ -1360,7 +1365,7 @@ impl Server {
             // One task per client connection; the upstream HTTP/1 connections its requests use
             // are driven by those requests (see `upstream::pool`), not by tasks of their own.
             let task = async move {
-                let _permit = permit;
+                let (_permit, _open) = (permit, open);
                 match tls {
                     None => serve_conn(stream, false, ctx, &h2, stop, limits, idle).await,
                     // Boxed: a connection's task is as large as its largest state, and the TLS one

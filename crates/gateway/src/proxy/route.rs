@@ -94,9 +94,23 @@ impl RetryConditions {
         }
         c
     }
+    /// The `reason` labels of the retries these conditions allow (see `bulwark_retry_attempts_total`).
+    pub fn reasons(&self) -> impl Iterator<Item = &'static str> {
+        let s = &self.statuses;
+        let server = |c: &u16| crate::upstream::server_error(*c);
+        [
+            (self.connect_failure || self.reset, "upstream_error"),
+            (self.timeout, "timeout"),
+            (self.any_5xx || s.iter().any(server), "5xx"),
+            (s.contains(&429), "429"),
+            (s.iter().any(|c| *c != 429 && !server(c)), "status"),
+        ]
+        .into_iter()
+        .filter_map(|(on, reason)| on.then_some(reason))
+    }
     /// Whether a response with `status` is retryable.
     pub fn status(&self, status: u16) -> bool {
-        (self.any_5xx && (500..600).contains(&status)) || self.statuses.contains(&status)
+        (self.any_5xx && crate::upstream::server_error(status)) || self.statuses.contains(&status)
     }
     /// Whether a failure without response is retryable.
     pub fn fail(&self, kind: crate::upstream::FailKind) -> bool {

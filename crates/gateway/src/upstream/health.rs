@@ -88,7 +88,7 @@ impl HttpCheck {
         if let Some(extra) = &self.headers {
             extra.apply(h);
         }
-        let resp = match self.endpoint.pool.send(req).await {
+        let resp = match self.endpoint.pool.send(req, None).await {
             Ok(x) => x,
             Err(e) => return CheckResult::unhealthy(format!("{:?}", e.kind)),
         };

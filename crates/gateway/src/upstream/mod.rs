@@ -30,6 +30,12 @@ use tokio::time::Instant;
 use crate::config::{self, Balance};
 use crate::policy::UpstreamPolicies;
 
+/// Whether an upstream's `status` is a server error: a 5xx, or a code above 599, which RFC 9110
+/// (section 15) says to handle as one (our clients accept codes up to 999, as hyper's does).
+pub fn server_error(status: u16) -> bool {
+    status >= 500
+}
+
 /// One upstream at runtime.
 #[derive(Debug)]
 pub struct Upstream {
@@ -243,7 +249,7 @@ impl Upstream {
                 // a failure when it is a 5xx, and as nothing otherwise.
                 let cools = quota && asks_a_wait(retry_after);
                 if let Some(o) = self.outlier.as_ref().filter(|_| !cools && status != 429) {
-                    if (500..600).contains(&status) {
+                    if server_error(status) {
                         o.failure(&self.endpoints, i, now);
                     } else if !quota {
                         o.success(&self.endpoints, i, latency, now);

@@ -86,6 +86,9 @@ impl SendError {
     }
 }
 
+/// Why a connect ended early: the attempt's own timeout came first (see [`Pool::send`]).
+const CONNECT_TOO_LATE: &str = "the attempt's timeout passed while connecting";
+
 /// An idle HTTP/1 connection, checked out of the pool and put back with [`Pool::put`].
 #[derive(Debug)]
 pub struct Conn {
@@ -309,6 +312,8 @@ pub struct Pool {
     h2_connect: tokio::sync::Mutex<u64>,
     /// HTTP/2 connects that failed.
     h2_failures: AtomicU64,
+    /// Connections opened (TCP connected, TLS handshake done), for the metrics.
+    opened: AtomicU64,
     /// HTTP/2: the ping interval and timeout of each connection.
     pings: (Duration, Duration),
     /// HTTP/2: the flow-control windows of each stream and of each connection.
@@ -347,6 +352,7 @@ impl Pool {
             h2: Mutex::new(Vec::new()),
             h2_connect: tokio::sync::Mutex::new(0),
             h2_failures: AtomicU64::new(0),
+            opened: AtomicU64::new(0),
             pings: (
                 crate::config::DEFAULT_POOL_PING_INTERVAL.get(),
                 crate::config::DEFAULT_POOL_PING_TIMEOUT.get(),
@@ -399,6 +405,20 @@ impl Pool {
     /// Number of idle HTTP/1 connections (for tests and the admin API).
     pub fn idle_count(&self) -> usize {
         self.idle.lock().map(|v| v.len()).unwrap_or(0)
+    }
+
+    /// The connections the pool holds: idle HTTP/1 ones, or open HTTP/2 ones (busy or not).
+    pub fn pooled(&self) -> usize {
+        if self.http2 {
+            self.h2.lock().map(|v| v.len()).unwrap_or(0)
+        } else {
+            self.idle_count()
+        }
+    }
+
+    /// Connections opened so far (TCP connected, and the TLS handshake done for `https://`).
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
     }
 
     /// The most recently returned idle connection that is still good; closed or expired ones met on
@@ -473,8 +493,8 @@ impl Pool {
         }
     }
 
-    async fn connect_tcp(&self) -> Result<TcpStream, SendError> {
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr))
+    async fn connect_tcp(&self, until: Instant) -> Result<TcpStream, SendError> {
+        let stream = tokio::time::timeout_at(until, TcpStream::connect(&self.addr))
             .await
             .map_err(|_| SendError::connect(None))?
             .map_err(|e| SendError::connect(Some(e.into())))?;
@@ -482,11 +502,21 @@ impl Pool {
         Ok(stream)
     }
 
+    /// A new connection, counted in [`opened`](Self::opened) once made, within the connect
+    /// timeout and by `by` (an attempt's own timeout, see [`Pool::send`]).
+    async fn connect_stream(&self, by: Option<Instant>) -> Result<Stream, SendError> {
+        let until = Instant::now() + self.connect_timeout;
+        let until = by.map_or(until, |by| by.min(until));
+        let stream = self.connect_stream_uncounted(until).await?;
+        self.opened.fetch_add(1, Ordering::Relaxed);
+        Ok(stream)
+    }
+
     /// A new connection: TCP, then the TLS handshake for an `https://` endpoint, both within the
     /// connect timeout.
-    async fn connect_stream(&self) -> Result<Stream, SendError> {
+    async fn connect_stream_uncounted(&self, until: Instant) -> Result<Stream, SendError> {
         let Some((connector, name)) = &self.tls else {
-            return Ok(Stream::Tcp(self.connect_tcp().await?));
+            return Ok(Stream::Tcp(self.connect_tcp(until).await?));
         };
         let handshake = async {
             let tcp = TcpStream::connect(&self.addr)
@@ -504,7 +534,7 @@ impl Pool {
             }
             Ok(Stream::Tls(Box::new(tls)))
         };
-        tokio::time::timeout(self.connect_timeout, handshake)
+        tokio::time::timeout_at(until, handshake)
             .await
             .map_err(|_| {
                 SendError::connect(Some("connect (TLS handshake included) timed out".into()))
@@ -516,8 +546,8 @@ impl Pool {
     /// Boxed on purpose: a TCP connect is a future of its own size, and inline it would be part of
     /// every request's future (moved with it, and touched in cache), while it runs only when the
     /// pool has no idle connection, next to a TCP handshake that costs far more than one allocation.
-    fn connect_h1(&self) -> ConnectFuture<'_, Box<Io>> {
-        Box::pin(async move { Ok(Box::new(Io::new(self.connect_stream().await?))) })
+    fn connect_h1(&self, by: Option<Instant>) -> ConnectFuture<'_, Box<Io>> {
+        Box::pin(async move { Ok(Box::new(Io::new(self.connect_stream(by).await?))) })
     }
 
     /// A stream on an HTTP/2 connection (not generation `stale`, one found closing or refusing):
@@ -525,7 +555,11 @@ impl Pool {
     /// stream's slot and whether it was already open. One connect at a time: requests that
     /// arrive while one is under way wait for it and share its connection, or fail with it
     /// (boxed as [`Pool::connect_h1`]).
-    fn checkout_h2(&self, stale: Option<u64>) -> ConnectFuture<'_, H2Checkout> {
+    fn checkout_h2(
+        &self,
+        stale: Option<u64>,
+        by: Option<Instant>,
+    ) -> ConnectFuture<'_, H2Checkout> {
         Box::pin(async move {
             let current = || {
                 let mut g = self.h2.lock().ok()?;
@@ -541,7 +575,12 @@ impl Pool {
                 return Ok(found);
             }
             let failures = self.h2_failures.load(Ordering::Acquire);
-            let mut last_generation = self.h2_connect.lock().await;
+            let mut last_generation = match by {
+                None => self.h2_connect.lock().await,
+                Some(by) => tokio::time::timeout_at(by, self.h2_connect.lock())
+                    .await
+                    .map_err(|_| SendError::connect(Some(CONNECT_TOO_LATE.into())))?,
+            };
             if let Some(found) = current() {
                 return Ok(found);
             }
@@ -555,7 +594,7 @@ impl Pool {
             let load = H2Load::new();
             let opened = async {
                 let io = TokioIo::new(PeerSettings::new(
-                    self.connect_stream().await?,
+                    self.connect_stream(by).await?,
                     load.clone(),
                 ));
                 http2::Builder::new(TokioExecutor::new())
@@ -604,15 +643,22 @@ impl Pool {
 
     /// Sends `req` on a pooled or new connection. An HTTP/1 connection travels with the response
     /// body: take it back with [`UpstreamBody::take_conn`] once the body was read to its end.
-    pub async fn send(&self, req: Request<ReqBody>) -> Result<Response<UpstreamBody>, SendError> {
+    ///
+    /// A connection still being opened at `by` (an attempt's own timeout, earlier than the
+    /// connect timeout) fails as a connect failure: nothing was sent.
+    pub async fn send(
+        &self,
+        req: Request<ReqBody>,
+        by: Option<Instant>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
         if self.http2 {
-            return self.send_h2(req).await;
+            return self.send_h2(req, by).await;
         }
         let (parts, body) = req.into_parts();
         match body {
-            ReqBody::Full { data, .. } => self.send_h1(&parts, data.as_ref()).await,
+            ReqBody::Full { data, .. } => self.send_h1(&parts, data.as_ref(), by).await,
             streamed => {
-                self.send_streamed(Request::from_parts(parts, streamed))
+                self.send_streamed(Request::from_parts(parts, streamed), by)
                     .await
             }
         }
@@ -626,23 +672,25 @@ impl Pool {
         &self,
         parts: &Parts,
         body: Option<&Bytes>,
+        by: Option<Instant>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         if self.http2 {
             return Err(SendError::connect(Some(
                 "an HTTP/2 upstream takes a built request (Pool::send)".into(),
             )));
         }
-        self.send_h1(parts, body).await
+        self.send_h1(parts, body, by).await
     }
 
     async fn send_h1(
         &self,
         parts: &Parts,
         body: Option<&Bytes>,
+        by: Option<Instant>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let (mut io, mut reused) = match self.pop() {
             Some(io) => (io, true),
-            None => (self.connect_h1().await?, false),
+            None => (self.connect_h1(by).await?, false),
         };
         loop {
             let mut ex = io.start(parts, body);
@@ -701,7 +749,7 @@ impl Pool {
                 // nginx also resend once; not a retry of the route.
                 Err(f) if reused && (f.unsent || (f.unanswered && resendable(parts))) => {
                     reused = false;
-                    io = self.connect_h1().await?;
+                    io = self.connect_h1(by).await?;
                 }
                 Err(f) => {
                     return Err(SendError {
@@ -717,11 +765,12 @@ impl Pool {
     async fn send_streamed(
         &self,
         req: Request<ReqBody>,
+        by: Option<Instant>,
     ) -> Result<Response<UpstreamBody>, SendError> {
         let mut req = req;
         let (mut stream, mut reused) = match self.pop() {
             Some(io) => (io.into_stream(), true),
-            None => (self.connect_stream().await?, false),
+            None => (self.connect_stream(by).await?, false),
         };
         loop {
             let (mut sender, conn) = http1::Builder::new()
@@ -761,7 +810,7 @@ impl Pool {
                     Some(back) if reused => {
                         req = back;
                         reused = false;
-                        stream = self.connect_stream().await?;
+                        stream = self.connect_stream(by).await?;
                     }
                     _ => {
                         let err = e.into_error();
@@ -775,12 +824,16 @@ impl Pool {
         }
     }
 
-    async fn send_h2(&self, req: Request<ReqBody>) -> Result<Response<UpstreamBody>, SendError> {
+    async fn send_h2(
+        &self,
+        req: Request<ReqBody>,
+        by: Option<Instant>,
+    ) -> Result<Response<UpstreamBody>, SendError> {
         let mut req = req;
         // A request in memory can go once more on a new connection if the upstream says it did
         // not process it (RFC 9113 8.7): a refused stream, or one past a GOAWAY's last stream.
         let mut again = in_memory_copy(&req);
-        let (mut sender, mut generation, mut slot, mut reused) = self.checkout_h2(None).await?;
+        let (mut sender, mut generation, mut slot, mut reused) = self.checkout_h2(None, by).await?;
         loop {
             // The stream is open, and holds its place under the peer's limit, until both its
             // halves end: the response's, and the request's (an upstream may answer an upload
@@ -808,7 +861,7 @@ impl Pool {
                     Some(back) if reused => {
                         req = back;
                         (sender, generation, slot, reused) =
-                            self.checkout_h2(Some(generation)).await?;
+                            self.checkout_h2(Some(generation), by).await?;
                     }
                     _ => {
                         let err = e.into_error();
@@ -816,7 +869,7 @@ impl Pool {
                         if let Some(copy) = again.take().filter(|_| refused) {
                             req = copy;
                             (sender, generation, slot, reused) =
-                                self.checkout_h2(Some(generation)).await?;
+                                self.checkout_h2(Some(generation), by).await?;
                             continue;
                         }
                         return Err(SendError {
