@@ -4,9 +4,9 @@
 //! library policy, not a re-implementation:
 //!
 //! - [`UpstreamPolicies`] (one per upstream): [`UpstreamPolicies::admit`] before each attempt runs the
-//!   upstream's [`CircuitBreaker`], [`RateLimiter`] and [`Bulkhead`] in that order (the order of
-//!   `bulwark::pipeline`), returning an [`Admission`] or a [`Reject`]; the attempt's outcome is
-//!   reported with [`Admission::record`].
+//!   upstream's [`CircuitBreaker`], [`Bulkhead`] and [`RateLimiter`] in that order (the rate limit
+//!   last, so that only an attempt about to be sent spends a token), returning an [`Admission`] or
+//!   a [`Reject`]; the attempt's outcome is reported with [`Admission::record`].
 //! - [`RoutePolicies`] (one per route): the [`RetryBudget`] ([`RoutePolicies::deposit`],
 //!   [`RoutePolicies::try_withdraw`]), the [`Backoff`] schedule ([`RoutePolicies::backoff`]), the
 //!   [`Hedge`] ([`RoutePolicies::hedge`], whose hedges draw on the same budget) and the route's
@@ -133,7 +133,7 @@ pub(crate) fn refused(section: &[&'static str], e: ConfigError) -> Refused {
     }
 }
 
-/// Per-upstream admission: circuit breaker, rate limit and bulkhead, checked in that order.
+/// Per-upstream admission: circuit breaker, bulkhead and rate limit, checked in that order.
 #[derive(Debug)]
 pub struct UpstreamPolicies {
     breaker: Option<CircuitBreaker>,
@@ -270,9 +270,6 @@ impl UpstreamPolicies {
             Some(b) => Some(b.try_acquire().map_err(reject)?),
             None => None,
         };
-        if let Some(rl) = &self.rate_limiter {
-            rl.check().map_err(reject)?;
-        }
         let slot = match &self.bulkhead {
             Some(b) => match b.try_acquire() {
                 Some(p) => Some(p),
@@ -297,6 +294,12 @@ impl UpstreamPolicies {
             },
             None => None,
         };
+        // Last: the rate limit counts attempts sent, so an attempt the full bulkhead refused (or
+        // that waited in its queue until too late) has not spent a token. A refusal here gives
+        // the slot and the breaker's permit back (dropped, unrecorded).
+        if let Some(rl) = &self.rate_limiter {
+            rl.check().map_err(reject)?;
+        }
         Ok(Admission {
             permit,
             _slot: slot,

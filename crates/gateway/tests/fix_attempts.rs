@@ -1028,3 +1028,43 @@ routes:
     second.abort();
     gw.stop().await;
 }
+
+/// An attempt the full bulkhead refuses spends no rate-limit token: the rate limit counts what is
+/// sent, so refusals under overload do not eat the upstream's quota.
+#[tokio::test]
+async fn a_bulkhead_refusal_spends_no_rate_limit_token() {
+    let (up, release) = Upstream::held("u", "ok").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    endpoints: [{{url: '{}'}}]
+    bulkhead: {{ max_concurrent: 1, max_queued: 0 }}
+    rate_limit: {{ per_second: 0.1, burst: 2 }}
+routes:
+  - upstream: u
+",
+        up.url()
+    ))
+    .await;
+    let c = client();
+    // The first request takes a token and the bulkhead's only slot, and is held upstream.
+    let first = tokio::spawn({
+        let (c, url) = (c.clone(), gw.url("/1"));
+        async move { get(&c, &url).await }
+    });
+    wait_until(10, || up.hits() == 1).await;
+    for i in 0..3 {
+        let r = get(&c, &gw.url(&format!("/busy/{i}"))).await;
+        assert_eq!(r.header("x-bulwark-reason"), Some("bulkhead_full"));
+    }
+    release.notify_one();
+    assert_eq!(first.await.unwrap().status, 200);
+    // The second token is still there (the permit stored here releases the next request).
+    release.notify_one();
+    let r = get(&c, &gw.url("/2")).await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-bulwark-reason")),
+        (200, None)
+    );
+    gw.stop().await;
+}

@@ -368,8 +368,8 @@ routes:
             &m,
             r#"bulwark_retry_attempts_total{route="r",reason="5xx"}"#
         ),
-        None,
-        "no retry was sent:\n{m}"
+        Some(0.0),
+        "no retry was sent (the series exists from the start):\n{m}"
     );
 }
 

@@ -901,10 +901,11 @@ async fn a_body_that_ends_with_its_head_keeps_the_head() {
     }
 }
 
-/// A status outside 100-599 (which HTTP/1.1 parsers accept) is passed through as it is, and is not
-/// a failure: no `x-bulwark-reason`. With no reason phrase known for it, it goes out as `Unknown`.
+/// A status outside 100-599 (which HTTP/1.1 parsers accept) is passed through as it is, as a
+/// failure: RFC 9110 (section 15) says to handle it as a 5xx, so it carries the reason a passed
+/// through 5xx does. With no reason phrase known for it, it goes out as `Unknown`.
 #[tokio::test]
-async fn a_status_past_599_is_passed_through_and_is_not_a_failure() {
+async fn a_status_past_599_is_passed_through_as_a_server_error() {
     let up =
         Up::answering(|_| b"HTTP/1.1 904 Whatever\r\ncontent-length: 2\r\n\r\nok".to_vec()).await;
     let gw = Gateway::start(&config(&up.url(), "")).await;
@@ -916,7 +917,7 @@ async fn a_status_past_599_is_passed_through_and_is_not_a_failure() {
         head.push(l.to_ascii_lowercase());
     }
     assert!(
-        !head.iter().any(|l| l.starts_with("x-bulwark-")),
+        head.iter().any(|l| l == "x-bulwark-reason: upstream_error"),
         "{head:?}"
     );
     assert_eq!(c.take(2).await.as_deref(), Some(&b"ok"[..]));

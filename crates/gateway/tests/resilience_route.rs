@@ -449,7 +449,8 @@ async fn a_reset_original_does_not_cancel_the_hedge_in_flight() {
     let gw = Gateway::start(&format!(
         "upstreams:
   u:
-    endpoints: [{{url: '{}', priority: 0}}, {{url: '{}', priority: 1}}]
+    balance: round_robin
+    endpoints: [{{url: '{}'}}, {{url: '{}'}}]
 routes:
   - upstream: u
     timeout: 10s
@@ -463,7 +464,7 @@ routes:
     assert_eq!(
         a.accepted(),
         1,
-        "the original went to the priority-0 endpoint"
+        "round robin sent the original to the first endpoint"
     );
     assert_eq!(b.hits(), 1, "the hedge went to the other endpoint");
     assert_eq!(
@@ -696,4 +697,37 @@ async fn a_status_above_599_from_an_upstream_is_a_5xx_and_is_retried() {
         (200, "fine".to_owned(), 2),
         "a 999 answer is a server error (RFC 9110 15), retried as a 5xx"
     );
+}
+
+/// A hedge stays in the tier that takes traffic: with tier 0's only endpoint slow but healthy, no
+/// copy goes to the backup tier (it takes traffic only when tier 0 has no endpoint available).
+#[tokio::test]
+async fn a_hedge_never_spills_into_a_lower_priority_tier() {
+    let slow = Upstream::start(
+        "slow",
+        Arc::new(|_req| {
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                reply("slow", 200, "slow")
+            })
+        }),
+    )
+    .await;
+    let backup = Upstream::named("backup").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    endpoints: [{{url: '{}', priority: 0}}, {{url: '{}', priority: 1}}]
+routes:
+  - upstream: u
+    hedge: {{ delay: 10ms, max_hedges: 1 }}
+",
+        slow.url(),
+        backup.url()
+    ))
+    .await;
+    let r = get(&client(), &gw.url("/")).await;
+    assert_eq!((r.status.as_u16(), r.text()), (200, "slow".to_owned()));
+    assert_eq!(backup.hits(), 0, "a hedge went to the backup tier");
+    gw.stop().await;
 }

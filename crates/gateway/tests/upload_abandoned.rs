@@ -381,7 +381,7 @@ routes:
     };
     assert_eq!(
         (series("total"), series("attempt")),
-        (Some(1.0), None),
+        (Some(1.0), Some(0.0)),
         "{m}"
     );
     gw.stop().await;

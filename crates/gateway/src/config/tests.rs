@@ -1072,3 +1072,17 @@ fn a_match_header_written_twice_in_two_cases_is_an_error() {
         "{e}"
     );
 }
+
+#[test]
+fn a_budget_window_is_between_1s_and_60s() {
+    let route = |w: &str| {
+        format!("{UP}routes:\n  - upstream: a\n    retry: {{ budget: {{ window: {w} }} }}\n")
+    };
+    assert!(from_str(&route("60s"), "gw.yaml").is_ok());
+    let e = err(&route("61s"));
+    assert!(
+        e.starts_with("gw.yaml:")
+            && e.ends_with("routes[0].retry.budget.window: must be between 1s and 60s"),
+        "{e}"
+    );
+}

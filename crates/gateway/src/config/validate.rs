@@ -729,8 +729,13 @@ fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), In
                     "must be between 0 and 1000",
                 ));
             }
-            if b.window.get() < std::time::Duration::from_secs(1) {
-                return Err(at(&rp(&[k("budget"), k("window")]), "must be at least 1s"));
+            let window = b.window.get();
+            let secs = std::time::Duration::from_secs;
+            if window < secs(1) || window > secs(60) {
+                return Err(at(
+                    &rp(&[k("budget"), k("window")]),
+                    "must be between 1s and 60s",
+                ));
             }
         }
     }

@@ -742,13 +742,11 @@ pub(crate) async fn forward(
                             None => {
                                 let token = policy::take_hedge_token();
                                 // Never to an endpoint this request already tried (one endpoint
-                                // left: its Retry-After and the backoff are the retry's to wait).
-                                // As for a retry, no hedge starts that the deadline cannot
-                                // finish (a typical attempt's time left).
+                                // left: its Retry-After and the backoff are the retry's to wait),
+                                // nor to a lower-priority tier. As for a retry, no hedge starts
+                                // that the deadline cannot finish (a typical attempt's time left).
                                 let fits = route.policies.retry_fits(Duration::ZERO, deadline);
-                                let target = fits
-                                    .then(|| up.pick(tried).filter(|&ei| !tried.contains(ei)))
-                                    .flatten();
+                                let target = fits.then(|| up.pick_hedge(tried)).flatten();
                                 if target.is_none() {
                                     // None now, none for the hedges after it either.
                                     policy::stop_hedging();

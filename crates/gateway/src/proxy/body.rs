@@ -545,12 +545,15 @@ pub fn is_length_error(err: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 /// Keeps an endpoint's in-flight count, the upstream admission and the gateway's admission slot
-/// until the response body is done.
+/// until the response body is done: read to its end from the upstream (before its last bytes go
+/// to the client, who may send its next request as soon as it has them), or dropped.
 #[derive(Debug)]
 pub struct Lease {
     endpoint: Arc<Endpoint>,
     _admission: Option<crate::policy::Admission>,
     _slot: Option<bulwark::shed::ShedPermit>,
+    /// The in-flight count was given back (the body ended).
+    ended: bool,
 }
 
 impl Lease {
@@ -561,6 +564,7 @@ impl Lease {
             endpoint,
             _admission: None,
             _slot: None,
+            ended: false,
         }
     }
     /// Attaches the upstream admission to release with the body.
@@ -573,19 +577,31 @@ impl Lease {
             a.release_slot();
         }
     }
-    /// Attaches the gateway's admission slot to release with the body.
+    /// Attaches the gateway's admission slot to release with the body (at once if it has ended).
     fn hold_slot(&mut self, slot: bulwark::shed::ShedPermit) {
-        self._slot = Some(slot);
+        if !self.ended {
+            self._slot = Some(slot);
+        }
     }
-    /// Puts `inner`'s connection back into the endpoint's pool if the body was read to its end.
-    fn release(&self, inner: &mut UpstreamBody) {
+    /// The body was read to its end: puts `inner`'s connection back into the endpoint's pool and
+    /// gives back everything held (the in-flight count, the bulkhead slot, the admission slot), so
+    /// that the client's next request, which may come as soon as the last bytes reach it, finds
+    /// them free.
+    fn release(&mut self, inner: &mut UpstreamBody) {
         self.endpoint.pool.reclaim(inner);
+        self._admission = None;
+        self._slot = None;
+        if !std::mem::replace(&mut self.ended, true) {
+            self.endpoint.dec();
+        }
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        self.endpoint.dec();
+        if !self.ended {
+            self.endpoint.dec();
+        }
     }
 }
 
@@ -630,7 +646,7 @@ impl RespBody {
         }
     }
     /// Streams `inner` from the upstream, releasing `lease` when done.
-    pub fn upstream(mut inner: UpstreamBody, lease: Lease) -> Self {
+    pub fn upstream(mut inner: UpstreamBody, mut lease: Lease) -> Self {
         if inner.is_end_stream() {
             lease.release(&mut inner);
         }

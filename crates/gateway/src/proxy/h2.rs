@@ -85,6 +85,17 @@ pub(crate) fn ambiguous_host<B>(req: &Request<B>) -> bool {
     !(authority.host().eq_ignore_ascii_case(host.host()) && port(authority) == port(&host))
 }
 
+/// Whether a field value of an HTTP/2 request starts or ends with a space or a tab: malformed
+/// (RFC 9113 8.2.1). An HTTP/1.1 upstream would drop that whitespace (it is optional whitespace
+/// there), and read another value than the one routes matched and rate limits keyed on.
+pub(crate) fn padded_field<B>(req: &Request<B>) -> bool {
+    let padded = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+    req.headers().values().any(|v| {
+        let v = v.as_bytes();
+        padded(v.first()) || padded(v.last())
+    })
+}
+
 /// A stream the client resets this soon after opening it, before its response, counts as a
 /// premature reset (Envoy's `premature_reset_min_stream_lifetime_seconds`).
 const PREMATURE_LIFETIME: Duration = Duration::from_secs(1);

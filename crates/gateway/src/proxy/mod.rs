@@ -945,14 +945,18 @@ async fn route_and_forward(
         }
     }
     // A dot-segment would be resolved upstream to a path other than the one routed (and judged by
-    // modes, limits and rewrites): refused, whatever the route.
-    if route::has_dot_segment(req.uri().path()) {
+    // modes, limits and rewrites): refused, whatever the route. So is a target that is neither a
+    // path nor the `*` of a server-wide OPTIONS (RFC 9112 3.2.4, RFC 9113 8.3.1): HTTP/2's
+    // `:path: ?a=b` would be routed as `/` and sent as it came.
+    if route::has_dot_segment(req.uri().path()) || !valid_target(&req) {
         return (respond::local(Local::BadRequest), None);
     }
     // HTTP/2: a `host` field naming another host than `:authority` (RFC 9113 8.3.1), or several,
     // leaves it ambiguous which host is asked for (routes match on it): refused, as two `Host`
-    // lines are over HTTP/1.1.
-    if req.version() == http::Version::HTTP_2 && h2::ambiguous_host(&req) {
+    // lines are over HTTP/1.1; so is a field value with whitespace around it (RFC 9113 8.2.1).
+    if req.version() == http::Version::HTTP_2
+        && (h2::ambiguous_host(&req) || h2::padded_field(&req))
+    {
         return (respond::local(Local::BadRequest), None);
     }
     // Stage 3: routing.
@@ -1193,6 +1197,15 @@ fn access_line(
         attempts = line.attempts,
         reason = line.reason.unwrap_or("-"),
     );
+}
+
+/// Whether the request target is a path (origin or absolute form), or `*` with `OPTIONS`.
+fn valid_target<B>(req: &Request<B>) -> bool {
+    match req.uri().path_and_query().map(|p| p.as_str().as_bytes()) {
+        None | Some([b'/', ..]) => true,
+        Some(b"*") => req.method() == http::Method::OPTIONS,
+        Some(_) => false,
+    }
 }
 
 /// Listener settings taken from the config at bind time.

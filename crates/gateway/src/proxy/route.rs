@@ -235,6 +235,10 @@ impl Route {
             String::with_capacity(to.len() + rest.len() + query.map_or(0, |q| q.len() + 1));
         target.push_str(to);
         target.push_str(rest);
+        // Nor one the rewrite makes: `/svc../admin` under `path_prefix: /svc` rewritten to `/v1/`.
+        if has_dot_segment(&target) {
+            return None;
+        }
         if let Some(q) = query {
             target.push('?');
             target.push_str(q);

@@ -366,6 +366,27 @@ impl Upstream {
         balance::pick(self.balance, fallback_tier?, eps, |i| eps[i].is_available())
     }
 
+    /// An endpoint for a hedge of a request that tried `tried`: an available one it has not tried,
+    /// in the tier that takes traffic now (the tier in panic, in panic mode). Unlike a retry's
+    /// [`pick`](Self::pick), never one of a lower-priority tier: a hedge races an attempt that has
+    /// not failed, and a tier takes traffic only when the ones above have no endpoint available.
+    pub fn pick_hedge(&self, tried: Tried) -> Option<usize> {
+        let eps = &self.endpoints;
+        let untried = |i: usize| !tried.contains(i);
+        if let Some(tier) = self.panic_tier() {
+            let free = |i: usize| !eps[i].cooling_down();
+            if (tier.start..tier.end).any(free) {
+                return balance::pick(self.balance, tier, eps, |i| free(i) && untried(i));
+            }
+        }
+        let available = |i: usize| eps[i].is_available();
+        let tier = self
+            .tiers
+            .iter()
+            .find(|t| (t.start..t.end).any(available))?;
+        balance::pick(self.balance, tier, eps, |i| available(i) && untried(i))
+    }
+
     /// Whether a pick for a request that tried `tried` could find an endpoint it has not tried: if
     /// not, its retry goes back to one it tried (perhaps the one that asked it to wait).
     pub fn has_untried(&self, tried: Tried) -> bool {
