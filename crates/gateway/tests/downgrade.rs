@@ -239,3 +239,15 @@ async fn the_asterisk_form_is_refused_for_methods_other_than_options() {
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert!(seen[0].starts_with("OPTIONS * "), "{seen:?}");
 }
+
+/// An absolute-form target with an empty path and a query (`GET http://t?x=1`, a valid
+/// absolute-URI) names the path `/`: served, and sent upstream as `/?x=1` (as nginx does).
+#[tokio::test]
+async fn an_absolute_form_target_with_an_empty_path_and_a_query_is_sent_as_root() {
+    let (up, seen) = recording_upstream().await;
+    let gw = Gateway::start(&one_route(&up.url(), "")).await;
+    let answer = raw(gw.addr, b"GET http://t?x=1 HTTP/1.1\r\nhost: t\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen[0].starts_with("GET /?x=1 HTTP/1.1"), "{seen:?}");
+}

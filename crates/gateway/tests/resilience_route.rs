@@ -571,8 +571,12 @@ routes:
 
 /// A loopback "black hole": a listener whose accept queue is full and never drained, so a new
 /// connection's SYN is dropped and its connect hangs (as to a host that drops packets). The
-/// returned streams keep the queue full.
-async fn blackhole() -> (String, tokio::net::TcpListener, Vec<tokio::net::TcpStream>) {
+/// returned streams keep the queue full; accepting from the listener opens the hole.
+async fn blackhole() -> (
+    std::net::SocketAddr,
+    tokio::net::TcpListener,
+    Vec<tokio::net::TcpStream>,
+) {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let listener = sock.listen(1).unwrap();
@@ -587,7 +591,7 @@ async fn blackhole() -> (String, tokio::net::TcpListener, Vec<tokio::net::TcpStr
         }
         assert!(fill.len() < 64, "the accept queue never filled");
     }
-    (format!("http://{addr}"), listener, fill)
+    (addr, listener, fill)
 }
 
 /// A POST whose per-try timeout fires while the connection to the primary is still being opened
@@ -599,7 +603,7 @@ async fn a_per_try_timeout_during_connect_fails_a_post_over_like_a_connect_timeo
     let config = |connect: &str| {
         format!(
             "upstreams:
-  primary: {{ endpoints: [{{url: '{hole}'}}], connect_timeout: {connect} }}
+  primary: {{ endpoints: [{{url: 'http://{hole}'}}], connect_timeout: {connect} }}
   backup: {{ endpoints: [{{url: '{}'}}] }}
 routes:
   - upstream: primary
@@ -646,7 +650,7 @@ async fn a_per_try_timeout_during_connect_is_retried_as_a_connect_failure() {
         "upstreams:
   u:
     connect_timeout: 3s
-    endpoints: [{{url: '{hole}', priority: 0}}, {{url: '{}', priority: 1}}]
+    endpoints: [{{url: 'http://{hole}', priority: 0}}, {{url: '{}', priority: 1}}]
 routes:
   - upstream: u
     timeout: 10s
@@ -729,5 +733,116 @@ routes:
     let r = get(&client(), &gw.url("/")).await;
     assert_eq!((r.status.as_u16(), r.text()), (200, "slow".to_owned()));
     assert_eq!(backup.hits(), 0, "a hedge went to the backup tier");
+    gw.stop().await;
+}
+
+/// The same with `retry.on: [timeout]` (connect failures not listed): the per-try timeout fired,
+/// so it is retried as the timeout it is, and counted as one. Found by a review of the change
+/// above; failed before.
+#[tokio::test]
+async fn a_per_try_timeout_during_connect_is_also_retried_under_timeout() {
+    let (hole, _l, _fill) = blackhole().await;
+    let good = Upstream::named("good").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    connect_timeout: 3s
+    endpoints: [{{url: 'http://{hole}', priority: 0}}, {{url: '{}', priority: 1}}]
+routes:
+  - name: r
+    upstream: u
+    timeout: 10s
+    retry: {{ attempts: 2, per_try_timeout: 300ms, on: [timeout], backoff: {{ kind: constant, base: 10ms }} }}
+",
+        good.url()
+    ))
+    .await;
+    let g = get(&client(), &gw.url("/")).await;
+    assert_eq!(
+        (g.status.as_u16(), g.header("x-bulwark-reason")),
+        (200, None),
+        "{:?}",
+        g.headers
+    );
+    assert_eq!(g.text(), "good");
+    let rt = gw.state.runtime();
+    let m = rt.telemetry().encode(&rt);
+    assert!(
+        m.contains(r#"bulwark_timeouts_total{route="r",kind="attempt"} 1"#),
+        "{m}"
+    );
+    gw.stop().await;
+}
+
+/// Serves h2c on every connection `l` accepts from now on, answering `name`.
+fn serve_h2(l: tokio::net::TcpListener, name: &'static str) {
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(tcp).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    let mut s = respond
+                        .send_response(http::Response::new(()), false)
+                        .unwrap();
+                    s.send_data(bytes::Bytes::from(name), true).unwrap();
+                }
+            });
+        }
+    });
+}
+
+/// HTTP/2 upstream, one connect at a time: a request with a short `per_try_timeout` opens the
+/// connection, and a request of another route (no per-try timeout) waits for it. The first one's
+/// timer gives its own wait up; the waiting request does not fail with it, but connects itself
+/// within its own connect timeout. Found by a review of the change above; failed before.
+#[tokio::test]
+async fn an_h2_connect_given_up_by_one_request_does_not_fail_those_waiting_for_it() {
+    let (hole, listener, _fill) = blackhole().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u: {{ http2: true, connect_timeout: 5s, endpoints: [{{url: 'http://{hole}'}}] }}
+routes:
+  - name: quick
+    match: {{ path_prefix: /quick }}
+    upstream: u
+    timeout: 10s
+    retry: {{ attempts: 1, per_try_timeout: 300ms }}
+  - name: patient
+    upstream: u
+    timeout: 10s
+    retry: {{ attempts: 1 }}
+"
+    ))
+    .await;
+    let c = client();
+    let ep = endpoint(&gw, "u", 0);
+    let quick = tokio::spawn({
+        let (c, url) = (c.clone(), gw.url("/quick"));
+        async move { get(&c, &url).await }
+    });
+    wait_until(5, || ep.inflight() == 1).await;
+    let patient = tokio::spawn({
+        let (c, url) = (c.clone(), gw.url("/patient"));
+        async move { get(&c, &url).await }
+    });
+    wait_until(5, || ep.inflight() == 2).await;
+    let q = quick.await.unwrap();
+    assert_eq!(
+        (q.status.as_u16(), q.header("x-bulwark-reason")),
+        (504, Some("timeout"))
+    );
+    // The upstream takes connections now.
+    serve_h2(listener, "up");
+    let p = patient.await.unwrap();
+    assert_eq!(
+        (p.status.as_u16(), p.header("x-bulwark-reason")),
+        (200, None),
+        "{:?} {}",
+        p.headers,
+        p.text()
+    );
+    assert_eq!(p.text(), "up");
     gw.stop().await;
 }

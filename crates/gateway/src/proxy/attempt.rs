@@ -358,9 +358,10 @@ async fn attempt(
         client_body: client_body.clone(),
     };
     // The attempt's own timer, when it comes before the route's deadline: a connection still being
-    // opened then fails as a connect failure (nothing was sent: retried under `connect_failure`,
-    // failed over at no cost), not as a timeout of a request the upstream may have processed. (For
-    // a body streamed from the client, the timer starts once the client has sent it all.)
+    // opened then is a timeout of a request never sent (retried under `timeout` or
+    // `connect_failure`, failed over at no cost, whatever the method), not of one the upstream may
+    // have processed. (For a body streamed from the client, the timer starts once the client has
+    // sent it all.)
     let by = (route.per_try_timeout.is_some() && try_deadline < deadline && client_body.is_none())
         .then_some(try_deadline);
     let send = async {
@@ -377,8 +378,7 @@ async fn attempt(
     };
     unanswered.since = None;
     // Neither a connect failure nor a refused stream reached anything that processed it.
-    if !matches!(&result, Ok(Err(e)) if matches!(e.kind, FailKind::ConnectFailure | FailKind::Refused))
-    {
+    if !matches!(&result, Ok(Err(e)) if e.kind.unsent()) {
         tally.reached.store(true, Ordering::Relaxed);
     }
     match result {
@@ -449,13 +449,18 @@ async fn attempt(
             admission.record(Outcome::Failure);
             up.observe(ei, Observed::Failed);
             tracing::debug!(endpoint = %ep.url, kind = ?e.kind, error = ?e.source, "attempt failed");
+            let failure = match e.kind {
+                FailKind::Timeout => Failure::Timeout,
+                FailKind::ConnectCut => {
+                    route.policies.on_timeout("attempt");
+                    Failure::Timeout
+                }
+                _ => Failure::UpstreamError,
+            };
             Err(Miss::Failed {
-                failure: match e.kind {
-                    FailKind::Timeout => Failure::Timeout,
-                    _ => Failure::UpstreamError,
-                },
+                failure,
                 retryable: route.retry_on.fail(e.kind),
-                unsent: matches!(e.kind, FailKind::ConnectFailure | FailKind::Refused),
+                unsent: e.kind.unsent(),
             })
         }
         Err(_elapsed) => {

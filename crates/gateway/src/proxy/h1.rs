@@ -179,6 +179,15 @@ fn head_end(buf: &[u8], from: usize) -> Option<usize> {
     None
 }
 
+/// `uri` (absolute form, its path empty) with the path `/` before its query.
+#[cold]
+fn with_root_path(uri: &Uri) -> Option<Uri> {
+    let pq = uri.path_and_query()?.as_str();
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(format!("/{pq}").parse().ok()?);
+    Uri::from_parts(parts).ok()
+}
+
 /// Parses one complete head (`head` ends with its blank line). Header values and the target share
 /// `head`'s memory (no copy per header).
 fn parse_head(head: Bytes) -> Result<Head, HeadError> {
@@ -194,7 +203,16 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
         Method::from_bytes(parsed.method.unwrap_or("").as_bytes()).map_err(|_| Malformed)?;
     let target = parsed.path.unwrap_or("").as_bytes();
     // Origin form (`/path?q`), absolute form (`http://host/path`) and `*`.
-    let uri = Uri::from_maybe_shared(head.slice_ref(target)).map_err(|_| Malformed)?;
+    let mut uri = Uri::from_maybe_shared(head.slice_ref(target)).map_err(|_| Malformed)?;
+    // An absolute form with an empty path and a query (`http://host?x=1`) names the path `/`
+    // (RFC 3986 6.2.3), as nginx reads it; kept as it is, it would go upstream as `GET ?x=1`.
+    if uri.scheme().is_some()
+        && uri
+            .path_and_query()
+            .is_some_and(|p| p.as_str().starts_with('?'))
+    {
+        uri = with_root_path(&uri).ok_or(Malformed)?;
+    }
     // No tunnels: CONNECT (and the authority form, which only CONNECT uses) would go upstream as
     // `CONNECT / HTTP/1.1`, and a 2xx would leave the client believing it had a tunnel.
     if method == Method::CONNECT || (uri.scheme().is_none() && uri.authority().is_some()) {

@@ -120,6 +120,8 @@ impl RetryConditions {
             ConnectFailure | Refused => self.connect_failure,
             Reset => self.reset,
             Timeout => self.timeout,
+            // The attempt's own timer fired before anything was sent: retried under either.
+            ConnectCut => self.timeout || self.connect_failure,
             ClientBody => false,
         }
     }

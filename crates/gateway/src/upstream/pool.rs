@@ -64,8 +64,22 @@ pub enum FailKind {
     Reset,
     /// The attempt took longer than its timeout.
     Timeout,
+    /// The attempt's own timeout passed while its connection was still being opened
+    /// ([`Pool::send`]'s `by`): a timeout, but of a request never sent, so it may go to another
+    /// endpoint whatever its method.
+    ConnectCut,
     /// The client's request body failed (too large, or the client went away): not the upstream's fault.
     ClientBody,
+}
+
+impl FailKind {
+    /// Whether the request was not sent (nothing reached anything that could process it).
+    pub fn unsent(self) -> bool {
+        matches!(
+            self,
+            FailKind::ConnectFailure | FailKind::Refused | FailKind::ConnectCut
+        )
+    }
 }
 
 /// An exchange failure with its cause.
@@ -88,6 +102,27 @@ impl SendError {
 
 /// Why a connect ended early: the attempt's own timeout came first (see [`Pool::send`]).
 const CONNECT_TOO_LATE: &str = "the attempt's timeout passed while connecting";
+
+/// The error of a connect the attempt's own timeout cut short.
+fn connect_cut() -> SendError {
+    SendError {
+        kind: FailKind::ConnectCut,
+        source: Some(CONNECT_TOO_LATE.into()),
+    }
+}
+
+/// `connect`, given up at `by` (the attempt's own timeout) as [`FailKind::ConnectCut`].
+async fn connect_by<T>(
+    by: Option<Instant>,
+    connect: impl Future<Output = Result<T, SendError>>,
+) -> Result<T, SendError> {
+    match by {
+        None => connect.await,
+        Some(by) => tokio::time::timeout_at(by, connect)
+            .await
+            .unwrap_or_else(|_| Err(connect_cut())),
+    }
+}
 
 /// An idle HTTP/1 connection, checked out of the pool and put back with [`Pool::put`].
 #[derive(Debug)]
@@ -503,10 +538,9 @@ impl Pool {
     }
 
     /// A new connection, counted in [`opened`](Self::opened) once made, within the connect
-    /// timeout and by `by` (an attempt's own timeout, see [`Pool::send`]).
-    async fn connect_stream(&self, by: Option<Instant>) -> Result<Stream, SendError> {
+    /// timeout.
+    async fn connect_stream(&self) -> Result<Stream, SendError> {
         let until = Instant::now() + self.connect_timeout;
-        let until = by.map_or(until, |by| by.min(until));
         let stream = self.connect_stream_uncounted(until).await?;
         self.opened.fetch_add(1, Ordering::Relaxed);
         Ok(stream)
@@ -547,7 +581,10 @@ impl Pool {
     /// every request's future (moved with it, and touched in cache), while it runs only when the
     /// pool has no idle connection, next to a TCP handshake that costs far more than one allocation.
     fn connect_h1(&self, by: Option<Instant>) -> ConnectFuture<'_, Box<Io>> {
-        Box::pin(async move { Ok(Box::new(Io::new(self.connect_stream(by).await?))) })
+        Box::pin(async move {
+            let stream = connect_by(by, self.connect_stream()).await?;
+            Ok(Box::new(Io::new(stream)))
+        })
     }
 
     /// A stream on an HTTP/2 connection (not generation `stale`, one found closing or refusing):
@@ -579,7 +616,7 @@ impl Pool {
                 None => self.h2_connect.lock().await,
                 Some(by) => tokio::time::timeout_at(by, self.h2_connect.lock())
                     .await
-                    .map_err(|_| SendError::connect(Some(CONNECT_TOO_LATE.into())))?,
+                    .map_err(|_| connect_cut())?,
             };
             if let Some(found) = current() {
                 return Ok(found);
@@ -594,7 +631,7 @@ impl Pool {
             let load = H2Load::new();
             let opened = async {
                 let io = TokioIo::new(PeerSettings::new(
-                    self.connect_stream(by).await?,
+                    self.connect_stream().await?,
                     load.clone(),
                 ));
                 http2::Builder::new(TokioExecutor::new())
@@ -612,10 +649,13 @@ impl Pool {
                     .handshake(io)
                     .await
                     .map_err(|e| SendError::connect(Some(e.into())))
-            }
-            .await;
-            let (sender, conn) = match opened {
+            };
+            // Bounded by the connect timeout only: the requests waiting for this connect share
+            // it. This request gives up at its own `by`, dropping the connect, which is not a
+            // failed connect for those waiting: the next one in line opens its own.
+            let (sender, conn) = match connect_by(by, opened).await {
                 Ok(x) => x,
+                Err(e) if e.kind == FailKind::ConnectCut => return Err(e),
                 Err(e) => {
                     self.h2_failures.fetch_add(1, Ordering::Release);
                     return Err(e);
@@ -770,7 +810,7 @@ impl Pool {
         let mut req = req;
         let (mut stream, mut reused) = match self.pop() {
             Some(io) => (io.into_stream(), true),
-            None => (self.connect_stream(by).await?, false),
+            None => (connect_by(by, self.connect_stream()).await?, false),
         };
         loop {
             let (mut sender, conn) = http1::Builder::new()
@@ -810,7 +850,7 @@ impl Pool {
                     Some(back) if reused => {
                         req = back;
                         reused = false;
-                        stream = self.connect_stream(by).await?;
+                        stream = connect_by(by, self.connect_stream()).await?;
                     }
                     _ => {
                         let err = e.into_error();
