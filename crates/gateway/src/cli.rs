@@ -69,9 +69,13 @@ pub enum Command {
         /// Seed for the providers' failures and latencies.
         #[arg(long, default_value_t = crate::demo::DemoOptions::default().seed)]
         seed: u64,
-        /// Concurrent client connections.
-        #[arg(long, default_value_t = crate::demo::DemoOptions::default().concurrency)]
-        concurrency: usize,
+        /// Concurrent client connections, 1 to 1024.
+        #[arg(
+            long,
+            default_value_t = crate::demo::DemoOptions::default().concurrency as u16,
+            value_parser = clap::value_parser!(u16).range(1..=1024)
+        )]
+        concurrency: u16,
     },
 }
 
@@ -125,7 +129,7 @@ pub fn main() -> ExitCode {
         } => demo(crate::demo::DemoOptions {
             duration,
             seed,
-            concurrency,
+            concurrency: usize::from(concurrency),
             ..Default::default()
         }),
     }

@@ -254,7 +254,7 @@ pub fn render(s: &Snapshot, color: bool) -> String {
     if s.load.served_by_unknown > 0 {
         served.push(format!("gateway {}", count(s.load.served_by_unknown)));
     }
-    let _ = writeln!(out, "  served by    {}", served.join("   "));
+    out.push_str(&wrap("  served by    ", &served, "   "));
     let _ = writeln!(
         out,
         "  failovers    {} /api/ requests answered by healthy",

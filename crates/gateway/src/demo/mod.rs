@@ -380,7 +380,7 @@ pub async fn run<G: DemoGateway>(
         &config_path,
         config_yaml(&providers, listen, admin, state_dir.path()),
     )
-    .map_err(DemoError::Setup)?;
+    .map_err(|e| DemoError::Setup(in_context(e, "cannot write", &config_path)))?;
 
     // Not raced with Ctrl-C: a start cut short could leave some of the gateway running (its store
     // writing into the directory being removed). A Ctrl-C meanwhile is seen just below.
@@ -520,8 +520,9 @@ async fn drive(
             }
             phase = now_phase;
         }
-        // The "last second" window: close it once a second has passed.
-        if window_start.0.elapsed() >= Duration::from_secs(1) {
+        // The "last second" window: close it once a second has passed, give or take half a tick
+        // (piped, the ticks come a second apart, and the window opened just after the last one).
+        if window_start.0.elapsed() + tick.period() / 2 >= Duration::from_secs(1) {
             let now = stats.snapshot();
             let mut latencies = stats.take_latencies();
             window = Window::between(
@@ -713,7 +714,7 @@ impl StateDir {
             std::process::id(),
             fastrand::u32(..)
         ));
-        std::fs::create_dir_all(&dir)?;
+        std::fs::create_dir_all(&dir).map_err(|e| in_context(e, "cannot create", &dir))?;
         Ok(StateDir(dir))
     }
 
@@ -727,6 +728,11 @@ impl Drop for StateDir {
         // Best effort: a leftover temp dir is harmless.
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// `err` with what was being done to which path (an `io::Error` names neither).
+fn in_context(err: io::Error, doing: &str, path: &Path) -> io::Error {
+    io::Error::new(err.kind(), format!("{doing} `{}`: {err}", path.display()))
 }
 
 /// Whether stdout is a terminal (the display redraws in place) or not (one line a second).
