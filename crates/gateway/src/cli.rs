@@ -557,8 +557,15 @@ pub fn check_report(c: &Config) -> String {
             .and_then(|x| x.budget.as_ref())
             .is_some();
         if retries && !budget {
+            let what = if attempts > 1 { "retries" } else { "hedges" };
+            let disabled = r.retry.as_ref().is_some_and(|x| !x.enabled);
+            let fix = if disabled {
+                "enable retry (its budget counts only then; attempts: 1 keeps retries off)"
+            } else {
+                "add retry.budget"
+            };
             out.push_str(&format!(
-                "#   warning: route {name} retries without a budget: in an outage it multiplies load by {amp}; add retry.budget\n"
+                "#   warning: route {name} {what} without a budget: in an outage it multiplies load by {amp}; {fix}\n"
             ));
         }
         if let Some(f) = r.fault.as_ref().filter(|f| f.enabled) {

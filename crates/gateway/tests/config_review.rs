@@ -171,7 +171,10 @@ fn a_budget_in_a_disabled_retry_section_does_not_silence_the_warning() {
     let report = bulwark_gateway::cli::check_report(&c);
     assert!(report.contains("route h -> a: 1 x 5 x 1 = 5\n"), "{report}");
     assert!(
-        report.contains("warning: route h retries without a budget"),
+        report.contains(
+            "warning: route h hedges without a budget: in an outage it multiplies load by 5; \
+             enable retry (its budget counts only then; attempts: 1 keeps retries off)"
+        ),
         "{report}"
     );
 }

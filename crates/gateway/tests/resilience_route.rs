@@ -846,3 +846,72 @@ routes:
     assert_eq!(p.text(), "up");
     gw.stop().await;
 }
+
+/// A POST on a route retrying `on: [timeout]` whose per-try timeout cut the connect to its first
+/// endpoint (nothing sent) goes to the next endpoint. Found by a review; failed before.
+#[tokio::test]
+async fn a_post_whose_connect_the_per_try_timeout_cut_is_retried_under_timeout() {
+    let (hole, _l, _fill) = blackhole().await;
+    let good = Upstream::echo().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    connect_timeout: 3s
+    endpoints: [{{url: 'http://{hole}', priority: 0}}, {{url: '{}', priority: 1}}]
+routes:
+  - upstream: u
+    timeout: 10s
+    retry: {{ attempts: 2, per_try_timeout: 300ms, on: [timeout], backoff: {{ kind: constant, base: 10ms }} }}
+",
+        good.url()
+    ))
+    .await;
+    let post = http::Request::post(gw.url("/orders"))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            b"order-1",
+        )))
+        .unwrap();
+    let g = send(&client(), post).await;
+    assert_eq!(
+        (g.status.as_u16(), g.header("x-bulwark-reason")),
+        (200, None),
+        "{:?}",
+        g.headers
+    );
+    assert_eq!(g.text(), "order-1");
+    gw.stop().await;
+}
+
+/// `peak_ewma` learns from a per-try timeout during the connect, as from any timeout: the
+/// black-holed endpoint did not keep the cost of one never measured and win every pick (10 of 10
+/// requests paid the per-try timeout first). Found by a review; failed before.
+#[tokio::test]
+async fn peak_ewma_learns_from_a_per_try_timeout_during_the_connect() {
+    let (hole, _l, _fill) = blackhole().await;
+    let good = Upstream::named("good").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    balance: peak_ewma
+    connect_timeout: 3s
+    endpoints: [{{url: 'http://{hole}'}}, {{url: '{}'}}]
+routes:
+  - upstream: u
+    timeout: 10s
+    retry: {{ attempts: 2, per_try_timeout: 150ms, on: [timeout], backoff: {{ kind: constant, base: 1ms }} }}
+",
+        good.url()
+    ))
+    .await;
+    let c = client();
+    let mut retried = 0;
+    for i in 0..10 {
+        let g = get(&c, &gw.url(&format!("/{i}"))).await;
+        assert_eq!((g.status.as_u16(), g.text()), (200, "good".to_owned()));
+        if g.header("x-bulwark-attempts").is_some() {
+            retried += 1;
+        }
+    }
+    assert!(retried <= 3, "{retried} of 10 went to the black hole first");
+    gw.stop().await;
+}

@@ -453,6 +453,10 @@ async fn attempt(
                 FailKind::Timeout => Failure::Timeout,
                 FailKind::ConnectCut => {
                     route.policies.on_timeout("attempt");
+                    // As for any timeout: peak-EWMA learns the time it took, or an endpoint that
+                    // never connects would keep the cost of one never measured.
+                    let end = Instant::now();
+                    ep.observe_latency(end.saturating_duration_since(now), end);
                     Failure::Timeout
                 }
                 _ => Failure::UpstreamError,
@@ -606,8 +610,10 @@ pub(crate) async fn forward(
     // A connect failure sent nothing, so whatever the method the request may go to another
     // endpoint (as nginx's `proxy_next_upstream error` and HAProxy's `retry-on conn-failure`
     // resend it): a retry like any other (attempts, budget, backoff), only not a replay.
+    // So did an attempt whose own timeout cut its connect short (retried under `timeout` too).
+    let cut = route.per_try_timeout.is_some() && route.retry_on.fail(FailKind::ConnectCut);
     let resend_unsent =
-        !no_retries && route.attempts > 1 && route.retry_on.fail(FailKind::ConnectFailure);
+        !no_retries && route.attempts > 1 && (route.retry_on.fail(FailKind::ConnectFailure) || cut);
     // With a failover chain the body is kept even when the request may not be retried: after a
     // connect failure (nothing sent) the next upstream takes it.
     let may_replay =
