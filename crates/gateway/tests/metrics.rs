@@ -448,3 +448,28 @@ async fn client_and_upstream_connections_are_exported() {
     );
     ops.stop().await;
 }
+
+/// A pooled connection the upstream has closed is not counted in
+/// `bulwark_upstream_connections_pooled` (it was, until the next checkout or the reaper). Found
+/// by a review.
+#[tokio::test]
+async fn a_pooled_connection_the_upstream_closed_is_not_counted() {
+    let up =
+        RawUpstream::answering_once(|_| b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec())
+            .await;
+    let ops = Ops::start(&one_route(&up.url(), ""), None).await;
+    let c = client();
+    assert_eq!(get(&c, &ops.url("/")).await.status, 200);
+    let pooled = format!(
+        r#"bulwark_upstream_connections_pooled{{upstream="u",endpoint="{}"}}"#,
+        up.url()
+    );
+    eventually(2, "the closed connection is not counted", || async {
+        sample(&ops.metrics(&c).await, &pooled) == Some(0.0)
+    })
+    .await;
+    let m = ops.metrics(&c).await;
+    let opened = pooled.replace("pooled", "opened_total");
+    assert_eq!(sample(&m, &opened), Some(1.0), "{m}");
+    ops.stop().await;
+}

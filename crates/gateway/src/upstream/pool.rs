@@ -442,12 +442,18 @@ impl Pool {
         self.idle.lock().map(|v| v.len()).unwrap_or(0)
     }
 
-    /// The connections the pool holds: idle HTTP/1 ones, or open HTTP/2 ones (busy or not).
+    /// The connections the pool holds: idle HTTP/1 ones, or open HTTP/2 ones (busy or not); not
+    /// those the upstream closed, which the next checkout or the reaper drops.
     pub fn pooled(&self) -> usize {
         if self.http2 {
-            self.h2.lock().map(|v| v.len()).unwrap_or(0)
+            let h2 = self.h2.lock();
+            h2.map_or(0, |v| v.iter().filter(|c| !c.sender.is_closed()).count())
         } else {
-            self.idle_count()
+            let idle = self.idle.lock();
+            let live = |v: &mut Vec<Idle>| -> usize {
+                v.iter_mut().map(|c| usize::from(!c.io.is_stale())).sum()
+            };
+            idle.map_or(0, |mut v| live(&mut v))
         }
     }
 
