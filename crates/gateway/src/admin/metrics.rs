@@ -236,45 +236,38 @@ impl RouteStats {
 
     /// Counts one request refused by the route's rate limit per client.
     pub fn client_rate_limited(&self) {
+        self.client_limited_counter().inc();
+    }
+
+    fn client_limited_counter(&self) -> &Counter {
         let labels = || RouteOnlyLabels {
             route: self.route.clone(),
         };
-        resolved(&self.client_limited, &self.client_limited_family, labels).inc();
+        resolved(&self.client_limited, &self.client_limited_family, labels)
     }
 
     /// Counts one injected fault: `delay` or `abort`.
     pub fn fault(&self, kind: &'static str) {
+        self.fault_counter(kind).inc();
+    }
+
+    fn fault_counter(&self, kind: &'static str) -> &Counter {
         let labels = || FaultLabels {
             route: self.route.clone(),
             kind: kind.to_owned(),
         };
-        resolved(
-            &self.by_fault[usize::from(kind == "abort")],
-            &self.faults,
-            labels,
-        )
-        .inc();
+        let cell = &self.by_fault[usize::from(kind == "abort")];
+        resolved(cell, &self.faults, labels)
     }
 
     /// Creates at 0 the series of the route's own counters its config can move: the rate limit per
     /// client's and the fault kinds it injects.
     fn declare(&self, route: &crate::proxy::route::Route) {
         if route.client_limit.is_some() {
-            let labels = || RouteOnlyLabels {
-                route: self.route.clone(),
-            };
-            resolved(&self.client_limited, &self.client_limited_family, labels);
+            self.client_limited_counter();
         }
         for kind in route.fault.iter().flat_map(|f| f.kinds()) {
-            let labels = || FaultLabels {
-                route: self.route.clone(),
-                kind: kind.to_owned(),
-            };
-            resolved(
-                &self.by_fault[usize::from(kind == "abort")],
-                &self.faults,
-                labels,
-            );
+            self.fault_counter(kind);
         }
     }
 

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Notify};
 
+pub mod h2raw;
 pub mod mutate;
 
 pub type Body = BoxBody<Bytes, Infallible>;
