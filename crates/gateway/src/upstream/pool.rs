@@ -691,7 +691,7 @@ impl Pool {
     /// body: take it back with [`UpstreamBody::take_conn`] once the body was read to its end.
     ///
     /// A connection still being opened at `by` (an attempt's own timeout, earlier than the
-    /// connect timeout) fails as a connect failure: nothing was sent.
+    /// connect timeout) fails as [`FailKind::ConnectCut`]: a timeout, of a request never sent.
     pub async fn send(
         &self,
         req: Request<ReqBody>,
