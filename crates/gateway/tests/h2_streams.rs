@@ -292,3 +292,138 @@ async fn a_cut_stream_with_its_upload_still_open_is_reset_through_an_http2_upstr
     drop(tx);
     gw.stop().await;
 }
+
+/// A raw `h2` client connection to `gw` (prior knowledge), its connection driven by a task.
+async fn h2_raw(gw: &Gateway) -> h2::client::SendRequest<Bytes> {
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let (send, conn) = h2::client::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(1 << 30)
+        .handshake(tcp)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send.ready().await.unwrap()
+}
+
+/// Sends `total` bytes on `stream` as flow control allows; returns how many it sent before the
+/// window stayed shut for `stop`.
+async fn push(stream: &mut h2::SendStream<Bytes>, total: usize, stop: Duration) -> usize {
+    let mut sent = 0;
+    while sent < total {
+        stream.reserve_capacity((total - sent).min(16 * 1024));
+        let capacity = std::future::poll_fn(|cx| stream.poll_capacity(cx));
+        let cap = match tokio::time::timeout(stop, capacity).await {
+            Ok(Some(Ok(c))) => c,
+            _ => return sent,
+        };
+        if cap > 0 {
+            stream
+                .send_data(Bytes::from(vec![b'a'; cap]), false)
+                .unwrap();
+            sent += cap;
+        }
+    }
+    sent
+}
+
+/// One stream whose upload the gateway does not read yet (its request waits in a bulkhead queue)
+/// does not stop the uploads of the connection's other streams: with hyper's default windows (1
+/// MiB for a stream and for the whole connection) it took the connection's whole window, and
+/// another stream could not send a byte. Found by a review; failed before.
+#[tokio::test]
+async fn an_unread_upload_on_one_stream_does_not_stall_uploads_on_the_others() {
+    let (held, release) = Upstream::held("held", "done").await;
+    let echo = Upstream::echo().await;
+    let gw = Gateway::start(&format!(
+        r#"limits: {{ idle_timeout: 30s }}
+upstreams:
+  held: {{ endpoints: [{{url: '{}'}}], bulkhead: {{ max_concurrent: 1, max_queued: 10, queue_timeout: 1m }} }}
+  echo: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - match: {{ path_prefix: /held }}
+    upstream: held
+  - upstream: echo
+"#,
+        held.url(),
+        echo.url()
+    ))
+    .await;
+    let mut send = h2_raw(&gw).await;
+    // C takes the held upstream's one slot.
+    let (c, _) = send
+        .send_request(Request::get("http://x/held/c").body(()).unwrap(), true)
+        .unwrap();
+    wait_until(10, || held.hits() == 1).await;
+    // A waits in the bulkhead's queue; its upload goes as far as the gateway's windows let it.
+    let mut send = send.ready().await.unwrap();
+    let (_a, mut a_body) = send
+        .send_request(Request::post("http://x/held/a").body(()).unwrap(), false)
+        .unwrap();
+    let a_sent = push(&mut a_body, 4 << 20, Duration::from_secs(2)).await;
+    assert!(a_sent > 0);
+    // B, to another upstream, uploads 64 KiB.
+    let mut send = send.ready().await.unwrap();
+    let (b, mut b_body) = send
+        .send_request(Request::post("http://x/b").body(()).unwrap(), false)
+        .unwrap();
+    let b_sent = push(&mut b_body, 64 * 1024, Duration::from_secs(10)).await;
+    assert_eq!(b_sent, 64 * 1024, "A's unread {a_sent} bytes stalled B");
+    b_body.send_data(Bytes::new(), true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), b)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    release.notify_one();
+    release.notify_one();
+    drop(c);
+    gw.stop().await;
+}
+
+/// An upload still moving after its (early) response ended keeps the HTTP/2 connection from
+/// being closed as idle: it was cut about `idle_timeout` after the response (a GOAWAY), and the
+/// upstream got a truncated body. The client paces its upload (a chunk every 200 ms for three
+/// times `idle_timeout`). Found by a review; failed before.
+#[tokio::test]
+async fn an_upload_still_moving_after_its_early_response_is_not_cut_as_an_idle_connection() {
+    let (up, mut bodies) = Upstream::reporting_bodies("r").await;
+    let gw = Gateway::start(&limited_config(&up.url(), "idle_timeout: 1s")).await;
+    let send = h2_raw(&gw).await;
+    let mut send = send.ready().await.unwrap();
+    let (resp, mut body) = send
+        .send_request(Request::post("http://x/up").body(()).unwrap(), false)
+        .unwrap();
+    body.send_data(Bytes::from_static(&[b'x'; 1024]), false)
+        .unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), resp)
+        .await
+        .expect("no response")
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut rb = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(d) = rb.data().await {
+        let d = d.unwrap();
+        let _ = rb.flow_control().release_capacity(d.len());
+        got.extend_from_slice(&d);
+    }
+    assert_eq!(&got[..], b"ok");
+    let mut sent = 1024;
+    for _ in 0..15 {
+        // The client's pace, not a wait for something.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let chunk = body.send_data(Bytes::from_static(&[b'x'; 1024]), false);
+        assert!(chunk.is_ok(), "cut after {sent} bytes: {chunk:?}");
+        sent += 1024;
+    }
+    body.send_data(Bytes::new(), true).unwrap();
+    let whole = tokio::time::timeout(Duration::from_secs(10), bodies.recv())
+        .await
+        .expect("the upstream never got the end of the body")
+        .unwrap();
+    assert_eq!(whole.len(), sent);
+    gw.stop().await;
+}

@@ -29,7 +29,13 @@ pin_project! {
         /// An HTTP/1.1 body, read from the connection as it is polled.
         H1 { inner: super::h1::RequestBody },
         /// An HTTP/2 stream's body.
-        H2 { #[pin] inner: Incoming, stall: Stall, stream: Arc<super::h2::Progress> },
+        H2 {
+            #[pin]
+            inner: Incoming,
+            stall: Stall,
+            stream: Arc<super::h2::Progress>,
+            conn: super::ConnActivity,
+        },
     }
 }
 
@@ -47,11 +53,19 @@ impl ClientBody {
 
     /// An HTTP/2 stream's body, cut when it makes no progress for `idle` ([`Stall`]) until the
     /// response has started, or when its stream is cut (see [`super::h2`]).
-    pub(crate) fn h2(inner: Incoming, idle: Duration, stream: Arc<super::h2::Progress>) -> Self {
+    /// Each of its frames stamps the connection's activity (`conn`): an upload still moving after
+    /// its response ended keeps the connection from being closed as idle.
+    pub(crate) fn h2(
+        inner: Incoming,
+        idle: Duration,
+        stream: Arc<super::h2::Progress>,
+        conn: super::ConnActivity,
+    ) -> Self {
         ClientBody::H2 {
             inner,
             stall: Stall::new(idle),
             stream,
+            conn,
         }
     }
 }
@@ -145,6 +159,7 @@ impl Body for ClientBody {
                 inner,
                 stall,
                 stream,
+                conn,
             } => match inner.poll_frame(cx) {
                 _ if stream.poll_cut(cx) => Poll::Ready(Some(Err(super::h2::StreamCut.into()))),
                 Poll::Pending if !stream.responding() && stall.pending(cx) => {
@@ -154,6 +169,7 @@ impl Body for ClientBody {
                 Poll::Ready(r) => {
                     stall.moved();
                     stream.upload_moved();
+                    conn.stamp();
                     Poll::Ready(r.map(|r| {
                         r.map(|mut frame| {
                             if let Some(t) = frame.trailers_mut() {

@@ -788,10 +788,10 @@ impl ConnCtx {
         self.opened + Duration::from_millis(self.last_active_ms.load(Ordering::Relaxed)) + idle
     }
 
-    /// Records activity (the end of an exchange) at `at`.
+    /// Records activity (the end of an exchange, an upload's frame) at `at`, never moving it back.
     fn stamp_active(&self, at: Instant) {
         let ms = at.saturating_duration_since(self.opened).as_millis() as u64;
-        self.last_active_ms.store(ms, Ordering::Relaxed);
+        self.last_active_ms.fetch_max(ms, Ordering::Relaxed);
     }
 }
 
@@ -804,6 +804,16 @@ impl Drop for Active<'_> {
         let c = self.0;
         c.stamp_active(self.1.unwrap_or_else(Instant::now));
         c.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Stamps an HTTP/2 connection's activity as a request body streams on it (see [`ClientBody::h2`]).
+#[derive(Debug)]
+pub struct ConnActivity(Arc<ConnCtx>);
+
+impl ConnActivity {
+    fn stamp(&self) {
+        self.0.stamp_active(Instant::now());
     }
 }
 
@@ -1296,6 +1306,12 @@ impl Server {
             idle: settings.idle_timeout,
         });
         h2.timer(TokioTimer::new())
+            // Flow control toward clients: each stream may hold `H2_STREAM_WINDOW` of request
+            // body the gateway has not read yet, the connection many times that, so that one
+            // stream whose upstream does not read yet (queued, connecting, slow) does not stall
+            // the other streams' uploads, as hyper's default (1 MiB for both) let it.
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .max_header_list_size(h2::header_list_ceiling(settings.max_header_bytes))
             .max_concurrent_streams(settings.max_concurrent_streams)
             // WebSocket over HTTP/2 (RFC 8441), on routes with `websocket: true`.
@@ -1563,7 +1579,8 @@ async fn serve_h2<I>(
             let resp = if http_body::Body::is_end_stream(req.body()) {
                 handle(&ctx, req.map(|_| ClientBody::Empty)).await
             } else {
-                let req = req.map(|inner| ClientBody::h2(inner, idle, progress.clone()));
+                let conn = ConnActivity(ctx.clone());
+                let req = req.map(|inner| ClientBody::h2(inner, idle, progress.clone(), conn));
                 let resp = handle(&ctx, req).await;
                 progress.respond();
                 resp
@@ -1655,6 +1672,13 @@ async fn serve_h2<I>(
         }
     }
 }
+
+/// Request body an HTTP/2 client may send on one stream before the gateway reads it.
+const H2_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// Request body an HTTP/2 client may send on all of a connection's streams before the gateway
+/// reads it: 64 streams' worth (the memory one connection can hold in unread uploads).
+const H2_CONNECTION_WINDOW: u32 = 64 * H2_STREAM_WINDOW;
 
 /// How long an HTTP/2 connection closing for being idle, with no stream left, waits for its
 /// client to answer the GOAWAY's PING (and close) before it is dropped.
