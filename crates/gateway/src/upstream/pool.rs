@@ -534,8 +534,8 @@ impl Pool {
         }
     }
 
-    async fn connect_tcp(&self, until: Instant) -> Result<TcpStream, SendError> {
-        let stream = tokio::time::timeout_at(until, TcpStream::connect(&self.addr))
+    async fn connect_tcp(&self) -> Result<TcpStream, SendError> {
+        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(&self.addr))
             .await
             .map_err(|_| SendError::connect(None))?
             .map_err(|e| SendError::connect(Some(e.into())))?;
@@ -546,17 +546,16 @@ impl Pool {
     /// A new connection, counted in [`opened`](Self::opened) once made, within the connect
     /// timeout.
     async fn connect_stream(&self) -> Result<Stream, SendError> {
-        let until = Instant::now() + self.connect_timeout;
-        let stream = self.connect_stream_uncounted(until).await?;
+        let stream = self.connect_stream_uncounted().await?;
         self.opened.fetch_add(1, Ordering::Relaxed);
         Ok(stream)
     }
 
     /// A new connection: TCP, then the TLS handshake for an `https://` endpoint, both within the
     /// connect timeout.
-    async fn connect_stream_uncounted(&self, until: Instant) -> Result<Stream, SendError> {
+    async fn connect_stream_uncounted(&self) -> Result<Stream, SendError> {
         let Some((connector, name)) = &self.tls else {
-            return Ok(Stream::Tcp(self.connect_tcp(until).await?));
+            return Ok(Stream::Tcp(self.connect_tcp().await?));
         };
         let handshake = async {
             let tcp = TcpStream::connect(&self.addr)
@@ -574,7 +573,7 @@ impl Pool {
             }
             Ok(Stream::Tls(Box::new(tls)))
         };
-        tokio::time::timeout_at(until, handshake)
+        tokio::time::timeout(self.connect_timeout, handshake)
             .await
             .map_err(|_| {
                 SendError::connect(Some("connect (TLS handshake included) timed out".into()))
