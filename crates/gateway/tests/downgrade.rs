@@ -225,6 +225,30 @@ async fn the_asterisk_form_is_refused_for_methods_other_than_options() {
     assert!(seen[0].starts_with("OPTIONS * "), "{seen:?}");
 }
 
+/// RFC 9112 3.2.4: `OPTIONS http://host` (an empty path, no query) goes to the origin as
+/// `OPTIONS *`; with a path it stays a request for that path.
+#[tokio::test]
+async fn an_absolute_form_options_without_a_path_goes_upstream_as_the_asterisk() {
+    let (up, seen) = recording_upstream().await;
+    let gw = Gateway::start(&one_route(&up.url(), "")).await;
+    let wide = raw(
+        gw.addr,
+        b"OPTIONS http://t.example:8080 HTTP/1.1\r\nhost: other\r\n\r\n",
+    )
+    .await;
+    assert!(wide.starts_with("HTTP/1.1 200"), "{wide}");
+    let one = raw(
+        gw.addr,
+        b"OPTIONS http://t.example:8080/ HTTP/1.1\r\nhost: other\r\n\r\n",
+    )
+    .await;
+    assert!(one.starts_with("HTTP/1.1 200"), "{one}");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert!(seen[0].starts_with("OPTIONS * HTTP/1.1\r\n"), "{seen:?}");
+    assert!(seen[1].starts_with("OPTIONS / HTTP/1.1\r\n"), "{seen:?}");
+}
+
 /// An absolute-form target with an empty path and a query (`GET http://t?x=1`, a valid
 /// absolute-URI) names the path `/`: served, and sent upstream as `/?x=1` (as nginx does).
 #[tokio::test]
