@@ -1,13 +1,18 @@
 //! The sliding windows the closed state records into.
 //!
-//! Both windows are lock-free and allocation-free on the recording path, and both
+//! Both windows are allocation-free on the recording path, and lock-free but for
+//! the time window's move to a new bucket (once per bucket width); both
 //! keep one invariant that makes them safe under any interleaving: **every change
 //! to a slot or bucket is mirrored by exactly one change to the aggregate**, so once
 //! recorders are quiet the aggregate equals the sum of the slots. Races can make
 //! the aggregate briefly disagree with the slots (a reader then sees odd counts
 //! and the decision logic re-checks), or lose a sample, but never make it drift.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64, AtomicU8,
+    Ordering::{Acquire, Relaxed, Release},
+};
+use std::sync::Mutex;
 
 /// Slot code bits: the call was counted, it failed, it was slow.
 pub(crate) const CALL: u8 = 0b001;
@@ -167,6 +172,15 @@ fn bucket_counts(w: u64) -> Counts {
     }
 }
 
+/// A bucket word with its counts halved (rounding down) and its tag kept.
+fn halved(w: u64) -> u64 {
+    let c = bucket_counts(w);
+    (w & (TAG_MASK << TAG_SHIFT))
+        | (c.calls / 2)
+        | ((c.failures / 2) << B_BITS)
+        | ((c.slow / 2) << (2 * B_BITS))
+}
+
 fn bucket_delta(code: u8) -> u64 {
     u64::from(code & CALL != 0)
         | (u64::from(code & FAIL != 0) << B_BITS)
@@ -178,18 +192,23 @@ fn bucket_delta(code: u8) -> u64 {
 ///
 /// Time is cut into ticks of `width` since the breaker's origin. The window at tick
 /// `t` is the buckets of ticks `t-M+1 ..= t`. A `cursor` remembers the newest tick
-/// the buckets were advanced to; whoever moves it (one `compare_exchange`) empties
-/// the buckets of the ticks it skips over, subtracting their counts from the
-/// totals. A recorder adds to its bucket with a `compare_exchange` that only
-/// succeeds while the bucket's tag is its own tick, so a sample from a delayed
-/// recorder is dropped instead of landing in a newer second.
+/// the buckets were advanced to. Moving it is the one step under a lock (`advancing`,
+/// taken at most once per bucket width): the mover empties the buckets of the ticks
+/// it passes over, subtracting their counts from the totals, and only then publishes
+/// the new cursor, so a recorder that sees the cursor at its tick finds its bucket
+/// already emptied and tagged. A recorder adds to its bucket with a
+/// `compare_exchange` that only succeeds while the bucket's tag is its own tick, so a
+/// sample from a delayed recorder is dropped instead of landing in a newer second.
 ///
-/// A bucket saturates at 2^18 - 1 calls (262 143 per bucket width); further calls
-/// in that bucket are not recorded, which leaves the rates representative.
+/// A bucket holds up to 2^18 - 1 calls (262 143 per bucket width); the call that
+/// finds it full halves its three counts first (rounding down), so the bucket keeps
+/// its rates and every later call, failures included, still counts.
 #[derive(Debug)]
 pub(crate) struct TimeWindow {
     width_nanos: u64,
     cursor: Padded<AtomicU64>,
+    /// Held while the buckets are emptied for a new cursor (see above).
+    advancing: Mutex<()>,
     calls: Padded<AtomicU64>,
     failures: AtomicU64,
     slow: AtomicU64,
@@ -205,6 +224,7 @@ impl TimeWindow {
         TimeWindow {
             width_nanos: (window_nanos / m).max(1),
             cursor: Padded(AtomicU64::new(0)),
+            advancing: Mutex::new(()),
             calls: Padded(AtomicU64::new(0)),
             failures: AtomicU64::new(0),
             slow: AtomicU64::new(0),
@@ -253,35 +273,38 @@ impl TimeWindow {
     }
 
     /// Moves the window to `tick`, emptying the buckets of the ticks passed over.
+    ///
+    /// The buckets are emptied before the cursor moves, so no recorder at `tick` can
+    /// find its bucket still holding an older tick's counts (and drop its sample, as
+    /// every recorder racing a lone mover did when the cursor moved first). Movers are
+    /// serialised: one preempted mid-way cannot wipe a bucket a later one has handed
+    /// to recorders.
     fn advance(&self, tick: u64) {
-        let m = self.bucket_count();
-        let mut cur = self.cursor.0.load(Relaxed);
-        while cur < tick {
-            match self
-                .cursor
-                .0
-                .compare_exchange_weak(cur, tick, Relaxed, Relaxed)
-            {
-                Ok(_) => {
-                    let first = (cur + 1).max((tick + 1).saturating_sub(m));
-                    for k in first..=tick {
-                        self.clear_for(k);
-                    }
-                    return;
-                }
-                Err(actual) => cur = actual,
-            }
+        if self.cursor.0.load(Acquire) >= tick {
+            return;
         }
+        let _moving = self
+            .advancing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let cur = self.cursor.0.load(Relaxed);
+        if cur >= tick {
+            return;
+        }
+        let first = (cur + 1).max((tick + 1).saturating_sub(self.bucket_count()));
+        for k in first..=tick {
+            self.clear_for(k);
+        }
+        self.cursor.0.store(tick, Release);
     }
 
-    /// Empties bucket `k`'s slot for tick `k`.
+    /// Empties bucket `k`'s slot for tick `k` (movers hold `advancing`).
     ///
     /// A blind swap: the tag holds too few bits to tell an older tick from a newer one
-    /// across a long idle gap. The price is a rare race: an advancer preempted between
-    /// winning the cursor and clearing (for about two bucket widths) can wipe a bucket a
-    /// later advancer already owns, losing that bucket's samples. The totals stay exact
-    /// (every clear subtracts what it removed), so the window under-counts briefly and
-    /// never drifts.
+    /// across a long idle gap. A recorder adding to the bucket for an older tick at the
+    /// same moment either lands before the swap (and its sample leaves with the
+    /// bucket, subtracted from the totals) or finds the new tag and drops it: that
+    /// tick has left the window anyway.
     fn clear_for(&self, k: u64) {
         let old = self.bucket(k).swap(tag(k), Relaxed);
         self.sub_totals(bucket_counts(old));
@@ -296,13 +319,25 @@ impl TimeWindow {
         let delta = bucket_delta(code);
         let mut w = bucket.load(Relaxed);
         loop {
-            if w & (TAG_MASK << TAG_SHIFT) != tag(tick) || w & B_MASK == B_MASK {
-                // A newer tick owns the bucket (this recorder was delayed), or the
-                // bucket is saturated: drop the sample.
+            if w & (TAG_MASK << TAG_SHIFT) != tag(tick) {
+                // A newer tick owns the bucket (this recorder was delayed): drop the
+                // sample.
                 return;
             }
-            match bucket.compare_exchange_weak(w, w + delta, Relaxed, Relaxed) {
-                Ok(_) => break,
+            let full = w & B_MASK == B_MASK;
+            let kept = if full { halved(w) } else { w };
+            match bucket.compare_exchange_weak(w, kept + delta, Relaxed, Relaxed) {
+                Ok(_) => {
+                    if full {
+                        let (before, after) = (bucket_counts(w), bucket_counts(kept));
+                        self.sub_totals(Counts {
+                            calls: before.calls - after.calls,
+                            failures: before.failures - after.failures,
+                            slow: before.slow - after.slow,
+                        });
+                    }
+                    break;
+                }
                 Err(actual) => w = actual,
             }
         }
