@@ -21,12 +21,15 @@
 //! # How
 //!
 //! A [`tokio::sync::Semaphore`] with `max_concurrent` permits holds the concurrency;
-//! its `acquire` is FIFO and cancel-safe. The queue bound is an atomic counter of
-//! waiters, taken with a compare-and-swap and given back by a drop guard, so a caller
-//! whose future is dropped while it waits frees its queue slot, and one whose future
-//! is dropped while it runs frees its permit ([`BulkheadPermit`] releases on drop).
-//! The fast path (a permit is free) is one `try_acquire` on the semaphore: no
-//! allocation, no lock besides the semaphore's own.
+//! its `acquire` is FIFO and cancel-safe. The queue bound is an atomic count of the
+//! calls running or waiting (at most `max_concurrent + max_queued`), taken with a
+//! compare-and-swap and given back by a drop guard, so a caller whose future is
+//! dropped while it waits frees its queue slot, and one whose future is dropped while
+//! it runs frees its permit ([`BulkheadPermit`] releases on drop). Counting both
+//! together (as Polly bounds its bulkhead) keeps a waiter that was just handed a
+//! permit, and has not run yet, from holding a queue slot too: the next caller may
+//! queue behind it. The fast path (a permit is free) is one `try_acquire` on the
+//! semaphore and one atomic add: no allocation, no lock besides the semaphore's own.
 //!
 //! A call over the queue bound, or still waiting after `queue_timeout`, fails with
 //! [`Error::BulkheadFull`] and emits [`Event::BulkheadRejected`].
@@ -70,7 +73,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 
 use crate::{ConfigError, Error, Event, Listener, Listeners};
 
@@ -109,11 +112,15 @@ pub struct Bulkhead {
 
 struct Inner {
     name: Arc<str>,
-    semaphore: Arc<Semaphore>,
+    semaphore: Semaphore,
     max_concurrent: usize,
     max_queued: usize,
     queue_timeout: Duration,
+    /// Calls waiting in the queue (reported by [`Bulkhead::queued`]).
     queued: AtomicUsize,
+    /// Calls holding a permit or waiting for one, a waiter handed a permit counted
+    /// once: the queue's bound is `max_concurrent + max_queued` on this.
+    occupied: AtomicUsize,
     listeners: Listeners,
 }
 
@@ -122,7 +129,16 @@ struct Inner {
 /// Dropping it frees the slot (and admits the oldest waiter, if any).
 #[must_use = "the bulkhead slot is released as soon as the permit is dropped"]
 pub struct BulkheadPermit {
-    _permit: OwnedSemaphorePermit,
+    inner: Arc<Inner>,
+}
+
+impl Drop for BulkheadPermit {
+    fn drop(&mut self) {
+        // The place first: a caller arriving between the two finds room to wait, and the
+        // permit given back next goes to the oldest waiter.
+        self.inner.occupied.fetch_sub(1, Ordering::AcqRel);
+        self.inner.semaphore.add_permits(1);
+    }
 }
 
 impl fmt::Debug for BulkheadPermit {
@@ -131,15 +147,16 @@ impl fmt::Debug for BulkheadPermit {
     }
 }
 
-/// Gives a queue slot back when dropped: on admission, on timeout, and when the
-/// waiting future is dropped.
+/// Gives a queue slot back when dropped: on admission (its place passes to the
+/// permit), on timeout, and when the waiting future is dropped.
 struct QueueSlot<'a> {
-    queued: &'a AtomicUsize,
+    inner: &'a Inner,
+    admitted: bool,
 }
 
 impl Drop for QueueSlot<'_> {
     fn drop(&mut self) {
-        self.queued.fetch_sub(1, Ordering::AcqRel);
+        self.inner.leave_queue(self.admitted);
     }
 }
 
@@ -148,11 +165,12 @@ pub(crate) struct OwnedQueueSlot {
     bulkhead: Bulkhead,
     /// When the slot was taken: the queue timeout runs from then.
     since: tokio::time::Instant,
+    admitted: bool,
 }
 
 impl Drop for OwnedQueueSlot {
     fn drop(&mut self) {
-        self.bulkhead.inner.queued.fetch_sub(1, Ordering::AcqRel);
+        self.bulkhead.inner.leave_queue(self.admitted);
     }
 }
 
@@ -169,12 +187,11 @@ impl Bulkhead {
     /// rejecting path.
     #[inline]
     pub fn try_acquire(&self) -> Option<BulkheadPermit> {
-        self.inner
-            .semaphore
-            .clone()
-            .try_acquire_owned()
-            .ok()
-            .map(|p| BulkheadPermit { _permit: p })
+        self.inner.semaphore.try_acquire().ok()?.forget();
+        self.inner.occupied.fetch_add(1, Ordering::AcqRel);
+        Some(BulkheadPermit {
+            inner: self.inner.clone(),
+        })
     }
 
     /// Takes a permit, waiting in the bounded queue for at most `queue_timeout` when
@@ -246,11 +263,12 @@ impl Bulkhead {
         Bulkhead {
             inner: Arc::new(Inner {
                 name: i.name.clone(),
-                semaphore: Arc::new(Semaphore::new(i.max_concurrent)),
+                semaphore: Semaphore::new(i.max_concurrent),
                 max_concurrent: i.max_concurrent,
                 max_queued: i.max_queued,
                 queue_timeout: i.queue_timeout,
                 queued: AtomicUsize::new(0),
+                occupied: AtomicUsize::new(0),
                 listeners: i.listeners.clone(),
             }),
         }
@@ -262,6 +280,7 @@ impl Bulkhead {
         self.inner.take_queue_slot().then(|| OwnedQueueSlot {
             bulkhead: self.clone(),
             since: tokio::time::Instant::now(),
+            admitted: false,
         })
     }
 
@@ -269,13 +288,19 @@ impl Bulkhead {
     /// [`enter_queue_owned`](Self::enter_queue_owned); the slot is given back when
     /// this returns or is dropped.
     pub(crate) async fn wait_queued(
-        slot: OwnedQueueSlot,
+        mut slot: OwnedQueueSlot,
     ) -> Result<BulkheadPermit, Error<Infallible>> {
         let inner = &*slot.bulkhead.inner;
         let until = crate::timeout::saturating_after(slot.since, inner.queue_timeout);
-        let waited = tokio::time::timeout_at(until, inner.semaphore.clone().acquire_owned()).await;
+        let waited = tokio::time::timeout_at(until, inner.semaphore.acquire()).await;
         match waited {
-            Ok(Ok(p)) => Ok(BulkheadPermit { _permit: p }),
+            Ok(Ok(p)) => {
+                p.forget();
+                slot.admitted = true;
+                Ok(BulkheadPermit {
+                    inner: slot.bulkhead.inner.clone(),
+                })
+            }
             Ok(Err(_)) | Err(_) => Err(inner.reject()),
         }
     }
@@ -287,28 +312,46 @@ impl Bulkhead {
             return Some(p);
         }
         let inner = &*self.inner;
-        let slot = inner.enter_queue()?;
-        let waited =
-            tokio::time::timeout(inner.queue_timeout, inner.semaphore.clone().acquire_owned())
-                .await;
-        drop(slot);
+        let mut slot = inner.enter_queue()?;
+        let waited = tokio::time::timeout(inner.queue_timeout, inner.semaphore.acquire()).await;
         match waited {
-            Ok(Ok(p)) => Some(BulkheadPermit { _permit: p }),
+            Ok(Ok(p)) => {
+                p.forget();
+                slot.admitted = true;
+                Some(BulkheadPermit {
+                    inner: self.inner.clone(),
+                })
+            }
             Ok(Err(_)) | Err(_) => None,
         }
     }
 }
 
 impl Inner {
-    /// Counts one more waiter if the queue has room; the caller must give the slot
-    /// back through a drop guard ([`QueueSlot`] or [`OwnedQueueSlot`]).
+    /// Counts one more waiter if the calls running and waiting leave room; the caller
+    /// must give the slot back through a drop guard ([`QueueSlot`] or
+    /// [`OwnedQueueSlot`]).
     fn take_queue_slot(&self) -> bool {
-        let max = self.max_queued;
-        self.queued
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
-                (q < max).then_some(q + 1)
+        let max = self.max_concurrent.saturating_add(self.max_queued);
+        let room = self
+            .occupied
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |o| {
+                (o < max).then_some(o + 1)
             })
-            .is_ok()
+            .is_ok();
+        if room {
+            self.queued.fetch_add(1, Ordering::AcqRel);
+        }
+        room
+    }
+
+    /// A waiter leaves the queue: with a permit (its place passes to the permit) or
+    /// without one.
+    fn leave_queue(&self, admitted: bool) {
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        if !admitted {
+            self.occupied.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 
     /// Takes a queue slot if the queue has room.
@@ -316,7 +359,8 @@ impl Inner {
         // `then`, not `then_some`: a slot built eagerly would be dropped (and
         // decrement the count) when the queue is full.
         self.take_queue_slot().then(|| QueueSlot {
-            queued: &self.queued,
+            inner: self,
+            admitted: false,
         })
     }
 
@@ -434,11 +478,12 @@ impl BulkheadBuilder {
         Ok(Bulkhead {
             inner: Arc::new(Inner {
                 name: self.name,
-                semaphore: Arc::new(Semaphore::new(self.max_concurrent)),
+                semaphore: Semaphore::new(self.max_concurrent),
                 max_concurrent: self.max_concurrent,
                 max_queued: self.max_queued,
                 queue_timeout: self.queue_timeout,
                 queued: AtomicUsize::new(0),
+                occupied: AtomicUsize::new(0),
                 listeners: self.listeners,
             }),
         })

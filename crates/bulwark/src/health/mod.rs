@@ -317,10 +317,11 @@ async fn run_all(checks: &[Registered], timeout: Duration) -> Vec<CheckResult> {
     futures_util::future::join_all(checks.iter().map(|c| run_one(c, timeout))).await
 }
 
-/// Runs one check within `timeout`; a panic is reported unhealthy (see [`run_all`]).
+/// Runs one check within `timeout`; a panic is reported unhealthy (see [`run_all`]),
+/// whether `check()` raises it while making its future or the future does.
 async fn run_one(c: &Registered, timeout: Duration) -> CheckResult {
     use futures_util::FutureExt;
-    let guarded = std::panic::AssertUnwindSafe(c.check.check()).catch_unwind();
+    let guarded = std::panic::AssertUnwindSafe(async { c.check.check().await }).catch_unwind();
     match tokio::time::timeout(timeout, guarded).await {
         Ok(Ok(result)) => result,
         Ok(Err(_)) => CheckResult::unhealthy("check panicked"),
