@@ -111,3 +111,50 @@ async fn a_request_body_still_arriving_after_its_response_is_not_cut() {
     assert_eq!(got, "hello world");
     gw.stop().await;
 }
+
+/// `Expect: 100-continue` refused on its declared length (413): no 100, the refusal with
+/// `connection: close`, and the gateway closes its side at once (then lingers), not after
+/// `header_read_timeout` spent waiting for a body the client holds back (review hx1).
+#[tokio::test]
+async fn an_expect_continue_refusal_closes_promptly() {
+    let up = Upstream::echo().await;
+    let gw = Gateway::start(&config(
+        &up.url(),
+        "max_body_bytes: 4, header_read_timeout: 30s",
+    ))
+    .await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(b"POST / HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 413, "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+    assert!(
+        c.closed_within(8).await,
+        "connection: close said, the connection kept open"
+    );
+    gw.stop().await;
+}
+
+/// A chunked upload answered (404) while it is still arriving: `connection: close`, and the
+/// gateway closes its sending side at once, as `lingering_timeout` describes (review hx1).
+#[tokio::test]
+async fn a_refused_chunked_upload_closes_promptly() {
+    let up = Upstream::echo().await;
+    let gw = Gateway::start(&format!(
+        "limits: {{ header_read_timeout: 30s }}\nupstreams:\n  u: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - match: {{ path_prefix: /api }}\n    upstream: u\n",
+        up.url()
+    ))
+    .await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(b"POST /nope HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await;
+    let r = c.response(false).await;
+    assert_eq!(r.status, 404, "{r:?}");
+    assert_eq!(r.header("connection"), Some("close"), "{r:?}");
+    assert!(
+        c.closed_within(8).await,
+        "connection: close said, the connection kept open"
+    );
+    gw.stop().await;
+}

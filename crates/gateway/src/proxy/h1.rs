@@ -1406,8 +1406,12 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
         let complete = self
             .respond(parts, resp_body, head_request, version, &mut keep_alive)
             .await?;
-        let settled = self.settle().await;
-        Ok(keep_alive && complete && settled && !self.closing)
+        // A connection that closes anyway skips the drain: its lingering close reads and drops
+        // what the client still sends, and it must not wait `header_read_timeout` for a body
+        // the client holds back (a withheld `100 Continue`) or keeps sending (a refused upload).
+        let reuse = keep_alive && complete && !self.closing;
+        let settled = self.settle(reuse).await;
+        Ok(reuse && settled && !self.closing)
     }
 
     /// Writes one response. `Ok(false)` when its body could not be delimited correctly (the
@@ -1638,8 +1642,9 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
     }
 
     /// After the response: waits while someone still reads the request body (an upstream connection
-    /// finishing an upload), then drains a small unread rest. `false`: the connection must close.
-    async fn settle(&mut self) -> bool {
+    /// finishing an upload), then, with `drain` (the connection is to be reused), drains a small
+    /// unread rest. `false`: the connection must close.
+    async fn settle(&mut self, drain: bool) -> bool {
         let mut drained: u64 = 0;
         // The body's progress when last seen moving, and when.
         let mut moving: Option<(u64, Instant)> = None;
@@ -1672,7 +1677,7 @@ impl<I: AsyncRead + AsyncWrite + Unpin + Send + 'static> Driver<I> {
                 }
                 return Poll::Pending;
             }
-            if c.cont.is_some() || drained > DRAIN_MAX {
+            if !drain || drained > DRAIN_MAX {
                 return Poll::Ready(false);
             }
             let seq = c.seq;
