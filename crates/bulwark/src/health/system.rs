@@ -2,6 +2,8 @@
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use super::{CheckFuture, CheckResult, HealthCheck, HealthStatus};
 use crate::ConfigError;
@@ -150,6 +152,7 @@ impl SystemCheckBuilder {
             load: self.load,
             memory: self.memory,
             disk: self.disk,
+            measuring: Arc::new(AtomicBool::new(false)),
         })
     }
 }
@@ -162,7 +165,10 @@ impl SystemCheckBuilder {
 /// Linux only: elsewhere the check is [`HealthStatus::Healthy`] with a detail saying
 /// nothing was measured (an unknown is no reason to take traffic away). On Linux, a
 /// measurement that cannot be read makes the check degraded. The reads happen on
-/// Tokio's blocking pool (a `statvfs` on a hung network file system blocks).
+/// Tokio's blocking pool (a `statvfs` on a hung network file system blocks); while
+/// one is still running (the checker's timeout gave it up, but its thread cannot be
+/// stopped), the check is unhealthy without starting another, so a hung mount takes
+/// one blocking thread, not one per interval.
 ///
 /// ```
 /// use bulwark::health::{HealthCheck, HealthStatus, SystemCheck};
@@ -182,6 +188,17 @@ pub struct SystemCheck {
     load: Option<Levels>,
     memory: Option<Levels>,
     disk: Option<(PathBuf, Levels)>,
+    /// A measurement is running on the blocking pool (shared by clones).
+    measuring: Arc<AtomicBool>,
+}
+
+/// Marks the end of a measurement, also when it panics.
+struct Measuring(Arc<AtomicBool>);
+
+impl Drop for Measuring {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl fmt::Debug for SystemCheck {
@@ -311,7 +328,17 @@ impl HealthCheck for SystemCheck {
     fn check(&self) -> CheckFuture<'_> {
         let this = self.clone();
         Box::pin(async move {
-            match tokio::task::spawn_blocking(move || this.run()).await {
+            if this.measuring.swap(true, Ordering::AcqRel) {
+                return CheckResult::unhealthy(
+                    "the previous measurement has not finished (a hung file system?)",
+                );
+            }
+            let done = Measuring(this.measuring.clone());
+            let measured = tokio::task::spawn_blocking(move || {
+                let _done = done;
+                this.run()
+            });
+            match measured.await {
                 Ok(result) => result,
                 Err(e) => CheckResult::degraded(format!("system check did not finish: {e}")),
             }
@@ -388,6 +415,28 @@ mod measure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// While a measurement still runs (here: marked running by hand, as a hung `statvfs`
+    /// leaves it), the check answers unhealthy at once and starts no other; then measures
+    /// again once it ended.
+    #[tokio::test]
+    async fn a_measurement_still_running_is_not_started_twice() {
+        let check = SystemCheck::builder()
+            .load_per_core(1e9, 1e9)
+            .memory_available_percent(0.0, 0.0)
+            .build()
+            .unwrap();
+        check.measuring.store(true, Ordering::Release);
+        let r = check.check().await;
+        assert_eq!(r.status, HealthStatus::Unhealthy);
+        assert!(r.detail.unwrap().contains("not finished"));
+        check.measuring.store(false, Ordering::Release);
+        assert_eq!(check.check().await.status, HealthStatus::Healthy);
+        assert!(
+            !check.measuring.load(Ordering::Acquire),
+            "flag cleared after"
+        );
+    }
 
     #[test]
     fn parses_proc_files() {
