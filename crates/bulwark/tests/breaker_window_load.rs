@@ -8,9 +8,9 @@ use bulwark::events::BreakerState;
 
 const SEC: Duration = Duration::from_secs(1);
 
-/// A bucket holds 2^18 - 1 calls; a busy dependency (here 650 000 calls in one 10 s bucket of
-/// a 10-hour window) that starts failing after its bucket filled up with successes is still
-/// seen failing: the full bucket is halved, its rates kept, and the failures count.
+/// A busy dependency (here 650 000 calls in one 10 s bucket of a 10-hour window) that starts
+/// failing after 300 000 successes in that bucket is seen failing (a bucket held 2^18 - 1
+/// calls and dropped the rest, failures included).
 #[tokio::test(start_paused = true)]
 async fn a_full_bucket_still_counts_the_failures_that_follow() {
     let b = CircuitBreaker::builder()
@@ -35,8 +35,7 @@ async fn a_full_bucket_still_counts_the_failures_that_follow() {
         }
     }
     assert_eq!(b.state(), BreakerState::Open, "after {failed} failures");
-    // It opened once the failures made up half of what the bucket held, not before.
-    assert!(failed > 100_000, "{failed}");
+    assert_eq!(failed, 300_000, "opens exactly at 50%");
 }
 
 /// After an idle gap, a burst of calls on several threads is counted in full: none finds its
@@ -85,4 +84,35 @@ fn a_burst_on_threads_after_an_idle_gap_loses_no_call() {
         "rounds that lost calls, as (calls, failures) of {}: {lossy:?}",
         THREADS as u64 * PER
     );
+}
+
+/// The window's failure rate is that of the calls made, however busy each bucket was: 393,216
+/// successes in one second of a 10 s window, then failures; a 50% threshold opens once the
+/// failures are half the calls, not at 25% (as when the full bucket was halved, review df6).
+#[tokio::test(start_paused = true)]
+async fn a_busy_bucket_weighs_as_many_calls_as_it_took() {
+    let b = CircuitBreaker::builder()
+        .time_window(Duration::from_secs(10))
+        .minimum_calls(100)
+        .failure_rate_threshold(50.0)
+        .build()
+        .unwrap();
+    const SUCCESSES: u64 = 393_216;
+    for _ in 0..SUCCESSES {
+        b.try_acquire().unwrap().success();
+    }
+    assert_eq!(b.snapshot().calls, SUCCESSES);
+    tokio::time::advance(SEC).await;
+    let mut failed: u64 = 0;
+    while failed <= SUCCESSES {
+        match b.try_acquire() {
+            Ok(p) => {
+                p.failure();
+                failed += 1;
+            }
+            Err(_) => break,
+        }
+    }
+    assert_eq!(b.state(), BreakerState::Open);
+    assert_eq!(failed, SUCCESSES, "opens exactly at 50%");
 }

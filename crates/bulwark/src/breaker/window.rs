@@ -148,12 +148,13 @@ impl CountWindow {
 // Time window
 // ---------------------------------------------------------------------------
 
-/// Bucket word layout: tag (10 bits, the bucket's tick modulo 1024) | slow (18) |
-/// failures (18) | calls (18).
-const B_BITS: u32 = 18;
-const B_MASK: u64 = (1 << B_BITS) - 1;
-const TAG_SHIFT: u32 = 3 * B_BITS;
-const TAG_MASK: u64 = (1 << (64 - TAG_SHIFT)) - 1;
+/// A bucket's first word: tag (16 bits, the bucket's tick modulo 65 536) | calls (48).
+const CALL_BITS: u32 = 48;
+const CALL_MASK: u64 = (1 << CALL_BITS) - 1;
+const TAG_MASK: u64 = !CALL_MASK;
+/// Its second word: slow (32 bits) | failures (32). Neither fills up in practice
+/// (2^32 calls in one bucket).
+const FAIL_MASK: u64 = (1 << 32) - 1;
 
 /// Most buckets a time window uses; longer windows get coarser buckets.
 pub(crate) const MAX_BUCKETS: u64 = 3600;
@@ -161,30 +162,25 @@ pub(crate) const MAX_BUCKETS: u64 = 3600;
 pub(crate) const MIN_BUCKETS: u64 = 10;
 
 const fn tag(tick: u64) -> u64 {
-    (tick & TAG_MASK) << TAG_SHIFT
+    tick << CALL_BITS
 }
 
-fn bucket_counts(w: u64) -> Counts {
+/// The counts of a bucket's two words.
+fn bucket_counts(head: u64, tail: u64) -> Counts {
     Counts {
-        calls: w & B_MASK,
-        failures: (w >> B_BITS) & B_MASK,
-        slow: (w >> (2 * B_BITS)) & B_MASK,
+        calls: head & CALL_MASK,
+        failures: tail & FAIL_MASK,
+        slow: tail >> 32,
     }
 }
 
-/// A bucket word with its counts halved (rounding down) and its tag kept.
-fn halved(w: u64) -> u64 {
-    let c = bucket_counts(w);
-    (w & (TAG_MASK << TAG_SHIFT))
-        | (c.calls / 2)
-        | ((c.failures / 2) << B_BITS)
-        | ((c.slow / 2) << (2 * B_BITS))
-}
-
-fn bucket_delta(code: u8) -> u64 {
-    u64::from(code & CALL != 0)
-        | (u64::from(code & FAIL != 0) << B_BITS)
-        | (u64::from(code & SLOW != 0) << (2 * B_BITS))
+/// One bucket of a [`TimeWindow`]: its tick's tag with its calls, and its failures and
+/// slow calls. A call is counted in `head` (where the tag is checked) and then, if it
+/// failed or was slow, in `tail`.
+#[derive(Debug, Default)]
+struct Bucket {
+    head: AtomicU64,
+    tail: AtomicU64,
 }
 
 /// The outcomes of the calls in the last `window`: `M` buckets of `width` each, a
@@ -196,13 +192,16 @@ fn bucket_delta(code: u8) -> u64 {
 /// taken at most once per bucket width): the mover empties the buckets of the ticks
 /// it passes over, subtracting their counts from the totals, and only then publishes
 /// the new cursor, so a recorder that sees the cursor at its tick finds its bucket
-/// already emptied and tagged. A recorder adds to its bucket with a
-/// `compare_exchange` that only succeeds while the bucket's tag is its own tick, so a
-/// sample from a delayed recorder is dropped instead of landing in a newer second.
+/// already emptied and tagged. A recorder counts its call with a `compare_exchange`
+/// that only succeeds while the bucket's tag is its own tick, so a sample from a
+/// delayed recorder is dropped instead of landing in a newer second; its failure or
+/// slowness follows with one `fetch_add` on the bucket's second word (a recorder
+/// preempted between the two while the mover empties its bucket leaves that failure
+/// in the newer tick, mirrored in the totals and removed with it).
 ///
-/// A bucket holds up to 2^18 - 1 calls (262 143 per bucket width); the call that
-/// finds it full halves its three counts first (rounding down), so the bucket keeps
-/// its rates and every later call, failures included, still counts.
+/// The counts are exact up to 2^48 calls and 2^32 failures per bucket: nothing is
+/// dropped or scaled under load (a dependency's busiest second counts as much as its
+/// quietest).
 #[derive(Debug)]
 pub(crate) struct TimeWindow {
     width_nanos: u64,
@@ -212,7 +211,7 @@ pub(crate) struct TimeWindow {
     calls: Padded<AtomicU64>,
     failures: AtomicU64,
     slow: AtomicU64,
-    buckets: Box<[AtomicU64]>,
+    buckets: Box<[Bucket]>,
 }
 
 impl TimeWindow {
@@ -228,7 +227,7 @@ impl TimeWindow {
             calls: Padded(AtomicU64::new(0)),
             failures: AtomicU64::new(0),
             slow: AtomicU64::new(0),
-            buckets: (0..m).map(|_| AtomicU64::new(0)).collect(),
+            buckets: (0..m).map(|_| Bucket::default()).collect(),
         }
     }
 
@@ -246,7 +245,7 @@ impl TimeWindow {
         now_nanos / self.width_nanos
     }
 
-    fn bucket(&self, tick: u64) -> &AtomicU64 {
+    fn bucket(&self, tick: u64) -> &Bucket {
         &self.buckets[(tick % self.bucket_count()) as usize]
     }
 
@@ -260,15 +259,17 @@ impl TimeWindow {
         }
     }
 
+    /// Failures and slow calls first, so that a reader between the steps sees a rate
+    /// too low rather than too high (the decision logic re-checks before opening).
     fn sub_totals(&self, c: Counts) {
-        if c.calls != 0 {
-            self.calls.0.fetch_sub(c.calls, Relaxed);
-        }
         if c.failures != 0 {
             self.failures.fetch_sub(c.failures, Relaxed);
         }
         if c.slow != 0 {
             self.slow.fetch_sub(c.slow, Relaxed);
+        }
+        if c.calls != 0 {
+            self.calls.0.fetch_sub(c.calls, Relaxed);
         }
     }
 
@@ -306,8 +307,10 @@ impl TimeWindow {
     /// bucket, subtracted from the totals) or finds the new tag and drops it: that
     /// tick has left the window anyway.
     fn clear_for(&self, k: u64) {
-        let old = self.bucket(k).swap(tag(k), Relaxed);
-        self.sub_totals(bucket_counts(old));
+        let b = self.bucket(k);
+        let head = b.head.swap(tag(k), Relaxed);
+        let tail = b.tail.swap(0, Relaxed);
+        self.sub_totals(bucket_counts(head, tail));
     }
 
     /// Records one call at `now_nanos` (since the breaker's origin).
@@ -316,30 +319,24 @@ impl TimeWindow {
         let tick = self.tick(now_nanos);
         self.advance(tick);
         let bucket = self.bucket(tick);
-        let delta = bucket_delta(code);
-        let mut w = bucket.load(Relaxed);
+        let mut w = bucket.head.load(Relaxed);
         loop {
-            if w & (TAG_MASK << TAG_SHIFT) != tag(tick) {
+            if w & TAG_MASK != tag(tick) {
                 // A newer tick owns the bucket (this recorder was delayed): drop the
                 // sample.
                 return;
             }
-            let full = w & B_MASK == B_MASK;
-            let kept = if full { halved(w) } else { w };
-            match bucket.compare_exchange_weak(w, kept + delta, Relaxed, Relaxed) {
-                Ok(_) => {
-                    if full {
-                        let (before, after) = (bucket_counts(w), bucket_counts(kept));
-                        self.sub_totals(Counts {
-                            calls: before.calls - after.calls,
-                            failures: before.failures - after.failures,
-                            slow: before.slow - after.slow,
-                        });
-                    }
-                    break;
-                }
+            match bucket
+                .head
+                .compare_exchange_weak(w, w + 1, Relaxed, Relaxed)
+            {
+                Ok(_) => break,
                 Err(actual) => w = actual,
             }
+        }
+        let rest = u64::from(code & FAIL != 0) | (u64::from(code & SLOW != 0) << 32);
+        if rest != 0 {
+            bucket.tail.fetch_add(rest, Relaxed);
         }
         self.add_totals(code);
     }
@@ -357,20 +354,9 @@ impl TimeWindow {
     /// Empties every bucket, keeping its tag.
     pub(crate) fn reset(&self) {
         for b in self.buckets.iter() {
-            let mut w = b.load(Relaxed);
-            loop {
-                let emptied = w & (TAG_MASK << TAG_SHIFT);
-                if emptied == w {
-                    break;
-                }
-                match b.compare_exchange_weak(w, emptied, Relaxed, Relaxed) {
-                    Ok(_) => {
-                        self.sub_totals(bucket_counts(w));
-                        break;
-                    }
-                    Err(actual) => w = actual,
-                }
-            }
+            let head = b.head.fetch_and(TAG_MASK, Relaxed);
+            let tail = b.tail.swap(0, Relaxed);
+            self.sub_totals(bucket_counts(head, tail));
         }
     }
 }
