@@ -423,3 +423,24 @@ fn types_are_send_and_sync() {
     assert_send_sync::<TcpCheck>();
     assert_send_sync::<SystemCheck>();
 }
+
+/// Two probes at the same moment (a readiness and a liveness probe; the background checker and
+/// an on-demand `check_all`) on a healthy machine are both healthy: the second shares the
+/// running `SystemCheck` measurement (review df6: it was answered unhealthy, "the previous
+/// measurement has not finished").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_checks_of_a_healthy_machine_are_healthy() {
+    let check = SystemCheck::builder()
+        .load_per_core(1e9, 1e9)
+        .memory_available_percent(0.0, 0.0)
+        .build()
+        .unwrap();
+    let mut registry = HealthRegistry::new();
+    registry.register(check, Criticality::Critical).unwrap();
+    for _ in 0..10 {
+        let (a, b) = tokio::join!(registry.check_all(), registry.check_all());
+        for r in [a, b] {
+            assert_eq!(r.status, HealthStatus::Healthy, "{r:?}");
+        }
+    }
+}

@@ -2,8 +2,9 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 
 use super::{CheckFuture, CheckResult, HealthCheck, HealthStatus};
 use crate::ConfigError;
@@ -152,7 +153,7 @@ impl SystemCheckBuilder {
             load: self.load,
             memory: self.memory,
             disk: self.disk,
-            measuring: Arc::new(AtomicBool::new(false)),
+            measuring: Arc::new(Mutex::new(None)),
         })
     }
 }
@@ -165,10 +166,10 @@ impl SystemCheckBuilder {
 /// Linux only: elsewhere the check is [`HealthStatus::Healthy`] with a detail saying
 /// nothing was measured (an unknown is no reason to take traffic away). On Linux, a
 /// measurement that cannot be read makes the check degraded. The reads happen on
-/// Tokio's blocking pool (a `statvfs` on a hung network file system blocks); while
-/// one is still running (the checker's timeout gave it up, but its thread cannot be
-/// stopped), the check is unhealthy without starting another, so a hung mount takes
-/// one blocking thread, not one per interval.
+/// Tokio's blocking pool (a `statvfs` on a hung network file system blocks). A check
+/// made while a measurement runs waits for that one's result instead of starting
+/// another (concurrent probes share it), so a hung mount takes one blocking thread,
+/// not one per interval: every check then waits until its caller's timeout.
 ///
 /// ```
 /// use bulwark::health::{HealthCheck, HealthStatus, SystemCheck};
@@ -188,18 +189,12 @@ pub struct SystemCheck {
     load: Option<Levels>,
     memory: Option<Levels>,
     disk: Option<(PathBuf, Levels)>,
-    /// A measurement is running on the blocking pool (shared by clones).
-    measuring: Arc<AtomicBool>,
+    /// The latest measurement on the blocking pool, which checks made while it runs
+    /// wait for (shared by clones).
+    measuring: Arc<Mutex<Option<Measurement>>>,
 }
 
-/// Marks the end of a measurement, also when it panics.
-struct Measuring(Arc<AtomicBool>);
-
-impl Drop for Measuring {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
-    }
-}
+type Measurement = Shared<BoxFuture<'static, CheckResult>>;
 
 impl fmt::Debug for SystemCheck {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -327,22 +322,30 @@ impl HealthCheck for SystemCheck {
 
     fn check(&self) -> CheckFuture<'_> {
         let this = self.clone();
-        Box::pin(async move {
-            if this.measuring.swap(true, Ordering::AcqRel) {
-                return CheckResult::unhealthy(
-                    "the previous measurement has not finished (a hung file system?)",
-                );
+        let measurement = {
+            let mut running = self
+                .measuring
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match &*running {
+                Some(m) if m.peek().is_none() => m.clone(),
+                _ => {
+                    let m = async move {
+                        match tokio::task::spawn_blocking(move || this.run()).await {
+                            Ok(result) => result,
+                            Err(e) => {
+                                CheckResult::degraded(format!("system check did not finish: {e}"))
+                            }
+                        }
+                    }
+                    .boxed()
+                    .shared();
+                    *running = Some(m.clone());
+                    m
+                }
             }
-            let done = Measuring(this.measuring.clone());
-            let measured = tokio::task::spawn_blocking(move || {
-                let _done = done;
-                this.run()
-            });
-            match measured.await {
-                Ok(result) => result,
-                Err(e) => CheckResult::degraded(format!("system check did not finish: {e}")),
-            }
-        })
+        };
+        Box::pin(measurement)
     }
 }
 
@@ -416,26 +419,28 @@ mod measure {
 mod tests {
     use super::*;
 
-    /// While a measurement still runs (here: marked running by hand, as a hung `statvfs`
-    /// leaves it), the check answers unhealthy at once and starts no other; then measures
-    /// again once it ended.
-    #[tokio::test]
-    async fn a_measurement_still_running_is_not_started_twice() {
+    /// Checks made while a measurement runs share it: one blocking thread for any
+    /// number of concurrent probes, and each gets its result.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_checks_share_one_measurement() {
         let check = SystemCheck::builder()
             .load_per_core(1e9, 1e9)
             .memory_available_percent(0.0, 0.0)
             .build()
             .unwrap();
-        check.measuring.store(true, Ordering::Release);
-        let r = check.check().await;
-        assert_eq!(r.status, HealthStatus::Unhealthy);
-        assert!(r.detail.unwrap().contains("not finished"));
-        check.measuring.store(false, Ordering::Release);
-        assert_eq!(check.check().await.status, HealthStatus::Healthy);
-        assert!(
-            !check.measuring.load(Ordering::Acquire),
-            "flag cleared after"
-        );
+        let clone = check.clone();
+        for _ in 0..20 {
+            let (a, b, c) = tokio::join!(check.check(), check.check(), clone.check());
+            for r in [a, b, c] {
+                assert_eq!(r.status, HealthStatus::Healthy, "{r:?}");
+            }
+        }
+        // A hung measurement (a future that never ends, standing in for a `statvfs` on a
+        // dead mount): later checks wait for it rather than start another.
+        *check.measuring.lock().unwrap() = Some(std::future::pending().boxed().shared());
+        let waited =
+            tokio::time::timeout(std::time::Duration::from_millis(50), check.check()).await;
+        assert!(waited.is_err(), "waited for the running measurement");
     }
 
     #[test]
