@@ -465,7 +465,13 @@ where
             self.sweep(now);
         }
         if self.len.load(Ordering::Acquire) >= self.max_keys {
-            // Full and nothing evictable: no factory call, no write lock.
+            // Full and nothing evictable: no factory call, no write lock. Unless the
+            // insert that filled the map was this very key's, racing this caller's first
+            // look: a key in the map is served by its own instance, never also by the
+            // overflow one (its rate limit would be split in two).
+            if let Some(e) = read(shard).get(key) {
+                return e.clone();
+            }
             return self.overflow_entry(key, now);
         }
         // Build outside the lock: a panicking factory cannot poison the shard, and a

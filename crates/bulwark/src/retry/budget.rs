@@ -198,8 +198,12 @@ impl RetryBudget {
     /// ends up not being sent (say the upstream refused it) gives it back with
     /// [`refund`](Self::refund).
     pub fn withdraw(&self) -> Option<Withdrawal> {
-        let now = self.generation();
         let _guard = self.decision();
+        // The clock is read under the lock: a caller that waited for it while the window
+        // moved on decides in the window the others now count in (read before, it checked an
+        // older window, still holding an expired slice and blind to the newer one's
+        // withdrawals, and could overshoot the reserve at every slice boundary).
+        let now = self.generation();
         if self.balance_units(now) < SCALE {
             return None;
         }
@@ -212,11 +216,11 @@ impl RetryBudget {
     /// and changes nothing, when that withdrawal has already expired (it no longer
     /// counts, so there is nothing to give back).
     pub fn refund(&self, w: Withdrawal) -> bool {
+        let _guard = self.decision();
         let now = self.generation();
         if now.wrapping_sub(w.generation) >= SLICES as u32 {
             return false;
         }
-        let _guard = self.decision();
         let slot = &self.inner.withdrawals[w.generation as usize % SLICES];
         let mut cur = slot.load(Ordering::Relaxed);
         loop {
