@@ -24,8 +24,8 @@ pub const REFRESH_EVERY: u64 = 16;
 pub struct LatencyWindow {
     slots: Box<[AtomicU64]>,
     next: AtomicU64,
-    // (sample count at computation, percentile in per-mille, value in nanos)
-    cache: Mutex<Vec<(u64, u32, u64)>>,
+    // (sample count at computation, percentile's bits, value in nanos)
+    cache: Mutex<Vec<(u64, u64, u64)>>,
 }
 
 impl Default for LatencyWindow {
@@ -81,7 +81,8 @@ impl LatencyWindow {
         if recorded == 0 || recorded < min_samples {
             return None;
         }
-        let key = (p.clamp(0.0, 100.0) * 10.0).round() as u32;
+        let p = if p.is_nan() { 0.0 } else { p.clamp(0.0, 100.0) };
+        let key = p.to_bits();
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = cache.iter().find(|(_, k, _)| *k == key) {
             if recorded.saturating_sub(entry.0) < refresh_every {
@@ -94,11 +95,15 @@ impl LatencyWindow {
             .map(|s| s.load(Ordering::Relaxed))
             .filter(|&v| v != 0)
             .collect();
-        if samples.is_empty() {
+        // `recorded` counts a sample before its slot is written: with writers racing this
+        // read, fewer than `min_samples` may be in the slots yet.
+        if samples.is_empty() || (samples.len() as u64) < min_samples.min(self.slots.len() as u64) {
             return None;
         }
         // Nearest-rank percentile.
-        let rank = ((key as f64 / 1000.0) * samples.len() as f64).ceil() as usize;
+        // Less a hair before rounding up: `p` in binary is a hair off its decimal value, and
+        // p99.9 of 10 000 samples must be the 9 990th, not the 9 991st.
+        let rank = (p * samples.len() as f64 / 100.0 - 1e-9).ceil() as usize;
         let idx = rank.clamp(1, samples.len()) - 1;
         let (_, v, _) = samples.select_nth_unstable(idx);
         let v = *v;
@@ -123,6 +128,20 @@ mod tests {
         assert_eq!(w.percentile(100.0, 1), Some(Duration::from_millis(100)));
         assert_eq!(w.percentile(0.0, 1), Some(Duration::from_millis(1)));
         assert_eq!(w.percentile(50.0, 101), None);
+    }
+
+    /// A sample counted but not yet written (a writer racing the read) is not one of the
+    /// `min_samples`: no percentile from fewer samples than asked for.
+    #[test]
+    fn samples_counted_but_not_yet_written_do_not_make_the_minimum() {
+        let w = LatencyWindow::new(100);
+        w.record(Duration::from_millis(7));
+        w.next.fetch_add(2, Ordering::Relaxed); // two writers between their count and store
+        assert_eq!(w.recorded(), 3);
+        assert_eq!(w.percentile_now(50.0, 3), None);
+        w.record(Duration::from_millis(8));
+        w.record(Duration::from_millis(9));
+        assert_eq!(w.percentile_now(50.0, 3), Some(Duration::from_millis(8)));
     }
 
     #[test]
