@@ -372,18 +372,17 @@ impl RateLimiterBuilder {
         }
         let interval_ns = per.as_nanos().div_ceil(u128::from(n));
         let tau_ns = interval_ns * u128::from(burst);
-        let Ok(tau_ns) = u64::try_from(tau_ns) else {
-            return Err(ConfigError::new(
-                "burst",
-                "burst × period / rate is too long",
-            ));
-        };
-        if tau_ns > MAX_TOLERANCE_NS {
-            return Err(ConfigError::new(
-                "burst",
-                "burst × period / rate is too long",
-            ));
+        let too_long = |tau: u128| tau > u128::from(MAX_TOLERANCE_NS);
+        if too_long(tau_ns) {
+            // Blamed on `rate` when the burst is its default (n) or the period alone is
+            // too long: the user never set a burst, or no burst would help.
+            return Err(if self.burst.is_none() || too_long(interval_ns) {
+                ConfigError::new("rate", "period / rate is too long")
+            } else {
+                ConfigError::new("burst", "burst × period / rate is too long")
+            });
         }
+        let tau_ns = tau_ns as u64; // ≤ MAX_TOLERANCE_NS
         Ok(Gcra {
             // Fits: interval ≤ tau ≤ MAX_TOLERANCE_NS.
             interval_ns: interval_ns as u64,
@@ -424,10 +423,20 @@ mod tests {
             field(RateLimiter::builder().per_second(1).burst(0)),
             "burst"
         );
+        // A period too long whatever the burst is the rate's fault; a burst that makes the
+        // tolerance too long, the burst's.
         assert_eq!(
             field(
                 RateLimiter::builder()
                     .rate(1, Duration::from_secs(u64::MAX / 2))
+                    .burst(u32::MAX)
+            ),
+            "rate"
+        );
+        assert_eq!(
+            field(
+                RateLimiter::builder()
+                    .rate(1, Duration::from_secs(365 * 86_400))
                     .burst(u32::MAX)
             ),
             "burst"

@@ -178,6 +178,13 @@ impl Backoff {
             Kind::Fixed(d) => d,
             Kind::Linear { base, .. } => base,
             Kind::Exponential { base, factor } => {
+                if base.is_zero() {
+                    return Err(ConfigError::new(
+                        "backoff",
+                        "exponential backoff needs a base above zero (it would stay at zero: \
+                         Backoff::none() retries at once)",
+                    ));
+                }
                 if !factor.is_finite() || factor < 1.0 {
                     return Err(ConfigError::new(
                         "backoff",
@@ -186,7 +193,16 @@ impl Backoff {
                 }
                 base
             }
-            Kind::Fibonacci(d) => d,
+            Kind::Fibonacci(d) => {
+                if d.is_zero() {
+                    return Err(ConfigError::new(
+                        "backoff",
+                        "fibonacci backoff needs a base above zero (it would stay at zero: \
+                         Backoff::none() retries at once)",
+                    ));
+                }
+                d
+            }
             Kind::Decorrelated(d) => {
                 if d.is_zero() {
                     return Err(ConfigError::new(

@@ -162,8 +162,8 @@ pub enum Stop {
     NotRetryable,
     /// `max_attempts` attempts were made.
     AttemptsExhausted,
-    /// Another attempt would start after `start + max_elapsed` (or finish after it,
-    /// by the latency prediction).
+    /// Another attempt would start at or after `start + max_elapsed` (or finish after
+    /// it, by the latency prediction).
     MaxElapsed,
     /// Another attempt could not finish before the [`Deadline`] in scope; or the
     /// deadline had passed before the first attempt (the result is then
@@ -518,7 +518,8 @@ impl RetryBuilder {
         self
     }
 
-    /// No attempt starts later than this after the call began. Default: no limit.
+    /// No retry starts at or after this long after the call began (the first attempt
+    /// is always made). Default: no limit.
     pub fn max_elapsed(mut self, d: Duration) -> Self {
         self.max_elapsed = Some(d);
         self
