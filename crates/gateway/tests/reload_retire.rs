@@ -216,3 +216,84 @@ async fn stopping_the_gateway_ends_admin_keep_alive_connections() {
          3s: {closed}), and upstream b got {probes} health probes in a second"
     );
 }
+
+/// A request in flight on an upstream when a reload rebuilds it ends after the reload: its
+/// keep-alive connection must not go back into the retired pool, which no reaper visits (it
+/// stayed open as long as any request held the old runtime: here a long request on another
+/// route; in production an SSE stream, for hours). The docs: a rebuilt upstream's idle
+/// connections close at the reload (review up3).
+#[tokio::test]
+async fn a_connection_released_into_a_pool_retired_by_a_reload_is_closed() {
+    use tokio::io::AsyncWriteExt;
+    let (slow, release_slow) = Upstream::held("slow", "late").await;
+    let closed = Arc::new(AtomicUsize::new(0));
+    let release_u = Arc::new(tokio::sync::Notify::new());
+    let (c2, r2) = (closed.clone(), release_u.clone());
+    let u = RawUpstream::start(move |mut s, _| {
+        let (closed, release) = (c2.clone(), r2.clone());
+        async move {
+            let mut buf = Vec::new();
+            while let Some(req) = read_head(&mut s, &mut buf).await {
+                if req.starts_with("GET /u/hold") {
+                    release.notified().await;
+                }
+                let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                if s.write_all(ok).await.is_err() {
+                    break;
+                }
+            }
+            closed.fetch_add(1, Ordering::SeqCst);
+        }
+    })
+    .await;
+    // `connect_timeout` varies so that the reload rebuilds `u` (a changed upstream).
+    let config = |connect_ms: u32| {
+        format!(
+            "upstreams:
+  slow: {{ endpoints: [{{url: '{}'}}] }}
+  u:
+    endpoints: [{{url: '{}'}}]
+    connect_timeout: {connect_ms}ms
+    pool: {{ idle_timeout: 200ms }}
+routes:
+  - match: {{ path_prefix: /slow }}
+    upstream: slow
+    timeout: 60s
+  - match: {{ path_prefix: /u }}
+    upstream: u
+    timeout: 60s
+",
+            slow.url(),
+            u.url()
+        )
+    };
+    let gw = Gateway::start(&config(500)).await;
+    let old = endpoint(&gw, "u", 0);
+    let c = client();
+    // A long request that keeps the old runtime alive across the reload.
+    let (cc, url) = (c.clone(), gw.url("/slow"));
+    let long = tokio::spawn(async move { get(&cc, &url).await });
+    wait_until(5, || slow.hits() == 1).await;
+    // A request on `u`, in flight over the reload.
+    let (cc, url) = (c.clone(), gw.url("/u/hold"));
+    let held = tokio::spawn(async move { get(&cc, &url).await });
+    wait_until(5, || u.accepted() == 1).await;
+    reload(&gw, &config(600));
+    release_u.notify_one();
+    assert_eq!(held.await.unwrap().status, 200);
+    // Closed at once; 3 s is generous.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while closed.load(Ordering::SeqCst) == 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let closed_in_time = closed.load(Ordering::SeqCst) == 1;
+    let kept = old.pool.idle_count();
+    release_slow.notify_one();
+    assert_eq!(long.await.unwrap().status, 200);
+    gw.stop().await;
+    assert!(
+        closed_in_time,
+        "stayed open in the retired pool ({kept} idle there)"
+    );
+    assert_eq!(kept, 0, "a retired pool took a connection back");
+}

@@ -349,6 +349,9 @@ pub struct Pool {
     h2_failures: AtomicU64,
     /// Connections opened (TCP connected, TLS handshake done), for the metrics.
     opened: AtomicU64,
+    /// A reload took the endpoint out ([`Pool::retire`]): no connection goes (back) into the
+    /// pool, which no reaper visits any more.
+    retired: AtomicBool,
     /// HTTP/2: the ping interval and timeout of each connection.
     pings: (Duration, Duration),
     /// HTTP/2: the flow-control windows of each stream and of each connection.
@@ -388,6 +391,7 @@ impl Pool {
             h2_connect: tokio::sync::Mutex::new(0),
             h2_failures: AtomicU64::new(0),
             opened: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
             pings: (
                 crate::config::DEFAULT_POOL_PING_INTERVAL.get(),
                 crate::config::DEFAULT_POOL_PING_TIMEOUT.get(),
@@ -489,7 +493,9 @@ impl Pool {
         let Ok(mut idle) = self.idle.lock() else {
             return;
         };
-        if self.max_idle == 0 {
+        // Read under the lock `retire` takes after setting it: a connection pushed before is
+        // cleared by it.
+        if self.max_idle == 0 || self.retired.load(Ordering::Acquire) {
             return;
         }
         if idle.len() >= self.max_idle {
@@ -513,6 +519,7 @@ impl Pool {
     /// The endpoint left the config: its idle connections close now, and its HTTP/2
     /// connections once the requests on them end (requests still in flight keep what they use).
     pub fn retire(&self) {
+        self.retired.store(true, Ordering::Release);
         if let Ok(mut idle) = self.idle.lock() {
             idle.clear();
         }
@@ -676,11 +683,15 @@ impl Pool {
             load.streams.fetch_add(1, Ordering::AcqRel);
             let slot = Arc::new(StreamSlot::new(load.clone()));
             if let Ok(mut g) = self.h2.lock() {
-                g.push(H2Conn {
-                    generation,
-                    sender: sender.clone(),
-                    load,
-                });
+                // A retired pool keeps no new connection: this request's sender holds it, and
+                // it closes when that request ends.
+                if !self.retired.load(Ordering::Acquire) {
+                    g.push(H2Conn {
+                        generation,
+                        sender: sender.clone(),
+                        load,
+                    });
+                }
             }
             Ok((sender, generation, slot, false))
         })
