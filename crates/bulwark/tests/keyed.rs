@@ -381,3 +381,39 @@ async fn top_n_of_usize_max_labels_every_key() {
         assert_eq!(&*k.label(&1), "1");
     }
 }
+
+/// A listener set on the per-key template (`.breaker(|b| b.listener(..))`) is dropped, as
+/// `breaker`'s doc says: the keyed builder's listeners get every key's events under its label
+/// (the template's would have heard all keys under one name; review ev2).
+#[tokio::test(start_paused = true)]
+async fn a_listener_on_the_per_key_template_is_replaced_by_the_keyed_ones() {
+    use bulwark::breaker::KeyedCircuitBreaker;
+    let template_heard = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (t2, s2) = (template_heard.clone(), seen.clone());
+    let kb = KeyedCircuitBreaker::builder()
+        .breaker(move |b| {
+            b.count_window(1)
+                .minimum_calls(1)
+                .listener(move |_: &Event| {
+                    t2.fetch_add(1, Ordering::SeqCst);
+                })
+        })
+        .listener(move |e: &Event| {
+            if let Event::BreakerTransition { name, .. } = e {
+                s2.lock().unwrap().push(name.to_string())
+            }
+        })
+        .build::<String>()
+        .unwrap();
+    let _ = kb
+        .call(&"a".to_string(), || async { Err::<(), ()>(()) })
+        .await;
+    // (`a` is not a top key yet: its label until the next refresh is `other`.)
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "the keyed listener heard the trip"
+    );
+    assert_eq!(template_heard.load(Ordering::SeqCst), 0);
+}

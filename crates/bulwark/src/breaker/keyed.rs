@@ -220,8 +220,10 @@ impl Default for KeyedCircuitBreakerBuilder {
 
 impl KeyedCircuitBreakerBuilder {
     /// Per-key breaker settings, applied to a [`CircuitBreakerBuilder`] with the defaults
-    /// (its name and listeners are replaced: events carry the key's label and go to
-    /// this builder's listeners).
+    /// (listeners set on it are dropped: events carry the key's label and go to this
+    /// builder's [`listener`](Self::listener)s; a refusal's
+    /// [`Error::CircuitOpen`](crate::Error::CircuitOpen) names the breaker by the name
+    /// set here).
     pub fn breaker(
         mut self,
         f: impl FnOnce(CircuitBreakerBuilder) -> CircuitBreakerBuilder,
@@ -281,6 +283,8 @@ impl KeyedCircuitBreakerBuilder {
         let late = this.clone();
         let factory = move |key: &K, overflow: bool| {
             let mut b = template.clone();
+            // The template's own listeners would hear every key's events under one name.
+            b.listeners = Listeners::new();
             if !listeners.is_empty() {
                 let key = key.clone();
                 let late = late.clone();
