@@ -64,3 +64,41 @@ fn percentiles_finer_than_a_tenth_are_kept() {
         .unwrap();
     assert_eq!(hedge.current_delay(), Duration::from_micros(9_999));
 }
+
+/// An empty name (an empty label value in metrics, which Prometheus reads as no label) is
+/// refused by every builder, as `Hedge` and `Fallback` refused it already.
+#[test]
+fn every_builder_refuses_an_empty_name() {
+    use bulwark::breaker::CircuitBreaker;
+    use bulwark::bulkhead::Bulkhead;
+    use bulwark::shed::Shedder;
+    use bulwark::timeout::Timeout;
+    let fields = [
+        CircuitBreaker::builder()
+            .name("")
+            .build()
+            .unwrap_err()
+            .field(),
+        Bulkhead::builder().name("").build().unwrap_err().field(),
+        RateLimiter::builder()
+            .per_second(1)
+            .name("")
+            .build()
+            .unwrap_err()
+            .field(),
+        Retry::builder().name("").build().unwrap_err().field(),
+        Shedder::builder()
+            .max_concurrent(1)
+            .name("")
+            .build()
+            .unwrap_err()
+            .field(),
+        Timeout::builder()
+            .duration(MS)
+            .name("")
+            .build()
+            .unwrap_err()
+            .field(),
+    ];
+    assert_eq!(fields, ["name"; 6]);
+}

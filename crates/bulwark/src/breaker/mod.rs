@@ -537,6 +537,10 @@ impl CircuitBreakerBuilder {
     ///
     /// A [`ConfigError`] naming the first setting out of range.
     pub fn build(self) -> Result<CircuitBreaker, ConfigError> {
+        // An empty name is an empty label value in metrics, which Prometheus reads as no label.
+        if self.name.is_empty() {
+            return Err(ConfigError::new("name", "must not be empty"));
+        }
         let window = match self.window {
             WindowKind::Count(n) if (1..=MAX_COUNT_WINDOW).contains(&n) => {
                 Window::Count(CountWindow::new(n))

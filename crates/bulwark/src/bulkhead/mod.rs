@@ -460,6 +460,10 @@ impl BulkheadBuilder {
 
     /// Validates the settings and builds the bulkhead.
     pub fn build(self) -> Result<Bulkhead, ConfigError> {
+        // An empty name is an empty label value in metrics, which Prometheus reads as no label.
+        if self.name.is_empty() {
+            return Err(ConfigError::new("name", "must not be empty"));
+        }
         if self.max_concurrent == 0 {
             return Err(ConfigError::new("max_concurrent", "must be at least 1"));
         }

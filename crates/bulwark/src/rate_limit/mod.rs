@@ -394,6 +394,10 @@ impl RateLimiterBuilder {
 
     /// Validates the settings and builds the limiter, with a full burst available.
     pub fn build(self) -> Result<RateLimiter, ConfigError> {
+        // An empty name is an empty label value in metrics, which Prometheus reads as no label.
+        if self.name.is_empty() {
+            return Err(ConfigError::new("name", "must not be empty"));
+        }
         let gcra = self.gcra()?;
         Ok(RateLimiter {
             inner: Arc::new(Inner {

@@ -583,6 +583,10 @@ impl RetryBuilder {
 
     /// Validates and builds.
     pub fn build(self) -> Result<Retry, ConfigError> {
+        // An empty name is an empty label value in metrics, which Prometheus reads as no label.
+        if self.name.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::new("name", "must not be empty"));
+        }
         if self.max_attempts == 0 {
             return Err(ConfigError::new(
                 "max_attempts",

@@ -498,6 +498,10 @@ impl ShedderBuilder {
 
     /// Validates the settings and builds the shedder.
     pub fn build(self) -> Result<Shedder, ConfigError> {
+        // An empty name is an empty label value in metrics, which Prometheus reads as no label.
+        if self.name.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::new("name", "must not be empty"));
+        }
         let max_concurrent = match self.max_concurrent {
             None => return Err(ConfigError::new("max_concurrent", "is required")),
             Some(0) => return Err(ConfigError::new("max_concurrent", "must be at least 1")),

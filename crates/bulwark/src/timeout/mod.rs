@@ -229,6 +229,10 @@ impl TimeoutBuilder {
 
     /// Validates and builds.
     pub fn build(self) -> Result<Timeout, ConfigError> {
+        // An empty name is an empty label value in metrics, which Prometheus reads as no label.
+        if self.name.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::new("name", "must not be empty"));
+        }
         let duration = self
             .duration
             .ok_or_else(|| ConfigError::new("duration", "is required"))?;
