@@ -236,13 +236,16 @@ async fn keyed_rate_limiter_flood_shares_the_overflow_budget_and_events_use_labe
     assert_eq!(l.len(), 2);
     assert_eq!(l.overflow_calls(), 997);
 
+    // Key 1 took the one label at its first call (key 2 found none left): its refusal is
+    // named, the overflow's are `other`; the refresh keeps it (2 checks, the most).
     let _ = l.check(&1u32); // rejected: key 1 is spent
-    let _ = l.top_keys(); // key 1 (2 checks) is the top key now
+    let _ = l.top_keys();
     let _ = l.check(&1u32);
+    let _ = l.check(&2u32);
     let names = names.lock().unwrap();
-    assert_eq!(names.len(), 998);
-    assert!(names[..997].iter().all(|n| n == OTHER));
-    assert_eq!(names[997], "1");
+    assert_eq!(names.len(), 999);
+    assert!(names[..996].iter().all(|n| n == OTHER));
+    assert_eq!(names[996..], ["1", "1", OTHER]);
 }
 
 #[test]
@@ -291,7 +294,8 @@ async fn keyed_bulkhead_isolates_keys_and_keeps_busy_keys() {
         .idle_timeout(MIN)
         .listener(move |e: &Event| {
             if let Event::BulkheadRejected { name } = e {
-                assert_eq!(&**name, OTHER);
+                // `a`, labelled from its first call (the map has labels to spare).
+                assert_eq!(&**name, "a");
                 seen.fetch_add(1, Ordering::SeqCst);
             }
         })
@@ -409,11 +413,78 @@ async fn a_listener_on_the_per_key_template_is_replaced_by_the_keyed_ones() {
     let _ = kb
         .call(&"a".to_string(), || async { Err::<(), ()>(()) })
         .await;
-    // (`a` is not a top key yet: its label until the next refresh is `other`.)
     assert_eq!(
-        seen.lock().unwrap().len(),
-        1,
+        *seen.lock().unwrap(),
+        ["a"],
         "the keyed listener heard the trip"
     );
     assert_eq!(template_heard.load(Ordering::SeqCst), 0);
+}
+
+/// A key takes a label at its first call while the map has labels to spare: a keyed limiter's
+/// one key is named in its first refusal, not `other` until the first label refresh 10 s later
+/// (review dc2).
+#[tokio::test(start_paused = true)]
+async fn a_new_key_is_named_from_its_first_event_while_labels_are_spare() {
+    let names = Arc::new(Mutex::new(Vec::new()));
+    let seen = names.clone();
+    let limiter = KeyedRateLimiter::builder()
+        .name("tenants")
+        .per_second(1)
+        .burst(1)
+        .listener(move |e: &Event| {
+            if let Event::RateLimited { name } = e {
+                seen.lock().unwrap().push(name.to_string());
+            }
+        })
+        .build::<&'static str>()
+        .unwrap();
+    limiter.check(&"acme").unwrap();
+    assert!(limiter.check(&"acme").is_err());
+    assert_eq!(*names.lock().unwrap(), ["tenants/acme"]);
+}
+
+/// So one keyed breaker's trip and recovery land in one series (its trip was reported as
+/// `tenants/other` and its recovery as `tenants/acme`, leaving the `other` state gauge at open;
+/// review dc2).
+#[tokio::test(start_paused = true)]
+async fn a_new_keys_breaker_reports_its_trip_and_recovery_under_one_name() {
+    use bulwark::breaker::KeyedCircuitBreaker;
+    use bulwark::events::BreakerState;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let breakers = KeyedCircuitBreaker::builder()
+        .name("tenants")
+        .breaker(|b| {
+            b.count_window(2)
+                .minimum_calls(2)
+                .half_open_calls(1)
+                .open_duration(Duration::from_secs(10))
+        })
+        .listener(move |e: &Event| {
+            if let Event::BreakerTransition { name, to, .. } = e {
+                s2.lock().unwrap().push((name.to_string(), *to));
+            }
+        })
+        .build::<&'static str>()
+        .unwrap();
+    for _ in 0..2 {
+        let _ = breakers
+            .call(&"acme", || async { Err::<(), _>("down") })
+            .await;
+    }
+    advance(Duration::from_secs(10)).await;
+    breakers
+        .call(&"acme", || async { Ok::<_, ()>(()) })
+        .await
+        .unwrap();
+    let acme = "tenants/acme".to_string();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [
+            (acme.clone(), BreakerState::Open),
+            (acme.clone(), BreakerState::HalfOpen),
+            (acme, BreakerState::Closed),
+        ]
+    );
 }

@@ -495,6 +495,17 @@ where
         }
         let entry = Arc::new(Entry::new(Some(key.clone()), policy, self.base, now));
         map.insert(key.clone(), entry.clone());
+        drop(map);
+        // While fewer than `top_n` keys hold a label, a new key takes one at once: a fresh
+        // map's keys (or any key joining a map with labels to spare) are named from their
+        // first event, not `other` until the next refresh (which then ranks them by calls).
+        if self.top_n > 0 {
+            let mut top = self.top.lock().unwrap_or_else(PoisonError::into_inner);
+            if top.len() < self.top_n {
+                entry.top.store(true, Ordering::Relaxed);
+                top.push(Arc::downgrade(&entry));
+            }
+        }
         entry
     }
 
