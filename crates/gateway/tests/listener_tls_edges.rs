@@ -163,3 +163,32 @@ async fn an_h2_connection_without_its_preface_does_not_hold_the_drain() {
         .expect("shutdown held (until drain_timeout, 60 s) by an h2 connection that sent nothing")
         .unwrap();
 }
+
+/// `curl --http1.0 https://...` offers ALPN `http/1.0` only: served, not refused at the
+/// handshake with `no_application_protocol` (nginx lists `http/1.0` too; review tl2).
+#[tokio::test]
+async fn an_http10_client_offering_alpn_http10_is_served_over_tls() {
+    use tokio::io::AsyncReadExt;
+    let up = Upstream::named("u").await;
+    let tls = TestTls::new("tls-alpn10");
+    let gw = Gateway::start(&format!(
+        "{}upstreams:\n  u: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - upstream: u\n",
+        tls.config_line(),
+        up.url()
+    ))
+    .await;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tcp = TcpStream::connect(gw.addr).await.unwrap();
+    let s = match tls.connector(&[b"http/1.0"]).connect(name, tcp).await {
+        Ok(s) => s,
+        Err(e) => panic!("a client offering ALPN `http/1.0` fails the TLS handshake: {e}"),
+    };
+    let mut c = RawClient::new(s);
+    c.send(b"GET /x HTTP/1.0\r\nhost: localhost\r\n\r\n").await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), c.s.read_to_end(&mut out)).await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with('u'), "the body of upstream `u`: {text}");
+    gw.stop().await;
+}

@@ -1774,7 +1774,9 @@ pub(crate) fn server_tls(
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(cert_or_key)?;
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // `http/1.0` too (as nginx lists it): rustls refuses the handshake of a client whose offer
+    // has none of these (`curl --http1.0` offers only `http/1.0`), and it goes to the HTTP/1 path.
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     Ok(cfg)
 }
 
