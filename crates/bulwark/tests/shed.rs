@@ -82,3 +82,36 @@ async fn the_tower_service_queues_at_call_in_priority_order() {
     assert_eq!(critical.await.unwrap(), 1);
     assert_eq!(low.await.unwrap(), 2);
 }
+
+/// A call queued under a deadline in scope (a `Timeout::total` around it) waits no later than
+/// that deadline, and is shed with reason `timeout` at it, as the module doc says ("or its own
+/// deadline, if earlier"), not cut by the timeout with no `Shed` event (review dc2).
+#[tokio::test(start_paused = true)]
+async fn a_queued_call_waits_no_later_than_the_deadline_in_scope() {
+    use bulwark::timeout::Deadline;
+    use bulwark::{Error, Event};
+    let reasons = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let r2 = reasons.clone();
+    let s = Shedder::builder()
+        .max_concurrent(1)
+        .max_queued(1)
+        .queue_timeout(Duration::from_secs(10))
+        .listener(move |e: &Event| {
+            if let Event::Shed { reason, .. } = e {
+                r2.lock().unwrap().push(*reason);
+            }
+        })
+        .build()
+        .unwrap();
+    let _running = s.try_acquire().unwrap();
+    let start = tokio::time::Instant::now();
+    let r = Deadline::scope(
+        Deadline::after(Duration::from_secs(1)),
+        s.call(Priority::Normal, || async { Ok::<_, ()>(()) }),
+    )
+    .await;
+    assert!(matches!(r, Err(Error::Shed)), "{r:?}");
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    assert_eq!(*reasons.lock().unwrap(), ["timeout"]);
+    assert_eq!(s.queued(), 0);
+}

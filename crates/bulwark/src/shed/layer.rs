@@ -88,7 +88,10 @@ where
         // The place in the queue is taken here, in arrival order (and by priority), not when the
         // response future is first polled: a later call cannot take a slot ahead of it.
         let priority = (self.priority)(&req);
-        match self.shedder.enqueue(priority, None) {
+        // The deadline in scope where the call is made (a `TimeoutLayer` outside this one
+        // puts its own there): a queued call waits no later than that.
+        let deadline = crate::timeout::Deadline::current().map(|d| d.instant());
+        match self.shedder.enqueue(priority, deadline) {
             Ok(Entry::Granted(permit)) => {
                 ResponseFuture::running(self.inner.call(req), permit, shed)
             }

@@ -429,14 +429,16 @@ impl Shedder {
     }
 
     /// Runs `f` in a slot for a call of `priority`; the slot is held until `f`'s future
-    /// completes (or is dropped).
+    /// completes (or is dropped). It waits in the queue no later than the
+    /// [`Deadline`](crate::timeout::Deadline) in scope, if any (shed with reason `timeout`).
     pub async fn call<F, Fut, T, E>(&self, priority: Priority, f: F) -> Result<T, Error<E>>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        let deadline = crate::timeout::Deadline::current().map(|d| d.instant());
         let _permit = self
-            .acquire(priority)
+            .acquire_until(priority, deadline)
             .await
             .map_err(|e| e.map_inner(|n| match n {}))?;
         f().await.map_err(Error::Inner)
