@@ -46,8 +46,9 @@
 //! [`KeyedBulkhead`](crate::bulkhead::KeyedBulkhead) call does while it runs) is
 //! never evicted, so a key can never have two live instances at once.
 //!
-//! Built on it: [`KeyedBulkhead`](crate::bulkhead::KeyedBulkhead) and
-//! [`KeyedRateLimiter`](crate::rate_limit::KeyedRateLimiter).
+//! Built on it: [`KeyedBulkhead`](crate::bulkhead::KeyedBulkhead),
+//! [`KeyedRateLimiter`](crate::rate_limit::KeyedRateLimiter) and
+//! [`KeyedCircuitBreaker`](crate::breaker::KeyedCircuitBreaker).
 //!
 //! ```
 //! use bulwark::keyed::Keyed;

@@ -15,7 +15,7 @@
 //! ```
 //!
 //! Every stage is optional. The same stack with `tower::ServiceBuilder` (each policy
-//! has a layer) is shown in the crate's README and tested in `tests/pipeline.rs`.
+//! has a layer) is shown in the repository's `README.md` and tested in `tests/pipeline.rs`.
 //!
 //! # What counts as a failure
 //!
