@@ -16,6 +16,9 @@ use std::time::Duration;
 /// to copy on a query.
 pub const DEFAULT_CAPACITY: usize = 256;
 
+/// Percentiles cached at once (the oldest asked is dropped first).
+const MAX_CACHED: usize = 16;
+
 /// A cached percentile is recomputed after this many new samples.
 pub const REFRESH_EVERY: u64 = 16;
 
@@ -108,6 +111,11 @@ impl LatencyWindow {
         let (_, v, _) = samples.select_nth_unstable(idx);
         let v = *v;
         cache.retain(|(_, k, _)| *k != key);
+        // A few percentiles are asked for over and over (a hedge's, a retry's): the cache
+        // keeps the latest ones, not one entry per value ever asked.
+        if cache.len() >= MAX_CACHED {
+            cache.remove(0);
+        }
         cache.push((recorded, key, v));
         Some(Duration::from_nanos(v))
     }
@@ -142,6 +150,21 @@ mod tests {
         w.record(Duration::from_millis(8));
         w.record(Duration::from_millis(9));
         assert_eq!(w.percentile_now(50.0, 3), Some(Duration::from_millis(8)));
+    }
+
+    /// A caller asking for ever new percentiles (a dashboard sweeping p) does not grow the
+    /// cache by one entry per value (review df7).
+    #[test]
+    fn the_cache_stays_small_whatever_percentiles_are_asked() {
+        let w = LatencyWindow::new(64);
+        for ms in 1..=64 {
+            w.record(Duration::from_millis(ms));
+        }
+        for i in 0..1_000u32 {
+            assert!(w.percentile(90.0 + f64::from(i) * 0.001, 1).is_some());
+        }
+        assert!(w.cache.lock().unwrap().len() <= MAX_CACHED);
+        assert_eq!(w.percentile(50.0, 1), Some(Duration::from_millis(32)));
     }
 
     #[test]

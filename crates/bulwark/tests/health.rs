@@ -444,3 +444,28 @@ async fn concurrent_checks_of_a_healthy_machine_are_healthy() {
         }
     }
 }
+
+/// A check polled outside a Tokio runtime answers degraded, and does not leave a broken
+/// measurement behind: a later check inside a runtime measures (review df7: the first poll
+/// panicked in `spawn_blocking` and every later check re-raised that panic).
+#[test]
+fn a_check_outside_a_runtime_does_not_break_later_checks() {
+    let check = SystemCheck::builder()
+        .load_per_core(1e9, 1e9)
+        .memory_available_percent(0.0, 0.0)
+        .build()
+        .unwrap();
+    let outside = futures_util::FutureExt::now_or_never(check.check()).expect("answers at once");
+    assert_eq!(outside.status, HealthStatus::Degraded, "{outside:?}");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let later = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(30), check.check())
+            .await
+            .expect("the check ends")
+    });
+    assert_eq!(later.status, HealthStatus::Healthy, "{later:?}");
+}

@@ -342,12 +342,20 @@ impl TimeWindow {
     }
 
     /// The counts of the window ending at `now_nanos`.
+    ///
+    /// Failures and slow calls are capped at the calls: a recorder preempted between
+    /// its two words while `reset` (or the mover) empties its bucket leaves its failure
+    /// without its call (an orphan, gone when that bucket leaves the window). It can
+    /// only show as more failures than calls when every call in the window failed, and
+    /// capped it reads as that: 100% (uncapped, the counts looked torn and the breaker
+    /// skipped every decision through an outage).
     pub(crate) fn counts(&self, now_nanos: u64) -> Counts {
         self.advance(self.tick(now_nanos));
+        let calls = self.calls.0.load(Relaxed);
         Counts {
-            calls: self.calls.0.load(Relaxed),
-            failures: self.failures.load(Relaxed),
-            slow: self.slow.load(Relaxed),
+            calls,
+            failures: self.failures.load(Relaxed).min(calls),
+            slow: self.slow.load(Relaxed).min(calls),
         }
     }
 
@@ -435,6 +443,30 @@ mod tests {
             expect.add(s.load(Relaxed));
         }
         assert_eq!(w.counts(), expect);
+    }
+
+    /// A recorder preempted between its two words while `reset` emptied its bucket leaves
+    /// its failure without its call (review df7): with every call failing, the window
+    /// reads as 100% failed, not as a torn count the breaker would skip (it stayed closed
+    /// through an outage).
+    #[test]
+    fn an_orphan_failure_reads_as_a_failed_call() {
+        let sec = 1_000_000_000;
+        let w = TimeWindow::new(60 * sec);
+        w.record(F, 0);
+        // The interleaving: its call counted in `head`, then the reset, then its failure.
+        w.bucket(0).head.fetch_add(1, Relaxed);
+        w.reset();
+        w.bucket(0).tail.fetch_add(1, Relaxed);
+        w.add_totals(F);
+        w.record(F, 1);
+        w.record(F, 2);
+        let c = w.counts(3);
+        assert_eq!((c.calls, c.failures), (2, 2));
+        assert!(c.is_sane());
+        // The orphan leaves with its bucket.
+        let c = w.counts(61 * sec);
+        assert_eq!((c.calls, c.failures), (0, 0));
     }
 
     #[test]

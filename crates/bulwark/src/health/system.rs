@@ -321,6 +321,11 @@ impl HealthCheck for SystemCheck {
     }
 
     fn check(&self) -> CheckFuture<'_> {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Box::pin(async {
+                CheckResult::degraded("the system check needs a Tokio runtime")
+            });
+        };
         let this = self.clone();
         let measurement = {
             let mut running = self
@@ -340,6 +345,9 @@ impl HealthCheck for SystemCheck {
                     }
                     .boxed()
                     .shared();
+                    // Driven to its end even when every caller gave up waiting, so a finished
+                    // measurement is never handed to a later check as if it were running.
+                    drop(runtime.spawn(m.clone()));
                     *running = Some(m.clone());
                     m
                 }

@@ -181,8 +181,8 @@ impl Backoff {
                 if base.is_zero() {
                     return Err(ConfigError::new(
                         "backoff",
-                        "exponential backoff needs a base above zero (it would stay at zero: \
-                         Backoff::none() retries at once)",
+                        "exponential backoff needs a base above zero (it would stay at zero; \
+                         a fixed backoff of zero retries at once)",
                     ));
                 }
                 if !factor.is_finite() || factor < 1.0 {
@@ -197,8 +197,8 @@ impl Backoff {
                 if d.is_zero() {
                     return Err(ConfigError::new(
                         "backoff",
-                        "fibonacci backoff needs a base above zero (it would stay at zero: \
-                         Backoff::none() retries at once)",
+                        "fibonacci backoff needs a base above zero (it would stay at zero; \
+                         a fixed backoff of zero retries at once)",
                     ));
                 }
                 d
