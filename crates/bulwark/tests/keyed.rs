@@ -488,3 +488,27 @@ async fn a_new_keys_breaker_reports_its_trip_and_recovery_under_one_name() {
         ]
     );
 }
+
+/// The label of an evicted key is free again: a new key (or the same one coming back) takes
+/// it at its first call, not `other` until the next refresh (diff review df8).
+#[tokio::test(start_paused = true)]
+async fn an_evicted_keys_label_goes_to_the_next_new_key() {
+    let k: Keyed<&'static str, ()> = Keyed::builder()
+        .top_n(1)
+        .idle_timeout(Duration::from_secs(1))
+        .label_refresh(Duration::from_secs(3600))
+        .build(|_: &&'static str| ())
+        .unwrap();
+    assert_eq!(k.get(&"old").label(), "old");
+    advance(Duration::from_secs(2)).await;
+    assert_eq!(k.evict_idle(), 1);
+    assert_eq!(k.get(&"new").label(), "new");
+    assert_eq!(k.get(&"other-key").label(), OTHER, "one label, held");
+    advance(Duration::from_secs(2)).await;
+    assert_eq!(k.evict_idle(), 2);
+    assert_eq!(
+        k.get(&"new").label(),
+        "new",
+        "coming back, it is named again"
+    );
+}

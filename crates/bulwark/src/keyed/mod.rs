@@ -502,7 +502,12 @@ where
         // first event, not `other` until the next refresh (which then ranks them by calls).
         if self.top_n > 0 {
             let mut top = self.top.lock().unwrap_or_else(PoisonError::into_inner);
-            if top.len() < self.top_n {
+            if top.len() >= self.top_n {
+                // Labels of evicted keys are free again (only looked at when the list is full).
+                top.retain(|w| w.strong_count() > 0);
+            }
+            // (A refresh between the insert and this lock may have labelled it already.)
+            if top.len() < self.top_n && !entry.top.load(Ordering::Relaxed) {
                 entry.top.store(true, Ordering::Relaxed);
                 top.push(Arc::downgrade(&entry));
             }
