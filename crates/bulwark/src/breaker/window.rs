@@ -154,7 +154,8 @@ const CALL_MASK: u64 = (1 << CALL_BITS) - 1;
 const TAG_MASK: u64 = !CALL_MASK;
 /// Its second word: slow (32 bits) | failures (32). Neither fills up in practice
 /// (2^32 calls in one bucket).
-const FAIL_MASK: u64 = (1 << 32) - 1;
+const SLOW_SHIFT: u32 = 32;
+const FAIL_MASK: u64 = (1 << SLOW_SHIFT) - 1;
 
 /// Most buckets a time window uses; longer windows get coarser buckets.
 pub(crate) const MAX_BUCKETS: u64 = 3600;
@@ -170,7 +171,7 @@ fn bucket_counts(head: u64, tail: u64) -> Counts {
     Counts {
         calls: head & CALL_MASK,
         failures: tail & FAIL_MASK,
-        slow: tail >> 32,
+        slow: tail >> SLOW_SHIFT,
     }
 }
 
@@ -334,7 +335,7 @@ impl TimeWindow {
                 Err(actual) => w = actual,
             }
         }
-        let rest = u64::from(code & FAIL != 0) | (u64::from(code & SLOW != 0) << 32);
+        let rest = u64::from(code & FAIL != 0) | (u64::from(code & SLOW != 0) << SLOW_SHIFT);
         if rest != 0 {
             bucket.tail.fetch_add(rest, Relaxed);
         }

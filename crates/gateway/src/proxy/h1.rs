@@ -188,15 +188,6 @@ fn with_root_path(uri: &Uri) -> Option<Uri> {
     Uri::from_parts(parts).ok()
 }
 
-/// Whether an absolute-form target has an empty path and no query (`http://host:8080`).
-fn server_wide(target: &[u8]) -> bool {
-    let rest = target
-        .windows(3)
-        .position(|w| w == b"://")
-        .map_or(target, |i| &target[i + 3..]);
-    !rest.iter().any(|&b| b == b'/' || b == b'?')
-}
-
 /// Parses one complete head (`head` ends with its blank line). Header values and the target share
 /// `head`'s memory (no copy per header).
 fn parse_head(head: Bytes) -> Result<Head, HeadError> {
@@ -307,10 +298,10 @@ fn parse_head(head: Bytes) -> Result<Head, HeadError> {
         }
         let host = HeaderValue::from_str(a.as_str()).map_err(|_| Malformed)?;
         headers.insert(header::HOST, host);
-        // RFC 9112 3.2.4: `OPTIONS http://host` (no path, no query) asks about the server as a
-        // whole, and the last proxy sends it as `OPTIONS *` (`http::Uri` reads the empty path as
-        // `/`, which asks about one resource).
-        if method == Method::OPTIONS && server_wide(target) {
+        // RFC 9112 3.2.4: `OPTIONS http://host` (no path, no query: the target ends with its
+        // authority) asks about the server as a whole, and the last proxy sends it as
+        // `OPTIONS *` (`http::Uri` reads the empty path as `/`, which asks about one resource).
+        if method == Method::OPTIONS && target.ends_with(a.as_str().as_bytes()) {
             uri = Uri::from_static("*");
         }
     }

@@ -454,10 +454,9 @@ impl Pool {
             h2.map_or(0, |v| v.iter().filter(|c| !c.sender.is_closed()).count())
         } else {
             let idle = self.idle.lock();
-            let live = |v: &mut Vec<Idle>| -> usize {
+            idle.map_or(0, |mut v| {
                 v.iter_mut().map(|c| usize::from(!c.io.is_stale())).sum()
-            };
-            idle.map_or(0, |mut v| live(&mut v))
+            })
         }
     }
 
