@@ -83,6 +83,65 @@ async fn health_reports_shape_and_aggregate_status() {
     ops.stop().await;
 }
 
+/// Every endpoint of an upstream in a quota cooldown (a 429 with `Retry-After`) takes no traffic
+/// (its requests get the gateway's own 429 `rate_limited`), so `/health` says so: the endpoint is
+/// `cooling_down`, the upstream unhealthy, and with no failover the route is unavailable (503). It
+/// said `healthy` throughout.
+#[tokio::test]
+async fn health_counts_an_endpoint_in_a_quota_cooldown_as_unusable() {
+    let up = Upstream::start(
+        "quota",
+        std::sync::Arc::new(|_req| {
+            Box::pin(async move {
+                let mut r = reply("quota", 429, "slow down");
+                r.headers_mut()
+                    .insert("retry-after", http::HeaderValue::from_static("60"));
+                r
+            })
+        }),
+    )
+    .await;
+    let ops = Ops::start(
+        &format!(
+            "upstreams:
+  u: {{ endpoints: [{{url: '{}'}}] }}
+routes:
+  - name: api
+    upstream: u
+",
+            up.url()
+        ),
+        None,
+    )
+    .await;
+    let c = client();
+    let h = ops.admin_json(&c, "/health").await;
+    assert_eq!(h["status"], "healthy", "{h}");
+    assert_eq!(h["upstreams"]["u"]["endpoints"][0]["cooling_down"], false);
+
+    assert_eq!(get(&c, &ops.url("/")).await.status, 429);
+    let g = ops.admin_get(&c, "/health").await;
+    let h: serde_json::Value = serde_json::from_slice(&g.body).unwrap();
+    assert_eq!(
+        (g.status.as_u16(), h["status"].as_str()),
+        (503, Some("unhealthy")),
+        "{h}"
+    );
+    let u = &h["upstreams"]["u"];
+    assert_eq!(u["status"], "unhealthy", "{h}");
+    assert_eq!(u["endpoints"][0]["cooling_down"], true, "{h}");
+    assert_eq!(u["endpoints"][0]["healthy"], true, "{h}");
+    assert_eq!(u["endpoints"][0]["ejected"], false, "{h}");
+    assert_eq!(h["unavailable_routes"], serde_json::json!(["api"]));
+    // What the route's clients get meanwhile, which is what the status stands for.
+    let hits = up.hits();
+    let r = get(&c, &ops.url("/")).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("x-bulwark-reason"), Some("rate_limited"));
+    assert_eq!(up.hits(), hits, "a cooling endpoint got a request");
+    ops.stop().await;
+}
+
 #[tokio::test]
 async fn ready_is_200_while_serving_and_503_while_draining() {
     let (slow, release) = Upstream::held("slow", "done").await;

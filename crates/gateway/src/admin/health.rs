@@ -4,7 +4,7 @@
 //!
 //! Each upstream is
 //! - `unhealthy` when it cannot take traffic: its breaker is open (or forced open), or none of its
-//!   endpoints is usable (usable = healthy and not ejected);
+//!   endpoints is usable (usable = healthy, not ejected and not in a quota cooldown);
 //! - `degraded` when it takes traffic with less than its full capacity or confidence: its breaker is
 //!   half-open, or some (not all) of its endpoints are unusable;
 //! - `healthy` otherwise.
@@ -33,22 +33,26 @@ pub struct EndpointHealth {
     pub healthy: bool,
     /// Passive outlier detection has ejected it.
     pub ejected: bool,
+    /// A provider quota (429 with `Retry-After`, or another `cooldown.on` status) keeps it out.
+    pub cooling_down: bool,
 }
 
 impl EndpointHealth {
     /// Whether it may receive traffic.
     pub fn usable(self) -> bool {
-        self.healthy && !self.ejected
+        self.healthy && !self.ejected && !self.cooling_down
     }
 }
 
 /// The one place endpoint health is read for reporting.
 ///
-/// `healthy` is the active health check's verdict, `ejected` outlier detection's.
+/// `healthy` is the active health check's verdict, `ejected` outlier detection's, `cooling_down`
+/// the quota cooldown's.
 pub fn endpoint_health(ep: &Endpoint) -> EndpointHealth {
     EndpointHealth {
         healthy: ep.is_healthy(),
         ejected: ep.is_ejected(),
+        cooling_down: ep.in_cooldown(),
     }
 }
 
@@ -86,6 +90,8 @@ pub struct EndpointReport {
     pub healthy: bool,
     /// See [`EndpointHealth::ejected`].
     pub ejected: bool,
+    /// See [`EndpointHealth::cooling_down`].
+    pub cooling_down: bool,
 }
 
 /// One upstream in `/health`.
@@ -171,6 +177,7 @@ fn upstream_report(up: &Upstream) -> UpstreamReport {
                 url: e.url.clone(),
                 healthy: h.healthy,
                 ejected: h.ejected,
+                cooling_down: h.cooling_down,
             })
             .collect(),
     }

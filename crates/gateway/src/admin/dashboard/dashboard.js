@@ -58,8 +58,9 @@ function renderUpstreams(health, breakers) {
     const b = (Object.hasOwn(all, name) && all[name]) || {};
     const breaker = b.state || up.circuit_breaker;
     const eps = (up.endpoints || []).map((ep) => {
-      const ok = ep.healthy && !ep.ejected;
-      const what = ep.ejected ? "ejected" : ep.healthy ? "healthy" : "unhealthy";
+      const ok = ep.healthy && !ep.ejected && !ep.cooling_down;
+      const what = ep.ejected ? "ejected" : !ep.healthy ? "unhealthy"
+        : ep.cooling_down ? "cooling down" : "healthy";
       return el("span", `${ep.url} ${what}`, { class: `badge ${ok ? "ok" : "down"}` });
     });
     const state = [el("span", breaker, { class: "badge", "data-state": breaker })];
