@@ -163,3 +163,35 @@ fn an_event_left_to_a_deliverer_whose_listener_panics_is_still_delivered() {
         seen.lock().unwrap()
     );
 }
+
+/// `restore` puts a breaker into a manual state as if built in it: no transition reaches the
+/// listeners (a gateway re-applying an operator's override to a breaker a reload rebuilt must
+/// not count a change nobody saw), later transitions are delivered as usual, and the states a
+/// caller cannot set by hand are refused.
+#[test]
+fn restore_sets_a_manual_state_without_an_event() {
+    let seen: Seen = Arc::default();
+    let s = seen.clone();
+    let breaker = CircuitBreaker::builder()
+        .listener(move |e: &Event| record(&s, e))
+        .build()
+        .unwrap();
+    assert!(breaker.restore(ForcedOpen));
+    assert_eq!(breaker.state(), ForcedOpen);
+    assert!(breaker.try_acquire().is_err());
+    assert!(breaker.restore(BreakerState::Disabled));
+    assert_eq!(breaker.state(), BreakerState::Disabled);
+    assert!(!breaker.restore(Open));
+    assert!(!breaker.restore(BreakerState::HalfOpen));
+    assert_eq!(breaker.state(), BreakerState::Disabled);
+    assert!(
+        seen.lock().unwrap().is_empty(),
+        "{:?}",
+        seen.lock().unwrap()
+    );
+    breaker.close();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![(BreakerState::Disabled, Closed)]
+    );
+}

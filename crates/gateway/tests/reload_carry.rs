@@ -171,3 +171,48 @@ routes:
     );
     ops.stop().await;
 }
+
+/// An admin override re-applied to a breaker that a reload rebuilt is not a state change anyone
+/// can see (the upstream was `forced_open` before and after): it is not counted in
+/// `bulwark_circuit_breaker_transitions_total` (nor logged) again at each reload, or an alert on
+/// transitions to `forced_open` fires at every config push (review rl2: it read 4 after three
+/// reloads).
+#[tokio::test]
+async fn reapplying_an_override_to_a_rebuilt_breaker_counts_no_transition() {
+    let b = Upstream::named("b").await;
+    let config = |open: &str| {
+        format!(
+            "upstreams:
+  b:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker: {{ open_duration: {open} }}
+routes:
+  - upstream: b
+",
+            b.url()
+        )
+    };
+    let ops = Ops::start_with(&config("30s"), Some("tok"), Duration::from_secs(3600)).await;
+    let c = client();
+    ops.set_breaker(&c, "b", "forced_open").await;
+    let series =
+        r#"bulwark_circuit_breaker_transitions_total{upstream="b",from="closed",to="forced_open"}"#;
+    assert_eq!(sample(&ops.metrics(&c).await, series), Some(1.0));
+
+    for (i, open) in ["45s", "60s", "75s"].into_iter().enumerate() {
+        ops.rewrite(&config(open));
+        let r = ops.reloader().reload().unwrap();
+        assert_eq!(r.rebuilt, ["b"], "reload {i}");
+    }
+    let cb = ops.admin_json(&c, "/api/circuit-breakers").await;
+    assert_eq!(cb["upstreams"]["b"]["state"], "forced_open", "{cb}");
+    assert_eq!(get(&c, &ops.url("/")).await.status, 503);
+    assert_eq!(b.hits(), 0);
+    assert_eq!(sample(&ops.metrics(&c).await, series), Some(1.0));
+    // A real change after the reloads is counted as before.
+    ops.set_breaker(&c, "b", "closed").await;
+    let back =
+        r#"bulwark_circuit_breaker_transitions_total{upstream="b",from="forced_open",to="closed"}"#;
+    assert_eq!(sample(&ops.metrics(&c).await, back), Some(1.0));
+    ops.stop().await;
+}

@@ -692,6 +692,20 @@ impl Inner {
         self.emit(moved);
     }
 
+    /// [`manual`](Self::manual) without the event: the state is set as if the breaker had been
+    /// built in it.
+    pub(crate) fn manual_quiet(&self, to: u8) {
+        let now_ns = self.since_origin(Instant::now());
+        let mut ctl = self.lock();
+        if st(self.state.0.load(Ordering::Acquire)) != to {
+            self.set_state(&mut ctl, to, now_ns);
+            // `set_state` queued its move last, under this lock: take it back undelivered.
+            if !self.listeners.is_empty() {
+                ctl.outbox.pop_back();
+            }
+        }
+    }
+
     /// Back to a fresh closed breaker: empty window, no trip history.
     pub(crate) fn reset(&self) {
         let now_ns = self.since_origin(Instant::now());

@@ -367,6 +367,25 @@ impl CircuitBreaker {
     pub fn reset(&self) {
         self.inner.reset();
     }
+
+    /// Puts the breaker into `state` without emitting a transition event, as if it had been
+    /// built in that state: for a breaker that stands in for one already in it (the gateway
+    /// re-applies an operator's override to a breaker that a config reload rebuilt), so
+    /// listeners count no change that did not happen. Only the states a caller can set by hand
+    /// are taken: `ForcedOpen`, `Disabled`, `MetricsOnly` and `Closed` (closed as
+    /// [`close`](Self::close) does); for any other the breaker is left as it is and `false` is
+    /// returned.
+    pub fn restore(&self, state: BreakerState) -> bool {
+        let to = match state {
+            BreakerState::ForcedOpen => FORCED_OPEN,
+            BreakerState::Disabled => DISABLED,
+            BreakerState::MetricsOnly => METRICS_ONLY,
+            BreakerState::Closed => CLOSED,
+            _ => return false,
+        };
+        self.inner.manual_quiet(to);
+        true
+    }
 }
 
 /// Builds a [`CircuitBreaker`]; every setting is checked by [`build`](CircuitBreakerBuilder::build).

@@ -352,6 +352,17 @@ impl BreakerCommand {
             BreakerCommand::Disabled => b.disable(),
         }
     }
+
+    /// Puts a breaker that stands in for one already in this state (rebuilt by a reload, or
+    /// built at a restart) into it without a transition event: no change the operator can see.
+    fn restore(self, b: &bulwark::breaker::CircuitBreaker) {
+        let state = match self {
+            BreakerCommand::ForcedOpen => BreakerState::ForcedOpen,
+            BreakerCommand::Closed => BreakerState::Closed,
+            BreakerCommand::Disabled => BreakerState::Disabled,
+        };
+        b.restore(state);
+    }
 }
 
 /// Why a manual breaker change was refused.
@@ -506,7 +517,7 @@ impl Gateway {
         for (name, cmd) in persisted {
             match rt.upstream(&name).and_then(|u| u.policies.breaker()) {
                 Some(b) => {
-                    cmd.apply(b);
+                    cmd.restore(b);
                     tracing::warn!(upstream = %name, state = %b.state(), "circuit breaker override restored from the store");
                 }
                 None => {
@@ -537,7 +548,7 @@ impl Gateway {
         overrides.retain(|name, cmd| {
             match runtime.upstream(name).and_then(|u| u.policies.breaker()) {
                 Some(b) => {
-                    cmd.apply(b);
+                    cmd.restore(b);
                     true
                 }
                 None if keep_dormant => {
