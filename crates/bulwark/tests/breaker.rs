@@ -551,3 +551,36 @@ async fn thresholds_with_more_decimals_are_compared_exactly() {
     ok_now(&b);
     assert_eq!(b.state(), Open, "1/3 >= 33.333 %");
 }
+
+/// `Permit::measure_from` moves the start of a call's slow-call clock later (a proxy's call that
+/// first waited for its client's upload), never earlier.
+#[tokio::test(start_paused = true)]
+async fn measure_from_moves_the_slow_call_clock_later_only() {
+    let b = CircuitBreaker::builder()
+        .count_window(10)
+        .minimum_calls(10)
+        .slow_call_duration(100 * MS)
+        .build()
+        .unwrap();
+    let mut p = b.try_acquire().unwrap();
+    advance(500 * MS).await;
+    p.measure_from(tokio::time::Instant::now());
+    advance(50 * MS).await;
+    p.success();
+    assert_eq!(b.snapshot().slow_calls, 0, "50 ms after the moved start");
+
+    let mut p = b.try_acquire().unwrap();
+    let earlier = tokio::time::Instant::now();
+    advance(150 * MS).await;
+    let mut q = b.try_acquire().unwrap();
+    q.measure_from(earlier);
+    p.measure_from(earlier);
+    advance(MS).await;
+    p.success();
+    q.success();
+    assert_eq!(
+        b.snapshot().slow_calls,
+        1,
+        "an earlier start is ignored: p is slow, q is not"
+    );
+}

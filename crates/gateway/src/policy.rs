@@ -159,6 +159,14 @@ impl Admission {
         }
     }
 
+    /// Measures the attempt, for the breaker's slow calls, from `start` when that is later than
+    /// its admission (see [`Permit::measure_from`](bulwark::breaker::Permit::measure_from)).
+    pub fn measure_from(&mut self, start: Instant) {
+        if let Some(p) = &mut self.permit {
+            p.measure_from(start);
+        }
+    }
+
     /// Frees the bulkhead slot now, before the admission is dropped (record the outcome first). For
     /// a failed response kept only to be passed through: a retry must not wait for its own slot.
     pub fn release_slot(&mut self) {
@@ -264,6 +272,27 @@ impl UpstreamPolicies {
     /// Like [`admit`](Self::admit), but waits in the bulkhead's queue no later than `deadline` (the
     /// route's): [`Reject::Deadline`] when it passes first.
     pub async fn admit_by(&self, deadline: Option<Instant>) -> Result<Admission, Reject> {
+        let admission = self.reserve_by(deadline).await?;
+        // A refusal gives the slot and the breaker's permit back (dropped, unrecorded).
+        self.take_rate_token()?;
+        Ok(admission)
+    }
+
+    /// The upstream's rate limit for one attempt about to be sent, last of its admission: the
+    /// rate limit counts attempts sent, so one that the breaker or the full bulkhead refused, that
+    /// waited in the bulkhead's queue until too late, or that then found no endpoint available,
+    /// has not spent a token.
+    pub fn take_rate_token(&self) -> Result<(), Reject> {
+        match &self.rate_limiter {
+            Some(rl) => rl.check().map_err(reject),
+            None => Ok(()),
+        }
+    }
+
+    /// [`admit_by`](Self::admit_by) without the rate limit: the breaker and the bulkhead only. The
+    /// caller calls [`take_rate_token`](Self::take_rate_token) before it sends (once it has an
+    /// endpoint), and drops the admission, unrecorded, if that refuses.
+    pub async fn reserve_by(&self, deadline: Option<Instant>) -> Result<Admission, Reject> {
         // A rejection after the breaker admitted us drops its permit unrecorded ("ignored"), so local
         // refusals (rate limit, bulkhead) never count against the upstream's health.
         let mut permit = match &self.breaker {
@@ -294,12 +323,6 @@ impl UpstreamPolicies {
             },
             None => None,
         };
-        // Last: the rate limit counts attempts sent, so an attempt the full bulkhead refused (or
-        // that waited in its queue until too late) has not spent a token. A refusal here gives
-        // the slot and the breaker's permit back (dropped, unrecorded).
-        if let Some(rl) = &self.rate_limiter {
-            rl.check().map_err(reject)?;
-        }
         Ok(Admission {
             permit,
             _slot: slot,

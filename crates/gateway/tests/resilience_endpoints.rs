@@ -435,3 +435,45 @@ routes:
     assert!(seen.iter().any(|s| s == "quota"), "{seen:?}");
     gw.stop().await;
 }
+
+/// An upstream's `rate_limit` counts what is sent: a request that finds no endpoint available
+/// sends nothing and spends no token, so the next request, once the endpoint is back, is sent
+/// (review ix2: the limit was asked before the endpoint was picked, and the 503
+/// `no_healthy_endpoint` spent the burst of 1; the next request got 429 with nothing sent).
+#[tokio::test]
+async fn a_request_with_no_endpoint_spends_no_rate_limit_token() {
+    let up = Upstream::named("u").await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    endpoints: [{{url: '{}'}}]
+    rate_limit: {{ per_second: 0.05, burst: 1 }}
+routes:
+  - upstream: u
+",
+        up.url()
+    ))
+    .await;
+    let c = client();
+    gw.set_available("u", 0, false);
+    let r = get(&c, &gw.url("/down")).await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-bulwark-reason")),
+        (503, Some("no_healthy_endpoint"))
+    );
+    gw.set_available("u", 0, true);
+    let r = get(&c, &gw.url("/back")).await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-bulwark-reason")),
+        (200, None)
+    );
+    assert_eq!(up.hits(), 1);
+    // And the token is spent now: the limit still holds.
+    let r = get(&c, &gw.url("/again")).await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-bulwark-reason")),
+        (429, Some("rate_limited"))
+    );
+    assert_eq!(up.hits(), 1);
+    gw.stop().await;
+}

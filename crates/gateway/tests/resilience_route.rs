@@ -867,3 +867,70 @@ async fn a_per_try_timeout_during_connect_is_retried_under_connect_failure_or_ti
         gw.stop().await;
     }
 }
+
+/// An upstream that answers 503 with `Retry-After: 7` after `delay` (`x-upstream: name`).
+async fn slow_503(name: &str, delay: Duration) -> Upstream {
+    let n = name.to_owned();
+    Upstream::start(
+        name,
+        Arc::new(move |_req| {
+            let n = n.clone();
+            Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                let mut r = reply(&n, 503, "busy, come back later");
+                r.headers_mut()
+                    .insert("retry-after", http::HeaderValue::from_static("7"));
+                r
+            })
+        }),
+    )
+    .await
+}
+
+/// A hedged request whose original attempt got a 503 (with `Retry-After`) while its hedge, sent
+/// before that answer, was still out: when the hedge then runs into the route's deadline, the
+/// client gets the upstream's 503, as without hedging (a failure hides a response only when its
+/// request was sent after it). Review ix2: the hedge's timeout replaced it with a bare 504.
+#[tokio::test]
+async fn a_hedge_timing_out_does_not_hide_the_response_the_original_got() {
+    let a = slow_503("a", Duration::from_millis(200)).await;
+    let b = Silent::start().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    balance: round_robin
+    endpoints: [{{url: '{}'}}, {{url: '{}'}}]
+routes:
+  - upstream: u
+    timeout: 1s
+    hedge: {{ delay: 50ms, max_hedges: 1 }}
+    retry: {{ attempts: 1 }}
+",
+        a.url(),
+        b.url()
+    ))
+    .await;
+    let r = get(&client(), &gw.url("/")).await;
+    assert_eq!(
+        a.hits(),
+        1,
+        "round robin sent the original to the first endpoint"
+    );
+    assert_eq!(
+        b.accepted.load(Ordering::SeqCst),
+        1,
+        "the hedge went to the second"
+    );
+    assert_eq!(
+        (
+            r.status.as_u16(),
+            r.header("x-upstream"),
+            r.header("retry-after")
+        ),
+        (503, Some("a"), Some("7")),
+        "reason {:?}",
+        r.header("x-bulwark-reason")
+    );
+    assert_eq!(r.header("x-bulwark-attempts"), Some("2"));
+    gw.stop().await;
+}

@@ -154,3 +154,60 @@ async fn an_early_413_from_the_upstream_during_a_streamed_upload_reaches_the_cli
     );
     gw.stop().await;
 }
+
+/// Sends a chunked POST through `gw` whose body takes `pause` to arrive (one chunk, a pause, the
+/// last chunk), and reads the answer.
+async fn slow_upload(gw: &Gateway, pause: Duration) -> RawResponse {
+    let mut c = RawClient::connect(gw).await;
+    c.send(b"POST /upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await;
+    // The client's own pace: this is the slow upload, not a wait for the gateway.
+    tokio::time::sleep(pause).await;
+    c.send(b"0\r\n\r\n").await;
+    c.response(false).await
+}
+
+/// A slow upload is the client's time, not the upstream's: an upstream that answers as soon as
+/// it has the whole body is not a slow call, or any client could open the breaker by uploading
+/// slowly (review ix2: two 700 ms uploads against `slow_call_duration: 300ms` opened it, and
+/// every other client got 503 `circuit_open`).
+#[tokio::test]
+async fn slow_uploads_do_not_open_the_breaker_on_slow_calls() {
+    let up = Upstream::echo().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    endpoints: [{{url: '{}'}}]
+    circuit_breaker:
+      window: {{ kind: count, size: 10 }}
+      minimum_calls: 2
+      slow_call_duration: 300ms
+      slow_call_rate_threshold: 50
+routes:
+  - upstream: u
+",
+        up.url()
+    ))
+    .await;
+    for _ in 0..2 {
+        let r = slow_upload(&gw, Duration::from_millis(700)).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body, b"hello");
+    }
+    let breaker = gw
+        .state
+        .runtime()
+        .upstream("u")
+        .unwrap()
+        .policies
+        .breaker()
+        .unwrap()
+        .state();
+    assert_eq!(breaker, bulwark::events::BreakerState::Closed);
+    let r = get(&client(), &gw.url("/")).await;
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-bulwark-reason")),
+        (200, None)
+    );
+    gw.stop().await;
+}

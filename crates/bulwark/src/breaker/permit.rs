@@ -47,6 +47,16 @@ impl Permit {
         self.record(Outcome::Failure);
     }
 
+    /// Measures the call's duration, for slow-call detection, from `start` instead of the
+    /// moment the permit was acquired, when `start` is later: for a caller whose call first
+    /// waited on something that is not the dependency's work (a proxy streaming its client's
+    /// upload: a slow client is not a slow upstream). An earlier `start` is ignored.
+    pub fn measure_from(&mut self, start: tokio::time::Instant) {
+        if let Some(s) = &mut self.core.start {
+            *s = (*s).max(start);
+        }
+    }
+
     /// True when this permit is one of the half-open probe calls, whose outcome
     /// decides between closing and re-opening.
     pub fn is_probe(&self) -> bool {

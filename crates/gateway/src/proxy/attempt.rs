@@ -215,6 +215,8 @@ struct Kept {
     resp: Response<RespBody>,
     retryable: bool,
     retry_after: Option<Duration>,
+    /// When it came: a failure of an attempt started before then was not sent after it.
+    at: Instant,
 }
 
 /// How the hedge race sees an attempt. A response that is not a failure wins, and so does
@@ -384,7 +386,15 @@ async fn attempt(
     match result {
         Ok(Ok(resp)) => {
             let end = Instant::now();
-            let latency = end.saturating_duration_since(now);
+            // A body streamed from the client: the upstream's time runs from the upload's end when
+            // it ended before the answer (a slow client is not a slow upstream), for the breaker's
+            // slow calls, the endpoint's latency and the route's latency record alike.
+            let uploaded = client_body.as_ref().and_then(|b| b.ended_at());
+            let from = uploaded.map_or(now, |t| t.max(now));
+            if uploaded.is_some() {
+                admission.measure_from(from);
+            }
+            let latency = end.saturating_duration_since(from);
             ep.observe_latency(latency, end);
             let status = resp.status().as_u16();
             let retryable = route.retry_on.status(status);
@@ -698,7 +708,9 @@ pub(crate) async fn forward(
             // Admission first, hedged or not: a request the upstream's policies refuse was not
             // sent (no budget is spent failing over from it, and no hedge races it) and keeps its
             // body for the next upstream. Waiting in the bulkhead's queue ends with the deadline.
-            let admission = match up.policies.admit_by(Some(deadline)).await {
+            // The rate limit's token is taken once an endpoint is picked (one that finds none
+            // sends nothing).
+            let admission = match up.policies.reserve_by(Some(deadline)).await {
                 Ok(a) => a,
                 Err(Reject::Deadline) => {
                     withdrawn.refund();
@@ -717,6 +729,11 @@ pub(crate) async fn forward(
                 refused(&mut last, no_endpoint(up), delivered);
                 break;
             };
+            if let Err(r) = up.policies.take_rate_token() {
+                withdrawn.refund();
+                refused(&mut last, reject_to_failure(r), delivered);
+                break;
+            }
             let Some(req_body) = slot.take() else {
                 withdrawn.refund();
                 return finish(last, sent, None, route);
@@ -744,7 +761,8 @@ pub(crate) async fn forward(
                     // And the last attempt that failed without a response (a reset, a timeout):
                     // a hedge started at once after it that then sent nothing (no endpoint left
                     // untried, refused) must not end the request as if nothing had been tried.
-                    let failed: std::sync::Mutex<Option<(Failure, bool, bool)>> =
+                    // With when that attempt started.
+                    let failed: std::sync::Mutex<Option<(Failure, bool, bool, Instant)>> =
                         std::sync::Mutex::new(None);
                     let mut hedges = 0;
                     let make = || {
@@ -784,6 +802,7 @@ pub(crate) async fn forward(
                         let failed = &failed;
                         async move {
                             let went = hedge.as_ref().map(|h| &h.went);
+                            let started = Instant::now();
                             let r =
                                 attempt(up, route, target, deadline, false, admission, tally, went)
                                     .await;
@@ -799,6 +818,7 @@ pub(crate) async fn forward(
                                             resp,
                                             retryable,
                                             retry_after,
+                                            at: Instant::now(),
                                         });
                                     }
                                     Err(Miss::Kept { retryable })
@@ -811,7 +831,7 @@ pub(crate) async fn forward(
                                     }) = &other
                                     {
                                         if let Ok(mut f) = failed.lock() {
-                                            *f = Some((*failure, *retryable, *unsent));
+                                            *f = Some((*failure, *retryable, *unsent, started));
                                         }
                                     }
                                     other
@@ -837,7 +857,7 @@ pub(crate) async fn forward(
                         (
                             Err(Miss::Rejected(_) | Miss::NoEndpoint),
                             None,
-                            Some((failure, retryable, unsent)),
+                            Some((failure, retryable, unsent, _)),
                         ) => Err(Miss::Failed {
                             failure,
                             retryable,
@@ -856,6 +876,18 @@ pub(crate) async fn forward(
                             retryable: k.retryable,
                             retry_after: k.retry_after,
                         }),
+                        // The race's last failure came from an attempt started before that
+                        // response came (a hedge out while the original got its 503): it was not
+                        // sent after the response, which stands, as without hedging.
+                        (Err(Miss::Failed { .. }), Some(k), Some((.., started)))
+                            if started < k.at =>
+                        {
+                            Err(Miss::Response {
+                                resp: k.resp,
+                                retryable: k.retryable,
+                                retry_after: k.retry_after,
+                            })
+                        }
                         (other, kept, _) => {
                             if let (Err(_), Some(k)) = (&other, kept) {
                                 last = Last::Response(k.resp);
