@@ -89,23 +89,41 @@ impl ClientLimit {
     /// would pick fresh buckets at will.
     /// An IPv6 client is keyed by its /64, the block one host usually has to itself, so that it
     /// cannot take a fresh bucket per address.
-    pub fn check(&self, peer_ip: &HeaderValue, headers: &HeaderMap) -> Result<(), Refusal> {
+    /// A `host` key is the host in any case (RFC 9110 4.2.3: one host to the upstream, not a fresh
+    /// bucket per spelling), and an HTTP/2 request's `:authority` (`uri`'s) when it has no `host`
+    /// field, as routes read it.
+    pub fn check(
+        &self,
+        peer_ip: &HeaderValue,
+        headers: &HeaderMap,
+        uri: &http::Uri,
+    ) -> Result<(), Refusal> {
         let mut hasher = self.hasher.build_hasher();
         match &self.key {
             None => hash_client_ip(&mut hasher, peer_ip),
             Some(h) => {
+                let host = *h == http::header::HOST;
                 let mut values = headers
                     .get_all(h)
                     .iter()
                     .map(|v| v.as_bytes().trim_ascii())
                     .filter(|v| !v.is_empty());
-                let Some(key) = values.next() else {
-                    return Ok(());
+                let key = match values.next() {
+                    Some(key) => key,
+                    None => match uri.authority().filter(|_| host) {
+                        Some(a) => a.as_str().as_bytes(),
+                        None => return Ok(()),
+                    },
                 };
-                if values.any(|v| v != key) {
+                if values.any(|v| !(v == key || host && v.eq_ignore_ascii_case(key))) {
                     return Err(Refusal::AmbiguousKey);
                 }
-                hasher.write(key);
+                if host {
+                    key.iter()
+                        .for_each(|b| hasher.write_u8(b.to_ascii_lowercase()));
+                } else {
+                    hasher.write(key);
+                }
             }
         }
         self.limiter
@@ -246,16 +264,22 @@ mod tests {
             HeaderValue::from_static("10.0.0.2"),
         );
         let h = HeaderMap::new();
-        assert!(l.check(&a, &h).is_ok());
-        assert!(l.check(&a, &h).is_ok());
+        assert!(l.check(&a, &h, &http::Uri::from_static("/")).is_ok());
+        assert!(l.check(&a, &h, &http::Uri::from_static("/")).is_ok());
         assert_eq!(
-            l.check(&a, &h),
+            l.check(&a, &h, &http::Uri::from_static("/")),
             Err(Refusal::Limited(Duration::from_millis(500)))
         );
-        assert!(l.check(&b, &h).is_ok(), "another client");
+        assert!(
+            l.check(&b, &h, &http::Uri::from_static("/")).is_ok(),
+            "another client"
+        );
         tokio::time::advance(Duration::from_millis(500)).await;
-        assert!(l.check(&a, &h).is_ok(), "refilled one token");
-        assert!(l.check(&a, &h).is_err());
+        assert!(
+            l.check(&a, &h, &http::Uri::from_static("/")).is_ok(),
+            "refilled one token"
+        );
+        assert!(l.check(&a, &h, &http::Uri::from_static("/")).is_err());
         assert_eq!(l.clients(), 2);
     }
 
@@ -266,20 +290,20 @@ mod tests {
         let other_ip = HeaderValue::from_static("10.0.0.2");
         let mut alice = HeaderMap::new();
         alice.insert("x-api-key", HeaderValue::from_static("alice"));
-        assert!(l.check(&ip, &alice).is_ok());
+        assert!(l.check(&ip, &alice, &http::Uri::from_static("/")).is_ok());
         assert_eq!(
-            l.check(&other_ip, &alice),
+            l.check(&other_ip, &alice, &http::Uri::from_static("/")),
             Err(Refusal::Limited(Duration::from_secs(1)))
         );
         let mut bob = HeaderMap::new();
         bob.insert("x-api-key", HeaderValue::from_static("bob"));
-        assert!(l.check(&ip, &bob).is_ok());
+        assert!(l.check(&ip, &bob, &http::Uri::from_static("/")).is_ok());
         let none = HeaderMap::new();
         let mut empty = HeaderMap::new();
         empty.insert("x-api-key", HeaderValue::from_static(""));
         for _ in 0..5 {
-            assert!(l.check(&ip, &none).is_ok());
-            assert!(l.check(&ip, &empty).is_ok());
+            assert!(l.check(&ip, &none, &http::Uri::from_static("/")).is_ok());
+            assert!(l.check(&ip, &empty, &http::Uri::from_static("/")).is_ok());
         }
         assert_eq!(l.clients(), 2);
     }
@@ -290,39 +314,51 @@ mod tests {
         let ip = HeaderValue::from_static("10.0.0.1");
         let mut alice = HeaderMap::new();
         alice.insert("x-api-key", HeaderValue::from_static("alice"));
-        assert!(l.check(&ip, &alice).is_ok());
+        assert!(l.check(&ip, &alice, &http::Uri::from_static("/")).is_ok());
         // An empty first value does not hide the second: this is alice's (empty) bucket.
         let mut sneaky = HeaderMap::new();
         sneaky.append("x-api-key", HeaderValue::from_static(""));
         sneaky.append("x-api-key", HeaderValue::from_static("alice"));
-        assert!(l.check(&ip, &sneaky).is_err());
+        assert!(l.check(&ip, &sneaky, &http::Uri::from_static("/")).is_err());
         // Two different values: refused (an upstream reads one, the other would pick a bucket).
         let mut two = HeaderMap::new();
         two.append("x-api-key", HeaderValue::from_static("alice"));
         two.append("x-api-key", HeaderValue::from_static("nonce-1"));
-        assert_eq!(l.check(&ip, &two), Err(Refusal::AmbiguousKey));
+        assert_eq!(
+            l.check(&ip, &two, &http::Uri::from_static("/")),
+            Err(Refusal::AmbiguousKey)
+        );
         // The same value twice, or with whitespace around it, is alice's (empty) bucket.
         let mut again = HeaderMap::new();
         again.append("x-api-key", HeaderValue::from_static("alice"));
         again.append("x-api-key", HeaderValue::from_static(" alice "));
-        assert!(matches!(l.check(&ip, &again), Err(Refusal::Limited(_))));
+        assert!(matches!(
+            l.check(&ip, &again, &http::Uri::from_static("/")),
+            Err(Refusal::Limited(_))
+        ));
         let mut spaced = HeaderMap::new();
         spaced.insert("x-api-key", HeaderValue::from_static("alice  "));
-        assert!(matches!(l.check(&ip, &spaced), Err(Refusal::Limited(_))));
+        assert!(matches!(
+            l.check(&ip, &spaced, &http::Uri::from_static("/")),
+            Err(Refusal::Limited(_))
+        ));
 
         let l = limit("{ per_second: 1, burst: 1 }");
         let h = HeaderMap::new();
         let a = HeaderValue::from_static("2001:db8:1:2::1");
         let same_64 = HeaderValue::from_static("2001:db8:1:2:ffff::7");
         let other_64 = HeaderValue::from_static("2001:db8:1:3::1");
-        assert!(l.check(&a, &h).is_ok());
-        assert!(l.check(&same_64, &h).is_err(), "one /64, one bucket");
-        assert!(l.check(&other_64, &h).is_ok());
+        assert!(l.check(&a, &h, &http::Uri::from_static("/")).is_ok());
+        assert!(
+            l.check(&same_64, &h, &http::Uri::from_static("/")).is_err(),
+            "one /64, one bucket"
+        );
+        assert!(l.check(&other_64, &h, &http::Uri::from_static("/")).is_ok());
         let v4 = HeaderValue::from_static("192.0.2.7");
         let mapped = HeaderValue::from_static("::ffff:192.0.2.7");
-        assert!(l.check(&v4, &h).is_ok());
+        assert!(l.check(&v4, &h, &http::Uri::from_static("/")).is_ok());
         assert!(
-            l.check(&mapped, &h).is_err(),
+            l.check(&mapped, &h, &http::Uri::from_static("/")).is_err(),
             "an IPv4-mapped address is the IPv4 one"
         );
     }
@@ -332,9 +368,9 @@ mod tests {
         let l = limit("{ per_second: 0.5, burst: 1 }");
         let ip = HeaderValue::from_static("10.0.0.1");
         let h = HeaderMap::new();
-        assert!(l.check(&ip, &h).is_ok());
+        assert!(l.check(&ip, &h, &http::Uri::from_static("/")).is_ok());
         assert_eq!(
-            l.check(&ip, &h),
+            l.check(&ip, &h, &http::Uri::from_static("/")),
             Err(Refusal::Limited(Duration::from_secs(2)))
         );
     }

@@ -181,15 +181,76 @@ routes:
     let limit = bulwark_gateway::admission::ClientLimit::new(section).unwrap();
     let h = http::HeaderMap::new();
     let ip = |s: &'static str| http::HeaderValue::from_static(s);
-    assert!(limit.check(&ip("10.0.0.1"), &h).is_ok());
-    assert!(limit.check(&ip("10.0.0.2"), &h).is_ok());
+    assert!(limit
+        .check(&ip("10.0.0.1"), &h, &http::Uri::from_static("/"))
+        .is_ok());
+    assert!(limit
+        .check(&ip("10.0.0.2"), &h, &http::Uri::from_static("/"))
+        .is_ok());
     // Both buckets are full again after 1 s; ten seconds on, both clients are long idle.
     tokio::time::advance(std::time::Duration::from_secs(10)).await;
-    assert!(limit.check(&ip("10.0.0.3"), &h).is_ok());
+    assert!(limit
+        .check(&ip("10.0.0.3"), &h, &http::Uri::from_static("/"))
+        .is_ok());
     assert!(
-        limit.check(&ip("10.0.0.4"), &h).is_ok(),
+        limit
+            .check(&ip("10.0.0.4"), &h, &http::Uri::from_static("/"))
+            .is_ok(),
         "a new client's first request refused: it shares a bucket with another new client"
     );
     // A client that is not idle is not forgotten: its empty bucket stays empty.
-    assert!(limit.check(&ip("10.0.0.3"), &h).is_err());
+    assert!(limit
+        .check(&ip("10.0.0.3"), &h, &http::Uri::from_static("/"))
+        .is_err());
+}
+
+fn host_keyed(url: &str) -> String {
+    format!(
+        "upstreams:
+  u: {{ endpoints: [{{url: '{url}'}}] }}
+routes:
+  - name: api
+    upstream: u
+    client_rate_limit: {{ per_second: 0.1, burst: 1, key: 'header:host' }}
+"
+    )
+}
+
+/// `key: header:host` limits per host name; HTTP/2 carries the host as `:authority`, which the
+/// gateway reads as the `Host` line everywhere else: an HTTP/2 client lands in the same bucket
+/// (review op2: it was not limited at all).
+#[tokio::test]
+async fn a_host_keyed_client_limit_applies_to_http2_requests() {
+    let up = Upstream::named("up").await;
+    let gw = Gateway::start(&host_keyed(&up.url())).await;
+    let h1 = client();
+    assert_eq!(get(&h1, &gw.url("/a")).await.status, 200);
+    assert_eq!(get(&h1, &gw.url("/a")).await.status, 429);
+    let h2 = h2c_client();
+    let g = get(&h2, &gw.url("/a")).await;
+    assert_eq!(g.status, 429, "HTTP/2 request not limited: {}", g.text());
+    assert_eq!(up.hits(), 1);
+    gw.stop().await;
+}
+
+/// Host names are case-insensitive (RFC 9110 4.2.3): spelling the host in another case per
+/// request does not give a client a fresh bucket each time (review op2: 200, 200, 200).
+#[tokio::test]
+async fn a_host_keyed_client_limit_ignores_the_case_of_the_host() {
+    let up = Upstream::named("up").await;
+    let gw = Gateway::start(&host_keyed(&up.url())).await;
+    let mut c = RawClient::connect(&gw).await;
+    let mut statuses = Vec::new();
+    for host in ["tenant.example", "Tenant.example", "TENANT.EXAMPLE"] {
+        c.send(format!("GET /a HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+            .await;
+        statuses.push(c.response(false).await.status);
+    }
+    assert_eq!(statuses, [200, 429, 429], "upstream hits: {}", up.hits());
+    // Another host has a bucket of its own.
+    let mut c = RawClient::connect(&gw).await;
+    c.send(b"GET /a HTTP/1.1\r\nHost: other.example\r\n\r\n")
+        .await;
+    assert_eq!(c.response(false).await.status, 200);
+    gw.stop().await;
 }

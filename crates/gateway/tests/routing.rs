@@ -183,3 +183,87 @@ routes:
     );
     gw.stop().await;
 }
+
+type Heads = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Two upstreams, `adm` and `pub`, each answering with `x-up: <name>`; routes given in `routes`.
+/// Also the request heads `adm` got.
+async fn adm_and_pub(routes: &str) -> (Heads, RawUpstream, RawUpstream, Gateway) {
+    let heads = Heads::default();
+    let answer = |name: &'static str, seen: Heads| {
+        move |req: &str| {
+            seen.lock().unwrap().push(req.to_owned());
+            format!("HTTP/1.1 200 OK\r\nx-up: {name}\r\ncontent-length: 2\r\n\r\nok").into_bytes()
+        }
+    };
+    let adm = RawUpstream::answering(answer("adm", heads.clone())).await;
+    let public = RawUpstream::answering(answer("pub", Heads::default())).await;
+    let gw = Gateway::start(&format!(
+        "upstreams:\n  adm: {{ endpoints: [{{url: '{}'}}] }}\n  pub: {{ endpoints: [{{url: '{}'}}] }}\n\
+         routes:\n{routes}",
+        adm.url(),
+        public.url()
+    ))
+    .await;
+    (heads, adm, public, gw)
+}
+
+async fn raw_exchange(gw: &Gateway, req: &str) -> RawResponse {
+    let mut c = RawClient::connect(gw).await;
+    c.send(req.as_bytes()).await;
+    c.response(false).await
+}
+
+/// The host is case-insensitive (RFC 9110 4.2.3): `Host: ADMIN.example` is `admin.example` to
+/// every upstream, to nginx's `server_name` and to Envoy's `domains`, so it takes the
+/// `admin.example` route and its policies, not the catch-all (review sec2).
+#[tokio::test]
+async fn a_host_route_matches_the_host_in_any_case() {
+    let (_h, _a, _p, gw) = adm_and_pub(
+        "  - match: { headers: { host: admin.example } }\n    upstream: adm\n  - upstream: pub\n",
+    )
+    .await;
+    for host in ["admin.example", "ADMIN.example", "Admin.Example"] {
+        let r = raw_exchange(&gw, &format!("GET /x HTTP/1.1\r\nHost: {host}\r\n\r\n")).await;
+        assert_eq!(
+            (r.status, r.header("x-up")),
+            (200, Some("adm")),
+            "Host: {host}"
+        );
+    }
+    let r = raw_exchange(&gw, "GET /x HTTP/1.1\r\nHost: other.example\r\n\r\n").await;
+    assert_eq!((r.status, r.header("x-up")), (200, Some("pub")));
+    gw.stop().await;
+}
+
+/// `%61` is `a` (an unreserved character, percent-encoded) and every server decodes it before it
+/// routes: `/%61dmin/x` takes the `/admin` route, and goes upstream as `/admin/x` (RFC 3986
+/// 6.2.2.2). It went to the catch-all, past the admin route's policies (review sec2).
+#[tokio::test]
+async fn a_percent_encoded_unreserved_character_does_not_dodge_a_prefix_route() {
+    let (heads, _a, _p, gw) =
+        adm_and_pub("  - match: { path_prefix: /admin }\n    upstream: adm\n  - upstream: pub\n")
+            .await;
+    for path in ["/admin/x", "/%61dmin/x", "/adm%69n/x", "/%61%64%6d%69%6e/x"] {
+        let r = raw_exchange(
+            &gw,
+            &format!("GET {path}?q=%61 HTTP/1.1\r\nHost: a\r\n\r\n"),
+        )
+        .await;
+        assert_eq!((r.status, r.header("x-up")), (200, Some("adm")), "{path}");
+    }
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 4);
+    assert!(
+        heads
+            .iter()
+            .all(|h| h.starts_with("GET /admin/x?q=%61 HTTP/1.1\r\n")),
+        "{heads:?}"
+    );
+    // A reserved character stays encoded, and a dot-segment in disguise is still refused.
+    let r = raw_exchange(&gw, "GET /%61dmin%2Fx HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(r.status, 200);
+    let r = raw_exchange(&gw, "GET /x/%2E%2E/admin HTTP/1.1\r\nHost: a\r\n\r\n").await;
+    assert_eq!(r.status, 400);
+    gw.stop().await;
+}

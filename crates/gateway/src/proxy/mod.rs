@@ -916,7 +916,7 @@ async fn handle(ctx: &ConnCtx, req: Request<ClientBody>) -> Response<RespBody> {
 async fn route_and_forward(
     ctx: &ConnCtx,
     rt: &Runtime,
-    req: Request<ClientBody>,
+    mut req: Request<ClientBody>,
     start: Instant,
     unanswered: &Abandoned<'_>,
 ) -> (Response<RespBody>, Option<usize>) {
@@ -969,6 +969,14 @@ async fn route_and_forward(
     // modes, limits and rewrites): refused, whatever the route. So is a target that is neither a
     // path nor the `*` of a server-wide OPTIONS (RFC 9112 3.2.4, RFC 9113 8.3.1): HTTP/2's
     // `:path: ?a=b` would be routed as `/` and sent as it came.
+    // A percent-encoded unreserved character (`/%61dmin`) is decoded first (RFC 3986 6.2.2.2): the
+    // upstream decodes it before it routes, so the routes judge, and the upstream gets, `/admin`.
+    if let Some(path) = route::decode_unreserved(req.uri().path()) {
+        match route::with_path(req.uri(), &path) {
+            Some(uri) => *req.uri_mut() = uri,
+            None => return (respond::local(Local::BadRequest), None),
+        }
+    }
     if route::has_dot_segment(req.uri().path()) || !valid_target(&req) {
         return (respond::local(Local::BadRequest), None);
     }
@@ -1000,7 +1008,7 @@ async fn route_and_forward(
         return (attempt::answer_unsent(route, refused), Some(ri));
     }
     if let Some(limit) = &route.client_limit {
-        match limit.check(&ctx.peer_ip, req.headers()) {
+        match limit.check(&ctx.peer_ip, req.headers(), req.uri()) {
             Ok(()) => {}
             Err(crate::admission::Refusal::Limited(retry_after)) => {
                 rt.stats[ri].client_rate_limited();

@@ -32,9 +32,12 @@ impl Matcher {
                 HeaderValue::from_str(v).map_err(|e| e.to_string())?,
             ));
         }
+        // Compared with request paths whose unreserved characters are decoded: so are these.
+        let path =
+            |p: &str| -> Box<str> { decode_unreserved(p).map_or_else(|| p.into(), Into::into) };
         Ok(Matcher {
-            prefix: m.path_prefix.as_deref().map(Into::into),
-            exact: m.path.as_deref().map(Into::into),
+            prefix: m.path_prefix.as_deref().map(path),
+            exact: m.path.as_deref().map(path),
             methods,
             headers,
         })
@@ -58,12 +61,18 @@ impl Matcher {
         }
         self.headers.iter().all(|(k, v)| {
             let mut got = req.headers().get_all(k).iter();
-            if *k == http::header::HOST && req.headers().get(k).is_none() {
-                // HTTP/2 carries the host in `:authority` (the URI), not in a `host` field.
-                return req
-                    .uri()
-                    .authority()
-                    .is_some_and(|a| a.as_str().as_bytes() == v.as_bytes());
+            if *k == http::header::HOST {
+                // A host in any case is the same host (RFC 9110 4.2.3), as nginx's `server_name`
+                // and Envoy's `domains` take it.
+                let same = |h: &[u8]| h.eq_ignore_ascii_case(v.as_bytes());
+                if req.headers().get(k).is_none() {
+                    // HTTP/2 carries the host in `:authority` (the URI), not in a `host` field.
+                    return req
+                        .uri()
+                        .authority()
+                        .is_some_and(|a| same(a.as_str().as_bytes()));
+                }
+                return got.any(|x| same(x.as_bytes()));
             }
             got.any(|x| x == v)
         })
@@ -327,6 +336,60 @@ impl Route {
     }
 }
 
+/// `path` with its percent-encoded unreserved characters (RFC 3986 2.3: letters, digits, `-`, `.`,
+/// `_`, `~`) decoded, as RFC 3986 6.2.2.2 normalises them: `None` when it has none (nearly every
+/// path: no `%` at all). A server behind decodes them before it routes, so `/%61dmin` is `/admin`
+/// there; the routes must judge that path, not one that dodges a prefix.
+#[inline]
+pub(crate) fn decode_unreserved(path: &str) -> Option<String> {
+    if !path.as_bytes().contains(&b'%') {
+        return None;
+    }
+    decode_unreserved_in(path)
+}
+
+#[cold]
+fn decode_unreserved_in(path: &str) -> Option<String> {
+    fn hex(c: u8) -> Option<u8> {
+        char::from(c)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    }
+    let b = path.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut changed = false;
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                let c = h * 16 + l;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    out.push(c);
+                    changed = true;
+                    i += 3;
+                    continue;
+                }
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    // Only ASCII bytes were replaced by ASCII bytes: still UTF-8.
+    changed.then(|| String::from_utf8(out).ok()).flatten()
+}
+
+/// `uri` with `path` instead of its path (query, scheme and authority kept); `None` if that is no
+/// valid URI.
+pub(crate) fn with_path(uri: &http::Uri, path: &str) -> Option<http::Uri> {
+    let pq = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_owned(),
+    };
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(pq.parse().ok()?);
+    http::Uri::from_parts(parts).ok()
+}
+
 /// Whether `path` has a dot-segment (`.` or `..`) in any spelling a server behind might resolve:
 /// `%2e` for a dot, a `;parameter` after it (`..;` to Tomcat and Jetty), and `\`, `%2f` or `%5c`
 /// as a separator (servers that decode or normalise them first). Such a path would reach, upstream,
@@ -354,7 +417,32 @@ fn dot_segment_in(path: &str) -> bool {
 
 #[cfg(test)]
 mod dot_tests {
-    use super::has_dot_segment;
+    use super::{decode_unreserved, has_dot_segment, with_path};
+
+    #[test]
+    fn percent_encoded_unreserved_characters_are_decoded() {
+        for (p, want) in [
+            ("/%61dmin/x", Some("/admin/x")),
+            ("/%61%64%6D%69%6e", Some("/admin")),
+            ("/a%2Db%5Fc%7Ed%2e", Some("/a-b_c~d.")),
+            ("/%2e%2e/x", Some("/../x")),
+            ("/a%2Fb", None),
+            ("/a%20b", None),
+            ("/a%", None),
+            ("/a%6", None),
+            ("/a%zz", None),
+            ("/a%%61", Some("/a%a")),
+            ("/plain", None),
+        ] {
+            assert_eq!(decode_unreserved(p).as_deref(), want, "{p}");
+        }
+        let uri: http::Uri = "http://a.example/%61dmin?x=%61".parse().unwrap();
+        let got = with_path(&uri, &decode_unreserved(uri.path()).unwrap()).unwrap();
+        assert_eq!(got.to_string(), "http://a.example/admin?x=%61");
+        let uri: http::Uri = "/%7Euser".parse().unwrap();
+        let got = with_path(&uri, &decode_unreserved(uri.path()).unwrap()).unwrap();
+        assert_eq!(got.to_string(), "/~user");
+    }
 
     #[test]
     fn dot_segments_in_every_spelling_are_found() {
