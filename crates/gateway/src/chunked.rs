@@ -24,6 +24,53 @@
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 
+/// The most chunk data one [`Decoder::decode`] call joins from several chunks.
+pub(crate) const COALESCE: usize = 64 * 1024;
+
+/// The data one [`Decoder::decode`] call gathers: none, one chunk's (split off the buffer, no
+/// copy), or several chunks' joined.
+enum Data {
+    None,
+    One(BytesMut),
+    Joined(BytesMut),
+}
+
+impl Data {
+    fn is_none(&self) -> bool {
+        matches!(self, Data::None)
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Data::None => 0,
+            Data::One(b) | Data::Joined(b) => b.len(),
+        }
+    }
+
+    fn push(&mut self, piece: BytesMut) {
+        *self = match std::mem::replace(self, Data::None) {
+            Data::None => Data::One(piece),
+            Data::One(first) => {
+                let mut joined = BytesMut::with_capacity(first.len() + piece.len());
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&piece);
+                Data::Joined(joined)
+            }
+            Data::Joined(mut joined) => {
+                joined.extend_from_slice(&piece);
+                Data::Joined(joined)
+            }
+        };
+    }
+
+    fn into_bytes(self) -> Option<Bytes> {
+        match self {
+            Data::None => None,
+            Data::One(b) | Data::Joined(b) => Some(b.freeze()),
+        }
+    }
+}
+
 /// Most bytes on a chunk-size line after the size (whitespace and extensions, which are ignored).
 /// Real extensions are rare and short; 4 KiB is what both decoders allowed before.
 pub(crate) const MAX_CHUNK_EXT: usize = 4 * 1024;
@@ -167,12 +214,16 @@ impl Decoder {
     /// Decodes the next item from the front of `buf`, consuming what it used (`eof`: the connection
     /// has ended and `buf` holds all there is). `Ok(None)`: more bytes are needed. Data is split off
     /// `buf` as soon as any is there; [`Item::End`] is returned again on every call after the end.
+    /// The data of several chunks already in `buf` comes as one item (up to [`COALESCE`] bytes):
+    /// a sender writing many small chunks (a row per chunk) must not become as many HTTP/2 DATA
+    /// frames or writes on the other side, which HTTP/2 peers take for a flood. A single chunk's
+    /// data is split off `buf` without a copy.
     pub(crate) fn decode(&mut self, buf: &mut BytesMut, eof: bool) -> Result<Option<Item>, Error> {
-        let mut data: Option<Bytes> = None;
+        let mut data = Data::None;
         loop {
             match self.state {
                 State::Done => {
-                    if data.is_some() {
+                    if !data.is_none() {
                         break;
                     }
                     return Ok(Some(
@@ -180,7 +231,7 @@ impl Decoder {
                     ));
                 }
                 State::Data => {
-                    if data.is_some() || buf.is_empty() {
+                    if buf.is_empty() || data.len() >= COALESCE {
                         break;
                     }
                     let n = usize::try_from(self.size).map_or(buf.len(), |s| s.min(buf.len()));
@@ -188,7 +239,7 @@ impl Decoder {
                     if self.size == 0 {
                         self.state = State::DataCr;
                     }
-                    data = Some(buf.split_to(n).freeze());
+                    data.push(buf.split_to(n));
                     continue;
                 }
                 _ => {}
@@ -212,11 +263,11 @@ impl Decoder {
                     self.state = next;
                 }
                 // Left unconsumed: reported on the next call, after this data.
-                Err(_) if data.is_some() => break,
+                Err(_) if !data.is_none() => break,
                 Err(e) => return Err(e),
             }
         }
-        match data {
+        match data.into_bytes() {
             Some(d) => Ok(Some(Item::Data(d))),
             None if eof => Err(Error::Eof),
             None => Ok(None),
@@ -477,6 +528,28 @@ mod tests {
             panic!("no data");
         };
         assert_eq!((&b[..], b.as_ptr() as usize), (&b"hello"[..], at));
+    }
+
+    #[test]
+    fn small_chunks_already_read_come_as_one_item_up_to_the_cap() {
+        let mut wire = Vec::new();
+        for _ in 0..10_000 {
+            wire.extend_from_slice(b"10\r\n0123456789abcdef\r\n");
+        }
+        wire.extend_from_slice(b"0\r\n\r\n");
+        let mut buf = BytesMut::from(&wire[..]);
+        let mut d = Decoder::new(Trailers::Discard);
+        let mut sizes = Vec::new();
+        loop {
+            match d.decode(&mut buf, false) {
+                Ok(Some(Item::Data(b))) => sizes.push(b.len()),
+                Ok(Some(Item::End)) => break,
+                other => panic!("{other:?}"),
+            }
+        }
+        // 160,000 bytes: two full items (the cap, reached at a chunk's end) and the rest.
+        assert_eq!(sizes, [COALESCE, COALESCE, 160_000 - 2 * COALESCE]);
+        assert!(buf.is_empty());
     }
 
     #[test]

@@ -1331,6 +1331,10 @@ impl Server {
             // the other streams' uploads, as hyper's default (1 MiB for both) let it.
             .initial_stream_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            // Response body each stream holds while the client does not read: a client that
+            // grants a huge window and reads nothing pins this much per stream, not hyper's
+            // default 400 KiB (100 streams: 40 MiB per connection).
+            .max_send_buf_size(H2_SEND_BUFFER)
             .max_header_list_size(h2::header_list_ceiling(settings.max_header_bytes))
             .max_concurrent_streams(settings.max_concurrent_streams)
             // WebSocket over HTTP/2 (RFC 8441), on routes with `websocket: true`.
@@ -1694,6 +1698,10 @@ async fn serve_h2<I>(
 
 /// Request body an HTTP/2 client may send on one stream before the gateway reads it.
 const H2_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// Response body the gateway buffers per HTTP/2 stream toward a client that does not read (the
+/// upstream is read no further meanwhile).
+const H2_SEND_BUFFER: usize = 64 * 1024;
 
 /// Request body an HTTP/2 client may send on all of a connection's streams before the gateway
 /// reads it: 64 streams' worth (the memory one connection can hold in unread uploads).
