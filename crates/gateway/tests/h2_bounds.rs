@@ -11,10 +11,9 @@ use tokio::io::AsyncWriteExt;
 
 /// The tests of this file run one at a time: one measures the process's memory, which the others
 /// would disturb.
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    LOCK.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+async fn serial() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
 }
 
 /// The process's resident memory, in bytes (the gateway runs in this process).
@@ -72,7 +71,7 @@ fn get_block(path: &str) -> Vec<u8> {
 /// hyper's default 400 KiB each, ~50 MiB for this one connection, until `idle_timeout`).
 #[tokio::test]
 async fn an_http2_client_that_reads_nothing_pins_bounded_memory() {
-    let _serial = serial();
+    let _serial = serial().await;
     use support::h2raw::*;
     let up = big_upstream(4 << 20).await;
     let gw = Gateway::start(&one_route(&up.url(), "")).await;
@@ -111,7 +110,7 @@ async fn an_http2_client_that_reads_nothing_pins_bounded_memory() {
 /// `GOAWAY ENHANCE_YOUR_CALM`.
 #[tokio::test]
 async fn an_upstream_streaming_small_chunks_does_not_get_http2_clients_disconnected() {
-    let _serial = serial();
+    let _serial = serial().await;
     const CHUNKS: usize = 100_000;
     const RECORD: &[u8] = b"{\"n\":1234567,\"\"}";
     let mut wire = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
@@ -160,7 +159,7 @@ async fn an_upstream_streaming_small_chunks_does_not_get_http2_clients_disconnec
 #[tokio::test]
 async fn a_client_uploading_small_chunks_does_not_get_the_shared_http2_upstream_connection_closed()
 {
-    let _serial = serial();
+    let _serial = serial().await;
     const CHUNKS: usize = 100_000;
     let up = Upstream::start(
         "h2",
