@@ -255,3 +255,74 @@ routes:
     );
     gw.stop().await;
 }
+
+/// `peak_ewma` with one endpoint that refuses connections and one that answers, requests one after
+/// another (no retry): a connect failure counts as a slow sample (the failure penalty), so the
+/// dead endpoint does not keep the cost of one never measured, the lowest, and draw every request
+/// (review hc2: 1 of 20 answered).
+#[tokio::test]
+async fn peak_ewma_does_not_send_every_request_to_an_endpoint_that_refuses_connections() {
+    let live = Upstream::named("live").await;
+    let dead = dead_url().await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    balance: peak_ewma
+    endpoints: [{{url: '{dead}'}}, {{url: '{}'}}]
+routes:
+  - upstream: u
+",
+        live.url()
+    ))
+    .await;
+    let c = client();
+    let url = gw.url("/");
+    let mut ok = 0;
+    for _ in 0..20 {
+        if get(&c, &url).await.status == 200 {
+            ok += 1;
+        }
+    }
+    assert!(
+        ok >= 18,
+        "only {ok} of 20 answered (live hits: {})",
+        live.hits()
+    );
+    gw.stop().await;
+}
+
+/// `peak_ewma` with an endpoint answering 200 in ~5 ms and one answering 503 at once: a failed
+/// answer counts as at least the failure penalty, so the broken endpoint does not look the
+/// fastest (review hc2: it took 39 of 40 requests).
+#[tokio::test]
+async fn peak_ewma_does_not_favour_an_endpoint_that_fails_fast() {
+    let good = slow("good", Duration::from_millis(5)).await;
+    let bad = Upstream::status("bad", 503).await;
+    let gw = Gateway::start(&format!(
+        "upstreams:
+  u:
+    balance: peak_ewma
+    endpoints: [{{url: '{}'}}, {{url: '{}'}}]
+routes:
+  - upstream: u
+",
+        bad.url(),
+        good.url()
+    ))
+    .await;
+    let c = client();
+    let url = gw.url("/");
+    let mut ok = 0;
+    for _ in 0..40 {
+        if get(&c, &url).await.status == 200 {
+            ok += 1;
+        }
+    }
+    assert!(
+        ok >= 36,
+        "only {ok} of 40 answered 200 (bad: {}, good: {})",
+        bad.hits(),
+        good.hits()
+    );
+    gw.stop().await;
+}

@@ -395,12 +395,19 @@ async fn attempt(
                 admission.measure_from(from);
             }
             let latency = end.saturating_duration_since(from);
-            ep.observe_latency(latency, end);
             let status = resp.status().as_u16();
             let retryable = route.retry_on.status(status);
             // 5xx and 429 are failures (passed through with x-bulwark-*, replaced by a fallback) even
             // when the route does not retry them.
             let failed = retryable || crate::upstream::server_error(status) || status == 429;
+            // A failed answer is no sign of speed: peak-EWMA counts it at least the failure
+            // penalty, or an endpoint answering instant 503s would draw every request (a quota
+            // answer that starts a cooldown takes the endpoint out anyway).
+            if failed && !up.cools_down_on(status) {
+                ep.observe_failure(latency, end);
+            } else {
+                ep.observe_latency(latency, end);
+            }
             let (parts_r, inner) = resp.into_parts();
             let mut resp = Response::from_parts(parts_r, ());
             headers::strip_hop_by_hop(resp.headers_mut());
@@ -459,14 +466,15 @@ async fn attempt(
             admission.record(Outcome::Failure);
             up.observe(ei, Observed::Failed);
             tracing::debug!(endpoint = %ep.url, kind = ?e.kind, error = ?e.source, "attempt failed");
+            // Peak-EWMA learns the failure (at least the penalty, or the time it took): an
+            // endpoint that refuses connections would otherwise keep the cost of one never
+            // measured, the lowest, and draw every request.
+            let end = Instant::now();
+            ep.observe_failure(end.saturating_duration_since(now), end);
             let failure = match e.kind {
                 FailKind::Timeout => Failure::Timeout,
                 FailKind::ConnectCut => {
                     route.policies.on_timeout("attempt");
-                    // As for any timeout: peak-EWMA learns the time it took, or an endpoint that
-                    // never connects would keep the cost of one never measured.
-                    let end = Instant::now();
-                    ep.observe_latency(end.saturating_duration_since(now), end);
                     Failure::Timeout
                 }
                 _ => Failure::UpstreamError,
@@ -498,7 +506,7 @@ async fn attempt(
                 // the time of a cancelled call), or an endpoint that never answers would keep the
                 // cost of one never measured and win every comparison.
                 let end = Instant::now();
-                ep.observe_latency(end.saturating_duration_since(now), end);
+                ep.observe_failure(end.saturating_duration_since(now), end);
             }
             Err(Miss::Failed {
                 failure: Failure::Timeout,

@@ -22,6 +22,11 @@ const UNMEASURED_BUSY: f64 = 1e18;
 /// Peak-EWMA decay time: latency samples older than ~10 s have little weight (linkerd's default).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
 
+/// The least latency a failed attempt counts as, for peak-EWMA: an endpoint that fails fast (a
+/// refused connection, an instant 503) must not look like the fastest and draw every request. It
+/// decays as any sample does, so the endpoint is tried again some tens of seconds on.
+pub(crate) const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
 /// One endpoint of an upstream.
 #[derive(Debug)]
 pub struct Endpoint {
@@ -295,6 +300,12 @@ impl Endpoint {
         let ewma = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
         let elapsed = now.saturating_sub(self.ewma_at.load(Ordering::Relaxed)) as f64;
         ewma * (-elapsed / EWMA_DECAY.as_nanos() as f64).exp()
+    }
+
+    /// Records a failed attempt (a 5xx, a connect failure, a reset, a timeout) that took `rtt`, for
+    /// peak-EWMA: a sample of at least [`FAILURE_PENALTY`].
+    pub fn observe_failure(&self, rtt: Duration, at: Instant) {
+        self.observe_latency(rtt.max(FAILURE_PENALTY), at);
     }
 
     /// Records a latency sample for peak-EWMA: a slower sample takes over at once (the peak), a faster one
