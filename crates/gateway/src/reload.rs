@@ -229,6 +229,10 @@ impl Reloader {
     /// is not logged again.
     fn reload_locked(&self, state: &mut State, retry: bool) -> Result<Reloaded, String> {
         let result = self.try_reload();
+        let (result, files) = match result {
+            Ok((r, files)) => (Ok(r), Some(files)),
+            Err(e) => (Err(e), None),
+        };
         self.gateway
             .runtime()
             .telemetry()
@@ -241,10 +245,11 @@ impl Reloader {
         );
         match &result {
             Ok(r) => {
-                // The TLS files to watch from now on are those the new config names (taken after
-                // the config file's stamp, as before: a later change is seen at the next look).
-                if let Some(look) = &mut state.stamp {
-                    look.files = file_stamps(&self.gateway.runtime().config);
+                // The TLS files to watch from now on are those the new config names, as they were
+                // before the build read them: a file replaced while the build read the old one (a
+                // certificate renewed just then) differs from its stamp at the next look.
+                if let (Some(look), Some(files)) = (&mut state.stamp, files) {
+                    look.files = files;
                 }
                 state.last_error = None;
                 state.retry_every = 0;
@@ -281,7 +286,8 @@ impl Reloader {
         result
     }
 
-    fn try_reload(&self) -> Result<Reloaded, String> {
+    /// Also the stamps of the TLS files the new config names, taken before it read them.
+    fn try_reload(&self) -> Result<(Reloaded, Vec<Option<Stamp>>), String> {
         // An empty file is a valid config (every default: no upstream, no route), and what a file
         // being written in place holds for a moment: never swapped in for a running config.
         if std::fs::read(&self.path).is_ok_and(|b| b.iter().all(u8::is_ascii_whitespace)) {
@@ -291,6 +297,8 @@ impl Reloader {
             ));
         }
         let config = config::load(&self.path).map_err(|e| e.to_string())?;
+        // (`load` checks that the TLS files are there and read, the build reads them again.)
+        let files = file_stamps(&config);
         let old = self.gateway.runtime();
         let new = Runtime::build(&config, old.telemetry(), Some(&old))
             .map_err(|e| format!("{}: {e}", self.path.display()))?;
@@ -313,7 +321,7 @@ impl Reloader {
         }
         self.gateway.swap(new);
         r.generation = self.gateway.generation();
-        Ok(r)
+        Ok((r, files))
     }
 
     /// Reloads on SIGHUP and whenever the file changes (checked every `poll`), until dropped. The
