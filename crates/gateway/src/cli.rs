@@ -181,6 +181,7 @@ fn run(path: PathBuf, threads: Option<u16>, log_format: Option<LogFormat>) -> Ex
         }
     };
     init_tracing(&config.logging, log_format);
+    raise_fd_limit(config.limits.max_connections);
     let threads = threads
         .map(usize::from)
         .or_else(|| std::thread::available_parallelism().ok().map(|n| n.get()))
@@ -236,6 +237,44 @@ fn run(path: PathBuf, threads: Option<u16>, log_format: Option<LogFormat>) -> Ex
             }
         }
     })
+}
+
+/// File descriptors `max_connections` client connections need at most: each with an upstream
+/// connection, plus the listeners, the admin API, health checks, the store and log files.
+pub fn fds_needed(max_connections: usize) -> u64 {
+    (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(64)
+}
+
+/// Raises the soft limit on open files to the hard limit, as HAProxy (from its `maxconn`) and
+/// Go's runtime do: a shell's usual soft limit (1024) is far below what the default
+/// `max_connections` needs, and a process out of descriptors fails its upstream connections,
+/// which the breaker and outlier detection would then hold against healthy endpoints. Warns when
+/// even the limit in force then is below [`fds_needed`]. The limit in force, if known.
+pub fn raise_fd_limit(max_connections: usize) -> Option<u64> {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let was = getrlimit(Resource::Nofile);
+    if was.current.is_some() && was.current != was.maximum {
+        let raised = Rlimit {
+            current: was.maximum,
+            maximum: was.maximum,
+        };
+        if let Err(e) = setrlimit(Resource::Nofile, raised) {
+            tracing::debug!(error = %e, "could not raise the open-file limit");
+        }
+    }
+    let limit = getrlimit(Resource::Nofile).current;
+    let need = fds_needed(max_connections);
+    if let Some(l) = limit.filter(|&l| l < need) {
+        tracing::warn!(
+            limit = l,
+            max_connections,
+            needed = need,
+            "the open-file limit is below what limits.max_connections needs (a client and an upstream connection each): raise it (ulimit -n, systemd LimitNOFILE=) or lower max_connections"
+        );
+    }
+    limit
 }
 
 /// A gateway started by [`start`]: proxy, admin listener (when configured) and config reloader.

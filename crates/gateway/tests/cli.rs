@@ -701,3 +701,74 @@ fn an_empty_config_file_is_refused() {
         );
     }
 }
+
+/// `bulwark run` started with a low soft limit on open files (a shell's usual 1024; here 256)
+/// raises it to the hard limit, as HAProxy does from its `maxconn`: the default
+/// `max_connections` needs ~20,000 descriptors, and a process out of them fails upstream connects
+/// that the breaker and outlier detection then hold against healthy endpoints. When even the hard
+/// limit is below what `max_connections` needs, it says so in its log.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn run_raises_the_open_file_limit_and_warns_when_it_is_short() {
+    use std::process::Stdio;
+    let hard = std::fs::read_to_string("/proc/self/limits")
+        .unwrap()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4).map(str::to_owned))
+        .unwrap();
+    if hard == "unlimited" || hard.parse::<u64>().unwrap() <= 256 {
+        return; // nothing to raise to here
+    }
+    let hard: u64 = hard.parse().unwrap();
+    for (max_connections, short) in [(100, false), (hard as usize, true)] {
+        let config = write(
+            "fd.yaml",
+            &format!(
+                "listen: 127.0.0.1:0
+logging: {{ format: json, level: info }}
+limits: {{ max_connections: {max_connections} }}
+upstreams:
+  u: {{ endpoints: [{{url: 'http://127.0.0.1:9'}}] }}
+routes:
+  - upstream: u
+"
+            ),
+        );
+        let mut child = Command::new("sh")
+            .args([
+                "-c",
+                "ulimit -Sn 256 && exec \"$0\" run --threads 1 -c \"$1\"",
+            ])
+            .arg(env!("CARGO_BIN_EXE_bulwark"))
+            .arg(&*config)
+            .env_remove("BULWARK_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let lines = support::gather_lines(&mut child);
+        let seen = |needle: &str| lines.lock().unwrap().iter().any(|l| l.contains(needle));
+        support::wait_until(20, || seen("bulwark listening")).await;
+        let soft = std::fs::read_to_string(format!("/proc/{}/limits", child.id()))
+            .unwrap()
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| {
+                l.split_whitespace()
+                    .nth(3)
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(soft, hard, "max_connections {max_connections}");
+        assert_eq!(
+            seen("open-file limit is below"),
+            short,
+            "max_connections {max_connections}: {:?}",
+            lines.lock().unwrap()
+        );
+    }
+}
