@@ -971,11 +971,14 @@ async fn route_and_forward(
     // `:path: ?a=b` would be routed as `/` and sent as it came.
     // A percent-encoded unreserved character (`/%61dmin`) is decoded first (RFC 3986 6.2.2.2): the
     // upstream decodes it before it routes, so the routes judge, and the upstream gets, `/admin`.
-    if let Some(path) = route::decode_unreserved(req.uri().path()) {
-        match route::with_path(req.uri(), &path) {
+    // A `%` not followed by two hex digits is an invalid target (nginx refuses it too).
+    match route::decode_unreserved(req.uri().path()) {
+        Ok(None) => {}
+        Ok(Some(path)) => match route::with_path(req.uri(), &path) {
             Some(uri) => *req.uri_mut() = uri,
             None => return (respond::local(Local::BadRequest), None),
-        }
+        },
+        Err(route::InvalidEscape) => return (respond::local(Local::BadRequest), None),
     }
     if route::has_dot_segment(req.uri().path()) || !valid_target(&req) {
         return (respond::local(Local::BadRequest), None);
