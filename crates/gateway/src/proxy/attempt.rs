@@ -400,14 +400,6 @@ async fn attempt(
             // 5xx and 429 are failures (passed through with x-bulwark-*, replaced by a fallback) even
             // when the route does not retry them.
             let failed = retryable || crate::upstream::server_error(status) || status == 429;
-            // A failed answer is no sign of speed: peak-EWMA counts it at least the failure
-            // penalty, or an endpoint answering instant 503s would draw every request (a quota
-            // answer that starts a cooldown takes the endpoint out anyway).
-            if failed && !up.cools_down_on(status) {
-                ep.observe_failure(latency, end);
-            } else {
-                ep.observe_latency(latency, end);
-            }
             let (parts_r, inner) = resp.into_parts();
             let mut resp = Response::from_parts(parts_r, ());
             headers::strip_hop_by_hop(resp.headers_mut());
@@ -416,6 +408,14 @@ async fn attempt(
             } else {
                 None
             };
+            // A failed answer is no sign of speed: peak-EWMA passes the endpoint over for a
+            // while, or one answering instant 503s would draw every request (a quota answer
+            // that starts a cooldown takes the endpoint out anyway).
+            if failed && !up.starts_cooldown(status, ra) {
+                ep.observe_failure(latency, end);
+            } else {
+                ep.observe_latency(latency, end);
+            }
             up.observe(
                 ei,
                 Observed::Response {
@@ -466,7 +466,7 @@ async fn attempt(
             admission.record(Outcome::Failure);
             up.observe(ei, Observed::Failed);
             tracing::debug!(endpoint = %ep.url, kind = ?e.kind, error = ?e.source, "attempt failed");
-            // Peak-EWMA learns the failure (at least the penalty, or the time it took): an
+            // Peak-EWMA learns the failure (passed over for a while, and the time it took): an
             // endpoint that refuses connections would otherwise keep the cost of one never
             // measured, the lowest, and draw every request.
             let end = Instant::now();

@@ -22,10 +22,17 @@ const UNMEASURED_BUSY: f64 = 1e18;
 /// Peak-EWMA decay time: latency samples older than ~10 s have little weight (linkerd's default).
 const EWMA_DECAY: Duration = Duration::from_secs(10);
 
-/// The least latency a failed attempt counts as, for peak-EWMA: an endpoint that fails fast (a
-/// refused connection, an instant 503) must not look like the fastest and draw every request. It
-/// decays as any sample does, so the endpoint is tried again some tens of seconds on.
-pub(crate) const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+/// How long peak-EWMA passes over an endpoint after a failed attempt: an endpoint that fails fast
+/// (a refused connection, an instant 503) must not look like the fastest and draw every request.
+/// Doubles with each failure in a row, up to [`PASS_OVER_MAX`]; a success ends it.
+const PASS_OVER: Duration = Duration::from_secs(1);
+
+/// The longest pass-over after failures in a row.
+const PASS_OVER_MAX: Duration = Duration::from_secs(30);
+
+/// Peak-EWMA cost of an endpoint passed over after a failure: more than any measured endpoint's,
+/// less than [`UNMEASURED_BUSY`] (its own cost is added, so passed-over endpoints still compare).
+const PASSED_OVER: f64 = 1e16;
 
 /// One endpoint of an upstream.
 #[derive(Debug)]
@@ -70,6 +77,10 @@ pub struct Endpoint {
     /// Peak-EWMA of response latency in nanoseconds (f64 bits) and the time of its last update.
     ewma_ns: AtomicU64,
     ewma_at: AtomicU64,
+    /// Peak-EWMA passes over the endpoint until then (ns since the epoch; 0: not passed over),
+    /// after failed attempts in a row (`failed_run`).
+    passed_over_until: AtomicU64,
+    failed_run: AtomicU32,
     epoch: Instant,
 }
 
@@ -106,6 +117,8 @@ impl Endpoint {
             inflight: AtomicUsize::new(0),
             ewma_ns: AtomicU64::new(0f64.to_bits()),
             ewma_at: AtomicU64::new(0),
+            passed_over_until: AtomicU64::new(0),
+            failed_run: AtomicU32::new(0),
             epoch: Instant::now(),
         }
     }
@@ -303,15 +316,29 @@ impl Endpoint {
     }
 
     /// Records a failed attempt (a 5xx, a connect failure, a reset, a timeout) that took `rtt`, for
-    /// peak-EWMA: a sample of at least [`FAILURE_PENALTY`].
+    /// peak-EWMA: a latency sample when it is slower than the estimate (a failure is no sign of
+    /// speed), and the endpoint is passed over for [`PASS_OVER`] (doubling with each failure in a
+    /// row, up to [`PASS_OVER_MAX`]) unless every endpoint compared is.
     pub fn observe_failure(&self, rtt: Duration, at: Instant) {
-        self.observe_latency(rtt.max(FAILURE_PENALTY), at);
+        self.observe_latency_floor(rtt, at);
+        let run = self.failed_run.fetch_add(1, Ordering::Relaxed).min(16);
+        let pass = PASS_OVER.saturating_mul(1 << run).min(PASS_OVER_MAX);
+        let until = at
+            .saturating_duration_since(self.epoch)
+            .saturating_add(pass);
+        self.passed_over_until
+            .store(until.as_nanos() as u64, Ordering::Relaxed);
     }
 
     /// Records a latency sample for peak-EWMA: a slower sample takes over at once (the peak), a faster one
     /// is blended in with a weight that grows with the time since the last sample. `at`: when the
     /// sample was taken (the caller has just read the clock).
+    /// It is a success: it ends a pass-over after failures (see [`observe_failure`](Self::observe_failure)).
     pub fn observe_latency(&self, rtt: Duration, at: Instant) {
+        if self.failed_run.load(Ordering::Relaxed) != 0 {
+            self.failed_run.store(0, Ordering::Relaxed);
+            self.passed_over_until.store(0, Ordering::Relaxed);
+        }
         let now = at.saturating_duration_since(self.epoch).as_nanos() as u64;
         let last = self.ewma_at.swap(now, Ordering::Relaxed);
         let prev = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
@@ -335,6 +362,9 @@ impl Endpoint {
     /// one that takes requests and answers none, gets one request at a time until its first
     /// answer (or timeout) gives it a latency, rather than every request while it costs
     /// `1 ns x (in flight + 1)`.
+    ///
+    /// An endpoint passed over after a failure (see [`observe_failure`](Self::observe_failure))
+    /// costs more than any other measured one.
     pub fn ewma_cost(&self) -> f64 {
         let now = Instant::now()
             .saturating_duration_since(self.epoch)
@@ -346,6 +376,12 @@ impl Endpoint {
             // by load (1e18 + n would not: f64 steps by 128 there).
             return UNMEASURED_BUSY * (pending + 1.0);
         }
-        estimate.max(1.0) * (pending + 1.0)
+        let cost = estimate.max(1.0) * (pending + 1.0);
+        if self.passed_over_until.load(Ordering::Relaxed) > now {
+            // After a failure: behind every endpoint that is not, and compared by cost with
+            // those that are (f64 steps by 2 at 1e16).
+            return PASSED_OVER + cost.min(1e15);
+        }
+        cost
     }
 }

@@ -952,6 +952,48 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn peak_ewma_passes_over_a_failed_endpoint_for_a_while_doubling_until_a_success() {
+        let c = config::Upstream {
+            balance: config::Balance::PeakEwma,
+            ..upstream_config(2)
+        };
+        let u = Upstream::new("u", &c, &None).unwrap();
+        let (a, b) = (&u.endpoints[0], &u.endpoints[1]);
+        b.observe_latency(Duration::from_millis(10), Instant::now());
+        // An instant failure of the other endpoint does not make it the cheapest.
+        a.observe_failure(Duration::from_micros(50), Instant::now());
+        assert_eq!(spread(&u, 100), [0, 100]);
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        b.observe_latency(Duration::from_millis(10), Instant::now());
+        assert_eq!(
+            spread(&u, 100),
+            [100, 0],
+            "taken back after 1 s (the faster)"
+        );
+        // It answers: the run of failures is over. Then failures in a row: 1 s, then 2 s.
+        a.observe_latency(Duration::from_micros(50), Instant::now());
+        a.observe_failure(Duration::from_micros(50), Instant::now());
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        a.observe_failure(Duration::from_micros(50), Instant::now());
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        b.observe_latency(Duration::from_millis(10), Instant::now());
+        assert_eq!(spread(&u, 100), [0, 100], "second failure in a row: 2 s");
+        tokio::time::advance(Duration::from_millis(600)).await;
+        b.observe_latency(Duration::from_millis(10), Instant::now());
+        assert_eq!(spread(&u, 100), [100, 0]);
+        // A success ends the run: the next failure passes it over for 1 s again.
+        a.observe_latency(Duration::from_micros(50), Instant::now());
+        a.observe_failure(Duration::from_micros(50), Instant::now());
+        tokio::time::advance(Duration::from_millis(1001)).await;
+        b.observe_latency(Duration::from_millis(10), Instant::now());
+        assert_eq!(spread(&u, 100), [100, 0]);
+        // Both passed over: they compare by cost among themselves.
+        a.observe_failure(Duration::from_micros(50), Instant::now());
+        b.observe_failure(Duration::from_millis(10), Instant::now());
+        assert_eq!(spread(&u, 100), [100, 0]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_retry_avoids_the_failed_endpoint_at_any_index() {
         let u = upstream(MAX_ENDPOINTS, None, false);
         for (i, e) in u.endpoints.iter().enumerate() {
