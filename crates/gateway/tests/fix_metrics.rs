@@ -417,3 +417,150 @@ async fn a_request_the_client_abandons_is_counted_as_a_499() {
         "{m}"
     );
 }
+
+/// The access-log lines captured so far.
+fn access_lines(buf: &Arc<std::sync::Mutex<Vec<u8>>>) -> Vec<String> {
+    String::from_utf8_lossy(&buf.lock().unwrap())
+        .lines()
+        .filter(|l| l.contains("bulwark::access"))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The one access-log line for `path`, once it is there.
+async fn line_for(buf: &Arc<std::sync::Mutex<Vec<u8>>>, path: &str) -> String {
+    let want = format!("path=\"{path}\"");
+    wait_until(10, || access_lines(buf).iter().any(|l| l.contains(&want))).await;
+    let lines: Vec<String> = access_lines(buf)
+        .into_iter()
+        .filter(|l| l.contains(&want))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    lines[0].clone()
+}
+
+/// A raw h2c upstream answering every stream with HEADERS (`:status: 200`, no END_STREAM) and,
+/// in the same write, RST_STREAM(INTERNAL_ERROR): an answer broken from its start.
+async fn h2_head_then_reset() -> std::net::SocketAddr {
+    use support::h2raw::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = l.accept().await {
+            tokio::spawn(async move {
+                if tcp.write_all(&frame(SETTINGS, 0, 0, &[])).await.is_err() {
+                    return;
+                }
+                let mut preface = [0u8; 24];
+                if tcp.read_exact(&mut preface).await.is_err() {
+                    return;
+                }
+                loop {
+                    let mut head = [0u8; 9];
+                    if tcp.read_exact(&mut head).await.is_err() {
+                        return;
+                    }
+                    let len = usize::from(head[0]) << 16
+                        | usize::from(head[1]) << 8
+                        | usize::from(head[2]);
+                    let mut payload = vec![0u8; len];
+                    if tcp.read_exact(&mut payload).await.is_err() {
+                        return;
+                    }
+                    let stream =
+                        u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+                    match (head[3], head[4] & 1) {
+                        (SETTINGS, 0) => {
+                            let _ = tcp.write_all(&frame(SETTINGS, 1, 0, &[])).await;
+                        }
+                        (HEADERS, _) => {
+                            // `:status: 200` is HPACK static table index 8.
+                            let mut out = frame(HEADERS, END_HEADERS, stream, &[0x88]);
+                            out.extend(frame(RST_STREAM, 0, stream, &2u32.to_be_bytes()));
+                            let _ = tcp.write_all(&out).await;
+                        }
+                        _ => {}
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn h2_upstream_config(addr: std::net::SocketAddr) -> String {
+    format!(
+        "logging: {{ access_log: true }}\nupstreams:\n  u: {{ http2: true, endpoints: [{{url: 'http://{addr}'}}] }}\nroutes:\n  - upstream: u\n    retry: {{ attempts: 1 }}\n"
+    )
+}
+
+/// An HTTP/2 upstream's answer broken from its start (its stream reset right after the head) is
+/// a reset, as for an HTTP/1.1 upstream: an HTTP/1.1 client gets the gateway's 502 and the access
+/// log says 502, and an HTTP/2 client gets that 502 too, not a bare stream reset (review dn2: both
+/// were logged and counted as the upstream's 200).
+#[tokio::test]
+async fn an_http2_upstream_answer_broken_from_its_start_is_the_502_the_clients_get() {
+    let (buf, _guard) = capture_logs();
+    let gw = Gateway::start(&h2_upstream_config(h2_head_then_reset().await)).await;
+    let mut c = RawClient::connect(&gw).await;
+    c.send(b"GET /h1 HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (r, _) = c.read_response(false).await;
+    assert_eq!(
+        (
+            r.status,
+            r.header("x-bulwark-reason"),
+            r.header("x-bulwark-attempts")
+        ),
+        (502, Some("upstream_error"), Some("1")),
+        "{r:?}"
+    );
+    let line = line_for(&buf, "/h1").await;
+    assert!(line.contains("status=502"), "{line}");
+
+    let g = get(&h2c_client(), &gw.url("/h2")).await;
+    assert_eq!(
+        (g.status.as_u16(), g.header("x-bulwark-reason")),
+        (502, Some("upstream_error"))
+    );
+    let line = line_for(&buf, "/h2").await;
+    assert!(line.contains("status=502"), "{line}");
+    gw.stop().await;
+}
+
+/// An upload streamed past `retry_buffer` (hyper's client) answered with a chunked body broken at
+/// its first chunk-size line: the client's 502 is what the access log says (review dn2: 200).
+#[tokio::test]
+async fn a_streamed_upload_answered_with_a_body_broken_from_its_start_is_logged_as_502() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (buf, _guard) = capture_logs();
+    let up = RawUpstream::start(|mut s, _| async move {
+        if read_head_only(&mut s, &mut Vec::new()).await.is_none() {
+            return;
+        }
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n")
+            .await;
+        let mut tmp = [0u8; 8192];
+        while matches!(s.read(&mut tmp).await, Ok(n) if n > 0) {}
+    })
+    .await;
+    let gw = Gateway::start(&format!(
+        "logging: {{ access_log: true }}\nupstreams:\n  u: {{ endpoints: [{{url: '{}'}}] }}\nroutes:\n  - upstream: u\n    retry_buffer: 1KiB\n",
+        up.url()
+    ))
+    .await;
+    let mut c = RawClient::connect(&gw).await;
+    let mut req = b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 8192\r\n\r\n".to_vec();
+    req.extend(vec![b'a'; 8192]);
+    c.send(&req).await;
+    let (r, _) = c.read_response(false).await;
+    assert_eq!(
+        (r.status, r.header("x-bulwark-reason")),
+        (502, Some("upstream_error")),
+        "{r:?}"
+    );
+    let line = line_for(&buf, "/up").await;
+    assert!(line.contains("status=502"), "{line}");
+    gw.stop().await;
+}

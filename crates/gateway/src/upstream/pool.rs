@@ -139,12 +139,69 @@ pub struct UpstreamBody(Inner);
 #[derive(Debug)]
 enum Inner {
     H1(RecvBody),
-    Hyper(Incoming),
+    Hyper(Peeked),
     /// A response on a pooled HTTP/2 connection, holding its stream's slot there until dropped.
     H2 {
-        body: Incoming,
+        body: Peeked,
         _slot: Arc<StreamSlot>,
     },
+}
+
+/// A hyper body whose first frame was looked at when its head came ([`Peeked::look`]).
+#[derive(Debug)]
+struct Peeked {
+    body: Incoming,
+    first: Option<Frame<Bytes>>,
+}
+
+impl Peeked {
+    /// Polls `body` once, without waiting: a body already broken when its head arrives (an
+    /// upstream that reset its stream, or sent a malformed first chunk, right after the head)
+    /// fails the exchange as a reset would, so it is retried, counted and answered as the 502
+    /// the client gets, as for the gateway's own HTTP/1.1 client ([`RecvBody::prefetch`]). A
+    /// frame already there is kept for the first read.
+    async fn look(mut body: Incoming) -> Result<Peeked, hyper::Error> {
+        let first = std::future::poll_fn(|cx| {
+            Poll::Ready(match Pin::new(&mut body).poll_frame(cx) {
+                Poll::Ready(Some(Err(e))) => Err(e),
+                Poll::Ready(Some(Ok(f))) => Ok(Some(f)),
+                Poll::Ready(None) | Poll::Pending => Ok(None),
+            })
+        })
+        .await?;
+        Ok(Peeked { body, first })
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(f) = self.first.take() {
+            return Poll::Ready(Some(Ok(f)));
+        }
+        Pin::new(&mut self.body)
+            .poll_frame(cx)
+            .map(|o| o.map(|r| r.map_err(BoxError::from)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.first.is_none() && self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let rest = self.body.size_hint();
+        let Some(n) = self
+            .first
+            .as_ref()
+            .and_then(|f| f.data_ref())
+            .map(|d| d.len() as u64)
+        else {
+            return rest;
+        };
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower().saturating_add(n));
+        if let Some(u) = rest.upper() {
+            hint.set_upper(u.saturating_add(n));
+        }
+        hint
+    }
 }
 
 impl UpstreamBody {
@@ -173,9 +230,7 @@ impl Body for UpstreamBody {
                 Ok(Item::End) => None,
                 Err(e) => Some(Err(e.into())),
             }),
-            Inner::Hyper(b) | Inner::H2 { body: b, .. } => Pin::new(b)
-                .poll_frame(cx)
-                .map(|o| o.map(|r| r.map_err(BoxError::from))),
+            Inner::Hyper(b) | Inner::H2 { body: b, .. } => b.poll_frame(cx),
         }
     }
 
@@ -859,7 +914,12 @@ impl Pool {
                         kind: FailKind::Reset,
                         source: Some(e.into()),
                     })?;
-                    return Ok(resp.map(|b| UpstreamBody(Inner::Hyper(b))));
+                    let (head, body) = resp.into_parts();
+                    let body = Peeked::look(body).await.map_err(|e| SendError {
+                        kind: FailKind::Reset,
+                        source: Some(e.into()),
+                    })?;
+                    return Ok(Response::from_parts(head, UpstreamBody(Inner::Hyper(body))));
                 }
                 Err(mut e) => match e.take_message() {
                     Some(back) if reused => {
@@ -904,12 +964,13 @@ impl Pool {
             }
             match sender.try_send_request(req).await {
                 Ok(resp) => {
-                    return Ok(resp.map(|b| {
-                        UpstreamBody(Inner::H2 {
-                            body: b,
-                            _slot: slot,
-                        })
-                    }))
+                    let (head, body) = resp.into_parts();
+                    let body = Peeked::look(body).await.map_err(|e| SendError {
+                        kind: FailKind::Reset,
+                        source: Some(e.into()),
+                    })?;
+                    let body = UpstreamBody(Inner::H2 { body, _slot: slot });
+                    return Ok(Response::from_parts(head, body));
                 }
                 Err(mut e) => match e.take_message() {
                     // The connection was closing: another (or a new) one takes the request.
