@@ -1086,3 +1086,26 @@ fn a_budget_window_is_between_1s_and_60s() {
         "{e}"
     );
 }
+
+/// A route path with a `%` not followed by two hex digits could match no request (such a request
+/// gets 400): refused at its key (review df10: it loaded, and the route was silently dead).
+#[test]
+fn a_route_path_with_an_invalid_escape_is_refused() {
+    for m in [
+        "path: /sale/100%",
+        "path: /a%zz",
+        "path_prefix: /%%36%31dmin",
+        "path_prefix: /a%2",
+    ] {
+        let e = err(&format!(
+            "{UP}routes:\n  - match: {{ {m} }}\n    upstream: a\n"
+        ));
+        assert!(e.starts_with("gw.yaml:5:"), "{m}: {e}");
+        assert!(e.contains("not followed by two hex digits"), "{m}: {e}");
+    }
+    assert!(from_str(
+        &format!("{UP}routes:\n  - match: {{ path: /sale/100%25 }}\n    upstream: a\n"),
+        "gw.yaml"
+    )
+    .is_ok());
+}

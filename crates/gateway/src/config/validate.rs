@@ -606,6 +606,16 @@ fn validate_route(base: &[Seg], route: &Route, config: &Config) -> Result<(), In
                     ),
                 ));
             }
+            // A request path with such a `%` gets 400, so this could match nothing.
+            if !escapes_valid(v) {
+                return Err(at(
+                    &p(&[k("match"), k(key)]),
+                    format!(
+                        "`{v}` has a `%` not followed by two hex digits (a request path with one \
+                         gets 400; write `%25` for a `%`)"
+                    ),
+                ));
+            }
         }
     }
     for (i, mode) in route.exempt_modes.iter().enumerate() {
@@ -848,4 +858,14 @@ fn known(config: &Config) -> String {
     } else {
         format!(" (defined: {})", names.join(", "))
     }
+}
+
+/// Whether every `%` in `v` is followed by two hex digits.
+fn escapes_valid(v: &str) -> bool {
+    let b = v.as_bytes();
+    b.iter().enumerate().all(|(i, &c)| {
+        c != b'%'
+            || b.get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    })
 }

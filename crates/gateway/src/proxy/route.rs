@@ -33,7 +33,7 @@ impl Matcher {
             ));
         }
         // Compared with request paths whose unreserved characters are decoded: so are these.
-        // (A path with an invalid escape is kept as written: no request path can match it.)
+        // (The config's check refuses a path with an invalid escape.)
         let path = |p: &str| -> Box<str> {
             match decode_unreserved(p) {
                 Ok(Some(decoded)) => decoded.into(),

@@ -30,9 +30,11 @@ const PASS_OVER: Duration = Duration::from_secs(1);
 /// The longest pass-over after failures in a row.
 const PASS_OVER_MAX: Duration = Duration::from_secs(30);
 
-/// Peak-EWMA cost of an endpoint passed over after a failure: more than any measured endpoint's,
-/// less than [`UNMEASURED_BUSY`] (its own cost is added, so passed-over endpoints still compare).
-const PASSED_OVER: f64 = 1e16;
+/// Peak-EWMA cost of an endpoint passed over after a failure: more than any other's, a busy one
+/// never measured ([`UNMEASURED_BUSY`] times its load) included (a known failure is worse than an
+/// unknown endpoint). Its own cost is added, so passed-over endpoints still compare (by steps of
+/// about 2 s of estimate x load, at this magnitude).
+const PASSED_OVER: f64 = 1e25;
 
 /// One endpoint of an upstream.
 #[derive(Debug)]
@@ -319,13 +321,18 @@ impl Endpoint {
     /// peak-EWMA: a latency sample when it is slower than the estimate (a failure is no sign of
     /// speed), and the endpoint is passed over for [`PASS_OVER`] (doubling with each failure in a
     /// row, up to [`PASS_OVER_MAX`]) unless every endpoint compared is.
+    ///
+    /// A failure while the endpoint is passed over already (another request that was in flight
+    /// when it failed: one blip fails them together) is the same event: it extends nothing.
     pub fn observe_failure(&self, rtt: Duration, at: Instant) {
         self.observe_latency_floor(rtt, at);
+        let now = at.saturating_duration_since(self.epoch);
+        if self.passed_over_until.load(Ordering::Relaxed) > now.as_nanos() as u64 {
+            return;
+        }
         let run = self.failed_run.fetch_add(1, Ordering::Relaxed).min(16);
         let pass = PASS_OVER.saturating_mul(1 << run).min(PASS_OVER_MAX);
-        let until = at
-            .saturating_duration_since(self.epoch)
-            .saturating_add(pass);
+        let until = now.saturating_add(pass);
         self.passed_over_until
             .store(until.as_nanos() as u64, Ordering::Relaxed);
     }
@@ -364,23 +371,24 @@ impl Endpoint {
     /// `1 ns x (in flight + 1)`.
     ///
     /// An endpoint passed over after a failure (see [`observe_failure`](Self::observe_failure))
-    /// costs more than any other measured one.
+    /// costs more than any other, a busy one never measured included.
     pub fn ewma_cost(&self) -> f64 {
         let now = Instant::now()
             .saturating_duration_since(self.epoch)
             .as_nanos() as u64;
         let estimate = self.estimate_at(now);
         let pending = self.inflight() as f64;
-        if estimate == 0.0 && pending > 0.0 {
+        let cost = if estimate == 0.0 && pending > 0.0 {
             // Times (in flight + 1), as a measured cost: two unmeasured endpoints still compare
             // by load (1e18 + n would not: f64 steps by 128 there).
-            return UNMEASURED_BUSY * (pending + 1.0);
-        }
-        let cost = estimate.max(1.0) * (pending + 1.0);
+            UNMEASURED_BUSY * (pending + 1.0)
+        } else {
+            estimate.max(1.0) * (pending + 1.0)
+        };
         if self.passed_over_until.load(Ordering::Relaxed) > now {
-            // After a failure: behind every endpoint that is not, and compared by cost with
-            // those that are (f64 steps by 2 at 1e16).
-            return PASSED_OVER + cost.min(1e15);
+            // After a failure: behind every endpoint that is not, compared by cost with those
+            // that are.
+            return PASSED_OVER + cost.min(1e24);
         }
         cost
     }

@@ -987,10 +987,26 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1001)).await;
         b.observe_latency(Duration::from_millis(10), Instant::now());
         assert_eq!(spread(&u, 100), [100, 0]);
-        // Both passed over: they compare by cost among themselves.
+        // A failure while passed over (a request that was in flight then) extends nothing.
+        a.observe_latency(Duration::from_micros(50), Instant::now());
         a.observe_failure(Duration::from_micros(50), Instant::now());
-        b.observe_failure(Duration::from_millis(10), Instant::now());
-        assert_eq!(spread(&u, 100), [100, 0]);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        a.observe_failure(Duration::from_micros(50), Instant::now());
+        a.observe_failure(Duration::from_micros(50), Instant::now());
+        tokio::time::advance(Duration::from_millis(501)).await;
+        b.observe_latency(Duration::from_millis(10), Instant::now());
+        assert_eq!(spread(&u, 100), [100, 0], "one event: 1 s");
+        // A passed-over endpoint costs more than a busy one never measured.
+        let c = config::Upstream {
+            balance: config::Balance::PeakEwma,
+            ..upstream_config(2)
+        };
+        let u = Upstream::new("u", &c, &None).unwrap();
+        let (a, b) = (&u.endpoints[0], &u.endpoints[1]);
+        a.observe_failure(Duration::from_micros(50), Instant::now());
+        b.inc();
+        assert_eq!(spread(&u, 100), [0, 100]);
+        b.dec();
     }
 
     #[tokio::test(start_paused = true)]
