@@ -456,21 +456,8 @@ async fn h2_head_then_reset() -> std::net::SocketAddr {
                 if tcp.read_exact(&mut preface).await.is_err() {
                     return;
                 }
-                loop {
-                    let mut head = [0u8; 9];
-                    if tcp.read_exact(&mut head).await.is_err() {
-                        return;
-                    }
-                    let len = usize::from(head[0]) << 16
-                        | usize::from(head[1]) << 8
-                        | usize::from(head[2]);
-                    let mut payload = vec![0u8; len];
-                    if tcp.read_exact(&mut payload).await.is_err() {
-                        return;
-                    }
-                    let stream =
-                        u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
-                    match (head[3], head[4] & 1) {
+                while let Some((kind, flags, stream, _)) = read_frame(&mut tcp).await {
+                    match (kind, flags & 1) {
                         (SETTINGS, 0) => {
                             let _ = tcp.write_all(&frame(SETTINGS, 1, 0, &[])).await;
                         }
