@@ -249,6 +249,11 @@ impl Admission {
 
 #[cfg(test)]
 mod tests {
+    /// A request target without authority (the key header, when there is one, is in `headers`).
+    fn root() -> http::Uri {
+        http::Uri::from_static("/")
+    }
+
     use super::*;
 
     fn limit(yaml: &str) -> ClientLimit {
@@ -264,22 +269,16 @@ mod tests {
             HeaderValue::from_static("10.0.0.2"),
         );
         let h = HeaderMap::new();
-        assert!(l.check(&a, &h, &http::Uri::from_static("/")).is_ok());
-        assert!(l.check(&a, &h, &http::Uri::from_static("/")).is_ok());
+        assert!(l.check(&a, &h, &root()).is_ok());
+        assert!(l.check(&a, &h, &root()).is_ok());
         assert_eq!(
-            l.check(&a, &h, &http::Uri::from_static("/")),
+            l.check(&a, &h, &root()),
             Err(Refusal::Limited(Duration::from_millis(500)))
         );
-        assert!(
-            l.check(&b, &h, &http::Uri::from_static("/")).is_ok(),
-            "another client"
-        );
+        assert!(l.check(&b, &h, &root()).is_ok(), "another client");
         tokio::time::advance(Duration::from_millis(500)).await;
-        assert!(
-            l.check(&a, &h, &http::Uri::from_static("/")).is_ok(),
-            "refilled one token"
-        );
-        assert!(l.check(&a, &h, &http::Uri::from_static("/")).is_err());
+        assert!(l.check(&a, &h, &root()).is_ok(), "refilled one token");
+        assert!(l.check(&a, &h, &root()).is_err());
         assert_eq!(l.clients(), 2);
     }
 
@@ -290,20 +289,20 @@ mod tests {
         let other_ip = HeaderValue::from_static("10.0.0.2");
         let mut alice = HeaderMap::new();
         alice.insert("x-api-key", HeaderValue::from_static("alice"));
-        assert!(l.check(&ip, &alice, &http::Uri::from_static("/")).is_ok());
+        assert!(l.check(&ip, &alice, &root()).is_ok());
         assert_eq!(
-            l.check(&other_ip, &alice, &http::Uri::from_static("/")),
+            l.check(&other_ip, &alice, &root()),
             Err(Refusal::Limited(Duration::from_secs(1)))
         );
         let mut bob = HeaderMap::new();
         bob.insert("x-api-key", HeaderValue::from_static("bob"));
-        assert!(l.check(&ip, &bob, &http::Uri::from_static("/")).is_ok());
+        assert!(l.check(&ip, &bob, &root()).is_ok());
         let none = HeaderMap::new();
         let mut empty = HeaderMap::new();
         empty.insert("x-api-key", HeaderValue::from_static(""));
         for _ in 0..5 {
-            assert!(l.check(&ip, &none, &http::Uri::from_static("/")).is_ok());
-            assert!(l.check(&ip, &empty, &http::Uri::from_static("/")).is_ok());
+            assert!(l.check(&ip, &none, &root()).is_ok());
+            assert!(l.check(&ip, &empty, &root()).is_ok());
         }
         assert_eq!(l.clients(), 2);
     }
@@ -314,32 +313,29 @@ mod tests {
         let ip = HeaderValue::from_static("10.0.0.1");
         let mut alice = HeaderMap::new();
         alice.insert("x-api-key", HeaderValue::from_static("alice"));
-        assert!(l.check(&ip, &alice, &http::Uri::from_static("/")).is_ok());
+        assert!(l.check(&ip, &alice, &root()).is_ok());
         // An empty first value does not hide the second: this is alice's (empty) bucket.
         let mut sneaky = HeaderMap::new();
         sneaky.append("x-api-key", HeaderValue::from_static(""));
         sneaky.append("x-api-key", HeaderValue::from_static("alice"));
-        assert!(l.check(&ip, &sneaky, &http::Uri::from_static("/")).is_err());
+        assert!(l.check(&ip, &sneaky, &root()).is_err());
         // Two different values: refused (an upstream reads one, the other would pick a bucket).
         let mut two = HeaderMap::new();
         two.append("x-api-key", HeaderValue::from_static("alice"));
         two.append("x-api-key", HeaderValue::from_static("nonce-1"));
-        assert_eq!(
-            l.check(&ip, &two, &http::Uri::from_static("/")),
-            Err(Refusal::AmbiguousKey)
-        );
+        assert_eq!(l.check(&ip, &two, &root()), Err(Refusal::AmbiguousKey));
         // The same value twice, or with whitespace around it, is alice's (empty) bucket.
         let mut again = HeaderMap::new();
         again.append("x-api-key", HeaderValue::from_static("alice"));
         again.append("x-api-key", HeaderValue::from_static(" alice "));
         assert!(matches!(
-            l.check(&ip, &again, &http::Uri::from_static("/")),
+            l.check(&ip, &again, &root()),
             Err(Refusal::Limited(_))
         ));
         let mut spaced = HeaderMap::new();
         spaced.insert("x-api-key", HeaderValue::from_static("alice  "));
         assert!(matches!(
-            l.check(&ip, &spaced, &http::Uri::from_static("/")),
+            l.check(&ip, &spaced, &root()),
             Err(Refusal::Limited(_))
         ));
 
@@ -348,17 +344,17 @@ mod tests {
         let a = HeaderValue::from_static("2001:db8:1:2::1");
         let same_64 = HeaderValue::from_static("2001:db8:1:2:ffff::7");
         let other_64 = HeaderValue::from_static("2001:db8:1:3::1");
-        assert!(l.check(&a, &h, &http::Uri::from_static("/")).is_ok());
+        assert!(l.check(&a, &h, &root()).is_ok());
         assert!(
-            l.check(&same_64, &h, &http::Uri::from_static("/")).is_err(),
+            l.check(&same_64, &h, &root()).is_err(),
             "one /64, one bucket"
         );
-        assert!(l.check(&other_64, &h, &http::Uri::from_static("/")).is_ok());
+        assert!(l.check(&other_64, &h, &root()).is_ok());
         let v4 = HeaderValue::from_static("192.0.2.7");
         let mapped = HeaderValue::from_static("::ffff:192.0.2.7");
-        assert!(l.check(&v4, &h, &http::Uri::from_static("/")).is_ok());
+        assert!(l.check(&v4, &h, &root()).is_ok());
         assert!(
-            l.check(&mapped, &h, &http::Uri::from_static("/")).is_err(),
+            l.check(&mapped, &h, &root()).is_err(),
             "an IPv4-mapped address is the IPv4 one"
         );
     }
@@ -368,9 +364,9 @@ mod tests {
         let l = limit("{ per_second: 0.5, burst: 1 }");
         let ip = HeaderValue::from_static("10.0.0.1");
         let h = HeaderMap::new();
-        assert!(l.check(&ip, &h, &http::Uri::from_static("/")).is_ok());
+        assert!(l.check(&ip, &h, &root()).is_ok());
         assert_eq!(
-            l.check(&ip, &h, &http::Uri::from_static("/")),
+            l.check(&ip, &h, &root()),
             Err(Refusal::Limited(Duration::from_secs(2)))
         );
     }

@@ -235,6 +235,10 @@ impl Decoder {
                         break;
                     }
                     let n = usize::try_from(self.size).map_or(buf.len(), |s| s.min(buf.len()));
+                    // A large piece after small ones comes as an item of its own, uncopied.
+                    if !data.is_none() && n >= COALESCE / 8 {
+                        break;
+                    }
                     self.size -= n as u64;
                     if self.size == 0 {
                         self.state = State::DataCr;
@@ -550,6 +554,26 @@ mod tests {
         // 160,000 bytes: two full items (the cap, reached at a chunk's end) and the rest.
         assert_eq!(sizes, [COALESCE, COALESCE, 160_000 - 2 * COALESCE]);
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn a_large_chunk_after_small_ones_comes_on_its_own_without_a_copy() {
+        let mut wire = b"3\r\nabc\r\n3\r\ndef\r\n4000\r\n".to_vec();
+        let big_at = wire.len();
+        wire.extend(std::iter::repeat_n(b'x', 0x4000));
+        wire.extend_from_slice(b"\r\n0\r\n\r\n");
+        let mut buf = BytesMut::from(&wire[..]);
+        let big_ptr = buf.as_ptr() as usize + big_at;
+        let mut d = Decoder::new(Trailers::Discard);
+        let Ok(Some(Item::Data(small))) = d.decode(&mut buf, false) else {
+            panic!("no data");
+        };
+        assert_eq!(&small[..], b"abcdef");
+        let Ok(Some(Item::Data(big))) = d.decode(&mut buf, false) else {
+            panic!("no data");
+        };
+        assert_eq!((big.len(), big.as_ptr() as usize), (0x4000, big_ptr));
+        assert_eq!(d.decode(&mut buf, false), Ok(Some(Item::End)));
     }
 
     #[test]

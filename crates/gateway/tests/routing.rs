@@ -273,3 +273,26 @@ async fn a_percent_encoded_unreserved_character_does_not_dodge_a_prefix_route() 
     }
     gw.stop().await;
 }
+
+/// A `prefix_rewrite` under a prefix written with an escaped unreserved character (`/%61pi`, which
+/// matches `/api` as requests are decoded) replaces what was matched, no more, no less.
+#[tokio::test]
+async fn a_prefix_rewrite_under_an_escaped_prefix_replaces_what_matched() {
+    let (heads, _a, _p, gw) = adm_and_pub(
+        "  - match: { path_prefix: /%61pi }\n    prefix_rewrite: /v1\n    upstream: adm\n  - upstream: pub\n",
+    )
+    .await;
+    for path in ["/api/x", "/%61pi/x"] {
+        let r = raw_exchange(&gw, &format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n")).await;
+        assert_eq!((r.status, r.header("x-up")), (200, Some("adm")), "{path}");
+    }
+    let heads = heads.lock().unwrap().clone();
+    assert!(
+        heads.len() == 2
+            && heads
+                .iter()
+                .all(|h| h.starts_with("GET /v1/x HTTP/1.1\r\n")),
+        "{heads:?}"
+    );
+    gw.stop().await;
+}

@@ -334,8 +334,13 @@ impl Route {
             client_limit,
             priority: c.priority,
             rewrite: c.prefix_rewrite.as_ref().map(|to| {
+                // The length of what the matcher compares: the path decoded as requests are.
                 let matched = c.matcher.path_prefix.as_ref().or(c.matcher.path.as_ref());
-                (matched.map_or(0, String::len), to.as_str().into())
+                let len = matched.map_or(0, |m| match decode_unreserved(m) {
+                    Ok(Some(decoded)) => decoded.len(),
+                    _ => m.len(),
+                });
+                (len, to.as_str().into())
             }),
         })
     }
