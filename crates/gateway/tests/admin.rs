@@ -89,18 +89,8 @@ async fn health_reports_shape_and_aggregate_status() {
 /// said `healthy` throughout.
 #[tokio::test]
 async fn health_counts_an_endpoint_in_a_quota_cooldown_as_unusable() {
-    let up = Upstream::start(
-        "quota",
-        std::sync::Arc::new(|_req| {
-            Box::pin(async move {
-                let mut r = reply("quota", 429, "slow down");
-                r.headers_mut()
-                    .insert("retry-after", http::HeaderValue::from_static("60"));
-                r
-            })
-        }),
-    )
-    .await;
+    let out = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let up = quota("quota", 429, out, || "60".to_owned()).await;
     let ops = Ops::start(
         &format!(
             "upstreams:

@@ -256,6 +256,26 @@ routes:
     gw.stop().await;
 }
 
+/// A gateway with one route to an upstream balancing `peak_ewma` over endpoints `a` and `b`.
+async fn peak_ewma_pair(a: &str, b: &str) -> Gateway {
+    Gateway::start(&format!(
+        "upstreams:\n  u:\n    balance: peak_ewma\n    endpoints: [{{url: '{a}'}}, {{url: '{b}'}}]\nroutes:\n  - upstream: u\n"
+    ))
+    .await
+}
+
+/// How many of `n` GETs sent one after another through `gw` were answered 200.
+async fn answered_200(gw: &Gateway, n: usize) -> usize {
+    let (c, url) = (client(), gw.url("/"));
+    let mut ok = 0;
+    for _ in 0..n {
+        if get(&c, &url).await.status == 200 {
+            ok += 1;
+        }
+    }
+    ok
+}
+
 /// `peak_ewma` with one endpoint that refuses connections and one that answers, requests one after
 /// another (no retry): a connect failure counts as a slow sample (the failure penalty), so the
 /// dead endpoint does not keep the cost of one never measured, the lowest, and draw every request
@@ -263,26 +283,8 @@ routes:
 #[tokio::test]
 async fn peak_ewma_does_not_send_every_request_to_an_endpoint_that_refuses_connections() {
     let live = Upstream::named("live").await;
-    let dead = dead_url().await;
-    let gw = Gateway::start(&format!(
-        "upstreams:
-  u:
-    balance: peak_ewma
-    endpoints: [{{url: '{dead}'}}, {{url: '{}'}}]
-routes:
-  - upstream: u
-",
-        live.url()
-    ))
-    .await;
-    let c = client();
-    let url = gw.url("/");
-    let mut ok = 0;
-    for _ in 0..20 {
-        if get(&c, &url).await.status == 200 {
-            ok += 1;
-        }
-    }
+    let gw = peak_ewma_pair(&dead_url().await, &live.url()).await;
+    let ok = answered_200(&gw, 20).await;
     assert!(
         ok >= 18,
         "only {ok} of 20 answered (live hits: {})",
@@ -300,26 +302,8 @@ async fn peak_ewma_does_not_favour_an_endpoint_that_fails_fast() {
     for status in [503, 429] {
         let good = slow("good", Duration::from_millis(5)).await;
         let bad = Upstream::status("bad", status).await;
-        let gw = Gateway::start(&format!(
-            "upstreams:
-  u:
-    balance: peak_ewma
-    endpoints: [{{url: '{}'}}, {{url: '{}'}}]
-routes:
-  - upstream: u
-",
-            bad.url(),
-            good.url()
-        ))
-        .await;
-        let c = client();
-        let url = gw.url("/");
-        let mut ok = 0;
-        for _ in 0..40 {
-            if get(&c, &url).await.status == 200 {
-                ok += 1;
-            }
-        }
+        let gw = peak_ewma_pair(&bad.url(), &good.url()).await;
+        let ok = answered_200(&gw, 40).await;
         assert!(
             ok >= 36,
             "{status}: only {ok} of 40 answered 200 (bad: {}, good: {})",
@@ -353,18 +337,7 @@ async fn peak_ewma_takes_an_endpoint_back_soon_after_one_transient_503() {
     )
     .await;
     let steady = Upstream::named("steady").await;
-    let gw = Gateway::start(&format!(
-        "upstreams:
-  u:
-    balance: peak_ewma
-    endpoints: [{{url: '{}'}}, {{url: '{}'}}]
-routes:
-  - upstream: u
-",
-        flaky.url(),
-        steady.url()
-    ))
-    .await;
+    let gw = peak_ewma_pair(&flaky.url(), &steady.url()).await;
     let c = client();
     let url = gw.url("/");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
